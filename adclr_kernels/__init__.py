@@ -1,0 +1,7 @@
+"""Fused ADCLR unidirectional attention: Triton kernels and PyTorch references."""
+
+from .attention import BACKENDS, unidirectional_attention
+from .reference import visibility_mask
+
+__all__ = ["BACKENDS", "unidirectional_attention", "visibility_mask"]
+__version__ = "0.1.0"

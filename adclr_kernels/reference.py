@@ -1,0 +1,193 @@
+"""PyTorch implementations of the unidirectional attention.
+
+Every backend here computes the same function as the Triton kernel; they exist as
+readable ground truth (`reference`, `dense_masked`), as the CPU path (`sdpa`), and
+as peers to compare against (`flex`, `xformers`). Inputs are assumed to have been
+checked by `adclr_kernels.attention.unidirectional_attention`.
+
+Token layout of one sequence, with V = P + N visible ("raw") tokens:
+
+    [ P prefix | N raw patches | Q query tokens ]
+      0 .. P-1   P .. V-1        V .. L-1
+
+The mask rule, for row i and key column j (the only place it is written in PyTorch):
+- rows i < V (prefix and raw) see columns j < V;
+- query rows see the raw columns P <= j < V, plus the prefix columns with
+  `query_sees_prefix`, plus column i with `query_sees_self`, plus every query column
+  with `query_sees_queries`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def _sees(i, j, visible, num_prefix, query_sees_prefix, query_sees_self, query_sees_queries):
+    """The mask rule on index tensors i (rows) and j (columns); True where i sees j."""
+    query_row = i >= visible
+    query_col = j >= visible
+    sees_visible_col = ~query_row | (j >= num_prefix) | query_sees_prefix
+    sees_query_col = query_row & (((i == j) & query_sees_self) | query_sees_queries)
+    return torch.where(query_col, sees_query_col, sees_visible_col)
+
+
+def visibility_mask(
+    seq_len: int,
+    key_len: int,
+    num_queries: int,
+    num_prefix: int,
+    query_sees_prefix: bool = False,
+    query_sees_self: bool = False,
+    query_sees_queries: bool = False,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean (seq_len, key_len) matrix, True where row i may attend to column j."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(key_len, device=device)[None, :]
+    return _sees(i, j, seq_len - num_queries, num_prefix, query_sees_prefix,
+                 query_sees_self, query_sees_queries)
+
+
+def dense_masked_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
+                           query_sees_self=False, query_sees_queries=False, scale=None):
+    """One masked softmax over the full score matrix: the simplest statement of the op.
+
+    Tests run it in float64 as the ground truth every backend is measured against.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = visibility_mask(q.shape[-2], k.shape[-2], num_queries, num_prefix,
+                           query_sees_prefix, query_sees_self, query_sees_queries, q.device)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def reference_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
+                        query_sees_self=False, query_sees_queries=False, scale=None):
+    """The paper's formulation: two explicit matmul-softmax paths.
+
+    The raw path is a plain ViT attention over the P + N visible tokens; the query path
+    lets the Q query tokens read the visible tokens (and, by option, themselves or each
+    other). The two results are concatenated along the sequence.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    visible = q.shape[-2] - num_queries
+    k_vis, v_vis = k[..., :visible, :], v[..., :visible, :]
+
+    raw = torch.softmax((q[..., :visible, :] @ k_vis.transpose(-2, -1)) * scale, -1) @ v_vis
+    if num_queries == 0:
+        return raw
+
+    q_query = q[..., visible:, :]
+    first = 0 if query_sees_prefix else num_prefix
+    keys, values = k[..., first:visible, :], v[..., first:visible, :]
+    scores = (q_query @ keys.transpose(-2, -1)) * scale
+    if query_sees_queries:
+        k_query, v_query = k[..., visible:, :], v[..., visible:, :]
+        scores = torch.cat([scores, (q_query @ k_query.transpose(-2, -1)) * scale], -1)
+        values = torch.cat([values, v_query], -2)
+        probs = torch.softmax(scores, -1)
+        return torch.cat([raw, probs @ values], -2)
+    if query_sees_self:
+        # Each query token's own key is one extra column of its score row.
+        k_self, v_self = k[..., visible:, :], v[..., visible:, :]
+        self_score = (q_query * k_self).sum(-1, keepdim=True) * scale
+        probs = torch.softmax(torch.cat([scores, self_score], -1), -1)
+        out = probs[..., :-1] @ values + probs[..., -1:] * v_self
+        return torch.cat([raw, out], -2)
+    return torch.cat([raw, torch.softmax(scores, -1) @ values], -2)
+
+
+def sdpa_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
+                   query_sees_self=False, query_sees_queries=False, scale=None):
+    """Two `F.scaled_dot_product_attention` calls, concatenated.
+
+    The raw part is unmasked so that PyTorch may pick its flash kernel; the query part
+    runs over just the columns it can see, masked only when `query_sees_self` adds a
+    diagonal.
+    """
+    visible = q.shape[-2] - num_queries
+    raw = F.scaled_dot_product_attention(
+        q[..., :visible, :], k[..., :visible, :], v[..., :visible, :], scale=scale)
+    if num_queries == 0:
+        return raw
+    first = 0 if query_sees_prefix else num_prefix
+    last = k.shape[-2] if (query_sees_queries or query_sees_self) else visible
+    mask = None
+    if query_sees_self and not query_sees_queries:
+        mask = visibility_mask(q.shape[-2], last, num_queries, num_prefix, query_sees_prefix,
+                               True, False, q.device)[visible:, first:]
+    query = F.scaled_dot_product_attention(
+        q[..., visible:, :], k[..., first:last, :], v[..., first:last, :],
+        attn_mask=mask, scale=scale)
+    return torch.cat([raw, query], -2)
+
+
+@functools.lru_cache(maxsize=64)
+def _flex_block_mask(seq_len, key_len, num_queries, num_prefix, query_sees_prefix,
+                     query_sees_self, query_sees_queries, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, i, j):
+        return _sees(i, j, seq_len - num_queries, num_prefix, query_sees_prefix,
+                     query_sees_self, query_sees_queries)
+
+    return create_block_mask(mask_mod, None, None, seq_len, key_len, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
+                   query_sees_self=False, query_sees_queries=False, scale=None):
+    """FlexAttention with the mask as a mask_mod; the BlockMask is cached per shape.
+
+    Compiled on CUDA (the only way flex is fast); eager on CPU, where PyTorch offers
+    no flex backward.
+    """
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex
+
+    block_mask = _flex_block_mask(q.shape[-2], k.shape[-2], num_queries, num_prefix,
+                                  query_sees_prefix, query_sees_self, query_sees_queries,
+                                  str(q.device))
+    fn = _compiled_flex() if q.is_cuda else eager_flex
+    return fn(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def xformers_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
+                       query_sees_self=False, query_sees_queries=False, scale=None):
+    """xformers memory-efficient attention, two calls like `sdpa` (CUDA only)."""
+    import xformers.ops as xops
+
+    def call(qq, kk, vv, bias=None):
+        # xformers wants (batch, seq, heads, head_dim).
+        out = xops.memory_efficient_attention(
+            qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), attn_bias=bias, scale=scale)
+        return out.transpose(1, 2)
+
+    visible = q.shape[-2] - num_queries
+    raw = call(q[..., :visible, :], k[..., :visible, :], v[..., :visible, :])
+    if num_queries == 0:
+        return raw
+    first = 0 if query_sees_prefix else num_prefix
+    last = k.shape[-2] if (query_sees_queries or query_sees_self) else visible
+    bias = None
+    if query_sees_self and not query_sees_queries:
+        allowed = visibility_mask(q.shape[-2], last, num_queries, num_prefix, query_sees_prefix,
+                                  True, False, q.device)[visible:, first:]
+        # xformers reads tensor biases with 16-byte aligned rows: pad, then slice.
+        cols = last - first
+        padded = torch.zeros(*q.shape[:2], num_queries, (cols + 7) // 8 * 8,
+                             dtype=q.dtype, device=q.device)
+        padded[..., :cols] = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(
+            ~allowed, float("-inf"))
+        bias = padded[..., :cols]
+    query = call(q[..., visible:, :], k[..., first:last, :], v[..., first:last, :], bias)
+    return torch.cat([raw, query], -2)

@@ -1,0 +1,489 @@
+"""Fused unidirectional attention in Triton: forward, backward, launchers, custom ops.
+
+Layout of one sequence (V = P + N visible tokens, L = V + Q):
+
+    [ P prefix | N raw patches | Q query tokens ]
+
+Rows < V see columns < V. Query rows see the raw columns, plus the prefix with
+SEES_PREFIX, plus their own column with SEES_SELF, plus all query columns with
+SEES_QUERIES (see `reference.py` for the same rule in PyTorch).
+
+One launch handles raw and query rows together. A row block walks at most two column
+ranges, each only over tiles it can see:
+  1. the visible columns [lo, V), where lo = P for a block of query rows only when
+     they do not see the prefix (the prefix tiles are skipped, not masked);
+  2. the query columns: all of [V, L) with SEES_QUERIES, just the diagonal block with
+     SEES_SELF, nothing otherwise.
+Scores are kept in base 2 (the scale is folded with log2(e)) so the softmax uses exp2;
+the saved logsumexp is in the same units and is only read by this file's backward.
+
+The backward is FlashAttention-2's: a pre-pass computes delta = rowsum(dO * O), then
+one kernel where program j owns key block j (accumulating dK, dV over the rows that
+see it) and row block j (accumulating dQ over the columns it sees). Every gradient
+element has exactly one writer, so there are no atomics and the result is bitwise
+reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import triton_interpreter_enabled
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sees(r, c, seq_len, col_end, visible, num_prefix,
+          SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr, SEES_QUERIES: tl.constexpr):
+    """Mask rule on broadcastable row indices r and column indices c (any orientation).
+
+    col_end bounds the column range being walked, so a tile that straddles V is not
+    counted by both ranges.
+    """
+    query_row = r >= visible
+    if SEES_PREFIX:
+        sees_visible = c < visible
+    else:
+        sees_visible = (c < visible) & ((r < visible) | (c >= num_prefix))
+    if SEES_QUERIES:
+        sees = sees_visible | (query_row & (c >= visible))
+    elif SEES_SELF:
+        sees = sees_visible | (query_row & (c == r))
+    else:
+        sees = sees_visible & (r >= 0)
+    return sees & (c < col_end) & (r < seq_len)
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr):
+    # fp32 inputs are multiplied in full fp32 ("ieee"), not tf32, so that float32
+    # results meet the float32 reference. DOT_FP32 is also how bf16 runs in the
+    # interpreter, whose bf16 dot is wrong.
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M: tl.constexpr,
+                SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr, SEES_QUERIES: tl.constexpr):
+    """Column ranges [lo1, hi1) (visible keys) and [lo2, hi2) (query keys) for rows m0.."""
+    m1 = m0 + BLOCK_M
+    lo1 = m0 * 0
+    if not SEES_PREFIX:
+        if m0 >= visible:
+            lo1 = num_prefix
+    lo2 = visible
+    hi2 = visible
+    if m1 > visible:
+        if SEES_QUERIES:
+            hi2 = key_len
+        elif SEES_SELF:
+            lo2 = tl.maximum(m0, visible)
+            hi2 = tl.minimum(m1, key_len)
+    return lo1, visible, lo2, hi2
+
+
+@triton.jit
+def _attend_key_range(acc, m_i, l_i, q, rows, lo, hi, k_base, v_base,
+                      stride_kl, stride_kd, stride_vl, stride_vd,
+                      seq_len, visible, num_prefix, qk_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
+                      SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Online-softmax accumulation of one row block over key columns [lo, hi)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < hi
+        k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = _dot(q, k_t, DOT_FP32) * qk_scale
+        visible_here = _sees(rows[:, None], cols[None, :], seq_len, hi, visible, num_prefix,
+                             SEES_PREFIX, SEES_SELF, SEES_QUERIES)
+        s = tl.where(visible_here, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so that
+        # exp2 gives 0 rather than NaN (-inf - -inf).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _unidirectional_fwd_kernel(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    num_heads, seq_len, key_len, visible, num_prefix, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
+    SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    m0 = tl.program_id(1) * BLOCK_M
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < seq_len
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo1, hi1, lo2, hi2 = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M,
+                                     SEES_PREFIX, SEES_SELF, SEES_QUERIES)
+    acc, m_i, l_i = _attend_key_range(
+        acc, m_i, l_i, q, rows, lo1, hi1, k_base, v_base, stride_kl, stride_kd,
+        stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)
+    acc, m_i, l_i = _attend_key_range(
+        acc, m_i, l_i, q, rows, lo2, hi2, k_base, v_base, stride_kl, stride_kd,
+        stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale,
+        HEAD_DIM, BLOCK_N, BLOCK_D, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)
+
+    # Rows past seq_len saw nothing (l = 0); they are not stored, but keep them finite.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_len + rows, m_i + tl.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _unidirectional_bwd_delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_dob, stride_doh, stride_dol, stride_dod,
+    num_heads, seq_len,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dol
+                 + offs_d[None, :] * stride_dod, mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * seq_len + rows, tl.sum(o * do, 1), mask=rows < seq_len)
+
+
+@triton.jit
+def _dkdv_row_range(n0, seq_len, visible, num_prefix, BLOCK_N: tl.constexpr,
+                    SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr, SEES_QUERIES: tl.constexpr):
+    """Rows [lo, hi) that can see some column of key block n0..n0+BLOCK_N."""
+    n1 = n0 + BLOCK_N
+    lo = n0 * 0
+    hi = n0 * 0
+    if n0 < visible:
+        hi = visible
+        # Query rows see this block unless it holds only prefix columns they skip.
+        if SEES_PREFIX or n1 > num_prefix:
+            hi = seq_len
+    elif SEES_QUERIES:
+        lo = visible
+        hi = seq_len
+    elif SEES_SELF:
+        lo = n0
+        hi = tl.minimum(n1, seq_len)
+    return lo, hi
+
+
+@triton.jit
+def _dq_key_range(dq, q, do, lse, delta, rows, lo, hi, k_base, v_base,
+                  stride_kl, stride_kd, stride_vl, stride_vd, seq_len, visible, num_prefix,
+                  qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
+                  SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr):
+    """dQ of one row block accumulated over key columns [lo, hi), probabilities recomputed."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for start in range(lo, hi, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        t_mask = d_ok[:, None] & (cols < hi)[None, :]
+        k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd, mask=t_mask, other=0.0)
+        v_t = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd, mask=t_mask, other=0.0)
+        p = tl.exp2(_dot(q, k_t, DOT_FP32) * qk_scale - lse[:, None])
+        sees = _sees(rows[:, None], cols[None, :], seq_len, hi, visible, num_prefix,
+                     SEES_PREFIX, SEES_SELF, SEES_QUERIES)
+        p = tl.where(sees, p, 0.0)
+        ds = p * (_dot(do, v_t, DOT_FP32) - delta[:, None])
+        dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), DOT_FP32)
+    return dq
+
+
+@triton.jit
+def _unidirectional_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_dqb, stride_dqh, stride_dql, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkl, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvl, stride_dvd,
+    num_heads, seq_len, key_len, visible, num_prefix, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+    BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+    SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
+    SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    block = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + pid_bh.to(tl.int64) * seq_len
+    delta_base = DELTA + pid_bh.to(tl.int64) * seq_len
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    # ---- dK, dV for key block `block`: walk the rows that see it, transposed tiles.
+    n0 = block * BLOCK_N1
+    if n0 < key_len:
+        cols = n0 + tl.arange(0, BLOCK_N1)
+        col_ok = cols < key_len
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
+        lo, hi = _dkdv_row_range(n0, seq_len, visible, num_prefix, BLOCK_N1,
+                                 SEES_PREFIX, SEES_SELF, SEES_QUERIES)
+        for start in range(lo, hi, BLOCK_M1):
+            rows = start + tl.arange(0, BLOCK_M1)
+            row_ok = rows < hi
+            t_mask = d_ok[:, None] & row_ok[None, :]
+            q_t = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd, mask=t_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+            s_t = _dot(k, q_t, DOT_FP32) * qk_scale
+            p_t = tl.exp2(s_t - lse[None, :])
+            sees = _sees(rows[None, :], cols[:, None], hi, key_len, visible, num_prefix,
+                         SEES_PREFIX, SEES_SELF, SEES_QUERIES)
+            p_t = tl.where(sees, p_t, 0.0)
+            dv += _dot(p_t.to(do.dtype), do, DOT_FP32)
+            dp_t = _dot(v, tl.trans(do), DOT_FP32)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), DOT_FP32)
+        dk = dk * sm_scale
+        tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
+                 dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    # ---- dQ for row block `block`: walk the same column ranges as the forward.
+    m0 = block * BLOCK_M2
+    if m0 < seq_len:
+        rows = m0 + tl.arange(0, BLOCK_M2)
+        row_ok = rows < seq_len
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
+        lo1, hi1, lo2, hi2 = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M2,
+                                         SEES_PREFIX, SEES_SELF, SEES_QUERIES)
+        dq = _dq_key_range(dq, q, do, lse, delta, rows, lo1, hi1, k_base, v_base,
+                           stride_kl, stride_kd, stride_vl, stride_vd, seq_len, visible,
+                           num_prefix, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D,
+                           SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)
+        dq = _dq_key_range(dq, q, do, lse, delta, rows, lo2, hi2, k_base, v_base,
+                           stride_kl, stride_kd, stride_vl, stride_vd, seq_len, visible,
+                           num_prefix, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D,
+                           SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)
+        dq = dq * sm_scale
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
+                 dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+
+
+def _fwd_config(head_dim):
+    if triton_interpreter_enabled():
+        # The interpreter runs each program in numpy: big tiles are fewer Python loops.
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
+
+
+def _bwd_config(head_dim):
+    if triton_interpreter_enabled():
+        return dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=1)
+    return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
+
+
+def _block_d(head_dim):
+    # tl.dot needs every dimension >= 16; other head dims are padded inside the kernel.
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_fp32(dtype):
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreter_enabled())
+
+
+def _empty_bhld(batch, heads, seq, head_dim, like):
+    # (batch, seq, heads, head_dim) memory seen as (batch, heads, seq, head_dim): the
+    # caller's output projection reads it as (batch, seq, heads * head_dim) for free.
+    return torch.empty(batch, seq, heads, head_dim, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _check_head_dim(head_dim):
+    if head_dim > 256:
+        raise ValueError(f"backend='triton' supports head_dim up to 256, got {head_dim}")
+
+
+def _flags(query_sees_prefix, query_sees_self, query_sees_queries):
+    return dict(SEES_PREFIX=query_sees_prefix,
+                SEES_SELF=query_sees_self or query_sees_queries,
+                SEES_QUERIES=query_sees_queries)
+
+
+def unidirectional_fwd(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
+                       query_sees_queries, scale):
+    """Launch the forward. Returns (out, lse); lse is base-2, (batch, heads, seq) fp32."""
+    batch, heads, seq, head_dim = q.shape
+    _check_head_dim(head_dim)
+    out = _empty_bhld(batch, heads, seq, head_dim, q)
+    lse = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    cfg = _fwd_config(head_dim)
+    grid = (batch * heads, triton.cdiv(seq, cfg["BLOCK_M"]))
+    _unidirectional_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, seq, k.shape[2], seq - num_queries, num_prefix, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_FP32=_dot_fp32(q.dtype),
+        **_flags(query_sees_prefix, query_sees_self, query_sees_queries), **cfg)
+    return out, lse
+
+
+def unidirectional_bwd(grad_out, q, k, v, out, lse, num_queries, num_prefix, query_sees_prefix,
+                       query_sees_self, query_sees_queries, scale):
+    """Launch the backward. Returns (dq, dk, dv) in the inputs' dtype."""
+    batch, heads, seq, head_dim = q.shape
+    key_len = k.shape[2]
+    dq = _empty_bhld(batch, heads, seq, head_dim, q)
+    dk = _empty_bhld(batch, heads, key_len, head_dim, k)
+    dv = _empty_bhld(batch, heads, key_len, head_dim, v)
+    if dq.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    block_d = _block_d(head_dim)
+    delta = torch.empty_like(lse)
+    delta_rows = 64
+    _unidirectional_bwd_delta_kernel[(batch * heads, triton.cdiv(seq, delta_rows))](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq,
+        HEAD_DIM=head_dim, BLOCK_M=delta_rows, BLOCK_D=block_d)
+    cfg = _bwd_config(head_dim)
+    blocks = max(triton.cdiv(key_len, cfg["BLOCK_N1"]), triton.cdiv(seq, cfg["BLOCK_M2"]))
+    _unidirectional_bwd_kernel[(batch * heads, blocks)](
+        q, k, v, grad_out, lse, delta, dq, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
+        *dq.stride(), *dk.stride(), *dv.stride(),
+        heads, seq, key_len, seq - num_queries, num_prefix, scale * LOG2E, scale,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_FP32=_dot_fp32(q.dtype),
+        **_flags(query_sees_prefix, query_sees_self, query_sees_queries), **cfg)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------
+# Custom ops and autograd
+# ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("adclr_kernels::unidirectional_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_queries: int, num_prefix: int,
+            query_sees_prefix: bool, query_sees_self: bool, query_sees_queries: bool,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return unidirectional_fwd(q, k, v, num_queries, num_prefix, query_sees_prefix,
+                              query_sees_self, query_sees_queries, scale)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
+              query_sees_queries, scale):
+    batch, heads, seq, head_dim = q.shape
+    return (_empty_bhld(batch, heads, seq, head_dim, q),
+            q.new_empty(batch, heads, seq, dtype=torch.float32))
+
+
+@torch.library.custom_op("adclr_kernels::unidirectional_attention_bwd", mutates_args=())
+def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, num_queries: int, num_prefix: int,
+            query_sees_prefix: bool, query_sees_self: bool, query_sees_queries: bool,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return unidirectional_bwd(grad_out, q, k, v, out, lse, num_queries, num_prefix,
+                              query_sees_prefix, query_sees_self, query_sees_queries, scale)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_out, q, k, v, out, lse, num_queries, num_prefix, query_sees_prefix,
+              query_sees_self, query_sees_queries, scale):
+    batch, heads, seq, head_dim = q.shape
+    return (_empty_bhld(batch, heads, seq, head_dim, q),
+            _empty_bhld(batch, heads, k.shape[2], head_dim, k),
+            _empty_bhld(batch, heads, k.shape[2], head_dim, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = args
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_unidirectional_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
+                                    query_sees_self=False, query_sees_queries=False, scale=None):
+    """The Triton backend; inputs are assumed checked by `unidirectional_attention`."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, _ = _fwd_op(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
+                     query_sees_queries, scale)
+    return out
