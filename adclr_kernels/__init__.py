@@ -1,5 +1,6 @@
 """Fused ADCLR unidirectional attention: Triton kernels and PyTorch references."""
 
+from . import nn
 from .attention import BACKENDS, unidirectional_attention
 from .reference import visibility_mask
 
