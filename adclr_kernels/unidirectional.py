@@ -365,6 +365,11 @@ def _empty_bhld(batch, heads, seq, head_dim, like):
     return torch.empty(batch, seq, heads, head_dim, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
+def _empty_rows(batch, heads, seq, like):
+    """Per-row fp32 statistics (logsumexp, delta)."""
+    return torch.empty(batch, heads, seq, dtype=torch.float32, device=like.device)
+
+
 def _check_head_dim(head_dim):
     if head_dim > 256:
         raise ValueError(f"backend='triton' supports head_dim up to 256, got {head_dim}")
@@ -382,7 +387,7 @@ def unidirectional_fwd(q, k, v, num_queries, num_prefix, query_sees_prefix, quer
     batch, heads, seq, head_dim = q.shape
     _check_head_dim(head_dim)
     out = _empty_bhld(batch, heads, seq, head_dim, q)
-    lse = torch.empty(batch, heads, seq, dtype=torch.float32, device=q.device)
+    lse = _empty_rows(batch, heads, seq, q)
     if out.numel() == 0:
         return out, lse
     cfg = _fwd_config(head_dim)
@@ -407,7 +412,7 @@ def unidirectional_bwd(grad_out, q, k, v, out, lse, num_queries, num_prefix, que
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     block_d = _block_d(head_dim)
-    delta = torch.empty_like(lse)
+    delta = _empty_rows(batch, heads, seq, q)
     delta_rows = 64
     _unidirectional_bwd_delta_kernel[(batch * heads, triton.cdiv(seq, delta_rows))](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq,
@@ -442,7 +447,7 @@ def _fwd_fake(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_se
               query_sees_queries, scale):
     batch, heads, seq, head_dim = q.shape
     return (_empty_bhld(batch, heads, seq, head_dim, q),
-            q.new_empty(batch, heads, seq, dtype=torch.float32))
+            _empty_rows(batch, heads, seq, q))
 
 
 @torch.library.custom_op("adclr_kernels::unidirectional_attention_bwd", mutates_args=())
