@@ -100,10 +100,12 @@ def measure(benchmark):
 
     fn is wrapped so that every timed call ends with a device synchronise: the time is
     the host's wall clock from launch to finished kernels, median over ROUNDS[1].
-    Pass `flops` for TFLOP/s, or `items` (e.g. images) for a rate in items/s.
+    Pass `flops` for TFLOP/s, or `items` (e.g. images) for a rate in items/s;
+    `rounds` is (warm-up rounds, timed rounds).
     """
 
-    def run(fn, *, mode, group, backend, workload=None, flops=None, items=None, **extra):
+    def run(fn, *, mode, group, backend, workload=None, flops=None, items=None, rounds=ROUNDS,
+            **extra):
         def timed():
             fn()
             _synchronize()
@@ -120,8 +122,7 @@ def measure(benchmark):
         info["peak_memory_note"] = ("torch.cuda.max_memory_allocated during one call, "
                                     "minus what was allocated before" if ON_CUDA else
                                     "torch CPU allocations during one call (profiler)")
-        warmup, rounds = ROUNDS
-        benchmark.pedantic(timed, warmup_rounds=warmup, rounds=rounds, iterations=1)
+        benchmark.pedantic(timed, warmup_rounds=rounds[0], rounds=rounds[1], iterations=1)
         if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
             return
         median = benchmark.stats.stats.median

@@ -1,0 +1,60 @@
+"""One whole ADCLR training step, in images/s, for each attention backend.
+
+The step is `adclr.train.train_step`: student and teacher forward, loss, backward,
+grad clipping, AdamW, EMA of the teacher and the centres, on a synthetic batch that is
+already on the device (`adclr.data.synthetic_batch`), so data loading is not timed.
+On CUDA it is ViT-S/16 with full multi-crop under bf16 autocast; on CPU a tiny model.
+"""
+
+import dataclasses
+
+import pytest
+
+from bench.conftest import DEVICE, ON_CUDA
+from bench.workloads import OP_BACKENDS, skip_reason
+
+try:
+    from adclr.data import synthetic_batch
+    from adclr.train import Config, build, train_step
+except ImportError as error:  # the trainer is optional for the op benchmarks
+    pytest.skip(f"the trainer API (adclr.train.build/train_step, adclr.data.synthetic_batch) "
+                f"is not importable: {error}", allow_module_level=True)
+
+if ON_CUDA:
+    # DINO/ADCLR ViT-S/16 recipe, one GPU's share: 2 x 224 px globals with Q = 10 query
+    # crops, 10 x 96 px locals, 65536 prototypes.
+    NAME, IMAGES = "vit_s16_multicrop", 128
+    CONFIG = dict(arch="vit_small", patch_size=16, image_size=224, local_size=96,
+                  num_local_crops=10, num_queries=10, out_dim=65536)
+    ROUNDS = (3, 20)
+else:
+    # Small enough for a 2-core laptop: the harness and the backends, not the speed story.
+    NAME, IMAGES = "vit_test_multicrop", 4
+    CONFIG = dict(arch="vit_test", patch_size=16, image_size=64, local_size=32,
+                  num_local_crops=4, num_queries=10, out_dim=1024)
+    ROUNDS = (1, 5)
+
+# Past the warm-ups and the last-layer freeze, so every parameter is updated.
+STEADY_STEP = 10_000
+
+
+def _label(cfg):
+    return (f"{cfg.arch}/{cfg.patch_size} step ({IMAGES} images: 2x{cfg.image_size} px "
+            f"+ {cfg.num_local_crops}x{cfg.local_size} px, Q={cfg.num_queries}, "
+            f"out_dim={cfg.out_dim})")
+
+
+@pytest.mark.parametrize("attention", OP_BACKENDS)
+def test_train_step(measure, attention):
+    reason = skip_reason(attention, DEVICE, "forward+backward")
+    if reason:
+        pytest.skip(reason)
+    cfg = Config(**CONFIG, batch_size=IMAGES, attention=attention, device=DEVICE.type)
+    trainer = build(cfg, DEVICE)
+    batch = synthetic_batch(cfg, IMAGES, DEVICE)
+
+    measure(lambda: train_step(trainer, batch, STEADY_STEP), mode="train step",
+            group=f"train step | {NAME}-{IMAGES}", backend=attention, items=IMAGES,
+            rounds=ROUNDS, train_config=NAME, workload_label=_label(cfg),
+            config=dataclasses.asdict(cfg),
+            autocast="bf16" if ON_CUDA else "none (fp32)")
