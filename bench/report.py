@@ -252,6 +252,8 @@ def write_chart(data, path) -> str | None:
               f"{dev.get('triton', '?')}, {data.get('datetime', '')[:10]}; longer is faster",
               fill=(90, 90, 90), font=text_font)
     y = margin + 60
+    # A tick at 1.0x on every bar row: bars ending left of it are slower than the baseline.
+    one_x = margin + label_w + int(bar_w / scale_max)
     for kind, payload in items:
         if kind == "group":
             y += 10
@@ -263,6 +265,7 @@ def write_chart(data, path) -> str | None:
         draw.text((margin + 10, y + 3), backend, fill="black", font=text_font)
         x1 = x0 + max(2, int(bar_w * speedup / scale_max))
         draw.rectangle((x0, y + 2, x1, y + row - 4), fill=COLORS.get(backend, (100, 100, 100)))
+        draw.line((one_x, y, one_x, y + row - 2), fill=(60, 60, 60), width=1)
         draw.text((x1 + 6, y + 3), f"{speedup:.2f}x  ({format_time(median)})", fill="black",
                   font=text_font)
         y += row
