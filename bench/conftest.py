@@ -22,6 +22,16 @@ WORKLOADS = CUDA_WORKLOADS if ON_CUDA else CPU_WORKLOADS
 # (warm-up rounds, timed rounds). The first warm-up call also compiles (Triton, flex).
 ROUNDS = (10, 50) if ON_CUDA else (2, 15)
 
+if ON_CUDA:
+    # One process compiles flex for every shape of the matrix (forward and backward, the
+    # training step's too): past dynamo's default of 8 recompiles it would silently fall
+    # back to eager flex, and the figures would be of the wrong thing.
+    import torch._dynamo
+
+    _config = torch._dynamo.config
+    _limit = "recompile_limit" if hasattr(_config, "recompile_limit") else "cache_size_limit"
+    setattr(_config, _limit, max(getattr(_config, _limit), 64))
+
 SUBSET_NOTE = (
     f"adclr bench: CUDA, full matrix, {DTYPE}, device {torch.cuda.get_device_name()}"
     if ON_CUDA else
@@ -32,6 +42,8 @@ SUBSET_NOTE = (
 
 
 def pytest_configure(config):
+    if not config.pluginmanager.hasplugin("benchmark"):
+        raise pytest.UsageError("bench/ needs pytest-benchmark: pip install -e '.[dev]'")
     # Eager flex on CPU warns that it is unfused; that is what is being measured, not news.
     config.addinivalue_line("filterwarnings",
                             "ignore:flex_attention called without torch.compile")
