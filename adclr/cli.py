@@ -1,0 +1,124 @@
+"""The `adclr` command: train, eval knn|linear, export.
+
+    adclr train --out runs/demo                      # built-in data, quick CPU demo defaults
+    adclr train --data /imagenet --out runs/vits16   # paper defaults
+    torchrun --nproc-per-node 8 -m adclr.cli train --data /imagenet --out runs/vits16
+    adclr eval knn --checkpoint runs/demo/checkpoint.pt
+    adclr export --checkpoint runs/demo/checkpoint.pt --out backbone.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import sys
+
+import torch
+
+from .train import Config
+
+# A quick run that shows the method working on a laptop CPU in a few minutes: used when
+# there is neither a dataset nor a GPU, for every flag the user did not set.
+DEMO = {
+    "arch": "vit_mini", "patch_size": 16, "image_size": 64, "local_size": 32,
+    "num_local_crops": 2, "num_queries": 4, "out_dim": 4096, "batch_size": 32,
+    "epochs": 1, "warmup_epochs": 0.1, "warmup_teacher_temp_epochs": 0.3,
+    "freeze_last_layer_epochs": 0.03, "checkpoint_every": 100,
+}
+
+
+def _field_help():
+    """Help text for each Config field, from the comment on its line."""
+    source = inspect.getsource(Config)
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", source, re.M))
+
+
+def add_config_flags(parser):
+    """One --flag per Config field. Defaults are SUPPRESSed so we know what was set."""
+    helps = _field_help()
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{helps.get(f.name, '')} (default: {f.default})".strip()
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, type=type(f.default[0]), nargs=len(f.default), metavar=("LOW", "HIGH"),
+                                default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=text)
+
+
+def make_config(given):
+    """Config from the flags given; on CPU with the built-in data, the DEMO defaults fill the rest."""
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    cfg = Config(**given)
+    builtin = cfg.data in ("", "builtin")
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if builtin and on_cpu:
+        chosen = {k: v for k, v in DEMO.items() if k not in given}
+        cfg = dataclasses.replace(cfg, **chosen)
+        if chosen:
+            print("no --data and no GPU: quick demo settings for the built-in dataset "
+                  f"(any flag overrides them): {json.dumps(chosen)}", file=sys.stderr)
+    return cfg
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="adclr", description="ADCLR self-supervised ViT pretraining")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_parser = commands.add_parser("train", help="pretrain (resumes when --out holds a checkpoint)")
+    add_config_flags(train_parser)
+
+    eval_parser = commands.add_parser("eval", help="evaluate frozen features: knn or linear")
+    eval_parser.add_argument("protocol", choices=["knn", "linear"])
+    eval_parser.add_argument("--checkpoint", required=True, help="OUT/checkpoint.pt of a run")
+    eval_parser.add_argument("--data", default=None,
+                             help="folder with train/ and val/ (one sub-folder per class); "
+                                  "default: the run's data, or the built-in dataset")
+    eval_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher")
+    eval_parser.add_argument("--image-size", type=int, default=None, help="default: the run's --image-size")
+    eval_parser.add_argument("--batch-size", type=int, default=128)
+    eval_parser.add_argument("--k", type=int, default=20)
+    eval_parser.add_argument("--temperature", type=float, default=0.07)
+    eval_parser.add_argument("--linear-epochs", type=int, default=100)
+    eval_parser.add_argument("--device", default="auto")
+    eval_parser.add_argument("--num-workers", type=int, default=-1)
+    eval_parser.add_argument("--limit", type=int, default=0, help="use at most this many images per split")
+
+    export_parser = commands.add_parser("export", help="write the backbone as safetensors")
+    export_parser.add_argument("--checkpoint", required=True)
+    export_parser.add_argument("--out", required=True, help="output .safetensors file")
+    export_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher")
+
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from .train import train
+
+        given = {k: v for k, v in vars(args).items() if k != "command"}
+        try:
+            train(make_config(given))
+        except FloatingPointError as error:
+            raise SystemExit(f"error: {error}")
+        except KeyboardInterrupt:
+            raise SystemExit(130)
+    elif args.command == "eval":
+        from .evaluate import evaluate
+
+        result = evaluate(args.protocol, args.checkpoint, data=args.data, weights=args.weights,
+                          image_size=args.image_size, batch_size=args.batch_size, k=args.k,
+                          temperature=args.temperature, linear_epochs=args.linear_epochs,
+                          device=args.device, num_workers=args.num_workers, limit=args.limit)
+        print(json.dumps(result))
+    else:
+        from .evaluate import export
+
+        export(args.checkpoint, args.out, args.weights)
+        print(json.dumps({"exported": args.out, "weights": args.weights}))
+
+
+if __name__ == "__main__":
+    main()

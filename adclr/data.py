@@ -1,0 +1,373 @@
+"""Datasets, ADCLR's crops, and the batched augmentation.
+
+The work is split where it is cheapest: loader workers decode each image (Pillow) and
+cut its crops (random-resized crops are per-image because images differ in size), and
+ship small uint8 tensors; the photometric augmentations (flip, colour jitter,
+grayscale, blur, solarize) then run batched with kornia on the training device.
+
+A batch ready for `adclr.train.train_step` is a dict of float tensors, view-major:
+
+    globals  (2 * B, 3, G, G)   rows [view A of every image | view B of every image]
+    locals   (L * B, 3, l, l)   or None when L = 0
+    queries  (B, Q, 3, p, p)    query crops of the raw image, shared by both views
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+# --------------------------------------------------------------------------- datasets
+
+class SyntheticShapes:
+    """Built-in dataset: 10 shape classes on textured backgrounds, generated on the fly.
+
+    Image i is a pure function of (seed, split, i), so the data needs no download and
+    is identical everywhere. Each image holds one object of its class (random size,
+    position, rotation, colour, fill) on a random background (gradient, stripes,
+    checkerboard or smooth noise); `mask(i)` gives its per-pixel labels
+    (0 background, class + 1 on the object).
+    """
+
+    CLASSES = ("disk", "square", "diamond", "triangle", "hexagon", "ring", "cross", "star",
+               "ellipse", "crescent")
+
+    def __init__(self, split="train", size=96, length=None, seed=0):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.split, self.size, self.seed = split, size, seed
+        self.length = length or (10000 if split == "train" else 2000)
+        self.classes = list(self.CLASSES)
+
+    def __len__(self):
+        return self.length
+
+    def label(self, i):
+        return i % len(self.CLASSES)  # balanced classes
+
+    def _render(self, i):
+        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, i])
+        s = self.size
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+        image = self._background(rng, xx, yy)
+        label = self.label(i)
+        radius = rng.uniform(0.18, 0.35)
+        cx, cy = rng.uniform(radius * 0.7, 1 - radius * 0.7, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        u = ((xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)) / radius
+        v = (-(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)) / radius
+        inside = self._shape(self.CLASSES[label], u, v)
+        colour = rng.uniform(0, 1, 3)
+        fill = np.broadcast_to(colour, (s, s, 3))
+        if rng.random() < 0.3:  # striped fill: shape, not colour, carries the class
+            fill = fill * (0.6 + 0.4 * (np.sin(u * rng.uniform(4, 9)) > 0))[..., None]
+        image = np.where(inside[..., None], fill, image)
+        image = image + rng.normal(0, 0.03, image.shape)
+        image = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+        return image, inside.astype(np.uint8) * (label + 1)
+
+    @staticmethod
+    def _background(rng, xx, yy):
+        a, b = rng.uniform(0, 1, (2, 3))
+        kind = rng.integers(4)
+        theta = rng.uniform(0, 2 * np.pi)
+        t = xx * np.cos(theta) + yy * np.sin(theta)
+        if kind == 0:    # linear gradient
+            w = (t - t.min()) / (t.max() - t.min() + 1e-6)
+        elif kind == 1:  # stripes
+            w = (np.sin(t * rng.uniform(10, 40)) > 0).astype(np.float32)
+        elif kind == 2:  # checkerboard
+            n = rng.integers(3, 9)
+            w = ((np.floor(xx * n) + np.floor(yy * n)) % 2).astype(np.float32)
+        else:            # smooth noise: a coarse random grid, upsampled
+            n = rng.integers(3, 7)
+            grid = rng.uniform(0, 1, (n, n))
+            w = grid[np.minimum((yy * n).astype(int), n - 1), np.minimum((xx * n).astype(int), n - 1)]
+        return a * (1 - w[..., None]) + b * w[..., None]
+
+    @staticmethod
+    def _shape(name, u, v):
+        r2 = u * u + v * v
+        if name == "disk":
+            return r2 <= 1
+        if name == "square":
+            return np.maximum(abs(u), abs(v)) <= 0.8
+        if name == "diamond":
+            return abs(u) + abs(v) <= 1
+        if name in ("triangle", "hexagon"):
+            n, reach = (3, 0.5) if name == "triangle" else (6, 0.87)
+            angles = np.pi / 2 + 2 * np.pi * np.arange(n) / n
+            return np.all([u * np.cos(a) + v * np.sin(a) <= reach for a in angles], axis=0)
+        if name == "ring":
+            return (r2 <= 1) & (r2 >= 0.55 ** 2)
+        if name == "cross":
+            return ((abs(u) <= 0.3) & (abs(v) <= 1)) | ((abs(v) <= 0.3) & (abs(u) <= 1))
+        if name == "star":
+            return np.sqrt(r2) <= 0.45 + 0.55 * abs(np.cos(2.5 * np.arctan2(v, u)))
+        if name == "ellipse":
+            return u * u + v * v / 0.3 <= 1
+        if name == "crescent":
+            return (r2 <= 1) & ((u - 0.5) ** 2 + v * v > 0.7 ** 2)
+        raise ValueError(name)
+
+    def load(self, i):
+        """(PIL RGB image, label); never fails."""
+        return Image.fromarray(self._render(i)[0]), self.label(i)
+
+    def mask(self, i):
+        """(size, size) uint8 per-pixel labels: 0 background, class + 1 on the object."""
+        return self._render(i)[1]
+
+
+class ImageFolder:
+    """Images under `root/<class>/**` (or directly under `root`, all label 0).
+
+    `load(i)` returns (PIL RGB image, label), or (None, label) for a file Pillow cannot
+    read: callers skip it and count it, a bad file never stops a run.
+    """
+
+    def __init__(self, root):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"dataset folder {root!r} does not exist")
+        self.root = root
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.samples = []
+        for label, folder in enumerate(self.classes or ["."]):
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, folder), followlinks=True)):
+                if not self.classes and dirpath != root:
+                    continue
+                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(files)
+                                 if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.samples:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as image:
+                return image.convert("RGB"), label
+        except Exception as error:  # truncated, not an image, unreadable: skip, never fatal
+            print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr)
+            return None, label
+
+
+def open_dataset(data, split):
+    """`data` None/"builtin" -> SyntheticShapes; else a folder (uses `data/split` if it exists).
+
+    Training accepts any folder of images; evaluation needs labelled train and val
+    splits, so for a folder it requires `data/train` and `data/val` (ImageNet layout).
+    """
+    if data in (None, "", "builtin"):
+        return SyntheticShapes(split)
+    sub = os.path.join(data, split)
+    if os.path.isdir(sub):
+        return ImageFolder(sub)
+    if split == "train":
+        return ImageFolder(data)
+    raise FileNotFoundError(f"evaluation needs {sub!r} (and {os.path.join(data, 'train')!r}) "
+                            "with one sub-folder per class")
+
+
+# --------------------------------------------------------------------------- crops (in workers)
+
+def random_resized_box(width, height, scale, generator, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop box: (left, top, right, bottom) in pixels."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        r = torch.rand(3, generator=generator).tolist()
+        target = area * (scale[0] + r[0] * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + r[1] * (log_ratio[1] - log_ratio[0]))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            return left, top, left + w, top + h
+    side = min(width, height)  # fallback: centre square
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def to_tensor(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def crop(image, box, size):
+    return to_tensor(image.resize((size, size), Image.BICUBIC, box=box))
+
+
+def center_crop(image, size, fraction=0.875):
+    """Evaluation view: central `fraction` square (DINO's resize 256 / crop 224), resized."""
+    side = min(image.size) * fraction
+    left, top = (image.width - side) / 2, (image.height - side) / 2
+    return crop(image, (left, top, left + side, top + side), size)
+
+
+class MultiCropDataset(torch.utils.data.Dataset):
+    """Cuts ADCLR's crops of one image: indexed by (image index, sample seed).
+
+    The seed comes from the sampler, so the crops of a sample depend on (run seed,
+    epoch, position) only: a resumed run sees exactly the data it would have seen.
+    """
+
+    def __init__(self, base, image_size, local_size, patch_size, num_local_crops, num_queries,
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), query_scale=(0.05, 0.15)):
+        self.base = base
+        self.image_size, self.local_size, self.patch_size = image_size, local_size, patch_size
+        self.num_local_crops, self.num_queries = num_local_crops, num_queries
+        self.global_scale, self.local_scale, self.query_scale = global_scale, local_scale, query_scale
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, item):
+        index, seed = item
+        skipped = 0
+        image, _ = self.base.load(index)
+        while image is None:  # unreadable file: count it and take the next one
+            skipped += 1
+            if skipped > 100:
+                raise RuntimeError(f"more than 100 consecutive unreadable images after index {index}")
+            image, _ = self.base.load((index + skipped) % len(self.base))
+        g = torch.Generator().manual_seed(seed)
+        W, H = image.size
+        views = [crop(image, random_resized_box(W, H, self.global_scale, g), self.image_size)
+                 for _ in range(2)]
+        local = [crop(image, random_resized_box(W, H, self.local_scale, g), self.local_size)
+                 for _ in range(self.num_local_crops)]
+        queries = [crop(image, random_resized_box(W, H, self.query_scale, g), self.patch_size)
+                   for _ in range(self.num_queries)]
+        p, l = self.patch_size, self.local_size
+        return {
+            "globals": torch.stack(views),
+            "locals": torch.stack(local) if local else torch.empty(0, 3, l, l, dtype=torch.uint8),
+            "queries": torch.stack(queries) if queries else torch.empty(0, 3, p, p, dtype=torch.uint8),
+            "skipped": skipped,
+        }
+
+
+class StepBatches:
+    """Batch sampler over training steps: step s of the run -> this rank's (index, seed) list.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); step s takes the s-th
+    slice of `global_batch` images and each rank its own part. Starting at
+    `start_step` resumes exactly, so no batch is repeated or skipped.
+    """
+
+    def __init__(self, length, global_batch, seed, rank=0, world_size=1, start_step=0):
+        if global_batch % world_size:
+            raise ValueError(f"batch size {global_batch} is not divisible by {world_size} processes")
+        self.steps_per_epoch = length // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {length} images, fewer than one batch of {global_batch}")
+        self.length, self.global_batch, self.seed = length, global_batch, seed
+        self.rank, self.world_size, self.start_step = rank, world_size, start_step
+
+    def __iter__(self):
+        step, per_rank = self.start_step, self.global_batch // self.world_size
+        while True:
+            epoch, s = divmod(step, self.steps_per_epoch)
+            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+            first = s * self.global_batch + self.rank * per_rank
+            positions = range(first, first + per_rank)
+            yield [(int(order[i]), (self.seed * 100003 + epoch) * 10_000_019 + i) for i in positions]
+            step += 1
+
+
+def default_num_workers(world_size=1):
+    """Leave one core per process for the training loop itself."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // world_size - 1))
+
+
+def train_loader(cfg, rank=0, world_size=1, start_step=0):
+    """DataLoader yielding uint8 crop batches for steps start_step, start_step + 1, ..."""
+    dataset = MultiCropDataset(open_dataset(cfg.data, "train"), cfg.image_size, cfg.local_size,
+                               cfg.patch_size, cfg.num_local_crops, cfg.num_queries,
+                               cfg.global_scale, cfg.local_scale, cfg.query_scale)
+    batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world_size, start_step)
+    workers = default_num_workers(world_size) if cfg.num_workers < 0 else cfg.num_workers
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+    return loader, batches.steps_per_epoch
+
+
+# --------------------------------------------------------------------------- augmentation (batched)
+
+class Augment(torch.nn.Module):
+    """DINO's photometric augmentations, batched with kornia, plus normalisation.
+
+    Global view A: blur p=1.0; view B: blur p=0.1, solarize p=0.2; locals: blur p=0.5.
+    All: flip p=0.5, colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2. Query
+    crops are only normalised: they must be the same pixels for student and teacher.
+    Blur sigma is DINO's (0.1, 2.0) px at 224 px, scaled with the crop size.
+    """
+
+    def __init__(self, image_size, local_size):
+        super().__init__()
+        import kornia.augmentation as K
+
+        def pipeline(size, blur, solarize=0.0):
+            sigma = (0.1 * size / 224, 2.0 * size / 224)
+            kernel = 2 * math.ceil(3 * sigma[1]) + 1
+            ops = [K.RandomHorizontalFlip(),
+                   K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
+                   K.RandomGrayscale(p=0.2),
+                   K.RandomGaussianBlur(kernel, sigma, p=blur)]
+            if solarize:
+                ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize))
+            return torch.nn.Sequential(*ops)
+
+        self.view_a = pipeline(image_size, blur=1.0)
+        self.view_b = pipeline(image_size, blur=0.1, solarize=0.2)
+        self.local = pipeline(local_size, blur=0.5)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+
+    def normalize(self, x):
+        return (x.float() / 255 - self.mean) / self.std
+
+    @torch.no_grad()
+    def forward(self, batch):
+        """uint8 crops from `train_loader` (already on the device) -> ready batch."""
+        views = batch["globals"].float() / 255  # (B, 2, 3, G, G)
+        a = self.view_a(views[:, 0])
+        b = self.view_b(views[:, 1])
+        norm = lambda x: (x.clamp(0, 1) - self.mean) / self.std  # noqa: E731
+        local = None
+        if batch["locals"].shape[1]:
+            local = self.local(batch["locals"].transpose(0, 1).flatten(0, 1).float() / 255)
+            local = norm(local)
+        return {"globals": norm(torch.cat([a, b])), "locals": local,
+                "queries": self.normalize(batch["queries"])}
+
+
+def synthetic_batch(cfg, batch_size, device, dtype=torch.float32, generator=None):
+    """A random ready-to-train batch (see the module docstring) for benchmarks.
+
+    `cfg` needs image_size, local_size, patch_size, num_local_crops and num_queries
+    (an `adclr.train.Config`). Values are standard-normal, like normalised pixels.
+    """
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
+
+    G, l, p = cfg.image_size, cfg.local_size, cfg.patch_size
+    return {
+        "globals": randn(2 * batch_size, 3, G, G),
+        "locals": randn(cfg.num_local_crops * batch_size, 3, l, l) if cfg.num_local_crops else None,
+        "queries": randn(batch_size, cfg.num_queries, 3, p, p),
+    }

@@ -1,0 +1,79 @@
+"""ADCLR loss: DINO's multi-crop loss on CLS plus the query-token loss.
+
+    loss = DINO(CLS) + lambda * 1/2 * [ 1/Q sum_i H(t(B, q_i), s(A, q_i)) + 1/Q sum_i H(t(A, q_i), s(B, q_i)) ]
+
+where H(t, s) = -sum softmax((t - c) / T_t) * log_softmax(s / T_s), averaged over the
+batch. The query outputs have their own centre, because their statistics (a small crop
+read against a whole view) differ from the CLS token's. With lambda = 0 this is DINO.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def cross_entropy(teacher_probs, student_logits, student_temp):
+    return torch.sum(-teacher_probs * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1).mean()
+
+
+class ADCLRLoss(nn.Module):
+    def __init__(self, out_dim, lambda_query=0.5, student_temp=0.1, center_momentum=0.9):
+        super().__init__()
+        self.lambda_query = lambda_query
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("query_center", torch.zeros(1, out_dim))
+
+    def forward(self, student_cls, teacher_cls, teacher_temp, student_query=None, teacher_query=None):
+        """All logits view-major (rows [view 0 batch | view 1 batch | ...]).
+
+        Args:
+            student_cls: (n_crops * B, K): 2 global views, then the local crops.
+            teacher_cls: (2 * B, K): the 2 global views.
+            teacher_temp: a Python float (the warm-up schedule's value this step).
+            student_query, teacher_query: (2 * B, Q, K) query logits for the 2 global
+                views, or None for plain DINO.
+
+        Returns:
+            (total, loss_global, loss_query) as 0-dim tensors; loss_query is 0 without queries.
+        Updates the centres (all-reduced across processes) from the teacher outputs.
+        """
+        student_cls, teacher_cls = student_cls.float(), teacher_cls.float()
+        crops = student_cls.chunk(student_cls.shape[0] // (teacher_cls.shape[0] // 2))
+        teacher = F.softmax((teacher_cls - self.center) / teacher_temp, dim=-1).chunk(2)
+        loss_global, terms = 0.0, 0
+        for t, probs in enumerate(teacher):
+            for v, logits in enumerate(crops):
+                if v != t:  # never compare a view with itself
+                    loss_global = loss_global + cross_entropy(probs, logits, self.student_temp)
+                    terms += 1
+        loss_global = loss_global / terms
+
+        loss_query = student_cls.new_zeros(())
+        if student_query is not None:
+            student_query, teacher_query = student_query.float(), teacher_query.float()
+            t_a, t_b = F.softmax((teacher_query - self.query_center) / teacher_temp, dim=-1).chunk(2)
+            s_a, s_b = student_query.chunk(2)
+            # Teacher on view B teaches the student on view A, and the other way round.
+            loss_query = 0.5 * (cross_entropy(t_b, s_a, self.student_temp)
+                                + cross_entropy(t_a, s_b, self.student_temp))
+        self.update_centers(teacher_cls, teacher_query)
+        return loss_global + self.lambda_query * loss_query, loss_global, loss_query
+
+    @torch.no_grad()
+    def update_centers(self, teacher_cls, teacher_query=None):
+        self._ema(self.center, teacher_cls.float().reshape(-1, teacher_cls.shape[-1]))
+        if teacher_query is not None:
+            self._ema(self.query_center, teacher_query.float().reshape(-1, teacher_query.shape[-1]))
+
+    def _ema(self, center, rows):
+        total = rows.sum(0, keepdim=True)
+        count = rows.shape[0]
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)  # every replica must keep the same centre
+            count *= dist.get_world_size()
+        center.mul_(self.center_momentum).add_(total / count, alpha=1 - self.center_momentum)

@@ -1,0 +1,227 @@
+"""Vision Transformer with ADCLR query tokens, and the DINO projection head.
+
+The backbone is timm's `VisionTransformer` (pre-norm blocks, CLS token, learned
+positional embedding) with parameter names kept identical where the module is the
+same, so a state dict moves between the two. The one addition is ADCLR's query tokens:
+
+    tokens = [ CLS | N raw patches (+ pos embed) | Q query crops (no pos embed) ]
+
+Each query crop is a small crop of the raw image resized to exactly one patch and
+embedded by the same `patch_embed`, so ADCLR has no parameters beyond DINO's. Every
+block's attention is unidirectional (`adclr_kernels.nn.UnidirectionalAttention`): the
+CLS and raw rows never see the query columns, so the raw path is exactly a plain ViT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adclr_kernels.nn import UnidirectionalAttention
+
+ARCHS = {
+    # name: (embed_dim, depth, num_heads), as in timm/DeiT.
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    # Not paper models: the CPU demo, and the test suite.
+    "vit_mini": (128, 4, 4),
+    "vit_test": (64, 2, 2),
+}
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch per sample."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class DropPath(nn.Module):
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return drop_path(x, self.p, self.training)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, backend="auto", **query_options):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = UnidirectionalAttention(dim, num_heads, qkv_bias=True, backend=backend)
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path2 = DropPath(drop_path)
+        self.query_options = query_options
+
+    def forward(self, x, num_queries=0):
+        x = x + self.drop_path1(self.attn(self.norm1(x), num_queries, 1, **self.query_options))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone; `forward_features` is the one entry point (see its docstring)."""
+
+    def __init__(self, img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                 mlp_ratio=4.0, drop_path_rate=0.0, attention="auto",
+                 query_sees_prefix=False, query_sees_self=False, query_sees_queries=False):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} must be a multiple of patch size {patch_size}")
+        self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, embed_dim))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks drop more
+        options = dict(query_sees_prefix=query_sees_prefix, query_sees_self=query_sees_self,
+                       query_sees_queries=query_sees_queries)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, rates[i], attention, **options) for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def interpolate_pos_embed(self, h, w):
+        """Positional embedding for an (h, w) grid of patches, bicubic from the trained grid."""
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        side = int(math.sqrt(patch_pos.shape[1]))
+        if (h, w) == (side, side):
+            return self.pos_embed
+        grid = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+        grid = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([cls_pos, grid], 1)
+
+    def forward_features(self, x, query_crops=None):
+        """Encode images, and optionally ADCLR query crops, in one pass.
+
+        Args:
+            x: (B, 3, H, W) images; H and W multiples of the patch size (any size: the
+                positional embedding is interpolated).
+            query_crops: None, or (B, Q, 3, p, p) query crops already resized to one
+                patch (p = patch size).
+
+        Returns:
+            dict with "cls" (B, D), "patch" (B, N, D) and "query" (B, Q, D) or None,
+            all after the final LayerNorm. "cls" and "patch" do not depend on
+            query_crops (unidirectional attention).
+        """
+        B, _, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        tokens = self.patch_embed(x)
+        tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], 1)
+        tokens = tokens + self.interpolate_pos_embed(H // p, W // p)
+        num_queries = 0
+        if query_crops is not None:
+            if query_crops.dim() != 5 or query_crops.shape[0] != B or query_crops.shape[2:] != (3, p, p):
+                raise ValueError(f"query_crops must have shape ({B}, Q, 3, {p}, {p}), "
+                                 f"got {tuple(query_crops.shape)}")
+            num_queries = query_crops.shape[1]
+            queries = self.patch_embed(query_crops.flatten(0, 1)).reshape(B, num_queries, -1)
+            tokens = torch.cat([tokens, queries], 1)  # no positional embedding: queries are unplaced
+        for block in self.blocks:
+            tokens = block(tokens, num_queries)
+        tokens = self.norm(tokens)
+        visible = tokens.shape[1] - num_queries
+        return {"cls": tokens[:, 0], "patch": tokens[:, 1:visible],
+                "query": tokens[:, visible:] if num_queries else None}
+
+    def forward(self, x):
+        return self.forward_features(x)["cls"]
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class DINOHead(nn.Module):
+    """3-layer MLP -> L2-normalised bottleneck -> weight-normalised linear layer.
+
+    The last layer's weight norm has its gain fixed at 1 (DINO's norm_last_layer=True),
+    which is exactly normalising each weight row, so it is written that way.
+    """
+
+    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim))
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        self.apply(_init_weights)
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, F.normalize(self.last_layer.weight, dim=-1))
+
+
+class ADCLRModel(nn.Module):
+    """Backbone + head shared by the CLS and query tokens (student or teacher)."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, images, query_crops=None, local_crops=None):
+        """One call for every crop (DistributedDataParallel needs a single forward).
+
+        Args:
+            images: (B, 3, H, W) global views; query_crops: (B, Q, 3, p, p) or None;
+            local_crops: (B', 3, h, w) or None, run without query tokens.
+        Returns:
+            (CLS logits (B + B', K) for images then local crops, query logits (B, Q, K) or None).
+        """
+        out = self.backbone.forward_features(images, query_crops)
+        tokens = [out["cls"][:, None]] if out["query"] is None else [out["cls"][:, None], out["query"]]
+        # One head call for CLS and queries: the head is shared, and one matmul is cheaper.
+        logits = self.head(torch.cat(tokens, 1))
+        cls, query = logits[:, 0], (logits[:, 1:] if out["query"] is not None else None)
+        if local_crops is not None:
+            cls = torch.cat([cls, self.head(self.backbone.forward_features(local_crops)["cls"])])
+        return cls, query
+
+
+def build_backbone(arch="vit_small", img_size=224, patch_size=16, drop_path_rate=0.0,
+                   attention="auto", **query_options):
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+    dim, depth, heads = ARCHS[arch]
+    return VisionTransformer(img_size, patch_size, dim, depth, heads, drop_path_rate=drop_path_rate,
+                             attention=attention, **query_options)

@@ -1,0 +1,411 @@
+"""ADCLR pretraining: config, build, one training step, and the training loop.
+
+For benchmarks and custom loops the two pieces are usable on their own:
+
+    trainer = build(cfg, device)                 # models, optimizer, loss, schedules
+    batch = adclr.data.synthetic_batch(cfg, cfg.batch_size, device)
+    metrics = train_step(trainer, batch, step)   # one full step, no host sync inside
+
+`train(cfg)` is the whole run behind `adclr train`: data, logging, checkpoints and
+resume, DistributedDataParallel under torchrun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .data import Augment, train_loader
+from .loss import ADCLRLoss
+from .model import ADCLRModel, DINOHead, build_backbone
+
+
+@dataclass
+class Config:
+    """Every field is an `adclr train --flag` (underscores become dashes)."""
+    out: str = "runs/adclr"                  # run folder: checkpoint.pt, metrics.jsonl, tensorboard
+    data: str = "builtin"                    # image folder (ImageFolder layout), or "builtin"
+    # model
+    arch: str = "vit_small"                  # vit_tiny | vit_small | vit_base (paper); vit_mini, vit_test (CPU)
+    patch_size: int = 16
+    image_size: int = 224                    # global crops (and the positional-embedding grid)
+    local_size: int = 96
+    out_dim: int = 65536                     # DINO head output (prototypes)
+    drop_path: float = 0.1                   # stochastic depth of the student
+    attention: str = "auto"                  # adclr_kernels backend: auto | triton | sdpa | reference | flex | xformers
+    query_sees_prefix: bool = False          # query tokens also attend to CLS
+    query_sees_self: bool = False
+    query_sees_queries: bool = False         # PQCL variant
+    # crops
+    num_local_crops: int = 10
+    num_queries: int = 10
+    global_scale: tuple = (0.4, 1.0)
+    local_scale: tuple = (0.05, 0.4)
+    query_scale: tuple = (0.05, 0.15)        # of the raw image; each resized to one patch
+    # loss
+    lambda_query: float = 0.5                # 0 = plain DINO
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: float = 30
+    center_momentum: float = 0.9
+    # optimisation
+    batch_size: int = 256                    # total over all processes
+    epochs: int = 100
+    max_steps: int = 0                       # stop (and end the schedules) after this many steps; 0 = epochs
+    base_lr: float = 5e-4                    # lr = base_lr * batch_size / 256
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    momentum_teacher: float = 0.996
+    clip_grad: float = 3.0                   # global grad-norm clip; 0 = off
+    freeze_last_layer_epochs: float = 1
+    # running
+    device: str = "auto"                     # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    num_workers: int = -1                    # loader processes; -1 = one per free core (max 8)
+    log_every: int = 10
+    checkpoint_every: int = 500
+
+
+# Fields that may change between a run and its resumption; any other difference is an error.
+RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "log_every",
+             "checkpoint_every", "attention"}
+
+
+def cosine(step, total, start, end, warmup=0, warmup_start=0.0):
+    """Linear warm-up from warmup_start to start over `warmup` steps, then cosine to end."""
+    if step < warmup:
+        return warmup_start + (start - warmup_start) * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    """Everything one training step needs; made by `build`."""
+
+    def __init__(self, cfg, device, student, teacher, loss, optimizer, steps_per_epoch):
+        self.cfg, self.device = cfg, device
+        self.student = student  # DistributedDataParallel-wrapped when distributed
+        self.student_module = student.module if isinstance(student, DistributedDataParallel) else student
+        self.teacher, self.loss, self.optimizer = teacher, loss, optimizer
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = cfg.epochs * steps_per_epoch
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps) if cfg.epochs else cfg.max_steps
+        self.student_params = [p for p in self.student_module.parameters()]
+        self.teacher_params = [p for p in teacher.parameters()]
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                         else contextlib.nullcontext())
+
+    def schedule(self, step):
+        """lr, weight decay, teacher momentum and teacher temperature at `step` (Python floats)."""
+        cfg, total, spe = self.cfg, self.total_steps, self.steps_per_epoch
+        lr = cosine(step, total, cfg.base_lr * cfg.batch_size / 256, cfg.min_lr,
+                    warmup=min(total, round(cfg.warmup_epochs * spe)))
+        temp_warmup = round(cfg.warmup_teacher_temp_epochs * spe)
+        temp = (cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / temp_warmup
+                if step < temp_warmup else cfg.teacher_temp)
+        return {"lr": lr,
+                "weight_decay": cosine(step, total, cfg.weight_decay, cfg.weight_decay_end),
+                "momentum": cosine(step, total, cfg.momentum_teacher, 1.0),
+                "teacher_temp": temp}
+
+
+def build(cfg, device, steps_per_epoch=1000):
+    """Student, EMA teacher, loss, AdamW and schedules for `cfg` on `device`.
+
+    Wraps the student in DistributedDataParallel when torch.distributed is initialised.
+    `steps_per_epoch` sets the epoch-based schedules (warm-ups, last-layer freeze).
+    """
+    device = torch.device(device)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every process
+
+    def model(drop_path):
+        backbone = build_backbone(cfg.arch, cfg.image_size, cfg.patch_size, drop_path, cfg.attention,
+                                  query_sees_prefix=cfg.query_sees_prefix,
+                                  query_sees_self=cfg.query_sees_self,
+                                  query_sees_queries=cfg.query_sees_queries)
+        return ADCLRModel(backbone, DINOHead(backbone.embed_dim, cfg.out_dim)).to(device)
+
+    student, teacher = model(cfg.drop_path), model(0.0)  # DINO's teacher has no stochastic depth
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+
+    # DINO's rule: no weight decay on biases and norm parameters.
+    decay, no_decay = [], []
+    for name, p in student.named_parameters():
+        (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=0.0, fused=device.type == "cuda")
+    if dist.is_available() and dist.is_initialized():
+        student = DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+    loss = ADCLRLoss(cfg.out_dim, cfg.lambda_query, cfg.student_temp, cfg.center_momentum).to(device)
+    return Trainer(cfg, device, student, teacher, loss, optimizer, steps_per_epoch)
+
+
+def train_step(trainer, batch, step):
+    """One full ADCLR step on a ready batch (see adclr.data) already on the device.
+
+    Student and teacher forward, loss, backward, grad clipping, AdamW step with the
+    scheduled lr / weight decay, last-layer freeze, EMA update of the teacher and of
+    the centres. No host synchronisation: returns detached 0-dim tensors
+    (loss, loss_global, loss_query, grad_norm).
+    """
+    t, cfg = trainer, trainer.cfg
+    sched = t.schedule(step)
+    decay_group, no_decay_group = t.optimizer.param_groups
+    decay_group["lr"] = no_decay_group["lr"] = sched["lr"]
+    decay_group["weight_decay"] = sched["weight_decay"]
+
+    globals_, local = batch["globals"], batch["locals"]
+    queries = batch["queries"] if cfg.lambda_query and cfg.num_queries else None  # lambda 0: plain DINO
+    if queries is not None:
+        queries = queries.repeat(2, 1, 1, 1, 1)  # the same query crops for both global views
+    with t.autocast:
+        with torch.no_grad():
+            teacher_cls, teacher_query = t.teacher(globals_, queries)
+        student_cls, student_query = t.student(globals_, queries, local)
+        loss, loss_global, loss_query = t.loss(student_cls, teacher_cls, sched["teacher_temp"],
+                                               student_query, teacher_query)
+
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = (torch.nn.utils.clip_grad_norm_(t.student_params, cfg.clip_grad) if cfg.clip_grad
+                 else loss.new_zeros(()))
+    if step < cfg.freeze_last_layer_epochs * t.steps_per_epoch:
+        # DINO: keeping the prototypes fixed at first stabilises the start of training.
+        for p in t.student_module.head.last_layer.parameters():
+            p.grad = None
+    t.optimizer.step()
+    with torch.no_grad():
+        torch._foreach_lerp_(t.teacher_params, t.student_params, 1.0 - sched["momentum"])
+    return {"loss": loss.detach(), "loss_global": loss_global.detach(),
+            "loss_query": loss_query.detach(), "grad_norm": grad_norm.detach()}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(trainer, path, step, rng):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    state = {
+        "student": trainer.student_module.state_dict(),
+        "teacher": trainer.teacher.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "loss": trainer.loss.state_dict(),  # the two centres
+        "step": step,
+        "config": dataclasses.asdict(trainer.cfg),
+        "rng": rng,
+    }
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def check_resumable(cfg, saved):
+    """The run in `cfg.out` must be the same run; say exactly what differs if not."""
+    current = dataclasses.asdict(cfg)
+    diff = {k: (saved.get(k), v) for k, v in current.items()
+            if k not in RESUMABLE and _plain(saved.get(k)) != _plain(v)}
+    if diff:
+        lines = "\n".join(f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        raise SystemExit(f"error: {cfg.out} holds a different run; resuming needs the same settings:\n"
+                         f"{lines}\nuse another --out to start a new run")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def rng_states():
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["cpu"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# --------------------------------------------------------------------------- the run
+
+def setup_distributed(cfg):
+    """(rank, world_size, device); initialises torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {cfg.device} but CUDA is not available")
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+class Logger:
+    """Progress line on stderr, JSON lines in OUT/metrics.jsonl, TensorBoard when installed."""
+
+    def __init__(self, out, enabled):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.file = open(os.path.join(out, "metrics.jsonl"), "a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(out, "tensorboard"))
+            except Exception:  # tensorboard not installed: JSON lines are enough
+                pass
+
+    def log(self, record, total_steps):
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k.replace("/", "_per_"), v, record["step"])
+        line = (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} "
+                f"(global {record['loss_global']:.4f}, query {record['loss_query']:.4f}) | "
+                f"lr {record['lr']:.2e} | {record['images/s']:.1f} img/s | eta {_duration(record['eta_s'])}")
+        print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled:
+            if self.tty:
+                print(file=sys.stderr)
+            self.file.close()
+            if self.tb:
+                self.tb.close()
+
+
+def _duration(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train(cfg):
+    """The full run; resumes from OUT/checkpoint.pt when it exists. Returns the final step."""
+    rank, world, device = setup_distributed(cfg)
+    main = rank == 0
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    checkpoint = load_checkpoint(path) if os.path.exists(path) else None
+    start = 0
+    if checkpoint is not None:
+        check_resumable(cfg, checkpoint["config"])
+        start = checkpoint["step"]
+
+    loader, steps_per_epoch = train_loader(cfg, rank, world, start)
+    trainer = build(cfg, device, steps_per_epoch)
+    torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # augmentations differ between processes
+    if checkpoint is not None:
+        trainer.student_module.load_state_dict(checkpoint["student"])
+        trainer.teacher.load_state_dict(checkpoint["teacher"])
+        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+        trainer.loss.load_state_dict(checkpoint["loss"])
+        if len(checkpoint["rng"]) == world:
+            set_rng_states(checkpoint["rng"][rank])
+        del checkpoint
+    total = trainer.total_steps
+    if main:
+        print(f"adclr train: {world} process(es) on {device}, {steps_per_epoch} steps/epoch, "
+              f"{total} steps" + (f", resuming at step {start}" if start else ""), file=sys.stderr)
+        print("config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr)
+    if start >= total:
+        if main:
+            print(f"nothing to do: {path} is already at step {start} of {total}", file=sys.stderr)
+        return start
+
+    augment = Augment(cfg.image_size, cfg.local_size).to(device)
+    logger = Logger(cfg.out, main)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    last_good, saved, completed, skipped = start, start, start, 0
+    t0, images_since = time.perf_counter(), 0
+    in_step = False
+
+    def checkpoint_now(step):
+        rng = [rng_states()]
+        if world > 1:
+            rng = [None] * world
+            dist.all_gather_object(rng, rng_states())
+        if main:
+            save_checkpoint(trainer, path, step, rng)
+
+    def check_finite(step):
+        flag = bad.clone()
+        if world > 1:  # every process must stop together
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            raise FloatingPointError(
+                f"loss became non-finite between step {last_good} and step {step}; stopping. "
+                f"The last good checkpoint (step {last_good}) is kept in {path}. "
+                "Try a lower --base-lr, a lower --clip-grad or a longer --warmup-epochs.")
+
+    data = iter(loader)
+    try:
+        for step in range(start, total):
+            raw = next(data)
+            skipped += int(raw["skipped"].sum())
+            raw = {k: v.to(device, non_blocking=True) for k, v in raw.items() if k != "skipped"}
+            in_step = True
+            metrics = train_step(trainer, augment(raw), step)
+            in_step = False
+            bad |= ~torch.isfinite(metrics["loss"])
+            images_since += cfg.batch_size
+            done = completed = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                check_finite(done)
+                last_good = done
+                elapsed = time.perf_counter() - t0
+                sched = trainer.schedule(step)
+                record = {"step": done, "epoch": round(done / steps_per_epoch, 4),
+                          **{k: v.item() for k, v in metrics.items()},
+                          "lr": sched["lr"], "weight_decay": sched["weight_decay"],
+                          "momentum": sched["momentum"], "teacher_temp": sched["teacher_temp"],
+                          "images/s": images_since / elapsed, "skipped_images": skipped,
+                          "eta_s": (total - done) * elapsed / (images_since / cfg.batch_size)}
+                logger.log(record, total)
+                t0, images_since = time.perf_counter(), 0
+            if done % cfg.checkpoint_every == 0 or done == total:
+                check_finite(done)
+                last_good = done
+                checkpoint_now(done)
+                saved = done
+    except KeyboardInterrupt:
+        # Keep what was done, unless the interrupt hit inside a step (half-updated state).
+        if world == 1 and not in_step and completed > saved and not bad.item():
+            save_checkpoint(trainer, path, completed, [rng_states()])
+            print(f"\ninterrupted: saved step {completed} to {path}; rerun the same command to resume",
+                  file=sys.stderr)
+        raise
+    finally:
+        logger.close()
+    if main:
+        print(f"done: {total} steps, checkpoint {path}", file=sys.stderr)
+    return total
