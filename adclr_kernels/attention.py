@@ -38,14 +38,13 @@ def _check_int(name, value, low, high):
         raise ValueError(f"{name} must be in [{low}, {high}] for this input, got {value}")
 
 
-def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
-                 query_sees_queries, scale):
-    """Validate a call; returns the scale to use. Raises before any kernel runs."""
+def _check_tensors(q, k, v, layout):
+    """Type, rank, dtype and device of q, k, v; layout names the expected dims."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have shape (batch, heads, seq, head_dim), "
+        if t.dim() != len(layout):
+            raise ValueError(f"{name} must have shape ({', '.join(layout)}), "
                              f"got {t.dim()} dims {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
@@ -53,17 +52,41 @@ def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise RuntimeError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+def _check_flags(query_sees_prefix, query_sees_self, query_sees_queries):
+    for name, flag in (("query_sees_prefix", query_sees_prefix),
+                       ("query_sees_self", query_sees_self),
+                       ("query_sees_queries", query_sees_queries)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+
+
+def _queries_see_nothing(num_queries, num_raw, num_prefix, query_sees_prefix, query_sees_self,
+                         query_sees_queries):
+    return (num_queries > 0 and num_raw == 0 and not (query_sees_prefix and num_prefix > 0)
+            and not (query_sees_self or query_sees_queries))
+
+
+def _check_scale(scale, head_dim):
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
+    return float(scale)
+
+
+def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
+                 query_sees_queries, scale):
+    """Validate a call; returns the scale to use. Raises before any kernel runs."""
+    _check_tensors(q, k, v, ("batch", "heads", "seq", "head_dim"))
     batch, heads, seq, head_dim = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if (k.shape[0], k.shape[1], k.shape[3]) != (batch, heads, head_dim):
         raise ValueError(f"k and v must match q in batch, heads and head_dim "
                          f"({batch}, {heads}, *, {head_dim}), got {tuple(k.shape)}")
-    for name, flag in (("query_sees_prefix", query_sees_prefix),
-                       ("query_sees_self", query_sees_self),
-                       ("query_sees_queries", query_sees_queries)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    _check_flags(query_sees_prefix, query_sees_self, query_sees_queries)
 
     _check_int("num_queries", num_queries, 0, seq)
     _check_int("num_prefix", num_prefix, 0, seq - num_queries)
@@ -74,18 +97,12 @@ def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees
         expect = (f"seq = {seq} (query_sees_self/query_sees_queries need the query keys)"
                   if needs_query_keys else f"seq = {seq} or seq - num_queries = {visible}")
         raise ValueError(f"k and v must have length {expect}, got {k.shape[2]}")
-    num_raw = visible - num_prefix
-    if (num_queries > 0 and num_raw == 0 and not (query_sees_prefix and num_prefix > 0)
-            and not needs_query_keys):
+    if _queries_see_nothing(num_queries, visible - num_prefix, num_prefix, query_sees_prefix,
+                            query_sees_self, query_sees_queries):
         raise ValueError("query rows would attend to nothing: there are no raw tokens "
                          "(num_prefix + num_queries == seq); set query_sees_prefix, "
                          "query_sees_self or query_sees_queries")
-
-    if scale is None:
-        return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    return float(scale)
+    return _check_scale(scale, head_dim)
 
 
 def _resolve_backend(backend, q, requires_grad):
@@ -153,3 +170,109 @@ def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_p
         "xformers": reference.xformers_attention,
     }[backend]
     return fn(q, k, v, num_queries, num_prefix, **options)
+
+
+def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees_prefix,
+                        query_sees_self, query_sees_queries, scale, max_seqlen):
+    """Validate a packed call. Returns (scale, num_queries as an int32 device tensor,
+    max_seqlen, host bounds and query counts or None when the caller vouched for them)."""
+    _check_tensors(q, k, v, ("total_tokens", "heads", "head_dim"))
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"q, k, v must have the same (total_tokens, heads, head_dim) shape, "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    _check_flags(query_sees_prefix, query_sees_self, query_sees_queries)
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens must be a 1-D tensor of num_seqs + 1 offsets")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32 (FlashAttention's varlen layout), got {cu_seqlens.dtype}")
+    if cu_seqlens.device != q.device:
+        raise RuntimeError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+    num_seqs = cu_seqlens.numel() - 1
+    if isinstance(num_queries, torch.Tensor):
+        if num_queries.shape != (num_seqs,) or num_queries.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"num_queries as a tensor must be a ({num_seqs},) int tensor (one "
+                             f"count per sequence), got {num_queries.dtype} {tuple(num_queries.shape)}")
+        queries = num_queries.to(device=q.device, dtype=torch.int32)
+    elif isinstance(num_queries, int) and not isinstance(num_queries, bool):
+        queries = torch.full((num_seqs,), num_queries, dtype=torch.int32, device=q.device)
+    else:
+        raise TypeError(f"num_queries must be an int or a ({num_seqs},) int tensor, "
+                        f"got {type(num_queries).__name__}")
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or num_prefix < 0:
+        raise TypeError(f"num_prefix must be a non-negative int, got {num_prefix!r}")
+
+    bounds = host_queries = None
+    if max_seqlen is None:
+        # Checking the offsets needs them on the host: one sync. Callers that built
+        # cu_seqlens themselves pass max_seqlen and skip it.
+        offsets = cu_seqlens.tolist()
+        host_queries = queries.tolist()
+        if offsets[0] != 0 or offsets[-1] != q.shape[0]:
+            raise ValueError(f"cu_seqlens must start at 0 and end at total_tokens = {q.shape[0]}, "
+                             f"got {offsets[0]} .. {offsets[-1]}")
+        bounds = list(zip(offsets[:-1], offsets[1:]))
+        for s, ((start, end), nq) in enumerate(zip(bounds, host_queries)):
+            length = end - start
+            if length < 0:
+                raise ValueError(f"cu_seqlens must be non-decreasing; sequence {s} has length {length}")
+            if not 0 <= nq <= length:
+                raise ValueError(f"num_queries[{s}] must be in [0, {length}], got {nq}")
+            if num_prefix > length - nq:
+                raise ValueError(f"num_prefix ({num_prefix}) exceeds the {length - nq} visible "
+                                 f"tokens of sequence {s}")
+            if _queries_see_nothing(nq, length - nq - num_prefix, num_prefix, query_sees_prefix,
+                                    query_sees_self, query_sees_queries):
+                raise ValueError(f"query rows of sequence {s} would attend to nothing: it has no "
+                                 "raw tokens; set query_sees_prefix, query_sees_self or query_sees_queries")
+        max_seqlen = max((end - start for start, end in bounds), default=0)
+    elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"max_seqlen must be a non-negative int or None, got {max_seqlen!r}")
+
+    return _check_scale(scale, q.shape[-1]), queries, max_seqlen, bounds, host_queries
+
+
+def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries, num_prefix=1, *,
+                                    query_sees_prefix=False, query_sees_self=False,
+                                    query_sees_queries=False, scale=None, max_seqlen=None,
+                                    backend="auto"):
+    """Unidirectional attention over sequences packed back to back (FlashAttention varlen).
+
+    Args:
+        q, k, v: (total_tokens, heads, head_dim), any strides; k and v hold every token,
+            query tokens included.
+        cu_seqlens: (num_seqs + 1,) int32 offsets of the sequences in total_tokens.
+        num_queries: query tokens at the end of each sequence: an int, or a (num_seqs,)
+            int tensor.
+        num_prefix: prefix tokens at the start of every sequence.
+        max_seqlen: the longest sequence. When None it is computed and the offsets are
+            checked on the host (one device sync); passing it skips both, so the caller
+            vouches for cu_seqlens and num_queries.
+        Other arguments as in `unidirectional_attention`. No token attends across sequences.
+
+    Returns:
+        (total_tokens, heads, head_dim) tensor in q's dtype.
+    """
+    scale, queries, max_seqlen, bounds, host_queries = check_varlen_inputs(
+        q, k, v, cu_seqlens, num_queries, num_prefix, query_sees_prefix, query_sees_self,
+        query_sees_queries, scale, max_seqlen)
+    requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    backend = _resolve_backend(backend, q, requires_grad)
+    options = dict(query_sees_prefix=query_sees_prefix, query_sees_self=query_sees_self,
+                   query_sees_queries=query_sees_queries, scale=scale)
+    if backend == "triton":
+        from .unidirectional import _varlen_fwd_op
+
+        out, _ = _varlen_fwd_op(q, k, v, cu_seqlens, queries, max_seqlen, num_prefix,
+                                query_sees_prefix, query_sees_self, query_sees_queries, scale)
+        return out
+    if bounds is None:
+        offsets = cu_seqlens.tolist()
+        bounds, host_queries = list(zip(offsets[:-1], offsets[1:])), queries.tolist()
+    if backend == "flex":
+        return reference.flex_varlen_attention(q, k, v, bounds, host_queries, num_prefix, **options)
+    fn = {
+        "reference": reference.reference_attention,
+        "sdpa": reference.sdpa_attention,
+        "xformers": reference.xformers_attention,
+    }[backend]
+    return reference.varlen_per_sequence(fn, q, k, v, bounds, host_queries, num_prefix, **options)

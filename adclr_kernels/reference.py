@@ -157,8 +157,10 @@ def flex_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
     block_mask = _flex_block_mask(q.shape[-2], k.shape[-2], num_queries, num_prefix,
                                   query_sees_prefix, query_sees_self, query_sees_queries,
                                   str(q.device))
-    fn = _compiled_flex() if q.is_cuda else eager_flex
-    return fn(q, k, v, block_mask=block_mask, scale=scale)
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+    # CPU flex is forward-only and rejects inputs that require grad even under no_grad.
+    return eager_flex(*(t.detach() for t in (q, k, v)), block_mask=block_mask, scale=scale)
 
 
 def xformers_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
@@ -191,3 +193,60 @@ def xformers_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=Fa
         bias = padded[..., :cols]
     query = call(q[..., visible:, :], k[..., first:last, :], v[..., first:last, :], bias)
     return torch.cat([raw, query], -2)
+
+
+# ----------------------------------------------------------------------------------------
+# Packed (varlen) forms: sequences back to back as (tokens, heads, head_dim)
+# ----------------------------------------------------------------------------------------
+
+
+def varlen_per_sequence(fn, q, k, v, bounds, num_queries, num_prefix, **options):
+    """Run a dense backend on each packed sequence in turn (block-diagonal by construction).
+
+    bounds: host list of (start, end) token offsets; num_queries: host list of Q per sequence.
+    """
+    outs = []
+    for (start, end), nq in zip(bounds, num_queries):
+        dense = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        outs.append(fn(*dense, nq, num_prefix, **options)[0].transpose(0, 1))
+    if not outs:
+        return q.new_empty(q.shape)
+    return torch.cat(outs, 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _flex_varlen_block_mask(bounds, num_queries, num_prefix, query_sees_prefix, query_sees_self,
+                            query_sees_queries, device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    total = bounds[-1][1] if bounds else 0
+    seq_id = torch.zeros(total, dtype=torch.long)
+    first = torch.zeros(total, dtype=torch.long)
+    visible = torch.zeros(total, dtype=torch.long)
+    for s, ((start, end), nq) in enumerate(zip(bounds, num_queries)):
+        seq_id[start:end], first[start:end], visible[start:end] = s, start, end - nq
+    seq_id, first, visible = seq_id.to(device), first.to(device), visible.to(device)
+
+    def mask_mod(b, h, i, j):
+        same = seq_id[i] == seq_id[j]
+        i_local, j_local = i - first[i], j - first[i]
+        return same & _sees(i_local, j_local, visible[i] - first[i], num_prefix,
+                            query_sees_prefix, query_sees_self, query_sees_queries)
+
+    return create_block_mask(mask_mod, None, None, total, total, device=device)
+
+
+def flex_varlen_attention(q, k, v, bounds, num_queries, num_prefix, *, query_sees_prefix=False,
+                          query_sees_self=False, query_sees_queries=False, scale=None):
+    """FlexAttention over the packed batch with a block-diagonal (document) mask."""
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex
+
+    block_mask = _flex_varlen_block_mask(tuple(bounds), tuple(num_queries), num_prefix,
+                                         query_sees_prefix, query_sees_self, query_sees_queries,
+                                         str(q.device))
+    dense = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+    if q.is_cuda:
+        out = _compiled_flex()(*dense, block_mask=block_mask, scale=scale)
+    else:  # forward-only on CPU, see flex_attention
+        out = eager_flex(*(t.detach() for t in dense), block_mask=block_mask, scale=scale)
+    return out[0].transpose(0, 1)

@@ -74,11 +74,31 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _sequence(pid_bh, num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUERIES,
+              VARLEN: tl.constexpr):
+    """(b, h, first token, seq_len, key_len, visible) of this program's sequence.
+
+    Dense inputs pass the lengths as scalars; packed (varlen) inputs read them from
+    cu_seqlens and the per-sequence query counts, so one kernel serves both.
+    """
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    start = b * 0
+    if VARLEN:
+        start = tl.load(CU_SEQLENS + b)
+        seq_len = tl.load(CU_SEQLENS + b + 1) - start
+        key_len = seq_len
+        visible = seq_len - tl.load(NUM_QUERIES + b)
+    return b.to(tl.int64), h.to(tl.int64), start.to(tl.int64), seq_len, key_len, visible
+
+
+@triton.jit
 def _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M: tl.constexpr,
                 SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr, SEES_QUERIES: tl.constexpr):
     """Column ranges [lo1, hi1) (visible keys) and [lo2, hi2) (query keys) for rows m0.."""
     m1 = m0 + BLOCK_M
     lo1 = m0 * 0
+    hi1 = visible
     if not SEES_PREFIX:
         if m0 >= visible:
             lo1 = num_prefix
@@ -90,7 +110,10 @@ def _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M: tl.constexpr
         elif SEES_SELF:
             lo2 = tl.maximum(m0, visible)
             hi2 = tl.minimum(m1, key_len)
-    return lo1, visible, lo2, hi2
+    if m0 >= seq_len:  # a row block past the end of a shorter packed sequence
+        hi1 = lo1
+        hi2 = lo2
+    return lo1, hi1, lo2, hi2
 
 
 @triton.jit
@@ -103,8 +126,8 @@ def _attend_key_range(acc, m_i, l_i, q, rows, lo, hi, k_base, v_base,
     """Online-softmax accumulation of one row block over key columns [lo, hi)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    for col_start in range(lo, hi, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
         col_ok = cols < hi
         k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
                       mask=col_ok[None, :] & d_ok[:, None], other=0.0)
@@ -128,23 +151,23 @@ def _attend_key_range(acc, m_i, l_i, q, rows, lo, hi, k_base, v_base,
 
 @triton.jit
 def _unidirectional_fwd_kernel(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, CU_SEQLENS, NUM_QUERIES,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
+    stride_lseb, stride_lseh,
     num_heads, seq_len, key_len, visible, num_prefix, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
-    SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr,
+    SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    b, h, start, seq_len, key_len, visible = _sequence(
+        tl.program_id(0), num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUERIES, VARLEN)
     m0 = tl.program_id(1) * BLOCK_M
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    q_base = Q + b * stride_qb + h * stride_qh + start * stride_ql
+    k_base = K + b * stride_kb + h * stride_kh + start * stride_kl
+    v_base = V + b * stride_vb + h * stride_vh + start * stride_vl
 
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -170,30 +193,33 @@ def _unidirectional_fwd_kernel(
     # Rows past seq_len saw nothing (l = 0); they are not stored, but keep them finite.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od
+    o_ptrs = (O + b * stride_ob + h * stride_oh + (start + rows[:, None]) * stride_ol
+              + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * seq_len + rows, m_i + tl.log2(l_safe), mask=row_ok)
+    tl.store(LSE + b * stride_lseb + h * stride_lseh + start + rows, m_i + tl.log2(l_safe),
+             mask=row_ok)
 
 
 @triton.jit
 def _unidirectional_bwd_delta_kernel(
-    O, DO, DELTA,
+    O, DO, DELTA, CU_SEQLENS, NUM_QUERIES,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_lseb, stride_lseh,
     num_heads, seq_len,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    b, h, start, seq_len, _, _ = _sequence(tl.program_id(0), num_heads, seq_len, seq_len, seq_len,
+                                           CU_SEQLENS, NUM_QUERIES, VARLEN)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (rows[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
-                mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dol
+    o = tl.load(O + b * stride_ob + h * stride_oh + (start + rows[:, None]) * stride_ol
+                + offs_d[None, :] * stride_od, mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + (start + rows[:, None]) * stride_dol
                  + offs_d[None, :] * stride_dod, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * seq_len + rows, tl.sum(o * do, 1), mask=rows < seq_len)
+    tl.store(DELTA + b * stride_lseb + h * stride_lseh + start + rows, tl.sum(o * do, 1),
+             mask=rows < seq_len)
 
 
 @triton.jit
@@ -226,8 +252,8 @@ def _dq_key_range(dq, q, do, lse, delta, rows, lo, hi, k_base, v_base,
     """dQ of one row block accumulated over key columns [lo, hi), probabilities recomputed."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    for start in range(lo, hi, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    for col_start in range(lo, hi, BLOCK_N):
+        cols = col_start + tl.arange(0, BLOCK_N)
         t_mask = d_ok[:, None] & (cols < hi)[None, :]
         k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd, mask=t_mask, other=0.0)
         v_t = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd, mask=t_mask, other=0.0)
@@ -242,7 +268,7 @@ def _dq_key_range(dq, q, do, lse, delta, rows, lo, hi, k_base, v_base,
 
 @triton.jit
 def _unidirectional_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_SEQLENS, NUM_QUERIES,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -250,23 +276,23 @@ def _unidirectional_bwd_kernel(
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
+    stride_lseb, stride_lseh,
     num_heads, seq_len, key_len, visible, num_prefix, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
-    SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr,
+    SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
+    b, h, start, seq_len, key_len, visible = _sequence(
+        tl.program_id(0), num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUERIES, VARLEN)
     block = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    q_base = Q + b * stride_qb + h * stride_qh
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    do_base = DO + b * stride_dob + h * stride_doh
-    lse_base = LSE + pid_bh.to(tl.int64) * seq_len
-    delta_base = DELTA + pid_bh.to(tl.int64) * seq_len
+    q_base = Q + b * stride_qb + h * stride_qh + start * stride_ql
+    k_base = K + b * stride_kb + h * stride_kh + start * stride_kl
+    v_base = V + b * stride_vb + h * stride_vh + start * stride_vl
+    do_base = DO + b * stride_dob + h * stride_doh + start * stride_dol
+    lse_base = LSE + b * stride_lseb + h * stride_lseh + start
+    delta_base = DELTA + b * stride_lseb + h * stride_lseh + start
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
@@ -282,8 +308,8 @@ def _unidirectional_bwd_kernel(
         dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
         lo, hi = _dkdv_row_range(n0, seq_len, visible, num_prefix, BLOCK_N1,
                                  SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-        for start in range(lo, hi, BLOCK_M1):
-            rows = start + tl.arange(0, BLOCK_M1)
+        for row_start in range(lo, hi, BLOCK_M1):
+            rows = row_start + tl.arange(0, BLOCK_M1)
             row_ok = rows < hi
             t_mask = d_ok[:, None] & row_ok[None, :]
             q_t = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd, mask=t_mask, other=0.0)
@@ -301,10 +327,10 @@ def _unidirectional_bwd_kernel(
             ds_t = p_t * (dp_t - delta[None, :])
             dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), DOT_FP32)
         dk = dk * sm_scale
-        tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
-                 dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
-                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(DK + b * stride_dkb + h * stride_dkh + (start + cols[:, None]) * stride_dkl
+                 + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + b * stride_dvb + h * stride_dvh + (start + cols[:, None]) * stride_dvl
+                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     # ---- dQ for row block `block`: walk the same column ranges as the forward.
     m0 = block * BLOCK_M2
@@ -328,8 +354,8 @@ def _unidirectional_bwd_kernel(
                            num_prefix, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D,
                            SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)
         dq = dq * sm_scale
-        tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
-                 dq.to(DQ.dtype.element_ty), mask=q_mask)
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + (start + rows[:, None]) * stride_dql
+                 + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,6 +396,18 @@ def _empty_rows(batch, heads, seq, like):
     return torch.empty(batch, heads, seq, dtype=torch.float32, device=like.device)
 
 
+def _empty_thd(tokens, heads, head_dim, like):
+    """A packed (tokens, heads, head_dim) buffer, allocated like the dense ones."""
+    return _empty_bhld(1, heads, tokens, head_dim, like)[0].transpose(0, 1)
+
+
+def _bhld_strides(t):
+    """Strides as (batch, head, token, dim); packed (tokens, heads, dim) tensors have no batch."""
+    if t.dim() == 3:
+        return (0, t.stride(1), t.stride(0), t.stride(2))
+    return t.stride()
+
+
 def _check_head_dim(head_dim):
     if head_dim > 256:
         raise ValueError(f"backend='triton' supports head_dim up to 256, got {head_dim}")
@@ -381,29 +419,64 @@ def _flags(query_sees_prefix, query_sees_self, query_sees_queries):
                 SEES_QUERIES=query_sees_queries)
 
 
+# A problem's geometry: (num_seqs, heads, max_len, seq_len, key_len, visible, cu_seqlens,
+# num_queries). Dense inputs give the lengths and no tensors; packed inputs give tensors
+# and the kernel reads each sequence's lengths from them.
+
+
+def _launch_fwd(q, k, v, out, lse, lse_strides, geometry, num_prefix, flags, scale):
+    num_seqs, heads, max_len, seq_len, key_len, visible, cu_seqlens, num_queries = geometry
+    head_dim = q.shape[-1]
+    cfg = _fwd_config(head_dim)
+    grid = (num_seqs * heads, triton.cdiv(max_len, cfg["BLOCK_M"]))
+    _unidirectional_fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens, num_queries,
+        *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out), *lse_strides,
+        heads, seq_len, key_len, visible, num_prefix, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_FP32=_dot_fp32(q.dtype),
+        VARLEN=cu_seqlens is not None, **flags, **cfg)
+
+
+def _launch_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, lse_strides, geometry, num_prefix,
+                flags, scale):
+    num_seqs, heads, max_len, seq_len, key_len, visible, cu_seqlens, num_queries = geometry
+    head_dim = q.shape[-1]
+    block_d = _block_d(head_dim)
+    varlen = cu_seqlens is not None
+    delta = _empty_rows(1, 1, lse.numel(), lse).view(lse.shape)
+    delta_rows = 64
+    _unidirectional_bwd_delta_kernel[(num_seqs * heads, triton.cdiv(max_len, delta_rows))](
+        out, grad_out, delta, cu_seqlens, num_queries,
+        *_bhld_strides(out), *_bhld_strides(grad_out), *lse_strides, heads, seq_len,
+        HEAD_DIM=head_dim, BLOCK_M=delta_rows, BLOCK_D=block_d, VARLEN=varlen)
+    cfg = _bwd_config(head_dim)
+    blocks = triton.cdiv(max_len, min(cfg["BLOCK_N1"], cfg["BLOCK_M2"]))
+    _unidirectional_bwd_kernel[(num_seqs * heads, blocks)](
+        q, k, v, grad_out, lse, delta, dq, dk, dv, cu_seqlens, num_queries,
+        *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(grad_out),
+        *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *lse_strides,
+        heads, seq_len, key_len, visible, num_prefix, scale * LOG2E, scale,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_FP32=_dot_fp32(q.dtype), VARLEN=varlen,
+        **flags, **cfg)
+
+
 def unidirectional_fwd(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
                        query_sees_queries, scale):
-    """Launch the forward. Returns (out, lse); lse is base-2, (batch, heads, seq) fp32."""
+    """Dense forward. Returns (out, lse); lse is base-2, (batch, heads, seq) fp32."""
     batch, heads, seq, head_dim = q.shape
     _check_head_dim(head_dim)
     out = _empty_bhld(batch, heads, seq, head_dim, q)
     lse = _empty_rows(batch, heads, seq, q)
-    if out.numel() == 0:
-        return out, lse
-    cfg = _fwd_config(head_dim)
-    grid = (batch * heads, triton.cdiv(seq, cfg["BLOCK_M"]))
-    _unidirectional_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, seq, k.shape[2], seq - num_queries, num_prefix, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_FP32=_dot_fp32(q.dtype),
-        **_flags(query_sees_prefix, query_sees_self, query_sees_queries), **cfg)
+    if out.numel() > 0:
+        geometry = (batch, heads, seq, seq, k.shape[2], seq - num_queries, None, None)
+        _launch_fwd(q, k, v, out, lse, (heads * seq, seq), geometry, num_prefix,
+                    _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
     return out, lse
 
 
 def unidirectional_bwd(grad_out, q, k, v, out, lse, num_queries, num_prefix, query_sees_prefix,
                        query_sees_self, query_sees_queries, scale):
-    """Launch the backward. Returns (dq, dk, dv) in the inputs' dtype."""
+    """Dense backward. Returns (dq, dk, dv) in the inputs' dtype."""
     batch, heads, seq, head_dim = q.shape
     key_len = k.shape[2]
     dq = _empty_bhld(batch, heads, seq, head_dim, q)
@@ -411,21 +484,35 @@ def unidirectional_bwd(grad_out, q, k, v, out, lse, num_queries, num_prefix, que
     dv = _empty_bhld(batch, heads, key_len, head_dim, v)
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
-    block_d = _block_d(head_dim)
-    delta = _empty_rows(batch, heads, seq, q)
-    delta_rows = 64
-    _unidirectional_bwd_delta_kernel[(batch * heads, triton.cdiv(seq, delta_rows))](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq,
-        HEAD_DIM=head_dim, BLOCK_M=delta_rows, BLOCK_D=block_d)
-    cfg = _bwd_config(head_dim)
-    blocks = max(triton.cdiv(key_len, cfg["BLOCK_N1"]), triton.cdiv(seq, cfg["BLOCK_M2"]))
-    _unidirectional_bwd_kernel[(batch * heads, blocks)](
-        q, k, v, grad_out, lse, delta, dq, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
-        *dq.stride(), *dk.stride(), *dv.stride(),
-        heads, seq, key_len, seq - num_queries, num_prefix, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_FP32=_dot_fp32(q.dtype),
-        **_flags(query_sees_prefix, query_sees_self, query_sees_queries), **cfg)
+    geometry = (batch, heads, seq, seq, key_len, seq - num_queries, None, None)
+    _launch_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, (heads * seq, seq), geometry, num_prefix,
+                _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
+    return dq, dk, dv
+
+
+def unidirectional_varlen_fwd(q, k, v, cu_seqlens, num_queries, max_seqlen, num_prefix,
+                              query_sees_prefix, query_sees_self, query_sees_queries, scale):
+    """Packed forward over (tokens, heads, head_dim). Returns (out, lse (heads, tokens))."""
+    tokens, heads, head_dim = q.shape
+    _check_head_dim(head_dim)
+    out = _empty_thd(tokens, heads, head_dim, q)
+    lse = _empty_rows(1, heads, tokens, q)[0]
+    if out.numel() > 0:
+        geometry = (cu_seqlens.numel() - 1, heads, max_seqlen, 0, 0, 0, cu_seqlens, num_queries)
+        _launch_fwd(q, k, v, out, lse, (0, tokens), geometry, num_prefix,
+                    _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
+    return out, lse
+
+
+def unidirectional_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, num_queries, max_seqlen,
+                              num_prefix, query_sees_prefix, query_sees_self, query_sees_queries,
+                              scale):
+    tokens, heads, head_dim = q.shape
+    dq, dk, dv = (_empty_thd(tokens, heads, head_dim, t) for t in (q, k, v))
+    if dq.numel() > 0:
+        geometry = (cu_seqlens.numel() - 1, heads, max_seqlen, 0, 0, 0, cu_seqlens, num_queries)
+        _launch_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, (0, tokens), geometry, num_prefix,
+                    _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
     return dq, dk, dv
 
 
@@ -483,6 +570,54 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("adclr_kernels::unidirectional_attention_varlen_fwd", mutates_args=())
+def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                   num_queries: torch.Tensor, max_seqlen: int, num_prefix: int,
+                   query_sees_prefix: bool, query_sees_self: bool, query_sees_queries: bool,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return unidirectional_varlen_fwd(q, k, v, cu_seqlens, num_queries, max_seqlen, num_prefix,
+                                     query_sees_prefix, query_sees_self, query_sees_queries, scale)
+
+
+@_varlen_fwd_op.register_fake
+def _varlen_fwd_fake(q, k, v, cu_seqlens, num_queries, max_seqlen, num_prefix, *flags_and_scale):
+    tokens, heads, head_dim = q.shape
+    return _empty_thd(tokens, heads, head_dim, q), _empty_rows(1, heads, tokens, q)[0]
+
+
+@torch.library.custom_op("adclr_kernels::unidirectional_attention_varlen_bwd", mutates_args=())
+def _varlen_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
+                   num_queries: torch.Tensor, max_seqlen: int, num_prefix: int,
+                   query_sees_prefix: bool, query_sees_self: bool, query_sees_queries: bool,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return unidirectional_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, num_queries,
+                                     max_seqlen, num_prefix, query_sees_prefix, query_sees_self,
+                                     query_sees_queries, scale)
+
+
+@_varlen_bwd_op.register_fake
+def _varlen_bwd_fake(grad_out, q, k, v, *rest):
+    return tuple(_empty_thd(*t.shape, t) for t in (q, k, v))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, num_queries, *args = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, num_queries)
+    ctx.args = args
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_seqlens, num_queries = ctx.saved_tensors
+    dq, dk, dv = _varlen_bwd_op(grad_out, q, k, v, out, lse, cu_seqlens, num_queries, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
 
 
 def triton_unidirectional_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,

@@ -1,0 +1,160 @@
+"""The packed (varlen) op: every backend against float64 dense attention per sequence."""
+
+import pytest
+import torch
+
+from adclr_kernels import unidirectional_attention_varlen
+from adclr_kernels.reference import dense_masked_attention
+from kernel_testing import DEVICE, OPTION_SETS, assert_fa_close, assert_rel_close, options
+
+ON_CUDA = DEVICE == "cuda"
+
+
+def make_packed(lengths, heads, head_dim, dtype=torch.float32, seed=0):
+    """Packed q, k, v as (tokens, heads, head_dim) strided views of one qkv projection."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    qkv = torch.randn(total, 3, heads, head_dim, generator=g, dtype=torch.float64)
+    q, k, v = qkv.to(device=DEVICE, dtype=dtype).unbind(1)
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return q, k, v, torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+
+
+def dense_per_sequence(q, k, v, cu, num_queries, num_prefix, grad_out, opts):
+    """float64 output and grads, each sequence through the dense masked reference."""
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    outs = []
+    offsets = cu.tolist()
+    for s, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+        seq = [t[a:b].transpose(0, 1).unsqueeze(0) for t in leaves]
+        outs.append(dense_masked_attention(*seq, num_queries[s], num_prefix, **opts)[0].transpose(0, 1))
+    out = torch.cat(outs, 0)
+    return out.detach(), torch.autograd.grad(out, leaves, grad_out.double())
+
+
+# A DINO-like packed batch: two globals with query tokens, locals without, odd lengths.
+LENGTHS = [1 + 49 + 10, 1 + 49 + 10, 1 + 9, 1 + 9, 1 + 9, 1 + 33 + 3]
+QUERIES = [10, 10, 0, 0, 0, 3]
+
+
+@pytest.mark.parametrize("opt_set", OPTION_SETS, ids=lambda s: "psq=" + "".join("01"[x] for x in s))
+def test_triton_varlen_matches_dense_per_sequence(opt_set, poisoned):
+    opts = options(opt_set)
+    q, k, v, cu = make_packed(LENGTHS, 2, 32)
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    nq = torch.tensor(QUERIES, device=DEVICE)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = unidirectional_attention_varlen(*leaves, cu, nq, 1, backend="triton", **opts)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref, ref_grads = dense_per_sequence(q, k, v, cu, QUERIES, 1, grad_out, opts)
+    assert out.shape == q.shape
+    assert_rel_close("out", out, ref)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert_rel_close(f"d{name}", got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_varlen_low_precision(dtype, poisoned):
+    from adclr_kernels.reference import reference_attention, varlen_per_sequence
+
+    q, k, v, cu = make_packed([1 + 40 + 10, 1 + 36, 1 + 70 + 10], 2, 64, dtype=dtype, seed=2)
+    grad_out = torch.randn(q.shape, device=DEVICE, dtype=dtype)
+    queries = [10, 0, 10]
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = unidirectional_attention_varlen(*leaves, cu, torch.tensor(queries), backend="triton")
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, 1, grad_out, options(OPTION_SETS[0]))
+    bounds = list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
+    lo_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    lo = varlen_per_sequence(reference_attention, *lo_leaves, bounds, queries, 1)
+    lo_grads = torch.autograd.grad(lo, lo_leaves, grad_out)
+    assert_fa_close("out", out, ref, lo)
+    for name, got, want, low in zip("qkv", grads, ref_grads, lo_grads):
+        assert_fa_close(f"d{name}", got, want, low)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "flex"])
+def test_pytorch_backends_varlen(backend):
+    opts = options(OPTION_SETS[3])
+    q, k, v, cu = make_packed(LENGTHS, 2, 16, dtype=torch.float64 if not ON_CUDA else torch.float32)
+    grad_out = torch.randn(q.shape, device=DEVICE, dtype=q.dtype)
+    ref, ref_grads = dense_per_sequence(q, k, v, cu, QUERIES, 1, grad_out, opts)
+    nq = torch.tensor(QUERIES)
+    if backend == "flex" and not ON_CUDA:
+        with torch.no_grad():
+            out = unidirectional_attention_varlen(q, k, v, cu, nq, backend=backend, **opts)
+        assert_rel_close("out", out, ref)
+        return
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = unidirectional_attention_varlen(*leaves, cu, nq, backend=backend, **opts)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    tol = 1e-4 if ON_CUDA else 1e-10
+    assert_rel_close("out", out, ref, tol)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert_rel_close(f"d{name}", got, want, tol)
+
+
+def test_no_attention_across_sequences():
+    q, k, v, cu = make_packed([20, 25], 2, 32)
+    out1 = unidirectional_attention_varlen(q, k, v, cu, 4, backend="triton")
+    k2, v2 = k.clone(), v.clone()
+    k2[20:], v2[20:] = torch.randn_like(k2[20:]), torch.randn_like(v2[20:])
+    out2 = unidirectional_attention_varlen(q, k2, v2, cu, 4, backend="triton")
+    assert torch.equal(out1[:20], out2[:20])
+    assert not torch.equal(out1[20:], out2[20:])
+
+
+def test_max_seqlen_given_or_computed_agree_and_backward_is_deterministic():
+    q, k, v, cu = make_packed(LENGTHS, 2, 32, dtype=torch.float16, seed=4)
+    grad_out = torch.randn_like(q)
+    nq = torch.tensor(QUERIES, device=DEVICE)
+
+    def run(max_seqlen):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = unidirectional_attention_varlen(*leaves, cu, nq, max_seqlen=max_seqlen, backend="triton")
+        return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+    for a, b in zip(run(None), run(max(LENGTHS))):
+        assert torch.equal(a, b)
+
+
+def test_empty_sequence_and_no_prefix():
+    q, k, v, cu = make_packed([7, 0, 12], 2, 32)
+    out = unidirectional_attention_varlen(q, k, v, cu, _i32(2, 0, 2), 0, backend="triton")
+    ref, _ = dense_per_sequence(q, k, v, cu, [2, 0, 2], 0, torch.zeros_like(q), options(OPTION_SETS[0]))
+    assert_rel_close("out", out, ref)
+
+
+def _args(**over):
+    q, k, v, cu = make_packed([10, 12], 2, 16)
+    args = dict(q=q, k=k, v=v, cu_seqlens=cu, num_queries=3)
+    args.update(over)
+    return args
+
+
+def _i32(*xs):
+    return torch.tensor(xs, dtype=torch.int32, device=DEVICE)
+
+
+BAD = [
+    ("q 4-d", dict(q=torch.randn(1, 22, 2, 16)), ValueError, "q must have shape"),
+    ("k shorter", dict(k=torch.randn(20, 2, 16)), ValueError, "same .* shape"),
+    ("cu int64", dict(cu_seqlens=torch.tensor([0, 10, 22])), TypeError, "cu_seqlens must be int32"),
+    ("cu 2-d", dict(cu_seqlens=_i32(0, 10, 22)[None]), ValueError, "cu_seqlens must be a 1-D"),
+    ("cu not from 0", dict(cu_seqlens=_i32(1, 10, 22)), ValueError, "start at 0"),
+    ("cu wrong end", dict(cu_seqlens=_i32(0, 10, 21)), ValueError, "end at total_tokens"),
+    ("cu decreasing", dict(cu_seqlens=_i32(0, 15, 12, 22)), ValueError, "non-decreasing"),
+    ("Q too large", dict(num_queries=_i32(3, 13)), ValueError, r"num_queries\[1\] must be in"),
+    ("Q wrong count", dict(num_queries=_i32(3, 3, 3)), ValueError, "one count per sequence"),
+    ("Q float", dict(num_queries=3.0), TypeError, "num_queries must be an int"),
+    ("nothing to see", dict(num_queries=_i32(9, 3)), ValueError, "sequence 0 would attend to nothing"),
+    ("max_seqlen float", dict(max_seqlen=12.0), TypeError, "max_seqlen"),
+]
+
+
+@pytest.mark.parametrize("case,over,exc,msg", BAD, ids=[c[0] for c in BAD])
+def test_bad_varlen_input(case, over, exc, msg):
+    with pytest.raises(exc, match=msg):
+        unidirectional_attention_varlen(**_args(**over))
