@@ -1,51 +1,158 @@
-"""Drop-in attention module for ViT codebases.
+"""Drop-in attention module and timm conversion for ViT codebases.
 
-`UnidirectionalAttention` has the parameter names and shapes of timm's
-`VisionTransformer` attention (`qkv`, optional `q_norm`/`k_norm`, `proj`), so a timm
-checkpoint loads into it unchanged. With `num_queries=0` it is plain attention; with
-query tokens appended it runs ADCLR's unidirectional attention.
+`UnidirectionalAttention` has the constructor arguments, parameter names and shapes of
+timm's `Attention` (`qkv`, `q_norm`/`k_norm`, `norm`, `proj`), so a timm checkpoint
+loads into it unchanged. With `num_queries=0` it is plain attention; with query tokens
+appended it runs ADCLR's unidirectional attention. `enable_query_tokens` swaps it into
+a timm `VisionTransformer` (or any model with the same block structure) in place.
 """
 
 from __future__ import annotations
 
+import types
+
 import torch
 from torch import nn
 
-from .attention import unidirectional_attention
+from .attention import unidirectional_attention, unidirectional_attention_varlen
 
 
 class UnidirectionalAttention(nn.Module):
-    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_norm=False, attn_drop=0.0,
-                 proj_drop=0.0, norm_layer=nn.LayerNorm, backend="auto"):
+    """timm-compatible multi-head self-attention with ADCLR query tokens.
+
+    forward(x, num_queries=None, num_prefix=None, ...):
+        x: (batch, seq, dim), or packed (total_tokens, dim) with `cu_seqlens`.
+        num_queries / num_prefix: the token layout; None takes the module's
+            `num_queries` / `num_prefix` attributes (0 and 1 unless set, e.g. by
+            `enable_query_tokens` for blocks that call `attn(x)` with no layout).
+    """
+
+    def __init__(self, dim, num_heads=8, attn_head_dim=None, dim_out=None, qkv_bias=False,
+                 qk_norm=False, scale_norm=False, proj_bias=True, attn_drop=0.0, proj_drop=0.0,
+                 norm_layer=nn.LayerNorm, backend="auto"):
         super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if attn_head_dim is None:
+            if dim % num_heads != 0:
+                raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+            attn_head_dim = dim // num_heads
         if attn_drop != 0.0:
             # Dropout on the probabilities would need them materialised; the fused kernel
             # never does. DINO/ADCLR train with attn_drop = 0.
             raise ValueError("attn_drop is not supported by the fused kernel; use 0.0")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.head_dim = attn_head_dim
+        self.attn_dim = num_heads * attn_head_dim
+        self.scale = attn_head_dim ** -0.5
         self.backend = backend
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
+        self.num_queries = 0
+        self.num_prefix = 1
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias)
+        self.q_norm = norm_layer(attn_head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(attn_head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.norm = norm_layer(self.attn_dim) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x, num_queries=0, num_prefix=1, *, query_sees_prefix=False,
-                query_sees_self=False, query_sees_queries=False, backend=None):
-        batch, seq, dim = x.shape
-        # (B, L, 3, H, D) viewed as three (B, H, L, D) tensors: no copy, the kernel reads
-        # the packed projection through its strides.
-        qkv = self.qkv(x).view(batch, seq, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        out = unidirectional_attention(
-            q, k, v, num_queries, num_prefix, query_sees_prefix=query_sees_prefix,
-            query_sees_self=query_sees_self, query_sees_queries=query_sees_queries,
-            scale=self.scale, backend=backend or self.backend)
-        out = out.transpose(1, 2).reshape(batch, seq, dim)
+    def forward(self, x, num_queries=None, num_prefix=None, *, query_sees_prefix=False,
+                query_sees_self=False, query_sees_queries=False, cu_seqlens=None,
+                max_seqlen=None, backend=None, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal:
+            raise ValueError("UnidirectionalAttention builds its own mask from num_queries and "
+                             "num_prefix; attn_mask and is_causal are not supported")
+        num_queries = self.num_queries if num_queries is None else num_queries
+        num_prefix = self.num_prefix if num_prefix is None else num_prefix
+        options = dict(query_sees_prefix=query_sees_prefix, query_sees_self=query_sees_self,
+                       query_sees_queries=query_sees_queries, scale=self.scale,
+                       backend=backend or self.backend)
+        tokens = x.shape[:-1]
+        # (..., 3, H, D) views: no copy, the kernel reads the packed projection through
+        # its strides and writes a token-major output that reshapes for free.
+        qkv = self.qkv(x).view(*tokens, 3, self.num_heads, self.head_dim)
+        if cu_seqlens is None:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            out = unidirectional_attention(q, k, v, num_queries, num_prefix, **options)
+            out = out.transpose(1, 2)
+        else:
+            q, k, v = qkv.unbind(-3)
+            q, k = self.q_norm(q), self.k_norm(k)
+            out = unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries, num_prefix,
+                                                  max_seqlen=max_seqlen, **options)
+        out = self.norm(out.reshape(*tokens, self.attn_dim))
         return self.proj_drop(self.proj(out))
+
+
+# ----------------------------------------------------------------------------------------
+# timm conversion
+# ----------------------------------------------------------------------------------------
+
+
+def _swap_attention(old, backend):
+    new = UnidirectionalAttention(
+        old.qkv.in_features, old.num_heads, attn_head_dim=old.head_dim,
+        dim_out=old.proj.out_features, qkv_bias=old.qkv.bias is not None,
+        proj_bias=old.proj.bias is not None, attn_drop=0.0, proj_drop=old.proj_drop.p,
+        backend=backend)
+    # Norm modules are taken as they are (whatever their class), so weights and any
+    # custom norm layer survive the swap.
+    for name in ("q_norm", "k_norm", "norm"):
+        setattr(new, name, getattr(old, name, nn.Identity()))
+    new.qkv, new.proj = old.qkv, old.proj
+    return new
+
+
+def _forward_with_queries(self, x, query_crops=None):
+    """ADCLR forward of a converted ViT.
+
+    x: (batch, 3, H, W) images; query_crops: (batch, Q, 3, p, p) crops of one patch each.
+    Returns dict(cls=(batch, dim), patch=(batch, N, dim), query=(batch, Q, dim) or None).
+    """
+    tokens = self.patch_embed(x)
+    tokens = self._pos_embed(tokens)
+    tokens = self.norm_pre(self.patch_drop(tokens))
+    num_prefix = self.num_prefix_tokens
+    num_raw = tokens.shape[1] - num_prefix
+    num_queries = 0
+    if query_crops is not None:
+        batch, num_queries = query_crops.shape[:2]
+        # The same patch embedding, one token per crop, and no positional embedding.
+        q = self.patch_embed.proj(query_crops.flatten(0, 1)).flatten(1)
+        q = self.patch_embed.norm(q).view(batch, num_queries, -1)
+        tokens = torch.cat([tokens, q.to(tokens.dtype)], 1)
+    attns = [m for m in self.modules() if isinstance(m, UnidirectionalAttention)]
+    for attn in attns:
+        attn.num_queries, attn.num_prefix = num_queries, num_prefix
+    try:
+        for block in self.blocks:
+            tokens = block(tokens)
+    finally:
+        for attn in attns:
+            attn.num_queries, attn.num_prefix = 0, 1
+    tokens = self.norm(tokens)
+    return dict(cls=tokens[:, 0], patch=tokens[:, num_prefix:num_prefix + num_raw],
+                query=tokens[:, num_prefix + num_raw:] if num_queries else None)
+
+
+def enable_query_tokens(model, backend="auto"):
+    """Make a timm VisionTransformer ADCLR-capable in place, keeping its weights.
+
+    Every block's `attn` becomes a `UnidirectionalAttention` sharing the same parameter
+    tensors; `model.forward(images, query_crops=None)` then returns CLS, patch and query
+    features (see `_forward_with_queries`). Works for any model with timm's attributes:
+    patch_embed (with proj, norm), _pos_embed, patch_drop, norm_pre, blocks[i].attn
+    (with qkv, proj, num_heads, head_dim), norm, num_prefix_tokens.
+    """
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        if isinstance(attn, UnidirectionalAttention):
+            continue
+        if not all(hasattr(attn, a) for a in ("qkv", "proj", "num_heads", "head_dim")):
+            raise TypeError(f"blocks[{i}].attn ({type(attn).__name__}) is not a timm-style "
+                            "Attention with a fused qkv projection")
+        if getattr(attn, "attn_drop", nn.Dropout(0.0)).p != 0.0:
+            raise ValueError(f"blocks[{i}].attn uses attention dropout, which the fused "
+                             "kernel does not support")
+        block.attn = _swap_attention(attn, backend)
+    model.forward = types.MethodType(_forward_with_queries, model)
+    return model
