@@ -83,7 +83,13 @@ def _sequence(pid_bh, num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUER
     """
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    start = b * 0
+    # Integer arguments equal to 1 arrive as compile-time constants; adding a runtime
+    # zero keeps every length a tensor, so branches that reassign them type-check.
+    zero = b * 0
+    start = zero
+    seq_len += zero
+    key_len += zero
+    visible += zero
     if VARLEN:
         start = tl.load(CU_SEQLENS + b)
         seq_len = tl.load(CU_SEQLENS + b + 1) - start
@@ -101,7 +107,7 @@ def _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M: tl.constexpr
     hi1 = visible
     if not SEES_PREFIX:
         if m0 >= visible:
-            lo1 = num_prefix
+            lo1 = num_prefix + lo1
     lo2 = visible
     hi2 = visible
     if m1 > visible:
