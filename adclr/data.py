@@ -61,13 +61,16 @@ class SyntheticShapes:
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
         image = self._background(rng, xx, yy)
         label = self.label(i)
-        radius = rng.uniform(0.18, 0.35)
-        cx, cy = rng.uniform(radius * 0.7, 1 - radius * 0.7, 2)
+        radius = rng.uniform(0.2, 0.35)
+        cx, cy = rng.uniform(radius, 1 - radius, 2)  # the whole object is in the picture
         angle = rng.uniform(0, 2 * np.pi)
         u = ((xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)) / radius
         v = (-(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)) / radius
         inside = self._shape(self.CLASSES[label], u, v)
-        colour = rng.uniform(0, 1, 3)
+        # The object stands out from the background: its brightness differs by at least 0.35.
+        shade = image.mean()
+        level = rng.uniform(0, max(0.0, shade - 0.35)) if shade > 0.5 else rng.uniform(min(1.0, shade + 0.35), 1)
+        colour = np.clip(level + rng.uniform(-0.25, 0.25, 3), 0, 1)
         fill = np.broadcast_to(colour, (s, s, 3))
         if rng.random() < 0.3:  # striped fill: shape, not colour, carries the class
             fill = fill * (0.6 + 0.4 * (np.sin(u * rng.uniform(4, 9)) > 0))[..., None]
@@ -78,7 +81,9 @@ class SyntheticShapes:
 
     @staticmethod
     def _background(rng, xx, yy):
-        a, b = rng.uniform(0, 1, (2, 3))
+        # Two close colours: the texture varies, but never hides the object.
+        a = rng.uniform(0, 1, 3)
+        b = np.clip(a + rng.uniform(-0.25, 0.25, 3), 0, 1)
         kind = rng.integers(4)
         theta = rng.uniform(0, 2 * np.pi)
         t = xx * np.cos(theta) + yy * np.sin(theta)

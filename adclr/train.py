@@ -41,6 +41,8 @@ class Config:
     image_size: int = 224                    # global crops (and the positional-embedding grid)
     local_size: int = 96
     out_dim: int = 65536                     # DINO head output (prototypes)
+    head_hidden_dim: int = 2048              # DINO head MLP width
+    head_bottleneck_dim: int = 256
     drop_path: float = 0.1                   # stochastic depth of the student
     attention: str = "auto"                  # adclr_kernels backend: auto | triton | sdpa | reference | flex | xformers
     query_sees_prefix: bool = False          # query tokens also attend to CLS
@@ -137,7 +139,8 @@ def build(cfg, device, steps_per_epoch=1000):
                                   query_sees_prefix=cfg.query_sees_prefix,
                                   query_sees_self=cfg.query_sees_self,
                                   query_sees_queries=cfg.query_sees_queries)
-        return ADCLRModel(backbone, DINOHead(backbone.embed_dim, cfg.out_dim)).to(device)
+        return ADCLRModel(backbone, DINOHead(backbone.embed_dim, cfg.out_dim, cfg.head_hidden_dim,
+                                                  cfg.head_bottleneck_dim)).to(device)
 
     student, teacher = model(cfg.drop_path), model(0.0)  # DINO's teacher has no stochastic depth
     teacher.load_state_dict(student.state_dict())
@@ -322,6 +325,7 @@ def train(cfg):
         start = checkpoint["step"]
 
     loader, steps_per_epoch = train_loader(cfg, rank, world, start)
+    data = iter(loader)  # draws from the global RNG: before seeding, so that a resume replays exactly
     trainer = build(cfg, device, steps_per_epoch)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # augmentations differ between processes
     if checkpoint is not None:
@@ -367,7 +371,6 @@ def train(cfg):
                 f"The last good checkpoint (step {last_good}) is kept in {path}. "
                 "Try a lower --base-lr, a lower --clip-grad or a longer --warmup-epochs.")
 
-    data = iter(loader)
     try:
         for step in range(start, total):
             raw = next(data)

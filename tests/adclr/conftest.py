@@ -1,0 +1,17 @@
+import pytest
+
+from adclr.train import Config
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A Config small enough for a CPU test: 2-block dim-64 ViT, 32 px crops, patch 8."""
+    def make(**overrides):
+        settings = dict(out=str(tmp_path / "run"), data="builtin", arch="vit_test", patch_size=8,
+                        image_size=32, local_size=16, num_local_crops=2, num_queries=3, out_dim=256,
+                        batch_size=8, epochs=1, max_steps=4, warmup_epochs=0.01,
+                        warmup_teacher_temp_epochs=0.01, freeze_last_layer_epochs=0.0,
+                        num_workers=0, log_every=1, checkpoint_every=2, device="cpu")
+        settings.update(overrides)
+        return Config(**settings)
+    return make

@@ -1,0 +1,108 @@
+import pytest
+import torch
+
+from adclr.model import ADCLRModel, DINOHead, build_backbone
+
+
+def tiny_backbone(backend="sdpa", **options):
+    torch.manual_seed(0)
+    return build_backbone("vit_test", img_size=32, patch_size=8, attention=backend, **options).eval()
+
+
+def test_parameter_names_follow_timm():
+    names = set(tiny_backbone().state_dict())
+    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias",
+                "norm.weight", "norm.bias"}
+    for i in range(2):
+        for part in ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias",
+                     "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
+                     "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"):
+            expected.add(f"blocks.{i}.{part}")
+    assert names == expected
+    assert tiny_backbone().state_dict()["pos_embed"].shape == (1, 1 + 16, 64)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+@pytest.mark.parametrize("options", [{}, {"query_sees_prefix": True}, {"query_sees_queries": True}])
+def test_query_tokens_do_not_change_cls_or_patches(backend, options):
+    """The unidirectional property, end to end through every block."""
+    model = tiny_backbone(backend, **options)
+    x = torch.randn(3, 3, 32, 32)
+    queries = torch.randn(3, 5, 3, 8, 8)
+    with torch.no_grad():
+        plain = model.forward_features(x)
+        with_queries = model.forward_features(x, queries)
+        other_queries = model.forward_features(x, 10 * torch.randn(3, 5, 3, 8, 8))
+    assert plain["query"] is None and with_queries["query"].shape == (3, 5, 64)
+    for key in ("cls", "patch"):
+        torch.testing.assert_close(with_queries[key], plain[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(other_queries[key], plain[key], rtol=1e-5, atol=1e-5)
+    # ...while the query outputs do depend on the query crops and on the image.
+    assert not torch.allclose(with_queries["query"], other_queries["query"], atol=1e-3)
+    moved = model.forward_features(torch.randn(3, 3, 32, 32), queries)
+    assert not torch.allclose(moved["query"], with_queries["query"], atol=1e-3)
+
+
+def test_query_gradient_does_not_reach_cls_path():
+    """A loss on the query outputs only flows to the image through the raw tokens' keys/values."""
+    model = tiny_backbone()
+    x = torch.randn(2, 3, 32, 32)
+    queries = torch.randn(2, 4, 3, 8, 8, requires_grad=True)
+    cls = model.forward_features(x, queries)["cls"]
+    (grad,) = torch.autograd.grad(cls.sum(), queries, allow_unused=True)
+    assert grad is None or grad.abs().max() == 0
+
+
+def test_query_tokens_have_no_position_and_are_independent_by_default():
+    """Permuting the query crops permutes their outputs (no positional embedding, no query-query attention)."""
+    model = tiny_backbone()
+    x, queries = torch.randn(2, 3, 32, 32), torch.randn(2, 4, 3, 8, 8)
+    perm = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        a = model.forward_features(x, queries)["query"]
+        b = model.forward_features(x, queries[:, perm])["query"]
+        single = model.forward_features(x, queries[:, :1])["query"]
+    torch.testing.assert_close(b, a[:, perm], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single, a[:, :1], rtol=1e-5, atol=1e-5)
+
+
+def test_other_crop_sizes_interpolate_the_positional_embedding():
+    model = tiny_backbone()
+    with torch.no_grad():
+        out = model.forward_features(torch.randn(2, 3, 16, 24))
+        same = model.forward_features(torch.randn(2, 3, 32, 32))
+    assert out["patch"].shape == (2, 6, 64) and same["patch"].shape == (2, 16, 64)
+    assert torch.equal(model.interpolate_pos_embed(4, 4), model.pos_embed)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = tiny_backbone()
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        model.forward_features(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="query_crops must have shape"):
+        model.forward_features(torch.randn(1, 3, 32, 32), torch.randn(1, 2, 3, 16, 16))
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_backbone("vit_huge_typo")
+
+
+def test_head_is_normalised_and_shared_by_cls_and_queries():
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    head = DINOHead(64, out_dim=128, hidden_dim=96, bottleneck_dim=32)
+    model = ADCLRModel(backbone, head).eval()
+    x, queries, local = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 3, 8, 8), torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        cls, query = model(x, queries, local)
+        feats = backbone.forward_features(x, queries)
+        expected_query = head(feats["query"])
+        expected_local = head(backbone.forward_features(local)["cls"])
+    assert cls.shape == (6, 128) and query.shape == (2, 3, 128)
+    torch.testing.assert_close(query, expected_query)
+    torch.testing.assert_close(cls[2:], expected_local)
+    # Logits are cosines between a unit bottleneck vector and unit prototypes.
+    assert cls.abs().max() <= 1 + 1e-5
+    scaled = DINOHead(64, 128, 96, 32)
+    scaled.load_state_dict(head.state_dict())
+    with torch.no_grad():
+        scaled.last_layer.weight.mul_(7.0)
+        torch.testing.assert_close(scaled(feats["cls"]), head(feats["cls"]))

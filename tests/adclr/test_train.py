@@ -1,0 +1,153 @@
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import adclr.train
+from adclr.cli import main, make_config
+from adclr.train import load_checkpoint, train
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_tiny_run_logs_finite_losses_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
+    # Uninterrupted reference run: 6 steps.
+    full = tiny_config(out=str(tmp_path / "full"), max_steps=6, checkpoint_every=2)
+    assert train(full) == 6
+    # The same run crashing in step 5 (index 4), then the same command again.
+    part = dataclasses.replace(full, out=str(tmp_path / "part"))
+    real_step = adclr.train.train_step
+
+    def crash_at_step_4(trainer, batch, step):
+        if step == 4:
+            raise RuntimeError("simulated crash")
+        return real_step(trainer, batch, step)
+
+    monkeypatch.setattr(adclr.train, "train_step", crash_at_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(part)
+    assert load_checkpoint(os.path.join(part.out, "checkpoint.pt"))["step"] == 4
+    monkeypatch.setattr(adclr.train, "train_step", real_step)
+    assert train(part) == 6
+
+    records = read_metrics(part.out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # no step repeated or skipped
+    for r in records:
+        for key in ("loss", "loss_global", "loss_query", "lr", "images/s"):
+            assert math.isfinite(r[key]), (key, r)
+        assert r["loss_query"] > 0
+    # Data order, augmentation and dropout RNG all resume: the result is the uninterrupted run's.
+    a = load_checkpoint(os.path.join(full.out, "checkpoint.pt"))
+    b = load_checkpoint(os.path.join(part.out, "checkpoint.pt"))
+    for key in ("student", "teacher", "loss"):
+        for name in a[key]:
+            torch.testing.assert_close(b[key][name], a[key][name], rtol=0, atol=0, msg=f"{key}.{name}")
+    assert [r["loss"] for r in read_metrics(full.out)] == [r["loss"] for r in records]
+    assert set(a) >= {"student", "teacher", "optimizer", "loss", "step", "config", "rng"}
+    assert not os.path.exists(os.path.join(part.out, "checkpoint.pt.tmp"))
+
+
+def test_finished_run_does_nothing_more(tiny_config):
+    cfg = tiny_config(max_steps=2)
+    train(cfg)
+    before = os.path.getmtime(os.path.join(cfg.out, "checkpoint.pt"))
+    assert train(cfg) == 2
+    assert os.path.getmtime(os.path.join(cfg.out, "checkpoint.pt")) == before
+
+
+def test_resume_with_different_settings_is_refused(tiny_config):
+    cfg = tiny_config(max_steps=2)
+    train(cfg)
+    with pytest.raises(SystemExit, match="--num-queries: checkpoint 3, now 5"):
+        train(dataclasses.replace(cfg, num_queries=5))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
+    real_step = adclr.train.train_step
+
+    def poisoned(trainer, batch, step):
+        metrics = real_step(trainer, batch, step)
+        if step >= 2:  # the third step goes bad
+            metrics["loss"] = metrics["loss"] * float("nan")
+        return metrics
+
+    monkeypatch.setattr(adclr.train, "train_step", poisoned)
+    cfg = tiny_config(max_steps=6, checkpoint_every=2, log_every=1)
+    with pytest.raises(FloatingPointError, match="non-finite.*step 2 is kept|step 2\\)"):
+        train(cfg)
+    assert load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["step"] == 2
+    assert [r["step"] for r in read_metrics(cfg.out)] == [1, 2]
+
+
+def test_schedules(tiny_config):
+    cfg = tiny_config(epochs=10, max_steps=0, warmup_epochs=2, warmup_teacher_temp_epochs=5,
+                      batch_size=512)
+    trainer = adclr.train.build(cfg, "cpu", steps_per_epoch=10)
+    assert trainer.total_steps == 100
+    s = [trainer.schedule(i) for i in range(101)]
+    peak = 5e-4 * 512 / 256
+    assert s[0]["lr"] == 0 and s[20]["lr"] == pytest.approx(peak) and s[10]["lr"] == pytest.approx(peak / 2)
+    assert s[100]["lr"] == pytest.approx(1e-6)
+    assert s[0]["weight_decay"] == pytest.approx(0.04) and s[100]["weight_decay"] == pytest.approx(0.4)
+    assert s[0]["momentum"] == pytest.approx(0.996) and s[100]["momentum"] == pytest.approx(1.0)
+    assert s[0]["teacher_temp"] == pytest.approx(0.04) and s[50]["teacher_temp"] == pytest.approx(0.07)
+    assert all(a["lr"] >= b["lr"] for a, b in zip(s[20:], s[21:]))  # cosine decay after warm-up
+
+
+def test_last_layer_is_frozen_in_the_first_epoch(tiny_config):
+    from adclr.data import synthetic_batch
+
+    cfg = tiny_config(freeze_last_layer_epochs=1)
+    trainer = adclr.train.build(cfg, "cpu", steps_per_epoch=2)
+    batch = synthetic_batch(cfg, 4, "cpu")
+    last = trainer.student_module.head.last_layer.weight
+    first_mlp = trainer.student_module.head.mlp[0].weight
+    w0, m0 = last.detach().clone(), first_mlp.detach().clone()
+    adclr.train.train_step(trainer, batch, 0)
+    adclr.train.train_step(trainer, batch, 1)
+    assert torch.equal(last, w0) and not torch.equal(first_mlp, m0)
+    adclr.train.train_step(trainer, batch, 2)
+    assert not torch.equal(last, w0)
+
+
+def test_demo_defaults_only_without_data_and_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    demo = make_config({"out": "x", "num_queries": 7})
+    assert demo.arch == "vit_mini" and demo.num_queries == 7  # a given flag always wins
+    paper = make_config({"out": "x", "data": "/some/imagenet"})
+    assert (paper.arch, paper.image_size, paper.local_size, paper.num_local_crops, paper.num_queries,
+            paper.out_dim, paper.lambda_query) == ("vit_small", 224, 96, 10, 10, 65536, 0.5)
+
+
+def test_command_line_train_eval_export(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from adclr.model import build_backbone
+
+    out = str(tmp_path / "cli")
+    main(["train", "--out", out, "--arch", "vit_test", "--patch-size", "8", "--image-size", "32",
+          "--local-size", "16", "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "128",
+          "--head-hidden-dim", "64", "--head-bottleneck-dim", "32", "--batch-size", "4",
+          "--max-steps", "2", "--num-workers", "0", "--device", "cpu", "--global-scale", "0.5", "1.0"])
+    assert [r["step"] for r in read_metrics(out)] == [2]
+    cfg = load_checkpoint(os.path.join(out, "checkpoint.pt"))["config"]
+    assert cfg["global_scale"] == (0.5, 1.0) and cfg["num_queries"] == 2
+    capsys.readouterr()
+    for protocol in ("knn", "linear"):
+        main(["eval", protocol, "--checkpoint", os.path.join(out, "checkpoint.pt"), "--limit", "40",
+              "--num-workers", "0", "--linear-epochs", "2"])
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["protocol"] == protocol and 0.0 <= result["accuracy"] <= 1.0
+        assert result["train_images"] == 40 and result["val_images"] == 40
+    main(["export", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--out", str(tmp_path / "b.safetensors")])
+    weights = load_file(str(tmp_path / "b.safetensors"))
+    backbone = build_backbone("vit_test", 32, 8)
+    backbone.load_state_dict(weights)  # strict: exactly the backbone's parameters
+    teacher = load_checkpoint(os.path.join(out, "checkpoint.pt"))["teacher"]
+    torch.testing.assert_close(weights["pos_embed"], teacher["backbone.pos_embed"])
