@@ -31,8 +31,10 @@ class CenterCrops(torch.utils.data.Dataset):
     def __init__(self, base, size, limit=0):
         self.base, self.size = base, size
         n = len(base)
-        # Evenly spaced, so that a limit keeps every class of a class-sorted folder.
-        self.indices = torch.linspace(0, n - 1, limit).long().unique().tolist() if 0 < limit < n else range(n)
+        # A fixed random subset: keeps every class of a class-sorted folder, and cannot
+        # alias with a periodic labelling the way evenly spaced indices can.
+        subset = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].sort().values
+        self.indices = subset.tolist() if 0 < limit < n else range(n)
 
     def __len__(self):
         return len(self.indices)

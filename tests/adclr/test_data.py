@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adclr.data import (Augment, ImageFolder, MultiCropDataset, StepBatches, SyntheticShapes,
+                        open_dataset, synthetic_batch)
+
+
+def test_builtin_dataset_is_deterministic_with_masks():
+    a, b = SyntheticShapes("train"), SyntheticShapes("train")
+    image, label = a.load(13)
+    assert image.size == (96, 96) and image.mode == "RGB"
+    assert np.array_equal(np.asarray(image), np.asarray(b.load(13)[0])) and label == 13 % 10
+    assert not np.array_equal(np.asarray(image), np.asarray(SyntheticShapes("val").load(13)[0]))
+    mask = a.mask(13)
+    assert mask.shape == (96, 96) and set(np.unique(mask)) == {0, label + 1}
+    assert 0.02 < (mask > 0).mean() < 0.6  # a visible object, not the whole picture
+    assert sorted({a.label(i) for i in range(20)}) == list(range(10))
+
+
+def test_crops_have_the_adclr_structure():
+    ds = MultiCropDataset(SyntheticShapes("train", length=20), image_size=32, local_size=16,
+                          patch_size=8, num_local_crops=3, num_queries=5)
+    item = ds[(4, 123)]
+    assert item["globals"].shape == (2, 3, 32, 32) and item["globals"].dtype == torch.uint8
+    assert item["locals"].shape == (3, 3, 16, 16)
+    assert item["queries"].shape == (5, 3, 8, 8)
+    again = ds[(4, 123)]  # crops are a function of the sample seed
+    assert all(torch.equal(item[k], again[k]) for k in ("globals", "locals", "queries"))
+    assert not torch.equal(ds[(4, 124)]["globals"], item["globals"])
+
+
+def test_unreadable_files_are_skipped_and_counted(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.new("RGB", (40, 30), (i * 40, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    (tmp_path / "a" / "0.png").write_bytes(b"not an image")
+    (tmp_path / "b" / "notes.txt").write_text("ignored")
+    folder = ImageFolder(str(tmp_path))
+    assert folder.classes == ["a", "b"] and len(folder) == 6
+    assert folder.load(0)[0] is None and folder.load(1)[0].size == (40, 30)
+    ds = MultiCropDataset(folder, 16, 8, 8, 1, 2)
+    item = ds[(0, 1)]
+    assert item["skipped"] == 1 and item["globals"].shape == (2, 3, 16, 16)
+    with pytest.raises(FileNotFoundError, match="needs"):
+        open_dataset(str(tmp_path), "val")
+    assert len(open_dataset(str(tmp_path), "train")) == 6  # training takes any folder
+
+
+def test_step_batches_shard_and_resume():
+    full = StepBatches(length=50, global_batch=8, seed=3)
+    first = [next(it) for it in [iter(full)] for _ in range(10)]
+    assert full.steps_per_epoch == 6
+    epoch0 = [i for batch in first[:6] for i, _ in batch]
+    assert len(set(epoch0)) == 48  # no image twice in an epoch
+    resumed = iter(StepBatches(50, 8, 3, start_step=7))
+    assert next(resumed) == first[7] and next(resumed) == first[8]
+    ranks = [next(iter(StepBatches(50, 8, 3, rank=r, world_size=2, start_step=2))) for r in (0, 1)]
+    assert ranks[0] + ranks[1] == first[2]
+    with pytest.raises(ValueError, match="not divisible"):
+        StepBatches(50, 8, 0, world_size=3)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        StepBatches(5, 8, 0)
+
+
+def test_augment_output_matches_the_synthetic_batch_structure():
+    class Cfg:
+        image_size, local_size, patch_size, num_local_crops, num_queries = 32, 16, 8, 2, 3
+
+    ds = MultiCropDataset(SyntheticShapes("train", length=8), 32, 16, 8, 2, 3)
+    raw = torch.utils.data.default_collate([ds[(i, i)] for i in range(4)])
+    torch.manual_seed(0)
+    ready = Augment(32, 16)(raw)
+    fake = synthetic_batch(Cfg, 4, "cpu")
+    for key in ("globals", "locals", "queries"):
+        assert ready[key].shape == fake[key].shape and ready[key].dtype == fake[key].dtype
+    # View-major: rows 0..3 are view A of images 0..3; locals likewise, crop by crop.
+    assert ready["globals"].shape == (8, 3, 32, 32) and ready["locals"].shape == (8, 3, 16, 16)
+    # Queries are only normalised: identical pixels for student and teacher.
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    torch.testing.assert_close(ready["queries"], (raw["queries"].float() / 255 - mean) / std)
+    # Globals are augmented, not just normalised.
+    assert not torch.allclose(ready["globals"][:4], (raw["globals"][:, 0].float() / 255 - mean) / std)
