@@ -15,6 +15,7 @@ CLS and raw rows never see the query columns, so the raw path is exactly a plain
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +34,23 @@ ARCHS = {
 }
 
 
-def drop_path(x, p, training):
-    """Stochastic depth: drop the whole residual branch per sample."""
+class Packing(NamedTuple):
+    """How a batch of sequences of several lengths sits in one (tokens, dim) tensor."""
+    cu_seqlens: torch.Tensor       # (S + 1,) int32 offsets
+    num_queries: torch.Tensor      # (S,) int32 query tokens at the end of each sequence
+    max_seqlen: int
+    sequence_of_token: torch.Tensor  # (T,) which sequence each token belongs to
+    num_seqs: int
+
+
+def drop_path(x, p, training, packing=None):
+    """Stochastic depth: drop the whole residual branch per sample (per sequence when packed)."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    if packing is None:
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - p)
+    else:
+        keep = x.new_empty(packing.num_seqs).bernoulli_(1 - p)[packing.sequence_of_token, None]
     return x * keep / (1 - p)
 
 
@@ -46,8 +59,8 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x):
-        return drop_path(x, self.p, self.training)
+    def forward(self, x, packing=None):
+        return drop_path(x, self.p, self.training, packing)
 
 
 class Mlp(nn.Module):
@@ -72,9 +85,15 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
         self.query_options = query_options
 
-    def forward(self, x, num_queries=0):
-        x = x + self.drop_path1(self.attn(self.norm1(x), num_queries, 1, **self.query_options))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+    def forward(self, x, num_queries=0, packing=None):
+        """x: (B, L, D) with num_queries query tokens per sequence, or packed (T, D)."""
+        if packing is None:
+            y = self.attn(self.norm1(x), num_queries, 1, **self.query_options)
+        else:
+            y = self.attn(self.norm1(x), packing.num_queries, 1, cu_seqlens=packing.cu_seqlens,
+                          max_seqlen=packing.max_seqlen, **self.query_options)
+        x = x + self.drop_path1(y, packing)
+        return x + self.drop_path2(self.mlp(self.norm2(x)), packing)
 
 
 class PatchEmbed(nn.Module):
@@ -121,6 +140,31 @@ class VisionTransformer(nn.Module):
         grid = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
         return torch.cat([cls_pos, grid], 1)
 
+    def embed(self, x, query_crops=None):
+        """Tokens [CLS | patches + pos embed | query crops] (B, 1 + N + Q, D), and Q."""
+        B, _, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
+        tokens = self.patch_embed(x)
+        tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], 1)
+        tokens = tokens + self.interpolate_pos_embed(H // p, W // p)
+        if query_crops is None:
+            return tokens, 0
+        if query_crops.dim() != 5 or query_crops.shape[0] != B or query_crops.shape[2:] != (3, p, p):
+            raise ValueError(f"query_crops must have shape ({B}, Q, 3, {p}, {p}), "
+                             f"got {tuple(query_crops.shape)}")
+        num_queries = query_crops.shape[1]
+        queries = self.patch_embed(query_crops.flatten(0, 1)).reshape(B, num_queries, -1)
+        # No positional embedding: query crops have no place in the image.
+        return torch.cat([tokens, queries], 1), num_queries
+
+    @staticmethod
+    def _features(tokens, num_queries):
+        visible = tokens.shape[1] - num_queries
+        return {"cls": tokens[:, 0], "patch": tokens[:, 1:visible],
+                "query": tokens[:, visible:] if num_queries else None}
+
     def forward_features(self, x, query_crops=None):
         """Encode images, and optionally ADCLR query crops, in one pass.
 
@@ -135,27 +179,52 @@ class VisionTransformer(nn.Module):
             all after the final LayerNorm. "cls" and "patch" do not depend on
             query_crops (unidirectional attention).
         """
-        B, _, H, W = x.shape
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p}")
-        tokens = self.patch_embed(x)
-        tokens = torch.cat([self.cls_token.expand(B, -1, -1), tokens], 1)
-        tokens = tokens + self.interpolate_pos_embed(H // p, W // p)
-        num_queries = 0
-        if query_crops is not None:
-            if query_crops.dim() != 5 or query_crops.shape[0] != B or query_crops.shape[2:] != (3, p, p):
-                raise ValueError(f"query_crops must have shape ({B}, Q, 3, {p}, {p}), "
-                                 f"got {tuple(query_crops.shape)}")
-            num_queries = query_crops.shape[1]
-            queries = self.patch_embed(query_crops.flatten(0, 1)).reshape(B, num_queries, -1)
-            tokens = torch.cat([tokens, queries], 1)  # no positional embedding: queries are unplaced
+        tokens, num_queries = self.embed(x, query_crops)
         for block in self.blocks:
             tokens = block(tokens, num_queries)
+        return self._features(self.norm(tokens), num_queries)
+
+    def forward_features_packed(self, views):
+        """`forward_features` for several crop resolutions in one backbone pass.
+
+        views: list of (images, query_crops or None), e.g. [(globals, queries), (locals,
+        None)]. Every sequence of every view is packed back to back into one (tokens, D)
+        batch, so the blocks run once, with no padding, and the attention keeps the
+        sequences apart. Returns one `forward_features` dict per view, equal to
+        calling it view by view.
+        """
+        embedded = [self.embed(x, q) for x, q in views]
+        packing = self._packing(tuple((t.shape[0], t.shape[1], nq) for t, nq in embedded),
+                                embedded[0][0].device)
+        tokens = torch.cat([t.flatten(0, 1) for t, _ in embedded])
+        for block in self.blocks:
+            tokens = block(tokens, packing=packing)
         tokens = self.norm(tokens)
-        visible = tokens.shape[1] - num_queries
-        return {"cls": tokens[:, 0], "patch": tokens[:, 1:visible],
-                "query": tokens[:, visible:] if num_queries else None}
+        features, start = [], 0
+        for t, nq in embedded:
+            part = tokens[start:start + t.shape[0] * t.shape[1]].view(t.shape)
+            features.append(self._features(part, nq))
+            start += t.shape[0] * t.shape[1]
+        return features
+
+    def _packing(self, layout, device):
+        """The Packing of a layout ((count, length, num_queries) per view), made once.
+
+        The crop layout is the same every step, so the index tensors are built on the
+        first call and reused: no host-to-device copy inside the training step.
+        """
+        cache = self.__dict__.setdefault("_packings", {})
+        key = (layout, str(device))
+        if key not in cache:
+            lengths = [length for count, length, _ in layout for _ in range(count)]
+            queries = [nq for count, _, nq in layout for _ in range(count)]
+            offsets = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            cache[key] = Packing(
+                cu_seqlens=offsets.to(device), num_queries=torch.tensor(queries, dtype=torch.int32).to(device),
+                max_seqlen=max(lengths), num_seqs=len(lengths),
+                sequence_of_token=torch.repeat_interleave(
+                    torch.arange(len(lengths)), torch.tensor(lengths)).to(device))
+        return cache[key]
 
     def forward(self, x):
         return self.forward_features(x)["cls"]
@@ -193,11 +262,17 @@ class DINOHead(nn.Module):
 
 
 class ADCLRModel(nn.Module):
-    """Backbone + head shared by the CLS and query tokens (student or teacher)."""
+    """Backbone + head shared by the CLS and query tokens (student or teacher).
 
-    def __init__(self, backbone, head):
+    pack_crops: run global and local crops through the backbone as one packed token
+    batch (`forward_features_packed`) instead of one pass per resolution. Same result;
+    fewer, larger kernel launches and no per-resolution passes (the default on CUDA).
+    """
+
+    def __init__(self, backbone, head, pack_crops=False):
         super().__init__()
         self.backbone, self.head = backbone, head
+        self.pack_crops = pack_crops
 
     def forward(self, images, query_crops=None, local_crops=None):
         """One call for every crop (DistributedDataParallel needs a single forward).
@@ -208,14 +283,21 @@ class ADCLRModel(nn.Module):
         Returns:
             (CLS logits (B + B', K) for images then local crops, query logits (B, Q, K) or None).
         """
-        out = self.backbone.forward_features(images, query_crops)
-        tokens = [out["cls"][:, None]] if out["query"] is None else [out["cls"][:, None], out["query"]]
-        # One head call for CLS and queries: the head is shared, and one matmul is cheaper.
-        logits = self.head(torch.cat(tokens, 1))
-        cls, query = logits[:, 0], (logits[:, 1:] if out["query"] is not None else None)
-        if local_crops is not None:
-            cls = torch.cat([cls, self.head(self.backbone.forward_features(local_crops)["cls"])])
-        return cls, query
+        views = [(images, query_crops)] + ([(local_crops, None)] if local_crops is not None else [])
+        if self.pack_crops and len(views) > 1:
+            features = self.backbone.forward_features_packed(views)
+        else:
+            features = [self.backbone.forward_features(x, q) for x, q in views]
+        # One head call for every CLS and query token: the head is shared, and one
+        # large matmul is cheaper than several.
+        query = features[0]["query"]
+        tokens = [f["cls"] for f in features] + ([query.flatten(0, 1)] if query is not None else [])
+        logits = self.head(torch.cat(tokens))
+        num_cls = sum(f["cls"].shape[0] for f in features)
+        cls = logits[:num_cls]
+        if query is None:
+            return cls, None
+        return cls, logits[num_cls:].view(*query.shape[:2], -1)
 
 
 def build_backbone(arch="vit_small", img_size=224, patch_size=16, drop_path_rate=0.0,

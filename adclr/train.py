@@ -48,6 +48,7 @@ class Config:
     query_sees_prefix: bool = False          # query tokens also attend to CLS
     query_sees_self: bool = False
     query_sees_queries: bool = False         # PQCL variant
+    pack_crops: str = "auto"                 # all student crops in one packed backbone pass: auto (on CUDA) | on | off
     # crops
     num_local_crops: int = 10
     num_queries: int = 10
@@ -83,7 +84,7 @@ class Config:
 
 # Fields that may change between a run and its resumption; any other difference is an error.
 RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "log_every",
-             "checkpoint_every", "attention"}
+             "checkpoint_every", "attention", "pack_crops"}
 
 
 def cosine(step, total, start, end, warmup=0, warmup_start=0.0):
@@ -133,6 +134,9 @@ def build(cfg, device, steps_per_epoch=1000):
     """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
+    if cfg.pack_crops not in ("auto", "on", "off"):
+        raise ValueError(f"pack_crops must be auto, on or off, got {cfg.pack_crops!r}")
+    pack = cfg.pack_crops == "on" or (cfg.pack_crops == "auto" and device.type == "cuda")
 
     def model(drop_path):
         backbone = build_backbone(cfg.arch, cfg.image_size, cfg.patch_size, drop_path, cfg.attention,
@@ -140,7 +144,7 @@ def build(cfg, device, steps_per_epoch=1000):
                                   query_sees_self=cfg.query_sees_self,
                                   query_sees_queries=cfg.query_sees_queries)
         return ADCLRModel(backbone, DINOHead(backbone.embed_dim, cfg.out_dim, cfg.head_hidden_dim,
-                                                  cfg.head_bottleneck_dim)).to(device)
+                                                  cfg.head_bottleneck_dim), pack).to(device)
 
     student, teacher = model(cfg.drop_path), model(0.0)  # DINO's teacher has no stochastic depth
     teacher.load_state_dict(student.state_dict())
