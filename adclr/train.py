@@ -48,7 +48,7 @@ class Config:
     query_sees_prefix: bool = False          # query tokens also attend to CLS
     query_sees_self: bool = False
     query_sees_queries: bool = False         # PQCL variant
-    pack_crops: str = "auto"                 # all student crops in one packed backbone pass: auto (on CUDA) | on | off
+    pack_crops: str = "auto"                 # all student crops in one packed backbone pass: auto (Triton on CUDA) | on | off
     # crops
     num_local_crops: int = 10
     num_queries: int = 10
@@ -136,7 +136,10 @@ def build(cfg, device, steps_per_epoch=1000):
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     if cfg.pack_crops not in ("auto", "on", "off"):
         raise ValueError(f"pack_crops must be auto, on or off, got {cfg.pack_crops!r}")
-    pack = cfg.pack_crops == "on" or (cfg.pack_crops == "auto" and device.type == "cuda")
+    # Packing pays where the backend has a real varlen kernel; the PyTorch backends would
+    # loop over sequences, so "auto" packs only for Triton on CUDA.
+    pack = cfg.pack_crops == "on" or (cfg.pack_crops == "auto" and device.type == "cuda"
+                                      and cfg.attention in ("auto", "triton"))
 
     def model(drop_path):
         backbone = build_backbone(cfg.arch, cfg.image_size, cfg.patch_size, drop_path, cfg.attention,

@@ -40,7 +40,8 @@ def add_ratios(benchmarks) -> None:
     """Add speed-ups (time ratios, > 1 is faster) to each benchmark's extra_info.
 
     Within one group (same mode and shape): vs `reference`, vs the fastest *other* op
-    backend (the yardstick is no peer: it does not compute the op), and vs the unmasked
+    backend (the yardstick is no peer: it does not compute the op, and "triton+packed"
+    is no peer of "triton": the same backend on another path), and vs the unmasked
     SDPA yardstick. A ratio whose counterpart did not run is left out.
     """
     groups = defaultdict(list)
@@ -58,8 +59,9 @@ def add_ratios(benchmarks) -> None:
                 info["speedup_vs_reference"] = _median(by_backend[REFERENCE]) / time
             if UNMASKED_SDPA in by_backend and backend != UNMASKED_SDPA:
                 info["speedup_vs_unmasked_sdpa"] = _median(by_backend[UNMASKED_SDPA]) / time
+            base = (backend or "").split("+")[0]
             peers = {name: _median(b) for name, b in by_backend.items()
-                     if name not in (backend, UNMASKED_SDPA)}
+                     if name != UNMASKED_SDPA and name.split("+")[0] != base}
             if peers and backend != UNMASKED_SDPA:
                 best = min(peers, key=peers.get)
                 info["best_peer"] = best

@@ -44,17 +44,26 @@ def _label(cfg):
             f"out_dim={cfg.out_dim})")
 
 
-@pytest.mark.parametrize("attention", OP_BACKENDS)
-def test_train_step(measure, attention):
+# Every backend runs the per-resolution path (one backbone pass per crop size), the
+# like-for-like comparison; the backends with a real varlen kernel also run packed
+# (every crop in one pass), reported as "<backend>+packed" in the same group.
+STEPS = [(b, "off") for b in OP_BACKENDS] + [("triton", "on"), ("flex", "on")]
+
+
+@pytest.mark.parametrize("attention,pack_crops", STEPS,
+                         ids=[b + ("+packed" if p == "on" else "") for b, p in STEPS])
+def test_train_step(measure, attention, pack_crops):
     reason = skip_reason(attention, DEVICE, "forward+backward")
     if reason:
         pytest.skip(reason)
-    cfg = Config(**CONFIG, batch_size=IMAGES, attention=attention, device=DEVICE.type)
+    cfg = Config(**CONFIG, batch_size=IMAGES, attention=attention, pack_crops=pack_crops,
+                 device=DEVICE.type)
     trainer = build(cfg, DEVICE)
     batch = synthetic_batch(cfg, IMAGES, DEVICE)
 
+    label = attention + ("+packed" if pack_crops == "on" else "")
     measure(lambda: train_step(trainer, batch, STEADY_STEP), mode="train step",
-            group=f"train step | {NAME}-{IMAGES}", backend=attention, items=IMAGES,
+            group=f"train step | {NAME}-{IMAGES}", backend=label, items=IMAGES,
             rounds=ROUNDS, train_config=NAME, workload_label=_label(cfg),
             config=dataclasses.asdict(cfg),
             autocast="bf16" if ON_CUDA else "none (fp32)")

@@ -68,6 +68,14 @@ def test_ratios_on_hand_made_medians():
     assert not {"speedup_vs_reference", "best_peer", "speedup_vs_unmasked_sdpa"} & alone.keys()
 
 
+def test_a_packed_variant_is_not_a_peer_of_its_own_backend():
+    benches = [_bench("g", "sdpa", 3.0), _bench("g", "triton", 2.0), _bench("g", "triton+packed", 1.0)]
+    report.add_ratios(benches)
+    assert benches[2]["extra_info"]["best_peer"] == "sdpa"
+    assert benches[1]["extra_info"]["best_peer"] == "sdpa"
+    assert benches[0]["extra_info"]["best_peer"] == "triton+packed"
+
+
 def test_markdown_names_the_device_and_has_a_row_per_result():
     data = report.load(RESULTS)
     text = report.to_markdown(data)
