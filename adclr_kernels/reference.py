@@ -101,29 +101,39 @@ def reference_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=F
     return torch.cat([raw, torch.softmax(scores, -1) @ values], -2)
 
 
+def _two_calls(attend, q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
+               query_sees_queries):
+    """Raw rows over the visible keys, then query rows over just the keys they see.
+
+    attend(q, k, v, allowed) computes one attention; `allowed` is a boolean mask, or
+    None where every key is seen (only `query_sees_self` alone needs one: a diagonal).
+    """
+    visible = q.shape[-2] - num_queries
+    raw = attend(q[..., :visible, :], k[..., :visible, :], v[..., :visible, :], None)
+    if num_queries == 0:
+        return raw
+    first = 0 if query_sees_prefix else num_prefix
+    last = k.shape[-2] if (query_sees_queries or query_sees_self) else visible
+    allowed = None
+    if query_sees_self and not query_sees_queries:
+        allowed = visibility_mask(q.shape[-2], last, num_queries, num_prefix, query_sees_prefix,
+                                  True, False, q.device)[visible:, first:]
+    query = attend(q[..., visible:, :], k[..., first:last, :], v[..., first:last, :], allowed)
+    return torch.cat([raw, query], -2)
+
+
 def sdpa_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
                    query_sees_self=False, query_sees_queries=False, scale=None):
     """Two `F.scaled_dot_product_attention` calls, concatenated.
 
     The raw part is unmasked so that PyTorch may pick its flash kernel; the query part
-    runs over just the columns it can see, masked only when `query_sees_self` adds a
-    diagonal.
+    runs over just the columns it can see.
     """
-    visible = q.shape[-2] - num_queries
-    raw = F.scaled_dot_product_attention(
-        q[..., :visible, :], k[..., :visible, :], v[..., :visible, :], scale=scale)
-    if num_queries == 0:
-        return raw
-    first = 0 if query_sees_prefix else num_prefix
-    last = k.shape[-2] if (query_sees_queries or query_sees_self) else visible
-    mask = None
-    if query_sees_self and not query_sees_queries:
-        mask = visibility_mask(q.shape[-2], last, num_queries, num_prefix, query_sees_prefix,
-                               True, False, q.device)[visible:, first:]
-    query = F.scaled_dot_product_attention(
-        q[..., visible:, :], k[..., first:last, :], v[..., first:last, :],
-        attn_mask=mask, scale=scale)
-    return torch.cat([raw, query], -2)
+    def attend(qq, kk, vv, allowed):
+        return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed, scale=scale)
+
+    return _two_calls(attend, q, k, v, num_queries, num_prefix, query_sees_prefix,
+                      query_sees_self, query_sees_queries)
 
 
 @functools.lru_cache(maxsize=64)
@@ -168,31 +178,22 @@ def xformers_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=Fa
     """xformers memory-efficient attention, two calls like `sdpa` (CUDA only)."""
     import xformers.ops as xops
 
-    def call(qq, kk, vv, bias=None):
+    def attend(qq, kk, vv, allowed):
+        bias = None
+        if allowed is not None:
+            # xformers reads tensor biases with 16-byte aligned rows: pad, then slice.
+            rows, cols = allowed.shape
+            padded = torch.zeros(*qq.shape[:2], rows, (cols + 7) // 8 * 8, dtype=qq.dtype,
+                                 device=qq.device)
+            padded[..., :cols].masked_fill_(~allowed, float("-inf"))
+            bias = padded[..., :cols]
         # xformers wants (batch, seq, heads, head_dim).
-        out = xops.memory_efficient_attention(
-            qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), attn_bias=bias, scale=scale)
+        out = xops.memory_efficient_attention(qq.transpose(1, 2), kk.transpose(1, 2),
+                                              vv.transpose(1, 2), attn_bias=bias, scale=scale)
         return out.transpose(1, 2)
 
-    visible = q.shape[-2] - num_queries
-    raw = call(q[..., :visible, :], k[..., :visible, :], v[..., :visible, :])
-    if num_queries == 0:
-        return raw
-    first = 0 if query_sees_prefix else num_prefix
-    last = k.shape[-2] if (query_sees_queries or query_sees_self) else visible
-    bias = None
-    if query_sees_self and not query_sees_queries:
-        allowed = visibility_mask(q.shape[-2], last, num_queries, num_prefix, query_sees_prefix,
-                                  True, False, q.device)[visible:, first:]
-        # xformers reads tensor biases with 16-byte aligned rows: pad, then slice.
-        cols = last - first
-        padded = torch.zeros(*q.shape[:2], num_queries, (cols + 7) // 8 * 8,
-                             dtype=q.dtype, device=q.device)
-        padded[..., :cols] = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(
-            ~allowed, float("-inf"))
-        bias = padded[..., :cols]
-    query = call(q[..., visible:, :], k[..., first:last, :], v[..., first:last, :], bias)
-    return torch.cat([raw, query], -2)
+    return _two_calls(attend, q, k, v, num_queries, num_prefix, query_sees_prefix,
+                      query_sees_self, query_sees_queries)
 
 
 # ----------------------------------------------------------------------------------------
