@@ -17,6 +17,7 @@ from . import reference
 BACKENDS = ("auto", "triton", "reference", "sdpa", "flex", "xformers")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _FLOAT_DTYPES = _TRITON_DTYPES + (torch.float64,)
+TRITON_MAX_HEAD_DIM = 256
 
 
 def triton_interpreter_enabled() -> bool:
@@ -48,6 +49,8 @@ def _check_tensors(q, k, v, layout):
                              f"got {t.dim()} dims {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.shape[-1] == 0:
+            raise ValueError(f"{name} has head_dim 0; it must be at least 1")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -109,7 +112,7 @@ def _resolve_backend(backend, q, requires_grad):
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if q.is_cuda and q.dtype in _TRITON_DTYPES:
+        if q.is_cuda and q.dtype in _TRITON_DTYPES and q.shape[-1] <= TRITON_MAX_HEAD_DIM:
             return "triton"
         return "sdpa"
     if backend == "triton":
@@ -119,6 +122,9 @@ def _resolve_backend(backend, q, requires_grad):
                                "the kernels on CPU in Triton's interpreter")
         if q.dtype not in _TRITON_DTYPES:
             raise TypeError(f"backend='triton' takes float16, bfloat16 or float32, got {q.dtype}")
+        if q.shape[-1] > TRITON_MAX_HEAD_DIM:
+            raise ValueError(f"backend='triton' supports head_dim up to {TRITON_MAX_HEAD_DIM}, "
+                             f"got {q.shape[-1]}")
     if backend == "xformers":
         if not xformers_available():
             raise RuntimeError("backend='xformers' needs the xformers package "
@@ -174,8 +180,9 @@ def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_p
 
 def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees_prefix,
                         query_sees_self, query_sees_queries, scale, max_seqlen):
-    """Validate a packed call. Returns (scale, num_queries as an int32 device tensor,
-    max_seqlen, host bounds and query counts or None when the caller vouched for them)."""
+    """Validate a packed call. Returns (scale, contiguous cu_seqlens, num_queries as a
+    contiguous int32 tensor on q's device, max_seqlen, host bounds and host query
+    counts; the last two are None when the caller vouched for them with max_seqlen)."""
     _check_tensors(q, k, v, ("total_tokens", "heads", "head_dim"))
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v must have the same (total_tokens, heads, head_dim) shape, "
@@ -187,12 +194,16 @@ def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees
         raise TypeError(f"cu_seqlens must be int32 (FlashAttention's varlen layout), got {cu_seqlens.dtype}")
     if cu_seqlens.device != q.device:
         raise RuntimeError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+    # The kernels index these as dense arrays.
+    cu_seqlens = cu_seqlens.contiguous()
     num_seqs = cu_seqlens.numel() - 1
     if isinstance(num_queries, torch.Tensor):
         if num_queries.shape != (num_seqs,) or num_queries.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"num_queries as a tensor must be a ({num_seqs},) int tensor (one "
                              f"count per sequence), got {num_queries.dtype} {tuple(num_queries.shape)}")
-        queries = num_queries.to(device=q.device, dtype=torch.int32)
+        if num_queries.device != q.device:
+            raise RuntimeError(f"num_queries must be on q's device {q.device}, got {num_queries.device}")
+        queries = num_queries
     elif isinstance(num_queries, int) and not isinstance(num_queries, bool):
         queries = torch.full((num_seqs,), num_queries, dtype=torch.int32, device=q.device)
     else:
@@ -204,7 +215,8 @@ def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees
     bounds = host_queries = None
     if max_seqlen is None:
         # Checking the offsets needs them on the host: one sync. Callers that built
-        # cu_seqlens themselves pass max_seqlen and skip it.
+        # cu_seqlens themselves pass max_seqlen and skip it. Values are checked before
+        # the int32 cast below, so nothing out of range wraps around.
         offsets = cu_seqlens.tolist()
         host_queries = queries.tolist()
         if offsets[0] != 0 or offsets[-1] != q.shape[0]:
@@ -227,8 +239,9 @@ def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees
         max_seqlen = max((end - start for start, end in bounds), default=0)
     elif isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"max_seqlen must be a non-negative int or None, got {max_seqlen!r}")
+    queries = queries.to(torch.int32).contiguous()
 
-    return _check_scale(scale, q.shape[-1]), queries, max_seqlen, bounds, host_queries
+    return _check_scale(scale, q.shape[-1]), cu_seqlens, queries, max_seqlen, bounds, host_queries
 
 
 def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries, num_prefix=1, *,
@@ -252,7 +265,7 @@ def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries, num_prefix
     Returns:
         (total_tokens, heads, head_dim) tensor in q's dtype.
     """
-    scale, queries, max_seqlen, bounds, host_queries = check_varlen_inputs(
+    scale, cu_seqlens, queries, max_seqlen, bounds, host_queries = check_varlen_inputs(
         q, k, v, cu_seqlens, num_queries, num_prefix, query_sees_prefix, query_sees_self,
         query_sees_queries, scale, max_seqlen)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))

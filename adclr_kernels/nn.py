@@ -12,6 +12,7 @@ from __future__ import annotations
 import types
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .attention import unidirectional_attention, unidirectional_attention_varlen
@@ -20,11 +21,9 @@ from .attention import unidirectional_attention, unidirectional_attention_varlen
 class UnidirectionalAttention(nn.Module):
     """timm-compatible multi-head self-attention with ADCLR query tokens.
 
-    forward(x, num_queries=None, num_prefix=None, ...):
-        x: (batch, seq, dim), or packed (total_tokens, dim) with `cu_seqlens`.
-        num_queries / num_prefix: the token layout; None takes the module's
-            `num_queries` / `num_prefix` attributes (0 and 1 unless set, e.g. by
-            `enable_query_tokens` for blocks that call `attn(x)` with no layout).
+    forward(x, num_queries=0, num_prefix=1, ...):
+        x: (batch, seq, dim), or packed (total_tokens, dim) with `cu_seqlens` (then
+            num_queries may be a per-sequence tensor).
     """
 
     def __init__(self, dim, num_heads=8, attn_head_dim=None, dim_out=None, qkv_bias=False,
@@ -44,8 +43,6 @@ class UnidirectionalAttention(nn.Module):
         self.attn_dim = num_heads * attn_head_dim
         self.scale = attn_head_dim ** -0.5
         self.backend = backend
-        self.num_queries = 0
-        self.num_prefix = 1
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias)
         self.q_norm = norm_layer(attn_head_dim) if qk_norm else nn.Identity()
         self.k_norm = norm_layer(attn_head_dim) if qk_norm else nn.Identity()
@@ -54,14 +51,12 @@ class UnidirectionalAttention(nn.Module):
         self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x, num_queries=None, num_prefix=None, *, query_sees_prefix=False,
+    def forward(self, x, num_queries=0, num_prefix=1, *, query_sees_prefix=False,
                 query_sees_self=False, query_sees_queries=False, cu_seqlens=None,
                 max_seqlen=None, backend=None, attn_mask=None, is_causal=False):
         if attn_mask is not None or is_causal:
             raise ValueError("UnidirectionalAttention builds its own mask from num_queries and "
                              "num_prefix; attn_mask and is_causal are not supported")
-        num_queries = self.num_queries if num_queries is None else num_queries
-        num_prefix = self.num_prefix if num_prefix is None else num_prefix
         options = dict(query_sees_prefix=query_sees_prefix, query_sees_self=query_sees_self,
                        query_sees_queries=query_sees_queries, scale=self.scale,
                        backend=backend or self.backend)
@@ -71,12 +66,15 @@ class UnidirectionalAttention(nn.Module):
         qkv = self.qkv(x).view(*tokens, 3, self.num_heads, self.head_dim)
         if cu_seqlens is None:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            q, k = self.q_norm(q), self.k_norm(k)
+        else:
+            q, k, v = qkv.unbind(-3)
+        # Under CUDA autocast a LayerNorm q/k norm returns fp32 while v stays bf16: the op
+        # takes one dtype, so q and k follow v.
+        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+        if cu_seqlens is None:
             out = unidirectional_attention(q, k, v, num_queries, num_prefix, **options)
             out = out.transpose(1, 2)
         else:
-            q, k, v = qkv.unbind(-3)
-            q, k = self.q_norm(q), self.k_norm(k)
             out = unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries, num_prefix,
                                                   max_seqlen=max_seqlen, **options)
         out = self.norm(out.reshape(*tokens, self.attn_dim))
@@ -102,11 +100,25 @@ def _swap_attention(old, backend):
     return new
 
 
+_BLOCK_PARTS = ("norm1", "attn", "norm2", "mlp")
+
+
+def _run_block(block, x, num_queries, num_prefix):
+    """timm's pre-norm Block.forward, with the token layout passed to the attention."""
+    identity = nn.Identity()
+    y = block.attn(block.norm1(x), num_queries, num_prefix)
+    x = x + getattr(block, "drop_path1", identity)(getattr(block, "ls1", identity)(y))
+    y = block.mlp(block.norm2(x))
+    return x + getattr(block, "drop_path2", identity)(getattr(block, "ls2", identity)(y))
+
+
 def _forward_with_queries(self, x, query_crops=None):
     """ADCLR forward of a converted ViT.
 
     x: (batch, 3, H, W) images; query_crops: (batch, Q, 3, p, p) crops of one patch each.
     Returns dict(cls=(batch, dim), patch=(batch, N, dim), query=(batch, Q, dim) or None).
+    Honours timm's `grad_checkpointing`: each block is recomputed in backward with the
+    same token layout (it is bound to the call, not stored on the modules).
     """
     tokens = self.patch_embed(x)
     tokens = self._pos_embed(tokens)
@@ -120,15 +132,13 @@ def _forward_with_queries(self, x, query_crops=None):
         q = self.patch_embed.proj(query_crops.flatten(0, 1)).flatten(1)
         q = self.patch_embed.norm(q).view(batch, num_queries, -1)
         tokens = torch.cat([tokens, q.to(tokens.dtype)], 1)
-    attns = [m for m in self.modules() if isinstance(m, UnidirectionalAttention)]
-    for attn in attns:
-        attn.num_queries, attn.num_prefix = num_queries, num_prefix
-    try:
-        for block in self.blocks:
-            tokens = block(tokens)
-    finally:
-        for attn in attns:
-            attn.num_queries, attn.num_prefix = 0, 1
+    checkpointing = getattr(self, "grad_checkpointing", False) and torch.is_grad_enabled()
+    for block in self.blocks:
+        if checkpointing:
+            tokens = torch.utils.checkpoint.checkpoint(
+                _run_block, block, tokens, num_queries, num_prefix, use_reentrant=False)
+        else:
+            tokens = _run_block(block, tokens, num_queries, num_prefix)
     tokens = self.norm(tokens)
     return dict(cls=tokens[:, 0], patch=tokens[:, num_prefix:num_prefix + num_raw],
                 query=tokens[:, num_prefix + num_raw:] if num_queries else None)
@@ -140,10 +150,15 @@ def enable_query_tokens(model, backend="auto"):
     Every block's `attn` becomes a `UnidirectionalAttention` sharing the same parameter
     tensors; `model.forward(images, query_crops=None)` then returns CLS, patch and query
     features (see `_forward_with_queries`). Works for any model with timm's attributes:
-    patch_embed (with proj, norm), _pos_embed, patch_drop, norm_pre, blocks[i].attn
-    (with qkv, proj, num_heads, head_dim), norm, num_prefix_tokens.
+    patch_embed (with proj, norm), _pos_embed, patch_drop, norm_pre, norm,
+    num_prefix_tokens, and pre-norm blocks with norm1, attn (fused qkv, proj,
+    num_heads, head_dim), norm2, mlp (and optionally ls1/ls2, drop_path1/drop_path2).
     """
     for i, block in enumerate(model.blocks):
+        missing = [part for part in _BLOCK_PARTS if not hasattr(block, part)]
+        if missing:
+            raise TypeError(f"blocks[{i}] ({type(block).__name__}) is not a timm pre-norm Block: "
+                            f"it has no {', '.join(missing)}")
         attn = block.attn
         if isinstance(attn, UnidirectionalAttention):
             continue

@@ -74,13 +74,19 @@ def _dot(a, b, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def _sequence(pid_bh, num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUERIES,
+def _sequence(num_blocks, num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUERIES,
               VARLEN: tl.constexpr):
-    """(b, h, first token, seq_len, key_len, visible) of this program's sequence.
+    """(block, b, h, first token, seq_len, key_len, visible) of this program.
 
-    Dense inputs pass the lengths as scalars; packed (varlen) inputs read them from
-    cu_seqlens and the per-sequence query counts, so one kernel serves both.
+    The grid is 1-D with the block index fastest, so the programs of one (sequence,
+    head) run side by side and share its K/V (or Q/dO) in L2 instead of fetching them
+    from memory once per block. Dense inputs pass the lengths as scalars; packed
+    (varlen) inputs read them from cu_seqlens and the per-sequence query counts, so one
+    kernel serves both.
     """
+    pid = tl.program_id(0)
+    block = pid % num_blocks
+    pid_bh = pid // num_blocks
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     # Integer arguments equal to 1 arrive as compile-time constants; adding a runtime
@@ -95,7 +101,7 @@ def _sequence(pid_bh, num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUER
         seq_len = tl.load(CU_SEQLENS + b + 1) - start
         key_len = seq_len
         visible = seq_len - tl.load(NUM_QUERIES + b)
-    return b.to(tl.int64), h.to(tl.int64), start.to(tl.int64), seq_len, key_len, visible
+    return block, b.to(tl.int64), h.to(tl.int64), start.to(tl.int64), seq_len, key_len, visible
 
 
 @triton.jit
@@ -163,14 +169,14 @@ def _unidirectional_fwd_kernel(
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_lseb, stride_lseh,
-    num_heads, seq_len, key_len, visible, num_prefix, qk_scale,
+    num_blocks, num_heads, seq_len, key_len, visible, num_prefix, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
     SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    b, h, start, seq_len, key_len, visible = _sequence(
-        tl.program_id(0), num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUERIES, VARLEN)
-    m0 = tl.program_id(1) * BLOCK_M
+    block, b, h, start, seq_len, key_len, visible = _sequence(
+        num_blocks, num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUERIES, VARLEN)
+    m0 = block * BLOCK_M
     q_base = Q + b * stride_qb + h * stride_qh + start * stride_ql
     k_base = K + b * stride_kb + h * stride_kh + start * stride_kl
     v_base = V + b * stride_vb + h * stride_vh + start * stride_vl
@@ -212,12 +218,12 @@ def _unidirectional_bwd_delta_kernel(
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_lseb, stride_lseh,
-    num_heads, seq_len,
+    num_blocks, num_heads, seq_len,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    b, h, start, seq_len, _, _ = _sequence(tl.program_id(0), num_heads, seq_len, seq_len, seq_len,
-                                           CU_SEQLENS, NUM_QUERIES, VARLEN)
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    block, b, h, start, seq_len, _, _ = _sequence(num_blocks, num_heads, seq_len, seq_len, seq_len,
+                                                  CU_SEQLENS, NUM_QUERIES, VARLEN)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (rows[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(O + b * stride_ob + h * stride_oh + (start + rows[:, None]) * stride_ol
@@ -283,16 +289,15 @@ def _unidirectional_bwd_kernel(
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
     stride_lseb, stride_lseh,
-    num_heads, seq_len, key_len, visible, num_prefix, qk_scale, sm_scale,
+    num_blocks, num_heads, seq_len, key_len, visible, num_prefix, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
     SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    b, h, start, seq_len, key_len, visible = _sequence(
-        tl.program_id(0), num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUERIES, VARLEN)
-    block = tl.program_id(1)
+    block, b, h, start, seq_len, key_len, visible = _sequence(
+        num_blocks, num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUERIES, VARLEN)
     q_base = Q + b * stride_qb + h * stride_qh + start * stride_ql
     k_base = K + b * stride_kb + h * stride_kh + start * stride_kl
     v_base = V + b * stride_vb + h * stride_vh + start * stride_vl
@@ -369,16 +374,21 @@ def _unidirectional_bwd_kernel(
 # ----------------------------------------------------------------------------------------
 
 
-def _fwd_config(head_dim):
+def _fwd_config(head_dim, dtype):
     if triton_interpreter_enabled():
         # The interpreter runs each program in numpy: big tiles are fewer Python loops.
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
 
 
-def _bwd_config(head_dim):
+def _bwd_config(head_dim, dtype):
     if triton_interpreter_enabled():
         return dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=1)
+    if head_dim > 128 or (dtype == torch.float32 and head_dim > 64):
+        # Wide fp32 (or very wide) tiles need over 99 KB of shared memory at 64 keys per
+        # block (over 164 KB at head_dim 256): more than consumer GPUs (sm_86/89) or an
+        # A100 have. Halve the key and row blocks there.
+        return dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=1)
     return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
 
 
@@ -414,11 +424,6 @@ def _bhld_strides(t):
     return t.stride()
 
 
-def _check_head_dim(head_dim):
-    if head_dim > 256:
-        raise ValueError(f"backend='triton' supports head_dim up to 256, got {head_dim}")
-
-
 def _flags(query_sees_prefix, query_sees_self, query_sees_queries):
     return dict(SEES_PREFIX=query_sees_prefix,
                 SEES_SELF=query_sees_self or query_sees_queries,
@@ -433,12 +438,12 @@ def _flags(query_sees_prefix, query_sees_self, query_sees_queries):
 def _launch_fwd(q, k, v, out, lse, lse_strides, geometry, num_prefix, flags, scale):
     num_seqs, heads, max_len, seq_len, key_len, visible, cu_seqlens, num_queries = geometry
     head_dim = q.shape[-1]
-    cfg = _fwd_config(head_dim)
-    grid = (num_seqs * heads, triton.cdiv(max_len, cfg["BLOCK_M"]))
-    _unidirectional_fwd_kernel[grid](
+    cfg = _fwd_config(head_dim, q.dtype)
+    blocks = triton.cdiv(max_len, cfg["BLOCK_M"])
+    _unidirectional_fwd_kernel[(blocks * num_seqs * heads,)](
         q, k, v, out, lse, cu_seqlens, num_queries,
         *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out), *lse_strides,
-        heads, seq_len, key_len, visible, num_prefix, scale * LOG2E,
+        blocks, heads, seq_len, key_len, visible, num_prefix, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_FP32=_dot_fp32(q.dtype),
         VARLEN=cu_seqlens is not None, **flags, **cfg)
 
@@ -451,17 +456,18 @@ def _launch_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, lse_strides, geometry, 
     varlen = cu_seqlens is not None
     delta = _empty_rows(1, 1, lse.numel(), lse).view(lse.shape)
     delta_rows = 64
-    _unidirectional_bwd_delta_kernel[(num_seqs * heads, triton.cdiv(max_len, delta_rows))](
+    blocks = triton.cdiv(max_len, delta_rows)
+    _unidirectional_bwd_delta_kernel[(blocks * num_seqs * heads,)](
         out, grad_out, delta, cu_seqlens, num_queries,
-        *_bhld_strides(out), *_bhld_strides(grad_out), *lse_strides, heads, seq_len,
+        *_bhld_strides(out), *_bhld_strides(grad_out), *lse_strides, blocks, heads, seq_len,
         HEAD_DIM=head_dim, BLOCK_M=delta_rows, BLOCK_D=block_d, VARLEN=varlen)
-    cfg = _bwd_config(head_dim)
+    cfg = _bwd_config(head_dim, q.dtype)
     blocks = triton.cdiv(max_len, min(cfg["BLOCK_N1"], cfg["BLOCK_M2"]))
-    _unidirectional_bwd_kernel[(num_seqs * heads, blocks)](
+    _unidirectional_bwd_kernel[(blocks * num_seqs * heads,)](
         q, k, v, grad_out, lse, delta, dq, dk, dv, cu_seqlens, num_queries,
         *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(grad_out),
         *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *lse_strides,
-        heads, seq_len, key_len, visible, num_prefix, scale * LOG2E, scale,
+        blocks, heads, seq_len, key_len, visible, num_prefix, scale * LOG2E, scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_FP32=_dot_fp32(q.dtype), VARLEN=varlen,
         **flags, **cfg)
 
@@ -470,7 +476,6 @@ def unidirectional_fwd(q, k, v, num_queries, num_prefix, query_sees_prefix, quer
                        query_sees_queries, scale):
     """Dense forward. Returns (out, lse); lse is base-2, (batch, heads, seq) fp32."""
     batch, heads, seq, head_dim = q.shape
-    _check_head_dim(head_dim)
     out = _empty_bhld(batch, heads, seq, head_dim, q)
     lse = _empty_rows(batch, heads, seq, q)
     if out.numel() > 0:
@@ -500,7 +505,6 @@ def unidirectional_varlen_fwd(q, k, v, cu_seqlens, num_queries, max_seqlen, num_
                               query_sees_prefix, query_sees_self, query_sees_queries, scale):
     """Packed forward over (tokens, heads, head_dim). Returns (out, lse (heads, tokens))."""
     tokens, heads, head_dim = q.shape
-    _check_head_dim(head_dim)
     out = _empty_thd(tokens, heads, head_dim, q)
     lse = _empty_rows(1, heads, tokens, q)[0]
     if out.numel() > 0:

@@ -138,6 +138,43 @@ def test_enable_query_tokens_on_a_timm_structured_model():
     _check_conversion(_TimmViT(), 32, 8)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_gradient_checkpointing_recomputes_with_the_same_layout(backend):
+    torch.manual_seed(0)
+    model = enable_query_tokens(_TimmViT(), backend=backend)
+    images, crops = torch.randn(2, 3, 32, 32), torch.randn(2, 5, 3, 8, 8)
+    grads = []
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        model.zero_grad()
+        feats = model(images, crops)
+        (feats["query"].square().sum() + feats["cls"].sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_of_another_structure_are_refused():
+    model = _TimmViT()
+    del model.blocks[0].norm1
+    with pytest.raises(TypeError, match="not a timm pre-norm Block: it has no norm1"):
+        enable_query_tokens(model)
+
+
+def test_qk_norm_output_follows_the_value_dtype():
+    attn = UnidirectionalAttention(64, 4, qkv_bias=True, qk_norm=True, backend="sdpa")
+    attn.q_norm = attn.k_norm = _Float32Norm(16)
+    out = attn.to(torch.bfloat16)(torch.randn(2, 9, 64, dtype=torch.bfloat16), num_queries=2)
+    assert out.dtype == torch.bfloat16
+
+
+class _Float32Norm(nn.LayerNorm):
+    """What CUDA autocast does to a LayerNorm: the output comes back in fp32."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float())
+
+
 @needs_timm
 def test_recorded_timm_names_are_current():
     model = timm.create_model(TIMM_RECORD["model"], pretrained=False)

@@ -62,9 +62,23 @@ def test_head_dims_and_dtypes(head_dim, dtype):
     (0, 0, 5, OPTION_SETS[2]),        # queries only, each seeing just itself
     (0, 20, 4, OPTION_SETS[0]),       # no prefix token at all
     (4, 29, 0, OPTION_SETS[5]),       # options with no query tokens
+    (40, 20, 6, OPTION_SETS[0]),      # whole key blocks of prefix only, skipped by queries
 ])
 def test_odd_layouts(num_prefix, num_raw, num_queries, opt_set):
     check_triton(1, 2, num_prefix, num_raw, num_queries, 32, options(opt_set))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
+@pytest.mark.parametrize("opt_set", [OPTION_SETS[0], OPTION_SETS[3], OPTION_SETS[4]])
+@pytest.mark.parametrize("num_prefix,num_raw,num_queries", [(1, 196, 10), (70, 120, 17)])
+def test_gpu_tile_sizes_in_the_interpreter(monkeypatch, opt_set, num_prefix, num_raw, num_queries):
+    # The interpreter normally runs small tiles; this runs the tiles a GPU launches
+    # (64-row blocks, 64-key blocks), incl. prefix-only key blocks at P = 70.
+    import adclr_kernels.unidirectional as uni
+
+    monkeypatch.setattr(uni, "triton_interpreter_enabled", lambda: False)
+    assert uni._fwd_config(64, torch.float32)["BLOCK_M"] == 64
+    check_triton(1, 1, num_prefix, num_raw, num_queries, 64, options(opt_set))
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed_qkv", "separate"])

@@ -63,7 +63,8 @@ def test_triton_varlen_low_precision(dtype, poisoned):
     grad_out = torch.randn(q.shape, device=DEVICE, dtype=dtype)
     queries = [10, 0, 10]
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = unidirectional_attention_varlen(*leaves, cu, torch.tensor(queries), backend="triton")
+    out = unidirectional_attention_varlen(*leaves, cu, torch.tensor(queries, device=DEVICE),
+                                          backend="triton")
     grads = torch.autograd.grad(out, leaves, grad_out)
     ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, 1, grad_out, options(OPTION_SETS[0]))
     bounds = list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
@@ -81,7 +82,7 @@ def test_pytorch_backends_varlen(backend):
     q, k, v, cu = make_packed(LENGTHS, 2, 16, dtype=torch.float64 if not ON_CUDA else torch.float32)
     grad_out = torch.randn(q.shape, device=DEVICE, dtype=q.dtype)
     ref, ref_grads = dense_per_sequence(q, k, v, cu, QUERIES, 1, grad_out, opts)
-    nq = torch.tensor(QUERIES)
+    nq = torch.tensor(QUERIES, device=DEVICE)
     if backend == "flex" and not ON_CUDA:
         with torch.no_grad():
             out = unidirectional_attention_varlen(q, k, v, cu, nq, backend=backend, **opts)
@@ -127,6 +128,15 @@ def test_empty_sequence_and_no_prefix():
     assert_rel_close("out", out, ref)
 
 
+def test_strided_offsets_and_counts_are_read_by_value():
+    q, k, v, cu = make_packed([10, 12], 2, 16)
+    cu_strided = _i32(0, 5, 10, 5, 22, 5)[::2]
+    nq_strided = _i32(3, 0, 4, 0)[::2]
+    out = unidirectional_attention_varlen(q, k, v, cu_strided, nq_strided, backend="triton")
+    ref = unidirectional_attention_varlen(q, k, v, cu, _i32(3, 4), backend="reference")
+    assert_rel_close("out", out, ref.double())
+
+
 def _args(**over):
     q, k, v, cu = make_packed([10, 12], 2, 16)
     args = dict(q=q, k=k, v=v, cu_seqlens=cu, num_queries=3)
@@ -151,7 +161,17 @@ BAD = [
     ("Q float", dict(num_queries=3.0), TypeError, "num_queries must be an int"),
     ("nothing to see", dict(num_queries=_i32(9, 3)), ValueError, "sequence 0 would attend to nothing"),
     ("max_seqlen float", dict(max_seqlen=12.0), TypeError, "max_seqlen"),
+    ("Q past int32", dict(num_queries=torch.tensor([2**32 + 2, 3], device=DEVICE)), ValueError,
+     r"num_queries\[0\] must be in"),
+    ("head_dim 0", dict(q=torch.randn(22, 2, 0), k=torch.randn(22, 2, 0), v=torch.randn(22, 2, 0)),
+     ValueError, "head_dim 0"),
 ]
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="needs a second device type")
+def test_counts_on_another_device_are_refused():
+    with pytest.raises(RuntimeError, match="num_queries must be on"):
+        unidirectional_attention_varlen(**_args(num_queries=torch.tensor([3, 3])))
 
 
 @pytest.mark.parametrize("case,over,exc,msg", BAD, ids=[c[0] for c in BAD])
