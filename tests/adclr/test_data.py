@@ -84,3 +84,17 @@ def test_augment_output_matches_the_synthetic_batch_structure():
     torch.testing.assert_close(ready["queries"], (raw["queries"].float() / 255 - mean) / std)
     # Globals are augmented, not just normalised.
     assert not torch.allclose(ready["globals"][:4], (raw["globals"][:, 0].float() / 255 - mean) / std)
+
+
+def test_builtin_square_and_diamond_are_different_shapes():
+    # A diamond is a square turned 45 degrees: with free rotation the two classes were one
+    # shape. Upright objects tell them apart by how much of their bounding box they fill.
+    ds = SyntheticShapes("train")
+
+    def box_fill(i):
+        ys, xs = np.nonzero(ds.mask(i))
+        return len(ys) / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+
+    square, diamond = SyntheticShapes.CLASSES.index("square"), SyntheticShapes.CLASSES.index("diamond")
+    assert min(box_fill(square + 10 * k) for k in range(30)) > 0.7
+    assert max(box_fill(diamond + 10 * k) for k in range(30)) < 0.6
