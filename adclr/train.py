@@ -348,6 +348,13 @@ def train(cfg):
         print(f"adclr train: {world} process(es) on {device}, {steps_per_epoch} steps/epoch, "
               f"{total} steps" + (f", resuming at step {start}" if start else ""), file=sys.stderr)
         print("config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr)
+        # Epoch-based warm-ups silently cover all of a run shortened by --max-steps: the
+        # lr would never leave warm-up, or the last layer never unfreeze.
+        for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
+            if 0 < total <= getattr(cfg, name) * steps_per_epoch:
+                print(f"warning: --{name.replace('_', '-')} {getattr(cfg, name)} "
+                      f"({getattr(cfg, name) * steps_per_epoch:.0f} steps) covers the whole "
+                      f"{total}-step run", file=sys.stderr)
     if start >= total:
         if main:
             print(f"nothing to do: {path} is already at step {start} of {total}", file=sys.stderr)

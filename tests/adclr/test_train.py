@@ -151,3 +151,13 @@ def test_command_line_train_eval_export(tmp_path, capsys):
     backbone.load_state_dict(weights)  # strict: exactly the backbone's parameters
     teacher = load_checkpoint(os.path.join(out, "checkpoint.pt"))["teacher"]
     torch.testing.assert_close(weights["pos_embed"], teacher["backbone.pos_embed"])
+
+
+def test_warm_up_longer_than_the_run_is_reported(tiny_config, capsys):
+    from adclr.train import train
+
+    # 1250 steps per epoch: 0.01 epochs of warm-up is 12 steps, 5 epochs of freeze 6250.
+    train(tiny_config(max_steps=16, checkpoint_every=16, freeze_last_layer_epochs=5.0))
+    err = capsys.readouterr().err
+    assert "warning: --freeze-last-layer-epochs 5.0" in err and "covers the whole 16-step run" in err
+    assert "--warmup-epochs" not in err
