@@ -89,13 +89,7 @@ def _sequence(num_blocks, num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_
     pid_bh = pid // num_blocks
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    # Integer arguments equal to 1 arrive as compile-time constants; adding a runtime
-    # zero keeps every length a tensor, so branches that reassign them type-check.
-    zero = b * 0
-    start = zero
-    seq_len += zero
-    key_len += zero
-    visible += zero
+    start = b * 0
     if VARLEN:
         start = tl.load(CU_SEQLENS + b)
         seq_len = tl.load(CU_SEQLENS + b + 1) - start
@@ -113,7 +107,7 @@ def _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M: tl.constexpr
     hi1 = visible
     if not SEES_PREFIX:
         if m0 >= visible:
-            lo1 = num_prefix + lo1
+            lo1 = num_prefix
     lo2 = visible
     hi2 = visible
     if m1 > visible:

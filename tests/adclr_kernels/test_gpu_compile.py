@@ -54,10 +54,10 @@ def compile_all(dtype, varlen, flags, head_dim):
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     fl = dict(SEES_PREFIX=flags[0], SEES_SELF=flags[1], SEES_QUERIES=flags[2])
-    # num_prefix = 1 and visible = 1 are what Triton specialises into constants at run
-    # time: the kernels must type-check with them constant too.
+    # Integer arguments equal to 1 are what Triton specialises into constants at run
+    # time: the kernels must type-check with the lengths constant too.
     common = dict(HEAD_DIM=head_dim, BLOCK_D=U._block_d(head_dim), VARLEN=varlen,
-                  num_prefix=1, visible=1, DOT_FP32=U._dot_fp32(torch_dtype), **fl)
+                  num_prefix=1, visible=1, key_len=1, seq_len=1, DOT_FP32=U._dot_fp32(torch_dtype), **fl)
     if not varlen:
         common.update(CU_SEQLENS=None, NUM_QUERIES=None)
 
@@ -70,8 +70,8 @@ def compile_all(dtype, varlen, flags, head_dim):
         compiled = compile_for_hopper(kernel, dtype, dict(**blocks, **common), warps, stages)
         shared = compiled.metadata.shared
         assert shared <= SHARED_LIMIT, f"{kernel.__name__} {dtype} hd={head_dim}: {shared} B shared"
-    delta = {k: v for k, v in common.items()
-             if k not in ("num_prefix", "visible", "DOT_FP32") and not k.startswith("SEES")}
+    delta_args = U._unidirectional_bwd_delta_kernel.arg_names
+    delta = {k: v for k, v in common.items() if k in delta_args}
     compile_for_hopper(U._unidirectional_bwd_delta_kernel, dtype, dict(BLOCK_M=64, **delta), 4, 2)
 
 
