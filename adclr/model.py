@@ -125,6 +125,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, rates[i], attention, **options) for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self._packings = {}  # crop layout -> Packing, see _packing
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
@@ -213,7 +214,7 @@ class VisionTransformer(nn.Module):
         The crop layout is the same every step, so the index tensors are built on the
         first call and reused: no host-to-device copy inside the training step.
         """
-        cache = self.__dict__.setdefault("_packings", {})
+        cache = self._packings
         key = (layout, str(device))
         if key not in cache:
             lengths = [length for count, length, _ in layout for _ in range(count)]
