@@ -116,7 +116,9 @@ def _resolve_backend(backend, q, requires_grad):
             return "triton"
         return "sdpa"
     if backend == "triton":
-        if not (q.is_cuda or (q.device.type == "cpu" and triton_interpreter_enabled())):
+        # Meta tensors trace shapes through the custom ops' fake implementations.
+        if not (q.is_cuda or q.device.type == "meta"
+                or (q.device.type == "cpu" and triton_interpreter_enabled())):
             raise RuntimeError(f"backend='triton' needs CUDA tensors (got device {q.device}); "
                                "set TRITON_INTERPRET=1 before importing adclr_kernels to run "
                                "the kernels on CPU in Triton's interpreter")

@@ -187,11 +187,11 @@ def _unidirectional_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo1, hi1, lo2, hi2 = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M,
                                      SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-    acc, m_i, l_i = _attend_key_range(
+    acc, m_i, l_i = _attend_key_range(  # loop: fwd.visible
         acc, m_i, l_i, q, rows, lo1, hi1, k_base, v_base, stride_kl, stride_kd,
         stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale,
         HEAD_DIM, BLOCK_N, BLOCK_D, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)
-    acc, m_i, l_i = _attend_key_range(
+    acc, m_i, l_i = _attend_key_range(  # loop: fwd.queries
         acc, m_i, l_i, q, rows, lo2, hi2, k_base, v_base, stride_kl, stride_kd,
         stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale,
         HEAD_DIM, BLOCK_N, BLOCK_D, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)
@@ -313,7 +313,7 @@ def _unidirectional_bwd_kernel(
         dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
         lo, hi = _dkdv_row_range(n0, seq_len, visible, num_prefix, BLOCK_N1,
                                  SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-        for row_start in range(lo, hi, BLOCK_M1):
+        for row_start in range(lo, hi, BLOCK_M1):  # loop: bwd.dkdv
             rows = row_start + tl.arange(0, BLOCK_M1)
             row_ok = rows < hi
             t_mask = d_ok[:, None] & row_ok[None, :]
@@ -350,11 +350,11 @@ def _unidirectional_bwd_kernel(
         dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
         lo1, hi1, lo2, hi2 = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M2,
                                          SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-        dq = _dq_key_range(dq, q, do, lse, delta, rows, lo1, hi1, k_base, v_base,
+        dq = _dq_key_range(dq, q, do, lse, delta, rows, lo1, hi1, k_base, v_base,  # loop: bwd.dq_visible
                            stride_kl, stride_kd, stride_vl, stride_vd, seq_len, visible,
                            num_prefix, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D,
                            SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)
-        dq = _dq_key_range(dq, q, do, lse, delta, rows, lo2, hi2, k_base, v_base,
+        dq = _dq_key_range(dq, q, do, lse, delta, rows, lo2, hi2, k_base, v_base,  # loop: bwd.dq_queries
                            stride_kl, stride_kd, stride_vl, stride_vd, seq_len, visible,
                            num_prefix, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D,
                            SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)

@@ -101,6 +101,45 @@ CUDA_WORKLOADS = (
     _global("vit_s8_global", "ViT-S/8 global", 32, 6, 784),
 )
 
+@dataclass(frozen=True)
+class PackedWorkload:
+    """A whole multi-crop batch in one packed (varlen) call, as the trainer runs it:
+    per image, `crops` of (count, raw tokens, query tokens), each with one CLS token."""
+    name: str
+    label: str
+    images: int
+    heads: int
+    head_dim: int
+    crops: tuple = ((2, 196, 10), (10, 36, 0))
+    num_prefix: int = 1
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-i{self.images}"
+
+    def sequences(self):
+        """(length, query tokens) of every packed sequence, in order."""
+        one_image = [(self.num_prefix + raw + q, q) for count, raw, q in self.crops
+                     for _ in range(count)]
+        return one_image * self.images
+
+    @property
+    def tokens(self) -> int:
+        return sum(length for length, _ in self.sequences())
+
+    def describe(self) -> str:
+        kinds = " + ".join(f"{c}x{self.num_prefix + r + q}" for c, r, q in self.crops)
+        return f"{self.label} ({self.images} images x ({kinds}) tokens, H={self.heads}, D={self.head_dim})"
+
+
+# What `python -m bench.static` models: the CUDA matrix, a head_dim 128 shape, and the
+# trainer's packed multi-crop batch (ViT-S/16: 2 globals of 1 + 196 + 10 tokens and 10
+# locals of 1 + 36 per image).
+STATIC_WORKLOADS = CUDA_WORKLOADS + (
+    _global("vit_b16_global_d128", "ViT-B/16-size global, 6 heads of 128", 64, 6, 196, head_dim=128),
+    PackedWorkload("vit_s16_packed", "ViT-S/16 multi-crop, packed", 128, 6, 64),
+)
+
 # The CPU subset: the same sequence shapes at a few images, so `pytest bench/` finishes
 # in a minute or two on a laptop. It shows the harness works; the speed story is on GPU.
 CPU_WORKLOADS = (

@@ -1,0 +1,775 @@
+"""A static model of the attention kernels on H100 (sm_90a) and A100 (sm_80), no GPU needed.
+
+    python -m bench.static                       # every workload, bf16/fp16/fp32, both targets
+    python -m bench.static --dtypes bf16 --targets sm90 --workloads vit_s16_global
+
+What it does, per workload of `bench.workloads` and per dtype:
+1. Capture. The op's own launchers run on meta tensors built as the model builds its
+   inputs (views of one packed qkv projection); every `kernel[grid](...)` they issue is
+   recorded instead of run, with its real arguments.
+2. Compile. Triton's own binder turns those arguments into the specialization a GPU
+   launch would get (pointer dtypes, 16-byte divisibility of pointers and integers,
+   integers equal to 1 folded to constants, constexprs), then Triton compiles it for the
+   target. Registers and local (spill) bytes come from `cuobjdump -res-usage`, shared
+   memory from the compiled metadata, SASS from `nvdisasm`, all from the Triton wheel.
+3. Read the loops. A loop is a backward branch in the SASS; the line info names the
+   source line it belongs to, and a `# loop: <name>` comment on that line (or on the
+   call that inlined it) names it. Per iteration: instructions, tensor-core ones
+   (HGMMA/HMMA), MUFU (exp2, rcp), selects (SEL/FSEL) and compares (ISETP/FSETP).
+4. Estimate. Trip counts per program come from the launch geometry (a mirror of the
+   kernels' range arithmetic, below); each program then costs its instructions at the
+   SM's issue rate and its tensor-core FLOPs at the SM's MMA rate, programs are placed
+   on SM slots in launch order (occupancy from registers, shared memory and threads),
+   and the kernel takes the longer of that schedule and its compulsory bytes at DRAM
+   bandwidth. The floor is max(useful FLOPs / MMA rate, compulsory bytes / bandwidth).
+   The assumptions are in bench/NOTES.md; a GPU run calibrates them.
+5. Count what runs around the kernels: a dispatch mode records every ATen op of the
+   drop-in attention module's forward and backward (meta tensors, full size), and the
+   copies (stack, cat, clone, copy_, contiguous, fills) with their bytes.
+
+Writes bench/results/static/static.json and static.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import linecache
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The kernels must be real JITFunctions, not the interpreter's, and FP fusion is left
+# as the GPU's Triton does it (set explicitly to silence Triton 3.9's warning).
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from bench.workloads import STATIC_WORKLOADS, PackedWorkload  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "static"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------
+# The GPUs
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    capability: int
+    sms: int
+    clock_hz: float          # sustained SM clock under load
+    dram_bytes_per_s: float  # bytes read + written per second
+    mma_flops: dict          # dense tensor-core FLOP/s by input dtype (fp32: TF32)
+    smem_per_sm: int         # shared memory an SM can give its resident programs
+    smem_per_program: int    # the most one program may use
+    regs_per_sm: int = 65536
+    max_threads: int = 2048
+    max_programs: int = 32
+    issue_per_sm: int = 4    # warp-instructions per cycle (one per sub-partition)
+
+
+# H100 SXM: PERF.md's ceilings (bf16 ~800 TFLOP/s on large products, ~3.0 TB/s copy),
+# 1.755 GHz sustained. A100 SXM 80 GB: spec-sheet figures, not yet measured here.
+H100 = Gpu("H100 SXM", 90, 132, 1.755e9, 3.0e12,
+           {"bf16": 800e12, "fp16": 800e12, "fp32": 400e12}, 228 * 1024, 227 * 1024)
+A100 = Gpu("A100 SXM", 80, 108, 1.41e9, 1.9e12,
+           {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}, 164 * 1024, 163 * 1024)
+GPUS = {"sm90": H100, "sm80": A100}
+
+
+# ----------------------------------------------------------------------------------------
+# 1. Capture
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Launch:
+    kernel: object   # the JITFunction
+    args: tuple
+    kwargs: dict
+    grid: tuple
+
+    @property
+    def name(self):
+        return self.kernel.fn.__name__
+
+    def bound(self):
+        """Argument name -> value, as the kernel sees them (defaults applied)."""
+        import inspect
+
+        bound = inspect.signature(self.kernel.fn).bind(*self.args, **{
+            k: v for k, v in self.kwargs.items() if k in self.kernel.arg_names})
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+
+def _kernels():
+    from adclr_kernels import unidirectional
+
+    return [obj for obj in vars(unidirectional).values() if isinstance(obj, triton.runtime.JITFunction)]
+
+
+@contextlib.contextmanager
+def recording(capability):
+    """Record every kernel launch instead of running it; the launchers see `capability`."""
+    from adclr_kernels import unidirectional
+
+    launches = []
+    kernels = _kernels()
+
+    def recorder(kernel):
+        def run(*args, grid, warmup, **kwargs):
+            launches.append(Launch(kernel, args, kwargs, grid))
+        return run
+
+    saved_capability = getattr(unidirectional, "_capability", None)
+    unidirectional._capability = lambda device: capability
+    for kernel in kernels:
+        kernel.run = recorder(kernel)
+    try:
+        yield launches
+    finally:
+        unidirectional._capability = saved_capability
+        for kernel in kernels:
+            del kernel.run
+
+
+def _meta_qkv(batch_shape, heads, head_dim, dtype):
+    """A packed qkv projection output (batch_shape..., 3, H, D) on the meta device."""
+    return torch.empty(*batch_shape, 3, heads, head_dim, dtype=dtype, device="meta")
+
+
+def capture(workload, dtype, capability):
+    """(forward launches, backward launches) of one attention layer's op call."""
+    from adclr_kernels import unidirectional as U
+
+    flags = (False, False, False)  # the default options: query rows see the raw columns
+    scale = workload.head_dim ** -0.5
+    with recording(capability) as launches:
+        if isinstance(workload, PackedWorkload):
+            seqs = workload.sequences()
+            qkv = _meta_qkv((workload.tokens,), workload.heads, workload.head_dim, dtype)
+            q, k, v = qkv.unbind(1)
+            cu = torch.empty(len(seqs) + 1, dtype=torch.int32, device="meta")
+            nq = torch.empty(len(seqs), dtype=torch.int32, device="meta")
+            max_len = max(length for length, _ in seqs)
+            out, lse = U.unidirectional_varlen_fwd(q, k, v, cu, nq, max_len, workload.num_prefix,
+                                                   *flags, scale)
+            n_fwd = len(launches)
+            U.unidirectional_varlen_bwd(torch.empty_like(out), q, k, v, out, lse, cu, nq, max_len,
+                                        workload.num_prefix, *flags, scale)
+        else:
+            qkv = _meta_qkv((workload.batch, workload.seq_len), workload.heads,
+                            workload.head_dim, dtype)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            k, v = k[:, :, :workload.key_len], v[:, :, :workload.key_len]
+            out, lse = U.unidirectional_fwd(q, k, v, workload.num_queries, workload.num_prefix,
+                                            *flags, scale)
+            n_fwd = len(launches)
+            U.unidirectional_bwd(torch.empty_like(out), q, k, v, out, lse, workload.num_queries,
+                                 workload.num_prefix, *flags, scale)
+    return launches[:n_fwd], launches[n_fwd:]
+
+
+def sequences(workload):
+    if isinstance(workload, PackedWorkload):
+        return [Sequence(length, q, workload.num_prefix) for length, q in workload.sequences()]
+    return [Sequence(workload.seq_len, workload.num_queries, workload.num_prefix)] * workload.batch
+
+
+# ----------------------------------------------------------------------------------------
+# 2. Compile, and read registers, spills, shared memory and SASS
+# ----------------------------------------------------------------------------------------
+
+
+def _tool(name):
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+@dataclass
+class Instr:
+    addr: int
+    opcode: str
+    frames: tuple   # ((file, line), ...) innermost first
+
+
+@dataclass
+class Compiled:
+    name: str
+    capability: int
+    num_warps: int
+    registers: int
+    spill_bytes: int     # local memory per thread (spills and stack)
+    shared_bytes: int
+    instrs: list = field(repr=False)
+    branches: list = field(repr=False)  # (branch addr, target addr)
+
+
+def specialization(launch, capability):
+    """Triton's own (signature, constexprs, attrs, options) for this launch on a target."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    kernel = launch.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(launch.kwargs, debug=False)
+    bound, spec, opts = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, opts)
+    return target, signature, constexprs, attrs, options
+
+
+_COMPILED = {}
+
+
+def compile_launch(launch, capability):
+    target, signature, constexprs, attrs, options = specialization(launch, capability)
+    key = (launch.name, capability, repr(signature), repr(constexprs), repr(attrs),
+           repr(sorted(options.__dict__.items())))
+    if key not in _COMPILED:
+        from triton.compiler import ASTSource
+
+        src = ASTSource(launch.kernel, signature, constexprs, attrs)
+        compiled = triton.compile(src, target=target, options=options.__dict__)
+        _COMPILED[key] = _read_cubin(launch.name, capability, compiled)
+    return _COMPILED[key]
+
+
+def _read_cubin(name, capability, compiled):
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-c", "-gi", str(cubin)],
+                              capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    instrs, branches = parse_sass(sass)
+    return Compiled(name, capability, compiled.metadata.num_warps, regs, local + stack,
+                    compiled.metadata.shared, instrs, branches)
+
+
+_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+
+
+def parse_sass(text):
+    """Instructions (address, opcode, source frames) and the branches (from, to).
+
+    nvdisasm -gi prints a location only when it changes, as a group of `//##` lines:
+    the innermost source line first, then each call site that inlined it.
+    """
+    instrs, labels, branches_to = [], {}, []
+    frames, group, pending_labels = (), [], []
+    for line in text.splitlines():
+        line = line.strip()
+        m = _LINE.match(line)
+        if m:
+            group.append((m.group(1), int(m.group(2))))
+            continue
+        if group:
+            frames, group = tuple(group), []
+        label = _LABEL.match(line)
+        if label:
+            pending_labels.append(label.group(1))
+            continue
+        m = _INSTR.search(line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        for name in pending_labels:
+            labels[name] = addr
+        pending_labels = []
+        instrs.append(Instr(addr, m.group(3), frames))
+        if m.group(3) == "BRA":
+            target = re.search(r"(\.L_x_\d+)", m.group(4))
+            if target:
+                branches_to.append((addr, target.group(1)))
+    return instrs, [(addr, labels[name]) for addr, name in branches_to if name in labels]
+
+
+# ----------------------------------------------------------------------------------------
+# 3. Loops
+# ----------------------------------------------------------------------------------------
+
+_MARKER = re.compile(r"#\s*loop:\s*([\w.]+)")
+
+
+@dataclass
+class Loop:
+    name: str
+    instrs: int      # SASS per iteration (nested loops excluded)
+    mma: int         # HGMMA / HMMA
+    mufu: int
+    select: int      # SEL, FSEL
+    compare: int     # ISETP, FSETP
+    mma_flops: int   # tensor-core FLOPs per iteration, whole program
+
+    def row(self):
+        return dataclasses.asdict(self)
+
+
+def mma_flops(opcode, num_warps):
+    """FLOPs one program does when its warps execute this instruction once."""
+    m = re.match(r"HGMMA\.(\d+)x(\d+)x(\d+)", opcode)
+    if m:  # one instruction per warpgroup of 4 warps
+        return 2 * math.prod(map(int, m.groups())) * (num_warps // 4)
+    m = re.match(r"HMMA\.(16)(8)(8|16)", opcode)
+    if m:  # one instruction per warp
+        return 2 * math.prod(map(int, m.groups())) * num_warps
+    return 0
+
+
+def _loop_name(frames):
+    # The marker sits on the loop's own `for` line or on the call that inlined it;
+    # look from the outermost frame in.
+    for file, line in reversed(frames):
+        m = _MARKER.search(linecache.getline(file, line))
+        if m:
+            return m.group(1)
+    return "unnamed:" + ":".join(f"{Path(f).name}:{n}" for f, n in frames)
+
+
+def loops(compiled):
+    """Loop name -> Loop, read off the SASS: a loop is a backward branch."""
+    by_addr = {ins.addr: i for i, ins in enumerate(compiled.instrs)}
+    # A branch to itself is the trap every kernel ends with, not a loop.
+    regions = sorted(((by_addr[to], by_addr[frm]) for frm, to in compiled.branches if to < frm),
+                     key=lambda r: r[1] - r[0])
+    found = {}
+    for lo, hi in regions:
+        body = set(range(lo, hi + 1))
+        for other_lo, other_hi in regions:  # nested loops count in their own row
+            if (other_lo, other_hi) != (lo, hi) and lo <= other_lo and other_hi <= hi:
+                body -= set(range(other_lo, other_hi + 1))
+        ops = [compiled.instrs[i].opcode for i in sorted(body)]
+        name = _loop_name(compiled.instrs[hi].frames)
+        if name in found:
+            raise RuntimeError(f"{compiled.name}: two loops are named {name!r}")
+        found[name] = Loop(
+            name, len(ops),
+            mma=sum(op.startswith(("HGMMA", "HMMA")) for op in ops),
+            mufu=sum(op.startswith("MUFU") for op in ops),
+            select=sum(op.split(".")[0] in ("SEL", "FSEL") for op in ops),
+            compare=sum(op.split(".")[0] in ("ISETP", "FSETP") for op in ops),
+            mma_flops=sum(mma_flops(op, compiled.num_warps) for op in ops))
+    return found
+
+
+def straight_line(compiled):
+    """SASS outside every loop, and its tensor-core FLOPs: what a program runs once.
+
+    An upper bound (not every branch of it runs in every program), charged to every
+    program, empty ones included.
+    """
+    by_addr = {ins.addr: i for i, ins in enumerate(compiled.instrs)}
+    in_loop = set()
+    for frm, to in compiled.branches:
+        if to < frm:
+            in_loop.update(range(by_addr[to], by_addr[frm] + 1))
+    ops = [ins.opcode for i, ins in enumerate(compiled.instrs) if i not in in_loop]
+    return len(ops), sum(mma_flops(op, compiled.num_warps) for op in ops)
+
+
+# ----------------------------------------------------------------------------------------
+# 4. Trip counts, and the time model
+# ----------------------------------------------------------------------------------------
+# The range arithmetic below mirrors adclr_kernels/unidirectional.py: keep the two in step.
+
+
+@dataclass(frozen=True)
+class Sequence:
+    seq_len: int
+    num_queries: int
+    num_prefix: int = 1
+
+    @property
+    def visible(self):
+        return self.seq_len - self.num_queries
+
+
+def _trips(lo, hi, step):
+    return max(0, -(-(hi - lo) // step))
+
+
+def _key_ranges(m0, s, key_len, block_m):
+    """Columns [lo1, hi1) and [lo2, hi2) a row block walks (default options)."""
+    lo1, hi1 = (s.num_prefix if m0 >= s.visible else 0), s.visible
+    if m0 >= s.seq_len:
+        hi1 = lo1
+    return lo1, hi1, s.visible, s.visible
+
+
+def _dkdv_row_range(n0, s, block_n):
+    if n0 < s.visible and (n0 + block_n > s.num_prefix):
+        return 0, s.seq_len
+    if n0 < s.visible:
+        return 0, s.visible
+    return 0, 0
+
+
+def programs(launch, seqs, heads):
+    """Trip counts of every program of a launch, in launch order: [{loop: trips}]."""
+    a = launch.bound()
+    n = launch.grid[0]
+    blocks = a["num_blocks"]
+    out = []
+    for pid in range(n):
+        block, seq = pid % blocks, pid // blocks // heads
+        s = seqs[seq] if seq < len(seqs) else None
+        key_len = s.seq_len if launch.kwargs.get("VARLEN") else a.get("key_len")
+        trips = {}
+        if launch.name == "_unidirectional_fwd_kernel":
+            bm, bn = a["BLOCK_M"], a["BLOCK_N"]
+            lo1, hi1, lo2, hi2 = _key_ranges(block * bm, s, key_len, bm)
+            trips = {"fwd.visible": _trips(lo1, hi1, bn), "fwd.queries": _trips(lo2, hi2, bn)}
+        elif launch.name == "_unidirectional_bwd_kernel":
+            n0, m0 = block * a["BLOCK_N1"], block * a["BLOCK_M2"]
+            if n0 < key_len:
+                lo, hi = _dkdv_row_range(n0, s, a["BLOCK_N1"])
+                trips["bwd.dkdv"] = _trips(lo, hi, a["BLOCK_M1"])
+            if m0 < s.seq_len:
+                lo1, hi1, lo2, hi2 = _key_ranges(m0, s, key_len, a["BLOCK_M2"])
+                trips["bwd.dq_visible"] = _trips(lo1, hi1, a["BLOCK_N2"])
+                trips["bwd.dq_queries"] = _trips(lo2, hi2, a["BLOCK_N2"])
+        elif launch.name == "_unidirectional_bwd_delta_kernel":
+            trips = {"rows": int(block * a["BLOCK_M"] < s.seq_len)}
+        out.append(trips)
+    return out
+
+
+def occupancy(compiled, gpu):
+    """Programs resident per SM: the tightest of registers, shared memory, threads."""
+    if compiled.shared_bytes > gpu.smem_per_program:
+        return 0
+    warps = compiled.num_warps
+    regs_per_warp = -(-compiled.registers * 32 // 256) * 256  # allocated in 256-register units
+    by_regs = (gpu.regs_per_sm // regs_per_warp) // warps
+    by_smem = gpu.smem_per_sm // (compiled.shared_bytes + 1024)  # 1 KB reserved per program
+    return min(by_regs, by_smem, gpu.max_threads // (32 * warps), gpu.max_programs)
+
+
+def schedule(costs, occ, gpu, mma_rate):
+    """Finish time of programs placed, in launch order, on the first free SM slot.
+
+    costs: (warp-instructions, tensor-core FLOPs) per program. The occ programs on an SM
+    share its issue slots and tensor cores; a program takes the longer of the two.
+    """
+    import heapq
+
+    issue_rate = gpu.clock_hz * gpu.issue_per_sm / occ
+    mma_per_slot = mma_rate / gpu.sms / occ
+    slots = [0.0] * (gpu.sms * occ)
+    for instrs, flops in costs:
+        start = heapq.heappop(slots)
+        heapq.heappush(slots, start + max(instrs / issue_rate, flops / mma_per_slot))
+    return max(slots)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Compulsory work of one kernel: bytes it must move, FLOPs it must do."""
+    bytes: float
+    flops: float
+
+
+def traffic(name, seqs, heads, head_dim, elem):
+    """Bytes and useful FLOPs (default options: rows see the visible keys, queries the
+    raw ones) of each kernel kind, summed over sequences and heads."""
+    total_bytes = total_flops = 0
+    for s in seqs:
+        L, V, Q = s.seq_len, s.visible, s.num_queries
+        pairs = V * V + Q * (V - s.num_prefix)
+        row, key = L * head_dim * elem, V * head_dim * elem
+        if name == "fwd":      # q, k, v in; o and the logsumexp out
+            b, f = 2 * row + 2 * key + 4 * L, 4 * head_dim * pairs
+        elif name == "delta":  # o, dO in; delta out
+            b, f = 2 * row + 4 * L, 0
+        else:                  # q, k, v, dO, lse, delta in; dq, dk, dv (all L rows) out
+            b, f = 2 * row + 2 * key + 8 * L + 3 * row, 10 * head_dim * pairs
+        total_bytes += b * heads
+        total_flops += f * heads
+    return Traffic(total_bytes, total_flops)
+
+
+KIND = {"_unidirectional_fwd_kernel": "fwd", "_unidirectional_bwd_delta_kernel": "delta",
+        "_unidirectional_bwd_kernel": "bwd"}
+
+
+def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
+    """One row of the table: what the compiled kernel is, and how long it should take."""
+    loop_stats = loops(compiled)
+    base_instrs, base_flops = straight_line(compiled)
+    warps = compiled.num_warps
+    costs, empty, trip_totals = [], 0, {name: 0 for name in loop_stats}
+    for trips in programs(launch, seqs, heads):
+        if not any(trips.values()):
+            empty += 1
+        instrs, flops = base_instrs * warps, base_flops
+        for name, count in trips.items():
+            if name in loop_stats:
+                instrs += count * loop_stats[name].instrs * warps
+                flops += count * loop_stats[name].mma_flops
+                trip_totals[name] += count
+        costs.append((instrs, flops))
+    occ = occupancy(compiled, gpu)
+    mma_rate = gpu.mma_flops[dtype_name]
+    work = traffic(KIND[launch.name], seqs, heads, head_dim, DTYPES[dtype_name].itemsize)
+    memory_s = work.bytes / gpu.dram_bytes_per_s
+    floor_s = max(work.flops / mma_rate, memory_s)
+    if occ == 0:
+        estimate_s, bound = float("inf"), "does not fit"
+    else:
+        estimate_s = max(schedule(costs, occ, gpu, mma_rate), memory_s)
+        bounds = {"issue": schedule([(i, 0) for i, _ in costs], occ, gpu, mma_rate),
+                  "tensor cores": schedule([(0, f) for _, f in costs], occ, gpu, mma_rate),
+                  "memory": memory_s}
+        bound = max(bounds, key=bounds.get)
+    hot = max(loop_stats.values(), key=lambda l: trip_totals[l.name] * l.instrs, default=None)
+    return dict(
+        kernel=launch.name, kind=KIND[launch.name], grid=launch.grid[0], empty_programs=empty,
+        num_warps=warps, registers=compiled.registers, spill_bytes=compiled.spill_bytes,
+        shared_bytes=compiled.shared_bytes, programs_per_sm=occ,
+        constexprs={k: v for k, v in launch.kwargs.items() if k.isupper()},
+        straight_line_sass=base_instrs,
+        loops=[dict(l.row(), trips=trip_totals[l.name]) for l in loop_stats.values()],
+        hot_loop=hot.name if hot else None, hot_loop_sass=hot.instrs if hot else None,
+        bytes=work.bytes, useful_flops=work.flops,
+        estimate_us=estimate_s * 1e6, floor_us=floor_s * 1e6, bound=bound,
+        vs_floor=estimate_s / floor_s if floor_s else None)
+
+
+# ----------------------------------------------------------------------------------------
+# 5. What runs around the kernels
+# ----------------------------------------------------------------------------------------
+
+COPY_OPS = ("stack", "cat", "clone", "copy_", "contiguous", "_to_copy", "zeros", "zero_",
+            "fill_", "new_zeros", "zeros_like", "index_put_", "constant_pad_nd")
+
+
+def autograd_work(workload, dtype):
+    """Every ATen and custom op of one drop-in attention layer, forward and backward.
+
+    The layer runs as the trainer runs it (`adclr_kernels.nn.UnidirectionalAttention`,
+    Triton backend) on meta tensors of the workload's full size: the kernels are the
+    custom ops' fake implementations, so what is recorded is exactly what autograd and
+    the module add around them. Returns (kernel launches by op, copies [(op, bytes)]).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from adclr_kernels.nn import UnidirectionalAttention
+
+    custom, copies = [], []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if func.namespace == "adclr_kernels":
+                custom.append(name)
+            elif name in COPY_OPS:
+                outs = out if isinstance(out, (tuple, list)) else [out]
+                copies.append((name, sum(t.numel() * t.element_size() for t in outs
+                                         if isinstance(t, torch.Tensor))))
+            return out
+
+    heads, dim = workload.heads, workload.heads * workload.head_dim
+    layer = UnidirectionalAttention(dim, heads, qkv_bias=True, backend="triton")
+    layer = layer.to(device="meta", dtype=dtype)
+    if isinstance(workload, PackedWorkload):
+        layout = _meta_layout(workload)
+        x = torch.empty(workload.tokens, dim, dtype=dtype, device="meta", requires_grad=True)
+        call = lambda: layer(x, layout.num_queries, workload.num_prefix,  # noqa: E731
+                             cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen)
+    else:
+        x = torch.empty(workload.batch, workload.seq_len, dim, dtype=dtype, device="meta",
+                        requires_grad=True)
+        call = lambda: layer(x, workload.num_queries, workload.num_prefix)  # noqa: E731
+    with Record():
+        call().sum().backward()
+    return custom, copies
+
+
+def _meta_layout(workload):
+    seqs = workload.sequences()
+    layout = argparse.Namespace(
+        cu_seqlens=torch.empty(len(seqs) + 1, dtype=torch.int32, device="meta"),
+        num_queries=torch.empty(len(seqs), dtype=torch.int32, device="meta"),
+        max_seqlen=max(length for length, _ in seqs))
+    return layout
+
+
+# ----------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------
+
+
+def run(workloads, dtype_names, gpu_keys, log=print):
+    rows, layers = [], []
+    for workload in workloads:
+        seqs = sequences(workload)
+        for dtype_name in dtype_names:
+            for gpu_key in gpu_keys:
+                gpu = GPUS[gpu_key]
+                forward, backward = capture(workload, DTYPES[dtype_name], gpu.capability)
+                for launch in forward + backward:
+                    t0 = time.perf_counter()
+                    compiled = compile_launch(launch, gpu.capability)
+                    row = model_kernel(launch, compiled, seqs, workload.heads, workload.head_dim,
+                                       dtype_name, gpu)
+                    row.update(workload=workload.id, label=workload.describe(), dtype=dtype_name,
+                               gpu=gpu.name, target=f"sm_{gpu.capability}")
+                    rows.append(row)
+                    log(f"  {gpu_key} {dtype_name} {workload.id} {row['kernel']}: "
+                        f"{row['registers']} regs, {row['spill_bytes']} B spilled, "
+                        f"{row['shared_bytes']} B shared, hot loop {row['hot_loop_sass']} SASS, "
+                        f"{row['estimate_us']:.1f} us (floor {row['floor_us']:.1f}, {row['bound']}) "
+                        f"[{time.perf_counter() - t0:.1f} s]")
+            custom, copies = autograd_work(workload, DTYPES[dtype_name])
+            layers.append(dict(workload=workload.id, dtype=dtype_name, custom_ops=custom,
+                               copies=[dict(op=op, bytes=b) for op, b in copies],
+                               copy_bytes=sum(b for _, b in copies)))
+    return rows, layers
+
+
+def op_floor(workload, dtype_name, gpu):
+    """Floor of the whole op (forward, backward) whatever its kernels: forward reads q, k,
+    v and writes o and the logsumexp; backward reads q, k, v, o, dO and the logsumexp and
+    writes dq, dk, dv; FLOPs are the useful ones (backward 2.5x the forward)."""
+    elem = DTYPES[dtype_name].itemsize
+    seqs = sequences(workload)
+    fwd = traffic("fwd", seqs, workload.heads, workload.head_dim, elem)
+    bwd = traffic("bwd", seqs, workload.heads, workload.head_dim, elem)
+    # The backward's own floor reads o once (for delta) but not delta itself.
+    bwd_bytes = bwd.bytes + sum(s.seq_len * (workload.head_dim * elem - 4) for s in seqs) * workload.heads
+    rate = gpu.mma_flops[dtype_name]
+    return (max(fwd.flops / rate, fwd.bytes / gpu.dram_bytes_per_s) * 1e6,
+            max(bwd.flops / rate, bwd_bytes / gpu.dram_bytes_per_s) * 1e6)
+
+
+def summarize(rows, workloads):
+    """Per (target, dtype, workload): forward and backward estimates against the floor."""
+    ops = []
+    by_id = {w.id: w for w in workloads}
+    keys = sorted({(r["target"], r["dtype"], r["workload"]) for r in rows},
+                  key=lambda k: (k[0], k[1], list(by_id).index(k[2])))
+    for target, dtype_name, wid in keys:
+        mine = [r for r in rows if (r["target"], r["dtype"], r["workload"]) == (target, dtype_name, wid)]
+        gpu = next(g for g in GPUS.values() if f"sm_{g.capability}" == target)
+        fwd_floor, bwd_floor = op_floor(by_id[wid], dtype_name, gpu)
+        fwd = sum(r["estimate_us"] for r in mine if r["kind"] == "fwd")
+        bwd = sum(r["estimate_us"] for r in mine if r["kind"] != "fwd")
+        ops.append(dict(target=target, dtype=dtype_name, workload=wid,
+                        forward_kernels=sum(r["kind"] == "fwd" for r in mine),
+                        backward_kernels=sum(r["kind"] != "fwd" for r in mine),
+                        forward_us=fwd, backward_us=bwd, forward_floor_us=fwd_floor,
+                        backward_floor_us=bwd_floor,
+                        vs_floor=(fwd + bwd) / (fwd_floor + bwd_floor)))
+    return ops
+
+
+def _loop_cell(row):
+    hot = next((l for l in row["loops"] if l["name"] == row["hot_loop"]), None)
+    if hot is None:
+        return "-"
+    return f"{hot['name']}: {hot['instrs']} ({hot['mma']}/{hot['mufu']}/{hot['select']}/{hot['compare']})"
+
+
+def markdown(rows, ops, layers, meta):
+    lines = [f"# Static model of the attention kernels ({meta['when']})", "",
+             f"`{meta['command']}`; Triton {meta['triton']}, torch {meta['torch']}. "
+             "Estimates are from compiled code and the model in bench/static.py "
+             "(assumptions in bench/NOTES.md), not measurements.", ""]
+    for target in sorted({r["target"] for r in rows}, reverse=True):
+        gpu = next(g for g in GPUS.values() if f"sm_{g.capability}" == target)
+        lines += [f"## {target} ({gpu.name})", "",
+                  "### The op per layer: estimate against the floor", "",
+                  "| dtype | workload | fwd kernels | bwd kernels | fwd µs | fwd floor | bwd µs | bwd floor | total / floor |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for o in ops:
+            if o["target"] == target:
+                lines.append(f"| {o['dtype']} | {o['workload']} | {o['forward_kernels']} | "
+                             f"{o['backward_kernels']} | {o['forward_us']:.1f} | {o['forward_floor_us']:.1f} | "
+                             f"{o['backward_us']:.1f} | {o['backward_floor_us']:.1f} | {o['vs_floor']:.2f} |")
+        lines += ["", "### Kernels", "",
+                  "hot loop: SASS per iteration (tensor-core / MUFU / select / compare)", "",
+                  "| dtype | workload | kernel | grid | empty | warps | regs | spill B | smem KB | per SM | hot loop | est µs | floor µs | bound | est / floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["target"] != target:
+                continue
+            ratio = f"{r['vs_floor']:.2f}" if r["vs_floor"] else "-"
+            lines.append(
+                f"| {r['dtype']} | {r['workload']} | {r['kernel'].strip('_')} | {r['grid']} | "
+                f"{r['empty_programs']} | {r['num_warps']} | {r['registers']} | {r['spill_bytes']} | "
+                f"{r['shared_bytes'] / 1024:.1f} | {r['programs_per_sm']} | {_loop_cell(r)} | "
+                f"{r['estimate_us']:.1f} | {r['floor_us']:.1f} | {r['bound']} | {ratio} |")
+        lines.append("")
+    lines += ["## Around the kernels: one attention layer, forward and backward", "",
+              "`adclr_kernels.nn.UnidirectionalAttention` (Triton backend), full size on meta "
+              "tensors; copies are stack, cat, clone, copy_, contiguous, dtype casts and fills.", "",
+              "| dtype | workload | custom ops | copies | copy MB |", "|---|---|---|---|---|"]
+    for layer in layers:
+        copies = ", ".join(f"{c['op']} {c['bytes'] / 1e6:.1f} MB" for c in layer["copies"]) or "none"
+        lines.append(f"| {layer['dtype']} | {layer['workload']} | {', '.join(layer['custom_ops'])} | "
+                     f"{copies} | {layer['copy_bytes'] / 1e6:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    from bench.workloads import STATIC_WORKLOADS
+
+    parser = argparse.ArgumentParser(prog="python -m bench.static", description=__doc__.split("\n")[0])
+    parser.add_argument("--workloads", default="all",
+                        help="comma-separated workload names (default: all of bench.workloads.STATIC_WORKLOADS)")
+    parser.add_argument("--dtypes", default="bf16,fp16,fp32")
+    parser.add_argument("--targets", default="sm90,sm80")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for static.json and static.md")
+    args = parser.parse_args(argv)
+    names = args.workloads.split(",")
+    workloads = [w for w in STATIC_WORKLOADS if args.workloads == "all" or w.name in names]
+    if not workloads:
+        parser.error(f"no workload named {args.workloads}; "
+                     f"choose from {', '.join(w.name for w in STATIC_WORKLOADS)}")
+    dtypes, targets = args.dtypes.split(","), args.targets.split(",")
+    for value, known, flag in ((dtypes, DTYPES, "--dtypes"), (targets, GPUS, "--targets")):
+        unknown = [v for v in value if v not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    started = time.time()
+    print(f"compiling {len(workloads)} workloads x {dtypes} for {targets} ...", file=sys.stderr)
+    rows, layers = run(workloads, dtypes, targets, log=lambda m: print(m, file=sys.stderr))
+    ops = summarize(rows, workloads)
+    meta = dict(when=time.strftime("%Y-%m-%d"), command="python -m bench.static " + " ".join(argv or sys.argv[1:]),
+                triton=triton.__version__, torch=torch.__version__,
+                gpus={k: dataclasses.asdict(g) for k, g in GPUS.items() if k in targets})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "static.json").write_text(json.dumps(dict(meta=meta, ops=ops, kernels=rows, layers=layers),
+                                                indent=1, default=str))
+    (out / "static.md").write_text(markdown(rows, ops, layers, meta))
+    print(f"wrote {out / 'static.md'} and static.json in {time.time() - started:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
