@@ -71,34 +71,41 @@ def reference_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=F
 
     The raw path is a plain ViT attention over the P + N visible tokens; the query path
     lets the Q query tokens read the visible tokens (and, by option, themselves or each
-    other). The two results are concatenated along the sequence.
+    other). The two results are concatenated along the sequence. Scores and softmax are
+    computed in fp32 (as the fused kernels and SDPA do), so fp16 scores that overflow
+    the format do not turn into NaN; the probabilities go back to v's dtype for P @ V.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     visible = q.shape[-2] - num_queries
     k_vis, v_vis = k[..., :visible, :], v[..., :visible, :]
+    wide = torch.promote_types(q.dtype, torch.float32)
 
-    raw = torch.softmax((q[..., :visible, :] @ k_vis.transpose(-2, -1)) * scale, -1) @ v_vis
+    def scores(qq, kk):
+        return (qq.to(wide) @ kk.to(wide).transpose(-2, -1)) * scale
+
+    def attend(probs, values):
+        return probs.to(values.dtype) @ values
+
+    raw = attend(torch.softmax(scores(q[..., :visible, :], k_vis), -1), v_vis)
     if num_queries == 0:
         return raw
 
     q_query = q[..., visible:, :]
     first = 0 if query_sees_prefix else num_prefix
     keys, values = k[..., first:visible, :], v[..., first:visible, :]
-    scores = (q_query @ keys.transpose(-2, -1)) * scale
+    s = scores(q_query, keys)
     if query_sees_queries:
         k_query, v_query = k[..., visible:, :], v[..., visible:, :]
-        scores = torch.cat([scores, (q_query @ k_query.transpose(-2, -1)) * scale], -1)
-        values = torch.cat([values, v_query], -2)
-        probs = torch.softmax(scores, -1)
-        return torch.cat([raw, probs @ values], -2)
+        probs = torch.softmax(torch.cat([s, scores(q_query, k_query)], -1), -1)
+        return torch.cat([raw, attend(probs, torch.cat([values, v_query], -2))], -2)
     if query_sees_self:
         # Each query token's own key is one extra column of its score row.
         k_self, v_self = k[..., visible:, :], v[..., visible:, :]
-        self_score = (q_query * k_self).sum(-1, keepdim=True) * scale
-        probs = torch.softmax(torch.cat([scores, self_score], -1), -1)
-        out = probs[..., :-1] @ values + probs[..., -1:] * v_self
+        self_score = (q_query.to(wide) * k_self.to(wide)).sum(-1, keepdim=True) * scale
+        probs = torch.softmax(torch.cat([s, self_score], -1), -1)
+        out = attend(probs[..., :-1], values) + probs[..., -1:].to(v.dtype) * v_self
         return torch.cat([raw, out], -2)
-    return torch.cat([raw, torch.softmax(scores, -1) @ values], -2)
+    return torch.cat([raw, attend(torch.softmax(s, -1), values)], -2)
 
 
 def _two_calls(attend, q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
@@ -160,17 +167,46 @@ def flex_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
     """FlexAttention with the mask as a mask_mod; the BlockMask is cached per shape.
 
     Compiled on CUDA (the only way flex is fast); eager on CPU, where PyTorch offers
-    no flex backward.
+    no flex backward. Flex multiplies masked probabilities (0) by their values, so a
+    NaN or inf in a value the row may not see would still reach it: keys are cut to
+    the visible ones when no option needs the query keys, and otherwise raw and query
+    rows run as two calls, as `sdpa` does.
     """
+    if q.shape[-2] == 0 or q.shape[0] == 0:
+        # Nothing to attend (flex rejects empty inputs); keep the graph to q, k and v.
+        return q * 0 + (k.sum() + v.sum()) * 0
+    visible = q.shape[-2] - num_queries
+    if num_queries and (query_sees_self or query_sees_queries):
+        def attend(qq, kk, vv, allowed):
+            mask = None
+            if allowed is not None:
+                mask = _flex_block_mask_from(allowed)
+            return _flex_call(qq, kk, vv, mask, scale)
+
+        return _two_calls(attend, q, k, v, num_queries, num_prefix, query_sees_prefix,
+                          query_sees_self, query_sees_queries)
+    k, v = k[..., :visible, :], v[..., :visible, :]
+    block_mask = _flex_block_mask(q.shape[-2], visible, num_queries, num_prefix,
+                                  query_sees_prefix, False, False, str(q.device))
+    return _flex_call(q, k, v, block_mask, scale)
+
+
+def _flex_call(q, k, v, block_mask, scale):
     from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
-    block_mask = _flex_block_mask(q.shape[-2], k.shape[-2], num_queries, num_prefix,
-                                  query_sees_prefix, query_sees_self, query_sees_queries,
-                                  str(q.device))
     if q.is_cuda:
         return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
     # CPU flex is forward-only and rejects inputs that require grad even under no_grad.
     return eager_flex(*(t.detach() for t in (q, k, v)), block_mask=block_mask, scale=scale)
+
+
+def _flex_block_mask_from(allowed):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, i, j):
+        return allowed[i, j]
+
+    return create_block_mask(mask_mod, None, None, *allowed.shape, device=str(allowed.device))
 
 
 def xformers_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
@@ -215,39 +251,8 @@ def varlen_per_sequence(fn, q, k, v, bounds, num_queries, num_prefix, **options)
     return torch.cat(outs, 0)
 
 
-@functools.lru_cache(maxsize=64)
-def _flex_varlen_block_mask(bounds, num_queries, num_prefix, query_sees_prefix, query_sees_self,
-                            query_sees_queries, device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    total = bounds[-1][1] if bounds else 0
-    seq_id = torch.zeros(total, dtype=torch.long)
-    first = torch.zeros(total, dtype=torch.long)
-    visible = torch.zeros(total, dtype=torch.long)
-    for s, ((start, end), nq) in enumerate(zip(bounds, num_queries)):
-        seq_id[start:end], first[start:end], visible[start:end] = s, start, end - nq
-    seq_id, first, visible = seq_id.to(device), first.to(device), visible.to(device)
-
-    def mask_mod(b, h, i, j):
-        same = seq_id[i] == seq_id[j]
-        i_local, j_local = i - first[i], j - first[i]
-        return same & _sees(i_local, j_local, visible[i] - first[i], num_prefix,
-                            query_sees_prefix, query_sees_self, query_sees_queries)
-
-    return create_block_mask(mask_mod, None, None, total, total, device=device)
-
-
-def flex_varlen_attention(q, k, v, bounds, num_queries, num_prefix, *, query_sees_prefix=False,
-                          query_sees_self=False, query_sees_queries=False, scale=None):
-    """FlexAttention over the packed batch with a block-diagonal (document) mask."""
-    from torch.nn.attention.flex_attention import flex_attention as eager_flex
-
-    block_mask = _flex_varlen_block_mask(tuple(bounds), tuple(num_queries), num_prefix,
-                                         query_sees_prefix, query_sees_self, query_sees_queries,
-                                         str(q.device))
-    dense = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
-    if q.is_cuda:
-        out = _compiled_flex()(*dense, block_mask=block_mask, scale=scale)
-    else:  # forward-only on CPU, see flex_attention
-        out = eager_flex(*(t.detach() for t in dense), block_mask=block_mask, scale=scale)
-    return out[0].transpose(0, 1)
+def flex_varlen_attention(q, k, v, bounds, num_queries, num_prefix, **options):
+    """FlexAttention per packed sequence. One call over the packed batch with a document
+    mask would let a NaN or inf in one sequence's values reach rows of another that
+    share a block (flex multiplies masked probabilities by their values)."""
+    return varlen_per_sequence(flex_attention, q, k, v, bounds, num_queries, num_prefix, **options)

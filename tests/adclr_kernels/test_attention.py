@@ -79,11 +79,11 @@ def test_backends_low_precision(backend, dtype):
                                  backend=backend, **kw)
     ref64, grads64 = reference_grads(dense_masked_attention, q.double(), k.double(), v.double(),
                                      grad_out, **kw)
-    ref_lo, grads_lo = reference_grads(reference_attention, q, k, v, grad_out.to(dtype), **kw)
+    # The yardstick: the plain masked softmax run in the same low precision.
+    ref_lo, grads_lo = reference_grads(dense_masked_attention, q, k, v, grad_out.to(dtype), **kw)
     assert out.dtype == dtype
     assert_fa_close("out", out, ref64, ref_lo)
     for name, got, want, lo in zip("qkv", grads, grads64, grads_lo):
-        # The reference backend is the low-precision yardstick itself.
         assert_fa_close(f"d{name}", got, want, lo)
 
 
@@ -99,8 +99,8 @@ def test_auto_picks_triton_on_cuda_and_a_pytorch_path_on_cpu(monkeypatch):
 
     q, k, v = make_qkv(1, 2, 1, 10, 2, 32, options(OPTION_SETS[0]), dtype=torch.float32)
     calls = []
-    real = uni.unidirectional_fwd
-    monkeypatch.setattr(uni, "unidirectional_fwd", lambda *a: calls.append(1) or real(*a))
+    real = uni.attention_fwd
+    monkeypatch.setattr(uni, "attention_fwd", lambda *a: calls.append(1) or real(*a))
     out = unidirectional_attention(q, k, v, 2)
     assert bool(calls) == ON_CUDA
     assert_rel_close("out", out, dense_masked_attention(q.double(), k.double(), v.double(), 2, 1),
@@ -141,6 +141,7 @@ BAD_INPUTS = [
     ("option not bool", dict(query_sees_prefix=1), TypeError, "query_sees_prefix must be a bool"),
     ("scale a string", dict(scale="0.1"), TypeError, "scale must be a finite float"),
     ("scale nan", dict(scale=float("nan")), TypeError, "scale must be a finite float"),
+    ("scale negative", dict(scale=-0.1), ValueError, "scale must be >= 0"),
     ("unknown backend", dict(backend="cudnn"), ValueError, "backend must be one of"),
     ("head_dim 0", dict(q=torch.randn(2, 3, 15, 0), k=torch.randn(2, 3, 11, 0),
                         v=torch.randn(2, 3, 11, 0)), ValueError, "head_dim 0"),
@@ -182,3 +183,68 @@ def test_mixed_devices():
 
 def test_every_documented_backend_is_known():
     assert set(BACKENDS) == {"auto", "triton", "reference", "sdpa", "flex", "xformers"}
+
+
+# ---------------------------------------------------------------------------------------
+# Edge inputs: every backend agrees on them as on normal ones.
+# ---------------------------------------------------------------------------------------
+
+EDGE_BACKENDS = [backend_param(b) for b in ("triton", "reference", "sdpa", "flex", "xformers")]
+
+
+def _no_grad_if_flex_on_cpu(backend):
+    import contextlib
+
+    return torch.no_grad() if backend == "flex" and not ON_CUDA else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("opt_set", [OPTION_SETS[0], OPTION_SETS[2], OPTION_SETS[4]],
+                         ids=lambda s: "psq=" + "".join("01"[x] for x in s))
+def test_a_nan_in_a_query_token_never_reaches_the_raw_rows(backend, opt_set):
+    opts = options(opt_set)
+    q, k, v = make_qkv(1, 2, 1, 40, 4, 32, opts, dtype=torch.float32, short_keys=False)
+    poisoned_v = v.clone()
+    poisoned_v[:, :, 42] = float("nan")  # the second query token's value
+    poisoned_k = k.clone()
+    poisoned_k[:, :, 42] = float("inf")
+    if backend == "flex" and not ON_CUDA:
+        with torch.no_grad():
+            clean = unidirectional_attention(q, k, v, 4, backend=backend, **opts)
+            dirty = unidirectional_attention(q, poisoned_k, poisoned_v, 4, backend=backend, **opts)
+        clean_dq = dirty_dq = torch.zeros(1, 1)  # no backward to compare
+    else:
+        (clean, (clean_dq,)), (dirty, (dirty_dq,)) = (
+            _out_and_dq(q, kk, vv, backend, opts) for kk, vv in ((k, v), (poisoned_k, poisoned_v)))
+    assert torch.isfinite(dirty[:, :, :41]).all(), "the raw path saw a query token"
+    torch.testing.assert_close(dirty[:, :, :41], clean[:, :, :41], rtol=0, atol=0)
+    # The raw rows' dq depends on the raw rows alone.
+    torch.testing.assert_close(dirty_dq[..., :41, :], clean_dq[..., :41, :], rtol=0, atol=0)
+
+
+def _out_and_dq(q, k, v, backend, opts):
+    leaf = q.detach().requires_grad_()
+    out = unidirectional_attention(leaf, k, v, 4, backend=backend, **opts)
+    return out.detach(), torch.autograd.grad(out, leaf, torch.ones_like(out))
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_fp16_scores_past_the_format_stay_finite(backend):
+    dtype = torch.float16
+    q, k, v = make_qkv(1, 2, 1, 30, 3, 32, options(OPTION_SETS[0]), dtype=torch.float64, seed=9)
+    q, k = q * 60, k * 60  # |q . k| reaches ~1e5, past fp16's 65504
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    with _no_grad_if_flex_on_cpu(backend):
+        out = unidirectional_attention(q, k, v, 3, backend=backend)
+    want = dense_masked_attention(q.double(), k.double(), v.double(), 3, 1)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 3, 0, 16), (0, 3, 12, 16)], ids=["L=0", "batch=0"])
+def test_empty_inputs_give_empty_outputs(backend, shape):
+    q = torch.randn(shape, device=DEVICE)
+    with _no_grad_if_flex_on_cpu(backend):
+        out = unidirectional_attention(q, q.clone(), q.clone(), 0, 0, backend=backend)
+    assert out.shape == shape
