@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adclr_kernels import VarlenLayout
 from adclr_kernels.nn import UnidirectionalAttention
 
 ARCHS = {
@@ -36,9 +37,7 @@ ARCHS = {
 
 class Packing(NamedTuple):
     """How a batch of sequences of several lengths sits in one (tokens, dim) tensor."""
-    cu_seqlens: torch.Tensor       # (S + 1,) int32 offsets
-    num_queries: torch.Tensor      # (S,) int32 query tokens at the end of each sequence
-    max_seqlen: int
+    layout: VarlenLayout           # offsets and query counts, checked once on the host
     sequence_of_token: torch.Tensor  # (T,) which sequence each token belongs to
     num_seqs: int
 
@@ -90,8 +89,7 @@ class Block(nn.Module):
         if packing is None:
             y = self.attn(self.norm1(x), num_queries, 1, **self.query_options)
         else:
-            y = self.attn(self.norm1(x), packing.num_queries, 1, cu_seqlens=packing.cu_seqlens,
-                          max_seqlen=packing.max_seqlen, **self.query_options)
+            y = self.attn(self.norm1(x), None, 1, cu_seqlens=packing.layout, **self.query_options)
         x = x + self.drop_path1(y, packing)
         return x + self.drop_path2(self.mlp(self.norm2(x)), packing)
 
@@ -219,10 +217,8 @@ class VisionTransformer(nn.Module):
         if key not in cache:
             lengths = [length for count, length, _ in layout for _ in range(count)]
             queries = [nq for count, _, nq in layout for _ in range(count)]
-            offsets = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
             cache[key] = Packing(
-                cu_seqlens=offsets.to(device), num_queries=torch.tensor(queries, dtype=torch.int32).to(device),
-                max_seqlen=max(lengths), num_seqs=len(lengths),
+                layout=VarlenLayout(lengths, queries, device), num_seqs=len(lengths),
                 sequence_of_token=torch.repeat_interleave(
                     torch.arange(len(lengths)), torch.tensor(lengths)).to(device))
         return cache[key]

@@ -1,9 +1,12 @@
 """Fused ADCLR unidirectional attention: Triton kernels and PyTorch references."""
 
 from . import nn
-from .attention import BACKENDS, unidirectional_attention, unidirectional_attention_varlen
+from .attention import (BACKENDS, VarlenLayout, unidirectional_attention,
+                        unidirectional_attention_qkvpacked, unidirectional_attention_varlen,
+                        unidirectional_attention_varlen_qkvpacked)
 from .reference import visibility_mask
 
-__all__ = ["BACKENDS", "unidirectional_attention", "unidirectional_attention_varlen",
-           "visibility_mask"]
+__all__ = ["BACKENDS", "VarlenLayout", "unidirectional_attention",
+           "unidirectional_attention_qkvpacked", "unidirectional_attention_varlen",
+           "unidirectional_attention_varlen_qkvpacked", "visibility_mask"]
 __version__ = "0.1.0"

@@ -15,15 +15,17 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .attention import unidirectional_attention, unidirectional_attention_varlen
+from .attention import (unidirectional_attention, unidirectional_attention_qkvpacked,
+                        unidirectional_attention_varlen, unidirectional_attention_varlen_qkvpacked)
 
 
 class UnidirectionalAttention(nn.Module):
     """timm-compatible multi-head self-attention with ADCLR query tokens.
 
     forward(x, num_queries=0, num_prefix=1, ...):
-        x: (batch, seq, dim), or packed (total_tokens, dim) with `cu_seqlens` (then
-            num_queries may be a per-sequence tensor).
+        x: (batch, seq, dim), or packed (total_tokens, dim) with `cu_seqlens`: a
+            `VarlenLayout` (num_queries None), or offsets (then num_queries may be a
+            per-sequence tensor).
     """
 
     def __init__(self, dim, num_heads=8, attn_head_dim=None, dim_out=None, qkv_bias=False,
@@ -61,22 +63,28 @@ class UnidirectionalAttention(nn.Module):
                        query_sees_queries=query_sees_queries, scale=self.scale,
                        backend=backend or self.backend)
         tokens = x.shape[:-1]
-        # (..., 3, H, D) views: no copy, the kernel reads the packed projection through
-        # its strides and writes a token-major output that reshapes for free.
         qkv = self.qkv(x).view(*tokens, 3, self.num_heads, self.head_dim)
-        if cu_seqlens is None:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity):
+            # The projection output goes to the op as it is: the kernel reads q, k, v
+            # through its strides and its backward writes one dqkv, so neither pass
+            # copies a qkv-sized tensor.
+            if cu_seqlens is None:
+                out = unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix, **options)
+            else:
+                out = unidirectional_attention_varlen_qkvpacked(
+                    qkv, cu_seqlens, num_queries, num_prefix, max_seqlen=max_seqlen, **options)
         else:
             q, k, v = qkv.unbind(-3)
-        # Under CUDA autocast a LayerNorm q/k norm returns fp32 while v stays bf16: the op
-        # takes one dtype, so q and k follow v.
-        q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
-        if cu_seqlens is None:
-            out = unidirectional_attention(q, k, v, num_queries, num_prefix, **options)
-            out = out.transpose(1, 2)
-        else:
-            out = unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries, num_prefix,
-                                                  max_seqlen=max_seqlen, **options)
+            # Under CUDA autocast a LayerNorm q/k norm returns fp32 while v stays bf16:
+            # the op takes one dtype, so q and k follow v.
+            q, k = self.q_norm(q).to(v.dtype), self.k_norm(k).to(v.dtype)
+            if cu_seqlens is None:
+                q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+                out = unidirectional_attention(q, k, v, num_queries, num_prefix, **options)
+                out = out.transpose(1, 2)
+            else:
+                out = unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries, num_prefix,
+                                                      max_seqlen=max_seqlen, **options)
         out = self.norm(out.reshape(*tokens, self.attn_dim))
         return self.proj_drop(self.proj(out))
 

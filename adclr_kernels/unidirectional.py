@@ -26,12 +26,15 @@ reproducible.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from .attention import triton_interpreter_enabled
 
+Tensor = torch.Tensor
 LOG2E = 1.4426950408889634
 
 
@@ -62,39 +65,55 @@ def _sees(r, c, seq_len, col_end, visible, num_prefix,
     return sees & (c < col_end) & (r < seq_len)
 
 
+# Which mask a tile loop applies (a constexpr, so each loop is compiled for its case).
+NO_MASK = tl.constexpr(0)      # every (row, column) of every tile is seen
+COLUMN_MASK = tl.constexpr(1)  # columns past the range end are not (the last, partial tile)
+FULL_MASK = tl.constexpr(2)    # the whole rule, row by row (_sees)
+
+
 @triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr):
-    # fp32 inputs are multiplied in full fp32 ("ieee"), not tf32, so that float32
-    # results meet the float32 reference. DOT_FP32 is also how bf16 runs in the
-    # interpreter, whose bf16 dot is wrong.
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
+def _dot(a, b, DOT: tl.constexpr):
+    # "native": the inputs' own tensor-core path (bf16, fp16). Otherwise both operands
+    # go to fp32 and DOT is Triton's input precision: "ieee" (exact; also how bf16 runs
+    # in the interpreter, whose bf16 dot is wrong), "tf32x3" or "tf32" (fp32 inputs, as
+    # torch's float32 matmul precision allows).
+    if DOT == "native":
         return tl.dot(a, b)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
 
 
 @triton.jit
-def _sequence(num_blocks, num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUERIES,
-              VARLEN: tl.constexpr):
+def _program(num_blocks, num_heads, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
+             NUM_QUERIES, TILES, VARLEN: tl.constexpr, TILED: tl.constexpr):
     """(block, b, h, first token, seq_len, key_len, visible) of this program.
 
-    The grid is 1-D with the block index fastest, so the programs of one (sequence,
-    head) run side by side and share its K/V (or Q/dO) in L2 instead of fetching them
-    from memory once per block. Dense inputs pass the lengths as scalars; packed
-    (varlen) inputs read them from cu_seqlens and the per-sequence query counts, so one
-    kernel serves both.
+    - dense: the grid is 1-D with the block index fastest, so the programs of one
+      (sequence, head) run side by side and share its K/V (or Q/dO) in L2.
+    - packed with a tile table (from a `VarlenLayout`): one program per (sequence,
+      block) that has work, heads outermost; no program is empty.
+    - packed from cu_seqlens alone: as dense, up to the caller's max_seqlen (checked on
+      the device against the offsets).
+    Offsets read from memory are clamped into [0, total_tokens], so no cu_seqlens or
+    num_queries, however wrong, moves a load or store outside the tensors.
     """
     pid = tl.program_id(0)
-    block = pid % num_blocks
-    pid_bh = pid // num_blocks
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
+    if TILED:
+        tile = pid % num_blocks
+        h = pid // num_blocks
+        b = tl.load(TILES + 2 * tile)
+        block = tl.load(TILES + 2 * tile + 1)
+    else:
+        block = pid % num_blocks
+        pid_bh = pid // num_blocks
+        b = pid_bh // num_heads
+        h = pid_bh % num_heads
     start = b * 0
     if VARLEN:
-        start = tl.load(CU_SEQLENS + b)
-        seq_len = tl.load(CU_SEQLENS + b + 1) - start
+        start = tl.minimum(tl.maximum(tl.load(CU_SEQLENS + b), 0), total_tokens)
+        seq_len = tl.minimum(tl.maximum(tl.load(CU_SEQLENS + b + 1), start), total_tokens) - start
         key_len = seq_len
-        visible = seq_len - tl.load(NUM_QUERIES + b)
+        visible = seq_len - tl.minimum(tl.maximum(tl.load(NUM_QUERIES + b), 0), seq_len)
     return block, b.to(tl.int64), h.to(tl.int64), start.to(tl.int64), seq_len, key_len, visible
 
 
@@ -123,107 +142,166 @@ def _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _attend_key_range(acc, m_i, l_i, q, rows, lo, hi, k_base, v_base,
-                      stride_kl, stride_kd, stride_vl, stride_vd,
-                      seq_len, visible, num_prefix, qk_scale,
-                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
-                      SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr):
-    """Online-softmax accumulation of one row block over key columns [lo, hi)."""
+def _column_splits(m0, seq_len, visible, num_prefix, lo, hi, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, SEES_PREFIX: tl.constexpr):
+    """Split the visible columns [lo, hi) a row block walks by the mask they need.
+
+    Returns c1, c2: [lo, c1) the prefix tiles of a block that holds raw and query rows
+    (raw rows see the prefix, query rows do not: the full rule); [c1, c2) whole tiles
+    every row sees (no mask); [c2, hi) the last, partial tile (a column bound only).
+    A block of query rows alone starts past the prefix (lo = P) and needs no rule.
+    """
+    c1 = lo
+    if not SEES_PREFIX:
+        has_raw_and_query_rows = (m0 < visible) & (m0 + BLOCK_M > visible) & (visible < seq_len)
+        if has_raw_and_query_rows & (num_prefix > 0):
+            c1 = tl.minimum(lo + tl.cdiv(num_prefix - lo, BLOCK_N) * BLOCK_N, hi)
+    c2 = c1 + (hi - c1) // BLOCK_N * BLOCK_N
+    return c1, c2
+
+
+@triton.jit
+def _attend_tiles(acc, m_i, l_i, q, rows, lo, hi, k_base, v_base,
+                  stride_kl, stride_kd, stride_vl, stride_vd,
+                  seq_len, visible, num_prefix, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASK: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
+                  SEES_QUERIES: tl.constexpr, DOT: tl.constexpr):
+    """Online-softmax accumulation of one row block over key columns [lo, hi).
+
+    Scores stay raw until the exponent: m is kept scaled (scale * log2(e), so exp2 is
+    the softmax's exp) and s * qk_scale - m is one fused multiply-add per element.
+    """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     for col_start in range(lo, hi, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
-        col_ok = cols < hi
-        k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
-                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _dot(q, k_t, DOT_FP32) * qk_scale
-        visible_here = _sees(rows[:, None], cols[None, :], seq_len, hi, visible, num_prefix,
+        if MASK == NO_MASK:
+            k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+                          mask=d_ok[:, None], other=0.0)
+            s = _dot(q, k_t, DOT)
+            # A positive scale commutes with max (checked by the op).
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                        mask=d_ok[None, :], other=0.0)
+        else:
+            col_ok = cols < hi
+            k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+                          mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            if MASK == COLUMN_MASK:
+                seen = col_ok[None, :]
+            else:
+                seen = _sees(rows[:, None], cols[None, :], seq_len, hi, visible, num_prefix,
                              SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-        s = tl.where(visible_here, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so that
-        # exp2 gives 0 rather than NaN (-inf - -inf).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+            s = tl.where(seen, _dot(q, k_t, DOT) * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so that
+            # exp2 gives 0 rather than NaN (-inf - -inf).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
 def _unidirectional_fwd_kernel(
-    Q, K, V, O, LSE, CU_SEQLENS, NUM_QUERIES,
+    Q, K, V, O, LSE, CU_SEQLENS, NUM_QUERIES, TILES,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_lseb, stride_lseh,
-    num_blocks, num_heads, seq_len, key_len, visible, num_prefix, qk_scale,
+    num_blocks, num_heads, seq_len, key_len, visible, total_tokens, num_prefix, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
-    SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr, VARLEN: tl.constexpr,
+    SEES_QUERIES: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
+    TILED: tl.constexpr,
 ):
-    block, b, h, start, seq_len, key_len, visible = _sequence(
-        num_blocks, num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUERIES, VARLEN)
-    m0 = block * BLOCK_M
+    block, b, h, start, seq_len, key_len, visible = _program(
+        num_blocks, num_heads, seq_len, key_len, visible, total_tokens, CU_SEQLENS, NUM_QUERIES,
+        TILES, VARLEN, TILED)
     q_base = Q + b * stride_qb + h * stride_qh + start * stride_ql
     k_base = K + b * stride_kb + h * stride_kh + start * stride_kl
     v_base = V + b * stride_vb + h * stride_vh + start * stride_vl
-
-    rows = m0 + tl.arange(0, BLOCK_M)
+    o_base = O + b * stride_ob + h * stride_oh + start * stride_ol
+    lse_base = LSE + b * stride_lseb + h * stride_lseh + start
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < seq_len
     d_ok = offs_d < HEAD_DIM
+
+    m0 = block * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < seq_len
     q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     lo1, hi1, lo2, hi2 = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M,
                                      SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-    acc, m_i, l_i = _attend_key_range(  # loop: fwd.visible
-        acc, m_i, l_i, q, rows, lo1, hi1, k_base, v_base, stride_kl, stride_kd,
-        stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)
-    acc, m_i, l_i = _attend_key_range(  # loop: fwd.queries
-        acc, m_i, l_i, q, rows, lo2, hi2, k_base, v_base, stride_kl, stride_kd,
-        stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale,
-        HEAD_DIM, BLOCK_N, BLOCK_D, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)
-
+    c1, c2 = _column_splits(m0, seq_len, visible, num_prefix, lo1, hi1, BLOCK_M, BLOCK_N,
+                            SEES_PREFIX)
+    acc, m_i, l_i = _attend_tiles(  # loop: fwd.prefix
+        acc, m_i, l_i, q, rows, lo1, c1, k_base, v_base, stride_kl, stride_kd, stride_vl,
+        stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, FULL_MASK,
+        SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+    acc, m_i, l_i = _attend_tiles(  # loop: fwd.interior
+        acc, m_i, l_i, q, rows, c1, c2, k_base, v_base, stride_kl, stride_kd, stride_vl,
+        stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, NO_MASK,
+        SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+    acc, m_i, l_i = _attend_tiles(  # loop: fwd.boundary
+        acc, m_i, l_i, q, rows, c2, hi1, k_base, v_base, stride_kl, stride_kd, stride_vl,
+        stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, COLUMN_MASK,
+        SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+    if SEES_SELF or SEES_QUERIES:
+        # Raw rows of a block that also holds query rows share its query-key tiles with
+        # probability 0, and 0 * v is NaN where a query token's value is not finite:
+        # their state from before those tiles is what stands.
+        acc_raw, m_raw, l_raw = acc, m_i, l_i
+        acc, m_i, l_i = _attend_tiles(  # loop: fwd.queries
+            acc, m_i, l_i, q, rows, lo2, hi2, k_base, v_base, stride_kl, stride_kd, stride_vl,
+            stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D,
+            FULL_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+        raw_row = rows < visible
+        acc = tl.where(raw_row[:, None], acc_raw, acc)
+        m_i = tl.where(raw_row, m_raw, m_i)
+        l_i = tl.where(raw_row, l_raw, l_i)
     # Rows past seq_len saw nothing (l = 0); they are not stored, but keep them finite.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptrs = (O + b * stride_ob + h * stride_oh + (start + rows[:, None]) * stride_ol
-              + offs_d[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + b * stride_lseb + h * stride_lseh + start + rows, m_i + tl.log2(l_safe),
-             mask=row_ok)
+    tl.store(o_base + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_base + rows, m_i + tl.log2(l_safe), mask=row_ok)
 
 
 @triton.jit
 def _unidirectional_bwd_delta_kernel(
-    O, DO, DELTA, CU_SEQLENS, NUM_QUERIES,
+    O, DO, DELTA, CU_SEQLENS, NUM_QUERIES, TILES,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_lseb, stride_lseh,
-    num_blocks, num_heads, seq_len,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
+    num_blocks, num_heads, seq_len, total_tokens,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr, TILED: tl.constexpr,
 ):
-    block, b, h, start, seq_len, _, _ = _sequence(num_blocks, num_heads, seq_len, seq_len, seq_len,
-                                                  CU_SEQLENS, NUM_QUERIES, VARLEN)
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    block, b, h, start, seq_len, _, _ = _program(
+        num_blocks, num_heads, seq_len, seq_len, seq_len, total_tokens, CU_SEQLENS, NUM_QUERIES,
+        TILES, VARLEN, TILED)
+    o_base = O + b * stride_ob + h * stride_oh + start * stride_ol
+    do_base = DO + b * stride_dob + h * stride_doh + start * stride_dol
     offs_d = tl.arange(0, BLOCK_D)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = (rows[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + (start + rows[:, None]) * stride_ol
-                + offs_d[None, :] * stride_od, mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + (start + rows[:, None]) * stride_dol
-                 + offs_d[None, :] * stride_dod, mask=ok, other=0.0).to(tl.float32)
+    o = tl.load(o_base + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                 mask=ok, other=0.0).to(tl.float32)
     tl.store(DELTA + b * stride_lseb + h * stride_lseh + start + rows, tl.sum(o * do, 1),
              mask=rows < seq_len)
 
@@ -250,31 +328,87 @@ def _dkdv_row_range(n0, seq_len, visible, num_prefix, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _dq_key_range(dq, q, do, lse, delta, rows, lo, hi, k_base, v_base,
-                  stride_kl, stride_kd, stride_vl, stride_vd, seq_len, visible, num_prefix,
-                  qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
-                  SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr):
+def _dkdv_row_splits(n0, lo, hi, visible, num_prefix, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, SEES_PREFIX: tl.constexpr):
+    """Split the rows [lo, hi) that see key block n0 by the mask they need: [lo, r1) see
+    every column of the block (no mask), [r1, hi) need the full rule.
+
+    A block of visible columns is seen whole by every raw row, and by every query row
+    too unless it holds prefix columns they skip; other blocks need the rule throughout.
+    Rows past the sequence read zeros for q and dO, so they add nothing unmasked.
+    """
+    r1 = lo
+    if n0 + BLOCK_N <= visible:
+        if SEES_PREFIX or (n0 >= num_prefix):
+            r1 = hi
+        else:
+            r1 = tl.minimum(tl.maximum(lo + (visible - lo) // BLOCK_M * BLOCK_M, lo), hi)
+    return r1
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, cols, lo, hi, q_base, do_base, lse_base, delta_base,
+                stride_ql, stride_qd, stride_dol, stride_dod, key_len, visible, num_prefix,
+                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASK: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
+                SEES_QUERIES: tl.constexpr, DOT: tl.constexpr):
+    """dK, dV of one key block accumulated over rows [lo, hi), in transposed tiles."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for row_start in range(lo, hi, BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < hi
+        q_t = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd,
+                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        p_t = tl.exp2(_dot(k, q_t, DOT) * qk_scale - lse[None, :])
+        if MASK == FULL_MASK:
+            sees = _sees(rows[None, :], cols[:, None], hi, key_len, visible, num_prefix,
+                         SEES_PREFIX, SEES_SELF, SEES_QUERIES)
+            p_t = tl.where(sees, p_t, 0.0)
+        dv += _dot(p_t.to(do.dtype), do, DOT)
+        ds_t = p_t * (_dot(v, tl.trans(do), DOT) - delta[None, :])
+        dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), DOT)
+    return dk, dv
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, rows, lo, hi, k_base, v_base,
+              stride_kl, stride_kd, stride_vl, stride_vd, seq_len, visible, num_prefix,
+              qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              MASK: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
+              SEES_QUERIES: tl.constexpr, DOT: tl.constexpr):
     """dQ of one row block accumulated over key columns [lo, hi), probabilities recomputed."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     for col_start in range(lo, hi, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
-        t_mask = d_ok[:, None] & (cols < hi)[None, :]
-        k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd, mask=t_mask, other=0.0)
-        v_t = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd, mask=t_mask, other=0.0)
-        p = tl.exp2(_dot(q, k_t, DOT_FP32) * qk_scale - lse[:, None])
-        sees = _sees(rows[:, None], cols[None, :], seq_len, hi, visible, num_prefix,
-                     SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-        p = tl.where(sees, p, 0.0)
-        ds = p * (_dot(do, v_t, DOT_FP32) - delta[:, None])
-        dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), DOT_FP32)
+        if MASK == NO_MASK:
+            t_mask = d_ok[:, None]
+        else:
+            t_mask = d_ok[:, None] & (cols < hi)[None, :]
+        k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+                      mask=t_mask, other=0.0)
+        v_t = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd,
+                      mask=t_mask, other=0.0)
+        p = tl.exp2(_dot(q, k_t, DOT) * qk_scale - lse[:, None])
+        if MASK == COLUMN_MASK:
+            p = tl.where((cols < hi)[None, :], p, 0.0)
+        elif MASK == FULL_MASK:
+            sees = _sees(rows[:, None], cols[None, :], seq_len, hi, visible, num_prefix,
+                         SEES_PREFIX, SEES_SELF, SEES_QUERIES)
+            p = tl.where(sees, p, 0.0)
+        ds = p * (_dot(do, v_t, DOT) - delta[:, None])
+        dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), DOT)
     return dq
 
 
 @triton.jit
 def _unidirectional_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_SEQLENS, NUM_QUERIES,
+    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_SEQLENS, NUM_QUERIES, TILES,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -283,84 +417,99 @@ def _unidirectional_bwd_kernel(
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
     stride_lseb, stride_lseh,
-    num_blocks, num_heads, seq_len, key_len, visible, num_prefix, qk_scale, sm_scale,
+    num_blocks, num_heads, seq_len, key_len, visible, total_tokens, num_prefix, qk_scale,
+    sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
     SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
-    SEES_QUERIES: tl.constexpr, DOT_FP32: tl.constexpr, VARLEN: tl.constexpr,
+    SEES_QUERIES: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
+    TILED: tl.constexpr,
 ):
-    block, b, h, start, seq_len, key_len, visible = _sequence(
-        num_blocks, num_heads, seq_len, key_len, visible, CU_SEQLENS, NUM_QUERIES, VARLEN)
+    block, b, h, start, seq_len, key_len, visible = _program(
+        num_blocks, num_heads, seq_len, key_len, visible, total_tokens, CU_SEQLENS, NUM_QUERIES,
+        TILES, VARLEN, TILED)
     q_base = Q + b * stride_qb + h * stride_qh + start * stride_ql
     k_base = K + b * stride_kb + h * stride_kh + start * stride_kl
     v_base = V + b * stride_vb + h * stride_vh + start * stride_vl
     do_base = DO + b * stride_dob + h * stride_doh + start * stride_dol
     lse_base = LSE + b * stride_lseb + h * stride_lseh + start
     delta_base = DELTA + b * stride_lseb + h * stride_lseh + start
+    dq_base = DQ + b * stride_dqb + h * stride_dqh + start * stride_dql
+    dk_base = DK + b * stride_dkb + h * stride_dkh + start * stride_dkl
+    dv_base = DV + b * stride_dvb + h * stride_dvh + start * stride_dvl
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    # ---- dK, dV for key block `block`: walk the rows that see it, transposed tiles.
+    # Program j owns key block j (BLOCK_N1 columns) and row block j (BLOCK_M2 rows).
+    # ---- dK, dV for key block j: walk the rows that see it, transposed tiles.
     n0 = block * BLOCK_N1
     if n0 < key_len:
         cols = n0 + tl.arange(0, BLOCK_N1)
         col_ok = cols < key_len
         kv_mask = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        k = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0)
         dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
         lo, hi = _dkdv_row_range(n0, seq_len, visible, num_prefix, BLOCK_N1,
                                  SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-        for row_start in range(lo, hi, BLOCK_M1):  # loop: bwd.dkdv
-            rows = row_start + tl.arange(0, BLOCK_M1)
-            row_ok = rows < hi
-            t_mask = d_ok[:, None] & row_ok[None, :]
-            q_t = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd, mask=t_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
-                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-            delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-            s_t = _dot(k, q_t, DOT_FP32) * qk_scale
-            p_t = tl.exp2(s_t - lse[None, :])
-            sees = _sees(rows[None, :], cols[:, None], hi, key_len, visible, num_prefix,
-                         SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-            p_t = tl.where(sees, p_t, 0.0)
-            dv += _dot(p_t.to(do.dtype), do, DOT_FP32)
-            dp_t = _dot(v, tl.trans(do), DOT_FP32)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), DOT_FP32)
+        r1 = _dkdv_row_splits(n0, lo, hi, visible, num_prefix, BLOCK_M1, BLOCK_N1, SEES_PREFIX)
+        dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_interior
+            dk, dv, k, v, cols, lo, r1, q_base, do_base, lse_base, delta_base, stride_ql,
+            stride_qd, stride_dol, stride_dod, key_len, visible, num_prefix, qk_scale, HEAD_DIM,
+            BLOCK_M1, BLOCK_D, NO_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+        dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_masked
+            dk, dv, k, v, cols, r1, hi, q_base, do_base, lse_base, delta_base, stride_ql,
+            stride_qd, stride_dol, stride_dod, key_len, visible, num_prefix, qk_scale, HEAD_DIM,
+            BLOCK_M1, BLOCK_D, FULL_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
         dk = dk * sm_scale
-        tl.store(DK + b * stride_dkb + h * stride_dkh + (start + cols[:, None]) * stride_dkl
-                 + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + b * stride_dvb + h * stride_dvh + (start + cols[:, None]) * stride_dvl
-                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(dk_base + cols[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
+                 dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_base + cols[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
 
-    # ---- dQ for row block `block`: walk the same column ranges as the forward.
+    # ---- dQ for row block j: walk the same column ranges as the forward.
     m0 = block * BLOCK_M2
     if m0 < seq_len:
         rows = m0 + tl.arange(0, BLOCK_M2)
         row_ok = rows < seq_len
         q_mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0)
+        q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                    mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                     mask=q_mask, other=0.0)
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
         lo1, hi1, lo2, hi2 = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M2,
                                          SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-        dq = _dq_key_range(dq, q, do, lse, delta, rows, lo1, hi1, k_base, v_base,  # loop: bwd.dq_visible
-                           stride_kl, stride_kd, stride_vl, stride_vd, seq_len, visible,
-                           num_prefix, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D,
-                           SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)
-        dq = _dq_key_range(dq, q, do, lse, delta, rows, lo2, hi2, k_base, v_base,  # loop: bwd.dq_queries
-                           stride_kl, stride_kd, stride_vl, stride_vd, seq_len, visible,
-                           num_prefix, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D,
-                           SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT_FP32)
+        c1, c2 = _column_splits(m0, seq_len, visible, num_prefix, lo1, hi1, BLOCK_M2, BLOCK_N2,
+                                SEES_PREFIX)
+        dq = _dq_tiles(  # loop: bwd.dq_prefix
+            dq, q, do, lse, delta, rows, lo1, c1, k_base, v_base, stride_kl, stride_kd,
+            stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N2,
+            BLOCK_D, FULL_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+        dq = _dq_tiles(  # loop: bwd.dq_interior
+            dq, q, do, lse, delta, rows, c1, c2, k_base, v_base, stride_kl, stride_kd,
+            stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N2,
+            BLOCK_D, NO_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+        dq = _dq_tiles(  # loop: bwd.dq_boundary
+            dq, q, do, lse, delta, rows, c2, hi1, k_base, v_base, stride_kl, stride_kd,
+            stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N2,
+            BLOCK_D, COLUMN_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+        if SEES_SELF or SEES_QUERIES:
+            dq_raw = dq  # as in the forward: raw rows keep what they had before query keys
+            dq = _dq_tiles(  # loop: bwd.dq_queries
+                dq, q, do, lse, delta, rows, lo2, hi2, k_base, v_base, stride_kl, stride_kd,
+                stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N2,
+                BLOCK_D, FULL_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+            dq = tl.where((rows < visible)[:, None], dq_raw, dq)
         dq = dq * sm_scale
-        tl.store(DQ + b * stride_dqb + h * stride_dqh + (start + rows[:, None]) * stride_dql
-                 + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=q_mask)
+        tl.store(dq_base + rows[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
+                 dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -368,22 +517,71 @@ def _unidirectional_bwd_kernel(
 # ----------------------------------------------------------------------------------------
 
 
-def _fwd_config(head_dim, dtype):
+# The most shared memory one program may use, by compute capability: A100 (sm_80) 163 KB,
+# consumer Ampere and Ada (sm_86, sm_89) 99 KB, H100 (sm_90) 227 KB.
+SHARED_MEMORY_PER_PROGRAM = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def _capability(device):
+    """Compute capability (e.g. 90) the kernels are compiled for on this device."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90  # the interpreter, and meta tensors: Hopper's tiles
+
+
+# Tile configs. Chosen with bench.static (python -m bench.static; bench/NOTES.md has the
+# figures): per target, no register spills at head_dim <= 128 and shared memory within
+# what the GPU gives one program; among those, the lowest estimated time.
+
+
+def _fwd_config(head_dim, dtype, capability, max_len):
     if triton_interpreter_enabled():
         # The interpreter runs each program in numpy: big tiles are fewer Python loops.
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        # Three TF32 products per dot hold more registers: narrow key tiles. Wide heads
+        # also take half the rows and one stage where shared memory is short (fp32 at
+        # head_dim 128 needs 112 KB in 64-row tiles, 208 KB at 256).
+        shared = SHARED_MEMORY_PER_PROGRAM.get(capability, 99 * 1024)
+        if head_dim > 128 or (head_dim > 64 and shared < 128 * 1024):
+            return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim <= 64 and max_len > 512 and capability >= 90:
+        # Long sequences (ViT-S/8) are tensor-core bound: 128 x 128 tiles on 8 warps do
+        # the most work per instruction without spilling (on Hopper; they spill on sm_80).
+        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
     return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
 
 
-def _bwd_config(head_dim, dtype):
+def _bwd_config(head_dim, dtype, capability):
     if triton_interpreter_enabled():
-        return dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=1)
-    if head_dim > 128 or (dtype == torch.float32 and head_dim > 64):
-        # Wide fp32 (or very wide) tiles need over 99 KB of shared memory at 64 keys per
-        # block (over 164 KB at head_dim 256): more than consumer GPUs (sm_86/89) or an
-        # A100 have. Halve the key and row blocks there.
-        return dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
+        cfg = dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=1)
+    elif dtype == torch.float32 and head_dim > 128:
+        # fp32 at head_dim 256 holds 192 KB of shared memory even in 32 x 32 tiles.
+        cfg = dict(BLOCK_M1=16, BLOCK_N1=16, BLOCK_M2=16, BLOCK_N2=16, num_warps=4, num_stages=1)
+    elif head_dim > 128 or dtype == torch.float32:
+        # fp32 (three TF32 products per dot) spills at 64-key blocks, and head_dim 256
+        # needs over 164 KB of shared memory there: 32 x 32 tiles, one stage.
+        cfg = dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=1)
+    elif head_dim > 64 and capability >= 90:
+        # dK, dV, dQ accumulators of 128 columns: 16-wide row and key steps keep the
+        # 64-row blocks under 255 registers (32-wide ones spill).
+        cfg = dict(BLOCK_M1=16, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=16, num_warps=4, num_stages=1)
+    elif head_dim > 64:
+        # On sm_80 (mma.sync) the 64-row blocks above spill; 32 x 32 tiles do not.
+        cfg = dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=1)
+    else:
+        cfg = dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
+    return dict(cfg, PROGRAM_BLOCK=min(cfg["BLOCK_N1"], cfg["BLOCK_M2"]))
+
+
+def tile_blocks(head_dim, dtype, device, max_len):
+    """Rows per program of the forward and of the backward kernels: the block sizes a
+    `VarlenLayout` builds its tile tables for."""
+    capability = _capability(device)
+    return (_fwd_config(head_dim, dtype, capability, max_len)["BLOCK_M"],
+            _bwd_config(head_dim, dtype, capability)["PROGRAM_BLOCK"])
 
 
 def _block_d(head_dim):
@@ -391,24 +589,15 @@ def _block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _dot_fp32(dtype):
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreter_enabled())
-
-
-def _empty_bhld(batch, heads, seq, head_dim, like):
-    # (batch, seq, heads, head_dim) memory seen as (batch, heads, seq, head_dim): the
-    # caller's output projection reads it as (batch, seq, heads * head_dim) for free.
-    return torch.empty(batch, seq, heads, head_dim, dtype=like.dtype, device=like.device).transpose(1, 2)
-
-
-def _empty_rows(batch, heads, seq, like):
-    """Per-row fp32 statistics (logsumexp, delta)."""
-    return torch.empty(batch, heads, seq, dtype=torch.float32, device=like.device)
-
-
-def _empty_thd(tokens, heads, head_dim, like):
-    """A packed (tokens, heads, head_dim) buffer, allocated like the dense ones."""
-    return _empty_bhld(1, heads, tokens, head_dim, like)[0].transpose(0, 1)
+def _dot_mode(dtype):
+    """The _dot flavour for these inputs (see _dot)."""
+    if dtype == torch.float32:
+        # torch's own rule for float32 matmuls: "highest" keeps fp32 accuracy (three
+        # TF32 products), "high" and "medium" allow one TF32 product.
+        return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if dtype == torch.bfloat16 and triton_interpreter_enabled():
+        return "ieee"
+    return "native"
 
 
 def _bhld_strides(t):
@@ -424,139 +613,175 @@ def _flags(query_sees_prefix, query_sees_self, query_sees_queries):
                 SEES_QUERIES=query_sees_queries)
 
 
-# A problem's geometry: (num_seqs, heads, max_len, seq_len, key_len, visible, cu_seqlens,
-# num_queries). Dense inputs give the lengths and no tensors; packed inputs give tensors
-# and the kernel reads each sequence's lengths from them.
+class Geometry(NamedTuple):
+    """Where the sequences are. Dense: num_seqs = batch equal sequences of the given
+    lengths. Packed: lengths and query counts are read per sequence from cu_seqlens and
+    num_queries, and an optional tile table lists the (sequence, block) pairs to run."""
+    num_seqs: int
+    heads: int
+    max_len: int
+    seq_len: int = 0
+    key_len: int = 0
+    visible: int = 0
+    total_tokens: int = 0
+    cu_seqlens: torch.Tensor | None = None
+    num_queries: torch.Tensor | None = None
+    fwd_tiles: torch.Tensor | None = None
+    bwd_tiles: torch.Tensor | None = None
+
+    def grid(self, block, tiles):
+        if tiles is not None:  # one program per (tile, head): none is empty
+            return tiles.shape[0], tiles.shape[0] * self.heads
+        blocks = triton.cdiv(self.max_len, block)
+        return blocks, blocks * self.num_seqs * self.heads
+
+    def lse_strides(self):
+        # lse and delta are (batch, heads, seq) dense, or (heads, tokens) packed.
+        if self.cu_seqlens is None:
+            return self.heads * self.max_len, self.max_len
+        return 0, self.total_tokens
 
 
-def _launch_fwd(q, k, v, out, lse, lse_strides, geometry, num_prefix, flags, scale):
-    num_seqs, heads, max_len, seq_len, key_len, visible, cu_seqlens, num_queries = geometry
+def dense_geometry(q, k, num_queries):
+    batch, heads, seq, _ = q.shape
+    return Geometry(batch, heads, seq, seq, k.shape[2], seq - num_queries)
+
+
+def varlen_geometry(q, cu_seqlens, num_queries, max_seqlen, fwd_tiles, bwd_tiles):
+    return Geometry(cu_seqlens.numel() - 1, q.shape[1], max_seqlen, total_tokens=q.shape[0],
+                    cu_seqlens=cu_seqlens, num_queries=num_queries, fwd_tiles=fwd_tiles,
+                    bwd_tiles=bwd_tiles)
+
+
+def _empty_bhld(batch, heads, seq, head_dim, like):
+    # (batch, seq, heads, head_dim) memory seen as (batch, heads, seq, head_dim): the
+    # caller's output projection reads it as (batch, seq, heads * head_dim) for free.
+    return torch.empty(batch, seq, heads, head_dim, dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def _empty_rows(batch, heads, seq, like):
+    """Per-row fp32 statistics (logsumexp, delta)."""
+    return torch.empty(batch, heads, seq, dtype=torch.float32, device=like.device)
+
+
+def _empty_out(q):
+    """The output for q's layout: (B, H, L, D) over token-major memory, or (T, H, D)."""
+    if q.dim() == 4:
+        return _empty_bhld(*q.shape, q)
+    return _empty_bhld(1, q.shape[1], q.shape[0], q.shape[2], q)[0].transpose(0, 1)
+
+
+def _empty_qkv(qkv):
+    """The gradient of a packed qkv projection: one buffer, written by the backward."""
+    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+
+
+def _empty_lse(q):
+    if q.dim() == 4:
+        return _empty_rows(*q.shape[:3], q)
+    return _empty_rows(1, q.shape[1], q.shape[0], q)[0]
+
+
+def attention_fwd(q, k, v, out, lse, geo, num_prefix, flags, scale):
+    """Forward into out and lse (base-2 logsumexp, fp32), any q/k/v/out strides."""
+    if out.numel() == 0:
+        return
     head_dim = q.shape[-1]
-    cfg = _fwd_config(head_dim, q.dtype)
-    blocks = triton.cdiv(max_len, cfg["BLOCK_M"])
-    _unidirectional_fwd_kernel[(blocks * num_seqs * heads,)](
-        q, k, v, out, lse, cu_seqlens, num_queries,
-        *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out), *lse_strides,
-        blocks, heads, seq_len, key_len, visible, num_prefix, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_FP32=_dot_fp32(q.dtype),
-        VARLEN=cu_seqlens is not None, **flags, **cfg)
+    cfg = _fwd_config(head_dim, q.dtype, _capability(q.device), geo.max_len)
+    blocks, programs = geo.grid(cfg["BLOCK_M"], geo.fwd_tiles)
+    _unidirectional_fwd_kernel[(programs,)](
+        q, k, v, out, lse, geo.cu_seqlens, geo.num_queries, geo.fwd_tiles,
+        *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out),
+        *geo.lse_strides(), blocks, geo.heads, geo.seq_len, geo.key_len, geo.visible,
+        geo.total_tokens, num_prefix, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT=_dot_mode(q.dtype),
+        VARLEN=geo.cu_seqlens is not None, TILED=geo.fwd_tiles is not None, **flags, **cfg)
 
 
-def _launch_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, lse_strides, geometry, num_prefix,
-                flags, scale):
-    num_seqs, heads, max_len, seq_len, key_len, visible, cu_seqlens, num_queries = geometry
+def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, flags, scale):
+    """Backward into dq, dk, dv (any strides: e.g. views of one dqkv buffer)."""
+    if dq.numel() == 0:
+        dk.zero_(), dv.zero_()
+        return
     head_dim = q.shape[-1]
     block_d = _block_d(head_dim)
-    varlen = cu_seqlens is not None
-    delta = _empty_rows(1, 1, lse.numel(), lse).view(lse.shape)
-    delta_rows = 64
-    blocks = triton.cdiv(max_len, delta_rows)
-    _unidirectional_bwd_delta_kernel[(blocks * num_seqs * heads,)](
-        out, grad_out, delta, cu_seqlens, num_queries,
-        *_bhld_strides(out), *_bhld_strides(grad_out), *lse_strides, blocks, heads, seq_len,
-        HEAD_DIM=head_dim, BLOCK_M=delta_rows, BLOCK_D=block_d, VARLEN=varlen)
-    cfg = _bwd_config(head_dim, q.dtype)
-    blocks = triton.cdiv(max_len, min(cfg["BLOCK_N1"], cfg["BLOCK_M2"]))
-    _unidirectional_bwd_kernel[(blocks * num_seqs * heads,)](
-        q, k, v, grad_out, lse, delta, dq, dk, dv, cu_seqlens, num_queries,
+    varlen, tiled = geo.cu_seqlens is not None, geo.bwd_tiles is not None
+    cfg = _bwd_config(head_dim, q.dtype, _capability(q.device))
+    program_block = cfg.pop("PROGRAM_BLOCK")
+    blocks, programs = geo.grid(program_block, geo.bwd_tiles)
+    delta = _empty_lse(q)
+    _unidirectional_bwd_delta_kernel[(programs,)](
+        out, grad_out, delta, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
+        *_bhld_strides(out), *_bhld_strides(grad_out), *geo.lse_strides(), blocks, geo.heads,
+        geo.seq_len, geo.total_tokens,
+        HEAD_DIM=head_dim, BLOCK_M=program_block, BLOCK_D=block_d, VARLEN=varlen,
+        TILED=tiled)
+    _unidirectional_bwd_kernel[(programs,)](
+        q, k, v, grad_out, lse, delta, dq, dk, dv, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
         *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(grad_out),
-        *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *lse_strides,
-        blocks, heads, seq_len, key_len, visible, num_prefix, scale * LOG2E, scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_FP32=_dot_fp32(q.dtype), VARLEN=varlen,
-        **flags, **cfg)
-
-
-def unidirectional_fwd(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
-                       query_sees_queries, scale):
-    """Dense forward. Returns (out, lse); lse is base-2, (batch, heads, seq) fp32."""
-    batch, heads, seq, head_dim = q.shape
-    out = _empty_bhld(batch, heads, seq, head_dim, q)
-    lse = _empty_rows(batch, heads, seq, q)
-    if out.numel() > 0:
-        geometry = (batch, heads, seq, seq, k.shape[2], seq - num_queries, None, None)
-        _launch_fwd(q, k, v, out, lse, (heads * seq, seq), geometry, num_prefix,
-                    _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
-    return out, lse
-
-
-def unidirectional_bwd(grad_out, q, k, v, out, lse, num_queries, num_prefix, query_sees_prefix,
-                       query_sees_self, query_sees_queries, scale):
-    """Dense backward. Returns (dq, dk, dv) in the inputs' dtype."""
-    batch, heads, seq, head_dim = q.shape
-    key_len = k.shape[2]
-    dq = _empty_bhld(batch, heads, seq, head_dim, q)
-    dk = _empty_bhld(batch, heads, key_len, head_dim, k)
-    dv = _empty_bhld(batch, heads, key_len, head_dim, v)
-    if dq.numel() == 0:
-        return dq, dk.zero_(), dv.zero_()
-    geometry = (batch, heads, seq, seq, key_len, seq - num_queries, None, None)
-    _launch_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, (heads * seq, seq), geometry, num_prefix,
-                _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
-    return dq, dk, dv
-
-
-def unidirectional_varlen_fwd(q, k, v, cu_seqlens, num_queries, max_seqlen, num_prefix,
-                              query_sees_prefix, query_sees_self, query_sees_queries, scale):
-    """Packed forward over (tokens, heads, head_dim). Returns (out, lse (heads, tokens))."""
-    tokens, heads, head_dim = q.shape
-    out = _empty_thd(tokens, heads, head_dim, q)
-    lse = _empty_rows(1, heads, tokens, q)[0]
-    if out.numel() > 0:
-        geometry = (cu_seqlens.numel() - 1, heads, max_seqlen, 0, 0, 0, cu_seqlens, num_queries)
-        _launch_fwd(q, k, v, out, lse, (0, tokens), geometry, num_prefix,
-                    _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
-    return out, lse
-
-
-def unidirectional_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, num_queries, max_seqlen,
-                              num_prefix, query_sees_prefix, query_sees_self, query_sees_queries,
-                              scale):
-    tokens, heads, head_dim = q.shape
-    dq, dk, dv = (_empty_thd(tokens, heads, head_dim, t) for t in (q, k, v))
-    if dq.numel() > 0:
-        geometry = (cu_seqlens.numel() - 1, heads, max_seqlen, 0, 0, 0, cu_seqlens, num_queries)
-        _launch_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, (0, tokens), geometry, num_prefix,
-                    _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
-    return dq, dk, dv
+        *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *geo.lse_strides(),
+        blocks, geo.heads, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens, num_prefix,
+        scale * LOG2E, scale,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT=_dot_mode(q.dtype), VARLEN=varlen,
+        TILED=tiled, **flags, **cfg)
 
 
 # ----------------------------------------------------------------------------------------
 # Custom ops and autograd
 # ----------------------------------------------------------------------------------------
+# Two op pairs, each serving dense (batch, heads, seq, dim) and packed (tokens, heads,
+# dim) inputs (cu_seqlens given): one on q, k, v, and one on the packed qkv projection
+# output, whose backward writes dq, dk, dv into one (..., 3, heads, dim) gradient, so
+# that autograd has nothing to stack or copy on the way to the qkv projection.
+
+
+def _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen):
+    if cu_seqlens is None:
+        return dense_geometry(q, k, num_queries)
+    return varlen_geometry(q, cu_seqlens, num_queries_t, max_seqlen, fwd_tiles, bwd_tiles)
+
+
+def _unpack(qkv):
+    """q, k, v views of a (B, L, 3, H, D) or (T, 3, H, D) projection, in the op's layout."""
+    if qkv.dim() == 5:
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return qkv.unbind(1)
 
 
 @torch.library.custom_op("adclr_kernels::unidirectional_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_queries: int, num_prefix: int,
+def _fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor],
+            num_queries_t: Optional[Tensor], fwd_tiles: Optional[Tensor],
+            bwd_tiles: Optional[Tensor], num_queries: int, max_seqlen: int, num_prefix: int,
             query_sees_prefix: bool, query_sees_self: bool, query_sees_queries: bool,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return unidirectional_fwd(q, k, v, num_queries, num_prefix, query_sees_prefix,
-                              query_sees_self, query_sees_queries, scale)
+            scale: float) -> tuple[Tensor, Tensor]:
+    out, lse = _empty_out(q), _empty_lse(q)
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
+    attention_fwd(q, k, v, out, lse, geo, num_prefix,
+                  _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
+    return out, lse
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
-              query_sees_queries, scale):
-    batch, heads, seq, head_dim = q.shape
-    return (_empty_bhld(batch, heads, seq, head_dim, q),
-            _empty_rows(batch, heads, seq, q))
+def _fwd_fake(q, k, v, *args):
+    return _empty_out(q), _empty_lse(q)
 
 
 @torch.library.custom_op("adclr_kernels::unidirectional_attention_bwd", mutates_args=())
-def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            out: torch.Tensor, lse: torch.Tensor, num_queries: int, num_prefix: int,
-            query_sees_prefix: bool, query_sees_self: bool, query_sees_queries: bool,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return unidirectional_bwd(grad_out, q, k, v, out, lse, num_queries, num_prefix,
-                              query_sees_prefix, query_sees_self, query_sees_queries, scale)
+def _bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+            cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
+            fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
+            max_seqlen: int, num_prefix: int, query_sees_prefix: bool, query_sees_self: bool,
+            query_sees_queries: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = _empty_out(q), _empty_out(k), _empty_out(v)
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
+    attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix,
+                  _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
+    return dq, dk, dv
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_out, q, k, v, out, lse, num_queries, num_prefix, query_sees_prefix,
-              query_sees_self, query_sees_queries, scale):
-    batch, heads, seq, head_dim = q.shape
-    return (_empty_bhld(batch, heads, seq, head_dim, q),
-            _empty_bhld(batch, heads, k.shape[2], head_dim, k),
-            _empty_bhld(batch, heads, k.shape[2], head_dim, v))
+def _bwd_fake(grad_out, q, k, v, *args):
+    return _empty_out(q), _empty_out(k), _empty_out(v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -565,69 +790,101 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.args = args
     ctx.mark_non_differentiable(lse)
+    # The logsumexp output gets no gradient; without this autograd would fill one with
+    # zeros (a kernel launch per layer) only to pass it here unused.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * (3 + len(ctx.args))
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * len(ctx.args)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("adclr_kernels::unidirectional_attention_varlen_fwd", mutates_args=())
-def _varlen_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                   num_queries: torch.Tensor, max_seqlen: int, num_prefix: int,
-                   query_sees_prefix: bool, query_sees_self: bool, query_sees_queries: bool,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return unidirectional_varlen_fwd(q, k, v, cu_seqlens, num_queries, max_seqlen, num_prefix,
-                                     query_sees_prefix, query_sees_self, query_sees_queries, scale)
+@torch.library.custom_op("adclr_kernels::qkvpacked_attention_fwd", mutates_args=())
+def _qkv_fwd_op(qkv: Tensor, cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
+                fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
+                max_seqlen: int, num_prefix: int, query_sees_prefix: bool,
+                query_sees_self: bool, query_sees_queries: bool,
+                scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v = _unpack(qkv)
+    out, lse = _empty_out(q), _empty_lse(q)
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
+    attention_fwd(q, k, v, out, lse, geo, num_prefix,
+                  _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
+    return out, lse
 
 
-@_varlen_fwd_op.register_fake
-def _varlen_fwd_fake(q, k, v, cu_seqlens, num_queries, max_seqlen, num_prefix, *flags_and_scale):
-    tokens, heads, head_dim = q.shape
-    return _empty_thd(tokens, heads, head_dim, q), _empty_rows(1, heads, tokens, q)[0]
+@_qkv_fwd_op.register_fake
+def _qkv_fwd_fake(qkv, *args):
+    q = _unpack(qkv)[0]
+    return _empty_out(q), _empty_lse(q)
 
 
-@torch.library.custom_op("adclr_kernels::unidirectional_attention_varlen_bwd", mutates_args=())
-def _varlen_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   out: torch.Tensor, lse: torch.Tensor, cu_seqlens: torch.Tensor,
-                   num_queries: torch.Tensor, max_seqlen: int, num_prefix: int,
-                   query_sees_prefix: bool, query_sees_self: bool, query_sees_queries: bool,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return unidirectional_varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens, num_queries,
-                                     max_seqlen, num_prefix, query_sees_prefix, query_sees_self,
-                                     query_sees_queries, scale)
+@torch.library.custom_op("adclr_kernels::qkvpacked_attention_bwd", mutates_args=())
+def _qkv_bwd_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
+                cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
+                fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
+                max_seqlen: int, num_prefix: int, query_sees_prefix: bool,
+                query_sees_self: bool, query_sees_queries: bool, scale: float) -> Tensor:
+    dqkv = _empty_qkv(qkv)
+    q, k, v = _unpack(qkv)
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
+    attention_bwd(grad_out, q, k, v, out, lse, *_unpack(dqkv), geo, num_prefix,
+                  _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
+    return dqkv
 
 
-@_varlen_bwd_op.register_fake
-def _varlen_bwd_fake(grad_out, q, k, v, *rest):
-    return tuple(_empty_thd(*t.shape, t) for t in (q, k, v))
+@_qkv_bwd_op.register_fake
+def _qkv_bwd_fake(grad_out, qkv, *args):
+    return _empty_qkv(qkv)
 
 
-def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, num_queries, *args = inputs
+def _qkv_setup_context(ctx, inputs, output):
+    qkv, *args = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, num_queries)
+    ctx.save_for_backward(qkv, out, lse)
     ctx.args = args
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
 
 
-def _varlen_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_seqlens, num_queries = ctx.saved_tensors
-    dq, dk, dv = _varlen_bwd_op(grad_out, q, k, v, out, lse, cu_seqlens, num_queries, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+def _qkv_backward(ctx, grad_out, grad_lse):
+    if grad_out is None:
+        return (None,) * (1 + len(ctx.args))
+    qkv, out, lse = ctx.saved_tensors
+    return (_qkv_bwd_op(grad_out, qkv, out, lse, *ctx.args),) + (None,) * len(ctx.args)
 
 
-_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+_qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 
 
-def triton_unidirectional_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
-                                    query_sees_self=False, query_sees_queries=False, scale=None):
-    """The Triton backend; inputs are assumed checked by `unidirectional_attention`."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out, _ = _fwd_op(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
-                     query_sees_queries, scale)
+def triton_attention(q, k, v, num_queries, num_prefix, *, layout=None, query_sees_prefix=False,
+                     query_sees_self=False, query_sees_queries=False, scale):
+    """The Triton backend on checked inputs: dense when layout is None, else packed.
+
+    layout: (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles, bwd_tiles).
+    """
+    packed = layout if layout is not None else (None, None, 0, None, None)
+    cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
+    out, _ = _fwd_op(q, k, v, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen,
+                     num_prefix, query_sees_prefix, query_sees_self, query_sees_queries, scale)
     return out
+
+
+def triton_qkvpacked_attention(qkv, num_queries, num_prefix, *, layout=None,
+                               query_sees_prefix=False, query_sees_self=False,
+                               query_sees_queries=False, scale):
+    """As `triton_attention` on a packed qkv projection; the output is (B, L, H, D) or
+    (T, H, D), and the gradient reaches qkv as one tensor."""
+    packed = layout if layout is not None else (None, None, 0, None, None)
+    cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
+    out, _ = _qkv_fwd_op(qkv, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen,
+                         num_prefix, query_sees_prefix, query_sees_self, query_sees_queries,
+                         scale)
+    return out.transpose(1, 2) if qkv.dim() == 5 else out

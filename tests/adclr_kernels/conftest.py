@@ -4,6 +4,7 @@ from adclr_kernels import unidirectional
 
 _EMPTY_BHLD = unidirectional._empty_bhld
 _EMPTY_ROWS = unidirectional._empty_rows
+_EMPTY_QKV = unidirectional._empty_qkv
 
 
 @pytest.fixture
@@ -14,3 +15,5 @@ def poisoned(monkeypatch):
                         lambda *a: _EMPTY_BHLD(*a).fill_(float("nan")))
     monkeypatch.setattr(unidirectional, "_empty_rows",
                         lambda *a: _EMPTY_ROWS(*a).fill_(float("nan")))
+    monkeypatch.setattr(unidirectional, "_empty_qkv",
+                        lambda *a: _EMPTY_QKV(*a).fill_(float("nan")))

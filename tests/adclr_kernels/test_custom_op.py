@@ -14,7 +14,7 @@ def test_opcheck(opt_set):
     opts = options(opt_set)
     q, k, v = make_qkv(1, 2, 1, 20, 4, 32, opts, dtype=torch.float32)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    args = (*leaves, 4, 1, *opt_set, 32 ** -0.5)
+    args = (*leaves, None, None, None, None, 4, 0, 1, *opt_set, 32 ** -0.5)
     torch.library.opcheck(_fwd_op, args)
     out, lse = _fwd_op(*args)
     torch.library.opcheck(_bwd_op, (torch.randn_like(out), *[t.detach() for t in leaves],

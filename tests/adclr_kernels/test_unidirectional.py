@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adclr_kernels import unidirectional_attention
-from adclr_kernels.reference import dense_masked_attention, reference_attention
+from adclr_kernels.reference import dense_masked_attention
 from kernel_testing import (DEVICE, OPTION_SETS, assert_fa_close, assert_rel_close, make_qkv,
                             options, reference_grads)
 
@@ -32,7 +32,7 @@ def check_triton(batch, heads, num_prefix, num_raw, num_queries, head_dim, opts,
         for name, got, want in zip("qkv", grads, grads64):
             assert_rel_close(f"d{name}", got, want)
     else:
-        ref_lo, grads_lo = reference_grads(reference_attention, q, k, v, grad_out.to(dtype), **kw)
+        ref_lo, grads_lo = reference_grads(dense_masked_attention, q, k, v, grad_out.to(dtype), **kw)
         assert_fa_close("out", out, ref64, ref_lo)
         for name, got, want, lo in zip("qkv", grads, grads64, grads_lo):
             assert_fa_close(f"d{name}", got, want, lo)
@@ -70,15 +70,47 @@ def test_odd_layouts(num_prefix, num_raw, num_queries, opt_set):
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
 @pytest.mark.parametrize("opt_set", [OPTION_SETS[0], OPTION_SETS[3], OPTION_SETS[4]])
-@pytest.mark.parametrize("num_prefix,num_raw,num_queries", [(1, 196, 10), (70, 120, 17)])
+@pytest.mark.parametrize("num_prefix,num_raw,num_queries", [(1, 196, 10), (70, 120, 17),
+                                                             (1, 600, 10)])
 def test_gpu_tile_sizes_in_the_interpreter(monkeypatch, opt_set, num_prefix, num_raw, num_queries):
     # The interpreter normally runs small tiles; this runs the tiles a GPU launches
-    # (64-row blocks, 64-key blocks), incl. prefix-only key blocks at P = 70.
+    # (64-row blocks, 64-key blocks; 128 x 128 past 512 tokens), incl. prefix-only key
+    # blocks at P = 70.
     import adclr_kernels.unidirectional as uni
 
     monkeypatch.setattr(uni, "triton_interpreter_enabled", lambda: False)
-    assert uni._fwd_config(64, torch.float32)["BLOCK_M"] == 64
+    assert uni._fwd_config(64, torch.float32, 90, 207)["BLOCK_M"] == 64
     check_triton(1, 1, num_prefix, num_raw, num_queries, 64, options(opt_set))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
+@pytest.mark.parametrize("lengths,queries,num_prefix", [
+    ([1 + 196 + 10, 1 + 36, 1 + 196 + 10], [10, 0, 10], 1),  # the trainer's crops
+    ([70 + 120 + 17, 70 + 30 + 3], [17, 3], 70),             # prefix wider than a key tile
+    ([50, 37], [0, 0], 0),                                  # no prefix, no queries
+])
+def test_gpu_tile_sizes_packed_in_the_interpreter(monkeypatch, lengths, queries, num_prefix):
+    # The packed-qkv varlen path with a VarlenLayout at the tiles a GPU launches:
+    # interior, boundary and prefix tiles, and the tile table.
+    import adclr_kernels.unidirectional as uni
+    from adclr_kernels import VarlenLayout, unidirectional_attention_varlen_qkvpacked
+
+    monkeypatch.setattr(uni, "triton_interpreter_enabled", lambda: False)
+    layout = VarlenLayout(lengths, queries)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(sum(lengths), 3, 1, 64, generator=g).requires_grad_()
+    grad_out = torch.randn(sum(lengths), 1, 64, generator=g)
+    out = unidirectional_attention_varlen_qkvpacked(qkv, layout, num_prefix=num_prefix,
+                                                    backend="triton")
+    (dqkv,) = torch.autograd.grad(out, qkv, grad_out)
+    for (start, end), nq in zip(layout.bounds(), queries):
+        dense = [t.detach().double()[start:end].transpose(0, 1)[None].requires_grad_()
+                 for t in qkv.unbind(1)]
+        ref = dense_masked_attention(*dense, nq, num_prefix)
+        grads = torch.autograd.grad(ref, dense, grad_out.double()[start:end].transpose(0, 1)[None])
+        assert_rel_close("out", out[start:end], ref[0].transpose(0, 1))
+        for i, want in enumerate(grads):
+            assert_rel_close(f"d{'qkv'[i]}", dqkv[start:end, i], want[0].transpose(0, 1))
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed_qkv", "separate"])
@@ -144,8 +176,12 @@ def test_empty_batch():
     assert leaves[1].grad.shape == k.shape
 
 
-def test_custom_scale():
+@pytest.mark.parametrize("scale", [0.3, 0.0])
+def test_custom_scale(scale):
+    # 0 is uniform attention over what each row sees: the masked tiles must still
+    # exclude what it does not (-inf * 0 would be NaN).
     opts = options(OPTION_SETS[0])
-    q, k, v = make_qkv(1, 2, 1, 30, 5, 32, opts, dtype=torch.float32)
-    out = unidirectional_attention(q, k, v, 5, scale=0.3, backend="triton")
-    assert_rel_close("out", out, dense_masked_attention(q.double(), k.double(), v.double(), 5, 1, scale=0.3))
+    q, k, v = make_qkv(1, 2, 1, 70, 5, 32, opts, dtype=torch.float32)
+    out = unidirectional_attention(q, k, v, 5, scale=scale, backend="triton")
+    assert_rel_close("out", out, dense_masked_attention(q.double(), k.double(), v.double(), 5, 1,
+                                                        scale=scale))

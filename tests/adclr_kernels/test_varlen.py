@@ -57,7 +57,7 @@ def test_triton_varlen_matches_dense_per_sequence(opt_set, poisoned):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_varlen_low_precision(dtype, poisoned):
-    from adclr_kernels.reference import reference_attention, varlen_per_sequence
+    from adclr_kernels.reference import varlen_per_sequence
 
     q, k, v, cu = make_packed([1 + 40 + 10, 1 + 36, 1 + 70 + 10], 2, 64, dtype=dtype, seed=2)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
@@ -69,7 +69,7 @@ def test_triton_varlen_low_precision(dtype, poisoned):
     ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, 1, grad_out, options(OPTION_SETS[0]))
     bounds = list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
     lo_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    lo = varlen_per_sequence(reference_attention, *lo_leaves, bounds, queries, 1)
+    lo = varlen_per_sequence(dense_masked_attention, *lo_leaves, bounds, queries, 1)
     lo_grads = torch.autograd.grad(lo, lo_leaves, grad_out)
     assert_fa_close("out", out, ref, lo)
     for name, got, want, low in zip("qkv", grads, ref_grads, lo_grads):
@@ -178,3 +178,49 @@ def test_counts_on_another_device_are_refused():
 def test_bad_varlen_input(case, over, exc, msg):
     with pytest.raises(exc, match=msg):
         unidirectional_attention_varlen(**_args(**over))
+
+
+# ---------------------------------------------------------------------------------------
+# Offsets the caller vouched for with max_seqlen: checked on the device (no sync), and
+# the kernels never reach outside the tensors whatever the offsets say.
+# ---------------------------------------------------------------------------------------
+
+UNSYNCED_BAD = [
+    ("end past the tokens", dict(cu_seqlens=_i32(0, 10, 30)), "end at total_tokens"),
+    ("decreasing", dict(cu_seqlens=_i32(0, 15, 12, 22), num_queries=0), "non-decreasing"),
+    ("not from 0", dict(cu_seqlens=_i32(4, 10, 22)), "start at 0"),
+    ("Q past its sequence", dict(num_queries=_i32(3, 13)), r"num_queries\[i\] must be in"),
+    ("nothing to see", dict(num_queries=_i32(9, 3)), "attend to nothing"),
+    ("max_seqlen too small", dict(max_seqlen=11), r"max_seqlen \(11\) is smaller"),
+]
+
+
+@pytest.mark.skipif(ON_CUDA, reason="a failed device assert ends the CUDA context; on CPU it raises")
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+@pytest.mark.parametrize("case,over,msg", UNSYNCED_BAD, ids=[c[0] for c in UNSYNCED_BAD])
+def test_offsets_vouched_for_with_max_seqlen_are_still_checked(case, over, msg, backend):
+    args = dict(_args(), max_seqlen=12, backend=backend)
+    args.update(over)
+    with pytest.raises(RuntimeError, match=msg):
+        unidirectional_attention_varlen(**args)
+
+
+@pytest.mark.parametrize("offsets", [(0, 10, 30), (0, 15, 12, 22), (-50, 3, 22), (0, 2**31 - 1, 22)])
+def test_kernels_stay_inside_the_tensors_whatever_the_offsets(offsets, poisoned):
+    # The custom op itself, past every check: clamped offsets mean clamped sequences.
+    from adclr_kernels.unidirectional import _bwd_op, _fwd_op
+
+    q, k, v, _ = make_packed([10, 12], 2, 16)
+    cu = _i32(*offsets)
+    nq = _i32(*([3] * (len(offsets) - 1)))
+    args = (cu, nq, None, None, 0, 40, 1, False, False, False, 0.25)
+    out, lse = _fwd_op(q, k, v, *args)
+    dq, dk, dv = _bwd_op(torch.ones_like(out), q, k, v, out, lse, *args)
+    assert out.shape == q.shape and dq.shape == q.shape
+
+
+def test_max_seqlen_larger_than_needed_is_only_slower():
+    q, k, v, cu = make_packed([10, 12], 2, 16)
+    exact = unidirectional_attention_varlen(q, k, v, cu, 3, backend="triton")
+    loose = unidirectional_attention_varlen(q, k, v, cu, 3, max_seqlen=100, backend="triton")
+    assert torch.equal(exact, loose)
