@@ -48,15 +48,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The kernels must be real JITFunctions, not the interpreter's, and FP fusion is left
-# as the GPU's Triton does it (set explicitly to silence Triton 3.9's warning).
-os.environ["TRITON_INTERPRET"] = "0"
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import torch
+import triton
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-
-from bench.workloads import STATIC_WORKLOADS, PackedWorkload  # noqa: E402
+from bench.workloads import PackedWorkload
 
 RESULTS = Path(__file__).parent / "results" / "static"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -121,7 +116,12 @@ class Launch:
 def _kernels():
     from adclr_kernels import unidirectional
 
-    return [obj for obj in vars(unidirectional).values() if isinstance(obj, triton.runtime.JITFunction)]
+    kernels = [obj for obj in vars(unidirectional).values()
+               if isinstance(obj, triton.runtime.JITFunction)]
+    if not kernels:
+        raise RuntimeError("the kernels were built for Triton's interpreter: run bench.static "
+                           "in a process without TRITON_INTERPRET (python -m bench.static)")
+    return kernels
 
 
 @contextlib.contextmanager
@@ -154,35 +154,33 @@ def _meta_qkv(batch_shape, heads, head_dim, dtype):
     return torch.empty(*batch_shape, 3, heads, head_dim, dtype=dtype, device="meta")
 
 
-def capture(workload, dtype, capability):
-    """(forward launches, backward launches) of one attention layer's op call."""
-    from adclr_kernels import unidirectional as U
+def capture(workload, dtype, capability, flags=(False, False, False)):
+    """(forward launches, backward launches) of one attention layer's op call.
 
-    flags = (False, False, False)  # the default options: query rows see the raw columns
+    Runs the bodies of the custom ops the drop-in module calls (the packed-qkv op, dense
+    or with the trainer's VarlenLayout) on meta tensors, so every buffer, stride and
+    grid is the one a GPU call would get.
+    """
+    from adclr_kernels import VarlenLayout
+    from adclr_kernels import unidirectional as U
+    from adclr_kernels.attention import _triton_layout
+
     scale = workload.head_dim ** -0.5
     with recording(capability) as launches:
         if isinstance(workload, PackedWorkload):
-            seqs = workload.sequences()
+            lengths, queries = zip(*workload.sequences())
             qkv = _meta_qkv((workload.tokens,), workload.heads, workload.head_dim, dtype)
-            q, k, v = qkv.unbind(1)
-            cu = torch.empty(len(seqs) + 1, dtype=torch.int32, device="meta")
-            nq = torch.empty(len(seqs), dtype=torch.int32, device="meta")
-            max_len = max(length for length, _ in seqs)
-            out, lse = U.unidirectional_varlen_fwd(q, k, v, cu, nq, max_len, workload.num_prefix,
-                                                   *flags, scale)
-            n_fwd = len(launches)
-            U.unidirectional_varlen_bwd(torch.empty_like(out), q, k, v, out, lse, cu, nq, max_len,
-                                        workload.num_prefix, *flags, scale)
+            layout = VarlenLayout(lengths, queries, device="meta")
+            cu, nq, max_len, fwd_tiles, bwd_tiles = _triton_layout(layout, qkv[:, 0])
+            geometry = (cu, nq, fwd_tiles, bwd_tiles, 0, max_len)
         else:
             qkv = _meta_qkv((workload.batch, workload.seq_len), workload.heads,
                             workload.head_dim, dtype)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            k, v = k[:, :, :workload.key_len], v[:, :, :workload.key_len]
-            out, lse = U.unidirectional_fwd(q, k, v, workload.num_queries, workload.num_prefix,
-                                            *flags, scale)
-            n_fwd = len(launches)
-            U.unidirectional_bwd(torch.empty_like(out), q, k, v, out, lse, workload.num_queries,
-                                 workload.num_prefix, *flags, scale)
+            geometry = (None, None, None, None, workload.num_queries, 0)
+        args = (*geometry, workload.num_prefix, *flags, scale)
+        out, lse = U._qkv_fwd_op._init_fn(qkv, *args)
+        n_fwd = len(launches)
+        U._qkv_bwd_op._init_fn(torch.empty_like(out), qkv, out, lse, *args)
     return launches[:n_fwd], launches[n_fwd:]
 
 
@@ -269,7 +267,7 @@ def _read_cubin(name, capability, compiled):
 
 
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
-_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 
 
@@ -308,6 +306,22 @@ def parse_sass(text):
     return instrs, [(addr, labels[name]) for addr, name in branches_to if name in labels]
 
 
+def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, False, False)):
+    """Compile what the op launches for a ViT-S/16-like layer of this head_dim: one row
+    (kernel, registers, spill bytes, shared bytes) per kernel. For tests and CI."""
+    from bench.workloads import Workload
+
+    workload = (PackedWorkload("check", "", 2, 2, head_dim) if packed
+                else Workload("check", "", 2, 1, 2, head_dim, 1, 196, 10))
+    forward, backward = capture(workload, DTYPES[dtype_name], capability, flags)
+    rows = []
+    for launch in forward + backward:
+        compiled = compile_launch(launch, capability)
+        rows.append(dict(kernel=launch.name, registers=compiled.registers,
+                         spill_bytes=compiled.spill_bytes, shared_bytes=compiled.shared_bytes))
+    return rows
+
+
 # ----------------------------------------------------------------------------------------
 # 3. Loops
 # ----------------------------------------------------------------------------------------
@@ -324,6 +338,10 @@ class Loop:
     select: int      # SEL, FSEL
     compare: int     # ISETP, FSETP
     mma_flops: int   # tensor-core FLOPs per iteration, whole program
+    setup: int       # SASS of this loop outside its body (pipeline prologue and
+                     # epilogue, or the whole body where the compiler proved one trip):
+                     # run once when the loop runs at all
+    setup_mma_flops: int
 
     def row(self):
         return dataclasses.asdict(self)
@@ -341,54 +359,56 @@ def mma_flops(opcode, num_warps):
 
 
 def _loop_name(frames):
-    # The marker sits on the loop's own `for` line or on the call that inlined it;
-    # look from the outermost frame in.
+    """The `# loop:` marker on the loop's own `for` line or on the call that inlined it
+    (looked for from the outermost frame in), or None."""
     for file, line in reversed(frames):
         m = _MARKER.search(linecache.getline(file, line))
         if m:
             return m.group(1)
-    return "unnamed:" + ":".join(f"{Path(f).name}:{n}" for f, n in frames)
+    return None
+
+
+def _regions(compiled):
+    """(first, last) instruction index of every loop (a backward branch), innermost
+    first. A branch to itself is the trap every kernel ends with, not a loop."""
+    by_addr = {ins.addr: i for i, ins in enumerate(compiled.instrs)}
+    return sorted(((by_addr[to], by_addr[frm]) for frm, to in compiled.branches if to < frm),
+                  key=lambda r: r[1] - r[0])
 
 
 def loops(compiled):
-    """Loop name -> Loop, read off the SASS: a loop is a backward branch."""
-    by_addr = {ins.addr: i for i, ins in enumerate(compiled.instrs)}
-    # A branch to itself is the trap every kernel ends with, not a loop.
-    regions = sorted(((by_addr[to], by_addr[frm]) for frm, to in compiled.branches if to < frm),
-                     key=lambda r: r[1] - r[0])
-    found = {}
-    for lo, hi in regions:
-        body = set(range(lo, hi + 1))
-        for other_lo, other_hi in regions:  # nested loops count in their own row
-            if (other_lo, other_hi) != (lo, hi) and lo <= other_lo and other_hi <= hi:
-                body -= set(range(other_lo, other_hi + 1))
-        ops = [compiled.instrs[i].opcode for i in sorted(body)]
-        name = _loop_name(compiled.instrs[hi].frames)
+    """The loops read off the SASS, and what no loop claims (every program runs it once):
+    returns ({name: Loop}, straight-line instructions, their tensor-core FLOPs)."""
+    instrs, warps = compiled.instrs, compiled.num_warps
+    in_body, found = {}, {}
+    for lo, hi in _regions(compiled):
+        name = _loop_name(instrs[hi].frames) or f"unnamed@{instrs[lo].addr:#x}"
         if name in found:
             raise RuntimeError(f"{compiled.name}: two loops are named {name!r}")
+        body = [i for i in range(lo, hi + 1) if i not in in_body]  # inner loops have theirs
+        for i in body:
+            in_body[i] = name
+        ops = [instrs[i].opcode for i in body]
         found[name] = Loop(
             name, len(ops),
             mma=sum(op.startswith(("HGMMA", "HMMA")) for op in ops),
             mufu=sum(op.startswith("MUFU") for op in ops),
             select=sum(op.split(".")[0] in ("SEL", "FSEL") for op in ops),
             compare=sum(op.split(".")[0] in ("ISETP", "FSETP") for op in ops),
-            mma_flops=sum(mma_flops(op, compiled.num_warps) for op in ops))
-    return found
-
-
-def straight_line(compiled):
-    """SASS outside every loop, and its tensor-core FLOPs: what a program runs once.
-
-    An upper bound (not every branch of it runs in every program), charged to every
-    program, empty ones included.
-    """
-    by_addr = {ins.addr: i for i, ins in enumerate(compiled.instrs)}
-    in_loop = set()
-    for frm, to in compiled.branches:
-        if to < frm:
-            in_loop.update(range(by_addr[to], by_addr[frm] + 1))
-    ops = [ins.opcode for i, ins in enumerate(compiled.instrs) if i not in in_loop]
-    return len(ops), sum(mma_flops(op, compiled.num_warps) for op in ops)
+            mma_flops=sum(mma_flops(op, warps) for op in ops), setup=0, setup_mma_flops=0)
+    straight = straight_flops = 0
+    for i, ins in enumerate(instrs):
+        if i in in_body:
+            continue
+        name = _loop_name(ins.frames)
+        if name is None:
+            straight += 1
+            straight_flops += mma_flops(ins.opcode, warps)
+            continue
+        loop = found.setdefault(name, Loop(name, 0, 0, 0, 0, 0, 0, 0, 0))
+        loop.setup += 1
+        loop.setup_mma_flops += mma_flops(ins.opcode, warps)
+    return found, straight, straight_flops
 
 
 # ----------------------------------------------------------------------------------------
@@ -412,47 +432,72 @@ def _trips(lo, hi, step):
     return max(0, -(-(hi - lo) // step))
 
 
-def _key_ranges(m0, s, key_len, block_m):
-    """Columns [lo1, hi1) and [lo2, hi2) a row block walks (default options)."""
+def _key_ranges(m0, s, block_m):
+    """Columns [lo1, hi1) (visible) and [lo2, hi2) (query keys) a row block walks."""
     lo1, hi1 = (s.num_prefix if m0 >= s.visible else 0), s.visible
     if m0 >= s.seq_len:
         hi1 = lo1
     return lo1, hi1, s.visible, s.visible
 
 
-def _dkdv_row_range(n0, s, block_n):
-    if n0 < s.visible and (n0 + block_n > s.num_prefix):
-        return 0, s.seq_len
-    if n0 < s.visible:
-        return 0, s.visible
-    return 0, 0
+def _column_splits(m0, s, lo, hi, block_m, block_n):
+    c1 = lo
+    if m0 < s.visible < min(m0 + block_m, s.seq_len) and s.num_prefix > 0:
+        c1 = min(lo + -(-(s.num_prefix - lo) // block_n) * block_n, hi)
+    return c1, c1 + (hi - c1) // block_n * block_n
+
+
+def _row_block_trips(m0, s, block_m, block_n, loop):
+    """Trips of the four column loops of a row block (forward, and dQ)."""
+    if m0 >= s.seq_len:
+        return {}
+    lo1, hi1, lo2, hi2 = _key_ranges(m0, s, block_m)
+    c1, c2 = _column_splits(m0, s, lo1, hi1, block_m, block_n)
+    return {f"{loop}prefix": _trips(lo1, c1, block_n), f"{loop}interior": _trips(c1, c2, block_n),
+            f"{loop}boundary": _trips(c2, hi1, block_n), f"{loop}queries": _trips(lo2, hi2, block_n)}
+
+
+def _key_block_trips(n0, s, block_m, block_n):
+    """Trips of the two row loops of a key block (dK, dV)."""
+    if n0 >= s.visible:
+        return {}
+    lo, hi = 0, (s.seq_len if n0 + block_n > s.num_prefix else s.visible)
+    r1 = lo
+    if n0 + block_n <= s.visible:
+        r1 = hi if n0 >= s.num_prefix else min(max(lo + (s.visible - lo) // block_m * block_m, lo), hi)
+    return {"bwd.dkdv_interior": _trips(lo, r1, block_m), "bwd.dkdv_masked": _trips(r1, hi, block_m)}
+
+
+def _program_blocks(launch, seqs, heads, block):
+    """(sequence, block index) of every program in launch order (one block each)."""
+    a = launch.bound()
+    if launch.kwargs.get("TILED"):
+        tiles = [(i, j) for i, s in enumerate(seqs) for j in range(-(-s.seq_len // block))]
+        assert len(tiles) == a["num_blocks"], "tile table mirror out of step with the layout"
+        return [tiles[pid % len(tiles)] for pid in range(launch.grid[0])]
+    blocks = a["num_blocks"]
+    return [(pid // blocks // heads, pid % blocks) for pid in range(launch.grid[0])]
 
 
 def programs(launch, seqs, heads):
-    """Trip counts of every program of a launch, in launch order: [{loop: trips}]."""
+    """Trip counts of every program of a launch, in launch order: [{loop: trips}].
+
+    Mirrors the kernels' range arithmetic for the default options (the trainer's): keep
+    it in step with adclr_kernels/unidirectional.py.
+    """
     a = launch.bound()
-    n = launch.grid[0]
-    blocks = a["num_blocks"]
+    # The backward's programs step by min(BLOCK_N1, BLOCK_M2) rows, the others by BLOCK_M.
+    block_rows = min(a["BLOCK_N1"], a["BLOCK_M2"]) if "BLOCK_N1" in a else a["BLOCK_M"]
     out = []
-    for pid in range(n):
-        block, seq = pid % blocks, pid // blocks // heads
-        s = seqs[seq] if seq < len(seqs) else None
-        key_len = s.seq_len if launch.kwargs.get("VARLEN") else a.get("key_len")
-        trips = {}
+    for seq, block in _program_blocks(launch, seqs, heads, block_rows):
+        s = seqs[seq]
         if launch.name == "_unidirectional_fwd_kernel":
-            bm, bn = a["BLOCK_M"], a["BLOCK_N"]
-            lo1, hi1, lo2, hi2 = _key_ranges(block * bm, s, key_len, bm)
-            trips = {"fwd.visible": _trips(lo1, hi1, bn), "fwd.queries": _trips(lo2, hi2, bn)}
+            trips = _row_block_trips(block * a["BLOCK_M"], s, a["BLOCK_M"], a["BLOCK_N"], "fwd.")
         elif launch.name == "_unidirectional_bwd_kernel":
-            n0, m0 = block * a["BLOCK_N1"], block * a["BLOCK_M2"]
-            if n0 < key_len:
-                lo, hi = _dkdv_row_range(n0, s, a["BLOCK_N1"])
-                trips["bwd.dkdv"] = _trips(lo, hi, a["BLOCK_M1"])
-            if m0 < s.seq_len:
-                lo1, hi1, lo2, hi2 = _key_ranges(m0, s, key_len, a["BLOCK_M2"])
-                trips["bwd.dq_visible"] = _trips(lo1, hi1, a["BLOCK_N2"])
-                trips["bwd.dq_queries"] = _trips(lo2, hi2, a["BLOCK_N2"])
-        elif launch.name == "_unidirectional_bwd_delta_kernel":
+            trips = _key_block_trips(block * a["BLOCK_N1"], s, a["BLOCK_M1"], a["BLOCK_N1"])
+            trips.update(_row_block_trips(block * a["BLOCK_M2"], s, a["BLOCK_M2"], a["BLOCK_N2"],
+                                          "bwd.dq_"))
+        else:
             trips = {"rows": int(block * a["BLOCK_M"] < s.seq_len)}
         out.append(trips)
     return out
@@ -518,8 +563,7 @@ KIND = {"_unidirectional_fwd_kernel": "fwd", "_unidirectional_bwd_delta_kernel":
 
 def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
     """One row of the table: what the compiled kernel is, and how long it should take."""
-    loop_stats = loops(compiled)
-    base_instrs, base_flops = straight_line(compiled)
+    loop_stats, base_instrs, base_flops = loops(compiled)
     warps = compiled.num_warps
     costs, empty, trip_totals = [], 0, {name: 0 for name in loop_stats}
     for trips in programs(launch, seqs, heads):
@@ -527,10 +571,12 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
             empty += 1
         instrs, flops = base_instrs * warps, base_flops
         for name, count in trips.items():
-            if name in loop_stats:
-                instrs += count * loop_stats[name].instrs * warps
-                flops += count * loop_stats[name].mma_flops
-                trip_totals[name] += count
+            loop = loop_stats.get(name)
+            if loop is None or count == 0:
+                continue
+            instrs += (count * loop.instrs + loop.setup) * warps
+            flops += count * loop.mma_flops + loop.setup_mma_flops
+            trip_totals[name] += count
         costs.append((instrs, flops))
     occ = occupancy(compiled, gpu)
     mma_rate = gpu.mma_flops[dtype_name]
@@ -545,7 +591,8 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
                   "tensor cores": schedule([(0, f) for _, f in costs], occ, gpu, mma_rate),
                   "memory": memory_s}
         bound = max(bounds, key=bounds.get)
-    hot = max(loop_stats.values(), key=lambda l: trip_totals[l.name] * l.instrs, default=None)
+    hot = max((l for l in loop_stats.values() if l.instrs),
+              key=lambda l: trip_totals[l.name] * l.instrs, default=None)
     return dict(
         kernel=launch.name, kind=KIND[launch.name], grid=launch.grid[0], empty_programs=empty,
         num_warps=warps, registers=compiled.registers, spill_bytes=compiled.spill_bytes,
@@ -567,7 +614,7 @@ COPY_OPS = ("stack", "cat", "clone", "copy_", "contiguous", "_to_copy", "zeros",
             "fill_", "new_zeros", "zeros_like", "index_put_", "constant_pad_nd")
 
 
-def autograd_work(workload, dtype):
+def autograd_work(workload, dtype, qk_norm=False):
     """Every ATen and custom op of one drop-in attention layer, forward and backward.
 
     The layer runs as the trainer runs it (`adclr_kernels.nn.UnidirectionalAttention`,
@@ -594,13 +641,14 @@ def autograd_work(workload, dtype):
             return out
 
     heads, dim = workload.heads, workload.heads * workload.head_dim
-    layer = UnidirectionalAttention(dim, heads, qkv_bias=True, backend="triton")
+    layer = UnidirectionalAttention(dim, heads, qkv_bias=True, qk_norm=qk_norm, backend="triton")
     layer = layer.to(device="meta", dtype=dtype)
     if isinstance(workload, PackedWorkload):
-        layout = _meta_layout(workload)
+        from adclr_kernels import VarlenLayout
+
+        layout = VarlenLayout(*zip(*workload.sequences()), device="meta")
         x = torch.empty(workload.tokens, dim, dtype=dtype, device="meta", requires_grad=True)
-        call = lambda: layer(x, layout.num_queries, workload.num_prefix,  # noqa: E731
-                             cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen)
+        call = lambda: layer(x, None, workload.num_prefix, cu_seqlens=layout)  # noqa: E731
     else:
         x = torch.empty(workload.batch, workload.seq_len, dim, dtype=dtype, device="meta",
                         requires_grad=True)
@@ -608,15 +656,6 @@ def autograd_work(workload, dtype):
     with Record():
         call().sum().backward()
     return custom, copies
-
-
-def _meta_layout(workload):
-    seqs = workload.sequences()
-    layout = argparse.Namespace(
-        cu_seqlens=torch.empty(len(seqs) + 1, dtype=torch.int32, device="meta"),
-        num_queries=torch.empty(len(seqs), dtype=torch.int32, device="meta"),
-        max_seqlen=max(length for length, _ in seqs))
-    return layout
 
 
 # ----------------------------------------------------------------------------------------
@@ -737,6 +776,11 @@ def markdown(rows, ops, layers, meta):
 
 
 def main(argv=None):
+    # The kernels must be real JITFunctions, not the interpreter's (set before adclr_kernels
+    # is imported), and FP fusion is left as the GPU's Triton does it (set to silence
+    # Triton 3.9's warning about its default).
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     from bench.workloads import STATIC_WORKLOADS
 
     parser = argparse.ArgumentParser(prog="python -m bench.static", description=__doc__.split("\n")[0])
