@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from .train import Config
+from .train import ALLOWED, Config, config_errors, value_error
 
 # A quick run that shows the method working on a laptop CPU in a few minutes: used when
 # there is neither a dataset nor a GPU, for every flag the user did not set.
@@ -39,19 +39,38 @@ def _field_help():
     return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", source, re.M))
 
 
+def checked(kind, allowed=None):
+    """An argparse `type`: parse with `kind`, then hold the value to an ALLOWED-style entry.
+
+    A value out of range is argparse's usual error: "argument --flag: must be >= 1, got 0".
+    """
+    def parse(text):
+        value = kind(text)  # ValueError: argparse says "invalid int value: 'x'"
+        problem = value_error(value, allowed) if allowed is not None else None
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def add_config_flags(parser):
     """One --flag per Config field. Defaults are SUPPRESSed so we know what was set."""
     helps = _field_help()
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        text = f"{helps.get(f.name, '')} (default: {f.default})".strip()
+        allowed = ALLOWED.get(f.name)
+        limit = f", {allowed}" if isinstance(allowed, str) else ""
+        text = f"{helps.get(f.name, '')} (default: {f.default}{limit})".strip()
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif isinstance(f.default, tuple):
-            parser.add_argument(flag, type=type(f.default[0]), nargs=len(f.default), metavar=("LOW", "HIGH"),
-                                default=argparse.SUPPRESS, help=text)
+            parser.add_argument(flag, type=checked(type(f.default[0]), allowed), nargs=len(f.default),
+                                metavar=("LOW", "HIGH"), default=argparse.SUPPRESS, help=text)
+        elif isinstance(allowed, tuple):
+            parser.add_argument(flag, choices=allowed, default=argparse.SUPPRESS, help=text)
         else:
-            parser.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=text)
+            parser.add_argument(flag, type=checked(type(f.default), allowed), default=argparse.SUPPRESS, help=text)
 
 
 def make_config(given):
@@ -73,7 +92,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="adclr", description="ADCLR self-supervised ViT pretraining")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train_parser = commands.add_parser("train", help="pretrain (resumes when --out holds a checkpoint)")
+    # The one-line usage: the full one lists ~40 flags and would bury a one-line error.
+    train_parser = commands.add_parser("train", help="pretrain (resumes when --out holds a checkpoint)",
+                                       usage="adclr train [--flag VALUE ...]  (adclr train --help lists them)")
     add_config_flags(train_parser)
 
     eval_parser = commands.add_parser("eval", help="evaluate frozen features: knn or linear")
@@ -83,14 +104,18 @@ def main(argv=None):
                              help="folder with train/ and val/ (one sub-folder per class); "
                                   "default: the run's data, or the built-in dataset")
     eval_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher")
-    eval_parser.add_argument("--image-size", type=int, default=None, help="default: the run's --image-size")
-    eval_parser.add_argument("--batch-size", type=int, default=128)
-    eval_parser.add_argument("--k", type=int, default=20)
-    eval_parser.add_argument("--temperature", type=float, default=0.07)
-    eval_parser.add_argument("--linear-epochs", type=int, default=100)
-    eval_parser.add_argument("--device", default="auto")
-    eval_parser.add_argument("--num-workers", type=int, default=-1)
-    eval_parser.add_argument("--limit", type=int, default=0, help="use at most this many images per split")
+    eval_parser.add_argument("--image-size", type=checked(int, ">= 1"), default=None,
+                             help="default: the run's --image-size")
+    eval_parser.add_argument("--batch-size", type=checked(int, ">= 1"), default=128)
+    eval_parser.add_argument("--k", type=checked(int, ">= 1"), default=20, help="k-NN: neighbours that vote")
+    eval_parser.add_argument("--temperature", type=checked(float, "> 0"), default=0.07,
+                             help="k-NN: votes weigh exp(similarity / temperature)")
+    eval_parser.add_argument("--linear-epochs", type=checked(int, ">= 1"), default=100)
+    eval_parser.add_argument("--device", type=checked(str, ALLOWED["device"]), default="auto")
+    eval_parser.add_argument("--num-workers", type=checked(int, ">= -1"), default=-1,
+                             help="loader processes; -1 = one per free core (max 8)")
+    eval_parser.add_argument("--limit", type=checked(int, ">= 0"), default=0,
+                             help="use at most this many images per split; 0 = all")
 
     export_parser = commands.add_parser("export", help="write the backbone as safetensors")
     export_parser.add_argument("--checkpoint", required=True)
@@ -102,8 +127,12 @@ def main(argv=None):
         from .train import train
 
         given = {k: v for k, v in vars(args).items() if k != "command"}
+        cfg = make_config(given)
+        errors = config_errors(cfg)  # what depends on several flags; before any work
+        if errors:
+            train_parser.error(f"argument {errors[0]}")
         try:
-            train(make_config(given))
+            train(cfg)
         except FloatingPointError as error:
             raise SystemExit(f"error: {error}")
         except KeyboardInterrupt:

@@ -1,0 +1,212 @@
+"""`adclr` on bad input: every flag's range, user errors, corrupt checkpoints, resume hygiene.
+
+Each case runs the real command in this process (`adclr.cli.main`) and asserts the
+exact outcome: argparse's exit code 2 and "argument --flag: ..." for a value out of
+range, one "error: ..." line naming the flag or file (exit 1) for what the user must
+fix, and never a traceback.
+"""
+
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+from PIL import Image
+
+import adclr.train
+from adclr.cli import main
+from adclr.train import ALLOWED, Config
+
+# The smallest run the CLI can do: 2-block dim-64 ViT on 32 px crops, one step.
+TINY = ["--arch", "vit_test", "--patch-size", "8", "--image-size", "32", "--local-size", "16",
+        "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "64", "--head-hidden-dim", "32",
+        "--head-bottleneck-dim", "16", "--batch-size", "4", "--max-steps", "1", "--num-workers", "0",
+        "--device", "cpu", "--warmup-epochs", "0", "--warmup-teacher-temp-epochs", "0",
+        "--freeze-last-layer-epochs", "0", "--log-every", "1"]
+
+
+def run(argv, capsys):
+    """(exit status, stderr) of `adclr *argv`, as the shell would see them."""
+    try:
+        main(argv)
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    err = capsys.readouterr().err
+    if isinstance(status, str):  # SystemExit("error: ..."): Python prints it and exits 1
+        err, status = err + status + "\n", 1
+    return status, err
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def image_folder(root, per_class=4, unreadable=()):
+    """root/<a|b>/<i>.png, 40x30 RGB; the names in `unreadable` hold bytes Pillow cannot read."""
+    for c, cls in enumerate(("a", "b")):
+        os.makedirs(os.path.join(root, cls), exist_ok=True)
+        for i in range(per_class):
+            name = os.path.join(root, cls, f"{i}.png")
+            if f"{cls}/{i}.png" in unreadable:
+                with open(name, "wb") as f:
+                    f.write(b"not an image")
+            else:
+                Image.new("RGB", (40, 30), (60 * i, 100 * c, 50)).save(name)
+    return str(root)
+
+
+# --------------------------------------------------------------------------- every numeric flag
+
+# The documented range of each numeric `adclr train` flag, independent of adclr.train.ALLOWED:
+# (flag, range as the error states it, type, a negative value to try). Every numeric Config
+# field must be here (test_every_numeric_field_has_a_range).
+TRAIN_RANGES = [
+    ("--patch-size", ">= 1", int, "-1"), ("--image-size", ">= 1", int, "-1"),
+    ("--local-size", ">= 1", int, "-1"), ("--out-dim", ">= 1", int, "-1"),
+    ("--head-hidden-dim", ">= 1", int, "-1"), ("--head-bottleneck-dim", ">= 1", int, "-1"),
+    ("--drop-path", "[0, 1)", float, "-0.1"),
+    ("--num-local-crops", ">= 0", int, "-1"), ("--num-queries", ">= 0", int, "-1"),
+    ("--lambda-query", ">= 0", float, "-0.5"), ("--student-temp", "> 0", float, "-0.1"),
+    ("--warmup-teacher-temp", "> 0", float, "-0.04"), ("--teacher-temp", "> 0", float, "-0.07"),
+    ("--warmup-teacher-temp-epochs", ">= 0", float, "-1"), ("--center-momentum", "[0, 1]", float, "-0.9"),
+    ("--batch-size", ">= 1", int, "-8"), ("--epochs", ">= 1", int, "-1"), ("--max-steps", ">= 0", int, "-1"),
+    ("--base-lr", "> 0", float, "-5e-4"), ("--min-lr", ">= 0", float, "-1e-6"),
+    ("--warmup-epochs", ">= 0", float, "-1"), ("--weight-decay", ">= 0", float, "-0.04"),
+    ("--weight-decay-end", ">= 0", float, "-0.4"), ("--momentum-teacher", "[0, 1]", float, "-0.996"),
+    ("--clip-grad", ">= 0", float, "-3"), ("--freeze-last-layer-epochs", ">= 0", float, "-1"),
+    ("--seed", "[0, 10000000]", int, "-1"), ("--num-workers", ">= -1", int, "-2"),
+    ("--log-every", ">= 1", int, "-1"), ("--checkpoint-every", ">= 1", int, "-1"),
+]
+SCALE_FLAGS = ["--global-scale", "--local-scale", "--query-scale"]
+
+
+def accepts(spec, value):
+    """Whether `value` lies in a range written as in TRAIN_RANGES."""
+    if spec.startswith(">"):
+        op, low = spec.split()
+        return value >= float(low) if op == ">=" else value > float(low)
+    low, high = (float(x) for x in spec[1:-1].split(","))
+    return (low <= value if spec[0] == "[" else low < value) and (value <= high if spec[-1] == "]" else value < high)
+
+
+def out_of_range(spec, value):
+    return f"must be {spec}, got {value}" if spec.startswith(">") else f"must be in {spec}, got {value}"
+
+
+def test_every_numeric_field_has_a_range():
+    numeric = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Config)
+               if isinstance(f.default, (int, float, tuple)) and not isinstance(f.default, bool)}
+    assert numeric == {flag for flag, *_ in TRAIN_RANGES} | set(SCALE_FLAGS)
+    for f in dataclasses.fields(Config):
+        assert f.name in ALLOWED or isinstance(f.default, (bool, str)), f.name
+        # `x: float = 30` would make the flag parse as int and reject 0.5.
+        assert type(f.default).__name__ == f.type, (f.name, f.type, f.default)
+
+
+@pytest.fixture
+def accepted_config(monkeypatch):
+    """Run `adclr train` up to the start of training; returns the Config it would train."""
+    seen = []
+    monkeypatch.setattr(adclr.train, "train", seen.append)
+    return seen
+
+
+@pytest.mark.parametrize("flag,spec,kind,negative", TRAIN_RANGES, ids=[r[0] for r in TRAIN_RANGES])
+@pytest.mark.parametrize("which", ["zero", "negative"])
+def test_train_flag_at_zero_and_negative(flag, spec, kind, negative, which, accepted_config, capsys):
+    text = "0" if which == "zero" else negative
+    value = kind(text)
+    status, err = run(["train", *TINY, f"{flag}={text}"], capsys)  # "=": argparse takes -5e-4 for an option
+    if accepts(spec, value):
+        assert status == 0 and err.count("error") == 0
+        assert getattr(accepted_config[0], flag[2:].replace("-", "_")) == value
+    else:
+        assert status == 2 and not accepted_config
+        assert err.splitlines()[-1] == f"adclr train: error: argument {flag}: {out_of_range(spec, value)}"
+        assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", SCALE_FLAGS)
+@pytest.mark.parametrize("values,message", [
+    (["0", "1"], "must be in (0, 1], got 0.0"),
+    (["-0.5", "1"], "must be in (0, 1], got -0.5"),
+    (["0.1", "1.5"], "must be in (0, 1], got 1.5"),
+    (["0.9", "0.4"], "LOW must be <= HIGH, got 0.9 0.4"),
+    (["nan", "1"], "must be a finite number, got nan"),
+])
+def test_scale_ranges(flag, values, message, accepted_config, capsys):
+    status, err = run(["train", *TINY, flag, *values], capsys)
+    assert status == 2 and not accepted_config
+    assert err.splitlines()[-1] == f"adclr train: error: argument {flag}: {message}"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--base-lr", "inf"], "argument --base-lr: must be a finite number, got inf"),
+    (["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'"),
+    (["--arch", "vit_huge"], "argument --arch: invalid choice: 'vit_huge' (choose from "
+                             "'vit_tiny', 'vit_small', 'vit_base', 'vit_mini', 'vit_test')"),
+    (["--pack-crops", "yes"], "argument --pack-crops: invalid choice: 'yes' (choose from 'auto', 'on', 'off')"),
+    (["--device", "gpu"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    # Needs the whole config: checked once, after parsing, before any work.
+    (["--image-size", "36"], "argument --image-size: must be a multiple of --patch-size 8, got 36"),
+    (["--local-size", "20"], "argument --local-size: must be a multiple of --patch-size 8, got 20"),
+])
+def test_other_bad_train_flags(argv, message, accepted_config, capsys):
+    status, err = run(["train", *TINY, *argv], capsys)
+    assert status == 2 and not accepted_config
+    assert err.splitlines()[-1] == f"adclr train: error: {message}"
+
+
+def test_local_size_is_free_without_local_crops(accepted_config, capsys):
+    status, _ = run(["train", *TINY, "--local-size", "20", "--num-local-crops", "0"], capsys)
+    assert status == 0 and accepted_config[0].local_size == 20
+
+
+def test_a_config_built_in_python_is_checked_too(tiny_config):
+    with pytest.raises(ValueError, match=r"--batch-size: must be >= 1, got 0; --base-lr: must be > 0, got -1"):
+        adclr.train.train(tiny_config(batch_size=0, base_lr=-1.0))
+    with pytest.raises(ValueError, match=r"--num-queries: must be int, got '3'"):
+        adclr.train.train(tiny_config(num_queries="3"))
+
+
+def test_boundary_values_train(tmp_path, capsys):
+    """The values at the edge of each range really run: zero crops, queries, decay, momentum..."""
+    data = image_folder(tmp_path / "data")  # 8 images: --epochs 1 is 2 steps of 4
+    edges = ["--max-steps", "0", "--epochs", "1", "--num-local-crops", "0", "--drop-path", "0",
+             "--clip-grad", "0", "--weight-decay", "0", "--weight-decay-end", "0", "--min-lr", "0",
+             "--center-momentum", "0", "--momentum-teacher", "1", "--seed", "0", "--checkpoint-every", "1"]
+    for i, extra in enumerate([["--num-queries", "0", "--lambda-query", "0.5"],
+                               ["--num-queries", "2", "--lambda-query", "0"],
+                               ["--center-momentum", "1", "--momentum-teacher", "0", "--seed", "10000000"]]):
+        out = str(tmp_path / f"run{i}")
+        status, err = run(["train", *TINY, "--data", data, "--out", out, *edges, *extra], capsys)
+        assert status == 0, err
+        records = read_metrics(out)
+        assert [r["step"] for r in records] == [1, 2]
+        assert all(math.isfinite(r["loss"]) for r in records)
+
+
+EVAL_RANGES = [("--image-size", ">= 1", int, "-32"), ("--batch-size", ">= 1", int, "-1"),
+               ("--k", ">= 1", int, "-1"), ("--temperature", "> 0", float, "-0.07"),
+               ("--linear-epochs", ">= 1", int, "-1"), ("--num-workers", ">= -1", int, "-2"),
+               ("--limit", ">= 0", int, "-1")]
+
+
+@pytest.mark.parametrize("flag,spec,kind,negative", EVAL_RANGES, ids=[r[0] for r in EVAL_RANGES])
+@pytest.mark.parametrize("which", ["zero", "negative"])
+def test_eval_flag_at_zero_and_negative(flag, spec, kind, negative, which, monkeypatch, capsys):
+    import adclr.evaluate
+
+    seen = []
+    monkeypatch.setattr(adclr.evaluate, "evaluate", lambda *args, **kwargs: seen.append(kwargs) or {})
+    text = "0" if which == "zero" else negative
+    value = kind(text)
+    status, err = run(["eval", "knn", "--checkpoint", "c.pt", f"{flag}={text}"], capsys)
+    if accepts(spec, value):
+        assert status == 0 and seen[0][flag[2:].replace("-", "_")] == value
+    else:
+        assert status == 2 and not seen
+        assert err.splitlines()[-1] == f"adclr eval: error: argument {flag}: {out_of_range(spec, value)}"
