@@ -280,9 +280,13 @@ def default_num_workers(world_size=1):
     return max(1, min(8, cpus // world_size - 1))
 
 
-def train_loader(cfg, rank=0, world_size=1, start_step=0):
-    """DataLoader yielding uint8 crop batches for steps start_step, start_step + 1, ..."""
-    dataset = MultiCropDataset(open_dataset(cfg.data, "train"), cfg.image_size, cfg.local_size,
+def train_loader(cfg, rank=0, world_size=1, start_step=0, images=None):
+    """DataLoader yielding uint8 crop batches for steps start_step, start_step + 1, ...
+
+    `images`: the training images, when already open (default: open_dataset(cfg.data, "train")).
+    """
+    images = open_dataset(cfg.data, "train") if images is None else images
+    dataset = MultiCropDataset(images, cfg.image_size, cfg.local_size,
                                cfg.patch_size, cfg.num_local_crops, cfg.num_queries,
                                cfg.global_scale, cfg.local_scale, cfg.query_scale)
     batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world_size, start_step)

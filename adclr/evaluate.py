@@ -6,6 +6,7 @@ centre crops of the labelled train and val splits; the backbone is never updated
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -13,16 +14,33 @@ import torch.nn.functional as F
 
 from .data import IMAGENET_MEAN, IMAGENET_STD, center_crop, default_num_workers, open_dataset
 from .model import build_backbone
+from .train import CheckpointError, load_checkpoint
 
 
 def load_backbone(checkpoint, weights="teacher", device="cpu"):
-    """(backbone in eval mode, the run's config dict) from an `adclr train` checkpoint."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    """(backbone in eval mode, the run's config dict) from an `adclr train` checkpoint.
+
+    Raises CheckpointError (naming the file) for anything but a usable checkpoint.
+    """
+    state = load_checkpoint(checkpoint)
     cfg = state["config"]
-    backbone = build_backbone(cfg["arch"], cfg["image_size"], cfg["patch_size"], 0.0, cfg["attention"])
+    # Evaluation runs anywhere: the default backend, whatever the run trained with.
+    backbone = build_backbone(cfg["arch"], cfg["image_size"], cfg["patch_size"], 0.0)
     prefix = "backbone."
-    backbone.load_state_dict({k[len(prefix):]: v for k, v in state[weights].items() if k.startswith(prefix)})
+    try:
+        backbone.load_state_dict({k[len(prefix):]: v for k, v in state[weights].items() if k.startswith(prefix)})
+    except RuntimeError as error:
+        raise CheckpointError(f"{checkpoint} does not fit the model of its own config "
+                              f"({str(error).strip().splitlines()[0]})") from None
     return backbone.to(device).eval(), cfg
+
+
+def _backbone_or_exit(checkpoint, weights, device="cpu"):
+    try:
+        return load_backbone(checkpoint, weights, device)
+    except CheckpointError as error:
+        raise SystemExit(f"error: --checkpoint: {error}; pass the checkpoint.pt an adclr train run "
+                         "wrote") from None
 
 
 class CenterCrops(torch.utils.data.Dataset):
@@ -72,6 +90,8 @@ def extract_features(backbone, dataset, batch_size=128, device="cpu", num_worker
     skipped = len(dataset) - sum(len(y) for y in labels)
     if skipped:
         print(f"warning: skipped {skipped} unreadable images", file=sys.stderr)
+    if not features:  # nothing readable
+        return torch.empty(0, backbone.embed_dim), torch.empty(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)
 
 
@@ -115,14 +135,22 @@ def evaluate(protocol, checkpoint, data=None, weights="teacher", image_size=None
     """`adclr eval`: returns a dict with the accuracy (and what it was measured on)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    backbone, cfg = load_backbone(checkpoint, weights, device)
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device} but CUDA is not available")
+    backbone, cfg = _backbone_or_exit(checkpoint, weights, device)
     data = data or cfg["data"]
     size = image_size or cfg["image_size"]
+    if size % cfg["patch_size"]:
+        raise SystemExit(f"error: --image-size {size} must be a multiple of the run's patch size {cfg['patch_size']}")
+    try:
+        train_images, val_images = open_dataset(data, "train"), open_dataset(data, "val")
+    except OSError as error:  # no such folder, no train/ or val/ in it, no images, no permission
+        raise SystemExit(f"error: --data: {error}") from None
     workers = default_num_workers() if num_workers < 0 else num_workers
-    train_f, train_y = extract_features(backbone, CenterCrops(open_dataset(data, "train"), size, limit),
-                                        batch_size, device, workers)
-    val_f, val_y = extract_features(backbone, CenterCrops(open_dataset(data, "val"), size, limit),
-                                    batch_size, device, workers)
+    train_f, train_y = extract_features(backbone, CenterCrops(train_images, size, limit), batch_size, device, workers)
+    val_f, val_y = extract_features(backbone, CenterCrops(val_images, size, limit), batch_size, device, workers)
+    if not len(train_y) or not len(val_y):
+        raise SystemExit(f"error: --data {data}: no readable images in {'train' if not len(train_y) else 'val'}")
     if protocol == "knn":
         accuracy = knn_accuracy(train_f, train_y, val_f, val_y, k, temperature)
     else:
@@ -135,6 +163,16 @@ def export(checkpoint, out, weights="teacher"):
     """Write the backbone's weights (timm ViT names) as a safetensors file."""
     from safetensors.torch import save_file
 
-    backbone, cfg = load_backbone(checkpoint, weights)
+    from safetensors import SafetensorError
+
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        raise SystemExit(f"error: --out {out} is a folder; give a file name such as backbone.safetensors")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: --out {out}: {folder} is not a folder")
+    backbone, cfg = _backbone_or_exit(checkpoint, weights)
     metadata = {key: str(cfg[key]) for key in ("arch", "patch_size", "image_size")}
-    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, out, metadata=metadata)
+    try:
+        save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, out, metadata=metadata)
+    except (OSError, SafetensorError) as error:  # no permission, disk full
+        raise SystemExit(f"error: cannot write --out {out} ({error})") from None

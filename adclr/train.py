@@ -19,6 +19,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from adclr_kernels import BACKENDS
 
-from .data import Augment, train_loader
+from .data import Augment, open_dataset, train_loader
 from .loss import ADCLRLoss
 from .model import ARCHS, ADCLRModel, DINOHead, build_backbone
 
@@ -309,8 +310,73 @@ def save_checkpoint(trainer, path, step, rng):
     os.replace(tmp, path)
 
 
+class CheckpointError(ValueError):
+    """`path` is not a usable adclr checkpoint; the message names the file and why."""
+
+
+CHECKPOINT_KEYS = ("student", "teacher", "optimizer", "loss", "step", "config", "rng")
+
+
 def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint written by `save_checkpoint`, checked before anything uses it.
+
+    Raises CheckpointError for a file that is missing, unreadable (empty, truncated,
+    not a PyTorch file), would run code to load (torch.load's weights_only refuses
+    any pickled global that is not a tensor or plain data), lacks a part, holds a part
+    of the wrong type, or holds non-finite weights (a run that diverged).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except OSError as error:
+        raise CheckpointError(f"cannot read {path}: {error.strerror or error}") from None
+    except Exception as error:  # whatever a bad file makes the unpickler or zip reader raise
+        raise CheckpointError(f"{path} is unreadable, not an adclr checkpoint ({_why_unreadable(path, error)})") from None
+
+    def bad(what):
+        return CheckpointError(f"{path} is not an adclr checkpoint ({what})")
+
+    if not isinstance(state, dict):
+        raise bad(f"it holds a {type(state).__name__}, not a dict")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise bad(f"no {', '.join(missing)} in it")
+    for key in ("student", "teacher", "loss"):
+        if not (isinstance(state[key], dict) and all(isinstance(v, torch.Tensor) for v in state[key].values())):
+            raise bad(f"'{key}' is not a dict of tensors")
+    optimizer = state["optimizer"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        raise bad("'optimizer' is not an optimizer state dict")
+    if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 0:
+        raise bad(f"'step' is {state['step']!r}, not a step number")
+    config = state["config"]
+    if not isinstance(config, dict) or not all(isinstance(config.get(k), int) for k in ("patch_size", "image_size")) \
+            or config.get("arch") not in ARCHS:
+        raise bad("'config' is not an adclr train config")
+    if not isinstance(state["rng"], list):
+        raise bad("'rng' is not a list of RNG states")
+    tensors = [(f"{key}[{name!r}]", t) for key in ("student", "teacher", "loss") for name, t in state[key].items()]
+    tensors += [(f"optimizer state of parameter {i}", t) for i, s in optimizer["state"].items()
+                for t in (s.values() if isinstance(s, dict) else ()) if isinstance(t, torch.Tensor)]
+    for name, t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path} holds non-finite values (NaN or inf) in {name}: the run it "
+                                  "comes from diverged before it was written")
+    return state
+
+
+def _why_unreadable(path, error):
+    if isinstance(error, EOFError):
+        return "the file is empty" if os.path.getsize(path) == 0 else "the file ends early"
+    refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(error))  # its wording varies
+    if refused:
+        return (f"it refers to {refused.group(1)}, which is not a tensor or plain data; "
+                "it was not loaded, since unpickling that could run code")
+    if "central directory" in str(error) or "zip archive" in str(error):
+        return "not a complete PyTorch file: truncated or corrupted"
+    return "not a PyTorch checkpoint file"
 
 
 def check_resumable(cfg, saved):
@@ -354,6 +420,8 @@ def setup_distributed(cfg):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit(f"error: --device {cfg.device} but CUDA is not available")
+        if device.index >= torch.cuda.device_count():
+            raise SystemExit(f"error: --device {cfg.device} but there are {torch.cuda.device_count()} GPUs")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -404,33 +472,77 @@ def _duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def prepare_out(out):
+    """Make the run folder, or say in one line why it cannot be."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"error: --out {out} is a file, not a folder; choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        raise SystemExit(f"error: --out {out} is not writable ({error.strerror or error}); choose another --out")
+
+
+def check_backend(cfg, device):
+    """--attention must run on `device` with gradients; one tiny call lets the op say why not."""
+    if cfg.attention in ("auto", "sdpa", "reference"):  # run everywhere
+        return
+    from adclr_kernels import unidirectional_attention
+
+    q = torch.zeros(1, 1, 2, 64, device=device, requires_grad=True)
+    try:
+        unidirectional_attention(q, q, q, num_queries=0, backend=cfg.attention)
+    except (RuntimeError, TypeError) as error:
+        raise SystemExit(f"error: --attention {cfg.attention}: {error}") from None
+
+
 def train(cfg):
     """The full run; resumes from OUT/checkpoint.pt when it exists. Returns the final step.
 
-    A Config out of range raises ValueError naming the flags (see ALLOWED).
+    A bad config raises ValueError; what a user must fix (the data, --out, a corrupt
+    checkpoint, a run with other settings in --out) raises SystemExit with one line.
     """
     errors = config_errors(cfg)
     if errors:
         raise ValueError("invalid config: " + "; ".join(errors))
     rank, world, device = setup_distributed(cfg)
     main = rank == 0
-    os.makedirs(cfg.out, exist_ok=True)
+    check_backend(cfg, device)
+    prepare_out(cfg.out)
     path = os.path.join(cfg.out, "checkpoint.pt")
-    checkpoint = load_checkpoint(path) if os.path.exists(path) else None
-    start = 0
-    if checkpoint is not None:
+    checkpoint, start = None, 0
+    if os.path.exists(path):
+        try:
+            checkpoint = load_checkpoint(path)
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}; remove it to start over, or choose another --out") from None
         check_resumable(cfg, checkpoint["config"])
         start = checkpoint["step"]
 
-    loader, steps_per_epoch = train_loader(cfg, rank, world, start)
+    try:
+        images = open_dataset(cfg.data, "train")
+    except OSError as error:  # ImageFolder: no such folder, no images in it, no permission
+        raise SystemExit(f"error: --data: {error}") from None
+    if len(images) < cfg.batch_size:
+        raise SystemExit(f"error: --batch-size {cfg.batch_size} is larger than the dataset "
+                         f"({len(images)} images in {cfg.data})")
+    if cfg.batch_size % world:
+        raise SystemExit(f"error: --batch-size {cfg.batch_size} (the total over all processes) "
+                         f"is not divisible by the {world} processes")
+    loader, steps_per_epoch = train_loader(cfg, rank, world, start, images)
     data = iter(loader)  # draws from the global RNG: before seeding, so that a resume replays exactly
     trainer = build(cfg, device, steps_per_epoch)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # augmentations differ between processes
     if checkpoint is not None:
-        trainer.student_module.load_state_dict(checkpoint["student"])
-        trainer.teacher.load_state_dict(checkpoint["teacher"])
-        trainer.optimizer.load_state_dict(checkpoint["optimizer"])
-        trainer.loss.load_state_dict(checkpoint["loss"])
+        try:
+            trainer.student_module.load_state_dict(checkpoint["student"])
+            trainer.teacher.load_state_dict(checkpoint["teacher"])
+            trainer.optimizer.load_state_dict(checkpoint["optimizer"])
+            trainer.loss.load_state_dict(checkpoint["loss"])
+        except (RuntimeError, ValueError, KeyError) as error:  # names or shapes not the config's model
+            reason = str(error).strip().splitlines()[0]
+            raise SystemExit(f"error: {path} does not fit the model of its own config ({reason}); "
+                             "remove it to start over, or choose another --out") from None
         if len(checkpoint["rng"]) == world:
             set_rng_states(checkpoint["rng"][rank])
         del checkpoint
@@ -454,7 +566,7 @@ def train(cfg):
     augment = Augment(cfg.image_size, cfg.local_size).to(device)
     logger = Logger(cfg.out, main)
     bad = torch.zeros((), dtype=torch.bool, device=device)
-    last_good, saved, completed, skipped = start, start, start, 0
+    last_good, saved, completed, skipped = start, start, start, 0  # saved: step of checkpoint.pt, 0 = none
     t0, images_since = time.perf_counter(), 0
     in_step = False
 
@@ -473,8 +585,9 @@ def train(cfg):
         if flag.item():
             raise FloatingPointError(
                 f"loss became non-finite between step {last_good} and step {step}; stopping. "
-                f"The last good checkpoint (step {last_good}) is kept in {path}. "
-                "Try a lower --base-lr, a lower --clip-grad or a longer --warmup-epochs.")
+                + (f"The last good checkpoint (step {saved}) is kept in {path}. " if saved else
+                   f"No checkpoint was written before (--checkpoint-every {cfg.checkpoint_every}). ")
+                + "Try a lower --base-lr, a lower --clip-grad or a longer --warmup-epochs.")
 
     try:
         for step in range(start, total):

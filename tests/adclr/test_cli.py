@@ -7,16 +7,21 @@ fix, and never a traceback.
 """
 
 import dataclasses
+import io
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
+import torch
 from PIL import Image
 
 import adclr.train
+from adclr_kernels.attention import xformers_available
 from adclr.cli import main
-from adclr.train import ALLOWED, Config
+from adclr.train import ALLOWED, Config, load_checkpoint
 
 # The smallest run the CLI can do: 2-block dim-64 ViT on 32 px crops, one step.
 TINY = ["--arch", "vit_test", "--patch-size", "8", "--image-size", "32", "--local-size", "16",
@@ -210,3 +215,213 @@ def test_eval_flag_at_zero_and_negative(flag, spec, kind, negative, which, monke
     else:
         assert status == 2 and not seen
         assert err.splitlines()[-1] == f"adclr eval: error: argument {flag}: {out_of_range(spec, value)}"
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
+    """The whole chain as a user meets it: a subprocess, its exit status and stderr."""
+    missing = str(tmp_path / "no-such-folder")
+    result = subprocess.run([sys.executable, "-m", "adclr.cli", "train", *TINY, "--data", missing,
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == f"error: --data: dataset folder {missing!r} does not exist"
+    assert "Traceback" not in result.stderr
+
+
+def _file(path, text="x"):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["missing data", "no images", "batch too large", "out is a file",
+                                  "out under a file", "out not writable", "xformers", "flex on CPU"])
+def test_train_user_errors(case, tmp_path, capsys):
+    data, out, extra = "builtin", str(tmp_path / "run"), []
+    if case == "missing data":
+        data = str(tmp_path / "nothing")
+        expected = f"error: --data: dataset folder {data!r} does not exist"
+    elif case == "no images":
+        data = str(tmp_path / "empty")
+        os.makedirs(os.path.join(data, "a"))
+        expected = f"error: --data: no images (.jpg, .jpeg, .png, .bmp, .webp, .tif, .tiff, .gif, .ppm) found under {data!r}"
+    elif case == "batch too large":
+        data = image_folder(tmp_path / "data", per_class=1)
+        expected = f"error: --batch-size 4 is larger than the dataset (2 images in {data})"
+    elif case == "out is a file":
+        out = _file(tmp_path / "file")
+        expected = f"error: --out {out} is a file, not a folder; choose another --out"
+    elif case == "out under a file":
+        out = os.path.join(_file(tmp_path / "file"), "run")
+        expected = f"error: --out {out} is not writable (Not a directory); choose another --out"
+    elif case == "out not writable":
+        if os.geteuid() == 0:
+            pytest.skip("root writes anywhere")
+        os.makedirs(out)
+        os.chmod(out, 0o500)
+        expected = f"error: --out {out} is not writable (Permission denied); choose another --out"
+    elif case == "xformers":
+        if xformers_available():
+            pytest.skip("xformers is installed")
+        extra = ["--attention", "xformers"]
+        expected = ("error: --attention xformers: backend='xformers' needs the xformers package "
+                    "(pip install 'adclr[xformers]')")
+    else:
+        extra = ["--attention", "flex"]
+        expected = ("error: --attention flex: backend='flex' has no backward on CPU in PyTorch; use it "
+                    "under torch.no_grad() there, or pick backend='sdpa'")
+    status, err = run(["train", *TINY, "--data", data, "--out", out, *extra], capsys)
+    assert status == 1 and err.splitlines()[-1] == expected
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(tmp_path, capsys):
+    status, err = run(["train", *TINY, "--device", "cuda", "--out", str(tmp_path / "run")], capsys)
+    assert status == 1 and err.splitlines()[-1] == "error: --device cuda but CUDA is not available"
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory):
+    """A real checkpoint of a one-step TINY run, and its run folder's command line."""
+    out = str(tmp_path_factory.mktemp("good") / "run")
+    main(["train", *TINY, "--out", out])
+    with open(os.path.join(out, "checkpoint.pt"), "rb") as f:
+        return f.read()
+
+
+def test_eval_and_export_user_errors(tmp_path, checkpoint_bytes, capsys):
+    good = tmp_path / "checkpoint.pt"
+    good.write_bytes(checkpoint_bytes)
+    missing = str(tmp_path / "none.pt")
+    status, err = run(["eval", "knn", "--checkpoint", missing], capsys)
+    assert status == 1 and err.splitlines()[-1] == (
+        f"error: --checkpoint: {missing} does not exist; pass the checkpoint.pt an adclr train run wrote")
+    data = str(tmp_path / "no-data")
+    status, err = run(["eval", "knn", "--checkpoint", str(good), "--data", data], capsys)
+    assert status == 1 and err.splitlines()[-1] == f"error: --data: dataset folder {data!r} does not exist"
+    status, err = run(["eval", "knn", "--checkpoint", str(good), "--image-size", "36"], capsys)
+    assert status == 1 and err.splitlines()[-1] == "error: --image-size 36 must be a multiple of the run's patch size 8"
+    status, err = run(["export", "--checkpoint", str(good), "--out", str(tmp_path)], capsys)
+    assert status == 1 and err.splitlines()[-1] == (
+        f"error: --out {tmp_path} is a folder; give a file name such as backbone.safetensors")
+    target = os.path.join(_file(tmp_path / "file"), "b.safetensors")
+    status, err = run(["export", "--checkpoint", str(good), "--out", target], capsys)
+    assert status == 1 and err.splitlines()[-1] == f"error: --out {target}: {os.path.dirname(target)} is not a folder"
+
+
+# --------------------------------------------------------------------------- corrupt checkpoints
+
+
+class RunsCode:
+    """Pickles as a call of os.mkdir: what a malicious checkpoint would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def corrupt(kind, good, tmp_path):
+    """The bytes of a checkpoint broken in the way `kind` says; and the reason the error must give."""
+    if kind == "empty":
+        return b"", "is unreadable, not an adclr checkpoint (the file is empty)"
+    if kind == "truncated":
+        return good[:len(good) // 2], "is unreadable, not an adclr checkpoint (not a complete PyTorch file: truncated or corrupted)"
+    if kind == "random bytes":
+        return (torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                              dtype=torch.uint8).numpy().tobytes(),
+                "is unreadable, not an adclr checkpoint (not a PyTorch checkpoint file)")
+    if kind == "text":
+        return b"hello\n", "is unreadable, not an adclr checkpoint (not a PyTorch checkpoint file)"
+    state = torch.load(io.BytesIO(good), weights_only=True)
+    if kind == "disallowed global":
+        state["student"] = RunsCode(str(tmp_path / "pwned"))
+        reason = (f"is unreadable, not an adclr checkpoint (it refers to {os.mkdir.__module__}.mkdir, which is not "
+                  "a tensor or plain data; it was not loaded, since unpickling that could run code)")
+    elif kind == "not a dict":
+        state, reason = [state], "is not an adclr checkpoint (it holds a list, not a dict)"
+    elif kind == "missing keys":
+        del state["optimizer"], state["rng"]
+        reason = "is not an adclr checkpoint (no optimizer, rng in it)"
+    elif kind == "step of the wrong type":
+        state["step"], reason = "1", "is not an adclr checkpoint ('step' is '1', not a step number)"
+    elif kind == "weights of the wrong type":
+        state["teacher"] = list(state["teacher"].values())
+        reason = "is not an adclr checkpoint ('teacher' is not a dict of tensors)"
+    elif kind == "config of the wrong type":
+        state["config"]["arch"] = "resnet50"
+        reason = "is not an adclr checkpoint ('config' is not an adclr train config)"
+    elif kind == "NaN weights":
+        state["teacher"]["backbone.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+        reason = ("holds non-finite values (NaN or inf) in teacher['backbone.blocks.0.attn.qkv.weight']: the run "
+                  "it comes from diverged before it was written")
+    elif kind == "wrong shapes":
+        state["student"]["backbone.pos_embed"] = state["student"]["backbone.pos_embed"][:, :5]
+        state["teacher"]["backbone.pos_embed"] = state["teacher"]["backbone.pos_embed"][:, :5]
+        reason = "does not fit the model of its own config (Error(s) in loading state_dict for "
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue(), reason
+
+
+CORRUPTIONS = ["empty", "truncated", "random bytes", "text", "disallowed global", "not a dict", "missing keys",
+               "step of the wrong type", "weights of the wrong type", "config of the wrong type", "NaN weights",
+               "wrong shapes"]
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+@pytest.mark.parametrize("command", ["train", "eval", "export"])
+def test_corrupt_checkpoint(kind, command, checkpoint_bytes, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    path = str(out / "checkpoint.pt")
+    content, reason = corrupt(kind, checkpoint_bytes, tmp_path)
+    with open(path, "wb") as f:
+        f.write(content)
+    if command == "train":  # resuming the run in --out
+        status, err = run(["train", *TINY, "--out", str(out)], capsys)
+        advice = "; remove it to start over, or choose another --out"
+        prefix = "error: "
+    elif command == "eval":
+        status, err = run(["eval", "knn", "--checkpoint", path, "--limit", "8", "--num-workers", "0"], capsys)
+        advice, prefix = "; pass the checkpoint.pt an adclr train run wrote", "error: --checkpoint: "
+    else:
+        status, err = run(["export", "--checkpoint", path, "--out", str(tmp_path / "b.safetensors")], capsys)
+        advice, prefix = "; pass the checkpoint.pt an adclr train run wrote", "error: --checkpoint: "
+    line = err.splitlines()[-1]
+    assert status == 1 and line.startswith(f"{prefix}{path} {reason}") and line.endswith(advice), line
+    assert "Traceback" not in err
+    assert not os.path.exists(tmp_path / "pwned")  # the pickled call never ran
+    with open(path, "rb") as f:
+        assert f.read() == content  # the evidence is left alone
+    assert not os.path.exists(tmp_path / "b.safetensors")
+
+
+def test_non_finite_loss_before_any_checkpoint_claims_none(tmp_path, monkeypatch, capsys):
+    real_step = adclr.train.train_step
+
+    def poisoned(trainer, batch, step):
+        metrics = real_step(trainer, batch, step)
+        metrics["loss"] = metrics["loss"] * float("nan")
+        return metrics
+
+    monkeypatch.setattr(adclr.train, "train_step", poisoned)
+    out = str(tmp_path / "run")
+    status, err = run(["train", *TINY, "--out", out, "--max-steps", "3", "--checkpoint-every", "2"], capsys)
+    assert status == 1
+    assert err.splitlines()[-1] == (
+        "error: loss became non-finite between step 0 and step 1; stopping. No checkpoint was written before "
+        "(--checkpoint-every 2). Try a lower --base-lr, a lower --clip-grad or a longer --warmup-epochs.")
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+def test_a_diverged_checkpoint_is_reported_at_load(checkpoint_bytes, tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(io.BytesIO(checkpoint_bytes), weights_only=True)
+    state["loss"]["center"].fill_(float("inf"))
+    torch.save(state, path)
+    with pytest.raises(adclr.train.CheckpointError, match=r"non-finite values \(NaN or inf\) in loss\['center'\]"):
+        load_checkpoint(str(path))
