@@ -120,7 +120,7 @@ class ImageFolder:
     """Images under `root/<class>/**` (or directly under `root`, all label 0).
 
     `load(i)` returns (PIL RGB image, label), or (None, label) for a file Pillow cannot
-    read: callers skip it and count it, a bad file never stops a run.
+    read: callers skip it and count it (`warn_unreadable`), a bad file never stops a run.
     """
 
     def __init__(self, root):
@@ -142,13 +142,36 @@ class ImageFolder:
         return len(self.samples)
 
     def load(self, i):
-        path, label = self.samples[i]
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB"), label
-        except Exception as error:  # truncated, not an image, unreadable: skip, never fatal
-            print(f"warning: skipping unreadable image {path}: {error}", file=sys.stderr)
-            return None, label
+            return self._open(i)
+        except Exception:  # truncated, not an image, unreadable: skip, never fatal
+            return None, self.samples[i][1]
+
+    def error(self, i):
+        """Why image i cannot be read ("" if it can)."""
+        try:
+            self._open(i)
+        except Exception as error:
+            return str(error)
+        return ""
+
+    def _open(self, i):
+        path, label = self.samples[i]
+        with Image.open(path) as image:
+            return image.convert("RGB"), label
+
+
+def warn_unreadable(base, indices, warned):
+    """Warn about each unreadable image of `base` at `indices` not yet in `warned` (then in it).
+
+    Loader workers only count the files they skip: the warning comes from the main
+    process, once per file however often a run meets it.
+    """
+    for i in indices:
+        i %= len(base)
+        if i not in warned:
+            warned.add(i)
+            print(f"warning: skipping unreadable image {base.samples[i][0]}: {base.error(i)}", file=sys.stderr)
 
 
 def open_dataset(data, split):
@@ -239,6 +262,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
                    for _ in range(self.num_queries)]
         p, l = self.patch_size, self.local_size
         return {
+            "index": index,  # with "skipped": which files were skipped (index, index + 1, ...)
             "globals": torch.stack(views),
             "locals": torch.stack(local) if local else torch.empty(0, 3, l, l, dtype=torch.uint8),
             "queries": torch.stack(queries) if queries else torch.empty(0, 3, p, p, dtype=torch.uint8),

@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, center_crop, default_num_workers, open_dataset
+from .data import IMAGENET_MEAN, IMAGENET_STD, center_crop, default_num_workers, open_dataset, warn_unreadable
 from .model import build_backbone
 from .train import CheckpointError, load_checkpoint
 
@@ -44,7 +44,7 @@ def _backbone_or_exit(checkpoint, weights, device="cpu"):
 
 
 class CenterCrops(torch.utils.data.Dataset):
-    """(uint8 centre crop, label), or None for an unreadable file (dropped by `collate`)."""
+    """(uint8 centre crop, label), or the image's index in `base` for an unreadable file."""
 
     def __init__(self, base, size, limit=0):
         self.base, self.size = base, size
@@ -59,14 +59,14 @@ class CenterCrops(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         image, label = self.base.load(self.indices[i])
-        return None if image is None else (center_crop(image, self.size), label)
+        return self.indices[i] if image is None else (center_crop(image, self.size), label)
 
 
 def collate(items):
-    kept = [item for item in items if item is not None]
-    if not kept:
-        return None
-    return torch.stack([x for x, _ in kept]), torch.tensor([y for _, y in kept])
+    """(images, labels, indices of the unreadable files), dropping those files."""
+    kept = [item for item in items if not isinstance(item, int)]
+    images = torch.stack([x for x, _ in kept]) if kept else None
+    return images, torch.tensor([y for _, y in kept], dtype=torch.long), [i for i in items if isinstance(i, int)]
 
 
 @torch.no_grad()
@@ -78,11 +78,11 @@ def extract_features(backbone, dataset, batch_size=128, device="cpu", num_worker
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    features, labels = [], []
-    for batch in loader:
-        if batch is None:
+    features, labels, warned = [], [], set()
+    for images, y, unreadable in loader:
+        warn_unreadable(dataset.base, unreadable, warned)
+        if images is None:
             continue
-        images, y = batch
         images = (images.to(device).float() / 255 - mean) / std
         with autocast:
             features.append(backbone.forward_features(images)["cls"].float().cpu())

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from adclr_kernels import BACKENDS
 
-from .data import Augment, open_dataset, train_loader
+from .data import Augment, open_dataset, train_loader, warn_unreadable
 from .loss import ADCLRLoss
 from .model import ARCHS, ADCLRModel, DINOHead, build_backbone
 
@@ -431,7 +431,7 @@ def setup_distributed(cfg):
 class Logger:
     """Progress line on stderr, JSON lines in OUT/metrics.jsonl, TensorBoard when installed."""
 
-    def __init__(self, out, enabled):
+    def __init__(self, out, enabled, start=0):
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
         self.file = open(os.path.join(out, "metrics.jsonl"), "a") if enabled else None
@@ -439,7 +439,8 @@ class Logger:
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(out, "tensorboard"))
+                # purge_step: a resumed run drops the events logged after its checkpoint.
+                self.tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start + 1 if start else None)
             except Exception:  # tensorboard not installed: JSON lines are enough
                 pass
 
@@ -455,6 +456,8 @@ class Logger:
         line = (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} "
                 f"(global {record['loss_global']:.4f}, query {record['loss_query']:.4f}) | "
                 f"lr {record['lr']:.2e} | {record['images/s']:.1f} img/s | eta {_duration(record['eta_s'])}")
+        if record["skipped_images"]:
+            line += f" | {record['skipped_images']} unreadable images skipped"
         print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n",
               file=sys.stderr, flush=True)
 
@@ -472,8 +475,8 @@ def _duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def prepare_out(out):
-    """Make the run folder, or say in one line why it cannot be."""
+def prepare_out(out, main):
+    """Make the run folder, or say in one line why it cannot be; drop a half-written checkpoint."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"error: --out {out} is a file, not a folder; choose another --out")
     try:
@@ -481,6 +484,29 @@ def prepare_out(out):
         tempfile.TemporaryFile(dir=out).close()
     except OSError as error:
         raise SystemExit(f"error: --out {out} is not writable ({error.strerror or error}); choose another --out")
+    stale = os.path.join(out, "checkpoint.pt.tmp")
+    if main and os.path.exists(stale):  # a kill during a checkpoint write; checkpoint.pt is intact
+        os.remove(stale)
+        print(f"removed {stale}, left by a run stopped while writing a checkpoint", file=sys.stderr)
+
+
+def drop_records_after(metrics, step):
+    """Keep the metrics.jsonl records up to `step`: the resumed run logs the later ones again."""
+    if not os.path.exists(metrics):
+        return
+    with open(metrics) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            pass
+    if len(kept) < len(lines):
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
 
 
 def check_backend(cfg, device):
@@ -508,7 +534,7 @@ def train(cfg):
     rank, world, device = setup_distributed(cfg)
     main = rank == 0
     check_backend(cfg, device)
-    prepare_out(cfg.out)
+    prepare_out(cfg.out, main)
     path = os.path.join(cfg.out, "checkpoint.pt")
     checkpoint, start = None, 0
     if os.path.exists(path):
@@ -564,9 +590,12 @@ def train(cfg):
         return start
 
     augment = Augment(cfg.image_size, cfg.local_size).to(device)
-    logger = Logger(cfg.out, main)
+    if main:
+        drop_records_after(os.path.join(cfg.out, "metrics.jsonl"), start)
+    logger = Logger(cfg.out, main, start)
     bad = torch.zeros((), dtype=torch.bool, device=device)
     last_good, saved, completed, skipped = start, start, start, 0  # saved: step of checkpoint.pt, 0 = none
+    warned = set()  # unreadable files already reported
     t0, images_since = time.perf_counter(), 0
     in_step = False
 
@@ -592,8 +621,12 @@ def train(cfg):
     try:
         for step in range(start, total):
             raw = next(data)
-            skipped += int(raw["skipped"].sum())
-            raw = {k: v.to(device, non_blocking=True) for k, v in raw.items() if k != "skipped"}
+            first, skips = raw.pop("index"), raw.pop("skipped")
+            if skips.any():
+                skipped += int(skips.sum())
+                for i, n in zip(first[skips > 0].tolist(), skips[skips > 0].tolist()):
+                    warn_unreadable(images, range(i, i + n), warned)
+            raw = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
             in_step = True
             metrics = train_step(trainer, augment(raw), step)
             in_step = False

@@ -418,6 +418,74 @@ def test_non_finite_loss_before_any_checkpoint_claims_none(tmp_path, monkeypatch
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
+# --------------------------------------------------------------------------- resume hygiene
+
+
+def test_resume_drops_the_records_logged_after_the_checkpoint(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    argv = ["train", *TINY, "--out", out, "--max-steps", "4", "--checkpoint-every", "2"]
+    real_step = adclr.train.train_step
+
+    def crash_in_step_4(trainer, batch, step):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(trainer, batch, step)
+
+    monkeypatch.setattr(adclr.train, "train_step", crash_in_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(argv)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 4, "lo')  # a record cut short by a kill
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f.readlines()[:3]] == [1, 2, 3]  # 3: past the checkpoint
+    monkeypatch.setattr(adclr.train, "train_step", real_step)
+    assert run(argv, capsys)[0] == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_unreadable_image_warned_once_and_counted(tmp_path, capsys):
+    data = image_folder(tmp_path / "data", per_class=2, unreadable=("a/1.png",))
+    out = str(tmp_path / "run")
+    # 4 images, batch 2: 2 steps an epoch, the bad file met once or twice an epoch for 3 epochs.
+    status, err = run(["train", *TINY, "--data", data, "--batch-size", "2", "--max-steps", "6",
+                       "--out", out, "--num-local-crops", "0"], capsys)
+    assert status == 0
+    bad = os.path.join(data, "a", "1.png")
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipping")]
+    assert warnings == [f"warning: skipping unreadable image {bad}: cannot identify image file {bad!r}"]
+    counts = [r["skipped_images"] for r in read_metrics(out)]
+    assert counts == sorted(counts) and counts[-1] >= 3
+    assert f"| {counts[-1]} unreadable images skipped" in err.splitlines()[-2]
+
+
+def test_eval_warns_once_per_unreadable_image(checkpoint_bytes, tmp_path, capsys):
+    good = tmp_path / "checkpoint.pt"
+    good.write_bytes(checkpoint_bytes)
+    data = tmp_path / "data"
+    image_folder(data / "train", per_class=3, unreadable=("b/2.png",))
+    image_folder(data / "val", per_class=2)
+    main(["eval", "knn", "--checkpoint", str(good), "--data", str(data), "--num-workers", "0", "--batch-size", "2"])
+    out, err = capsys.readouterr()
+    bad = str(data / "train" / "b" / "2.png")
+    assert [line for line in err.splitlines() if line.startswith("warning")] == [
+        f"warning: skipping unreadable image {bad}: cannot identify image file {bad!r}",
+        "warning: skipped 1 unreadable images"]
+    result = json.loads(out.splitlines()[-1])
+    assert (result["train_images"], result["val_images"]) == (5, 4)
+
+
+def test_stale_tmp_checkpoint_is_removed_at_start(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / "checkpoint.pt.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    monkeypatch.setattr(adclr.train, "train_step", lambda *args: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError, match="crash"):  # no checkpoint written over it in this run
+        main(["train", *TINY, "--out", str(out)])
+    assert not stale.exists()
+    assert f"removed {stale}, left by a run stopped while writing a checkpoint" in capsys.readouterr().err
+
+
 def test_a_diverged_checkpoint_is_reported_at_load(checkpoint_bytes, tmp_path):
     path = tmp_path / "checkpoint.pt"
     state = torch.load(io.BytesIO(checkpoint_bytes), weights_only=True)

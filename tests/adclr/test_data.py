@@ -43,7 +43,8 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
     assert folder.load(0)[0] is None and folder.load(1)[0].size == (40, 30)
     ds = MultiCropDataset(folder, 16, 8, 8, 1, 2)
     item = ds[(0, 1)]
-    assert item["skipped"] == 1 and item["globals"].shape == (2, 3, 16, 16)
+    assert item["skipped"] == 1 and item["index"] == 0 and item["globals"].shape == (2, 3, 16, 16)
+    assert folder.error(0).startswith("cannot identify image file") and folder.error(1) == ""
     with pytest.raises(FileNotFoundError, match="needs"):
         open_dataset(str(tmp_path), "val")
     assert len(open_dataset(str(tmp_path), "train")) == 6  # training takes any folder
