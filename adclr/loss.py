@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from adclr_kernels.dino_loss import dino_head_loss, dino_pairing
+
 
 def cross_entropy(teacher_probs, student_logits, student_temp):
     return torch.sum(-teacher_probs * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1).mean()
@@ -64,15 +66,47 @@ class ADCLRLoss(nn.Module):
         self.update_centers(teacher_cls, teacher_query)
         return loss_global + self.lambda_query * loss_query, loss_global, loss_query
 
+    def fused(self, student_cls, teacher_cls, teacher_temp, weight, teacher_weight,
+              student_query=None, teacher_query=None, gain=None, teacher_gain=None, backend="auto"):
+        """`forward` from the head's bottleneck instead of its logits: same losses, same centres.
+
+        The head's last layer runs inside the loss (`adclr_kernels.dino_head_loss`), so
+        the (rows, out_dim) logits, softmaxes and their gradients never exist.
+
+        Args:
+            student_cls, teacher_cls, student_query, teacher_query: as in `forward`, but
+                the L2-normalised bottleneck features (`DINOHead(x, project=False)`).
+            weight, teacher_weight: the student's and teacher's `head.last_layer.weight`;
+                gain, teacher_gain: their weight-norm gains, None for 1.
+            backend: "auto", "triton" or "torch" (see `dino_head_loss`).
+        """
+        options = dict(student_temp=self.student_temp, teacher_temp=teacher_temp,
+                       teacher_weight=teacher_weight, gain=gain, teacher_gain=teacher_gain,
+                       backend=backend)
+        num_crops = student_cls.shape[0] // (teacher_cls.shape[0] // 2)
+        loss_global, cls_mean = dino_head_loss(student_cls, teacher_cls, weight, self.center,
+                                               dino_pairing(num_crops), **options)
+        loss_query = loss_global.new_zeros(())
+        if student_query is not None:
+            # Rows (view, batch, query): the pairs of ADCLR's query loss are DINO's with 2 views.
+            loss_query, query_mean = dino_head_loss(student_query.flatten(0, 1), teacher_query.flatten(0, 1),
+                                                    weight, self.query_center, dino_pairing(2), **options)
+        with torch.no_grad():
+            self._ema(self.center, cls_mean * teacher_cls.shape[0], teacher_cls.shape[0])
+            if student_query is not None:
+                rows = teacher_query.shape[0] * teacher_query.shape[1]
+                self._ema(self.query_center, query_mean * rows, rows)
+        return loss_global + self.lambda_query * loss_query, loss_global, loss_query
+
     @torch.no_grad()
     def update_centers(self, teacher_cls, teacher_query=None):
-        self._ema(self.center, teacher_cls.float().reshape(-1, teacher_cls.shape[-1]))
+        self._ema(self.center, teacher_cls.float().sum(0), teacher_cls.shape[0])
         if teacher_query is not None:
-            self._ema(self.query_center, teacher_query.float().reshape(-1, teacher_query.shape[-1]))
+            rows = teacher_query.float().reshape(-1, teacher_query.shape[-1])
+            self._ema(self.query_center, rows.sum(0), rows.shape[0])
 
-    def _ema(self, center, rows):
-        total = rows.sum(0, keepdim=True)
-        count = rows.shape[0]
+    def _ema(self, center, total, count):
+        """center <- momentum * center + (1 - momentum) * total / count, over every process."""
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)  # every replica must keep the same centre
             count *= dist.get_world_size()

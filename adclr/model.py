@@ -253,8 +253,12 @@ class DINOHead(nn.Module):
         self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
         self.apply(_init_weights)
 
-    def forward(self, x):
+    def forward(self, x, project=True):
+        """Logits; with project=False the L2-normalised bottleneck features, for a loss
+        that applies the last layer itself (`ADCLRLoss.fused`)."""
         x = F.normalize(self.mlp(x), dim=-1)
+        if not project:
+            return x
         return F.linear(x, F.normalize(self.last_layer.weight, dim=-1))
 
 
@@ -271,14 +275,16 @@ class ADCLRModel(nn.Module):
         self.backbone, self.head = backbone, head
         self.pack_crops = pack_crops
 
-    def forward(self, images, query_crops=None, local_crops=None):
+    def forward(self, images, query_crops=None, local_crops=None, project=True):
         """One call for every crop (DistributedDataParallel needs a single forward).
 
         Args:
             images: (B, 3, H, W) global views; query_crops: (B, Q, 3, p, p) or None;
             local_crops: (B', 3, h, w) or None, run without query tokens.
+            project: False stops the head before its last layer (see `DINOHead.forward`).
         Returns:
-            (CLS logits (B + B', K) for images then local crops, query logits (B, Q, K) or None).
+            (CLS logits (B + B', K) for images then local crops, query logits (B, Q, K) or None);
+            K is the bottleneck dim with project=False.
         """
         views = [(images, query_crops)] + ([(local_crops, None)] if local_crops is not None else [])
         if self.pack_crops and len(views) > 1:
@@ -289,7 +295,7 @@ class ADCLRModel(nn.Module):
         # large matmul is cheaper than several.
         query = features[0]["query"]
         tokens = [f["cls"] for f in features] + ([query.flatten(0, 1)] if query is not None else [])
-        logits = self.head(torch.cat(tokens))
+        logits = self.head(torch.cat(tokens), project)
         num_cls = sum(f["cls"].shape[0] for f in features)
         cls = logits[:num_cls]
         if query is None:

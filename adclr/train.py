@@ -66,6 +66,7 @@ class Config:
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: float = 30.0
     center_momentum: float = 0.9
+    fused_head_loss: str = "auto"            # head last layer + loss in one op, no out_dim-wide logits: auto (CUDA) | on | off
     # optimisation
     batch_size: int = 256                    # total over all processes
     epochs: int = 100
@@ -170,7 +171,7 @@ def config_errors(cfg):
 
 # Fields that may change between a run and its resumption; any other difference is an error.
 RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "log_every",
-             "checkpoint_every", "attention", "pack_crops"}
+             "checkpoint_every", "attention", "pack_crops", "fused_head_loss"}
 
 
 def cosine(step, total, start, end, warmup=0, warmup_start=0.0):
@@ -197,6 +198,8 @@ class Trainer:
         self.teacher_params = [p for p in teacher.parameters()]
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else contextlib.nullcontext())
+        self.fused_head_loss = cfg.fused_head_loss == "on" or (cfg.fused_head_loss == "auto"
+                                                                and device.type == "cuda")
 
     def schedule(self, step):
         """lr, weight decay, teacher momentum and teacher temperature at `step` (Python floats)."""
@@ -222,6 +225,8 @@ def build(cfg, device, steps_per_epoch=1000):
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     if cfg.pack_crops not in ("auto", "on", "off"):
         raise ValueError(f"pack_crops must be auto, on or off, got {cfg.pack_crops!r}")
+    if cfg.fused_head_loss not in ("auto", "on", "off"):
+        raise ValueError(f"fused_head_loss must be auto, on or off, got {cfg.fused_head_loss!r}")
     # Packing pays where the backend has a real varlen kernel; the PyTorch backends would
     # loop over sequences, so "auto" packs only for Triton on CUDA.
     pack = cfg.pack_crops == "on" or (cfg.pack_crops == "auto" and device.type == "cuda"
@@ -270,12 +275,18 @@ def train_step(trainer, batch, step):
     queries = batch["queries"] if cfg.lambda_query and cfg.num_queries else None  # lambda 0: plain DINO
     if queries is not None:
         queries = queries.repeat(2, 1, 1, 1, 1)  # the same query crops for both global views
+    fused = t.fused_head_loss  # the heads stop at the bottleneck; the loss runs their last layer
     with t.autocast:
         with torch.no_grad():
-            teacher_cls, teacher_query = t.teacher(globals_, queries)
-        student_cls, student_query = t.student(globals_, queries, local)
-        loss, loss_global, loss_query = t.loss(student_cls, teacher_cls, sched["teacher_temp"],
-                                               student_query, teacher_query)
+            teacher_cls, teacher_query = t.teacher(globals_, queries, project=not fused)
+        student_cls, student_query = t.student(globals_, queries, local, project=not fused)
+        if fused:
+            loss, loss_global, loss_query = t.loss.fused(
+                student_cls, teacher_cls, sched["teacher_temp"], t.student_module.head.last_layer.weight,
+                t.teacher.head.last_layer.weight, student_query, teacher_query)
+        else:
+            loss, loss_global, loss_query = t.loss(student_cls, teacher_cls, sched["teacher_temp"],
+                                                   student_query, teacher_query)
 
     t.optimizer.zero_grad(set_to_none=True)
     loss.backward()

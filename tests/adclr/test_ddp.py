@@ -5,6 +5,7 @@ import json
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -53,8 +54,12 @@ def worker(rank, world, port, cfg_fields, results):
     dist.destroy_process_group()
 
 
-def test_ddp_two_gloo_processes(tiny_config, tmp_path):
-    cfg = tiny_config(batch_size=8, drop_path=0.1, head_hidden_dim=128, head_bottleneck_dim=32)
+# The fused head + loss uses the last layer's weight outside DDP's forward: its gradient
+# must be all-reduced all the same.
+@pytest.mark.parametrize("fused_head_loss", ["off", "on"])
+def test_ddp_two_gloo_processes(tiny_config, tmp_path, fused_head_loss):
+    cfg = tiny_config(batch_size=8, drop_path=0.1, head_hidden_dim=128, head_bottleneck_dim=32,
+                      fused_head_loss=fused_head_loss)
     mp.spawn(worker, args=(2, free_port(), dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 
