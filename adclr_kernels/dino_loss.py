@@ -424,6 +424,9 @@ def check_inputs(student, teacher, weight, center, pairing, student_temp, teache
     for name, g in (("gain", gain), ("teacher_gain", teacher_gain)):
         if g is not None and g.shape != (num_cols,):
             raise ValueError(f"{name} must have shape ({num_cols},) (one per prototype), got {tuple(g.shape)}")
+    if teacher_gain is not None and teacher_weight is None:
+        raise ValueError("teacher_gain needs teacher_weight; without it the teacher uses the "
+                         "student's weight and gain")
     flat, num_teacher_views = _check_pairing(pairing)
     num_student_views = len(flat) // num_teacher_views
     if teacher.shape[0] % num_teacher_views or student.shape[0] % num_student_views:
@@ -536,9 +539,10 @@ def dino_head_loss(student, teacher, weight, center, pairing, *, student_temp, t
         pairing: teacher_views x student_views nested list of weights, e.g.
             `dino_pairing(num_crops)`; row b of a view is paired with row b of another.
         student_temp, teacher_temp: positive floats.
-        teacher_weight: the teacher's last-layer weight (default: weight, detached).
+        teacher_weight: the teacher's last-layer weight (default: the student's weight
+            and gain, detached).
         gain, teacher_gain: (out_dim,) weight-norm gains g (default 1: DINO's
-            norm_last_layer); gain gets a gradient.
+            norm_last_layer); gain gets a gradient, teacher_gain goes with teacher_weight.
         backend: "auto" (Triton on CUDA, chunked PyTorch elsewhere), "triton" or "torch".
 
     Under autocast the matmul operands are cast to the autocast dtype, as F.linear's
@@ -564,7 +568,7 @@ def dino_head_loss(student, teacher, weight, center, pairing, *, student_temp, t
     backend = _resolve_backend(backend, student, dtype)
     w = effective_weight(weight, gain)
     if teacher_weight is None:
-        w_t = w.detach() if teacher_gain is None else effective_weight(weight.detach(), teacher_gain.detach())
+        w_t = w.detach()
     else:
         w_t = effective_weight(teacher_weight.detach(), None if teacher_gain is None else teacher_gain.detach())
     # The backward reads the centre again, and DINO updates it in place in between.

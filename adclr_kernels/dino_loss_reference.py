@@ -31,7 +31,8 @@ def naive_dino_head_loss(student, teacher, weight, center, pairing, student_temp
     pairing[t][v] weighs the mean over b of H(teacher row (t, b), student row (v, b)),
     rows view-major; see `adclr_kernels.dino_loss.dino_head_loss`.
     """
-    teacher_weight = weight if teacher_weight is None else teacher_weight
+    if teacher_weight is None:  # the student's last layer, gain included
+        teacher_weight, teacher_gain = weight, gain
     student_logits = student @ effective_weight(weight, gain).T
     teacher_logits = (teacher @ effective_weight(teacher_weight, teacher_gain).T).detach()
     probs = F.softmax((teacher_logits - center.reshape(-1)) / teacher_temp, dim=-1)

@@ -83,7 +83,7 @@ def assert_matches(got, ref, tol):
     (3, 17, 16, (0.05, 0.02)),    # fewer prototypes than one tile, sharp temperatures
 ])
 def test_matches_float64_reference(poisoned, backend, views, rows, out_dim, dim, temps):
-    inputs = make_inputs(rows, VIEWS[views], dim, out_dim, gain=rows == 7, teacher_weight=rows != 1)
+    inputs = make_inputs(rows, VIEWS[views], dim, out_dim, gain=rows in (5, 7), teacher_weight=rows in (3, 7))
     pairing = dino_pairing(VIEWS[views])
     ref = loss_and_grads(naive, inputs, torch.float64, pairing, temps)
     got = loss_and_grads(dino_head_loss, inputs, torch.float32, pairing, temps, backend=backend)
@@ -218,6 +218,7 @@ def _call(dtype=torch.float32, **overrides):
     (dict(center=torch.zeros(2, 100)), ValueError, r"center must have shape \(100,\) or \(1, 100\)"),
     (dict(gain=torch.ones(100, 1)), ValueError, r"gain must have shape \(100,\)"),
     (dict(teacher_gain=torch.ones(99)), ValueError, r"teacher_gain must have shape \(100,\)"),
+    (dict(teacher_gain=torch.ones(100)), ValueError, "teacher_gain needs teacher_weight"),
     (dict(student=torch.zeros(5, 16)), ValueError, "multiples of those counts"),
     (dict(student=torch.zeros(8, 16)), ValueError, "teacher and student views must have the same rows"),
     (dict(pairing=[[0.0, 1.0], [1.0]]), ValueError, "pairing rows must all have the same length"),
