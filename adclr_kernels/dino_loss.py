@@ -447,7 +447,9 @@ def _resolve_backend(backend, x, dtype):
     if backend == "auto":
         return "triton" if x.is_cuda and dtype in _TRITON_DTYPES and x.shape[1] <= TRITON_MAX_DIM else "torch"
     if backend == "triton":
-        if not (x.is_cuda or (x.device.type == "cpu" and triton_interpreter_enabled())):
+        # Meta tensors trace shapes through the custom ops' fake implementations.
+        if not (x.is_cuda or x.device.type == "meta"
+                or (x.device.type == "cpu" and triton_interpreter_enabled())):
             raise RuntimeError(f"backend='triton' needs CUDA tensors (got device {x.device}); "
                                "set TRITON_INTERPRET=1 before importing adclr_kernels to run "
                                "the kernels on CPU in Triton's interpreter")
@@ -557,7 +559,7 @@ def dino_head_loss(student, teacher, weight, center, pairing, *, student_temp, t
         student, teacher, weight, center, pairing, student_temp, teacher_temp, teacher_weight,
         gain, teacher_gain)
     device_type = student.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = student.dtype

@@ -244,6 +244,19 @@ def test_backend_rules(monkeypatch):
             _call(backend="triton")
 
 
+def test_meta_tensors_trace_shapes():
+    """Shapes only, no kernel: what a static model of the step runs on."""
+    inputs = make_inputs(3, 4, 16, 100)
+    student = inputs["student"].float().to("meta").requires_grad_()
+    weight = inputs["weight"].float().to("meta").requires_grad_()
+    loss, mean = dino_head_loss(student, inputs["teacher"].float().to("meta"), weight,
+                                inputs["center"].float().to("meta"), dino_pairing(4),
+                                student_temp=0.1, teacher_temp=0.04, backend="triton")
+    assert loss.shape == () and mean.shape == (100,) and loss.device.type == "meta"
+    d_student, d_weight = torch.autograd.grad(loss, (student, weight))
+    assert d_student.shape == student.shape and d_weight.shape == weight.shape
+
+
 def _inputs():
     inputs = make_inputs(3, 2, 16, 100)
     return {k: v.float() for k, v in inputs.items() if v is not None}
