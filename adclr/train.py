@@ -102,6 +102,7 @@ ALLOWED = {
     "arch": tuple(ARCHS), "patch_size": ">= 1", "image_size": ">= 1", "local_size": ">= 1",
     "out_dim": ">= 1", "head_hidden_dim": ">= 1", "head_bottleneck_dim": ">= 1",
     "drop_path": "[0, 1)", "attention": BACKENDS, "pack_crops": ("auto", "on", "off"),
+    "fused_head_loss": ("auto", "on", "off"),
     "num_local_crops": ">= 0", "num_queries": ">= 0",
     "global_scale": "(0, 1]", "local_scale": "(0, 1]", "query_scale": "(0, 1]",
     "lambda_query": ">= 0", "student_temp": "> 0", "warmup_teacher_temp": "> 0", "teacher_temp": "> 0",
@@ -225,8 +226,6 @@ def build(cfg, device, steps_per_epoch=1000):
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     if cfg.pack_crops not in ("auto", "on", "off"):
         raise ValueError(f"pack_crops must be auto, on or off, got {cfg.pack_crops!r}")
-    if cfg.fused_head_loss not in ("auto", "on", "off"):
-        raise ValueError(f"fused_head_loss must be auto, on or off, got {cfg.fused_head_loss!r}")
     # Packing pays where the backend has a real varlen kernel; the PyTorch backends would
     # loop over sequences, so "auto" packs only for Triton on CUDA.
     pack = cfg.pack_crops == "on" or (cfg.pack_crops == "auto" and device.type == "cuda"

@@ -57,7 +57,7 @@ import triton.language as tl
 
 from .attention import triton_interpreter_enabled
 from .dino_loss_reference import effective_weight, row_softmax_chunked, weight_grad_chunked
-from .unidirectional import LOG2E, _dot
+from .unidirectional import LOG2E, _dot, _dot_mode
 
 BACKENDS = ("auto", "triton", "torch")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,7 +79,7 @@ def _row_softmax_kernel(
     stride_lse_s, stride_out_s, stride_out_m, stride_out_d,
     scale,
     HAS_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT: tl.constexpr,
 ):
     """Rows m of X, columns [split * cols_per_split, ...): the base-e logsumexp of
     (x W_logit^T - shift) / T and softmax(...) @ W_value, for this split of the columns.
@@ -104,7 +104,7 @@ def _row_softmax_kernel(
         col_ok = cols < hi
         w_t = tl.load(W_LOGIT + cols[None, :] * stride_lk + offs_d[:, None] * stride_ld,
                       mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _dot(x, w_t, DOT_FP32) * scale
+        s = _dot(x, w_t, DOT) * scale
         if HAS_SHIFT:
             shift = tl.load(SHIFT + cols, mask=col_ok, other=0.0).to(tl.float32)
             s = s - shift[None, :] * scale
@@ -116,7 +116,7 @@ def _row_softmax_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(W_VALUE + cols[:, None] * stride_vk + offs_d[None, :] * stride_vd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_FP32)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
         m_i = m_new
 
     tl.store(LSE + split * stride_lse_s + rows, (m_i + tl.log2(l_i)) / _LOG2E, mask=row_ok)
@@ -128,7 +128,7 @@ def _row_softmax_kernel(
 def _add_probs_t_values(acc, w, shift, X, LSE, VALUES, num_rows, dim,
                         stride_xm, stride_xd, stride_vm, stride_vd, scale, sign,
                         HAS_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                        DOT_FP32: tl.constexpr):
+                        DOT: tl.constexpr):
     """acc += sign * P^T @ VALUES over every row, P recomputed tile by tile from the lse."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < dim
@@ -137,14 +137,14 @@ def _add_probs_t_values(acc, w, shift, X, LSE, VALUES, num_rows, dim,
         row_ok = rows < num_rows
         x = tl.load(X + rows[:, None] * stride_xm + offs_d[None, :] * stride_xd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        s_t = _dot(w, tl.trans(x), DOT_FP32) * scale  # (columns, rows)
+        s_t = _dot(w, tl.trans(x), DOT) * scale  # (columns, rows)
         if HAS_SHIFT:
             s_t = s_t - shift[:, None]
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0) * _LOG2E
         p_t = tl.where(row_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
         values = tl.load(VALUES + rows[:, None] * stride_vm + offs_d[None, :] * stride_vd,
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += sign * _dot(p_t.to(values.dtype), values, DOT_FP32)
+        acc += sign * _dot(p_t.to(values.dtype), values, DOT)
     return acc
 
 
@@ -156,7 +156,7 @@ def _weight_grad_kernel(
     stride_xt_m, stride_xt_d, stride_vt_m, stride_vt_d,
     stride_wk, stride_wd, stride_wtk, stride_wtd, stride_dwk, stride_dwd,
     student_scale, teacher_scale,
-    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
 ):
     """dW for one tile of columns: GRAD_SCALE * (P_s^T VS - P_t^T VT)."""
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -170,10 +170,10 @@ def _weight_grad_kernel(
     acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     acc = _add_probs_t_values(acc, w, shift, XS, LSE_S, VS, num_student, dim,
                               stride_xs_m, stride_xs_d, stride_vs_m, stride_vs_d, student_scale, 1.0,
-                              False, BLOCK_M, BLOCK_D, DOT_FP32)
+                              False, BLOCK_M, BLOCK_D, DOT)
     acc = _add_probs_t_values(acc, w_t, shift, XT, LSE_T, VT, num_teacher, dim,
                               stride_xt_m, stride_xt_d, stride_vt_m, stride_vt_d, teacher_scale, -1.0,
-                              True, BLOCK_M, BLOCK_D, DOT_FP32)
+                              True, BLOCK_M, BLOCK_D, DOT)
     acc = acc * tl.load(GRAD_SCALE).to(tl.float32)
     tl.store(DW + cols[:, None] * stride_dwk + offs_d[None, :] * stride_dwd,
              acc.to(DW.dtype.element_ty), mask=w_mask)
@@ -187,10 +187,6 @@ def _weight_grad_kernel(
 def _block_d(dim):
     # tl.dot needs every dimension >= 16; other widths are padded inside the kernels.
     return max(16, triton.next_power_of_2(dim))
-
-
-def _dot_fp32(dtype):
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreter_enabled())
 
 
 # GPU tiles by the bytes of one feature row (block_d x element size): the widest, fp32 at
@@ -256,7 +252,7 @@ def row_softmax(x, w_logit, w_value, temp, shift=None, num_splits=None):
         num_rows, num_cols, dim, cols_per_split,
         *x.stride(), *w_logit.stride(), *w_value.stride(), lse.stride(0), *out.stride(),
         LOG2E / temp,
-        HAS_SHIFT=shift is not None, BLOCK_D=block_d, DOT_FP32=_dot_fp32(x.dtype), **cfg)
+        HAS_SHIFT=shift is not None, BLOCK_D=block_d, DOT=_dot_mode(x.dtype), **cfg)
     if num_splits == 1:
         return lse[0], out[0]
     # FlashDecoding's merge: each split's result weighted by its share of the sum.
@@ -279,7 +275,7 @@ def weight_grad(student, student_lse, student_values, teacher, teacher_lse, teac
         *student.stride(), *student_values.stride(), *teacher.stride(), *teacher_values.stride(),
         *weight.stride(), *teacher_weight.stride(), *grad.stride(),
         LOG2E / student_temp, LOG2E / teacher_temp,
-        BLOCK_D=block_d, DOT_FP32=_dot_fp32(weight.dtype), **cfg)
+        BLOCK_D=block_d, DOT=_dot_mode(weight.dtype), **cfg)
     return grad
 
 

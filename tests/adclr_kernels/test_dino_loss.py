@@ -324,7 +324,7 @@ def compile_for_hopper(dtype, dim):
     for kernel, cfg, constexprs in (
             (dino_loss._row_softmax_kernel, dino_loss._row_config(block_d, torch_dtype), dict(HAS_SHIFT=True)),
             (dino_loss._weight_grad_kernel, dino_loss._grad_config(block_d, torch_dtype), {})):
-        constexprs = dict(constexprs, BLOCK_D=block_d, DOT_FP32=dino_loss._dot_fp32(torch_dtype),
+        constexprs = dict(constexprs, BLOCK_D=block_d, DOT=dino_loss._dot_mode(torch_dtype),
                           **{k: v for k, v in cfg.items() if k.startswith("BLOCK")})
         names = kernel.arg_names
         signature = {n: "constexpr" if n in constexprs else
