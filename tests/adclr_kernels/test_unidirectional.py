@@ -84,6 +84,21 @@ def test_gpu_tile_sizes_in_the_interpreter(monkeypatch, opt_set, num_prefix, num
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
+@pytest.mark.parametrize("capability", [90, 80, 86])
+@pytest.mark.parametrize("dtype,head_dim,num_raw", [
+    (torch.float16, 64, 196), (torch.float16, 64, 600), (torch.float16, 128, 196),
+    (torch.float32, 128, 100), (torch.float32, 256, 60)])
+def test_every_gpu_config_in_the_interpreter(monkeypatch, capability, dtype, head_dim, num_raw):
+    # Each target's configs (tiles, warps, stages) run in the interpreter. fp16 stands
+    # for bf16 here: the two share their configs, and the interpreter's bf16 dot is wrong.
+    import adclr_kernels.unidirectional as uni
+
+    monkeypatch.setattr(uni, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(uni, "_capability", lambda device: capability)
+    check_triton(1, 1, 1, num_raw, 10, head_dim, options(OPTION_SETS[3]), dtype=dtype)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
 @pytest.mark.parametrize("lengths,queries,num_prefix", [
     ([1 + 196 + 10, 1 + 36, 1 + 196 + 10], [10, 0, 10], 1),  # the trainer's crops
     ([70 + 120 + 17, 70 + 30 + 3], [17, 3], 70),             # prefix wider than a key tile
