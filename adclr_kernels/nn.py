@@ -15,7 +15,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from .attention import (unidirectional_attention, unidirectional_attention_qkvpacked,
+from .attention import (VarlenLayout, unidirectional_attention, unidirectional_attention_qkvpacked,
                         unidirectional_attention_varlen, unidirectional_attention_varlen_qkvpacked)
 
 
@@ -62,6 +62,8 @@ class UnidirectionalAttention(nn.Module):
         options = dict(query_sees_prefix=query_sees_prefix, query_sees_self=query_sees_self,
                        query_sees_queries=query_sees_queries, scale=self.scale,
                        backend=backend or self.backend)
+        if isinstance(cu_seqlens, VarlenLayout) and num_queries == 0:
+            num_queries = None  # the layout holds the query counts
         tokens = x.shape[:-1]
         qkv = self.qkv(x).view(*tokens, 3, self.num_heads, self.head_dim)
         if isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity):

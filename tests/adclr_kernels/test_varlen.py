@@ -224,3 +224,27 @@ def test_max_seqlen_larger_than_needed_is_only_slower():
     exact = unidirectional_attention_varlen(q, k, v, cu, 3, backend="triton")
     loose = unidirectional_attention_varlen(q, k, v, cu, 3, max_seqlen=100, backend="triton")
     assert torch.equal(exact, loose)
+
+
+LAYOUT_BAD = [
+    ("negative length", dict(seqlens=[10, -2]), "seqlens must hold ints >= 0"),
+    ("float length", dict(seqlens=[10.0, 12]), "seqlens must hold ints >= 0"),
+    ("Q past its sequence", dict(num_queries=[3, 13]), r"num_queries\[1\] must be in \[0, 12\]"),
+    ("one count short", dict(num_queries=[3]), "one count per sequence"),
+    ("tokens differ from q", dict(seqlens=[10, 11]), "holds 21 tokens, q has 22"),
+    ("num_queries twice", dict(call_num_queries=3), "num_queries comes from the VarlenLayout"),
+    ("max_seqlen disagrees", dict(max_seqlen=20), r"max_seqlen comes from the VarlenLayout \(12\)"),
+    ("no room for the prefix", dict(seqlens=[0, 22], num_queries=0), "num_prefix \\(1\\) exceeds"),
+]
+
+
+@pytest.mark.parametrize("case,over,msg", LAYOUT_BAD, ids=[c[0] for c in LAYOUT_BAD])
+def test_bad_layouts_are_refused(case, over, msg):
+    from adclr_kernels import VarlenLayout
+
+    q, k, v, _ = make_packed([10, 12], 2, 16)
+    over = dict(over)
+    call = dict(num_queries=over.pop("call_num_queries", None), max_seqlen=over.pop("max_seqlen", None))
+    with pytest.raises(ValueError, match=msg):
+        layout = VarlenLayout(**{"seqlens": [10, 12], "num_queries": [3, 3], "device": DEVICE, **over})
+        unidirectional_attention_varlen(q, k, v, layout, backend="triton", **call)
