@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (the device tool): the CUDA correctness suite (bf16
-# included), the full benchmark matrix and its report, everything written under $OUT.
+# included), the full benchmark matrix and its report, and the static model's
+# calibration (bench/calibrate.py), everything written under $OUT.
 #
 #   here, once:  pip download --no-deps -d .wheels kornia kornia_rs   # the device has no network
 #   device run:  bash bench/gpu_session.sh      (carry: [".wheels"])
@@ -26,3 +27,5 @@ mkdir -p "$OUT/$device"
 python -m pytest bench/ -q -p no:cacheprovider --benchmark-json="$OUT/$device/results.json" \
   2>&1 | tail -40 | tee "$OUT/bench.txt"
 python -m bench.report "$OUT/$device/results.json"
+# Each kernel's measured time against bench.static's estimate (the committed table).
+python -m bench.calibrate --out "$OUT/$device" 2>&1 | tail -20 | tee "$OUT/calibration.txt"
