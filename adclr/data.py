@@ -329,27 +329,31 @@ class Augment(torch.nn.Module):
     Global view A: blur p=1.0; view B: blur p=0.1, solarize p=0.2; locals: blur p=0.5.
     All: flip p=0.5, colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2. Query
     crops are only normalised: they must be the same pixels for student and teacher.
-    Blur sigma is DINO's (0.1, 2.0) px at 224 px, scaled with the crop size.
+    Blur sigma is uniform in DINO's (0.1, 2.0) px for every crop, locals included, as
+    DINO's PIL blur radius is (a standard deviation in pixels, whatever the crop size).
     """
 
-    def __init__(self, image_size, local_size):
+    BLUR_SIGMA = (0.1, 2.0)
+
+    def __init__(self):
         super().__init__()
         import kornia.augmentation as K
 
-        def pipeline(size, blur, solarize=0.0):
-            sigma = (0.1 * size / 224, 2.0 * size / 224)
-            kernel = 2 * math.ceil(3 * sigma[1]) + 1
+        # +-3 sigma of the widest blur: 13 taps, so sigma 2 is not truncated.
+        kernel = 2 * math.ceil(3 * self.BLUR_SIGMA[1]) + 1
+
+        def pipeline(blur, solarize=0.0):
             ops = [K.RandomHorizontalFlip(),
                    K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
                    K.RandomGrayscale(p=0.2),
-                   K.RandomGaussianBlur(kernel, sigma, p=blur)]
+                   K.RandomGaussianBlur(kernel, self.BLUR_SIGMA, p=blur)]
             if solarize:
                 ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize))
             return torch.nn.Sequential(*ops)
 
-        self.view_a = pipeline(image_size, blur=1.0)
-        self.view_b = pipeline(image_size, blur=0.1, solarize=0.2)
-        self.local = pipeline(local_size, blur=0.5)
+        self.view_a = pipeline(blur=1.0)
+        self.view_b = pipeline(blur=0.1, solarize=0.2)
+        self.local = pipeline(blur=0.5)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
 

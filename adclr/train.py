@@ -599,7 +599,7 @@ def train(cfg):
             print(f"nothing to do: {path} is already at step {start} of {total}", file=sys.stderr)
         return start
 
-    augment = Augment(cfg.image_size, cfg.local_size).to(device)
+    augment = Augment().to(device)
     if main:
         drop_records_after(os.path.join(cfg.out, "metrics.jsonl"), start)
     logger = Logger(cfg.out, main, start)

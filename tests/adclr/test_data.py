@@ -73,7 +73,7 @@ def test_augment_output_matches_the_synthetic_batch_structure():
     ds = MultiCropDataset(SyntheticShapes("train", length=8), 32, 16, 8, 2, 3)
     raw = torch.utils.data.default_collate([ds[(i, i)] for i in range(4)])
     torch.manual_seed(0)
-    ready = Augment(32, 16)(raw)
+    ready = Augment()(raw)
     fake = synthetic_batch(Cfg, 4, "cpu")
     for key in ("globals", "locals", "queries"):
         assert ready[key].shape == fake[key].shape and ready[key].dtype == fake[key].dtype
@@ -99,3 +99,22 @@ def test_builtin_square_and_diamond_are_different_shapes():
     square, diamond = SyntheticShapes.CLASSES.index("square"), SyntheticShapes.CLASSES.index("diamond")
     assert min(box_fill(square + 10 * k) for k in range(30)) > 0.7
     assert max(box_fill(diamond + 10 * k) for k in range(30)) < 0.6
+
+
+def test_blur_is_dino_absolute_sigma_for_every_crop_kind():
+    """DINO blurs with a PIL radius (a sigma in pixels) uniform in (0.1, 2.0) whatever the
+    crop size, locals included, with probability 1.0 / 0.1 / 0.5 for view A / view B / locals."""
+    import kornia.augmentation as K
+
+    ds = MultiCropDataset(SyntheticShapes("train", length=64), 32, 16, 8, 2, 1)
+    raw = torch.utils.data.default_collate([ds[(i, i)] for i in range(64)])
+    augment = Augment()
+    torch.manual_seed(0)
+    augment(raw)
+    for pipeline, p, crops in ((augment.view_a, 1.0, 64), (augment.view_b, 0.1, 64), (augment.local, 0.5, 128)):
+        (blur,) = [op for op in pipeline if isinstance(op, K.RandomGaussianBlur)]
+        assert blur.p == p
+        sigma = blur._params["sigma"]  # the sigma drawn for each crop of this call
+        assert sigma.shape == (crops,) and sigma.min() >= 0.1 and sigma.max() <= 2.0
+        assert sigma.max() > 1.8 and sigma.min() < 0.3  # the whole range, not scaled to 32 or 16 px
+        assert blur.flags["kernel_size"] >= 13  # +-3 sigma at sigma 2: no truncated blur
