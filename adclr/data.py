@@ -131,7 +131,7 @@ class ImageFolder:
         self.samples = []
         for label, folder in enumerate(self.classes or ["."]):
             for dirpath, _, files in sorted(os.walk(os.path.join(root, folder), followlinks=True)):
-                if not self.classes and dirpath != root:
+                if not self.classes and os.path.normpath(dirpath) != os.path.normpath(root):
                     continue
                 self.samples += [(os.path.join(dirpath, f), label) for f in sorted(files)
                                  if f.lower().endswith(IMAGE_EXTENSIONS)]

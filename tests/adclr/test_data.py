@@ -118,3 +118,10 @@ def test_blur_is_dino_absolute_sigma_for_every_crop_kind():
         assert sigma.shape == (crops,) and sigma.min() >= 0.1 and sigma.max() <= 2.0
         assert sigma.max() > 1.8 and sigma.min() < 0.3  # the whole range, not scaled to 32 or 16 px
         assert blur.flags["kernel_size"] >= 13  # +-3 sigma at sigma 2: no truncated blur
+
+
+def test_a_folder_without_class_folders_is_one_class(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    folder = ImageFolder(str(tmp_path))
+    assert len(folder) == 3 and {folder.load(i)[1] for i in range(3)} == {0}
