@@ -237,29 +237,46 @@ def _init_weights(m):
         nn.init.zeros_(m.bias)
 
 
+class NormalizedLinear(nn.Linear):
+    """Bias-free linear layer whose weight rows are unit vectors, times a gain per row.
+
+    This is weight normalisation (Salimans & Kingma) as DINO's head uses it. With
+    `learn_gain=False` the gain is fixed at 1 and is not a parameter (DINO's
+    norm_last_layer=True); otherwise `gain` (out_dim, 1) is trained, starts at 1 and is
+    2-D, so the optimizer decays it like a weight, as DINO's weight_g is.
+    """
+
+    def __init__(self, in_dim, out_dim, learn_gain=False):
+        super().__init__(in_dim, out_dim, bias=False)
+        self.gain = nn.Parameter(torch.ones(out_dim, 1)) if learn_gain else None
+
+    def forward(self, x):
+        weight = F.normalize(self.weight, dim=-1)
+        return F.linear(x, weight if self.gain is None else weight * self.gain)
+
+
 class DINOHead(nn.Module):
     """3-layer MLP -> L2-normalised bottleneck -> weight-normalised linear layer.
 
-    The last layer's weight norm has its gain fixed at 1 (DINO's norm_last_layer=True),
-    which is exactly normalising each weight row, so it is written that way.
+    norm_last_layer=True fixes the last layer's gain at 1 (DINO's default); False trains
+    it (DINO's ViT-S/16 recipe). Either way the state dict holds `last_layer.weight`;
+    a trained gain adds `last_layer.gain`.
     """
 
-    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256):
+    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim))
-        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        self.last_layer = NormalizedLinear(bottleneck_dim, out_dim, learn_gain=not norm_last_layer)
         self.apply(_init_weights)
 
     def forward(self, x, project=True):
         """Logits; with project=False the L2-normalised bottleneck features, for a loss
         that applies the last layer itself (`ADCLRLoss.fused`)."""
         x = F.normalize(self.mlp(x), dim=-1)
-        if not project:
-            return x
-        return F.linear(x, F.normalize(self.last_layer.weight, dim=-1))
+        return self.last_layer(x) if project else x
 
 
 class ADCLRModel(nn.Module):

@@ -47,6 +47,7 @@ class Config:
     out_dim: int = 65536                     # DINO head output (prototypes)
     head_hidden_dim: int = 2048              # DINO head MLP width
     head_bottleneck_dim: int = 256
+    norm_last_layer: bool = True             # fix the head's last-layer gain at 1 (DINO's default); --no-norm-last-layer trains it
     drop_path: float = 0.1                   # stochastic depth of the student
     attention: str = "auto"                  # adclr_kernels backend: auto | triton | sdpa | reference | flex | xformers
     query_sees_prefix: bool = False          # query tokens also attend to CLS
@@ -174,6 +175,10 @@ def config_errors(cfg):
 RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "log_every",
              "checkpoint_every", "attention", "pack_crops", "fused_head_loss"}
 
+# Fields added after checkpoints were written without them: the value that does what the
+# trainer did before the field existed, so that those runs still resume.
+FORMER_BEHAVIOUR = {"norm_last_layer": True}
+
 
 def cosine(step, total, start, end, warmup=0, warmup_start=0.0):
     """Linear warm-up from warmup_start to start over `warmup` steps, then cosine to end."""
@@ -237,13 +242,14 @@ def build(cfg, device, steps_per_epoch=1000):
                                   query_sees_self=cfg.query_sees_self,
                                   query_sees_queries=cfg.query_sees_queries)
         return ADCLRModel(backbone, DINOHead(backbone.embed_dim, cfg.out_dim, cfg.head_hidden_dim,
-                                                  cfg.head_bottleneck_dim), pack).to(device)
+                                             cfg.head_bottleneck_dim, cfg.norm_last_layer), pack).to(device)
 
     student, teacher = model(cfg.drop_path), model(0.0)  # DINO's teacher has no stochastic depth
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
 
-    # DINO's rule: no weight decay on biases and norm parameters.
+    # DINO's rule: no weight decay on biases and norm parameters (1-D); the head's
+    # last-layer gain is (out_dim, 1), so it is decayed, as DINO's weight_g is.
     decay, no_decay = [], []
     for name, p in student.named_parameters():
         (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
@@ -292,7 +298,8 @@ def train_step(trainer, batch, step):
     grad_norm = (torch.nn.utils.clip_grad_norm_(t.student_params, cfg.clip_grad) if cfg.clip_grad
                  else loss.new_zeros(()))
     if step < cfg.freeze_last_layer_epochs * t.steps_per_epoch:
-        # DINO: keeping the prototypes fixed at first stabilises the start of training.
+        # DINO: keeping the prototypes (weight and gain) fixed at first stabilises the
+        # start of training. No gradient: AdamW neither moves nor decays them.
         for p in t.student_module.head.last_layer.parameters():
             p.grad = None
     t.optimizer.step()
@@ -392,6 +399,7 @@ def _why_unreadable(path, error):
 def check_resumable(cfg, saved):
     """The run in `cfg.out` must be the same run; say exactly what differs if not."""
     current = dataclasses.asdict(cfg)
+    saved = {**FORMER_BEHAVIOUR, **saved}
     diff = {k: (saved.get(k), v) for k, v in current.items()
             if k not in RESUMABLE and _plain(saved.get(k)) != _plain(v)}
     if diff:

@@ -124,3 +124,16 @@ def test_timm_checkpoint_round_trip_is_lossless():
     back = backbone.state_dict()
     assert back.keys() == {k for k in timm_sd if not k.startswith("head.")}
     assert all(torch.equal(back[k], timm_sd[k]) for k in back)
+
+
+def test_trained_gain_scales_each_prototype_and_old_head_state_loads():
+    torch.manual_seed(0)
+    fixed = DINOHead(64, out_dim=128, hidden_dim=96, bottleneck_dim=32)
+    trained = DINOHead(64, 128, 96, 32, norm_last_layer=False)
+    assert set(trained.state_dict()) == set(fixed.state_dict()) | {"last_layer.gain"}
+    trained.load_state_dict(fixed.state_dict(), strict=False)  # a head saved before the option
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(trained(x), fixed(x))  # gain 1: the fixed head exactly
+        trained.last_layer.gain[:, 0] = torch.arange(1.0, 129.0)
+        torch.testing.assert_close(trained(x), fixed(x) * torch.arange(1.0, 129.0))

@@ -161,3 +161,39 @@ def test_warm_up_longer_than_the_run_is_reported(tiny_config, capsys):
     err = capsys.readouterr().err
     assert "warning: --freeze-last-layer-epochs 5.0" in err and "covers the whole 16-step run" in err
     assert "--warmup-epochs" not in err
+
+
+def test_trained_last_layer_gain_is_decayed_frozen_and_followed_by_the_teacher(tiny_config):
+    from adclr.data import synthetic_batch
+
+    cfg = tiny_config(norm_last_layer=False, freeze_last_layer_epochs=1, momentum_teacher=0.5, epochs=10, max_steps=0)
+    trainer = adclr.train.build(cfg, "cpu", steps_per_epoch=2)
+    gain = trainer.student_module.head.last_layer.gain
+    assert gain.shape == (cfg.out_dim, 1) and torch.equal(gain, torch.ones_like(gain))
+    decay, no_decay = trainer.optimizer.param_groups
+    assert any(p is gain for p in decay["params"])  # 2-D, like DINO's weight_g: weight-decayed
+    assert "head.last_layer.gain" in trainer.teacher.state_dict()
+    batch = synthetic_batch(cfg, 4, "cpu")
+    for step in range(2):  # the first epoch: frozen with the layer's weight
+        adclr.train.train_step(trainer, batch, step)
+        assert torch.equal(gain, torch.ones_like(gain))
+    adclr.train.train_step(trainer, batch, 2)
+    assert not torch.equal(gain, torch.ones_like(gain))
+    teacher_gain = trainer.teacher.head.last_layer.gain
+    assert not torch.equal(teacher_gain, torch.ones_like(teacher_gain))  # the EMA moves it too
+    # The default (DINO's norm_last_layer=True) has no gain parameter at all.
+    fixed = adclr.train.build(tiny_config(), "cpu").student_module.head.last_layer
+    assert fixed.gain is None and "head.last_layer.gain" not in adclr.train.build(tiny_config(), "cpu").teacher.state_dict()
+
+
+def test_checkpoints_from_before_norm_last_layer_still_resume(tiny_config):
+    cfg = tiny_config(max_steps=2, checkpoint_every=2)
+    train(cfg)
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    old = load_checkpoint(path)
+    del old["config"]["norm_last_layer"]  # written before the option existed: a fixed gain
+    assert not any(k.endswith(".gain") for k in old["student"])
+    torch.save(old, path)
+    assert train(dataclasses.replace(cfg, max_steps=4)) == 4
+    with pytest.raises(SystemExit, match="--norm-last-layer: checkpoint True, now False"):
+        train(dataclasses.replace(cfg, max_steps=6, norm_last_layer=False))
