@@ -78,7 +78,7 @@ class Config:
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     momentum_teacher: float = 0.996
-    clip_grad: float = 3.0                   # global grad-norm clip; 0 = off
+    clip_grad: float = 3.0                   # clip each parameter's gradient norm to this on its own (DINO); 0 = off
     freeze_last_layer_epochs: float = 1.0
     # running
     device: str = "auto"                     # auto | cpu | cuda | cuda:N
@@ -262,13 +262,35 @@ def build(cfg, device, steps_per_epoch=1000):
     return Trainer(cfg, device, student, teacher, loss, optimizer, steps_per_epoch)
 
 
+def clip_grad_per_parameter_(params, max_norm):
+    """DINO's clipping: scale each parameter's gradient to norm <= max_norm on its own.
+
+    Unlike a global-norm clip, a large gradient in one parameter does not shrink the
+    others. Parameters without a gradient are skipped. Returns the global norm of the
+    gradients before clipping (for logging). Foreach ops, no host synchronisation.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
+    norms = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm:
+        scales = torch._foreach_add(norms, 1e-6)  # DINO's epsilon: a zero gradient stays zero
+        torch._foreach_reciprocal_(scales)
+        torch._foreach_mul_(scales, max_norm)
+        torch._foreach_clamp_max_(scales, 1.0)
+        torch._foreach_mul_(grads, scales)
+    return total
+
+
 def train_step(trainer, batch, step):
     """One full ADCLR step on a ready batch (see adclr.data) already on the device.
 
-    Student and teacher forward, loss, backward, grad clipping, AdamW step with the
-    scheduled lr / weight decay, last-layer freeze, EMA update of the teacher and of
-    the centres. No host synchronisation: returns detached 0-dim tensors
-    (loss, loss_global, loss_query, grad_norm).
+    Student and teacher forward, loss, backward, last-layer freeze, per-parameter grad
+    clipping, AdamW step with the scheduled lr / weight decay, EMA update of the
+    teacher and of the centres. No host synchronisation: returns detached 0-dim
+    tensors (loss, loss_global, loss_query, grad_norm), grad_norm being the global
+    norm of the gradients the optimizer gets, before clipping.
     """
     t, cfg = trainer, trainer.cfg
     sched = t.schedule(step)
@@ -295,13 +317,12 @@ def train_step(trainer, batch, step):
 
     t.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = (torch.nn.utils.clip_grad_norm_(t.student_params, cfg.clip_grad) if cfg.clip_grad
-                 else loss.new_zeros(()))
     if step < cfg.freeze_last_layer_epochs * t.steps_per_epoch:
         # DINO: keeping the prototypes (weight and gain) fixed at first stabilises the
         # start of training. No gradient: AdamW neither moves nor decays them.
         for p in t.student_module.head.last_layer.parameters():
             p.grad = None
+    grad_norm = clip_grad_per_parameter_(t.student_params, cfg.clip_grad)
     t.optimizer.step()
     with torch.no_grad():
         torch._foreach_lerp_(t.teacher_params, t.student_params, 1.0 - sched["momentum"])

@@ -197,3 +197,40 @@ def test_checkpoints_from_before_norm_last_layer_still_resume(tiny_config):
     assert train(dataclasses.replace(cfg, max_steps=4)) == 4
     with pytest.raises(SystemExit, match="--norm-last-layer: checkpoint True, now False"):
         train(dataclasses.replace(cfg, max_steps=6, norm_last_layer=False))
+
+
+def _gradients_seen_by_the_optimizer(trainer, batch, step):
+    """(name -> gradient the optimizer steps with, or None; the step's metrics)."""
+    seen = {}
+
+    def record(optimizer, args, kwargs):
+        seen.update({name: None if p.grad is None else p.grad.clone()
+                     for name, p in trainer.student_module.named_parameters()})
+
+    trainer.optimizer.register_step_pre_hook(record)
+    return seen, adclr.train.train_step(trainer, batch, step)
+
+
+def test_each_gradient_is_clipped_on_its_own_after_the_freeze(tiny_config):
+    """DINO's clip_gradients: a parameter's gradient is scaled only if its own norm exceeds
+    clip_grad; a global-norm clip would scale every gradient by the same factor."""
+    from adclr.data import synthetic_batch
+
+    cfg = tiny_config(drop_path=0.0, freeze_last_layer_epochs=1)  # deterministic forward; step 0 frozen
+    batch = synthetic_batch(cfg, 4, "cpu", generator=torch.Generator().manual_seed(0))
+    build = lambda clip: adclr.train.build(dataclasses.replace(cfg, clip_grad=clip), "cpu", steps_per_epoch=2)  # noqa: E731
+    raw, raw_metrics = _gradients_seen_by_the_optimizer(build(0.0), batch, 0)
+    norms = {name: g.norm() for name, g in raw.items() if g is not None}
+    clip = torch.stack(list(norms.values())).median().item()  # half the parameters above, half below
+    clipped, metrics = _gradients_seen_by_the_optimizer(build(clip), batch, 0)
+
+    # The frozen last layer's gradient is dropped before clipping and never reaches AdamW.
+    assert raw["head.last_layer.weight"] is None and clipped["head.last_layer.weight"] is None
+    assert sum(n > clip for n in norms.values()) >= 3 and sum(n < clip for n in norms.values()) >= 3
+    for name, norm in norms.items():
+        expected = raw[name] * min(1.0, clip / (norm.item() + 1e-6))
+        torch.testing.assert_close(clipped[name], expected, rtol=1e-5, atol=1e-7, msg=name)
+    # The logged norm is the global norm of those gradients (frozen layer excluded), before clipping.
+    total = torch.stack(list(norms.values())).norm()
+    assert metrics["grad_norm"].item() == pytest.approx(total.item(), rel=1e-5)
+    assert raw_metrics["grad_norm"].item() == pytest.approx(total.item(), rel=1e-5)
