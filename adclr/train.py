@@ -80,6 +80,7 @@ class Config:
     momentum_teacher: float = 0.996
     clip_grad: float = 3.0                   # clip each parameter's gradient norm to this on its own (DINO); 0 = off
     freeze_last_layer_epochs: float = 1.0
+    precision: str = "auto"                  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (with a gradient scaler) | fp32
     # running
     device: str = "auto"                     # auto | cpu | cuda | cuda:N
     seed: int = 0
@@ -111,6 +112,7 @@ ALLOWED = {
     "batch_size": ">= 1", "epochs": ">= 1", "max_steps": ">= 0", "base_lr": "> 0", "min_lr": ">= 0",
     "warmup_epochs": ">= 0", "weight_decay": ">= 0", "weight_decay_end": ">= 0",
     "momentum_teacher": "[0, 1]", "clip_grad": ">= 0", "freeze_last_layer_epochs": ">= 0",
+    "precision": ("auto", "bf16", "fp16", "fp32"),
     "device": device_error,
     # Sample seeds are (seed * 100003 + epoch) * 10000019 + i, which must stay below 2**64.
     "seed": "[0, 10000000]",
@@ -173,7 +175,7 @@ def config_errors(cfg):
 
 # Fields that may change between a run and its resumption; any other difference is an error.
 RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "log_every",
-             "checkpoint_every", "attention", "pack_crops", "fused_head_loss"}
+             "checkpoint_every", "attention", "pack_crops", "fused_head_loss", "precision"}
 
 # Fields added after checkpoints were written without them: the value that does what the
 # trainer did before the field existed, so that those runs still resume.
@@ -202,8 +204,11 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps) if cfg.epochs else cfg.max_steps
         self.student_params = [p for p in self.student_module.parameters()]
         self.teacher_params = [p for p in teacher.parameters()]
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else contextlib.nullcontext())
+        precision = cfg.precision if cfg.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
+        self.autocast = (contextlib.nullcontext() if precision == "fp32" else
+                         torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16))
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.fused_head_loss = cfg.fused_head_loss == "on" or (cfg.fused_head_loss == "auto"
                                                                 and device.type == "cuda")
 
@@ -231,6 +236,9 @@ def build(cfg, device, steps_per_epoch=1000):
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     if cfg.pack_crops not in ("auto", "on", "off"):
         raise ValueError(f"pack_crops must be auto, on or off, got {cfg.pack_crops!r}")
+    problem = value_error(cfg.precision, ALLOWED["precision"])  # else an unknown value would mean fp16
+    if problem:
+        raise ValueError(f"--precision: {problem}")
     # Packing pays where the backend has a real varlen kernel; the PyTorch backends would
     # loop over sequences, so "auto" packs only for Triton on CUDA.
     pack = cfg.pack_crops == "on" or (cfg.pack_crops == "auto" and device.type == "cuda"
@@ -288,9 +296,10 @@ def train_step(trainer, batch, step):
 
     Student and teacher forward, loss, backward, last-layer freeze, per-parameter grad
     clipping, AdamW step with the scheduled lr / weight decay, EMA update of the
-    teacher and of the centres. No host synchronisation: returns detached 0-dim
-    tensors (loss, loss_global, loss_query, grad_norm), grad_norm being the global
-    norm of the gradients the optimizer gets, before clipping.
+    teacher and of the centres. No host synchronisation (except the fp16 gradient
+    scaler's inf check with a non-fused optimizer, i.e. off CUDA): returns detached
+    0-dim tensors (loss, loss_global, loss_query, grad_norm), grad_norm being the
+    global norm of the gradients the optimizer gets, before clipping.
     """
     t, cfg = trainer, trainer.cfg
     sched = t.schedule(step)
@@ -316,14 +325,20 @@ def train_step(trainer, batch, step):
                                                    student_query, teacher_query)
 
     t.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (t.scaler.scale(loss) if t.scaler else loss).backward()
     if step < cfg.freeze_last_layer_epochs * t.steps_per_epoch:
         # DINO: keeping the prototypes (weight and gain) fixed at first stabilises the
         # start of training. No gradient: AdamW neither moves nor decays them.
         for p in t.student_module.head.last_layer.parameters():
             p.grad = None
+    if t.scaler:
+        t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = clip_grad_per_parameter_(t.student_params, cfg.clip_grad)
-    t.optimizer.step()
+    if t.scaler:
+        t.scaler.step(t.optimizer)  # skipped when a gradient is inf/nan; the scale then drops
+        t.scaler.update()
+    else:
+        t.optimizer.step()
     with torch.no_grad():
         torch._foreach_lerp_(t.teacher_params, t.student_params, 1.0 - sched["momentum"])
     return {"loss": loss.detach(), "loss_global": loss_global.detach(),
@@ -339,6 +354,7 @@ def save_checkpoint(trainer, path, step, rng):
         "teacher": trainer.teacher.state_dict(),
         "optimizer": trainer.optimizer.state_dict(),
         "loss": trainer.loss.state_dict(),  # the two centres
+        **({"scaler": trainer.scaler.state_dict()} if trainer.scaler else {}),
         "step": step,
         "config": dataclasses.asdict(trainer.cfg),
         "rng": rng,
@@ -361,7 +377,8 @@ def load_checkpoint(path):
     Raises CheckpointError for a file that is missing, unreadable (empty, truncated,
     not a PyTorch file), would run code to load (torch.load's weights_only refuses
     any pickled global that is not a tensor or plain data), lacks a part, holds a part
-    of the wrong type, or holds non-finite weights (a run that diverged).
+    of the wrong type, or holds non-finite weights (a run that diverged). Optional
+    parts: "scaler" (fp16 runs), a head's "last_layer.gain" (--no-norm-last-layer).
     """
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -395,6 +412,10 @@ def load_checkpoint(path):
         raise bad("'config' is not an adclr train config")
     if not isinstance(state["rng"], list):
         raise bad("'rng' is not a list of RNG states")
+    scaler = state.get("scaler", {})  # only in fp16 runs
+    if not (isinstance(scaler, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                             and math.isfinite(v) for v in scaler.values())):
+        raise bad("'scaler' is not a gradient scaler state dict")
     tensors = [(f"{key}[{name!r}]", t) for key in ("student", "teacher", "loss") for name, t in state[key].items()]
     tensors += [(f"optimizer state of parameter {i}", t) for i, s in optimizer["state"].items()
                 for t in (s.values() if isinstance(s, dict) else ()) if isinstance(t, torch.Tensor)]
@@ -604,6 +625,8 @@ def train(cfg):
             trainer.teacher.load_state_dict(checkpoint["teacher"])
             trainer.optimizer.load_state_dict(checkpoint["optimizer"])
             trainer.loss.load_state_dict(checkpoint["loss"])
+            if trainer.scaler and checkpoint.get("scaler"):  # absent: a run saved in another precision
+                trainer.scaler.load_state_dict(checkpoint["scaler"])
         except (RuntimeError, ValueError, KeyError) as error:  # names or shapes not the config's model
             reason = str(error).strip().splitlines()[0]
             raise SystemExit(f"error: {path} does not fit the model of its own config ({reason}); "
@@ -682,6 +705,7 @@ def train(cfg):
                           "lr": sched["lr"], "weight_decay": sched["weight_decay"],
                           "momentum": sched["momentum"], "teacher_temp": sched["teacher_temp"],
                           "images/s": images_since / elapsed, "skipped_images": skipped,
+                          **({"loss_scale": trainer.scaler.get_scale()} if trainer.scaler else {}),
                           "eta_s": (total - done) * elapsed / (images_since / cfg.batch_size)}
                 logger.log(record, total)
                 t0, images_since = time.perf_counter(), 0

@@ -154,6 +154,8 @@ def test_scale_ranges(flag, values, message, accepted_config, capsys):
     (["--arch", "vit_huge"], "argument --arch: invalid choice: 'vit_huge' (choose from "
                              "'vit_tiny', 'vit_small', 'vit_base', 'vit_mini', 'vit_test')"),
     (["--pack-crops", "yes"], "argument --pack-crops: invalid choice: 'yes' (choose from 'auto', 'on', 'off')"),
+    (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8' (choose from 'auto', 'bf16', 'fp16', "
+                             "'fp32')"),
     (["--device", "gpu"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     # Needs the whole config: checked once, after parsing, before any work.
     (["--image-size", "36"], "argument --image-size: must be a multiple of --patch-size 8, got 36"),
@@ -354,6 +356,9 @@ def corrupt(kind, good, tmp_path):
     elif kind == "config of the wrong type":
         state["config"]["arch"] = "resnet50"
         reason = "is not an adclr checkpoint ('config' is not an adclr train config)"
+    elif kind == "scaler of the wrong type":
+        state["scaler"] = {"scale": "big"}
+        reason = "is not an adclr checkpoint ('scaler' is not a gradient scaler state dict)"
     elif kind == "NaN weights":
         state["teacher"]["backbone.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
         reason = ("holds non-finite values (NaN or inf) in teacher['backbone.blocks.0.attn.qkv.weight']: the run "
@@ -368,7 +373,8 @@ def corrupt(kind, good, tmp_path):
 
 
 CORRUPTIONS = ["empty", "truncated", "random bytes", "text", "disallowed global", "not a dict", "missing keys",
-               "step of the wrong type", "weights of the wrong type", "config of the wrong type", "NaN weights",
+               "step of the wrong type", "weights of the wrong type", "config of the wrong type",
+               "scaler of the wrong type", "NaN weights",
                "wrong shapes"]
 
 

@@ -234,3 +234,25 @@ def test_each_gradient_is_clipped_on_its_own_after_the_freeze(tiny_config):
     total = torch.stack(list(norms.values())).norm()
     assert metrics["grad_norm"].item() == pytest.approx(total.item(), rel=1e-5)
     assert raw_metrics["grad_norm"].item() == pytest.approx(total.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_precision(tiny_config, precision, dtype):
+    # A small head: fp16 matmuls are emulated on CPU, slowly.
+    cfg = tiny_config(precision=precision, max_steps=3, checkpoint_every=2, head_hidden_dim=64, head_bottleneck_dim=32)
+    trainer = adclr.train.build(cfg, "cpu")
+    if dtype is None:
+        assert not isinstance(trainer.autocast, torch.autocast) and trainer.scaler is None
+    else:
+        assert trainer.autocast.fast_dtype == dtype
+        assert (trainer.scaler is not None) == (precision == "fp16")  # fp16 needs loss scaling
+    assert train(cfg) == 3
+    records = read_metrics(cfg.out)
+    assert all(math.isfinite(r["loss"]) for r in records)
+    checkpoint = load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))
+    assert ("scaler" in checkpoint) == (precision == "fp16")
+    assert ("loss_scale" in records[-1]) == (precision == "fp16")
+    # Resumes: the fp16 scaler's state passes the checkpoint checks and is restored.
+    assert train(dataclasses.replace(cfg, max_steps=4)) == 4
+    with pytest.raises(ValueError, match="--precision: invalid choice: 'fp8'"):
+        adclr.train.build(tiny_config(precision="fp8"), "cpu")
