@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -69,7 +70,7 @@ class Config:
     center_momentum: float = 0.9
     fused_head_loss: str = "auto"            # head last layer + loss in one op, no out_dim-wide logits: auto (CUDA) | on | off
     # optimisation
-    batch_size: int = 256                    # total over all processes
+    batch_size: int = 256                    # total over all processes (DINO's --batch_size_per_gpu times the GPUs)
     epochs: int = 100
     max_steps: int = 0                       # stop (and end the schedules) after this many steps; 0 = epochs
     base_lr: float = 5e-4                    # lr = base_lr * batch_size / 256
@@ -77,7 +78,7 @@ class Config:
     warmup_epochs: float = 10.0
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
-    momentum_teacher: float = 0.996
+    momentum_teacher: float = 0.996          # teacher EMA, cosine to 1; raise it for small batches (DINO: 0.9995 at batch 256)
     clip_grad: float = 3.0                   # clip each parameter's gradient norm to this on its own (DINO); 0 = off
     freeze_last_layer_epochs: float = 1.0
     precision: str = "auto"                  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (with a gradient scaler) | fp32
@@ -86,7 +87,8 @@ class Config:
     seed: int = 0
     num_workers: int = -1                    # loader processes; -1 = one per free core (max 8)
     log_every: int = 10
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500              # steps between writes of OUT/checkpoint.pt
+    saveckp_freq: int = 20                   # also keep OUT/checkpointNNNN.pt every this many epochs; 0 = never
 
 
 def device_error(device):
@@ -116,7 +118,7 @@ ALLOWED = {
     "device": device_error,
     # Sample seeds are (seed * 100003 + epoch) * 10000019 + i, which must stay below 2**64.
     "seed": "[0, 10000000]",
-    "num_workers": ">= -1", "log_every": ">= 1", "checkpoint_every": ">= 1",
+    "num_workers": ">= -1", "log_every": ">= 1", "checkpoint_every": ">= 1", "saveckp_freq": ">= 0",
 }
 
 
@@ -175,7 +177,8 @@ def config_errors(cfg):
 
 # Fields that may change between a run and its resumption; any other difference is an error.
 RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "log_every",
-             "checkpoint_every", "attention", "pack_crops", "fused_head_loss", "precision"}
+             "checkpoint_every", "saveckp_freq", "attention", "pack_crops", "fused_head_loss",
+             "precision"}
 
 # Fields added after checkpoints were written without them: the value that does what the
 # trainer did before the field existed, so that those runs still resume.
@@ -364,6 +367,18 @@ def save_checkpoint(trainer, path, step, rng):
     os.replace(tmp, path)
 
 
+def _copy_atomically(source, target):
+    shutil.copyfile(source, target + ".tmp")
+    os.replace(target + ".tmp", target)
+
+
+def _write_json(path, value):
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
 class CheckpointError(ValueError):
     """`path` is not a usable adclr checkpoint; the message names the file and why."""
 
@@ -544,10 +559,14 @@ def prepare_out(out, main):
         tempfile.TemporaryFile(dir=out).close()
     except OSError as error:
         raise SystemExit(f"error: --out {out} is not writable ({error.strerror or error}); choose another --out")
-    stale = os.path.join(out, "checkpoint.pt.tmp")
-    if main and os.path.exists(stale):  # a kill during a checkpoint write; checkpoint.pt is intact
-        os.remove(stale)
-        print(f"removed {stale}, left by a run stopped while writing a checkpoint", file=sys.stderr)
+    if not main:
+        return
+    # A kill while writing checkpoint.pt or a numbered snapshot; the file it was to replace is intact.
+    for name in sorted(os.listdir(out)):
+        if re.fullmatch(r"checkpoint(\d+)?\.pt\.tmp", name):
+            stale = os.path.join(out, name)
+            os.remove(stale)
+            print(f"removed {stale}, left by a run stopped while writing a checkpoint", file=sys.stderr)
 
 
 def drop_records_after(metrics, step):
@@ -639,6 +658,7 @@ def train(cfg):
         print(f"adclr train: {world} process(es) on {device}, {steps_per_epoch} steps/epoch, "
               f"{total} steps" + (f", resuming at step {start}" if start else ""), file=sys.stderr)
         print("config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr)
+        _write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
         # Epoch-based warm-ups silently cover all of a run shortened by --max-steps: the
         # lr would never leave warm-up, or the last layer never unfreeze.
         for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
@@ -709,11 +729,14 @@ def train(cfg):
                           "eta_s": (total - done) * elapsed / (images_since / cfg.batch_size)}
                 logger.log(record, total)
                 t0, images_since = time.perf_counter(), 0
-            if done % cfg.checkpoint_every == 0 or done == total:
+            snapshot = cfg.saveckp_freq and done % (cfg.saveckp_freq * steps_per_epoch) == 0
+            if done % cfg.checkpoint_every == 0 or done == total or snapshot:
                 check_finite(done)
                 last_good = done
                 checkpoint_now(done)
                 saved = done
+                if snapshot and main:  # a numbered copy that later checkpoints do not replace
+                    _copy_atomically(path, os.path.join(cfg.out, f"checkpoint{done // steps_per_epoch:04d}.pt"))
     except KeyboardInterrupt:
         # Keep what was done, unless the interrupt hit inside a step (half-updated state).
         if world == 1 and not in_step and completed > saved and not bad.item():

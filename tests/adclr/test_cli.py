@@ -84,6 +84,7 @@ TRAIN_RANGES = [
     ("--clip-grad", ">= 0", float, "-3"), ("--freeze-last-layer-epochs", ">= 0", float, "-1"),
     ("--seed", "[0, 10000000]", int, "-1"), ("--num-workers", ">= -1", int, "-2"),
     ("--log-every", ">= 1", int, "-1"), ("--checkpoint-every", ">= 1", int, "-1"),
+    ("--saveckp-freq", ">= 0", int, "-1"),
 ]
 SCALE_FLAGS = ["--global-scale", "--local-scale", "--query-scale"]
 
@@ -480,10 +481,11 @@ def test_eval_warns_once_per_unreadable_image(checkpoint_bytes, tmp_path, capsys
     assert (result["train_images"], result["val_images"]) == (5, 4)
 
 
-def test_stale_tmp_checkpoint_is_removed_at_start(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("name", ["checkpoint.pt.tmp", "checkpoint0004.pt.tmp"])  # rolling, numbered snapshot
+def test_stale_tmp_checkpoint_is_removed_at_start(name, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    stale = out / "checkpoint.pt.tmp"
+    stale = out / name
     stale.write_bytes(b"half a checkpoint")
     monkeypatch.setattr(adclr.train, "train_step", lambda *args: (_ for _ in ()).throw(RuntimeError("crash")))
     with pytest.raises(RuntimeError, match="crash"):  # no checkpoint written over it in this run

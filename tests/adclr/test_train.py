@@ -256,3 +256,37 @@ def test_precision(tiny_config, precision, dtype):
     assert train(dataclasses.replace(cfg, max_steps=4)) == 4
     with pytest.raises(ValueError, match="--precision: invalid choice: 'fp8'"):
         adclr.train.build(tiny_config(precision="fp8"), "cpu")
+
+
+def test_numbered_snapshots_and_config_json(tiny_config, tmp_path, monkeypatch):
+    from PIL import Image
+
+    for i in range(16):  # 16 images, batch 8: 2 steps per epoch
+        (tmp_path / "images").mkdir(exist_ok=True)
+        Image.new("RGB", (40, 40), (i * 15, 100, 200 - i * 10)).save(tmp_path / "images" / f"{i}.png")
+    cfg = tiny_config(data=str(tmp_path / "images"), epochs=5, max_steps=0, saveckp_freq=2, checkpoint_every=3,
+                      head_hidden_dim=64, head_bottleneck_dim=32)
+    config_path = os.path.join(cfg.out, "config.json")
+    real_step = adclr.train.train_step
+
+    def step_after_config_is_written(trainer, batch, step):
+        assert os.path.exists(config_path)  # written at the start, not at the end
+        return real_step(trainer, batch, step)
+
+    monkeypatch.setattr(adclr.train, "train_step", step_after_config_is_written)
+    assert train(cfg) == 10
+    with open(config_path) as f:
+        assert json.load(f) == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    snapshots = sorted(f for f in os.listdir(cfg.out) if f.startswith("checkpoint0"))
+    assert snapshots == ["checkpoint0002.pt", "checkpoint0004.pt"]  # every 2 epochs, named by epochs done
+    assert [load_checkpoint(os.path.join(cfg.out, f))["step"] for f in snapshots] == [4, 8]
+    assert load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["step"] == 10  # the rolling one goes on
+
+
+def test_help_states_the_batch_convention_and_the_momentum_hint(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "total over all processes (DINO's --batch_size_per_gpu times the GPUs)" in text
+    assert "0.9995 at batch 256" in text
+    assert "--no-norm-last-layer" in text and "--precision" in text and "--saveckp-freq" in text
