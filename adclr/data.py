@@ -215,8 +215,8 @@ def to_tensor(image):
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def crop(image, box, size):
-    return to_tensor(image.resize((size, size), Image.BICUBIC, box=box))
+def crop(image, box, size, resample=Image.BICUBIC):
+    return to_tensor(image.resize((size, size), resample, box=box))
 
 
 def center_crop(image, size, fraction=0.875):

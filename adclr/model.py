@@ -183,6 +183,19 @@ class VisionTransformer(nn.Module):
             tokens = block(tokens, num_queries)
         return self._features(self.norm(tokens), num_queries)
 
+    def get_intermediate_layers(self, x, n=1):
+        """DINO's call: the tokens (B, 1 + N, D) after each of the last `n` blocks, each
+        through the final LayerNorm, oldest first (the last entry is `forward_features`'s)."""
+        if not 1 <= n <= len(self.blocks):
+            raise ValueError(f"n must be between 1 and the depth {len(self.blocks)}, got {n}")
+        tokens, _ = self.embed(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(tokens))
+        return outputs
+
     def forward_features_packed(self, views):
         """`forward_features` for several crop resolutions in one backbone pass.
 

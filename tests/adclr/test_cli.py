@@ -199,25 +199,56 @@ def test_boundary_values_train(tmp_path, capsys):
 
 EVAL_RANGES = [("--image-size", ">= 1", int, "-32"), ("--batch-size", ">= 1", int, "-1"),
                ("--k", ">= 1", int, "-1"), ("--temperature", "> 0", float, "-0.07"),
-               ("--linear-epochs", ">= 1", int, "-1"), ("--num-workers", ">= -1", int, "-2"),
+               ("--epochs", ">= 1", int, "-1"), ("--linear-epochs", ">= 1", int, "-1"),
+               ("--lr", "> 0", float, "-1e-3"), ("--n-last-blocks", ">= 1", int, "-1"),
+               ("--val-freq", ">= 1", int, "-1"), ("--num-workers", ">= -1", int, "-2"),
                ("--limit", ">= 0", int, "-1")]
+# The evaluate() argument of each flag whose name differs; --k gives a list (it takes several).
+EVAL_ARGUMENTS = {"--k": "ks", "--linear-epochs": "epochs"}
 
 
-@pytest.mark.parametrize("flag,spec,kind,negative", EVAL_RANGES, ids=[r[0] for r in EVAL_RANGES])
-@pytest.mark.parametrize("which", ["zero", "negative"])
-def test_eval_flag_at_zero_and_negative(flag, spec, kind, negative, which, monkeypatch, capsys):
+@pytest.fixture
+def accepted_eval(monkeypatch):
+    """Run `adclr eval` up to the evaluation; returns the evaluate() keyword arguments it would use."""
     import adclr.evaluate
 
     seen = []
     monkeypatch.setattr(adclr.evaluate, "evaluate", lambda *args, **kwargs: seen.append(kwargs) or {})
+    return seen
+
+
+@pytest.mark.parametrize("flag,spec,kind,negative", EVAL_RANGES, ids=[r[0] for r in EVAL_RANGES])
+@pytest.mark.parametrize("which", ["zero", "negative"])
+def test_eval_flag_at_zero_and_negative(flag, spec, kind, negative, which, accepted_eval, capsys):
     text = "0" if which == "zero" else negative
     value = kind(text)
     status, err = run(["eval", "knn", "--checkpoint", "c.pt", f"{flag}={text}"], capsys)
     if accepts(spec, value):
-        assert status == 0 and seen[0][flag[2:].replace("-", "_")] == value
+        got = accepted_eval[0][EVAL_ARGUMENTS.get(flag, flag[2:].replace("-", "_"))]
+        assert status == 0 and got == ([value] if flag == "--k" else value)
     else:
-        assert status == 2 and not seen
+        assert status == 2 and not accepted_eval
         assert err.splitlines()[-1] == f"adclr eval: error: argument {flag}: {out_of_range(spec, value)}"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--k", "10", "0", "200"], "argument --k: must be >= 1, got 0"),  # each of several values
+    (["--k", "10", "x"], "argument --k: invalid int value: 'x'"),
+    (["--k"], "argument --k: expected at least one argument"),
+    (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    (["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'"),
+    (["--device", "gpu"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+])
+def test_other_bad_eval_flags(argv, message, accepted_eval, capsys):
+    status, err = run(["eval", "knn", "--checkpoint", "c.pt", *argv], capsys)
+    assert status == 2 and not accepted_eval
+    assert err.splitlines()[-1] == f"adclr eval: error: {message}"
+
+
+def test_eval_takes_several_k_and_the_former_epochs_flag(accepted_eval, capsys):
+    assert run(["eval", "knn", "--checkpoint", "c.pt", "--k", "10", "20", "1"], capsys)[0] == 0
+    assert run(["eval", "linear", "--checkpoint", "c.pt", "--linear-epochs", "3"], capsys)[0] == 0
+    assert accepted_eval[0]["ks"] == [10, 20, 1] and accepted_eval[1]["epochs"] == 3
 
 
 # --------------------------------------------------------------------------- user errors
@@ -465,20 +496,40 @@ def test_unreadable_image_warned_once_and_counted(tmp_path, capsys):
     assert f"| {counts[-1]} unreadable images skipped" in err.splitlines()[-2]
 
 
-def test_eval_warns_once_per_unreadable_image(checkpoint_bytes, tmp_path, capsys):
+@pytest.mark.parametrize("protocol", [["knn"], ["linear", "--epochs", "3"]])  # linear: met once an epoch
+def test_eval_warns_once_per_unreadable_image(protocol, checkpoint_bytes, tmp_path, capsys):
     good = tmp_path / "checkpoint.pt"
     good.write_bytes(checkpoint_bytes)
     data = tmp_path / "data"
     image_folder(data / "train", per_class=3, unreadable=("b/2.png",))
-    image_folder(data / "val", per_class=2)
-    main(["eval", "knn", "--checkpoint", str(good), "--data", str(data), "--num-workers", "0", "--batch-size", "2"])
+    image_folder(data / "val", per_class=2, unreadable=("b/0.png",))
+    main(["eval", *protocol, "--checkpoint", str(good), "--data", str(data), "--num-workers", "0",
+          "--batch-size", "2"])
     out, err = capsys.readouterr()
-    bad = str(data / "train" / "b" / "2.png")
-    assert [line for line in err.splitlines() if line.startswith("warning")] == [
+    bad, bad_val = str(data / "train" / "b" / "2.png"), str(data / "val" / "b" / "0.png")
+    assert [line for line in err.splitlines() if line.startswith("warning: skipping")] == [
         f"warning: skipping unreadable image {bad}: cannot identify image file {bad!r}",
-        "warning: skipped 1 unreadable images"]
+        f"warning: skipping unreadable image {bad_val}: cannot identify image file {bad_val!r}"]
+    if protocol[0] == "knn":
+        assert err.count("warning: skipped 1 unreadable images") == 2  # train, val
+    else:
+        assert err.count("| 1 unreadable images skipped") == 3  # on each epoch's line
     result = json.loads(out.splitlines()[-1])
-    assert (result["train_images"], result["val_images"]) == (5, 4)
+    assert (result["train_images"], result["val_images"]) == (5, 3)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("protocol", [["knn"], ["linear", "--epochs", "2"]])
+def test_eval_without_a_readable_image(split, protocol, checkpoint_bytes, tmp_path, capsys):
+    good = tmp_path / "checkpoint.pt"
+    good.write_bytes(checkpoint_bytes)
+    data = tmp_path / "data"
+    for name in ("train", "val"):
+        image_folder(data / name, per_class=1, unreadable=("a/0.png", "b/0.png") if name == split else ())
+    status, err = run(["eval", *protocol, "--checkpoint", str(good), "--data", str(data), "--num-workers", "0"],
+                      capsys)
+    assert status == 1 and err.splitlines()[-1] == f"error: --data {data}: no readable images in {split}"
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("name", ["checkpoint.pt.tmp", "checkpoint0004.pt.tmp"])  # rolling, numbered snapshot

@@ -39,7 +39,7 @@ def knn(backbone):
     val_set = CenterCrops(SyntheticShapes("val"), 32, VAL_IMAGES)
     backbone.eval()
     return knn_accuracy(*extract_features(backbone, train_set), *extract_features(backbone, val_set),
-                        k=20, temperature=0.07)
+                        ks=(20,), temperature=0.07)[20]
 
 
 def knn_before_and_after(out, seed):

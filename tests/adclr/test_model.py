@@ -137,3 +137,19 @@ def test_trained_gain_scales_each_prototype_and_old_head_state_loads():
         torch.testing.assert_close(trained(x), fixed(x))  # gain 1: the fixed head exactly
         trained.last_layer.gain[:, 0] = torch.arange(1.0, 129.0)
         torch.testing.assert_close(trained(x), fixed(x) * torch.arange(1.0, 129.0))
+
+
+def test_intermediate_layers_are_dino_s():
+    model = tiny_backbone()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        layers = model.get_intermediate_layers(x, 2)
+        tokens, _ = model.embed(x)
+        first = model.norm(model.blocks[0](tokens))
+    assert len(layers) == 2 and layers[0].shape == (3, 17, 64)
+    torch.testing.assert_close(layers[0], first)  # each block's output through the final norm
+    final = model.forward_features(x)
+    torch.testing.assert_close(layers[1][:, 0], final["cls"])
+    torch.testing.assert_close(layers[1][:, 1:], final["patch"])
+    with pytest.raises(ValueError, match="n must be between 1 and the depth 2, got 3"):
+        model.get_intermediate_layers(x, 3)

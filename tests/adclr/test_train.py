@@ -139,12 +139,24 @@ def test_command_line_train_eval_export(tmp_path, capsys):
     cfg = load_checkpoint(os.path.join(out, "checkpoint.pt"))["config"]
     assert cfg["global_scale"] == (0.5, 1.0) and cfg["num_queries"] == 2
     capsys.readouterr()
-    for protocol in ("knn", "linear"):
+    results = {}
+    for protocol, flags in (("knn", []), ("linear", ["--epochs", "2"]), ("linear", ["--fast", "--linear-epochs", "2"]),
+                            ("linear", [])):
         main(["eval", protocol, "--checkpoint", os.path.join(out, "checkpoint.pt"), "--limit", "40",
-              "--num-workers", "0", "--linear-epochs", "2"])
-        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+              "--num-workers", "0", *flags])
+        captured = capsys.readouterr()
+        result = json.loads(captured.out.strip().splitlines()[-1])  # one JSON line
         assert result["protocol"] == protocol and 0.0 <= result["accuracy"] <= 1.0
         assert result["train_images"] == 40 and result["val_images"] == 40
+        results[protocol, tuple(flags)] = result, captured.err
+    knn = results["knn", ()][0]
+    assert set(knn["accuracy_by_k"]) == {"10", "20", "100", "200"} and knn["accuracy"] == knn["accuracy_by_k"]["20"]
+    dino = results["linear", ("--epochs", "2")][0]  # DINO's protocol; vit_test has 2 blocks, so 2 CLS
+    assert (dino["epochs"], dino["n_last_blocks"], dino["avgpool_patchtokens"]) == (2, 2, False)
+    assert dino["best_accuracy"] >= dino["accuracy"] and dino["lr"] == pytest.approx(1e-3 * 128 / 256)
+    assert results["linear", ("--fast", "--linear-epochs", "2")][0]["fast"] is True
+    default, err = results["linear", ()]  # the built-in data on CPU: a few epochs, said on stderr
+    assert default["epochs"] == 5 and "5 epochs" in err and err.count("linear epoch") == 5
     main(["export", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--out", str(tmp_path / "b.safetensors")])
     weights = load_file(str(tmp_path / "b.safetensors"))
     backbone = build_backbone("vit_test", 32, 8)

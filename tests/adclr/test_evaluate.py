@@ -1,0 +1,131 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import adclr.evaluate
+from adclr.evaluate import (KNN_K, CenterCrops, RandomResizedCrops, dino_linear_features, knn_accuracy,
+                            linear_protocol, probe_features)
+from adclr.model import build_backbone
+
+
+def test_knn_reports_every_dino_k_from_one_pass():
+    g = torch.Generator().manual_seed(0)
+    train_x, test_x = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)
+    train_y, test_y = torch.randint(0, 5, (300,), generator=g), torch.randint(0, 5, (50,), generator=g)
+    result = knn_accuracy(train_x, train_y, test_x, test_y)
+    assert KNN_K == (10, 20, 100, 200) and list(result) == [10, 20, 100, 200]
+
+    def one_k(k):  # each test image on its own: sort, take k, weighted vote
+        a, b = train_x / train_x.norm(dim=1, keepdim=True), test_x / test_x.norm(dim=1, keepdim=True)
+        hits = 0
+        for x, y in zip(b, test_y):
+            sims = a @ x
+            order = sims.argsort(descending=True)[:k]
+            votes = torch.zeros(5).index_add_(0, train_y[order], (sims[order] / 0.07).exp())
+            hits += int(votes.argmax() == y)
+        return hits / len(test_y)
+
+    assert result == {k: pytest.approx(one_k(k)) for k in KNN_K}
+    assert len(set(result.values())) > 1  # the k's are really different votes
+    capped = knn_accuracy(train_x[:50], train_y[:50], test_x, test_y, ks=(20, 100))
+    assert capped[100] == pytest.approx(knn_accuracy(train_x[:50], train_y[:50], test_x, test_y, ks=(50,))[50])
+
+
+def test_linear_features_follow_dino_s_rule():
+    assert dino_linear_features("vit_small") == (4, False) and dino_linear_features("vit_tiny") == (4, False)
+    assert dino_linear_features("vit_base") == (1, True)
+    torch.manual_seed(0)
+    model = build_backbone("vit_test", 32, 8, attention="sdpa").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        layers = model.get_intermediate_layers(x, 2)
+        concat = probe_features(model, x, 2, False)
+        pooled = probe_features(model, x, 1, True)
+    torch.testing.assert_close(concat, torch.cat([layers[0][:, 0], layers[1][:, 0]], 1))
+    torch.testing.assert_close(pooled, torch.cat([layers[1][:, 0], layers[1][:, 1:].mean(1)], 1))
+
+
+class Colours:
+    """Three classes, a dominant channel each, with a left-to-right ramp that shows crops and flips."""
+    classes = ["red", "green", "blue"]
+
+    def __len__(self):
+        return 30
+
+    def load(self, i):
+        image = np.zeros((24, 24, 3), np.uint8)
+        image[..., i % 3] = 200
+        image[..., (i + 1) % 3] = np.linspace(0, 120, 24, dtype=np.uint8)[None, :]
+        return Image.fromarray(image), i % 3
+
+
+class ColourBackbone(torch.nn.Module):
+    """A stand-in ViT: every block's tokens are the image's mean colour (times the block number)."""
+    embed_dim = 3
+    blocks = [None] * 4
+
+    def get_intermediate_layers(self, x, n):
+        colour = x.mean((2, 3))[:, None].expand(-1, 5, -1)  # CLS + 4 patch tokens
+        return [colour * (len(self.blocks) - n + i + 1) for i in range(n)]
+
+
+def test_train_crops_are_drawn_anew_each_epoch_and_val_crops_are_fixed():
+    train, val = RandomResizedCrops(Colours(), 16), CenterCrops(Colours(), 16)
+    first = [train[i][0] for i in range(30)]
+    assert all(torch.equal(train[i][0], first[i]) for i in range(30))  # a function of (epoch, index)
+    train.epoch = 1
+    assert sum(not torch.equal(train[i][0], first[i]) for i in range(30)) >= 28
+    ramp = [x[(1 + i) % 3, 8, -1].item() - x[(1 + i) % 3, 8, 0].item() for i, x in enumerate(first)]
+    assert min(ramp) < 0 < max(ramp)  # some flipped, some not
+    assert torch.equal(val[4][0], val[4][0]) and val[4][0].shape == (3, 16, 16)
+
+
+def test_linear_protocol_is_dino_s(monkeypatch):
+    steps = []
+
+    class SpySGD(torch.optim.SGD):
+        def step(self, *args, **kwargs):
+            steps.append(dict(self.param_groups[0], params=None))
+            return super().step(*args, **kwargs)
+
+    epochs_read = []
+    real_getitem = RandomResizedCrops.__getitem__
+
+    def spy_getitem(self, i):
+        epochs_read.append(self.epoch)
+        return real_getitem(self, i)
+
+    monkeypatch.setattr(torch.optim, "SGD", SpySGD)
+    monkeypatch.setattr(RandomResizedCrops, "__getitem__", spy_getitem)
+    train, val = RandomResizedCrops(Colours(), 16), CenterCrops(Colours(), 16)
+    backbone = ColourBackbone()
+    epochs, batch = 6, 10
+    result = linear_protocol(backbone, train, val, 3, epochs=epochs, batch_size=batch, lr=40.0,
+                             n_last_blocks=2, avgpool=True)
+    assert result == {"accuracy": 1.0, "best_accuracy": 1.0,  # colour is linearly separable
+                      "train_images": 30, "val_images": 30}
+    assert sorted(set(epochs_read)) == list(range(epochs)) and len(epochs_read) == 30 * epochs  # no cache
+    peak = 40.0 * batch / 256  # DINO's linear scaling rule
+    assert all(s["momentum"] == 0.9 and s["weight_decay"] == 0 for s in steps)
+    per_epoch = [s["lr"] for s in steps[::3]]  # 3 batches per epoch
+    assert per_epoch == pytest.approx([peak * 0.5 * (1 + math.cos(math.pi * e / epochs)) for e in range(epochs)])
+
+
+def test_linear_protocol_features_have_dino_s_width(monkeypatch):
+    widths = []
+    real = adclr.evaluate.probe_features
+
+    def spy(backbone, images, n, avgpool):
+        out = real(backbone, images, n, avgpool)
+        widths.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(adclr.evaluate, "probe_features", spy)
+    for n, avgpool, width in ((4, False, 12), (1, True, 6)):
+        widths.clear()
+        linear_protocol(ColourBackbone(), RandomResizedCrops(Colours(), 16), CenterCrops(Colours(), 16), 3,
+                        epochs=1, batch_size=30, n_last_blocks=n, avgpool=avgpool)
+        assert set(widths) == {width}
