@@ -153,3 +153,36 @@ def test_intermediate_layers_are_dino_s():
     torch.testing.assert_close(layers[1][:, 1:], final["patch"])
     with pytest.raises(ValueError, match="n must be between 1 and the depth 2, got 3"):
         model.get_intermediate_layers(x, 3)
+
+
+def test_the_readme_attention_table_is_what_its_flags_do():
+    """Each row of the README's query-attention table, run through `adclr train`'s flags and
+    the trainer's model: a query token attends to exactly the tokens the row names."""
+    import argparse
+    import pathlib
+    import re
+
+    from adclr.cli import add_config_flags
+    from adclr.train import Config, build
+    from adclr_kernels import unidirectional_attention
+
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Which tokens a query crop attends to")[1].split("\n#")[0]
+    rows = [[cell.strip() for cell in line.split("|")[1:4]] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| a query token")]
+    assert len(rows) == 3
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    tiny = ["--arch", "vit_test", "--patch-size", "8", "--image-size", "32", "--out-dim", "64",
+            "--head-hidden-dim", "32", "--head-bottleneck-dim", "16", "--device", "cpu"]
+    P, N, Q = 1, 4, 3
+    name = {**dict.fromkeys(range(P), "CLS"), **dict.fromkeys(range(P, P + N), "raw patches"),
+            P + N + 1: "itself"}
+    for sees, _, flags in rows:
+        cfg = Config(**vars(parser.parse_args(tiny + re.findall(r"--[a-z-]+", flags))))
+        options = build(cfg, "cpu").student_module.backbone.blocks[0].query_options
+        q, k = torch.randn(2, 1, 1, P + N + Q, 8)
+        v = torch.randn(1, 1, P + N + Q, 8, requires_grad=True)
+        unidirectional_attention(q, k, v, Q, P, backend="reference", **options)[0, 0, P + N + 1].sum().backward()
+        seen = {name.get(c, "another query") for c in v.grad[0, 0].abs().sum(-1).nonzero().flatten().tolist()}
+        assert seen == set(sees.split(", ")), (flags, options)
