@@ -337,6 +337,8 @@ def test_eval_and_export_user_errors(tmp_path, checkpoint_bytes, capsys):
     assert status == 1 and err.splitlines()[-1] == f"error: --data: dataset folder {data!r} does not exist"
     status, err = run(["eval", "knn", "--checkpoint", str(good), "--image-size", "36"], capsys)
     assert status == 1 and err.splitlines()[-1] == "error: --image-size 36 must be a multiple of the run's patch size 8"
+    status, err = run(["eval", "linear", "--checkpoint", str(good), "--n-last-blocks", "3"], capsys)
+    assert status == 1 and err.splitlines()[-1] == "error: --n-last-blocks 3 is more than the 2 blocks of the run's model"
     status, err = run(["export", "--checkpoint", str(good), "--out", str(tmp_path)], capsys)
     assert status == 1 and err.splitlines()[-1] == (
         f"error: --out {tmp_path} is a folder; give a file name such as backbone.safetensors")
@@ -552,3 +554,21 @@ def test_a_diverged_checkpoint_is_reported_at_load(checkpoint_bytes, tmp_path):
     torch.save(state, path)
     with pytest.raises(adclr.train.CheckpointError, match=r"non-finite values \(NaN or inf\) in loss\['center'\]"):
         load_checkpoint(str(path))
+
+
+def test_optional_checkpoint_parts_pass_the_checks(tmp_path, capsys):
+    """A trained last-layer gain (--no-norm-last-layer) loads, resumes and exports; NaN in it is refused."""
+    out = str(tmp_path / "run")
+    assert run(["train", *TINY, "--out", out, "--no-norm-last-layer"], capsys)[0] == 0
+    path = os.path.join(out, "checkpoint.pt")
+    state = load_checkpoint(path)
+    assert "head.last_layer.gain" in state["student"] and "head.last_layer.gain" in state["teacher"]
+    assert run(["train", *TINY, "--out", out, "--no-norm-last-layer", "--max-steps", "2"], capsys)[0] == 0
+    assert run(["export", "--checkpoint", path, "--out", str(tmp_path / "b.safetensors")], capsys)[0] == 0
+    state = load_checkpoint(path)
+    assert state["step"] == 2
+    state["student"]["head.last_layer.gain"][3] = float("nan")
+    torch.save(state, path)
+    with pytest.raises(adclr.train.CheckpointError,
+                       match=r"non-finite values \(NaN or inf\) in student\['head.last_layer.gain'\]"):
+        load_checkpoint(path)
