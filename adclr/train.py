@@ -294,6 +294,11 @@ def clip_grad_per_parameter_(params, max_norm):
     return total
 
 
+def _gain(layer):
+    """A NormalizedLinear's trained gain as the fused loss takes it, (out_dim,), or None."""
+    return None if layer.gain is None else layer.gain.view(-1)
+
+
 def train_step(trainer, batch, step):
     """One full ADCLR step on a ready batch (see adclr.data) already on the device.
 
@@ -320,9 +325,10 @@ def train_step(trainer, batch, step):
             teacher_cls, teacher_query = t.teacher(globals_, queries, project=not fused)
         student_cls, student_query = t.student(globals_, queries, local, project=not fused)
         if fused:
+            last, teacher_last = t.student_module.head.last_layer, t.teacher.head.last_layer
             loss, loss_global, loss_query = t.loss.fused(
-                student_cls, teacher_cls, sched["teacher_temp"], t.student_module.head.last_layer.weight,
-                t.teacher.head.last_layer.weight, student_query, teacher_query)
+                student_cls, teacher_cls, sched["teacher_temp"], last.weight, teacher_last.weight,
+                student_query, teacher_query, gain=_gain(last), teacher_gain=_gain(teacher_last))
         else:
             loss, loss_global, loss_query = t.loss(student_cls, teacher_cls, sched["teacher_temp"],
                                                    student_query, teacher_query)

@@ -59,13 +59,15 @@ def test_fused_matches_head_and_adclr_loss(backend, lambda_query, num_local_crop
         assert losses[2] == 0 and torch.equal(qc, results[False][3])  # query centre untouched
 
 
-@pytest.mark.parametrize("lambda_query", [0.0, 0.5])
-def test_loss_curve_matches_the_unfused_run(tiny_config, tmp_path, lambda_query):
-    """A short run logs the same losses either way, and ends at the same weights."""
+@pytest.mark.parametrize("lambda_query,norm_last_layer", [(0.0, True), (0.5, True), (0.5, False)])
+def test_loss_curve_matches_the_unfused_run(tiny_config, tmp_path, lambda_query, norm_last_layer):
+    """A short run logs the same losses either way, and ends at the same weights (the
+    trained last-layer gain of --no-norm-last-layer included)."""
     runs = {}
     for fused in ("off", "on"):
         cfg = tiny_config(out=str(tmp_path / fused), fused_head_loss=fused, lambda_query=lambda_query,
-                          max_steps=5, checkpoint_every=5, drop_path=0.1)
+                          max_steps=5, checkpoint_every=5, drop_path=0.1,
+                          norm_last_layer=norm_last_layer, freeze_last_layer_epochs=0.0)
         train(cfg)
         with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f]
@@ -77,6 +79,8 @@ def test_loss_curve_matches_the_unfused_run(tiny_config, tmp_path, lambda_query)
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
     if lambda_query == 0:
         assert all(r["loss_query"] == 0 for r in on)
+    if not norm_last_layer:
+        assert "head.last_layer.gain" in on_ckpt["student"]
     for key in ("student", "teacher", "loss"):
         for name, ref in off_ckpt[key].items():
             torch.testing.assert_close(on_ckpt[key][name], ref, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
