@@ -25,12 +25,28 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def xformers_available() -> bool:
+def xformers_unavailable_reason() -> str | None:
+    """Why the xformers backend cannot run here, or None when it can.
+
+    A wheel built for another torch or CUDA imports fine but loads none of its CUDA
+    kernels (seen: PyPI's xformers 0.0.35 beside torch 2.11+cu130), and every call would
+    then fail deep inside xformers' dispatcher.
+    """
     try:
+        import xformers
         import xformers.ops  # noqa: F401
     except Exception:  # ImportError, or a broken build that fails on import
-        return False
-    return True
+        return "xformers is not installed (pip install 'adclr[xformers]')"
+    cpp = getattr(xformers, "_cpp_lib", None)
+    if not getattr(xformers, "_has_cpp_library", True) or not getattr(cpp, "_built_with_cuda", True):
+        return (f"xformers {getattr(xformers, '__version__', '?')} is installed but its CUDA "
+                f"kernels did not load (built for another torch/CUDA than torch {torch.__version__}; "
+                "`python -m xformers.info` says which)")
+    return None
+
+
+def xformers_available() -> bool:
+    return xformers_unavailable_reason() is None
 
 
 def _check_int(name, value, low, high):
@@ -133,9 +149,9 @@ def _resolve_backend(backend, q, requires_grad):
             raise ValueError(f"backend='triton' supports head_dim up to {TRITON_MAX_HEAD_DIM}, "
                              f"got {q.shape[-1]}")
     if backend == "xformers":
-        if not xformers_available():
-            raise RuntimeError("backend='xformers' needs the xformers package "
-                               "(pip install 'adclr[xformers]')")
+        reason = xformers_unavailable_reason()
+        if reason:
+            raise RuntimeError(f"backend='xformers' cannot run: {reason}")
         if not q.is_cuda:
             raise RuntimeError(f"backend='xformers' needs CUDA tensors, got device {q.device}")
     if backend == "flex" and not q.is_cuda and requires_grad:
@@ -256,8 +272,11 @@ class VarlenLayout:
             raise ValueError(f"{offsets[-1]} tokens do not fit int32 offsets")
         self.total_tokens = offsets[-1]
         self.max_seqlen = max(self.seqlens, default=0)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device=self.device)
+        # "cuda" names the current GPU: keep the tensor's own device ("cuda:0"), which is
+        # what a tensor on it reports, so the device check below compares like with like.
+        self.cu_seqlens = torch.tensor(offsets, dtype=torch.int32,
+                                       device=device if device is not None else "cpu")
+        self.device = self.cu_seqlens.device
         self.num_queries = torch.tensor(self.queries, dtype=torch.int32, device=self.device)
         self._tiles = {}
         self._checked = set()

@@ -160,15 +160,16 @@ def make_qkv(workload: Workload, dtype, device, requires_grad=False, seed=0):
 
 def skip_reason(backend: str, device: torch.device, mode: str) -> str | None:
     """Why this backend cannot be benchmarked here, or None when it can."""
-    from adclr_kernels.attention import xformers_available
+    from adclr_kernels.attention import xformers_unavailable_reason
 
     cuda = device.type == "cuda"
     if backend == "triton" and not cuda:
         return ("triton needs CUDA; on CPU it only runs in Triton's interpreter "
                 "(TRITON_INTERPRET=1), far too slow to be a benchmark")
     if backend == "xformers":
-        if not xformers_available():
-            return "xformers is not installed (pip install 'adclr[xformers]')"
+        reason = xformers_unavailable_reason()
+        if reason:
+            return reason
         if not cuda:
             return "xformers needs CUDA"
     if backend == "flex" and not cuda and mode != "forward":

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import adclr.train
-from adclr_kernels.attention import xformers_available
+from adclr_kernels.attention import xformers_available, xformers_unavailable_reason
 from adclr.cli import main
 from adclr.train import ALLOWED, Config, load_checkpoint
 
@@ -299,8 +299,8 @@ def test_train_user_errors(case, tmp_path, capsys):
         if xformers_available():
             pytest.skip("xformers is installed")
         extra = ["--attention", "xformers"]
-        expected = ("error: --attention xformers: backend='xformers' needs the xformers package "
-                    "(pip install 'adclr[xformers]')")
+        expected = ("error: --attention xformers: backend='xformers' cannot run: "
+                    + xformers_unavailable_reason())
     else:
         extra = ["--attention", "flex"]
         expected = ("error: --attention flex: backend='flex' has no backward on CPU in PyTorch; use it "

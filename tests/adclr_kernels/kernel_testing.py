@@ -77,3 +77,8 @@ def reference_grads(fn, q, k, v, grad_out, **kw):
     grads = torch.autograd.grad(out, leaves, grad_out)
     return out.detach(), grads
 
+
+def on_device(over):
+    """Tensor arguments of a bad-input case moved to the tests' device: the case is about
+    its shape or dtype, and on CUDA a CPU tensor would fail the device check first."""
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in over.items()}

@@ -8,7 +8,7 @@ from adclr_kernels import BACKENDS, unidirectional_attention, visibility_mask
 from adclr_kernels.attention import xformers_available
 from adclr_kernels.reference import dense_masked_attention, reference_attention
 from kernel_testing import (DEVICE, OPTION_SETS, assert_fa_close, assert_rel_close, make_qkv,
-                            options, reference_grads)
+                            on_device, options, reference_grads)
 
 ON_CUDA = DEVICE == "cuda"
 
@@ -156,7 +156,7 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("case,over,exc,msg", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_raises_clearly(case, over, exc, msg):
-    args = _good(**over)
+    args = _good(**on_device(over))
     with pytest.raises(exc, match=msg):
         unidirectional_attention(**args)
 

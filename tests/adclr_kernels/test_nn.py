@@ -141,8 +141,9 @@ def test_enable_query_tokens_on_a_timm_structured_model():
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_gradient_checkpointing_recomputes_with_the_same_layout(backend):
     torch.manual_seed(0)
-    model = enable_query_tokens(_TimmViT(), backend=backend)
-    images, crops = torch.randn(2, 3, 32, 32), torch.randn(2, 5, 3, 8, 8)
+    model = enable_query_tokens(_TimmViT(), backend=backend).to(DEVICE)
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    crops = torch.randn(2, 5, 3, 8, 8, device=DEVICE)
     grads = []
     for checkpointing in (False, True):
         model.grad_checkpointing = checkpointing

@@ -5,7 +5,8 @@ import torch
 
 from adclr_kernels import unidirectional_attention_varlen
 from adclr_kernels.reference import dense_masked_attention
-from kernel_testing import DEVICE, OPTION_SETS, assert_fa_close, assert_rel_close, options
+from kernel_testing import (DEVICE, OPTION_SETS, assert_fa_close, assert_rel_close, on_device,
+                            options)
 
 ON_CUDA = DEVICE == "cuda"
 
@@ -177,7 +178,7 @@ def test_counts_on_another_device_are_refused():
 @pytest.mark.parametrize("case,over,exc,msg", BAD, ids=[c[0] for c in BAD])
 def test_bad_varlen_input(case, over, exc, msg):
     with pytest.raises(exc, match=msg):
-        unidirectional_attention_varlen(**_args(**over))
+        unidirectional_attention_varlen(**_args(**on_device(over)))
 
 
 # ---------------------------------------------------------------------------------------
