@@ -535,7 +535,7 @@ def _capability(device):
 # what the GPU gives one program; among those, the lowest estimated time.
 
 
-def _fwd_config(head_dim, dtype, capability, max_len):
+def _fwd_config(head_dim, dtype, capability, max_len, packed=False):
     if triton_interpreter_enabled():
         # The interpreter runs each program in numpy: big tiles are fewer Python loops.
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -547,10 +547,14 @@ def _fwd_config(head_dim, dtype, capability, max_len):
         if head_dim > 128 or (head_dim > 64 and shared < 128 * 1024):
             return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    if head_dim <= 64 and max_len > 512 and capability >= 90:
-        # Long sequences (ViT-S/8) are tensor-core bound: 128 x 128 tiles on 8 warps do
-        # the most work per instruction without spilling (on Hopper; they spill on sm_80).
-        return dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
+    if head_dim <= 64 and 64 < max_len <= 512 and capability >= 90 and not packed:
+        # Measured on an H200 (bench/results/NVIDIA_H200/tune.md): at 207 tokens, 128-row
+        # tiles over 32-key steps beat 64 x 64 by 1.14x (ViT-B/16 global), and came first
+        # on both global shapes. Short sequences waste most of a 128-row tile, and the
+        # packed batch mixes 37-token crops in, so both keep 64 x 64.
+        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2)
+    # Also past 512 tokens (ViT-S/8): measured, 64 x 64 on 4 warps beat the 128 x 128
+    # tiles on 8 warps that the static model had ranked first, by 1.18x on the H200.
     return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
 
 
@@ -580,7 +584,7 @@ def tile_blocks(head_dim, dtype, device, max_len):
     """Rows per program of the forward and of the backward kernels: the block sizes a
     `VarlenLayout` builds its tile tables for."""
     capability = _capability(device)
-    return (_fwd_config(head_dim, dtype, capability, max_len)["BLOCK_M"],
+    return (_fwd_config(head_dim, dtype, capability, max_len, packed=True)["BLOCK_M"],
             _bwd_config(head_dim, dtype, capability)["PROGRAM_BLOCK"])
 
 
@@ -687,7 +691,8 @@ def attention_fwd(q, k, v, out, lse, geo, num_prefix, flags, scale):
     if out.numel() == 0:
         return
     head_dim = q.shape[-1]
-    cfg = _fwd_config(head_dim, q.dtype, _capability(q.device), geo.max_len)
+    cfg = _fwd_config(head_dim, q.dtype, _capability(q.device), geo.max_len,
+                      packed=geo.cu_seqlens is not None)
     blocks, programs = geo.grid(cfg["BLOCK_M"], geo.fwd_tiles)
     _unidirectional_fwd_kernel[(programs,)](
         q, k, v, out, lse, geo.cu_seqlens, geo.num_queries, geo.fwd_tiles,

@@ -74,8 +74,7 @@ def test_odd_layouts(num_prefix, num_raw, num_queries, opt_set):
                                                              (1, 600, 10)])
 def test_gpu_tile_sizes_in_the_interpreter(monkeypatch, opt_set, num_prefix, num_raw, num_queries):
     # The interpreter normally runs small tiles; this runs the tiles a GPU launches
-    # (64-row blocks, 64-key blocks; 128 x 128 past 512 tokens), incl. prefix-only key
-    # blocks at P = 70.
+    # (fp32: 64-row blocks over 32-key blocks), incl. prefix-only key blocks at P = 70.
     import adclr_kernels.unidirectional as uni
 
     monkeypatch.setattr(uni, "triton_interpreter_enabled", lambda: False)
