@@ -76,6 +76,15 @@ class Gpu:
     max_threads: int = 2048
     max_programs: int = 32
     issue_per_sm: int = 4    # warp-instructions per cycle (one per sub-partition)
+    # What these kernels achieve, fitted to 24 kernel times measured on an H200
+    # (`python -m bench.calibrate --fit`, bench/NOTES.md "Calibration"): an SM issues
+    # about 0.14 warp-instructions per cycle per resident warp (each warp waits on its
+    # loads, MMAs and exponentials), at most 1.9, far under the 4 it could; the
+    # memory-bound delta kernel moves 75% of what a copy moves. 4, 4 and 1 give the
+    # peak-rate model of the v1/v2 tables.
+    ipc_per_warp: float = 0.14
+    max_ipc: float = 1.9
+    memory_efficiency: float = 0.75
 
 
 # H100 SXM: PERF.md's ceilings (bf16 ~800 TFLOP/s on large products, ~3.0 TB/s copy),
@@ -84,7 +93,11 @@ H100 = Gpu("H100 SXM", 90, 132, 1.755e9, 3.0e12,
            {"bf16": 800e12, "fp16": 800e12, "fp32": 400e12}, 228 * 1024, 227 * 1024)
 A100 = Gpu("A100 SXM", 80, 108, 1.41e9, 1.9e12,
            {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}, 164 * 1024, 163 * 1024)
-GPUS = {"sm90": H100, "sm80": A100}
+# H200: the H100's chip (132 SMs, same clocks) with faster memory; the two ceilings are
+# the ones measured on the device machine (bench/results/NVIDIA_H200/calibration.md).
+H200 = Gpu("H200", 90, 132, 1.755e9, 4.25e12,
+           {"bf16": 701e12, "fp16": 701e12, "fp32": 350e12}, 228 * 1024, 227 * 1024)
+GPUS = {"sm90": H100, "sm80": A100, "h200": H200}
 
 
 # ----------------------------------------------------------------------------------------
@@ -514,15 +527,21 @@ def occupancy(compiled, gpu):
     return min(by_regs, by_smem, gpu.max_threads // (32 * warps), gpu.max_programs)
 
 
-def schedule(costs, occ, gpu, mma_rate):
+def achieved_ipc(gpu, resident_warps):
+    """Warp-instructions an SM issues per cycle with this many warps resident."""
+    return min(gpu.issue_per_sm, gpu.max_ipc, gpu.ipc_per_warp * resident_warps)
+
+
+def schedule(costs, occ, gpu, mma_rate, num_warps):
     """Finish time of programs placed, in launch order, on the first free SM slot.
 
     costs: (warp-instructions, tensor-core FLOPs) per program. The occ programs on an SM
-    share its issue slots and tensor cores; a program takes the longer of the two.
+    share its issue slots (at the rate their occ * num_warps warps achieve) and tensor
+    cores; a program takes the longer of the two.
     """
     import heapq
 
-    issue_rate = gpu.clock_hz * gpu.issue_per_sm / occ
+    issue_rate = gpu.clock_hz * achieved_ipc(gpu, occ * num_warps) / occ
     mma_per_slot = mma_rate / gpu.sms / occ
     slots = [0.0] * (gpu.sms * occ)
     for instrs, flops in costs:
@@ -581,14 +600,14 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
     occ = occupancy(compiled, gpu)
     mma_rate = gpu.mma_flops[dtype_name]
     work = traffic(KIND[launch.name], seqs, heads, head_dim, DTYPES[dtype_name].itemsize)
-    memory_s = work.bytes / gpu.dram_bytes_per_s
-    floor_s = max(work.flops / mma_rate, memory_s)
+    floor_s = max(work.flops / mma_rate, work.bytes / gpu.dram_bytes_per_s)
+    memory_s = work.bytes / (gpu.dram_bytes_per_s * gpu.memory_efficiency)
     if occ == 0:
         estimate_s, bound = float("inf"), "does not fit"
     else:
-        estimate_s = max(schedule(costs, occ, gpu, mma_rate), memory_s)
-        bounds = {"issue": schedule([(i, 0) for i, _ in costs], occ, gpu, mma_rate),
-                  "tensor cores": schedule([(0, f) for _, f in costs], occ, gpu, mma_rate),
+        estimate_s = max(schedule(costs, occ, gpu, mma_rate, warps), memory_s)
+        bounds = {"issue": schedule([(i, 0) for i, _ in costs], occ, gpu, mma_rate, warps),
+                  "tensor cores": schedule([(0, f) for _, f in costs], occ, gpu, mma_rate, warps),
                   "memory": memory_s}
         bound = max(bounds, key=bounds.get)
     hot = max((l for l in loop_stats.values() if l.instrs),
@@ -602,6 +621,7 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
         loops=[dict(l.row(), trips=trip_totals[l.name]) for l in loop_stats.values()],
         hot_loop=hot.name if hot else None, hot_loop_sass=hot.instrs if hot else None,
         bytes=work.bytes, useful_flops=work.flops,
+        **({f"{k.replace(' ', '_')}_us": v * 1e6 for k, v in bounds.items()} if occ else {}),
         estimate_us=estimate_s * 1e6, floor_us=floor_s * 1e6, bound=bound,
         vs_floor=estimate_s / floor_s if floor_s else None)
 
