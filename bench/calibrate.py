@@ -49,6 +49,10 @@ def markdown(rows, meta):
     lines = [f"# Static model calibration on {meta['device']} ({meta['when']})", "",
              f"`{meta['command']}`; torch {meta['torch']}, Triton {meta['triton']}, "
              f"static table {meta['static']}.", "",
+             *([f"Measured ceilings: bf16 matmul {meta['ceilings']['bf16_matmul_tflops']:.0f} TFLOP/s "
+                f"({meta['ceilings']['matmul']}), copy {meta['ceilings']['copy_tb_per_s']:.2f} TB/s "
+                f"({meta['ceilings']['copy']}, bytes read + written).", ""]
+              if meta.get("ceilings") else []),
              "| workload | kernel | measured µs | estimated µs | bound | measured / estimate | measured / floor |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -69,8 +73,10 @@ def measure(workloads, rounds=20):
                                unidirectional_attention_varlen_qkvpacked)
     from bench.workloads import PackedWorkload
 
-    out = {}
+    out, configs = {}, {}
     for w in workloads:
+        configs[w.id] = launch_configs(w, 10 * torch.cuda.get_device_capability()[0]
+                                       + torch.cuda.get_device_capability()[1])
         if isinstance(w, PackedWorkload):
             lengths, queries = zip(*w.sequences())
             layout = VarlenLayout(lengths, queries, device="cuda")
@@ -101,7 +107,124 @@ def measure(workloads, rounds=20):
             out[(w.id, name)] = total / rounds
         print(f"  {w.id}: " + ", ".join(f"{n.strip('_')} {t / rounds:.1f} us"
                                         for n, t in sorted(totals.items())), file=sys.stderr)
-    return out
+    return out, configs
+
+
+def launch_configs(workload, capability):
+    """The tile configs the op launches for this workload (bf16), as the kernels pick them."""
+    import torch
+
+    from adclr_kernels import unidirectional as U
+    from bench.workloads import PackedWorkload
+
+    packed = isinstance(workload, PackedWorkload)
+    max_len = max(n for n, _ in workload.sequences()) if packed else workload.seq_len
+    return dict(fwd=U._fwd_config(workload.head_dim, torch.bfloat16, capability, max_len, packed),
+                bwd=U._bwd_config(workload.head_dim, torch.bfloat16, capability))
+
+
+# The latency parameters of bench.static's Gpu tried by --fit: warp-instructions per
+# cycle per resident warp, the most per SM, and the fraction of copy bandwidth reached.
+FIT_GRID = dict(ipc_per_warp=(0.11, 0.12, 0.125, 0.13, 0.135, 0.14, 0.15, 0.16),
+                max_ipc=(1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.2),
+                memory_efficiency=(0.7, 0.75, 0.8, 0.85, 0.9))
+
+
+def fit(calibration, gpu_key="h200"):
+    """Fit the static model's latency parameters to measured kernel times.
+
+    calibration: a calibration.json (measured µs per kernel, and the configs each
+    workload launched). Compiles every kernel with those configs (here, no GPU), then
+    picks the parameters of FIT_GRID with the smallest worst-case |log(measured /
+    estimate)|. Returns (best parameters, rows with the peak-rate and fitted estimates).
+    """
+    import dataclasses
+    import itertools
+    import math
+
+    import torch
+
+    from adclr_kernels import unidirectional as U
+    from bench import static as S
+    from bench.workloads import STATIC_WORKLOADS
+
+    measured = {(r["workload"], r["kernel"]): r["measured_us"] for r in calibration["rows"]}
+    ceil = calibration["meta"].get("ceilings") or {}
+    gpu = S.GPUS[gpu_key]
+    if ceil:
+        rate = ceil["bf16_matmul_tflops"] * 1e12
+        gpu = dataclasses.replace(gpu, dram_bytes_per_s=ceil["copy_tb_per_s"] * 1e12,
+                                  mma_flops=dict(gpu.mma_flops, bf16=rate, fp16=rate))
+    kernels = []
+    real_fwd, real_bwd = U._fwd_config, U._bwd_config
+    try:
+        for w in STATIC_WORKLOADS:
+            cfg = calibration["configs"].get(w.id)
+            if cfg is None:
+                continue
+            U._fwd_config = lambda *a, c=cfg["fwd"], **k: dict(c)
+            U._bwd_config = lambda *a, c=cfg["bwd"], **k: dict(c)
+            forward, backward = S.capture(w, torch.bfloat16, gpu.capability)
+            for launch in forward + backward:
+                if (w.id, launch.name) in measured:
+                    kernels.append((w, launch, S.compile_launch(launch, gpu.capability)))
+    finally:
+        U._fwd_config, U._bwd_config = real_fwd, real_bwd
+
+    def estimates(g):
+        return [S.model_kernel(launch, compiled, S.sequences(w), w.heads, w.head_dim, "bf16", g)
+                for w, launch, compiled in kernels]
+
+    def worst(rows):
+        return max(abs(math.log(measured[(w.id, r["kernel"])] / r["estimate_us"]))
+                   for (w, _, _), r in zip(kernels, rows))
+
+    peak = estimates(dataclasses.replace(gpu, ipc_per_warp=gpu.issue_per_sm, max_ipc=gpu.issue_per_sm,
+                                         memory_efficiency=1.0))
+    best = min((dict(zip(FIT_GRID, values)) for values in itertools.product(*FIT_GRID.values())),
+               key=lambda p: worst(estimates(dataclasses.replace(gpu, **p))))
+    fitted = estimates(dataclasses.replace(gpu, **best))
+    rows = [dict(workload=w.id, kernel=launch.name, num_warps=f["num_warps"],
+                 programs_per_sm=f["programs_per_sm"], measured_us=measured[(w.id, launch.name)],
+                 peak_estimate_us=p["estimate_us"], fitted_estimate_us=f["estimate_us"],
+                 fitted_bound=f["bound"])
+            for (w, launch, _), p, f in zip(kernels, peak, fitted)]
+    return best, rows
+
+
+def fit_markdown(best, rows, meta):
+    lines = [f"# Static model fitted to the {meta['device']} measurements ({meta['when']})", "",
+             f"`{meta['command']}`: each kernel recompiled here with the configs it ran with "
+             "on the GPU, its time estimated by bench.static with the device's measured ceilings, "
+             "first at peak issue rate (the v1/v2 model), then with the fitted latency "
+             "parameters: " + ", ".join(f"{k} = {v}" for k, v in best.items()) + ".", "",
+             "| workload | kernel | warps x programs/SM | measured µs | peak-rate estimate | measured / peak | fitted estimate | measured / fitted |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['kernel'].strip('_')} | {r['num_warps']} x {r['programs_per_sm']} "
+                     f"| {r['measured_us']:.1f} | {r['peak_estimate_us']:.1f} "
+                     f"| {r['measured_us'] / r['peak_estimate_us']:.2f} | {r['fitted_estimate_us']:.1f} "
+                     f"| {r['measured_us'] / r['fitted_estimate_us']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def ceilings():
+    """The device's two measured ceilings that the static model assumes (bench/NOTES.md):
+    a bf16 matmul's rate on random data and a device-to-device copy's bandwidth, counting
+    bytes read plus written; medians of triton.testing.do_bench."""
+    import torch
+    from triton.testing import do_bench
+
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    matmul_ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    del a, b
+    x = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    y = torch.empty_like(x)
+    copy_ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    return dict(bf16_matmul_tflops=2 * n**3 / matmul_ms / 1e9,
+                copy_tb_per_s=2 * x.numel() * x.element_size() / copy_ms / 1e9,
+                matmul="8192 x 8192 x 8192 bf16, random data", copy="1 GiB bf16 copy_")
 
 
 def main(argv=None):
@@ -114,7 +237,20 @@ def main(argv=None):
     parser.add_argument("--static", default=str(STATIC), help="a bench.static JSON")
     parser.add_argument("--out", default=None, help="folder (default bench/results/<device>)")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--fit", metavar="CALIBRATION_JSON",
+                        help="no GPU needed: fit the static model's latency parameters to a "
+                             "calibration.json measured earlier; writes fit.md beside it")
     args = parser.parse_args(argv)
+    if args.fit:
+        calibration = json.loads(Path(args.fit).read_text())
+        best, rows = fit(calibration)
+        meta = dict(calibration["meta"], when=calibration["meta"]["when"],
+                    command="python -m bench.calibrate " + " ".join(argv or sys.argv[1:]))
+        out = Path(args.out or Path(args.fit).parent)
+        (out / "fit.json").write_text(json.dumps(dict(meta=meta, best=best, rows=rows), indent=1))
+        (out / "fit.md").write_text(fit_markdown(best, rows, meta))
+        print(fit_markdown(best, rows, meta))
+        return
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU: it measures the kernels the static model estimates")
     from bench.workloads import STATIC_WORKLOADS
@@ -122,13 +258,19 @@ def main(argv=None):
     device = torch.cuda.get_device_name()
     major, minor = torch.cuda.get_device_capability()
     static = json.loads(Path(args.static).read_text())
-    rows = join(measure(STATIC_WORKLOADS, args.rounds), static["kernels"], f"sm_{10 * major + minor}")
+    measured_ceilings = ceilings()
+    print("ceilings: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in measured_ceilings.items()), file=sys.stderr)
+    measured, configs = measure(STATIC_WORKLOADS, args.rounds)
+    rows = join(measured, static["kernels"], f"sm_{10 * major + minor}")
     meta = dict(device=device, when=time.strftime("%Y-%m-%d"), torch=torch.__version__,
                 triton=triton.__version__, static=args.static,
-                command="python -m bench.calibrate " + " ".join(argv or sys.argv[1:]))
+                command="python -m bench.calibrate " + " ".join(argv or sys.argv[1:]),
+                ceilings=measured_ceilings)
     out = Path(args.out or Path(__file__).parent / "results" / device.replace(" ", "_"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    (out / "calibration.json").write_text(json.dumps(dict(meta=meta, rows=rows, configs=configs),
+                                                     indent=1))
     (out / "calibration.md").write_text(markdown(rows, meta))
     print(f"wrote {out / 'calibration.md'}", file=sys.stderr)
 

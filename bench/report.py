@@ -77,14 +77,23 @@ def _sort_key(bench):
             BACKEND_ORDER.index(backend) if backend in BACKEND_ORDER else len(BACKEND_ORDER))
 
 
-def load(path) -> dict:
-    """Read a pytest-benchmark JSON file; keep the benchmarks this suite wrote."""
-    data = json.loads(Path(path).read_text())
-    benches = [b for b in data.get("benchmarks", [])
-               if b.get("stats") and "backend" in b.get("extra_info", {})]
-    if not benches:
-        raise ValueError(f"{path}: no adclr benchmark results in it (was it written by "
-                         "`pytest bench/ --benchmark-json=...`?)")
+def load(*paths) -> dict:
+    """Read pytest-benchmark JSON files of one run; keep the benchmarks this suite wrote.
+
+    Several files (e.g. one per pytest call of a GPU session, each under its own time
+    limit) are merged: the first file's machine info, every file's benchmarks, ratios
+    recomputed over the union.
+    """
+    data, benches = None, []
+    for path in paths:
+        one = json.loads(Path(path).read_text())
+        data = data or one
+        found = [b for b in one.get("benchmarks", [])
+                 if b.get("stats") and "backend" in b.get("extra_info", {})]
+        if not found:
+            raise ValueError(f"{path}: no adclr benchmark results in it (was it written by "
+                             "`pytest bench/ --benchmark-json=...`?)")
+        benches += found
     # Keep the shapes in the order the run measured them.
     first_seen = {}
     for bench in benches:
@@ -129,6 +138,16 @@ def device_of(data) -> dict:
     return info
 
 
+def _round_text(benches) -> str:
+    """How a round was timed, as the results recorded it (older results: one call)."""
+    calls = sorted({b["extra_info"].get("calls_per_round", 1) for b in benches})
+    if calls == [1]:
+        return "each round is one call followed by a device synchronise (host wall clock)."
+    return (f"each round is {' or '.join(map(str, calls))} back-to-back calls, then one device "
+            "synchronise (host wall clock), divided by the calls (`calls_per_round` per result; "
+            "the training step is one call per round).")
+
+
 def to_markdown(data, chart_name: str | None = "chart.png", chart_note: str | None = None) -> str:
     dev = device_of(data)
     benches = data["benchmarks"]
@@ -141,8 +160,8 @@ def to_markdown(data, chart_name: str | None = "chart.png", chart_note: str | No
         "",
         f"- Measured {data.get('datetime', '(date not recorded)')[:19].replace('T', ' ')} UTC "
         f"on **{dev.get('device', 'unknown device')}**; {versions}; dtype {dev.get('dtype', '?')}.",
-        f"- Time: median of {'/'.join(map(str, rounds))} timed rounds after warm-up; each "
-        "round is one call followed by a device synchronise (host wall clock).",
+        f"- Time: median of {'/'.join(map(str, rounds))} timed rounds after warm-up; "
+        + _round_text(benches),
         "- TFLOP/s counts useful work only: 4·B·H·D FLOPs per visible (row, column) pair "
         "in the forward; the backward counts 2.5x the forward, so forward+backward is 3.5x. "
         "Every backend, the unmasked yardstick too, is credited with the same count.",
@@ -283,13 +302,14 @@ def write_chart(data, path) -> str | None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n")[0])
-    parser.add_argument("results", help="JSON written by pytest bench/ --benchmark-json=PATH")
-    parser.add_argument("--out", help="folder for report.md and chart.png (default: the JSON's)")
+    parser.add_argument("results", nargs="+",
+                        help="JSON written by pytest bench/ --benchmark-json=PATH (several: merged)")
+    parser.add_argument("--out", help="folder for report.md and chart.png (default: the first JSON's)")
     parser.add_argument("--no-chart", action="store_true", help="write the markdown only")
     args = parser.parse_args(argv)
 
-    data = load(args.results)
-    out = Path(args.out) if args.out else Path(args.results).parent
+    data = load(*args.results)
+    out = Path(args.out) if args.out else Path(args.results[0]).parent
     out.mkdir(parents=True, exist_ok=True)
     chart_note = "--no-chart was given" if args.no_chart else write_chart(data, out / "chart.png")
     markdown = to_markdown(data, None if chart_note else "chart.png", chart_note)

@@ -64,6 +64,6 @@ def test_train_step(measure, attention, pack_crops):
     label = attention + ("+packed" if pack_crops == "on" else "")
     measure(lambda: train_step(trainer, batch, STEADY_STEP), mode="train step",
             group=f"train step | {NAME}-{IMAGES}", backend=label, items=IMAGES,
-            rounds=ROUNDS, train_config=NAME, workload_label=_label(cfg),
+            rounds=ROUNDS, calls=1, train_config=NAME, workload_label=_label(cfg),
             config=dataclasses.asdict(cfg),
             autocast="bf16" if ON_CUDA else "none (fp32)")

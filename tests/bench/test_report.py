@@ -38,6 +38,26 @@ def test_load_keeps_every_result_in_mode_then_backend_order(raw):
     assert forward == ["reference", "sdpa", "flex", "sdpa_unmasked"]
 
 
+def test_split_runs_merge_with_ratios_over_the_union(raw, tmp_path):
+    # A GPU session runs flex apart (its compiles get their own time limit): the merged
+    # report compares every backend of a group as if they had run in one file.
+    flex = [b for b in raw["benchmarks"] if b["extra_info"]["backend"] == "flex"]
+    rest = [b for b in raw["benchmarks"] if b["extra_info"]["backend"] != "flex"]
+    paths = []
+    for name, benches in (("rest", rest), ("flex", flex)):
+        part = dict(raw, benchmarks=benches)
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(part))
+    merged, whole = report.load(*paths), report.load(RESULTS)
+    assert len(merged["benchmarks"]) == len(whole["benchmarks"])
+    for a, b in zip(merged["benchmarks"], whole["benchmarks"]):
+        assert a["extra_info"] == b["extra_info"]
+    with pytest.raises(ValueError, match="no adclr benchmark"):
+        empty = tmp_path / "empty.json"
+        empty.write_text(json.dumps(dict(raw, benchmarks=[])))
+        report.load(paths[0], empty)
+
+
 def test_ratios_are_recomputed_from_the_recorded_medians(raw):
     data = report.load(RESULTS)
     median = {b["extra_info"]["backend"]: b["stats"]["median"] for b in raw["benchmarks"]
