@@ -753,8 +753,7 @@ def _unpack(qkv):
     return qkv.unbind(1)
 
 
-@torch.library.custom_op("adclr_kernels::unidirectional_attention_fwd", mutates_args=())
-def _fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor],
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor],
             num_queries_t: Optional[Tensor], fwd_tiles: Optional[Tensor],
             bwd_tiles: Optional[Tensor], num_queries: int, max_seqlen: int, num_prefix: int,
             query_sees_prefix: bool, query_sees_self: bool, query_sees_queries: bool,
@@ -766,13 +765,16 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor],
     return out, lse
 
 
+_fwd_op = torch.library.custom_op("adclr_kernels::unidirectional_attention_fwd", _fwd_impl,
+                                  mutates_args=())
+
+
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, *args):
     return _empty_out(q), _empty_lse(q)
 
 
-@torch.library.custom_op("adclr_kernels::unidirectional_attention_bwd", mutates_args=())
-def _bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+def _bwd_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
             cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
             fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
             max_seqlen: int, num_prefix: int, query_sees_prefix: bool, query_sees_self: bool,
@@ -782,6 +784,10 @@ def _bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix,
                   _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
     return dq, dk, dv
+
+
+_bwd_op = torch.library.custom_op("adclr_kernels::unidirectional_attention_bwd", _bwd_impl,
+                                  mutates_args=())
 
 
 @_bwd_op.register_fake
@@ -804,15 +810,15 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         return (None,) * (3 + len(ctx.args))
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, *ctx.args)
+    bwd = _bwd_impl if getattr(ctx, "eager", False) else _bwd_op
+    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, *ctx.args)
     return (dq, dk, dv) + (None,) * len(ctx.args)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("adclr_kernels::qkvpacked_attention_fwd", mutates_args=())
-def _qkv_fwd_op(qkv: Tensor, cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
+def _qkv_fwd_impl(qkv: Tensor, cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
                 fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
                 max_seqlen: int, num_prefix: int, query_sees_prefix: bool,
                 query_sees_self: bool, query_sees_queries: bool,
@@ -825,14 +831,17 @@ def _qkv_fwd_op(qkv: Tensor, cu_seqlens: Optional[Tensor], num_queries_t: Option
     return out, lse
 
 
+_qkv_fwd_op = torch.library.custom_op("adclr_kernels::qkvpacked_attention_fwd", _qkv_fwd_impl,
+                                      mutates_args=())
+
+
 @_qkv_fwd_op.register_fake
 def _qkv_fwd_fake(qkv, *args):
     q = _unpack(qkv)[0]
     return _empty_out(q), _empty_lse(q)
 
 
-@torch.library.custom_op("adclr_kernels::qkvpacked_attention_bwd", mutates_args=())
-def _qkv_bwd_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
+def _qkv_bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
                 cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
                 fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
                 max_seqlen: int, num_prefix: int, query_sees_prefix: bool,
@@ -843,6 +852,10 @@ def _qkv_bwd_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
     attention_bwd(grad_out, q, k, v, out, lse, *_unpack(dqkv), geo, num_prefix,
                   _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
     return dqkv
+
+
+_qkv_bwd_op = torch.library.custom_op("adclr_kernels::qkvpacked_attention_bwd", _qkv_bwd_impl,
+                                      mutates_args=())
 
 
 @_qkv_bwd_op.register_fake
@@ -863,10 +876,40 @@ def _qkv_backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         return (None,) * (1 + len(ctx.args))
     qkv, out, lse = ctx.saved_tensors
-    return (_qkv_bwd_op(grad_out, qkv, out, lse, *ctx.args),) + (None,) * len(ctx.args)
+    bwd = _qkv_bwd_impl if getattr(ctx, "eager", False) else _qkv_bwd_op
+    return (bwd(grad_out, qkv, out, lse, *ctx.args),) + (None,) * len(ctx.args)
 
 
 _qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+
+
+def _eager(t):
+    """Whether a call may skip the custom-op dispatcher: eager calls on real tensors.
+
+    The dispatcher's Python (default filling, wrapper unwrapping) was two thirds of the
+    op's host time per call (cProfile on CPU), and on the H200 the op's calls, not its
+    kernels, set its time at ViT sizes. Anything that traces (torch.compile, fake and
+    meta tensors, a dispatch mode such as make_fx's) takes the registered custom ops,
+    which trace through their fake implementations.
+    """
+    return (not torch.compiler.is_compiling() and t.device.type != "meta"
+            and type(t) in (torch.Tensor, torch.nn.Parameter)
+            and torch._C._len_torch_dispatch_stack() == 0)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The custom ops' bodies and autograd rules, called directly (see `_eager`)."""
+
+    @staticmethod
+    def forward(ctx, packed_qkv, *inputs):
+        out, lse = (_qkv_fwd_impl if packed_qkv else _fwd_impl)(*inputs)
+        (_qkv_setup_context if packed_qkv else _setup_context)(ctx, inputs, (out, lse))
+        ctx.packed_qkv, ctx.eager = packed_qkv, True
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return (None, *(_qkv_backward if ctx.packed_qkv else _backward)(ctx, grad_out, grad_lse))
 
 
 def triton_attention(q, k, v, num_queries, num_prefix, *, layout=None, query_sees_prefix=False,
@@ -877,8 +920,9 @@ def triton_attention(q, k, v, num_queries, num_prefix, *, layout=None, query_see
     """
     packed = layout if layout is not None else (None, None, 0, None, None)
     cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
-    out, _ = _fwd_op(q, k, v, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen,
-                     num_prefix, query_sees_prefix, query_sees_self, query_sees_queries, scale)
+    args = (q, k, v, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen,
+            num_prefix, query_sees_prefix, query_sees_self, query_sees_queries, scale)
+    out, _ = _EagerAttention.apply(False, *args) if _eager(q) else _fwd_op(*args)
     return out
 
 
@@ -889,7 +933,7 @@ def triton_qkvpacked_attention(qkv, num_queries, num_prefix, *, layout=None,
     (T, H, D), and the gradient reaches qkv as one tensor."""
     packed = layout if layout is not None else (None, None, 0, None, None)
     cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
-    out, _ = _qkv_fwd_op(qkv, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen,
-                         num_prefix, query_sees_prefix, query_sees_self, query_sees_queries,
-                         scale)
+    args = (qkv, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen, num_prefix,
+            query_sees_prefix, query_sees_self, query_sees_queries, scale)
+    out, _ = _EagerAttention.apply(True, *args) if _eager(qkv) else _qkv_fwd_op(*args)
     return out.transpose(1, 2) if qkv.dim() == 5 else out

@@ -191,9 +191,9 @@ def capture(workload, dtype, capability, flags=(False, False, False)):
                             workload.head_dim, dtype)
             geometry = (None, None, None, None, workload.num_queries, 0)
         args = (*geometry, workload.num_prefix, *flags, scale)
-        out, lse = U._qkv_fwd_op._init_fn(qkv, *args)
+        out, lse = U._qkv_fwd_impl(qkv, *args)
         n_fwd = len(launches)
-        U._qkv_bwd_op._init_fn(torch.empty_like(out), qkv, out, lse, *args)
+        U._qkv_bwd_impl(torch.empty_like(out), qkv, out, lse, *args)
     return launches[:n_fwd], launches[n_fwd:]
 
 
