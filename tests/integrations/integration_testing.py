@@ -1,0 +1,20 @@
+"""Shared by the integration tests. They need timm, transformers (and torchvision for timm), which the
+main CPU environment does not have: there they skip, saying why. `.ci/run` runs them in
+a second environment that has them, with ADCLR_REQUIRE_INTEGRATIONS=1: a missing
+package is then an error, not a skip."""
+
+import importlib
+import os
+
+import pytest
+
+REQUIRED = os.environ.get("ADCLR_REQUIRE_INTEGRATIONS") == "1"
+
+
+def need(name):
+    """Import `name`, or skip the module's tests (fail under ADCLR_REQUIRE_INTEGRATIONS=1)."""
+    if REQUIRED:
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f"{name} is not installed (timm needs torchvision, which has no "
+                                            "build beside this CPU torch); .ci/run runs these in its second "
+                                            "environment")
