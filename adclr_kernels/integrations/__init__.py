@@ -249,10 +249,13 @@ def _run_block(block, attention_modules, layout, checkpoint_attrs, x, *args, **k
             setattr(obj, attr, value)
 
 
-def _carry(block, attention_modules, state, checkpointing, checkpoint_attrs, x, *args, **kwargs):
+def _carry(block, attention_modules, state, checkpointing, checkpoint_attrs, passthrough, x, *args,
+           **kwargs):
     """A block's forward while query tokens are carried: the tokens join the block's input,
     leave its output, and wait for the next block. The caller sees the image tokens only."""
     full = _with_queries(x, state.tokens)
+    if passthrough(args, kwargs):  # a call that returns something else (attention maps): as it is
+        return _run_block(block, attention_modules, state.layout, checkpoint_attrs, full, *args, **kwargs)
     if checkpointing() and torch.is_grad_enabled():
         out = torch.utils.checkpoint.checkpoint(
             _run_block, block, attention_modules, state.layout, checkpoint_attrs, full, *args,
@@ -267,7 +270,7 @@ def _carry(block, attention_modules, state, checkpointing, checkpoint_attrs, x, 
 
 @contextlib.contextmanager
 def carry_queries(blocks, tokens, layout, final_norm, *, checkpointing=lambda: False,
-                  pause_checkpointing=(), checkpoint_attrs=()):
+                  pause_checkpointing=(), checkpoint_attrs=(), passthrough=lambda args, kwargs: False):
     """Carry query tokens through `blocks` for the duration of the context.
 
     blocks: [(block, its swapped attention modules)], in the order they run.
@@ -277,6 +280,8 @@ def carry_queries(blocks, tokens, layout, final_norm, *, checkpointing=lambda: F
     pause_checkpointing: [(object, attribute)] flags turned off for the context, so the
         model's own checkpointing (which would recompute without the layout) stays out.
     checkpoint_attrs: per-block checkpointing flags turned off inside each block call.
+    passthrough: (args, kwargs) -> True for block calls whose output is not the tokens
+        (DINO's return_attention): their output is returned whole, query rows included.
     """
     for block, _ in blocks:
         if "forward" in block.__dict__:
@@ -290,7 +295,7 @@ def carry_queries(blocks, tokens, layout, final_norm, *, checkpointing=lambda: F
             setattr(obj, attr, False)
         for block, attention_modules in blocks:
             block.forward = functools.partial(_carry, block, tuple(attention_modules), state,
-                                              lambda: was_checkpointing, tuple(checkpoint_attrs))
+                                              lambda: was_checkpointing, tuple(checkpoint_attrs), passthrough)
         yield state
     finally:
         for block, _ in blocks:
