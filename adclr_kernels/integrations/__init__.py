@@ -185,11 +185,12 @@ def refuse_token_mixers(name, block):
 class QueryTokens:
     """What a `query_tokens` context collects.
 
-    outputs: the query tokens' output of every block that ran, in order (before any
-        final norm), (B, Q, D) each (a list of those, one per crop group, for DINOv2's
-        list input).
-    query: the last block's output through the model's final norm, what the model's
-        features are for image tokens.
+    outputs: the query tokens' output of every block that ran in the latest pass
+        through the model (a call that runs the first block starts a new pass), in
+        order, before any final norm: (B, Q, D) each (a list of those, one per crop
+        group, for DINOv2's list input).
+    query: the last of those through the model's final norm, as the model's features
+        are for image tokens.
     """
 
     def __init__(self, tokens, layout, final_norm):
@@ -249,10 +250,13 @@ def _run_block(block, attention_modules, layout, checkpoint_attrs, x, *args, **k
             setattr(obj, attr, value)
 
 
-def _carry(block, attention_modules, state, checkpointing, checkpoint_attrs, passthrough, x, *args,
+def _carry(block, first, attention_modules, state, checkpointing, checkpoint_attrs, passthrough, x, *args,
            **kwargs):
     """A block's forward while query tokens are carried: the tokens join the block's input,
-    leave its output, and wait for the next block. The caller sees the image tokens only."""
+    leave its output, and wait for the next block. The caller sees the image tokens only.
+    The first block starts a new pass (a second model call in the same context)."""
+    if first:
+        state.tokens, state.outputs = state.inputs, []
     full = _with_queries(x, state.tokens)
     if passthrough(args, kwargs):  # a call that returns something else (attention maps): as it is
         return _run_block(block, attention_modules, state.layout, checkpoint_attrs, full, *args, **kwargs)
@@ -293,8 +297,8 @@ def carry_queries(blocks, tokens, layout, final_norm, *, checkpointing=lambda: F
     try:
         for obj, attr, _ in paused:
             setattr(obj, attr, False)
-        for block, attention_modules in blocks:
-            block.forward = functools.partial(_carry, block, tuple(attention_modules), state,
+        for i, (block, attention_modules) in enumerate(blocks):
+            block.forward = functools.partial(_carry, block, i == 0, tuple(attention_modules), state,
                                               lambda: was_checkpointing, tuple(checkpoint_attrs), passthrough)
         yield state
     finally:

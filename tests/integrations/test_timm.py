@@ -211,8 +211,10 @@ def test_query_tokens_through_the_models_own_methods():
             final, intermediates = model.forward_intermediates(x, indices=[0, 1], output_fmt="NCHW")
     assert torch.equal(logits, plain_logits)  # head and pooling never see the query tokens
     assert torch.equal(final, plain[0]) and all(torch.equal(a, b) for a, b in zip(intermediates, plain[1]))
-    assert len(q.outputs) == 4 and q.outputs[0].shape == (2, 3, 64)  # two calls, two blocks each
+    assert len(q.outputs) == 2 and q.outputs[0].shape == (2, 3, 64)  # the latest call's two blocks
     assert torch.equal(q.query, model.norm(q.outputs[-1]))
+    with torch.no_grad():  # the second call started from the query tokens again
+        assert torch.equal(q.query, forward_queries(model, x, crops(), query_sees_prefix=True)["query"])
     assert "forward" not in model.blocks[0].__dict__  # the context leaves nothing behind
 
 
