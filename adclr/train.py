@@ -55,6 +55,7 @@ class Config:
     query_sees_self: bool = False
     query_sees_queries: bool = False         # PQCL variant
     pack_crops: str = "auto"                 # all student crops in one packed backbone pass: auto (Triton on CUDA) | on | off
+    compile: str = "auto"                    # torch.compile student and teacher, fullgraph: auto (on on CUDA) | on | off
     # crops
     num_local_crops: int = 10
     num_queries: int = 10
@@ -106,7 +107,7 @@ ALLOWED = {
     "arch": tuple(ARCHS), "patch_size": ">= 1", "image_size": ">= 1", "local_size": ">= 1",
     "out_dim": ">= 1", "head_hidden_dim": ">= 1", "head_bottleneck_dim": ">= 1",
     "drop_path": "[0, 1)", "attention": BACKENDS, "pack_crops": ("auto", "on", "off"),
-    "fused_head_loss": ("auto", "on", "off"),
+    "fused_head_loss": ("auto", "on", "off"), "compile": ("auto", "on", "off"),
     "num_local_crops": ">= 0", "num_queries": ">= 0",
     "global_scale": "(0, 1]", "local_scale": "(0, 1]", "query_scale": "(0, 1]",
     "lambda_query": ">= 0", "student_temp": "> 0", "warmup_teacher_temp": "> 0", "teacher_temp": "> 0",
@@ -178,7 +179,7 @@ def config_errors(cfg):
 # Fields that may change between a run and its resumption; any other difference is an error.
 RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "log_every",
              "checkpoint_every", "saveckp_freq", "attention", "pack_crops", "fused_head_loss",
-             "precision"}
+             "precision", "compile"}
 
 # Fields added after checkpoints were written without them: the value that does what the
 # trainer did before the field existed, so that those runs still resume.
@@ -196,8 +197,8 @@ def cosine(step, total, start, end, warmup=0, warmup_start=0.0):
 class Trainer:
     """Everything one training step needs; made by `build`."""
 
-    def __init__(self, cfg, device, student, teacher, loss, optimizer, steps_per_epoch):
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg, device, student, teacher, loss, optimizer, steps_per_epoch, compiled=False):
+        self.cfg, self.device, self.compiled = cfg, device, compiled
         self.student = student  # DistributedDataParallel-wrapped when distributed
         self.student_module = student.module if isinstance(student, DistributedDataParallel) else student
         self.teacher, self.loss, self.optimizer = teacher, loss, optimizer
@@ -229,6 +230,9 @@ class Trainer:
                 "teacher_temp": temp}
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the CPU tests use "aot_eager" (no C++ build)
+
+
 def build(cfg, device, steps_per_epoch=1000):
     """Student, EMA teacher, loss, AdamW and schedules for `cfg` on `device`.
 
@@ -258,6 +262,12 @@ def build(cfg, device, steps_per_epoch=1000):
     student, teacher = model(cfg.drop_path), model(0.0)  # DINO's teacher has no stochastic depth
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
+    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    if compiled:
+        # In place (the state dict keeps its names). fullgraph: the op is a torch.library
+        # custom op, so nothing in a step breaks the graph; a break would be an error here.
+        student.compile(fullgraph=True, backend=COMPILE_BACKEND)
+        teacher.compile(fullgraph=True, backend=COMPILE_BACKEND)
 
     # DINO's rule: no weight decay on biases and norm parameters (1-D); the head's
     # last-layer gain is (out_dim, 1), so it is decayed, as DINO's weight_g is.
@@ -270,7 +280,7 @@ def build(cfg, device, steps_per_epoch=1000):
         student = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
     loss = ADCLRLoss(cfg.out_dim, cfg.lambda_query, cfg.student_temp, cfg.center_momentum).to(device)
-    return Trainer(cfg, device, student, teacher, loss, optimizer, steps_per_epoch)
+    return Trainer(cfg, device, student, teacher, loss, optimizer, steps_per_epoch, compiled)
 
 
 def clip_grad_per_parameter_(params, max_norm):
@@ -662,7 +672,8 @@ def train(cfg):
     total = trainer.total_steps
     if main:
         print(f"adclr train: {world} process(es) on {device}, {steps_per_epoch} steps/epoch, "
-              f"{total} steps" + (f", resuming at step {start}" if start else ""), file=sys.stderr)
+              f"{total} steps, torch.compile {'on' if trainer.compiled else 'off'}"
+              + (f", resuming at step {start}" if start else ""), file=sys.stderr)
         print("config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr)
         _write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
         # Epoch-based warm-ups silently cover all of a run shortened by --max-steps: the

@@ -172,6 +172,7 @@ def test_warm_up_longer_than_the_run_is_reported(tiny_config, capsys):
     train(tiny_config(max_steps=16, checkpoint_every=16, freeze_last_layer_epochs=5.0))
     err = capsys.readouterr().err
     assert "warning: --freeze-last-layer-epochs 5.0" in err and "covers the whole 16-step run" in err
+    assert "torch.compile off" in err.splitlines()[0]  # the default on CPU, reported at the start
     assert "--warmup-epochs" not in err
 
 
@@ -302,3 +303,26 @@ def test_help_states_the_batch_convention_and_the_momentum_hint(capsys):
     assert "total over all processes (DINO's --batch_size_per_gpu times the GPUs)" in text
     assert "0.9995 at batch 256" in text
     assert "--no-norm-last-layer" in text and "--precision" in text and "--saveckp-freq" in text
+
+
+@pytest.mark.slow  # ~20 s on 2 cores: two Triton-interpreter steps, and the compile
+def test_compiled_step_has_no_graph_break_and_equals_eager(tiny_config, monkeypatch):
+    """--compile on: student and teacher compiled with fullgraph=True, so any graph break
+    (around the op's custom op, or anywhere in a step) is an error; the step equals the
+    eager one. The CUDA defaults (Triton, packed crops, fused head loss) with aot_eager
+    instead of inductor: the same tracing, without a C++ build on CPU."""
+    from adclr.data import synthetic_batch
+
+    monkeypatch.setattr(adclr.train, "COMPILE_BACKEND", "aot_eager")
+    results = []
+    for compile in ("off", "on"):
+        cfg = tiny_config(compile=compile, pack_crops="on", fused_head_loss="on", attention="triton", drop_path=0.0)
+        trainer = adclr.train.build(cfg, "cpu")
+        assert trainer.compiled == (compile == "on")
+        batch = synthetic_batch(cfg, 2, "cpu", generator=torch.Generator().manual_seed(0))
+        results.append((adclr.train.train_step(trainer, batch, 0), trainer.student_module.state_dict()))
+    (eager, eager_state), (compiled, compiled_state) = results
+    torch.testing.assert_close(compiled["loss"], eager["loss"], rtol=1e-5, atol=1e-6)
+    assert list(compiled_state) == list(eager_state)  # compiled in place: checkpoints keep their names
+    for name in eager_state:
+        torch.testing.assert_close(compiled_state[name], eager_state[name], rtol=1e-4, atol=1e-6, msg=name)
