@@ -3,13 +3,15 @@
 `UnidirectionalAttention` has the constructor arguments, parameter names and shapes of
 timm's `Attention` (`qkv`, `q_norm`/`k_norm`, `norm`, `proj`), so a timm checkpoint
 loads into it unchanged. With `num_queries=0` it is plain attention; with query tokens
-appended it runs ADCLR's unidirectional attention. `enable_query_tokens` swaps it into
-a timm `VisionTransformer` (or any model with the same block structure) in place.
+appended it runs ADCLR's unidirectional attention. To run the op inside timm, DINO,
+DINOv2 or Hugging Face models, see `adclr_kernels.integrations`; `enable_query_tokens`
+here is deprecated.
 """
 
 from __future__ import annotations
 
 import types
+import warnings
 
 import torch
 import torch.utils.checkpoint
@@ -155,15 +157,36 @@ def _forward_with_queries(self, x, query_crops=None):
 
 
 def enable_query_tokens(model, backend="auto"):
-    """Make a timm VisionTransformer ADCLR-capable in place, keeping its weights.
+    """Deprecated: use `adclr_kernels.integrations.timm.swap_attention(model)` (the model's
+    forward stays timm's) and `forward_queries(model, images, crops)` (CLS, prefix, patch
+    and query outputs, every option of the op).
 
-    Every block's `attn` becomes a `UnidirectionalAttention` sharing the same parameter
-    tensors; `model.forward(images, query_crops=None)` then returns CLS, patch and query
-    features (see `_forward_with_queries`). Works for any model with timm's attributes:
-    patch_embed (with proj, norm), _pos_embed, patch_drop, norm_pre, norm,
-    num_prefix_tokens, and pre-norm blocks with norm1, attn (fused qkv, proj,
-    num_heads, head_dim), norm2, mlp (and optionally ls1/ls2, drop_path1/drop_path2).
+    Replaces `model.forward` by `forward(images, query_crops=None)` returning a dict of
+    CLS, patch and query features. A timm model goes through the checked adapter (models
+    it cannot run exactly are refused before any change; "cls" is None without a class
+    token). Any other model with timm's attribute names gets the old conversion: every
+    block's `attn` becomes a `UnidirectionalAttention` sharing the parameter tensors,
+    blocks run as timm's pre-norm Block.
     """
+    warnings.warn("enable_query_tokens is deprecated and will be removed: it replaces model.forward. "
+                  "Use adclr_kernels.integrations.timm.swap_attention(model) (forward unchanged) and "
+                  "forward_queries(model, images, crops)", DeprecationWarning, stacklevel=2)
+    if type(model).__module__.startswith("timm."):
+        from .integrations.timm import forward_queries, swap_attention
+
+        swap_attention(model, backend)
+
+        def forward(images, query_crops=None):
+            if query_crops is None:
+                features = model.forward_features(images)
+                prefix = model.num_prefix_tokens
+                return dict(cls=features[:, 0] if model.cls_token is not None else None,
+                            patch=features[:, prefix:], query=None)
+            out = forward_queries(model, images, query_crops)
+            return dict(cls=out["cls"], patch=out["patch"], query=out["query"])
+
+        model.forward = forward
+        return model
     for i, block in enumerate(model.blocks):
         missing = [part for part in _BLOCK_PARTS if not hasattr(block, part)]
         if missing:

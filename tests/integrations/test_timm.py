@@ -9,6 +9,8 @@ for the query tokens where the model uses RoPE), to 1e-5.
 """
 
 import copy
+import json
+import pathlib
 
 import pytest
 import torch
@@ -257,3 +259,26 @@ def test_compiles_without_graph_breaks():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_recorded_timm_names_are_current():
+    """tests/adclr_kernels/data holds timm's ViT-S/16 state-dict names and shapes, against
+    which UnidirectionalAttention is checked where timm is not installed."""
+    record = json.loads((pathlib.Path(__file__).parents[1] / "adclr_kernels" / "data" /
+                         "timm_vit_small_patch16_224.json").read_text())
+    model = timm.create_model(record["model"], pretrained=False)
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == record["state_dict"]
+
+
+def test_deprecated_enable_query_tokens_goes_through_the_checked_adapter():
+    from adclr_kernels.nn import enable_query_tokens
+
+    model = build("vit-qknorm-registers-noclass-avgpool").eval()
+    with pytest.warns(DeprecationWarning, match="swap_attention"):
+        enable_query_tokens(model, backend="sdpa")
+    with torch.no_grad():
+        feats = model(images(), crops())
+        want = forward_queries(model, images(), crops())
+    assert feats["cls"] is None and torch.equal(feats["query"], want["query"])
+    with pytest.warns(DeprecationWarning), pytest.raises(UnsupportedModel, match="differential"):
+        enable_query_tokens(build("vit", attn_layer="diff"))
