@@ -15,6 +15,6 @@ def need(name):
     """Import `name`, or skip the module's tests (fail under ADCLR_REQUIRE_INTEGRATIONS=1)."""
     if REQUIRED:
         return importlib.import_module(name)
-    return pytest.importorskip(name, reason=f"{name} is not installed (timm needs torchvision, which has no "
-                                            "build beside this CPU torch); .ci/run runs these in its second "
-                                            "environment")
+    return pytest.importorskip(name, reason=f"{name} is not installed here; .ci/run runs these tests in a "
+                                            "second environment that has it (torch 2.14.1 + torchvision, which "
+                                            "timm needs, timm, transformers, dinov2)")
