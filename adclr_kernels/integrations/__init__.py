@@ -46,8 +46,9 @@ class UnsupportedModel(TypeError):
 @dataclasses.dataclass(frozen=True)
 class QueryLayout:
     """The token layout a swapped attention module runs while query tokens are carried:
-    [num_prefix prefix | image tokens | num_queries query tokens] per sequence."""
-    num_queries: int
+    [num_prefix prefix | image tokens | num_queries query tokens] per sequence
+    (num_queries: one count per crop group for DINOv2's list input)."""
+    num_queries: int | tuple
     num_prefix: int
     query_sees_prefix: bool = False
     query_sees_self: bool = False
