@@ -152,14 +152,22 @@ def state_shapes(model):
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
-def swap_classes(model, plan, check_state=True):
-    """Apply a checked plan [(module, new class)] and assert the state dict is unchanged."""
-    before = state_shapes(model) if check_state else None
+def swap_classes(model, plan):
+    """Apply a checked plan [(module, new class)], then check that the state dict has the
+    same keys, shapes and dtypes (so checkpoints load both ways); if not, put every class
+    back and raise. A real check, not an `assert`: `python -O` must not skip it."""
+    before = state_shapes(model)
+    originals = [(module, type(module)) for module, _ in plan]
     for module, cls in plan:
         module.__class__ = cls
-    if check_state:
-        after = state_shapes(model)
-        assert after == before, "swap_attention changed the state dict (a bug in adclr_kernels)"
+    after = state_shapes(model)
+    if after != before:
+        for module, cls in originals:
+            module.__class__ = cls
+        changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+        raise RuntimeError(f"swap_attention would change the state dict at {', '.join(changed[:3])} "
+                           f"({len(changed)} entries); the model is left as it was (a bug in adclr_kernels, "
+                           "please report it)")
     return model
 
 

@@ -116,6 +116,31 @@ def test_refusals_change_nothing():
             pass
 
 
+def test_a_swap_that_would_change_the_state_dict_is_undone(monkeypatch):
+    """After the class swap the state dict's keys, shapes and dtypes are compared with
+    before; a swapped class that saved anything else (a bug) puts every class back."""
+    import adclr_kernels.integrations.dino as dino_adapter
+
+    real = dino_adapter.subclass
+
+    def leaky(base, mixin, name):
+        cls = real(base, mixin, name)
+        if mixin is not dino_adapter.DinoBlock:
+            return cls
+
+        def save(self, destination, prefix, keep_vars):
+            cls.__bases__[1]._save_to_state_dict(self, destination, prefix, keep_vars)
+            destination[prefix + "extra"] = torch.zeros(1)
+
+        return type("LeakyBlock", (cls,), {"_save_to_state_dict": save})
+
+    monkeypatch.setattr(dino_adapter, "subclass", leaky)
+    model = build()
+    with pytest.raises(RuntimeError, match=r"would change the state dict at blocks\.0\.extra"):
+        swap_attention(model)
+    assert type(model.blocks[0]) is Block and type(model.blocks[1].attn) is Attention
+
+
 def test_timm_adapter_points_dino_models_here():
     timm_adapter = pytest.importorskip("adclr_kernels.integrations.timm", reason="needs timm")
     with pytest.raises(UnsupportedModel, match="use adclr_kernels.integrations.dino"):
