@@ -15,6 +15,7 @@ import pytest
 import torch
 from integration_testing import need
 
+from adclr_kernels import visibility_mask
 from adclr_kernels.integrations import UnsupportedModel
 from adclr_kernels.integrations.dinov2 import query_tokens, restore_attention, swap_attention
 
@@ -122,7 +123,22 @@ def test_a_block_diagonal_mask_is_taken_as_offsets():
         attn(x, attn_bias=torch.zeros(12, 12))
 
 
-@pytest.mark.parametrize("opts", [{}, dict(query_sees_prefix=True, query_sees_self=True)], ids=["none", "prefix+self"])
+def reference_queries(model, x, tokens, opts):
+    """DINOv2's blocks written out with the op's mask on [CLS | patches | queries]."""
+    h = torch.cat([model.prepare_tokens_with_masks(x), tokens], 1)
+    B, L, C = h.shape
+    mask = visibility_mask(L, L, tokens.shape[1], 1, **opts)
+    for blk in model.blocks:
+        a = blk.attn
+        q, k, v = a.qkv(blk.norm1(h)).reshape(B, L, 3, a.num_heads, -1).permute(2, 0, 3, 1, 4)
+        p = ((q @ k.transpose(-2, -1)) * a.scale).masked_fill(~mask, float("-inf")).softmax(-1)
+        h = h + blk.ls1(a.proj((p @ v).transpose(1, 2).reshape(B, L, C)))
+        h = h + blk.ls2(blk.mlp(blk.norm2(h)))
+    return model.norm(h)
+
+
+@pytest.mark.parametrize("opts", [{}, dict(query_sees_prefix=True, query_sees_self=True),
+                                  dict(query_sees_queries=True)], ids=["none", "prefix+self", "queries"])
 def test_query_tokens_tensor_and_packed(opts):
     reference = build().eval()
     model = swap_attention(copy.deepcopy(reference), backend="sdpa")
@@ -134,7 +150,9 @@ def test_query_tokens_tensor_and_packed(opts):
         want = reference.forward_features(x)
         assert torch.equal(out["x_norm_clstoken"], model.forward_features(x)["x_norm_clstoken"])
         torch.testing.assert_close(out["x_norm_patchtokens"], want["x_norm_patchtokens"], **TOL)
-        assert q.query.shape == (2, 4, 64)
+        embed = reference.patch_embed
+        tokens = embed.norm(embed.proj(crops.flatten(0, 1)).flatten(1)).view(2, 4, -1)
+        torch.testing.assert_close(q.query, reference_queries(reference, x, tokens, opts)[:, -4:], **TOL)
         # Packed: the globals carry the query tokens, the locals none; the same query outputs.
         with query_tokens(model, [crops, None], **opts) as p:
             outs = model.forward_features([x, local], [None, None])
