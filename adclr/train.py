@@ -243,9 +243,10 @@ def build(cfg, device, steps_per_epoch=1000):
     torch.manual_seed(cfg.seed)  # identical initial weights on every process
     if cfg.pack_crops not in ("auto", "on", "off"):
         raise ValueError(f"pack_crops must be auto, on or off, got {cfg.pack_crops!r}")
-    problem = value_error(cfg.precision, ALLOWED["precision"])  # else an unknown value would mean fp16
-    if problem:
-        raise ValueError(f"--precision: {problem}")
+    for name in ("precision", "compile"):  # else an unknown value would mean fp16, or no compile
+        problem = value_error(getattr(cfg, name), ALLOWED[name])
+        if problem:
+            raise ValueError(f"--{name}: {problem}")
     # Packing pays where the backend has a real varlen kernel; the PyTorch backends would
     # loop over sequences, so "auto" packs only for Triton on CUDA.
     pack = cfg.pack_crops == "on" or (cfg.pack_crops == "auto" and device.type == "cuda"

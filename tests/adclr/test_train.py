@@ -305,6 +305,16 @@ def test_help_states_the_batch_convention_and_the_momentum_hint(capsys):
     assert "--no-norm-last-layer" in text and "--precision" in text and "--saveckp-freq" in text
 
 
+def test_compile_auto_is_off_on_cpu_and_checked(tiny_config):
+    """--compile auto compiles on CUDA only; a config.json or checkpoint with another value
+    is refused like a bad flag."""
+    assert not adclr.train.build(tiny_config(compile="auto"), "cpu").compiled
+    assert adclr.train.config_errors(tiny_config(compile="yes")) == [
+        "--compile: invalid choice: 'yes' (choose from auto, on, off)"]
+    with pytest.raises(ValueError, match=r"--compile: invalid choice: 'yes'"):
+        adclr.train.build(tiny_config(compile="yes"), "cpu")
+
+
 @pytest.mark.slow  # ~20 s on 2 cores: two Triton-interpreter steps, and the compile
 def test_compiled_step_has_no_graph_break_and_equals_eager(tiny_config, monkeypatch):
     """--compile on: student and teacher compiled with fullgraph=True, so any graph break
