@@ -155,6 +155,16 @@ def test_an_unknown_attention_class_is_refused():
     _refused(model, r"blocks\.1\.attn \(.*MyAttention\) is not an attention class")
 
 
+@pytest.mark.parametrize("where", ["blocks.1.attn", "blocks.0"])
+def test_a_parameter_the_forward_would_not_use_is_refused(where):
+    """What a plain attribute check let through (q_bias, lambda_*, rel_pos on a class
+    that still looks like timm's): every parameter and submodule must be one the swapped
+    forward uses."""
+    model = build("vit")
+    model.get_submodule(where).rel_pos = torch.nn.Parameter(torch.zeros(3))
+    _refused(model, rf"{where.replace('.', '[.]')} \((Attention|Block)\) has rel_pos, which the adapter's forward")
+
+
 # --------------------------------------------------------------------------- query tokens
 
 def reference_queries(model, x, tokens, opts):
