@@ -69,6 +69,14 @@ class SyntheticShapes:
         label = self.label(i)
         radius = rng.uniform(0.2, 0.35)
         cx, cy = rng.uniform(radius, 1 - radius, 2)  # the whole object is in the picture
+        inside, colour = self._object(rng, label, radius, cx, cy, xx, yy)
+        image = np.where(inside[..., None], colour, image)
+        image = image + rng.normal(0, 0.03, image.shape)
+        image = (np.clip(image, 0, 1) * 255).astype(np.uint8)
+        return image, inside.astype(np.uint8) * (label + 1)
+
+    def _object(self, rng, label, radius, cx, cy, xx, yy):
+        """(pixels inside, RGB colour) of one object of class `label` centred at (cx, cy)."""
         # Upright up to a small tilt: under any rotation a square is a diamond (a square
         # turned 45 degrees, 13% smaller), and two classes of one shape cannot be told apart.
         angle = rng.uniform(-np.pi / 18, np.pi / 18)
@@ -77,10 +85,7 @@ class SyntheticShapes:
         inside = self._shape(self.CLASSES[label], u, v)
         hue = (label / len(self.CLASSES) + rng.uniform(-0.03, 0.03)) % 1.0
         colour = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.5, 1.0))
-        image = np.where(inside[..., None], np.array(colour, dtype=np.float32), image)
-        image = image + rng.normal(0, 0.03, image.shape)
-        image = (np.clip(image, 0, 1) * 255).astype(np.uint8)
-        return image, inside.astype(np.uint8) * (label + 1)
+        return inside, np.array(colour, dtype=np.float32)
 
     @staticmethod
     def _shape(name, u, v):
@@ -114,6 +119,62 @@ class SyntheticShapes:
     def mask(self, i):
         """(size, size) uint8 per-pixel labels: 0 background, class + 1 on the object."""
         return self._render(i)[1]
+
+    def load_segmentation(self, i):
+        """(PIL RGB image, its mask) from one rendering."""
+        image, mask = self._render(i)
+        return Image.fromarray(image), mask
+
+    @property
+    def segmentation_classes(self):
+        """Names of the mask's values 0, 1, ..."""
+        return ["background", *self.CLASSES]
+
+
+class SyntheticScenes(SyntheticShapes):
+    """Built-in scenes for dense evaluation: several objects of different classes per image.
+
+    The objects are SyntheticShapes' (the same 10 shapes, colour families and tilt), two
+    to four of distinct classes per image, at random places, smaller ones in front of
+    larger ones where they overlap. The main object, of class `label(i)` (balanced: i % 10), is the largest
+    (12-25% of the image's area); the others cover 1.5-8% each and are of classes drawn
+    uniformly from the rest. Sizes are areas, the same for every shape, so each class
+    covers about the same share of pixels. Where the objects sit changes from image to
+    image, so a patch's class cannot be read off one code for the whole image.
+    `mask(i)`: 0 background, class + 1 where that class is visible. Deterministic in
+    (seed, split, i), like SyntheticShapes.
+    """
+
+    _unit_areas = None  # area of each shape at radius 1, measured once
+
+    def __init__(self, split="train", size=96, length=None, seed=0, random_colours=False):
+        super().__init__(split, size, length, seed)
+        self.random_colours = random_colours
+        if SyntheticScenes._unit_areas is None:
+            t = np.linspace(-1.5, 1.5, 601, dtype=np.float32)
+            u, v = np.meshgrid(t, t)
+            SyntheticScenes._unit_areas = [self._shape(c, u, v).mean() * 9 for c in self.CLASSES]
+
+    def _render(self, i):
+        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, i, 1])
+        s = self.size
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+        image = np.full((s, s, 3), rng.uniform(0.1, 0.9), dtype=np.float32)
+        mask = np.zeros((s, s), dtype=np.uint8)
+        label = self.label(i)
+        others = rng.permutation([c for c in range(len(self.CLASSES)) if c != label])[:rng.integers(1, 4)]
+        classes = [label, *others.tolist()]
+        areas = [rng.uniform(0.12, 0.25)] + [rng.uniform(0.015, 0.08) for _ in others]
+        for j in np.argsort(areas)[::-1]:  # larger objects behind smaller ones, so that each shows
+            radius = np.sqrt(areas[j] / self._unit_areas[classes[j]])
+            cx, cy = rng.uniform(radius, 1 - radius, 2)
+            inside, colour = self._object(rng, classes[j], radius, cx, cy, xx, yy)
+            if self.random_colours:
+                colour = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.6, 1.0), rng.uniform(0.5, 1.0)), dtype=np.float32)
+            image[inside] = colour
+            mask[inside] = classes[j] + 1
+        image = image + rng.normal(0, 0.03, image.shape)
+        return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask
 
 
 class ImageFolder:
@@ -161,6 +222,87 @@ class ImageFolder:
             return image.convert("RGB"), label
 
 
+class SegmentationFolder:
+    """One split of a segmentation set: images with same-named PNG label masks.
+
+    Either layout of the common sets: ROOT/images/SPLIT with ROOT/masks/SPLIT or
+    ROOT/annotations/SPLIT (ADE20K's, where SPLIT is training / validation), or
+    ROOT/SPLIT/images with ROOT/SPLIT/masks or ROOT/SPLIT/annotations. The mask of
+    images/.../x.jpg is masks/.../x.png: an 8-bit grey or palette PNG holding one class
+    index per pixel, IGNORE (255) where no class counts. `load_segmentation(i)` returns
+    (PIL RGB image, (H, W) uint8 mask), or (None, None) when the pair cannot be used
+    (`error(i)` says why); like ImageFolder, a bad file never stops a run.
+    """
+
+    IGNORE = 255
+    SPLITS = {"train": ("train", "training"), "val": ("val", "validation")}
+
+    def __init__(self, root, split):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"dataset folder {root!r} does not exist")
+        candidates = [(os.path.join(root, "images", name), os.path.join(root, masks, name))
+                      for name in self.SPLITS[split] for masks in ("masks", "annotations")]
+        candidates += [(os.path.join(root, name, "images"), os.path.join(root, name, masks))
+                       for name in self.SPLITS[split] for masks in ("masks", "annotations")]
+        found = [(i, m) for i, m in candidates if os.path.isdir(i) and os.path.isdir(m)]
+        if not found:
+            names = " or ".join(self.SPLITS[split])
+            raise FileNotFoundError(
+                f"no {split} split of image/mask pairs in {root!r}: expected images/{{{names}}} beside "
+                f"masks/ or annotations/ (the same sub-folder), or {{{names}}}/images beside "
+                f"{{{names}}}/masks or annotations")
+        self.root, (self.image_dir, self.mask_dir) = root, found[0]
+        self.classes = []  # no image-level classes
+        self.samples, missing = [], []
+        for dirpath, _, files in sorted(os.walk(self.image_dir, followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    image = os.path.join(dirpath, f)
+                    rel = os.path.splitext(os.path.relpath(image, self.image_dir))[0] + ".png"
+                    mask = os.path.join(self.mask_dir, rel)
+                    (self.samples if os.path.isfile(mask) else missing).append((image, mask))
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} images in {self.image_dir!r} have no mask, "
+                                    f"e.g. {missing[0][1]!r} for {missing[0][0]!r}")
+        if not self.samples:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {self.image_dir!r}")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def load(self, i):
+        image, _ = self.load_segmentation(i)
+        return image, 0
+
+    def load_segmentation(self, i):
+        try:
+            return self._open(i)
+        except Exception:  # unreadable image or mask, or they disagree: skip, never fatal
+            return None, None
+
+    def error(self, i):
+        """Why pair i cannot be used ("" if it can)."""
+        try:
+            self._open(i)
+        except Exception as error:
+            return str(error)
+        return ""
+
+    def _open(self, i):
+        image_path, mask_path = self.samples[i]
+        with Image.open(image_path) as image:
+            image = image.convert("RGB")
+        with Image.open(mask_path) as mask:
+            if mask.mode not in ("L", "P"):
+                raise ValueError(f"mask {mask_path} is a {mask.mode} image; a label mask is an 8-bit "
+                                 "grey or palette PNG with one class index per pixel")
+            mask = np.asarray(mask, dtype=np.uint8).copy()
+        if mask.shape != (image.height, image.width):
+            raise ValueError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, "
+                             f"its image {image.width}x{image.height}")
+        return image, mask
+
+
 def warn_unreadable(base, indices, warned):
     """Warn about each unreadable image of `base` at `indices` not yet in `warned` (then in it).
 
@@ -174,14 +316,20 @@ def warn_unreadable(base, indices, warned):
             print(f"warning: skipping unreadable image {base.samples[i][0]}: {base.error(i)}", file=sys.stderr)
 
 
+BUILTIN = {"builtin": SyntheticShapes, "builtin:shapes": SyntheticShapes, "builtin:scenes": SyntheticScenes}
+
+
 def open_dataset(data, split):
-    """`data` None/"builtin" -> SyntheticShapes; else a folder (uses `data/split` if it exists).
+    """`data` None/"builtin" -> SyntheticShapes, "builtin:scenes" -> SyntheticScenes; else a
+    folder (uses `data/split` if it exists).
 
     Training accepts any folder of images; evaluation needs labelled train and val
     splits, so for a folder it requires `data/train` and `data/val` (ImageNet layout).
     """
-    if data in (None, "", "builtin"):
-        return SyntheticShapes(split)
+    if data in (None, ""):
+        data = "builtin"
+    if data in BUILTIN:
+        return BUILTIN[data](split)
     sub = os.path.join(data, split)
     if os.path.isdir(sub):
         return ImageFolder(sub)
@@ -189,6 +337,15 @@ def open_dataset(data, split):
         return ImageFolder(data)
     raise FileNotFoundError(f"evaluation needs {sub!r} (and {os.path.join(data, 'train')!r}) "
                             "with one sub-folder per class")
+
+
+def open_segmentation(data, split):
+    """A built-in set (`open_dataset`'s names; default "builtin:scenes"), or a SegmentationFolder."""
+    if data in (None, ""):
+        data = "builtin:scenes"
+    if data in BUILTIN:
+        return BUILTIN[data](split)
+    return SegmentationFolder(data, split)
 
 
 # --------------------------------------------------------------------------- crops (in workers)

@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from adclr.data import (Augment, ImageFolder, MultiCropDataset, StepBatches, SyntheticShapes,
-                        open_dataset, synthetic_batch)
+from adclr.data import (Augment, ImageFolder, MultiCropDataset, SegmentationFolder, StepBatches,
+                        SyntheticScenes, SyntheticShapes, open_dataset, open_segmentation, synthetic_batch)
 
 
 def test_builtin_dataset_is_deterministic_with_masks():
@@ -125,3 +125,81 @@ def test_a_folder_without_class_folders_is_one_class(tmp_path):
         Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
     folder = ImageFolder(str(tmp_path))
     assert len(folder) == 3 and {folder.load(i)[1] for i in range(3)} == {0}
+
+
+def test_scenes_are_deterministic_with_masks_that_match_their_labels():
+    a, b = SyntheticScenes("train"), SyntheticScenes("train")
+    for i in (0, 7, 13):
+        image, label = a.load(i)
+        image_again, mask = b.load_segmentation(i)
+        assert image.size == (96, 96) and label == i % 10
+        assert np.array_equal(np.asarray(image), np.asarray(image_again))
+        assert np.array_equal(mask, a.mask(i)) and mask.dtype == np.uint8
+    assert not np.array_equal(a.mask(13), SyntheticScenes("val").mask(13))
+    assert not np.array_equal(a.mask(13), SyntheticScenes("train", seed=1).mask(13))
+    objects, main_is_largest = [], []
+    for i in range(100):
+        image, mask = a.load_segmentation(i)
+        present = set(np.unique(mask).tolist()) - {0}
+        objects.append(len(present))
+        assert a.label(i) + 1 in present and present <= set(range(1, 11))
+        counts = np.bincount(mask.ravel(), minlength=11)
+        main_is_largest.append(counts[a.label(i) + 1] == counts[1:].max())
+        # The mask is where the image shows an object: background pixels keep the plain grey
+        # level (up to the noise), object pixels a saturated colour.
+        rgb = np.asarray(image).astype(float)
+        spread = rgb.max(-1) - rgb.min(-1)
+        assert np.median(spread[mask == 0]) < 25 < np.median(spread[mask > 0])
+    assert min(objects) >= 2 and max(objects) == 4  # several objects of distinct classes
+    assert np.mean(main_is_largest) > 0.95  # the image's label is its largest object's class
+
+
+def test_scenes_are_balanced():
+    scenes = SyntheticScenes("train")
+    assert [scenes.label(i) for i in range(20)] == [i % 10 for i in range(20)]
+    pixels = sum(np.bincount(scenes.mask(i).ravel(), minlength=11) for i in range(300))
+    share = pixels[1:] / pixels[1:].sum()
+    assert share.min() > 0.08 and share.max() < 0.12, share  # each class about 10% of the object pixels
+
+
+@pytest.mark.parametrize("layout", ["images/train", "train/images"])
+@pytest.mark.parametrize("masks", ["masks", "annotations"])
+def test_segmentation_folder_layouts_and_ignore_index(tmp_path, layout, masks):
+    for split in ("train", "val"):
+        image_dir = tmp_path / layout.replace("train", split)
+        mask_dir = tmp_path / layout.replace("train", split).replace("images", masks)
+        (image_dir / "sub").mkdir(parents=True)
+        (mask_dir / "sub").mkdir(parents=True)
+        for name in ("a", "sub/b"):
+            Image.new("RGB", (20, 10), (200, 0, 0)).save(image_dir / f"{name}.jpg")
+            labels = np.zeros((10, 20), dtype=np.uint8)
+            labels[:, 5:] = 3
+            labels[0] = SegmentationFolder.IGNORE
+            Image.fromarray(labels).save(mask_dir / f"{name}.png")
+    folder = open_segmentation(str(tmp_path), "val")
+    assert isinstance(folder, SegmentationFolder) and len(folder) == 2
+    image, mask = folder.load_segmentation(1)
+    assert image.size == (20, 10) and mask.shape == (10, 20)
+    assert set(np.unique(mask).tolist()) == {0, 3, 255} and (mask[0] == 255).all()
+    assert folder.load(0)[0].size == (20, 10) and folder.error(0) == ""
+
+
+def test_segmentation_folder_bad_pairs(tmp_path):
+    for d in ("images/training", "annotations/training"):
+        (tmp_path / d).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images/training/a.png")
+    with pytest.raises(FileNotFoundError, match="1 images .* have no mask, e.g. .*a.png"):
+        SegmentationFolder(str(tmp_path), "train")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "annotations/training/a.png")  # colour, not labels
+    Image.new("RGB", (8, 8)).save(tmp_path / "images/training/b.png")
+    Image.new("L", (6, 8)).save(tmp_path / "annotations/training/b.png")  # the wrong size
+    Image.new("RGB", (8, 8)).save(tmp_path / "images/training/c.png")
+    Image.new("P", (8, 8)).save(tmp_path / "annotations/training/c.png")  # palette: fine
+    folder = SegmentationFolder(str(tmp_path), "train")  # ADE20K's names
+    assert folder.load_segmentation(0) == (None, None) and "is a RGB image" in folder.error(0)
+    assert folder.load_segmentation(1) == (None, None) and "is 6x8, its image 8x8" in folder.error(1)
+    assert folder.load_segmentation(2)[1].shape == (8, 8)
+    with pytest.raises(FileNotFoundError, match="no val split of image/mask pairs"):
+        SegmentationFolder(str(tmp_path), "val")
+    assert isinstance(open_dataset("builtin:scenes", "val"), SyntheticScenes)
+    assert type(open_dataset("builtin", "val")) is SyntheticShapes
