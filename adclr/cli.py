@@ -1,9 +1,12 @@
-"""The `adclr` command: train, eval knn|linear, export.
+"""The `adclr` command: train, eval knn|linear|dense, compare, show, export.
 
     adclr train --out runs/demo                      # built-in data, quick CPU demo defaults
     adclr train --data /imagenet --out runs/vits16   # paper defaults
     torchrun --nproc-per-node 8 -m adclr.cli train --data /imagenet --out runs/vits16
     adclr eval knn --checkpoint runs/demo/checkpoint.pt
+    adclr eval dense --checkpoint runs/demo/checkpoint.pt   # linear segmentation probe, built-in scenes
+    adclr show attention --checkpoint runs/demo/checkpoint.pt
+    adclr compare --out runs/compare                          # ADCLR vs DINO vs random init, 3 seeds
     adclr export --checkpoint runs/demo/checkpoint.pt --out backbone.safetensors
 """
 
@@ -18,7 +21,10 @@ import sys
 
 import torch
 
-from .evaluate import BUILTIN_CPU_LINEAR_EPOCHS, KNN_K
+from .compare import EVAL_IMAGES, PRESET
+from .data import BUILTIN
+from .dense import BUILTIN_CPU_LIMIT, DEFAULT_EPOCHS, DEFAULT_LR
+from .evaluate import BUILTIN_CPU_LINEAR_EPOCHS, KNN_K, LINEAR_LR
 from .train import ALLOWED, Config, config_errors, value_error
 
 # A quick run that shows the method working on a laptop CPU in a few minutes: used when
@@ -78,7 +84,7 @@ def make_config(given):
     """Config from the flags given; on CPU with the built-in data, the DEMO defaults fill the rest."""
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     cfg = Config(**given)
-    builtin = cfg.data in ("", "builtin")
+    builtin = cfg.data in ("", *BUILTIN)
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     if builtin and on_cpu:
         chosen = {k: v for k, v in DEMO.items() if k not in given}
@@ -98,12 +104,16 @@ def main(argv=None):
                                        usage="adclr train [--flag VALUE ...]  (adclr train --help lists them)")
     add_config_flags(train_parser)
 
-    eval_parser = commands.add_parser("eval", help="evaluate frozen features: knn or linear")
-    eval_parser.add_argument("protocol", choices=["knn", "linear"])
+    eval_parser = commands.add_parser("eval", help="evaluate frozen features: knn, linear or dense")
+    eval_parser.add_argument("protocol", choices=["knn", "linear", "dense"],
+                             help="knn, linear: image classes from CLS; dense: a linear segmentation "
+                                  "probe on patch tokens")
     eval_parser.add_argument("--checkpoint", required=True, help="OUT/checkpoint.pt of a run")
     eval_parser.add_argument("--data", default=None,
-                             help="folder with train/ and val/ (one sub-folder per class); "
-                                  "default: the run's data, or the built-in dataset")
+                             help="knn, linear: folder with train/ and val/ (one sub-folder per class); "
+                                  "default: the run's data. dense: folder with images/ and masks/ or "
+                                  "annotations/ (PNG label masks, 255 = ignore), each with train/ and val/ "
+                                  "(or the reverse nesting); default: builtin:scenes")
     eval_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher")
     eval_parser.add_argument("--image-size", type=checked(int, ">= 1"), default=None,
                              help="default: the run's --image-size")
@@ -116,15 +126,17 @@ def main(argv=None):
                              help="k-NN: votes weigh exp(similarity / temperature) (default: 0.07)")
     eval_parser.add_argument("--epochs", type=checked(int, ">= 1"), default=None,
                              help=f"linear: training epochs (default: 100; {BUILTIN_CPU_LINEAR_EPOCHS} for the "
-                                  "built-in data on CPU)")
+                                  f"built-in data on CPU); dense: probe epochs over the cached train features "
+                                  f"(default: {DEFAULT_EPOCHS})")
     # The former name, kept working; a separate flag so that an error names the one typed.
     eval_parser.add_argument("--linear-epochs", dest="epochs", type=checked(int, ">= 1"), default=None,
                              help=argparse.SUPPRESS)
-    eval_parser.add_argument("--lr", type=checked(float, "> 0"), default=1e-3,
-                             help="linear: SGD lr per 256 images (default: 1e-3)")
+    eval_parser.add_argument("--lr", type=checked(float, "> 0"), default=None,
+                             help=f"linear: SGD lr per 256 images (default: {LINEAR_LR:g}); dense: the probe's "
+                                  f"AdamW lr (default: {DEFAULT_LR:g})")
     eval_parser.add_argument("--n-last-blocks", type=checked(int, ">= 1"), default=None,
-                             help="linear: concatenate the CLS tokens of the last n blocks "
-                                  "(default: DINO's, 1 for vit_base, else 4)")
+                             help="linear: concatenate the CLS tokens of the last n blocks (default: DINO's, "
+                                  "1 for vit_base, else 4); dense: their patch tokens (default: 1)")
     eval_parser.add_argument("--avgpool-patchtokens", action=argparse.BooleanOptionalAction, default=None,
                              help="linear: also the last block's mean patch token (default: DINO's, on for vit_base)")
     eval_parser.add_argument("--val-freq", type=checked(int, ">= 1"), default=1,
@@ -132,11 +144,48 @@ def main(argv=None):
     eval_parser.add_argument("--fast", action="store_true",
                              help="linear: a quick AdamW probe on cached centre-crop CLS features instead of "
                                   "DINO's protocol (numbers not comparable with DINO's)")
+    eval_parser.add_argument("--num-classes", type=checked(int, ">= 1"), default=None,
+                             help="dense: classes 0..N-1 (default: 1 + the largest label in the train masks)")
     eval_parser.add_argument("--device", type=checked(str, ALLOWED["device"]), default="auto")
     eval_parser.add_argument("--num-workers", type=checked(int, ">= -1"), default=-1,
                              help="loader processes; -1 = one per free core (max 8)")
-    eval_parser.add_argument("--limit", type=checked(int, ">= 0"), default=0,
-                             help="use at most this many images per split; 0 = all")
+    eval_parser.add_argument("--limit", type=checked(int, ">= 0"), default=None,
+                             help="use at most this many images per split; 0 = all (default: all; "
+                                  f"dense on built-in data on a CPU: {BUILTIN_CPU_LIMIT})")
+
+    compare_parser = commands.add_parser(
+        "compare", help="ADCLR against DINO (lambda 0) and random init at equal budget, over seeds",
+        usage="adclr compare [--seeds S ...] [--eval-images N] [any adclr train --flag VALUE ...]")
+    compare_parser.add_argument("--seeds", type=checked(int, ALLOWED["seed"]), nargs="+", default=[0, 1, 2],
+                                help="one ADCLR and one DINO run per seed (default: 0 1 2)")
+    compare_parser.add_argument("--eval-images", type=checked(int, ">= 1"), default=None,
+                                help=f"images per split for k-NN, linear and dense (default: {EVAL_IMAGES})")
+    add_config_flags(compare_parser)
+
+    show_parser = commands.add_parser("show", help="pictures: attention maps, dense predictions, training curves "
+                                                   "(needs matplotlib: pip install 'adclr[viz]')")
+    pictures = show_parser.add_subparsers(dest="picture", required=True)
+    attention = pictures.add_parser("attention", help="the last block's attention, CLS and each query token "
+                                                      "to the patches, per head and averaged")
+    dense = pictures.add_parser("dense", help="the dense probe's predicted masks beside the ground truth")
+    for picture in (attention, dense):
+        picture.add_argument("--checkpoint", required=True, help="OUT/checkpoint.pt of a run")
+        picture.add_argument("--data", default=None,
+                             help="built-in set or folder (attention: any images; dense: as for eval dense); "
+                                  "default: builtin:scenes")
+        picture.add_argument("--images", type=checked(int, ">= 1"), default=4, help="how many images (default: 4)")
+        picture.add_argument("--weights", choices=["teacher", "student"], default="teacher")
+        picture.add_argument("--out", default=None, help="folder for the PNGs (default: pictures/ beside the checkpoint)")
+    attention.add_argument("--num-queries", type=checked(int, ">= 0"), default=None,
+                           help="query crops per image (default: the run's --num-queries)")
+    attention.add_argument("--seed", type=checked(int, ">= 0"), default=0, help="where the query crops fall")
+    dense.add_argument("--limit", type=checked(int, ">= 0"), default=None,
+                       help=f"train images for the probe; 0 = all (default: all; built-in data: {BUILTIN_CPU_LIMIT})")
+    dense.add_argument("--num-workers", type=checked(int, ">= -1"), default=-1,
+                       help="loader processes; -1 = one per free core (max 8)")
+    curves = pictures.add_parser("curves", help="losses, lr, teacher temperature (and k-NN if logged) "
+                                                "from a run's metrics.jsonl, written beside it as metrics.png")
+    curves.add_argument("run", help="a run folder (adclr train --out) or its metrics.jsonl")
 
     export_parser = commands.add_parser("export", help="write the backbone as safetensors")
     export_parser.add_argument("--checkpoint", required=True)
@@ -158,16 +207,55 @@ def main(argv=None):
             raise SystemExit(f"error: {error}")
         except KeyboardInterrupt:
             raise SystemExit(130)
+    elif args.command == "compare":
+        from .compare import compare
+
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
+                 if k not in ("command", "seeds", "eval_images")}
+        if "seed" in given:
+            compare_parser.error("argument --seed: adclr compare takes --seeds")
+        cfg = Config(**{**PRESET, **given})
+        errors = config_errors(cfg)
+        if errors:
+            compare_parser.error(f"argument {errors[0]}")
+        try:
+            compare(cfg, args.seeds, eval_images=args.eval_images or EVAL_IMAGES)
+        except FloatingPointError as error:
+            raise SystemExit(f"error: {error}")
+        except KeyboardInterrupt:
+            raise SystemExit(130)
+    elif args.command == "eval" and args.protocol == "dense":
+        from .dense import evaluate_dense
+
+        result = evaluate_dense(args.checkpoint, data=args.data, weights=args.weights, image_size=args.image_size,
+                                batch_size=args.batch_size, n_last_blocks=args.n_last_blocks, epochs=args.epochs,
+                                lr=args.lr, num_classes=args.num_classes, device=args.device,
+                                num_workers=args.num_workers, limit=args.limit)
+        print(json.dumps(result))
     elif args.command == "eval":
         from .evaluate import evaluate
 
         result = evaluate(args.protocol, args.checkpoint, data=args.data, weights=args.weights,
                           image_size=args.image_size, batch_size=args.batch_size, ks=args.k,
                           temperature=args.temperature, epochs=args.epochs, device=args.device,
-                          num_workers=args.num_workers, limit=args.limit, fast=args.fast,
+                          num_workers=args.num_workers, limit=args.limit or 0, fast=args.fast,
                           n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens,
-                          lr=args.lr, val_freq=args.val_freq)
+                          lr=LINEAR_LR if args.lr is None else args.lr, val_freq=args.val_freq)
         print(json.dumps(result))
+    elif args.command == "show":
+        from . import show
+
+        if args.picture == "attention":
+            paths = show.show_attention(args.checkpoint, args.data, args.images, args.num_queries, args.weights,
+                                        args.out, args.seed)
+        elif args.picture == "dense":
+            paths = [show.show_dense(args.checkpoint, args.data, args.images, args.weights, args.out,
+                                     limit=args.limit, num_workers=args.num_workers)]
+        else:
+            paths = [show.show_curves(args.run)]
+        for path in paths:
+            print(f"wrote {path}", file=sys.stderr)
+        print(json.dumps({"picture": args.picture, "files": paths}))
     else:
         from .evaluate import export
 

@@ -24,6 +24,7 @@ from .model import build_backbone
 from .train import CheckpointError, load_checkpoint
 
 KNN_K = (10, 20, 100, 200)  # DINO's eval_knn.py --nb_knn
+LINEAR_LR = 1e-3  # DINO's eval_linear.py --lr, per 256 images
 # The linear protocol pushes the built-in set's 10000 training images through the backbone
 # every epoch: DINO's 100 epochs take hours on a CPU, a few give a number in minutes.
 BUILTIN_CPU_LINEAR_EPOCHS = 5
@@ -197,7 +198,7 @@ class NoReadableImages(ValueError):
     """A split of the evaluation data has no image Pillow can read."""
 
 
-def linear_protocol(backbone, train_set, val_set, num_classes, epochs=100, batch_size=128, lr=1e-3,
+def linear_protocol(backbone, train_set, val_set, num_classes, epochs=100, batch_size=128, lr=LINEAR_LR,
                     n_last_blocks=4, avgpool=False, val_freq=1, device="cpu", num_workers=0, seed=0):
     """DINO's linear evaluation. Returns {"accuracy": the last validation's, "best_accuracy":
     the best over validations, "train_images", "val_images": how many were readable}.
@@ -269,7 +270,7 @@ def linear_protocol(backbone, train_set, val_set, num_classes, epochs=100, batch
 
 def evaluate(protocol, checkpoint, data=None, weights="teacher", image_size=None, batch_size=128,
              ks=KNN_K, temperature=0.07, epochs=None, device="auto", num_workers=-1, limit=0, fast=False,
-             n_last_blocks=None, avgpool_patchtokens=None, lr=1e-3, val_freq=1):
+             n_last_blocks=None, avgpool_patchtokens=None, lr=LINEAR_LR, val_freq=1):
     """`adclr eval`: returns a dict with the accuracy (and what it was measured on).
 
     epochs None: DINO's 100, or BUILTIN_CPU_LINEAR_EPOCHS for DINO's linear protocol on

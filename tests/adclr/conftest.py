@@ -15,3 +15,18 @@ def tiny_config(tmp_path):
         settings.update(overrides)
         return Config(**settings)
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """checkpoint.pt of a real 2-step run of a 2-block ViT (32 px, patch 8) on the built-in
+    scenes, with its metrics.jsonl beside it. Read-only: copy it before changing it."""
+    from adclr.train import train
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    train(Config(out=str(out), data="builtin:scenes", arch="vit_test", patch_size=8, image_size=32,
+                 local_size=16, num_local_crops=1, num_queries=2, out_dim=64, head_hidden_dim=32,
+                 head_bottleneck_dim=16, batch_size=4, max_steps=2, warmup_epochs=0,
+                 warmup_teacher_temp_epochs=0, freeze_last_layer_epochs=0, num_workers=0, log_every=1,
+                 device="cpu"))
+    return str(out / "checkpoint.pt")

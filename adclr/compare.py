@@ -1,0 +1,147 @@
+"""`adclr compare`: ADCLR against DINO (lambda = 0) and random initialisation, at equal budget.
+
+For each seed, two runs that differ in --lambda-query only (same initial weights, data
+order, crops, augmentations, steps and batch: the query crops are cut in both runs and
+only lambda = 0 leaves them out of the loss), and the teacher backbone at initialisation.
+Each of the three backbones is scored the same way:
+
+    k-NN     DINO's weighted k-NN (k = 20, T = 0.07) on CLS features of centre crops
+    linear   the quick linear probe on the same cached CLS features (`adclr.evaluate.linear_accuracy`)
+    mIoU     the dense probe (`adclr eval dense`) on patch tokens, and its pixel accuracy
+
+The table gives the mean and the sample standard deviation over seeds, and the per-seed
+difference ADCLR - DINO (the runs of a seed are paired). Everything lands in OUT: the runs
+(OUT/seed<S>/<method>/), each score as soon as it is measured (scores.json beside each
+checkpoint), and the table (OUT/compare.md, OUT/compare.json). Run the same command again
+to resume: finished runs and scores are read back, not redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from .data import open_dataset, open_segmentation
+from .dense import SegmentationCrops, dense_probe
+from .evaluate import CenterCrops, extract_features, knn_accuracy, linear_accuracy, load_backbone
+from .train import build, train
+
+# The equal-budget defaults: a 2-block ViT on 64 px scenes (an 8 x 8 patch grid), about
+# 5 minutes per run on 2 CPU cores. Any `adclr train` flag overrides them.
+PRESET = {
+    "data": "builtin:scenes", "arch": "vit_test", "patch_size": 8, "image_size": 64, "local_size": 32,
+    "num_local_crops": 2, "num_queries": 4, "out_dim": 1024, "head_hidden_dim": 512, "head_bottleneck_dim": 64,
+    "batch_size": 32, "epochs": 1, "max_steps": 600, "base_lr": 2e-3, "warmup_epochs": 0.1,
+    "warmup_teacher_temp_epochs": 0.3, "freeze_last_layer_epochs": 0.0, "teacher_temp": 0.04,
+    "momentum_teacher": 0.99, "log_every": 50, "checkpoint_every": 200, "device": "cpu",
+}
+METHODS = ("random", "dino", "adclr")
+LABELS = {"random": "random init", "dino": "DINO (lambda = 0)", "adclr": "ADCLR"}
+METRICS = (("knn", "k-NN"), ("linear", "linear"), ("miou", "mIoU"), ("pixel_accuracy", "pixel acc."))
+# Evaluation sizes: images per split (the built-in sets have 10000 train, 2000 val).
+EVAL_IMAGES = 2000
+
+
+def score(backbone, cfg, images=EVAL_IMAGES, dense_epochs=None, quiet=True):
+    """{"knn", "linear", "miou", "pixel_accuracy"} of a backbone on the run's data."""
+    size = cfg.image_size
+    backbone.eval()
+    sink = io.StringIO() if quiet else sys.stderr
+    with contextlib.redirect_stderr(sink):
+        train_f, train_y = extract_features(backbone, CenterCrops(open_dataset(cfg.data, "train"), size, images))
+        val_f, val_y = extract_features(backbone, CenterCrops(open_dataset(cfg.data, "val"), size, images))
+        dense = dense_probe(backbone, SegmentationCrops(open_segmentation(cfg.data, "train"), size, images),
+                            SegmentationCrops(open_segmentation(cfg.data, "val"), size, images, full_masks=True),
+                            **({"epochs": dense_epochs} if dense_epochs else {}))
+    return {"knn": knn_accuracy(train_f, train_y, val_f, val_y, 20, 0.07),
+            "linear": linear_accuracy(train_f, train_y, val_f, val_y),
+            "miou": dense["miou"], "pixel_accuracy": dense["pixel_accuracy"]}
+
+
+def _cached(path, compute):
+    """The JSON at `path`, or compute() written there first (atomically)."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    value = compute()
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)
+    return value
+
+
+def summary(values):
+    """(mean, sample standard deviation; 0 for one value)."""
+    mean = sum(values) / len(values)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, spread
+
+
+def table(results, seeds):
+    """Markdown: one row per method (mean +- std over seeds, in %), then ADCLR - DINO per seed."""
+    head = "| backbone | " + " | ".join(name for _, name in METRICS) + " |"
+    lines = [head, "|---" * (len(METRICS) + 1) + "|"]
+
+    def cell(values):
+        mean, spread = summary([100 * v for v in values])
+        return f"{mean:.1f} ± {spread:.1f}"
+
+    for method in METHODS:
+        lines.append(f"| {LABELS[method]} | " + " | ".join(
+            cell([results[s][method][key] for s in seeds]) for key, _ in METRICS) + " |")
+    lines.append("| ADCLR − DINO (paired by seed) | " + " | ".join(
+        cell([results[s]["adclr"][key] - results[s]["dino"][key] for s in seeds]) for key, _ in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def compare(cfg, seeds, lambda_query=None, eval_images=EVAL_IMAGES, dense_epochs=None):
+    """Train and score every (seed, method); write OUT/compare.md and OUT/compare.json.
+
+    cfg: the run settings shared by both methods (`cfg.out` is the comparison's folder);
+    ADCLR trains with cfg.lambda_query, DINO with 0. Returns {seed: {method: scores}}.
+    """
+    if cfg.lambda_query == 0:
+        raise SystemExit("error: --lambda-query 0 would compare DINO with itself; give ADCLR's lambda (> 0)")
+    if cfg.num_queries == 0:
+        raise SystemExit("error: --num-queries 0 leaves ADCLR without query crops; give at least 1")
+    os.makedirs(cfg.out, exist_ok=True)
+    t0, results = time.perf_counter(), {}
+    for seed in seeds:
+        results[seed] = {}
+        for method in METHODS:
+            run = dataclasses.replace(cfg, seed=seed, out=os.path.join(cfg.out, f"seed{seed}", method),
+                                      lambda_query=0.0 if method == "dino" else cfg.lambda_query)
+            os.makedirs(run.out, exist_ok=True)
+            if method == "random":  # the teacher as both runs of this seed start
+                backbone = lambda: build(run, "cpu").teacher.backbone  # noqa: E731
+            else:
+                print(f"compare: seed {seed}, {LABELS[method]}: training {run.out}", file=sys.stderr, flush=True)
+                train(run)
+                backbone = lambda: load_backbone(os.path.join(run.out, "checkpoint.pt"))[0]  # noqa: E731
+            print(f"compare: seed {seed}, {LABELS[method]}: scoring", file=sys.stderr, flush=True)
+            scores = _cached(os.path.join(run.out, "scores.json"),
+                             lambda: score(backbone(), run, eval_images, dense_epochs))
+            results[seed][method] = scores
+            print(f"compare: seed {seed}, {LABELS[method]}: " + ", ".join(
+                f"{name} {100 * scores[key]:.1f}%" for key, name in METRICS), file=sys.stderr, flush=True)
+    elapsed = time.perf_counter() - t0
+    text = table(results, seeds)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "seed")}
+    with open(os.path.join(cfg.out, "compare.md"), "w") as f:
+        f.write(f"{text}\n\nMean ± sample standard deviation over seeds {', '.join(map(str, seeds))}, in %. "
+                f"Training settings: {json.dumps(settings)}\n")
+    with open(os.path.join(cfg.out, "compare.json"), "w") as f:
+        json.dump({"seeds": list(seeds), "settings": settings, "eval_images": eval_images,
+                   "results": {str(s): r for s, r in results.items()}, "seconds": elapsed}, f, indent=1)
+    print(text)
+    print(f"compare: {len(seeds)} seeds in {elapsed / 60:.1f} min; table in {os.path.join(cfg.out, 'compare.md')}",
+          file=sys.stderr)
+    return results

@@ -1,0 +1,270 @@
+"""Dense evaluation: a linear segmentation probe on frozen patch tokens (`adclr eval dense`).
+
+DINOv2's linear segmentation protocol, sized for a CPU: every image is resized to S x S
+and run once through the frozen backbone; its patch tokens (after the final LayerNorm,
+optionally those of the last n blocks concatenated) are standardised with the train
+set's statistics (a frozen BatchNorm) and mapped to class logits by one linear layer, a
+1x1 convolution on the patch grid. The logits are upsampled bilinearly to pixels and
+trained with per-pixel cross-entropy against the train masks (resized to S x S, nearest)
+on cached features; on val they are upsampled to each mask's own size, and the scores are
+DINOv2's: mIoU (mean over the classes present in the ground truth or the prediction) and
+pixel accuracy, both over the pixels not marked IGNORE (255).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .data import IMAGENET_MEAN, IMAGENET_STD, SegmentationFolder, to_tensor, warn_unreadable
+
+IGNORE = SegmentationFolder.IGNORE
+NUM_LABELS = 255  # mask values 0..254 are classes; 255 is IGNORE
+DEFAULT_EPOCHS, DEFAULT_LR = 20, 3e-2
+
+
+class SegmentationCrops(torch.utils.data.Dataset):
+    """(uint8 (3, S, S) image, mask) or the index in `base` of an unusable pair.
+
+    The mask is resized to S x S (nearest) for training, or kept at its own size
+    (`full_masks`) for scoring. `limit` takes a fixed random subset, as CenterCrops does.
+    """
+
+    def __init__(self, base, size, limit=0, full_masks=False):
+        self.base, self.size, self.full_masks = base, size, full_masks
+        n = len(base)
+        subset = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].sort().values
+        self.indices = subset.tolist() if 0 < limit < n else range(n)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, mask = self.base.load_segmentation(self.indices[i])
+        if image is None:
+            return self.indices[i]
+        x = to_tensor(image.resize((self.size, self.size), Image.BICUBIC))
+        if not self.full_masks:
+            mask = np.asarray(Image.fromarray(mask).resize((self.size, self.size), Image.NEAREST))
+        return x, torch.from_numpy(np.array(mask, dtype=np.uint8))
+
+
+def collate(items):
+    """(images (B, 3, S, S) or None, list of masks, indices of the unusable pairs)."""
+    kept = [item for item in items if not isinstance(item, int)]
+    images = torch.stack([x for x, _ in kept]) if kept else None
+    return images, [m for _, m in kept], [i for i in items if isinstance(i, int)]
+
+
+def normalize(images):
+    """uint8 (..., 3, H, W) -> float, normalised as in training."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images.float() / 255 - mean) / std
+
+
+def patch_features(backbone, images, n_last_blocks=1):
+    """(B, h, w, n * D) patch tokens of normalised images: the last n blocks', concatenated."""
+    layers = backbone.get_intermediate_layers(images, n_last_blocks)
+    h, w = images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size
+    return torch.cat([tokens[:, 1:] for tokens in layers], -1).unflatten(1, (h, w))
+
+
+def _batches(backbone, dataset, batch_size, device, num_workers, n_last_blocks, what):
+    """Yield (features (B, h, w, C) float32 on the CPU, masks) over `dataset`, with progress."""
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=collate)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    warned, done, t0, last = set(), 0, time.perf_counter(), 0.0
+    for images, masks, unusable in loader:
+        warn_unreadable(dataset.base, unusable, warned)
+        done += len(masks) + len(unusable)
+        if images is not None:
+            with torch.no_grad(), autocast:
+                x = normalize(images.to(device))
+                yield patch_features(backbone, x, n_last_blocks).float().cpu(), masks
+        now = time.perf_counter() - t0
+        if now - last > 10 or done == len(dataset):  # a line every 10 s at most
+            print(f"dense: {what} {done}/{len(dataset)} images | {now:.0f}s", file=sys.stderr, flush=True)
+            last = now
+    if warned:
+        print(f"warning: skipped {len(warned)} unusable image/mask pairs in {what}", file=sys.stderr)
+
+
+def confusion_matrix(logits, masks):
+    """(NUM_LABELS, NUM_LABELS) int64 counts of (true, predicted) over the non-IGNORE pixels.
+
+    logits: (B, K, h, w), upsampled here to the masks' (H, W); masks: (B, H, W).
+    """
+    up = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    pred, true = up.argmax(1).flatten(), masks.flatten().long()
+    keep = true != IGNORE
+    counts = torch.bincount(true[keep] * NUM_LABELS + pred[keep], minlength=NUM_LABELS * NUM_LABELS)
+    return counts.view(NUM_LABELS, NUM_LABELS)
+
+
+def scores(confusion):
+    """mIoU, pixel accuracy and {class: IoU} from a confusion matrix (true x predicted)."""
+    confusion = confusion.double()
+    intersection = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    present = union > 0  # in the ground truth or the prediction
+    iou = intersection[present] / union[present]
+    return {"miou": iou.mean().item() if present.any() else 0.0,
+            "pixel_accuracy": (intersection.sum() / confusion.sum().clamp(min=1)).item(),
+            "iou": {int(c): v for c, v in zip(present.nonzero().flatten().tolist(), iou.tolist())}}
+
+
+class LinearProbe(torch.nn.Module):
+    """Standardise each channel with fixed train statistics, then one linear layer to K classes."""
+
+    def __init__(self, mean, std, num_classes):
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+        self.linear = torch.nn.Linear(len(mean), num_classes)
+
+    def forward(self, features):
+        """(B, h, w, C) -> (B, K, h, w) logits."""
+        return self.linear((features - self.mean) / self.std).permute(0, 3, 1, 2)
+
+
+def train_probe(features, masks, num_classes, epochs=DEFAULT_EPOCHS, lr=DEFAULT_LR, batch_size=128, seed=0):
+    """A LinearProbe fitted on cached (N, h, w, C) features to (N, S, S) masks (IGNORE skipped).
+
+    AdamW (weight decay 1e-4), cosine schedule over every step, logits upsampled to S x S.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    flat = features.flatten(0, 2)
+    probe = LinearProbe(flat.mean(0), flat.std(0) + 1e-6, num_classes)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, len(features) // batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    size = masks.shape[-2:]
+    for epoch in range(epochs):
+        t0, losses = time.perf_counter(), []
+        for idx in torch.randperm(len(features), generator=generator).chunk(steps_per_epoch):
+            logits = F.interpolate(probe(features[idx]), size=size, mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(logits, masks[idx].long(), ignore_index=IGNORE)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.detach())
+        print(f"dense: probe epoch {epoch + 1}/{epochs} | loss {torch.stack(losses).mean().item():.4f} | "
+              f"{time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    return probe.eval()
+
+
+def fit_probe(backbone, train_set, num_classes=None, n_last_blocks=1, epochs=DEFAULT_EPOCHS, lr=DEFAULT_LR,
+              batch_size=128, device="cpu", num_workers=0, seed=0):
+    """(LinearProbe, train images used) fitted on `train_set` (SegmentationCrops).
+
+    num_classes None: 1 + the largest label in the train masks. ValueError when no pair
+    is usable or the masks disagree with num_classes.
+    """
+    features, masks = [], []
+    for f, m in _batches(backbone, train_set, batch_size, device, num_workers, n_last_blocks, "train"):
+        features.append(f)
+        masks += m
+    if not masks:
+        raise ValueError("no usable image/mask pairs in train")
+    features, masks = torch.cat(features), torch.stack(masks)
+    labelled = masks[masks != IGNORE]
+    if num_classes is None:
+        if not len(labelled):
+            raise ValueError("every pixel of the train masks is IGNORE (255)")
+        num_classes = int(labelled.max()) + 1
+    elif len(labelled) and int(labelled.max()) >= num_classes:
+        raise ValueError(f"the train masks hold label {int(labelled.max())}, not below num_classes {num_classes}")
+    return train_probe(features, masks, num_classes, epochs, lr, batch_size, seed), len(masks)
+
+
+def score_probe(backbone, probe, val_set, n_last_blocks=1, batch_size=128, device="cpu", num_workers=0):
+    """`scores` of the probe on `val_set` (SegmentationCrops with full_masks), plus "val_images"."""
+    confusion, seen = torch.zeros(NUM_LABELS, NUM_LABELS, dtype=torch.long), 0
+    with torch.no_grad():
+        for f, m in _batches(backbone, val_set, batch_size, device, num_workers, n_last_blocks, "val"):
+            logits = probe(f)
+            if all(mask.shape == m[0].shape for mask in m):  # one call for the batch: far fewer small ops
+                confusion += confusion_matrix(logits, torch.stack(m))
+            else:
+                for one, mask in zip(logits, m):
+                    confusion += confusion_matrix(one[None], mask[None])
+            seen += len(m)
+    if not seen:
+        raise ValueError("no usable image/mask pairs in val")
+    return {**scores(confusion), "val_images": seen}
+
+
+def dense_probe(backbone, train_set, val_set, num_classes=None, n_last_blocks=1, epochs=DEFAULT_EPOCHS,
+                lr=DEFAULT_LR, batch_size=128, device="cpu", num_workers=0, seed=0):
+    """Fit the probe on `train_set`, score it on `val_set`: the `scores` dict plus
+    "num_classes", "train_images" and "val_images". ValueError when a split has no usable pair."""
+    probe, train_images = fit_probe(backbone, train_set, num_classes, n_last_blocks, epochs, lr, batch_size,
+                                    device, num_workers, seed)
+    measured = score_probe(backbone, probe, val_set, n_last_blocks, batch_size, device, num_workers)
+    return {**measured, "num_classes": probe.linear.out_features, "train_images": train_images}
+
+
+# The built-in sets have 10000 train and 2000 val images; on a CPU this many per split give
+# a stable score in a minute or two (the full set: several minutes per model).
+BUILTIN_CPU_LIMIT = 2000
+
+
+def evaluate_dense(checkpoint, data=None, weights="teacher", image_size=None, batch_size=128,
+                   n_last_blocks=None, epochs=None, lr=None, num_classes=None, device="auto",
+                   num_workers=-1, limit=None):
+    """`adclr eval dense`: the probe on a checkpoint's backbone; returns the JSON record.
+
+    data: a folder of image/mask pairs (`SegmentationFolder`), or a built-in set
+    (default "builtin:scenes"). None for a setting picks its default (printed).
+    """
+    from .data import BUILTIN, default_num_workers, open_segmentation
+    from .evaluate import _backbone_or_exit
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device} but CUDA is not available")
+    backbone, cfg = _backbone_or_exit(checkpoint, weights, device)
+    size = image_size or cfg["image_size"]
+    if size % cfg["patch_size"]:
+        raise SystemExit(f"error: --image-size {size} must be a multiple of the run's patch size {cfg['patch_size']}")
+    n_last_blocks = n_last_blocks or 1
+    if n_last_blocks > len(backbone.blocks):
+        raise SystemExit(f"error: --n-last-blocks {n_last_blocks} is more than the {len(backbone.blocks)} "
+                         "blocks of the run's model")
+    data = data or "builtin:scenes"
+    try:
+        train_images, val_images = open_segmentation(data, "train"), open_segmentation(data, "val")
+    except OSError as error:
+        raise SystemExit(f"error: --data: {error}") from None
+    if limit is None:
+        limit = BUILTIN_CPU_LIMIT if data in BUILTIN and torch.device(device).type == "cpu" else 0
+        if limit:
+            print(f"built-in data on CPU: {limit} images per split (--limit 0 for all)", file=sys.stderr)
+    epochs, lr = epochs or DEFAULT_EPOCHS, lr or DEFAULT_LR
+    workers = default_num_workers() if num_workers < 0 else num_workers
+    train_set = SegmentationCrops(train_images, size, limit)
+    val_set = SegmentationCrops(val_images, size, limit, full_masks=True)
+    try:
+        measured = dense_probe(backbone, train_set, val_set, num_classes, n_last_blocks, epochs, lr,
+                               batch_size, device, workers)
+    except ValueError as error:
+        raise SystemExit(f"error: --data {data}: {error}") from None
+    names = getattr(train_images, "segmentation_classes", None)
+    if names:
+        measured["iou"] = {names[c] if c < len(names) else str(c): v for c, v in measured["iou"].items()}
+    print(f"dense: mIoU {100 * measured['miou']:.2f}% | pixel accuracy {100 * measured['pixel_accuracy']:.2f}% "
+          f"| {measured['num_classes']} classes | {measured['train_images']} train, "
+          f"{measured['val_images']} val images", file=sys.stderr)
+    return {"protocol": "dense", "checkpoint": checkpoint, "weights": weights, "data": data, "image_size": size,
+            "n_last_blocks": n_last_blocks, "epochs": epochs, "lr": lr, **measured}

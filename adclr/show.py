@@ -1,0 +1,267 @@
+"""Pictures (`adclr show attention | dense | curves`): what a model attends to, what the
+dense probe predicts, and how a run went.
+
+matplotlib is an optional extra (`pip install 'adclr[viz]'`), imported by these
+commands only. The fused attention op never materialises the attention weights, so the
+last block's are recomputed here from its q and k with the reference formula: the
+block's attention input is caught by a forward hook, and the op's visibility mask says
+which keys each row sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+from adclr_kernels import visibility_mask
+
+from .data import ImageFolder, crop, open_segmentation, random_resized_box, to_tensor
+from .dense import normalize
+
+CELL = 160  # pixels per picture in a grid
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only), or one line saying how to install it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: adclr show needs matplotlib: pip install 'adclr[viz]'") from None
+    return plt
+
+
+def last_block_attention(backbone, images, query_crops=None):
+    """The last block's attention weights (B, heads, L, L), float32, and the number of queries.
+
+    Rows and columns are tokens [CLS | patches | queries]; a row's weights over the keys
+    it may see sum to 1, the others are 0. `images` normalised as for `forward_features`.
+    """
+    attn = backbone.blocks[-1].attn
+    caught = {}
+
+    def catch(module, args, kwargs):
+        caught["x"], caught["num_queries"], caught["options"] = args[0], args[1], kwargs
+
+    handle = attn.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            backbone.forward_features(images, query_crops)
+    finally:
+        handle.remove()
+    x, num_queries = caught["x"], caught["num_queries"]
+    B, L, _ = x.shape
+    with torch.no_grad():
+        q, k, _ = attn.qkv(x).view(B, L, 3, attn.num_heads, attn.head_dim).unbind(2)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) * attn.scale
+        options = {key: value for key, value in caught["options"].items() if key.startswith("query_sees")}
+        sees = visibility_mask(L, L, num_queries, 1, device=x.device, **options)
+        return scores.masked_fill(~sees, float("-inf")).softmax(-1), num_queries
+
+
+def _images(data, count):
+    """[PIL image] of the first `count` readable images: a built-in set's val split, or a
+    folder of images (any layout; the first in sorted order)."""
+    if data in (None, "") or data.startswith("builtin"):
+        base = open_segmentation(data, "val")
+    else:
+        try:
+            base = ImageFolder(data)
+        except OSError as error:
+            raise SystemExit(f"error: --data: {error}") from None
+    images = [image for image in (base.load(i)[0] for i in range(min(len(base), 4 * count))) if image is not None]
+    if not images:
+        raise SystemExit(f"error: --data {data}: no readable images")
+    return images[:count]
+
+
+def _overlay(ax, picture, heat, size, title):
+    """The picture with `heat` (h, w) stretched over it as a translucent heat map."""
+    ax.imshow(picture)
+    ax.imshow(heat / max(float(heat.max()), 1e-12), cmap="inferno", alpha=0.6, extent=(0, size, size, 0),
+              interpolation="bilinear", vmin=0, vmax=1)
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def _box(ax, box, colour="cyan"):
+    import matplotlib.patches as patches
+
+    left, top, right, bottom = box
+    ax.add_patch(patches.Rectangle((left, top), right - left, bottom - top, fill=False, edgecolor=colour, lw=1.5))
+
+
+def _figure(plt, rows, cols):
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * CELL / 100, rows * CELL / 100), dpi=100, squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.2)
+    return fig, axes
+
+
+def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="teacher", out=None, seed=0):
+    """Write OUT/attention_<i>.png per image; returns the paths.
+
+    Each picture: one row for CLS -> patches (DINO's visualisation) and one per query
+    token -> patches, its query crop's box drawn on the image; columns: the image, the
+    mean over heads, then each head. The whole image is resized to the run's image size,
+    and the query crops are cut from it as in training (the run's --query-scale).
+    """
+    from .evaluate import _backbone_or_exit
+
+    plt = pyplot()
+    backbone, cfg = _backbone_or_exit(checkpoint, weights)
+    size, p = cfg["image_size"], cfg["patch_size"]
+    num_queries = cfg["num_queries"] if num_queries is None else num_queries
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "pictures")
+    os.makedirs(out, exist_ok=True)
+    grid, paths = size // p, []
+    generator = torch.Generator().manual_seed(seed)
+    for n, image in enumerate(_images(data, images)):
+        image = image.resize((size, size), Image.BICUBIC)
+        boxes = [random_resized_box(size, size, tuple(cfg["query_scale"]), generator) for _ in range(num_queries)]
+        crops = torch.stack([normalize(crop(image, box, p)) for box in boxes])[None] if boxes else None
+        probs, _ = last_block_attention(backbone, normalize(to_tensor(image))[None], crops)
+        probs = probs[0]  # (heads, L, L)
+        heads = probs.shape[0]
+        rows = [("CLS", 0, None)] + [(f"query {q + 1}", 1 + grid * grid + q, boxes[q]) for q in range(num_queries)]
+        fig, axes = _figure(plt, len(rows), 2 + heads)
+        for r, (name, row, box) in enumerate(rows):
+            maps = probs[:, row, 1:1 + grid * grid].reshape(heads, grid, grid).numpy()
+            axes[r, 0].imshow(image)
+            axes[r, 0].set_title(name, fontsize=8)
+            axes[r, 0].axis("off")
+            _overlay(axes[r, 1], image, maps.mean(0), size, f"{name}: mean of heads")
+            for h in range(heads):
+                _overlay(axes[r, 2 + h], image, maps[h], size, f"head {h + 1}")
+            if box is not None:
+                for ax in axes[r, :2]:
+                    _box(ax, box)
+        fig.suptitle(f"last block's attention to the patches, {os.path.basename(checkpoint)} ({weights})", fontsize=9)
+        paths.append(os.path.join(out, f"attention_{n}.png"))
+        fig.savefig(paths[-1])
+        plt.close(fig)
+    return paths
+
+
+def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epochs=None, lr=None,
+               n_last_blocks=1, limit=None, num_workers=-1):
+    """Fit the dense probe as `adclr eval dense` does and write OUT/dense.png: per val
+    image, the image, the ground-truth mask and the probe's prediction. Returns the path."""
+    from .data import BUILTIN, default_num_workers
+    from .dense import (BUILTIN_CPU_LIMIT, DEFAULT_EPOCHS, DEFAULT_LR, IGNORE, SegmentationCrops,
+                        fit_probe, patch_features)
+    from .evaluate import _backbone_or_exit
+
+    plt = pyplot()
+    backbone, cfg = _backbone_or_exit(checkpoint, weights)
+    size = cfg["image_size"]
+    data = data or "builtin:scenes"
+    try:
+        train_images, val_images = open_segmentation(data, "train"), open_segmentation(data, "val")
+    except OSError as error:
+        raise SystemExit(f"error: --data: {error}") from None
+    if limit is None:
+        limit = BUILTIN_CPU_LIMIT if data in BUILTIN else 0
+    workers = default_num_workers() if num_workers < 0 else num_workers
+    try:
+        probe, _ = fit_probe(backbone, SegmentationCrops(train_images, size, limit), None, n_last_blocks,
+                             epochs or DEFAULT_EPOCHS, lr or DEFAULT_LR, num_workers=workers)
+    except ValueError as error:
+        raise SystemExit(f"error: --data {data}: {error}") from None
+    val = SegmentationCrops(val_images, size, full_masks=True)
+    pairs = [item for item in (val[i] for i in range(min(len(val), 4 * images))) if not isinstance(item, int)]
+    pairs = pairs[:images]
+    if not pairs:
+        raise SystemExit(f"error: --data {data}: no usable image/mask pairs in val")
+    names = getattr(val_images, "segmentation_classes", None)
+    classes = probe.linear.out_features
+    colours = plt.get_cmap("tab20")(np.arange(max(classes, 1)) % 20)[:, :3]
+    colours[0] = (0.15, 0.15, 0.15) if names else colours[0]  # background dark on the built-in sets
+
+    def paint(mask):
+        rgb = np.zeros((*mask.shape, 3))
+        known = (mask != IGNORE) & (mask < classes)
+        rgb[known] = colours[mask[known]]
+        rgb[mask == IGNORE] = 1.0  # white: ignored
+        return rgb
+
+    fig, axes = _figure(plt, len(pairs), 3)
+    for r, (x, mask) in enumerate(pairs):
+        with torch.no_grad():
+            logits = probe(patch_features(backbone, normalize(x[None]), n_last_blocks))[0]
+            pred = torch.nn.functional.interpolate(logits[None], size=mask.shape, mode="bilinear",
+                                                   align_corners=False)[0].argmax(0)
+        shown = np.asarray(Image.fromarray(x.permute(1, 2, 0).numpy()).resize(mask.shape[::-1], Image.BICUBIC))
+        for ax, picture, title in zip(axes[r], (shown, paint(mask.numpy()), paint(pred.numpy())),
+                                      ("image", "ground truth", "probe")):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    if names:
+        import matplotlib.patches as patches
+        fig.legend(handles=[patches.Patch(color=colours[c], label=names[c]) for c in range(min(classes, len(names)))],
+                   loc="lower center", ncol=6, fontsize=6, frameon=False)
+        fig.subplots_adjust(bottom=0.08)
+    fig.suptitle(f"dense linear probe on patch tokens, {os.path.basename(checkpoint)} ({weights})", fontsize=9)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "pictures")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "dense.png")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl, skipping lines that are not JSON objects (a cut last line)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "step" in record:
+                records.append(record)
+    return records
+
+
+# Panels of the training-curve picture: (title, keys); a panel shows what the run logged.
+PANELS = [("loss", ("loss", "loss_global", "loss_query")), ("learning rate", ("lr",)),
+          ("teacher temperature", ("teacher_temp",)), ("teacher momentum", ("momentum",))]
+
+
+def show_curves(run):
+    """Write metrics.png beside a run's metrics.jsonl (`run` is the file or its folder); returns its path."""
+    path = os.path.join(run, "metrics.jsonl") if os.path.isdir(run) else run
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} does not exist; pass a run folder (adclr train --out) or its metrics.jsonl")
+    records = read_metrics(path)
+    if not records:
+        raise SystemExit(f"error: {path} holds no metrics records")
+    plt = pyplot()
+    keys = {k for r in records for k, v in r.items() if isinstance(v, (int, float))}
+    panels = [(title, [k for k in wanted if k in keys]) for title, wanted in PANELS]
+    panels.append(("k-NN accuracy", sorted(k for k in keys if k.startswith("knn"))))
+    panels = [(title, ks) for title, ks in panels if ks]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), dpi=100, squeeze=False)
+    for ax, (title, ks) in zip(axes[0], panels):
+        for k in ks:
+            points = [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))]
+            ax.plot(*zip(*points), label=k, marker="." if len(points) < 30 else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if len(ks) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(os.path.abspath(path), fontsize=8)
+    fig.tight_layout()
+    out = os.path.join(os.path.dirname(path), "metrics.png")
+    fig.savefig(out)
+    plt.close(fig)
+    return out

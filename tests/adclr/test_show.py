@@ -1,0 +1,120 @@
+"""`adclr show`: the attention weights behind the pictures, and each picture command's files."""
+
+import builtins
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from adclr.cli import main
+from adclr.model import build_backbone
+from adclr.show import CELL, last_block_attention, pyplot
+
+
+@pytest.mark.parametrize("options", [{}, {"query_sees_prefix": True, "query_sees_self": True},
+                                     {"query_sees_queries": True}])
+def test_attention_weights_are_the_blocks_own(options):
+    """The recomputed weights, applied to the block's values, give the attention module's output."""
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_test", 32, 8, **options).eval()
+    images, queries = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 3, 8, 8)
+    attn = backbone.blocks[-1].attn
+    seen = {}
+    hooks = [attn.register_forward_pre_hook(lambda m, args: seen.update(x=args[0])),
+             attn.register_forward_hook(lambda m, args, out: seen.update(out=out))]
+    probs, num_queries = last_block_attention(backbone, images, queries)
+    for hook in hooks:
+        hook.remove()
+    B, L, _ = seen["x"].shape
+    assert num_queries == 3 and probs.shape == (2, 2, L, L) and L == 1 + 16 + 3
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, L))
+    assert (probs[:, :, :17, 17:] == 0).all()  # CLS and patches never see the queries
+    if not options:
+        assert (probs[:, :, 17:, 0] == 0).all() and (probs[:, :, 17:, 17:] == 0).all()
+    v = attn.qkv(seen["x"]).view(B, L, 3, 2, 32)[:, :, 2].transpose(1, 2)  # (B, heads, L, head_dim)
+    out = attn.proj((probs @ v).transpose(1, 2).reshape(B, L, 64))
+    torch.testing.assert_close(out, seen["out"], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture
+def run(tiny_checkpoint, tmp_path):
+    """A copy of the tiny run (checkpoint and metrics.jsonl), so that pictures land in tmp_path."""
+    pytest.importorskip("matplotlib")
+    shutil.copytree(os.path.dirname(tiny_checkpoint), tmp_path / "run")
+    return tmp_path / "run"
+
+
+def picture(argv, capsys):
+    main(["show", *argv])
+    files = json.loads(capsys.readouterr().out.splitlines()[-1])["files"]
+    assert all(os.path.isfile(f) for f in files)
+    return files
+
+
+def size(path):
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_show_attention_writes_one_picture_per_image(run, capsys):
+    files = picture(["attention", "--checkpoint", str(run / "checkpoint.pt"), "--images", "2"], capsys)
+    assert files == [str(run / "pictures" / "attention_0.png"), str(run / "pictures" / "attention_1.png")]
+    # Rows: CLS and the run's 2 queries; columns: image, mean, 2 heads.
+    assert size(files[0]) == (4 * CELL, 3 * CELL)
+    files = picture(["attention", "--checkpoint", str(run / "checkpoint.pt"), "--images", "1", "--num-queries", "0",
+                     "--out", str(run / "elsewhere")], capsys)
+    assert files == [str(run / "elsewhere" / "attention_0.png")] and size(files[0]) == (4 * CELL, CELL)
+
+
+def test_show_attention_on_a_folder_of_images(run, tmp_path, capsys):
+    (tmp_path / "photos").mkdir()
+    for i, shape in enumerate([(50, 30), (20, 40), (64, 64)]):
+        Image.new("RGB", shape, (40 * i, 100, 0)).save(tmp_path / "photos" / f"{i}.png")
+    (tmp_path / "photos" / "bad.jpg").write_bytes(b"not an image")
+    files = picture(["attention", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(tmp_path / "photos"),
+                     "--images", "5"], capsys)
+    assert len(files) == 3  # every readable image, fewer than asked
+
+
+def test_show_dense_writes_images_truth_and_prediction(run, capsys):
+    files = picture(["dense", "--checkpoint", str(run / "checkpoint.pt"), "--images", "3", "--limit", "16",
+                     "--num-workers", "0"], capsys)
+    assert files == [str(run / "pictures" / "dense.png")] and size(files[0]) == (3 * CELL, 3 * CELL)
+
+
+def test_show_curves_writes_beside_the_metrics(run, capsys):
+    files = picture(["curves", str(run)], capsys)
+    assert files == [str(run / "metrics.png")]
+    width, height = size(files[0])
+    assert width == 4 * 320 and height == 280  # loss, lr, teacher temperature, momentum; no k-NN logged
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "knn_top1": 0.5}) + "\n{cut sho")
+    assert size(picture(["curves", str(run / "metrics.jsonl")], capsys)[0]) == (5 * 320, 280)
+
+
+def test_show_without_matplotlib_says_how_to_install_it(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(SystemExit) as exit:
+        pyplot()
+    assert exit.value.code == "error: adclr show needs matplotlib: pip install 'adclr[viz]'"
+
+
+def test_show_user_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["show", "curves", str(tmp_path)])
+    assert exit.value.code == (f"error: {tmp_path / 'metrics.jsonl'} does not exist; pass a run folder "
+                               "(adclr train --out) or its metrics.jsonl")
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as exit:
+        main(["show", "curves", str(tmp_path)])
+    assert exit.value.code == f"error: {tmp_path / 'metrics.jsonl'} holds no metrics records"
