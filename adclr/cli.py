@@ -246,11 +246,12 @@ def main(argv=None):
         from . import show
 
         if args.picture == "attention":
-            paths = show.show_attention(args.checkpoint, args.data, args.images, args.num_queries, args.weights,
-                                        args.out, args.seed)
+            paths = show.show_attention(args.checkpoint, data=args.data, images=args.images,
+                                        num_queries=args.num_queries, weights=args.weights, out=args.out,
+                                        seed=args.seed)
         elif args.picture == "dense":
-            paths = [show.show_dense(args.checkpoint, args.data, args.images, args.weights, args.out,
-                                     limit=args.limit, num_workers=args.num_workers)]
+            paths = [show.show_dense(args.checkpoint, data=args.data, images=args.images, weights=args.weights,
+                                     out=args.out, limit=args.limit, num_workers=args.num_workers)]
         else:
             paths = [show.show_curves(args.run)]
         for path in paths:

@@ -61,7 +61,7 @@ def score(backbone, cfg, images=EVAL_IMAGES, dense_epochs=None, quiet=True):
         dense = dense_probe(backbone, SegmentationCrops(open_segmentation(cfg.data, "train"), size, images),
                             SegmentationCrops(open_segmentation(cfg.data, "val"), size, images, full_masks=True),
                             **({"epochs": dense_epochs} if dense_epochs else {}))
-    return {"knn": knn_accuracy(train_f, train_y, val_f, val_y, 20, 0.07),
+    return {"knn": knn_accuracy(train_f, train_y, val_f, val_y, (20,), 0.07)[20],
             "linear": linear_accuracy(train_f, train_y, val_f, val_y),
             "miou": dense["miou"], "pixel_accuracy": dense["pixel_accuracy"]}
 

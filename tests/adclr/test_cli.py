@@ -252,6 +252,66 @@ def test_eval_takes_several_k_and_the_former_epochs_flag(accepted_eval, capsys):
     assert accepted_eval[0]["ks"] == [10, 20, 1] and accepted_eval[1]["epochs"] == 3
 
 
+# `adclr eval dense`, `adclr compare` and `adclr show`: (command line before the flag, the
+# function the command calls, the flags with their ranges as in EVAL_RANGES).
+OTHER_RANGES = [
+    (["eval", "dense", "--checkpoint", "c.pt"], ("adclr.dense", "evaluate_dense"), [
+        ("--image-size", ">= 1", int, "-32"), ("--batch-size", ">= 1", int, "-1"), ("--epochs", ">= 1", int, "-1"),
+        ("--lr", "> 0", float, "-3e-2"), ("--n-last-blocks", ">= 1", int, "-1"), ("--num-classes", ">= 1", int, "-1"),
+        ("--num-workers", ">= -1", int, "-2"), ("--limit", ">= 0", int, "-1")]),
+    (["compare"], ("adclr.compare", "compare"), [
+        ("--seeds", "[0, 10000000]", int, "-1"), ("--eval-images", ">= 1", int, "-1")]),
+    (["show", "attention", "--checkpoint", "c.pt"], ("adclr.show", "show_attention"), [
+        ("--images", ">= 1", int, "-1"), ("--num-queries", ">= 0", int, "-1"), ("--seed", ">= 0", int, "-1")]),
+    (["show", "dense", "--checkpoint", "c.pt"], ("adclr.show", "show_dense"), [
+        ("--images", ">= 1", int, "-1"), ("--limit", ">= 0", int, "-1"), ("--num-workers", ">= -1", int, "-2")]),
+]
+OTHER_CASES = [(command, target, flag, spec, kind, negative)
+               for command, target, flags in OTHER_RANGES for flag, spec, kind, negative in flags]
+
+
+@pytest.mark.parametrize("command,target,flag,spec,kind,negative", OTHER_CASES,
+                         ids=[f"{' '.join(c[0][:2])} {c[2]}" for c in OTHER_CASES])
+@pytest.mark.parametrize("which", ["zero", "negative"])
+def test_other_commands_flags_at_zero_and_negative(command, target, flag, spec, kind, negative, which,
+                                                    monkeypatch, capsys):
+    import importlib
+
+    seen = []
+    monkeypatch.setattr(importlib.import_module(target[0]), target[1],
+                        lambda *args, **kwargs: seen.append((args, kwargs)) or ([] if "show" in target[1] else {}))
+    text = "0" if which == "zero" else negative
+    value = kind(text)
+    status, err = run([*command, f"{flag}={text}"], capsys)
+    if accepts(spec, value):
+        assert status == 0 and len(seen) == 1
+        args, kwargs = seen[0]
+        if target[1] == "compare":  # compare(cfg, seeds, eval_images=...)
+            assert (args[1] == [value]) if flag == "--seeds" else kwargs["eval_images"] == value
+        else:
+            assert kwargs[flag[2:].replace("-", "_")] == value
+    else:
+        assert status == 2 and not seen
+        assert err.splitlines()[-1].endswith(f"error: argument {flag}: {out_of_range(spec, value)}")
+
+
+def test_compare_takes_train_flags_over_its_preset(monkeypatch, capsys):
+    import adclr.compare
+
+    seen = []
+    monkeypatch.setattr(adclr.compare, "compare", lambda *args, **kwargs: seen.append(args))
+    assert run(["compare", "--seeds", "3", "4", "--max-steps", "7", "--out", "x"], capsys)[0] == 0
+    cfg, seeds = seen[0]
+    assert seeds == [3, 4] and cfg.max_steps == 7 and cfg.out == "x"
+    assert cfg.data == adclr.compare.PRESET["data"] == "builtin:scenes" and cfg.arch == adclr.compare.PRESET["arch"]
+    status, err = run(["compare", "--seed", "1"], capsys)
+    assert status == 2 and err.splitlines()[-1] == "adclr compare: error: argument --seed: adclr compare takes --seeds"
+    status, err = run(["compare", "--image-size", "60"], capsys)
+    assert status == 2 and err.splitlines()[-1] == (
+        "adclr compare: error: argument --image-size: must be a multiple of --patch-size 8, got 60")
+    assert len(seen) == 1
+
+
 # --------------------------------------------------------------------------- user errors
 
 
