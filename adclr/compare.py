@@ -34,14 +34,17 @@ from .dense import SegmentationCrops, dense_probe
 from .evaluate import CenterCrops, extract_features, knn_accuracy, linear_accuracy, load_backbone
 from .train import build, train
 
-# The equal-budget defaults: a 2-block ViT on 64 px scenes (an 8 x 8 patch grid), about
-# 5 minutes per run on 2 CPU cores. Any `adclr train` flag overrides them.
+# The equal-budget defaults: a 2-block ViT on 64 px scenes (an 8 x 8 patch grid) for 1500
+# steps of 32 images, about 5 minutes per run on 2 CPU cores; the recipe of the learning
+# test (tests/adclr/test_learning.py: a sharp teacher from the start, a fast-moving EMA),
+# at 64 px and with 8 query crops. Any `adclr train` flag overrides them.
 PRESET = {
-    "data": "builtin:scenes", "arch": "vit_test", "patch_size": 8, "image_size": 64, "local_size": 32,
-    "num_local_crops": 2, "num_queries": 4, "out_dim": 1024, "head_hidden_dim": 512, "head_bottleneck_dim": 64,
-    "batch_size": 32, "epochs": 1, "max_steps": 600, "base_lr": 2e-3, "warmup_epochs": 0.1,
-    "warmup_teacher_temp_epochs": 0.3, "freeze_last_layer_epochs": 0.0, "teacher_temp": 0.04,
-    "momentum_teacher": 0.99, "log_every": 50, "checkpoint_every": 200, "device": "cpu",
+    "out": "runs/compare", "data": "builtin:scenes", "arch": "vit_test", "patch_size": 8, "image_size": 64,
+    "local_size": 32, "num_local_crops": 2, "num_queries": 8, "out_dim": 512, "head_hidden_dim": 256,
+    "head_bottleneck_dim": 64, "batch_size": 32, "epochs": 100, "max_steps": 1500, "base_lr": 4e-3,
+    "warmup_epochs": 0.05, "warmup_teacher_temp": 0.02, "teacher_temp": 0.02, "warmup_teacher_temp_epochs": 0.0,
+    "freeze_last_layer_epochs": 0.0, "momentum_teacher": 0.99, "log_every": 100, "checkpoint_every": 500,
+    "device": "cpu",
 }
 METHODS = ("random", "dino", "adclr")
 LABELS = {"random": "random init", "dino": "DINO (lambda = 0)", "adclr": "ADCLR"}
@@ -113,6 +116,11 @@ def compare(cfg, seeds, lambda_query=None, eval_images=EVAL_IMAGES, dense_epochs
     if cfg.num_queries == 0:
         raise SystemExit("error: --num-queries 0 leaves ADCLR without query crops; give at least 1")
     os.makedirs(cfg.out, exist_ok=True)
+    if cfg.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Measured on 2 shared cores: a 64 px vit_test step took 1.65 s of CPU with 2 threads,
+        # 0.10 s with one; these models are too small to split, and the threads spin.
+        torch.set_num_threads(1)
+        print("compare: 1 PyTorch thread (OMP_NUM_THREADS is unset; set it to choose)", file=sys.stderr)
     t0, results = time.perf_counter(), {}
     for seed in seeds:
         results[seed] = {}

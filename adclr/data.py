@@ -135,21 +135,24 @@ class SyntheticScenes(SyntheticShapes):
     """Built-in scenes for dense evaluation: several objects of different classes per image.
 
     The objects are SyntheticShapes' (the same 10 shapes, colour families and tilt), two
-    to four of distinct classes per image, at random places, smaller ones in front of
-    larger ones where they overlap. The main object, of class `label(i)` (balanced: i % 10), is the largest
-    (12-25% of the image's area); the others cover 1.5-8% each and are of classes drawn
-    uniformly from the rest. Sizes are areas, the same for every shape, so each class
-    covers about the same share of pixels. Where the objects sit changes from image to
-    image, so a patch's class cannot be read off one code for the whole image.
-    `mask(i)`: 0 background, class + 1 where that class is visible. Deterministic in
-    (seed, split, i), like SyntheticShapes.
+    to four of distinct classes per image at random places, smaller ones in front of
+    larger ones where they overlap (so every object shows). The main object, of class
+    `label(i)` (balanced: i % 10), is the largest: 12-25% of the image's area, the others
+    1.5-8% each, of classes drawn uniformly from the rest. Sizes are areas, equal for
+    every shape, so each class covers about the same share of pixels. Where the objects
+    sit changes from image to image, so a patch's class cannot be read off one code for
+    the whole image. `mask(i)`: 0 background, class + 1 where that class is visible.
+    Deterministic in (seed, split, i), like SyntheticShapes.
+
+    The colour families stay: a patch's colour alone says much about its class (a probe
+    on a random network's patch tokens gets about 60% mIoU), but with random colours,
+    shape alone, a 300-step CPU run learned nothing (k-NN and mIoU at chance).
     """
 
     _unit_areas = None  # area of each shape at radius 1, measured once
 
-    def __init__(self, split="train", size=96, length=None, seed=0, random_colours=False):
+    def __init__(self, split="train", size=96, length=None, seed=0):
         super().__init__(split, size, length, seed)
-        self.random_colours = random_colours
         if SyntheticScenes._unit_areas is None:
             t = np.linspace(-1.5, 1.5, 601, dtype=np.float32)
             u, v = np.meshgrid(t, t)
@@ -169,8 +172,6 @@ class SyntheticScenes(SyntheticShapes):
             radius = np.sqrt(areas[j] / self._unit_areas[classes[j]])
             cx, cy = rng.uniform(radius, 1 - radius, 2)
             inside, colour = self._object(rng, classes[j], radius, cx, cy, xx, yy)
-            if self.random_colours:
-                colour = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.6, 1.0), rng.uniform(0.5, 1.0)), dtype=np.float32)
             image[inside] = colour
             mask[inside] = classes[j] + 1
         image = image + rng.normal(0, 0.03, image.shape)
