@@ -295,6 +295,50 @@ def test_other_commands_flags_at_zero_and_negative(command, target, flag, spec, 
         assert err.splitlines()[-1].endswith(f"error: argument {flag}: {out_of_range(spec, value)}")
 
 
+def numeric_flags(argv, monkeypatch):
+    """{flag: type name} of the int and float flags of the parser that `main(argv)` parses with.
+
+    Read from the parser itself, so a flag added without a row in the tables above fails
+    test_every_numeric_flag_of_the_other_commands_has_a_range.
+    """
+    import argparse
+
+    class Caught(Exception):
+        pass
+
+    parsers = []
+
+    def catch(self, *args, **kwargs):
+        parsers.append(self)
+        raise Caught
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(Caught):
+        main(argv)
+    parser = parsers[0]
+    for name in argv:  # down to the sub-command's parser
+        sub = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not sub or name not in sub[0].choices:
+            break
+        parser = sub[0].choices[name]
+    return {a.option_strings[0]: a.type.__name__ for a in parser._actions
+            if a.option_strings and getattr(a.type, "__name__", None) in ("int", "float")}
+
+
+@pytest.mark.parametrize("command", [["eval"], ["compare"], ["show", "attention"], ["show", "dense"]],
+                         ids=" ".join)
+def test_every_numeric_flag_of_the_other_commands_has_a_range(command, monkeypatch):
+    flags = set(numeric_flags(command, monkeypatch))
+    if command == ["eval"]:  # one parser for knn, linear and dense
+        tabled = {f for f, *_ in EVAL_RANGES} | {f for c, _, fs in OTHER_RANGES if c[:2] == ["eval", "dense"]
+                                                 for f, *_ in fs}
+    else:
+        tabled = {f for c, _, fs in OTHER_RANGES if c[:len(command)] == command for f, *_ in fs}
+    if command == ["compare"]:  # and every adclr train flag, as train checks them
+        tabled |= {f for f, *_ in TRAIN_RANGES} | set(SCALE_FLAGS)
+    assert flags == tabled
+
+
 def test_compare_takes_train_flags_over_its_preset(monkeypatch, capsys):
     import adclr.compare
 

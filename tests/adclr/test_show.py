@@ -4,6 +4,8 @@ import builtins
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,6 +109,14 @@ def test_show_without_matplotlib_says_how_to_install_it(monkeypatch):
     with pytest.raises(SystemExit) as exit:
         pyplot()
     assert exit.value.code == "error: adclr show needs matplotlib: pip install 'adclr[viz]'"
+
+
+def test_only_the_show_commands_import_matplotlib():
+    """matplotlib is an optional extra: training, evaluation and compare run without it."""
+    code = ("import sys; import adclr.cli, adclr.compare, adclr.dense, adclr.evaluate, adclr.train, adclr.show; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"
 
 
 def test_show_user_errors(tmp_path, capsys):
