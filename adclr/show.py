@@ -142,7 +142,7 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
             if box is not None:
                 for ax in axes[r, :2]:
                     _box(ax, box)
-        fig.suptitle(f"last block's attention to the patches, {os.path.basename(checkpoint)} ({weights})", fontsize=9)
+        fig.suptitle(f"last block's attention to the patches, {checkpoint} ({weights})", fontsize=9)
         paths.append(os.path.join(out, f"attention_{n}.png"))
         fig.savefig(paths[-1])
         plt.close(fig)
@@ -208,7 +208,7 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
         fig.legend(handles=[patches.Patch(color=colours[c], label=names[c]) for c in range(min(classes, len(names)))],
                    loc="lower center", ncol=6, fontsize=6, frameon=False)
         fig.subplots_adjust(bottom=0.08)
-    fig.suptitle(f"dense linear probe on patch tokens, {os.path.basename(checkpoint)} ({weights})", fontsize=9)
+    fig.suptitle(f"dense linear probe on patch tokens, {checkpoint} ({weights})", fontsize=9)
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "pictures")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "dense.png")
@@ -259,7 +259,7 @@ def show_curves(run):
         ax.tick_params(labelsize=7)
         if len(ks) > 1:
             ax.legend(fontsize=7)
-    fig.suptitle(os.path.abspath(path), fontsize=8)
+    fig.suptitle(path, fontsize=8)  # as given: no local folders in a shared picture
     fig.tight_layout()
     out = os.path.join(os.path.dirname(path), "metrics.png")
     fig.savefig(out)
