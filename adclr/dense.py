@@ -8,7 +8,9 @@ set's statistics (a frozen BatchNorm) and mapped to class logits by one linear l
 trained with per-pixel cross-entropy against the train masks (resized to S x S, nearest)
 on cached features; on val they are upsampled to each mask's own size, and the scores are
 DINOv2's: mIoU (mean over the classes present in the ground truth or the prediction) and
-pixel accuracy, both over the pixels not marked IGNORE (255).
+pixel accuracy, both over the pixels not marked IGNORE (255). Beside them, the same
+scores of the val labels themselves at the patch grid (`patch_majority`): what a probe
+that gets every patch right would score, so how much room the data leaves.
 """
 
 from __future__ import annotations
@@ -109,6 +111,25 @@ def confusion_matrix(logits, masks):
     return counts.view(NUM_LABELS, NUM_LABELS)
 
 
+def patch_majority(mask, grid):
+    """(NUM_LABELS, NUM_LABELS) counts as `confusion_matrix` gives, of labels without a model:
+    each cell of an (h, w) patch grid laid over the (H, W) mask predicts the most frequent
+    label of its pixels (IGNORE not counted).
+
+    What a probe that gets every patch right scores at this patch size: the headroom a
+    dense score has on the data. Not a strict ceiling (the bilinear upsampling of the
+    logits can split a cell between classes, and so beat it a little).
+    """
+    (H, W), (h, w) = mask.shape, grid
+    cell = ((torch.arange(H) * h // H)[:, None] * w + (torch.arange(W) * w // W)[None, :]).flatten()
+    true = mask.flatten().long()
+    keep = true != IGNORE
+    cell, true = cell[keep], true[keep]
+    counts = torch.bincount(cell * NUM_LABELS + true, minlength=h * w * NUM_LABELS).view(h * w, NUM_LABELS)
+    pred = counts.argmax(1)[cell]
+    return torch.bincount(true * NUM_LABELS + pred, minlength=NUM_LABELS * NUM_LABELS).view(NUM_LABELS, NUM_LABELS)
+
+
 def scores(confusion):
     """mIoU, pixel accuracy and {class: IoU} from a confusion matrix (true x predicted)."""
     confusion = confusion.double()
@@ -188,11 +209,15 @@ def fit_probe(backbone, train_set, num_classes=None, n_last_blocks=1, epochs=DEF
 
 
 def score_probe(backbone, probe, val_set, n_last_blocks=1, batch_size=128, device="cpu", num_workers=0):
-    """`scores` of the probe on `val_set` (SegmentationCrops with full_masks), plus "val_images"."""
+    """`scores` of the probe on `val_set` (SegmentationCrops with full_masks), plus "val_images" and
+    "patch_majority": {"miou", "pixel_accuracy"} of `patch_majority` on the same masks."""
     confusion, seen = torch.zeros(NUM_LABELS, NUM_LABELS, dtype=torch.long), 0
+    reference = torch.zeros_like(confusion)
     with torch.no_grad():
         for f, m in _batches(backbone, val_set, batch_size, device, num_workers, n_last_blocks, "val"):
             logits = probe(f)
+            for mask in m:
+                reference += patch_majority(mask, logits.shape[-2:])
             if all(mask.shape == m[0].shape for mask in m):  # one call for the batch: far fewer small ops
                 confusion += confusion_matrix(logits, torch.stack(m))
             else:
@@ -201,7 +226,9 @@ def score_probe(backbone, probe, val_set, n_last_blocks=1, batch_size=128, devic
             seen += len(m)
     if not seen:
         raise ValueError("no usable image/mask pairs in val")
-    return {**scores(confusion), "val_images": seen}
+    majority = scores(reference)
+    return {**scores(confusion), "val_images": seen,
+            "patch_majority": {"miou": majority["miou"], "pixel_accuracy": majority["pixel_accuracy"]}}
 
 
 def dense_probe(backbone, train_set, val_set, num_classes=None, n_last_blocks=1, epochs=DEFAULT_EPOCHS,
@@ -265,6 +292,7 @@ def evaluate_dense(checkpoint, data=None, weights="teacher", image_size=None, ba
         measured["iou"] = {names[c] if c < len(names) else str(c): v for c, v in measured["iou"].items()}
     print(f"dense: mIoU {100 * measured['miou']:.2f}% | pixel accuracy {100 * measured['pixel_accuracy']:.2f}% "
           f"| {measured['num_classes']} classes | {measured['train_images']} train, "
-          f"{measured['val_images']} val images", file=sys.stderr)
+          f"{measured['val_images']} val images | every patch right: mIoU "
+          f"{100 * measured['patch_majority']['miou']:.2f}%", file=sys.stderr)
     return {"protocol": "dense", "checkpoint": checkpoint, "weights": weights, "data": data, "image_size": size,
             "n_last_blocks": n_last_blocks, "epochs": epochs, "lr": lr, **measured}

@@ -9,7 +9,7 @@ from PIL import Image
 
 from adclr.cli import main
 from adclr.dense import (IGNORE, NUM_LABELS, SegmentationCrops, confusion_matrix, dense_probe, patch_features,
-                         scores)
+                         patch_majority, scores)
 from adclr.model import build_backbone
 
 PATCH, GRID, BLOCK = 8, 8, 16  # 64 px images, 4 x 4 blocks of 2 x 2 patches
@@ -66,6 +66,24 @@ def test_tokens_that_encode_the_labels_give_a_high_miou():
     assert result["miou"] > 0.85 and result["pixel_accuracy"] > 0.92, result
     assert result["num_classes"] == 5 and sorted(result["iou"]) == [0, 1, 2, 3, 4]
     assert result["train_images"] == 64 and result["val_images"] == 32
+    # The blocks are 2 x 2 patches: every patch holds one class, so the labels at the grid are perfect.
+    assert result["patch_majority"] == {"miou": 1.0, "pixel_accuracy": 1.0}
+
+
+def test_patch_majority_labels_each_cell_with_its_most_frequent_class():
+    mask = torch.tensor([[1, 1, 2, 2],
+                         [1, 2, 2, 2],
+                         [0, 0, 0, IGNORE],
+                         [0, 1, 0, 0]], dtype=torch.uint8)
+    # 2 x 2 cells predict 1, 2 / 0, 0 (the IGNORE pixel does not vote, nor count).
+    confusion = patch_majority(mask, (2, 2))
+    expected = torch.zeros(NUM_LABELS, NUM_LABELS, dtype=torch.long)
+    expected[0, 0], expected[1, 1], expected[1, 0], expected[2, 2], expected[2, 1] = 6, 3, 1, 4, 1
+    assert torch.equal(confusion, expected)
+    # A grid that does not divide the mask: every non-IGNORE pixel counted once.
+    assert patch_majority(torch.randint(0, 3, (5, 3), dtype=torch.uint8), (2, 2)).sum() == 15
+    # A grid as fine as the pixels reproduces the mask.
+    assert scores(patch_majority(mask, (4, 4)))["miou"] == 1.0
 
 
 def test_a_constant_backbone_gets_chance():
@@ -128,7 +146,8 @@ def test_eval_dense_on_a_folder_and_on_builtin_scenes(tiny_checkpoint, tmp_path,
     assert record["protocol"] == "dense" and record["num_classes"] == 3  # 0 unused, 1 and 2
     assert record["train_images"] == 6 and record["val_images"] == 3
     assert sorted(record["iou"]) == ["1", "2"] and record["miou"] > 0.9  # two flat colours, halves apart
-    assert "dense: probe epoch 30/30" in err and "dense: mIoU" in err
+    assert "dense: probe epoch 30/30" in err and "dense: mIoU" in err and "every patch right: mIoU" in err
+    assert record["patch_majority"]["miou"] > 0.9  # 5 x 3 cells over halves of 30 x 20 masks: one column split
 
     main(["eval", "dense", "--checkpoint", tiny_checkpoint, "--limit", "16", "--epochs", "2",
           "--num-workers", "0", "--n-last-blocks", "2"])
