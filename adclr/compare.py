@@ -9,8 +9,10 @@ Each of the three backbones is scored the same way:
     linear   the quick linear probe on the same cached CLS features (`adclr.evaluate.linear_accuracy`)
     mIoU     the dense probe (`adclr eval dense`) on patch tokens, and its pixel accuracy
 
-The table gives the mean and the sample standard deviation over seeds, and the per-seed
-difference ADCLR - DINO (the runs of a seed are paired). Everything lands in OUT: the runs
+The table gives the mean and the sample standard deviation over seeds, the per-seed
+difference ADCLR - DINO (the runs of a seed are paired), and the dense scores of the val
+labels themselves at the run's patch grid (`adclr.dense.patch_majority`: what a probe
+that gets every patch right scores, so how much room the dense scores have). Everything lands in OUT: the runs
 (OUT/seed<S>/<method>/), each score as soon as it is measured (scores.json beside each
 checkpoint), and the table (OUT/compare.md, OUT/compare.json). Run the same command again
 to resume: finished runs and scores are read back, not redone.
@@ -30,7 +32,7 @@ import time
 import torch
 
 from .data import open_dataset, open_segmentation
-from .dense import SegmentationCrops, dense_probe
+from .dense import NUM_LABELS, SegmentationCrops, dense_probe, patch_majority, scores as dense_scores
 from .evaluate import CenterCrops, extract_features, knn_accuracy, linear_accuracy, load_backbone
 from .train import build, train
 
@@ -69,6 +71,19 @@ def score(backbone, cfg, images=EVAL_IMAGES, dense_epochs=None, quiet=True):
             "miou": dense["miou"], "pixel_accuracy": dense["pixel_accuracy"]}
 
 
+def every_patch_right(cfg, images=EVAL_IMAGES):
+    """{"miou", "pixel_accuracy"} of `patch_majority` on the val masks `score` uses (no model)."""
+    val = SegmentationCrops(open_segmentation(cfg.data, "val"), cfg.image_size, images, full_masks=True)
+    grid = (cfg.image_size // cfg.patch_size,) * 2
+    confusion = torch.zeros(NUM_LABELS, NUM_LABELS, dtype=torch.long)
+    for i in range(len(val)):
+        item = val[i]
+        if not isinstance(item, int):
+            confusion += patch_majority(item[1], grid)
+    measured = dense_scores(confusion)
+    return {"miou": measured["miou"], "pixel_accuracy": measured["pixel_accuracy"]}
+
+
 def _cached(path, compute):
     """The JSON at `path`, or compute() written there first (atomically)."""
     if os.path.exists(path):
@@ -88,8 +103,9 @@ def summary(values):
     return mean, spread
 
 
-def table(results, seeds):
-    """Markdown: one row per method (mean +- std over seeds, in %), then ADCLR - DINO per seed."""
+def table(results, seeds, reference=None):
+    """Markdown: one row per method (mean +- std over seeds, in %), then ADCLR - DINO per seed,
+    then `reference` ({"miou", "pixel_accuracy"} of `every_patch_right`) if given."""
     head = "| backbone | " + " | ".join(name for _, name in METRICS) + " |"
     lines = [head, "|---" * (len(METRICS) + 1) + "|"]
 
@@ -102,6 +118,9 @@ def table(results, seeds):
             cell([results[s][method][key] for s in seeds]) for key, _ in METRICS) + " |")
     lines.append("| ADCLR − DINO (paired by seed) | " + " | ".join(
         cell([results[s]["adclr"][key] - results[s]["dino"][key] for s in seeds]) for key, _ in METRICS) + " |")
+    if reference:
+        lines.append("| every patch right (val labels, no model) | " + " | ".join(
+            f"{100 * reference[key]:.1f}" if key in reference else "–" for key, _ in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -140,15 +159,17 @@ def compare(cfg, seeds, lambda_query=None, eval_images=EVAL_IMAGES, dense_epochs
             results[seed][method] = scores
             print(f"compare: seed {seed}, {LABELS[method]}: " + ", ".join(
                 f"{name} {100 * scores[key]:.1f}%" for key, name in METRICS), file=sys.stderr, flush=True)
+    reference = _cached(os.path.join(cfg.out, "every_patch_right.json"), lambda: every_patch_right(cfg, eval_images))
     elapsed = time.perf_counter() - t0
-    text = table(results, seeds)
+    text = table(results, seeds, reference)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "seed")}
     with open(os.path.join(cfg.out, "compare.md"), "w") as f:
         f.write(f"{text}\n\nMean ± sample standard deviation over seeds {', '.join(map(str, seeds))}, in %. "
                 f"Training settings: {json.dumps(settings)}\n")
     with open(os.path.join(cfg.out, "compare.json"), "w") as f:
         json.dump({"seeds": list(seeds), "settings": settings, "eval_images": eval_images,
-                   "results": {str(s): r for s, r in results.items()}, "seconds": elapsed}, f, indent=1)
+                   "results": {str(s): r for s, r in results.items()},
+                   "every_patch_right": reference, "seconds": elapsed}, f, indent=1)
     print(text)
     print(f"compare: {len(seeds)} seeds in {elapsed / 60:.1f} min; table in {os.path.join(cfg.out, 'compare.md')}",
           file=sys.stderr)

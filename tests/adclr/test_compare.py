@@ -27,10 +27,15 @@ def test_compare_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert rows[0] == "| backbone | k-NN | linear | mIoU | pixel acc. |"
     assert [r.split(" | ")[0] for r in rows[1:]] == [
-        "| random init", "| DINO (lambda = 0)", "| ADCLR", "| ADCLR − DINO (paired by seed)"]
+        "| random init", "| DINO (lambda = 0)", "| ADCLR", "| ADCLR − DINO (paired by seed)",
+        "| every patch right (val labels, no model)"]
     assert (out / "compare.md").read_text().startswith(table.strip().split("\n")[0])
     record = json.loads((out / "compare.json").read_text())
     assert record["seeds"] == [0, 1] and record["eval_images"] == 12
+    reference = record["every_patch_right"]  # the labels at a 4 x 4 grid: room left, not perfect
+    assert 0.3 < reference["miou"] < 1 and 0.5 < reference["pixel_accuracy"] < 1
+    assert rows[5].split(" | ")[1:] == ["–", "–", f"{100 * reference['miou']:.1f}",
+                                        f"{100 * reference['pixel_accuracy']:.1f} |"]
     for seed in ("0", "1"):
         for method in ("random", "dino", "adclr"):
             scores = record["results"][seed][method]
