@@ -83,11 +83,16 @@ def _images(data, count):
 
 
 def _overlay(ax, picture, heat, size, title):
-    """The picture with `heat` (h, w) stretched over it as a translucent heat map."""
+    """The picture with `heat` (h, w) stretched over it as a translucent heat map.
+
+    Each map is scaled to its own maximum (as DINO's pictures are), so the title gives that
+    maximum: a flat map (1 / patches everywhere) would otherwise look as sharp as a peaked one.
+    """
+    title = f"{title}, max {float(heat.max()):.2f}"
     ax.imshow(picture)
     ax.imshow(heat / max(float(heat.max()), 1e-12), cmap="inferno", alpha=0.6, extent=(0, size, size, 0),
               interpolation="bilinear", vmin=0, vmax=1)
-    ax.set_title(title, fontsize=8)
+    ax.set_title(title, fontsize=7)
     ax.axis("off")
 
 
@@ -99,8 +104,10 @@ def _box(ax, box, colour="cyan"):
 
 
 def _figure(plt, rows, cols):
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * CELL / 100, rows * CELL / 100), dpi=100, squeeze=False)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.2)
+    height = rows * CELL / 100  # inches
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * CELL / 100, height), dpi=100, squeeze=False)
+    # The title's band is a fixed 0.45 inch, so that it clears the first row's titles at any row count.
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.45 / height, bottom=0.01, wspace=0.05, hspace=0.2)
     return fig, axes
 
 
@@ -136,7 +143,7 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
             axes[r, 0].imshow(image)
             axes[r, 0].set_title(name, fontsize=8)
             axes[r, 0].axis("off")
-            _overlay(axes[r, 1], image, maps.mean(0), size, f"{name}: mean of heads")
+            _overlay(axes[r, 1], image, maps.mean(0), size, f"{name}: heads' mean")
             for h in range(heads):
                 _overlay(axes[r, 2 + h], image, maps[h], size, f"head {h + 1}")
             if box is not None:
