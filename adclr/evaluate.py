@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import (IMAGENET_MEAN, IMAGENET_STD, center_crop, crop, default_num_workers, open_dataset,
+from .data import (BUILTIN, IMAGENET_MEAN, IMAGENET_STD, center_crop, crop, default_num_workers, open_dataset,
                    random_resized_box, warn_unreadable)
 from .model import build_backbone
 from .train import CheckpointError, load_checkpoint
@@ -291,7 +291,7 @@ def evaluate(protocol, checkpoint, data=None, weights="teacher", image_size=None
         raise SystemExit(f"error: --data: {error}") from None
     if epochs is None:
         epochs = 100
-        if protocol == "linear" and not fast and data in ("", "builtin") and torch.device(device).type == "cpu":
+        if protocol == "linear" and not fast and data in ("", *BUILTIN) and torch.device(device).type == "cpu":
             epochs = BUILTIN_CPU_LINEAR_EPOCHS
             print(f"built-in data on CPU: {epochs} epochs (DINO's 100 would take hours here; "
                   "--epochs overrides it)", file=sys.stderr)

@@ -165,6 +165,17 @@ def test_command_line_train_eval_export(tmp_path, capsys):
     torch.testing.assert_close(weights["pos_embed"], teacher["backbone.pos_embed"])
 
 
+@pytest.mark.parametrize("data", [None, "builtin:scenes", "builtin:shapes"])
+def test_linear_on_any_builtin_set_on_cpu_takes_a_few_epochs(data, tiny_checkpoint, monkeypatch, capsys):
+    import adclr.evaluate
+
+    seen = []
+    monkeypatch.setattr(adclr.evaluate, "linear_protocol", lambda *args: seen.append(args[4]) or {})
+    main(["eval", "linear", "--checkpoint", tiny_checkpoint, "--limit", "4", "--num-workers", "0", "--device", "cpu",
+          *(["--data", data] if data else [])])  # no --data: the run's, builtin:scenes
+    assert seen == [adclr.evaluate.BUILTIN_CPU_LINEAR_EPOCHS] and "epochs (DINO's 100" in capsys.readouterr().err
+
+
 def test_warm_up_longer_than_the_run_is_reported(tiny_config, capsys):
     from adclr.train import train
 
