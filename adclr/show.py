@@ -20,7 +20,7 @@ from PIL import Image
 
 from adclr_kernels import visibility_mask
 
-from .data import ImageFolder, crop, open_segmentation, random_resized_box, to_tensor
+from .data import BUILTIN, ImageFolder, crop, open_segmentation, random_resized_box, to_tensor
 from .dense import normalize
 
 CELL = 160  # pixels per picture in a grid
@@ -69,7 +69,7 @@ def last_block_attention(backbone, images, query_crops=None):
 def _images(data, count):
     """[PIL image] of the first `count` readable images: a built-in set's val split, or a
     folder of images (any layout; the first in sorted order)."""
-    if data in (None, "") or data.startswith("builtin"):
+    if data in (None, "", *BUILTIN):
         base = open_segmentation(data, "val")
     else:
         try:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from adclr.cli import main
 from adclr.model import build_backbone
-from adclr.show import CELL, last_block_attention, pyplot
+from adclr.show import CELL, _images, last_block_attention, pyplot
 
 
 @pytest.mark.parametrize("options", [{}, {"query_sees_prefix": True, "query_sees_self": True},
@@ -120,6 +120,9 @@ def test_only_the_show_commands_import_matplotlib():
 
 
 def test_show_user_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:  # not a built-in set's name: a folder, which does not exist
+        _images("builtin:nothing", 1)
+    assert exit.value.code == "error: --data: dataset folder 'builtin:nothing' does not exist"
     with pytest.raises(SystemExit) as exit:
         main(["show", "curves", str(tmp_path)])
     assert exit.value.code == (f"error: {tmp_path / 'metrics.jsonl'} does not exist; pass a run folder "
