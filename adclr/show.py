@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 
 import numpy as np
 import torch
@@ -103,11 +104,15 @@ def _box(ax, box, colour="cyan"):
     ax.add_patch(patches.Rectangle((left, top), right - left, bottom - top, fill=False, edgecolor=colour, lw=1.5))
 
 
-def _figure(plt, rows, cols):
-    height = rows * CELL / 100  # inches
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * CELL / 100, height), dpi=100, squeeze=False)
-    # The title's band is a fixed 0.45 inch, so that it clears the first row's titles at any row count.
-    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.45 / height, bottom=0.01, wspace=0.05, hspace=0.2)
+def _figure(plt, rows, cols, title):
+    """A rows x cols grid of CELL-pixel pictures under `title`, wrapped to the figure's width."""
+    width, height = cols * CELL / 100, rows * CELL / 100  # inches
+    lines = textwrap.wrap(title, max(20, int(width * 100 / 6)))  # about 6 px a character at 9 pt
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), dpi=100, squeeze=False)
+    fig.suptitle("\n".join(lines), fontsize=9)
+    # The title's band is sized in inches, so that it clears the first row's titles at any row count.
+    band = 0.28 + 0.17 * len(lines)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - band / height, bottom=0.01, wspace=0.05, hspace=0.2)
     return fig, axes
 
 
@@ -137,7 +142,8 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
         probs = probs[0]  # (heads, L, L)
         heads = probs.shape[0]
         rows = [("CLS", 0, None)] + [(f"query {q + 1}", 1 + grid * grid + q, boxes[q]) for q in range(num_queries)]
-        fig, axes = _figure(plt, len(rows), 2 + heads)
+        fig, axes = _figure(plt, len(rows), 2 + heads,
+                            f"last block's attention to the patches, {checkpoint} ({weights})")
         for r, (name, row, box) in enumerate(rows):
             maps = probs[:, row, 1:1 + grid * grid].reshape(heads, grid, grid).numpy()
             axes[r, 0].imshow(image)
@@ -149,7 +155,6 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
             if box is not None:
                 for ax in axes[r, :2]:
                     _box(ax, box)
-        fig.suptitle(f"last block's attention to the patches, {checkpoint} ({weights})", fontsize=9)
         paths.append(os.path.join(out, f"attention_{n}.png"))
         fig.savefig(paths[-1])
         plt.close(fig)
@@ -198,7 +203,7 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
         rgb[mask == IGNORE] = 1.0  # white: ignored
         return rgb
 
-    fig, axes = _figure(plt, len(pairs), 3)
+    fig, axes = _figure(plt, len(pairs), 3, f"dense linear probe on patch tokens, {checkpoint} ({weights})")
     for r, (x, mask) in enumerate(pairs):
         with torch.no_grad():
             logits = probe(patch_features(backbone, normalize(x[None]), n_last_blocks))[0]
@@ -215,7 +220,6 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
         fig.legend(handles=[patches.Patch(color=colours[c], label=names[c]) for c in range(min(classes, len(names)))],
                    loc="lower center", ncol=6, fontsize=6, frameon=False)
         fig.subplots_adjust(bottom=0.08)
-    fig.suptitle(f"dense linear probe on patch tokens, {checkpoint} ({weights})", fontsize=9)
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "pictures")
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "dense.png")
