@@ -107,7 +107,7 @@ def _box(ax, box, colour="cyan"):
 def _figure(plt, rows, cols, title):
     """A rows x cols grid of CELL-pixel pictures under `title`, wrapped to the figure's width."""
     width, height = cols * CELL / 100, rows * CELL / 100  # inches
-    lines = textwrap.wrap(title, max(20, int(width * 100 / 6)))  # about 6 px a character at 9 pt
+    lines = textwrap.wrap(title, max(20, int(width * 100 / 7.5)))  # 9 pt characters: up to 7.5 px wide
     fig, axes = plt.subplots(rows, cols, figsize=(width, height), dpi=100, squeeze=False)
     fig.suptitle("\n".join(lines), fontsize=9)
     # The title's band is sized in inches, so that it clears the first row's titles at any row count.
