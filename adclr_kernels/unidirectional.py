@@ -558,7 +558,7 @@ def _fwd_config(head_dim, dtype, capability, max_len, packed=False):
     return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
 
 
-def _bwd_config(head_dim, dtype, capability):
+def _bwd_config(head_dim, dtype, capability, packed=False):
     if triton_interpreter_enabled():
         cfg = dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=1)
     elif dtype == torch.float32 and head_dim > 128:
@@ -577,6 +577,12 @@ def _bwd_config(head_dim, dtype, capability):
         cfg = dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=1)
     else:
         cfg = dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
+        if packed and capability >= 90:
+            # The packed backward's sequence bookkeeping takes it to 174-192 registers, 2
+            # programs per SM; the H200 showed these kernels latency-bound, faster with
+            # more warps resident. Capped at 168: 3 programs, 16 bytes of spills, none in
+            # a loop. Predicted 1.48x (bench/NOTES.md), to be measured.
+            cfg["maxnreg"] = 168
     return dict(cfg, PROGRAM_BLOCK=min(cfg["BLOCK_N1"], cfg["BLOCK_M2"]))
 
 
@@ -585,7 +591,7 @@ def tile_blocks(head_dim, dtype, device, max_len):
     `VarlenLayout` builds its tile tables for."""
     capability = _capability(device)
     return (_fwd_config(head_dim, dtype, capability, max_len, packed=True)["BLOCK_M"],
-            _bwd_config(head_dim, dtype, capability)["PROGRAM_BLOCK"])
+            _bwd_config(head_dim, dtype, capability, packed=True)["PROGRAM_BLOCK"])
 
 
 def _block_d(head_dim):
@@ -711,7 +717,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, flag
     head_dim = q.shape[-1]
     block_d = _block_d(head_dim)
     varlen, tiled = geo.cu_seqlens is not None, geo.bwd_tiles is not None
-    cfg = _bwd_config(head_dim, q.dtype, _capability(q.device))
+    cfg = _bwd_config(head_dim, q.dtype, _capability(q.device), packed=varlen)
     program_block = cfg.pop("PROGRAM_BLOCK")
     blocks, programs = geo.grid(program_block, geo.bwd_tiles)
     delta = _empty_lse(q)

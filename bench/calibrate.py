@@ -120,7 +120,7 @@ def launch_configs(workload, capability):
     packed = isinstance(workload, PackedWorkload)
     max_len = max(n for n, _ in workload.sequences()) if packed else workload.seq_len
     return dict(fwd=U._fwd_config(workload.head_dim, torch.bfloat16, capability, max_len, packed),
-                bwd=U._bwd_config(workload.head_dim, torch.bfloat16, capability))
+                bwd=U._bwd_config(workload.head_dim, torch.bfloat16, capability, packed))
 
 
 # The latency parameters of bench.static's Gpu tried by --fit: warp-instructions per

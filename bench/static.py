@@ -331,7 +331,9 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
     for launch in forward + backward:
         compiled = compile_launch(launch, capability)
         rows.append(dict(kernel=launch.name, registers=compiled.registers,
-                         spill_bytes=compiled.spill_bytes, shared_bytes=compiled.shared_bytes))
+                         spill_bytes=compiled.spill_bytes, shared_bytes=compiled.shared_bytes,
+                         loop_spill_instrs=loop_spills(compiled),
+                         maxnreg=launch.kwargs.get("maxnreg")))
     return rows
 
 
@@ -387,6 +389,13 @@ def _regions(compiled):
     by_addr = {ins.addr: i for i, ins in enumerate(compiled.instrs)}
     return sorted(((by_addr[to], by_addr[frm]) for frm, to in compiled.branches if to < frm),
                   key=lambda r: r[1] - r[0])
+
+
+def loop_spills(compiled):
+    """Local-memory loads and stores (spills) inside loop bodies: those run every
+    iteration. A spill outside the loops runs once per program."""
+    inside = {i for lo, hi in _regions(compiled) for i in range(lo, hi + 1)}
+    return sum(compiled.instrs[i].opcode.startswith(("LDL", "STL")) for i in inside)
 
 
 def loops(compiled):
@@ -615,6 +624,7 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
     return dict(
         kernel=launch.name, kind=KIND[launch.name], grid=launch.grid[0], empty_programs=empty,
         num_warps=warps, registers=compiled.registers, spill_bytes=compiled.spill_bytes,
+        loop_spill_instrs=loop_spills(compiled), maxnreg=launch.kwargs.get("maxnreg"),
         shared_bytes=compiled.shared_bytes, programs_per_sm=occ,
         constexprs={k: v for k, v in launch.kwargs.items() if k.isupper()},
         straight_line_sass=base_instrs,
@@ -754,6 +764,13 @@ def _loop_cell(row):
     return f"{hot['name']}: {hot['instrs']} ({hot['mma']}/{hot['mufu']}/{hot['select']}/{hot['compare']})"
 
 
+def _spills(row):
+    if not row["spill_bytes"]:
+        return "0"
+    cap = f", maxnreg {row['maxnreg']}" if row.get("maxnreg") else ""
+    return f"{row['spill_bytes']} ({row['loop_spill_instrs']} in loops{cap})"
+
+
 def markdown(rows, ops, layers, meta):
     lines = [f"# Static model of the attention kernels ({meta['when']})", "",
              f"`{meta['command']}`; Triton {meta['triton']}, torch {meta['torch']}. "
@@ -780,7 +797,7 @@ def markdown(rows, ops, layers, meta):
             ratio = f"{r['vs_floor']:.2f}" if r["vs_floor"] else "-"
             lines.append(
                 f"| {r['dtype']} | {r['workload']} | {r['kernel'].strip('_')} | {r['grid']} | "
-                f"{r['empty_programs']} | {r['num_warps']} | {r['registers']} | {r['spill_bytes']} | "
+                f"{r['empty_programs']} | {r['num_warps']} | {r['registers']} | {_spills(r)} | "
                 f"{r['shared_bytes'] / 1024:.1f} | {r['programs_per_sm']} | {_loop_cell(r)} | "
                 f"{r['estimate_us']:.1f} | {r['floor_us']:.1f} | {r['bound']} | {ratio} |")
         lines.append("")

@@ -25,7 +25,10 @@ def test_static_model_compiles_and_reads_the_kernels(tmp_path):
     kernels = result["kernels"]
     assert len(kernels) == 6  # forward, delta, backward per workload
     for row in kernels:
-        assert row["registers"] > 0 and row["spill_bytes"] == 0, row["kernel"]
+        # No spills, except a few once per program where a config caps the registers
+        # (maxnreg) to fit more programs per SM; never inside a loop.
+        assert row["registers"] > 0 and row["loop_spill_instrs"] == 0, row["kernel"]
+        assert row["spill_bytes"] == 0 or (row["maxnreg"] and row["spill_bytes"] <= 64), row
         assert not [l["name"] for l in row["loops"] if l["name"].startswith("unnamed")]
         assert row["empty_programs"] == 0, f"{row['workload']} {row['kernel']}: empty programs"
         assert row["estimate_us"] >= row["floor_us"] > 0

@@ -1,5 +1,6 @@
 """The kernels the op launches compile for every GPU generation it targets, within its
-shared memory, and (bf16/fp16 on Hopper, head_dim <= 128) without spilling registers.
+shared memory, and (bf16/fp16 on Hopper, head_dim <= 128) without spilling registers in
+a loop.
 
 CI has no GPU and runs the kernels in Triton's interpreter, which accepts code that the
 real compiler rejects. Here the launchers run on meta tensors and their launches are
@@ -60,4 +61,8 @@ def test_launched_kernels_compile_and_fit(capability):
             where = f"sm_{capability} {dtype} d{head_dim} packed={packed} {flags} {row['kernel']}"
             assert row["shared_bytes"] <= limit, f"{where}: {row['shared_bytes']} B shared > {limit}"
             if capability == 90 and dtype != "fp32" and head_dim <= 128:
-                assert row["spill_bytes"] == 0, f"{where}: spills {row['spill_bytes']} B"
+                # A register cap (maxnreg) may spill a few bytes once per program, never
+                # inside a loop.
+                assert row["loop_spill_instrs"] == 0, f"{where}: spills inside a loop"
+                assert row["spill_bytes"] == 0 or (row["maxnreg"] and row["spill_bytes"] <= 64), \
+                    f"{where}: spills {row['spill_bytes']} B"

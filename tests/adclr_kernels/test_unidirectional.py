@@ -103,17 +103,22 @@ def test_every_gpu_config_in_the_interpreter(monkeypatch, capability, dtype, hea
     ([70 + 120 + 17, 70 + 30 + 3], [17, 3], 70),             # prefix wider than a key tile
     ([50, 37], [0, 0], 0),                                  # no prefix, no queries
 ])
-def test_gpu_tile_sizes_packed_in_the_interpreter(monkeypatch, lengths, queries, num_prefix):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_tile_sizes_packed_in_the_interpreter(monkeypatch, lengths, queries, num_prefix, dtype):
     # The packed-qkv varlen path with a VarlenLayout at the tiles a GPU launches:
-    # interior, boundary and prefix tiles, and the tile table.
+    # interior, boundary and prefix tiles, and the tile table; fp16 (bf16's configs,
+    # which the interpreter cannot dot) with the packed backward's register cap.
     import adclr_kernels.unidirectional as uni
     from adclr_kernels import VarlenLayout, unidirectional_attention_varlen_qkvpacked
 
     monkeypatch.setattr(uni, "triton_interpreter_enabled", lambda: False)
+    if dtype == torch.float16:
+        assert uni._bwd_config(64, dtype, 90, packed=True).get("maxnreg")
     layout = VarlenLayout(lengths, queries)
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(sum(lengths), 3, 1, 64, generator=g).requires_grad_()
-    grad_out = torch.randn(sum(lengths), 1, 64, generator=g)
+    qkv = torch.randn(sum(lengths), 3, 1, 64, generator=g).to(dtype).requires_grad_()
+    grad_out = torch.randn(sum(lengths), 1, 64, generator=g).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3  # fp16 inputs, fp32 accumulation
     out = unidirectional_attention_varlen_qkvpacked(qkv, layout, num_prefix=num_prefix,
                                                     backend="triton")
     (dqkv,) = torch.autograd.grad(out, qkv, grad_out)
@@ -122,9 +127,9 @@ def test_gpu_tile_sizes_packed_in_the_interpreter(monkeypatch, lengths, queries,
                  for t in qkv.unbind(1)]
         ref = dense_masked_attention(*dense, nq, num_prefix)
         grads = torch.autograd.grad(ref, dense, grad_out.double()[start:end].transpose(0, 1)[None])
-        assert_rel_close("out", out[start:end], ref[0].transpose(0, 1))
+        assert_rel_close("out", out[start:end], ref[0].transpose(0, 1), tol)
         for i, want in enumerate(grads):
-            assert_rel_close(f"d{'qkv'[i]}", dqkv[start:end, i], want[0].transpose(0, 1))
+            assert_rel_close(f"d{'qkv'[i]}", dqkv[start:end, i], want[0].transpose(0, 1), tol)
 
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed_qkv", "separate"])
