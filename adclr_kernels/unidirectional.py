@@ -577,11 +577,12 @@ def _bwd_config(head_dim, dtype, capability, packed=False):
         cfg = dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=1)
     else:
         cfg = dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
-        if packed and capability >= 90:
+        if packed and capability >= 90 and torch.version.hip is None:
             # The packed backward's sequence bookkeeping takes it to 174-192 registers, 2
             # programs per SM; the H200 showed these kernels latency-bound, faster with
             # more warps resident. Capped at 168: 3 programs, 16 bytes of spills, none in
-            # a loop. Predicted 1.48x (bench/NOTES.md), to be measured.
+            # a loop. Predicted 1.48x (bench/NOTES.md), to be measured. (ROCm's Triton has
+            # no maxnreg, and an MI300 reports capability 9.4.)
             cfg["maxnreg"] = 168
     return dict(cfg, PROGRAM_BLOCK=min(cfg["BLOCK_N1"], cfg["BLOCK_M2"]))
 
@@ -816,7 +817,7 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         return (None,) * (3 + len(ctx.args))
     q, k, v, out, lse = ctx.saved_tensors
-    bwd = _bwd_impl if getattr(ctx, "eager", False) else _bwd_op
+    bwd = _bwd_impl if _eager_backward(ctx, grad_out) else _bwd_op
     dq, dk, dv = bwd(grad_out, q, k, v, out, lse, *ctx.args)
     return (dq, dk, dv) + (None,) * len(ctx.args)
 
@@ -882,25 +883,36 @@ def _qkv_backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         return (None,) * (1 + len(ctx.args))
     qkv, out, lse = ctx.saved_tensors
-    bwd = _qkv_bwd_impl if getattr(ctx, "eager", False) else _qkv_bwd_op
+    bwd = _qkv_bwd_impl if _eager_backward(ctx, grad_out) else _qkv_bwd_op
     return (bwd(grad_out, qkv, out, lse, *ctx.args),) + (None,) * len(ctx.args)
 
 
 _qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 
 
-def _eager(t):
+def _eager(*tensors):
     """Whether a call may skip the custom-op dispatcher: eager calls on real tensors.
 
     The dispatcher's Python (default filling, wrapper unwrapping) was two thirds of the
     op's host time per call (cProfile on CPU), and on the H200 the op's calls, not its
-    kernels, set its time at ViT sizes. Anything that traces (torch.compile, fake and
-    meta tensors, a dispatch mode such as make_fx's) takes the registered custom ops,
-    which trace through their fake implementations.
+    kernels, set its time at ViT sizes. Anything that traces or transforms
+    (torch.compile, fake and meta tensors, a dispatch mode such as make_fx's, vmap and
+    the other torch.func transforms) takes the registered custom ops, which trace
+    through their fake implementations.
     """
-    return (not torch.compiler.is_compiling() and t.device.type != "meta"
-            and type(t) in (torch.Tensor, torch.nn.Parameter)
-            and torch._C._len_torch_dispatch_stack() == 0)
+    return (not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active()
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type != "meta"
+                    for t in tensors))
+
+
+def _eager_backward(ctx, grad_out):
+    """The backward of an eager forward may still have to take the custom op: when it is
+    traced (compiled autograd, a dispatch mode around .backward()), and under
+    create_graph=True, where only the op raises on a second derivative (the raw body
+    would give gradients with no graph: a silently missing second-order term)."""
+    return getattr(ctx, "eager", False) and not torch.is_grad_enabled() and _eager(grad_out)
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -928,7 +940,7 @@ def triton_attention(q, k, v, num_queries, num_prefix, *, layout=None, query_see
     cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
     args = (q, k, v, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen,
             num_prefix, query_sees_prefix, query_sees_self, query_sees_queries, scale)
-    out, _ = _EagerAttention.apply(False, *args) if _eager(q) else _fwd_op(*args)
+    out, _ = _EagerAttention.apply(False, *args) if _eager(q, k, v) else _fwd_op(*args)
     return out
 
 

@@ -99,8 +99,8 @@ def measure(workloads, rounds=20):
             for _ in range(rounds):
                 op(qkv).backward(grad)
             torch.cuda.synchronize()
-        # The kernels by their Triton names (the custom ops around them are named
-        # adclr_kernels::..., and hold the same time again).
+        # The kernels by their Triton names (rows of wrappers around them, such as the
+        # custom ops' adclr_kernels::... under torch.compile, would count it again).
         totals = {avg.key: avg.device_time_total for avg in prof.key_averages()
                   if avg.key.startswith("_unidirectional")}
         for name, total in totals.items():
@@ -130,7 +130,16 @@ FIT_GRID = dict(ipc_per_warp=(0.11, 0.12, 0.125, 0.13, 0.135, 0.14, 0.15, 0.16),
                 memory_efficiency=(0.7, 0.75, 0.8, 0.85, 0.9))
 
 
-def fit(calibration, gpu_key="h200"):
+def _gpu_key(device_name):
+    """bench.static's GPU entry for a measured device's name."""
+    for key, word in (("h200", "H200"), ("sm90", "H100"), ("sm80", "A100")):
+        if word in device_name:
+            return key
+    raise ValueError(f"bench.static has no GPU entry for {device_name!r}: add one to "
+                     "bench.static.GPUS (SMs, clock, capability) before fitting to it")
+
+
+def fit(calibration, gpu_key=None):
     """Fit the static model's latency parameters to measured kernel times.
 
     calibration: a calibration.json (measured µs per kernel, and the configs each
@@ -148,9 +157,12 @@ def fit(calibration, gpu_key="h200"):
     from bench import static as S
     from bench.workloads import STATIC_WORKLOADS
 
+    if "configs" not in calibration:
+        raise ValueError("this calibration.json does not record the configs its kernels ran "
+                         "with (bench.calibrate before 2026-11-26): add them, or measure again")
     measured = {(r["workload"], r["kernel"]): r["measured_us"] for r in calibration["rows"]}
     ceil = calibration["meta"].get("ceilings") or {}
-    gpu = S.GPUS[gpu_key]
+    gpu = S.GPUS[gpu_key or _gpu_key(calibration["meta"]["device"])]
     if ceil:
         rate = ceil["bf16_matmul_tflops"] * 1e12
         gpu = dataclasses.replace(gpu, dram_bytes_per_s=ceil["copy_tb_per_s"] * 1e12,

@@ -93,7 +93,17 @@ def load(*paths) -> dict:
         if not found:
             raise ValueError(f"{path}: no adclr benchmark results in it (was it written by "
                              "`pytest bench/ --benchmark-json=...`?)")
+        if one is not data and _setup(one) != _setup(data):
+            raise ValueError(f"{path}: recorded with {_setup(one)}, {paths[0]} with "
+                             f"{_setup(data)}: only files of one device and software merge")
         benches += found
+    seen = set()
+    for bench in benches:
+        key = (bench["group"], bench["extra_info"].get("backend"))
+        if key in seen:
+            raise ValueError(f"{key[1]} appears twice in group {key[0]!r}: merge files of "
+                             "disjoint tests")
+        seen.add(key)
     # Keep the shapes in the order the run measured them.
     first_seen = {}
     for bench in benches:
@@ -128,6 +138,11 @@ def format_bytes(nbytes) -> str:
 def _ratio(info, key):
     value = info.get(key)
     return "–" if value is None else f"{value:.2f}x"
+
+
+def _setup(data) -> dict:
+    info = device_of(data)
+    return {k: info.get(k) for k in ("device", "dtype", "torch", "triton", "cuda")}
 
 
 def device_of(data) -> dict:

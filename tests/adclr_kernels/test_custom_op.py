@@ -91,7 +91,26 @@ def test_eager_calls_skip_the_dispatcher_and_match_the_custom_op(monkeypatch, pa
     monkeypatch.setattr(U, name, counted)
     eager_out, eager_grad = run()
     assert calls["impl"] == 1  # the eager backward ran the body, not the op
-    monkeypatch.setattr(U, "_eager", lambda t: False)
+    monkeypatch.setattr(U, "_eager", lambda *tensors: False)
     op_out, op_grad = run()
     assert calls["impl"] == 1  # the custom op's own registration ran this time
     assert torch.equal(eager_out, op_out) and torch.equal(eager_grad, op_grad)
+
+
+def test_eager_path_refuses_a_second_derivative_and_serves_vmap():
+    # Eager calls must not differ from the custom op where the op is strict: a second
+    # derivative is an error (not a silently missing term), and vmap, which the custom
+    # op serves by its fallback, still works.
+    from adclr_kernels import unidirectional_attention_qkvpacked
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 13, 3, 2, 16, device=DEVICE, requires_grad=True)
+
+    def f(t):
+        return unidirectional_attention_qkvpacked(t, 3, backend="triton")
+
+    g, = torch.autograd.grad(f(x).square().sum() + x.pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(g.sum(), x)
+    batch = torch.randn(3, *x.shape, device=DEVICE)
+    torch.testing.assert_close(torch.func.vmap(f)(batch), torch.stack([f(b) for b in batch]))

@@ -56,6 +56,14 @@ def test_split_runs_merge_with_ratios_over_the_union(raw, tmp_path):
         empty = tmp_path / "empty.json"
         empty.write_text(json.dumps(dict(raw, benchmarks=[])))
         report.load(paths[0], empty)
+    # Files of another device, or the same test twice, do not merge.
+    other = json.loads(paths[1].read_text())
+    other["machine_info"]["adclr"]["device"] = "another GPU"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="one device and software"):
+        report.load(paths[0], tmp_path / "other.json")
+    with pytest.raises(ValueError, match="appears twice"):
+        report.load(paths[0], paths[0])
 
 
 def test_ratios_are_recomputed_from_the_recorded_medians(raw):
