@@ -38,10 +38,10 @@ class SegmentationCrops(torch.utils.data.Dataset):
     """
 
     def __init__(self, base, size, limit=0, full_masks=False):
+        from .evaluate import fixed_subset
+
         self.base, self.size, self.full_masks = base, size, full_masks
-        n = len(base)
-        subset = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].sort().values
-        self.indices = subset.tolist() if 0 < limit < n else range(n)
+        self.indices = fixed_subset(len(base), limit)
 
     def __len__(self):
         return len(self.indices)
@@ -246,6 +246,24 @@ def dense_probe(backbone, train_set, val_set, num_classes=None, n_last_blocks=1,
 BUILTIN_CPU_LIMIT = 2000
 
 
+def open_splits(data, limit, device):
+    """(data, train split, val split, images per split) of --data, the built-in scenes
+    by default; on CPU the built-in sets are cut to BUILTIN_CPU_LIMIT unless --limit is
+    given (0: all)."""
+    from .data import BUILTIN, open_segmentation
+
+    data = data or "builtin:scenes"
+    try:
+        train_images, val_images = open_segmentation(data, "train"), open_segmentation(data, "val")
+    except OSError as error:
+        raise SystemExit(f"error: --data: {error}") from None
+    if limit is None:
+        limit = BUILTIN_CPU_LIMIT if data in BUILTIN and torch.device(device).type == "cpu" else 0
+        if limit:
+            print(f"built-in data on CPU: {limit} images per split (--limit 0 for all)", file=sys.stderr)
+    return data, train_images, val_images, limit
+
+
 def evaluate_dense(checkpoint, data=None, weights="teacher", image_size=None, batch_size=128,
                    n_last_blocks=None, epochs=None, lr=None, num_classes=None, device="auto",
                    num_workers=-1, limit=None):
@@ -254,7 +272,7 @@ def evaluate_dense(checkpoint, data=None, weights="teacher", image_size=None, ba
     data: a folder of image/mask pairs (`SegmentationFolder`), or a built-in set
     (default "builtin:scenes"). None for a setting picks its default (printed).
     """
-    from .data import BUILTIN, default_num_workers, open_segmentation
+    from .data import default_num_workers
     from .evaluate import _backbone_or_exit
 
     if device == "auto":
@@ -269,15 +287,7 @@ def evaluate_dense(checkpoint, data=None, weights="teacher", image_size=None, ba
     if n_last_blocks > len(backbone.blocks):
         raise SystemExit(f"error: --n-last-blocks {n_last_blocks} is more than the {len(backbone.blocks)} "
                          "blocks of the run's model")
-    data = data or "builtin:scenes"
-    try:
-        train_images, val_images = open_segmentation(data, "train"), open_segmentation(data, "val")
-    except OSError as error:
-        raise SystemExit(f"error: --data: {error}") from None
-    if limit is None:
-        limit = BUILTIN_CPU_LIMIT if data in BUILTIN and torch.device(device).type == "cpu" else 0
-        if limit:
-            print(f"built-in data on CPU: {limit} images per split (--limit 0 for all)", file=sys.stderr)
+    data, train_images, val_images, limit = open_splits(data, limit, device)
     epochs, lr = epochs or DEFAULT_EPOCHS, lr or DEFAULT_LR
     workers = default_num_workers() if num_workers < 0 else num_workers
     train_set = SegmentationCrops(train_images, size, limit)

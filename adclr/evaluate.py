@@ -48,6 +48,14 @@ def load_backbone(checkpoint, weights="teacher", device="cpu"):
     return backbone.to(device).eval(), cfg
 
 
+def fixed_subset(n, limit):
+    """Indices of `limit` of n images (all of them for limit 0), in order: a fixed random
+    subset keeps every class of a class-sorted folder, and cannot alias with a periodic
+    labelling the way evenly spaced indices can."""
+    subset = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].sort().values
+    return subset.tolist() if 0 < limit < n else range(n)
+
+
 def _backbone_or_exit(checkpoint, weights, device="cpu"):
     try:
         return load_backbone(checkpoint, weights, device)
@@ -64,11 +72,7 @@ class CenterCrops(torch.utils.data.Dataset):
 
     def __init__(self, base, size, limit=0):
         self.base, self.size = base, size
-        n = len(base)
-        # A fixed random subset: keeps every class of a class-sorted folder, and cannot
-        # alias with a periodic labelling the way evenly spaced indices can.
-        subset = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].sort().values
-        self.indices = subset.tolist() if 0 < limit < n else range(n)
+        self.indices = fixed_subset(len(base), limit)
 
     def __len__(self):
         return len(self.indices)

@@ -165,21 +165,15 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
                n_last_blocks=1, limit=None, num_workers=-1):
     """Fit the dense probe as `adclr eval dense` does and write OUT/dense.png: per val
     image, the image, the ground-truth mask and the probe's prediction. Returns the path."""
-    from .data import BUILTIN, default_num_workers
-    from .dense import (BUILTIN_CPU_LIMIT, DEFAULT_EPOCHS, DEFAULT_LR, IGNORE, SegmentationCrops,
-                        fit_probe, patch_features)
+    from .data import default_num_workers
+    from .dense import (DEFAULT_EPOCHS, DEFAULT_LR, IGNORE, SegmentationCrops, fit_probe,
+                        open_splits, patch_features)
     from .evaluate import _backbone_or_exit
 
     plt = pyplot()
     backbone, cfg = _backbone_or_exit(checkpoint, weights)
     size = cfg["image_size"]
-    data = data or "builtin:scenes"
-    try:
-        train_images, val_images = open_segmentation(data, "train"), open_segmentation(data, "val")
-    except OSError as error:
-        raise SystemExit(f"error: --data: {error}") from None
-    if limit is None:
-        limit = BUILTIN_CPU_LIMIT if data in BUILTIN else 0
+    data, train_images, val_images, limit = open_splits(data, limit, "cpu")
     workers = default_num_workers() if num_workers < 0 else num_workers
     try:
         probe, _ = fit_probe(backbone, SegmentationCrops(train_images, size, limit), None, n_last_blocks,
