@@ -273,16 +273,9 @@ def evaluate_dense(checkpoint, data=None, weights="teacher", image_size=None, ba
     (default "builtin:scenes"). None for a setting picks its default (printed).
     """
     from .data import default_num_workers
-    from .evaluate import _backbone_or_exit
+    from .evaluate import backbone_for_eval
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {device} but CUDA is not available")
-    backbone, cfg = _backbone_or_exit(checkpoint, weights, device)
-    size = image_size or cfg["image_size"]
-    if size % cfg["patch_size"]:
-        raise SystemExit(f"error: --image-size {size} must be a multiple of the run's patch size {cfg['patch_size']}")
+    backbone, cfg, device, size = backbone_for_eval(checkpoint, weights, device, image_size)
     n_last_blocks = n_last_blocks or 1
     if n_last_blocks > len(backbone.blocks):
         raise SystemExit(f"error: --n-last-blocks {n_last_blocks} is more than the {len(backbone.blocks)} "

@@ -48,6 +48,20 @@ def load_backbone(checkpoint, weights="teacher", device="cpu"):
     return backbone.to(device).eval(), cfg
 
 
+def backbone_for_eval(checkpoint, weights, device, image_size):
+    """(backbone, its run's config, the device, the input size) for an `adclr eval`:
+    "auto" picks CUDA when there is one; errors a user causes exit with one line."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device} but CUDA is not available")
+    backbone, cfg = _backbone_or_exit(checkpoint, weights, device)
+    size = image_size or cfg["image_size"]
+    if size % cfg["patch_size"]:
+        raise SystemExit(f"error: --image-size {size} must be a multiple of the run's patch size {cfg['patch_size']}")
+    return backbone, cfg, device, size
+
+
 def fixed_subset(n, limit):
     """Indices of `limit` of n images (all of them for limit 0), in order: a fixed random
     subset keeps every class of a class-sorted folder, and cannot alias with a periodic
@@ -280,15 +294,8 @@ def evaluate(protocol, checkpoint, data=None, weights="teacher", image_size=None
     epochs None: DINO's 100, or BUILTIN_CPU_LINEAR_EPOCHS for DINO's linear protocol on
     the built-in data on a CPU (said on stderr).
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {device} but CUDA is not available")
-    backbone, cfg = _backbone_or_exit(checkpoint, weights, device)
+    backbone, cfg, device, size = backbone_for_eval(checkpoint, weights, device, image_size)
     data = data or cfg["data"]
-    size = image_size or cfg["image_size"]
-    if size % cfg["patch_size"]:
-        raise SystemExit(f"error: --image-size {size} must be a multiple of the run's patch size {cfg['patch_size']}")
     try:
         train_images, val_images = open_dataset(data, "train"), open_dataset(data, "val")
     except OSError as error:  # no such folder, no train/ or val/ in it, no images, no permission

@@ -129,9 +129,14 @@ def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees
     return _check_scale(scale, head_dim)
 
 
-def _resolve_backend(backend, q, requires_grad):
+def check_backend_name(backend):
+    """The one error for a backend name the op does not know (adapters check early)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _resolve_backend(backend, q, requires_grad):
+    check_backend_name(backend)
     if backend == "auto":
         if q.is_cuda and q.dtype in _TRITON_DTYPES and q.shape[-1] <= TRITON_MAX_HEAD_DIM:
             return "triton"
@@ -272,14 +277,17 @@ class VarlenLayout:
             raise ValueError(f"{offsets[-1]} tokens do not fit int32 offsets")
         self.total_tokens = offsets[-1]
         self.max_seqlen = max(self.seqlens, default=0)
-        # "cuda" names the current GPU: keep the tensor's own device ("cuda:0"), which is
-        # what a tensor on it reports, so the device check below compares like with like.
         self.cu_seqlens = torch.tensor(offsets, dtype=torch.int32,
                                        device=device if device is not None else "cpu")
-        self.device = self.cu_seqlens.device
         self.num_queries = torch.tensor(self.queries, dtype=torch.int32, device=self.device)
         self._tiles = {}
         self._checked = set()
+
+    @property
+    def device(self):
+        # The tensors' own device: "cuda" given here reads back as "cuda:0", which is
+        # what a tensor on it reports, so the device checks compare like with like.
+        return self.cu_seqlens.device
 
     @classmethod
     def from_offsets(cls, offsets, num_queries=0, device=None):

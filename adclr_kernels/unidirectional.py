@@ -830,12 +830,9 @@ def _qkv_fwd_impl(qkv: Tensor, cu_seqlens: Optional[Tensor], num_queries_t: Opti
                 max_seqlen: int, num_prefix: int, query_sees_prefix: bool,
                 query_sees_self: bool, query_sees_queries: bool,
                 scale: float) -> tuple[Tensor, Tensor]:
-    q, k, v = _unpack(qkv)
-    out, lse = _empty_out(q), _empty_lse(q)
-    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
-    attention_fwd(q, k, v, out, lse, geo, num_prefix,
-                  _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
-    return out, lse
+    return _fwd_impl(*_unpack(qkv), cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, num_queries,
+                     max_seqlen, num_prefix, query_sees_prefix, query_sees_self,
+                     query_sees_queries, scale)
 
 
 _qkv_fwd_op = torch.library.custom_op("adclr_kernels::qkvpacked_attention_fwd", _qkv_fwd_impl,
@@ -844,8 +841,7 @@ _qkv_fwd_op = torch.library.custom_op("adclr_kernels::qkvpacked_attention_fwd", 
 
 @_qkv_fwd_op.register_fake
 def _qkv_fwd_fake(qkv, *args):
-    q = _unpack(qkv)[0]
-    return _empty_out(q), _empty_lse(q)
+    return _fwd_fake(*_unpack(qkv))
 
 
 def _qkv_bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 
-from ..attention import BACKENDS
+from ..attention import check_backend_name
 from . import (OpAttention, QueryLayout, UnsupportedModel, attend_packed, attention_weights, carry_queries,
                check_children, check_no_attention_dropout, check_queries, check_signature, embed_crops,
                refuse_token_mixers, subclass, swap_classes)
@@ -110,8 +110,7 @@ def swap_attention(model, backend="auto"):
     Raises UnsupportedModel before any change for anything that is not DINO's structure,
     or uses attention dropout.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     swap_classes(model, _plan(model))
     for block in model.blocks:
         block.attn.adclr_backend = backend

@@ -39,7 +39,7 @@ import functools
 import torch
 from torch import nn
 
-from ..attention import BACKENDS, VarlenLayout
+from ..attention import VarlenLayout, check_backend_name
 from . import (OpAttention, QueryLayout, UnsupportedModel, attend_packed, attend_varlen, carry_queries,
                check_children, check_no_attention_dropout, check_queries, check_signature, embed_crops,
                forward_parameters, refuse_token_mixers, subclass, swap_classes)
@@ -223,8 +223,7 @@ def swap_attention(model, backend="auto"):
     return what DINOv2's do (to floating-point rounding); state dict, parameters and
     hooks are unchanged. Raises UnsupportedModel before any change otherwise.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     swap_classes(model, _plan(model))
     for _, block in _blocks(model):
         block.attn.adclr_backend = backend

@@ -37,7 +37,7 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from timm.models.vision_transformer import (Block, DiffParallelScalingBlock, ParallelScalingBlock,
                                             ParallelThingsBlock, ResPostBlock, VisionTransformer)
 
-from ..attention import BACKENDS
+from ..attention import check_backend_name
 from . import (OpAttention, QueryLayout, UnsupportedModel, attend, attend_packed, carry_queries,
                check_children, check_no_attention_dropout, check_queries, check_signature,
                embed_crops, refuse_token_mixers, swap_classes)
@@ -273,8 +273,7 @@ def swap_attention(model, backend="auto"):
 
     backend: the op's backend ("auto": Triton on CUDA, sdpa elsewhere).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     plan = _plan(model)
     swap_classes(model, plan)
     for module in model.modules():

@@ -33,7 +33,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..attention import BACKENDS, unidirectional_attention
+from ..attention import check_backend_name, unidirectional_attention
 from . import (OpAttention, QueryLayout, UnsupportedModel, carry_queries, check_queries, check_signature,
                embed_crops, refuse_token_mixers, subclass, swap_classes)
 
@@ -153,8 +153,7 @@ def swap_attention(model, backend="auto"):
     Outputs match the sdpa implementation's to floating-point rounding. Raises
     UnsupportedModel, before any change, for other models.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend_name(backend)
     _, entry, _, attentions = _describe(model)
     plan = [(m, subclass(type(m), entry[-1], f"Unidirectional{type(m).__name__}"))
             for _, m in attentions if not isinstance(m, OpAttention)]
