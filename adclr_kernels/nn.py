@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .attention import (VarlenLayout, unidirectional_attention, unidirectional_attention_qkvpacked,
+from .attention import (unidirectional_attention, unidirectional_attention_qkvpacked,
                         unidirectional_attention_varlen, unidirectional_attention_varlen_qkvpacked)
+from .varlen import VarlenLayout
 
 
 class UnidirectionalAttention(nn.Module):

@@ -127,9 +127,9 @@ class Launch:
 
 
 def _kernels():
-    from adclr_kernels import unidirectional
+    from adclr_kernels import attention_triton
 
-    kernels = [obj for obj in vars(unidirectional).values()
+    kernels = [obj for obj in vars(attention_triton).values()
                if isinstance(obj, triton.runtime.JITFunction)]
     if not kernels:
         raise RuntimeError("the kernels were built for Triton's interpreter: run bench.static "
@@ -140,7 +140,7 @@ def _kernels():
 @contextlib.contextmanager
 def recording(capability):
     """Record every kernel launch instead of running it; the launchers see `capability`."""
-    from adclr_kernels import unidirectional
+    from adclr_kernels import attention_triton
 
     launches = []
     kernels = _kernels()
@@ -150,14 +150,14 @@ def recording(capability):
             launches.append(Launch(kernel, args, kwargs, grid))
         return run
 
-    saved_capability = getattr(unidirectional, "_capability", None)
-    unidirectional._capability = lambda device: capability
+    saved_capability = attention_triton.device_capability
+    attention_triton.device_capability = lambda device: capability
     for kernel in kernels:
         kernel.run = recorder(kernel)
     try:
         yield launches
     finally:
-        unidirectional._capability = saved_capability
+        attention_triton.device_capability = saved_capability
         for kernel in kernels:
             del kernel.run
 
@@ -170,13 +170,12 @@ def _meta_qkv(batch_shape, heads, head_dim, dtype):
 def capture(workload, dtype, capability, flags=(False, False, False)):
     """(forward launches, backward launches) of one attention layer's op call.
 
-    Runs the bodies of the custom ops the drop-in module calls (the packed-qkv op, dense
-    or with the trainer's VarlenLayout) on meta tensors, so every buffer, stride and
-    grid is the one a GPU call would get.
+    Runs the bodies of the custom ops the drop-in module calls (the packed-qkv op,
+    batched or with the trainer's VarlenLayout) on meta tensors, so every buffer, stride
+    and grid is the one a GPU call would get.
     """
     from adclr_kernels import VarlenLayout
-    from adclr_kernels import unidirectional as U
-    from adclr_kernels.attention import _triton_layout
+    from adclr_kernels import attention_triton as T
 
     scale = workload.head_dim ** -0.5
     with recording(capability) as launches:
@@ -184,16 +183,16 @@ def capture(workload, dtype, capability, flags=(False, False, False)):
             lengths, queries = zip(*workload.sequences())
             qkv = _meta_qkv((workload.tokens,), workload.heads, workload.head_dim, dtype)
             layout = VarlenLayout(lengths, queries, device="meta")
-            cu, nq, max_len, fwd_tiles, bwd_tiles = _triton_layout(layout, qkv[:, 0])
+            cu, nq, max_len, fwd_tiles, bwd_tiles = T.varlen_tables(layout, qkv[:, 0])
             geometry = (cu, nq, fwd_tiles, bwd_tiles, 0, max_len)
         else:
             qkv = _meta_qkv((workload.batch, workload.seq_len), workload.heads,
                             workload.head_dim, dtype)
             geometry = (None, None, None, None, workload.num_queries, 0)
         args = (*geometry, workload.num_prefix, *flags, scale)
-        out, lse = U._qkv_fwd_impl(qkv, *args)
+        out, lse = T._qkv_fwd_impl(qkv, *args)
         n_fwd = len(launches)
-        U._qkv_bwd_impl(torch.empty_like(out), qkv, out, lse, *args)
+        T._qkv_bwd_impl(torch.empty_like(out), qkv, out, lse, *args)
     return launches[:n_fwd], launches[n_fwd:]
 
 
@@ -436,7 +435,7 @@ def loops(compiled):
 # ----------------------------------------------------------------------------------------
 # 4. Trip counts, and the time model
 # ----------------------------------------------------------------------------------------
-# The range arithmetic below mirrors adclr_kernels/unidirectional.py: keep the two in step.
+# The range arithmetic below mirrors adclr_kernels/attention_triton.py: keep the two in step.
 
 
 @dataclass(frozen=True)
@@ -505,7 +504,7 @@ def programs(launch, seqs, heads):
     """Trip counts of every program of a launch, in launch order: [{loop: trips}].
 
     Mirrors the kernels' range arithmetic for the default options (the trainer's): keep
-    it in step with adclr_kernels/unidirectional.py.
+    it in step with adclr_kernels/attention_triton.py.
     """
     a = launch.bound()
     # The backward's programs step by min(BLOCK_N1, BLOCK_M2) rows, the others by BLOCK_M.

@@ -1,4 +1,5 @@
-"""The drop-in module: timm's names, plain attention without queries, packed input."""
+"""The drop-in module: timm's names, plain attention without queries, packed input, and
+nothing copied around the op."""
 
 import json
 import pathlib
@@ -66,3 +67,21 @@ class _Float32Norm(nn.LayerNorm):
 
     def forward(self, x):
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float())
+
+
+@pytest.mark.parametrize("module_qk_norm", [False, True])
+def test_the_module_adds_no_copies_around_the_op(module_qk_norm):
+    """What autograd and the drop-in module run around the kernels, counted on meta
+    tensors of a real ViT-S/16 layer (bench.static's counter)."""
+    from bench.static import autograd_work
+    from bench.workloads import STATIC_WORKLOADS
+
+    for workload in (STATIC_WORKLOADS[0], STATIC_WORKLOADS[-1]):  # dense global, packed batch
+        custom, copies = autograd_work(workload, torch.bfloat16, qk_norm=module_qk_norm)
+        if module_qk_norm:
+            # q/k norms make new q and k tensors: the separate op runs, and autograd
+            # stacks its three gradients. The point of the packed op is visible here.
+            assert [op for op, _ in copies].count("stack") == 1
+            continue
+        assert custom == ["qkvpacked_attention_fwd", "qkvpacked_attention_bwd"]
+        assert copies == []
