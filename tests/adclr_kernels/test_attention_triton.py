@@ -127,10 +127,10 @@ def test_gpu_tile_sizes_packed_in_the_interpreter(monkeypatch, lengths, queries,
                                                     backend="triton")
     (dqkv,) = torch.autograd.grad(out, qkv, grad_out)
     for (start, end), nq in zip(layout.bounds(), queries):
-        dense = [t.detach().double()[start:end].transpose(0, 1)[None].requires_grad_()
-                 for t in qkv.unbind(1)]
-        ref = dense_masked_attention(*dense, nq, num_prefix)
-        grads = torch.autograd.grad(ref, dense, grad_out.double()[start:end].transpose(0, 1)[None])
+        batched = [t.detach().double()[start:end].transpose(0, 1)[None].requires_grad_()
+                   for t in qkv.unbind(1)]
+        ref = dense_masked_attention(*batched, nq, num_prefix)
+        grads = torch.autograd.grad(ref, batched, grad_out.double()[start:end].transpose(0, 1)[None])
         assert_rel_close("out", out[start:end], ref[0].transpose(0, 1), tol)
         for i, want in enumerate(grads):
             assert_rel_close(f"d{'qkv'[i]}", dqkv[start:end, i], want[0].transpose(0, 1), tol)

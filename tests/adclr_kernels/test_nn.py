@@ -76,7 +76,7 @@ def test_the_module_adds_no_copies_around_the_op(module_qk_norm):
     from bench.static import autograd_work
     from bench.workloads import STATIC_WORKLOADS
 
-    for workload in (STATIC_WORKLOADS[0], STATIC_WORKLOADS[-1]):  # dense global, packed batch
+    for workload in (STATIC_WORKLOADS[0], STATIC_WORKLOADS[-1]):  # batched global, packed batch
         custom, copies = autograd_work(workload, torch.bfloat16, qk_norm=module_qk_norm)
         if module_qk_norm:
             # q/k norms make new q and k tensors: the separate op runs, and autograd
