@@ -1,10 +1,11 @@
 """Fused ADCLR unidirectional attention: Triton kernels and PyTorch references."""
 
 from . import nn
-from .attention import (BACKENDS, VarlenLayout, unidirectional_attention,
-                        unidirectional_attention_qkvpacked, unidirectional_attention_varlen,
-                        unidirectional_attention_varlen_qkvpacked)
-from .reference import visibility_mask
+from .attention import (unidirectional_attention, unidirectional_attention_qkvpacked,
+                        unidirectional_attention_varlen, unidirectional_attention_varlen_qkvpacked)
+from .backends import BACKENDS
+from .mask import visibility_mask
+from .varlen import VarlenLayout
 
 __all__ = ["BACKENDS", "VarlenLayout", "unidirectional_attention",
            "unidirectional_attention_qkvpacked", "unidirectional_attention_varlen",

@@ -114,13 +114,13 @@ def launch_configs(workload, capability):
     """The tile configs the op launches for this workload (bf16), as the kernels pick them."""
     import torch
 
-    from adclr_kernels import unidirectional as U
+    from adclr_kernels import attention_triton as T
     from bench.workloads import PackedWorkload
 
     packed = isinstance(workload, PackedWorkload)
     max_len = max(n for n, _ in workload.sequences()) if packed else workload.seq_len
-    return dict(fwd=U._fwd_config(workload.head_dim, torch.bfloat16, capability, max_len, packed),
-                bwd=U._bwd_config(workload.head_dim, torch.bfloat16, capability, packed))
+    return dict(fwd=T._fwd_config(workload.head_dim, torch.bfloat16, capability, max_len, packed),
+                bwd=T._bwd_config(workload.head_dim, torch.bfloat16, capability, packed))
 
 
 # The latency parameters of bench.static's Gpu tried by --fit: warp-instructions per
@@ -153,7 +153,7 @@ def fit(calibration, gpu_key=None):
 
     import torch
 
-    from adclr_kernels import unidirectional as U
+    from adclr_kernels import attention_triton as T
     from bench import static as S
     from bench.workloads import STATIC_WORKLOADS
 
@@ -168,20 +168,20 @@ def fit(calibration, gpu_key=None):
         gpu = dataclasses.replace(gpu, dram_bytes_per_s=ceil["copy_tb_per_s"] * 1e12,
                                   mma_flops=dict(gpu.mma_flops, bf16=rate, fp16=rate))
     kernels = []
-    real_fwd, real_bwd = U._fwd_config, U._bwd_config
+    real_fwd, real_bwd = T._fwd_config, T._bwd_config
     try:
         for w in STATIC_WORKLOADS:
             cfg = calibration["configs"].get(w.id)
             if cfg is None:
                 continue
-            U._fwd_config = lambda *a, c=cfg["fwd"], **k: dict(c)
-            U._bwd_config = lambda *a, c=cfg["bwd"], **k: dict(c)
+            T._fwd_config = lambda *a, c=cfg["fwd"], **k: dict(c)
+            T._bwd_config = lambda *a, c=cfg["bwd"], **k: dict(c)
             forward, backward = S.capture(w, torch.bfloat16, gpu.capability)
             for launch in forward + backward:
                 if (w.id, launch.name) in measured:
                     kernels.append((w, launch, S.compile_launch(launch, gpu.capability)))
     finally:
-        U._fwd_config, U._bwd_config = real_fwd, real_bwd
+        T._fwd_config, T._bwd_config = real_fwd, real_bwd
 
     def estimates(g):
         return [S.model_kernel(launch, compiled, S.sequences(w), w.heads, w.head_dim, "bf16", g)

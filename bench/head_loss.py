@@ -170,7 +170,7 @@ def static_peak_bytes(w: HeadLossWorkload, path: str, logits_bytes: int, chunk_r
 
 def measure_cpu(w: HeadLossWorkload, path: str):
     """(peak bytes recorded by the torch profiler on CPU, seconds) for one step of path."""
-    from bench.conftest import peak_memory_bytes
+    from bench.timing import peak_memory_bytes
 
     inputs = make_inputs(w, "cpu")
     fn = (lambda: unfused_step(inputs)) if path == "unfused" else (lambda: fused_step(inputs, path.split("-")[1]))

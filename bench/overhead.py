@@ -28,7 +28,8 @@ def host_us_per_call(fn, calls):
 def main(argv=None):
     import torch
 
-    import adclr_kernels.unidirectional as U
+    import adclr_kernels.attention_triton as T
+    import adclr_kernels.backends as B
     from adclr_kernels import unidirectional_attention_qkvpacked
 
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n")[0])
@@ -37,10 +38,8 @@ def main(argv=None):
 
     # The launchers become no-ops; everything around them runs as in a real call. The
     # backend check accepts CPU tensors only with the interpreter switched on.
-    U.attention_fwd = U.attention_bwd = lambda *a, **k: None
-    U.triton_interpreter_enabled = lambda: True
-    import adclr_kernels.attention as A
-    A.triton_interpreter_enabled = lambda: True
+    T.attention_fwd = T.attention_bwd = lambda *a, **k: None
+    T.triton_interpreter_enabled = B.triton_interpreter_enabled = lambda: True
 
     qkv = torch.randn(2, 207, 3, 6, 64, requires_grad=True)
     grad = torch.randn(2, 207, 6, 64)
@@ -51,14 +50,14 @@ def main(argv=None):
     def forward_backward():
         return torch.autograd.grad(forward(), qkv, grad)
 
-    eager = U._eager
+    eager = T._eager
     print(f"host µs per call, kernels stubbed ({args.calls} calls, torch {torch.__version__}):")
     for name, path in (("custom op (as under torch.compile)", lambda *t: False),
                        ("eager autograd.Function (default)", eager)):
-        U._eager = path
+        T._eager = path
         print(f"  {name:36} forward {host_us_per_call(forward, args.calls):6.0f}   "
               f"forward + backward {host_us_per_call(forward_backward, args.calls):6.0f}")
-    U._eager = eager
+    T._eager = eager
 
 
 if __name__ == "__main__":

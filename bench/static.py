@@ -88,7 +88,7 @@ class Gpu:
 
 
 # H100 SXM: PERF.md's ceilings (bf16 ~800 TFLOP/s on large products, ~3.0 TB/s copy),
-# 1.755 GHz sustained. A100 SXM 80 GB: spec-sheet figures, not yet measured here.
+# 1.755 GHz sustained. A100 SXM 80 GB: spec-sheet figures (bench/NOTES.md, "What is assumed").
 H100 = Gpu("H100 SXM", 90, 132, 1.755e9, 3.0e12,
            {"bf16": 800e12, "fp16": 800e12, "fp32": 400e12}, 228 * 1024, 227 * 1024)
 A100 = Gpu("A100 SXM", 80, 108, 1.41e9, 1.9e12,
@@ -127,9 +127,9 @@ class Launch:
 
 
 def _kernels():
-    from adclr_kernels import unidirectional
+    from adclr_kernels import attention_triton
 
-    kernels = [obj for obj in vars(unidirectional).values()
+    kernels = [obj for obj in vars(attention_triton).values()
                if isinstance(obj, triton.runtime.JITFunction)]
     if not kernels:
         raise RuntimeError("the kernels were built for Triton's interpreter: run bench.static "
@@ -140,7 +140,7 @@ def _kernels():
 @contextlib.contextmanager
 def recording(capability):
     """Record every kernel launch instead of running it; the launchers see `capability`."""
-    from adclr_kernels import unidirectional
+    from adclr_kernels import attention_triton
 
     launches = []
     kernels = _kernels()
@@ -150,14 +150,14 @@ def recording(capability):
             launches.append(Launch(kernel, args, kwargs, grid))
         return run
 
-    saved_capability = getattr(unidirectional, "_capability", None)
-    unidirectional._capability = lambda device: capability
+    saved_capability = attention_triton.device_capability
+    attention_triton.device_capability = lambda device: capability
     for kernel in kernels:
         kernel.run = recorder(kernel)
     try:
         yield launches
     finally:
-        unidirectional._capability = saved_capability
+        attention_triton.device_capability = saved_capability
         for kernel in kernels:
             del kernel.run
 
@@ -170,13 +170,12 @@ def _meta_qkv(batch_shape, heads, head_dim, dtype):
 def capture(workload, dtype, capability, flags=(False, False, False)):
     """(forward launches, backward launches) of one attention layer's op call.
 
-    Runs the bodies of the custom ops the drop-in module calls (the packed-qkv op, dense
-    or with the trainer's VarlenLayout) on meta tensors, so every buffer, stride and
-    grid is the one a GPU call would get.
+    Runs the bodies of the custom ops the drop-in module calls (the packed-qkv op,
+    batched or with the trainer's VarlenLayout) on meta tensors, so every buffer, stride
+    and grid is the one a GPU call would get.
     """
     from adclr_kernels import VarlenLayout
-    from adclr_kernels import unidirectional as U
-    from adclr_kernels.attention import _triton_layout
+    from adclr_kernels import attention_triton as T
 
     scale = workload.head_dim ** -0.5
     with recording(capability) as launches:
@@ -184,16 +183,16 @@ def capture(workload, dtype, capability, flags=(False, False, False)):
             lengths, queries = zip(*workload.sequences())
             qkv = _meta_qkv((workload.tokens,), workload.heads, workload.head_dim, dtype)
             layout = VarlenLayout(lengths, queries, device="meta")
-            cu, nq, max_len, fwd_tiles, bwd_tiles = _triton_layout(layout, qkv[:, 0])
+            cu, nq, max_len, fwd_tiles, bwd_tiles = T.varlen_tables(layout, qkv[:, 0])
             geometry = (cu, nq, fwd_tiles, bwd_tiles, 0, max_len)
         else:
             qkv = _meta_qkv((workload.batch, workload.seq_len), workload.heads,
                             workload.head_dim, dtype)
             geometry = (None, None, None, None, workload.num_queries, 0)
         args = (*geometry, workload.num_prefix, *flags, scale)
-        out, lse = U._qkv_fwd_impl(qkv, *args)
+        out, lse = T._qkv_fwd_impl(qkv, *args)
         n_fwd = len(launches)
-        U._qkv_bwd_impl(torch.empty_like(out), qkv, out, lse, *args)
+        T._qkv_bwd_impl(torch.empty_like(out), qkv, out, lse, *args)
     return launches[:n_fwd], launches[n_fwd:]
 
 
@@ -436,7 +435,9 @@ def loops(compiled):
 # ----------------------------------------------------------------------------------------
 # 4. Trip counts, and the time model
 # ----------------------------------------------------------------------------------------
-# The range arithmetic below mirrors adclr_kernels/unidirectional.py: keep the two in step.
+# The range arithmetic below mirrors the kernels' (`_key_ranges`, `_column_splits`,
+# `_dkdv_row_range`, `_dkdv_row_splits` in adclr_kernels/attention_triton.py), argument for
+# argument; tests/bench/test_static_model.py runs both over a grid of layouts, blocks and masks.
 
 
 @dataclass(frozen=True)
@@ -454,39 +455,64 @@ def _trips(lo, hi, step):
     return max(0, -(-(hi - lo) // step))
 
 
-def _key_ranges(m0, s, block_m):
-    """Columns [lo1, hi1) (visible) and [lo2, hi2) (query keys) a row block walks."""
-    lo1, hi1 = (s.num_prefix if m0 >= s.visible else 0), s.visible
-    if m0 >= s.seq_len:
-        hi1 = lo1
-    return lo1, hi1, s.visible, s.visible
+def _key_ranges(m0, seq_len, key_len, visible, num_prefix, block_m, mask):
+    """Columns [lo1, hi1) (visible) and [lo2, hi2) (query keys) the row block m0 walks."""
+    lo1 = num_prefix if (m0 >= visible and not mask.sees_prefix) else 0
+    hi1, lo2, hi2 = visible, visible, visible
+    if m0 + block_m > visible:
+        if mask.sees_queries:
+            hi2 = key_len
+        elif mask.sees_self:
+            lo2, hi2 = max(m0, visible), min(m0 + block_m, key_len)
+    if m0 >= seq_len:
+        hi1, hi2 = lo1, lo2
+    return lo1, hi1, lo2, hi2
 
 
-def _column_splits(m0, s, lo, hi, block_m, block_n):
+def _column_splits(m0, seq_len, visible, num_prefix, lo, hi, block_m, block_n, mask):
+    """[lo, c1) prefix tiles under the full rule, [c1, c2) whole tiles, [c2, hi) the last."""
     c1 = lo
-    if m0 < s.visible < min(m0 + block_m, s.seq_len) and s.num_prefix > 0:
-        c1 = min(lo + -(-(s.num_prefix - lo) // block_n) * block_n, hi)
+    if not mask.sees_prefix and m0 < visible < min(m0 + block_m, seq_len) and num_prefix > 0:
+        c1 = min(lo + -(-(num_prefix - lo) // block_n) * block_n, hi)
     return c1, c1 + (hi - c1) // block_n * block_n
 
 
-def _row_block_trips(m0, s, block_m, block_n, loop):
+def _dkdv_row_range(n0, seq_len, visible, num_prefix, block_n, mask):
+    """Rows [lo, hi) that see some column of the key block n0."""
+    if n0 < visible:
+        return 0, (seq_len if mask.sees_prefix or n0 + block_n > num_prefix else visible)
+    if mask.sees_queries:
+        return visible, seq_len
+    if mask.sees_self:
+        return n0, min(n0 + block_n, seq_len)
+    return 0, 0
+
+
+def _dkdv_row_splits(n0, lo, hi, visible, num_prefix, block_m, block_n, mask):
+    """[lo, r1) rows that see the whole key block n0, [r1, hi) rows under the full rule."""
+    if n0 + block_n > visible:
+        return lo
+    if mask.sees_prefix or n0 >= num_prefix:
+        return hi
+    return min(max(lo + (visible - lo) // block_m * block_m, lo), hi)
+
+
+def _row_block_trips(m0, s, block_m, block_n, loop, mask):
     """Trips of the four column loops of a row block (forward, and dQ)."""
     if m0 >= s.seq_len:
         return {}
-    lo1, hi1, lo2, hi2 = _key_ranges(m0, s, block_m)
-    c1, c2 = _column_splits(m0, s, lo1, hi1, block_m, block_n)
+    lo1, hi1, lo2, hi2 = _key_ranges(m0, s.seq_len, s.seq_len, s.visible, s.num_prefix, block_m, mask)
+    c1, c2 = _column_splits(m0, s.seq_len, s.visible, s.num_prefix, lo1, hi1, block_m, block_n, mask)
     return {f"{loop}prefix": _trips(lo1, c1, block_n), f"{loop}interior": _trips(c1, c2, block_n),
             f"{loop}boundary": _trips(c2, hi1, block_n), f"{loop}queries": _trips(lo2, hi2, block_n)}
 
 
-def _key_block_trips(n0, s, block_m, block_n):
+def _key_block_trips(n0, s, block_m, block_n, mask):
     """Trips of the two row loops of a key block (dK, dV)."""
-    if n0 >= s.visible:
+    if n0 >= s.seq_len:  # the op's keys: every token of the sequence
         return {}
-    lo, hi = 0, (s.seq_len if n0 + block_n > s.num_prefix else s.visible)
-    r1 = lo
-    if n0 + block_n <= s.visible:
-        r1 = hi if n0 >= s.num_prefix else min(max(lo + (s.visible - lo) // block_m * block_m, lo), hi)
+    lo, hi = _dkdv_row_range(n0, s.seq_len, s.visible, s.num_prefix, block_n, mask)
+    r1 = _dkdv_row_splits(n0, lo, hi, s.visible, s.num_prefix, block_m, block_n, mask)
     return {"bwd.dkdv_interior": _trips(lo, r1, block_m), "bwd.dkdv_masked": _trips(r1, hi, block_m)}
 
 
@@ -502,23 +528,22 @@ def _program_blocks(launch, seqs, heads, block):
 
 
 def programs(launch, seqs, heads):
-    """Trip counts of every program of a launch, in launch order: [{loop: trips}].
+    """Trip counts of every program of a launch, in launch order: [{loop: trips}]."""
+    from adclr_kernels.mask import QueryMask
 
-    Mirrors the kernels' range arithmetic for the default options (the trainer's): keep
-    it in step with adclr_kernels/unidirectional.py.
-    """
     a = launch.bound()
+    mask = QueryMask(*(bool(a.get(f"SEES_{x}", False)) for x in ("PREFIX", "SELF", "QUERIES")))
     # The backward's programs step by min(BLOCK_N1, BLOCK_M2) rows, the others by BLOCK_M.
     block_rows = min(a["BLOCK_N1"], a["BLOCK_M2"]) if "BLOCK_N1" in a else a["BLOCK_M"]
     out = []
     for seq, block in _program_blocks(launch, seqs, heads, block_rows):
         s = seqs[seq]
         if launch.name == "_unidirectional_fwd_kernel":
-            trips = _row_block_trips(block * a["BLOCK_M"], s, a["BLOCK_M"], a["BLOCK_N"], "fwd.")
+            trips = _row_block_trips(block * a["BLOCK_M"], s, a["BLOCK_M"], a["BLOCK_N"], "fwd.", mask)
         elif launch.name == "_unidirectional_bwd_kernel":
-            trips = _key_block_trips(block * a["BLOCK_N1"], s, a["BLOCK_M1"], a["BLOCK_N1"])
+            trips = _key_block_trips(block * a["BLOCK_N1"], s, a["BLOCK_M1"], a["BLOCK_N1"], mask)
             trips.update(_row_block_trips(block * a["BLOCK_M2"], s, a["BLOCK_M2"], a["BLOCK_N2"],
-                                          "bwd.dq_"))
+                                          "bwd.dq_", mask))
         else:
             trips = {"rows": int(block * a["BLOCK_M"] < s.seq_len)}
         out.append(trips)

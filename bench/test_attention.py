@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from adclr_kernels import unidirectional_attention
-from bench.conftest import DEVICE, DTYPE
+from bench.timing import DEVICE, DTYPE
 from bench.workloads import MODES, UNMASKED_SDPA, make_qkv, skip_reason
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 
-from bench.conftest import DEVICE, ON_CUDA
+from bench.timing import DEVICE, ON_CUDA
 from bench.head_loss import fused_step, make_inputs, static_peak_bytes, unfused_step, vit_s16
 
 WORKLOAD = vit_s16(128) if ON_CUDA else dataclasses.replace(vit_s16(2), out_dim=8192)

@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 
-from bench.conftest import DEVICE, ON_CUDA
+from bench.timing import DEVICE, ON_CUDA
 from bench.workloads import OP_BACKENDS, skip_reason
 
 try:

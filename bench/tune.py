@@ -3,7 +3,7 @@
     python -m bench.tune [--workloads vit_s16_global,...] [--out DIR]
 
 The kernels' configs are static (`_fwd_config` / `_bwd_config` in
-adclr_kernels/unidirectional.py), chosen with bench.static: no spills, shared memory in
+adclr_kernels/attention_triton.py), chosen with bench.static: no spills, shared memory in
 bounds, lowest estimated time. This measures the candidates that pass the same static
 checks on the device, one at a time, on the op as the model calls it (packed qkv, bf16),
 and writes DIR/tune.json and tune.md: each config's median time and the winner per
@@ -76,10 +76,10 @@ def tune(workloads, log=print, device="cuda", timer=None, on_row=None):
     timer = timer or (lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
     from adclr_kernels import unidirectional_attention_qkvpacked
-    from adclr_kernels import unidirectional as U
+    from adclr_kernels import attention_triton as T
 
     rows = []
-    default_fwd, default_bwd = U._fwd_config, U._bwd_config
+    default_fwd, default_bwd = T._fwd_config, T._bwd_config
     try:
         for w in workloads:
             torch.manual_seed(0)
@@ -95,7 +95,7 @@ def tune(workloads, log=print, device="cuda", timer=None, on_row=None):
             with torch.no_grad():
                 ref_out = forward()
             ref_grad, = torch.autograd.grad(forward(), qkv, grad)
-            capability = 90 if device == "cpu" else U._capability(qkv.device)
+            capability = 90 if device == "cpu" else T.device_capability(qkv.device)
             # The kernels' own pick first: the baseline every candidate is compared with.
             own = dict(fwd=_key(default_fwd(w.head_dim, torch.bfloat16, capability, w.seq_len)),
                        bwd=_key(default_bwd(w.head_dim, torch.bfloat16, capability)))
@@ -104,9 +104,9 @@ def tune(workloads, log=print, device="cuda", timer=None, on_row=None):
                 for c in [own[kind]] + [c for c in listed if c != own[kind]]:
                     cfg = _fwd_cfg(c) if kind == "fwd" else _bwd_cfg(c)
                     if kind == "fwd":
-                        U._fwd_config = lambda *a, cfg=cfg, **k: dict(cfg)
+                        T._fwd_config = lambda *a, cfg=cfg, **k: dict(cfg)
                     else:
-                        U._bwd_config = lambda *a, cfg=cfg, **k: dict(cfg)
+                        T._bwd_config = lambda *a, cfg=cfg, **k: dict(cfg)
                     row = dict(workload=w.id, kernel=kind, config=cfg, default=c == own[kind])
                     try:
                         if kind == "fwd":
@@ -123,7 +123,7 @@ def tune(workloads, log=print, device="cuda", timer=None, on_row=None):
                     except Exception as error:  # a config the compiler refuses (shared memory)
                         row.update(ok=False, ms=None, error=f"{type(error).__name__}: {error}"[:200])
                     finally:
-                        U._fwd_config, U._bwd_config = default_fwd, default_bwd
+                        T._fwd_config, T._bwd_config = default_fwd, default_bwd
                     rows.append(row)
                     if on_row:
                         on_row(rows)
@@ -131,7 +131,7 @@ def tune(workloads, log=print, device="cuda", timer=None, on_row=None):
                         + (f"{row['ms'] * 1e3:.1f} us" if row.get("ms") else "-")
                         + ("" if row["ok"] else f"  REJECTED {row.get('error', 'mismatch')}"))
     finally:
-        U._fwd_config, U._bwd_config = default_fwd, default_bwd
+        T._fwd_config, T._bwd_config = default_fwd, default_bwd
     return rows
 
 

@@ -160,7 +160,7 @@ def make_qkv(workload: Workload, dtype, device, requires_grad=False, seed=0):
 
 def skip_reason(backend: str, device: torch.device, mode: str) -> str | None:
     """Why this backend cannot be benchmarked here, or None when it can."""
-    from adclr_kernels.attention import xformers_unavailable_reason
+    from adclr_kernels.backends import xformers_unavailable_reason
 
     cuda = device.type == "cuda"
     if backend == "triton" and not cuda:

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import contextlib
 
-from ..attention import check_backend_name
-from . import (OpAttention, QueryLayout, UnsupportedModel, attend_packed, attention_weights, carry_queries,
-               check_children, check_no_attention_dropout, check_queries, check_signature, embed_crops,
-               refuse_token_mixers, subclass, swap_classes)
+from ..backends import check_backend_name
+from ..mask import QueryMask
+from .common import (OpAttention, QueryLayout, UnsupportedModel, attend_packed, attention_weights,
+                     carry_queries, check_children, check_no_attention_dropout, check_queries,
+                     check_signature, embed_crops, refuse_token_mixers, subclass, swap_classes)
 
 
 class DinoAttention(OpAttention):
@@ -149,7 +150,8 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
         tokens = queries
     else:
         tokens = embed_crops(model.patch_embed.proj, queries, model.patch_embed.patch_size)
-    layout = QueryLayout(tokens.shape[1], 1, query_sees_prefix, query_sees_self, query_sees_queries)
+    layout = QueryLayout(tokens.shape[1], 1, QueryMask(query_sees_prefix, query_sees_self,
+                                                       query_sees_queries))
     passthrough = lambda args, kwargs: bool(kwargs.get("return_attention", args[0] if args else False))  # noqa: E731
     with carry_queries(pairs, tokens, layout, model.norm, passthrough=passthrough) as state:
         yield state

@@ -39,10 +39,12 @@ import functools
 import torch
 from torch import nn
 
-from ..attention import VarlenLayout, check_backend_name
-from . import (OpAttention, QueryLayout, UnsupportedModel, attend_packed, attend_varlen, carry_queries,
-               check_children, check_no_attention_dropout, check_queries, check_signature, embed_crops,
-               forward_parameters, refuse_token_mixers, subclass, swap_classes)
+from ..backends import check_backend_name
+from ..mask import QueryMask
+from ..varlen import VarlenLayout
+from .common import (OpAttention, QueryLayout, UnsupportedModel, attend_packed, attend_varlen, carry_queries,
+                     check_children, check_no_attention_dropout, check_queries, check_signature, embed_crops,
+                     forward_parameters, refuse_token_mixers, subclass, swap_classes)
 
 _BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
@@ -266,7 +268,7 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
     else:
         tokens = _tokens(model, queries)
         counts = tokens.shape[1]
-    layout = QueryLayout(counts, prefix, query_sees_prefix, query_sees_self, query_sees_queries)
+    layout = QueryLayout(counts, prefix, QueryMask(query_sees_prefix, query_sees_self, query_sees_queries))
     with carry_queries(pairs, tokens, layout, model.norm) as state:
         yield state
 

@@ -37,10 +37,11 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from timm.models.vision_transformer import (Block, DiffParallelScalingBlock, ParallelScalingBlock,
                                             ParallelThingsBlock, ResPostBlock, VisionTransformer)
 
-from ..attention import check_backend_name
-from . import (OpAttention, QueryLayout, UnsupportedModel, attend, attend_packed, carry_queries,
-               check_children, check_no_attention_dropout, check_queries, check_signature,
-               embed_crops, refuse_token_mixers, swap_classes)
+from ..backends import check_backend_name
+from ..mask import QueryMask
+from .common import (OpAttention, QueryLayout, UnsupportedModel, attend, attend_packed, carry_queries,
+                     check_children, check_no_attention_dropout, check_queries, check_signature, embed_crops,
+                     refuse_token_mixers, swap_classes)
 
 _PLAIN_CALL = ("x", "attn_mask", "is_causal")
 _ROPE_CALL = ("x", "rope", "attn_mask", "is_causal")
@@ -339,8 +340,8 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
                                        f"the model has {model.num_prefix_tokens} prefix tokens")
         pairs.append((block, attention))
     tokens = _query_input(model, queries)
-    layout = QueryLayout(tokens.shape[1], model.num_prefix_tokens, query_sees_prefix, query_sees_self,
-                         query_sees_queries)
+    layout = QueryLayout(tokens.shape[1], model.num_prefix_tokens,
+                         QueryMask(query_sees_prefix, query_sees_self, query_sees_queries))
     with carry_queries(pairs, tokens, layout, model.norm, checkpointing=lambda: model.grad_checkpointing,
                        pause_checkpointing=[(model, "grad_checkpointing")]) as state:
         yield state

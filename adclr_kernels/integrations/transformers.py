@@ -33,9 +33,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..attention import check_backend_name, unidirectional_attention
-from . import (OpAttention, QueryLayout, UnsupportedModel, carry_queries, check_queries, check_signature,
-               embed_crops, refuse_token_mixers, subclass, swap_classes)
+from ..attention import unidirectional_attention
+from ..backends import check_backend_name
+from ..mask import QueryMask
+from .common import (OpAttention, QueryLayout, UnsupportedModel, carry_queries, check_queries,
+                     check_signature, embed_crops, refuse_token_mixers, subclass, swap_classes)
 
 ATTN_IMPLEMENTATION = "adclr"
 _EXACT_ONLY = ("position_bias", "softcap", "sliding_window", "s_aux")
@@ -63,7 +65,7 @@ def adclr_attention_forward(module, query, key, value, attention_mask, dropout=0
         out = unidirectional_attention(query.to(value.dtype), key, value, 0, 0, scale=scaling, backend=backend)
     else:
         out = unidirectional_attention(query.to(value.dtype), key, value, layout.num_queries, layout.num_prefix,
-                                       scale=scaling, backend=backend, **layout.options())
+                                       scale=scaling, backend=backend, **layout.mask.options())
     return out.transpose(1, 2), None
 
 
@@ -198,7 +200,8 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
     else:
         tokens = embed_crops(base.get_submodule(entry[3]), queries, config.patch_size)
     prefix = 1 + getattr(config, "num_register_tokens", 0)
-    layout = QueryLayout(tokens.shape[1], prefix, query_sees_prefix, query_sees_self, query_sees_queries)
+    layout = QueryLayout(tokens.shape[1], prefix,
+                         QueryMask(query_sees_prefix, query_sees_self, query_sees_queries))
     pairs = [(layer, [m for m in layer.modules() if isinstance(m, OpAttention)]) for _, layer in layers]
     checkpointing = model.training and any(layer.gradient_checkpointing for _, layer in layers)
     with carry_queries(pairs, tokens, layout, base.get_submodule(entry[4]), checkpointing=lambda: checkpointing,

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import adclr.train
-from adclr_kernels.attention import xformers_available, xformers_unavailable_reason
+from adclr_kernels.backends import xformers_available, xformers_unavailable_reason
 from adclr.cli import main
 from adclr.train import ALLOWED, Config, load_checkpoint
 

@@ -1,19 +1,22 @@
 import pytest
 
-from adclr_kernels import unidirectional
+from adclr_kernels import attention_triton, dino_loss_triton
 
-_EMPTY_BHLD = unidirectional._empty_bhld
-_EMPTY_ROWS = unidirectional._empty_rows
-_EMPTY_QKV = unidirectional._empty_qkv
+_EMPTY_BHLD = attention_triton._empty_bhld
+_EMPTY_ROWS = attention_triton._empty_rows
+_EMPTY_QKV = attention_triton._empty_qkv
+_EMPTY = dino_loss_triton._empty
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer the Triton launchers allocate starts as NaN, so an element the
     kernel forgets to write fails the test instead of passing by luck."""
-    monkeypatch.setattr(unidirectional, "_empty_bhld",
+    monkeypatch.setattr(attention_triton, "_empty_bhld",
                         lambda *a: _EMPTY_BHLD(*a).fill_(float("nan")))
-    monkeypatch.setattr(unidirectional, "_empty_rows",
+    monkeypatch.setattr(attention_triton, "_empty_rows",
                         lambda *a: _EMPTY_ROWS(*a).fill_(float("nan")))
-    monkeypatch.setattr(unidirectional, "_empty_qkv",
+    monkeypatch.setattr(attention_triton, "_empty_qkv",
                         lambda *a: _EMPTY_QKV(*a).fill_(float("nan")))
+    monkeypatch.setattr(dino_loss_triton, "_empty",
+                        lambda *a, **k: _EMPTY(*a, **k).fill_(float("nan")))

@@ -1,106 +1,22 @@
-"""The public op: every PyTorch backend against float64, errors, auto, custom-op checks."""
+"""The public op (attention.py): the backend choice, errors that name the argument, edge
+inputs on every backend, and the packed-qkv entry point."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from adclr_kernels import BACKENDS, unidirectional_attention, visibility_mask
-from adclr_kernels.attention import xformers_available
-from adclr_kernels.reference import dense_masked_attention, reference_attention
-from kernel_testing import (DEVICE, OPTION_SETS, assert_fa_close, assert_rel_close, make_qkv,
-                            on_device, options, reference_grads)
-
-ON_CUDA = DEVICE == "cuda"
-
-
-def backend_param(name):
-    marks = []
-    if name == "xformers":
-        marks.append(pytest.mark.skipif(not (ON_CUDA and xformers_available()),
-                                        reason="xformers needs CUDA and the xformers package"))
-    return pytest.param(name, marks=marks, id=name)
-
-
-PEERS = [backend_param(b) for b in ("reference", "sdpa", "flex", "xformers")]
-
-
-def test_mask_rule_by_hand():
-    # P=1, N=2, Q=2 with query_sees_prefix: rows 0-2 see 0-2; rows 3-4 see 0-2.
-    m = visibility_mask(5, 5, 2, 1, query_sees_prefix=True)
-    assert m.tolist() == [[1, 1, 1, 0, 0]] * 5
-    # Default: queries skip the prefix; with self: the diagonal is added.
-    m = visibility_mask(5, 5, 2, 1, query_sees_self=True).int().tolist()
-    assert m[3] == [0, 1, 1, 1, 0] and m[4] == [0, 1, 1, 0, 1] and m[0] == [1, 1, 1, 0, 0]
-    m = visibility_mask(5, 5, 2, 1, query_sees_queries=True).int().tolist()
-    assert m[3] == [0, 1, 1, 1, 1]
-
-
-@pytest.mark.parametrize("opt_set", OPTION_SETS)
-@pytest.mark.parametrize("num_queries", [0, 1, 10])
-def test_reference_equals_dense_mask_in_float64(opt_set, num_queries):
-    opts = options(opt_set)
-    q, k, v = make_qkv(2, 3, 2, 25, num_queries, 16, opts)
-    a = reference_attention(q, k, v, num_queries, 2, **opts)
-    b = dense_masked_attention(q, k, v, num_queries, 2, **opts)
-    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize("backend", PEERS)
-@pytest.mark.parametrize("opt_set", OPTION_SETS)
-@pytest.mark.parametrize("num_queries", [0, 1, 10])
-def test_backends_match_float64(backend, opt_set, num_queries):
-    opts = options(opt_set)
-    dtype = torch.float32
-    q, k, v = make_qkv(2, 2, 4, 31, num_queries, 32, opts, dtype=dtype)
-    kw = dict(num_queries=num_queries, num_prefix=4, **opts)
-    ref64, grads64 = reference_grads(dense_masked_attention, q.double(), k.double(), v.double(),
-                                     torch.ones(q.shape, dtype=torch.float64, device=DEVICE), **kw)
-    if backend == "flex" and not ON_CUDA:
-        with torch.no_grad():  # PyTorch has no flex backward on CPU
-            out = unidirectional_attention(q, k, v, backend=backend, **kw)
-        assert_rel_close("out", out, ref64)
-        return
-    out, grads = reference_grads(unidirectional_attention, q, k, v, torch.ones_like(q),
-                                 backend=backend, **kw)
-    assert_rel_close("out", out, ref64, tol=1e-4 if ON_CUDA else 1e-5)
-    for name, got, want in zip("qkv", grads, grads64):
-        assert_rel_close(f"d{name}", got, want, tol=1e-4 if ON_CUDA else 1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend", [b for b in PEERS if b.values[0] != "flex"])
-def test_backends_low_precision(backend, dtype):
-    opts = options(OPTION_SETS[0])
-    q, k, v = make_qkv(2, 2, 1, 40, 10, 64, opts, dtype=dtype, seed=7)
-    kw = dict(num_queries=10, num_prefix=1, **opts)
-    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(8),
-                           dtype=torch.float64).to(DEVICE)
-    out, grads = reference_grads(unidirectional_attention, q, k, v, grad_out.to(dtype),
-                                 backend=backend, **kw)
-    ref64, grads64 = reference_grads(dense_masked_attention, q.double(), k.double(), v.double(),
-                                     grad_out, **kw)
-    # The yardstick: the plain masked softmax run in the same low precision.
-    ref_lo, grads_lo = reference_grads(dense_masked_attention, q, k, v, grad_out.to(dtype), **kw)
-    assert out.dtype == dtype
-    assert_fa_close("out", out, ref64, ref_lo)
-    for name, got, want, lo in zip("qkv", grads, grads64, grads_lo):
-        assert_fa_close(f"d{name}", got, want, lo)
-
-
-def test_no_queries_is_plain_attention():
-    q, k, v = make_qkv(2, 3, 1, 40, 0, 32, options(OPTION_SETS[0]), dtype=torch.float64)
-    for backend in ("reference", "sdpa"):
-        out = unidirectional_attention(q, k, v, 0, backend=backend)
-        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+from adclr_kernels import unidirectional_attention, unidirectional_attention_qkvpacked
+from adclr_kernels.attention_torch import dense_masked_attention
+from kernel_testing import (DEVICE, ON_CUDA, OPTION_SETS, assert_rel_close, backend_param, make_qkv,
+                            mask_of, on_device, option_id, options)
 
 
 def test_auto_picks_triton_on_cuda_and_a_pytorch_path_on_cpu(monkeypatch):
-    import adclr_kernels.unidirectional as uni
+    import adclr_kernels.attention_triton as T
 
     q, k, v = make_qkv(1, 2, 1, 10, 2, 32, options(OPTION_SETS[0]), dtype=torch.float32)
     calls = []
-    real = uni.attention_fwd
-    monkeypatch.setattr(uni, "attention_fwd", lambda *a: calls.append(1) or real(*a))
+    real = T.attention_fwd
+    monkeypatch.setattr(T, "attention_fwd", lambda *a: calls.append(1) or real(*a))
     out = unidirectional_attention(q, k, v, 2)
     assert bool(calls) == ON_CUDA
     assert_rel_close("out", out, dense_masked_attention(q.double(), k.double(), v.double(), 2, 1),
@@ -181,10 +97,6 @@ def test_mixed_devices():
         unidirectional_attention(**{**args, "q": args["q"].cpu()})
 
 
-def test_every_documented_backend_is_known():
-    assert set(BACKENDS) == {"auto", "triton", "reference", "sdpa", "flex", "xformers"}
-
-
 # ---------------------------------------------------------------------------------------
 # Edge inputs: every backend agrees on them as on normal ones.
 # ---------------------------------------------------------------------------------------
@@ -200,7 +112,7 @@ def _no_grad_if_flex_on_cpu(backend):
 
 @pytest.mark.parametrize("backend", EDGE_BACKENDS)
 @pytest.mark.parametrize("opt_set", [OPTION_SETS[0], OPTION_SETS[2], OPTION_SETS[4]],
-                         ids=lambda s: "psq=" + "".join("01"[x] for x in s))
+                         ids=option_id)
 def test_a_nan_in_a_query_token_never_reaches_the_raw_rows(backend, opt_set):
     opts = options(opt_set)
     q, k, v = make_qkv(1, 2, 1, 40, 4, 32, opts, dtype=torch.float32, short_keys=False)
@@ -248,3 +160,38 @@ def test_empty_inputs_give_empty_outputs(backend, shape):
     with _no_grad_if_flex_on_cpu(backend):
         out = unidirectional_attention(q, q.clone(), q.clone(), 0, 0, backend=backend)
     assert out.shape == shape
+
+
+# ---------------------------------------------------------------------------------------
+# The packed-qkv entry point: same results as q, k, v, one gradient buffer, no copies.
+# ---------------------------------------------------------------------------------------
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("opt_set", [OPTION_SETS[0], OPTION_SETS[3], OPTION_SETS[4]], ids=option_id)
+@pytest.mark.parametrize("num_queries", [0, 1, 10])
+def test_batched_qkvpacked_equals_separate_and_float64(poisoned, opt_set, num_queries):
+    opts = options(opt_set)
+    qkv = randn(2, 2 + 45 + num_queries, 3, 2, 32).requires_grad_()
+    grad_out = randn(2, 2 + 45 + num_queries, 2, 32, seed=1)
+    out = unidirectional_attention_qkvpacked(qkv, num_queries, 2, backend="triton", **opts)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad_out)
+    assert out.shape == (2, 47 + num_queries, 2, 32) and dqkv.shape == qkv.shape
+
+    # The same kernels through q, k, v views: bitwise the same output and gradients.
+    leaves = [t.detach().requires_grad_() for t in qkv.detach().permute(2, 0, 3, 1, 4).unbind(0)]
+    sep = unidirectional_attention(*leaves, num_queries, 2, backend="triton", **opts)
+    grads = torch.autograd.grad(sep, leaves, grad_out.transpose(1, 2))
+    assert torch.equal(out, sep.transpose(1, 2))
+    for i, g in enumerate(grads):
+        assert torch.equal(dqkv[:, :, i], g.transpose(1, 2))
+
+    ref64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = dense_masked_attention(*ref64, num_queries, 2, mask_of(opts))
+    ref_grads = torch.autograd.grad(ref, ref64, grad_out.double().transpose(1, 2))
+    assert_rel_close("out", out.transpose(1, 2), ref)
+    for i, want in enumerate(ref_grads):
+        assert_rel_close(f"d{'qkv'[i]}", dqkv[:, :, i].transpose(1, 2), want)

@@ -1,14 +1,14 @@
-"""The packed (varlen) op: every backend against float64 dense attention per sequence."""
+"""`VarlenLayout` and the packed (varlen) op: every backend against float64 attention per
+sequence, the checks of offsets given with or without a layout, the tile tables."""
 
 import pytest
 import torch
 
-from adclr_kernels import unidirectional_attention_varlen
-from adclr_kernels.reference import dense_masked_attention
-from kernel_testing import (DEVICE, OPTION_SETS, assert_fa_close, assert_rel_close, on_device,
-                            options)
-
-ON_CUDA = DEVICE == "cuda"
+from adclr_kernels import (VarlenLayout, unidirectional_attention_varlen,
+                           unidirectional_attention_varlen_qkvpacked)
+from adclr_kernels.attention_torch import dense_masked_attention, varlen_per_sequence
+from kernel_testing import (DEVICE, ON_CUDA, OPTION_SETS, assert_fa_close, assert_rel_close, mask_of,
+                            on_device, option_id, options)
 
 
 def make_packed(lengths, heads, head_dim, dtype=torch.float32, seed=0):
@@ -24,13 +24,14 @@ def make_packed(lengths, heads, head_dim, dtype=torch.float32, seed=0):
 
 
 def dense_per_sequence(q, k, v, cu, num_queries, num_prefix, grad_out, opts):
-    """float64 output and grads, each sequence through the dense masked reference."""
+    """float64 output and grads, each sequence through the dense-matrix reference."""
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     outs = []
     offsets = cu.tolist()
     for s, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
         seq = [t[a:b].transpose(0, 1).unsqueeze(0) for t in leaves]
-        outs.append(dense_masked_attention(*seq, num_queries[s], num_prefix, **opts)[0].transpose(0, 1))
+        out = dense_masked_attention(*seq, num_queries[s], num_prefix, mask_of(opts))
+        outs.append(out[0].transpose(0, 1))
     out = torch.cat(outs, 0)
     return out.detach(), torch.autograd.grad(out, leaves, grad_out.double())
 
@@ -40,7 +41,7 @@ LENGTHS = [1 + 49 + 10, 1 + 49 + 10, 1 + 9, 1 + 9, 1 + 9, 1 + 33 + 3]
 QUERIES = [10, 10, 0, 0, 0, 3]
 
 
-@pytest.mark.parametrize("opt_set", OPTION_SETS, ids=lambda s: "psq=" + "".join("01"[x] for x in s))
+@pytest.mark.parametrize("opt_set", OPTION_SETS, ids=option_id)
 def test_triton_varlen_matches_dense_per_sequence(opt_set, poisoned):
     opts = options(opt_set)
     q, k, v, cu = make_packed(LENGTHS, 2, 32)
@@ -58,8 +59,6 @@ def test_triton_varlen_matches_dense_per_sequence(opt_set, poisoned):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_varlen_low_precision(dtype, poisoned):
-    from adclr_kernels.reference import varlen_per_sequence
-
     q, k, v, cu = make_packed([1 + 40 + 10, 1 + 36, 1 + 70 + 10], 2, 64, dtype=dtype, seed=2)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
     queries = [10, 0, 10]
@@ -209,7 +208,7 @@ def test_offsets_vouched_for_with_max_seqlen_are_still_checked(case, over, msg, 
 @pytest.mark.parametrize("offsets", [(0, 10, 30), (0, 15, 12, 22), (-50, 3, 22), (0, 2**31 - 1, 22)])
 def test_kernels_stay_inside_the_tensors_whatever_the_offsets(offsets, poisoned):
     # The custom op itself, past every check: clamped offsets mean clamped sequences.
-    from adclr_kernels.unidirectional import _bwd_op, _fwd_op
+    from adclr_kernels.attention_triton import _bwd_op, _fwd_op
 
     q, k, v, _ = make_packed([10, 12], 2, 16)
     cu = _i32(*offsets)
@@ -241,11 +240,44 @@ LAYOUT_BAD = [
 
 @pytest.mark.parametrize("case,over,msg", LAYOUT_BAD, ids=[c[0] for c in LAYOUT_BAD])
 def test_bad_layouts_are_refused(case, over, msg):
-    from adclr_kernels import VarlenLayout
-
     q, k, v, _ = make_packed([10, 12], 2, 16)
     over = dict(over)
     call = dict(num_queries=over.pop("call_num_queries", None), max_seqlen=over.pop("max_seqlen", None))
     with pytest.raises(ValueError, match=msg):
         layout = VarlenLayout(**{"seqlens": [10, 12], "num_queries": [3, 3], "device": DEVICE, **over})
         unidirectional_attention_varlen(q, k, v, layout, backend="triton", **call)
+
+
+# ---------------------------------------------------------------------------------------
+# VarlenLayout: tile tables, and the packed-qkv op on a layout
+# ---------------------------------------------------------------------------------------
+
+def _randn(*shape, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+
+
+def test_varlen_qkvpacked_with_a_layout_equals_offsets(poisoned):
+    lengths, queries = [1 + 49 + 10, 1 + 9, 1 + 33 + 3, 0, 1 + 9], [10, 0, 3, 0, 0]
+    layout = VarlenLayout(lengths, queries, device=DEVICE)
+    qkv = _randn(sum(lengths), 3, 2, 32, seed=2).requires_grad_()
+    grad_out = _randn(sum(lengths), 2, 32, seed=3)
+    # num_prefix 0: the empty sequence has no room for a prefix token.
+    out = unidirectional_attention_varlen_qkvpacked(qkv, layout, num_prefix=0, backend="triton")
+    (dqkv,) = torch.autograd.grad(out, qkv, grad_out)
+
+    leaves = [t.detach().requires_grad_() for t in qkv.detach().unbind(1)]
+    by_offsets = unidirectional_attention_varlen(*leaves, layout.cu_seqlens, layout.num_queries,
+                                                 num_prefix=0, backend="reference")
+    grads = torch.autograd.grad(by_offsets, leaves, grad_out)
+    assert_rel_close("out", out, by_offsets.double())
+    for i, want in enumerate(grads):
+        assert_rel_close(f"d{'qkv'[i]}", dqkv[:, i], want.double())
+
+
+def test_tile_table_lists_every_block_with_rows_once():
+    layout = VarlenLayout([207, 207, 37, 0, 64, 65], [10, 10, 0, 0, 0, 1])
+    tiles = layout.tiles(64).tolist()
+    assert tiles == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2], [1, 3], [2, 0],
+                     [4, 0], [5, 0], [5, 1]]
+    assert layout.tiles(64) is layout.tiles(64)  # built once

@@ -35,16 +35,16 @@ def test_tune_times_each_candidate_and_picks_the_fastest(two_candidates):
 def test_a_config_that_computes_something_else_is_rejected(two_candidates, monkeypatch):
     # The second forward candidate leaves its output unwritten (NaN poison): it must be
     # rejected, not timed and crowned, however fast the timer says it is.
-    from adclr_kernels import unidirectional as U
+    from adclr_kernels import attention_triton
 
-    real = U.attention_fwd
+    real = attention_triton.attention_fwd
 
     def unwritten_with_16_row_tiles(q, k, v, out, *args):
         real(q, k, v, out, *args)
-        if U._fwd_config(64, q.dtype, 90, 64)["BLOCK_M"] == 16:
+        if attention_triton._fwd_config(64, q.dtype, 90, 64)["BLOCK_M"] == 16:
             out.fill_(float("nan"))
 
-    monkeypatch.setattr(U, "attention_fwd", unwritten_with_16_row_tiles)
+    monkeypatch.setattr(attention_triton, "attention_fwd", unwritten_with_16_row_tiles)
     _fake_timer.ms = [0.5, 2.0, 3.0]  # the rejected candidate is never timed
     rows = T.tune([TINY], log=lambda s: None, device="cpu", timer=_fake_timer)
     fwd = [r for r in rows if r["kernel"] == "fwd"]

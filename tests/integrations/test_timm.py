@@ -278,17 +278,3 @@ def test_recorded_timm_names_are_current():
                          "timm_vit_small_patch16_224.json").read_text())
     model = timm.create_model(record["model"], pretrained=False)
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == record["state_dict"]
-
-
-def test_deprecated_enable_query_tokens_goes_through_the_checked_adapter():
-    from adclr_kernels.nn import enable_query_tokens
-
-    model = build("vit-qknorm-registers-noclass-avgpool").eval()
-    with pytest.warns(DeprecationWarning, match="swap_attention"):
-        enable_query_tokens(model, backend="sdpa")
-    with torch.no_grad():
-        feats = model(images(), crops())
-        want = forward_queries(model, images(), crops())
-    assert feats["cls"] is None and torch.equal(feats["query"], want["query"])
-    with pytest.warns(DeprecationWarning), pytest.raises(UnsupportedModel, match="differential"):
-        enable_query_tokens(build("vit", attn_layer="diff"))

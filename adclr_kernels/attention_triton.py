@@ -6,7 +6,7 @@ Layout of one sequence (V = P + N visible tokens, L = V + Q):
 
 Rows < V see columns < V. Query rows see the raw columns, plus the prefix with
 SEES_PREFIX, plus their own column with SEES_SELF, plus all query columns with
-SEES_QUERIES (see `reference.py` for the same rule in PyTorch).
+SEES_QUERIES (`mask.py` states the same rule in PyTorch).
 
 One launch handles raw and query rows together. A row block walks at most two column
 ranges, each only over tiles it can see:
@@ -32,10 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import triton_interpreter_enabled
+from ._triton_common import (LOG2E, SHARED_MEMORY_PER_PROGRAM, block_d, device_capability, dot,
+                             dot_mode)
+from .backends import triton_interpreter_enabled
+from .mask import QueryMask
 
 Tensor = torch.Tensor
-LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------------------
@@ -72,27 +74,15 @@ FULL_MASK = tl.constexpr(2)    # the whole rule, row by row (_sees)
 
 
 @triton.jit
-def _dot(a, b, DOT: tl.constexpr):
-    # "native": the inputs' own tensor-core path (bf16, fp16). Otherwise both operands
-    # go to fp32 and DOT is Triton's input precision: "ieee" (exact; also how bf16 runs
-    # in the interpreter, whose bf16 dot is wrong), "tf32x3" or "tf32" (fp32 inputs, as
-    # torch's float32 matmul precision allows).
-    if DOT == "native":
-        return tl.dot(a, b)
-    else:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
-
-
-@triton.jit
 def _program(num_blocks, num_heads, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
              NUM_QUERIES, TILES, VARLEN: tl.constexpr, TILED: tl.constexpr):
     """(block, b, h, first token, seq_len, key_len, visible) of this program.
 
-    - dense: the grid is 1-D with the block index fastest, so the programs of one
+    - batched: the grid is 1-D with the block index fastest, so the programs of one
       (sequence, head) run side by side and share its K/V (or Q/dO) in L2.
     - packed with a tile table (from a `VarlenLayout`): one program per (sequence,
       block) that has work, heads outermost; no program is empty.
-    - packed from cu_seqlens alone: as dense, up to the caller's max_seqlen (checked on
+    - packed from cu_seqlens alone: as batched, up to the caller's max_seqlen (checked on
       the device against the offsets).
     Offsets read from memory are clamped into [0, total_tokens], so no cu_seqlens or
     num_queries, however wrong, moves a load or store outside the tensors.
@@ -179,7 +169,7 @@ def _attend_tiles(acc, m_i, l_i, q, rows, lo, hi, k_base, v_base,
         if MASK == NO_MASK:
             k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
                           mask=d_ok[:, None], other=0.0)
-            s = _dot(q, k_t, DOT)
+            s = dot(q, k_t, DOT)
             # A positive scale commutes with max (checked by the op).
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             p = tl.exp2(s * qk_scale - m_new[:, None])
@@ -195,7 +185,7 @@ def _attend_tiles(acc, m_i, l_i, q, rows, lo, hi, k_base, v_base,
             else:
                 seen = _sees(rows[:, None], cols[None, :], seq_len, hi, visible, num_prefix,
                              SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-            s = tl.where(seen, _dot(q, k_t, DOT) * qk_scale, float("-inf"))
+            s = tl.where(seen, dot(q, k_t, DOT) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so that
             # exp2 gives 0 rather than NaN (-inf - -inf).
@@ -205,7 +195,7 @@ def _attend_tiles(acc, m_i, l_i, q, rows, lo, hi, k_base, v_base,
             v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -364,14 +354,14 @@ def _dkdv_tiles(dk, dv, k, v, cols, lo, hi, q_base, do_base, lse_base, delta_bas
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        p_t = tl.exp2(_dot(k, q_t, DOT) * qk_scale - lse[None, :])
+        p_t = tl.exp2(dot(k, q_t, DOT) * qk_scale - lse[None, :])
         if MASK == FULL_MASK:
             sees = _sees(rows[None, :], cols[:, None], hi, key_len, visible, num_prefix,
                          SEES_PREFIX, SEES_SELF, SEES_QUERIES)
             p_t = tl.where(sees, p_t, 0.0)
-        dv += _dot(p_t.to(do.dtype), do, DOT)
-        ds_t = p_t * (_dot(v, tl.trans(do), DOT) - delta[None, :])
-        dk += _dot(ds_t.to(q_t.dtype), tl.trans(q_t), DOT)
+        dv += dot(p_t.to(do.dtype), do, DOT)
+        ds_t = p_t * (dot(v, tl.trans(do), DOT) - delta[None, :])
+        dk += dot(ds_t.to(q_t.dtype), tl.trans(q_t), DOT)
     return dk, dv
 
 
@@ -394,15 +384,15 @@ def _dq_tiles(dq, q, do, lse, delta, rows, lo, hi, k_base, v_base,
                       mask=t_mask, other=0.0)
         v_t = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd,
                       mask=t_mask, other=0.0)
-        p = tl.exp2(_dot(q, k_t, DOT) * qk_scale - lse[:, None])
+        p = tl.exp2(dot(q, k_t, DOT) * qk_scale - lse[:, None])
         if MASK == COLUMN_MASK:
             p = tl.where((cols < hi)[None, :], p, 0.0)
         elif MASK == FULL_MASK:
             sees = _sees(rows[:, None], cols[None, :], seq_len, hi, visible, num_prefix,
                          SEES_PREFIX, SEES_SELF, SEES_QUERIES)
             p = tl.where(sees, p, 0.0)
-        ds = p * (_dot(do, v_t, DOT) - delta[:, None])
-        dq += _dot(ds.to(k_t.dtype), tl.trans(k_t), DOT)
+        ds = p * (dot(do, v_t, DOT) - delta[:, None])
+        dq += dot(ds.to(k_t.dtype), tl.trans(k_t), DOT)
     return dq
 
 
@@ -517,19 +507,6 @@ def _unidirectional_bwd_kernel(
 # ----------------------------------------------------------------------------------------
 
 
-# The most shared memory one program may use, by compute capability: A100 (sm_80) 163 KB,
-# consumer Ampere and Ada (sm_86, sm_89) 99 KB, H100 (sm_90) 227 KB.
-SHARED_MEMORY_PER_PROGRAM = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-
-
-def _capability(device):
-    """Compute capability (e.g. 90) the kernels are compiled for on this device."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return 90  # the interpreter, and meta tensors: Hopper's tiles
-
-
 # Tile configs. Chosen with bench.static (python -m bench.static; bench/NOTES.md has the
 # figures): per target, no register spills at head_dim <= 128 and shared memory within
 # what the GPU gives one program; among those, the lowest estimated time.
@@ -581,34 +558,21 @@ def _bwd_config(head_dim, dtype, capability, packed=False):
             # The packed backward's sequence bookkeeping takes it to 174-192 registers, 2
             # programs per SM; the H200 showed these kernels latency-bound, faster with
             # more warps resident. Capped at 168: 3 programs, 16 bytes of spills, none in
-            # a loop. Predicted 1.48x (bench/NOTES.md), to be measured. (ROCm's Triton has
-            # no maxnreg, and an MI300 reports capability 9.4.)
+            # a loop (bench/NOTES.md, "v3"). ROCm's Triton has no maxnreg, and an MI300
+            # reports capability 9.4.
             cfg["maxnreg"] = 168
     return dict(cfg, PROGRAM_BLOCK=min(cfg["BLOCK_N1"], cfg["BLOCK_M2"]))
 
 
-def tile_blocks(head_dim, dtype, device, max_len):
-    """Rows per program of the forward and of the backward kernels: the block sizes a
-    `VarlenLayout` builds its tile tables for."""
-    capability = _capability(device)
-    return (_fwd_config(head_dim, dtype, capability, max_len, packed=True)["BLOCK_M"],
-            _bwd_config(head_dim, dtype, capability, packed=True)["PROGRAM_BLOCK"])
-
-
-def _block_d(head_dim):
-    # tl.dot needs every dimension >= 16; other head dims are padded inside the kernel.
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def _dot_mode(dtype):
-    """The _dot flavour for these inputs (see _dot)."""
-    if dtype == torch.float32:
-        # torch's own rule for float32 matmuls: "highest" keeps fp32 accuracy (three
-        # TF32 products), "high" and "medium" allow one TF32 product.
-        return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-    if dtype == torch.bfloat16 and triton_interpreter_enabled():
-        return "ieee"
-    return "native"
+def varlen_tables(layout, q):
+    """What the kernels take for a `VarlenLayout`: (cu_seqlens, num_queries tensor,
+    max_seqlen, forward tiles, backward tiles), the tile tables built for the rows per
+    program the launchers pick for q's head_dim, dtype and device."""
+    head_dim, capability = q.shape[-1], device_capability(q.device)
+    fwd_block = _fwd_config(head_dim, q.dtype, capability, layout.max_seqlen, packed=True)["BLOCK_M"]
+    bwd_block = _bwd_config(head_dim, q.dtype, capability, packed=True)["PROGRAM_BLOCK"]
+    return (layout.cu_seqlens, layout.num_queries, layout.max_seqlen, layout.tiles(fwd_block),
+            layout.tiles(bwd_block))
 
 
 def _bhld_strides(t):
@@ -618,14 +582,14 @@ def _bhld_strides(t):
     return t.stride()
 
 
-def _flags(query_sees_prefix, query_sees_self, query_sees_queries):
-    return dict(SEES_PREFIX=query_sees_prefix,
-                SEES_SELF=query_sees_self or query_sees_queries,
-                SEES_QUERIES=query_sees_queries)
+def _flags(mask):
+    """The kernels' constexprs for a QueryMask (each combination compiles its own code)."""
+    return dict(SEES_PREFIX=mask.sees_prefix, SEES_SELF=mask.sees_self,
+                SEES_QUERIES=mask.sees_queries)
 
 
 class Geometry(NamedTuple):
-    """Where the sequences are. Dense: num_seqs = batch equal sequences of the given
+    """Where the sequences are. Batched: num_seqs = batch equal sequences of the given
     lengths. Packed: lengths and query counts are read per sequence from cu_seqlens and
     num_queries, and an optional tile table lists the (sequence, block) pairs to run."""
     num_seqs: int
@@ -647,13 +611,13 @@ class Geometry(NamedTuple):
         return blocks, blocks * self.num_seqs * self.heads
 
     def lse_strides(self):
-        # lse and delta are (batch, heads, seq) dense, or (heads, tokens) packed.
+        # lse and delta are (batch, heads, seq) batched, or (heads, tokens) packed.
         if self.cu_seqlens is None:
             return self.heads * self.max_len, self.max_len
         return 0, self.total_tokens
 
 
-def dense_geometry(q, k, num_queries):
+def batched_geometry(q, k, num_queries):
     batch, heads, seq, _ = q.shape
     return Geometry(batch, heads, seq, seq, k.shape[2], seq - num_queries)
 
@@ -693,12 +657,12 @@ def _empty_lse(q):
     return _empty_rows(1, q.shape[1], q.shape[0], q)[0]
 
 
-def attention_fwd(q, k, v, out, lse, geo, num_prefix, flags, scale):
+def attention_fwd(q, k, v, out, lse, geo, num_prefix, mask, scale):
     """Forward into out and lse (base-2 logsumexp, fp32), any q/k/v/out strides."""
     if out.numel() == 0:
         return
     head_dim = q.shape[-1]
-    cfg = _fwd_config(head_dim, q.dtype, _capability(q.device), geo.max_len,
+    cfg = _fwd_config(head_dim, q.dtype, device_capability(q.device), geo.max_len,
                       packed=geo.cu_seqlens is not None)
     blocks, programs = geo.grid(cfg["BLOCK_M"], geo.fwd_tiles)
     _unidirectional_fwd_kernel[(programs,)](
@@ -706,19 +670,20 @@ def attention_fwd(q, k, v, out, lse, geo, num_prefix, flags, scale):
         *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out),
         *geo.lse_strides(), blocks, geo.heads, geo.seq_len, geo.key_len, geo.visible,
         geo.total_tokens, num_prefix, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT=_dot_mode(q.dtype),
-        VARLEN=geo.cu_seqlens is not None, TILED=geo.fwd_tiles is not None, **flags, **cfg)
+        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT=dot_mode(q.dtype),
+        VARLEN=geo.cu_seqlens is not None, TILED=geo.fwd_tiles is not None, **_flags(mask),
+        **cfg)
 
 
-def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, flags, scale):
+def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask, scale):
     """Backward into dq, dk, dv (any strides: e.g. views of one dqkv buffer)."""
     if dq.numel() == 0:
         dk.zero_(), dv.zero_()
         return
     head_dim = q.shape[-1]
-    block_d = _block_d(head_dim)
+    padded_dim = block_d(head_dim)
     varlen, tiled = geo.cu_seqlens is not None, geo.bwd_tiles is not None
-    cfg = _bwd_config(head_dim, q.dtype, _capability(q.device), packed=varlen)
+    cfg = _bwd_config(head_dim, q.dtype, device_capability(q.device), packed=varlen)
     program_block = cfg.pop("PROGRAM_BLOCK")
     blocks, programs = geo.grid(program_block, geo.bwd_tiles)
     delta = _empty_lse(q)
@@ -726,7 +691,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, flag
         out, grad_out, delta, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
         *_bhld_strides(out), *_bhld_strides(grad_out), *geo.lse_strides(), blocks, geo.heads,
         geo.seq_len, geo.total_tokens,
-        HEAD_DIM=head_dim, BLOCK_M=program_block, BLOCK_D=block_d, VARLEN=varlen,
+        HEAD_DIM=head_dim, BLOCK_M=program_block, BLOCK_D=padded_dim, VARLEN=varlen,
         TILED=tiled)
     _unidirectional_bwd_kernel[(programs,)](
         q, k, v, grad_out, lse, delta, dq, dk, dv, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
@@ -734,14 +699,14 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, flag
         *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *geo.lse_strides(),
         blocks, geo.heads, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens, num_prefix,
         scale * LOG2E, scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, DOT=_dot_mode(q.dtype), VARLEN=varlen,
-        TILED=tiled, **flags, **cfg)
+        HEAD_DIM=head_dim, BLOCK_D=padded_dim, DOT=dot_mode(q.dtype), VARLEN=varlen,
+        TILED=tiled, **_flags(mask), **cfg)
 
 
 # ----------------------------------------------------------------------------------------
 # Custom ops and autograd
 # ----------------------------------------------------------------------------------------
-# Two op pairs, each serving dense (batch, heads, seq, dim) and packed (tokens, heads,
+# Two op pairs, each serving batched (batch, heads, seq, dim) and packed (tokens, heads,
 # dim) inputs (cu_seqlens given): one on q, k, v, and one on the packed qkv projection
 # output, whose backward writes dq, dk, dv into one (..., 3, heads, dim) gradient, so
 # that autograd has nothing to stack or copy on the way to the qkv projection.
@@ -749,7 +714,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, flag
 
 def _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen):
     if cu_seqlens is None:
-        return dense_geometry(q, k, num_queries)
+        return batched_geometry(q, k, num_queries)
     return varlen_geometry(q, cu_seqlens, num_queries_t, max_seqlen, fwd_tiles, bwd_tiles)
 
 
@@ -768,7 +733,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor],
     out, lse = _empty_out(q), _empty_lse(q)
     geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
     attention_fwd(q, k, v, out, lse, geo, num_prefix,
-                  _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
+                  QueryMask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
     return out, lse
 
 
@@ -789,7 +754,7 @@ def _bwd_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     dq, dk, dv = _empty_out(q), _empty_out(k), _empty_out(v)
     geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
     attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix,
-                  _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
+                  QueryMask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
     return dq, dk, dv
 
 
@@ -853,7 +818,7 @@ def _qkv_bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
     q, k, v = _unpack(qkv)
     geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
     attention_bwd(grad_out, q, k, v, out, lse, *_unpack(dqkv), geo, num_prefix,
-                  _flags(query_sees_prefix, query_sees_self, query_sees_queries), scale)
+                  QueryMask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
     return dqkv
 
 
@@ -926,28 +891,27 @@ class _EagerAttention(torch.autograd.Function):
         return (None, *(_qkv_backward if ctx.packed_qkv else _backward)(ctx, grad_out, grad_lse))
 
 
-def triton_attention(q, k, v, num_queries, num_prefix, *, layout=None, query_sees_prefix=False,
-                     query_sees_self=False, query_sees_queries=False, scale):
-    """The Triton backend on checked inputs: dense when layout is None, else packed.
+def triton_attention(q, k, v, num_queries, num_prefix, mask, scale, varlen=None):
+    """The Triton backend on checked inputs: batched when varlen is None, else packed.
 
-    layout: (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles, bwd_tiles).
+    mask: a QueryMask. varlen: (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles,
+    bwd_tiles), e.g. `varlen_tables(layout, q)`.
     """
-    packed = layout if layout is not None else (None, None, 0, None, None)
+    packed = varlen if varlen is not None else (None, None, 0, None, None)
     cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
+    # The custom ops' schemas take plain bools (torch.library has no QueryMask).
     args = (q, k, v, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen,
-            num_prefix, query_sees_prefix, query_sees_self, query_sees_queries, scale)
+            num_prefix, mask.sees_prefix, mask.sees_self, mask.sees_queries, scale)
     out, _ = _EagerAttention.apply(False, *args) if _eager(q, k, v) else _fwd_op(*args)
     return out
 
 
-def triton_qkvpacked_attention(qkv, num_queries, num_prefix, *, layout=None,
-                               query_sees_prefix=False, query_sees_self=False,
-                               query_sees_queries=False, scale):
+def triton_qkvpacked_attention(qkv, num_queries, num_prefix, mask, scale, varlen=None):
     """As `triton_attention` on a packed qkv projection; the output is (B, L, H, D) or
     (T, H, D), and the gradient reaches qkv as one tensor."""
-    packed = layout if layout is not None else (None, None, 0, None, None)
+    packed = varlen if varlen is not None else (None, None, 0, None, None)
     cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
     args = (qkv, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen, num_prefix,
-            query_sees_prefix, query_sees_self, query_sees_queries, scale)
+            mask.sees_prefix, mask.sees_self, mask.sees_queries, scale)
     out, _ = _EagerAttention.apply(True, *args) if _eager(qkv) else _qkv_fwd_op(*args)
     return out.transpose(1, 2) if qkv.dim() == 5 else out

@@ -1,20 +1,13 @@
 """PyTorch implementations of the unidirectional attention.
 
-Every backend here computes the same function as the Triton kernel; they exist as
-readable ground truth (`reference`, `dense_masked`), as the CPU path (`sdpa`), and
-as peers to compare against (`flex`, `xformers`). Inputs are assumed to have been
-checked by `adclr_kernels.attention.unidirectional_attention`.
+Every backend here computes the same function as the Triton kernels
+(`attention_triton.py`); they exist as readable ground truth (`reference`,
+`dense_masked`), as the CPU path (`sdpa`), and as peers to compare against (`flex`,
+`xformers`). The mask rule is `mask.QueryMask`'s. Inputs are assumed to have been
+checked by the public functions (`attention.py`).
 
-Token layout of one sequence, with V = P + N visible ("raw") tokens:
-
-    [ P prefix | N raw patches | Q query tokens ]
-      0 .. P-1   P .. V-1        V .. L-1
-
-The mask rule, for row i and key column j (the only place it is written in PyTorch):
-- rows i < V (prefix and raw) see columns j < V;
-- query rows see the raw columns P <= j < V, plus the prefix columns with
-  `query_sees_prefix`, plus column i with `query_sees_self`, plus every query column
-  with `query_sees_queries`.
+Each takes (q, k, v, num_queries, num_prefix, mask, scale): q, k, v in the batched form
+(batch, heads, seq, head_dim), mask a `QueryMask`, scale None for head_dim ** -0.5.
 """
 
 from __future__ import annotations
@@ -24,49 +17,22 @@ import functools
 import torch
 import torch.nn.functional as F
 
-
-def _sees(i, j, visible, num_prefix, query_sees_prefix, query_sees_self, query_sees_queries):
-    """The mask rule on index tensors i (rows) and j (columns); True where i sees j."""
-    query_row = i >= visible
-    query_col = j >= visible
-    sees_visible_col = ~query_row | (j >= num_prefix) | query_sees_prefix
-    sees_query_col = query_row & (((i == j) & query_sees_self) | query_sees_queries)
-    return torch.where(query_col, sees_query_col, sees_visible_col)
+from .mask import QueryMask
 
 
-def visibility_mask(
-    seq_len: int,
-    key_len: int,
-    num_queries: int,
-    num_prefix: int,
-    query_sees_prefix: bool = False,
-    query_sees_self: bool = False,
-    query_sees_queries: bool = False,
-    device: torch.device | str | None = None,
-) -> torch.Tensor:
-    """Boolean (seq_len, key_len) matrix, True where row i may attend to column j."""
-    i = torch.arange(seq_len, device=device)[:, None]
-    j = torch.arange(key_len, device=device)[None, :]
-    return _sees(i, j, seq_len - num_queries, num_prefix, query_sees_prefix,
-                 query_sees_self, query_sees_queries)
-
-
-def dense_masked_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
-                           query_sees_self=False, query_sees_queries=False, scale=None):
+def dense_masked_attention(q, k, v, num_queries, num_prefix, mask=QueryMask(), scale=None):
     """One masked softmax over the full score matrix: the simplest statement of the op.
 
     Tests run it in float64 as the ground truth every backend is measured against.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = visibility_mask(q.shape[-2], k.shape[-2], num_queries, num_prefix,
-                           query_sees_prefix, query_sees_self, query_sees_queries, q.device)
+    allowed = mask.matrix(q.shape[-2], k.shape[-2], num_queries, num_prefix, q.device)
     scores = (q @ k.transpose(-2, -1)) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
 
-def reference_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
-                        query_sees_self=False, query_sees_queries=False, scale=None):
+def reference_attention(q, k, v, num_queries, num_prefix, mask=QueryMask(), scale=None):
     """The paper's formulation: two explicit matmul-softmax paths.
 
     The raw path is a plain ViT attention over the P + N visible tokens; the query path
@@ -91,14 +57,14 @@ def reference_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=F
         return raw
 
     q_query = q[..., visible:, :]
-    first = 0 if query_sees_prefix else num_prefix
+    first = 0 if mask.sees_prefix else num_prefix
     keys, values = k[..., first:visible, :], v[..., first:visible, :]
     s = scores(q_query, keys)
-    if query_sees_queries:
+    if mask.sees_queries:
         k_query, v_query = k[..., visible:, :], v[..., visible:, :]
         probs = torch.softmax(torch.cat([s, scores(q_query, k_query)], -1), -1)
         return torch.cat([raw, attend(probs, torch.cat([values, v_query], -2))], -2)
-    if query_sees_self:
+    if mask.sees_self:
         # Each query token's own key is one extra column of its score row.
         k_self, v_self = k[..., visible:, :], v[..., visible:, :]
         self_score = (q_query.to(wide) * k_self.to(wide)).sum(-1, keepdim=True) * scale
@@ -108,29 +74,27 @@ def reference_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=F
     return torch.cat([raw, attend(torch.softmax(s, -1), values)], -2)
 
 
-def _two_calls(attend, q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
-               query_sees_queries):
+def _two_calls(attend, q, k, v, num_queries, num_prefix, mask):
     """Raw rows over the visible keys, then query rows over just the keys they see.
 
     attend(q, k, v, allowed) computes one attention; `allowed` is a boolean mask, or
-    None where every key is seen (only `query_sees_self` alone needs one: a diagonal).
+    None where every key is seen (only `sees_self` without `sees_queries` needs one: a
+    diagonal).
     """
     visible = q.shape[-2] - num_queries
     raw = attend(q[..., :visible, :], k[..., :visible, :], v[..., :visible, :], None)
     if num_queries == 0:
         return raw
-    first = 0 if query_sees_prefix else num_prefix
-    last = k.shape[-2] if (query_sees_queries or query_sees_self) else visible
+    first = 0 if mask.sees_prefix else num_prefix
+    last = k.shape[-2] if mask.sees_self else visible
     allowed = None
-    if query_sees_self and not query_sees_queries:
-        allowed = visibility_mask(q.shape[-2], last, num_queries, num_prefix, query_sees_prefix,
-                                  True, False, q.device)[visible:, first:]
+    if mask.sees_self and not mask.sees_queries:
+        allowed = mask.matrix(q.shape[-2], last, num_queries, num_prefix, q.device)[visible:, first:]
     query = attend(q[..., visible:, :], k[..., first:last, :], v[..., first:last, :], allowed)
     return torch.cat([raw, query], -2)
 
 
-def sdpa_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
-                   query_sees_self=False, query_sees_queries=False, scale=None):
+def sdpa_attention(q, k, v, num_queries, num_prefix, mask=QueryMask(), scale=None):
     """Two `F.scaled_dot_product_attention` calls, concatenated.
 
     The raw part is unmasked so that PyTorch may pick its flash kernel; the query part
@@ -139,18 +103,15 @@ def sdpa_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
     def attend(qq, kk, vv, allowed):
         return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed, scale=scale)
 
-    return _two_calls(attend, q, k, v, num_queries, num_prefix, query_sees_prefix,
-                      query_sees_self, query_sees_queries)
+    return _two_calls(attend, q, k, v, num_queries, num_prefix, mask)
 
 
 @functools.lru_cache(maxsize=64)
-def _flex_block_mask(seq_len, key_len, num_queries, num_prefix, query_sees_prefix,
-                     query_sees_self, query_sees_queries, device):
+def _flex_block_mask(seq_len, key_len, num_queries, num_prefix, mask, device):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, i, j):
-        return _sees(i, j, seq_len - num_queries, num_prefix, query_sees_prefix,
-                     query_sees_self, query_sees_queries)
+        return mask.sees(i, j, seq_len - num_queries, num_prefix)
 
     return create_block_mask(mask_mod, None, None, seq_len, key_len, device=device)
 
@@ -162,8 +123,7 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
-                   query_sees_self=False, query_sees_queries=False, scale=None):
+def flex_attention(q, k, v, num_queries, num_prefix, mask=QueryMask(), scale=None):
     """FlexAttention with the mask as a mask_mod; the BlockMask is cached per shape.
 
     Compiled on CUDA (the only way flex is fast); eager on CPU, where PyTorch offers
@@ -176,18 +136,17 @@ def flex_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
         # Nothing to attend (flex rejects empty inputs); keep the graph to q, k and v.
         return q * 0 + (k.sum() + v.sum()) * 0
     visible = q.shape[-2] - num_queries
-    if num_queries and (query_sees_self or query_sees_queries):
+    if num_queries and mask.sees_self:
         def attend(qq, kk, vv, allowed):
             mask = None
             if allowed is not None:
                 mask = _flex_block_mask_from(allowed)
             return _flex_call(qq, kk, vv, mask, scale)
 
-        return _two_calls(attend, q, k, v, num_queries, num_prefix, query_sees_prefix,
-                          query_sees_self, query_sees_queries)
+        return _two_calls(attend, q, k, v, num_queries, num_prefix, mask)
     k, v = k[..., :visible, :], v[..., :visible, :]
     block_mask = _flex_block_mask(q.shape[-2], visible, num_queries, num_prefix,
-                                  query_sees_prefix, False, False, str(q.device))
+                                  QueryMask(sees_prefix=mask.sees_prefix), str(q.device))
     return _flex_call(q, k, v, block_mask, scale)
 
 
@@ -209,8 +168,7 @@ def _flex_block_mask_from(allowed):
     return create_block_mask(mask_mod, None, None, *allowed.shape, device=str(allowed.device))
 
 
-def xformers_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=False,
-                       query_sees_self=False, query_sees_queries=False, scale=None):
+def xformers_attention(q, k, v, num_queries, num_prefix, mask=QueryMask(), scale=None):
     """xformers memory-efficient attention, two calls like `sdpa` (CUDA only)."""
     import xformers.ops as xops
 
@@ -228,8 +186,7 @@ def xformers_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=Fa
                                               vv.transpose(1, 2), attn_bias=bias, scale=scale)
         return out.transpose(1, 2)
 
-    return _two_calls(attend, q, k, v, num_queries, num_prefix, query_sees_prefix,
-                      query_sees_self, query_sees_queries)
+    return _two_calls(attend, q, k, v, num_queries, num_prefix, mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -237,22 +194,23 @@ def xformers_attention(q, k, v, num_queries, num_prefix, *, query_sees_prefix=Fa
 # ----------------------------------------------------------------------------------------
 
 
-def varlen_per_sequence(fn, q, k, v, bounds, num_queries, num_prefix, **options):
-    """Run a dense backend on each packed sequence in turn (block-diagonal by construction).
+def varlen_per_sequence(fn, q, k, v, bounds, num_queries, num_prefix, mask=QueryMask(),
+                        scale=None):
+    """Run a batched backend on each packed sequence in turn (block-diagonal by construction).
 
     bounds: host list of (start, end) token offsets; num_queries: host list of Q per sequence.
     """
     outs = []
     for (start, end), nq in zip(bounds, num_queries):
-        dense = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
-        outs.append(fn(*dense, nq, num_prefix, **options)[0].transpose(0, 1))
+        one = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+        outs.append(fn(*one, nq, num_prefix, mask, scale)[0].transpose(0, 1))
     if not outs:
         return q.new_empty(q.shape)
     return torch.cat(outs, 0)
 
 
-def flex_varlen_attention(q, k, v, bounds, num_queries, num_prefix, **options):
+def flex_varlen_attention(q, k, v, bounds, num_queries, num_prefix, mask=QueryMask(), scale=None):
     """FlexAttention per packed sequence. One call over the packed batch with a document
     mask would let a NaN or inf in one sequence's values reach rows of another that
     share a block (flex multiplies masked probabilities by their values)."""
-    return varlen_per_sequence(flex_attention, q, k, v, bounds, num_queries, num_prefix, **options)
+    return varlen_per_sequence(flex_attention, q, k, v, bounds, num_queries, num_prefix, mask, scale)

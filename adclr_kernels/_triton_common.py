@@ -1,0 +1,53 @@
+"""What the Triton kernels of both op families share: the dot product and its precision
+modes, head padding, the device's compute capability and shared memory."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .backends import triton_interpreter_enabled
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def dot(a, b, DOT: tl.constexpr):
+    # "native": the inputs' own tensor-core path (bf16, fp16). Otherwise both operands
+    # go to fp32 and DOT is Triton's input precision: "ieee" (exact; also how bf16 runs
+    # in the interpreter, whose bf16 dot is wrong), "tf32x3" or "tf32" (fp32 inputs, as
+    # torch's float32 matmul precision allows).
+    if DOT == "native":
+        return tl.dot(a, b)
+    else:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
+
+
+def dot_mode(dtype):
+    """The `dot` flavour for these inputs (see `dot`)."""
+    if dtype == torch.float32:
+        # torch's own rule for float32 matmuls: "highest" keeps fp32 accuracy (three
+        # TF32 products), "high" and "medium" allow one TF32 product.
+        return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    if dtype == torch.bfloat16 and triton_interpreter_enabled():
+        return "ieee"
+    return "native"
+
+
+def block_d(dim):
+    # tl.dot needs every dimension >= 16; other widths are padded inside the kernels.
+    return max(16, triton.next_power_of_2(dim))
+
+
+# The most shared memory one program may use, by compute capability: A100 (sm_80) 163 KB,
+# consumer Ampere and Ada (sm_86, sm_89) 99 KB, H100 (sm_90) 227 KB.
+SHARED_MEMORY_PER_PROGRAM = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def device_capability(device):
+    """Compute capability (e.g. 90) the kernels are compiled for on this device."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90  # the interpreter, and meta tensors: Hopper's tiles

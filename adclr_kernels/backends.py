@@ -1,0 +1,90 @@
+"""Backend names, what can run here, and the one rule that picks a backend for a call.
+
+Both op families (unidirectional attention, the DINO head loss) have a Triton backend
+and PyTorch ones; `resolve` turns the caller's choice ("auto" or a name) into the
+backend that runs, or raises, naming the reason, before anything is launched.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference", "sdpa", "flex", "xformers")  # unidirectional attention
+DINO_LOSS_BACKENDS = ("auto", "triton", "torch")                        # dino_head_loss
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = TRITON_DTYPES + (torch.float64,)
+TRITON_MAX_DIM = 256  # the widest head (attention) or feature row (DINO loss) the kernels take
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def xformers_unavailable_reason() -> str | None:
+    """Why the xformers backend cannot run here, or None when it can.
+
+    A wheel built for another torch or CUDA imports fine but loads none of its CUDA
+    kernels (seen: PyPI's xformers 0.0.35 beside torch 2.11+cu130), and every call would
+    then fail deep inside xformers' dispatcher.
+    """
+    try:
+        import xformers
+        import xformers.ops  # noqa: F401
+    except Exception:  # ImportError, or a broken build that fails on import
+        return "xformers is not installed (pip install 'adclr[xformers]')"
+    cpp = getattr(xformers, "_cpp_lib", None)
+    if not getattr(xformers, "_has_cpp_library", True) or not getattr(cpp, "_built_with_cuda", True):
+        return (f"xformers {getattr(xformers, '__version__', '?')} is installed but its CUDA "
+                f"kernels did not load (built for another torch/CUDA than torch {torch.__version__}; "
+                "`python -m xformers.info` says which)")
+    return None
+
+
+def xformers_available() -> bool:
+    return xformers_unavailable_reason() is None
+
+
+def check_backend_name(backend, known=BACKENDS):
+    """The one error for a backend name the op does not know (adapters check early)."""
+    if not isinstance(backend, str) or backend not in known:
+        raise ValueError(f"backend must be one of {known}, got {backend!r}")
+
+
+def resolve(backend, x, *, known=BACKENDS, fallback="sdpa", dtype=None, dim_name="head_dim",
+            requires_grad=False):
+    """The backend a call on x runs on.
+
+    "auto" is Triton for CUDA inputs it takes (dtype, last dimension), `fallback`
+    elsewhere. dtype: the dtype the kernels would see (default x's; the DINO loss passes
+    the autocast dtype). dim_name names x's last dimension in the errors.
+    """
+    check_backend_name(backend, known)
+    dtype = x.dtype if dtype is None else dtype
+    dim = x.shape[-1]
+    if backend == "auto":
+        if x.is_cuda and dtype in TRITON_DTYPES and dim <= TRITON_MAX_DIM:
+            return "triton"
+        return fallback
+    if backend == "triton":
+        # Meta tensors trace shapes through the custom ops' fake implementations.
+        if not (x.is_cuda or x.device.type == "meta"
+                or (x.device.type == "cpu" and triton_interpreter_enabled())):
+            raise RuntimeError(f"backend='triton' needs CUDA tensors (got device {x.device}); "
+                               "set TRITON_INTERPRET=1 before importing adclr_kernels to run "
+                               "the kernels on CPU in Triton's interpreter")
+        if dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend='triton' takes float16, bfloat16 or float32, got {dtype}")
+        if dim > TRITON_MAX_DIM:
+            raise ValueError(f"backend='triton' supports {dim_name} up to {TRITON_MAX_DIM}, got {dim}")
+    if backend == "xformers":
+        reason = xformers_unavailable_reason()
+        if reason:
+            raise RuntimeError(f"backend='xformers' cannot run: {reason}")
+        if not x.is_cuda:
+            raise RuntimeError(f"backend='xformers' needs CUDA tensors, got device {x.device}")
+    if backend == "flex" and not x.is_cuda and requires_grad:
+        raise RuntimeError("backend='flex' has no backward on CPU in PyTorch; use it under "
+                           "torch.no_grad() there, or pick backend='sdpa'")
+    return backend

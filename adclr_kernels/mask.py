@@ -1,0 +1,87 @@
+"""What query tokens see: the mask rule of ADCLR's unidirectional attention.
+
+Token layout of one sequence, with V = P + N visible ("raw") tokens:
+
+    [ P prefix | N raw patches | Q query tokens ]
+      0 .. P-1   P .. V-1        V .. L-1
+
+For row i and key column j:
+- rows i < V (prefix and raw) see columns j < V;
+- query rows see the raw columns P <= j < V, plus the prefix columns with
+  `sees_prefix`, plus column i with `sees_self`, plus every query column with
+  `sees_queries` (which implies `sees_self`).
+
+`QueryMask.sees` is the rule in PyTorch (the only place it is written so); the Triton
+kernels state it again, tile by tile, in `attention_triton._sees`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryMask:
+    """The three options of what query rows see, as one value.
+
+    The public functions take them as flat keywords (query_sees_prefix=...,
+    query_sees_self=..., query_sees_queries=...); inside the package they travel as one
+    QueryMask. sees_queries implies sees_self: QueryMask(sees_queries=True).sees_self is
+    True.
+    """
+    sees_prefix: bool = False
+    sees_self: bool = False
+    sees_queries: bool = False
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, bool):
+                raise TypeError(f"query_{field.name} must be a bool, got {type(value).__name__}")
+        if self.sees_queries:
+            object.__setattr__(self, "sees_self", True)
+
+    def options(self):
+        """The public keyword arguments that say the same."""
+        return dict(query_sees_prefix=self.sees_prefix, query_sees_self=self.sees_self,
+                    query_sees_queries=self.sees_queries)
+
+    def needs_query_keys(self, num_queries):
+        """Whether query rows read the keys of query tokens (k, v must hold them)."""
+        return num_queries > 0 and self.sees_self
+
+    def sees_nothing(self, num_queries, num_raw, num_prefix):
+        """Whether query rows would attend to no column at all."""
+        return (num_queries > 0 and num_raw == 0 and not (self.sees_prefix and num_prefix > 0)
+                and not self.sees_self)
+
+    def sees(self, i, j, visible, num_prefix):
+        """The rule on index tensors i (rows) and j (columns); True where i sees j."""
+        query_row = i >= visible
+        query_col = j >= visible
+        sees_visible_col = ~query_row | (j >= num_prefix) | self.sees_prefix
+        sees_query_col = query_row & (((i == j) & self.sees_self) | self.sees_queries)
+        return torch.where(query_col, sees_query_col, sees_visible_col)
+
+    def matrix(self, seq_len, key_len, num_queries, num_prefix, device=None):
+        """Boolean (seq_len, key_len) matrix, True where row i may attend to column j."""
+        i = torch.arange(seq_len, device=device)[:, None]
+        j = torch.arange(key_len, device=device)[None, :]
+        return self.sees(i, j, seq_len - num_queries, num_prefix)
+
+
+def visibility_mask(
+    seq_len: int,
+    key_len: int,
+    num_queries: int,
+    num_prefix: int,
+    query_sees_prefix: bool = False,
+    query_sees_self: bool = False,
+    query_sees_queries: bool = False,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Boolean (seq_len, key_len) matrix, True where row i may attend to column j."""
+    mask = QueryMask(query_sees_prefix, query_sees_self, query_sees_queries)
+    return mask.matrix(seq_len, key_len, num_queries, num_prefix, device)

@@ -1,0 +1,100 @@
+"""`VarlenLayout`: where packed sequences sit in a (total_tokens, heads, head_dim) batch."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+
+class VarlenLayout:
+    """Where packed sequences sit in a (total_tokens, ...) batch, checked once on the host.
+
+    Pass it as `cu_seqlens` to the varlen ops. Built once per batch layout (a trainer's
+    crop layout is the same every step, and every layer shares it), it is never checked
+    or copied to the device again, and the Triton kernels launch exactly one program per
+    (sequence, row block) that has work, from tile tables built here on first use.
+
+    Args:
+        seqlens: length of every sequence, in order (host ints).
+        num_queries: query tokens at the end of each sequence: one int for all, or one
+            per sequence.
+        device: where the offsets and tile tables live.
+    """
+
+    def __init__(self, seqlens, num_queries=0, device=None):
+        self.seqlens = [_host_int("seqlens", n, 0) for n in seqlens]
+        if isinstance(num_queries, int):
+            num_queries = [num_queries] * len(self.seqlens)
+        self.queries = [_host_int("num_queries", n, 0) for n in num_queries]
+        if len(self.queries) != len(self.seqlens):
+            raise ValueError(f"num_queries must have one count per sequence "
+                             f"({len(self.seqlens)}), got {len(self.queries)}")
+        for s, (length, nq) in enumerate(zip(self.seqlens, self.queries)):
+            if nq > length:
+                raise ValueError(f"num_queries[{s}] must be in [0, {length}], got {nq}")
+        offsets = [0, *itertools.accumulate(self.seqlens)]
+        if offsets[-1] >= 2**31:
+            raise ValueError(f"{offsets[-1]} tokens do not fit int32 offsets")
+        self.total_tokens = offsets[-1]
+        self.max_seqlen = max(self.seqlens, default=0)
+        self.cu_seqlens = torch.tensor(offsets, dtype=torch.int32,
+                                       device=device if device is not None else "cpu")
+        self.num_queries = torch.tensor(self.queries, dtype=torch.int32, device=self.device)
+        self._tiles = {}
+        self._checked = set()
+
+    @property
+    def device(self):
+        # The tensors' own device: "cuda" given here reads back as "cuda:0", which is
+        # what a tensor on it reports, so the device checks compare like with like.
+        return self.cu_seqlens.device
+
+    @classmethod
+    def from_offsets(cls, offsets, num_queries=0, device=None):
+        """The layout of cu_seqlens-style offsets given on the host."""
+        if offsets[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
+        lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+        for s, length in enumerate(lengths):
+            if length < 0:
+                raise ValueError(f"cu_seqlens must be non-decreasing; sequence {s} has length {length}")
+        return cls(lengths, num_queries, device)
+
+    def tiles(self, block):
+        """(tiles, 2) int32 table of every (sequence, block of `block` rows) with rows."""
+        if block not in self._tiles:
+            pairs = [(s, j) for s, n in enumerate(self.seqlens) for j in range(-(-n // block))]
+            self._tiles[block] = torch.tensor(pairs, dtype=torch.int32,
+                                              device=self.device).view(-1, 2)
+        return self._tiles[block]
+
+    def check(self, num_prefix, mask):
+        """Every sequence has room for the prefix, and every query row sees something
+        (mask: a `QueryMask`)."""
+        key = (num_prefix, mask)
+        if key in self._checked:
+            return
+        for s, (length, nq) in enumerate(zip(self.seqlens, self.queries)):
+            if num_prefix > length - nq:
+                raise ValueError(f"num_prefix ({num_prefix}) exceeds the {length - nq} visible "
+                                 f"tokens of sequence {s}")
+            if mask.sees_nothing(nq, length - nq - num_prefix, num_prefix):
+                raise ValueError(f"query rows of sequence {s} would attend to nothing: it has no "
+                                 "raw tokens; set query_sees_prefix, query_sees_self or query_sees_queries")
+        self._checked.add(key)
+
+    def bounds(self):
+        """(start, end) of every sequence."""
+        ends = list(itertools.accumulate(self.seqlens))
+        return list(zip([0] + ends[:-1], ends))
+
+    def __repr__(self):
+        return (f"VarlenLayout({len(self.seqlens)} sequences, {self.total_tokens} tokens, "
+                f"max_seqlen={self.max_seqlen}, device={self.device})")
+
+
+def _host_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must hold ints >= {low}, got {value!r}")
+    return value

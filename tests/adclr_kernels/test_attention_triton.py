@@ -1,0 +1,382 @@
+"""The Triton implementation (attention_triton.py): the kernels against float64 references
+(interpreter on CPU, native on CUDA), their GPU tile configs, the custom ops (opcheck,
+torch.compile, the eager path), and the launched kernels compiled for every GPU target.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import adclr_kernels.attention_triton as T
+from adclr_kernels import (VarlenLayout, unidirectional_attention, unidirectional_attention_qkvpacked,
+                           unidirectional_attention_varlen_qkvpacked)
+from adclr_kernels._triton_common import SHARED_MEMORY_PER_PROGRAM
+from adclr_kernels.attention_torch import dense_masked_attention
+from kernel_testing import (DEVICE, OPTION_SETS, assert_fa_close, assert_rel_close, make_qkv, mask_of,
+                            option_id, options, reference_grads)
+
+pytestmark = pytest.mark.usefixtures("poisoned")
+
+def check_triton(batch, heads, num_prefix, num_raw, num_queries, head_dim, opts,
+                 dtype=torch.float32, seed=0, **make_kw):
+    q, k, v = make_qkv(batch, heads, num_prefix, num_raw, num_queries, head_dim, opts,
+                       dtype=dtype, seed=seed, **make_kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    grad_out = torch.randn(q.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    kw = dict(num_queries=num_queries, num_prefix=num_prefix)
+
+    # Leaves that keep the packed strides, so the kernel really reads strided views.
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = unidirectional_attention(*leaves, backend="triton", **kw, **opts)
+    grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
+
+    assert out.shape == q.shape and out.dtype == dtype
+    ref64, grads64 = reference_grads(dense_masked_attention, q.double(), k.double(),
+                                     v.double(), grad_out, mask=mask_of(opts), **kw)
+    if dtype == torch.float32:
+        assert_rel_close("out", out, ref64)
+        for name, got, want in zip("qkv", grads, grads64):
+            assert_rel_close(f"d{name}", got, want)
+    else:
+        ref_lo, grads_lo = reference_grads(dense_masked_attention, q, k, v, grad_out.to(dtype),
+                                           mask=mask_of(opts), **kw)
+        assert_fa_close("out", out, ref64, ref_lo)
+        for name, got, want, lo in zip("qkv", grads, grads64, grads_lo):
+            assert_fa_close(f"d{name}", got, want, lo)
+    return out, grads
+
+
+@pytest.mark.parametrize("opt_set", OPTION_SETS, ids=option_id)
+@pytest.mark.parametrize("num_prefix", [1, 4])
+@pytest.mark.parametrize("num_queries", [0, 1, 10])
+def test_every_option_prefix_and_query_count(opt_set, num_prefix, num_queries):
+    # 37 raw tokens: P + N + Q is 38..51, never a multiple of a block.
+    check_triton(2, 2, num_prefix, 37, num_queries, 64, options(opt_set))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [32, 48, 64, 80, 96, 128])
+def test_head_dims_and_dtypes(head_dim, dtype):
+    check_triton(2, 3, 1, 49, 10, head_dim, options(OPTION_SETS[0]), dtype=dtype)
+
+
+@pytest.mark.parametrize("num_prefix,num_raw,num_queries,opt_set", [
+    (1, 1, 1, OPTION_SETS[0]),        # shortest sequence with a query token
+    (1, 130, 7, OPTION_SETS[0]),      # several row and column blocks
+    (5, 96, 33, OPTION_SETS[4]),      # queries span two blocks and see each other
+    (3, 61, 40, OPTION_SETS[2]),      # the self-diagonal crosses a block edge
+    (2, 0, 3, OPTION_SETS[1]),        # no raw tokens: queries see only the prefix
+    (0, 0, 5, OPTION_SETS[2]),        # queries only, each seeing just itself
+    (0, 20, 4, OPTION_SETS[0]),       # no prefix token at all
+    (4, 29, 0, OPTION_SETS[5]),       # options with no query tokens
+    (40, 20, 6, OPTION_SETS[0]),      # whole key blocks of prefix only, skipped by queries
+])
+def test_odd_layouts(num_prefix, num_raw, num_queries, opt_set):
+    check_triton(1, 2, num_prefix, num_raw, num_queries, 32, options(opt_set))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
+@pytest.mark.parametrize("opt_set", [OPTION_SETS[0], OPTION_SETS[3], OPTION_SETS[4]])
+@pytest.mark.parametrize("num_prefix,num_raw,num_queries", [(1, 196, 10), (70, 120, 17),
+                                                             (1, 600, 10)])
+def test_gpu_tile_sizes_in_the_interpreter(monkeypatch, opt_set, num_prefix, num_raw, num_queries):
+    # The interpreter normally runs small tiles; this runs the tiles a GPU launches
+    # (fp32: 64-row blocks over 32-key blocks), incl. prefix-only key blocks at P = 70.
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    assert T._fwd_config(64, torch.float32, 90, 207)["BLOCK_M"] == 64
+    check_triton(1, 1, num_prefix, num_raw, num_queries, 64, options(opt_set))
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
+@pytest.mark.parametrize("capability", [90, 80, 86])
+@pytest.mark.parametrize("dtype,head_dim,num_raw", [
+    (torch.float16, 64, 196), (torch.float16, 64, 600), (torch.float16, 128, 196),
+    (torch.float32, 128, 100), (torch.float32, 256, 60)])
+def test_every_gpu_config_in_the_interpreter(monkeypatch, capability, dtype, head_dim, num_raw):
+    # Each target's configs (tiles, warps, stages) run in the interpreter. fp16 stands
+    # for bf16 here: the two share their configs, and the interpreter's bf16 dot is wrong.
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(T, "device_capability", lambda device: capability)
+    check_triton(1, 1, 1, num_raw, 10, head_dim, options(OPTION_SETS[3]), dtype=dtype)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
+@pytest.mark.parametrize("lengths,queries,num_prefix", [
+    ([1 + 196 + 10, 1 + 36, 1 + 196 + 10], [10, 0, 10], 1),  # the trainer's crops
+    ([70 + 120 + 17, 70 + 30 + 3], [17, 3], 70),             # prefix wider than a key tile
+    ([50, 37], [0, 0], 0),                                  # no prefix, no queries
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_tile_sizes_packed_in_the_interpreter(monkeypatch, lengths, queries, num_prefix, dtype):
+    # The packed-qkv varlen path with a VarlenLayout at the tiles a GPU launches:
+    # interior, boundary and prefix tiles, and the tile table; fp16 (bf16's configs,
+    # which the interpreter cannot dot) with the packed backward's register cap.
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    if dtype == torch.float16:
+        assert T._bwd_config(64, dtype, 90, packed=True).get("maxnreg")
+    layout = VarlenLayout(lengths, queries)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(sum(lengths), 3, 1, 64, generator=g).to(dtype).requires_grad_()
+    grad_out = torch.randn(sum(lengths), 1, 64, generator=g).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3  # fp16 inputs, fp32 accumulation
+    out = unidirectional_attention_varlen_qkvpacked(qkv, layout, num_prefix=num_prefix,
+                                                    backend="triton")
+    (dqkv,) = torch.autograd.grad(out, qkv, grad_out)
+    for (start, end), nq in zip(layout.bounds(), queries):
+        batched = [t.detach().double()[start:end].transpose(0, 1)[None].requires_grad_()
+                   for t in qkv.unbind(1)]
+        ref = dense_masked_attention(*batched, nq, num_prefix)
+        grads = torch.autograd.grad(ref, batched, grad_out.double()[start:end].transpose(0, 1)[None])
+        assert_rel_close("out", out[start:end], ref[0].transpose(0, 1), tol)
+        for i, want in enumerate(grads):
+            assert_rel_close(f"d{'qkv'[i]}", dqkv[start:end, i], want[0].transpose(0, 1), tol)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed_qkv", "separate"])
+def test_full_length_keys_are_ignored_without_options(packed):
+    # k/v of length seq with no option: query keys exist but nobody may read them,
+    # so their gradient is exactly zero.
+    _, (_, dk, dv) = check_triton(2, 2, 1, 37, 10, 64, options(OPTION_SETS[1]),
+                                  short_keys=False, packed=packed)
+    assert dk.shape[2] == 48
+    assert torch.all(dk[:, :, 38:] == 0) and torch.all(dv[:, :, 38:] == 0)
+
+
+def test_output_is_a_view_of_a_token_major_buffer():
+    q, k, v = make_qkv(2, 3, 1, 20, 4, 32, options(OPTION_SETS[0]), dtype=torch.float32)
+    out = unidirectional_attention(q, k, v, 4, backend="triton")
+    # (batch, seq, heads * head_dim) for the output projection without a copy.
+    assert out.transpose(1, 2).is_contiguous()
+
+
+def test_sum_backward_with_stride_zero_grad():
+    q, k, v = make_qkv(2, 2, 1, 37, 10, 32, options(OPTION_SETS[0]), dtype=torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    unidirectional_attention(*leaves, 10, backend="triton").sum().backward()
+    ref = [t.detach().requires_grad_() for t in (q.double(), k.double(), v.double())]
+    dense_masked_attention(*ref, 10, 1).sum().backward()
+    for got, want in zip(leaves, ref):
+        assert_rel_close("grad", got.grad, want.grad)
+
+
+def test_raw_outputs_do_not_depend_on_query_tokens():
+    opts = options(OPTION_SETS[4])  # the widest option: queries see everything allowed
+    q, k, v = make_qkv(2, 2, 1, 37, 10, 64, opts, dtype=torch.float16, seed=3)
+    out1 = unidirectional_attention(q, k, v, 10, **opts, backend="triton")
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    for t in (q2, k2, v2):
+        t[:, :, 38:] = torch.randn_like(t[:, :, 38:])
+    out2 = unidirectional_attention(q2, k2, v2, 10, **opts, backend="triton")
+    assert torch.equal(out1[:, :, :38], out2[:, :, :38])
+    assert not torch.equal(out1[:, :, 38:], out2[:, :, 38:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_backward_is_bitwise_deterministic(dtype):
+    opts = options(OPTION_SETS[5])
+    q, k, v = make_qkv(2, 2, 3, 70, 10, 64, opts, dtype=dtype, seed=5)
+    grad_out = torch.randn_like(q)
+
+    def grads():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = unidirectional_attention(*leaves, 10, 3, **opts, backend="triton")
+        return torch.autograd.grad(out, leaves, grad_out)
+
+    for a, b in zip(grads(), grads()):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch():
+    q, k, v = make_qkv(0, 2, 1, 10, 3, 32, options(OPTION_SETS[0]), dtype=torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = unidirectional_attention(*leaves, 3, backend="triton")
+    assert out.shape == (0, 2, 14, 32)
+    out.sum().backward()
+    assert leaves[1].grad.shape == k.shape
+
+
+@pytest.mark.parametrize("scale", [0.3, 0.0])
+def test_custom_scale(scale):
+    # 0 is uniform attention over what each row sees: the masked tiles must still
+    # exclude what it does not (-inf * 0 would be NaN).
+    opts = options(OPTION_SETS[0])
+    q, k, v = make_qkv(1, 2, 1, 70, 5, 32, opts, dtype=torch.float32)
+    out = unidirectional_attention(q, k, v, 5, scale=scale, backend="triton")
+    assert_rel_close("out", out, dense_masked_attention(q.double(), k.double(), v.double(), 5, 1,
+                                                        scale=scale))
+
+# ---------------------------------------------------------------------------------------
+# The custom ops: opcheck, torch.compile, and the eager path beside them
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt_set", [OPTION_SETS[0], OPTION_SETS[5]])
+def test_opcheck(opt_set):
+    opts = options(opt_set)
+    q, k, v = make_qkv(1, 2, 1, 20, 4, 32, opts, dtype=torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    args = (*leaves, None, None, None, None, 4, 0, 1, *opt_set, 32 ** -0.5)
+    torch.library.opcheck(T._fwd_op, args)
+    out, lse = T._fwd_op(*args)
+    torch.library.opcheck(T._bwd_op, (torch.randn_like(out), *[t.detach() for t in leaves],
+                                    out.detach(), lse, *args[3:]))
+
+
+class TinyAttention(torch.nn.Module):
+    """A ViT-style caller: packed qkv projection, the op, output projection."""
+
+    def __init__(self, dim=64, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, num_queries):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = unidirectional_attention(q, k, v, num_queries, backend="triton")
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_forward_and_backward(compile_backend):
+    torch.manual_seed(0)
+    model = TinyAttention().to(DEVICE)
+    x = torch.randn(2, 21, 64, device=DEVICE)
+    eager_out = model(x, 4)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), list(model.parameters()))
+    compiled = torch.compile(model, backend=compile_backend, fullgraph=True)
+    out = compiled(x, 4)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_matches_reference():
+    opts = options(OPTION_SETS[3])
+    q, k, v = make_qkv(1, 2, 2, 30, 6, 32, opts, dtype=torch.float32)
+    fn = torch.compile(lambda a, b, c: unidirectional_attention(a, b, c, 6, 2, backend="triton", **opts),
+                       backend="aot_eager", fullgraph=True)
+    assert_rel_close("out", fn(q, k, v), dense_masked_attention(q.double(), k.double(), v.double(), 6, 2,
+                                                                mask_of(opts)))
+
+
+@pytest.mark.parametrize("packed_qkv", [False, True])
+def test_eager_calls_skip_the_dispatcher_and_match_the_custom_op(monkeypatch, packed_qkv):
+    # Eager calls go through an autograd.Function straight to the kernels (the custom
+    # op's dispatcher was two thirds of the host time per call); compile takes the op.
+    # Both paths must give the same outputs and gradients, bit for bit.
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 25, 3, 2, 32, device=DEVICE, requires_grad=True)
+    grad = torch.randn(2, 25, 2, 32, device=DEVICE)
+
+    def run():
+        if packed_qkv:
+            out = unidirectional_attention_qkvpacked(qkv, 4, backend="triton")
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            out = unidirectional_attention(q, k, v, 4, backend="triton").transpose(1, 2)
+        return out, torch.autograd.grad(out, qkv, grad)[0]
+
+    calls = {"impl": 0}
+    real_impl = T._qkv_bwd_impl if packed_qkv else T._bwd_impl
+    name = "_qkv_bwd_impl" if packed_qkv else "_bwd_impl"
+
+    def counted(*args):
+        calls["impl"] += 1
+        return real_impl(*args)
+
+    monkeypatch.setattr(T, name, counted)
+    eager_out, eager_grad = run()
+    assert calls["impl"] == 1  # the eager backward ran the body, not the op
+    monkeypatch.setattr(T, "_eager", lambda *tensors: False)
+    op_out, op_grad = run()
+    assert calls["impl"] == 1  # the custom op's own registration ran this time
+    assert torch.equal(eager_out, op_out) and torch.equal(eager_grad, op_grad)
+
+
+def test_eager_path_refuses_a_second_derivative_and_serves_vmap():
+    # Eager calls must not differ from the custom op where the op is strict: a second
+    # derivative is an error (not a silently missing term), and vmap, which the custom
+    # op serves by its fallback, still works.
+    torch.manual_seed(0)
+    x = torch.randn(2, 13, 3, 2, 16, device=DEVICE, requires_grad=True)
+
+    def f(t):
+        return unidirectional_attention_qkvpacked(t, 3, backend="triton")
+
+    g, = torch.autograd.grad(f(x).square().sum() + x.pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(g.sum(), x)
+    batch = torch.randn(3, *x.shape, device=DEVICE)
+    torch.testing.assert_close(torch.func.vmap(f)(batch), torch.stack([f(b) for b in batch]))
+
+
+# ---------------------------------------------------------------------------------------
+# The launched kernels compiled for every GPU target
+#
+# The kernels the op launches compile for every GPU generation it targets, within its
+# shared memory, and (bf16/fp16 on Hopper, head_dim <= 128) without spilling registers in
+# a loop.
+#
+# CI has no GPU and runs the kernels in Triton's interpreter, which accepts code that the
+# real compiler rejects. Here the launchers run on meta tensors and their launches are
+# compiled ahead of time down to ptxas (bench.static's capture: the real arguments, so the
+# real specialization), in a fresh process: this one's kernels were built for the
+# interpreter.
+# ---------------------------------------------------------------------------------------
+
+try:
+    from triton.backends.compiler import GPUTarget  # noqa: F401
+    from triton.compiler import ASTSource  # noqa: F401
+except ImportError:  # an older or newer Triton without this API
+    GPUTarget = None
+
+needs_aot = pytest.mark.skipif(GPUTarget is None, reason="this Triton has no ahead-of-time API")
+
+# (dtype, head_dim, packed, (query_sees_prefix, query_sees_self, query_sees_queries))
+COMPILE_CASES = [
+    ("bf16", 64, False, (False, False, False)),
+    ("bf16", 64, True, (False, False, False)),
+    ("fp16", 80, True, (True, True, False)),
+    ("bf16", 128, False, (False, False, True)),
+    ("fp32", 128, False, (False, True, True)),
+    ("bf16", 256, True, (False, False, False)),
+    ("fp32", 256, False, (False, False, False)),
+]
+
+COMPILE_CHECK = """
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+from bench.static import compile_check
+capability, cases = json.loads(sys.argv[1])
+print(json.dumps([compile_check(d, t, capability, packed, tuple(f)) for t, d, packed, f in cases]))
+"""
+
+
+@needs_aot
+@pytest.mark.parametrize("capability", [80, 86, 90])
+def test_launched_kernels_compile_and_fit(capability):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", COMPILE_CHECK, json.dumps([capability, COMPILE_CASES])], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    limit = SHARED_MEMORY_PER_PROGRAM[capability]
+    for (dtype, head_dim, packed, flags), rows in zip(COMPILE_CASES, json.loads(proc.stdout)):
+        assert len(rows) == 3, rows  # forward, delta, backward
+        for row in rows:
+            where = f"sm_{capability} {dtype} d{head_dim} packed={packed} {flags} {row['kernel']}"
+            assert row["shared_bytes"] <= limit, f"{where}: {row['shared_bytes']} B shared > {limit}"
+            if capability == 90 and dtype != "fp32" and head_dim <= 128:
+                # A register cap (maxnreg) may spill a few bytes once per program, never
+                # inside a loop.
+                assert row["loop_spill_instrs"] == 0, f"{where}: spills inside a loop"
+                assert row["spill_bytes"] == 0 or (row["maxnreg"] and row["spill_bytes"] <= 64), \
+                    f"{where}: spills {row['spill_bytes']} B"

@@ -1,0 +1,86 @@
+"""bench.static's copy of the kernels' range arithmetic against the kernels' own.
+
+The static model counts each program's loop trips with plain-Python mirrors of the
+`@triton.jit` range helpers in adclr_kernels/attention_triton.py. Here a probe kernel runs
+those helpers (in Triton's interpreter on CPU) over a grid of layouts, block sizes and
+masks, and every result must equal the mirror's.
+"""
+
+import itertools
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from adclr_kernels.attention_triton import _column_splits, _dkdv_row_range, _dkdv_row_splits, _key_ranges
+from adclr_kernels.mask import QueryMask
+from bench import static as S
+
+OUTPUTS = 9  # lo1, hi1, lo2, hi2, c1, c2 (row block m0); lo, hi, r1 (key block m0)
+
+
+@triton.jit
+def _ranges_probe(CASES, OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEES_PREFIX: tl.constexpr,
+                  SEES_SELF: tl.constexpr, SEES_QUERIES: tl.constexpr):
+    case = CASES + 5 * tl.program_id(0)
+    m0 = tl.load(case)
+    seq_len = tl.load(case + 1)
+    key_len = tl.load(case + 2)
+    visible = tl.load(case + 3)
+    num_prefix = tl.load(case + 4)
+    lo1, hi1, lo2, hi2 = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M,
+                                     SEES_PREFIX, SEES_SELF, SEES_QUERIES)
+    c1, c2 = _column_splits(m0, seq_len, visible, num_prefix, lo1, hi1, BLOCK_M, BLOCK_N, SEES_PREFIX)
+    lo, hi = _dkdv_row_range(m0, seq_len, visible, num_prefix, BLOCK_N, SEES_PREFIX, SEES_SELF,
+                             SEES_QUERIES)
+    r1 = _dkdv_row_splits(m0, lo, hi, visible, num_prefix, BLOCK_M, BLOCK_N, SEES_PREFIX)
+    out = OUT + OUTPUTS * tl.program_id(0)
+    tl.store(out, lo1)
+    tl.store(out + 1, hi1)
+    tl.store(out + 2, lo2)
+    tl.store(out + 3, hi2)
+    tl.store(out + 4, c1)
+    tl.store(out + 5, c2)
+    tl.store(out + 6, lo)
+    tl.store(out + 7, hi)
+    tl.store(out + 8, r1)
+
+
+def _cases(block):
+    """(m0, seq_len, key_len, visible, num_prefix): block starts from 0 to one block past
+    the end, over layouts with and without prefix, raw and query tokens, prefixes wider
+    than a block, and k/v that hold only the visible tokens."""
+    for seq_len, num_queries, num_prefix in [(1, 0, 1), (5, 5, 0), (7, 3, 0), (40, 10, 1), (50, 0, 4),
+                                             (97, 10, 70), (130, 33, 5), (207, 10, 1), (75, 40, 35)]:
+        visible = seq_len - num_queries
+        for key_len in {seq_len, visible}:
+            for m0 in range(0, seq_len + block + 1, block):
+                yield m0, seq_len, key_len, visible, num_prefix
+
+
+def _mirror(case, block_m, block_n, mask):
+    m0, seq_len, key_len, visible, num_prefix = case
+    lo1, hi1, lo2, hi2 = S._key_ranges(m0, seq_len, key_len, visible, num_prefix, block_m, mask)
+    c1, c2 = S._column_splits(m0, seq_len, visible, num_prefix, lo1, hi1, block_m, block_n, mask)
+    lo, hi = S._dkdv_row_range(m0, seq_len, visible, num_prefix, block_n, mask)
+    r1 = S._dkdv_row_splits(m0, lo, hi, visible, num_prefix, block_m, block_n, mask)
+    return [lo1, hi1, lo2, hi2, c1, c2, lo, hi, r1]
+
+
+MASKS = [QueryMask(*flags) for flags in itertools.product((False, True), repeat=3) if flags[1] or not flags[2]]
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16), (64, 64), (128, 32)])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: "psq=" + "".join("01"[x] for x in (
+    m.sees_prefix, m.sees_self, m.sees_queries)))
+def test_mirror_equals_the_kernels_range_arithmetic(block_m, block_n, mask):
+    # Positions on both block grids: m0 is a row block's start and a key block's.
+    cases = sorted(set(_cases(block_m)) | set(_cases(block_n)))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    table = torch.tensor(cases, dtype=torch.int32, device=device)
+    out = torch.full((len(cases), OUTPUTS), -1, dtype=torch.int32, device=device)
+    _ranges_probe[(len(cases),)](table, out, BLOCK_M=block_m, BLOCK_N=block_n, SEES_PREFIX=mask.sees_prefix,
+                                 SEES_SELF=mask.sees_self, SEES_QUERIES=mask.sees_queries)
+    for case, got in zip(cases, out.tolist()):
+        assert got == _mirror(case, block_m, block_n, mask), f"{case} (m0, seq, keys, visible, prefix)"
