@@ -25,7 +25,7 @@ from .compare import EVAL_IMAGES, PRESET
 from .data import BUILTIN
 from .dense import BUILTIN_CPU_LIMIT, DEFAULT_EPOCHS, DEFAULT_LR
 from .evaluate import BUILTIN_CPU_LINEAR_EPOCHS, KNN_K, LINEAR_LR
-from .train import ALLOWED, Config, config_errors, value_error
+from .config import ALLOWED, Config, config_errors, value_error
 
 # A quick run that shows the method working on a laptop CPU in a few minutes: used when
 # there is neither a dataset nor a GPU, for every flag the user did not set.

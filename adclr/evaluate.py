@@ -21,7 +21,7 @@ from PIL import Image
 from .data import (BUILTIN, IMAGENET_MEAN, IMAGENET_STD, center_crop, crop, default_num_workers, open_dataset,
                    random_resized_box, warn_unreadable)
 from .model import build_backbone
-from .train import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint
 
 KNN_K = (10, 20, 100, 200)  # DINO's eval_knn.py --nb_knn
 LINEAR_LR = 1e-3  # DINO's eval_linear.py --lr, per 256 images

@@ -1,6 +1,6 @@
 import pytest
 
-from adclr.train import Config
+from adclr.config import Config
 
 
 @pytest.fixture

@@ -21,7 +21,9 @@ from PIL import Image
 import adclr.train
 from adclr_kernels.attention import xformers_available, xformers_unavailable_reason
 from adclr.cli import main
-from adclr.train import ALLOWED, Config, load_checkpoint
+import adclr.checkpoint
+from adclr.checkpoint import load_checkpoint
+from adclr.config import ALLOWED, Config
 
 # The smallest run the CLI can do: 2-block dim-64 ViT on 32 px crops, one step.
 TINY = ["--arch", "vit_test", "--patch-size", "8", "--image-size", "32", "--local-size", "16",
@@ -65,7 +67,7 @@ def image_folder(root, per_class=4, unreadable=()):
 
 # --------------------------------------------------------------------------- every numeric flag
 
-# The documented range of each numeric `adclr train` flag, independent of adclr.train.ALLOWED:
+# The documented range of each numeric `adclr train` flag, independent of adclr.config.ALLOWED:
 # (flag, range as the error states it, type, a negative value to try). Every numeric Config
 # field must be here (test_every_numeric_field_has_a_range).
 TRAIN_RANGES = [
@@ -657,7 +659,7 @@ def test_a_diverged_checkpoint_is_reported_at_load(checkpoint_bytes, tmp_path):
     state = torch.load(io.BytesIO(checkpoint_bytes), weights_only=True)
     state["loss"]["center"].fill_(float("inf"))
     torch.save(state, path)
-    with pytest.raises(adclr.train.CheckpointError, match=r"non-finite values \(NaN or inf\) in loss\['center'\]"):
+    with pytest.raises(adclr.checkpoint.CheckpointError, match=r"non-finite values \(NaN or inf\) in loss\['center'\]"):
         load_checkpoint(str(path))
 
 
@@ -674,6 +676,6 @@ def test_optional_checkpoint_parts_pass_the_checks(tmp_path, capsys):
     assert state["step"] == 2
     state["student"]["head.last_layer.gain"][3] = float("nan")
     torch.save(state, path)
-    with pytest.raises(adclr.train.CheckpointError,
+    with pytest.raises(adclr.checkpoint.CheckpointError,
                        match=r"non-finite values \(NaN or inf\) in student\['head.last_layer.gain'\]"):
         load_checkpoint(path)

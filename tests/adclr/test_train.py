@@ -6,9 +6,11 @@ import os
 import pytest
 import torch
 
+import adclr.config
 import adclr.train
 from adclr.cli import main, make_config
-from adclr.train import load_checkpoint, train
+from adclr.checkpoint import load_checkpoint
+from adclr.train import train
 
 
 def read_metrics(out):
@@ -320,7 +322,7 @@ def test_compile_auto_is_off_on_cpu_and_checked(tiny_config):
     """--compile auto compiles on CUDA only; a config.json or checkpoint with another value
     is refused like a bad flag."""
     assert not adclr.train.build(tiny_config(compile="auto"), "cpu").compiled
-    assert adclr.train.config_errors(tiny_config(compile="yes")) == [
+    assert adclr.config.config_errors(tiny_config(compile="yes")) == [
         "--compile: invalid choice: 'yes' (choose from auto, on, off)"]
     with pytest.raises(ValueError, match=r"--compile: invalid choice: 'yes'"):
         adclr.train.build(tiny_config(compile="yes"), "cpu")
