@@ -184,13 +184,6 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
     colours = plt.get_cmap("tab20")(np.arange(max(classes, 1)) % 20)[:, :3]
     colours[0] = (0.15, 0.15, 0.15) if names else colours[0]  # background dark on the built-in sets
 
-    def paint(mask):
-        rgb = np.zeros((*mask.shape, 3))
-        known = (mask != IGNORE) & (mask < classes)
-        rgb[known] = colours[mask[known]]
-        rgb[mask == IGNORE] = 1.0  # white: ignored
-        return rgb
-
     fig, axes = _figure(plt, len(pairs), 3, f"dense linear probe on patch tokens, {checkpoint} ({weights})")
     for r, (x, mask) in enumerate(pairs):
         with torch.no_grad():
@@ -198,7 +191,7 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
             pred = torch.nn.functional.interpolate(logits[None], size=mask.shape, mode="bilinear",
                                                    align_corners=False)[0].argmax(0)
         shown = np.asarray(Image.fromarray(x.permute(1, 2, 0).numpy()).resize(mask.shape[::-1], Image.BICUBIC))
-        for ax, picture, title in zip(axes[r], (shown, paint(mask.numpy()), paint(pred.numpy())),
+        for ax, picture, title in zip(axes[r], (shown, _paint(mask.numpy(), colours), _paint(pred.numpy(), colours)),
                                       ("image", "ground truth", "probe")):
             ax.imshow(picture, interpolation="nearest")
             ax.set_title(title, fontsize=8)
@@ -214,6 +207,16 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _paint(mask, colours):
+    """An (H, W) label mask as RGB: colours[label], white where IGNORE; black for labels
+    beyond the probe's classes."""
+    rgb = np.zeros((*mask.shape, 3))
+    known = (mask != IGNORE) & (mask < len(colours))
+    rgb[known] = colours[mask[known]]
+    rgb[mask == IGNORE] = 1.0  # white: ignored
+    return rgb
 
 
 def read_metrics(path):

@@ -342,7 +342,6 @@ def check_backend(cfg, device):
         raise SystemExit(f"error: --attention {cfg.attention}: {error}") from None
 
 
-
 # What a user who meets a bad OUT/checkpoint.pt can do about it.
 START_OVER = "remove it to start over, or choose another --out"
 

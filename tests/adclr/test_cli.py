@@ -294,6 +294,24 @@ def test_help_states_the_batch_convention_and_the_momentum_hint(capsys):
 # --------------------------------------------------------------------------- user errors
 
 
+@pytest.mark.parametrize("command,module", [(["train", *TINY], "adclr.train"), (["compare"], "adclr.compare")])
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, FloatingPointError])
+def test_a_stopped_job_exits_as_a_shell_expects(command, module, stop, monkeypatch, capsys):
+    """Ctrl-C exits 130; a diverged run, 1 with its one line; neither with a traceback."""
+    import importlib
+
+    def stopped(*args, **kwargs):
+        raise stop("loss became non-finite")
+
+    monkeypatch.setattr(importlib.import_module(module), command[0], stopped)
+    status, err = run(command, capsys)
+    assert "Traceback" not in err
+    if stop is KeyboardInterrupt:
+        assert status == 130
+    else:
+        assert status == 1 and err.splitlines()[-1] == "error: loss became non-finite"
+
+
 def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
     """The whole chain as a user meets it: a subprocess, its exit status and stderr."""
     missing = str(tmp_path / "no-such-folder")

@@ -97,6 +97,38 @@ def test_non_finite_loss_before_any_checkpoint_claims_none(tmp_path, monkeypatch
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
+@pytest.mark.parametrize("where", ["between steps", "inside a step"])
+def test_an_interrupt_keeps_the_steps_done_unless_it_hits_inside_a_step(where, tiny_config, monkeypatch, capsys):
+    """Ctrl-C saves the steps finished since the last checkpoint, but not a step's half-updated state."""
+    cfg = tiny_config(max_steps=6, checkpoint_every=4)
+    if where == "between steps":
+        real_log = adclr.train.Logger.log
+
+        def log_then_interrupt(self, record, total_steps):
+            real_log(self, record, total_steps)
+            if record["step"] == 3:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(adclr.train.Logger, "log", log_then_interrupt)
+    else:
+        real_step = adclr.train.train_step
+
+        def interrupt_step_4(trainer, batch, step):
+            if step == 3:
+                raise KeyboardInterrupt
+            return real_step(trainer, batch, step)
+
+        monkeypatch.setattr(adclr.train, "train_step", interrupt_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    path, err = os.path.join(cfg.out, "checkpoint.pt"), capsys.readouterr().err
+    if where == "between steps":
+        assert load_checkpoint(path)["step"] == 3
+        assert f"interrupted: saved step 3 to {path}; rerun the same command to resume" in err
+    else:
+        assert not os.path.exists(path) and "interrupted" not in err
+
+
 def test_schedules(tiny_config):
     cfg = tiny_config(epochs=10, max_steps=0, warmup_epochs=2, warmup_teacher_temp_epochs=5,
                       batch_size=512)
