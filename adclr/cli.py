@@ -213,7 +213,7 @@ def main(argv=None):
 
 
 def _flags(args, *leave_out):
-    """The flags given on the command line, as {name: value}."""
+    """The Config flags given on the command line (their defaults are suppressed), as {field: value}."""
     return {k: v for k, v in vars(args).items() if k not in ("command", "handler", "parser", *leave_out)}
 
 
