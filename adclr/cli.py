@@ -21,11 +21,9 @@ import sys
 
 import torch
 
-from .compare import EVAL_IMAGES, PRESET
+from . import compare, eval_dense, eval_knn, eval_linear, export, show, train
+from .config import ALLOWED, Config, config_errors, value_error
 from .data import BUILTIN
-from .dense import BUILTIN_CPU_LIMIT, DEFAULT_EPOCHS, DEFAULT_LR
-from .evaluate import BUILTIN_CPU_LINEAR_EPOCHS, KNN_K, LINEAR_LR
-from .train import ALLOWED, Config, config_errors, value_error
 
 # A quick run that shows the method working on a laptop CPU in a few minutes: used when
 # there is neither a dataset nor a GPU, for every flag the user did not set.
@@ -95,15 +93,28 @@ def make_config(given):
     return cfg
 
 
-def main(argv=None):
+def build_parser():
+    """The `adclr` parser. Each command's parser sets `handler`, the function that runs the
+    command, and `parser`, itself (its errors start "adclr <command>: error:")."""
     parser = argparse.ArgumentParser(prog="adclr", description="ADCLR self-supervised ViT pretraining")
     commands = parser.add_subparsers(dest="command", required=True)
-
     # The one-line usage: the full one lists ~40 flags and would bury a one-line error.
     train_parser = commands.add_parser("train", help="pretrain (resumes when --out holds a checkpoint)",
                                        usage="adclr train [--flag VALUE ...]  (adclr train --help lists them)")
     add_config_flags(train_parser)
+    train_parser.set_defaults(handler=run_train, parser=train_parser)
+    _add_eval_parser(commands)
+    _add_compare_parser(commands)
+    _add_show_parser(commands)
+    export_parser = commands.add_parser("export", help="write the backbone as safetensors")
+    export_parser.add_argument("--checkpoint", required=True)
+    export_parser.add_argument("--out", required=True, help="output .safetensors file")
+    export_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher")
+    export_parser.set_defaults(handler=run_export, parser=export_parser)
+    return parser
 
+
+def _add_eval_parser(commands):
     eval_parser = commands.add_parser("eval", help="evaluate frozen features: knn, linear or dense")
     eval_parser.add_argument("protocol", choices=["knn", "linear", "dense"],
                              help="knn, linear: image classes from CLS; dense: a linear segmentation "
@@ -119,21 +130,21 @@ def main(argv=None):
                              help="default: the run's --image-size")
     eval_parser.add_argument("--batch-size", type=checked(int, ">= 1"), default=128,
                              help="linear: the lr is --lr x batch / 256 (default: 128)")
-    eval_parser.add_argument("--k", type=checked(int, ">= 1"), nargs="+", default=list(KNN_K),
+    eval_parser.add_argument("--k", type=checked(int, ">= 1"), nargs="+", default=list(eval_knn.KNN_K),
                              help="k-NN: neighbours that vote; every k from one similarity pass "
                                   "(default: DINO's 10 20 100 200)")
     eval_parser.add_argument("--temperature", type=checked(float, "> 0"), default=0.07,
                              help="k-NN: votes weigh exp(similarity / temperature) (default: 0.07)")
     eval_parser.add_argument("--epochs", type=checked(int, ">= 1"), default=None,
-                             help=f"linear: training epochs (default: 100; {BUILTIN_CPU_LINEAR_EPOCHS} for the "
-                                  f"built-in data on CPU); dense: probe epochs over the cached train features "
-                                  f"(default: {DEFAULT_EPOCHS})")
+                             help=f"linear: training epochs (default: 100; {eval_linear.BUILTIN_CPU_LINEAR_EPOCHS} "
+                                  f"for the built-in data on CPU); dense: probe epochs over the cached train features "
+                                  f"(default: {eval_dense.DEFAULT_EPOCHS})")
     # The former name, kept working; a separate flag so that an error names the one typed.
     eval_parser.add_argument("--linear-epochs", dest="epochs", type=checked(int, ">= 1"), default=None,
                              help=argparse.SUPPRESS)
     eval_parser.add_argument("--lr", type=checked(float, "> 0"), default=None,
-                             help=f"linear: SGD lr per 256 images (default: {LINEAR_LR:g}); dense: the probe's "
-                                  f"AdamW lr (default: {DEFAULT_LR:g})")
+                             help=f"linear: SGD lr per 256 images (default: {eval_linear.LINEAR_LR:g}); dense: the "
+                                  f"probe's AdamW lr (default: {eval_dense.DEFAULT_LR:g})")
     eval_parser.add_argument("--n-last-blocks", type=checked(int, ">= 1"), default=None,
                              help="linear: concatenate the CLS tokens of the last n blocks (default: DINO's, "
                                   "1 for vit_base, else 4); dense: their patch tokens (default: 1)")
@@ -151,17 +162,23 @@ def main(argv=None):
                              help="loader processes; -1 = one per free core (max 8)")
     eval_parser.add_argument("--limit", type=checked(int, ">= 0"), default=None,
                              help="use at most this many images per split; 0 = all (default: all; "
-                                  f"dense on built-in data on a CPU: {BUILTIN_CPU_LIMIT})")
+                                  f"dense on built-in data on a CPU: {eval_dense.BUILTIN_CPU_LIMIT})")
+    eval_parser.set_defaults(handler=run_eval, parser=eval_parser)
 
+
+def _add_compare_parser(commands):
     compare_parser = commands.add_parser(
         "compare", help="ADCLR against DINO (lambda 0) and random init at equal budget, over seeds",
         usage="adclr compare [--seeds S ...] [--eval-images N] [any adclr train --flag VALUE ...]")
     compare_parser.add_argument("--seeds", type=checked(int, ALLOWED["seed"]), nargs="+", default=[0, 1, 2],
                                 help="one ADCLR and one DINO run per seed (default: 0 1 2)")
     compare_parser.add_argument("--eval-images", type=checked(int, ">= 1"), default=None,
-                                help=f"images per split for k-NN, linear and dense (default: {EVAL_IMAGES})")
+                                help=f"images per split for k-NN, linear and dense (default: {compare.EVAL_IMAGES})")
     add_config_flags(compare_parser)
+    compare_parser.set_defaults(handler=run_compare, parser=compare_parser)
 
+
+def _add_show_parser(commands):
     show_parser = commands.add_parser("show", help="pictures: attention maps, dense predictions, training curves "
                                                    "(needs matplotlib: pip install 'adclr[viz]')")
     pictures = show_parser.add_subparsers(dest="picture", required=True)
@@ -180,88 +197,92 @@ def main(argv=None):
                            help="query crops per image (default: the run's --num-queries)")
     attention.add_argument("--seed", type=checked(int, ">= 0"), default=0, help="where the query crops fall")
     dense.add_argument("--limit", type=checked(int, ">= 0"), default=None,
-                       help=f"train images for the probe; 0 = all (default: all; built-in data: {BUILTIN_CPU_LIMIT})")
+                       help="train images for the probe; 0 = all (default: all; built-in data: "
+                            f"{eval_dense.BUILTIN_CPU_LIMIT})")
     dense.add_argument("--num-workers", type=checked(int, ">= -1"), default=-1,
                        help="loader processes; -1 = one per free core (max 8)")
     curves = pictures.add_parser("curves", help="losses, lr, teacher temperature (and k-NN if logged) "
                                                 "from a run's metrics.jsonl, written beside it as metrics.png")
     curves.add_argument("run", help="a run folder (adclr train --out) or its metrics.jsonl")
+    show_parser.set_defaults(handler=run_show, parser=show_parser)
 
-    export_parser = commands.add_parser("export", help="write the backbone as safetensors")
-    export_parser.add_argument("--checkpoint", required=True)
-    export_parser.add_argument("--out", required=True, help="output .safetensors file")
-    export_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher")
 
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        from .train import train
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.handler(args)
 
-        given = {k: v for k, v in vars(args).items() if k != "command"}
-        cfg = make_config(given)
-        errors = config_errors(cfg)  # what depends on several flags; before any work
-        if errors:
-            train_parser.error(f"argument {errors[0]}")
-        try:
-            train(cfg)
-        except FloatingPointError as error:
-            raise SystemExit(f"error: {error}")
-        except KeyboardInterrupt:
-            raise SystemExit(130)
-    elif args.command == "compare":
-        from .compare import compare
 
-        given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()
-                 if k not in ("command", "seeds", "eval_images")}
-        if "seed" in given:
-            compare_parser.error("argument --seed: adclr compare takes --seeds")
-        cfg = Config(**{**PRESET, **given})
-        errors = config_errors(cfg)
-        if errors:
-            compare_parser.error(f"argument {errors[0]}")
-        try:
-            compare(cfg, args.seeds, eval_images=args.eval_images or EVAL_IMAGES)
-        except FloatingPointError as error:
-            raise SystemExit(f"error: {error}")
-        except KeyboardInterrupt:
-            raise SystemExit(130)
-    elif args.command == "eval" and args.protocol == "dense":
-        from .dense import evaluate_dense
+def _flags(args, *leave_out):
+    """The Config flags given on the command line (their defaults are suppressed), as {field: value}."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "handler", "parser", *leave_out)}
 
-        result = evaluate_dense(args.checkpoint, data=args.data, weights=args.weights, image_size=args.image_size,
-                                batch_size=args.batch_size, n_last_blocks=args.n_last_blocks, epochs=args.epochs,
-                                lr=args.lr, num_classes=args.num_classes, device=args.device,
-                                num_workers=args.num_workers, limit=args.limit)
-        print(json.dumps(result))
-    elif args.command == "eval":
-        from .evaluate import evaluate
 
-        result = evaluate(args.protocol, args.checkpoint, data=args.data, weights=args.weights,
-                          image_size=args.image_size, batch_size=args.batch_size, ks=args.k,
-                          temperature=args.temperature, epochs=args.epochs, device=args.device,
-                          num_workers=args.num_workers, limit=args.limit or 0, fast=args.fast,
-                          n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens,
-                          lr=LINEAR_LR if args.lr is None else args.lr, val_freq=args.val_freq)
-        print(json.dumps(result))
-    elif args.command == "show":
-        from . import show
+def _run_job(job, *job_args, **job_kwargs):
+    """Run a training job as a command: a diverged run ends with one line (exit 1), and
+    Ctrl-C (after the job has kept what it can) with the shell's 130, not a traceback."""
+    try:
+        job(*job_args, **job_kwargs)
+    except FloatingPointError as error:
+        raise SystemExit(f"error: {error}")
+    except KeyboardInterrupt:
+        raise SystemExit(130)
 
-        if args.picture == "attention":
-            paths = show.show_attention(args.checkpoint, data=args.data, images=args.images,
-                                        num_queries=args.num_queries, weights=args.weights, out=args.out,
-                                        seed=args.seed)
-        elif args.picture == "dense":
-            paths = [show.show_dense(args.checkpoint, data=args.data, images=args.images, weights=args.weights,
-                                     out=args.out, limit=args.limit, num_workers=args.num_workers)]
-        else:
-            paths = [show.show_curves(args.run)]
-        for path in paths:
-            print(f"wrote {path}", file=sys.stderr)
-        print(json.dumps({"picture": args.picture, "files": paths}))
+
+def run_train(args):
+    cfg = make_config(_flags(args))
+    errors = config_errors(cfg)  # what depends on several flags; before any work
+    if errors:
+        args.parser.error(f"argument {errors[0]}")
+    _run_job(train.train, cfg)
+
+
+def run_eval(args):
+    common = dict(data=args.data, weights=args.weights, image_size=args.image_size, batch_size=args.batch_size,
+                  device=args.device, num_workers=args.num_workers)
+    if args.protocol == "dense":
+        result = eval_dense.evaluate_dense(args.checkpoint, **common, n_last_blocks=args.n_last_blocks,
+                                           epochs=args.epochs, lr=args.lr, num_classes=args.num_classes,
+                                           limit=args.limit)
+    elif args.protocol == "knn":
+        result = eval_knn.evaluate_knn(args.checkpoint, **common, ks=args.k, temperature=args.temperature,
+                                       limit=args.limit or 0)
     else:
-        from .evaluate import export
+        result = eval_linear.evaluate_linear(
+            args.checkpoint, **common, epochs=args.epochs, limit=args.limit or 0, fast=args.fast,
+            n_last_blocks=args.n_last_blocks, avgpool_patchtokens=args.avgpool_patchtokens,
+            lr=eval_linear.LINEAR_LR if args.lr is None else args.lr, val_freq=args.val_freq)
+    print(json.dumps(result))
 
-        export(args.checkpoint, args.out, args.weights)
-        print(json.dumps({"exported": args.out, "weights": args.weights}))
+
+def run_compare(args):
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in _flags(args, "seeds", "eval_images").items()}
+    if "seed" in given:
+        args.parser.error("argument --seed: adclr compare takes --seeds")
+    cfg = Config(**{**compare.PRESET, **given})
+    errors = config_errors(cfg)
+    if errors:
+        args.parser.error(f"argument {errors[0]}")
+    _run_job(compare.compare, cfg, args.seeds, eval_images=args.eval_images or compare.EVAL_IMAGES)
+
+
+def run_show(args):
+    if args.picture == "attention":
+        paths = show.show_attention(args.checkpoint, data=args.data, images=args.images,
+                                    num_queries=args.num_queries, weights=args.weights, out=args.out,
+                                    seed=args.seed)
+    elif args.picture == "dense":
+        paths = [show.show_dense(args.checkpoint, data=args.data, images=args.images, weights=args.weights,
+                                 out=args.out, limit=args.limit, num_workers=args.num_workers)]
+    else:
+        paths = [show.show_curves(args.run)]
+    for path in paths:
+        print(f"wrote {path}", file=sys.stderr)
+    print(json.dumps({"picture": args.picture, "files": paths}))
+
+
+def run_export(args):
+    export.export(args.checkpoint, args.out, args.weights)
+    print(json.dumps({"exported": args.out, "weights": args.weights}))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@ only lambda = 0 leaves them out of the loss), and the teacher backbone at initia
 Each of the three backbones is scored the same way:
 
     k-NN     DINO's weighted k-NN (k = 20, T = 0.07) on CLS features of centre crops
-    linear   the quick linear probe on the same cached CLS features (`adclr.evaluate.linear_accuracy`)
+    linear   the quick linear probe on the same cached CLS features (`adclr.eval_linear.linear_accuracy`)
     mIoU     the dense probe (`adclr eval dense`) on patch tokens, and its pixel accuracy
 
 The table gives the mean and the sample standard deviation over seeds, the per-seed
 difference ADCLR - DINO (the runs of a seed are paired), and the dense scores of the val
-labels themselves at the run's patch grid (`adclr.dense.patch_majority`: what a probe
+labels themselves at the run's patch grid (`adclr.eval_dense.patch_majority`: what a probe
 that gets every patch right scores, so how much room the dense scores have). Everything lands in OUT: the runs
 (OUT/seed<S>/<method>/), each score as soon as it is measured (scores.json beside each
 checkpoint), and the table (OUT/compare.md, OUT/compare.json). Run the same command again
@@ -32,8 +32,10 @@ import time
 import torch
 
 from .data import open_dataset, open_segmentation
-from .dense import NUM_LABELS, SegmentationCrops, dense_probe, patch_majority, scores as dense_scores
-from .evaluate import CenterCrops, extract_features, knn_accuracy, linear_accuracy, load_backbone
+from .eval_dense import NUM_LABELS, SegmentationCrops, dense_probe, patch_majority, scores as dense_scores
+from .eval_knn import knn_accuracy
+from .eval_linear import linear_accuracy
+from .features import CenterCrops, extract_features, load_backbone
 from .train import build, train
 
 # The equal-budget defaults: a 2-block ViT on 64 px scenes (an 8 x 8 patch grid) for 1500

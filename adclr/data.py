@@ -15,6 +15,7 @@ A batch ready for `adclr.train.train_step` is a dict of float tensors, view-majo
 from __future__ import annotations
 
 import colorsys
+import functools
 import math
 import os
 import sys
@@ -377,6 +378,23 @@ def crop(image, box, size, resample=Image.BICUBIC):
     return to_tensor(image.resize((size, size), resample, box=box))
 
 
+def normalize(images):
+    """Pixels as every model here sees them: (x - ImageNet mean) / ImageNet std per channel
+    (dim -3), on the images' device. uint8 images are scaled to [0, 1] first; float ones
+    must be in [0, 1] already (augmented crops)."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    mean, std = _imagenet_statistics(x.device)
+    return (x - mean) / std
+
+
+@functools.cache
+def _imagenet_statistics(device):
+    # Made once per device: a tensor built from Python numbers on every call would be a
+    # blocking host-to-device copy in each training step.
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1))
+
+
 def center_crop(image, size, fraction=0.875):
     """Evaluation view: central `fraction` square (DINO's resize 256 / crop 224), resized."""
     side = min(image.size) * fraction
@@ -512,11 +530,6 @@ class Augment(torch.nn.Module):
         self.view_a = pipeline(blur=1.0)
         self.view_b = pipeline(blur=0.1, solarize=0.2)
         self.local = pipeline(blur=0.5)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
-
-    def normalize(self, x):
-        return (x.float() / 255 - self.mean) / self.std
 
     @torch.no_grad()
     def forward(self, batch):
@@ -524,20 +537,19 @@ class Augment(torch.nn.Module):
         views = batch["globals"].float() / 255  # (B, 2, 3, G, G)
         a = self.view_a(views[:, 0])
         b = self.view_b(views[:, 1])
-        norm = lambda x: (x.clamp(0, 1) - self.mean) / self.std  # noqa: E731
         local = None
         if batch["locals"].shape[1]:
             local = self.local(batch["locals"].transpose(0, 1).flatten(0, 1).float() / 255)
-            local = norm(local)
-        return {"globals": norm(torch.cat([a, b])), "locals": local,
-                "queries": self.normalize(batch["queries"])}
+            local = normalize(local.clamp(0, 1))
+        return {"globals": normalize(torch.cat([a, b]).clamp(0, 1)), "locals": local,
+                "queries": normalize(batch["queries"])}
 
 
 def synthetic_batch(cfg, batch_size, device, dtype=torch.float32, generator=None):
     """A random ready-to-train batch (see the module docstring) for benchmarks.
 
     `cfg` needs image_size, local_size, patch_size, num_local_crops and num_queries
-    (an `adclr.train.Config`). Values are standard-normal, like normalised pixels.
+    (an `adclr.config.Config`). Values are standard-normal, like normalised pixels.
     """
     def randn(*shape):
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)

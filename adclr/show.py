@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import textwrap
 
 import numpy as np
@@ -21,8 +20,10 @@ from PIL import Image
 
 from adclr_kernels import visibility_mask
 
-from .data import BUILTIN, ImageFolder, crop, open_segmentation, random_resized_box, to_tensor
-from .dense import normalize
+from .data import (BUILTIN, ImageFolder, crop, default_num_workers, normalize, open_segmentation,
+                   random_resized_box, to_tensor)
+from .eval_dense import DEFAULT_EPOCHS, DEFAULT_LR, IGNORE, SegmentationCrops, fit_probe, open_splits, patch_features
+from .features import backbone_or_exit
 
 CELL = 160  # pixels per picture in a grid
 
@@ -124,10 +125,8 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
     mean over heads, then each head. The whole image is resized to the run's image size,
     and the query crops are cut from it as in training (the run's --query-scale).
     """
-    from .evaluate import _backbone_or_exit
-
     plt = pyplot()
-    backbone, cfg = _backbone_or_exit(checkpoint, weights)
+    backbone, cfg = backbone_or_exit(checkpoint, weights)
     size, p = cfg["image_size"], cfg["patch_size"]
     num_queries = cfg["num_queries"] if num_queries is None else num_queries
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "pictures")
@@ -165,13 +164,8 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
                n_last_blocks=1, limit=None, num_workers=-1):
     """Fit the dense probe as `adclr eval dense` does and write OUT/dense.png: per val
     image, the image, the ground-truth mask and the probe's prediction. Returns the path."""
-    from .data import default_num_workers
-    from .dense import (DEFAULT_EPOCHS, DEFAULT_LR, IGNORE, SegmentationCrops, fit_probe,
-                        open_splits, patch_features)
-    from .evaluate import _backbone_or_exit
-
     plt = pyplot()
-    backbone, cfg = _backbone_or_exit(checkpoint, weights)
+    backbone, cfg = backbone_or_exit(checkpoint, weights)
     size = cfg["image_size"]
     data, train_images, val_images, limit = open_splits(data, limit, "cpu")
     workers = default_num_workers() if num_workers < 0 else num_workers
@@ -190,13 +184,6 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
     colours = plt.get_cmap("tab20")(np.arange(max(classes, 1)) % 20)[:, :3]
     colours[0] = (0.15, 0.15, 0.15) if names else colours[0]  # background dark on the built-in sets
 
-    def paint(mask):
-        rgb = np.zeros((*mask.shape, 3))
-        known = (mask != IGNORE) & (mask < classes)
-        rgb[known] = colours[mask[known]]
-        rgb[mask == IGNORE] = 1.0  # white: ignored
-        return rgb
-
     fig, axes = _figure(plt, len(pairs), 3, f"dense linear probe on patch tokens, {checkpoint} ({weights})")
     for r, (x, mask) in enumerate(pairs):
         with torch.no_grad():
@@ -204,7 +191,7 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
             pred = torch.nn.functional.interpolate(logits[None], size=mask.shape, mode="bilinear",
                                                    align_corners=False)[0].argmax(0)
         shown = np.asarray(Image.fromarray(x.permute(1, 2, 0).numpy()).resize(mask.shape[::-1], Image.BICUBIC))
-        for ax, picture, title in zip(axes[r], (shown, paint(mask.numpy()), paint(pred.numpy())),
+        for ax, picture, title in zip(axes[r], (shown, _paint(mask.numpy(), colours), _paint(pred.numpy(), colours)),
                                       ("image", "ground truth", "probe")):
             ax.imshow(picture, interpolation="nearest")
             ax.set_title(title, fontsize=8)
@@ -220,6 +207,16 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _paint(mask, colours):
+    """An (H, W) label mask as RGB: colours[label], white where IGNORE; black for labels
+    beyond the probe's classes."""
+    rgb = np.zeros((*mask.shape, 3))
+    known = (mask != IGNORE) & (mask < len(colours))
+    rgb[known] = colours[mask[known]]
+    rgb[mask == IGNORE] = 1.0  # white: ignored
+    return rgb
 
 
 def read_metrics(path):

@@ -15,7 +15,8 @@ from bench.workloads import OP_BACKENDS, skip_reason
 
 try:
     from adclr.data import synthetic_batch
-    from adclr.train import Config, build, train_step
+    from adclr.config import Config
+    from adclr.train import build, train_step
 except ImportError as error:  # the trainer is optional for the op benchmarks
     pytest.skip(f"the trainer API (adclr.train.build/train_step, adclr.data.synthetic_batch) "
                 f"is not importable: {error}", allow_module_level=True)

@@ -1,6 +1,10 @@
-import pytest
+import os
 
-from adclr.train import Config
+import pytest
+from trainer_testing import TINY
+
+from adclr.cli import main
+from adclr.config import Config
 
 
 @pytest.fixture
@@ -30,3 +34,13 @@ def tiny_checkpoint(tmp_path_factory):
                  warmup_teacher_temp_epochs=0, freeze_last_layer_epochs=0, num_workers=0, log_every=1,
                  device="cpu"))
     return str(out / "checkpoint.pt")
+
+
+@pytest.fixture(scope="session")
+def checkpoint_bytes(tmp_path_factory):
+    """The bytes of the checkpoint.pt of a real one-step TINY run. Write them to a file of
+    your own before changing them."""
+    out = str(tmp_path_factory.mktemp("good") / "run")
+    main(["train", *TINY, "--out", out])
+    with open(os.path.join(out, "checkpoint.pt"), "rb") as f:
+        return f.read()

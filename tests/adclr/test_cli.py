@@ -6,8 +6,6 @@ range, one "error: ..." line naming the flag or file (exit 1) for what the user 
 fix, and never a traceback.
 """
 
-import dataclasses
-import io
 import json
 import math
 import os
@@ -16,100 +14,16 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
+from trainer_testing import (SCALE_FLAGS, TINY, TRAIN_RANGES, accepts, image_folder, out_of_range, read_metrics, run,
+                             write_file)
 
 import adclr.train
+from adclr.checkpoint import load_checkpoint
+from adclr.cli import main, make_config
 from adclr_kernels.backends import xformers_available, xformers_unavailable_reason
-from adclr.cli import main
-from adclr.train import ALLOWED, Config, load_checkpoint
-
-# The smallest run the CLI can do: 2-block dim-64 ViT on 32 px crops, one step.
-TINY = ["--arch", "vit_test", "--patch-size", "8", "--image-size", "32", "--local-size", "16",
-        "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "64", "--head-hidden-dim", "32",
-        "--head-bottleneck-dim", "16", "--batch-size", "4", "--max-steps", "1", "--num-workers", "0",
-        "--device", "cpu", "--warmup-epochs", "0", "--warmup-teacher-temp-epochs", "0",
-        "--freeze-last-layer-epochs", "0", "--log-every", "1"]
-
-
-def run(argv, capsys):
-    """(exit status, stderr) of `adclr *argv`, as the shell would see them."""
-    try:
-        main(argv)
-        status = 0
-    except SystemExit as exit:
-        status = exit.code
-    err = capsys.readouterr().err
-    if isinstance(status, str):  # SystemExit("error: ..."): Python prints it and exits 1
-        err, status = err + status + "\n", 1
-    return status, err
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def image_folder(root, per_class=4, unreadable=()):
-    """root/<a|b>/<i>.png, 40x30 RGB; the names in `unreadable` hold bytes Pillow cannot read."""
-    for c, cls in enumerate(("a", "b")):
-        os.makedirs(os.path.join(root, cls), exist_ok=True)
-        for i in range(per_class):
-            name = os.path.join(root, cls, f"{i}.png")
-            if f"{cls}/{i}.png" in unreadable:
-                with open(name, "wb") as f:
-                    f.write(b"not an image")
-            else:
-                Image.new("RGB", (40, 30), (60 * i, 100 * c, 50)).save(name)
-    return str(root)
 
 
 # --------------------------------------------------------------------------- every numeric flag
-
-# The documented range of each numeric `adclr train` flag, independent of adclr.train.ALLOWED:
-# (flag, range as the error states it, type, a negative value to try). Every numeric Config
-# field must be here (test_every_numeric_field_has_a_range).
-TRAIN_RANGES = [
-    ("--patch-size", ">= 1", int, "-1"), ("--image-size", ">= 1", int, "-1"),
-    ("--local-size", ">= 1", int, "-1"), ("--out-dim", ">= 1", int, "-1"),
-    ("--head-hidden-dim", ">= 1", int, "-1"), ("--head-bottleneck-dim", ">= 1", int, "-1"),
-    ("--drop-path", "[0, 1)", float, "-0.1"),
-    ("--num-local-crops", ">= 0", int, "-1"), ("--num-queries", ">= 0", int, "-1"),
-    ("--lambda-query", ">= 0", float, "-0.5"), ("--student-temp", "> 0", float, "-0.1"),
-    ("--warmup-teacher-temp", "> 0", float, "-0.04"), ("--teacher-temp", "> 0", float, "-0.07"),
-    ("--warmup-teacher-temp-epochs", ">= 0", float, "-1"), ("--center-momentum", "[0, 1]", float, "-0.9"),
-    ("--batch-size", ">= 1", int, "-8"), ("--epochs", ">= 1", int, "-1"), ("--max-steps", ">= 0", int, "-1"),
-    ("--base-lr", "> 0", float, "-5e-4"), ("--min-lr", ">= 0", float, "-1e-6"),
-    ("--warmup-epochs", ">= 0", float, "-1"), ("--weight-decay", ">= 0", float, "-0.04"),
-    ("--weight-decay-end", ">= 0", float, "-0.4"), ("--momentum-teacher", "[0, 1]", float, "-0.996"),
-    ("--clip-grad", ">= 0", float, "-3"), ("--freeze-last-layer-epochs", ">= 0", float, "-1"),
-    ("--seed", "[0, 10000000]", int, "-1"), ("--num-workers", ">= -1", int, "-2"),
-    ("--log-every", ">= 1", int, "-1"), ("--checkpoint-every", ">= 1", int, "-1"),
-    ("--saveckp-freq", ">= 0", int, "-1"),
-]
-SCALE_FLAGS = ["--global-scale", "--local-scale", "--query-scale"]
-
-
-def accepts(spec, value):
-    """Whether `value` lies in a range written as in TRAIN_RANGES."""
-    if spec.startswith(">"):
-        op, low = spec.split()
-        return value >= float(low) if op == ">=" else value > float(low)
-    low, high = (float(x) for x in spec[1:-1].split(","))
-    return (low <= value if spec[0] == "[" else low < value) and (value <= high if spec[-1] == "]" else value < high)
-
-
-def out_of_range(spec, value):
-    return f"must be {spec}, got {value}" if spec.startswith(">") else f"must be in {spec}, got {value}"
-
-
-def test_every_numeric_field_has_a_range():
-    numeric = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Config)
-               if isinstance(f.default, (int, float, tuple)) and not isinstance(f.default, bool)}
-    assert numeric == {flag for flag, *_ in TRAIN_RANGES} | set(SCALE_FLAGS)
-    for f in dataclasses.fields(Config):
-        assert f.name in ALLOWED or isinstance(f.default, (bool, str)), f.name
-        # `x: float = 30` would make the flag parse as int and reject 0.5.
-        assert type(f.default).__name__ == f.type, (f.name, f.type, f.default)
 
 
 @pytest.fixture
@@ -174,13 +88,6 @@ def test_local_size_is_free_without_local_crops(accepted_config, capsys):
     assert status == 0 and accepted_config[0].local_size == 20
 
 
-def test_a_config_built_in_python_is_checked_too(tiny_config):
-    with pytest.raises(ValueError, match=r"--batch-size: must be >= 1, got 0; --base-lr: must be > 0, got -1"):
-        adclr.train.train(tiny_config(batch_size=0, base_lr=-1.0))
-    with pytest.raises(ValueError, match=r"--num-queries: must be int, got '3'"):
-        adclr.train.train(tiny_config(num_queries="3"))
-
-
 def test_boundary_values_train(tmp_path, capsys):
     """The values at the edge of each range really run: zero crops, queries, decay, momentum..."""
     data = image_folder(tmp_path / "data")  # 8 images: --epochs 1 is 2 steps of 4
@@ -204,17 +111,22 @@ EVAL_RANGES = [("--image-size", ">= 1", int, "-32"), ("--batch-size", ">= 1", in
                ("--lr", "> 0", float, "-1e-3"), ("--n-last-blocks", ">= 1", int, "-1"),
                ("--val-freq", ">= 1", int, "-1"), ("--num-workers", ">= -1", int, "-2"),
                ("--limit", ">= 0", int, "-1")]
-# The evaluate() argument of each flag whose name differs; --k gives a list (it takes several).
+
+
+# The evaluate_knn() argument of each flag whose name differs; --k gives a list (it takes several).
 EVAL_ARGUMENTS = {"--k": "ks", "--linear-epochs": "epochs"}
 
 
 @pytest.fixture
 def accepted_eval(monkeypatch):
-    """Run `adclr eval` up to the evaluation; returns the evaluate() keyword arguments it would use."""
-    import adclr.evaluate
+    """Run `adclr eval knn|linear` up to the evaluation; returns the keyword arguments of
+    evaluate_knn / evaluate_linear it would use."""
+    import adclr.eval_knn
+    import adclr.eval_linear
 
     seen = []
-    monkeypatch.setattr(adclr.evaluate, "evaluate", lambda *args, **kwargs: seen.append(kwargs) or {})
+    monkeypatch.setattr(adclr.eval_knn, "evaluate_knn", lambda *args, **kwargs: seen.append(kwargs) or {})
+    monkeypatch.setattr(adclr.eval_linear, "evaluate_linear", lambda *args, **kwargs: seen.append(kwargs) or {})
     return seen
 
 
@@ -255,7 +167,7 @@ def test_eval_takes_several_k_and_the_former_epochs_flag(accepted_eval, capsys):
 # `adclr eval dense`, `adclr compare` and `adclr show`: (command line before the flag, the
 # function the command calls, the flags with their ranges as in EVAL_RANGES).
 OTHER_RANGES = [
-    (["eval", "dense", "--checkpoint", "c.pt"], ("adclr.dense", "evaluate_dense"), [
+    (["eval", "dense", "--checkpoint", "c.pt"], ("adclr.eval_dense", "evaluate_dense"), [
         ("--image-size", ">= 1", int, "-32"), ("--batch-size", ">= 1", int, "-1"), ("--epochs", ">= 1", int, "-1"),
         ("--lr", "> 0", float, "-3e-2"), ("--n-last-blocks", ">= 1", int, "-1"), ("--num-classes", ">= 1", int, "-1"),
         ("--num-workers", ">= -1", int, "-2"), ("--limit", ">= 0", int, "-1")]),
@@ -266,6 +178,8 @@ OTHER_RANGES = [
     (["show", "dense", "--checkpoint", "c.pt"], ("adclr.show", "show_dense"), [
         ("--images", ">= 1", int, "-1"), ("--limit", ">= 0", int, "-1"), ("--num-workers", ">= -1", int, "-2")]),
 ]
+
+
 OTHER_CASES = [(command, target, flag, spec, kind, negative)
                for command, target, flags in OTHER_RANGES for flag, spec, kind, negative in flags]
 
@@ -356,7 +270,46 @@ def test_compare_takes_train_flags_over_its_preset(monkeypatch, capsys):
     assert len(seen) == 1
 
 
+# --------------------------------------------------------------------------- defaults and help
+
+
+def test_demo_defaults_only_without_data_and_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    demo = make_config({"out": "x", "num_queries": 7})
+    assert demo.arch == "vit_mini" and demo.num_queries == 7  # a given flag always wins
+    paper = make_config({"out": "x", "data": "/some/imagenet"})
+    assert (paper.arch, paper.image_size, paper.local_size, paper.num_local_crops, paper.num_queries,
+            paper.out_dim, paper.lambda_query) == ("vit_small", 224, 96, 10, 10, 65536, 0.5)
+
+
+def test_help_states_the_batch_convention_and_the_momentum_hint(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "total over all processes (DINO's --batch_size_per_gpu times the GPUs)" in text
+    assert "0.9995 at batch 256" in text
+    assert "--no-norm-last-layer" in text and "--precision" in text and "--saveckp-freq" in text
+
+
 # --------------------------------------------------------------------------- user errors
+
+
+@pytest.mark.parametrize("command,module", [(["train", *TINY], "adclr.train"), (["compare"], "adclr.compare")])
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, FloatingPointError])
+def test_a_stopped_job_exits_as_a_shell_expects(command, module, stop, monkeypatch, capsys):
+    """Ctrl-C exits 130; a diverged run, 1 with its one line; neither with a traceback."""
+    import importlib
+
+    def stopped(*args, **kwargs):
+        raise stop("loss became non-finite")
+
+    monkeypatch.setattr(importlib.import_module(module), command[0], stopped)
+    status, err = run(command, capsys)
+    assert "Traceback" not in err
+    if stop is KeyboardInterrupt:
+        assert status == 130
+    else:
+        assert status == 1 and err.splitlines()[-1] == "error: loss became non-finite"
 
 
 def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
@@ -367,11 +320,6 @@ def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == f"error: --data: dataset folder {missing!r} does not exist"
     assert "Traceback" not in result.stderr
-
-
-def _file(path, text="x"):
-    path.write_text(text)
-    return str(path)
 
 
 @pytest.mark.parametrize("case", ["missing data", "no images", "batch too large", "out is a file",
@@ -389,10 +337,10 @@ def test_train_user_errors(case, tmp_path, capsys):
         data = image_folder(tmp_path / "data", per_class=1)
         expected = f"error: --batch-size 4 is larger than the dataset (2 images in {data})"
     elif case == "out is a file":
-        out = _file(tmp_path / "file")
+        out = write_file(tmp_path / "file")
         expected = f"error: --out {out} is a file, not a folder; choose another --out"
     elif case == "out under a file":
-        out = os.path.join(_file(tmp_path / "file"), "run")
+        out = os.path.join(write_file(tmp_path / "file"), "run")
         expected = f"error: --out {out} is not writable (Not a directory); choose another --out"
     elif case == "out not writable":
         if os.geteuid() == 0:
@@ -421,15 +369,6 @@ def test_cuda_device_without_cuda(tmp_path, capsys):
     assert status == 1 and err.splitlines()[-1] == "error: --device cuda but CUDA is not available"
 
 
-@pytest.fixture(scope="module")
-def checkpoint_bytes(tmp_path_factory):
-    """A real checkpoint of a one-step TINY run, and its run folder's command line."""
-    out = str(tmp_path_factory.mktemp("good") / "run")
-    main(["train", *TINY, "--out", out])
-    with open(os.path.join(out, "checkpoint.pt"), "rb") as f:
-        return f.read()
-
-
 def test_eval_and_export_user_errors(tmp_path, checkpoint_bytes, capsys):
     good = tmp_path / "checkpoint.pt"
     good.write_bytes(checkpoint_bytes)
@@ -447,160 +386,9 @@ def test_eval_and_export_user_errors(tmp_path, checkpoint_bytes, capsys):
     status, err = run(["export", "--checkpoint", str(good), "--out", str(tmp_path)], capsys)
     assert status == 1 and err.splitlines()[-1] == (
         f"error: --out {tmp_path} is a folder; give a file name such as backbone.safetensors")
-    target = os.path.join(_file(tmp_path / "file"), "b.safetensors")
+    target = os.path.join(write_file(tmp_path / "file"), "b.safetensors")
     status, err = run(["export", "--checkpoint", str(good), "--out", target], capsys)
     assert status == 1 and err.splitlines()[-1] == f"error: --out {target}: {os.path.dirname(target)} is not a folder"
-
-
-# --------------------------------------------------------------------------- corrupt checkpoints
-
-
-class RunsCode:
-    """Pickles as a call of os.mkdir: what a malicious checkpoint would do."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return os.mkdir, (self.path,)
-
-
-def corrupt(kind, good, tmp_path):
-    """The bytes of a checkpoint broken in the way `kind` says; and the reason the error must give."""
-    if kind == "empty":
-        return b"", "is unreadable, not an adclr checkpoint (the file is empty)"
-    if kind == "truncated":
-        return good[:len(good) // 2], "is unreadable, not an adclr checkpoint (not a complete PyTorch file: truncated or corrupted)"
-    if kind == "random bytes":
-        return (torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
-                              dtype=torch.uint8).numpy().tobytes(),
-                "is unreadable, not an adclr checkpoint (not a PyTorch checkpoint file)")
-    if kind == "text":
-        return b"hello\n", "is unreadable, not an adclr checkpoint (not a PyTorch checkpoint file)"
-    state = torch.load(io.BytesIO(good), weights_only=True)
-    if kind == "disallowed global":
-        state["student"] = RunsCode(str(tmp_path / "pwned"))
-        reason = (f"is unreadable, not an adclr checkpoint (it refers to {os.mkdir.__module__}.mkdir, which is not "
-                  "a tensor or plain data; it was not loaded, since unpickling that could run code)")
-    elif kind == "not a dict":
-        state, reason = [state], "is not an adclr checkpoint (it holds a list, not a dict)"
-    elif kind == "missing keys":
-        del state["optimizer"], state["rng"]
-        reason = "is not an adclr checkpoint (no optimizer, rng in it)"
-    elif kind == "step of the wrong type":
-        state["step"], reason = "1", "is not an adclr checkpoint ('step' is '1', not a step number)"
-    elif kind == "weights of the wrong type":
-        state["teacher"] = list(state["teacher"].values())
-        reason = "is not an adclr checkpoint ('teacher' is not a dict of tensors)"
-    elif kind == "config of the wrong type":
-        state["config"]["arch"] = "resnet50"
-        reason = "is not an adclr checkpoint ('config' is not an adclr train config)"
-    elif kind == "scaler of the wrong type":
-        state["scaler"] = {"scale": "big"}
-        reason = "is not an adclr checkpoint ('scaler' is not a gradient scaler state dict)"
-    elif kind == "NaN weights":
-        state["teacher"]["backbone.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
-        reason = ("holds non-finite values (NaN or inf) in teacher['backbone.blocks.0.attn.qkv.weight']: the run "
-                  "it comes from diverged before it was written")
-    elif kind == "wrong shapes":
-        state["student"]["backbone.pos_embed"] = state["student"]["backbone.pos_embed"][:, :5]
-        state["teacher"]["backbone.pos_embed"] = state["teacher"]["backbone.pos_embed"][:, :5]
-        reason = "does not fit the model of its own config (Error(s) in loading state_dict for "
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue(), reason
-
-
-CORRUPTIONS = ["empty", "truncated", "random bytes", "text", "disallowed global", "not a dict", "missing keys",
-               "step of the wrong type", "weights of the wrong type", "config of the wrong type",
-               "scaler of the wrong type", "NaN weights",
-               "wrong shapes"]
-
-
-@pytest.mark.parametrize("kind", CORRUPTIONS)
-@pytest.mark.parametrize("command", ["train", "eval", "export"])
-def test_corrupt_checkpoint(kind, command, checkpoint_bytes, tmp_path, capsys):
-    out = tmp_path / "run"
-    out.mkdir()
-    path = str(out / "checkpoint.pt")
-    content, reason = corrupt(kind, checkpoint_bytes, tmp_path)
-    with open(path, "wb") as f:
-        f.write(content)
-    if command == "train":  # resuming the run in --out
-        status, err = run(["train", *TINY, "--out", str(out)], capsys)
-        advice = "; remove it to start over, or choose another --out"
-        prefix = "error: "
-    elif command == "eval":
-        status, err = run(["eval", "knn", "--checkpoint", path, "--limit", "8", "--num-workers", "0"], capsys)
-        advice, prefix = "; pass the checkpoint.pt an adclr train run wrote", "error: --checkpoint: "
-    else:
-        status, err = run(["export", "--checkpoint", path, "--out", str(tmp_path / "b.safetensors")], capsys)
-        advice, prefix = "; pass the checkpoint.pt an adclr train run wrote", "error: --checkpoint: "
-    line = err.splitlines()[-1]
-    assert status == 1 and line.startswith(f"{prefix}{path} {reason}") and line.endswith(advice), line
-    assert "Traceback" not in err
-    assert not os.path.exists(tmp_path / "pwned")  # the pickled call never ran
-    with open(path, "rb") as f:
-        assert f.read() == content  # the evidence is left alone
-    assert not os.path.exists(tmp_path / "b.safetensors")
-
-
-def test_non_finite_loss_before_any_checkpoint_claims_none(tmp_path, monkeypatch, capsys):
-    real_step = adclr.train.train_step
-
-    def poisoned(trainer, batch, step):
-        metrics = real_step(trainer, batch, step)
-        metrics["loss"] = metrics["loss"] * float("nan")
-        return metrics
-
-    monkeypatch.setattr(adclr.train, "train_step", poisoned)
-    out = str(tmp_path / "run")
-    status, err = run(["train", *TINY, "--out", out, "--max-steps", "3", "--checkpoint-every", "2"], capsys)
-    assert status == 1
-    assert err.splitlines()[-1] == (
-        "error: loss became non-finite between step 0 and step 1; stopping. No checkpoint was written before "
-        "(--checkpoint-every 2). Try a lower --base-lr, a lower --clip-grad or a longer --warmup-epochs.")
-    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
-
-
-# --------------------------------------------------------------------------- resume hygiene
-
-
-def test_resume_drops_the_records_logged_after_the_checkpoint(tmp_path, monkeypatch, capsys):
-    out = str(tmp_path / "run")
-    argv = ["train", *TINY, "--out", out, "--max-steps", "4", "--checkpoint-every", "2"]
-    real_step = adclr.train.train_step
-
-    def crash_in_step_4(trainer, batch, step):
-        if step == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(trainer, batch, step)
-
-    monkeypatch.setattr(adclr.train, "train_step", crash_in_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(argv)
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write('{"step": 4, "lo')  # a record cut short by a kill
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        assert [json.loads(line)["step"] for line in f.readlines()[:3]] == [1, 2, 3]  # 3: past the checkpoint
-    monkeypatch.setattr(adclr.train, "train_step", real_step)
-    assert run(argv, capsys)[0] == 0
-    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
-
-
-def test_unreadable_image_warned_once_and_counted(tmp_path, capsys):
-    data = image_folder(tmp_path / "data", per_class=2, unreadable=("a/1.png",))
-    out = str(tmp_path / "run")
-    # 4 images, batch 2: 2 steps an epoch, the bad file met once or twice an epoch for 3 epochs.
-    status, err = run(["train", *TINY, "--data", data, "--batch-size", "2", "--max-steps", "6",
-                       "--out", out, "--num-local-crops", "0"], capsys)
-    assert status == 0
-    bad = os.path.join(data, "a", "1.png")
-    warnings = [line for line in err.splitlines() if line.startswith("warning: skipping")]
-    assert warnings == [f"warning: skipping unreadable image {bad}: cannot identify image file {bad!r}"]
-    counts = [r["skipped_images"] for r in read_metrics(out)]
-    assert counts == sorted(counts) and counts[-1] >= 3
-    assert f"| {counts[-1]} unreadable images skipped" in err.splitlines()[-2]
 
 
 @pytest.mark.parametrize("protocol", [["knn"], ["linear", "--epochs", "3"]])  # linear: met once an epoch
@@ -639,41 +427,44 @@ def test_eval_without_a_readable_image(split, protocol, checkpoint_bytes, tmp_pa
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("name", ["checkpoint.pt.tmp", "checkpoint0004.pt.tmp"])  # rolling, numbered snapshot
-def test_stale_tmp_checkpoint_is_removed_at_start(name, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
-    out.mkdir()
-    stale = out / name
-    stale.write_bytes(b"half a checkpoint")
-    monkeypatch.setattr(adclr.train, "train_step", lambda *args: (_ for _ in ()).throw(RuntimeError("crash")))
-    with pytest.raises(RuntimeError, match="crash"):  # no checkpoint written over it in this run
-        main(["train", *TINY, "--out", str(out)])
-    assert not stale.exists()
-    assert f"removed {stale}, left by a run stopped while writing a checkpoint" in capsys.readouterr().err
+# --------------------------------------------------------------------------- end to end
 
 
-def test_a_diverged_checkpoint_is_reported_at_load(checkpoint_bytes, tmp_path):
-    path = tmp_path / "checkpoint.pt"
-    state = torch.load(io.BytesIO(checkpoint_bytes), weights_only=True)
-    state["loss"]["center"].fill_(float("inf"))
-    torch.save(state, path)
-    with pytest.raises(adclr.train.CheckpointError, match=r"non-finite values \(NaN or inf\) in loss\['center'\]"):
-        load_checkpoint(str(path))
+def test_command_line_train_eval_export(tmp_path, capsys):
+    from safetensors.torch import load_file
 
+    from adclr.model import build_backbone
 
-def test_optional_checkpoint_parts_pass_the_checks(tmp_path, capsys):
-    """A trained last-layer gain (--no-norm-last-layer) loads, resumes and exports; NaN in it is refused."""
-    out = str(tmp_path / "run")
-    assert run(["train", *TINY, "--out", out, "--no-norm-last-layer"], capsys)[0] == 0
-    path = os.path.join(out, "checkpoint.pt")
-    state = load_checkpoint(path)
-    assert "head.last_layer.gain" in state["student"] and "head.last_layer.gain" in state["teacher"]
-    assert run(["train", *TINY, "--out", out, "--no-norm-last-layer", "--max-steps", "2"], capsys)[0] == 0
-    assert run(["export", "--checkpoint", path, "--out", str(tmp_path / "b.safetensors")], capsys)[0] == 0
-    state = load_checkpoint(path)
-    assert state["step"] == 2
-    state["student"]["head.last_layer.gain"][3] = float("nan")
-    torch.save(state, path)
-    with pytest.raises(adclr.train.CheckpointError,
-                       match=r"non-finite values \(NaN or inf\) in student\['head.last_layer.gain'\]"):
-        load_checkpoint(path)
+    out = str(tmp_path / "cli")
+    main(["train", "--out", out, "--arch", "vit_test", "--patch-size", "8", "--image-size", "32",
+          "--local-size", "16", "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "128",
+          "--head-hidden-dim", "64", "--head-bottleneck-dim", "32", "--batch-size", "4",
+          "--max-steps", "2", "--num-workers", "0", "--device", "cpu", "--global-scale", "0.5", "1.0"])
+    assert [r["step"] for r in read_metrics(out)] == [2]
+    cfg = load_checkpoint(os.path.join(out, "checkpoint.pt"))["config"]
+    assert cfg["global_scale"] == (0.5, 1.0) and cfg["num_queries"] == 2
+    capsys.readouterr()
+    results = {}
+    for protocol, flags in (("knn", []), ("linear", ["--epochs", "2"]), ("linear", ["--fast", "--linear-epochs", "2"]),
+                            ("linear", [])):
+        main(["eval", protocol, "--checkpoint", os.path.join(out, "checkpoint.pt"), "--limit", "40",
+              "--num-workers", "0", *flags])
+        captured = capsys.readouterr()
+        result = json.loads(captured.out.strip().splitlines()[-1])  # one JSON line
+        assert result["protocol"] == protocol and 0.0 <= result["accuracy"] <= 1.0
+        assert result["train_images"] == 40 and result["val_images"] == 40
+        results[protocol, tuple(flags)] = result, captured.err
+    knn = results["knn", ()][0]
+    assert set(knn["accuracy_by_k"]) == {"10", "20", "100", "200"} and knn["accuracy"] == knn["accuracy_by_k"]["20"]
+    dino = results["linear", ("--epochs", "2")][0]  # DINO's protocol; vit_test has 2 blocks, so 2 CLS
+    assert (dino["epochs"], dino["n_last_blocks"], dino["avgpool_patchtokens"]) == (2, 2, False)
+    assert dino["best_accuracy"] >= dino["accuracy"] and dino["lr"] == pytest.approx(1e-3 * 128 / 256)
+    assert results["linear", ("--fast", "--linear-epochs", "2")][0]["fast"] is True
+    default, err = results["linear", ()]  # the built-in data on CPU: a few epochs, said on stderr
+    assert default["epochs"] == 5 and "5 epochs" in err and err.count("linear epoch") == 5
+    main(["export", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--out", str(tmp_path / "b.safetensors")])
+    weights = load_file(str(tmp_path / "b.safetensors"))
+    backbone = build_backbone("vit_test", 32, 8)
+    backbone.load_state_dict(weights)  # strict: exactly the backbone's parameters
+    teacher = load_checkpoint(os.path.join(out, "checkpoint.pt"))["teacher"]
+    torch.testing.assert_close(weights["pos_embed"], teacher["backbone.pos_embed"])

@@ -9,7 +9,7 @@ import torch
 
 import adclr.compare
 from adclr.cli import main
-from adclr.train import load_checkpoint
+from adclr.checkpoint import load_checkpoint
 
 TINY = ["--arch", "vit_test", "--patch-size", "8", "--image-size", "32", "--local-size", "16",
         "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "64", "--head-hidden-dim", "32",
@@ -62,7 +62,8 @@ def test_compare_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
 
 def test_random_init_is_the_runs_starting_point(tmp_path):
     """'random' is the teacher both runs of a seed start from, not some other initialisation."""
-    from adclr.train import Config, build
+    from adclr.config import Config
+    from adclr.train import build
 
     cfg = Config(**{**adclr.compare.PRESET, "out": str(tmp_path), "seed": 3})
     a = build(cfg, "cpu").teacher.backbone.state_dict()

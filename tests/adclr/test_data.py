@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from adclr.data import (Augment, ImageFolder, MultiCropDataset, SegmentationFolder, StepBatches,
-                        SyntheticScenes, SyntheticShapes, open_dataset, open_segmentation, synthetic_batch)
+                        SyntheticScenes, SyntheticShapes, normalize, open_dataset, open_segmentation, synthetic_batch)
 
 
 def test_builtin_dataset_is_deterministic_with_masks():
@@ -85,6 +85,16 @@ def test_augment_output_matches_the_synthetic_batch_structure():
     torch.testing.assert_close(ready["queries"], (raw["queries"].float() / 255 - mean) / std)
     # Globals are augmented, not just normalised.
     assert not torch.allclose(ready["globals"][:4], (raw["globals"][:, 0].float() / 255 - mean) / std)
+
+
+def test_one_normaliser_for_loader_pixels_and_augmented_crops():
+    x = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    expected = (x.float() / 255 - mean) / std
+    assert torch.equal(normalize(x), expected)  # uint8 from the loaders
+    assert torch.equal(normalize(x.float() / 255), expected)  # floats in [0, 1] from the augmentations
+    assert torch.equal(normalize(x[0]), expected[0])  # one (3, H, W) image
 
 
 def test_builtin_square_and_diamond_are_different_shapes():

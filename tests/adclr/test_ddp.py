@@ -21,7 +21,8 @@ def worker(rank, world, port, cfg_fields, results):
     from torch.nn.parallel import DistributedDataParallel
 
     from adclr.data import synthetic_batch
-    from adclr.train import Config, build, train, train_step
+    from adclr.config import Config
+    from adclr.train import build, train, train_step
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

@@ -89,7 +89,7 @@ def test_loss_curve_matches_the_unfused_run(tiny_config, tmp_path, lambda_query,
 def test_flag_resolution(tiny_config):
     assert not build(tiny_config(fused_head_loss="auto"), "cpu").fused_head_loss  # CPU: off unless asked
     assert build(tiny_config(fused_head_loss="on"), "cpu").fused_head_loss
-    from adclr.train import config_errors
+    from adclr.config import config_errors
 
     assert config_errors(tiny_config(fused_head_loss="yes")) == [
         "--fused-head-loss: invalid choice: 'yes' (choose from auto, on, off)"]

@@ -11,9 +11,11 @@ import os
 
 import torch
 
+from adclr.config import Config
 from adclr.data import SyntheticShapes
-from adclr.evaluate import CenterCrops, extract_features, knn_accuracy, load_backbone
-from adclr.train import Config, build, train
+from adclr.eval_knn import knn_accuracy
+from adclr.features import CenterCrops, extract_features, load_backbone
+from adclr.train import build, train
 
 # Large enough for the k-NN to resolve a 5-point gain (the standard error at 1000 val
 # images is about 1.3 points), small enough to extract in a few seconds.

@@ -163,7 +163,8 @@ def test_the_readme_attention_table_is_what_its_flags_do():
     import re
 
     from adclr.cli import add_config_flags
-    from adclr.train import Config, build
+    from adclr.config import Config
+    from adclr.train import build
     from adclr_kernels import unidirectional_attention
 
     readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()

@@ -113,7 +113,8 @@ def test_show_without_matplotlib_says_how_to_install_it(monkeypatch):
 
 def test_only_the_show_commands_import_matplotlib():
     """matplotlib is an optional extra: training, evaluation and compare run without it."""
-    code = ("import sys; import adclr.cli, adclr.compare, adclr.dense, adclr.evaluate, adclr.train, adclr.show; "
+    code = ("import sys; import adclr.cli, adclr.compare, adclr.eval_dense, adclr.eval_knn, adclr.eval_linear, "
+            "adclr.export, adclr.train, adclr.show; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert imported.strip() == "[]"

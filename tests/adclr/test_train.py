@@ -1,3 +1,6 @@
+"""The training run: exact resume, schedules, the step's freeze, clipping and precision,
+non-finite losses, the run folder (metrics.jsonl, config.json, snapshots, stale files)."""
+
 import dataclasses
 import json
 import math
@@ -5,15 +8,13 @@ import os
 
 import pytest
 import torch
+from trainer_testing import TINY, image_folder, read_metrics, run
 
+import adclr.config
 import adclr.train
-from adclr.cli import main, make_config
-from adclr.train import load_checkpoint, train
-
-
-def read_metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+from adclr.checkpoint import load_checkpoint
+from adclr.cli import main
+from adclr.train import train
 
 
 def test_tiny_run_logs_finite_losses_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
@@ -61,13 +62,6 @@ def test_finished_run_does_nothing_more(tiny_config):
     assert os.path.getmtime(os.path.join(cfg.out, "checkpoint.pt")) == before
 
 
-def test_resume_with_different_settings_is_refused(tiny_config):
-    cfg = tiny_config(max_steps=2)
-    train(cfg)
-    with pytest.raises(SystemExit, match="--num-queries: checkpoint 3, now 5"):
-        train(dataclasses.replace(cfg, num_queries=5))
-
-
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
     real_step = adclr.train.train_step
 
@@ -83,6 +77,56 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monke
         train(cfg)
     assert load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["step"] == 2
     assert [r["step"] for r in read_metrics(cfg.out)] == [1, 2]
+
+
+def test_non_finite_loss_before_any_checkpoint_claims_none(tmp_path, monkeypatch, capsys):
+    real_step = adclr.train.train_step
+
+    def poisoned(trainer, batch, step):
+        metrics = real_step(trainer, batch, step)
+        metrics["loss"] = metrics["loss"] * float("nan")
+        return metrics
+
+    monkeypatch.setattr(adclr.train, "train_step", poisoned)
+    out = str(tmp_path / "run")
+    status, err = run(["train", *TINY, "--out", out, "--max-steps", "3", "--checkpoint-every", "2"], capsys)
+    assert status == 1
+    assert err.splitlines()[-1] == (
+        "error: loss became non-finite between step 0 and step 1; stopping. No checkpoint was written before "
+        "(--checkpoint-every 2). Try a lower --base-lr, a lower --clip-grad or a longer --warmup-epochs.")
+    assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+
+
+@pytest.mark.parametrize("where", ["between steps", "inside a step"])
+def test_an_interrupt_keeps_the_steps_done_unless_it_hits_inside_a_step(where, tiny_config, monkeypatch, capsys):
+    """Ctrl-C saves the steps finished since the last checkpoint, but not a step's half-updated state."""
+    cfg = tiny_config(max_steps=6, checkpoint_every=4)
+    if where == "between steps":
+        real_log = adclr.train.Logger.log
+
+        def log_then_interrupt(self, record, total_steps):
+            real_log(self, record, total_steps)
+            if record["step"] == 3:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(adclr.train.Logger, "log", log_then_interrupt)
+    else:
+        real_step = adclr.train.train_step
+
+        def interrupt_step_4(trainer, batch, step):
+            if step == 3:
+                raise KeyboardInterrupt
+            return real_step(trainer, batch, step)
+
+        monkeypatch.setattr(adclr.train, "train_step", interrupt_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    path, err = os.path.join(cfg.out, "checkpoint.pt"), capsys.readouterr().err
+    if where == "between steps":
+        assert load_checkpoint(path)["step"] == 3
+        assert f"interrupted: saved step 3 to {path}; rerun the same command to resume" in err
+    else:
+        assert not os.path.exists(path) and "interrupted" not in err
 
 
 def test_schedules(tiny_config):
@@ -114,66 +158,6 @@ def test_last_layer_is_frozen_in_the_first_epoch(tiny_config):
     assert torch.equal(last, w0) and not torch.equal(first_mlp, m0)
     adclr.train.train_step(trainer, batch, 2)
     assert not torch.equal(last, w0)
-
-
-def test_demo_defaults_only_without_data_and_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    demo = make_config({"out": "x", "num_queries": 7})
-    assert demo.arch == "vit_mini" and demo.num_queries == 7  # a given flag always wins
-    paper = make_config({"out": "x", "data": "/some/imagenet"})
-    assert (paper.arch, paper.image_size, paper.local_size, paper.num_local_crops, paper.num_queries,
-            paper.out_dim, paper.lambda_query) == ("vit_small", 224, 96, 10, 10, 65536, 0.5)
-
-
-def test_command_line_train_eval_export(tmp_path, capsys):
-    from safetensors.torch import load_file
-
-    from adclr.model import build_backbone
-
-    out = str(tmp_path / "cli")
-    main(["train", "--out", out, "--arch", "vit_test", "--patch-size", "8", "--image-size", "32",
-          "--local-size", "16", "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "128",
-          "--head-hidden-dim", "64", "--head-bottleneck-dim", "32", "--batch-size", "4",
-          "--max-steps", "2", "--num-workers", "0", "--device", "cpu", "--global-scale", "0.5", "1.0"])
-    assert [r["step"] for r in read_metrics(out)] == [2]
-    cfg = load_checkpoint(os.path.join(out, "checkpoint.pt"))["config"]
-    assert cfg["global_scale"] == (0.5, 1.0) and cfg["num_queries"] == 2
-    capsys.readouterr()
-    results = {}
-    for protocol, flags in (("knn", []), ("linear", ["--epochs", "2"]), ("linear", ["--fast", "--linear-epochs", "2"]),
-                            ("linear", [])):
-        main(["eval", protocol, "--checkpoint", os.path.join(out, "checkpoint.pt"), "--limit", "40",
-              "--num-workers", "0", *flags])
-        captured = capsys.readouterr()
-        result = json.loads(captured.out.strip().splitlines()[-1])  # one JSON line
-        assert result["protocol"] == protocol and 0.0 <= result["accuracy"] <= 1.0
-        assert result["train_images"] == 40 and result["val_images"] == 40
-        results[protocol, tuple(flags)] = result, captured.err
-    knn = results["knn", ()][0]
-    assert set(knn["accuracy_by_k"]) == {"10", "20", "100", "200"} and knn["accuracy"] == knn["accuracy_by_k"]["20"]
-    dino = results["linear", ("--epochs", "2")][0]  # DINO's protocol; vit_test has 2 blocks, so 2 CLS
-    assert (dino["epochs"], dino["n_last_blocks"], dino["avgpool_patchtokens"]) == (2, 2, False)
-    assert dino["best_accuracy"] >= dino["accuracy"] and dino["lr"] == pytest.approx(1e-3 * 128 / 256)
-    assert results["linear", ("--fast", "--linear-epochs", "2")][0]["fast"] is True
-    default, err = results["linear", ()]  # the built-in data on CPU: a few epochs, said on stderr
-    assert default["epochs"] == 5 and "5 epochs" in err and err.count("linear epoch") == 5
-    main(["export", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--out", str(tmp_path / "b.safetensors")])
-    weights = load_file(str(tmp_path / "b.safetensors"))
-    backbone = build_backbone("vit_test", 32, 8)
-    backbone.load_state_dict(weights)  # strict: exactly the backbone's parameters
-    teacher = load_checkpoint(os.path.join(out, "checkpoint.pt"))["teacher"]
-    torch.testing.assert_close(weights["pos_embed"], teacher["backbone.pos_embed"])
-
-
-@pytest.mark.parametrize("data", [None, "builtin:scenes", "builtin:shapes"])
-def test_linear_on_any_builtin_set_on_cpu_takes_a_few_epochs(data, tiny_checkpoint, monkeypatch, capsys):
-    import adclr.evaluate
-
-    seen = []
-    monkeypatch.setattr(adclr.evaluate, "linear_protocol", lambda *args: seen.append(args[4]) or {})
-    main(["eval", "linear", "--checkpoint", tiny_checkpoint, "--limit", "4", "--num-workers", "0", "--device", "cpu",
-          *(["--data", data] if data else [])])  # no --data: the run's, builtin:scenes
-    assert seen == [adclr.evaluate.BUILTIN_CPU_LINEAR_EPOCHS] and "epochs (DINO's 100" in capsys.readouterr().err
 
 
 def test_warm_up_longer_than_the_run_is_reported(tiny_config, capsys):
@@ -208,19 +192,6 @@ def test_trained_last_layer_gain_is_decayed_frozen_and_followed_by_the_teacher(t
     # The default (DINO's norm_last_layer=True) has no gain parameter at all.
     fixed = adclr.train.build(tiny_config(), "cpu").student_module.head.last_layer
     assert fixed.gain is None and "head.last_layer.gain" not in adclr.train.build(tiny_config(), "cpu").teacher.state_dict()
-
-
-def test_checkpoints_from_before_norm_last_layer_still_resume(tiny_config):
-    cfg = tiny_config(max_steps=2, checkpoint_every=2)
-    train(cfg)
-    path = os.path.join(cfg.out, "checkpoint.pt")
-    old = load_checkpoint(path)
-    del old["config"]["norm_last_layer"]  # written before the option existed: a fixed gain
-    assert not any(k.endswith(".gain") for k in old["student"])
-    torch.save(old, path)
-    assert train(dataclasses.replace(cfg, max_steps=4)) == 4
-    with pytest.raises(SystemExit, match="--norm-last-layer: checkpoint True, now False"):
-        train(dataclasses.replace(cfg, max_steps=6, norm_last_layer=False))
 
 
 def _gradients_seen_by_the_optimizer(trainer, batch, step):
@@ -307,20 +278,61 @@ def test_numbered_snapshots_and_config_json(tiny_config, tmp_path, monkeypatch):
     assert load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["step"] == 10  # the rolling one goes on
 
 
-def test_help_states_the_batch_convention_and_the_momentum_hint(capsys):
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "total over all processes (DINO's --batch_size_per_gpu times the GPUs)" in text
-    assert "0.9995 at batch 256" in text
-    assert "--no-norm-last-layer" in text and "--precision" in text and "--saveckp-freq" in text
+def test_resume_drops_the_records_logged_after_the_checkpoint(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    argv = ["train", *TINY, "--out", out, "--max-steps", "4", "--checkpoint-every", "2"]
+    real_step = adclr.train.train_step
+
+    def crash_in_step_4(trainer, batch, step):
+        if step == 3:
+            raise RuntimeError("simulated crash")
+        return real_step(trainer, batch, step)
+
+    monkeypatch.setattr(adclr.train, "train_step", crash_in_step_4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(argv)
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 4, "lo')  # a record cut short by a kill
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f.readlines()[:3]] == [1, 2, 3]  # 3: past the checkpoint
+    monkeypatch.setattr(adclr.train, "train_step", real_step)
+    assert run(argv, capsys)[0] == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+
+
+def test_unreadable_image_warned_once_and_counted(tmp_path, capsys):
+    data = image_folder(tmp_path / "data", per_class=2, unreadable=("a/1.png",))
+    out = str(tmp_path / "run")
+    # 4 images, batch 2: 2 steps an epoch, the bad file met once or twice an epoch for 3 epochs.
+    status, err = run(["train", *TINY, "--data", data, "--batch-size", "2", "--max-steps", "6",
+                       "--out", out, "--num-local-crops", "0"], capsys)
+    assert status == 0
+    bad = os.path.join(data, "a", "1.png")
+    warnings = [line for line in err.splitlines() if line.startswith("warning: skipping")]
+    assert warnings == [f"warning: skipping unreadable image {bad}: cannot identify image file {bad!r}"]
+    counts = [r["skipped_images"] for r in read_metrics(out)]
+    assert counts == sorted(counts) and counts[-1] >= 3
+    assert f"| {counts[-1]} unreadable images skipped" in err.splitlines()[-2]
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt.tmp", "checkpoint0004.pt.tmp"])  # rolling, numbered snapshot
+def test_stale_tmp_checkpoint_is_removed_at_start(name, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = out / name
+    stale.write_bytes(b"half a checkpoint")
+    monkeypatch.setattr(adclr.train, "train_step", lambda *args: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError, match="crash"):  # no checkpoint written over it in this run
+        main(["train", *TINY, "--out", str(out)])
+    assert not stale.exists()
+    assert f"removed {stale}, left by a run stopped while writing a checkpoint" in capsys.readouterr().err
 
 
 def test_compile_auto_is_off_on_cpu_and_checked(tiny_config):
     """--compile auto compiles on CUDA only; a config.json or checkpoint with another value
     is refused like a bad flag."""
     assert not adclr.train.build(tiny_config(compile="auto"), "cpu").compiled
-    assert adclr.train.config_errors(tiny_config(compile="yes")) == [
+    assert adclr.config.config_errors(tiny_config(compile="yes")) == [
         "--compile: invalid choice: 'yes' (choose from auto, on, off)"]
     with pytest.raises(ValueError, match=r"--compile: invalid choice: 'yes'"):
         adclr.train.build(tiny_config(compile="yes"), "cpu")

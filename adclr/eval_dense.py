@@ -1,4 +1,4 @@
-"""Dense evaluation: a linear segmentation probe on frozen patch tokens (`adclr eval dense`).
+"""`adclr eval dense`: a linear segmentation probe on frozen patch tokens.
 
 DINOv2's linear segmentation protocol, sized for a CPU: every image is resized to S x S
 and run once through the frozen backbone; its patch tokens (after the final LayerNorm,
@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import IMAGENET_MEAN, IMAGENET_STD, SegmentationFolder, to_tensor, warn_unreadable
+from .data import (BUILTIN, SegmentationFolder, default_num_workers, normalize, open_segmentation, to_tensor,
+                   warn_unreadable)
+from .features import autocast, backbone_for_eval, fixed_subset
 
 IGNORE = SegmentationFolder.IGNORE
 NUM_LABELS = 255  # mask values 0..254 are classes; 255 is IGNORE
@@ -38,8 +40,6 @@ class SegmentationCrops(torch.utils.data.Dataset):
     """
 
     def __init__(self, base, size, limit=0, full_masks=False):
-        from .evaluate import fixed_subset
-
         self.base, self.size, self.full_masks = base, size, full_masks
         self.indices = fixed_subset(len(base), limit)
 
@@ -63,13 +63,6 @@ def collate(items):
     return images, [m for _, m in kept], [i for i in items if isinstance(i, int)]
 
 
-def normalize(images):
-    """uint8 (..., 3, H, W) -> float, normalised as in training."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
-    return (images.float() / 255 - mean) / std
-
-
 def patch_features(backbone, images, n_last_blocks=1):
     """(B, h, w, n * D) patch tokens of normalised images: the last n blocks', concatenated."""
     layers = backbone.get_intermediate_layers(images, n_last_blocks)
@@ -82,13 +75,12 @@ def _batches(backbone, dataset, batch_size, device, num_workers, n_last_blocks, 
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     warned, done, t0, last = set(), 0, time.perf_counter(), 0.0
     for images, masks, unusable in loader:
         warn_unreadable(dataset.base, unusable, warned)
         done += len(masks) + len(unusable)
         if images is not None:
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast(device):
                 x = normalize(images.to(device))
                 yield patch_features(backbone, x, n_last_blocks).float().cpu(), masks
         now = time.perf_counter() - t0
@@ -250,8 +242,6 @@ def open_splits(data, limit, device):
     """(data, train split, val split, images per split) of --data, the built-in scenes
     by default; on CPU the built-in sets are cut to BUILTIN_CPU_LIMIT unless --limit is
     given (0: all)."""
-    from .data import BUILTIN, open_segmentation
-
     data = data or "builtin:scenes"
     try:
         train_images, val_images = open_segmentation(data, "train"), open_segmentation(data, "val")
@@ -272,9 +262,6 @@ def evaluate_dense(checkpoint, data=None, weights="teacher", image_size=None, ba
     data: a folder of image/mask pairs (`SegmentationFolder`), or a built-in set
     (default "builtin:scenes"). None for a setting picks its default (printed).
     """
-    from .data import default_num_workers
-    from .evaluate import backbone_for_eval
-
     backbone, cfg, device, size = backbone_for_eval(checkpoint, weights, device, image_size)
     n_last_blocks = n_last_blocks or 1
     if n_last_blocks > len(backbone.blocks):

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from adclr.cli import main
-from adclr.dense import (IGNORE, NUM_LABELS, SegmentationCrops, confusion_matrix, dense_probe, patch_features,
-                         patch_majority, scores)
+from adclr.eval_dense import (IGNORE, NUM_LABELS, SegmentationCrops, confusion_matrix, dense_probe,
+                              patch_features, patch_majority, scores)
 from adclr.model import build_backbone
 
 PATCH, GRID, BLOCK = 8, 8, 16  # 64 px images, 4 x 4 blocks of 2 x 2 patches

@@ -1,3 +1,6 @@
+"""DINO's linear protocol: its features, its training view, its optimiser and schedule,
+and the few epochs it takes on the built-in data on a CPU."""
+
 import math
 
 import numpy as np
@@ -5,33 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-import adclr.evaluate
-from adclr.evaluate import (KNN_K, CenterCrops, RandomResizedCrops, dino_linear_features, knn_accuracy,
-                            linear_protocol, probe_features)
+import adclr.eval_linear
+from adclr.cli import main
+from adclr.eval_linear import RandomResizedCrops, dino_linear_features, linear_protocol, probe_features
+from adclr.features import CenterCrops
 from adclr.model import build_backbone
-
-
-def test_knn_reports_every_dino_k_from_one_pass():
-    g = torch.Generator().manual_seed(0)
-    train_x, test_x = torch.randn(300, 16, generator=g), torch.randn(50, 16, generator=g)
-    train_y, test_y = torch.randint(0, 5, (300,), generator=g), torch.randint(0, 5, (50,), generator=g)
-    result = knn_accuracy(train_x, train_y, test_x, test_y)
-    assert KNN_K == (10, 20, 100, 200) and list(result) == [10, 20, 100, 200]
-
-    def one_k(k):  # each test image on its own: sort, take k, weighted vote
-        a, b = train_x / train_x.norm(dim=1, keepdim=True), test_x / test_x.norm(dim=1, keepdim=True)
-        hits = 0
-        for x, y in zip(b, test_y):
-            sims = a @ x
-            order = sims.argsort(descending=True)[:k]
-            votes = torch.zeros(5).index_add_(0, train_y[order], (sims[order] / 0.07).exp())
-            hits += int(votes.argmax() == y)
-        return hits / len(test_y)
-
-    assert result == {k: pytest.approx(one_k(k)) for k in KNN_K}
-    assert len(set(result.values())) > 1  # the k's are really different votes
-    capped = knn_accuracy(train_x[:50], train_y[:50], test_x, test_y, ks=(20, 100))
-    assert capped[100] == pytest.approx(knn_accuracy(train_x[:50], train_y[:50], test_x, test_y, ks=(50,))[50])
 
 
 def test_linear_features_follow_dino_s_rule():
@@ -116,16 +97,25 @@ def test_linear_protocol_is_dino_s(monkeypatch):
 
 def test_linear_protocol_features_have_dino_s_width(monkeypatch):
     widths = []
-    real = adclr.evaluate.probe_features
+    real = adclr.eval_linear.probe_features
 
     def spy(backbone, images, n, avgpool):
         out = real(backbone, images, n, avgpool)
         widths.append(out.shape[1])
         return out
 
-    monkeypatch.setattr(adclr.evaluate, "probe_features", spy)
+    monkeypatch.setattr(adclr.eval_linear, "probe_features", spy)
     for n, avgpool, width in ((4, False, 12), (1, True, 6)):
         widths.clear()
         linear_protocol(ColourBackbone(), RandomResizedCrops(Colours(), 16), CenterCrops(Colours(), 16), 3,
                         epochs=1, batch_size=30, n_last_blocks=n, avgpool=avgpool)
         assert set(widths) == {width}
+
+
+@pytest.mark.parametrize("data", [None, "builtin:scenes", "builtin:shapes"])
+def test_linear_on_any_builtin_set_on_cpu_takes_a_few_epochs(data, tiny_checkpoint, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(adclr.eval_linear, "linear_protocol", lambda *args: seen.append(args[4]) or {})
+    main(["eval", "linear", "--checkpoint", tiny_checkpoint, "--limit", "4", "--num-workers", "0", "--device", "cpu",
+          *(["--data", data] if data else [])])  # no --data: the run's, builtin:scenes
+    assert seen == [adclr.eval_linear.BUILTIN_CPU_LINEAR_EPOCHS] and "epochs (DINO's 100" in capsys.readouterr().err

@@ -1,0 +1,52 @@
+"""`adclr eval knn`: DINO's weighted k-NN on frozen CLS features (its eval_knn.py).
+
+Every val image's CLS feature votes among the k most cosine-similar train features,
+each weighing exp(similarity / T). The headline number is DINO's, k = 20.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .data import default_num_workers
+from .features import backbone_for_eval, open_labelled_splits, split_features
+
+KNN_K = (10, 20, 100, 200)  # DINO's eval_knn.py --nb_knn
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, ks=KNN_K, temperature=0.07):
+    """DINO's weighted k-NN: the k most cosine-similar train features vote with exp(sim / T).
+
+    One similarity pass for every k in `ks` (the k nearest are a prefix of the max-k
+    nearest). Returns {k: accuracy}; a k beyond the train set's size uses all of it.
+    """
+    train_features = F.normalize(train_features, dim=1)
+    test_features = F.normalize(test_features, dim=1)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    correct = dict.fromkeys(ks, 0)
+    for start in range(0, len(test_features), 1024):  # bounded memory for large banks
+        sims, idx = (test_features[start:start + 1024] @ train_features.T).topk(
+            min(max(ks), len(train_features)), dim=1)
+        weights, neighbours = (sims / temperature).exp(), train_labels[idx]
+        for k in correct:
+            votes = torch.zeros(len(idx), num_classes).scatter_add_(1, neighbours[:, :k], weights[:, :k])
+            correct[k] += (votes.argmax(1) == test_labels[start:start + 1024]).sum().item()
+    return {k: c / len(test_features) for k, c in correct.items()}
+
+
+def evaluate_knn(checkpoint, data=None, weights="teacher", image_size=None, batch_size=128, ks=KNN_K,
+                 temperature=0.07, device="auto", num_workers=-1, limit=0):
+    """`adclr eval knn`: the JSON record; "accuracy" is k = 20's (else the first k's),
+    "accuracy_by_k" every k's."""
+    backbone, cfg, device, size = backbone_for_eval(checkpoint, weights, device, image_size)
+    data = data or cfg["data"]
+    train_images, val_images = open_labelled_splits(data)
+    workers = default_num_workers() if num_workers < 0 else num_workers
+    train_f, train_y, val_f, val_y = split_features(backbone, train_images, val_images, data, size, limit,
+                                                    batch_size, device, workers)
+    by_k = knn_accuracy(train_f, train_y, val_f, val_y, ks, temperature)
+    headline = 20 if 20 in by_k else next(iter(by_k))  # DINO's headline k-NN number is k=20
+    return {"protocol": "knn", "checkpoint": checkpoint, "weights": weights, "data": data,
+            "train_images": len(train_y), "val_images": len(val_y), "accuracy": by_k[headline], "k": headline,
+            "accuracy_by_k": {str(k): v for k, v in by_k.items()}, "temperature": temperature}

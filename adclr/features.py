@@ -1,0 +1,138 @@
+"""What the evaluation protocols share: a frozen backbone from a checkpoint, the views
+they evaluate on, and its features of a labelled image set.
+
+The backbone is never updated. Its input is a centre crop (DINO's resize to size / 0.875,
+then crop), normalised as in training; its feature is the CLS token after the final
+LayerNorm. Errors a user causes (a bad checkpoint, --device, --image-size, --data) exit
+with one line naming the flag.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .data import center_crop, normalize, open_dataset, warn_unreadable
+from .model import build_backbone
+
+
+def load_backbone(checkpoint, weights="teacher", device="cpu"):
+    """(backbone in eval mode, the run's config dict) from an `adclr train` checkpoint.
+
+    Raises CheckpointError (naming the file) for anything but a usable checkpoint.
+    """
+    state = load_checkpoint(checkpoint)
+    cfg = state["config"]
+    # Evaluation runs anywhere: the default backend, whatever the run trained with.
+    backbone = build_backbone(cfg["arch"], cfg["image_size"], cfg["patch_size"], 0.0)
+    prefix = "backbone."
+    try:
+        backbone.load_state_dict({k[len(prefix):]: v for k, v in state[weights].items() if k.startswith(prefix)})
+    except RuntimeError as error:
+        raise CheckpointError(f"{checkpoint} does not fit the model of its own config "
+                              f"({str(error).strip().splitlines()[0]})") from None
+    return backbone.to(device).eval(), cfg
+
+
+def backbone_or_exit(checkpoint, weights, device="cpu"):
+    """`load_backbone`, or one line naming --checkpoint and what is wrong with it."""
+    try:
+        return load_backbone(checkpoint, weights, device)
+    except CheckpointError as error:
+        raise SystemExit(f"error: --checkpoint: {error}; pass the checkpoint.pt an adclr train run "
+                         "wrote") from None
+
+
+def backbone_for_eval(checkpoint, weights, device, image_size):
+    """(backbone, its run's config, the device, the input size) for an `adclr eval`:
+    "auto" picks CUDA when there is one; errors a user causes exit with one line."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device} but CUDA is not available")
+    backbone, cfg = backbone_or_exit(checkpoint, weights, device)
+    size = image_size or cfg["image_size"]
+    if size % cfg["patch_size"]:
+        raise SystemExit(f"error: --image-size {size} must be a multiple of the run's patch size {cfg['patch_size']}")
+    return backbone, cfg, device, size
+
+
+def open_labelled_splits(data):
+    """(train, val) images of --data for the image-level protocols, or one line saying why not."""
+    try:
+        return open_dataset(data, "train"), open_dataset(data, "val")
+    except OSError as error:  # no such folder, no train/ or val/ in it, no images, no permission
+        raise SystemExit(f"error: --data: {error}") from None
+
+
+def fixed_subset(n, limit):
+    """Indices of `limit` of n images (all of them for limit 0), in order: a fixed random
+    subset keeps every class of a class-sorted folder, and cannot alias with a periodic
+    labelling the way evenly spaced indices can."""
+    subset = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].sort().values
+    return subset.tolist() if 0 < limit < n else range(n)
+
+
+class CenterCrops(torch.utils.data.Dataset):
+    """(uint8 centre crop, label), or the image's index in `base` for an unreadable file.
+
+    The view DINO evaluates on: resize to size / 0.875, centre crop (256 -> 224).
+    """
+
+    def __init__(self, base, size, limit=0):
+        self.base, self.size = base, size
+        self.indices = fixed_subset(len(base), limit)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, label = self.base.load(self.indices[i])
+        return self.indices[i] if image is None else (center_crop(image, self.size), label)
+
+
+def collate(items):
+    """(images, labels, indices of the unreadable files), dropping those files."""
+    kept = [item for item in items if not isinstance(item, int)]
+    images = torch.stack([x for x, _ in kept]) if kept else None
+    return images, torch.tensor([y for _, y in kept], dtype=torch.long), [i for i in items if isinstance(i, int)]
+
+
+def autocast(device):
+    """The frozen backbone's forward in bf16 on CUDA, as training runs it by default; fp32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, batch_size=128, device="cpu", num_workers=0):
+    """(features (N, D) float32, labels (N,)) for a `CenterCrops` dataset; skips unreadable files."""
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=collate)
+    features, labels, warned = [], [], set()
+    for images, y, unreadable in loader:
+        warn_unreadable(dataset.base, unreadable, warned)
+        if images is None:
+            continue
+        with autocast(device):
+            features.append(backbone.forward_features(normalize(images.to(device)))["cls"].float().cpu())
+        labels.append(y)
+    skipped = len(dataset) - sum(len(y) for y in labels)
+    if skipped:
+        print(f"warning: skipped {skipped} unreadable images", file=sys.stderr)
+    if not features:  # nothing readable
+        return torch.empty(0, backbone.embed_dim), torch.empty(0, dtype=torch.long)
+    return torch.cat(features), torch.cat(labels)
+
+
+def split_features(backbone, train_images, val_images, data, size, limit, batch_size, device, num_workers):
+    """(train features, train labels, val features, val labels) of centre crops of both
+    splits; one line naming --data when a split has no readable image."""
+    train_f, train_y = extract_features(backbone, CenterCrops(train_images, size, limit), batch_size, device,
+                                        num_workers)
+    val_f, val_y = extract_features(backbone, CenterCrops(val_images, size, limit), batch_size, device, num_workers)
+    if not len(train_y) or not len(val_y):
+        raise SystemExit(f"error: --data {data}: no readable images in {'train' if not len(train_y) else 'val'}")
+    return train_f, train_y, val_f, val_y
