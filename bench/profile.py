@@ -85,6 +85,9 @@ RANGES = {"adclr/teacher": "teacher forward", "adclr/student": "student forward"
           "adclr/loss": "loss", "adclr/backward": "backward", "adclr/clip": "clip",
           "adclr/optimizer": "optimizer", "adclr/ema": "EMA"}
 STEP_RANGE = "profile/step"
+# Kineto's device activities that are work; not its ranges mirrored on the GPU
+# (gpu_user_annotation) nor its synchronisation waits (cuda_sync), which would hide idle time.
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def classify(names, own, kernel=False):
@@ -174,7 +177,8 @@ def split_cpu(ev, steps):
 def split_device(ev, steps):
     """Bucket and phase tables of device time from the first step's start to the last kernel."""
     annotations = {e.name for e in ev.cpu if getattr(e, "is_user_annotation", False)} | {STEP_RANGE}
-    work = [e for e in ev.device if e.name not in annotations and e.time_range.elapsed_us() > 0]
+    work = [e for e in ev.device if e.name not in annotations and e.time_range.elapsed_us() > 0
+            and getattr(e, "activity_type", None) in (None, *DEVICE_WORK)]
     kinds, phases = _empty_table(), _empty_table()
     for k in work:
         op = ev.by_id.get(getattr(k, "linked_correlation_id", 0))
@@ -326,7 +330,7 @@ def main(argv=None):
     print(f"adclr train step: {describe(cfg, device, flag_text)}")
     print(f"step {seconds * 1e3:.2f} ms (median of {time_steps}, no profiler), {flops / 1e9:.3g} GFLOP "
           f"-> {flops / seconds / 1e12:.3g} TFLOP/s, "
-          + (f"MFU {100 * utilisation:.1f}% of {peak:g} TFLOP/s" if utilisation is not None
+          + (f"MFU {100 * utilisation:.1f}% of {peak:g} TFLOP/s (dense bf16)" if utilisation is not None
              else "MFU n/a (no known peak for this device; pass --peak-tflops)"))
     print("FLOPs: " + ", ".join(f"{k} {100 * v / flops:.1f}%" for k, v in
                                 sorted(breakdown.items(), key=lambda kv: -kv[1]) if v / flops >= 0.01))

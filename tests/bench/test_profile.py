@@ -93,9 +93,10 @@ def test_classify_cpu_ops(op, ranges, bucket):
     assert profile.classify([op, *ranges], [op]) == bucket
 
 
-def _event(id, name, start, end, device=DeviceType.CPU, parent=None, linked=0, annotation=False):
+def _event(id, name, start, end, device=DeviceType.CPU, parent=None, linked=0, annotation=False,
+           activity=None):
     e = FunctionEvent(id=id, name=name, thread=1, start_us=start, end_us=end, device_type=device,
-                      linked_correlation_id=linked, is_user_annotation=annotation)
+                      linked_correlation_id=linked, is_user_annotation=annotation, activity_type=activity)
     if parent is not None:
         e.set_cpu_parent(parent)
         parent.append_cpu_child(e)
@@ -113,8 +114,10 @@ def test_split_device_with_idle_gaps():
         _event(10, "sm90_xmma_gemm_bf16", 20, 40, cuda, linked=2),          # 20 us GEMM
         _event(11, "nvjet_tst_128x256", 45, 55, cuda, linked=4),            # 10 us head
         _event(12, "_unidirectional_fwd_kernel", 50, 60, cuda),             # overlaps: 5 us busy more
-        _event(13, "Memcpy DtoD (Device -> Device)", 70, 75, cuda),         # 5 us copy
-        _event(14, profile.STEP_RANGE, 0, 100, cuda),                       # the range on the GPU: not work
+        _event(13, "Memcpy DtoD (Device -> Device)", 70, 75, cuda, activity="gpu_memcpy"),  # 5 us copy
+        # Not work: the range mirrored on the GPU, a synchronisation wait.
+        _event(14, profile.STEP_RANGE, 0, 100, cuda, activity="gpu_user_annotation"),
+        _event(15, "Context Sync", 75, 100, cuda, activity="cuda_sync"),
     ]
     ev = profile.Events([step, mm, head, addmm, *kernels])
     kinds, phases = profile.split_device(ev, [step])
