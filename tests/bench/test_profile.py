@@ -88,6 +88,9 @@ def test_classify_kernels(kernel, op, ranges, bucket):
     ("aten::native_layer_norm", (), "norms + elementwise"),
     ("aten::repeat", (), "copies"),
     ("aten::_scaled_dot_product_flash_attention_for_cpu_backward", (), "attention"),
+    ("Torch-Compiled Region: 0/0", (), "idle / host"),
+    ("CompiledFunctionBackward", (), "idle / host"),
+    ("prims::convert_element_type", ("CompiledFunction",), "norms + elementwise"),
 ])
 def test_classify_cpu_ops(op, ranges, bucket):
     assert profile.classify([op, *ranges], [op]) == bucket
