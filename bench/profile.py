@@ -4,7 +4,7 @@
     python -m bench.profile --model tiny --device cpu
     python -m bench.profile --compile off --fused-head-loss off --steps 3 --json out.json
 
-After warm-up the step is timed without the profiler (median of --time-steps), which
+After warm-up the step is timed without the profiler (--time-steps back to back), which
 gives the step's MFU from `adclr.flops`; then --steps steps run under the profiler and
 their time is split into BUCKETS:
 
@@ -31,9 +31,9 @@ On a CPU shared with other work, OMP_NUM_THREADS=1 keeps the figures steady.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
-import statistics
 import time
 from collections import defaultdict
 
@@ -258,7 +258,7 @@ def add_ranges(trainer):
 
 
 def run(cfg, device, warmup, time_steps, steps):
-    """Warm up, time, profile. Returns (median step seconds, kinds table, phases table)."""
+    """Warm up, time, profile. Returns (seconds per step, kinds table, phases table)."""
     trainer = build(cfg, device)
     batch = synthetic_batch(cfg, cfg.batch_size, device, generator=torch.Generator().manual_seed(0))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -267,13 +267,13 @@ def run(cfg, device, warmup, time_steps, steps):
         train_step(trainer, batch, step)
         step += 1
     sync()
-    times = []
+    # Back to back, one synchronise at the end: as the training loop queues its steps.
+    start = time.perf_counter()
     for _ in range(time_steps):
-        start = time.perf_counter()
         train_step(trainer, batch, step)
-        sync()
-        times.append(time.perf_counter() - start)
         step += 1
+    sync()
+    seconds = (time.perf_counter() - start) / time_steps
     remove = add_ranges(trainer)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -286,13 +286,33 @@ def run(cfg, device, warmup, time_steps, steps):
     ev = Events(prof.events())
     step_ranges = [e for e in ev.cpu if e.name == STEP_RANGE]
     kinds, phases = (split_device if device.type == "cuda" else split_cpu)(ev, step_ranges)
-    return statistics.median(times), shares(kinds), shares(phases)
+    return seconds, shares(kinds), shares(phases)
 
 
-def describe(cfg, device, trainer_flags):
+TRAINER_FLAGS = ("attention", "pack_crops", "fused_head_loss", "compile", "precision")
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
+    parser.add_argument("--model", choices=MODELS, help="default: vit_s16 on CUDA, tiny on CPU")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: the model's)")
+    for flag in TRAINER_FLAGS:
+        parser.add_argument("--" + flag.replace("_", "-"), default="auto", help="as adclr train's")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default 5 on CUDA, 2 on CPU)")
+    parser.add_argument("--time-steps", type=int, help="timed steps, no profiler (default 10 / 3)")
+    parser.add_argument("--steps", type=int, default=1, help="profiled steps (default 1)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak (default: adclr.flops' table)")
+    parser.add_argument("--json", help="also write the tables and figures here")
+    return parser.parse_args(argv)
+
+
+def describe(cfg, device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    flags = ", ".join(f"{f} {getattr(cfg, f)}" for f in TRAINER_FLAGS)
     return (f"{cfg.arch}/{cfg.patch_size}, {cfg.batch_size} images (2x{cfg.image_size} + "
-            f"{cfg.num_local_crops}x{cfg.local_size} px, Q={cfg.num_queries}, out_dim {cfg.out_dim}) on "
-            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; {trainer_flags}")
+            f"{cfg.num_local_crops}x{cfg.local_size} px, Q={cfg.num_queries}, out_dim {cfg.out_dim}) "
+            f"on {name}; {flags}")
 
 
 def print_table(title, table, total_ms):
@@ -303,53 +323,46 @@ def print_table(title, table, total_ms):
     print(f"  {'total':22} {total_ms:9.3f} {sum(r['share'] for r in table.values()):6.1f}%")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
-    parser.add_argument("--model", choices=MODELS, help="default: vit_s16 on CUDA, tiny on CPU")
-    parser.add_argument("--batch-size", type=int, help="images per step (default: the model's)")
-    for flag in ("attention", "pack_crops", "fused_head_loss", "compile", "precision"):
-        parser.add_argument("--" + flag.replace("_", "-"), default="auto", help="as adclr train's")
-    parser.add_argument("--warmup", type=int, help="untimed steps first (default 5 on CUDA, 2 on CPU)")
-    parser.add_argument("--time-steps", type=int, help="timed steps, no profiler (default 10 / 3)")
-    parser.add_argument("--steps", type=int, default=1, help="profiled steps (default 1)")
-    parser.add_argument("--peak-tflops", type=float, help="the device's peak (default: adclr.flops' table)")
-    parser.add_argument("--json", help="also write the tables and figures here")
-    args = parser.parse_args(argv)
+def print_report(result, what):
+    flops, seconds, peak = result["flops"], result["step_ms"] / 1e3, result["peak_tflops"]
+    print(f"adclr train step: {result['device']}")
+    utilisation = (f"MFU {100 * result['mfu']:.1f}% of {peak:g} TFLOP/s (dense bf16)" if peak
+                   else "MFU n/a (no known peak for this device; pass --peak-tflops)")
+    print(f"step {result['step_ms']:.2f} ms (mean of {result['timed_steps']}, no profiler), "
+          f"{flops / 1e9:.3g} GFLOP -> {flops / seconds / 1e12:.3g} TFLOP/s, {utilisation}")
+    largest = sorted(result["flops_breakdown"].items(), key=lambda kv: -kv[1])
+    print("FLOPs: " + ", ".join(f"{k} {100 * v / flops:.1f}%" for k, v in largest if v >= 0.01 * flops))
+    total_ms = sum(r["ms"] for r in result["by_kind"].values())
+    print_table(f"share of {what} in {result['profiled_steps']} profiled step(s), by kind",
+                result["by_kind"], total_ms)
+    print_table(f"share of {what}, by range", result["by_range"], total_ms)
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+
+def main(argv=None):
+    """Profile, print the tables, and return them (with the step's time, FLOPs and MFU)."""
+    args = parse(argv)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     on_cuda = device.type == "cuda"
     settings = dict(MODELS[args.model or ("vit_s16" if on_cuda else "tiny")])
-    if args.batch_size:
-        settings["batch_size"] = args.batch_size
-    flags = {f: getattr(args, f) for f in ("attention", "pack_crops", "fused_head_loss", "compile", "precision")}
-    cfg = Config(**settings, **flags, device=device.type)
+    settings["batch_size"] = args.batch_size or settings["batch_size"]
+    cfg = Config(**settings, **{f: getattr(args, f) for f in TRAINER_FLAGS}, device=device.type)
     warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 2)
     time_steps = args.time_steps or (10 if on_cuda else 3)
 
     seconds, kinds, phases = run(cfg, device, warmup, time_steps, args.steps)
     flops, breakdown = step_flops(cfg)
     peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if on_cuda else None)
-    utilisation = mfu(seconds, flops, peak) if peak else None
-    flag_text = ", ".join(f"{k} {v}" for k, v in flags.items())
-    print(f"adclr train step: {describe(cfg, device, flag_text)}")
-    print(f"step {seconds * 1e3:.2f} ms (median of {time_steps}, no profiler), {flops / 1e9:.3g} GFLOP "
-          f"-> {flops / seconds / 1e12:.3g} TFLOP/s, "
-          + (f"MFU {100 * utilisation:.1f}% of {peak:g} TFLOP/s (dense bf16)" if utilisation is not None
-             else "MFU n/a (no known peak for this device; pass --peak-tflops)"))
-    print("FLOPs: " + ", ".join(f"{k} {100 * v / flops:.1f}%" for k, v in
-                                sorted(breakdown.items(), key=lambda kv: -kv[1]) if v / flops >= 0.01))
-    what = "device time" if on_cuda else "CPU time"
-    total_ms = sum(r["ms"] for r in kinds.values())
-    print_table(f"share of {what} in {args.steps} profiled step(s), by kind", kinds, total_ms)
-    print_table(f"share of {what}, by range", phases, total_ms)
+    result = {"device": describe(cfg, device), "config": dataclasses.asdict(cfg),
+              "step_ms": seconds * 1e3, "timed_steps": time_steps, "flops": flops,
+              "flops_breakdown": breakdown, "peak_tflops": peak,
+              "mfu": mfu(seconds, flops, peak) if peak else None,
+              "profiled_steps": args.steps, "by_kind": kinds, "by_range": phases}
+    print_report(result, "device time" if on_cuda else "CPU time")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": {k: getattr(cfg, k) for k in settings} | flags,
-                       "device": describe(cfg, device, flag_text), "step_ms": seconds * 1e3,
-                       "flops": flops, "flops_breakdown": breakdown, "peak_tflops": peak, "mfu": utilisation,
-                       "profiled_steps": args.steps, "by_kind": kinds, "by_range": phases}, f, indent=2)
-    return {"step_s": seconds, "flops": flops, "mfu": utilisation, "by_kind": kinds, "by_range": phases}
+            json.dump(result, f, indent=2)
+    return result
 
 
 if __name__ == "__main__":
