@@ -10,8 +10,9 @@ the result is Pillow's to the bit (`crops.py` states the tolerance the tests hol
 - The normalised taps are rounded to 22-bit fixed point. The horizontal pass sums
   pixel * tap in integers, adds one half and shifts, clamps to 0..255, and the vertical
   pass reads those uint8 values: the rounding between the passes is part of the result.
-- An image more than 100 times taller than wide, shrunk vertically, is resampled
-  vertically first (Pillow's exception for very tall images).
+- The horizontal pass comes first, unless the image loses much more height than width
+  (`vertical_first`): Pillow 13's order, which moves the crops of such images by a few
+  levels against the other order.
 
 Every step is exact in float64 / int64 except the filter and its normalisation, which
 repeat Pillow's double-precision operations in the same order.
@@ -86,14 +87,26 @@ def resample_last(pixels: Tensor, first: Tensor, weights: Tensor) -> Tensor:
     return clip8((gathered * weights).sum(-1, dtype=torch.int64) + HALF)
 
 
+def vertical_first(height, width, out_h, out_w):
+    """Whether Pillow 13 resamples an image vertically first: when it loses more than
+    twice as many rows as columns (sizes of the whole image, whatever the box)."""
+    return (out_h < height) & (height - out_h > 2 * (width - out_w))
+
+
 def resize_one(image: Tensor, box, out_h: int, out_w: int) -> Tensor:
     """Pillow's BICUBIC resize of `box` (left, top, right, bottom; float32 values) of one
     uint8 (C, H, W) image to (C, out_h, out_w)."""
     _, height, width = image.shape
     left, top, right, bottom = box
-    tall = height > 100 * width and out_h < height
-    if tall:  # resample vertically first: the same passes on the transposed image
-        return resize_one(image.transpose(1, 2), (top, left, bottom, right), out_w, out_h).transpose(1, 2)
+    if vertical_first(height, width, out_h, out_w):  # the same passes on the transpose
+        return _resize(image.transpose(1, 2), (top, left, bottom, right), out_w, out_h).transpose(1, 2)
+    return _resize(image, box, out_h, out_w)
+
+
+def _resize(image, box, out_h, out_w):
+    """Horizontal pass, then vertical."""
+    _, height, width = image.shape
+    left, top, right, bottom = box
     xfirst, xweights = taps(width, left, right, out_w)
     yfirst, yweights = taps(height, top, bottom, out_h)
     # Only the rows the vertical pass reads go through the horizontal one.

@@ -13,18 +13,18 @@ output rows read, once each:
 
 So no intermediate image goes to memory and the two passes are one launch. Adjacent
 row tiles both read the source lines their taps share, and the first pass of those
-lines is computed twice: 2 * support lines more per tile (a quarter more for a tile of
+lines is computed twice: 4 * scale lines more per tile (a quarter more for a tile of
 16 rows at any scale), the price of having no second launch.
 
-The taps are computed in the kernel, in float64 as Pillow does: first the first-pass
-taps of the tile's columns, once, as a (BLOCK_A, TAPS_A) integer table; then, line by
-line, the second-pass weight of that line for each output row. Keeping them in float64
+The taps are computed in the kernel, in float64 as Pillow does: the first-pass taps of
+the tile's outputs once, as a (BLOCK_U, TAPS_U) integer table; the second-pass weight
+of each line for each output line as the loop reaches it. Keeping them in float64
 matters: float32 taps differ from Pillow's in the last fixed-point bit often enough to
 move about one output pixel in a thousand by one level.
 
-An image more than 100 times taller than wide, shrunk vertically, is resampled
-vertically first, as Pillow does: the program swaps the roles of the image's axes (its
-strides and box sides) and writes its tile transposed.
+An image that loses more than twice as many rows as columns is resampled vertically
+first, as Pillow 13 does: its programs swap the roles of the image's axes (strides,
+box sides, output sizes) and write their tile transposed.
 """
 
 from __future__ import annotations
@@ -88,15 +88,13 @@ def _clip8(acc):
 def _crop_resize_kernel(
     DATA, META, BOXES, FLIPS, OUT,
     crops_per_image, channels, out_h, out_w,
-    TAPS_A: tl.constexpr, TAPS_B: tl.constexpr,
-    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, FLOAT_OUT: tl.constexpr,
+    TAPS_U: tl.constexpr, TAPS_V: tl.constexpr,
+    BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, FLOAT_OUT: tl.constexpr,
 ):
     crop_channel = tl.program_id(0)
     crop = crop_channel // channels
     channel = crop_channel % channels
-    image = crop // crops_per_image
-
-    meta = META + image.to(tl.int64) * 6
+    meta = META + (crop // crops_per_image).to(tl.int64) * 6
     offset = tl.load(meta)
     height = tl.load(meta + 1).to(tl.int32)
     width = tl.load(meta + 2).to(tl.int32)
@@ -109,60 +107,61 @@ def _crop_resize_kernel(
     bottom = tl.load(BOXES + crop * 4 + 3)
     flip = tl.load(FLIPS + crop) != 0
 
-    # Axis a is resampled first (along the rows), axis b second; normally a is the
-    # image's width. A very tall image shrunk vertically goes the other way (Pillow).
-    tall = (height > 100 * width) & (out_h < height)
-    len_a = tl.where(tall, height, width)
-    len_b = tl.where(tall, width, height)
-    stride_a = tl.where(tall, stride_h, stride_w)
-    stride_b = tl.where(tall, stride_w, stride_h)
-    start_a = tl.where(tall, top, left)
-    end_a = tl.where(tall, bottom, right)
-    start_b = tl.where(tall, left, top)
-    end_b = tl.where(tall, right, bottom)
-    out_a = tl.where(tall, out_h, out_w)
-    out_b = tl.where(tall, out_w, out_h)
+    # The first pass runs along axis u, the second along v: u is the width, unless the
+    # image loses more than twice as many rows as columns (Pillow 13's order; see
+    # crops_torch.vertical_first), when the roles swap.
+    vertical_first = (out_h < height) & (height - out_h > 2 * (width - out_w))
+    len_u = tl.where(vertical_first, height, width)
+    len_v = tl.where(vertical_first, width, height)
+    stride_u = tl.where(vertical_first, stride_h, stride_w)
+    stride_v = tl.where(vertical_first, stride_w, stride_h)
+    start_u = tl.where(vertical_first, top, left)
+    end_u = tl.where(vertical_first, bottom, right)
+    start_v = tl.where(vertical_first, left, top)
+    end_v = tl.where(vertical_first, right, bottom)
+    out_u = tl.where(vertical_first, out_h, out_w)
+    out_v = tl.where(vertical_first, out_w, out_h)
+    vs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    us = tl.program_id(2) * BLOCK_U + tl.arange(0, BLOCK_U)
 
-    ib = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    ia = tl.program_id(2) * BLOCK_A + tl.arange(0, BLOCK_A)
-
-    # First-pass taps of this tile's columns: one (BLOCK_A, TAPS_A) fixed-point table.
-    first_a, count_a, center_a, inv_a = _axis(ia, len_a, start_a, end_a, out_a)
-    ka = tl.arange(0, TAPS_A)
-    has_tap = ka[None, :] < count_a[:, None]
-    x = (first_a[:, None] + ka[None, :]).to(tl.float64)
-    w = tl.where(has_tap, _bicubic((x - center_a[:, None] + 0.5) * inv_a), 0.0)
-    taps_a = _fixed(w, tl.sum(w, 1)[:, None])
-    tap_offsets = (first_a[:, None] + ka[None, :]).to(tl.int64) * stride_a
+    # First-pass taps of this tile's outputs along u: one (BLOCK_U, TAPS_U) table.
+    # Outputs past the crop's have no taps and read no pixel.
+    first_u, count_u, center_u, inv_u = _axis(us, len_u, start_u, end_u, out_u)
+    ku = tl.arange(0, TAPS_U)
+    has_tap = ku[None, :] < count_u[:, None]
+    u = first_u[:, None] + ku[None, :]
+    w = tl.where(has_tap, _bicubic((u.to(tl.float64) - center_u[:, None] + 0.5) * inv_u), 0.0)
+    taps_u = _fixed(w, tl.sum(w, 1)[:, None])
+    tap_offsets = u.to(tl.int64) * stride_u
 
     # Second-pass weights are computed line by line below; their sums once, here.
-    first_b, count_b, center_b, inv_b = _axis(ib, len_b, start_b, end_b, out_b)
-    kb = tl.arange(0, TAPS_B)
-    y = (first_b[:, None] + kb[None, :]).to(tl.float64)
-    wb = tl.where(kb[None, :] < count_b[:, None], _bicubic((y - center_b[:, None] + 0.5) * inv_b), 0.0)
-    total_b = tl.sum(wb, 1)
+    first_v, count_v, center_v, inv_v = _axis(vs, len_v, start_v, end_v, out_v)
+    kv = tl.arange(0, TAPS_V)
+    v = (first_v[:, None] + kv[None, :]).to(tl.float64)
+    w = tl.where(kv[None, :] < count_v[:, None], _bicubic((v - center_v[:, None] + 0.5) * inv_v), 0.0)
+    total_v = tl.sum(w, 1)
 
+    # Every source line (along u) the tile's outputs read, once; none for a tile past
+    # the crop's outputs (when out_h != out_w).
     source = DATA + offset + channel.to(tl.int64) * stride_c
-    acc = tl.zeros((BLOCK_B, BLOCK_A), dtype=tl.int32)
-    # Rows past the output (a tile past a crop whose out_h != out_w) have no taps and
-    # read no line; columns past it read no pixel.
-    line_lo = tl.min(tl.where(count_b > 0, first_b, len_b), 0)
-    line_hi = tl.max(tl.where(count_b > 0, first_b + count_b, 0), 0)
+    acc = tl.zeros((BLOCK_V, BLOCK_U), dtype=tl.int32)
+    line_lo = tl.min(tl.where(count_v > 0, first_v, len_v), 0)
+    line_hi = tl.max(tl.where(count_v > 0, first_v + count_v, 0), 0)
     for line in range(line_lo, line_hi):
-        pixels = tl.load(source + stride_b * line + tap_offsets, mask=has_tap, other=0)
-        resampled = _clip8(tl.sum(pixels.to(tl.int32) * taps_a, 1) + HALF)
-        k = line - first_b
-        w_line = _bicubic((line - center_b + 0.5) * inv_b)
-        w_line = _fixed(tl.where((k >= 0) & (k < count_b), w_line, 0.0), total_b)
+        pixels = tl.load(source + stride_v * line + tap_offsets, mask=has_tap, other=0)
+        resampled = _clip8(tl.sum(pixels.to(tl.int32) * taps_u, 1) + HALF)
+        k = line - first_v
+        w_line = _bicubic((line - center_v + 0.5) * inv_v)
+        w_line = _fixed(tl.where((k >= 0) & (k < count_v), w_line, 0.0), total_v)
         acc += w_line[:, None] * resampled[None, :]
     result = _clip8(acc + HALF)
 
-    # Back from the (b, a) frame to the crop's (row, column); the flip mirrors columns.
-    row = tl.where(tall, ia[None, :], ib[:, None])
-    col = tl.where(tall, ib[:, None], ia[None, :])
+    # Back from the (v, u) frame to the crop's (row, column); a flip mirrors columns.
+    row = tl.where(vertical_first, us[None, :], vs[:, None])
+    col = tl.where(vertical_first, vs[:, None], us[None, :])
     col = tl.where(flip, out_w - 1 - col, col)
-    inside = (ib[:, None] < out_b) & (ia[None, :] < out_a)
     dest = OUT + (crop_channel.to(tl.int64) * out_h + row) * out_w + col
+    inside = (vs[:, None] < out_v) & (us[None, :] < out_u)
     if FLOAT_OUT:
         tl.store(dest, (result.to(tl.float32) / 255.0).to(OUT.dtype.element_ty), mask=inside)
     else:
@@ -173,21 +172,24 @@ def _crop_resize_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------
 
-# Output rows per program: the first pass of 2 * support source lines is repeated by
-# each row tile, so taller tiles waste less; 16 keeps the int32 accumulator of a
-# 256-wide tile at 32 registers a thread with 4 warps.
-BLOCK_ROWS = 16
-# Elements of the (columns, taps) table a program keeps: wider downscales (more taps)
-# get fewer columns per program, so the table stays in registers.
+# Output lines per program: each tile repeats the first pass of the 2 * support source
+# lines it shares with the next, so taller tiles waste less; 16 keeps the int32
+# accumulator of a 256-wide tile at 32 registers a thread (4 warps).
+BLOCK_LINES = 16
+# Elements of the (outputs, taps) table a program keeps: stronger downscales (more taps)
+# get fewer outputs per program, so that the table stays in registers.
 TABLE_ELEMENTS = 4096
 
 
-def tile_shape(out_h, out_w, taps_a):
-    """(BLOCK_B, BLOCK_A) of a launch whose first pass needs up to `taps_a` taps."""
-    width = max(out_h, out_w)
-    block_a = min(triton.next_power_of_2(width), max(16, TABLE_ELEMENTS // taps_a))
-    block_b = min(BLOCK_ROWS, triton.next_power_of_2(width))
-    return block_b, block_a
+def tile_shape(out_h, out_w, taps_u):
+    """(BLOCK_V, BLOCK_U) of a launch whose first pass needs up to `taps_u` taps.
+
+    A program's tile is (lines, outputs along them) in its image's frame, which is
+    transposed for images resampled vertically first: both sides cover the larger of
+    out_h, out_w, and tiles past a crop's output do nothing.
+    """
+    side = triton.next_power_of_2(max(out_h, out_w))
+    return min(BLOCK_LINES, side), min(side, max(16, TABLE_ELEMENTS // taps_u))
 
 
 def _empty_out(shape, dtype, device):
@@ -195,24 +197,24 @@ def _empty_out(shape, dtype, device):
 
 
 def crop_resize(data: Tensor, meta: Tensor, boxes: Tensor, flips: Tensor, crops_per_image: int,
-                channels: int, out_h: int, out_w: int, taps_a: int, taps_b: int,
+                channels: int, out_h: int, out_w: int, taps_u: int, taps_v: int,
                 out_dtype: torch.dtype) -> Tensor:
     """Launch the kernel on checked inputs, all on data's device.
 
     data: flat uint8; meta: (images, 6) int64; boxes: (crops, 4) float32; flips:
-    (crops,) uint8; taps_a / taps_b: the most taps any crop needs along the axis it
-    resamples first / second. Returns (crops, channels, out_h, out_w).
+    (crops,) uint8; taps_u / taps_v: the most taps any crop needs in its first /
+    second pass. Returns (crops, channels, out_h, out_w).
     """
     crops = boxes.shape[0]
     out = _empty_out((crops, channels, out_h, out_w), out_dtype, data.device)
-    if crops == 0 or channels == 0:
+    if crops == 0:
         return out
-    taps_a, taps_b = triton.next_power_of_2(taps_a), triton.next_power_of_2(taps_b)
-    block_b, block_a = tile_shape(out_h, out_w, taps_a)
-    width = max(out_h, out_w)
-    grid = (crops * channels, triton.cdiv(width, block_b), triton.cdiv(width, block_a))
+    taps_u, taps_v = triton.next_power_of_2(taps_u), triton.next_power_of_2(taps_v)
+    block_v, block_u = tile_shape(out_h, out_w, taps_u)
+    side = max(out_h, out_w)
+    grid = (crops * channels, triton.cdiv(side, block_v), triton.cdiv(side, block_u))
     _crop_resize_kernel[grid](
         data, meta, boxes, flips, out, crops_per_image, channels, out_h, out_w,
-        TAPS_A=taps_a, TAPS_B=taps_b, BLOCK_A=block_a, BLOCK_B=block_b,
+        TAPS_U=taps_u, TAPS_V=taps_v, BLOCK_U=block_u, BLOCK_V=block_v,
         FLOAT_OUT=out_dtype != torch.uint8)
     return out
