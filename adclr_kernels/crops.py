@@ -77,12 +77,13 @@ class PackedImages(NamedTuple):
         return self.data.as_strided((self.channels, height, width), (sc, sh, sw), offset)
 
 
-def pack_images(images: Sequence[Tensor]) -> PackedImages:
+def pack_images(images: Sequence[Tensor], out: Tensor | None = None) -> PackedImages:
     """One flat copy of uint8 (C, H, W) images, each kept in its own memory order.
 
     An image decoded channels-last (Pillow, numpy) and viewed as (C, H, W) packs as
     channels-last, a (C, H, W)-contiguous one (torchvision's decoders) as it is: either
-    way the copy is one memcpy per image.
+    way the copy is one memcpy per image. out: the 1-D uint8 buffer to fill, of the
+    images' total size (e.g. in shared memory); default a new one.
     """
     images = list(images)
     _check_image_list(images)
@@ -96,9 +97,12 @@ def pack_images(images: Sequence[Tensor]) -> PackedImages:
         flats.append(flat.reshape(-1))
         meta.append([offset, image.shape[1], image.shape[2], *strides])
         offset += flat.numel()
-    data = torch.cat(flats) if flats else torch.empty(0, dtype=torch.uint8)
+    if out is not None and (out.dtype != torch.uint8 or out.shape != (offset,)):
+        raise ValueError(f"out must be a 1-D uint8 tensor of the images' {offset} bytes, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    data = torch.cat(flats, out=out)
     meta = torch.tensor(meta, dtype=torch.int64).view(-1, 6)
-    return PackedImages(data, meta, images[0].shape[0] if images else 0)
+    return PackedImages(data, meta, images[0].shape[0])
 
 
 # ----------------------------------------------------------------------------------------
