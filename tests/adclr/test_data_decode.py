@@ -13,7 +13,8 @@ from PIL import Image
 
 import adclr.data as data
 from adclr.data import (DecodeOnlyDataset, ImageFolder, MultiCropDataset, StepBatches, SyntheticShapes,
-                        collate_decoded, cut_crops)
+                        TorchStream, collate_decoded, cut_crops, random_resized_box,
+                        random_resized_box_from)
 
 SIZES = dict(image_size=32, local_size=16, patch_size=8, num_local_crops=3, num_queries=4)
 
@@ -79,6 +80,21 @@ def test_same_boxes_and_crops_as_multicrop(source, folder, monkeypatch):
         assert crops[key].shape == want.shape and crops[key].dtype == torch.uint8
         diff = (crops[key].int() - want.int()).abs()
         assert diff.max() <= 1 and diff.float().mean() <= 0.01, (key, diff.max(), diff.float().mean())
+
+
+def test_torch_stream_draws_torch_generators_numbers():
+    """Sizes from 1 pixel (every draw fails: the centre square) to past 2**24 (the
+    modulo of one word is still torch.randint's), seeds past 2**32."""
+    rng = np.random.default_rng(0)
+    stream = TorchStream()
+    for trial in range(400):
+        width, height = (int(n) for n in rng.integers(1, [40, 3000, 2 ** 25][trial % 3], 2))
+        scale = tuple(sorted(rng.uniform(0.01, 1.0, 2)))
+        seed = int(rng.integers(0, 2 ** 63))
+        g, stream = torch.Generator().manual_seed(seed), stream.seed(seed)
+        for _ in range(6):
+            assert random_resized_box_from(width, height, scale, stream) == random_resized_box(width, height, scale, g)
+        assert stream.rand(5) == torch.rand(5, generator=g).tolist()
 
 
 def test_flips_come_after_the_boxes_and_mirror_the_crops(folder):
