@@ -20,7 +20,9 @@ The taps are computed in the kernel, in float64 as Pillow does: the first-pass t
 the tile's outputs once, as a (BLOCK_U, TAPS_U) integer table; the second-pass weight
 of each line for each output line as the loop reaches it. Keeping them in float64
 matters: float32 taps differ from Pillow's in the last fixed-point bit often enough to
-move about one output pixel in a thousand by one level.
+move about one output pixel in a thousand by one level. For the same reason the launch
+turns off the fusion of a multiply and an add into one FMA: each float64 operation
+then rounds as Pillow's C code rounds it.
 
 An image that loses more than twice as many rows as columns is resampled vertically
 first, as Pillow 13 does: its programs swap the roles of the image's axes (strides,
@@ -216,5 +218,5 @@ def crop_resize(data: Tensor, meta: Tensor, boxes: Tensor, flips: Tensor, crops_
     _crop_resize_kernel[grid](
         data, meta, boxes, flips, out, crops_per_image, channels, out_h, out_w,
         TAPS_U=taps_u, TAPS_V=taps_v, BLOCK_U=block_u, BLOCK_V=block_v,
-        FLOAT_OUT=out_dtype != torch.uint8)
+        FLOAT_OUT=out_dtype != torch.uint8, enable_fp_fusion=False)
     return out

@@ -224,3 +224,56 @@ def test_packed_images_is_a_plain_tuple_of_tensors():
     # The DataLoader pins and ships a batch's PackedImages like any tuple of tensors.
     packed = pack_images(good()["images"])
     assert isinstance(packed, PackedImages) and packed.to("cpu").meta is packed.meta
+
+
+# ------------------------------------------------------------------------- compiles for GPUs
+
+COMPILE = """
+import json, re, subprocess, sys, tempfile
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from adclr_kernels import crops_triton
+
+capability, cases = json.loads(sys.argv[1])
+bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+rows = []
+for out, taps_u, taps_v, size in cases:
+    block_v, block_u = crops_triton.tile_shape(size, size, taps_u)
+    signature = dict(DATA="*u8", META="*i64", BOXES="*fp32", FLIPS="*u8", OUT=out, crops_per_image="i32",
+                     channels="i32", out_h="i32", out_w="i32", TAPS_U="constexpr", TAPS_V="constexpr",
+                     BLOCK_U="constexpr", BLOCK_V="constexpr", FLOAT_OUT="constexpr")
+    constexprs = dict(TAPS_U=taps_u, TAPS_V=taps_v, BLOCK_U=block_u, BLOCK_V=block_v, FLOAT_OUT=out != "*u8")
+    kernel = triton.compile(ASTSource(crops_triton._crop_resize_kernel, signature, constexprs),
+                            target=GPUTarget("cuda", capability, 32),
+                            options=dict(num_warps=4, enable_fp_fusion=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.cubin").write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", str(Path(tmp) / "k.cubin")],
+                               capture_output=True, text=True, check=True).stdout
+    rows.append(int(re.search(r"LOCAL:(\\d+)", usage).group(1)))
+print(json.dumps(rows))
+"""
+
+# (output pointer type, taps in the first pass, in the second, crop size): ADCLR's three
+# crop sizes at their usual scales, float outputs, and a 60x downscale.
+COMPILE_CASES = [("*u8", 8, 8, 224), ("*fp32", 8, 8, 224), ("*bf16", 16, 16, 96), ("*u8", 128, 128, 16)]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+def test_kernel_compiles_for_gpus_without_spilling(capability):
+    """The interpreter accepts code the GPU compiler rejects: compile ahead of time,
+    down to ptxas, in a fresh process (this one's kernels are the interpreter's)."""
+    pytest.importorskip("triton.compiler", reason="needs Triton's ahead-of-time API").ASTSource
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", COMPILE, json.dumps([capability, COMPILE_CASES])],
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [0] * len(COMPILE_CASES)  # bytes spilled
