@@ -15,6 +15,7 @@ A batch ready for `adclr.train.train_step` is a dict of float tensors, view-majo
 from __future__ import annotations
 
 import colorsys
+import functools
 import math
 import os
 import sys
@@ -500,8 +501,9 @@ def decode(image, reduction=1):
     reduction 1. Pixel x of the reduced image covers pixels x * reduction ..
     (x + 1) * reduction of the full one, so a box in full-size pixels is box / reduction
     in it. Any mode becomes RGB, as ImageFolder.load converts it. The tensor is a
-    (C, H, W) view of the RGBX bytes Pillow holds (4 a pixel): copying them out costs a
-    third of packing them to RGB; `pack_images` drops the fourth byte in its copy.
+    (C, H, W) view of the RGBX bytes Pillow holds (4 a pixel): they come out in one
+    memcpy a row, where packing them to RGB costs a pass of its own; `pack_images`
+    drops the fourth byte in the copy it makes anyway.
     """
     if reduction > 1 and image.format in ("JPEG", "MPO"):
         width, height = image.size
@@ -519,7 +521,7 @@ class DecodeOnlyDataset(torch.utils.data.Dataset):
     """MultiCropDataset's samples decoded but not cut: the crops are cut on the device.
 
     Indexed like MultiCropDataset, by (image index, sample seed), it draws the same
-    boxes from the same generator in the same order (2 global, the local, then the
+    boxes from the same generator in the same order (2 global, then the local, then the
     query crops, on the full image's size), then one flip per global and local crop:
     after every box, so the boxes stay today's. An item holds the decoded image and
     the boxes in its pixels; `cut_crops` (adclr_kernels' crop_resize) cuts from them
@@ -548,16 +550,13 @@ class DecodeOnlyDataset(torch.utils.data.Dataset):
         image of (width, height): boxes as MultiCropDataset draws them."""
         if max(width, height) < TorchStream.MAX_RANGE:
             stream = self._stream.seed(seed)
-            draw = lambda scale, n: [random_resized_box_from(width, height, scale, stream)  # noqa: E731
-                                     for _ in range(n)]
-            rand = stream.rand
-        else:  # past what TorchStream reproduces: torch itself
+            box, rand = functools.partial(random_resized_box_from, stream=stream), stream.rand
+        else:  # sides past what TorchStream reproduces: torch's generator itself
             g = torch.Generator().manual_seed(seed)
-            draw = lambda scale, n: [random_resized_box(width, height, scale, g) for _ in range(n)]  # noqa: E731
-            rand = lambda n: torch.rand(n, generator=g).tolist()  # noqa: E731
-        global_, local, query = (draw(self.global_scale, 2), draw(self.local_scale, self.num_local_crops),
-                                 draw(self.query_scale, self.num_queries))
-        flips = torch.tensor(rand(2 + self.num_local_crops)) < 0.5
+            box, rand = functools.partial(random_resized_box, generator=g), functools.partial(torch.rand, generator=g)
+        kinds = ((self.global_scale, 2), (self.local_scale, self.num_local_crops), (self.query_scale, self.num_queries))
+        global_, local, query = ([box(width, height, scale) for _ in range(n)] for scale, n in kinds)
+        flips = torch.as_tensor(rand(2 + self.num_local_crops)) < 0.5
         return global_, local, query, flips[:2], flips[2:]
 
     def reduction(self, global_, local, query):

@@ -95,6 +95,15 @@ def test_torch_stream_draws_torch_generators_numbers():
         for _ in range(6):
             assert random_resized_box_from(width, height, scale, stream) == random_resized_box(width, height, scale, g)
         assert stream.rand(5) == torch.rand(5, generator=g).tolist()
+    # Either side of the largest side TorchStream serves, the dataset's boxes and flips are torch's.
+    dataset = DecodeOnlyDataset(SyntheticShapes(), **SIZES)
+    for width in (TorchStream.MAX_RANGE - 1, TorchStream.MAX_RANGE):
+        g = torch.Generator().manual_seed(7)
+        want = [[random_resized_box(width, 3, scale, g) for _ in range(n)]
+                for scale, n in (((0.4, 1.0), 2), ((0.05, 0.4), 3), ((0.05, 0.15), 4))]
+        *boxes, global_flips, local_flips = dataset.boxes(width, 3, 7)
+        assert boxes == want
+        assert torch.equal(torch.cat([global_flips, local_flips]), torch.rand(5, generator=g) < 0.5)
 
 
 def test_flips_come_after_the_boxes_and_mirror_the_crops(folder):
