@@ -41,7 +41,7 @@ from typing import NamedTuple, Sequence, Union
 
 import torch
 
-from .crops_torch import vertical_first
+from . import crops_torch, crops_triton
 
 Tensor = torch.Tensor
 
@@ -227,7 +227,7 @@ def _most_taps(boxes, sizes, out_h, out_w):
     height, width = sizes[:, None, 0], sizes[:, None, 1]
     along_x = taps(boxes[..., 2] - boxes[..., 0], out_w, width)
     along_y = taps(boxes[..., 3] - boxes[..., 1], out_h, height)
-    swap = vertical_first(height, width, out_h, out_w)
+    swap = crops_torch.vertical_first(height, width, out_h, out_w)
     first, second = torch.where(swap, along_y, along_x), torch.where(swap, along_x, along_y)
     return int(first.max()), int(second.max())
 
@@ -278,12 +278,10 @@ def crop_resize(images: Union[PackedImages, Sequence[Tensor]], boxes: Tensor, si
         return torch.empty(batch, 0, channels, out_h, out_w, dtype=out_dtype, device=device)
 
     if backend == "torch":
-        from . import crops_torch
         views = [packed.image(i) for i in range(batch)] if packed is not None else list(images)
         host_flips = flips.cpu() if flips is not None else None
         return crops_torch.crop_resize(views, host_boxes, out_h, out_w, host_flips, out_dtype)
 
-    from . import crops_triton
     packed = packed if packed is not None else pack_images(images)
     taps_u, taps_v = _most_taps(host_boxes, sizes, out_h, out_w)
     flips = (flips if flips is not None else torch.zeros(batch, per_image, dtype=torch.bool))
