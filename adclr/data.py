@@ -529,9 +529,10 @@ class DecodeOnlyDataset(torch.utils.data.Dataset):
     Query crops are never flipped: both views see the same query pixels.
 
     draft: decode a JPEG at 1/2, 1/4 or 1/8 of its size (the largest that leaves every
-    crop at least its output's resolution) instead of whole. Such crops are no longer
+    crop at least twice its output's size) instead of whole. Such crops are no longer
     Pillow's crops of the full image: the decoder's reduction averages first, and they
-    differ from them by a few levels; False decodes every image whole.
+    differ from them by a fraction of a level on average, a few levels at most; False
+    decodes every image whole.
     """
 
     def __init__(self, base, image_size, local_size, patch_size, num_local_crops, num_queries,
@@ -560,13 +561,14 @@ class DecodeOnlyDataset(torch.utils.data.Dataset):
         return global_, local, query, flips[:2], flips[2:]
 
     def reduction(self, global_, local, query):
-        """The largest JPEG reduction (8, 4, 2; else 1) that keeps every crop at least
-        as large as its output in the reduced image."""
+        """The largest JPEG reduction (8, 4, 2; else 1) that leaves every crop at least
+        twice its output's size in the reduced image, so that the bicubic resize still
+        shrinks it 2x or more and its antialiasing, not the decoder's, shapes the crop."""
         room = min(min(right - left, bottom - top) / size
                    for boxes, size in ((global_, self.image_size), (local, self.local_size),
                                        (query, self.patch_size))
                    for left, top, right, bottom in boxes)
-        return next((r for r in (8, 4, 2) if room >= r), 1) if self.draft else 1
+        return next((r for r in (8, 4, 2) if room >= 2 * r), 1) if self.draft else 1
 
     def __getitem__(self, item):
         index, seed = item
