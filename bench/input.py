@@ -3,16 +3,21 @@
 A loader worker runs either MultiCropDataset (decode the JPEG, then 2 + 10 + 10 Pillow
 crop-and-resizes) or DecodeOnlyDataset (decode, reduced where every crop allows it,
 and draw the same boxes; crop_resize cuts the crops on the device). Both are measured
-here as a worker runs them, one image after another in one process with one thread:
-CPU milliseconds per image (time.process_time, so a busy neighbour on a shared machine
-costs wall time, not these), with `decode` (Image.open + load alone) as the floor.
+two ways, in CPU milliseconds per image (so a busy neighbour on a shared machine costs
+wall time, not these):
+
+- in this process, one image after another with one thread (`__getitem__` alone),
+  with `decode` (Image.open + load alone) as the floor;
+- in a real loader worker (one, with its batches of 32 collated into shared memory as
+  the training loader does), read from /proc: what a worker really spends, page faults
+  of fresh buffers included. The first batch (imports, start-up) is not counted.
 
 The JPEGs are made here, no download: a photograph's falling spectrum (1/f) in three
 correlated channels plus a little sensor noise, saved by Pillow at quality 90; about
 120 kB at 500x375, ImageNet's typical size and file size.
 
-    python -m bench.input                       # 500x375 and 1024x768, 48 images each
-    python -m bench.input --sizes 500x375 --images 200 --rounds 5
+    python -m bench.input                       # 500x375 and 1024x768, 160 images each
+    python -m bench.input --sizes 500x375 --rounds 5
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adclr.data import DecodeOnlyDataset, ImageFolder, MultiCropDataset, collate_decoded
+from adclr.data import (DecodeOnlyDataset, ImageFolder, MultiCropDataset, StepBatches, collate_decoded,
+                        keep_freed_memory)
 
 # ADCLR's defaults (adclr.train.Config): 2 x 224 global, 10 x 96 local, 10 queries of 16.
 CROPS = dict(image_size=224, local_size=96, patch_size=16, num_local_crops=10, num_queries=10)
@@ -86,28 +92,51 @@ def cpu_ms_per_image(step, work, rounds=3):
     return min(per_round), float(np.median(per_round))
 
 
-def collate_ms_per_image(images, work):
-    """CPU ms per image of collate_decoded (the flat buffer, outside a worker's shared memory)."""
-    dataset = DecodeOnlyDataset(images, **CROPS)
-    samples = [dataset[item] for item in work]
-    collate_decoded(samples[:1])  # the first call imports adclr_kernels (once per worker)
-    start = time.process_time()
-    collate_decoded(samples)
-    return (time.process_time() - start) / len(samples) * 1e3
+def _cpu_seconds(pid):
+    """User + system CPU seconds of process pid so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker_ms_per_image(path, images, batch=32, batches=4, init=keep_freed_memory):
+    """CPU ms per image of one loader worker running `path` ("pillow" or "decode-only")
+    over `batches` batches after a first one, collating as the training loader does;
+    `init`: the worker_init_fn (default: keep_freed_memory, for both paths)."""
+    if path == "pillow":
+        dataset, collate = MultiCropDataset(images, **CROPS), None  # default_collate
+    else:
+        dataset, collate = DecodeOnlyDataset(images, **CROPS), collate_decoded
+    sampler = StepBatches(len(images), batch, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=1, prefetch_factor=1,
+                                         collate_fn=collate, worker_init_fn=init)
+    stream = iter(loader)
+    next(stream)
+    pid = stream._workers[0].pid
+    start = _cpu_seconds(pid)
+    for _ in range(batches):
+        next(stream)
+    spent = _cpu_seconds(pid) - start
+    del stream
+    # prefetch_factor=1: the worker ran at most one batch ahead, so batches + 1 at most.
+    return spent / (batches * batch) * 1e3
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="500x375,1024x768", help="WxH,... of the generated JPEGs")
-    parser.add_argument("--images", type=int, default=48, help="JPEGs per size (default 48)")
+    parser.add_argument("--images", type=int, default=160, help="JPEGs per size (default 160)")
+    parser.add_argument("--batches", type=int, default=4, help="batches of 32 a worker is timed on")
     parser.add_argument("--rounds", type=int, default=3, help="passes over them; the best is reported")
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "adclr-bench-input"),
                         help="where the JPEGs are made (and kept for the next run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a loader worker's torch runs one thread
-    print(f"CPU ms per image, one process, one thread; best (median) of {args.rounds} passes; "
-          f"crops {CROPS}; load average {os.getloadavg()[0]:.2f} at start")
-    print(f"{'image':>10s} {'kB':>5s} | " + " | ".join(f"{p:>21s}" for p in PATHS) + " | collate | reduced")
+    print(f"CPU ms per image; crops {CROPS}; load average {os.getloadavg()[0]:.2f} at start")
+    print(f"in-process columns: best (median) of {args.rounds} passes over {args.images} images, one thread; "
+          f"worker columns: one loader worker, {args.batches} batches of 32 after the first")
+    print(f"{'image':>10s} {'kB':>5s} | " + " | ".join(f"{p:>21s}" for p in PATHS)
+          + " | worker: pillow | worker: decode-only | reduced")
     for size in args.sizes.split(","):
         width, height = (int(n) for n in size.split("x"))
         images = ImageFolder(make_jpegs(args.dir, width, height, args.images))
@@ -117,10 +146,11 @@ def main(argv=None):
         for path in PATHS:
             best, median = cpu_ms_per_image(worker_step(path, images), work, args.rounds)
             cells.append(f"{best:8.2f} ({median:6.2f})")
+        workers = [worker_ms_per_image(path, images, batches=args.batches) for path in ("pillow", "decode-only")]
         decoded = DecodeOnlyDataset(images, **CROPS)
         reduced = np.mean([decoded[item]["reduction"] > 1 for item in work])
         print(f"{size:>10s} {kb:5.0f} | " + " | ".join(f"{c:>21s}" for c in cells)
-              + f" | {collate_ms_per_image(images, work):7.3f} | {reduced:6.0%}")
+              + f" | {workers[0]:14.2f} | {workers[1]:19.2f} | {reduced:6.0%}")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
