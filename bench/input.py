@@ -7,7 +7,8 @@ two ways, in CPU milliseconds per image (so a busy neighbour on a shared machine
 wall time, not these):
 
 - in this process, one image after another with one thread (`__getitem__` alone),
-  with `decode` (Image.open + load alone) as the floor;
+  with `decode` (Image.open + load alone) as the floor; the paths take turns, each
+  reported by its best pass (and the median);
 - in a real loader worker (one, with its batches of 32 collated into shared memory as
   the training loader does), read from /proc: what a worker really spends, page faults
   of fresh buffers included. The first batch (imports, start-up) is not counted.
@@ -81,15 +82,18 @@ def items(images, seed=0):
     return [(i, seed * 10_000_019 + i) for i in range(len(images))]
 
 
-def cpu_ms_per_image(step, work, rounds=3):
-    """(best, median) over rounds of the CPU ms per image of step over work."""
-    per_round = []
+def cpu_ms_per_image(steps, work, rounds=3):
+    """{name: (best, median) over rounds of the CPU ms per image} of each of `steps`
+    ({name: function}) over work. The steps take turns within each round, so that a
+    slow spell of a shared machine, or the heap one step leaves, does not fall on one."""
+    per_round = {name: [] for name in steps}
     for _ in range(rounds):
-        start = time.process_time()
-        for item in work:
-            step(item)
-        per_round.append((time.process_time() - start) / len(work) * 1e3)
-    return min(per_round), float(np.median(per_round))
+        for name, step in steps.items():
+            start = time.process_time()
+            for item in work:
+                step(item)
+            per_round[name].append((time.process_time() - start) / len(work) * 1e3)
+    return {name: (min(times), float(np.median(times))) for name, times in per_round.items()}
 
 
 def _cpu_seconds(pid):
@@ -127,11 +131,12 @@ def main(argv=None):
     parser.add_argument("--sizes", default="500x375,1024x768", help="WxH,... of the generated JPEGs")
     parser.add_argument("--images", type=int, default=160, help="JPEGs per size (default 160)")
     parser.add_argument("--batches", type=int, default=4, help="batches of 32 a worker is timed on")
-    parser.add_argument("--rounds", type=int, default=3, help="passes over them; the best is reported")
+    parser.add_argument("--rounds", type=int, default=5, help="passes over them; the best is reported")
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "adclr-bench-input"),
                         help="where the JPEGs are made (and kept for the next run)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a loader worker's torch runs one thread
+    keep_freed_memory()  # and keeps the memory it frees (the workers below too)
     print(f"CPU ms per image; crops {CROPS}; load average {os.getloadavg()[0]:.2f} at start")
     print(f"in-process columns: best (median) of {args.rounds} passes over {args.images} images, one thread; "
           f"worker columns: one loader worker, {args.batches} batches of 32 after the first")
@@ -142,10 +147,8 @@ def main(argv=None):
         images = ImageFolder(make_jpegs(args.dir, width, height, args.images))
         work = items(images)
         kb = np.mean([os.path.getsize(path) for path, _ in images.samples]) / 1e3
-        cells = []
-        for path in PATHS:
-            best, median = cpu_ms_per_image(worker_step(path, images), work, args.rounds)
-            cells.append(f"{best:8.2f} ({median:6.2f})")
+        times = cpu_ms_per_image({path: worker_step(path, images) for path in PATHS}, work, args.rounds)
+        cells = [f"{best:8.2f} ({median:6.2f})" for best, median in times.values()]
         workers = [worker_ms_per_image(path, images, batches=args.batches) for path in ("pillow", "decode-only")]
         decoded = DecodeOnlyDataset(images, **CROPS)
         reduced = np.mean([decoded[item]["reduction"] > 1 for item in work])

@@ -11,7 +11,7 @@ import torch
 
 from bench.input import CROPS, SIZES, items, make_jpegs, worker_step
 
-from adclr.data import ImageFolder
+from adclr.data import ImageFolder, keep_freed_memory
 
 IMAGES = 16
 
@@ -26,6 +26,7 @@ def folders(tmp_path_factory):
 @pytest.mark.parametrize("path", ["decode", "pillow", "decode-only"])
 def test_input_cpu_per_image(benchmark, folders, size, path):
     torch.set_num_threads(1)  # a loader worker's torch runs one thread
+    keep_freed_memory()  # as the workers do
     images = folders[size]
     step, work = worker_step(path, images), items(images)
 
