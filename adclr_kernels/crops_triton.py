@@ -165,7 +165,9 @@ def _crop_resize_kernel(
     dest = OUT + (crop_channel.to(tl.int64) * out_h + row) * out_w + col
     inside = (vs[:, None] < out_v) & (us[None, :] < out_u)
     if FLOAT_OUT:
-        tl.store(dest, (result.to(tl.float32) / 255.0).to(OUT.dtype.element_ty), mask=inside)
+        # Rounded division (a plain `/` is div.approx on a GPU): exactly torch's uint8 / 255.
+        value = tl.math.div_rn(result.to(tl.float32), tl.full(result.shape, 255.0, tl.float32))
+        tl.store(dest, value.to(OUT.dtype.element_ty), mask=inside)
     else:
         tl.store(dest, result.to(tl.uint8), mask=inside)
 
