@@ -31,11 +31,11 @@ import time
 
 import torch
 
-from .data import open_dataset, open_segmentation
+from .data import open_segmentation
 from .eval_dense import NUM_LABELS, SegmentationCrops, dense_probe, patch_majority, scores as dense_scores
 from .eval_knn import knn_accuracy
 from .eval_linear import linear_accuracy
-from .features import CenterCrops, extract_features, load_backbone
+from .features import CenterCrops, extract_features, load_backbone, open_labelled_splits
 from .train import build, train
 
 # The equal-budget defaults: a 2-block ViT on 64 px scenes (an 8 x 8 patch grid) for 1500
@@ -63,8 +63,9 @@ def score(backbone, cfg, images=EVAL_IMAGES, dense_epochs=None, quiet=True):
     backbone.eval()
     sink = io.StringIO() if quiet else sys.stderr
     with contextlib.redirect_stderr(sink):
-        train_f, train_y = extract_features(backbone, CenterCrops(open_dataset(cfg.data, "train"), size, images))
-        val_f, val_y = extract_features(backbone, CenterCrops(open_dataset(cfg.data, "val"), size, images))
+        train_images, val_images = open_labelled_splits(cfg.data)
+        train_f, train_y = extract_features(backbone, CenterCrops(train_images, size, images))
+        val_f, val_y = extract_features(backbone, CenterCrops(val_images, size, images))
         dense = dense_probe(backbone, SegmentationCrops(open_segmentation(cfg.data, "train"), size, images),
                             SegmentationCrops(open_segmentation(cfg.data, "val"), size, images, full_masks=True),
                             **({"epochs": dense_epochs} if dense_epochs else {}))

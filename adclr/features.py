@@ -60,10 +60,15 @@ def backbone_for_eval(checkpoint, weights, device, image_size):
 
 
 def open_labelled_splits(data):
-    """(train, val) images of --data for the image-level protocols, or one line saying why not."""
+    """(train, val) images of --data for the image-level protocols, or one line saying why not.
+
+    A val image's label is its class's place among train's classes (by folder name), so a
+    val split without some train class still scores each image against its own class.
+    """
     try:
-        return open_dataset(data, "train"), open_dataset(data, "val")
-    except OSError as error:  # no such folder, no train/ or val/ in it, no images, no permission
+        train = open_dataset(data, "train")
+        return train, open_dataset(data, "val", like=train)
+    except (OSError, ValueError) as error:  # no such folder, no train/ or val/, no images, a class train lacks
         raise SystemExit(f"error: --data: {error}") from None
 
 

@@ -9,6 +9,7 @@ fix, and never a traceback.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -426,6 +427,41 @@ def test_eval_without_a_readable_image(split, protocol, checkpoint_bytes, tmp_pa
     assert status == 1 and err.splitlines()[-1] == f"error: --data {data}: no readable images in {split}"
     assert "Traceback" not in err
 
+
+
+@pytest.mark.parametrize("protocol", [["knn", "--k", "1"], ["linear", "--fast", "--epochs", "100"],
+                                      ["linear", "--epochs", "1"]])
+def test_eval_labels_val_by_train_class_names(protocol, checkpoint_bytes, tmp_path, capsys):
+    """val/ without train's first class: its images are train's own, so k = 1 and the probe
+    score them all right. Each split numbered its classes on its own: 0 (then 0.5 with
+    two val classes)."""
+    good = tmp_path / "checkpoint.pt"
+    good.write_bytes(checkpoint_bytes)
+    data = tmp_path / "data"
+    image_folder(data / "train", per_class=3)
+    shutil.copytree(data / "train" / "b", data / "val" / "b")
+    main(["eval", *protocol, "--checkpoint", str(good), "--data", str(data), "--num-workers", "0"])
+    if protocol[1] != "--epochs":  # DINO's protocol: too few images to learn; its labels are checked below
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["accuracy"] == 1.0
+    (data / "val" / "c").mkdir()
+    status, err = run(["eval", *protocol, "--checkpoint", str(good), "--data", str(data)], capsys)
+    assert status == 1 and err.splitlines()[-1] == (
+        f"error: --data: class 'c' ('{data}/val/c') is not a class of '{data}/train'")
+
+
+def test_dino_linear_protocol_labels_val_by_train_class_names(checkpoint_bytes, tmp_path, monkeypatch, capsys):
+    import adclr.eval_linear
+
+    good = tmp_path / "checkpoint.pt"
+    good.write_bytes(checkpoint_bytes)
+    data = tmp_path / "data"
+    image_folder(data / "train", per_class=2)
+    shutil.copytree(data / "train" / "b", data / "val" / "b")
+    seen = []
+    monkeypatch.setattr(adclr.eval_linear, "linear_protocol", lambda backbone, train_set, val_set, num_classes, *a:
+                        seen.append((num_classes, [val_set[i][1] for i in range(len(val_set))])) or {})
+    assert run(["eval", "linear", "--checkpoint", str(good), "--data", str(data)], capsys)[0] == 0
+    assert seen == [(2, [1, 1])]
 
 # --------------------------------------------------------------------------- end to end
 
