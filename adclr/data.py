@@ -431,6 +431,11 @@ def center_crop(image, size, fraction=0.875):
     return crop(image, (left, top, left + side, top + side), size)
 
 
+# Consecutive unreadable files after which training stops: a folder of images has a bad
+# file here and there, not this many in a row.
+UNREADABLE_IN_A_ROW = 100
+
+
 class MultiCropDataset(torch.utils.data.Dataset):
     """Cuts ADCLR's crops of one image: indexed by (image index, sample seed).
 
@@ -449,14 +454,17 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, item):
+        """The crops of image `index` or, if it cannot be read, of the next readable one; "skipped"
+        says how many were passed over. After UNREADABLE_IN_A_ROW files none of which can be read
+        (or all of a smaller set), zero crops and "readable" False: the run stops there."""
         index, seed = item
-        skipped = 0
-        image, _ = self.base.load(index)
-        while image is None:  # unreadable file: count it and take the next one
+        image, skipped = self.base.load(index)[0], 0
+        while image is None and skipped + 1 < min(UNREADABLE_IN_A_ROW, len(self.base)):
             skipped += 1
-            if skipped > 100:
-                raise RuntimeError(f"more than 100 consecutive unreadable images after index {index}")
-            image, _ = self.base.load((index + skipped) % len(self.base))
+            image = self.base.load((index + skipped) % len(self.base))[0]
+        if image is None:
+            skipped += 1
+            image = Image.new("RGB", (self.image_size, self.image_size))
         g = torch.Generator().manual_seed(seed)
         W, H = image.size
         views = [crop(image, random_resized_box(W, H, self.global_scale, g), self.image_size)
@@ -472,6 +480,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
             "locals": torch.stack(local) if local else torch.empty(0, 3, l, l, dtype=torch.uint8),
             "queries": torch.stack(queries) if queries else torch.empty(0, 3, p, p, dtype=torch.uint8),
             "skipped": skipped,
+            "readable": skipped < min(UNREADABLE_IN_A_ROW, len(self.base)),
         }
 
 
@@ -528,6 +537,13 @@ def train_loader(cfg, rank=0, world_size=1, start_step=0, images=None):
 
 # --------------------------------------------------------------------------- augmentation (batched)
 
+BLUR_SIGMA = (0.1, 2.0)  # DINO's, in pixels
+# +-3 sigma of the widest blur, so that sigma 2 is not truncated: 13 taps. kornia pads a
+# crop by reflection, which needs half the taps (and one) in each side of it: 7 px.
+BLUR_TAPS = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
+SMALLEST_BLURRED_CROP = BLUR_TAPS // 2 + 1
+
+
 class Augment(torch.nn.Module):
     """DINO's photometric augmentations, batched with kornia, plus normalisation.
 
@@ -538,14 +554,13 @@ class Augment(torch.nn.Module):
     DINO's PIL blur radius is (a standard deviation in pixels, whatever the crop size).
     """
 
-    BLUR_SIGMA = (0.1, 2.0)
+    BLUR_SIGMA = BLUR_SIGMA
 
     def __init__(self):
         super().__init__()
         import kornia.augmentation as K
 
-        # +-3 sigma of the widest blur: 13 taps, so sigma 2 is not truncated.
-        kernel = 2 * math.ceil(3 * self.BLUR_SIGMA[1]) + 1
+        kernel = BLUR_TAPS
 
         def pipeline(blur, solarize=0.0):
             ops = [K.RandomHorizontalFlip(),
