@@ -52,6 +52,8 @@ def backbone_for_eval(checkpoint, weights, device, image_size):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device} but CUDA is not available")
+    elif device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {device} but there are {torch.cuda.device_count()} GPUs")
     backbone, cfg = backbone_or_exit(checkpoint, weights, device)
     size = image_size or cfg["image_size"]
     if size % cfg["patch_size"]:

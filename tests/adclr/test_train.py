@@ -144,6 +144,17 @@ def test_schedules(tiny_config):
     assert all(a["lr"] >= b["lr"] for a, b in zip(s[20:], s[21:]))  # cosine decay after warm-up
 
 
+
+def test_endless_warm_ups_are_warm_ups_not_overflows(tiny_config):
+    """--warmup-epochs 1e308 (or the teacher's) times the steps per epoch is beyond a float:
+    round() raised OverflowError. The schedule stays at its start, as a very long warm-up does."""
+    cfg = tiny_config(epochs=10, max_steps=0, warmup_epochs=1e308, warmup_teacher_temp_epochs=1e308)
+    trainer = adclr.train.build(cfg, "cpu", steps_per_epoch=10)
+    for step in (0, 50, 100):
+        s = trainer.schedule(step)
+        assert s["lr"] == pytest.approx(5e-4 * 8 / 256 * step / 100)  # warm-up capped at the run's length
+        assert s["teacher_temp"] == pytest.approx(0.04)
+
 def test_last_layer_is_frozen_in_the_first_epoch(tiny_config):
     from adclr.data import synthetic_batch
 
