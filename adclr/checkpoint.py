@@ -137,17 +137,36 @@ class FolderInUse(Exception):
 
 
 LOCK = ".lock"  # in a run folder: the flock a run holds, with "PID HOST" of the holder in it
+_held_locks = set()  # the file descriptors of the folder locks this process holds
+
+
+def _drop_inherited_locks():
+    """In a forked child (a DataLoader worker): close the lock files it inherited. An flock
+    belongs to the open file, which a child shares, so a worker outliving a killed run
+    would otherwise hold the run's folder for a while."""
+    for fd in _held_locks:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 @contextlib.contextmanager
 def folder_lock(folder):
     """Hold an exclusive lock on `folder` (on its file .lock) for the duration of the block.
 
-    FolderInUse if another process holds it. The lock is an flock: the system drops it when
-    the process ends, however it ends (SIGKILL, a crash), so a stale lock never blocks a
-    rerun. Where the file system has no flock, the block runs unlocked.
+    FolderInUse if another process holds it, WriteError if the lock file cannot be opened.
+    The lock is an flock: the system drops it when the process ends, however it ends
+    (SIGKILL, a crash), so a stale lock never blocks a rerun; forked children do not keep
+    it. Where the file system has no flock, the block runs unlocked.
     """
-    fd = os.open(os.path.join(folder, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    path = os.path.join(folder, LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:  # a folder of that name, no permission
+        raise WriteError(why_not_written(path, error)) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -158,10 +177,12 @@ def folder_lock(folder):
         except OSError as error:
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
+        _held_locks.add(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         yield
     finally:
+        _held_locks.discard(fd)
         os.close(fd)
 
 

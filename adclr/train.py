@@ -309,9 +309,9 @@ def _duration(seconds):
 def claim_out(out, rank, world):
     """Make the run folder and hold its lock for the block: the run's files are this run's.
 
-    Rank 0 takes the lock (the processes of one run share the folder) and tells the others,
-    so that a refused run ends on every process with the same one line. Then it drops a
-    checkpoint a killed run was writing, and checks that what the run writes can be files.
+    Rank 0 takes the lock (the processes of one run share the folder) and checks that what
+    the run writes can be files, then tells the others, so that a refused run ends on every
+    process with the same one line. Then it drops a checkpoint a killed run was writing.
     """
     make_folder(out)
     with contextlib.ExitStack() as held:
@@ -319,8 +319,11 @@ def claim_out(out, rank, world):
         if rank == 0:
             try:
                 held.enter_context(folder_lock(out))
+                problem = _not_files(out)
             except FolderInUse as error:
                 problem = f"--out {error}; wait for it to end, or choose another --out"
+            except WriteError as error:
+                problem = str(error)
         if world > 1:
             shared = [problem]
             dist.broadcast_object_list(shared, src=0)
@@ -328,23 +331,27 @@ def claim_out(out, rank, world):
         if problem:
             raise SystemExit(f"error: {problem}")
         if rank == 0:
-            _check_run_files(out)
+            _drop_partial_checkpoints(out)
         yield
 
 
-def _check_run_files(out):
-    """Drop what a run killed while writing a checkpoint left; refuse a folder where a file goes."""
-    # A kill while writing checkpoint.pt or a numbered snapshot; the file it was to replace is intact.
+def _not_files(out):
+    """What is wrong when a file the run writes is a folder (or a device) in `out`, or None."""
+    for name in ("checkpoint.pt", "metrics.jsonl", "config.json"):
+        kind = not_a_file(os.path.join(out, name))
+        if kind:
+            return f"{os.path.join(out, name)} is {kind}, not a file; move it away, or choose another --out"
+    return None
+
+
+def _drop_partial_checkpoints(out):
+    """Remove what a run killed while writing checkpoint.pt or a numbered snapshot left; the
+    file it was to replace is intact."""
     for name in sorted(os.listdir(out)):
         if re.fullmatch(r"checkpoint(\d+)?\.pt\.tmp", name):
             stale = os.path.join(out, name)
             os.remove(stale)
             print(f"removed {stale}, left by a run stopped while writing a checkpoint", file=sys.stderr)
-    for name in ("checkpoint.pt", "metrics.jsonl", "config.json"):
-        kind = not_a_file(os.path.join(out, name))
-        if kind:
-            raise SystemExit(f"error: {os.path.join(out, name)} is {kind}, not a file; move it away, "
-                             "or choose another --out")
 
 
 def drop_records_after(metrics, step):
@@ -384,8 +391,10 @@ START_OVER = "remove it to start over, or choose another --out"
 def train(cfg):
     """The full run; resumes from OUT/checkpoint.pt when it exists. Returns the final step.
 
-    A bad config raises ValueError; what a user must fix (the data, --out, a corrupt
-    checkpoint, a run with other settings in --out) raises SystemExit with one line.
+    The run holds a lock on --out from start to end: a second run there is refused. A bad
+    config raises ValueError; what a user must fix (the data, --out, a corrupt checkpoint,
+    a run with other settings in --out, another run in it) raises SystemExit with one line;
+    a file the system will not let it write (a full disk), WriteError naming the file.
     """
     errors = config_errors(cfg)
     if errors:

@@ -10,6 +10,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -314,3 +315,27 @@ def test_folder_lock_is_held_for_the_block_and_dropped_with_its_process(tmp_path
     holder.wait()
     with folder_lock(str(tmp_path)):  # the system dropped the killed process's lock
         pass
+
+
+def started_then_asleep(started):
+    started.set()
+    time.sleep(60)
+
+
+def test_a_forked_child_does_not_keep_the_folder_lock(tmp_path):
+    """A DataLoader worker is a forked child: it shared the lock's open file, so a worker
+    outliving its killed run held the folder."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    with folder_lock(str(tmp_path)):
+        child = fork.Process(target=started_then_asleep, args=(started,))
+        child.start()
+        assert started.wait(60)  # past the fork and its handlers
+    try:
+        with folder_lock(str(tmp_path)):  # released although the child still runs
+            assert child.is_alive()
+    finally:
+        child.kill()
+        child.join()

@@ -526,6 +526,12 @@ def metrics_is_a_folder(tmp, checkpoint):  # IsADirectoryError
             "move it away, or choose another --out", str(tmp / "run" / "checkpoint.pt"))
 
 
+def lock_is_a_folder(tmp, checkpoint):  # IsADirectoryError
+    (tmp / "run" / ".lock").mkdir(parents=True)
+    return (["train", *TINY, "--out", str(tmp / "run")], f"error: cannot write {tmp}/run/.lock: Is a directory",
+            str(tmp / "run" / "checkpoint.pt"))
+
+
 def compare_out_is_a_file(tmp, checkpoint):  # FileExistsError
     out = write_file(tmp / "out")
     return ["compare", "--out", out], f"error: --out {out} is a file, not a folder; choose another --out", None
@@ -582,7 +588,8 @@ def export_to_a_fifo(tmp, checkpoint):  # replaced by a file
             f"error: --out {tmp}/link is a special file; give a file name such as backbone.safetensors", None)
 
 
-ONE_LINE_ERRORS = [unreadable_training_images, data_is_a_file, metrics_is_a_folder, compare_out_is_a_file,
+ONE_LINE_ERRORS = [unreadable_training_images, data_is_a_file, metrics_is_a_folder, lock_is_a_folder,
+                   compare_out_is_a_file,
                    compare_data_without_val, compare_data_without_masks, compare_seed_twice,
                    show_attention_out_is_a_file, show_dense_out_is_a_file, show_curves_without_numbers,
                    export_to_a_device, export_to_a_fifo]
