@@ -180,7 +180,7 @@ class SyntheticScenes(SyntheticShapes):
 
 
 def check_folder(root):
-    """FileNotFoundError naming `root` when it is not a folder."""
+    """FileNotFoundError (NotADirectoryError for a file) naming `root` when it is not a folder."""
     if not os.path.exists(root):
         raise FileNotFoundError(f"dataset folder {root!r} does not exist")
     if not os.path.isdir(root):
@@ -196,7 +196,7 @@ def image_files(top, recursive=True):
         dirnames.sort()  # which of two links to one folder is kept: the same on every machine
         real = os.path.realpath(dirpath)
         if real in seen or not recursive:
-            dirnames[:] = []
+            dirnames[:] = []  # do not descend
         if real in seen:
             continue
         seen.add(real)

@@ -291,7 +291,8 @@ def test_write_atomically_never_replaces_what_is_not_a_file(kind, tmp_path):
     link.symlink_to(target)
     before = os.stat(target)
     for path in (target, str(link)):
-        with pytest.raises(adclr.checkpoint.WriteError, match=f"^cannot write {path}: it is {kind}, not a regular file$"):
+        with pytest.raises(adclr.checkpoint.WriteError,
+                           match=f"^cannot write {path}: it is {kind}, not a regular file$"):
             write_atomically(path, lambda f: f.write(b"x"))
     assert os.stat(target).st_ino == before.st_ino and os.stat(target).st_mode == before.st_mode
 

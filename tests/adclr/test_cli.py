@@ -187,7 +187,8 @@ def test_eval_takes_several_k_and_the_former_epochs_flag(accepted_eval, capsys):
 OTHER_RANGES = [
     (["eval", "dense", "--checkpoint", "c.pt"], ("adclr.eval_dense", "evaluate_dense"), [
         ("--image-size", ">= 1", int, "-32"), ("--batch-size", ">= 1", int, "-1"), ("--epochs", ">= 1", int, "-1"),
-        ("--lr", "> 0", float, "-3e-2"), ("--n-last-blocks", ">= 1", int, "-1"), ("--num-classes", "[1, 255]", int, "-1"),
+        ("--lr", "> 0", float, "-3e-2"), ("--n-last-blocks", ">= 1", int, "-1"),
+        ("--num-classes", "[1, 255]", int, "-1"),
         ("--num-workers", ">= -1", int, "-2"), ("--limit", ">= 0", int, "-1")]),
     (["compare"], ("adclr.compare", "compare"), [
         ("--seeds", "[0, 10000000]", int, "-1"), ("--eval-images", ">= 1", int, "-1")]),

@@ -193,6 +193,11 @@ def test_val_is_labelled_by_train_class_names(tmp_path):
     assert [label for _, label in train.samples] == [0, 1, 2]
     assert val.classes == ["cat", "dog", "owl"] and [label for _, label in val.samples] == [1, 2]
     assert [label for _, label in open_dataset(str(tmp_path), "val").samples] == [0, 1]  # on its own
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (20, 20)).save(flat / "0.png")
+    with pytest.raises(ValueError, match=f"^'{flat}' has no class folders, '{tmp_path}/train' has 3$"):
+        ImageFolder(str(flat), like=train)
     (tmp_path / "val" / "emu").mkdir()
     with pytest.raises(ValueError, match=f"class 'emu' \\('{tmp_path}/val/emu'\\) is not a class of "
                                          f"'{tmp_path}/train'"):
