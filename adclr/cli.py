@@ -22,6 +22,7 @@ import sys
 import torch
 
 from . import compare, eval_dense, eval_knn, eval_linear, export, show, train
+from .checkpoint import WriteError
 from .config import ALLOWED, Config, config_errors, value_error
 from .data import BUILTIN
 
@@ -155,7 +156,7 @@ def _add_eval_parser(commands):
     eval_parser.add_argument("--fast", action="store_true",
                              help="linear: a quick AdamW probe on cached centre-crop CLS features instead of "
                                   "DINO's protocol (numbers not comparable with DINO's)")
-    eval_parser.add_argument("--num-classes", type=checked(int, ">= 1"), default=None,
+    eval_parser.add_argument("--num-classes", type=checked(int, f"[1, {eval_dense.NUM_LABELS}]"), default=None,
                              help="dense: classes 0..N-1 (default: 1 + the largest label in the train masks)")
     eval_parser.add_argument("--device", type=checked(str, ALLOWED["device"]), default="auto")
     eval_parser.add_argument("--num-workers", type=checked(int, ">= -1"), default=-1,
@@ -208,8 +209,15 @@ def _add_show_parser(commands):
 
 
 def main(argv=None):
+    """Run a command. What a user must fix ends in one "error:" line (exit 1), Ctrl-C, once
+    a job has kept what it can, in the shell's 130; neither in a traceback."""
     args = build_parser().parse_args(argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+    except WriteError as error:  # a full disk, a file the system will not let us replace
+        raise SystemExit(f"error: {error}")
 
 
 def _flags(args, *leave_out):
@@ -218,14 +226,11 @@ def _flags(args, *leave_out):
 
 
 def _run_job(job, *job_args, **job_kwargs):
-    """Run a training job as a command: a diverged run ends with one line (exit 1), and
-    Ctrl-C (after the job has kept what it can) with the shell's 130, not a traceback."""
+    """Run a training job as a command: a diverged run ends with one line (exit 1), not a traceback."""
     try:
         job(*job_args, **job_kwargs)
     except FloatingPointError as error:
         raise SystemExit(f"error: {error}")
-    except KeyboardInterrupt:
-        raise SystemExit(130)
 
 
 def run_train(args):

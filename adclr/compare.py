@@ -31,11 +31,12 @@ import time
 
 import torch
 
-from .data import open_dataset, open_segmentation
+from .checkpoint import FolderInUse, folder_lock, make_folder, write_atomically, write_json_atomically
+from .data import open_segmentation
 from .eval_dense import NUM_LABELS, SegmentationCrops, dense_probe, patch_majority, scores as dense_scores
 from .eval_knn import knn_accuracy
 from .eval_linear import linear_accuracy
-from .features import CenterCrops, extract_features, load_backbone
+from .features import CenterCrops, extract_features, load_backbone, open_labelled_splits
 from .train import build, train
 
 # The equal-budget defaults: a 2-block ViT on 64 px scenes (an 8 x 8 patch grid) for 1500
@@ -63,8 +64,9 @@ def score(backbone, cfg, images=EVAL_IMAGES, dense_epochs=None, quiet=True):
     backbone.eval()
     sink = io.StringIO() if quiet else sys.stderr
     with contextlib.redirect_stderr(sink):
-        train_f, train_y = extract_features(backbone, CenterCrops(open_dataset(cfg.data, "train"), size, images))
-        val_f, val_y = extract_features(backbone, CenterCrops(open_dataset(cfg.data, "val"), size, images))
+        train_images, val_images = open_labelled_splits(cfg.data)
+        train_f, train_y = extract_features(backbone, CenterCrops(train_images, size, images))
+        val_f, val_y = extract_features(backbone, CenterCrops(val_images, size, images))
         dense = dense_probe(backbone, SegmentationCrops(open_segmentation(cfg.data, "train"), size, images),
                             SegmentationCrops(open_segmentation(cfg.data, "val"), size, images, full_masks=True),
                             **({"epochs": dense_epochs} if dense_epochs else {}))
@@ -92,9 +94,7 @@ def _cached(path, compute):
         with open(path) as f:
             return json.load(f)
     value = compute()
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f)
-    os.replace(path + ".tmp", path)
+    write_json_atomically(path, value)
     return value
 
 
@@ -131,12 +131,36 @@ def compare(cfg, seeds, lambda_query=None, eval_images=EVAL_IMAGES, dense_epochs
 
     cfg: the run settings shared by both methods (`cfg.out` is the comparison's folder);
     ADCLR trains with cfg.lambda_query, DINO with 0. Returns {seed: {method: scores}}.
+    What a user must fix, the evaluation data included, is said in one line before any training.
     """
     if cfg.lambda_query == 0:
         raise SystemExit("error: --lambda-query 0 would compare DINO with itself; give ADCLR's lambda (> 0)")
     if cfg.num_queries == 0:
         raise SystemExit("error: --num-queries 0 leaves ADCLR without query crops; give at least 1")
-    os.makedirs(cfg.out, exist_ok=True)
+    twice = [seed for i, seed in enumerate(seeds) if seed in seeds[:i]]
+    if twice:
+        raise SystemExit(f"error: --seeds: {twice[0]} is given twice; each seed is one pair of runs")
+    _check_eval_data(cfg.data)
+    make_folder(cfg.out)
+    try:
+        with folder_lock(cfg.out):
+            return _compare(cfg, seeds, eval_images, dense_epochs)
+    except FolderInUse as error:
+        raise SystemExit(f"error: --out {error}; wait for it to end, or choose another --out") from None
+
+
+def _check_eval_data(data):
+    """Exit with one line when --data lacks what the scores need: labelled train and val
+    images, and image/mask pairs of both splits."""
+    open_labelled_splits(data)
+    try:
+        open_segmentation(data, "train"), open_segmentation(data, "val")
+    except OSError as error:
+        raise SystemExit(f"error: --data: compare scores a dense probe too: {error}") from None
+
+
+def _compare(cfg, seeds, eval_images, dense_epochs):
+    """`compare` in its claimed folder."""
     if cfg.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Measured on 2 shared cores: a 64 px vit_test step took 1.65 s of CPU with 2 threads,
         # 0.10 s with one; these models are too small to split, and the threads spin.
@@ -148,7 +172,7 @@ def compare(cfg, seeds, lambda_query=None, eval_images=EVAL_IMAGES, dense_epochs
         for method in METHODS:
             run = dataclasses.replace(cfg, seed=seed, out=os.path.join(cfg.out, f"seed{seed}", method),
                                       lambda_query=0.0 if method == "dino" else cfg.lambda_query)
-            os.makedirs(run.out, exist_ok=True)
+            make_folder(run.out)
             if method == "random":  # the teacher as both runs of this seed start
                 backbone = lambda: build(run, "cpu").teacher.backbone  # noqa: E731
             else:
@@ -165,13 +189,12 @@ def compare(cfg, seeds, lambda_query=None, eval_images=EVAL_IMAGES, dense_epochs
     elapsed = time.perf_counter() - t0
     text = table(results, seeds, reference)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "seed")}
-    with open(os.path.join(cfg.out, "compare.md"), "w") as f:
-        f.write(f"{text}\n\nMean ± sample standard deviation over seeds {', '.join(map(str, seeds))}, in %. "
-                f"Training settings: {json.dumps(settings)}\n")
-    with open(os.path.join(cfg.out, "compare.json"), "w") as f:
-        json.dump({"seeds": list(seeds), "settings": settings, "eval_images": eval_images,
-                   "results": {str(s): r for s, r in results.items()},
-                   "every_patch_right": reference, "seconds": elapsed}, f, indent=1)
+    note = (f"\n\nMean ± sample standard deviation over seeds {', '.join(map(str, seeds))}, in %. "
+            f"Training settings: {json.dumps(settings)}\n")
+    write_atomically(os.path.join(cfg.out, "compare.md"), lambda f: f.write((text + note).encode()))
+    write_json_atomically(os.path.join(cfg.out, "compare.json"), {
+        "seeds": list(seeds), "settings": settings, "eval_images": eval_images,
+        "results": {str(s): r for s, r in results.items()}, "every_patch_right": reference, "seconds": elapsed})
     print(text)
     print(f"compare: {len(seeds)} seeds in {elapsed / 60:.1f} min; table in {os.path.join(cfg.out, 'compare.md')}",
           file=sys.stderr)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from adclr_kernels import BACKENDS
 
+from .data import BLUR_TAPS, SMALLEST_BLURRED_CROP
 from .model import ARCHS
 
 
@@ -129,6 +130,11 @@ def config_errors(cfg):
 
     Each field against ALLOWED and its type, then what depends on several fields.
     """
+    return field_errors(cfg) or crop_errors(cfg) + schedule_errors(cfg)
+
+
+def field_errors(cfg):
+    """Each field of `cfg` against its type and its ALLOWED entry."""
     errors = []
     defaults = Config()
     for f in dataclasses.fields(cfg):
@@ -150,13 +156,41 @@ def config_errors(cfg):
         problem = value_error(value, ALLOWED[f.name]) if f.name in ALLOWED else None
         if problem:
             errors.append(f"{flag}: {problem}")
-    if errors:  # the checks below assume each field in range
-        return errors
+    return errors
+
+
+def crop_errors(cfg):
+    """Crop sizes the model and the augmentation take (each field already in range)."""
+    errors = []
     if cfg.image_size % cfg.patch_size:
         errors.append(f"--image-size: must be a multiple of --patch-size {cfg.patch_size}, got {cfg.image_size}")
     if cfg.num_local_crops and cfg.local_size % cfg.patch_size:
         errors.append(f"--local-size: must be a multiple of --patch-size {cfg.patch_size}, got {cfg.local_size}")
+    blurred = [("--image-size", cfg.image_size)] + ([("--local-size", cfg.local_size)] if cfg.num_local_crops else [])
+    for flag, size in blurred:
+        if size < SMALLEST_BLURRED_CROP:
+            errors.append(f"{flag}: must be >= {SMALLEST_BLURRED_CROP}, the smallest crop the augmentation's "
+                          f"{BLUR_TAPS}-tap blur takes, got {size}")
     return errors
+
+
+def schedule_errors(cfg):
+    """The lr schedule: a cosine from the peak lr down to --min-lr (each field already in range)."""
+    peak = cfg.base_lr * cfg.batch_size / 256
+    if cfg.min_lr > peak:
+        return [f"--min-lr: must be at most the peak lr, --base-lr x --batch-size / 256 = {peak:g}, "
+                f"got {cfg.min_lr:g}"]
+    return []
+
+
+def saved_config_errors(saved):
+    """What is wrong with a checkpoint's config dict for building its model, as `config_errors`
+    says it: a field it lacks takes FORMER_BEHAVIOUR's value or the default (fields added
+    since); a field this version does not know is ignored; the lr schedule is not checked
+    (a run made with an older version's rules is still evaluated and exported)."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{**FORMER_BEHAVIOUR, **{k: v for k, v in saved.items() if k in known}})
+    return field_errors(cfg) or crop_errors(cfg)
 
 
 # Fields that may change between a run and its resumption; any other difference is an error.

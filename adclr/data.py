@@ -184,6 +184,31 @@ class SyntheticScenes(SyntheticShapes):
         return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask
 
 
+def check_folder(root):
+    """FileNotFoundError (NotADirectoryError for a file) naming `root` when it is not a folder."""
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"dataset folder {root!r} does not exist")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"{root!r} is a file, not a dataset folder")
+
+
+def image_files(top, recursive=True):
+    """The image files under `top` (only those directly in it unless `recursive`), in sorted
+    folder order. Links to folders are followed, but each real folder is listed once: a
+    link to an ancestor would otherwise list the same images again at every depth."""
+    listed, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        dirnames.sort()  # which of two links to one folder is kept: the same on every machine
+        real = os.path.realpath(dirpath)
+        if real in seen or not recursive:
+            dirnames[:] = []  # do not descend
+        if real in seen:
+            continue
+        seen.add(real)
+        listed.append((dirpath, [f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]))
+    return [os.path.join(dirpath, f) for dirpath, files in sorted(listed) for f in files]
+
+
 class ImageFolder:
     """Images under `root/<class>/**` (or directly under `root`, all label 0).
 
@@ -191,18 +216,25 @@ class ImageFolder:
     read: callers skip it and count it (`warn_unreadable`), a bad file never stops a run.
     """
 
-    def __init__(self, root):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"dataset folder {root!r} does not exist")
+    def __init__(self, root, like=None):
+        """`like`: another split's ImageFolder whose class names label this one (an evaluation's
+        train split for its val split); a class folder it does not have is a ValueError."""
+        check_folder(root)
         self.root = root
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.classes = found if like is None else like.classes
+        unknown = [name for name in found if name not in self.classes]
+        if unknown:
+            raise ValueError(f"class {unknown[0]!r} ({os.path.join(root, unknown[0])!r}) is not a class of "
+                             f"{like.root!r}")
+        if self.classes and not found:
+            raise ValueError(f"{root!r} has no class folders, {like.root!r} has {len(self.classes)}")
+        label = {name: i for i, name in enumerate(self.classes)}
         self.samples = []
-        for label, folder in enumerate(self.classes or ["."]):
-            for dirpath, _, files in sorted(os.walk(os.path.join(root, folder), followlinks=True)):
-                if not self.classes and os.path.normpath(dirpath) != os.path.normpath(root):
-                    continue
-                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(files)
-                                 if f.lower().endswith(IMAGE_EXTENSIONS)]
+        for folder in found:
+            self.samples += [(path, label[folder]) for path in image_files(os.path.join(root, folder))]
+        if not found:  # images directly in root, all label 0
+            self.samples = [(path, 0) for path in image_files(root, recursive=False)]
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
 
@@ -251,8 +283,7 @@ class SegmentationFolder:
     SPLITS = {"train": ("train", "training"), "val": ("val", "validation")}
 
     def __init__(self, root, split):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"dataset folder {root!r} does not exist")
+        check_folder(root)
         candidates = [(os.path.join(root, "images", name), os.path.join(root, masks, name))
                       for name in self.SPLITS[split] for masks in ("masks", "annotations")]
         candidates += [(os.path.join(root, name, "images"), os.path.join(root, name, masks))
@@ -267,13 +298,10 @@ class SegmentationFolder:
         self.root, (self.image_dir, self.mask_dir) = root, found[0]
         self.classes = []  # no image-level classes
         self.samples, missing = [], []
-        for dirpath, _, files in sorted(os.walk(self.image_dir, followlinks=True)):
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    image = os.path.join(dirpath, f)
-                    rel = os.path.splitext(os.path.relpath(image, self.image_dir))[0] + ".png"
-                    mask = os.path.join(self.mask_dir, rel)
-                    (self.samples if os.path.isfile(mask) else missing).append((image, mask))
+        for image in image_files(self.image_dir):
+            rel = os.path.splitext(os.path.relpath(image, self.image_dir))[0] + ".png"
+            mask = os.path.join(self.mask_dir, rel)
+            (self.samples if os.path.isfile(mask) else missing).append((image, mask))
         if missing:
             raise FileNotFoundError(f"{len(missing)} images in {self.image_dir!r} have no mask, "
                                     f"e.g. {missing[0][1]!r} for {missing[0][0]!r}")
@@ -332,12 +360,13 @@ def warn_unreadable(base, indices, warned):
 BUILTIN = {"builtin": SyntheticShapes, "builtin:shapes": SyntheticShapes, "builtin:scenes": SyntheticScenes}
 
 
-def open_dataset(data, split):
+def open_dataset(data, split, like=None):
     """`data` None/"builtin" -> SyntheticShapes, "builtin:scenes" -> SyntheticScenes; else a
     folder (uses `data/split` if it exists).
 
     Training accepts any folder of images; evaluation needs labelled train and val
     splits, so for a folder it requires `data/train` and `data/val` (ImageNet layout).
+    `like`: the split whose class names label this one (see ImageFolder).
     """
     if data in (None, ""):
         data = "builtin"
@@ -345,7 +374,7 @@ def open_dataset(data, split):
         return BUILTIN[data](split)
     sub = os.path.join(data, split)
     if os.path.isdir(sub):
-        return ImageFolder(sub)
+        return ImageFolder(sub, like)
     if split == "train":
         return ImageFolder(data)
     raise FileNotFoundError(f"evaluation needs {sub!r} (and {os.path.join(data, 'train')!r}) "
@@ -413,6 +442,11 @@ def center_crop(image, size, fraction=0.875):
     return crop(image, (left, top, left + side, top + side), size)
 
 
+# Consecutive unreadable files after which training stops: a folder of images has a bad
+# file here and there, not this many in a row.
+UNREADABLE_IN_A_ROW = 100
+
+
 class MultiCropDataset(torch.utils.data.Dataset):
     """Cuts ADCLR's crops of one image: indexed by (image index, sample seed).
 
@@ -431,14 +465,17 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, item):
+        """The crops of image `index` or, if it cannot be read, of the next readable one; "skipped"
+        says how many were passed over. After UNREADABLE_IN_A_ROW files none of which can be read
+        (or all of a smaller set), zero crops and "readable" False: the run stops there."""
         index, seed = item
-        skipped = 0
-        image, _ = self.base.load(index)
-        while image is None:  # unreadable file: count it and take the next one
+        image, skipped = self.base.load(index)[0], 0
+        while image is None and skipped + 1 < min(UNREADABLE_IN_A_ROW, len(self.base)):
             skipped += 1
-            if skipped > 100:
-                raise RuntimeError(f"more than 100 consecutive unreadable images after index {index}")
-            image, _ = self.base.load((index + skipped) % len(self.base))
+            image = self.base.load((index + skipped) % len(self.base))[0]
+        if image is None:
+            skipped += 1
+            image = Image.new("RGB", (self.image_size, self.image_size))
         g = torch.Generator().manual_seed(seed)
         W, H = image.size
         views = [crop(image, random_resized_box(W, H, self.global_scale, g), self.image_size)
@@ -454,6 +491,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
             "locals": torch.stack(local) if local else torch.empty(0, 3, l, l, dtype=torch.uint8),
             "queries": torch.stack(queries) if queries else torch.empty(0, 3, p, p, dtype=torch.uint8),
             "skipped": skipped,
+            "readable": skipped < min(UNREADABLE_IN_A_ROW, len(self.base)),
         }
 
 
@@ -719,6 +757,13 @@ def train_loader(cfg, rank=0, world_size=1, start_step=0, images=None):
 
 # --------------------------------------------------------------------------- augmentation (batched)
 
+BLUR_SIGMA = (0.1, 2.0)  # DINO's, in pixels
+# +-3 sigma of the widest blur, so that sigma 2 is not truncated: 13 taps. kornia pads a
+# crop by reflection, which needs half the taps (and one) in each side of it: 7 px.
+BLUR_TAPS = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
+SMALLEST_BLURRED_CROP = BLUR_TAPS // 2 + 1
+
+
 class Augment(torch.nn.Module):
     """DINO's photometric augmentations, batched with kornia, plus normalisation.
 
@@ -729,14 +774,13 @@ class Augment(torch.nn.Module):
     DINO's PIL blur radius is (a standard deviation in pixels, whatever the crop size).
     """
 
-    BLUR_SIGMA = (0.1, 2.0)
+    BLUR_SIGMA = BLUR_SIGMA
 
     def __init__(self):
         super().__init__()
         import kornia.augmentation as K
 
-        # +-3 sigma of the widest blur: 13 taps, so sigma 2 is not truncated.
-        kernel = 2 * math.ceil(3 * self.BLUR_SIGMA[1]) + 1
+        kernel = BLUR_TAPS
 
         def pipeline(blur, solarize=0.0):
             ops = [K.RandomHorizontalFlip(),

@@ -52,6 +52,8 @@ def backbone_for_eval(checkpoint, weights, device, image_size):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device} but CUDA is not available")
+    elif device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {device} but there are {torch.cuda.device_count()} GPUs")
     backbone, cfg = backbone_or_exit(checkpoint, weights, device)
     size = image_size or cfg["image_size"]
     if size % cfg["patch_size"]:
@@ -60,10 +62,15 @@ def backbone_for_eval(checkpoint, weights, device, image_size):
 
 
 def open_labelled_splits(data):
-    """(train, val) images of --data for the image-level protocols, or one line saying why not."""
+    """(train, val) images of --data for the image-level protocols, or one line saying why not.
+
+    A val image's label is its class's place among train's classes (by folder name), so a
+    val split without some train class still scores each image against its own class.
+    """
     try:
-        return open_dataset(data, "train"), open_dataset(data, "val")
-    except OSError as error:  # no such folder, no train/ or val/ in it, no images, no permission
+        train = open_dataset(data, "train")
+        return train, open_dataset(data, "val", like=train)
+    except (OSError, ValueError) as error:  # no such folder, no train/ or val/, no images, a class train lacks
         raise SystemExit(f"error: --data: {error}") from None
 
 

@@ -20,15 +20,15 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import (CheckpointError, all_rng_states, check_resumable, copy_atomically, load_checkpoint, restore,
-                         rng_states, save_checkpoint, set_rng_states, write_json_atomically)
+from .checkpoint import (CheckpointError, FolderInUse, WriteError, all_rng_states, check_resumable, copy_atomically,
+                         folder_lock, load_checkpoint, make_folder, not_a_file, restore, rng_states, save_checkpoint,
+                         set_rng_states, why_not_written, write_atomically, write_json_atomically)
 from .config import ALLOWED, config_errors, value_error
 from .data import Augment, open_dataset, train_loader, warn_unreadable
 from .loss import ADCLRLoss
@@ -41,6 +41,13 @@ def cosine(step, total, start, end, warmup=0, warmup_start=0.0):
         return warmup_start + (start - warmup_start) * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epochs_to_steps(epochs, steps_per_epoch):
+    """round(epochs * steps_per_epoch); a product beyond float range (--warmup-epochs 1e308) is
+    as good as endless, not an OverflowError."""
+    steps = epochs * steps_per_epoch
+    return round(steps) if math.isfinite(steps) else sys.maxsize
 
 
 class Trainer:
@@ -69,8 +76,8 @@ class Trainer:
         """lr, weight decay, teacher momentum and teacher temperature at `step` (Python floats)."""
         cfg, total, spe = self.cfg, self.total_steps, self.steps_per_epoch
         lr = cosine(step, total, cfg.base_lr * cfg.batch_size / 256, cfg.min_lr,
-                    warmup=min(total, round(cfg.warmup_epochs * spe)))
-        temp_warmup = round(cfg.warmup_teacher_temp_epochs * spe)
+                    warmup=min(total, epochs_to_steps(cfg.warmup_epochs, spe)))
+        temp_warmup = epochs_to_steps(cfg.warmup_teacher_temp_epochs, spe)
         temp = (cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / temp_warmup
                 if step < temp_warmup else cfg.teacher_temp)
         return {"lr": lr,
@@ -250,7 +257,11 @@ class Logger:
     def __init__(self, out, enabled, start=0):
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
-        self.file = open(os.path.join(out, "metrics.jsonl"), "a") if enabled else None
+        self.path = os.path.join(out, "metrics.jsonl")
+        try:
+            self.file = open(self.path, "a") if enabled else None
+        except OSError as error:
+            raise WriteError(why_not_written(self.path, error)) from None
         self.tb = None
         if enabled:
             try:
@@ -263,8 +274,11 @@ class Logger:
     def log(self, record, total_steps):
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as error:  # a full disk
+            raise WriteError(why_not_written(self.path, error)) from None
         if self.tb:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -291,18 +305,48 @@ def _duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def prepare_out(out, main):
-    """Make the run folder, or say in one line why it cannot be; drop a half-written checkpoint."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"error: --out {out} is a file, not a folder; choose another --out")
-    try:
-        os.makedirs(out, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as error:
-        raise SystemExit(f"error: --out {out} is not writable ({error.strerror or error}); choose another --out")
-    if not main:
-        return
-    # A kill while writing checkpoint.pt or a numbered snapshot; the file it was to replace is intact.
+@contextlib.contextmanager
+def claim_out(out, rank, world):
+    """Make the run folder and hold its lock for the block: the run's files are this run's.
+
+    Rank 0 takes the lock (the processes of one run share the folder) and checks that what
+    the run writes can be files, then tells the others, so that a refused run ends on every
+    process with the same one line. Then it drops a checkpoint a killed run was writing.
+    """
+    make_folder(out)
+    with contextlib.ExitStack() as held:
+        problem = None
+        if rank == 0:
+            try:
+                held.enter_context(folder_lock(out))
+                problem = _not_files(out)
+            except FolderInUse as error:
+                problem = f"--out {error}; wait for it to end, or choose another --out"
+            except WriteError as error:
+                problem = str(error)
+        if world > 1:
+            shared = [problem]
+            dist.broadcast_object_list(shared, src=0)
+            problem = shared[0]
+        if problem:
+            raise SystemExit(f"error: {problem}")
+        if rank == 0:
+            _drop_partial_checkpoints(out)
+        yield
+
+
+def _not_files(out):
+    """What is wrong when a file the run writes is a folder (or a device) in `out`, or None."""
+    for name in ("checkpoint.pt", "metrics.jsonl", "config.json"):
+        kind = not_a_file(os.path.join(out, name))
+        if kind:
+            return f"{os.path.join(out, name)} is {kind}, not a file; move it away, or choose another --out"
+    return None
+
+
+def _drop_partial_checkpoints(out):
+    """Remove what a run killed while writing checkpoint.pt or a numbered snapshot left; the
+    file it was to replace is intact."""
     for name in sorted(os.listdir(out)):
         if re.fullmatch(r"checkpoint(\d+)?\.pt\.tmp", name):
             stale = os.path.join(out, name)
@@ -324,9 +368,7 @@ def drop_records_after(metrics, step):
         except (ValueError, KeyError, TypeError):  # a line cut short by a kill
             pass
     if len(kept) < len(lines):
-        with open(metrics + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics + ".tmp", metrics)
+        write_atomically(metrics, lambda f: f.write("".join(kept).encode()))
 
 
 def check_backend(cfg, device):
@@ -349,16 +391,23 @@ START_OVER = "remove it to start over, or choose another --out"
 def train(cfg):
     """The full run; resumes from OUT/checkpoint.pt when it exists. Returns the final step.
 
-    A bad config raises ValueError; what a user must fix (the data, --out, a corrupt
-    checkpoint, a run with other settings in --out) raises SystemExit with one line.
+    The run holds a lock on --out from start to end: a second run there is refused. A bad
+    config raises ValueError; what a user must fix (the data, --out, a corrupt checkpoint,
+    a run with other settings in --out, another run in it) raises SystemExit with one line;
+    a file the system will not let it write (a full disk), WriteError naming the file.
     """
     errors = config_errors(cfg)
     if errors:
         raise ValueError("invalid config: " + "; ".join(errors))
     rank, world, device = setup_distributed(cfg)
-    main = rank == 0
     check_backend(cfg, device)
-    prepare_out(cfg.out, main)
+    with claim_out(cfg.out, rank, world):
+        return _train(cfg, rank, world, device)
+
+
+def _train(cfg, rank, world, device):
+    """`train` in its claimed run folder."""
+    main = rank == 0
     path = os.path.join(cfg.out, "checkpoint.pt")
     checkpoint = _open_checkpoint(cfg, path)
     start = 0 if checkpoint is None else checkpoint["step"]
@@ -417,7 +466,11 @@ def _resume(trainer, checkpoint, path, rank, world):
     except CheckpointError as error:  # names or shapes not the config's model
         raise SystemExit(f"error: {error}; {START_OVER}") from None
     if len(checkpoint["rng"]) == world:
-        set_rng_states(checkpoint["rng"][rank])
+        try:
+            set_rng_states(checkpoint["rng"][rank])
+        except (RuntimeError, TypeError) as error:  # a CUDA state this machine's generators do not take
+            raise SystemExit(f"error: {path}: its RNG state does not fit this machine ({error}); "
+                             f"{START_OVER}") from None
 
 
 def _announce(trainer, world, start):
@@ -485,12 +538,23 @@ class Run:
 
     def to_device(self, raw):
         """A loader batch on the device, once the files it skipped are counted and reported."""
-        first, skips = raw.pop("index"), raw.pop("skipped")
+        first, skips, readable = raw.pop("index"), raw.pop("skipped"), raw.pop("readable")
+        if not readable.all():
+            self.stop_unreadable(int(first[~readable][0]), int(skips[~readable][0]))
         if skips.any():
             self.skipped += int(skips.sum())
             for i, n in zip(first[skips > 0].tolist(), skips[skips > 0].tolist()):
                 warn_unreadable(self.images, range(i, i + n), self.warned)
         return {k: v.to(self.trainer.device, non_blocking=True) for k, v in raw.items()}
+
+    def stop_unreadable(self, first, count):
+        """Stop with one line: `count` files of --data from index `first` on cannot be read."""
+        images, first = self.images, first % len(self.images)
+        path = images.samples[first][0]
+        what = (f"none of its {count} images can be read, e.g." if count == len(images) else
+                f"{count} images in a row cannot be read, from")
+        raise SystemExit(f"error: --data {self.cfg.data}: {what} {path} ({images.error(first)}); "
+                         "is it a folder of images?")
 
     def log(self, done, metrics):
         """The record of the run after `done` steps: losses, schedules, throughput."""
@@ -514,7 +578,12 @@ class Run:
         self.check_finite(done)
         rng = all_rng_states(self.world)
         if self.main:
-            save_checkpoint(self.trainer, self.path, done, rng)
+            try:
+                save_checkpoint(self.trainer, self.path, done, rng)
+            except WriteError as error:  # a full disk: the previous checkpoint.pt is whole
+                kept = (f"{self.path} still holds step {self.saved}; make room, then rerun the same command to "
+                        "resume from it" if self.saved else "no checkpoint was written yet; make room, then rerun")
+                raise WriteError(f"{error}; {kept}") from None
         self.saved = done
         if snapshot and self.main:  # a numbered copy that later checkpoints do not replace
             epochs = done // self.trainer.steps_per_epoch

@@ -144,6 +144,17 @@ def test_schedules(tiny_config):
     assert all(a["lr"] >= b["lr"] for a, b in zip(s[20:], s[21:]))  # cosine decay after warm-up
 
 
+
+def test_endless_warm_ups_are_warm_ups_not_overflows(tiny_config):
+    """--warmup-epochs 1e308 (or the teacher's) times the steps per epoch is beyond a float:
+    round() raised OverflowError. The schedule stays at its start, as a very long warm-up does."""
+    cfg = tiny_config(epochs=10, max_steps=0, warmup_epochs=1e308, warmup_teacher_temp_epochs=1e308)
+    trainer = adclr.train.build(cfg, "cpu", steps_per_epoch=10)
+    for step in (0, 50, 100):
+        s = trainer.schedule(step)
+        assert s["lr"] == pytest.approx(5e-4 * 8 / 256 * step / 100)  # warm-up capped at the run's length
+        assert s["teacher_temp"] == pytest.approx(0.04)
+
 def test_last_layer_is_frozen_in_the_first_epoch(tiny_config):
     from adclr.data import synthetic_batch
 
@@ -359,3 +370,34 @@ def test_compiled_step_has_no_graph_break_and_equals_eager(tiny_config, monkeypa
     assert list(compiled_state) == list(eager_state)  # compiled in place: checkpoints keep their names
     for name in eager_state:
         torch.testing.assert_close(compiled_state[name], eager_state[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
+    """metrics.jsonl is appended at every log line: a full disk there ended in an OSError traceback."""
+    import errno
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    opened = adclr.train.Logger.__init__
+
+    def fill_the_disk(self, *args, **kwargs):
+        opened(self, *args, **kwargs)
+        self.file = FullDisk(self.file)
+
+    monkeypatch.setattr(adclr.train.Logger, "__init__", fill_the_disk)
+    out = str(tmp_path / "run")
+    status, err = run(["train", *TINY, "--out", out], capsys)
+    path, mount = os.path.join(out, "metrics.jsonl"), os.path.realpath(out)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    assert status == 1 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"error: cannot write {path}: no space left on device (the disk mounted at "
+                                    f"{mount} is full)")
