@@ -84,14 +84,21 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
         self.query_options = query_options
 
-    def forward(self, x, num_queries=0, packing=None):
-        """x: (B, L, D) with num_queries query tokens per sequence, or packed (T, D)."""
+    def forward(self, x, num_queries=0, packing=None, cls_attention=False):
+        """x: (B, L, D) with num_queries query tokens per sequence, or packed (T, D).
+        cls_attention: return (x, the CLS rows' attention probabilities (B, heads, L), or
+        (heads, T) packed: each token's weight in its own sequence's CLS row)."""
         if packing is None:
-            y = self.attn(self.norm1(x), num_queries, 1, **self.query_options)
+            y = self.attn(self.norm1(x), num_queries, 1, return_prefix_probs=cls_attention, **self.query_options)
         else:
-            y = self.attn(self.norm1(x), None, 1, cu_seqlens=packing.layout, **self.query_options)
+            y = self.attn(self.norm1(x), None, 1, cu_seqlens=packing.layout, return_prefix_probs=cls_attention,
+                          **self.query_options)
+        y, probs = y if cls_attention else (y, None)
         x = x + self.drop_path1(y, packing)
-        return x + self.drop_path2(self.mlp(self.norm2(x)), packing)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)), packing)
+        if not cls_attention:
+            return x
+        return x, probs[:, :, 0] if packing is None else probs[:, 0]  # (B, heads, L) or (heads, T)
 
 
 class PatchEmbed(nn.Module):
@@ -164,7 +171,7 @@ class VisionTransformer(nn.Module):
         return {"cls": tokens[:, 0], "patch": tokens[:, 1:visible],
                 "query": tokens[:, visible:] if num_queries else None}
 
-    def forward_features(self, x, query_crops=None):
+    def forward_features(self, x, query_crops=None, patches=None, cls_attention=False):
         """Encode images, and optionally ADCLR query crops, in one pass.
 
         Args:
@@ -172,16 +179,29 @@ class VisionTransformer(nn.Module):
                 positional embedding is interpolated).
             query_crops: None, or (B, Q, 3, p, p) query crops already resized to one
                 patch (p = patch size).
+            patches: None, or (B, n) indices of the patches to keep (a masked image
+                model's visible set): the others never enter the blocks.
+            cls_attention: also return the last block's CLS attention probabilities,
+                exact, from the fused op (no attention matrix is formed).
 
         Returns:
-            dict with "cls" (B, D), "patch" (B, N, D) and "query" (B, Q, D) or None,
-            all after the final LayerNorm. "cls" and "patch" do not depend on
-            query_crops (unidirectional attention).
+            dict with "cls" (B, D), "patch" (B, N, D) (N = n with `patches`) and "query"
+            (B, Q, D) or None, all after the final LayerNorm; "cls" and "patch" do not
+            depend on query_crops (unidirectional attention). With cls_attention,
+            "cls_attention" (B, heads, 1 + N + Q): the CLS row of the last block (0 over
+            the query columns).
         """
         tokens, num_queries = self.embed(x, query_crops)
-        for block in self.blocks:
+        if patches is not None:
+            keep = torch.cat([patches.new_zeros(patches.shape[0], 1), patches + 1], 1)
+            tokens = torch.cat([tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1])),
+                                tokens[:, tokens.shape[1] - num_queries:]], 1)
+        for block in self.blocks[:-1]:
             tokens = block(tokens, num_queries)
-        return self._features(self.norm(tokens), num_queries)
+        tokens = self.blocks[-1](tokens, num_queries, cls_attention=cls_attention)
+        tokens, probs = tokens if cls_attention else (tokens, None)
+        features = self._features(self.norm(tokens), num_queries)
+        return {**features, "cls_attention": probs} if cls_attention else features
 
     def get_intermediate_layers(self, x, n=1):
         """DINO's call: the tokens (B, 1 + N, D) after each of the last `n` blocks, each
