@@ -24,6 +24,7 @@ class Config:
     """Every field is an `adclr train --flag` (underscores become dashes)."""
     out: str = "runs/adclr"                  # run folder: checkpoint.pt, metrics.jsonl, tensorboard
     data: str = "builtin"                    # image folder (ImageFolder layout), "builtin" (shapes) or "builtin:scenes"
+    method: str = "adclr"                    # adclr (lambda_query 0: DINO) | densecl | ccmim (docs/methods.md)
     # model
     arch: str = "vit_small"                  # vit_tiny | vit_small | vit_base (paper); vit_mini, vit_test (CPU)
     patch_size: int = 16
@@ -54,6 +55,9 @@ class Config:
     warmup_teacher_temp_epochs: float = 30.0
     center_momentum: float = 0.9
     fused_head_loss: str = "auto"            # head last layer + loss in one op, no out_dim-wide logits: auto (CUDA) | on | off
+    lambda_dense: float = 0.5                # densecl: loss = (1 - lambda) global + lambda dense (DenseCL's 0.5)
+    mask_ratio: float = 0.75                 # ccmim: share of the patches masked, sampled by the CLS attention
+    lambda_align: float = 1.0                # ccmim: loss = reconstruction + lambda * visible/masked alignment
     # optimisation
     batch_size: int = 256                    # total over all processes (DINO's --batch_size_per_gpu times the GPUs)
     epochs: int = 100
@@ -88,13 +92,14 @@ def device_error(device):
 # (LOW, HIGH) pair: both, and LOW <= HIGH), a tuple of the allowed strings, or a
 # function returning what is wrong with a value (None if nothing).
 ALLOWED = {
-    "arch": tuple(ARCHS), "patch_size": ">= 1", "image_size": ">= 1", "local_size": ">= 1",
+    "method": ("adclr", "densecl", "ccmim"), "arch": tuple(ARCHS), "patch_size": ">= 1", "image_size": ">= 1", "local_size": ">= 1",
     "out_dim": ">= 1", "head_hidden_dim": ">= 1", "head_bottleneck_dim": ">= 1",
     "drop_path": "[0, 1)", "attention": BACKENDS, "pack_crops": ("auto", "on", "off"),
     "fused_head_loss": ("auto", "on", "off"), "compile": ("auto", "on", "off"),
     "num_local_crops": ">= 0", "num_queries": ">= 0",
     "global_scale": "(0, 1]", "local_scale": "(0, 1]", "query_scale": "(0, 1]",
-    "lambda_query": ">= 0", "student_temp": "> 0", "warmup_teacher_temp": "> 0", "teacher_temp": "> 0",
+    "lambda_query": ">= 0", "lambda_dense": "[0, 1]", "mask_ratio": "(0, 1)", "lambda_align": ">= 0",
+    "student_temp": "> 0", "warmup_teacher_temp": "> 0", "teacher_temp": "> 0",
     "warmup_teacher_temp_epochs": ">= 0", "center_momentum": "[0, 1]",
     "batch_size": ">= 1", "epochs": ">= 1", "max_steps": ">= 0", "base_lr": "> 0", "min_lr": ">= 0",
     "warmup_epochs": ">= 0", "weight_decay": ">= 0", "weight_decay_end": ">= 0",
@@ -171,6 +176,10 @@ def crop_errors(cfg):
         if size < SMALLEST_BLURRED_CROP:
             errors.append(f"{flag}: must be >= {SMALLEST_BLURRED_CROP}, the smallest crop the augmentation's "
                           f"{BLUR_TAPS}-tap blur takes, got {size}")
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    if cfg.method == "ccmim" and not 1 <= round(cfg.mask_ratio * patches) < patches:
+        errors.append(f"--mask-ratio: must mask at least one of the {patches} patches and leave one, "
+                      f"got {cfg.mask_ratio}")
     return errors
 
 
@@ -200,5 +209,6 @@ RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "log
 
 # Fields added after checkpoints were written without them: the value that does what the
 # trainer did before the field existed, so that those runs still resume.
-FORMER_BEHAVIOUR = {"norm_last_layer": True}
+FORMER_BEHAVIOUR = {"norm_last_layer": True, "method": "adclr", "lambda_dense": 0.5, "mask_ratio": 0.75,
+                    "lambda_align": 1.0}
 

@@ -312,30 +312,66 @@ class DINOHead(nn.Module):
         return self.last_layer(x) if project else x
 
 
+class MaskedDecoder(nn.Module):
+    """A light masked-image-model decoder (MAE's, one block wide by default): the visible
+    patches' tokens, a shared mask token everywhere else, a positional embedding of its
+    own, then pixels (p * p * 3 per patch) for the masked patches."""
+
+    def __init__(self, dim, num_patches, patch_size, depth=1):
+        super().__init__()
+        width = max(32, dim // 2)
+        self.embed = nn.Linear(dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, width))
+        self.blocks = nn.ModuleList(Block(width, max(1, width // 32)) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.pred = nn.Linear(width, patch_size * patch_size * 3)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.apply(_init_weights)
+
+    def forward(self, tokens, visible, masked):
+        """tokens (B, n, D) of the patches `visible` (B, n); returns (B, m, p * p * 3) for `masked` (B, m)."""
+        x = self.embed(tokens)
+        B, width = x.shape[0], x.shape[-1]
+        grid = self.mask_token.expand(B, self.pos_embed.shape[1], width)
+        grid = grid.scatter(1, visible[..., None].expand(-1, -1, width), x) + self.pos_embed
+        for block in self.blocks:
+            grid = block(grid)
+        return self.pred(self.norm(grid)).gather(1, masked[..., None].expand(-1, -1, self.pred.out_features))
+
+
 class ADCLRModel(nn.Module):
     """Backbone + head shared by the CLS and query tokens (student or teacher).
 
     pack_crops: run global and local crops through the backbone as one packed token
     batch (`forward_features_packed`) instead of one pass per resolution. Same result;
     fewer, larger kernel launches and no per-resolution passes (the default on CUDA).
+    dense_head (DenseCL) and decoder (ccMIM): the other methods' parts, None for ADCLR.
     """
 
-    def __init__(self, backbone, head, pack_crops=False):
+    def __init__(self, backbone, head, pack_crops=False, dense_head=None, decoder=None):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.pack_crops = pack_crops
+        self.dense_head, self.decoder = dense_head, decoder
 
-    def forward(self, images, query_crops=None, local_crops=None, project=True):
+    def forward(self, images, query_crops=None, local_crops=None, project=True, masks=None):
         """One call for every crop (DistributedDataParallel needs a single forward).
 
         Args:
             images: (B, 3, H, W) global views; query_crops: (B, Q, 3, p, p) or None;
             local_crops: (B', 3, h, w) or None, run without query tokens.
             project: False stops the head before its last layer (see `DINOHead.forward`).
+            masks: (visible, masked) patch indices, (B, n) and (B, m): `forward_masked`.
         Returns:
-            (CLS logits (B + B', K) for images then local crops, query logits (B, Q, K) or None);
-            K is the bottleneck dim with project=False.
+            (CLS logits (B + B', K) for images then local crops, query logits (B, Q, K) or
+            None), and with a dense head a third item: (the images' backbone patch features
+            (B, N, D), their dense head's bottleneck features (B, N, bottleneck)). K is the
+            bottleneck dim with project=False.
         """
+        if masks is not None:
+            return self.forward_masked(images, *masks, project)
         views = [(images, query_crops)] + ([(local_crops, None)] if local_crops is not None else [])
         if self.pack_crops and len(views) > 1:
             features = self.backbone.forward_features_packed(views)
@@ -347,10 +383,21 @@ class ADCLRModel(nn.Module):
         tokens = [f["cls"] for f in features] + ([query.flatten(0, 1)] if query is not None else [])
         logits = self.head(torch.cat(tokens), project)
         num_cls = sum(f["cls"].shape[0] for f in features)
-        cls = logits[:num_cls]
-        if query is None:
-            return cls, None
-        return cls, logits[num_cls:].view(*query.shape[:2], -1)
+        out = (logits[:num_cls], None if query is None else logits[num_cls:].view(*query.shape[:2], -1))
+        if self.dense_head is None:
+            return out
+        patch = features[0]["patch"]
+        return (*out, (patch, self.dense_head(patch, project=False)))
+
+    def forward_masked(self, images, visible, masked, project=True, decode=True):
+        """ccMIM's passes over one view: the visible set and the masked set each through the
+        backbone on their own (CLS + their patches). Returns (CLS logits (2B, K): visible
+        set then masked set, the decoder's pixels of the masked patches (B, m, p * p * 3),
+        or None without decode)."""
+        seen = self.backbone.forward_features(images, patches=visible)
+        hidden = self.backbone.forward_features(images, patches=masked)
+        cls = self.head(torch.cat([seen["cls"], hidden["cls"]]), project)
+        return cls, self.decoder(seen["patch"], visible, masked) if decode else None
 
 
 def build_backbone(arch="vit_small", img_size=224, patch_size=16, drop_path_rate=0.0,

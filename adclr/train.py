@@ -32,7 +32,8 @@ from .checkpoint import (CheckpointError, FolderInUse, WriteError, all_rng_state
 from .config import ALLOWED, config_errors, value_error
 from .data import Augment, open_dataset, train_loader, warn_unreadable
 from .loss import ADCLRLoss
-from .model import ADCLRModel, DINOHead, build_backbone
+from .methods import ccmim_losses, densecl_losses
+from .model import ADCLRModel, DINOHead, MaskedDecoder, build_backbone
 
 
 def cosine(step, total, start, end, warmup=0, warmup_start=0.0):
@@ -122,7 +123,8 @@ def build(cfg, device, steps_per_epoch=1000):
     if dist.is_available() and dist.is_initialized():
         student = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
-    loss = ADCLRLoss(cfg.out_dim, cfg.lambda_query, cfg.student_temp, cfg.center_momentum).to(device)
+    loss = ADCLRLoss(cfg.out_dim, cfg.lambda_query, cfg.student_temp, cfg.center_momentum,
+                     dense=cfg.method == "densecl").to(device)
     return Trainer(cfg, device, student, teacher, loss, optimizer, steps_per_epoch, compiled)
 
 
@@ -131,8 +133,14 @@ def _model(cfg, device, drop_path, pack):
                               query_sees_prefix=cfg.query_sees_prefix,
                               query_sees_self=cfg.query_sees_self,
                               query_sees_queries=cfg.query_sees_queries)
-    return ADCLRModel(backbone, DINOHead(backbone.embed_dim, cfg.out_dim, cfg.head_hidden_dim,
-                                         cfg.head_bottleneck_dim, cfg.norm_last_layer), pack).to(device)
+    def head():
+        return DINOHead(backbone.embed_dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
+                        cfg.norm_last_layer)
+
+    dense_head = head() if cfg.method == "densecl" else None
+    decoder = (MaskedDecoder(backbone.embed_dim, (cfg.image_size // cfg.patch_size) ** 2, cfg.patch_size)
+               if cfg.method == "ccmim" else None)
+    return ADCLRModel(backbone, head(), pack, dense_head, decoder).to(device)
 
 
 def _adamw(model, device):
@@ -178,7 +186,8 @@ def train_step(trainer, batch, step):
     clipping, AdamW step with the scheduled lr / weight decay, EMA update of the
     teacher and of the centres. No host synchronisation (except the fp16 gradient
     scaler's inf check with a non-fused optimizer, i.e. off CUDA): returns detached
-    0-dim tensors (loss, loss_global, loss_query, grad_norm), grad_norm being the
+    0-dim tensors: loss, the method's terms (ADCLR: loss_global, loss_query; densecl:
+    loss_global, loss_dense; ccmim: loss_reconstruction, loss_align) and grad_norm, the
     global norm of the gradients the optimizer gets, before clipping.
     """
     t, cfg = trainer, trainer.cfg
@@ -186,14 +195,16 @@ def train_step(trainer, batch, step):
     decay_group, no_decay_group = t.optimizer.param_groups
     decay_group["lr"] = no_decay_group["lr"] = sched["lr"]
     decay_group["weight_decay"] = sched["weight_decay"]
-    loss, loss_global, loss_query = _losses(t, batch, sched["teacher_temp"])
+    losses = {"adclr": _losses, "densecl": densecl_losses, "ccmim": ccmim_losses}[cfg.method]
+    loss, terms = losses(t, batch, sched["teacher_temp"])
 
     t.optimizer.zero_grad(set_to_none=True)
     (t.scaler.scale(loss) if t.scaler else loss).backward()
     if step < cfg.freeze_last_layer_epochs * t.steps_per_epoch:
         # DINO: keeping the prototypes (weight and gain) fixed at first stabilises the
         # start of training. No gradient: AdamW neither moves nor decays them.
-        for p in t.student_module.head.last_layer.parameters():
+        heads = [t.student_module.head, t.student_module.dense_head]
+        for p in (p for head in heads if head is not None for p in head.last_layer.parameters()):
             p.grad = None
     if t.scaler:
         t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
@@ -205,12 +216,11 @@ def train_step(trainer, batch, step):
         t.optimizer.step()
     with torch.no_grad():
         torch._foreach_lerp_(t.teacher_params, t.student_params, 1.0 - sched["momentum"])
-    return {"loss": loss.detach(), "loss_global": loss_global.detach(),
-            "loss_query": loss_query.detach(), "grad_norm": grad_norm.detach()}
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "grad_norm": grad_norm.detach()}
 
 
 def _losses(trainer, batch, teacher_temp):
-    """(loss, loss_global, loss_query) of the student against the teacher on `batch`."""
+    """ADCLR's (loss, {"loss_global", "loss_query"}) of the student against the teacher on `batch`."""
     t, cfg = trainer, trainer.cfg
     globals_, local = batch["globals"], batch["locals"]
     queries = batch["queries"] if cfg.lambda_query and cfg.num_queries else None  # lambda 0: plain DINO
@@ -223,9 +233,13 @@ def _losses(trainer, batch, teacher_temp):
         student_cls, student_query = t.student(globals_, queries, local, project=not fused)
         if fused:
             last, teacher_last = t.student_module.head.last_layer, t.teacher.head.last_layer
-            return t.loss.fused(student_cls, teacher_cls, teacher_temp, last.weight, teacher_last.weight,
-                                student_query, teacher_query, gain=_gain(last), teacher_gain=_gain(teacher_last))
-        return t.loss(student_cls, teacher_cls, teacher_temp, student_query, teacher_query)
+            loss, loss_global, loss_query = t.loss.fused(
+                student_cls, teacher_cls, teacher_temp, last.weight, teacher_last.weight, student_query,
+                teacher_query, gain=_gain(last), teacher_gain=_gain(teacher_last))
+        else:
+            loss, loss_global, loss_query = t.loss(student_cls, teacher_cls, teacher_temp, student_query,
+                                                   teacher_query)
+    return loss, {"loss_global": loss_global, "loss_query": loss_query}
 
 
 # --------------------------------------------------------------------------- the run
@@ -283,8 +297,8 @@ class Logger:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k.replace("/", "_per_"), v, record["step"])
-        line = (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} "
-                f"(global {record['loss_global']:.4f}, query {record['loss_query']:.4f}) | "
+        terms = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss_") and k != "loss_scale")
+        line = (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} ({terms}) | "
                 f"lr {record['lr']:.2e} | {record['images/s']:.1f} img/s | eta {_duration(record['eta_s'])}")
         if record["skipped_images"]:
             line += f" | {record['skipped_images']} unreadable images skipped"
