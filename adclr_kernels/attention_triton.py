@@ -983,7 +983,11 @@ def prefix_probs_fwd(q, k, lse, probs, geo, num_prefix, scale):
     if probs.numel() == 0:
         return
     head_dim = q.shape[-1]
-    block_n = 32 if triton_interpreter_enabled() else 64
+    # Key tiles of 64 columns for rows up to 256 bytes (head_dim 128 in bf16), 32 for wider
+    # rows: fp32 at head_dim 256 spilled 4.7 KB in 64 columns, 96 bytes in 32 and 4.1 KB in
+    # 16 (ptxas, sm_90).
+    wide_rows = head_dim * q.element_size() > 256
+    block_n = 32 if triton_interpreter_enabled() or wide_rows else 64
     max_len = geo.max_len if geo.cu_seqlens is not None else geo.key_len
     blocks = triton.cdiv(max_len, block_n)
     strides = probs.stride() if probs.dim() == 4 else (0, *probs.stride())

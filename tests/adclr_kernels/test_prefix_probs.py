@@ -3,6 +3,11 @@
 softmax; their gradient by gradcheck and end to end; the custom op under opcheck and
 torch.compile."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -94,11 +99,13 @@ def test_triton_low_precision(dtype):
                     varlen_prefix_probs(q, k, layout.bounds(), layout.queries, 1))
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa", "flex", backend_param("xformers")])
+# Every PyTorch backend returns the same `attention_torch.prefix_probs` (flex's path is
+# the sdpa one's; flex itself, eager on CPU, costs seconds and adds nothing here).
+@pytest.mark.parametrize("backend", ["reference", "sdpa", backend_param("xformers")])
 def test_pytorch_backends(backend):
     opts = options(OPTION_SETS[3])
     q, k, v = make_qkv(2, 2, 2, 21, 4, 32, opts, dtype=torch.float32)
-    with torch.no_grad():  # flex has no backward on CPU
+    with torch.no_grad():
         _, probs = unidirectional_attention(q, k, v, 4, 2, backend=backend, return_prefix_probs=True, **opts)
         qkv, layout = packed([12, 30], [2, 0])
         _, packed_probs = unidirectional_attention_varlen_qkvpacked(qkv, layout, None, 2, backend=backend,
@@ -217,3 +224,43 @@ def test_opcheck_and_compile():
                                                                 return_prefix_probs=True)[1],
                        backend="aot_eager", fullgraph=True)
     assert_rel_close("compiled probs", fn(q, k, v), masked_softmax64(q, k, 4, 2, options(OPTION_SETS[0])))
+
+
+# The interpreter accepts code the real compiler rejects: compile the kernel ahead of time
+# (bench.static's capture of the real launch on meta tensors), in a fresh process.
+AOT_CHECK = """
+import json, os
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import torch
+from bench.static import _meta_qkv, compile_launch, recording
+from adclr_kernels import VarlenLayout
+from adclr_kernels import attention_triton as T
+rows = []
+for capability, dtype, head_dim, packed in ((90, torch.bfloat16, 64, False), (80, torch.float16, 128, True)):
+    with recording(capability) as launches:
+        if packed:
+            qkv = _meta_qkv((300,), 2, head_dim, dtype)
+            cu, nq, max_len, _, _ = T.varlen_tables(VarlenLayout([100, 200], [3, 0], device="meta"), qkv[:, 0])
+            geometry = (cu, nq, None, None, 0, max_len)
+        else:
+            qkv = _meta_qkv((2, 207), 2, head_dim, dtype)
+            geometry = (None, None, None, None, 10, 0)
+        lse = torch.empty(qkv.shape[0], 2, qkv.shape[1], device="meta") if not packed else \\
+            torch.empty(2, 300, device="meta")
+        q, k, _ = T._unpack(qkv)
+        T.prefix_probs_fwd(q, k, lse, T._empty_prefix_probs(q, k, 1),
+                           T._geometry(q, k, geometry[4], *geometry[:4], geometry[5]), 1, 0.125)
+    compiled = compile_launch(launches[0], capability)
+    rows.append([launches[0].name, compiled.spill_bytes])
+print(json.dumps(rows))
+"""
+
+
+def test_the_kernel_compiles_for_gpus_without_spills():
+    pytest.importorskip("triton.compiler", reason="no ahead-of-time API")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", AOT_CHECK], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == [["_prefix_probs_kernel", 0]] * 2
