@@ -1,4 +1,5 @@
-"""The input pipeline's CPU cost per image: today's Pillow crops against decode-only.
+"""The input pipeline: its CPU cost per image (Pillow crops against decode-only), and on
+CUDA the end-to-end images/s of `adclr train --data` against the synthetic step.
 
 A loader worker runs either MultiCropDataset (decode the JPEG, then 2 + 10 + 10 Pillow
 crop-and-resizes) or DecodeOnlyDataset (decode, reduced where every crop allows it,
@@ -19,11 +20,18 @@ correlated channels plus a little sensor noise, saved by Pillow at quality 90; a
 
     python -m bench.input                       # 500x375 and 1024x768, 160 images each
     python -m bench.input --sizes 500x375 --rounds 5
+
+End to end (`end_to_end`, run by `pytest bench/test_input.py` on CUDA): the training
+run itself, `adclr.train.train`, on a folder of generated 500x375 JPEGs with the
+synthetic step's settings (bench/test_train_step.py), each `--decode` in turn, its
+images/s and data_wait read from its metrics.jsonl past the warm-up; against
+`train_step` alone on a synthetic batch already on the device.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -32,8 +40,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from adclr.config import Config
 from adclr.data import (DecodeOnlyDataset, ImageFolder, MultiCropDataset, StepBatches, collate_decoded,
-                        keep_freed_memory)
+                        keep_freed_memory, synthetic_batch)
+from bench.timing import DEVICE, synchronize
 
 # ADCLR's defaults (adclr.train.Config): 2 x 224 global, 10 x 96 local, 10 queries of 16.
 CROPS = dict(image_size=224, local_size=96, patch_size=16, num_local_crops=10, num_queries=10)
@@ -124,6 +134,44 @@ def worker_ms_per_image(path, images, batch=32, batches=4, init=keep_freed_memor
     del stream
     # prefetch_factor=1: the worker ran at most one batch ahead, so batches + 1 at most.
     return spent / (batches * batch) * 1e3
+
+
+# bench/test_train_step.py's CUDA step: ViT-S/16, 2 x 224 + 10 x 96 crops, Q = 10 queries,
+# 65536 prototypes, 128 images a step; everything else Config's defaults.
+TRAIN = dict(arch="vit_small", patch_size=16, image_size=224, local_size=96, num_local_crops=10,
+             num_queries=10, out_dim=65536, batch_size=128)
+
+
+def end_to_end(data, decode, out, settings=TRAIN, warmup=10, steps=30, log_every=10):
+    """{"images/s", "data_wait", "intervals"} of `adclr train --data data --decode decode`
+    over `steps` steps after `warmup` (compilation, the workers' start), from the run's
+    metrics.jsonl in folder `out`; "intervals" lists each log interval's images/s.
+
+    decode "synthetic": `train_step` alone, the same Config, on a synthetic batch already
+    on the device (no loader, crops or augmentation), timed over `steps` after `warmup`.
+    """
+    from adclr.train import build, train, train_step
+
+    cfg = Config(**settings, data=data, out=out, max_steps=warmup + steps, log_every=log_every, saveckp_freq=0,
+                 decode=decode if decode != "synthetic" else "auto")
+    if decode == "synthetic":
+        trainer = build(cfg, DEVICE)
+        batch = synthetic_batch(cfg, cfg.batch_size, DEVICE)
+        for step in range(warmup + steps):
+            if step == warmup:
+                synchronize()
+                start = time.perf_counter()
+            train_step(trainer, batch, step)
+        synchronize()
+        rate = steps * cfg.batch_size / (time.perf_counter() - start)
+        return {"images/s": rate, "data_wait": 0.0, "intervals": [rate]}
+    train(cfg)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [r for r in map(json.loads, f) if r["step"] > warmup]
+    seconds = [log_every * cfg.batch_size / r["images/s"] for r in records]
+    return {"images/s": len(records) * log_every * cfg.batch_size / sum(seconds),
+            "data_wait": sum(r["data_wait"] * t for r, t in zip(records, seconds)) / sum(seconds),
+            "intervals": [r["images/s"] for r in records]}
 
 
 def main(argv=None):
