@@ -3,7 +3,8 @@ images/s of `adclr train --data` against the synthetic step (see bench/input.py)
 
 Paths: `decode` (Image.open + load, the floor), `pillow` (MultiCropDataset: decode +
 22 Pillow crops), `decode-only` (DecodeOnlyDataset: decode, reduced where the crops
-allow, + the boxes; the crops are cut on the device). On generated ImageNet-size JPEGs;
+allow, + the boxes; the crops are cut on the device), `encoded` (the file's bytes + the
+boxes; nvJPEG decodes on the device). On generated ImageNet-size JPEGs;
 the same on every machine, GPU or not: it is the CPU's share of the pipeline.
 """
 
@@ -26,7 +27,7 @@ def folders(tmp_path_factory):
 
 
 @pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
-@pytest.mark.parametrize("path", ["decode", "pillow", "decode-only"])
+@pytest.mark.parametrize("path", ["decode", "pillow", "decode-only", "encoded"])
 def test_input_cpu_per_image(benchmark, folders, size, path):
     torch.set_num_threads(1)  # a loader worker's torch runs one thread
     keep_freed_memory()  # as the workers do
