@@ -638,11 +638,11 @@ class DecodeOnlyDataset(torch.utils.data.Dataset):
 
 
 def encodable(image):
-    """The file bytes of an opened PIL image, as a uint8 tensor, where nvJPEG decodes them
-    as Pillow would: a JPEG in RGB (YCbCr) that ends as a whole file does. None for the
-    rest, which Pillow decodes: other formats, grey and CMYK JPEGs (one grey image in a
-    batch that nvJPEG refused would send the whole batch down the slow path), and a file
-    cut short, which Pillow's decode finds unreadable, so that it is skipped as before.
+    """The file bytes of an opened PIL image, as a uint8 tensor, where nvJPEG can decode
+    them in Pillow's place: a JPEG in RGB (YCbCr) that ends as a whole file does. None
+    for the rest, which Pillow decodes: other formats, grey and CMYK JPEGs (one such image
+    that nvJPEG refused would send its whole batch down the slow path), and a file cut
+    short, which Pillow's decode finds unreadable, so that it is skipped as before.
     """
     if image.format not in ("JPEG", "MPO") or image.mode != "RGB" or getattr(image, "fp", None) is None:
         return None
