@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from adclr_kernels import BACKENDS
 
-from .data import BLUR_TAPS, SMALLEST_BLURRED_CROP
+from .data import BLUR_TAPS, DECODE, SMALLEST_BLURRED_CROP
 from .model import ARCHS
 
 
@@ -70,7 +70,8 @@ class Config:
     # running
     device: str = "auto"                     # auto | cpu | cuda | cuda:N
     seed: int = 0
-    num_workers: int = -1                    # loader processes; -1 = one per free core (max 8)
+    num_workers: int = -1                    # loader processes; -1 = one per free core (less one per process)
+    decode: str = "auto"                     # auto (cpu on CUDA, else pillow) | pillow (workers crop) | cpu (workers decode, the device crops) | gpu (nvJPEG decodes too)
     log_every: int = 10
     checkpoint_every: int = 500              # steps between writes of OUT/checkpoint.pt
     saveckp_freq: int = 20                   # also keep OUT/checkpointNNNN.pt every this many epochs; 0 = never
@@ -103,7 +104,7 @@ ALLOWED = {
     "device": device_error,
     # Sample seeds are (seed * 100003 + epoch) * 10000019 + i, which must stay below 2**64.
     "seed": "[0, 10000000]",
-    "num_workers": ">= -1", "log_every": ">= 1", "checkpoint_every": ">= 1", "saveckp_freq": ">= 0",
+    "num_workers": ">= -1", "decode": DECODE, "log_every": ">= 1", "checkpoint_every": ">= 1", "saveckp_freq": ">= 0",
 }
 
 
@@ -194,7 +195,7 @@ def saved_config_errors(saved):
 
 
 # Fields that may change between a run and its resumption; any other difference is an error.
-RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "log_every",
+RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "decode", "log_every",
              "checkpoint_every", "saveckp_freq", "attention", "pack_crops", "fused_head_loss",
              "precision", "compile"}
 

@@ -30,7 +30,7 @@ from .checkpoint import (CheckpointError, FolderInUse, WriteError, all_rng_state
                          folder_lock, load_checkpoint, make_folder, not_a_file, restore, rng_states, save_checkpoint,
                          set_rng_states, why_not_written, write_atomically, write_json_atomically)
 from .config import ALLOWED, config_errors, value_error
-from .data import Augment, open_dataset, train_loader, warn_unreadable
+from .data import Augment, DeviceCrops, decode_mode, open_dataset, train_loader, warn_unreadable
 from .loss import ADCLRLoss
 from .model import ADCLRModel, DINOHead, build_backbone
 
@@ -286,10 +286,16 @@ class Logger:
         line = (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} "
                 f"(global {record['loss_global']:.4f}, query {record['loss_query']:.4f}) | "
                 f"lr {record['lr']:.2e} | {record['images/s']:.1f} img/s | eta {_duration(record['eta_s'])}")
+        line += f" | data {record['data_wait']:.0%}"
         if record["skipped_images"]:
             line += f" | {record['skipped_images']} unreadable images skipped"
         print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n",
               file=sys.stderr, flush=True)
+
+    def warn(self, text):
+        """A warning line between the progress lines (on a terminal, below the current one)."""
+        if self.enabled:
+            print(("\n" if self.tty else "") + "warning: " + text, file=sys.stderr, flush=True)
 
     def close(self):
         if self.enabled:
@@ -412,7 +418,7 @@ def _train(cfg, rank, world, device):
     checkpoint = _open_checkpoint(cfg, path)
     start = 0 if checkpoint is None else checkpoint["step"]
     images = _open_images(cfg, world)
-    loader, steps_per_epoch = train_loader(cfg, rank, world, start, images)
+    loader, steps_per_epoch = train_loader(cfg, rank, world, start, images, _decode_mode(cfg, device))
     data = iter(loader)  # draws from the global RNG: before seeding, so that a resume replays exactly
     trainer = build(cfg, device, steps_per_epoch)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # augmentations differ between processes
@@ -426,7 +432,7 @@ def _train(cfg, rank, world, device):
         if main:
             print(f"nothing to do: {path} is already at step {start} of {total}", file=sys.stderr)
         return start
-    Run(trainer, path, rank, world, start, images).steps(data)
+    Run(trainer, path, rank, world, start, loader).steps(data)
     if main:
         print(f"done: {total} steps, checkpoint {path}", file=sys.stderr)
     return total
@@ -458,6 +464,13 @@ def _open_images(cfg, world):
         raise SystemExit(f"error: --batch-size {cfg.batch_size} (the total over all processes) "
                          f"is not divisible by the {world} processes")
     return images
+
+
+def _decode_mode(cfg, device):
+    try:
+        return decode_mode(cfg.decode, device)
+    except ValueError as error:  # --decode gpu without a CUDA device or torchvision for it
+        raise SystemExit(f"error: --decode {cfg.decode}: {error}") from None
 
 
 def _resume(trainer, checkpoint, path, rank, world):
@@ -492,28 +505,34 @@ def _announce(trainer, world, start):
 
 class Run:
     """The step loop and what it keeps between steps: the steps done, the last step whose
-    loss was checked finite, the step of checkpoint.pt, and the throughput since the last
-    log line. The logging, the checkpoints and the interrupt path read the same numbers.
+    loss was checked finite, the step of checkpoint.pt, and the throughput and the time
+    spent waiting for data since the last log line. The logging, the checkpoints and the
+    interrupt path read the same numbers.
     """
 
-    def __init__(self, trainer, path, rank, world, start, images):
+    def __init__(self, trainer, path, rank, world, start, loader):
         self.trainer, self.cfg, self.path = trainer, trainer.cfg, path
         self.world, self.main = world, rank == 0
+        self.crops, self.workers = DeviceCrops(loader.dataset, trainer.device), loader.num_workers
         self.augment = Augment().to(trainer.device)
         if self.main:
             drop_records_after(os.path.join(self.cfg.out, "metrics.jsonl"), start)
         self.logger = Logger(self.cfg.out, self.main, start)
-        self.images, self.warned, self.skipped = images, set(), 0  # warned: unreadable files already reported
+        self.images, self.warned, self.skipped = loader.dataset.base, set(), 0  # warned: unreadable files already reported
         self.bad = torch.zeros((), dtype=torch.bool, device=trainer.device)  # any loss not finite, on the device
         self.completed = self.last_good = self.saved = start  # saved: the step of checkpoint.pt, 0 = none
         self.in_step = False
         self.t0, self.images_since = time.perf_counter(), 0
+        self.data_wait, self.intervals, self.wait_warned = 0.0, 0, False  # data_wait: seconds in next(data)
 
     def steps(self, data):
         """Run the remaining steps on the batches of `data`; on an interrupt, keep what was done."""
         try:
             for step in range(self.completed, self.trainer.total_steps):
-                self.step(next(data), step)
+                asked = time.perf_counter()
+                raw = next(data)
+                self.data_wait += time.perf_counter() - asked
+                self.step(raw, step)
         except KeyboardInterrupt:
             self.save_interrupted()
             raise
@@ -537,15 +556,17 @@ class Run:
             self.checkpoint(done, snapshot)
 
     def to_device(self, raw):
-        """A loader batch on the device, once the files it skipped are counted and reported."""
-        first, skips, readable = raw.pop("index"), raw.pop("skipped"), raw.pop("readable")
+        """A loader batch's uint8 crops on the device, once the files it skipped are counted
+        and reported (after the crops: a file the GPU decode falls back on may add some)."""
+        crops = self.crops(raw)
+        first, skips, readable = raw["index"], raw["skipped"], raw["readable"]
         if not readable.all():
             self.stop_unreadable(int(first[~readable][0]), int(skips[~readable][0]))
         if skips.any():
             self.skipped += int(skips.sum())
             for i, n in zip(first[skips > 0].tolist(), skips[skips > 0].tolist()):
                 warn_unreadable(self.images, range(i, i + n), self.warned)
-        return {k: v.to(self.trainer.device, non_blocking=True) for k, v in raw.items()}
+        return crops
 
     def stop_unreadable(self, first, count):
         """Stop with one line: `count` files of --data from index `first` on cannot be read."""
@@ -567,10 +588,25 @@ class Run:
                   "lr": sched["lr"], "weight_decay": sched["weight_decay"],
                   "momentum": sched["momentum"], "teacher_temp": sched["teacher_temp"],
                   "images/s": self.images_since / elapsed, "skipped_images": self.skipped,
+                  "data_wait": self.data_wait / elapsed,
                   **({"loss_scale": t.scaler.get_scale()} if t.scaler else {}),
                   "eta_s": (t.total_steps - done) * elapsed / (self.images_since / cfg.batch_size)}
+        self.warn_data_wait(record["data_wait"], done)
         self.logger.log(record, t.total_steps)
-        self.t0, self.images_since = time.perf_counter(), 0
+        self.t0, self.images_since, self.data_wait = time.perf_counter(), 0, 0.0
+
+    def warn_data_wait(self, share, done):
+        """Say once when the step waited for data more than 10% of an interval. Not of the
+        first: the workers' start and the first step's compilation fall in it."""
+        self.intervals += 1
+        if share <= 0.1 or self.intervals == 1 or self.wait_warned:
+            return
+        self.wait_warned = True
+        hints = [f"more loader workers (--num-workers; {self.workers} now)"]
+        if self.trainer.device.type == "cuda" and self.crops.mode != "gpu":
+            hints.append("--decode " + ("cpu" if self.crops.mode == "pillow" else "gpu"))
+        self.logger.warn(f"the steps up to {done} waited for data {share:.0%} of the time "
+                         f"(--decode {self.crops.mode}); {' or '.join(hints)} would feed them faster")
 
     def checkpoint(self, done, snapshot):
         """Write checkpoint.pt at step `done` (every process's RNG state in it), and the

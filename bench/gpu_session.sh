@@ -5,6 +5,8 @@
 # only itself.
 #
 #   here, once:  pip download --no-deps -d .wheels kornia kornia_rs xformers   # no network there
+#                plus torchvision for --decode gpu: the release that matches the device's torch
+#                (0.26 for torch 2.11), from the PyTorch index of its CUDA (e.g. .../whl/cu130)
 #   device run:  bash bench/gpu_session.sh [STAGE ...]      (carry: [".wheels"])
 #
 # First run (H200, 2026-11-26; bench/NOTES.md): tests ~150 s (most of it compiling),
@@ -12,7 +14,7 @@
 # 35 s to start the machine: a 15-minute lease holds every stage in two calls.
 #
 # Stages (default: all, in this order): tests ops train calibrate opsflex trainflex tune
-# head. The reports are made afterwards, anywhere: python -m bench.report ops.json
+# head input. The reports are made afterwards, anywhere: python -m bench.report ops.json
 # opsflex.json (the split files merge, ratios over the union).
 # Everything lands in $OUT/results.tgz (bench/results/<device>/... once unpacked here)
 # and a one-line-per-stage $OUT/summary.txt; the archive is rewritten after each stage,
@@ -34,6 +36,8 @@ mkdir -p "$RES"
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   python -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
   python -c "import kornia; print('kornia', kornia.__version__)" 2>&1 | tail -1
+  python -c "import torchvision; print('torchvision', torchvision.__version__)" 2>&1 | tail -1
+  echo "cpus $(nproc)"; df -h /dev/shm | tail -1   # loader workers hand batches over in /dev/shm
 } 2>&1 | tee "$RES/versions.txt"
 
 stage() {  # stage NAME LIMIT_S COMMAND...
@@ -73,11 +77,15 @@ run_stage() {
       stage tune 110 python -m bench.tune --out "$RES" ;;
     head)
       stage head 50 $BENCH bench/test_head_loss.py --benchmark-json="$RES/head.json" ;;
+    input)  # nvJPEG's crops and a --decode gpu run, then adclr train on generated JPEGs per --decode
+      stage input 330 bash -c "python -m pytest -q -p no:cacheprovider tests/adclr/test_data_decode.py \
+        tests/adclr/test_train_input.py -k 'nvjpeg or on_cuda' -rs; \
+        $BENCH bench/test_input.py -k end_to_end -rs --benchmark-json=$RES/input.json" ;;
     *) echo "unknown stage $1" ;;
   esac
 }
 
-for s in "${@:-tests ops train calibrate opsflex trainflex tune head}"; do
+for s in "${@:-tests ops train calibrate opsflex trainflex tune head input}"; do
   for one in $s; do run_stage "$one"; done
 done
 tar -C /tmp/adclr-results -czf "$OUT/results.tgz" bench
