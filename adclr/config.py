@@ -73,6 +73,7 @@ class Config:
     log_every: int = 10
     checkpoint_every: int = 500              # steps between writes of OUT/checkpoint.pt
     saveckp_freq: int = 20                   # also keep OUT/checkpointNNNN.pt every this many epochs; 0 = never
+    peak_tflops: float = 0.0                 # the device's peak TFLOP/s for the logged MFU; 0 = the known bf16 peak of the GPU
 
 
 def device_error(device):
@@ -103,6 +104,7 @@ ALLOWED = {
     # Sample seeds are (seed * 100003 + epoch) * 10000019 + i, which must stay below 2**64.
     "seed": "[0, 10000000]",
     "num_workers": ">= -1", "log_every": ">= 1", "checkpoint_every": ">= 1", "saveckp_freq": ">= 0",
+    "peak_tflops": ">= 0",
 }
 
 
@@ -162,7 +164,7 @@ def config_errors(cfg):
 # Fields that may change between a run and its resumption; any other difference is an error.
 RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "log_every",
              "checkpoint_every", "saveckp_freq", "attention", "pack_crops", "fused_head_loss",
-             "precision", "compile"}
+             "precision", "compile", "peak_tflops"}
 
 # Fields added after checkpoints were written without them: the value that does what the
 # trainer did before the field existed, so that those runs still resume.

@@ -31,6 +31,7 @@ from .checkpoint import (CheckpointError, all_rng_states, check_resumable, copy_
                          rng_states, save_checkpoint, set_rng_states, write_json_atomically)
 from .config import ALLOWED, config_errors, value_error
 from .data import Augment, open_dataset, train_loader, warn_unreadable
+from .flops import peak_tflops, step_flops
 from .loss import ADCLRLoss
 from .model import ADCLRModel, DINOHead, build_backbone
 
@@ -58,6 +59,7 @@ class Trainer:
         self.student_params = [p for p in self.student_module.parameters()]
         self.teacher_params = [p for p in teacher.parameters()]
         precision = cfg.precision if cfg.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
+        self.precision = precision
         self.autocast = (contextlib.nullcontext() if precision == "fp32" else
                          torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16))
         # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
@@ -271,7 +273,10 @@ class Logger:
                     self.tb.add_scalar(k.replace("/", "_per_"), v, record["step"])
         line = (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} "
                 f"(global {record['loss_global']:.4f}, query {record['loss_query']:.4f}) | "
-                f"lr {record['lr']:.2e} | {record['images/s']:.1f} img/s | eta {_duration(record['eta_s'])}")
+                f"lr {record['lr']:.2e} | {record['images/s']:.1f} img/s | {record['tflops']:.3g} TFLOP/s")
+        if "mfu" in record:
+            line += f", MFU {100 * record['mfu']:.1f}%"
+        line += f" | eta {_duration(record['eta_s'])}"
         if record["skipped_images"]:
             line += f" | {record['skipped_images']} unreadable images skipped"
         print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n",
@@ -437,6 +442,26 @@ def _announce(trainer, world, start):
                   f"{total}-step run", file=sys.stderr)
 
 
+def mfu_peak(trainer):
+    """(the peak TFLOP/s that MFU is a fraction of, or None; a note to print once, or None).
+
+    --peak-tflops when given; else on CUDA the dense bf16 peak of a known device
+    (adclr.flops), which bf16 and fp16 steps run at. No MFU on CPU, for fp32 on CUDA
+    (TF32 and FP32 peaks differ) or on a device missing from the table; the last two
+    say so once.
+    """
+    if trainer.cfg.peak_tflops:
+        return trainer.cfg.peak_tflops, None
+    if trainer.device.type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(trainer.device)
+    peak = peak_tflops(name) if trainer.precision != "fp32" else None
+    if peak is None:
+        why = "fp32 steps" if trainer.precision == "fp32" else name
+        return None, f"note: no known peak for {why}: metrics.jsonl logs tflops, not mfu; pass --peak-tflops for MFU"
+    return peak, None
+
+
 class Run:
     """The step loop and what it keeps between steps: the steps done, the last step whose
     loss was checked finite, the step of checkpoint.pt, and the throughput since the last
@@ -455,6 +480,10 @@ class Run:
         self.completed = self.last_good = self.saved = start  # saved: the step of checkpoint.pt, 0 = none
         self.in_step = False
         self.t0, self.images_since = time.perf_counter(), 0
+        self.flops = step_flops(self.cfg, self.cfg.batch_size // world)[0]  # one process's share
+        self.peak, note = mfu_peak(trainer)
+        if note and self.main:
+            print(note, file=sys.stderr)
 
     def steps(self, data):
         """Run the remaining steps on the batches of `data`; on an interrupt, keep what was done."""
@@ -498,13 +527,17 @@ class Run:
         elapsed = time.perf_counter() - self.t0
         t, cfg = self.trainer, self.cfg
         sched = t.schedule(done - 1)  # the values the last step used
+        steps = self.images_since / cfg.batch_size
+        tflops = self.flops * steps / elapsed / 1e12  # per process, as the peak is per device
         record = {"step": done, "epoch": round(done / t.steps_per_epoch, 4),
                   **{k: v.item() for k, v in metrics.items()},
                   "lr": sched["lr"], "weight_decay": sched["weight_decay"],
                   "momentum": sched["momentum"], "teacher_temp": sched["teacher_temp"],
-                  "images/s": self.images_since / elapsed, "skipped_images": self.skipped,
+                  "images/s": self.images_since / elapsed, "tflops": tflops,
+                  **({"mfu": tflops / self.peak} if self.peak else {}),
+                  "skipped_images": self.skipped,
                   **({"loss_scale": t.scaler.get_scale()} if t.scaler else {}),
-                  "eta_s": (t.total_steps - done) * elapsed / (self.images_since / cfg.batch_size)}
+                  "eta_s": (t.total_steps - done) * elapsed / steps}
         self.logger.log(record, t.total_steps)
         self.t0, self.images_since = time.perf_counter(), 0
 

@@ -359,3 +359,48 @@ def test_compiled_step_has_no_graph_break_and_equals_eager(tiny_config, monkeypa
     assert list(compiled_state) == list(eager_state)  # compiled in place: checkpoints keep their names
     for name in eager_state:
         torch.testing.assert_close(compiled_state[name], eager_state[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("peak", [None, "0.5"])
+def test_tflops_and_mfu_are_logged(tmp_path, capsys, peak):
+    """tflops: the step's FLOPs (adclr.flops) per second of the logged interval; mfu only
+    with a peak, which a CPU has only from --peak-tflops."""
+    from adclr.flops import step_flops
+
+    out = str(tmp_path / "run")
+    status, err = run(["train", *TINY, "--out", out, "--max-steps", "2"] + (["--peak-tflops", peak] if peak else []),
+                      capsys)
+    assert status == 0
+    cfg = adclr.config.Config(**load_checkpoint(os.path.join(out, "checkpoint.pt"))["config"])
+    flops = step_flops(cfg)[0]
+    for record in read_metrics(out):
+        assert record["tflops"] == pytest.approx(flops * record["images/s"] / cfg.batch_size / 1e12, rel=1e-9)
+        assert ("mfu" in record) == (peak is not None)
+        if peak:
+            assert record["mfu"] == pytest.approx(record["tflops"] / float(peak), rel=1e-12)
+    last = [line for line in err.splitlines() if line.startswith("step 2/2")][-1]
+    assert "TFLOP/s" in last and ("MFU" in last) == (peak is not None)
+    assert "note: no known peak" not in err  # a CPU is not expected to have one
+
+
+@pytest.mark.parametrize("device, name, precision, flag, peak, note", [
+    ("cpu", None, "fp32", 0.0, None, None),
+    ("cpu", None, "fp32", 2.5, 2.5, None),
+    ("cuda", "NVIDIA H200", "bf16", 0.0, 989.4, None),
+    ("cuda", "NVIDIA H200", "fp16", 0.0, 989.4, None),
+    ("cuda", "NVIDIA H200", "bf16", 700.0, 700.0, None),
+    ("cuda", "NVIDIA H200", "fp32", 0.0, None, "fp32 steps"),
+    ("cuda", "Tesla T4", "bf16", 0.0, None, "Tesla T4"),
+])
+def test_mfu_peak(monkeypatch, device, name, precision, flag, peak, note):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    trainer = SimpleNamespace(cfg=adclr.config.Config(peak_tflops=flag), device=torch.device(device),
+                              precision=precision)
+    got, message = adclr.train.mfu_peak(trainer)
+    assert got == peak
+    assert (message is None) == (note is None)
+    if note:
+        assert message == (f"note: no known peak for {note}: metrics.jsonl logs tflops, not mfu; "
+                           "pass --peak-tflops for MFU")
