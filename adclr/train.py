@@ -145,19 +145,23 @@ def clip_grad_per_parameter_(params, max_norm):
 
     Unlike a global-norm clip, a large gradient in one parameter does not shrink the
     others. Parameters without a gradient are skipped. Returns the global norm of the
-    gradients before clipping (for logging). Foreach ops, no host synchronisation.
+    gradients before clipping (for logging). No host synchronisation.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), device=params[0].device if params else None)
-    norms = torch._foreach_norm(grads)
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    return clip_per_tensor_(grads, max_norm)
+
+
+def clip_per_tensor_(grads, max_norm):
+    """`clip_grad_per_parameter_` on a list of gradients, in place; their norm before."""
+    norms = torch.stack(torch._foreach_norm(grads))
+    total = torch.linalg.vector_norm(norms)
     if max_norm:
-        scales = torch._foreach_add(norms, 1e-6)  # DINO's epsilon: a zero gradient stays zero
-        torch._foreach_reciprocal_(scales)
-        torch._foreach_mul_(scales, max_norm)
-        torch._foreach_clamp_max_(scales, 1.0)
-        torch._foreach_mul_(grads, scales)
+        # DINO's factor, max_norm / (norm + 1e-6) (a zero gradient stays zero), on one
+        # tensor of norms rather than one per parameter.
+        scales = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+        torch._foreach_mul_(grads, list(scales.unbind()))
     return total
 
 
