@@ -19,11 +19,12 @@ launched it, every operator and record_function range it ran inside, and for bac
 work the forward operator whose gradient it computes (autograd's sequence numbers).
 CONTEXT is tried first on all of those names, then KINDS on the kernel's or operator's
 own name; the first pattern that matches wins. The ranges come from the step itself
-when it has them (the optimizer's own "Optimizer.step#..."; RANGES), and this tool
-opens RANGES around the loss and, in eager mode, around the teacher, the student and the
-DINO heads, with module hooks (a range opened in a hook would break a compiled graph, so
-a compiled model's time is classified by kernel and operator names alone). A second
-table splits the same time by range.
+(RANGES: `adclr.train.train_step` opens them around its phases, and the optimizer its own
+"Optimizer.step#..."), and in eager mode this tool adds "adclr/head" around the DINO
+heads with module hooks. Inside a compiled graph there are no ranges (Dynamo drops
+them): with --compile on the models' time, and with --compile step or graph the whole
+step's, is classified by kernel and operator names alone. A second table splits the
+same time by range.
 
 On a CPU shared with other work, OMP_NUM_THREADS=1 keeps the figures steady.
 """
@@ -84,8 +85,7 @@ KINDS = (
                             r"|triton_(poi|red|per)_|^aten::|^prims::"),
 )
 
-# The ranges this tool opens in eager mode, and would have the step open itself:
-# (range, phase in the second table).
+# The ranges the step opens (adclr.train.train_step): (range, phase in the second table).
 RANGES = {"adclr/teacher": "teacher forward", "adclr/student": "student forward",
           "adclr/loss": "loss", "adclr/backward": "backward", "adclr/clip": "clip",
           "adclr/optimizer": "optimizer", "adclr/ema": "EMA"}
@@ -225,8 +225,9 @@ STEADY_STEP = 10_000  # past the warm-ups and the last-layer freeze: every param
 
 
 def add_ranges(trainer):
-    """Open RANGES around the loss and, unless they are compiled, the teacher, the
-    student and their heads. Returns the function that removes them."""
+    """Open "adclr/head" around both DINO heads, unless the models run compiled (a hook in
+    a compiled graph is traced, its range dropped). The step opens RANGES itself where it
+    runs eagerly. Returns the function that removes them."""
     handles, open_ranges = [], []
 
     def around(module, name):
@@ -237,23 +238,13 @@ def add_ranges(trainer):
             open_ranges.pop().__exit__(None, None, None)
         handles.extend([module.register_forward_pre_hook(enter), module.register_forward_hook(leave)])
 
-    if not trainer.compiled:  # a hook inside a compiled module would break its graph
-        around(trainer.teacher, "adclr/teacher")
-        around(trainer.student_module, "adclr/student")
+    if not trainer.compiled:
         around(trainer.teacher.head, "adclr/head")
         around(trainer.student_module.head, "adclr/head")
-    around(trainer.loss, "adclr/loss")
-    fused = trainer.loss.fused
-
-    def ranged_fused(*args, **kwargs):
-        with record_function("adclr/loss"):
-            return fused(*args, **kwargs)
-    trainer.loss.fused = ranged_fused
 
     def remove():
         for h in handles:
             h.remove()
-        del trainer.loss.fused
     return remove
 
 

@@ -404,3 +404,15 @@ def test_mfu_peak(monkeypatch, device, name, precision, flag, peak, note):
     if note:
         assert message == (f"note: no known peak for {note}: metrics.jsonl logs tflops, not mfu; "
                            "pass --peak-tflops for MFU")
+
+
+def test_train_step_opens_the_ranges_bench_profile_reads(tiny_config):
+    from adclr.data import synthetic_batch
+    from bench.profile import RANGES
+
+    cfg = tiny_config(head_hidden_dim=64, head_bottleneck_dim=32)
+    trainer = adclr.train.build(cfg, "cpu")
+    batch = synthetic_batch(cfg, 2, "cpu")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        adclr.train.train_step(trainer, batch, 0)
+    assert set(RANGES) <= {e.name for e in prof.events()}
