@@ -38,7 +38,7 @@ class Config:
     query_sees_self: bool = False
     query_sees_queries: bool = False         # PQCL variant
     pack_crops: str = "auto"                 # all student crops in one packed backbone pass: auto (Triton on CUDA) | on | off
-    compile: str = "auto"                    # torch.compile student and teacher, fullgraph: auto (on on CUDA) | on | off
+    compile: str = "auto"                    # torch.compile: on (student, teacher) | step (whole step) | graph (+ CUDA graph) | off; auto: on on CUDA
     # crops
     num_local_crops: int = 10
     num_queries: int = 10
@@ -91,7 +91,7 @@ ALLOWED = {
     "arch": tuple(ARCHS), "patch_size": ">= 1", "image_size": ">= 1", "local_size": ">= 1",
     "out_dim": ">= 1", "head_hidden_dim": ">= 1", "head_bottleneck_dim": ">= 1",
     "drop_path": "[0, 1)", "attention": BACKENDS, "pack_crops": ("auto", "on", "off"),
-    "fused_head_loss": ("auto", "on", "off"), "compile": ("auto", "on", "off"),
+    "fused_head_loss": ("auto", "on", "off"), "compile": ("auto", "on", "off", "step", "graph"),
     "num_local_crops": ">= 0", "num_queries": ">= 0",
     "global_scale": "(0, 1]", "local_scale": "(0, 1]", "query_scale": "(0, 1]",
     "lambda_query": ">= 0", "student_temp": "> 0", "warmup_teacher_temp": "> 0", "teacher_temp": "> 0",
@@ -158,7 +158,14 @@ def config_errors(cfg):
         errors.append(f"--image-size: must be a multiple of --patch-size {cfg.patch_size}, got {cfg.image_size}")
     if cfg.num_local_crops and cfg.local_size % cfg.patch_size:
         errors.append(f"--local-size: must be a multiple of --patch-size {cfg.patch_size}, got {cfg.local_size}")
+    if cfg.compile in ("step", "graph") and cfg.precision == "fp16":
+        errors.append("--compile: " + WHOLE_STEP_FP16.format(mode=cfg.compile))
     return errors
+
+
+# The whole-step graph has no place for the fp16 gradient scaler's host decisions.
+WHOLE_STEP_FP16 = ("--compile {mode} does not take --precision fp16 (its gradient scaler skips steps "
+                   "from the host); use bf16, which needs no scaler")
 
 
 # Fields that may change between a run and its resumption; any other difference is an error.

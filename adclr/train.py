@@ -30,7 +30,7 @@ from torch.profiler import record_function
 
 from .checkpoint import (CheckpointError, all_rng_states, check_resumable, copy_atomically, load_checkpoint, restore,
                          rng_states, save_checkpoint, set_rng_states, write_json_atomically)
-from .config import ALLOWED, config_errors, value_error
+from .config import ALLOWED, WHOLE_STEP_FP16, config_errors, value_error
 from .data import Augment, open_dataset, train_loader, warn_unreadable
 from .flops import peak_tflops, step_flops
 from .loss import ADCLRLoss
@@ -46,10 +46,16 @@ def cosine(step, total, start, end, warmup=0, warmup_start=0.0):
 
 
 class Trainer:
-    """Everything one training step needs; made by `build`."""
+    """Everything one training step needs; made by `build`.
 
-    def __init__(self, cfg, device, student, teacher, loss, optimizer, steps_per_epoch, compiled=False):
-        self.cfg, self.device, self.compiled = cfg, device, compiled
+    compile: what --compile resolved to ("off", "on", "step" or "graph"); for "step" and
+    "graph" `whole_step` runs every step (see WholeStep), else `train_step`'s eager code.
+    """
+
+    def __init__(self, cfg, device, student, teacher, loss, optimizer, steps_per_epoch, compile="off"):
+        self.cfg, self.device, self.compile = cfg, device, compile
+        self.compiled = compile != "off"
+        self.whole_step = None
         self.student = student  # DistributedDataParallel-wrapped when distributed
         self.student_module = student.module if isinstance(student, DistributedDataParallel) else student
         self.teacher, self.loss, self.optimizer = teacher, loss, optimizer
@@ -68,6 +74,10 @@ class Trainer:
         self.fused_head_loss = cfg.fused_head_loss == "on" or (cfg.fused_head_loss == "auto"
                                                                 and device.type == "cuda")
 
+    def frozen(self, step):
+        """Whether `step` is in the last-layer freeze (DINO's first epoch)."""
+        return step < self.cfg.freeze_last_layer_epochs * self.steps_per_epoch
+
     def schedule(self, step):
         """lr, weight decay, teacher momentum and teacher temperature at `step` (Python floats)."""
         cfg, total, spe = self.cfg, self.total_steps, self.steps_per_epoch
@@ -85,6 +95,27 @@ class Trainer:
 COMPILE_BACKEND = "inductor"  # torch.compile's default; the CPU tests use "aot_eager" (no C++ build)
 
 
+def compile_mode(cfg, device):
+    """--compile resolved: auto is "on" on CUDA, "off" elsewhere."""
+    return cfg.compile if cfg.compile != "auto" else "on" if device.type == "cuda" else "off"
+
+
+def whole_step_error(cfg, device, distributed):
+    """Why --compile step or graph cannot run here (a message to follow "error: "), or None."""
+    mode = compile_mode(cfg, device)
+    if mode not in ("step", "graph"):
+        return None
+    if cfg.precision == "fp16":
+        return WHOLE_STEP_FP16.format(mode=mode)
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return f"--compile {mode} needs torch >= 2.11 (Dynamo tracing the backward); this is {torch.__version__}"
+    if distributed:
+        return (f"--compile {mode} runs a single process (its graph holds no gradient all-reduce); "
+                "under torchrun use --compile on")
+    if mode == "graph" and device.type != "cuda":
+        return f"--compile graph replays a CUDA graph; the device is {device}: use --compile step"
+    return None
+
 
 def build(cfg, device, steps_per_epoch=1000):
     """Student, EMA teacher, loss, AdamW and schedules for `cfg` on `device`.
@@ -100,6 +131,10 @@ def build(cfg, device, steps_per_epoch=1000):
         problem = value_error(getattr(cfg, name), ALLOWED[name])
         if problem:
             raise ValueError(f"--{name}: {problem}")
+    distributed = dist.is_available() and dist.is_initialized()
+    problem = whole_step_error(cfg, device, distributed)
+    if problem:
+        raise ValueError(problem)
     # Packing pays where the backend has a real varlen kernel; the PyTorch backends would
     # loop over sequences, so "auto" packs only for Triton on CUDA.
     pack = cfg.pack_crops == "on" or (cfg.pack_crops == "auto" and device.type == "cuda"
@@ -108,18 +143,21 @@ def build(cfg, device, steps_per_epoch=1000):
     teacher = _model(cfg, device, 0.0, pack)  # DINO's teacher has no stochastic depth
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    if compiled:
+    mode = compile_mode(cfg, device)
+    if mode == "on":
         # In place (the state dict keeps its names). fullgraph: the op is a torch.library
         # custom op, so nothing in a step breaks the graph; a break would be an error here.
         student.compile(fullgraph=True, backend=COMPILE_BACKEND)
         teacher.compile(fullgraph=True, backend=COMPILE_BACKEND)
     optimizer = _adamw(student, device)
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         student = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
     loss = ADCLRLoss(cfg.out_dim, cfg.lambda_query, cfg.student_temp, cfg.center_momentum).to(device)
-    return Trainer(cfg, device, student, teacher, loss, optimizer, steps_per_epoch, compiled)
+    trainer = Trainer(cfg, device, student, teacher, loss, optimizer, steps_per_epoch, mode)
+    if mode in ("step", "graph"):
+        trainer.whole_step = WholeStep(trainer, graph=mode == "graph")
+    return trainer
 
 
 def _model(cfg, device, drop_path, pack):
@@ -188,9 +226,12 @@ def train_step(trainer, batch, step):
     teacher and of the centres. No host synchronisation (except the fp16 gradient
     scaler's inf check with a non-fused optimizer, i.e. off CUDA): returns detached
     0-dim tensors (loss, loss_global, loss_query, grad_norm), grad_norm being the
-    global norm of the gradients the optimizer gets, before clipping.
+    global norm of the gradients the optimizer gets, before clipping. With --compile
+    step or graph the same step runs as one compiled graph (WholeStep).
     """
     t, cfg = trainer, trainer.cfg
+    if t.whole_step is not None:
+        return t.whole_step(batch, step)
     sched = t.schedule(step)
     decay_group, no_decay_group = t.optimizer.param_groups
     decay_group["lr"] = no_decay_group["lr"] = sched["lr"]
@@ -200,7 +241,7 @@ def train_step(trainer, batch, step):
     with _range("adclr/backward"):
         t.optimizer.zero_grad(set_to_none=True)
         (t.scaler.scale(loss) if t.scaler else loss).backward()
-    if step < cfg.freeze_last_layer_epochs * t.steps_per_epoch:
+    if t.frozen(step):
         # DINO: keeping the prototypes (weight and gain) fixed at first stabilises the
         # start of training. No gradient: AdamW neither moves nor decays them.
         for p in t.student_module.head.last_layer.parameters():
@@ -221,13 +262,18 @@ def train_step(trainer, batch, step):
             "loss_query": loss_query.detach(), "grad_norm": grad_norm.detach()}
 
 
-def _losses(trainer, batch, teacher_temp):
-    """(loss, loss_global, loss_query) of the student against the teacher on `batch`."""
-    t, cfg = trainer, trainer.cfg
-    globals_, local = batch["globals"], batch["locals"]
-    queries = batch["queries"] if cfg.lambda_query and cfg.num_queries else None  # lambda 0: plain DINO
+def _inputs(trainer, batch):
+    """(global views, query crops or None, local crops) of a batch, as the models take them."""
+    queries = batch["queries"] if trainer.cfg.lambda_query and trainer.cfg.num_queries else None  # lambda 0: plain DINO
     if queries is not None:
         queries = queries.repeat(2, 1, 1, 1, 1)  # the same query crops for both global views
+    return batch["globals"], queries, batch["locals"]
+
+
+def _losses(trainer, batch, teacher_temp):
+    """(loss, loss_global, loss_query) of the student against the teacher on `batch`."""
+    t = trainer
+    globals_, queries, local = _inputs(t, batch)
     fused = t.fused_head_loss  # the heads stop at the bottleneck; the loss runs their last layer
     with t.autocast:
         with _range("adclr/teacher"), torch.no_grad():
@@ -241,6 +287,129 @@ def _losses(trainer, batch, teacher_temp):
                                     student_query, teacher_query, gain=_gain(last),
                                     teacher_gain=_gain(teacher_last))
             return t.loss(student_cls, teacher_cls, teacher_temp, student_query, teacher_query)
+
+
+SCHEDULES = ("lr", "weight_decay", "momentum", "teacher_temp")
+
+
+class WholeStep:
+    """`train_step` as one compiled graph (--compile step), optionally replayed as a CUDA
+    graph (--compile graph): forward, loss, backward, clipping, AdamW and the teacher's EMA.
+
+    What makes one graph of it, the same graph every step:
+    - the backward is `torch.autograd.grad` traced into the graph (Dynamo's
+      trace_autograd_ops); the gradients are values of the graph, never `.grad`;
+    - the four schedules are a float64 tensor on the device, written before each step
+      (from pinned memory on CUDA: no synchronisation), so they are inputs of the
+      graph, not constants in it;
+    - AdamW is written here in foreach ops with a tensor lr (torch.optim's capturable
+      formulation; its own step() breaks the graph), its decay as a foreach multiply
+      (AdamW's decoupled decay, the same arithmetic); the state stays the optimizer's,
+      so checkpoints are those of the eager step;
+    - the last-layer freeze is a host switch between two graphs (with and without the
+      last layer among the updated parameters), each compiled once;
+    - the packed layout's host tables are built by one eval-mode forward (no RNG drawn)
+      before the first trace, so the first trace does not build them and the second
+      recompile.
+    The step reads no value on the host and its shapes are the run's, so nothing
+    recompiles from one step to the next.
+    """
+
+    def __init__(self, trainer, graph=False):
+        t = self.trainer = trainer
+        self.graph = graph
+        last = {id(p) for p in t.student_module.head.last_layer.parameters()}
+        decayed = {id(p) for p in t.optimizer.param_groups[0]["params"]}
+        self.params = {frozen: [p for p in t.student_params if not (frozen and id(p) in last)]
+                       for frozen in (False, True)}
+        self.decayed = {frozen: [p for p in params if id(p) in decayed] for frozen, params in self.params.items()}
+        self.beta1, self.beta2 = t.optimizer.defaults["betas"]
+        self.eps = t.optimizer.defaults["eps"]
+        self.schedule_values = torch.zeros(len(SCHEDULES), dtype=torch.float64, device=t.device)
+        self.states = None  # AdamW's state tensors, read at the first step (after a resume)
+        options = dict(mode="reduce-overhead") if graph else {}
+        self.compiled = torch.compile(self.step, fullgraph=True, backend=COMPILE_BACKEND, **options)
+
+    def __call__(self, batch, step):
+        t = self.trainer
+        if self.states is None:
+            self.prepare(batch)
+        sched = t.schedule(step)
+        for group in t.optimizer.param_groups:  # what the checkpoint records, as the eager step's
+            group["lr"] = sched["lr"]
+        t.optimizer.param_groups[0]["weight_decay"] = sched["weight_decay"]
+        values = torch.tensor([sched[k] for k in SCHEDULES], dtype=torch.float64)
+        on_cuda = t.device.type == "cuda"
+        self.schedule_values.copy_(values.pin_memory() if on_cuda else values, non_blocking=on_cuda)
+        if self.graph:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            out = self.compiled(batch, t.frozen(step))
+        if self.graph:
+            out = out.clone()  # the graph's output memory is rewritten by the next replay
+        return dict(zip(("loss", "loss_global", "loss_query", "grad_norm"), out.unbind()))
+
+    def prepare(self, batch):
+        """AdamW's state for every parameter, and the host tables of the batch's layout."""
+        t = self.trainer
+        for p in t.student_params:
+            state = t.optimizer.state[p]
+            if not state:  # made at its first update in the eager step
+                state.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
+                             exp_avg_sq=torch.zeros_like(p))
+            state["step"] = state["step"].to(p.device, torch.float32)  # an input on the device, like the rest
+        self.states = {frozen: [[t.optimizer.state[p][key] for p in params]
+                                for key in ("exp_avg", "exp_avg_sq", "step")]
+                       for frozen, params in self.params.items()}
+        for tensor in [self.schedule_values] + [x for lists in self.states[False] for x in lists]:
+            torch._dynamo.mark_static_address(tensor)  # a CUDA graph reads them in place
+        modes = [(m, m.training) for m in (t.student_module, t.teacher)]
+        globals_, queries, local = _inputs(t, batch)
+        with torch.no_grad(), t.autocast:
+            for model, _ in modes:
+                model.eval()  # no stochastic depth: the RNG is left as it was
+            t.teacher(globals_, queries, project=not t.fused_head_loss)
+            t.student(globals_, queries, local, project=not t.fused_head_loss)
+        for model, training in modes:
+            model.train(training)
+
+    def step(self, batch, frozen):
+        """The compiled step; returns (loss, loss_global, loss_query, grad_norm) stacked."""
+        t = self.trainer
+        lr, weight_decay, momentum, teacher_temp = self.schedule_values.unbind()
+        loss, loss_global, loss_query = _losses(t, batch, teacher_temp)
+        params = self.params[frozen]
+        grads = list(torch.autograd.grad(loss, params))
+        with torch.no_grad():
+            grad_norm = clip_per_tensor_(grads, t.cfg.clip_grad)
+            torch._foreach_mul_(self.decayed[frozen], 1 - lr * weight_decay)
+            adamw_(params, grads, *self.states[frozen], lr, self.beta1, self.beta2, self.eps)
+            weight = (1 - momentum).float()  # what lerp does with a float, in float32
+            torch._foreach_lerp_(t.teacher_params, t.student_params, [weight] * len(t.teacher_params))
+        return torch.stack([loss.detach(), loss_global.detach(), loss_query.detach(), grad_norm])
+
+
+def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps):
+    """Adam's update (weight decay is the caller's) with lr a tensor on the device, in
+    foreach ops that a compiler fuses: torch.optim's capturable formulation, each
+    parameter with its own step count."""
+    torch._foreach_add_(steps, 1)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    step_size = torch._foreach_pow(beta1, steps)
+    torch._foreach_sub_(step_size, 1)
+    torch._foreach_div_(step_size, lr)
+    torch._foreach_reciprocal_(step_size)  # lr / (beta1^t - 1): minus the step size
+    bias_correction2 = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(bias_correction2)
+    torch._foreach_add_(bias_correction2, 1)
+    torch._foreach_sqrt_(bias_correction2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(denom, step_size)
+    torch._foreach_addcdiv_(params, exp_avgs, denom)
 
 
 # --------------------------------------------------------------------------- the run
@@ -382,6 +551,9 @@ def train(cfg):
         raise ValueError("invalid config: " + "; ".join(errors))
     rank, world, device = setup_distributed(cfg)
     main = rank == 0
+    problem = whole_step_error(cfg, device, world > 1)
+    if problem:
+        raise SystemExit(f"error: {problem}")
     check_backend(cfg, device)
     prepare_out(cfg.out, main)
     path = os.path.join(cfg.out, "checkpoint.pt")
@@ -445,11 +617,15 @@ def _resume(trainer, checkpoint, path, rank, world):
         set_rng_states(checkpoint["rng"][rank])
 
 
+COMPILED = {"off": "off", "on": "on (student and teacher)", "step": "step (the whole step, one graph)",
+            "graph": "graph (the whole step, replayed as a CUDA graph)"}
+
+
 def _announce(trainer, world, start):
     """The run's first lines on stderr, and OUT/config.json."""
     cfg, total, steps_per_epoch = trainer.cfg, trainer.total_steps, trainer.steps_per_epoch
     print(f"adclr train: {world} process(es) on {trainer.device}, {steps_per_epoch} steps/epoch, "
-          f"{total} steps, torch.compile {'on' if trainer.compiled else 'off'}"
+          f"{total} steps, torch.compile {COMPILED[trainer.compile]}"
           + (f", resuming at step {start}" if start else ""), file=sys.stderr)
     print("config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr)
     write_json_atomically(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
