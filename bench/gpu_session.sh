@@ -12,8 +12,14 @@
 # 35 s to start the machine: a 15-minute lease holds every stage in two calls.
 #
 # Stages (default: all, in this order): tests ops train calibrate opsflex trainflex tune
-# head. The reports are made afterwards, anywhere: python -m bench.report ops.json
-# opsflex.json (the split files merge, ratios over the union).
+# head profile wholestep. The reports are made afterwards, anywhere: python -m
+# bench.report ops.json opsflex.json (the split files merge, ratios over the union).
+# train times the step eagerly (train.json), then compiled three ways (--compile on,
+# step, graph: traincompiled.json, its own limit: inductor compiles each first);
+# profile splits one ViT-S/16 step eager and as a CUDA graph (bench.profile);
+# wholestep checks the whole-step graph on the GPU (compiles once per freeze state,
+# no CUDA graph skipped, losses within bf16 of eager). The last three have not run on
+# a GPU yet: their limits are guesses, not measured.
 # Everything lands in $OUT/results.tgz (bench/results/<device>/... once unpacked here)
 # and a one-line-per-stage $OUT/summary.txt; the archive is rewritten after each stage,
 # so a call cut short still returns what finished.
@@ -62,7 +68,10 @@ run_stage() {
       stage opsflex 110 $BENCH bench/test_attention.py -k "flex and backward and $FLEX_SHAPES" \
         --benchmark-json="$RES/opsflex.json" ;;
     train)
-      stage train 100 $BENCH bench/test_train_step.py -k "not flex" --benchmark-json="$RES/train.json" ;;
+      stage train 100 $BENCH bench/test_train_step.py -k "not flex and not compile" \
+        --benchmark-json="$RES/train.json"
+      stage traincompiled 480 python -m pytest -q -p no:cacheprovider --timeout 300 bench/test_train_step.py \
+        -k compile --benchmark-json="$RES/traincompiled.json" ;;
     trainflex)
       stage trainflex 120 $BENCH bench/test_train_step.py -k flex --benchmark-json="$RES/trainflex.json" ;;
     calibrate)
@@ -73,11 +82,16 @@ run_stage() {
       stage tune 110 python -m bench.tune --out "$RES" ;;
     head)
       stage head 50 $BENCH bench/test_head_loss.py --benchmark-json="$RES/head.json" ;;
+    profile)  # ViT-S/16, 128 images: where the step's device time goes, eager and as a CUDA graph
+      stage profile 120 python -m bench.profile --compile off --json "$RES/profile.json"
+      stage profilegraph 300 python -m bench.profile --compile graph --json "$RES/profilegraph.json" ;;
+    wholestep)
+      stage wholestep 300 python -m pytest tests/adclr/test_train.py -k whole_step_on_cuda -v --tb=short -rf -p no:cacheprovider ;;
     *) echo "unknown stage $1" ;;
   esac
 }
 
-for s in "${@:-tests ops train calibrate opsflex trainflex tune head}"; do
+for s in "${@:-tests ops train calibrate opsflex trainflex tune head profile wholestep}"; do
   for one in $s; do run_stage "$one"; done
 done
 tar -C /tmp/adclr-results -czf "$OUT/results.tgz" bench
