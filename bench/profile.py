@@ -12,7 +12,9 @@ their time is split into BUCKETS:
   from the first step's start to the last kernel's end;
 - on CPU, the step's wall time: each operator's self time, and as "idle / host" the
   time spent outside any computing operator (Python, dispatch, autograd bookkeeping,
-  allocation, views).
+  allocation, views). A compiled step's C++ kernels (Inductor's) are profiled as ranges
+  of their own (its cpp.enable_kernel_profile), else their time would be the compiled
+  graph's call, host time.
 
 A piece of time is classified by the names around it: the kernel, the operator that
 launched it, every operator and record_function range it ran inside, and for backward
@@ -65,6 +67,9 @@ CONTEXT = (
 )
 # Tried on the kernel's name, then on its operator's.
 KINDS = (
+    # A compiler's fused kernels (Inductor's Triton and C++ ones, named after the ops in
+    # them) are elementwise and reduction work even when a copy is among those ops.
+    ("norms + elementwise", r"^triton_(poi|red|per)_|^(graph_\d+_)?cpp_fused_"),
     ("copies", r"[Cc]opy|Memcpy|Memset|CatArray|FillFunctor|index_select|gather|scatter"
                r"|^aten::(cat|stack|repeat|index|clone|contiguous|fill_|zero_|zeros|ones|full"
                r"|new_zeros|ones_like|zeros_like|flip|constant_pad_nd|to|_to_copy"
@@ -82,7 +87,7 @@ KINDS = (
                     r"|^CompiledFunction|^Torch-Compiled Region|^TorchDynamo|CompiledFxGraph"
                     r"|bytecode|AOTDispatcher"),
     ("norms + elementwise", r"norm|elementwise|reduce|[Rr]eduction|gelu|softmax|Functor"
-                            r"|triton_(poi|red|per)_|^aten::|^prims::"),
+                            r"|^aten::|^prims::"),
 )
 
 # The ranges the step opens (adclr.train.train_step): (range, phase in the second table).
@@ -341,6 +346,10 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 2)
     time_steps = args.time_steps or (10 if on_cuda else 3)
 
+    if not on_cuda:  # inductor's C++ kernels as ranges of their own, not the compiled graph's time
+        from torch._inductor import config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     seconds, kinds, phases = run(cfg, device, warmup, time_steps, args.steps)
     flops, breakdown = step_flops(cfg)
     peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if on_cuda else None)
