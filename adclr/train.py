@@ -381,15 +381,25 @@ class WholeStep:
         t = self.trainer
         lr, weight_decay, momentum, teacher_temp = self.schedule_values.unbind()
         loss, loss_global, loss_query = _losses(t, batch, teacher_temp)
-        params = self.params[frozen]
-        grads = list(torch.autograd.grad(loss, params))
+        grads = list(torch.autograd.grad(loss, self.params[frozen]))
         with torch.no_grad():
-            grad_norm = clip_per_tensor_(grads, t.cfg.clip_grad)
-            torch._foreach_mul_(self.decayed[frozen], 1 - lr * weight_decay)
-            adamw_(params, grads, *self.states[frozen], lr, self.beta1, self.beta2, self.eps)
-            weight = (1 - momentum).float()  # what lerp does with a float, in float32
-            torch._foreach_lerp_(t.teacher_params, t.student_params, [weight] * len(t.teacher_params))
+            grad_norm = self.update(grads, frozen, lr, weight_decay, momentum)
         return torch.stack([loss.detach(), loss_global.detach(), loss_query.detach(), grad_norm])
+
+    def update(self, grads, frozen, lr, weight_decay, momentum):
+        """Clip, AdamW, the teacher's EMA: foreach ops that compile into a few fused
+        kernels (no per-parameter fallback). Returns the gradients' norm before clipping."""
+        t, params = self.trainer, self.params[frozen]
+        grad_norm = clip_per_tensor_(grads, t.cfg.clip_grad)
+        torch._foreach_mul_(self.decayed[frozen], 1 - lr * weight_decay)
+        adamw_(params, grads, *self.states[frozen], lr, self.beta1, self.beta2, self.eps)
+        # The teacher's EMA as lerp computes it for a weight below 1/2, teacher +
+        # w (student - teacher), in three foreach ops: _foreach_lerp_ takes a tensor
+        # weight only as a list, which compiles to a fallback, one kernel per parameter.
+        delta = torch._foreach_sub(t.student_params, t.teacher_params)
+        torch._foreach_mul_(delta, (1 - momentum).float())
+        torch._foreach_add_(t.teacher_params, delta)
+        return grad_norm
 
 
 def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps):

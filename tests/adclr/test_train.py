@@ -462,6 +462,34 @@ def test_whole_step_on_cuda(tiny_config, compile):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # ~1 min: inductor builds C++ for the update
+def test_whole_step_update_compiles_to_fused_kernels_without_fallbacks(tiny_config):
+    """Inductor lowers every op of clipping, AdamW and the EMA into its own fused kernels
+    but the gradients' norms (one multi-tensor op): a fallback such as _foreach_lerp_
+    with tensor weights would run one kernel per parameter on a GPU."""
+    import re
+
+    from adclr.data import synthetic_batch
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    cfg = tiny_config(compile="step", arch="vit_test", head_hidden_dim=32, head_bottleneck_dim=16, out_dim=64)
+    trainer = adclr.train.build(cfg, "cpu")
+    whole = trainer.whole_step
+    whole.prepare(synthetic_batch(cfg, 2, "cpu"))
+    grads = [torch.randn_like(p) for p in whole.params[False]]
+    lr, weight_decay, momentum = (torch.tensor(x, dtype=torch.float64) for x in (1e-3, 0.04, 0.996))
+
+    def update():
+        with torch.no_grad():
+            return whole.update([g.clone() for g in grads], False, lr, weight_decay, momentum)
+
+    _, code = run_and_get_code(torch.compile(update, fullgraph=True, backend="inductor"))
+    called = set(re.findall(r"torch\.ops\.aten\.(\w+)\.\w+\(", "\n".join(code)))
+    assert called <= {"_foreach_norm"}, called
+    torch._dynamo.reset()
+
+
 def test_whole_step_refuses_what_it_cannot_run(tiny_config):
     assert adclr.config.config_errors(tiny_config(compile="step", precision="fp16")) == [
         "--compile: --compile step does not take --precision fp16 (its gradient scaler skips steps from the "
