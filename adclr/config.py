@@ -39,7 +39,7 @@ class Config:
     query_sees_self: bool = False
     query_sees_queries: bool = False         # PQCL variant
     pack_crops: str = "auto"                 # all student crops in one packed backbone pass: auto (Triton on CUDA) | on | off
-    compile: str = "auto"                    # torch.compile student and teacher, fullgraph: auto (on on CUDA) | on | off
+    compile: str = "auto"                    # torch.compile: on (student, teacher) | step (whole step) | graph (+ CUDA graph) | off; auto: on on CUDA
     # crops
     num_local_crops: int = 10
     num_queries: int = 10
@@ -75,6 +75,7 @@ class Config:
     log_every: int = 10
     checkpoint_every: int = 500              # steps between writes of OUT/checkpoint.pt
     saveckp_freq: int = 20                   # also keep OUT/checkpointNNNN.pt every this many epochs; 0 = never
+    peak_tflops: float = 0.0                 # the device's peak TFLOP/s for the logged MFU; 0 = the known bf16 peak of the GPU
 
 
 def device_error(device):
@@ -92,7 +93,7 @@ ALLOWED = {
     "arch": tuple(ARCHS), "patch_size": ">= 1", "image_size": ">= 1", "local_size": ">= 1",
     "out_dim": ">= 1", "head_hidden_dim": ">= 1", "head_bottleneck_dim": ">= 1",
     "drop_path": "[0, 1)", "attention": BACKENDS, "pack_crops": ("auto", "on", "off"),
-    "fused_head_loss": ("auto", "on", "off"), "compile": ("auto", "on", "off"),
+    "fused_head_loss": ("auto", "on", "off"), "compile": ("auto", "on", "off", "step", "graph"),
     "num_local_crops": ">= 0", "num_queries": ">= 0",
     "global_scale": "(0, 1]", "local_scale": "(0, 1]", "query_scale": "(0, 1]",
     "lambda_query": ">= 0", "student_temp": "> 0", "warmup_teacher_temp": "> 0", "teacher_temp": "> 0",
@@ -105,6 +106,7 @@ ALLOWED = {
     # Sample seeds are (seed * 100003 + epoch) * 10000019 + i, which must stay below 2**64.
     "seed": "[0, 10000000]",
     "num_workers": ">= -1", "decode": DECODE, "log_every": ">= 1", "checkpoint_every": ">= 1", "saveckp_freq": ">= 0",
+    "peak_tflops": ">= 0",
 }
 
 
@@ -172,7 +174,14 @@ def crop_errors(cfg):
         if size < SMALLEST_BLURRED_CROP:
             errors.append(f"{flag}: must be >= {SMALLEST_BLURRED_CROP}, the smallest crop the augmentation's "
                           f"{BLUR_TAPS}-tap blur takes, got {size}")
+    if cfg.compile in ("step", "graph") and cfg.precision == "fp16":
+        errors.append("--compile: " + WHOLE_STEP_FP16.format(mode=cfg.compile))
     return errors
+
+
+# The whole-step graph has no place for the fp16 gradient scaler's host decisions.
+WHOLE_STEP_FP16 = ("--compile {mode} does not take --precision fp16 (its gradient scaler skips steps "
+                   "from the host); use bf16, which needs no scaler")
 
 
 def schedule_errors(cfg):
@@ -197,7 +206,7 @@ def saved_config_errors(saved):
 # Fields that may change between a run and its resumption; any other difference is an error.
 RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "decode", "log_every",
              "checkpoint_every", "saveckp_freq", "attention", "pack_crops", "fused_head_loss",
-             "precision", "compile"}
+             "precision", "compile", "peak_tflops"}
 
 # Fields added after checkpoints were written without them: the value that does what the
 # trainer did before the field existed, so that those runs still resume.

@@ -75,7 +75,8 @@ def test_scale_ranges(flag, values, message, accepted_config, capsys):
     (["--pack-crops", "yes"], "argument --pack-crops: invalid choice: 'yes' (choose from 'auto', 'on', 'off')"),
     (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8' (choose from 'auto', 'bf16', 'fp16', "
                              "'fp32')"),
-    (["--compile", "yes"], "argument --compile: invalid choice: 'yes' (choose from 'auto', 'on', 'off')"),
+    (["--compile", "yes"], "argument --compile: invalid choice: 'yes' (choose from 'auto', 'on', 'off', 'step', "
+                           "'graph')"),
     (["--device", "gpu"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     # Needs the whole config: checked once, after parsing, before any work.
     (["--image-size", "36"], "argument --image-size: must be a multiple of --patch-size 8, got 36"),
