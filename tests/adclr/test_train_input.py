@@ -15,7 +15,7 @@ import adclr.data
 import adclr.train
 from adclr.train import train
 
-TIMING = ("images/s", "eta_s", "data_wait")  # the only fields that may differ between equal runs
+TIMING = ("images/s", "tflops", "mfu", "eta_s", "data_wait")  # the only fields that may differ between equal runs
 
 
 def jpeg_folder(root, count=8):
