@@ -160,7 +160,7 @@ def _add_eval_parser(commands):
                              help="dense: classes 0..N-1 (default: 1 + the largest label in the train masks)")
     eval_parser.add_argument("--device", type=checked(str, ALLOWED["device"]), default="auto")
     eval_parser.add_argument("--num-workers", type=checked(int, ">= -1"), default=-1,
-                             help="loader processes; -1 = one per free core (max 8)")
+                             help="loader processes; -1 = one per free core, less one for this process (default)")
     eval_parser.add_argument("--limit", type=checked(int, ">= 0"), default=None,
                              help="use at most this many images per split; 0 = all (default: all; "
                                   f"dense on built-in data on a CPU: {eval_dense.BUILTIN_CPU_LIMIT})")
@@ -203,7 +203,7 @@ def _add_show_parser(commands):
                        help="train images for the probe; 0 = all (default: all; built-in data: "
                             f"{eval_dense.BUILTIN_CPU_LIMIT})")
     dense.add_argument("--num-workers", type=checked(int, ">= -1"), default=-1,
-                       help="loader processes; -1 = one per free core (max 8)")
+                       help="loader processes; -1 = one per free core, less one for this process (default)")
     curves = pictures.add_parser("curves", help="losses, lr, teacher temperature (and k-NN if logged) "
                                                 "from a run's metrics.jsonl, written beside it as metrics.png")
     curves.add_argument("run", help="a run folder (adclr train --out) or its metrics.jsonl")

@@ -41,7 +41,8 @@ class ADCLRLoss(nn.Module):
         Args:
             student_cls: (n_crops * B, K): 2 global views, then the local crops.
             teacher_cls: (2 * B, K): the 2 global views.
-            teacher_temp: a Python float (the warm-up schedule's value this step).
+            teacher_temp: the warm-up schedule's value this step: a float, or a 0-dim
+                tensor on the device (what a compiled step passes: not a constant of its graph).
             student_query, teacher_query: (2 * B, Q, K) query logits for the 2 global
                 views, or None for plain DINO.
 

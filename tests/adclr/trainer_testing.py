@@ -78,7 +78,7 @@ TRAIN_RANGES = [
     ("--clip-grad", ">= 0", float, "-3"), ("--freeze-last-layer-epochs", ">= 0", float, "-1"),
     ("--seed", "[0, 10000000]", int, "-1"), ("--num-workers", ">= -1", int, "-2"),
     ("--log-every", ">= 1", int, "-1"), ("--checkpoint-every", ">= 1", int, "-1"),
-    ("--saveckp-freq", ">= 0", int, "-1"),
+    ("--saveckp-freq", ">= 0", int, "-1"), ("--peak-tflops", ">= 0", float, "-1"),
 ]
 
 
