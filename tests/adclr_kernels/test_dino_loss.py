@@ -111,6 +111,8 @@ def _call(dtype=torch.float32, **overrides):
     (dict(pairing=[[0.0, float("nan")]]), TypeError, "pairing weights must be finite"),
     (dict(student_temp=0.0), ValueError, "student_temp must be a positive finite float"),
     (dict(teacher_temp=float("inf")), ValueError, "teacher_temp must be a positive finite float"),
+    (dict(student_temp=1e-45), ValueError, r"student_temp must be at least 1.18e-38 .*got 1e-45"),
+    (dict(teacher_temp=1e-40), ValueError, r"teacher_temp must be at least 1.18e-38"),
     (dict(teacher=torch.zeros(6, 16, dtype=torch.float64)), TypeError, "must share one dtype"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
 ])
