@@ -720,6 +720,11 @@ def _bwd_config(head_dim, dtype, capability, packed=False):
         # fp32 (three TF32 products per dot) spills at 64-key blocks, and head_dim 256
         # needs over 164 KB of shared memory there: 32 x 32 tiles, one stage.
         cfg = dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=1)
+    elif head_dim > 64 and capability >= 90 and packed:
+        # The packed backward's sequence bookkeeping and the row-by-row prefix and own-
+        # column passes take the 64-row blocks below to 255 registers and 224 B of spills
+        # (fp16, head_dim 80, query rows seeing prefix and self): 32-row blocks.
+        cfg = dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=1)
     elif head_dim > 64 and capability >= 90:
         # dK, dV, dQ accumulators of 128 columns: 16-wide row and key steps keep the
         # 64-row blocks under 255 registers (32-wide ones spill).
