@@ -1241,11 +1241,15 @@ def prefix_probs_bwd(grad, probs, q, k, cu_seqlens, num_prefix, scale):
     """(dq, dk) of the prefix probabilities, by the softmax rule: for scores s = scale q.k,
     ds = probs * (grad - rowsum(grad * probs)). Batched or packed, any float dtype."""
     wide = probs.dtype
+    # The columns no prefix row sees have ds = 0; where() rather than a product keeps a
+    # NaN or inf there (0 x NaN is NaN) out of the prefix rows' dq and the column's dk.
     if q.dim() == 4:
+        seen = (probs != 0).any(-2)[..., None]                                  # (B, H, L, 1)
         ds = probs * (grad - (grad * probs).sum(-1, keepdim=True)) * scale
         dq = torch.zeros(q.shape, dtype=wide, device=q.device)
-        dq[:, :, :num_prefix] = ds @ k.to(wide)
-        return dq.to(q.dtype), (ds.transpose(-2, -1) @ q[:, :, :num_prefix].to(wide)).to(k.dtype)
+        dq[:, :, :num_prefix] = ds @ torch.where(seen, k.to(wide), 0)
+        dk = torch.where(seen, ds.transpose(-2, -1) @ q[:, :, :num_prefix].to(wide), 0)
+        return dq.to(q.dtype), dk.to(k.dtype)
     # Packed: column j meets the prefix rows of its own sequence, tokens first[j] + p.
     tokens = q.shape[0]
     seq = torch.searchsorted(cu_seqlens, torch.arange(tokens, device=q.device, dtype=cu_seqlens.dtype),
@@ -1254,9 +1258,11 @@ def prefix_probs_bwd(grad, probs, q, k, cu_seqlens, num_prefix, scale):
     row_sums = torch.zeros(*probs.shape[:2], cu_seqlens.numel() - 1, dtype=wide, device=q.device)
     row_sums.index_add_(2, seq, grad * probs)
     ds = probs * (grad - row_sums[:, :, seq]) * scale                      # (H, P, T)
-    dk = torch.einsum("hpt,tphd->thd", ds, q[prefix_tokens].to(wide))
+    seen = (probs != 0).any(1).transpose(0, 1)[..., None]                   # (T, H, 1)
+    dk = torch.where(seen, torch.einsum("hpt,tphd->thd", ds, q[prefix_tokens].to(wide)), 0)
     dq = torch.zeros(q.shape, dtype=wide, device=q.device)
-    dq.index_add_(0, prefix_tokens.flatten(), torch.einsum("hpt,thd->tphd", ds, k.to(wide)).flatten(0, 1))
+    dq.index_add_(0, prefix_tokens.flatten(),
+                  torch.einsum("hpt,thd->tphd", ds, torch.where(seen, k.to(wide), 0)).flatten(0, 1))
     return dq.to(q.dtype), dk.to(k.dtype)
 
 
