@@ -22,6 +22,40 @@ from .mask import QueryMask
 from .varlen import VarlenLayout
 
 
+# What a call's checks concluded, by what they read: a call like an earlier one (same
+# tensor shapes, dtypes and devices, same other arguments) skips them. They were most of
+# the op's host time per eager call. Calls under torch.compile always check (Dynamo
+# traces them once per graph anyway).
+_CHECKED = {}
+
+
+def _signature(tensors, *arguments):
+    """A hashable summary of what the checks read, or None when a tensor is of a kind they
+    must see for themselves (not a plain tensor). Arguments carry their types: True is
+    not 1, and 4.0 is not 4."""
+    for t in tensors:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return None
+    return (tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors),
+            tuple((type(a), a) for a in arguments), torch.is_grad_enabled())
+
+
+def _remembered(cache, key, check):
+    """check()'s result, from cache when a call with this key passed before."""
+    if key is None or torch.compiler.is_compiling():
+        return check()
+    try:
+        found = cache.get(key)
+    except TypeError:  # an unhashable argument: the checks name it
+        return check()
+    if found is None:
+        found = check()  # raises for a bad call, which is never remembered
+        if len(cache) >= 1024:
+            cache.clear()
+        cache[key] = found
+    return found
+
+
 def _check_int(name, value, low, high):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -117,10 +151,15 @@ def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_p
     Returns:
         (batch, heads, seq, head_dim) tensor in q's dtype.
     """
-    scale, mask = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
+    def check():
+        checked = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
                                query_sees_self, query_sees_queries, scale)
-    requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    backend = resolve(backend, q, requires_grad=requires_grad)
+        requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return (*checked, resolve(backend, q, requires_grad=requires_grad))
+
+    key = _signature((q, k, v), num_queries, num_prefix, query_sees_prefix, query_sees_self,
+                     query_sees_queries, scale, backend)
+    scale, mask, backend = _remembered(_CHECKED, key, check)
     if backend == "triton":
         return triton_attention(q, k, v, num_queries, num_prefix, mask, scale)
     return _BATCHED[backend](q, k, v, num_queries, num_prefix, mask, scale)
@@ -150,13 +189,20 @@ def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_
         Triton backend the gradient reaches qkv as one tensor written by the kernel:
         autograd stacks and copies nothing.
     """
-    _check_qkv(qkv, ("batch", "seq"))
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    scale, mask = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
+    def check():
+        _check_qkv(qkv, ("batch", "seq"))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        checked = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
                                query_sees_self, query_sees_queries, scale)
-    backend = resolve(backend, q, requires_grad=torch.is_grad_enabled() and qkv.requires_grad)
+        requires_grad = torch.is_grad_enabled() and qkv.requires_grad
+        return (*checked, resolve(backend, q, requires_grad=requires_grad))
+
+    key = _signature((qkv,), num_queries, num_prefix, query_sees_prefix, query_sees_self,
+                     query_sees_queries, scale, backend)
+    scale, mask, backend = _remembered(_CHECKED, key, check)
     if backend == "triton":
         return triton_qkvpacked_attention(qkv, num_queries, num_prefix, mask, scale)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     return _BATCHED[backend](q, k, v, num_queries, num_prefix, mask, scale).transpose(1, 2)
 
 
@@ -182,8 +228,9 @@ def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees
                         query_sees_self, query_sees_queries, scale, max_seqlen):
     """Validate a packed call. Returns (scale, mask, layout, tables): the QueryMask, the
     VarlenLayout (None when the caller gave cu_seqlens and max_seqlen, which are then
-    checked on the device, no sync), and what the Triton ops take: (cu_seqlens,
-    num_queries tensor, max_seqlen, forward tiles, backward tiles)."""
+    checked on the device, no sync), and, without a layout, what the Triton ops take:
+    (cu_seqlens, num_queries tensor, max_seqlen, forward tiles, backward tiles). With a
+    layout, `_tables` builds those for the launchers' current tile configs."""
     _check_tensors(q, k, v, ("total_tokens", "heads", "head_dim"))
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v must have the same (total_tokens, heads, head_dim) shape, "
@@ -210,7 +257,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees
                              f"got {offsets[0]} .. {offsets[-1]}")
         layout = VarlenLayout.from_offsets(offsets, queries, q.device)
     layout.check(num_prefix, mask)
-    return scale, mask, layout, varlen_tables(layout, q)
+    return scale, mask, layout, None
 
 
 def _check_layout(layout, q, num_queries, max_seqlen):
@@ -264,6 +311,21 @@ def _device_checked(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
     return cu_seqlens, queries, max_seqlen, None, None
 
 
+def _layout_key(cu_seqlens, tensors, *arguments):
+    """(cache, key) for a packed call: calls on one VarlenLayout remember their checks in
+    it (the layout holds its tile tables and is checked once already); calls on offsets
+    check every time, their values being on the device."""
+    if not isinstance(cu_seqlens, VarlenLayout):
+        return None, None
+    return cu_seqlens.checked_calls, _signature(tensors, *arguments)
+
+
+def _tables(layout, tables, q):
+    # Built per call, not remembered with the checks: the tile tables follow the
+    # launchers' tile configs, which bench.tune swaps between calls on one layout.
+    return varlen_tables(layout, q) if layout is not None else tables
+
+
 def _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale):
     """A PyTorch backend over packed sequences (host offsets needed: one sync if not known)."""
     if layout is None:
@@ -301,13 +363,20 @@ def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries=None, num_p
     """
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
-    scale, mask, layout, tables = check_varlen_inputs(
-        q, k, v, cu_seqlens, num_queries, num_prefix, query_sees_prefix, query_sees_self,
-        query_sees_queries, scale, max_seqlen)
-    requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    backend = resolve(backend, q, requires_grad=requires_grad)
+
+    def check():
+        checked = check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix,
+                                      query_sees_prefix, query_sees_self, query_sees_queries,
+                                      scale, max_seqlen)
+        requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return (*checked, resolve(backend, q, requires_grad=requires_grad))
+
+    scale, mask, layout, tables, backend = _remembered(*_layout_key(
+        cu_seqlens, (q, k, v), num_queries, num_prefix, query_sees_prefix, query_sees_self,
+        query_sees_queries, scale, max_seqlen, backend), check)
     if backend == "triton":
-        return triton_attention(q, k, v, 0, num_prefix, mask, scale, varlen=tables)
+        varlen = _tables(layout, tables, q)
+        return triton_attention(q, k, v, 0, num_prefix, mask, scale, varlen=varlen)
     return _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale)
 
 
@@ -318,14 +387,22 @@ def unidirectional_attention_varlen_qkvpacked(qkv, cu_seqlens, num_queries=None,
     """`unidirectional_attention_varlen` on a packed qkv projection (total_tokens, 3, heads,
     head_dim). Returns (total_tokens, heads, head_dim); with the Triton backend the
     gradient reaches qkv as one tensor written by the kernel."""
-    _check_qkv(qkv, ("total_tokens",))
-    q, k, v = qkv.unbind(1)
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
-    scale, mask, layout, tables = check_varlen_inputs(
-        q, k, v, cu_seqlens, num_queries, num_prefix, query_sees_prefix, query_sees_self,
-        query_sees_queries, scale, max_seqlen)
-    backend = resolve(backend, q, requires_grad=torch.is_grad_enabled() and qkv.requires_grad)
+
+    def check():
+        _check_qkv(qkv, ("total_tokens",))
+        q, k, v = qkv.unbind(1)
+        checked = check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix,
+                                      query_sees_prefix, query_sees_self, query_sees_queries,
+                                      scale, max_seqlen)
+        requires_grad = torch.is_grad_enabled() and qkv.requires_grad
+        return (*checked, resolve(backend, q, requires_grad=requires_grad))
+
+    scale, mask, layout, tables, backend = _remembered(*_layout_key(
+        cu_seqlens, (qkv,), num_queries, num_prefix, query_sees_prefix, query_sees_self,
+        query_sees_queries, scale, max_seqlen, backend), check)
     if backend == "triton":
+        tables = _tables(layout, tables, qkv)  # qkv has q's head_dim, dtype and device
         return triton_qkvpacked_attention(qkv, 0, num_prefix, mask, scale, varlen=tables)
-    return _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale)
+    return _varlen_peer(backend, *qkv.unbind(1), layout, tables, num_prefix, mask, scale)

@@ -35,7 +35,7 @@ import triton.language as tl
 from ._triton_common import (LOG2E, SHARED_MEMORY_PER_PROGRAM, block_d, device_capability, dot,
                              dot_mode)
 from .backends import triton_interpreter_enabled
-from .mask import QueryMask
+from .mask import QueryMask, query_mask
 
 Tensor = torch.Tensor
 
@@ -607,7 +607,7 @@ class Geometry(NamedTuple):
     def grid(self, block, tiles):
         if tiles is not None:  # one program per (tile, head): none is empty
             return tiles.shape[0], tiles.shape[0] * self.heads
-        blocks = triton.cdiv(self.max_len, block)
+        blocks = -(-self.max_len // block)  # triton.cdiv is a constexpr_function: slow on the host
         return blocks, blocks * self.num_seqs * self.heads
 
     def lse_strides(self):
@@ -657,22 +657,51 @@ def _empty_lse(q):
     return _empty_rows(1, q.shape[1], q.shape[0], q)[0]
 
 
+def _launch_constants(kind, head_dim, dtype, device, max_len, varlen, tiled, mask):
+    """(rows per program, the kernel's constexprs, the delta kernel's) of a launch, worked
+    out once per kind of call: a call's host time was otherwise spent re-deriving them.
+
+    The key holds everything the rules read, the rules themselves included, so the
+    interpreter switch, float32 matmul precision, the device's compute capability or a
+    config rule swapped in by bench.tune all still take effect.
+    """
+    rule = _fwd_config if kind == "fwd" else _bwd_config
+    interpreted, capability = triton_interpreter_enabled(), device_capability(device)
+    key = (kind, head_dim, dtype, device, max_len if kind == "fwd" else 0, varlen, tiled, mask,
+           interpreted, capability, torch.get_float32_matmul_precision(), rule)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), VARLEN=varlen, TILED=tiled)
+        if kind == "fwd":
+            cfg = rule(head_dim, dtype, capability, max_len, packed=varlen)
+            block, delta = cfg["BLOCK_M"], None
+        else:
+            cfg = dict(rule(head_dim, dtype, capability, packed=varlen))
+            block = cfg.pop("PROGRAM_BLOCK")
+            delta = dict(common, BLOCK_M=block)
+        found = (block, dict(cfg, DOT=dot_mode(dtype), **common, **_flags(mask)), delta)
+        if len(_CONSTANTS) >= 1024:  # a sweep of configs: start over rather than grow
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = found
+    return found
+
+
+_CONSTANTS = {}
+
+
 def attention_fwd(q, k, v, out, lse, geo, num_prefix, mask, scale):
     """Forward into out and lse (base-2 logsumexp, fp32), any q/k/v/out strides."""
     if out.numel() == 0:
         return
-    head_dim = q.shape[-1]
-    cfg = _fwd_config(head_dim, q.dtype, device_capability(q.device), geo.max_len,
-                      packed=geo.cu_seqlens is not None)
-    blocks, programs = geo.grid(cfg["BLOCK_M"], geo.fwd_tiles)
-    _unidirectional_fwd_kernel[(programs,)](
+    varlen = geo.cu_seqlens is not None
+    block, constants, _ = _launch_constants("fwd", q.shape[-1], q.dtype, q.device, geo.max_len,
+                                            varlen, geo.fwd_tiles is not None, mask)
+    blocks, programs = geo.grid(block, geo.fwd_tiles)
+    _unidirectional_fwd_kernel.run(
         q, k, v, out, lse, geo.cu_seqlens, geo.num_queries, geo.fwd_tiles,
         *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out),
         *geo.lse_strides(), blocks, geo.heads, geo.seq_len, geo.key_len, geo.visible,
-        geo.total_tokens, num_prefix, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT=dot_mode(q.dtype),
-        VARLEN=geo.cu_seqlens is not None, TILED=geo.fwd_tiles is not None, **_flags(mask),
-        **cfg)
+        geo.total_tokens, num_prefix, scale * LOG2E, grid=(programs,), warmup=False, **constants)
 
 
 def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask, scale):
@@ -680,27 +709,21 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
     if dq.numel() == 0:
         dk.zero_(), dv.zero_()
         return
-    head_dim = q.shape[-1]
-    padded_dim = block_d(head_dim)
     varlen, tiled = geo.cu_seqlens is not None, geo.bwd_tiles is not None
-    cfg = _bwd_config(head_dim, q.dtype, device_capability(q.device), packed=varlen)
-    program_block = cfg.pop("PROGRAM_BLOCK")
-    blocks, programs = geo.grid(program_block, geo.bwd_tiles)
+    block, constants, delta_constants = _launch_constants(
+        "bwd", q.shape[-1], q.dtype, q.device, geo.max_len, varlen, tiled, mask)
+    blocks, programs = geo.grid(block, geo.bwd_tiles)
     delta = _empty_lse(q)
-    _unidirectional_bwd_delta_kernel[(programs,)](
+    _unidirectional_bwd_delta_kernel.run(
         out, grad_out, delta, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
         *_bhld_strides(out), *_bhld_strides(grad_out), *geo.lse_strides(), blocks, geo.heads,
-        geo.seq_len, geo.total_tokens,
-        HEAD_DIM=head_dim, BLOCK_M=program_block, BLOCK_D=padded_dim, VARLEN=varlen,
-        TILED=tiled)
-    _unidirectional_bwd_kernel[(programs,)](
+        geo.seq_len, geo.total_tokens, grid=(programs,), warmup=False, **delta_constants)
+    _unidirectional_bwd_kernel.run(
         q, k, v, grad_out, lse, delta, dq, dk, dv, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
         *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(grad_out),
         *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *geo.lse_strides(),
         blocks, geo.heads, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens, num_prefix,
-        scale * LOG2E, scale,
-        HEAD_DIM=head_dim, BLOCK_D=padded_dim, DOT=dot_mode(q.dtype), VARLEN=varlen,
-        TILED=tiled, **_flags(mask), **cfg)
+        scale * LOG2E, scale, grid=(programs,), warmup=False, **constants)
 
 
 # ----------------------------------------------------------------------------------------
@@ -725,16 +748,32 @@ def _unpack(qkv):
     return qkv.unbind(1)
 
 
+def _forward(q, k, v, geo, num_prefix, mask, scale):
+    out, lse = _empty_out(q), _empty_lse(q)
+    attention_fwd(q, k, v, out, lse, geo, num_prefix, mask, scale)
+    return out, lse
+
+
+def _backward_qkv(grad_out, q, k, v, out, lse, geo, num_prefix, mask, scale):
+    dq, dk, dv = _empty_out(q), _empty_out(k), _empty_out(v)
+    attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask, scale)
+    return dq, dk, dv
+
+
+def _backward_packed(grad_out, qkv, out, lse, geo, num_prefix, mask, scale):
+    dqkv = _empty_qkv(qkv)
+    attention_bwd(grad_out, *_unpack(qkv), out, lse, *_unpack(dqkv), geo, num_prefix, mask, scale)
+    return dqkv
+
+
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor],
             num_queries_t: Optional[Tensor], fwd_tiles: Optional[Tensor],
             bwd_tiles: Optional[Tensor], num_queries: int, max_seqlen: int, num_prefix: int,
             query_sees_prefix: bool, query_sees_self: bool, query_sees_queries: bool,
             scale: float) -> tuple[Tensor, Tensor]:
-    out, lse = _empty_out(q), _empty_lse(q)
     geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
-    attention_fwd(q, k, v, out, lse, geo, num_prefix,
-                  QueryMask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
-    return out, lse
+    return _forward(q, k, v, geo, num_prefix,
+                    query_mask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
 
 
 _fwd_op = torch.library.custom_op("adclr_kernels::unidirectional_attention_fwd", _fwd_impl,
@@ -751,11 +790,9 @@ def _bwd_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
             fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
             max_seqlen: int, num_prefix: int, query_sees_prefix: bool, query_sees_self: bool,
             query_sees_queries: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _empty_out(q), _empty_out(k), _empty_out(v)
     geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
-    attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix,
-                  QueryMask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
-    return dq, dk, dv
+    return _backward_qkv(grad_out, q, k, v, out, lse, geo, num_prefix,
+                         query_mask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
 
 
 _bwd_op = torch.library.custom_op("adclr_kernels::unidirectional_attention_bwd", _bwd_impl,
@@ -782,8 +819,7 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         return (None,) * (3 + len(ctx.args))
     q, k, v, out, lse = ctx.saved_tensors
-    bwd = _bwd_impl if _eager_backward(ctx, grad_out) else _bwd_op
-    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, *ctx.args)
+    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, *ctx.args)
     return (dq, dk, dv) + (None,) * len(ctx.args)
 
 
@@ -814,12 +850,10 @@ def _qkv_bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
                 fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
                 max_seqlen: int, num_prefix: int, query_sees_prefix: bool,
                 query_sees_self: bool, query_sees_queries: bool, scale: float) -> Tensor:
-    dqkv = _empty_qkv(qkv)
-    q, k, v = _unpack(qkv)
+    q, k, _ = _unpack(qkv)
     geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
-    attention_bwd(grad_out, q, k, v, out, lse, *_unpack(dqkv), geo, num_prefix,
-                  QueryMask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
-    return dqkv
+    return _backward_packed(grad_out, qkv, out, lse, geo, num_prefix,
+                            query_mask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
 
 
 _qkv_bwd_op = torch.library.custom_op("adclr_kernels::qkvpacked_attention_bwd", _qkv_bwd_impl,
@@ -844,8 +878,7 @@ def _qkv_backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         return (None,) * (1 + len(ctx.args))
     qkv, out, lse = ctx.saved_tensors
-    bwd = _qkv_bwd_impl if _eager_backward(ctx, grad_out) else _qkv_bwd_op
-    return (bwd(grad_out, qkv, out, lse, *ctx.args),) + (None,) * len(ctx.args)
+    return (_qkv_bwd_op(grad_out, qkv, out, lse, *ctx.args),) + (None,) * len(ctx.args)
 
 
 _qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
@@ -868,27 +901,69 @@ def _eager(*tensors):
                     for t in tensors))
 
 
-def _eager_backward(ctx, grad_out):
-    """The backward of an eager forward may still have to take the custom op: when it is
-    traced (compiled autograd, a dispatch mode around .backward()), and under
-    create_graph=True, where only the op raises on a second derivative (the raw body
-    would give gradients with no graph: a silently missing second-order term)."""
-    return getattr(ctx, "eager", False) and not torch.is_grad_enabled() and _eager(grad_out)
+class _Call(NamedTuple):
+    """An eager call's non-tensor arguments, as the op takes them past its checks."""
+    packed_qkv: bool
+    num_queries: int
+    num_prefix: int
+    mask: QueryMask
+    scale: float
+    varlen: tuple  # (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles, bwd_tiles)
+
+    def geometry(self, q, k):
+        cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = self.varlen
+        return _geometry(q, k, self.num_queries, cu_seqlens, queries, fwd_tiles, bwd_tiles,
+                         max_seqlen)
+
+    def op_args(self):
+        """The custom ops' arguments after the tensors (their schemas take plain bools)."""
+        cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = self.varlen
+        mask = self.mask
+        return (cu_seqlens, queries, fwd_tiles, bwd_tiles, self.num_queries, max_seqlen,
+                self.num_prefix, mask.sees_prefix, mask.sees_self, mask.sees_queries, self.scale)
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The custom ops' bodies and autograd rules, called directly (see `_eager`)."""
+    """The custom ops' bodies and autograd rules, called directly (see `_eager`).
+
+    Autograd's work per call grows with the Function's inputs, outputs and the nodes
+    around it, so its inputs are one _Call and the differentiable tensors, its one output
+    is the attention output in the caller's layout ((B, L, H, D) for a packed qkv: no
+    transpose node), the logsumexp stays inside, and the geometry is worked out once.
+    """
 
     @staticmethod
-    def forward(ctx, packed_qkv, *inputs):
-        out, lse = (_qkv_fwd_impl if packed_qkv else _fwd_impl)(*inputs)
-        (_qkv_setup_context if packed_qkv else _setup_context)(ctx, inputs, (out, lse))
-        ctx.packed_qkv, ctx.eager = packed_qkv, True
-        return out, lse
+    def forward(ctx, call, *tensors):
+        q, k, v = _unpack(tensors[0]) if call.packed_qkv else tensors
+        geo = call.geometry(q, k)
+        out, lse = _forward(q, k, v, geo, call.num_prefix, call.mask, call.scale)
+        ctx.save_for_backward(*tensors, out, lse)
+        ctx.call, ctx.geo = call, geo
+        return out.transpose(1, 2) if call.packed_qkv and out.dim() == 4 else out
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        return (None, *(_qkv_backward if ctx.packed_qkv else _backward)(ctx, grad_out, grad_lse))
+    def backward(ctx, grad_out):
+        call, geo = ctx.call, ctx.geo
+        *tensors, out, lse = ctx.saved_tensors
+        if call.packed_qkv and out.dim() == 4:
+            grad_out = grad_out.transpose(1, 2)
+        if torch.is_grad_enabled() or not _eager(grad_out):
+            # A traced backward (compiled autograd, a dispatch mode around .backward())
+            # takes the op, and so does create_graph=True, where only the op raises on a
+            # second derivative (the raw body would give gradients with no graph: a
+            # silently missing second-order term).
+            op = _qkv_bwd_op if call.packed_qkv else _bwd_op
+            grads = op(grad_out, *tensors, out, lse, *call.op_args())
+        elif call.packed_qkv:
+            grads = _backward_packed(grad_out, tensors[0], out, lse, geo, call.num_prefix,
+                                     call.mask, call.scale)
+        else:
+            grads = _backward_qkv(grad_out, *tensors, out, lse, geo, call.num_prefix, call.mask,
+                                  call.scale)
+        return (None, grads) if call.packed_qkv else (None, *grads)
+
+
+_BATCHED = (None, None, 0, None, None)
 
 
 def triton_attention(q, k, v, num_queries, num_prefix, mask, scale, varlen=None):
@@ -897,21 +972,18 @@ def triton_attention(q, k, v, num_queries, num_prefix, mask, scale, varlen=None)
     mask: a QueryMask. varlen: (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles,
     bwd_tiles), e.g. `varlen_tables(layout, q)`.
     """
-    packed = varlen if varlen is not None else (None, None, 0, None, None)
-    cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
-    # The custom ops' schemas take plain bools (torch.library has no QueryMask).
-    args = (q, k, v, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen,
-            num_prefix, mask.sees_prefix, mask.sees_self, mask.sees_queries, scale)
-    out, _ = _EagerAttention.apply(False, *args) if _eager(q, k, v) else _fwd_op(*args)
+    call = _Call(False, num_queries, num_prefix, mask, scale, _BATCHED if varlen is None else varlen)
+    if _eager(q, k, v):
+        return _EagerAttention.apply(call, q, k, v)
+    out, _ = _fwd_op(q, k, v, *call.op_args())
     return out
 
 
 def triton_qkvpacked_attention(qkv, num_queries, num_prefix, mask, scale, varlen=None):
     """As `triton_attention` on a packed qkv projection; the output is (B, L, H, D) or
     (T, H, D), and the gradient reaches qkv as one tensor."""
-    packed = varlen if varlen is not None else (None, None, 0, None, None)
-    cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
-    args = (qkv, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen, num_prefix,
-            mask.sees_prefix, mask.sees_self, mask.sees_queries, scale)
-    out, _ = _EagerAttention.apply(True, *args) if _eager(qkv) else _qkv_fwd_op(*args)
+    call = _Call(True, num_queries, num_prefix, mask, scale, _BATCHED if varlen is None else varlen)
+    if _eager(qkv):
+        return _EagerAttention.apply(call, qkv)  # already (B, L, H, D) or (T, H, D)
+    out, _ = _qkv_fwd_op(qkv, *call.op_args())
     return out.transpose(1, 2) if qkv.dim() == 5 else out
