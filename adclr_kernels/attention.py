@@ -15,8 +15,9 @@ import math
 
 import torch
 
-from . import attention_torch
-from .attention_triton import triton_attention, triton_qkvpacked_attention, varlen_tables
+from . import attention_torch, attention_triton
+from .attention_triton import (triton_attention, triton_qkvpacked_attention, varlen_schedule,
+                               varlen_tables)
 from .backends import FLOAT_DTYPES, resolve
 from .mask import QueryMask
 from .varlen import VarlenLayout
@@ -226,11 +227,10 @@ def _check_device_offsets(cu_seqlens, queries, total_tokens, num_prefix, mask):
 
 def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees_prefix,
                         query_sees_self, query_sees_queries, scale, max_seqlen):
-    """Validate a packed call. Returns (scale, mask, layout, tables): the QueryMask, the
-    VarlenLayout (None when the caller gave cu_seqlens and max_seqlen, which are then
-    checked on the device, no sync), and, without a layout, what the Triton ops take:
-    (cu_seqlens, num_queries tensor, max_seqlen, forward tiles, backward tiles). With a
-    layout, `_tables` builds those for the launchers' current tile configs."""
+    """Validate a packed call. Returns (scale, mask, layout, offsets): the QueryMask, the
+    VarlenLayout (None when the caller gave cu_seqlens and max_seqlen: their values are
+    not checked yet, `_vouched` does it on the device, no sync), and then (cu_seqlens,
+    num_queries, max_seqlen, None, None)."""
     _check_tensors(q, k, v, ("total_tokens", "heads", "head_dim"))
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v must have the same (total_tokens, heads, head_dim) shape, "
@@ -246,8 +246,9 @@ def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees
     else:
         _check_offsets(q, cu_seqlens, num_queries)
         if max_seqlen is not None:
-            return scale, mask, None, _device_checked(q, cu_seqlens, num_queries, max_seqlen, num_prefix,
-                                                      mask)
+            _check_max_seqlen(q, max_seqlen)
+            # Their values are checked on the device, with the tile tables (`_vouched`).
+            return scale, mask, None, (cu_seqlens, num_queries, max_seqlen, None, None)
         # Checking the offsets needs them on the host: one sync. Callers that cannot
         # afford it pass max_seqlen (checked on the device) or, better, a VarlenLayout.
         queries = num_queries.tolist() if isinstance(num_queries, torch.Tensor) else num_queries
@@ -292,15 +293,25 @@ def _check_offsets(q, cu_seqlens, num_queries):
                         f"got {type(num_queries).__name__}")
 
 
-def _device_checked(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
-    """The Triton ops' arguments for offsets the caller vouched for with max_seqlen: their
-    values are checked on the device, no sync."""
+def _check_max_seqlen(q, max_seqlen):
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"max_seqlen must be a non-negative int or None, got {max_seqlen!r}")
     if max_seqlen == 0 and q.shape[0] > 0:
         raise ValueError(f"max_seqlen is 0 but there are {q.shape[0]} tokens")
+
+
+def _vouched(q, offsets, num_prefix, mask, backend):
+    """What a backend takes for offsets the caller vouched for with max_seqlen, their
+    values checked on the device without a sync: for an eager Triton call, one launch
+    that also writes the tile tables (`varlen_schedule`); otherwise torch ops, and the
+    kernels' grids cover max_seqlen for every sequence."""
+    cu_seqlens, num_queries, max_seqlen, _, _ = offsets
+    per_sequence = isinstance(num_queries, torch.Tensor)
+    eager = attention_triton._eager(q, cu_seqlens, *((num_queries,) if per_sequence else ()))
+    if backend == "triton" and eager:
+        return varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask)
     cu_seqlens = cu_seqlens.contiguous()
-    if isinstance(num_queries, torch.Tensor):
+    if per_sequence:
         # Values past int32 fail the range check below instead of wrapping around.
         queries = num_queries.clamp(-1, 2**31 - 1).to(torch.int32).contiguous()
     else:
@@ -320,10 +331,13 @@ def _layout_key(cu_seqlens, tensors, *arguments):
     return cu_seqlens.checked_calls, _signature(tensors, *arguments)
 
 
-def _tables(layout, tables, q):
-    # Built per call, not remembered with the checks: the tile tables follow the
-    # launchers' tile configs, which bench.tune swaps between calls on one layout.
-    return varlen_tables(layout, q) if layout is not None else tables
+def _tables(layout, offsets, q, num_prefix, mask, backend):
+    """What the backend takes for a packed call: the tile tables of a layout, built per call
+    and not remembered with the checks (they follow the launchers' tile configs, which
+    bench.tune swaps between calls on one layout), or the offsets checked on the device."""
+    if layout is not None:
+        return varlen_tables(layout, q) if backend == "triton" else None
+    return _vouched(q, offsets, num_prefix, mask, backend)
 
 
 def _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale):
@@ -371,12 +385,12 @@ def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries=None, num_p
         requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         return (*checked, resolve(backend, q, requires_grad=requires_grad))
 
-    scale, mask, layout, tables, backend = _remembered(*_layout_key(
+    scale, mask, layout, offsets, backend = _remembered(*_layout_key(
         cu_seqlens, (q, k, v), num_queries, num_prefix, query_sees_prefix, query_sees_self,
         query_sees_queries, scale, max_seqlen, backend), check)
+    tables = _tables(layout, offsets, q, num_prefix, mask, backend)
     if backend == "triton":
-        varlen = _tables(layout, tables, q)
-        return triton_attention(q, k, v, 0, num_prefix, mask, scale, varlen=varlen)
+        return triton_attention(q, k, v, 0, num_prefix, mask, scale, varlen=tables)
     return _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale)
 
 
@@ -399,10 +413,11 @@ def unidirectional_attention_varlen_qkvpacked(qkv, cu_seqlens, num_queries=None,
         requires_grad = torch.is_grad_enabled() and qkv.requires_grad
         return (*checked, resolve(backend, q, requires_grad=requires_grad))
 
-    scale, mask, layout, tables, backend = _remembered(*_layout_key(
+    scale, mask, layout, offsets, backend = _remembered(*_layout_key(
         cu_seqlens, (qkv,), num_queries, num_prefix, query_sees_prefix, query_sees_self,
         query_sees_queries, scale, max_seqlen, backend), check)
+    # qkv stands for q: it has q's tokens, head_dim, dtype and device.
+    tables = _tables(layout, offsets, qkv, num_prefix, mask, backend)
     if backend == "triton":
-        tables = _tables(layout, tables, qkv)  # qkv has q's head_dim, dtype and device
         return triton_qkvpacked_attention(qkv, 0, num_prefix, mask, scale, varlen=tables)
     return _varlen_peer(backend, *qkv.unbind(1), layout, tables, num_prefix, mask, scale)

@@ -502,6 +502,86 @@ def _unidirectional_bwd_kernel(
                  dq.to(DQ.dtype.element_ty), mask=q_mask)
 
 
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _write_tiles(TILES, s, count, first, capacity, max_blocks):
+    """(sequence, block) pairs of the sequences s, count[i] blocks each from slot first[i]."""
+    for j in range(0, max_blocks):
+        slot = first + j
+        ok = (j < count) & (slot < capacity)
+        tl.store(TILES + 2 * slot, s, mask=ok)
+        tl.store(TILES + 2 * slot + 1, s * 0 + j, mask=ok)
+
+
+@triton.jit
+def _pad_tiles(TILES, used, capacity, idle_block, CHUNK: tl.constexpr):
+    """Slots past the last tile: a block past the end of sequence 0, so those programs
+    load and store nothing."""
+    for start in range(used, capacity, CHUNK):
+        slot = start + tl.arange(0, CHUNK)
+        ok = slot < capacity
+        tl.store(TILES + 2 * slot, slot * 0, mask=ok)
+        tl.store(TILES + 2 * slot + 1, slot * 0 + idle_block, mask=ok)
+
+
+@triton.jit
+def _varlen_schedule_kernel(
+    CU_SEQLENS, NUM_QUERIES, CU_OUT, QUERIES_OUT, FWD_TILES, BWD_TILES, STATUS,
+    stride_cu, stride_nq, num_seqs, total_tokens, max_seqlen, all_queries, num_prefix,
+    fwd_capacity, bwd_capacity,
+    FWD_BLOCK: tl.constexpr, BWD_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    PER_SEQUENCE: tl.constexpr, NEEDS_RAW: tl.constexpr,
+):
+    """Offsets given with max_seqlen, in one program and without a host sync: checks their
+    values (STATUS[0] one bit per broken rule, STATUS[1] 1 when none is), copies them
+    (contiguous int32 counts), and writes the tile tables of the launches that follow,
+    FlashAttention-3 style: every (sequence, row block) with rows, in order, then idle
+    slots up to the capacity the host sized the grids for."""
+    errors = (tl.load(CU_SEQLENS) != 0) | (tl.load(CU_SEQLENS + num_seqs * stride_cu) != total_tokens)
+    errors = errors.to(tl.int32)
+    fwd_used = errors * 0
+    bwd_used = errors * 0
+    for c0 in range(0, num_seqs, CHUNK):
+        s = c0 + tl.arange(0, CHUNK)
+        ok = s < num_seqs
+        a = tl.load(CU_SEQLENS + s * stride_cu, mask=ok, other=0)
+        b = tl.load(CU_SEQLENS + (s + 1) * stride_cu, mask=ok, other=0)
+        length = b - a
+        if PER_SEQUENCE:
+            queries = tl.load(NUM_QUERIES + s * stride_nq, mask=ok, other=0).to(tl.int64)
+        else:
+            queries = (s * 0).to(tl.int64) + all_queries
+        raw = length - queries - num_prefix
+        bits = tl.where(length < 0, 2, 0)
+        bits |= tl.where((queries < 0) | (queries > length), 4, 0)
+        bits |= tl.where(raw < 0, 8, 0)
+        if NEEDS_RAW:
+            bits |= tl.where((queries > 0) & (raw <= 0), 16, 0)
+        bits |= tl.where(length > max_seqlen, 32, 0)
+        errors |= tl.reduce(tl.where(ok, bits, 0), 0, _or)
+        tl.store(CU_OUT + s, a, mask=ok)
+        tl.store(QUERIES_OUT + s, tl.minimum(tl.maximum(queries, -1), 2**31 - 1).to(tl.int32), mask=ok)
+        # Lengths outside [0, max_seqlen] are errors; clamped, they cannot overrun a table.
+        rows = tl.where(ok, tl.minimum(tl.maximum(length, 0), max_seqlen), 0)
+        count = (rows + FWD_BLOCK - 1) // FWD_BLOCK
+        _write_tiles(FWD_TILES, s, count, fwd_used + tl.cumsum(count, 0) - count, fwd_capacity,
+                     (max_seqlen + FWD_BLOCK - 1) // FWD_BLOCK)
+        fwd_used += tl.sum(count, 0)
+        count = (rows + BWD_BLOCK - 1) // BWD_BLOCK
+        _write_tiles(BWD_TILES, s, count, bwd_used + tl.cumsum(count, 0) - count, bwd_capacity,
+                     (max_seqlen + BWD_BLOCK - 1) // BWD_BLOCK)
+        bwd_used += tl.sum(count, 0)
+    tl.store(CU_OUT + num_seqs, tl.load(CU_SEQLENS + num_seqs * stride_cu))
+    _pad_tiles(FWD_TILES, fwd_used, fwd_capacity, total_tokens // FWD_BLOCK + 1, CHUNK)
+    _pad_tiles(BWD_TILES, bwd_used, bwd_capacity, total_tokens // BWD_BLOCK + 1, CHUNK)
+    tl.store(STATUS, errors)
+    tl.store(STATUS + 1, (errors == 0).to(tl.int32))
+
+
 # ----------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------
@@ -564,15 +644,79 @@ def _bwd_config(head_dim, dtype, capability, packed=False):
     return dict(cfg, PROGRAM_BLOCK=min(cfg["BLOCK_N1"], cfg["BLOCK_M2"]))
 
 
+def _table_blocks(q, max_len):
+    """Rows per program of the packed forward and backward launches for q (any tensor with
+    q's head_dim, dtype and device): the blocks their tile tables count in."""
+    head_dim, capability = q.shape[-1], device_capability(q.device)
+    return (_fwd_config(head_dim, q.dtype, capability, max_len, packed=True)["BLOCK_M"],
+            _bwd_config(head_dim, q.dtype, capability, packed=True)["PROGRAM_BLOCK"])
+
+
 def varlen_tables(layout, q):
     """What the kernels take for a `VarlenLayout`: (cu_seqlens, num_queries tensor,
     max_seqlen, forward tiles, backward tiles), the tile tables built for the rows per
     program the launchers pick for q's head_dim, dtype and device."""
-    head_dim, capability = q.shape[-1], device_capability(q.device)
-    fwd_block = _fwd_config(head_dim, q.dtype, capability, layout.max_seqlen, packed=True)["BLOCK_M"]
-    bwd_block = _bwd_config(head_dim, q.dtype, capability, packed=True)["PROGRAM_BLOCK"]
+    fwd_block, bwd_block = _table_blocks(q, layout.max_seqlen)
     return (layout.cu_seqlens, layout.num_queries, layout.max_seqlen, layout.tiles(fwd_block),
             layout.tiles(bwd_block))
+
+
+def tile_capacity(num_seqs, total_tokens, max_seqlen, block):
+    """Slots of a tile table for offsets known only on the device: at most
+    ceil(max_seqlen / block) blocks per sequence, and at most (total_tokens + num_seqs *
+    (block - 1)) // block in all (each sequence wastes under one block)."""
+    return min(num_seqs * -(-max_seqlen // block), (total_tokens + num_seqs * (block - 1)) // block)
+
+
+# The rules _varlen_schedule_kernel checks, by bit, in the order they are reported.
+SCHEDULE_ERRORS = (
+    (1, "cu_seqlens must start at 0 and end at total_tokens = {total}"),
+    (2, "cu_seqlens must be non-decreasing"),
+    (4, "num_queries[i] must be in [0, length of sequence i]"),
+    (8, "num_prefix ({num_prefix}) exceeds the visible tokens of a sequence"),
+    (16, "query rows of a sequence would attend to nothing: it has no raw tokens; set "
+         "query_sees_prefix, query_sees_self or query_sees_queries"),
+    (32, "max_seqlen ({max_seqlen}) is smaller than the longest sequence"),
+)
+
+
+def varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
+    """What the kernels take for offsets given with max_seqlen, from one small launch and
+    no host sync: (cu_seqlens, num_queries tensor, max_seqlen, forward tiles, backward
+    tiles). The launch checks the offsets' values; a broken rule raises here on CPU
+    (the interpreter runs synchronously) and fails a device assert on CUDA, which
+    surfaces at the next synchronising call.
+
+    The grids then have one program per tile-table slot and head: every (sequence, row
+    block) with rows, and the few idle slots that the host's bound on their number leaves.
+    """
+    num_seqs, total = cu_seqlens.numel() - 1, q.shape[0]
+    fwd_block, bwd_block = _table_blocks(q, max_seqlen)
+    fwd_capacity = tile_capacity(num_seqs, total, max_seqlen, fwd_block)
+    bwd_capacity = tile_capacity(num_seqs, total, max_seqlen, bwd_block)
+    ints = torch.empty(2 * num_seqs + 3 + 2 * (fwd_capacity + bwd_capacity), dtype=torch.int32,
+                       device=q.device)
+    cu_out, queries_out, status, fwd_tiles, bwd_tiles = ints.split(
+        [num_seqs + 1, num_seqs, 2, 2 * fwd_capacity, 2 * bwd_capacity])
+    per_sequence = isinstance(num_queries, torch.Tensor)
+    _varlen_schedule_kernel.run(
+        cu_seqlens, num_queries if per_sequence else cu_seqlens, cu_out, queries_out, fwd_tiles,
+        bwd_tiles, status, cu_seqlens.stride(0), num_queries.stride(0) if per_sequence else 0,
+        num_seqs, total, max_seqlen, 0 if per_sequence else num_queries, num_prefix,
+        fwd_capacity, bwd_capacity, grid=(1,), warmup=False, FWD_BLOCK=fwd_block,
+        BWD_BLOCK=bwd_block, CHUNK=128, PER_SEQUENCE=per_sequence,
+        NEEDS_RAW=not (mask.sees_self or (mask.sees_prefix and num_prefix > 0)), num_warps=4)
+    if q.device.type == "cuda":
+        torch._assert_async(status[1], "cu_seqlens, num_queries or max_seqlen break a rule of "
+                            "the varlen op (" + "; ".join(m for _, m in SCHEDULE_ERRORS) + ")")
+    else:
+        errors = int(status[0])
+        for bit, message in SCHEDULE_ERRORS:
+            if errors & bit:
+                raise RuntimeError(message.format(total=total, num_prefix=num_prefix,
+                                                  max_seqlen=max_seqlen))
+    return (cu_out, queries_out, max_seqlen, fwd_tiles.view(fwd_capacity, 2),
+            bwd_tiles.view(bwd_capacity, 2))
 
 
 def _bhld_strides(t):
@@ -697,6 +841,8 @@ def attention_fwd(q, k, v, out, lse, geo, num_prefix, mask, scale):
     block, constants, _ = _launch_constants("fwd", q.shape[-1], q.dtype, q.device, geo.max_len,
                                             varlen, geo.fwd_tiles is not None, mask)
     blocks, programs = geo.grid(block, geo.fwd_tiles)
+    if programs == 0:  # an empty tile table: offsets that failed their device check
+        return
     _unidirectional_fwd_kernel.run(
         q, k, v, out, lse, geo.cu_seqlens, geo.num_queries, geo.fwd_tiles,
         *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out),
@@ -713,6 +859,8 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
     block, constants, delta_constants = _launch_constants(
         "bwd", q.shape[-1], q.dtype, q.device, geo.max_len, varlen, tiled, mask)
     blocks, programs = geo.grid(block, geo.bwd_tiles)
+    if programs == 0:
+        return
     delta = _empty_lse(q)
     _unidirectional_bwd_delta_kernel.run(
         out, grad_out, delta, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,

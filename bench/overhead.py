@@ -51,6 +51,9 @@ def stubbed(depth, launches):
 
     saved = T.attention_fwd, T.attention_bwd
     kernels = [k for k in vars(T).values() if isinstance(k, triton.runtime.JITFunction)]
+    schedule = getattr(T, "_varlen_schedule_kernel", None)
+    if schedule is not None:  # offsets with max_seqlen: report "no broken rule"
+        schedule.run = lambda *args, grid, warmup, **kwargs: args[6].zero_()
     if depth == "launchers":
         T.attention_fwd = T.attention_bwd = lambda *a, **k: None
     else:
@@ -59,7 +62,8 @@ def stubbed(depth, launches):
                 launches.setdefault(kernel.fn.__name__, (kernel, args, kwargs))
             return run
         for kernel in kernels:
-            kernel.run = recorder(kernel)
+            if kernel is not schedule:
+                kernel.run = recorder(kernel)
     try:
         yield
     finally:
