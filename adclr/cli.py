@@ -160,7 +160,7 @@ def _add_eval_parser(commands):
                              help="dense: classes 0..N-1 (default: 1 + the largest label in the train masks)")
     eval_parser.add_argument("--device", type=checked(str, ALLOWED["device"]), default="auto")
     eval_parser.add_argument("--num-workers", type=checked(int, ">= -1"), default=-1,
-                             help="loader processes; -1 = one per free core (max 8)")
+                             help="loader processes; -1 = one per free core, less one for this process (default)")
     eval_parser.add_argument("--limit", type=checked(int, ">= 0"), default=None,
                              help="use at most this many images per split; 0 = all (default: all; "
                                   f"dense on built-in data on a CPU: {eval_dense.BUILTIN_CPU_LIMIT})")
@@ -173,6 +173,8 @@ def _add_compare_parser(commands):
         usage="adclr compare [--seeds S ...] [--eval-images N] [any adclr train --flag VALUE ...]")
     compare_parser.add_argument("--seeds", type=checked(int, ALLOWED["seed"]), nargs="+", default=[0, 1, 2],
                                 help="one ADCLR and one DINO run per seed (default: 0 1 2)")
+    compare_parser.add_argument("--methods", nargs="+", choices=compare.LABELS, default=list(compare.METHODS[1:]),
+                                help="what to train and score beside random init (default: dino adclr)")
     compare_parser.add_argument("--eval-images", type=checked(int, ">= 1"), default=None,
                                 help=f"images per split for k-NN, linear and dense (default: {compare.EVAL_IMAGES})")
     add_config_flags(compare_parser)
@@ -201,7 +203,7 @@ def _add_show_parser(commands):
                        help="train images for the probe; 0 = all (default: all; built-in data: "
                             f"{eval_dense.BUILTIN_CPU_LIMIT})")
     dense.add_argument("--num-workers", type=checked(int, ">= -1"), default=-1,
-                       help="loader processes; -1 = one per free core (max 8)")
+                       help="loader processes; -1 = one per free core, less one for this process (default)")
     curves = pictures.add_parser("curves", help="losses, lr, teacher temperature (and k-NN if logged) "
                                                 "from a run's metrics.jsonl, written beside it as metrics.png")
     curves.add_argument("run", help="a run folder (adclr train --out) or its metrics.jsonl")
@@ -260,14 +262,16 @@ def run_eval(args):
 
 
 def run_compare(args):
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in _flags(args, "seeds", "eval_images").items()}
+    given = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in _flags(args, "seeds", "eval_images", "methods").items()}
     if "seed" in given:
         args.parser.error("argument --seed: adclr compare takes --seeds")
     cfg = Config(**{**compare.PRESET, **given})
     errors = config_errors(cfg)
     if errors:
         args.parser.error(f"argument {errors[0]}")
-    _run_job(compare.compare, cfg, args.seeds, eval_images=args.eval_images or compare.EVAL_IMAGES)
+    _run_job(compare.compare, cfg, args.seeds, eval_images=args.eval_images or compare.EVAL_IMAGES,
+             methods=args.methods)
 
 
 def run_show(args):

@@ -52,7 +52,11 @@ PRESET = {
     "device": "cpu",
 }
 METHODS = ("random", "dino", "adclr")
-LABELS = {"random": "random init", "dino": "DINO (lambda = 0)", "adclr": "ADCLR"}
+LABELS = {"random": "random init", "dino": "DINO (lambda = 0)", "adclr": "ADCLR", "densecl": "DenseCL",
+          "ccmim": "ccMIM"}
+# What each trained method changes in the shared settings (`--methods`; docs/methods.md).
+RUNS = {"dino": dict(method="adclr", lambda_query=0.0), "adclr": dict(method="adclr"),
+        "densecl": dict(method="densecl"), "ccmim": dict(method="ccmim")}
 METRICS = (("knn", "k-NN"), ("linear", "linear"), ("miou", "mIoU"), ("pixel_accuracy", "pixel acc."))
 # Evaluation sizes: images per split (the built-in sets have 10000 train, 2000 val).
 EVAL_IMAGES = 2000
@@ -105,9 +109,9 @@ def summary(values):
     return mean, spread
 
 
-def table(results, seeds, reference=None):
-    """Markdown: one row per method (mean +- std over seeds, in %), then ADCLR - DINO per seed,
-    then `reference` ({"miou", "pixel_accuracy"} of `every_patch_right`) if given."""
+def table(results, seeds, reference=None, methods=METHODS):
+    """Markdown: one row per method (mean +- std over seeds, in %), then ADCLR - DINO per seed
+    when both ran, then `reference` ({"miou", "pixel_accuracy"} of `every_patch_right`) if given."""
     head = "| backbone | " + " | ".join(name for _, name in METRICS) + " |"
     lines = [head, "|---" * (len(METRICS) + 1) + "|"]
 
@@ -115,27 +119,30 @@ def table(results, seeds, reference=None):
         mean, spread = summary([100 * v for v in values])
         return f"{mean:.1f} ± {spread:.1f}"
 
-    for method in METHODS:
+    for method in methods:
         lines.append(f"| {LABELS[method]} | " + " | ".join(
             cell([results[s][method][key] for s in seeds]) for key, _ in METRICS) + " |")
-    lines.append("| ADCLR − DINO (paired by seed) | " + " | ".join(
-        cell([results[s]["adclr"][key] - results[s]["dino"][key] for s in seeds]) for key, _ in METRICS) + " |")
+    if {"adclr", "dino"} <= set(methods):
+        lines.append("| ADCLR − DINO (paired by seed) | " + " | ".join(
+            cell([results[s]["adclr"][key] - results[s]["dino"][key] for s in seeds]) for key, _ in METRICS) + " |")
     if reference:
         lines.append("| every patch right (val labels, no model) | " + " | ".join(
             f"{100 * reference[key]:.1f}" if key in reference else "–" for key, _ in METRICS) + " |")
     return "\n".join(lines)
 
 
-def compare(cfg, seeds, lambda_query=None, eval_images=EVAL_IMAGES, dense_epochs=None):
+def compare(cfg, seeds, lambda_query=None, eval_images=EVAL_IMAGES, dense_epochs=None, methods=METHODS[1:]):
     """Train and score every (seed, method); write OUT/compare.md and OUT/compare.json.
 
-    cfg: the run settings shared by both methods (`cfg.out` is the comparison's folder);
-    ADCLR trains with cfg.lambda_query, DINO with 0. Returns {seed: {method: scores}}.
+    cfg: the run settings shared by every method (`cfg.out` is the comparison's folder);
+    ADCLR trains with cfg.lambda_query, DINO with 0, DenseCL and ccMIM with their own
+    losses (`RUNS`); random init is always scored. Returns {seed: {method: scores}}.
     What a user must fix, the evaluation data included, is said in one line before any training.
     """
-    if cfg.lambda_query == 0:
+    methods = ("random", *dict.fromkeys(m for m in methods if m != "random"))
+    if "adclr" in methods and cfg.lambda_query == 0:
         raise SystemExit("error: --lambda-query 0 would compare DINO with itself; give ADCLR's lambda (> 0)")
-    if cfg.num_queries == 0:
+    if "adclr" in methods and cfg.num_queries == 0:
         raise SystemExit("error: --num-queries 0 leaves ADCLR without query crops; give at least 1")
     twice = [seed for i, seed in enumerate(seeds) if seed in seeds[:i]]
     if twice:
@@ -144,7 +151,7 @@ def compare(cfg, seeds, lambda_query=None, eval_images=EVAL_IMAGES, dense_epochs
     make_folder(cfg.out)
     try:
         with folder_lock(cfg.out):
-            return _compare(cfg, seeds, eval_images, dense_epochs)
+            return _compare(cfg, seeds, eval_images, dense_epochs, methods)
     except FolderInUse as error:
         raise SystemExit(f"error: --out {error}; wait for it to end, or choose another --out") from None
 
@@ -159,7 +166,7 @@ def _check_eval_data(data):
         raise SystemExit(f"error: --data: compare scores a dense probe too: {error}") from None
 
 
-def _compare(cfg, seeds, eval_images, dense_epochs):
+def _compare(cfg, seeds, eval_images, dense_epochs, methods):
     """`compare` in its claimed folder."""
     if cfg.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Measured on 2 shared cores: a 64 px vit_test step took 1.65 s of CPU with 2 threads,
@@ -169,9 +176,9 @@ def _compare(cfg, seeds, eval_images, dense_epochs):
     t0, results = time.perf_counter(), {}
     for seed in seeds:
         results[seed] = {}
-        for method in METHODS:
+        for method in methods:
             run = dataclasses.replace(cfg, seed=seed, out=os.path.join(cfg.out, f"seed{seed}", method),
-                                      lambda_query=0.0 if method == "dino" else cfg.lambda_query)
+                                      **RUNS.get(method, {}))
             make_folder(run.out)
             if method == "random":  # the teacher as both runs of this seed start
                 backbone = lambda: build(run, "cpu").teacher.backbone  # noqa: E731
@@ -187,13 +194,13 @@ def _compare(cfg, seeds, eval_images, dense_epochs):
                 f"{name} {100 * scores[key]:.1f}%" for key, name in METRICS), file=sys.stderr, flush=True)
     reference = _cached(os.path.join(cfg.out, "every_patch_right.json"), lambda: every_patch_right(cfg, eval_images))
     elapsed = time.perf_counter() - t0
-    text = table(results, seeds, reference)
+    text = table(results, seeds, reference, methods)
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "seed")}
     note = (f"\n\nMean ± sample standard deviation over seeds {', '.join(map(str, seeds))}, in %. "
             f"Training settings: {json.dumps(settings)}\n")
     write_atomically(os.path.join(cfg.out, "compare.md"), lambda f: f.write((text + note).encode()))
     write_json_atomically(os.path.join(cfg.out, "compare.json"), {
-        "seeds": list(seeds), "settings": settings, "eval_images": eval_images,
+        "seeds": list(seeds), "methods": list(methods), "settings": settings, "eval_images": eval_images,
         "results": {str(s): r for s, r in results.items()}, "every_patch_right": reference, "seconds": elapsed})
     print(text)
     print(f"compare: {len(seeds)} seeds in {elapsed / 60:.1f} min; table in {os.path.join(cfg.out, 'compare.md')}",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import colorsys
 import ctypes
 import functools
+import io
 import math
 import os
 import sys
@@ -588,11 +589,17 @@ class DecodeOnlyDataset(torch.utils.data.Dataset):
     Pillow's crops of the full image: the decoder's reduction averages first, and they
     differ from them by a fraction of a level on average, a few levels at most; False
     decodes every image whole.
+
+    encoded: hand out a JPEG file that nvJPEG can take (`encodable`) undecoded, as its
+    bytes ("encoded" instead of "image"), with the boxes drawn on the size its header
+    gives, which is the decoded size: `JpegDecoder` decodes a batch of them on the GPU.
+    Every other file is decoded here as without it.
     """
 
     def __init__(self, base, image_size, local_size, patch_size, num_local_crops, num_queries,
-                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), query_scale=(0.05, 0.15), draft=True):
-        self.base, self.draft = base, draft
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), query_scale=(0.05, 0.15), draft=True,
+                 encoded=False):
+        self.base, self.draft, self.encoded = base, draft, encoded
         self._stream = TorchStream()
         self.image_size, self.local_size, self.patch_size = image_size, local_size, patch_size
         self.num_local_crops, self.num_queries = num_local_crops, num_queries
@@ -626,33 +633,72 @@ class DecodeOnlyDataset(torch.utils.data.Dataset):
         return next((r for r in (8, 4, 2) if room >= 2 * r), 1) if self.draft else 1
 
     def __getitem__(self, item):
-        index, seed = item
-        for skipped in range(101):  # an unreadable file is counted and the next one taken
-            sample = self._decode((index + skipped) % len(self.base), seed)
-            if sample is not None:
-                return {"index": index, "skipped": skipped, **sample}
-        raise RuntimeError(f"more than 100 consecutive unreadable images after index {index}")
+        return self._item(item, self.encoded)
 
-    def _decode(self, i, seed):
+    def decoded(self, item):
+        """Item `item` with its image decoded here whatever `encoded` says: what a worker of
+        `--decode cpu` hands out (the main process's fallback for a file nvJPEG rejects)."""
+        return self._item(item, False)
+
+    def _item(self, item, encoded):
+        """As MultiCropDataset's items: an unreadable file is counted in "skipped" and the
+        next one taken; after UNREADABLE_IN_A_ROW of them (or all of a smaller set), a blank
+        image and "readable" False: the run stops there."""
+        index, seed = item
+        limit = min(UNREADABLE_IN_A_ROW, len(self.base))
+        for skipped in range(limit):
+            sample = self._decode((index + skipped) % len(self.base), seed, encoded)
+            if sample is not None:
+                return {"index": index, "seed": seed, "skipped": skipped, "readable": True, **sample}
+        blank = self._sample(Image.new("RGB", (self.image_size, self.image_size)), seed, False)
+        return {"index": index, "seed": seed, "skipped": limit, "readable": False, **blank}
+
+    def _decode(self, i, seed, encoded):
         """The item of image i, or None where ImageFolder.load would give None."""
         try:
             image = self.base.open(i)
         except Exception:  # not an image, unreadable, too large for Pillow: skip, never fatal
             return None
         with image:
-            width, height = image.size
-            global_, local, query, global_flips, local_flips = self.boxes(width, height, seed)
+            return self._sample(image, seed, encoded)
+
+    def _sample(self, image, seed, encoded):
+        """The item of an opened image, or None where its pixels cannot be decoded."""
+        width, height = image.size
+        global_, local, query, global_flips, local_flips = self.boxes(width, height, seed)
+        data = encodable(image) if encoded else None
+        if data is not None:
+            content, reduction = {"encoded": data}, 1
+        else:
             try:
                 pixels, reduction = decode(image, self.reduction(global_, local, query))
             except Exception:  # truncated or corrupt pixel data
                 return None
+            content = {"image": pixels}
 
         def reduced(boxes):  # a power-of-two division: exact in float32
             return torch.tensor(boxes, dtype=torch.float32).view(-1, 4) / reduction
 
-        return {"image": pixels, "reduction": reduction, "global_boxes": reduced(global_),
+        return {**content, "reduction": reduction, "global_boxes": reduced(global_),
                 "local_boxes": reduced(local), "query_boxes": reduced(query),
                 "global_flips": global_flips, "local_flips": local_flips}
+
+
+def encodable(image):
+    """The file bytes of an opened PIL image, as a uint8 tensor, where nvJPEG can decode
+    them in Pillow's place: a JPEG in RGB (YCbCr) that ends as a whole file does. None
+    for the rest, which Pillow decodes: other formats, grey and CMYK JPEGs (one such image
+    that nvJPEG refused would send its whole batch down the slow path), and a file cut
+    short, which Pillow's decode finds unreadable, so that it is skipped as before.
+    """
+    if image.format not in ("JPEG", "MPO") or image.mode != "RGB" or getattr(image, "fp", None) is None:
+        return None
+    try:
+        image.fp.seek(0)
+        data = image.fp.read()
+    except OSError:  # left to the decode, which skips a file it cannot read
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data.endswith(b"\xff\xd9") else None
 
 
 def keep_freed_memory(worker_id=None):
@@ -673,21 +719,35 @@ def keep_freed_memory(worker_id=None):
 
 
 def collate_decoded(samples):
-    """A batch of DecodeOnlyDataset items: the images in one flat buffer (`PackedImages`,
-    in shared memory inside a loader worker, so that it reaches the main process
-    without another copy), boxes, flips and counts stacked."""
+    """A batch of DecodeOnlyDataset items: the decoded images in one flat buffer
+    (`PackedImages`) and the encoded files' bytes in another ("encoded", with their
+    "encoded_sizes" and which items they are, "is_encoded"), both in shared memory inside
+    a loader worker, so that they reach the main process without another copy; boxes,
+    flips and counts stacked; the sample seeds as a list (they pass int64)."""
     from adclr_kernels.crops import pack_images
 
-    images = [s["image"] for s in samples]
-    buffer = None
-    if torch.utils.data.get_worker_info() is not None:  # allocated shared, as default_collate does
-        storage = torch.UntypedStorage._new_shared(sum(image.numel() for image in images))
-        buffer = torch.tensor([], dtype=torch.uint8).set_(storage)
-    batch = {"images": pack_images(images, out=buffer)}
+    images = [s["image"] for s in samples if "image" in s]
+    encoded = [s["encoded"] for s in samples if "encoded" in s]
+    batch = {}
+    if images:
+        batch["images"] = pack_images(images, out=_shared_bytes(sum(image.numel() for image in images)))
+    if encoded:
+        batch["encoded"] = torch.cat(encoded, out=_shared_bytes(sum(e.numel() for e in encoded)))
+        batch["encoded_sizes"] = torch.tensor([e.numel() for e in encoded])
+        batch["is_encoded"] = torch.tensor(["encoded" in s for s in samples])
     batch |= {key: torch.stack([s[key] for s in samples]) for key in
               ("global_boxes", "local_boxes", "query_boxes", "global_flips", "local_flips")}
-    batch |= {key: torch.tensor([s[key] for s in samples]) for key in ("index", "skipped", "reduction")}
+    batch |= {key: torch.tensor([s[key] for s in samples]) for key in ("index", "skipped", "readable", "reduction")}
+    batch["seed"] = [s["seed"] for s in samples]
     return batch
+
+
+def _shared_bytes(size):
+    """A uint8 buffer of `size` bytes allocated shared inside a loader worker, as
+    default_collate allocates; None elsewhere (the copy then makes a plain one)."""
+    if torch.utils.data.get_worker_info() is None:
+        return None
+    return torch.tensor([], dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
 
 
 def cut_crops(batch, image_size, local_size, patch_size, flip=True, out_dtype=torch.uint8):
@@ -702,6 +762,155 @@ def cut_crops(batch, image_size, local_size, patch_size, flip=True, out_dtype=to
     return {"globals": crop_resize(images, batch["global_boxes"], image_size, flips=global_flips, out_dtype=out_dtype),
             "locals": crop_resize(images, batch["local_boxes"], local_size, flips=local_flips, out_dtype=out_dtype),
             "queries": crop_resize(images, batch["query_boxes"], patch_size, out_dtype=out_dtype)}
+
+
+# --------------------------------------------------------------------------- in the training process
+
+DECODE = ("auto", "pillow", "cpu", "gpu")
+
+
+def decode_mode(decode, device):
+    """What `--decode` means on `device`: "pillow", "cpu" or "gpu".
+
+    auto: "cpu" on a CUDA device (workers decode, the GPU cuts the crops), "pillow" on a
+    CPU (the crops are the same, and Pillow's workers cut them beside the training
+    instead of in it). "gpu" raises ValueError saying what is missing when it cannot
+    decode here.
+    """
+    device = torch.device(device)
+    if decode == "auto":
+        return "cpu" if device.type == "cuda" else "pillow"
+    if decode == "gpu":
+        check_gpu_decode(device)
+    return decode
+
+
+def check_gpu_decode(device):
+    """ValueError, saying what to install, unless torchvision decodes JPEGs on `device`:
+    one tiny JPEG decoded there (a torchvision built without nvJPEG fails only then)."""
+    if device.type != "cuda":
+        raise ValueError(f"decodes on a CUDA device, and this run is on {device}")
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception as error:  # not installed, or built for another torch (its ops fail to load)
+        raise ValueError(f"needs torchvision built for this torch with CUDA ({error}); "
+                         "pip install torchvision (the version that matches torch)") from None
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 30)).save(buffer, "JPEG")
+    try:
+        decode_jpeg([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)],
+                    mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as error:
+        raise ValueError(f"torchvision cannot decode JPEGs on {device} ({error}); "
+                         "install a torchvision built with CUDA") from None
+
+
+def decode_jpegs(jpegs, device, stream):
+    """RGB (3, H, W) uint8 images on `device` of `jpegs` (1-D uint8 CPU tensors, JPEG
+    files), decoded together by nvJPEG (torchvision), ready for the current stream.
+
+    nvJPEG's hardware engine writes into its outputs without waiting for the work
+    queued before it on the stream they were allocated on (pytorch/vision PR #9606):
+    they are allocated on `stream`, which only ever decodes and is drained first, never
+    on the training's stream. The outputs are marked used on the current stream, so
+    that their memory returns to `stream` only once the step is done with them.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    current = torch.cuda.current_stream(device)
+    stream.synchronize()
+    with torch.cuda.stream(stream):
+        images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    current.wait_stream(stream)
+    for image in images:
+        image.record_stream(current)
+    return images
+
+
+class JpegDecoder:
+    """The images of a batch of DecodeOnlyDataset(encoded=True) on a CUDA device, as one
+    `PackedImages` in batch order: the JPEG files its workers handed out as bytes
+    decoded together by nvJPEG (`decode_jpegs`), the others as the workers decoded them.
+
+    A file nvJPEG rejects is decoded on the CPU instead, as `--decode cpu` would
+    (`DecodeOnlyDataset.decoded`: the same boxes; the next file, counted in the batch's
+    "skipped", where Pillow cannot read it either), and counted in `rejected`.
+    """
+
+    def __init__(self, dataset, device):
+        self.dataset, self.device, self.rejected = dataset, torch.device(device), 0
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def __call__(self, batch):
+        from adclr_kernels.crops import pack_images
+
+        where = batch["is_encoded"].nonzero().flatten().tolist()
+        images = [None] * len(batch["is_encoded"])
+        if "images" in batch:
+            moved = batch["images"].to(self.device, non_blocking=True)
+            for j, i in enumerate(i for i in range(len(images)) if not batch["is_encoded"][i]):
+                images[i] = moved.image(j)
+        jpegs = list(batch["encoded"].split(batch["encoded_sizes"].tolist()))
+        for i, image in zip(where, self.decode(jpegs)):
+            images[i] = image if image is not None else self.on_cpu(batch, i)
+        return pack_images(images)
+
+    def decode(self, jpegs):
+        """nvJPEG's images of `jpegs`, None for each file it rejects."""
+        try:
+            return decode_jpegs(jpegs, self.device, self.stream)
+        except RuntimeError as error:  # one file fails the whole call: find which
+            images = []
+            for jpeg in jpegs:
+                try:
+                    images += decode_jpegs([jpeg], self.device, self.stream)
+                except RuntimeError:
+                    images.append(None)
+            if all(image is None for image in images):  # not the files: the decoder itself
+                raise error
+            return images
+
+    def on_cpu(self, batch, i):
+        """Image i of `batch` decoded by Pillow, on the device; its boxes, flips and counts
+        written into the batch."""
+        index, base = int(batch["index"][i]), self.dataset.base
+        if not self.rejected:
+            path = base.samples[(index + int(batch["skipped"][i])) % len(base)][0]
+            print(f"warning: nvJPEG cannot decode {path}; the files it rejects are decoded on the CPU",
+                  file=sys.stderr)
+        self.rejected += 1
+        item = self.dataset.decoded((index, batch["seed"][i]))
+        for key in ("global_boxes", "local_boxes", "query_boxes", "global_flips", "local_flips",
+                    "skipped", "readable", "reduction"):
+            batch[key][i] = item[key]
+        return item["image"].to(self.device)
+
+
+class DeviceCrops:
+    """The uint8 crops of a `train_loader` batch on `device`, as Augment takes them:
+    globals (B, 2, 3, G, G), locals (B, L, 3, l, l), queries (B, Q, 3, p, p).
+
+    MultiCropDataset's (`--decode pillow`) are moved there. DecodeOnlyDataset's images
+    are moved (`cpu`) or decoded there (`gpu`, `JpegDecoder`), their boxes stay on the
+    host, and crop_resize cuts the crops, one launch per size. Unflipped: Augment flips
+    every crop drawing from the global RNG, as it does MultiCropDataset's, so that
+    `--decode cpu` trains on the very pixels of `--decode pillow`.
+    """
+
+    def __init__(self, dataset, device):
+        self.dataset, self.device = dataset, torch.device(device)
+        self.mode = "pillow" if isinstance(dataset, MultiCropDataset) else "gpu" if dataset.encoded else "cpu"
+        self.jpegs = JpegDecoder(dataset, self.device) if self.mode == "gpu" else None
+
+    def __call__(self, batch):
+        if self.mode == "pillow":
+            return {key: batch[key].to(self.device, non_blocking=True) for key in ("globals", "locals", "queries")}
+        if "encoded" in batch:
+            images = self.jpegs(batch)
+        else:
+            images = batch["images"].to(self.device, non_blocking=True)
+        d = self.dataset
+        return cut_crops(batch | {"images": images}, d.image_size, d.local_size, d.patch_size, flip=False)
 
 
 class StepBatches:
@@ -733,25 +942,36 @@ class StepBatches:
 
 
 def default_num_workers(world_size=1):
-    """Leave one core per process for the training loop itself."""
+    """Every core this process may run on, shared by the processes of the run, less one
+    per process for the training loop itself."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus // world_size - 1))
+    return max(1, cpus // world_size - 1)
 
 
-def train_loader(cfg, rank=0, world_size=1, start_step=0, images=None):
-    """DataLoader yielding uint8 crop batches for steps start_step, start_step + 1, ...
+def train_loader(cfg, rank=0, world_size=1, start_step=0, images=None, decode="pillow"):
+    """DataLoader yielding the batches of steps start_step, start_step + 1, ... (DeviceCrops
+    turns each into its crops on the device), and the steps per epoch.
 
-    `images`: the training images, when already open (default: open_dataset(cfg.data, "train")).
+    decode (`decode_mode`): "pillow", workers cut the uint8 crops (MultiCropDataset);
+    "cpu", workers decode and draw the boxes (DecodeOnlyDataset); "gpu", the same but
+    JPEG files go out undecoded, for nvJPEG. `images`: the training images, when already
+    open (default: open_dataset(cfg.data, "train")).
     """
     images = open_dataset(cfg.data, "train") if images is None else images
-    dataset = MultiCropDataset(images, cfg.image_size, cfg.local_size,
-                               cfg.patch_size, cfg.num_local_crops, cfg.num_queries,
-                               cfg.global_scale, cfg.local_scale, cfg.query_scale)
+    crops = (images, cfg.image_size, cfg.local_size, cfg.patch_size, cfg.num_local_crops, cfg.num_queries,
+             cfg.global_scale, cfg.local_scale, cfg.query_scale)
+    if decode == "pillow":
+        dataset, collate = MultiCropDataset(*crops), None  # default_collate
+    else:
+        dataset, collate = DecodeOnlyDataset(*crops, encoded=decode == "gpu"), collate_decoded
     batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world_size, start_step)
     workers = default_num_workers(world_size) if cfg.num_workers < 0 else cfg.num_workers
+    # Each batch in flight holds its pixels in shared memory: four ahead per worker, two
+    # past four workers, where the others' batches keep the queue full anyway.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+        worker_init_fn=keep_freed_memory, pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0, prefetch_factor=(4 if workers <= 4 else 2) if workers > 0 else None)
     return loader, batches.steps_per_epoch
 
 

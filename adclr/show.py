@@ -2,10 +2,10 @@
 dense probe predicts, and how a run went.
 
 matplotlib is an optional extra (`pip install 'adclr[viz]'`), imported by these
-commands only. The fused attention op never materialises the attention weights, so the
-last block's are recomputed here from its q and k with the reference formula: the
-block's attention input is caught by a forward hook, and the op's visibility mask says
-which keys each row sees.
+commands only. The fused attention op never materialises the attention weights: the CLS
+row's come from the op itself (its prefix-row probabilities), and the query rows' are
+recomputed from the last block's q and k (caught by a forward hook) under the op's
+visibility mask.
 """
 
 from __future__ import annotations
@@ -41,10 +41,14 @@ def pyplot():
 
 
 def last_block_attention(backbone, images, query_crops=None):
-    """The last block's attention weights (B, heads, L, L), float32, and the number of queries.
+    """The last block's attention weights of the CLS row and the query rows (B, heads,
+    1 + Q, L), float32, and the number of queries Q.
 
-    Rows and columns are tokens [CLS | patches | queries]; a row's weights over the keys
-    it may see sum to 1, the others are 0. `images` normalised as for `forward_features`.
+    Columns are tokens [CLS | patches | queries]; a row's weights over the keys it may
+    see sum to 1, the others are 0. The CLS row is the fused op's own (its prefix-row
+    probabilities); the Q query rows are recomputed from the block's q and k, caught by
+    a forward hook, under the op's visibility mask. `images` normalised as for
+    `forward_features`.
     """
     attn = backbone.blocks[-1].attn
     caught = {}
@@ -55,18 +59,19 @@ def last_block_attention(backbone, images, query_crops=None):
     handle = attn.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         with torch.no_grad():
-            backbone.forward_features(images, query_crops)
+            cls = backbone.forward_features(images, query_crops, cls_attention=True)["cls_attention"]
     finally:
         handle.remove()
     x, num_queries = caught["x"], caught["num_queries"]
     B, L, _ = x.shape
     with torch.no_grad():
         q, k, _ = attn.qkv(x).view(B, L, 3, attn.num_heads, attn.head_dim).unbind(2)
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = attn.q_norm(q)[:, L - num_queries:], attn.k_norm(k)
         scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) * attn.scale
         options = {key: value for key, value in caught["options"].items() if key.startswith("query_sees")}
-        sees = visibility_mask(L, L, num_queries, 1, device=x.device, **options)
-        return scores.masked_fill(~sees, float("-inf")).softmax(-1), num_queries
+        sees = visibility_mask(L, L, num_queries, 1, device=x.device, **options)[L - num_queries:]
+        queries = scores.masked_fill(~sees, float("-inf")).softmax(-1)
+    return torch.cat([cls.float()[:, :, None], queries], 2), num_queries
 
 
 def _images(data, count):
@@ -139,9 +144,9 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
         boxes = [random_resized_box(size, size, tuple(cfg["query_scale"]), generator) for _ in range(num_queries)]
         crops = torch.stack([normalize(crop(image, box, p)) for box in boxes])[None] if boxes else None
         probs, _ = last_block_attention(backbone, normalize(to_tensor(image))[None], crops)
-        probs = probs[0]  # (heads, L, L)
+        probs = probs[0]  # (heads, 1 + Q, L)
         heads = probs.shape[0]
-        rows = [("CLS", 0, None)] + [(f"query {q + 1}", 1 + grid * grid + q, boxes[q]) for q in range(num_queries)]
+        rows = [("CLS", 0, None)] + [(f"query {q + 1}", 1 + q, boxes[q]) for q in range(num_queries)]
         fig, axes = _figure(plt, len(rows), 2 + heads,
                             f"last block's attention to the patches, {checkpoint} ({weights})")
         for r, (name, row, box) in enumerate(rows):

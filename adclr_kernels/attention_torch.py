@@ -74,6 +74,17 @@ def reference_attention(q, k, v, num_queries, num_prefix, mask=QueryMask(), scal
     return torch.cat([raw, attend(torch.softmax(s, -1), values)], -2)
 
 
+def prefix_probs(q, k, num_queries, num_prefix, scale=None):
+    """The attention weights of the P prefix rows: (batch, heads, P, key_len), in fp32
+    (float64 for float64 inputs). Prefix rows see the visible columns only, whatever the
+    query options; the query columns get 0."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    visible = q.shape[-2] - num_queries
+    wide = torch.promote_types(q.dtype, torch.float32)
+    scores = (q[..., :num_prefix, :].to(wide) @ k[..., :visible, :].to(wide).transpose(-2, -1)) * scale
+    return F.pad(torch.softmax(scores, -1), (0, k.shape[-2] - visible))
+
+
 def _two_calls(attend, q, k, v, num_queries, num_prefix, mask):
     """Raw rows over the visible keys, then query rows over just the keys they see.
 
@@ -214,3 +225,13 @@ def flex_varlen_attention(q, k, v, bounds, num_queries, num_prefix, mask=QueryMa
     mask would let a NaN or inf in one sequence's values reach rows of another that
     share a block (flex multiplies masked probabilities by their values)."""
     return varlen_per_sequence(flex_attention, q, k, v, bounds, num_queries, num_prefix, mask, scale)
+
+
+def varlen_prefix_probs(q, k, bounds, num_queries, num_prefix, scale=None):
+    """`prefix_probs` of packed sequences: (heads, P, total_tokens), column j holding the
+    weight of its own sequence's prefix rows."""
+    probs = [prefix_probs(q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None], nq,
+                          num_prefix, scale)[0] for (start, end), nq in zip(bounds, num_queries)]
+    if not probs:
+        return q.new_zeros(q.shape[1], num_prefix, 0, dtype=torch.promote_types(q.dtype, torch.float32))
+    return torch.cat(probs, -1)

@@ -1057,6 +1057,7 @@ class _Call(NamedTuple):
     mask: QueryMask
     scale: float
     varlen: tuple  # (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles, bwd_tiles)
+    with_lse: bool = False  # also return the logsumexp (for the prefix probabilities)
 
     def geometry(self, q, k):
         cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = self.varlen
@@ -1070,14 +1071,20 @@ class _Call(NamedTuple):
         return (cu_seqlens, queries, fwd_tiles, bwd_tiles, self.num_queries, max_seqlen,
                 self.num_prefix, mask.sees_prefix, mask.sees_self, mask.sees_queries, self.scale)
 
+    def prefix_probs(self, q, k, lse):
+        cu_seqlens, queries, max_seqlen, _, _ = self.varlen
+        return _prefix_probs_op(q, k, lse, cu_seqlens, queries, self.num_queries, max_seqlen,
+                                self.num_prefix, self.scale)
+
 
 class _EagerAttention(torch.autograd.Function):
     """The custom ops' bodies and autograd rules, called directly (see `_eager`).
 
     Autograd's work per call grows with the Function's inputs, outputs and the nodes
-    around it, so its inputs are one _Call and the differentiable tensors, its one output
-    is the attention output in the caller's layout ((B, L, H, D) for a packed qkv: no
-    transpose node), the logsumexp stays inside, and the geometry is worked out once.
+    around it, so its inputs are one _Call and the differentiable tensors, its output is
+    the attention output in the caller's layout ((B, L, H, D) for a packed qkv: no
+    transpose node), the logsumexp stays inside unless the call asks for it, and the
+    geometry is worked out once.
     """
 
     @staticmethod
@@ -1087,12 +1094,19 @@ class _EagerAttention(torch.autograd.Function):
         out, lse = _forward(q, k, v, geo, call.num_prefix, call.mask, call.scale)
         ctx.save_for_backward(*tensors, out, lse)
         ctx.call, ctx.geo = call, geo
-        return out.transpose(1, 2) if call.packed_qkv and out.dim() == 4 else out
+        result = out.transpose(1, 2) if call.packed_qkv and out.dim() == 4 else out
+        if not call.with_lse:
+            return result
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zero gradient for lse
+        return result, lse
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *grad_lse):
         call, geo = ctx.call, ctx.geo
         *tensors, out, lse = ctx.saved_tensors
+        if grad_out is None:  # only the logsumexp was used
+            return (None,) * (1 + len(tensors))
         if call.packed_qkv and out.dim() == 4:
             grad_out = grad_out.transpose(1, 2)
         if torch.is_grad_enabled() or not _eager(grad_out):
@@ -1114,24 +1128,167 @@ class _EagerAttention(torch.autograd.Function):
 _BATCHED = (None, None, 0, None, None)
 
 
-def triton_attention(q, k, v, num_queries, num_prefix, mask, scale, varlen=None):
+def triton_attention(q, k, v, num_queries, num_prefix, mask, scale, varlen=None, prefix_probs=False):
     """The Triton backend on checked inputs: batched when varlen is None, else packed.
 
     mask: a QueryMask. varlen: (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles,
-    bwd_tiles), e.g. `varlen_tables(layout, q)`.
+    bwd_tiles), e.g. `varlen_tables(layout, q)`. prefix_probs: return (out, the prefix
+    rows' probabilities) (see `_prefix_probs_kernel`).
     """
-    call = _Call(False, num_queries, num_prefix, mask, scale, _BATCHED if varlen is None else varlen)
+    call = _Call(False, num_queries, num_prefix, mask, scale, _BATCHED if varlen is None else varlen,
+                 with_lse=prefix_probs)
     if _eager(q, k, v):
-        return _EagerAttention.apply(call, q, k, v)
-    out, _ = _fwd_op(q, k, v, *call.op_args())
+        out = _EagerAttention.apply(call, q, k, v)
+        out, lse = out if prefix_probs else (out, None)
+    else:
+        out, lse = _fwd_op(q, k, v, *call.op_args())
+    if prefix_probs:
+        return out, call.prefix_probs(q, k, lse)
     return out
 
 
-def triton_qkvpacked_attention(qkv, num_queries, num_prefix, mask, scale, varlen=None):
+def triton_qkvpacked_attention(qkv, num_queries, num_prefix, mask, scale, varlen=None,
+                               prefix_probs=False):
     """As `triton_attention` on a packed qkv projection; the output is (B, L, H, D) or
     (T, H, D), and the gradient reaches qkv as one tensor."""
-    call = _Call(True, num_queries, num_prefix, mask, scale, _BATCHED if varlen is None else varlen)
+    call = _Call(True, num_queries, num_prefix, mask, scale, _BATCHED if varlen is None else varlen,
+                 with_lse=prefix_probs)
     if _eager(qkv):
-        return _EagerAttention.apply(call, qkv)  # already (B, L, H, D) or (T, H, D)
-    out, _ = _qkv_fwd_op(qkv, *call.op_args())
-    return out.transpose(1, 2) if qkv.dim() == 5 else out
+        out = _EagerAttention.apply(call, qkv)  # already (B, L, H, D) or (T, H, D)
+        out, lse = out if prefix_probs else (out, None)
+    else:
+        out, lse = _qkv_fwd_op(qkv, *call.op_args())
+        out = out.transpose(1, 2) if qkv.dim() == 5 else out
+    if prefix_probs:
+        q, k, _ = _unpack(qkv)
+        return out, call.prefix_probs(q, k, lse)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Prefix-row probabilities: an optional output
+# ----------------------------------------------------------------------------------------
+# The attention weights of the P prefix rows (CLS, registers) to every column, for callers
+# that read them (attention maps, attention-guided masking). Prefix rows see the visible
+# columns only, whatever the query options, and the forward saved their logsumexp: one
+# small kernel recomputes just these P rows' scores against every column and normalises
+# them with it. No other row is read again, and the attention kernels above are the same
+# whether or not a caller asks. The gradient is PyTorch's (P rows).
+
+
+@triton.jit
+def _prefix_probs_kernel(
+    Q, K, LSE, PROBS, CU_SEQLENS, NUM_QUERIES,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_lseb, stride_lseh,
+    stride_pb, stride_ph, stride_pp, stride_pl,
+    num_blocks, num_heads, seq_len, key_len, visible, total_tokens, num_prefix, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """probs[p, j] = exp2(s[p, j] * qk_scale - lse[p]) for the prefix rows p of one
+    (sequence, head) and one block of BLOCK_N columns; 0 for columns they do not see."""
+    block, b, h, start, seq_len, key_len, visible = _program(
+        num_blocks, num_heads, seq_len, key_len, visible, total_tokens, CU_SEQLENS, NUM_QUERIES,
+        None, VARLEN, False)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    rows = tl.arange(0, BLOCK_P)
+    row_ok = (rows < num_prefix) & (rows < seq_len)
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < key_len
+    q = tl.load(Q + b * stride_qb + h * stride_qh + (start + rows[:, None]) * stride_ql
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_t = tl.load(K + b * stride_kb + h * stride_kh + (start + cols[None, :]) * stride_kl
+                  + offs_d[:, None] * stride_kd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    lse = tl.load(LSE + b * stride_lseb + h * stride_lseh + start + rows, mask=row_ok, other=0.0)
+    p = tl.exp2(dot(q, k_t, DOT) * qk_scale - lse[:, None])
+    p = tl.where(row_ok[:, None] & (cols < visible)[None, :], p, 0.0)
+    tl.store(PROBS + b * stride_pb + h * stride_ph + rows[:, None] * stride_pp
+             + (start + cols[None, :]) * stride_pl, p, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _empty_prefix_probs(q, k, num_prefix):
+    """(batch, heads, P, key_len) batched; (heads, P, tokens) packed: column j of a packed
+    row belongs to token j's own sequence."""
+    if q.dim() == 4:
+        return torch.empty(q.shape[0], q.shape[1], num_prefix, k.shape[2], dtype=torch.float32,
+                           device=q.device)
+    return torch.empty(q.shape[1], num_prefix, q.shape[0], dtype=torch.float32, device=q.device)
+
+
+def prefix_probs_fwd(q, k, lse, probs, geo, num_prefix, scale):
+    """Fill probs (fp32) from the forward's base-2 logsumexp `lse`."""
+    if probs.numel() == 0:
+        return
+    head_dim = q.shape[-1]
+    # Key tiles of 64 columns for rows up to 256 bytes (head_dim 128 in bf16), 32 for wider
+    # rows: fp32 at head_dim 256 spilled 4.7 KB in 64 columns, 96 bytes in 32 and 4.1 KB in
+    # 16 (ptxas, sm_90).
+    wide_rows = head_dim * q.element_size() > 256
+    block_n = 32 if triton_interpreter_enabled() or wide_rows else 64
+    max_len = geo.max_len if geo.cu_seqlens is not None else geo.key_len
+    blocks = triton.cdiv(max_len, block_n)
+    strides = probs.stride() if probs.dim() == 4 else (0, *probs.stride())
+    _prefix_probs_kernel[(blocks * geo.num_seqs * geo.heads,)](
+        q, k, lse, probs, geo.cu_seqlens, geo.num_queries,
+        *_bhld_strides(q), *_bhld_strides(k), *geo.lse_strides(), *strides,
+        blocks, geo.heads, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens, num_prefix,
+        scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_P=max(16, triton.next_power_of_2(num_prefix)), BLOCK_N=block_n,
+        BLOCK_D=block_d(head_dim), DOT=dot_mode(q.dtype), VARLEN=geo.cu_seqlens is not None,
+        num_warps=4, num_stages=1)
+
+
+def prefix_probs_bwd(grad, probs, q, k, cu_seqlens, num_prefix, scale):
+    """(dq, dk) of the prefix probabilities, by the softmax rule: for scores s = scale q.k,
+    ds = probs * (grad - rowsum(grad * probs)). Batched or packed, any float dtype."""
+    wide = probs.dtype
+    if q.dim() == 4:
+        ds = probs * (grad - (grad * probs).sum(-1, keepdim=True)) * scale
+        dq = torch.zeros(q.shape, dtype=wide, device=q.device)
+        dq[:, :, :num_prefix] = ds @ k.to(wide)
+        return dq.to(q.dtype), (ds.transpose(-2, -1) @ q[:, :, :num_prefix].to(wide)).to(k.dtype)
+    # Packed: column j meets the prefix rows of its own sequence, tokens first[j] + p.
+    tokens = q.shape[0]
+    seq = torch.searchsorted(cu_seqlens, torch.arange(tokens, device=q.device, dtype=cu_seqlens.dtype),
+                             right=True) - 1
+    prefix_tokens = cu_seqlens[seq].long()[:, None] + torch.arange(num_prefix, device=q.device)
+    row_sums = torch.zeros(*probs.shape[:2], cu_seqlens.numel() - 1, dtype=wide, device=q.device)
+    row_sums.index_add_(2, seq, grad * probs)
+    ds = probs * (grad - row_sums[:, :, seq]) * scale                      # (H, P, T)
+    dk = torch.einsum("hpt,tphd->thd", ds, q[prefix_tokens].to(wide))
+    dq = torch.zeros(q.shape, dtype=wide, device=q.device)
+    dq.index_add_(0, prefix_tokens.flatten(), torch.einsum("hpt,thd->tphd", ds, k.to(wide)).flatten(0, 1))
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+@torch.library.custom_op("adclr_kernels::prefix_probs", mutates_args=())
+def _prefix_probs_op(q: Tensor, k: Tensor, lse: Tensor, cu_seqlens: Optional[Tensor],
+                     num_queries_t: Optional[Tensor], num_queries: int, max_seqlen: int,
+                     num_prefix: int, scale: float) -> Tensor:
+    probs = _empty_prefix_probs(q, k, num_prefix)
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, None, None, max_seqlen)
+    prefix_probs_fwd(q, k, lse, probs, geo, num_prefix, scale)
+    return probs
+
+
+@_prefix_probs_op.register_fake
+def _prefix_probs_fake(q, k, lse, cu_seqlens, num_queries_t, num_queries, max_seqlen, num_prefix, scale):
+    return _empty_prefix_probs(q, k, num_prefix)
+
+
+def _prefix_probs_setup(ctx, inputs, output):
+    q, k, _, cu_seqlens, *_, num_prefix, scale = inputs
+    ctx.save_for_backward(q, k, output, cu_seqlens)
+    ctx.num_prefix, ctx.scale = num_prefix, scale
+
+
+def _prefix_probs_backward(ctx, grad):
+    q, k, probs, cu_seqlens = ctx.saved_tensors
+    dq, dk = prefix_probs_bwd(grad, probs, q, k, cu_seqlens, ctx.num_prefix, ctx.scale)
+    return dq, dk, None, None, None, None, None, None, None
+
+
+_prefix_probs_op.register_autograd(_prefix_probs_backward, setup_context=_prefix_probs_setup)

@@ -1,9 +1,12 @@
-"""The input pipeline's CPU cost per image: today's Pillow crops against decode-only.
+"""The input pipeline: its CPU cost per image (Pillow crops against decode-only), and on
+CUDA the end-to-end images/s of `adclr train --data` against the synthetic step.
 
-A loader worker runs either MultiCropDataset (decode the JPEG, then 2 + 10 + 10 Pillow
-crop-and-resizes) or DecodeOnlyDataset (decode, reduced where every crop allows it,
-and draw the same boxes; crop_resize cuts the crops on the device). Both are measured
-two ways, in CPU milliseconds per image (so a busy neighbour on a shared machine costs
+A loader worker runs MultiCropDataset (`pillow`: decode the JPEG, then 2 + 10 + 10
+Pillow crop-and-resizes, `--decode pillow`), DecodeOnlyDataset (`decode-only`: decode,
+reduced where every crop allows it, and draw the same boxes; crop_resize cuts the crops
+on the device, `--decode cpu`), or DecodeOnlyDataset(encoded=True) (`encoded`: read the
+file and draw the boxes on its header's size; nvJPEG decodes, `--decode gpu`). Each is
+measured two ways, in CPU milliseconds per image (so a busy neighbour on a shared machine costs
 wall time, not these):
 
 - in this process, one image after another with one thread (`__getitem__` alone),
@@ -13,17 +16,28 @@ wall time, not these):
   the training loader does), read from /proc: what a worker really spends, page faults
   of fresh buffers included. The first batch (imports, start-up) is not counted.
 
+A last column gives crop_resize's PyTorch backend cutting the crops on the CPU (once,
+32 images): what `--decode cpu` would add to a CPU-only run's training process, which
+is why `--decode auto` keeps Pillow's crops there.
+
 The JPEGs are made here, no download: a photograph's falling spectrum (1/f) in three
 correlated channels plus a little sensor noise, saved by Pillow at quality 90; about
 120 kB at 500x375, ImageNet's typical size and file size.
 
     python -m bench.input                       # 500x375 and 1024x768, 160 images each
     python -m bench.input --sizes 500x375 --rounds 5
+
+End to end (`end_to_end`, run by `pytest bench/test_input.py` on CUDA): the training
+run itself, `adclr.train.train`, on a folder of generated 500x375 JPEGs with the
+synthetic step's settings (bench/test_train_step.py), each `--decode` in turn, its
+images/s and data_wait read from its metrics.jsonl past the warm-up; against
+`train_step` alone on a synthetic batch already on the device.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -32,13 +46,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from adclr.config import Config
 from adclr.data import (DecodeOnlyDataset, ImageFolder, MultiCropDataset, StepBatches, collate_decoded,
-                        keep_freed_memory)
+                        cut_crops, keep_freed_memory, synthetic_batch)
+from bench.timing import DEVICE, synchronize
 
 # ADCLR's defaults (adclr.train.Config): 2 x 224 global, 10 x 96 local, 10 queries of 16.
 CROPS = dict(image_size=224, local_size=96, patch_size=16, num_local_crops=10, num_queries=10)
 SIZES = ((500, 375), (1024, 768))  # (width, height)
-PATHS = ("decode", "pillow", "decode-only", "decode-only, no draft")
+PATHS = ("decode", "pillow", "decode-only", "decode-only, no draft", "encoded")
+WORKER_PATHS = ("pillow", "decode-only", "encoded")
 
 
 def natural_image(width, height, seed):
@@ -74,7 +91,8 @@ def worker_step(path, images):
         return decode
     if path == "pillow":
         return MultiCropDataset(images, **CROPS).__getitem__
-    return DecodeOnlyDataset(images, **CROPS, draft=path == "decode-only").__getitem__
+    return DecodeOnlyDataset(images, **CROPS, draft=path != "decode-only, no draft",
+                             encoded=path == "encoded").__getitem__
 
 
 def items(images, seed=0):
@@ -104,13 +122,13 @@ def _cpu_seconds(pid):
 
 
 def worker_ms_per_image(path, images, batch=32, batches=4, init=keep_freed_memory):
-    """CPU ms per image of one loader worker running `path` ("pillow" or "decode-only")
-    over `batches` batches after a first one, collating as the training loader does;
-    `init`: the worker_init_fn (default: keep_freed_memory, for both paths)."""
+    """CPU ms per image of one loader worker running `path` (one of WORKER_PATHS) over
+    `batches` batches after a first one, collating as the training loader does; `init`:
+    the worker_init_fn (default: keep_freed_memory, as the training loader's)."""
     if path == "pillow":
         dataset, collate = MultiCropDataset(images, **CROPS), None  # default_collate
     else:
-        dataset, collate = DecodeOnlyDataset(images, **CROPS), collate_decoded
+        dataset, collate = DecodeOnlyDataset(images, **CROPS, encoded=path == "encoded"), collate_decoded
     sampler = StepBatches(len(images), batch, seed=0)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=1, prefetch_factor=1,
                                          collate_fn=collate, worker_init_fn=init)
@@ -124,6 +142,54 @@ def worker_ms_per_image(path, images, batch=32, batches=4, init=keep_freed_memor
     del stream
     # prefetch_factor=1: the worker ran at most one batch ahead, so batches + 1 at most.
     return spent / (batches * batch) * 1e3
+
+
+# bench/test_train_step.py's CUDA step: ViT-S/16, 2 x 224 + 10 x 96 crops, Q = 10 queries,
+# 65536 prototypes, 128 images a step; everything else Config's defaults.
+TRAIN = dict(arch="vit_small", patch_size=16, image_size=224, local_size=96, num_local_crops=10,
+             num_queries=10, out_dim=65536, batch_size=128)
+
+
+def end_to_end(data, decode, out, settings=TRAIN, warmup=10, steps=30, log_every=10):
+    """{"images/s", "data_wait", "intervals"} of `adclr train --data data --decode decode`
+    over `steps` steps after `warmup` (compilation, the workers' start), from the run's
+    metrics.jsonl in folder `out`; "intervals" lists each log interval's images/s.
+
+    decode "synthetic": `train_step` alone, the same Config, on a synthetic batch already
+    on the device (no loader, crops or augmentation), timed over `steps` after `warmup`.
+    """
+    from adclr.train import build, train, train_step
+
+    cfg = Config(**settings, data=data, out=out, max_steps=warmup + steps, log_every=log_every, saveckp_freq=0,
+                 decode=decode if decode != "synthetic" else "auto")
+    if decode == "synthetic":
+        trainer = build(cfg, DEVICE)
+        batch = synthetic_batch(cfg, cfg.batch_size, DEVICE)
+        for step in range(warmup + steps):
+            if step == warmup:
+                synchronize()
+                start = time.perf_counter()
+            train_step(trainer, batch, step)
+        synchronize()
+        rate = steps * cfg.batch_size / (time.perf_counter() - start)
+        return {"images/s": rate, "data_wait": 0.0, "intervals": [rate]}
+    train(cfg)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [r for r in map(json.loads, f) if r["step"] > warmup]
+    seconds = [log_every * cfg.batch_size / r["images/s"] for r in records]
+    return {"images/s": len(records) * log_every * cfg.batch_size / sum(seconds),
+            "data_wait": sum(r["data_wait"] * t for r, t in zip(records, seconds)) / sum(seconds),
+            "intervals": [r["images/s"] for r in records]}
+
+
+def crops_on_cpu_ms_per_image(dataset, work):
+    """CPU ms per image of crop_resize cutting a decode-only batch's crops on the CPU (its
+    PyTorch backend, one thread): what `--decode cpu` would cost a CPU-only run, in the
+    training process, once per image."""
+    batch = collate_decoded([dataset[item] for item in work])
+    start = time.process_time()
+    cut_crops(batch, CROPS["image_size"], CROPS["local_size"], CROPS["patch_size"], flip=False)
+    return (time.process_time() - start) / len(work) * 1e3
 
 
 def main(argv=None):
@@ -140,8 +206,8 @@ def main(argv=None):
     print(f"CPU ms per image; crops {CROPS}; load average {os.getloadavg()[0]:.2f} at start")
     print(f"in-process columns: best (median) of {args.rounds} passes over {args.images} images, one thread; "
           f"worker columns: one loader worker, {args.batches} batches of 32 after the first")
-    print(f"{'image':>10s} {'kB':>5s} | " + " | ".join(f"{p:>21s}" for p in PATHS)
-          + " | worker: pillow | worker: decode-only | reduced")
+    print(f"{'image':>10s} {'kB':>5s} | " + " | ".join(f"{p:>21s}" for p in PATHS) + " | "
+          + " | ".join(f"worker: {p}" for p in WORKER_PATHS) + " | reduced | crops on a CPU")
     for size in args.sizes.split(","):
         width, height = (int(n) for n in size.split("x"))
         images = ImageFolder(make_jpegs(args.dir, width, height, args.images))
@@ -149,11 +215,12 @@ def main(argv=None):
         kb = np.mean([os.path.getsize(path) for path, _ in images.samples]) / 1e3
         times = cpu_ms_per_image({path: worker_step(path, images) for path in PATHS}, work, args.rounds)
         cells = [f"{best:8.2f} ({median:6.2f})" for best, median in times.values()]
-        workers = [worker_ms_per_image(path, images, batches=args.batches) for path in ("pillow", "decode-only")]
+        workers = [worker_ms_per_image(path, images, batches=args.batches) for path in WORKER_PATHS]
         decoded = DecodeOnlyDataset(images, **CROPS)
         reduced = np.mean([decoded[item]["reduction"] > 1 for item in work])
         print(f"{size:>10s} {kb:5.0f} | " + " | ".join(f"{c:>21s}" for c in cells)
-              + f" | {workers[0]:14.2f} | {workers[1]:19.2f} | {reduced:6.0%}")
+              + "".join(f" | {ms:{len(p) + 8}.2f}" for p, ms in zip(WORKER_PATHS, workers)) + f" | {reduced:7.0%} | "
+              + f"{crops_on_cpu_ms_per_image(decoded, work[:32]):13.2f}")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 

@@ -75,7 +75,8 @@ def test_scale_ranges(flag, values, message, accepted_config, capsys):
     (["--pack-crops", "yes"], "argument --pack-crops: invalid choice: 'yes' (choose from 'auto', 'on', 'off')"),
     (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8' (choose from 'auto', 'bf16', 'fp16', "
                              "'fp32')"),
-    (["--compile", "yes"], "argument --compile: invalid choice: 'yes' (choose from 'auto', 'on', 'off')"),
+    (["--compile", "yes"], "argument --compile: invalid choice: 'yes' (choose from 'auto', 'on', 'off', 'step', "
+                           "'graph')"),
     (["--device", "gpu"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     # Needs the whole config: checked once, after parsing, before any work.
     (["--image-size", "36"], "argument --image-size: must be a multiple of --patch-size 8, got 36"),
@@ -506,13 +507,17 @@ def test_dino_linear_protocol_labels_val_by_train_class_names(checkpoint_bytes, 
 # end with, a path it must not have made or None). Before, each ended in a traceback
 # (the comment says which) or ran on silently.
 
-def unreadable_training_images(tmp, checkpoint):  # RuntimeError after 100 tries
+def unreadable_training_images(tmp, checkpoint, decode="pillow"):  # RuntimeError after 100 tries
     data = image_folder(tmp / "data", per_class=2, unreadable=("a/0.png", "a/1.png", "b/0.png", "b/1.png"))
     first = next(iter(StepBatches(4, 4, seed=0)))[0][0]  # the first sample of the first batch
     path = ImageFolder(data).samples[first][0]
-    return (["train", *TINY, "--data", data, "--out", str(tmp / "run")],
+    return (["train", *TINY, "--data", data, "--out", str(tmp / "run"), "--decode", decode],
             f"error: --data {data}: none of its 4 images can be read, e.g. {path} (cannot identify image file "
             f"{path!r}); is it a folder of images?", str(tmp / "run" / "checkpoint.pt"))
+
+
+def unreadable_training_images_decoded_apart(tmp, checkpoint):  # the same, with --decode cpu
+    return unreadable_training_images(tmp, checkpoint, decode="cpu")
 
 
 def data_is_a_file(tmp, checkpoint):  # one line, but "does not exist"
@@ -589,7 +594,7 @@ def export_to_a_fifo(tmp, checkpoint):  # replaced by a file
             f"error: --out {tmp}/link is a special file; give a file name such as backbone.safetensors", None)
 
 
-ONE_LINE_ERRORS = [unreadable_training_images, data_is_a_file, metrics_is_a_folder, lock_is_a_folder,
+ONE_LINE_ERRORS = [unreadable_training_images, unreadable_training_images_decoded_apart, data_is_a_file, metrics_is_a_folder, lock_is_a_folder,
                    compare_out_is_a_file,
                    compare_data_without_val, compare_data_without_masks, compare_seed_twice,
                    show_attention_out_is_a_file, show_dense_out_is_a_file, show_curves_without_numbers,

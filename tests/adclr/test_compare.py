@@ -81,3 +81,20 @@ def test_compare_refuses_a_comparison_with_itself(tmp_path):
         with pytest.raises(SystemExit) as exit:
             main(["compare", *TINY, flag, "0", "--out", str(tmp_path)])
         assert exit.value.code == message
+
+
+def test_compare_other_methods_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(adclr.compare, "linear_accuracy", functools.partial(adclr.compare.linear_accuracy, epochs=2))
+    monkeypatch.setattr(adclr.compare, "dense_probe", functools.partial(adclr.compare.dense_probe, epochs=1))
+    out = tmp_path / "compare"
+    main(["compare", *TINY, "--max-steps", "1", "--seeds", "0", "--eval-images", "8", "--methods", "densecl",
+          "ccmim", "--out", str(out)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == [
+        "| random init", "| DenseCL", "| ccMIM", "| every patch right (val labels, no model)"]
+    record = json.loads((out / "compare.json").read_text())
+    assert record["methods"] == ["random", "densecl", "ccmim"]
+    for method in ("densecl", "ccmim"):
+        config = load_checkpoint(str(out / "seed0" / method / "checkpoint.pt"))["config"]
+        assert config["method"] == method and config["max_steps"] == 1
+        assert all(0 <= v <= 1 for v in record["results"]["0"][method].values())

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from adclr.data import (Augment, ImageFolder, MultiCropDataset, SegmentationFolder, StepBatches,
+from adclr.data import (Augment, DecodeOnlyDataset, ImageFolder, MultiCropDataset, SegmentationFolder, StepBatches,
                         SyntheticScenes, SyntheticShapes, normalize, open_dataset, open_segmentation, synthetic_batch)
 
 
@@ -55,7 +55,9 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
 @pytest.mark.parametrize("unreadable,total,readable,skipped", [(3, 200, True, 3), (99, 200, True, 99),
                                                                (100, 200, False, 100), (150, 200, False, 100),
                                                                (50, 50, False, 50)])
-def test_a_sample_gives_up_after_100_unreadable_files_in_a_row(unreadable, total, readable, skipped, tmp_path):
+@pytest.mark.parametrize("dataset", [MultiCropDataset, DecodeOnlyDataset])
+def test_a_sample_gives_up_after_100_unreadable_files_in_a_row(unreadable, total, readable, skipped, dataset,
+                                                               tmp_path):
     """Image 0 and the next `unreadable` - 1 cannot be read (the rest can): a sample passes over
     them, up to 100 files in a row, or all of a smaller set; then it says it found none."""
     for i in range(total):
@@ -63,9 +65,12 @@ def test_a_sample_gives_up_after_100_unreadable_files_in_a_row(unreadable, total
             (tmp_path / f"{i:03d}.png").write_bytes(b"not an image")
         else:
             Image.new("RGB", (20, 20), (i, 0, 0)).save(tmp_path / f"{i:03d}.png")
-    item = MultiCropDataset(ImageFolder(str(tmp_path)), 16, 8, 8, 1, 1)[(0, 0)]
+    item = dataset(ImageFolder(str(tmp_path)), 16, 8, 8, 1, 1)[(0, 0)]
     assert (item["readable"], item["skipped"], item["index"]) == (readable, skipped, 0)
-    assert item["globals"].shape == (2, 3, 16, 16)
+    if dataset is MultiCropDataset:
+        assert item["globals"].shape == (2, 3, 16, 16)
+    else:  # a blank stand-in where nothing could be read
+        assert item["image"].shape[0] == 3 and (readable or not item["image"].any())
 
 def test_step_batches_shard_and_resume():
     full = StepBatches(length=50, global_batch=8, seed=3)

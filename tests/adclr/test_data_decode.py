@@ -1,10 +1,15 @@
-"""DecodeOnlyDataset: today's boxes, and today's crops once cut by crop_resize.
+"""DecodeOnlyDataset: today's boxes, and today's crops once cut by crop_resize; the
+`--decode` paths of the training process (DeviceCrops, JpegDecoder).
 
 MultiCropDataset (decode, then 22 Pillow resizes per image in the loader) is the
 reference: the decode-only path must draw the same boxes for the same sample seed and,
 with crop_resize cutting them, give the same crops (adclr_kernels/crops.py's tolerance:
-at most 1 level, mean below 0.01; here exact).
+at most 1 level, mean below 0.01; here exact). The GPU decode path is checked here with
+Pillow standing in for nvJPEG, and on CUDA with nvJPEG itself.
 """
+
+import io
+import sys
 
 import numpy as np
 import pytest
@@ -12,9 +17,9 @@ import torch
 from PIL import Image
 
 import adclr.data as data
-from adclr.data import (DecodeOnlyDataset, ImageFolder, MultiCropDataset, StepBatches, SyntheticShapes,
-                        TorchStream, collate_decoded, cut_crops, random_resized_box,
-                        random_resized_box_from)
+from adclr.data import (DecodeOnlyDataset, DeviceCrops, ImageFolder, MultiCropDataset, StepBatches,
+                        SyntheticShapes, TorchStream, collate_decoded, cut_crops, decode, decode_mode,
+                        default_num_workers, random_resized_box, random_resized_box_from)
 
 SIZES = dict(image_size=32, local_size=16, patch_size=8, num_local_crops=3, num_queries=4)
 
@@ -162,8 +167,9 @@ def test_bad_files_are_skipped_and_counted_as_today(folder, tmp_path, monkeypatc
     assert DecodeOnlyDataset(base, **SIZES)[(2, 1)]["skipped"] == MultiCropDataset(base, **SIZES)[(2, 1)]["skipped"]
     for name in [p.name for p in (tmp_path / "images").iterdir()]:
         (tmp_path / "images" / name).write_bytes(b"")
-    with pytest.raises(RuntimeError, match="more than 100 consecutive unreadable images"):
-        DecodeOnlyDataset(ImageFolder(str(tmp_path / "images")), **SIZES)[(0, 1)]
+    nothing = ImageFolder(str(tmp_path / "images"))  # nothing readable: both say so alike
+    item, reference = DecodeOnlyDataset(nothing, **SIZES)[(0, 1)], MultiCropDataset(nothing, **SIZES)[(0, 1)]
+    assert (item["readable"], item["skipped"]) == (reference["readable"], reference["skipped"]) == (False, len(nothing))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -179,3 +185,112 @@ def test_a_resumed_loader_cuts_the_crops_of_the_uninterrupted_one(folder, worker
     uninterrupted, resumed = crops_from(0, 3), crops_from(2, 1)
     assert all(torch.equal(uninterrupted[2][key], resumed[0][key]) for key in ("globals", "locals", "queries"))
     assert not torch.equal(uninterrupted[1]["globals"], uninterrupted[2]["globals"])
+
+
+# --------------------------------------------------------------------------- the --decode paths
+
+BOXES = ("global_boxes", "local_boxes", "query_boxes", "global_flips", "local_flips")
+RGB_JPEGS = ("a.jpg", "h.jpg")  # the fixture's files nvJPEG decodes as Pillow does: RGB JPEGs
+
+
+def items_of(base):
+    return [(i, 1000 + 7 * i) for i in range(len(base))]
+
+
+def test_encoded_items_hold_the_file_and_the_decode_paths_boxes(folder, tmp_path):
+    encoded = DecodeOnlyDataset(folder, **SIZES, encoded=True)
+    decoded = DecodeOnlyDataset(folder, **SIZES, draft=False)
+    for item in items_of(folder):
+        a, b = encoded[item], decoded[item]
+        assert all(torch.equal(a[key], b[key]) for key in BOXES)
+        path = folder.samples[item[0]][0]
+        if path.endswith(RGB_JPEGS):  # the bytes, boxes drawn on the header's size
+            with open(path, "rb") as f:
+                assert bytes(a["encoded"].numpy()) == f.read()
+            assert "image" not in a and a["reduction"] == 1
+        else:  # grey and CMYK JPEGs, PNG, BMP: decoded in the worker as before
+            assert "encoded" not in a and torch.equal(a["image"], b["image"])
+    # A JPEG cut short is decoded, so found unreadable and skipped, as without `encoded`.
+    whole = (tmp_path / "images" / "a.jpg").read_bytes()
+    (tmp_path / "images" / "a.jpg").write_bytes(whole[: len(whole) // 2])
+    assert encoded[(0, 1)]["skipped"] == decoded[(0, 1)]["skipped"] == 1
+
+
+def pillow_for_nvjpeg(rejected=()):
+    """decode_jpegs as Pillow would decode them, on the CPU, failing the call for a file
+    whose bytes are in `rejected`, as nvJPEG fails the batch for one file it rejects."""
+    def decode_jpegs(jpegs, device, stream):
+        files = [bytes(jpeg.numpy()) for jpeg in jpegs]
+        if any(f in rejected for f in files):
+            raise RuntimeError("Error while decoding JPEG images: nvjpegDecode failed")
+        return [decode(Image.open(io.BytesIO(f)))[0].contiguous() for f in files]
+    return decode_jpegs
+
+
+@pytest.mark.parametrize("rejected", ["pillow reads it", "pillow cannot read it either"])
+def test_gpu_path_cuts_the_cpu_paths_crops_and_decodes_rejected_files_on_the_cpu(
+        rejected, folder, tmp_path, monkeypatch, capsys):
+    items = items_of(folder)
+    batch = collate_decoded([DecodeOnlyDataset(folder, **SIZES, encoded=True)[item] for item in items])
+    assert batch["is_encoded"].sum() == 2 and batch["images"].meta.shape[0] == len(items) - 2
+    bad = tmp_path / "images" / "a.jpg"  # index 0
+    monkeypatch.setattr(data, "decode_jpegs", pillow_for_nvjpeg(rejected=[bad.read_bytes()]))
+    if rejected == "pillow cannot read it either":  # a file changed since the worker read it
+        bad.write_bytes(b"not an image any more")
+    crops = DeviceCrops(DecodeOnlyDataset(folder, **SIZES, encoded=True), "cpu")
+    got = crops(batch)
+
+    # The CPU path's crops, of the files as they are now: a.jpg skipped if unreadable.
+    cpu = collate_decoded([DecodeOnlyDataset(folder, **SIZES)[item] for item in items])
+    want = DeviceCrops(DecodeOnlyDataset(folder, **SIZES), "cpu")(cpu)
+    assert all(torch.equal(got[key], want[key]) for key in ("globals", "locals", "queries"))
+    assert torch.equal(batch["skipped"], cpu["skipped"])
+    assert batch["skipped"][0] == (1 if rejected == "pillow cannot read it either" else 0)
+    assert crops.jpegs.rejected == 1
+    assert f"warning: nvJPEG cannot decode {folder.samples[0][0]};" in capsys.readouterr().err
+
+
+def test_device_crops_are_the_unflipped_crops_of_each_path(folder):
+    items = items_of(folder)
+    pillow = MultiCropDataset(folder, **SIZES)
+    crops = DeviceCrops(pillow, "cpu")(torch.utils.data.default_collate([pillow[item] for item in items]))
+    decoded = DecodeOnlyDataset(folder, **SIZES)
+    cut = DeviceCrops(decoded, "cpu")(collate_decoded([decoded[item] for item in items]))
+    assert all(torch.equal(crops[key], cut[key]) for key in ("globals", "locals", "queries"))
+
+
+def test_decode_modes_and_what_gpu_needs(monkeypatch):
+    assert decode_mode("auto", "cpu") == "pillow" and decode_mode("auto", "cuda") == "cpu"
+    assert decode_mode("cpu", "cpu") == "cpu" and decode_mode("pillow", "cuda:1") == "pillow"
+    with pytest.raises(ValueError, match="decodes on a CUDA device, and this run is on cpu"):
+        decode_mode("gpu", "cpu")
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # not installed
+    with pytest.raises(ValueError, match=r"needs torchvision .*pip install torchvision"):
+        decode_mode("gpu", "cuda")
+
+
+@pytest.mark.parametrize("cores,world,workers", [(2, 1, 1), (16, 1, 15), (64, 1, 63), (64, 8, 7), (4, 8, 1)])
+def test_default_workers_use_every_core_but_one_per_process(cores, world, workers, monkeypatch):
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert default_num_workers(world) == workers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG needs CUDA")
+def test_nvjpeg_crops_are_close_to_pillows(folder, tmp_path):
+    """On CUDA, the real decoder: its images differ from libjpeg's by its own IDCT and
+    chroma upsampling, so the crops are close, not equal."""
+    pytest.importorskip("torchvision")
+    data.check_gpu_decode(torch.device("cuda"))
+    for i, (height, width) in enumerate([(375, 500), (333, 501), (64, 47)]):
+        save(tmp_path / "images" / f"z{i}.jpg", natural(height, width, i), quality=90)
+    base = ImageFolder(str(tmp_path / "images"))
+    items = items_of(base)
+    batch = collate_decoded([DecodeOnlyDataset(base, **SIZES, encoded=True)[item] for item in items])
+    crops = DeviceCrops(DecodeOnlyDataset(base, **SIZES, encoded=True), "cuda")
+    got = crops(batch)
+    cpu = collate_decoded([DecodeOnlyDataset(base, **SIZES, draft=False)[item] for item in items])
+    want = DeviceCrops(DecodeOnlyDataset(base, **SIZES, draft=False), "cpu")(cpu)
+    assert crops.jpegs.rejected == 0
+    for key in ("globals", "locals", "queries"):
+        diff = (got[key].cpu().float() - want[key].float()).abs()
+        assert diff.mean() < 2, (key, diff.mean(), diff.max())
