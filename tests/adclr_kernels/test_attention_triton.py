@@ -105,6 +105,21 @@ def test_every_gpu_config_in_the_interpreter(monkeypatch, capability, dtype, hea
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
+@pytest.mark.parametrize("opt_set,num_raw,num_queries", [(OPTION_SETS[0], 36, 0), (OPTION_SETS[3], 26, 10),
+                                                         (OPTION_SETS[4], 53, 10)])
+def test_short_sequence_backward_computes_delta_in_its_program(monkeypatch, opt_set, num_raw, num_queries):
+    # A local crop (37 tokens; 64 at most) fits one 64-row program at the fp16/bf16 GPU
+    # tiles: the backward runs without the delta pre-pass, under the register cap.
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    launched = []
+    real = T._unidirectional_bwd_delta_kernel.run
+    monkeypatch.setattr(T._unidirectional_bwd_delta_kernel, "run",
+                        lambda *a, **k: launched.append(1) or real(*a, **k))
+    check_triton(2, 2, 1, num_raw, num_queries, 64, options(opt_set), dtype=torch.float16)
+    assert not launched
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
 @pytest.mark.parametrize("lengths,queries,num_prefix", [
     ([1 + 196 + 10, 1 + 36, 1 + 196 + 10], [10, 0, 10], 1),  # the trainer's crops
     ([70 + 120 + 17, 70 + 30 + 3], [17, 3], 70),             # prefix wider than a key tile
