@@ -165,9 +165,17 @@ def _check_pairing(pairing):
     return flat, len(rows)
 
 
+# The smallest temperature taken: the smallest normal float32. Below it the kernels'
+# 1 / temp overflows to inf, and the loss and its gradients turn to NaN.
+MIN_TEMP = torch.finfo(torch.float32).tiny
+
+
 def _check_temp(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+    if value < MIN_TEMP:
+        raise ValueError(f"{name} must be at least {MIN_TEMP:.3g} (the smallest normal float32; "
+                         f"1 / {name} must be finite), got {value!r}")
     return float(value)
 
 

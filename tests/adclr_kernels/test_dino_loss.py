@@ -128,6 +128,8 @@ def _call(dtype=torch.float32, **overrides):
     (dict(pairing=[[0.0, float("nan")]]), TypeError, "pairing weights must be finite"),
     (dict(student_temp=0.0), ValueError, "student_temp must be a positive finite float"),
     (dict(teacher_temp=float("inf")), ValueError, "teacher_temp must be a positive finite float"),
+    (dict(student_temp=1e-45), ValueError, r"student_temp must be at least 1.18e-38 .*got 1e-45"),
+    (dict(teacher_temp=1e-40), ValueError, r"teacher_temp must be at least 1.18e-38"),
     (dict(teacher_temp=torch.tensor([0.04, 0.07])), ValueError, r"one-element floating-point tensor, got a "
                                                                 r"torch.float32 tensor of shape \(2,\)"),
     (dict(teacher_temp=torch.tensor(1)), ValueError, "one-element floating-point tensor"),

@@ -210,6 +210,42 @@ def test_triton_gradients_reach_q_k_v_with_the_output_s(qkvpacked, varlen):
     assert_rel_close("dqkv", got, want)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_a_query_key_no_prefix_row_sees_stays_out_of_the_gradients(varlen, value):
+    """The prefix rows never see a query key: a NaN or inf there changes no prefix row's
+    dq and no other column's dk (0 x NaN would be NaN)."""
+    if varlen:
+        qkv, layout = packed([9, 7], [3, 2])
+        poisoned = [8, 15]  # each sequence's last token, a query token
+
+        def probs_of(x):
+            return unidirectional_attention_varlen_qkvpacked(x, layout, None, 1, backend="triton",
+                                                             return_prefix_probs=True)[1]
+    else:
+        qkv = torch.randn(1, 9, 3, 2, 16, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+        poisoned = [(0, 8)]
+
+        def probs_of(x):
+            return unidirectional_attention_qkvpacked(x, 3, 1, backend="triton", return_prefix_probs=True)[1]
+
+    grads = []
+    for poison in (False, True):
+        x = qkv.detach().clone()
+        if poison:
+            for where in poisoned:
+                x[where][1] = value  # k of that token, every head
+        x.requires_grad_()
+        probs = probs_of(x)
+        (grad,) = torch.autograd.grad(probs, x, torch.ones_like(probs))
+        grads.append(grad)
+    clean, dirty = grads
+    keep = torch.ones(clean.shape[:-3] if not varlen else clean.shape[:1], dtype=torch.bool)
+    for where in poisoned:
+        keep[where] = False
+    assert torch.equal(dirty[keep], clean[keep])
+
+
 # ---------------------------------------------------------------------------------------
 # The custom op
 # ---------------------------------------------------------------------------------------
