@@ -47,7 +47,13 @@ SHARED_MEMORY_PER_PROGRAM = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 2
 
 def device_capability(device):
     """Compute capability (e.g. 90) the kernels are compiled for on this device."""
-    if device.type == "cuda":
+    if device.type != "cuda":
+        return 90  # the interpreter, and meta tensors: Hopper's tiles
+    capability = _CAPABILITY.get(device)
+    if capability is None:  # asked once per device: every launch needs it
         major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return 90  # the interpreter, and meta tensors: Hopper's tiles
+        capability = _CAPABILITY[device] = 10 * major + minor
+    return capability
+
+
+_CAPABILITY = {}

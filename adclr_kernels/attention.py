@@ -15,11 +15,46 @@ import math
 
 import torch
 
-from . import attention_torch
-from .attention_triton import triton_attention, triton_qkvpacked_attention, varlen_tables
+from . import attention_torch, attention_triton
+from .attention_triton import (triton_attention, triton_qkvpacked_attention, varlen_schedule,
+                               varlen_tables)
 from .backends import FLOAT_DTYPES, resolve
 from .mask import QueryMask
 from .varlen import VarlenLayout
+
+
+# What a call's checks concluded, by what they read: a call like an earlier one (same
+# tensor shapes, dtypes and devices, same other arguments) skips them. They were most of
+# the op's host time per eager call. Calls under torch.compile always check (Dynamo
+# traces them once per graph anyway).
+_CHECKED = {}
+
+
+def _signature(tensors, *arguments):
+    """A hashable summary of what the checks read, or None when a tensor is of a kind they
+    must see for themselves (not a plain tensor). Arguments carry their types: True is
+    not 1, and 4.0 is not 4."""
+    for t in tensors:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):
+            return None
+    return (tuple((t.shape, t.dtype, t.device, t.requires_grad) for t in tensors),
+            tuple((type(a), a) for a in arguments), torch.is_grad_enabled())
+
+
+def _remembered(cache, key, check):
+    """check()'s result, from cache when a call with this key passed before."""
+    if key is None or torch.compiler.is_compiling():
+        return check()
+    try:
+        found = cache.get(key)
+    except TypeError:  # an unhashable argument: the checks name it
+        return check()
+    if found is None:
+        found = check()  # raises for a bad call, which is never remembered
+        if len(cache) >= 1024:
+            cache.clear()
+        cache[key] = found
+    return found
 
 
 def _check_int(name, value, low, high):
@@ -122,10 +157,15 @@ def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_p
         columns. Exact, with a gradient: the Triton backend normalises the P rows' scores
         with the forward's own logsumexp, and runs nothing more without the option.
     """
-    scale, mask = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
+    def check():
+        checked = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
                                query_sees_self, query_sees_queries, scale)
-    requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    backend = resolve(backend, q, requires_grad=requires_grad)
+        requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return (*checked, resolve(backend, q, requires_grad=requires_grad))
+
+    key = _signature((q, k, v), num_queries, num_prefix, query_sees_prefix, query_sees_self,
+                     query_sees_queries, scale, backend)
+    scale, mask, backend = _remembered(_CHECKED, key, check)
     if backend == "triton":
         return triton_attention(q, k, v, num_queries, num_prefix, mask, scale,
                                 prefix_probs=return_prefix_probs)
@@ -160,14 +200,21 @@ def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_
         autograd stacks and copies nothing. With return_prefix_probs, (that,
         prefix_probs) as in `unidirectional_attention`.
     """
-    _check_qkv(qkv, ("batch", "seq"))
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    scale, mask = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
+    def check():
+        _check_qkv(qkv, ("batch", "seq"))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        checked = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
                                query_sees_self, query_sees_queries, scale)
-    backend = resolve(backend, q, requires_grad=torch.is_grad_enabled() and qkv.requires_grad)
+        requires_grad = torch.is_grad_enabled() and qkv.requires_grad
+        return (*checked, resolve(backend, q, requires_grad=requires_grad))
+
+    key = _signature((qkv,), num_queries, num_prefix, query_sees_prefix, query_sees_self,
+                     query_sees_queries, scale, backend)
+    scale, mask, backend = _remembered(_CHECKED, key, check)
     if backend == "triton":
         return triton_qkvpacked_attention(qkv, num_queries, num_prefix, mask, scale,
                                           prefix_probs=return_prefix_probs)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     out = _BATCHED[backend](q, k, v, num_queries, num_prefix, mask, scale).transpose(1, 2)
     if return_prefix_probs:
         return out, attention_torch.prefix_probs(q, k, num_queries, num_prefix, scale)
@@ -194,10 +241,10 @@ def _check_device_offsets(cu_seqlens, queries, total_tokens, num_prefix, mask):
 
 def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees_prefix,
                         query_sees_self, query_sees_queries, scale, max_seqlen):
-    """Validate a packed call. Returns (scale, mask, layout, tables): the QueryMask, the
-    VarlenLayout (None when the caller gave cu_seqlens and max_seqlen, which are then
-    checked on the device, no sync), and what the Triton ops take: (cu_seqlens,
-    num_queries tensor, max_seqlen, forward tiles, backward tiles)."""
+    """Validate a packed call. Returns (scale, mask, layout, offsets): the QueryMask, the
+    VarlenLayout (None when the caller gave cu_seqlens and max_seqlen: their values are
+    not checked yet, `_vouched` does it on the device, no sync), and then (cu_seqlens,
+    num_queries, max_seqlen, None, None)."""
     _check_tensors(q, k, v, ("total_tokens", "heads", "head_dim"))
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v must have the same (total_tokens, heads, head_dim) shape, "
@@ -213,8 +260,9 @@ def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees
     else:
         _check_offsets(q, cu_seqlens, num_queries)
         if max_seqlen is not None:
-            return scale, mask, None, _device_checked(q, cu_seqlens, num_queries, max_seqlen, num_prefix,
-                                                      mask)
+            _check_max_seqlen(q, max_seqlen)
+            # Their values are checked on the device, with the tile tables (`_vouched`).
+            return scale, mask, None, (cu_seqlens, num_queries, max_seqlen, None, None)
         # Checking the offsets needs them on the host: one sync. Callers that cannot
         # afford it pass max_seqlen (checked on the device) or, better, a VarlenLayout.
         queries = num_queries.tolist() if isinstance(num_queries, torch.Tensor) else num_queries
@@ -224,7 +272,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees
                              f"got {offsets[0]} .. {offsets[-1]}")
         layout = VarlenLayout.from_offsets(offsets, queries, q.device)
     layout.check(num_prefix, mask)
-    return scale, mask, layout, varlen_tables(layout, q)
+    return scale, mask, layout, None
 
 
 def _check_layout(layout, q, num_queries, max_seqlen):
@@ -259,15 +307,25 @@ def _check_offsets(q, cu_seqlens, num_queries):
                         f"got {type(num_queries).__name__}")
 
 
-def _device_checked(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
-    """The Triton ops' arguments for offsets the caller vouched for with max_seqlen: their
-    values are checked on the device, no sync."""
+def _check_max_seqlen(q, max_seqlen):
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"max_seqlen must be a non-negative int or None, got {max_seqlen!r}")
     if max_seqlen == 0 and q.shape[0] > 0:
         raise ValueError(f"max_seqlen is 0 but there are {q.shape[0]} tokens")
+
+
+def _vouched(q, offsets, num_prefix, mask, backend):
+    """What a backend takes for offsets the caller vouched for with max_seqlen, their
+    values checked on the device without a sync: for an eager Triton call, one launch
+    that also writes the tile tables (`varlen_schedule`); otherwise torch ops, and the
+    kernels' grids cover max_seqlen for every sequence."""
+    cu_seqlens, num_queries, max_seqlen, _, _ = offsets
+    per_sequence = isinstance(num_queries, torch.Tensor)
+    eager = attention_triton._eager(q, cu_seqlens, *((num_queries,) if per_sequence else ()))
+    if backend == "triton" and eager:
+        return varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask)
     cu_seqlens = cu_seqlens.contiguous()
-    if isinstance(num_queries, torch.Tensor):
+    if per_sequence:
         # Values past int32 fail the range check below instead of wrapping around.
         queries = num_queries.clamp(-1, 2**31 - 1).to(torch.int32).contiguous()
     else:
@@ -276,6 +334,24 @@ def _device_checked(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
     torch._assert_async((cu_seqlens[1:] - cu_seqlens[:-1] <= max_seqlen).all(),
                         f"max_seqlen ({max_seqlen}) is smaller than the longest sequence")
     return cu_seqlens, queries, max_seqlen, None, None
+
+
+def _layout_key(cu_seqlens, tensors, *arguments):
+    """(cache, key) for a packed call: calls on one VarlenLayout remember their checks in
+    it (the layout holds its tile tables and is checked once already); calls on offsets
+    check every time, their values being on the device."""
+    if not isinstance(cu_seqlens, VarlenLayout):
+        return None, None
+    return cu_seqlens.checked_calls, _signature(tensors, *arguments)
+
+
+def _tables(layout, offsets, q, num_prefix, mask, backend):
+    """What the backend takes for a packed call: the tile tables of a layout, built per call
+    and not remembered with the checks (they follow the launchers' tile configs, which
+    bench.tune swaps between calls on one layout), or the offsets checked on the device."""
+    if layout is not None:
+        return varlen_tables(layout, q) if backend == "triton" else None
+    return _vouched(q, offsets, num_prefix, mask, backend)
 
 
 def _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale, prefix_probs=False):
@@ -321,11 +397,18 @@ def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries=None, num_p
     """
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
-    scale, mask, layout, tables = check_varlen_inputs(
-        q, k, v, cu_seqlens, num_queries, num_prefix, query_sees_prefix, query_sees_self,
-        query_sees_queries, scale, max_seqlen)
-    requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    backend = resolve(backend, q, requires_grad=requires_grad)
+
+    def check():
+        checked = check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix,
+                                      query_sees_prefix, query_sees_self, query_sees_queries,
+                                      scale, max_seqlen)
+        requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        return (*checked, resolve(backend, q, requires_grad=requires_grad))
+
+    scale, mask, layout, offsets, backend = _remembered(*_layout_key(
+        cu_seqlens, (q, k, v), num_queries, num_prefix, query_sees_prefix, query_sees_self,
+        query_sees_queries, scale, max_seqlen, backend), check)
+    tables = _tables(layout, offsets, q, num_prefix, mask, backend)
     if backend == "triton":
         return triton_attention(q, k, v, 0, num_prefix, mask, scale, varlen=tables,
                                 prefix_probs=return_prefix_probs)
@@ -340,15 +423,25 @@ def unidirectional_attention_varlen_qkvpacked(qkv, cu_seqlens, num_queries=None,
     head_dim). Returns (total_tokens, heads, head_dim) (and the prefix probabilities with
     return_prefix_probs); with the Triton backend the gradient reaches qkv as one tensor
     written by the kernel."""
-    _check_qkv(qkv, ("total_tokens",))
-    q, k, v = qkv.unbind(1)
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
-    scale, mask, layout, tables = check_varlen_inputs(
-        q, k, v, cu_seqlens, num_queries, num_prefix, query_sees_prefix, query_sees_self,
-        query_sees_queries, scale, max_seqlen)
-    backend = resolve(backend, q, requires_grad=torch.is_grad_enabled() and qkv.requires_grad)
+
+    def check():
+        _check_qkv(qkv, ("total_tokens",))
+        q, k, v = qkv.unbind(1)
+        checked = check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix,
+                                      query_sees_prefix, query_sees_self, query_sees_queries,
+                                      scale, max_seqlen)
+        requires_grad = torch.is_grad_enabled() and qkv.requires_grad
+        return (*checked, resolve(backend, q, requires_grad=requires_grad))
+
+    scale, mask, layout, offsets, backend = _remembered(*_layout_key(
+        cu_seqlens, (qkv,), num_queries, num_prefix, query_sees_prefix, query_sees_self,
+        query_sees_queries, scale, max_seqlen, backend), check)
+    # qkv stands for q: it has q's tokens, head_dim, dtype and device.
+    tables = _tables(layout, offsets, qkv, num_prefix, mask, backend)
     if backend == "triton":
         return triton_qkvpacked_attention(qkv, 0, num_prefix, mask, scale, varlen=tables,
                                           prefix_probs=return_prefix_probs)
-    return _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale, return_prefix_probs)
+    return _varlen_peer(backend, *qkv.unbind(1), layout, tables, num_prefix, mask, scale,
+                        return_prefix_probs)

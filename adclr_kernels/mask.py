@@ -72,6 +72,21 @@ class QueryMask:
         return self.sees(i, j, seq_len - num_queries, num_prefix)
 
 
+_MASKS = {}
+
+
+def query_mask(sees_prefix=False, sees_self=False, sees_queries=False):
+    """The QueryMask of these options, built once per combination: a dataclass's checks
+    cost a call of the op more host time than its kernels' arguments."""
+    key = (type(sees_prefix), sees_prefix, type(sees_self), sees_self, type(sees_queries),
+           sees_queries)
+    mask = _MASKS.get(key)
+    if mask is None:
+        mask = QueryMask(sees_prefix, sees_self, sees_queries)  # raises on a non-bool
+        _MASKS[key] = mask
+    return mask
+
+
 def visibility_mask(
     seq_len: int,
     key_len: int,

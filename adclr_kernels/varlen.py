@@ -43,6 +43,8 @@ class VarlenLayout:
         self.num_queries = torch.tensor(self.queries, dtype=torch.int32, device=self.device)
         self._tiles = {}
         self._checked = set()
+        # What the op's checks concluded for calls on this layout (see attention.py).
+        self.checked_calls = {}
 
     @property
     def device(self):

@@ -184,6 +184,11 @@ def capture(workload, dtype, capability, flags=(False, False, False)):
             qkv = _meta_qkv((workload.tokens,), workload.heads, workload.head_dim, dtype)
             layout = VarlenLayout(lengths, queries, device="meta")
             cu, nq, max_len, fwd_tiles, bwd_tiles = T.varlen_tables(layout, qkv[:, 0])
+            if workload.offsets:  # tables of the capacity varlen_schedule sizes them to
+                fwd_tiles, bwd_tiles = (
+                    torch.empty(T.tile_capacity(len(lengths), workload.tokens, max_len, block), 2,
+                                dtype=torch.int32, device="meta")
+                    for block in T._table_blocks(qkv, max_len))
             geometry = (cu, nq, fwd_tiles, bwd_tiles, 0, max_len)
         else:
             qkv = _meta_qkv((workload.batch, workload.seq_len), workload.heads,
@@ -528,7 +533,11 @@ def _program_blocks(launch, seqs, heads, block):
     a = launch.bound()
     if launch.kwargs.get("TILED"):
         tiles = [(i, j) for i, s in enumerate(seqs) for j in range(-(-s.seq_len // block))]
-        assert len(tiles) == a["num_blocks"], "tile table mirror out of step with the layout"
+        assert len(tiles) <= a["num_blocks"], "tile table mirror out of step with the layout"
+        # A table written on the device (varlen_schedule) ends in idle slots: a block past
+        # the end of sequence 0.
+        idle = (0, max(s.seq_len for s in seqs) // block + 1)
+        tiles += [idle] * (a["num_blocks"] - len(tiles))
         return [tiles[pid % len(tiles)] for pid in range(launch.grid[0])]
     blocks = a["num_blocks"]
     return [(pid // blocks // heads, pid % blocks) for pid in range(launch.grid[0])]

@@ -112,6 +112,9 @@ class PackedWorkload:
     head_dim: int
     crops: tuple = ((2, 196, 10), (10, 36, 0))
     num_prefix: int = 1
+    # Passed as FlashAttention passes a varlen batch (cu_seqlens + max_seqlen, values only
+    # on the device) instead of a VarlenLayout.
+    offsets: bool = False
 
     @property
     def id(self) -> str:
@@ -129,7 +132,9 @@ class PackedWorkload:
 
     def describe(self) -> str:
         kinds = " + ".join(f"{c}x{self.num_prefix + r + q}" for c, r, q in self.crops)
-        return f"{self.label} ({self.images} images x ({kinds}) tokens, H={self.heads}, D={self.head_dim})"
+        how = ", cu_seqlens + max_seqlen" if self.offsets else ""
+        return (f"{self.label} ({self.images} images x ({kinds}) tokens, H={self.heads}, "
+                f"D={self.head_dim}{how})")
 
 
 # What `python -m bench.static` models: the CUDA matrix, a head_dim 128 shape, and the
@@ -138,6 +143,8 @@ class PackedWorkload:
 STATIC_WORKLOADS = CUDA_WORKLOADS + (
     _global("vit_b16_global_d128", "ViT-B/16-size global, 6 heads of 128", 64, 6, 196, head_dim=128),
     PackedWorkload("vit_s16_packed", "ViT-S/16 multi-crop, packed", 128, 6, 64),
+    PackedWorkload("varlen_multicrop", "ViT-S/16 multi-crop, FlashAttention-style", 4, 6, 64,
+                   offsets=True),
 )
 
 # The CPU subset: the same sequence shapes at a few images, so `pytest bench/` finishes

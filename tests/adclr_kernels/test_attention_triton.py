@@ -105,6 +105,21 @@ def test_every_gpu_config_in_the_interpreter(monkeypatch, capability, dtype, hea
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
+@pytest.mark.parametrize("opt_set,num_raw,num_queries", [(OPTION_SETS[0], 36, 0), (OPTION_SETS[3], 26, 10),
+                                                         (OPTION_SETS[4], 53, 10)])
+def test_short_sequence_backward_computes_delta_in_its_program(monkeypatch, opt_set, num_raw, num_queries):
+    # A local crop (37 tokens; 64 at most) fits one 64-row program at the fp16/bf16 GPU
+    # tiles: the backward runs without the delta pre-pass, under the register cap.
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    launched = []
+    real = T._unidirectional_bwd_delta_kernel.run
+    monkeypatch.setattr(T._unidirectional_bwd_delta_kernel, "run",
+                        lambda *a, **k: launched.append(1) or real(*a, **k))
+    check_triton(2, 2, 1, num_raw, num_queries, 64, options(opt_set), dtype=torch.float16)
+    assert not launched
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
 @pytest.mark.parametrize("lengths,queries,num_prefix", [
     ([1 + 196 + 10, 1 + 36, 1 + 196 + 10], [10, 0, 10], 1),  # the trainer's crops
     ([70 + 120 + 17, 70 + 30 + 3], [17, 3], 70),             # prefix wider than a key tile
@@ -283,20 +298,20 @@ def test_eager_calls_skip_the_dispatcher_and_match_the_custom_op(monkeypatch, pa
             out = unidirectional_attention(q, k, v, 4, backend="triton").transpose(1, 2)
         return out, torch.autograd.grad(out, qkv, grad)[0]
 
-    calls = {"impl": 0}
-    real_impl = T._qkv_bwd_impl if packed_qkv else T._bwd_impl
-    name = "_qkv_bwd_impl" if packed_qkv else "_bwd_impl"
+    calls = {"op": 0}
+    name = "_qkv_bwd_op" if packed_qkv else "_bwd_op"
+    real_op = getattr(T, name)
 
     def counted(*args):
-        calls["impl"] += 1
-        return real_impl(*args)
+        calls["op"] += 1
+        return real_op(*args)
 
     monkeypatch.setattr(T, name, counted)
     eager_out, eager_grad = run()
-    assert calls["impl"] == 1  # the eager backward ran the body, not the op
+    assert calls["op"] == 0  # the eager backward ran the body, not the op
     monkeypatch.setattr(T, "_eager", lambda *tensors: False)
     op_out, op_grad = run()
-    assert calls["impl"] == 1  # the custom op's own registration ran this time
+    assert calls["op"] == 1  # the custom op's own registration ran this time
     assert torch.equal(eager_out, op_out) and torch.equal(eager_grad, op_grad)
 
 

@@ -283,6 +283,66 @@ def test_tile_table_lists_every_block_with_rows_once():
     assert layout.tiles(64) is layout.tiles(64)  # built once
 
 
+# ---------------------------------------------------------------------------------------
+# Offsets with max_seqlen on the Triton backend: one launch checks them and writes the
+# tile tables on the device (varlen_schedule); the grids hold few idle programs.
+# ---------------------------------------------------------------------------------------
+
+# Sequences of 1, 2, 63, 64, 65 and 129 tokens side by side (P + 0 and P + 1 for the two
+# shortest when P = 4), each with its own query count.
+def _edge_lengths(num_prefix):
+    return [max(1, num_prefix), max(2, num_prefix + 1), 63, 64, 65, 129], [0, 0, 10, 1, 10, 1]
+
+
+@pytest.mark.parametrize("opt_set,num_prefix", [(o, 1 + 3 * (i % 2)) for i, o in enumerate(OPTION_SETS)],
+                         ids=lambda x: option_id(x) if isinstance(x, tuple) else f"P{x}")
+def test_vouched_offsets_match_float64_and_the_layout_bit_for_bit(opt_set, num_prefix, poisoned):
+    opts = options(opt_set)
+    lengths, queries = _edge_lengths(num_prefix)
+    q, k, v, cu = make_packed(lengths, 1, 16, seed=5)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    nq = torch.tensor(queries, device=DEVICE)
+
+    def run(cu_seqlens, num_queries, **kw):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = unidirectional_attention_varlen(*leaves, cu_seqlens, num_queries, num_prefix,
+                                              backend="triton", **opts, **kw)
+        return (out, *torch.autograd.grad(out, leaves, grad_out))
+
+    vouched = run(cu, nq, max_seqlen=max(lengths))
+    ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, num_prefix, grad_out, opts)
+    for name, got, want in zip(["out", "dq", "dk", "dv"], vouched, (ref, *ref_grads)):
+        assert_rel_close(name, got, want)
+    if opt_set == OPTION_SETS[0]:  # once: the interpreter takes seconds per pass
+        # The device's tile table lists the layout's tiles, in its order: another call,
+        # with tables built on the host, computes the same sums bit for bit.
+        by_layout = run(VarlenLayout(lengths, queries, device=DEVICE), None)
+        for a, b in zip(vouched, by_layout):
+            assert torch.equal(a, b)
+
+
+def test_device_tile_table_is_the_layouts_then_idle_slots_within_30_percent(monkeypatch):
+    # A 48-sequence multi-crop batch (4 images x (2 x 207 + 10 x 37) tokens) at the tiles
+    # the GPU launches for bf16, head_dim 64: today's grids (max_seqlen for every sequence)
+    # left 62.5% of the forward programs idle.
+    import adclr_kernels.attention_triton as T
+    from adclr_kernels.mask import QueryMask
+
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    lengths, queries = [207, 207] + [37] * 10, [10, 10] + [0] * 10
+    layout = VarlenLayout(lengths * 4, queries * 4, device=DEVICE)
+    q = torch.empty(layout.total_tokens, 6, 64, dtype=torch.bfloat16, device=DEVICE)
+    cu, nq, max_len, fwd, bwd = T.varlen_schedule(q, layout.cu_seqlens, layout.num_queries.long(),
+                                                  207, 1, QueryMask())
+    assert torch.equal(cu, layout.cu_seqlens) and torch.equal(nq, layout.num_queries)
+    for table, block in zip((fwd, bwd), T._table_blocks(q, 207)):
+        tiles = layout.tiles(block)
+        assert torch.equal(table[: len(tiles)], tiles)
+        idle = table[len(tiles):]
+        assert (idle[:, 0] == 0).all() and (idle[:, 1] * block >= 207).all()
+        assert len(idle) <= 0.3 * len(table), f"{len(idle)} of {len(table)} slots idle"
+
+
 @pytest.mark.parametrize("column,value", [(0, 10**6), (0, -7), (1, 10**6), (1, -1)],
                          ids=["sequence huge", "sequence negative", "block huge", "block negative"])
 def test_an_edited_tile_table_stays_inside_the_tensors(column, value):
