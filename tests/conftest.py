@@ -6,7 +6,15 @@ on before Triton decorates any kernel, so before adclr_kernels is imported.
 
 import os
 
-import torch
+# One thread unless told otherwise: the suite's tensors are small, so a second thread
+# gains little, and where another job shares the cores (CI builds the integrations'
+# environment beside the suite) OpenMP threads that spin for a busy core slowed some
+# tests tenfold. Set before torch starts its pool; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
