@@ -1,5 +1,5 @@
 """What the evaluation protocols share: a frozen backbone from a checkpoint, the views
-they evaluate on, and its features of a labelled image set.
+they evaluate on, its features of a labelled image set, and its last block's attention.
 
 The backbone is never updated. Its input is a centre crop (DINO's resize to size / 0.875,
 then crop), normalised as in training; its feature is the CLS token after the final
@@ -13,8 +13,10 @@ import sys
 
 import torch
 
+from adclr_kernels import visibility_mask
+
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import center_crop, normalize, open_dataset, warn_unreadable
+from .data import center_crop, crop, normalize, open_dataset, random_resized_box, warn_unreadable
 from .model import build_backbone
 
 
@@ -136,3 +138,47 @@ def split_features(backbone, train_images, val_images, data, size, limit, batch_
     if not len(train_y) or not len(val_y):
         raise SystemExit(f"error: --data {data}: no readable images in {'train' if not len(train_y) else 'val'}")
     return train_f, train_y, val_f, val_y
+
+
+def query_boxes(image, count, scale, generator):
+    """`count` boxes (left, top, right, bottom) on a PIL image where training would cut
+    query crops: random-resized boxes of `scale` of its area."""
+    return [random_resized_box(*image.size, tuple(scale), generator) for _ in range(count)]
+
+
+def query_crops(image, boxes, patch_size):
+    """The query crops of a PIL image at `boxes`, each resized to one patch, normalised:
+    (1, len(boxes), 3, p, p), or None for no box."""
+    return torch.stack([normalize(crop(image, box, patch_size)) for box in boxes])[None] if boxes else None
+
+
+def last_block_attention(backbone, images, query_crops=None):
+    """The last block's attention weights (B, heads, L, L), float32, and the number of queries.
+
+    Rows and columns are tokens [CLS | patches | queries]; a row's weights over the keys
+    it may see sum to 1, the others are 0. `images` normalised as for `forward_features`.
+    The fused op never materialises these weights: they are recomputed from the block's q
+    and k (its attention input is caught by a forward hook), with the op's own visibility
+    mask saying which keys each row sees.
+    """
+    attn = backbone.blocks[-1].attn
+    caught = {}
+
+    def catch(module, args, kwargs):
+        caught["x"], caught["num_queries"], caught["options"] = args[0], args[1], kwargs
+
+    handle = attn.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            backbone.forward_features(images, query_crops)
+    finally:
+        handle.remove()
+    x, num_queries = caught["x"], caught["num_queries"]
+    B, L, _ = x.shape
+    with torch.no_grad():
+        q, k, _ = attn.qkv(x).view(B, L, 3, attn.num_heads, attn.head_dim).unbind(2)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) * attn.scale
+        options = {key: value for key, value in caught["options"].items() if key.startswith("query_sees")}
+        sees = visibility_mask(L, L, num_queries, 1, device=x.device, **options)
+        return scores.masked_fill(~sees, float("-inf")).softmax(-1), num_queries
