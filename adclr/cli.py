@@ -7,6 +7,7 @@
     adclr eval dense --checkpoint runs/demo/checkpoint.pt   # linear segmentation probe, built-in scenes
     adclr show attention --checkpoint runs/demo/checkpoint.pt
     adclr compare --out runs/compare                          # ADCLR vs DINO vs random init, 3 seeds
+    adclr sweep --vary teacher-temp=0.02,0.04                 # compare's settings tried on a held-out split
     adclr export --checkpoint runs/demo/checkpoint.pt --out backbone.safetensors
 """
 
@@ -105,6 +106,7 @@ def build_parser():
     train_parser.set_defaults(handler=run_train, parser=train_parser)
     _add_eval_parser(commands)
     _add_compare_parser(commands)
+    _add_sweep_parser(commands)
     _add_show_parser(commands)
     export_parser = commands.add_parser("export", help="write the backbone as safetensors")
     export_parser.add_argument("--checkpoint", required=True)
@@ -124,7 +126,7 @@ def _add_eval_parser(commands):
                              help="knn, linear: folder with train/ and val/ (one sub-folder per class); "
                                   "default: the run's data. dense: folder with images/ and masks/ or "
                                   "annotations/ (PNG label masks, 255 = ignore), each with train/ and val/ "
-                                  "(or the reverse nesting); default: builtin:scenes")
+                                  "(or the reverse nesting); default: builtin:shape-scenes")
     eval_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher")
     eval_parser.add_argument("--image-size", type=checked(int, ">= 1"), default=None,
                              help="default: the run's --image-size")
@@ -178,6 +180,43 @@ def _add_compare_parser(commands):
     compare_parser.set_defaults(handler=run_compare, parser=compare_parser)
 
 
+def vary(text):
+    """An argparse `type` for --vary KEY=V1,V2,...: (Config field, [values]), each value
+    parsed and range-checked as its adclr train flag is."""
+    key, sep, values = text.partition("=")
+    field = key.replace("-", "_")
+    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    if not sep or not values or field not in fields:
+        raise argparse.ArgumentTypeError(f"expected KEY=V1,V2,... with KEY an adclr train flag, got {text!r}")
+    if isinstance(fields[field], (tuple, bool)) or field in ("out", "seed"):
+        raise argparse.ArgumentTypeError(f"--{key} cannot be swept")
+    parse = checked(type(fields[field]), ALLOWED.get(field))
+    try:
+        return field, [parse(value) for value in values.split(",")]
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        raise argparse.ArgumentTypeError(f"{key}: {error}") from None
+
+
+def _add_sweep_parser(commands):
+    grid = " ".join(f"{k.replace('_', '-')}={','.join(map(str, v))}" for k, v in compare.SWEEP.items())
+    sweep_parser = commands.add_parser(
+        "sweep", help="compare's settings tried for both methods alike, scored on a held-out split",
+        usage="adclr sweep [--vary KEY=V1,V2 ...] [--one-at-a-time] [--seeds S ...] [--eval-images N] "
+              "[any adclr train --flag VALUE ...]")
+    sweep_parser.add_argument("--vary", type=vary, action="append", default=None, metavar="KEY=V1,V2",
+                              help=f"an adclr train flag and its values; the grid is the product of every --vary "
+                                   f"(default: {grid})")
+    sweep_parser.add_argument("--one-at-a-time", action="store_true",
+                              help="instead of every combination: the first value of every --vary (the base), "
+                                   "then each other value alone with the rest at the base")
+    sweep_parser.add_argument("--seeds", type=checked(int, ALLOWED["seed"]), nargs="+", default=[0],
+                              help="one ADCLR and one DINO run per seed and grid point (default: 0)")
+    sweep_parser.add_argument("--eval-images", type=checked(int, ">= 1"), default=None,
+                              help=f"images per split for k-NN, linear and dense (default: {compare.EVAL_IMAGES})")
+    add_config_flags(sweep_parser)
+    sweep_parser.set_defaults(handler=run_sweep, parser=sweep_parser)
+
+
 def _add_show_parser(commands):
     show_parser = commands.add_parser("show", help="pictures: attention maps, dense predictions, training curves "
                                                    "(needs matplotlib: pip install 'adclr[viz]')")
@@ -189,7 +228,7 @@ def _add_show_parser(commands):
         picture.add_argument("--checkpoint", required=True, help="OUT/checkpoint.pt of a run")
         picture.add_argument("--data", default=None,
                              help="built-in set or folder (attention: any images; dense: as for eval dense); "
-                                  "default: builtin:scenes")
+                                  "default: builtin:shape-scenes")
         picture.add_argument("--images", type=checked(int, ">= 1"), default=4, help="how many images (default: 4)")
         picture.add_argument("--weights", choices=["teacher", "student"], default="teacher")
         picture.add_argument("--out", default=None, help="folder for the PNGs (default: pictures/ beside the checkpoint)")
@@ -263,6 +302,26 @@ def run_compare(args):
     if errors:
         args.parser.error(f"argument {errors[0]}")
     _run_job(compare.compare, cfg, args.seeds, eval_images=args.eval_images or compare.EVAL_IMAGES)
+
+
+def run_sweep(args):
+    given = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in _flags(args, "seeds", "eval_images", "vary", "one_at_a_time").items()}
+    if "seed" in given:
+        args.parser.error("argument --seed: adclr sweep takes --seeds")
+    grid = dict(args.vary or compare.SWEEP.items())
+    if args.vary and len(grid) < len(args.vary):
+        args.parser.error("argument --vary: a flag is given twice; list all its values in one --vary")
+    clash = [key for key in grid if key in given]
+    if clash:
+        flag = "--" + clash[0].replace("_", "-")
+        args.parser.error(f"argument --vary: {flag} is swept, so it cannot also be set by {flag}")
+    cfg = Config(**{**compare.PRESET, "out": "runs/sweep", **given})
+    errors = config_errors(cfg)
+    if errors:
+        args.parser.error(f"argument {errors[0]}")
+    _run_job(compare.sweep, cfg, grid, args.seeds, eval_images=args.eval_images or compare.EVAL_IMAGES,
+             one_at_a_time=args.one_at_a_time)
 
 
 def run_show(args):

@@ -173,6 +173,8 @@ OTHER_RANGES = [
         ("--num-workers", ">= -1", int, "-2"), ("--limit", ">= 0", int, "-1")]),
     (["compare"], ("adclr.compare", "compare"), [
         ("--seeds", "[0, 10000000]", int, "-1"), ("--eval-images", ">= 1", int, "-1")]),
+    (["sweep"], ("adclr.compare", "sweep"), [
+        ("--seeds", "[0, 10000000]", int, "-1"), ("--eval-images", ">= 1", int, "-1")]),
     (["show", "attention", "--checkpoint", "c.pt"], ("adclr.show", "show_attention"), [
         ("--images", ">= 1", int, "-1"), ("--num-queries", ">= 0", int, "-1"), ("--seed", ">= 0", int, "-1")]),
     (["show", "dense", "--checkpoint", "c.pt"], ("adclr.show", "show_dense"), [
@@ -200,8 +202,9 @@ def test_other_commands_flags_at_zero_and_negative(command, target, flag, spec, 
     if accepts(spec, value):
         assert status == 0 and len(seen) == 1
         args, kwargs = seen[0]
-        if target[1] == "compare":  # compare(cfg, seeds, eval_images=...)
-            assert (args[1] == [value]) if flag == "--seeds" else kwargs["eval_images"] == value
+        if target[1] in ("compare", "sweep"):  # compare(cfg, seeds, ...), sweep(cfg, grid, seeds, ...)
+            seeds = args[1] if target[1] == "compare" else args[2]
+            assert (seeds == [value]) if flag == "--seeds" else kwargs["eval_images"] == value
         else:
             assert kwargs[flag[2:].replace("-", "_")] == value
     else:
@@ -239,7 +242,7 @@ def numeric_flags(argv, monkeypatch):
             if a.option_strings and getattr(a.type, "__name__", None) in ("int", "float")}
 
 
-@pytest.mark.parametrize("command", [["eval"], ["compare"], ["show", "attention"], ["show", "dense"]],
+@pytest.mark.parametrize("command", [["eval"], ["compare"], ["sweep"], ["show", "attention"], ["show", "dense"]],
                          ids=" ".join)
 def test_every_numeric_flag_of_the_other_commands_has_a_range(command, monkeypatch):
     flags = set(numeric_flags(command, monkeypatch))
@@ -248,7 +251,7 @@ def test_every_numeric_flag_of_the_other_commands_has_a_range(command, monkeypat
                                                  for f, *_ in fs}
     else:
         tabled = {f for c, _, fs in OTHER_RANGES if c[:len(command)] == command for f, *_ in fs}
-    if command == ["compare"]:  # and every adclr train flag, as train checks them
+    if command in (["compare"], ["sweep"]):  # and every adclr train flag, as train checks them
         tabled |= {f for f, *_ in TRAIN_RANGES} | set(SCALE_FLAGS)
     assert flags == tabled
 
@@ -261,7 +264,7 @@ def test_compare_takes_train_flags_over_its_preset(monkeypatch, capsys):
     assert run(["compare", "--seeds", "3", "4", "--max-steps", "7", "--out", "x"], capsys)[0] == 0
     cfg, seeds = seen[0]
     assert seeds == [3, 4] and cfg.max_steps == 7 and cfg.out == "x"
-    assert cfg.data == adclr.compare.PRESET["data"] == "builtin:scenes" and cfg.arch == adclr.compare.PRESET["arch"]
+    assert cfg.data == adclr.compare.PRESET["data"] == "builtin:shape-scenes" and cfg.arch == adclr.compare.PRESET["arch"]
     status, err = run(["compare", "--seed", "1"], capsys)
     assert status == 2 and err.splitlines()[-1] == "adclr compare: error: argument --seed: adclr compare takes --seeds"
     status, err = run(["compare", "--image-size", "60"], capsys)
