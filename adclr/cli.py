@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import re
 import sys
 
@@ -79,13 +80,17 @@ def add_config_flags(parser):
             parser.add_argument(flag, type=checked(type(f.default), allowed), default=argparse.SUPPRESS, help=text)
 
 
+def is_demo(cfg):
+    """A run on the built-in data without a GPU: the demo."""
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    return cfg.data in ("", *BUILTIN) and on_cpu
+
+
 def make_config(given):
     """Config from the flags given; on CPU with the built-in data, the DEMO defaults fill the rest."""
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     cfg = Config(**given)
-    builtin = cfg.data in ("", *BUILTIN)
-    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    if builtin and on_cpu:
+    if is_demo(cfg):
         chosen = {k: v for k, v in DEMO.items() if k not in given}
         cfg = dataclasses.replace(cfg, **chosen)
         if chosen:
@@ -257,10 +262,11 @@ def _flags(args, *leave_out):
 
 
 def _run_job(job, *job_args, **job_kwargs):
-    """Run a training job as a command: a diverged run ends with one line (exit 1), and
-    Ctrl-C (after the job has kept what it can) with the shell's 130, not a traceback."""
+    """Run a training job as a command and return what it returns: a diverged run ends with
+    one line (exit 1), and Ctrl-C (after the job has kept what it can) with the shell's 130,
+    not a traceback."""
     try:
-        job(*job_args, **job_kwargs)
+        return job(*job_args, **job_kwargs)
     except FloatingPointError as error:
         raise SystemExit(f"error: {error}")
     except KeyboardInterrupt:
@@ -272,7 +278,13 @@ def run_train(args):
     errors = config_errors(cfg)  # what depends on several flags; before any work
     if errors:
         args.parser.error(f"argument {errors[0]}")
-    _run_job(train.train, cfg)
+    step = _run_job(train.train, cfg)  # the step of the checkpoint the run leaves in --out
+    if step and is_demo(cfg) and int(os.environ.get("RANK", "0")) == 0:  # the last line: did it learn?
+        images = eval_knn.DEMO_IMAGES
+        trained, at_init = eval_knn.knn_trained_and_at_init(cfg, images)
+        print(f"k-NN accuracy (k = 20, {images} train / {images} val images of "
+              f"{cfg.data or 'builtin'}): teacher {100 * trained:.1f}%, the same network at random init "
+              f"{100 * at_init:.1f}%", file=sys.stderr)
 
 
 def run_eval(args):

@@ -471,3 +471,17 @@ def test_command_line_train_eval_export(tmp_path, capsys):
     backbone.load_state_dict(weights)  # strict: exactly the backbone's parameters
     teacher = load_checkpoint(os.path.join(out, "checkpoint.pt"))["teacher"]
     torch.testing.assert_close(weights["pos_embed"], teacher["backbone.pos_embed"])
+
+
+def test_the_demo_ends_with_its_knn_beside_random_init(tmp_path, capsys):
+    """On the built-in data without a GPU the run's last line says whether it learned; on
+    the user's own data it does not (no labels to score with)."""
+    import re
+
+    status, err = run(["train", *TINY, "--out", str(tmp_path / "demo")], capsys)
+    numbers = re.fullmatch(r"k-NN accuracy \(k = 20, 100 train / 100 val images of builtin\): teacher "
+                           r"(\d+\.\d)%, the same network at random init (\d+\.\d)%", err.strip().splitlines()[-1])
+    assert status == 0 and numbers and all(0 <= float(n) <= 100 for n in numbers.groups())
+    status, err = run(["train", *TINY, "--data", image_folder(tmp_path / "photos"), "--batch-size", "2",
+                       "--out", str(tmp_path / "own")], capsys)
+    assert status == 0 and err.strip().splitlines()[-1].startswith("done: 1 steps")
