@@ -77,7 +77,11 @@ METRICS = (("knn", "k-NN"), ("linear", "linear"), ("miou", "mIoU"), ("pixel_accu
 EVAL_IMAGES = 2000
 LOCALISATION_IMAGES = 200
 # The default grid of `adclr sweep`: what decides whether a short run learns or collapses.
-SWEEP = {"teacher_temp": [0.02, 0.04], "momentum_teacher": [0.99, 0.996]}
+# With --one-at-a-time the first values are the base: a constant teacher temperature of
+# 0.04, DINO's EMA momentum, the lr of the learning test; then a sharper teacher, a warm-up
+# (from --warmup-teacher-temp, 0.02, over 30% of 1500 steps), a faster EMA, a lower lr.
+SWEEP = {"teacher_temp": [0.04, 0.02], "warmup_teacher_temp_epochs": [0.0, 1.5], "momentum_teacher": [0.996, 0.99],
+         "base_lr": [4e-3, 1e-3]}
 GAIN_METRICS = ("knn", "linear", "miou")
 
 
