@@ -229,3 +229,32 @@ def test_grid_points_every_combination_or_one_at_a_time():
         {"teacher_temp": 0.04, "momentum_teacher": 0.99}, {"teacher_temp": 0.04, "momentum_teacher": 0.98}]
     assert adclr.compare.point_name({"teacher_temp": 0.04, "warmup_teacher_temp_epochs": 1.5, "arch": "vit_test"}) \
         == "teacher_temp=0.04,warmup_teacher_temp_epochs=1.5,arch=vit_test"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--vary", "teacher-temp=0.02", "--vary", "teacher_temp=0.04"],
+     "argument --vary: a flag is given twice; list all its values in one --vary"),
+    (["--vary", "base-lr=1e-3", "--base-lr", "2e-3"],
+     "argument --vary: --base-lr is swept, so it cannot also be set by --base-lr"),
+    (["--vary", "teacher-temp"], "argument --vary: expected KEY=V1,V2,... with KEY an adclr train flag, "
+                                 "got 'teacher-temp'"),
+    (["--vary", "no-such-flag=1"], "argument --vary: expected KEY=V1,V2,... with KEY an adclr train flag, "
+                                   "got 'no-such-flag=1'"),
+    (["--vary", "momentum-teacher=0.99,1.5"], "argument --vary: momentum-teacher: must be in [0, 1], got 1.5"),
+    (["--vary", "query-scale=0.1"], "argument --vary: --query-scale cannot be swept"),
+    (["--seed", "1"], "argument --seed: adclr sweep takes --seeds"),
+])
+def test_sweep_user_errors(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(adclr.compare, "sweep", lambda *a, **k: pytest.fail("swept"))
+    with pytest.raises(SystemExit) as exit:
+        main(["sweep", *argv])
+    assert exit.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"adclr sweep: error: {message}"
+
+
+def test_sweep_refuses_a_grid_point_that_cannot_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(adclr.compare, "run_seed", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as exit:
+        flags = TINY[:TINY.index("--patch-size")] + TINY[TINY.index("--patch-size") + 2:]
+        main(["sweep", *flags, "--vary", "patch-size=8,6", "--out", str(tmp_path)])
+    assert exit.value.code == ("error: the grid point patch_size=6: --image-size: must be a multiple of "
+                               "--patch-size 6, got 32")
