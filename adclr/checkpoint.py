@@ -1,5 +1,6 @@
 """Checkpoints: writing them so that a kill never leaves a broken one, reading them back
-only after checking every part, and the RNG states that make a resumed run the same run.
+only after checking every part, and the RNG states that make a resumed run the same run;
+the files and folders a run writes.
 
 OUT/checkpoint.pt is a dict: "student", "teacher" (state dicts), "optimizer", "loss" (the
 two centres), "scaler" (fp16 runs only), "step", "config" (the run's Config as a dict) and
@@ -9,17 +10,23 @@ it: a reader sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import math
 import os
 import re
 import shutil
+import socket
+import stat
+import tempfile
 
 import torch
 import torch.distributed as dist
 
-from .config import FORMER_BEHAVIOUR, RESUMABLE
+from .config import FORMER_BEHAVIOUR, RESUMABLE, saved_config_errors
 from .model import ARCHS
 
 
@@ -35,21 +42,148 @@ def save_checkpoint(trainer, path, step, rng):
         "config": dataclasses.asdict(trainer.cfg),
         "rng": rng,
     }
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    # Through a Python file: torch.save to a path reports a full disk as a C++ iostream error.
+    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def copy_atomically(source, target):
-    shutil.copyfile(source, target + ".tmp")
-    os.replace(target + ".tmp", target)
+    with open(source, "rb") as original:
+        write_atomically(target, lambda f: shutil.copyfileobj(original, f))
 
 
 def write_json_atomically(path, value):
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    write_atomically(path, lambda f: f.write((json.dumps(value, indent=2) + "\n").encode()))
+
+
+# --------------------------------------------------------------------------- files and folders
+
+class WriteError(Exception):
+    """A file could not be written; the message names it and why (a full disk by where it is mounted)."""
+
+
+def write_atomically(path, write):
+    """Call write(f) on a new binary file beside `path`'s target, then rename it over that target.
+
+    A reader, or a run killed mid-write, sees the old file or the new one, never half of
+    one. A link is written through to the file it points to; an existing file keeps its
+    permissions, a new one gets the umask's; a folder or device is never replaced. On any
+    failure the partial file is removed; WriteError (naming `path`) when the system
+    refuses the write: a full disk, no permission.
+    """
+    kind = not_a_file(path)
+    if kind:
+        raise WriteError(f"cannot write {path}: it is {kind}, not a regular file")
+    real = os.path.realpath(path)
+    tmp = real + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        if os.path.exists(real):
+            os.chmod(tmp, stat.S_IMODE(os.stat(real).st_mode))
+        os.replace(tmp, real)
+    except BaseException as error:  # Ctrl-C too: leave no partial file behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        raise WriteError(why_not_written(path, cause)) from None
+
+
+def not_a_file(path):
+    """What `path` (through links) is when it exists and is not a regular file: "a folder",
+    "a device" or "a special file"; None otherwise."""
+    real = os.path.realpath(path)
+    if not os.path.exists(real) or os.path.isfile(real):
+        return None
+    mode = os.stat(real).st_mode
+    return "a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+        else "a special file"
+
+
+def _os_error(error):
+    """The OSError behind `error`: itself, or the one a library's error was raised while handling."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def why_not_written(path, error):
+    """"cannot write PATH: why" for the OSError a write of `path` met; a full disk named by its mount point."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write {path}: {error.strerror or error}"
+    mount = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    if error.errno == errno.EDQUOT:
+        return f"cannot write {path}: disk quota exceeded (on the disk mounted at {mount})"
+    return f"cannot write {path}: no space left on device (the disk mounted at {mount} is full)"
+
+
+def make_folder(folder, flag="--out"):
+    """Make `folder` (and its parents), or exit with one line naming `flag` and why it cannot be."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f"error: {flag} {folder} is a file, not a folder; choose another {flag}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise SystemExit(f"error: {flag} {folder} is not writable ({error.strerror or error}); "
+                         f"choose another {flag}") from None
+
+
+class FolderInUse(Exception):
+    """Another process holds the lock of a run folder; the message names the folder and that process."""
+
+
+LOCK = ".lock"  # in a run folder: the flock a run holds, with "PID HOST" of the holder in it
+_held_locks = set()  # the file descriptors of the folder locks this process holds
+
+
+def _drop_inherited_locks():
+    """In a forked child (a DataLoader worker): close the lock files it inherited. An flock
+    belongs to the open file, which a child shares, so a worker outliving a killed run
+    would otherwise hold the run's folder for a while."""
+    for fd in _held_locks:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+@contextlib.contextmanager
+def folder_lock(folder):
+    """Hold an exclusive lock on `folder` (on its file .lock) for the duration of the block.
+
+    FolderInUse if another process holds it, WriteError if the lock file cannot be opened.
+    The lock is an flock: the system drops it when the process ends, however it ends
+    (SIGKILL, a crash), so a stale lock never blocks a rerun; forked children do not keep
+    it. Where the file system has no flock, the block runs unlocked.
+    """
+    path = os.path.join(folder, LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as error:  # a folder of that name, no permission
+        raise WriteError(why_not_written(path, error)) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").split()
+            who = f" (process {holder[0]} on {holder[1]})" if len(holder) == 2 else ""
+            raise FolderInUse(f"{folder} is in use by another adclr run{who}") from None
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+        _held_locks.add(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        _held_locks.discard(fd)
+        os.close(fd)
 
 
 class CheckpointError(ValueError):
@@ -118,13 +252,32 @@ def _malformed(state):
     if not isinstance(config, dict) or not all(isinstance(config.get(k), int) for k in ("patch_size", "image_size")) \
             or config.get("arch") not in ARCHS:
         return "'config' is not an adclr train config"
-    if not isinstance(state["rng"], list):
-        return "'rng' is not a list of RNG states"
+    errors = saved_config_errors(config)
+    if errors:
+        return f"its 'config' is not a valid adclr train config: {errors[0]}"
+    problem = _rng_problem(state["rng"])
+    if problem:
+        return problem
     scaler = state.get("scaler", {})  # only in fp16 runs
     if not (isinstance(scaler, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                              and math.isfinite(v) for v in scaler.values())):
         return "'scaler' is not a gradient scaler state dict"
     return None
+
+
+def _rng_problem(rng):
+    """What is wrong with a checkpoint's "rng" entry, or None: a list of `rng_states()`."""
+    if not isinstance(rng, list):
+        return "'rng' is not a list of RNG states"
+    for i, states in enumerate(rng):
+        if not (isinstance(states, dict) and _is_rng_state(states.get("cpu"), torch.get_rng_state().shape)
+                and isinstance(states.get("cuda"), list) and all(_is_rng_state(t) for t in states["cuda"])):
+            return f"'rng' entry {i} is not a process's RNG state"
+    return None
+
+
+def _is_rng_state(t, shape=None):
+    return isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 and shape in (None, t.shape)
 
 
 def _named_tensors(state):

@@ -24,6 +24,7 @@ import sys
 import torch
 
 from . import compare, eval_dense, eval_knn, eval_linear, export, show, train
+from .checkpoint import WriteError
 from .config import ALLOWED, Config, config_errors, value_error
 from .data import BUILTIN
 
@@ -162,11 +163,11 @@ def _add_eval_parser(commands):
     eval_parser.add_argument("--fast", action="store_true",
                              help="linear: a quick AdamW probe on cached centre-crop CLS features instead of "
                                   "DINO's protocol (numbers not comparable with DINO's)")
-    eval_parser.add_argument("--num-classes", type=checked(int, ">= 1"), default=None,
+    eval_parser.add_argument("--num-classes", type=checked(int, f"[1, {eval_dense.NUM_LABELS}]"), default=None,
                              help="dense: classes 0..N-1 (default: 1 + the largest label in the train masks)")
     eval_parser.add_argument("--device", type=checked(str, ALLOWED["device"]), default="auto")
     eval_parser.add_argument("--num-workers", type=checked(int, ">= -1"), default=-1,
-                             help="loader processes; -1 = one per free core (max 8)")
+                             help="loader processes; -1 = one per free core, less one for this process (default)")
     eval_parser.add_argument("--limit", type=checked(int, ">= 0"), default=None,
                              help="use at most this many images per split; 0 = all (default: all; "
                                   f"dense on built-in data on a CPU: {eval_dense.BUILTIN_CPU_LIMIT})")
@@ -179,6 +180,8 @@ def _add_compare_parser(commands):
         usage="adclr compare [--seeds S ...] [--eval-images N] [any adclr train --flag VALUE ...]")
     compare_parser.add_argument("--seeds", type=checked(int, ALLOWED["seed"]), nargs="+", default=[0, 1, 2],
                                 help="one ADCLR and one DINO run per seed (default: 0 1 2)")
+    compare_parser.add_argument("--methods", nargs="+", choices=compare.LABELS, default=list(compare.METHODS[1:]),
+                                help="what to train and score beside random init (default: dino adclr)")
     compare_parser.add_argument("--eval-images", type=checked(int, ">= 1"), default=None,
                                 help=f"images per split for k-NN, linear and dense (default: {compare.EVAL_IMAGES})")
     add_config_flags(compare_parser)
@@ -244,7 +247,7 @@ def _add_show_parser(commands):
                        help="train images for the probe; 0 = all (default: all; built-in data: "
                             f"{eval_dense.BUILTIN_CPU_LIMIT})")
     dense.add_argument("--num-workers", type=checked(int, ">= -1"), default=-1,
-                       help="loader processes; -1 = one per free core (max 8)")
+                       help="loader processes; -1 = one per free core, less one for this process (default)")
     curves = pictures.add_parser("curves", help="losses, lr, teacher temperature (and k-NN if logged) "
                                                 "from a run's metrics.jsonl, written beside it as metrics.png")
     curves.add_argument("run", help="a run folder (adclr train --out) or its metrics.jsonl")
@@ -252,8 +255,15 @@ def _add_show_parser(commands):
 
 
 def main(argv=None):
+    """Run a command. What a user must fix ends in one "error:" line (exit 1), Ctrl-C, once
+    a job has kept what it can, in the shell's 130; neither in a traceback."""
     args = build_parser().parse_args(argv)
-    args.handler(args)
+    try:
+        args.handler(args)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+    except WriteError as error:  # a full disk, a file the system will not let us replace
+        raise SystemExit(f"error: {error}")
 
 
 def _flags(args, *leave_out):
@@ -269,8 +279,6 @@ def _run_job(job, *job_args, **job_kwargs):
         return job(*job_args, **job_kwargs)
     except FloatingPointError as error:
         raise SystemExit(f"error: {error}")
-    except KeyboardInterrupt:
-        raise SystemExit(130)
 
 
 def run_train(args):
@@ -306,14 +314,16 @@ def run_eval(args):
 
 
 def run_compare(args):
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in _flags(args, "seeds", "eval_images").items()}
+    given = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in _flags(args, "seeds", "eval_images", "methods").items()}
     if "seed" in given:
         args.parser.error("argument --seed: adclr compare takes --seeds")
     cfg = Config(**{**compare.PRESET, **given})
     errors = config_errors(cfg)
     if errors:
         args.parser.error(f"argument {errors[0]}")
-    _run_job(compare.compare, cfg, args.seeds, eval_images=args.eval_images or compare.EVAL_IMAGES)
+    _run_job(compare.compare, cfg, args.seeds, eval_images=args.eval_images or compare.EVAL_IMAGES,
+             methods=args.methods)
 
 
 def run_sweep(args):

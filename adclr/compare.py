@@ -48,20 +48,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import rng_states, save_checkpoint
+from .checkpoint import (FolderInUse, folder_lock, make_folder, rng_states, save_checkpoint, write_atomically,
+                         write_json_atomically)
 from .config import config_errors
-from .data import normalize, open_dataset, open_segmentation, to_tensor
+from .data import normalize, open_segmentation, to_tensor
 from .eval_dense import IGNORE, NUM_LABELS, SegmentationCrops, dense_probe, patch_majority, scores as dense_scores
 from .eval_knn import knn_accuracy
 from .eval_linear import linear_accuracy
-from .features import (CenterCrops, extract_features, fixed_subset, last_block_attention, load_backbone, query_boxes,
-                       query_crops)
+from .features import (CenterCrops, extract_features, fixed_subset, last_block_attention, load_backbone,
+                       open_labelled_splits, query_boxes, query_crops)
 from .train import build, train
 
 # The equal-budget defaults: a 2-block ViT on 64 px scenes (an 8 x 8 patch grid) for 300
-# steps of 32 images (about one epoch of the built-in 10000 images), sized for a CPU. The teacher temperature, its warm-up, the EMA momentum and the lr are
-# the point `adclr sweep --max-steps 300 --one-at-a-time` chose (the best worse gain of the
-# two methods; docs/evaluation.md has its table). Any `adclr train` flag overrides them.
+# steps of 32 images (about one epoch of the built-in 10000 images), sized for a CPU. The
+# teacher temperature, its warm-up, the EMA momentum and the lr are the point that
+# `adclr sweep --max-steps 300 --one-at-a-time` chose (the best worse gain of the two
+# methods; docs/evaluation.md has its table). Any `adclr train` flag overrides them.
 PRESET = {
     "out": "runs/compare", "data": "builtin:shape-scenes", "arch": "vit_test", "patch_size": 8, "image_size": 64,
     "local_size": 32, "num_local_crops": 2, "num_queries": 8, "out_dim": 512, "head_hidden_dim": 256,
@@ -71,7 +73,11 @@ PRESET = {
     "device": "cpu",
 }
 METHODS = ("random", "dino", "adclr")
-LABELS = {"random": "random init", "dino": "DINO (lambda = 0)", "adclr": "ADCLR"}
+LABELS = {"random": "random init", "dino": "DINO (lambda = 0)", "adclr": "ADCLR", "densecl": "DenseCL",
+          "ccmim": "ccMIM"}
+# What each trained method changes in the shared settings (`--methods`; docs/methods.md).
+RUNS = {"dino": dict(method="adclr", lambda_query=0.0), "adclr": dict(method="adclr"),
+        "densecl": dict(method="densecl"), "ccmim": dict(method="ccmim")}
 METRICS = (("knn", "k-NN"), ("linear", "linear"), ("miou", "mIoU"), ("pixel_accuracy", "pixel acc."))
 # Evaluation sizes: images per split (the built-in sets have 10000 train, 2000 val and
 # 2000 holdout), and val images for the attention measures.
@@ -94,8 +100,9 @@ def score(backbone, cfg, images=EVAL_IMAGES, dense_epochs=None, quiet=True, spli
     backbone.eval()
     sink = io.StringIO() if quiet else sys.stderr
     with contextlib.redirect_stderr(sink):
-        train_f, train_y = extract_features(backbone, CenterCrops(open_dataset(cfg.data, "train"), size, images))
-        val_f, val_y = extract_features(backbone, CenterCrops(open_dataset(cfg.data, split), size, images))
+        train_images, val_images = open_labelled_splits(cfg.data, split)
+        train_f, train_y = extract_features(backbone, CenterCrops(train_images, size, images))
+        val_f, val_y = extract_features(backbone, CenterCrops(val_images, size, images))
         dense = dense_probe(backbone, SegmentationCrops(open_segmentation(cfg.data, "train"), size, images),
                             SegmentationCrops(open_segmentation(cfg.data, split), size, images, full_masks=True),
                             **({"epochs": dense_epochs} if dense_epochs else {}))
@@ -153,7 +160,7 @@ def attention_shares(backbone, image, mask, boxes, patch_size):
         region = torch.zeros(size, size, dtype=torch.bool)
         region[top:bottom, left:right] = True
         covered = region_patches(region, patch_size)
-        shares["query_share"].append(to_patches[1 + grid + q, covered].sum().item())
+        shares["query_share"].append(to_patches[1 + q, covered].sum().item())
         shares["query_area"].append(covered.float().mean().item())
     return shares
 
@@ -198,9 +205,7 @@ def _cached(path, compute):
         with open(path) as f:
             return json.load(f)
     value = compute()
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f)
-    os.replace(path + ".tmp", path)
+    write_json_atomically(path, value)
     return value
 
 
@@ -214,23 +219,23 @@ def summary(values):
 def _checkpoint(run, method):
     """OUT/checkpoint.pt of one method's run: the start of training for random init, the
     end of it (trained, or resumed, here) otherwise."""
-    os.makedirs(run.out, exist_ok=True)
+    make_folder(run.out)
     path = os.path.join(run.out, "checkpoint.pt")
     if method != "random":
         print(f"compare: seed {run.seed}, {LABELS[method]}: training {run.out}", file=sys.stderr, flush=True)
         train(run)
-    elif not os.path.exists(path):  # the teacher as both runs of this seed start
+    elif not os.path.exists(path):  # the teacher as every run of this seed starts
         save_checkpoint(build(run, "cpu"), path, 0, [rng_states()])
     return path
 
 
-def run_seed(cfg, seed, eval_images=EVAL_IMAGES, dense_epochs=None, split="val", localise=True):
-    """{method: scores} of one seed: DINO and ADCLR trained, all three scored on `split`
-    (and their attention measured on it when `localise`)."""
+def run_seed(cfg, seed, eval_images=EVAL_IMAGES, dense_epochs=None, split="val", localise=True, methods=METHODS):
+    """{method: scores} of one seed: every method but random init trained (`RUNS`), all
+    scored on `split` (and their attention measured on it when `localise`)."""
     results = {}
-    for method in METHODS:
+    for method in methods:
         run = dataclasses.replace(cfg, seed=seed, out=os.path.join(cfg.out, f"seed{seed}", method),
-                                  lambda_query=0.0 if method == "dino" else cfg.lambda_query)
+                                  **RUNS.get(method, {}))
         path = _checkpoint(run, method)
         print(f"compare: seed {seed}, {LABELS[method]}: scoring", file=sys.stderr, flush=True)
         scores = _cached(os.path.join(run.out, f"{split}_scores.json"),
@@ -251,28 +256,29 @@ def _cell(values, scale=100, digits=1):
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
-def table(results, seeds, reference=None):
-    """Markdown: one row per method (mean +- std over seeds, in %), then ADCLR - DINO per seed,
-    then `reference` ({"miou", "pixel_accuracy"} of `every_patch_right`) if given."""
+def table(results, seeds, reference=None, methods=METHODS):
+    """Markdown: one row per method (mean +- std over seeds, in %), then ADCLR - DINO per seed
+    when both ran, then `reference` ({"miou", "pixel_accuracy"} of `every_patch_right`) if given."""
     head = "| backbone | " + " | ".join(name for _, name in METRICS) + " |"
     lines = [head, "|---" * (len(METRICS) + 1) + "|"]
-    for method in METHODS:
+    for method in methods:
         lines.append(f"| {LABELS[method]} | " + " | ".join(
             _cell([results[s][method][key] for s in seeds]) for key, _ in METRICS) + " |")
-    lines.append("| ADCLR − DINO (paired by seed) | " + " | ".join(
-        _cell([results[s]["adclr"][key] - results[s]["dino"][key] for s in seeds]) for key, _ in METRICS) + " |")
+    if {"adclr", "dino"} <= set(methods):
+        lines.append("| ADCLR − DINO (paired by seed) | " + " | ".join(
+            _cell([results[s]["adclr"][key] - results[s]["dino"][key] for s in seeds]) for key, _ in METRICS) + " |")
     if reference:
         lines.append("| every patch right (val labels, no model) | " + " | ".join(
             f"{100 * reference[key]:.1f}" if key in reference else "–" for key, _ in METRICS) + " |")
     return "\n".join(lines)
 
 
-def localisation_table(results, seeds):
+def localisation_table(results, seeds, methods=METHODS):
     """Markdown: per method, the query tokens' and the CLS token's attention ratios (mean +-
     std over seeds; 1 = no localisation) and the shares behind them (means, in %)."""
     lines = ["| backbone | query on its crop ÷ crop's area | share, area (%) | CLS on objects ÷ objects' area "
              "| share, area (%) |", "|---|---|---|---|---|"]
-    for method in METHODS:
+    for method in methods:
         mean = {k: summary([results[s][method][k] for s in seeds])[0]
                 for k in ("query_share", "query_area", "cls_share", "foreground_area")}
         lines.append(f"| {LABELS[method]} | {_cell([results[s][method]['query_localisation'] for s in seeds], 1, 2)} "
@@ -282,11 +288,37 @@ def localisation_table(results, seeds):
     return "\n".join(lines)
 
 
-def _refuse_a_comparison_with_itself(cfg):
-    if cfg.lambda_query == 0:
+def _refuse_a_comparison_with_itself(cfg, seeds, methods=METHODS, split="val"):
+    """What a user must fix, the evaluation data included (train and `split`), said in one
+    line before any training."""
+    if "adclr" in methods and cfg.lambda_query == 0:
         raise SystemExit("error: --lambda-query 0 would compare DINO with itself; give ADCLR's lambda (> 0)")
-    if cfg.num_queries == 0:
+    if "adclr" in methods and cfg.num_queries == 0:
         raise SystemExit("error: --num-queries 0 leaves ADCLR without query crops; give at least 1")
+    twice = [seed for i, seed in enumerate(seeds) if seed in seeds[:i]]
+    if twice:
+        raise SystemExit(f"error: --seeds: {twice[0]} is given twice; each seed is one pair of runs")
+    _check_eval_data(cfg.data, split)
+
+
+def _check_eval_data(data, split="val"):
+    """Exit with one line when --data lacks what the scores need: labelled train and `split`
+    images, and image/mask pairs of both splits."""
+    open_labelled_splits(data, split)
+    try:
+        open_segmentation(data, "train"), open_segmentation(data, split)
+    except OSError as error:
+        raise SystemExit(f"error: --data: compare scores a dense probe too: {error}") from None
+
+
+def _locked(out, job, *args):
+    """job(*args) holding the lock of the folder `out` (made first), or one line if another process holds it."""
+    make_folder(out)
+    try:
+        with folder_lock(out):
+            return job(*args)
+    except FolderInUse as error:
+        raise SystemExit(f"error: --out {error}; wait for it to end, or choose another --out") from None
 
 
 def _threads(cfg, command):
@@ -301,28 +333,35 @@ def _settings(cfg):
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "seed")}
 
 
-def compare(cfg, seeds, eval_images=EVAL_IMAGES, dense_epochs=None):
+def compare(cfg, seeds, eval_images=EVAL_IMAGES, dense_epochs=None, methods=METHODS[1:]):
     """Train and score every (seed, method); write OUT/compare.md and OUT/compare.json.
 
-    cfg: the run settings shared by both methods (`cfg.out` is the comparison's folder);
-    ADCLR trains with cfg.lambda_query, DINO with 0. Returns {seed: {method: scores}}.
+    cfg: the run settings shared by every method (`cfg.out` is the comparison's folder);
+    ADCLR trains with cfg.lambda_query, DINO with 0, DenseCL and ccMIM with their own
+    losses (`RUNS`); random init is always scored. Returns {seed: {method: scores}}.
+    What a user must fix, the evaluation data included, is said in one line before any training.
     """
-    _refuse_a_comparison_with_itself(cfg)
-    os.makedirs(cfg.out, exist_ok=True)
+    methods = ("random", *dict.fromkeys(m for m in methods if m != "random"))
+    _refuse_a_comparison_with_itself(cfg, seeds, methods)
+    return _locked(cfg.out, _compare, cfg, seeds, eval_images, dense_epochs, methods)
+
+
+def _compare(cfg, seeds, eval_images, dense_epochs, methods):
+    """`compare` in its claimed folder."""
     _threads(cfg, "compare")
     t0 = time.perf_counter()
-    results = {seed: run_seed(cfg, seed, eval_images, dense_epochs) for seed in seeds}
+    results = {seed: run_seed(cfg, seed, eval_images, dense_epochs, methods=methods) for seed in seeds}
     reference = _cached(os.path.join(cfg.out, "every_patch_right.json"), lambda: every_patch_right(cfg, eval_images))
     elapsed = time.perf_counter() - t0
-    text = table(results, seeds, reference) + "\n\n" + localisation_table(results, seeds)
-    with open(os.path.join(cfg.out, "compare.md"), "w") as f:
-        f.write(f"{text}\n\nMean ± sample standard deviation over seeds {', '.join(map(str, seeds))}; scores in %, "
-                f"attention ratios over {LOCALISATION_IMAGES} val images. Training settings: "
-                f"{json.dumps(_settings(cfg))}\n")
-    with open(os.path.join(cfg.out, "compare.json"), "w") as f:
-        json.dump({"seeds": list(seeds), "settings": _settings(cfg), "eval_images": eval_images,
-                   "localisation_images": LOCALISATION_IMAGES, "results": {str(s): r for s, r in results.items()},
-                   "every_patch_right": reference, "seconds": elapsed}, f, indent=1)
+    text = table(results, seeds, reference, methods) + "\n\n" + localisation_table(results, seeds, methods)
+    note = (f"\n\nMean ± sample standard deviation over seeds {', '.join(map(str, seeds))}; scores in %, "
+            f"attention ratios over {LOCALISATION_IMAGES} val images. Training settings: "
+            f"{json.dumps(_settings(cfg))}\n")
+    write_atomically(os.path.join(cfg.out, "compare.md"), lambda f: f.write((text + note).encode()))
+    write_json_atomically(os.path.join(cfg.out, "compare.json"), {
+        "seeds": list(seeds), "methods": list(methods), "settings": _settings(cfg), "eval_images": eval_images,
+        "localisation_images": LOCALISATION_IMAGES, "results": {str(s): r for s, r in results.items()},
+        "every_patch_right": reference, "seconds": elapsed})
     print(text)
     print(f"compare: {len(seeds)} seeds in {elapsed / 60:.1f} min; table in {os.path.join(cfg.out, 'compare.md')}",
           file=sys.stderr)
@@ -374,14 +413,18 @@ def sweep(cfg, grid, seeds, eval_images=EVAL_IMAGES, dense_epochs=None, one_at_a
     """`compare` without localisation at every point of `grid` (`grid_points`), scored on
     the held-out split; write OUT/sweep.md and OUT/sweep.json and return the chosen point
     ({field: value})."""
-    _refuse_a_comparison_with_itself(cfg)
+    _refuse_a_comparison_with_itself(cfg, seeds, split="holdout")
     points = grid_points(grid, one_at_a_time)
     runs = [dataclasses.replace(cfg, out=os.path.join(cfg.out, point_name(p)), **p) for p in points]
     for run in runs:  # every point checked before any is trained
         errors = config_errors(run)
         if errors:
             raise SystemExit(f"error: the grid point {point_name(points[runs.index(run)])}: {errors[0]}")
-    os.makedirs(cfg.out, exist_ok=True)
+    return _locked(cfg.out, _sweep, cfg, grid, seeds, eval_images, dense_epochs, one_at_a_time, points, runs)
+
+
+def _sweep(cfg, grid, seeds, eval_images, dense_epochs, one_at_a_time, points, runs):
+    """`sweep` in its claimed folder."""
     _threads(cfg, "sweep")
     t0, rows = time.perf_counter(), []
     for point, run in zip(points, runs):
@@ -393,16 +436,16 @@ def sweep(cfg, grid, seeds, eval_images=EVAL_IMAGES, dense_epochs=None, one_at_a
     text, best = sweep_table(rows, seeds)
     flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in best["point"].items())
     base = {k: v for k, v in _settings(cfg).items() if k not in grid}
-    with open(os.path.join(cfg.out, "sweep.md"), "w") as f:
-        f.write(f"{text}\n\nScores in % on the held-out split (train split as the k-NN bank and probe "
-                f"training set), means over seeds {', '.join(map(str, seeds))}; gain: the mean over k-NN, linear "
-                f"and mIoU of the method's score minus random init's, in points. Chosen: {flags}. "
-                f"Other settings: {json.dumps(base)}\n")
-    with open(os.path.join(cfg.out, "sweep.json"), "w") as f:
-        json.dump({"grid": grid, "one_at_a_time": one_at_a_time, "seeds": list(seeds), "settings": base,
-                   "eval_images": eval_images,
-                   "points": [{**row, "results": {str(s): r for s, r in row["results"].items()}} for row in rows],
-                   "chosen": best["point"], "seconds": elapsed}, f, indent=1)
+    note = (f"\n\nScores in % on the held-out split (train split as the k-NN bank and probe "
+            f"training set), means over seeds {', '.join(map(str, seeds))}; gain: the mean over k-NN, linear "
+            f"and mIoU of the method's score minus random init's, in points. Chosen: {flags}. "
+            f"Other settings: {json.dumps(base)}\n")
+    write_atomically(os.path.join(cfg.out, "sweep.md"), lambda f: f.write((text + note).encode()))
+    write_json_atomically(os.path.join(cfg.out, "sweep.json"), {
+        "grid": grid, "one_at_a_time": one_at_a_time, "seeds": list(seeds), "settings": base,
+        "eval_images": eval_images,
+        "points": [{**row, "results": {str(s): r for s, r in row["results"].items()}} for row in rows],
+        "chosen": best["point"], "seconds": elapsed})
     print(text)
     print(f"sweep: {len(points)} points x {len(seeds)} seeds in {elapsed / 60:.1f} min; chosen: {flags}; "
           f"table in {os.path.join(cfg.out, 'sweep.md')}", file=sys.stderr)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from adclr_kernels import BACKENDS
 
+from .data import BLUR_TAPS, DECODE, SMALLEST_BLURRED_CROP
 from .model import ARCHS
 
 
@@ -23,6 +24,7 @@ class Config:
     """Every field is an `adclr train --flag` (underscores become dashes)."""
     out: str = "runs/adclr"                  # run folder: checkpoint.pt, metrics.jsonl, tensorboard
     data: str = "builtin"                    # image folder (ImageFolder layout), builtin (shapes), builtin:scenes, builtin:shape-scenes
+    method: str = "adclr"                    # adclr (lambda_query 0: DINO) | densecl | ccmim (docs/methods.md)
     # model
     arch: str = "vit_small"                  # vit_tiny | vit_small | vit_base (paper); vit_mini, vit_test (CPU)
     patch_size: int = 16
@@ -38,7 +40,7 @@ class Config:
     query_sees_self: bool = False
     query_sees_queries: bool = False         # PQCL variant
     pack_crops: str = "auto"                 # all student crops in one packed backbone pass: auto (Triton on CUDA) | on | off
-    compile: str = "auto"                    # torch.compile student and teacher, fullgraph: auto (on on CUDA) | on | off
+    compile: str = "auto"                    # torch.compile: on (student, teacher) | step (whole step) | graph (+ CUDA graph) | off; auto: on on CUDA
     # crops
     num_local_crops: int = 10
     num_queries: int = 10
@@ -53,6 +55,9 @@ class Config:
     warmup_teacher_temp_epochs: float = 30.0
     center_momentum: float = 0.9
     fused_head_loss: str = "auto"            # head last layer + loss in one op, no out_dim-wide logits: auto (CUDA) | on | off
+    lambda_dense: float = 0.5                # densecl: loss = (1 - lambda) global + lambda dense (DenseCL's 0.5)
+    mask_ratio: float = 0.75                 # ccmim: share of the patches masked, sampled by the CLS attention
+    lambda_align: float = 1.0                # ccmim: loss = reconstruction + lambda * visible/masked alignment
     # optimisation
     batch_size: int = 256                    # total over all processes (DINO's --batch_size_per_gpu times the GPUs)
     epochs: int = 100
@@ -69,10 +74,12 @@ class Config:
     # running
     device: str = "auto"                     # auto | cpu | cuda | cuda:N
     seed: int = 0
-    num_workers: int = -1                    # loader processes; -1 = one per free core (max 8)
+    num_workers: int = -1                    # loader processes; -1 = one per free core (less one per process)
+    decode: str = "auto"                     # auto (cpu on CUDA, else pillow) | pillow (workers crop) | cpu (workers decode, the device crops) | gpu (nvJPEG decodes too)
     log_every: int = 10
     checkpoint_every: int = 500              # steps between writes of OUT/checkpoint.pt
     saveckp_freq: int = 20                   # also keep OUT/checkpointNNNN.pt every this many epochs; 0 = never
+    peak_tflops: float = 0.0                 # the device's peak TFLOP/s for the logged MFU; 0 = the known bf16 peak of the GPU
 
 
 def device_error(device):
@@ -87,13 +94,14 @@ def device_error(device):
 # (LOW, HIGH) pair: both, and LOW <= HIGH), a tuple of the allowed strings, or a
 # function returning what is wrong with a value (None if nothing).
 ALLOWED = {
-    "arch": tuple(ARCHS), "patch_size": ">= 1", "image_size": ">= 1", "local_size": ">= 1",
+    "method": ("adclr", "densecl", "ccmim"), "arch": tuple(ARCHS), "patch_size": ">= 1", "image_size": ">= 1", "local_size": ">= 1",
     "out_dim": ">= 1", "head_hidden_dim": ">= 1", "head_bottleneck_dim": ">= 1",
     "drop_path": "[0, 1)", "attention": BACKENDS, "pack_crops": ("auto", "on", "off"),
-    "fused_head_loss": ("auto", "on", "off"), "compile": ("auto", "on", "off"),
+    "fused_head_loss": ("auto", "on", "off"), "compile": ("auto", "on", "off", "step", "graph"),
     "num_local_crops": ">= 0", "num_queries": ">= 0",
     "global_scale": "(0, 1]", "local_scale": "(0, 1]", "query_scale": "(0, 1]",
-    "lambda_query": ">= 0", "student_temp": "> 0", "warmup_teacher_temp": "> 0", "teacher_temp": "> 0",
+    "lambda_query": ">= 0", "lambda_dense": "[0, 1]", "mask_ratio": "(0, 1)", "lambda_align": ">= 0",
+    "student_temp": "> 0", "warmup_teacher_temp": "> 0", "teacher_temp": "> 0",
     "warmup_teacher_temp_epochs": ">= 0", "center_momentum": "[0, 1]",
     "batch_size": ">= 1", "epochs": ">= 1", "max_steps": ">= 0", "base_lr": "> 0", "min_lr": ">= 0",
     "warmup_epochs": ">= 0", "weight_decay": ">= 0", "weight_decay_end": ">= 0",
@@ -102,7 +110,8 @@ ALLOWED = {
     "device": device_error,
     # Sample seeds are (seed * 100003 + epoch) * 10000019 + i, which must stay below 2**64.
     "seed": "[0, 10000000]",
-    "num_workers": ">= -1", "log_every": ">= 1", "checkpoint_every": ">= 1", "saveckp_freq": ">= 0",
+    "num_workers": ">= -1", "decode": DECODE, "log_every": ">= 1", "checkpoint_every": ">= 1", "saveckp_freq": ">= 0",
+    "peak_tflops": ">= 0",
 }
 
 
@@ -129,6 +138,11 @@ def config_errors(cfg):
 
     Each field against ALLOWED and its type, then what depends on several fields.
     """
+    return field_errors(cfg) or crop_errors(cfg) + schedule_errors(cfg)
+
+
+def field_errors(cfg):
+    """Each field of `cfg` against its type and its ALLOWED entry."""
     errors = []
     defaults = Config()
     for f in dataclasses.fields(cfg):
@@ -150,21 +164,61 @@ def config_errors(cfg):
         problem = value_error(value, ALLOWED[f.name]) if f.name in ALLOWED else None
         if problem:
             errors.append(f"{flag}: {problem}")
-    if errors:  # the checks below assume each field in range
-        return errors
+    return errors
+
+
+def crop_errors(cfg):
+    """Crop sizes the model and the augmentation take (each field already in range)."""
+    errors = []
     if cfg.image_size % cfg.patch_size:
         errors.append(f"--image-size: must be a multiple of --patch-size {cfg.patch_size}, got {cfg.image_size}")
     if cfg.num_local_crops and cfg.local_size % cfg.patch_size:
         errors.append(f"--local-size: must be a multiple of --patch-size {cfg.patch_size}, got {cfg.local_size}")
+    blurred = [("--image-size", cfg.image_size)] + ([("--local-size", cfg.local_size)] if cfg.num_local_crops else [])
+    for flag, size in blurred:
+        if size < SMALLEST_BLURRED_CROP:
+            errors.append(f"{flag}: must be >= {SMALLEST_BLURRED_CROP}, the smallest crop the augmentation's "
+                          f"{BLUR_TAPS}-tap blur takes, got {size}")
+    patches = (cfg.image_size // cfg.patch_size) ** 2
+    if cfg.method == "ccmim" and not 1 <= round(cfg.mask_ratio * patches) < patches:
+        errors.append(f"--mask-ratio: must mask at least one of the {patches} patches and leave one, "
+                      f"got {cfg.mask_ratio}")
+    if cfg.compile in ("step", "graph") and cfg.precision == "fp16":
+        errors.append("--compile: " + WHOLE_STEP_FP16.format(mode=cfg.compile))
     return errors
 
 
+# The whole-step graph has no place for the fp16 gradient scaler's host decisions.
+WHOLE_STEP_FP16 = ("--compile {mode} does not take --precision fp16 (its gradient scaler skips steps "
+                   "from the host); use bf16, which needs no scaler")
+
+
+def schedule_errors(cfg):
+    """The lr schedule: a cosine from the peak lr down to --min-lr (each field already in range)."""
+    peak = cfg.base_lr * cfg.batch_size / 256
+    if cfg.min_lr > peak:
+        return [f"--min-lr: must be at most the peak lr, --base-lr x --batch-size / 256 = {peak:g}, "
+                f"got {cfg.min_lr:g}"]
+    return []
+
+
+def saved_config_errors(saved):
+    """What is wrong with a checkpoint's config dict for building its model, as `config_errors`
+    says it: a field it lacks takes FORMER_BEHAVIOUR's value or the default (fields added
+    since); a field this version does not know is ignored; the lr schedule is not checked
+    (a run made with an older version's rules is still evaluated and exported)."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{**FORMER_BEHAVIOUR, **{k: v for k, v in saved.items() if k in known}})
+    return field_errors(cfg) or crop_errors(cfg)
+
+
 # Fields that may change between a run and its resumption; any other difference is an error.
-RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "log_every",
+RESUMABLE = {"out", "data", "epochs", "max_steps", "device", "num_workers", "decode", "log_every",
              "checkpoint_every", "saveckp_freq", "attention", "pack_crops", "fused_head_loss",
-             "precision", "compile"}
+             "precision", "compile", "peak_tflops"}
 
 # Fields added after checkpoints were written without them: the value that does what the
 # trainer did before the field existed, so that those runs still resume.
-FORMER_BEHAVIOUR = {"norm_last_layer": True}
+FORMER_BEHAVIOUR = {"norm_last_layer": True, "method": "adclr", "lambda_dense": 0.5, "mask_ratio": 0.75,
+                    "lambda_align": 1.0}
 

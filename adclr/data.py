@@ -15,7 +15,9 @@ A batch ready for `adclr.train.train_step` is a dict of float tensors, view-majo
 from __future__ import annotations
 
 import colorsys
+import ctypes
 import functools
+import io
 import math
 import os
 import sys
@@ -124,6 +126,10 @@ class SyntheticShapes:
     def load(self, i):
         """(PIL RGB image, label); never fails."""
         return Image.fromarray(self._render(i)[0]), self.label(i)
+
+    def open(self, i):
+        """Image i as a PIL image (`ImageFolder.open`'s protocol); never fails."""
+        return self.load(i)[0]
 
     def mask(self, i):
         """(size, size) uint8 per-pixel labels: 0 background, class + 1 on the object."""
@@ -250,6 +256,31 @@ class SyntheticShapeScenes(SyntheticScenes):
         return np.where(t[..., None], colours[1], colours[0])
 
 
+def check_folder(root):
+    """FileNotFoundError (NotADirectoryError for a file) naming `root` when it is not a folder."""
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"dataset folder {root!r} does not exist")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"{root!r} is a file, not a dataset folder")
+
+
+def image_files(top, recursive=True):
+    """The image files under `top` (only those directly in it unless `recursive`), in sorted
+    folder order. Links to folders are followed, but each real folder is listed once: a
+    link to an ancestor would otherwise list the same images again at every depth."""
+    listed, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        dirnames.sort()  # which of two links to one folder is kept: the same on every machine
+        real = os.path.realpath(dirpath)
+        if real in seen or not recursive:
+            dirnames[:] = []  # do not descend
+        if real in seen:
+            continue
+        seen.add(real)
+        listed.append((dirpath, [f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]))
+    return [os.path.join(dirpath, f) for dirpath, files in sorted(listed) for f in files]
+
+
 class ImageFolder:
     """Images under `root/<class>/**` (or directly under `root`, all label 0).
 
@@ -257,18 +288,25 @@ class ImageFolder:
     read: callers skip it and count it (`warn_unreadable`), a bad file never stops a run.
     """
 
-    def __init__(self, root):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"dataset folder {root!r} does not exist")
+    def __init__(self, root, like=None):
+        """`like`: another split's ImageFolder whose class names label this one (an evaluation's
+        train split for its val split); a class folder it does not have is a ValueError."""
+        check_folder(root)
         self.root = root
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.classes = found if like is None else like.classes
+        unknown = [name for name in found if name not in self.classes]
+        if unknown:
+            raise ValueError(f"class {unknown[0]!r} ({os.path.join(root, unknown[0])!r}) is not a class of "
+                             f"{like.root!r}")
+        if self.classes and not found:
+            raise ValueError(f"{root!r} has no class folders, {like.root!r} has {len(self.classes)}")
+        label = {name: i for i, name in enumerate(self.classes)}
         self.samples = []
-        for label, folder in enumerate(self.classes or ["."]):
-            for dirpath, _, files in sorted(os.walk(os.path.join(root, folder), followlinks=True)):
-                if not self.classes and os.path.normpath(dirpath) != os.path.normpath(root):
-                    continue
-                self.samples += [(os.path.join(dirpath, f), label) for f in sorted(files)
-                                 if f.lower().endswith(IMAGE_EXTENSIONS)]
+        for folder in found:
+            self.samples += [(path, label[folder]) for path in image_files(os.path.join(root, folder))]
+        if not found:  # images directly in root, all label 0
+            self.samples = [(path, 0) for path in image_files(root, recursive=False)]
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
 
@@ -294,6 +332,12 @@ class ImageFolder:
         with Image.open(path) as image:
             return image.convert("RGB"), label
 
+    def open(self, i):
+        """Image i opened but not decoded yet (its size is read, its pixels are not), so
+        that the caller can decode it reduced (`decode`). Raises what Pillow raises for
+        a file it cannot open; the caller closes the image."""
+        return Image.open(self.samples[i][0])
+
 
 class SegmentationFolder:
     """One split of a segmentation set: images with same-named PNG label masks.
@@ -311,8 +355,7 @@ class SegmentationFolder:
     SPLITS = {"train": ("train", "training"), "val": ("val", "validation"), "holdout": ("holdout",)}
 
     def __init__(self, root, split):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"dataset folder {root!r} does not exist")
+        check_folder(root)
         candidates = [(os.path.join(root, "images", name), os.path.join(root, masks, name))
                       for name in self.SPLITS[split] for masks in ("masks", "annotations")]
         candidates += [(os.path.join(root, name, "images"), os.path.join(root, name, masks))
@@ -327,13 +370,10 @@ class SegmentationFolder:
         self.root, (self.image_dir, self.mask_dir) = root, found[0]
         self.classes = []  # no image-level classes
         self.samples, missing = [], []
-        for dirpath, _, files in sorted(os.walk(self.image_dir, followlinks=True)):
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    image = os.path.join(dirpath, f)
-                    rel = os.path.splitext(os.path.relpath(image, self.image_dir))[0] + ".png"
-                    mask = os.path.join(self.mask_dir, rel)
-                    (self.samples if os.path.isfile(mask) else missing).append((image, mask))
+        for image in image_files(self.image_dir):
+            rel = os.path.splitext(os.path.relpath(image, self.image_dir))[0] + ".png"
+            mask = os.path.join(self.mask_dir, rel)
+            (self.samples if os.path.isfile(mask) else missing).append((image, mask))
         if missing:
             raise FileNotFoundError(f"{len(missing)} images in {self.image_dir!r} have no mask, "
                                     f"e.g. {missing[0][1]!r} for {missing[0][0]!r}")
@@ -393,12 +433,13 @@ BUILTIN = {"builtin": SyntheticShapes, "builtin:shapes": SyntheticShapes, "built
            "builtin:shape-scenes": SyntheticShapeScenes}
 
 
-def open_dataset(data, split):
+def open_dataset(data, split, like=None):
     """`data` None/"builtin" -> SyntheticShapes, "builtin:scenes" -> SyntheticScenes,
     "builtin:shape-scenes" -> SyntheticShapeScenes; else a folder (uses `data/split` if it exists).
 
     Training accepts any folder of images; evaluation needs labelled train and val
     splits, so for a folder it requires `data/train` and `data/val` (ImageNet layout).
+    `like`: the split whose class names label this one (see ImageFolder).
     """
     if data in (None, ""):
         data = "builtin"
@@ -406,7 +447,7 @@ def open_dataset(data, split):
         return BUILTIN[data](split)
     sub = os.path.join(data, split)
     if os.path.isdir(sub):
-        return ImageFolder(sub)
+        return ImageFolder(sub, like)
     if split == "train":
         return ImageFolder(data)
     raise FileNotFoundError(f"evaluation needs {sub!r} (and {os.path.join(data, 'train')!r}) "
@@ -474,6 +515,11 @@ def center_crop(image, size, fraction=0.875):
     return crop(image, (left, top, left + side, top + side), size)
 
 
+# Consecutive unreadable files after which training stops: a folder of images has a bad
+# file here and there, not this many in a row.
+UNREADABLE_IN_A_ROW = 100
+
+
 class MultiCropDataset(torch.utils.data.Dataset):
     """Cuts ADCLR's crops of one image: indexed by (image index, sample seed).
 
@@ -492,14 +538,17 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, item):
+        """The crops of image `index` or, if it cannot be read, of the next readable one; "skipped"
+        says how many were passed over. After UNREADABLE_IN_A_ROW files none of which can be read
+        (or all of a smaller set), zero crops and "readable" False: the run stops there."""
         index, seed = item
-        skipped = 0
-        image, _ = self.base.load(index)
-        while image is None:  # unreadable file: count it and take the next one
+        image, skipped = self.base.load(index)[0], 0
+        while image is None and skipped + 1 < min(UNREADABLE_IN_A_ROW, len(self.base)):
             skipped += 1
-            if skipped > 100:
-                raise RuntimeError(f"more than 100 consecutive unreadable images after index {index}")
-            image, _ = self.base.load((index + skipped) % len(self.base))
+            image = self.base.load((index + skipped) % len(self.base))[0]
+        if image is None:
+            skipped += 1
+            image = Image.new("RGB", (self.image_size, self.image_size))
         g = torch.Generator().manual_seed(seed)
         W, H = image.size
         views = [crop(image, random_resized_box(W, H, self.global_scale, g), self.image_size)
@@ -515,7 +564,425 @@ class MultiCropDataset(torch.utils.data.Dataset):
             "locals": torch.stack(local) if local else torch.empty(0, 3, l, l, dtype=torch.uint8),
             "queries": torch.stack(queries) if queries else torch.empty(0, 3, p, p, dtype=torch.uint8),
             "skipped": skipped,
+            "readable": skipped < min(UNREADABLE_IN_A_ROW, len(self.base)),
         }
+
+
+# --------------------------------------------------------------------------- decode only (crops cut on the device)
+
+class TorchStream:
+    """The numbers torch.Generator().manual_seed(seed) gives on the CPU, drawn from numpy.
+
+    Both are MT19937 seeded with seed mod 2**32: torch.rand yields (word & 0xFFFFFF) /
+    2**24 per float32, torch.randint(0, k) yields word % k for k < 2**25. numpy's
+    RandomState hands out the words in blocks, so a draw costs a list lookup instead of
+    a torch call (5 us). `seed` starts the stream over (a new RandomState costs 0.1 ms,
+    reseeding one 2 us).
+    """
+
+    BLOCK = 256
+    MAX_RANGE = 2 ** 25
+
+    def __init__(self):
+        self._state = np.random.RandomState()
+
+    def seed(self, seed):
+        self._state.seed(seed % 2 ** 32)
+        self._words, self._next = [], 0
+        return self
+
+    def _word(self):
+        if self._next == len(self._words):
+            self._words, self._next = self._state.randint(0, 2 ** 32, self.BLOCK, dtype=np.uint32).tolist(), 0
+        self._next += 1
+        return self._words[self._next - 1]
+
+    def rand(self, n):
+        return [(self._word() & 0xFFFFFF) / 2 ** 24 for _ in range(n)]
+
+    def randint(self, high):
+        return self._word() % high
+
+
+def random_resized_box_from(width, height, scale, stream, ratio=(3 / 4, 4 / 3)):
+    """random_resized_box, drawing from a TorchStream: the same box for the same seed."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        r = stream.rand(3)
+        target = area * (scale[0] + r[0] * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + r[1] * (log_ratio[1] - log_ratio[0]))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = stream.randint(width - w + 1)
+            top = stream.randint(height - h + 1)
+            return left, top, left + w, top + h
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def decode(image, reduction=1):
+    """(uint8 (3, h, w) tensor, reduction achieved) of an opened PIL image.
+
+    reduction > 1 decodes a JPEG at 1/reduction of its size (`Image.draft`: libjpeg's
+    scaled inverse DCT; h = ceil(H / reduction)); other formats decode whole and return
+    reduction 1. Pixel x of the reduced image covers pixels x * reduction ..
+    (x + 1) * reduction of the full one, so a box in full-size pixels is box / reduction
+    in it. Any mode becomes RGB, as ImageFolder.load converts it. The tensor is a
+    (C, H, W) view of channels-last memory, which `pack_images` copies in one memcpy.
+    """
+    if reduction > 1 and image.format in ("JPEG", "MPO"):
+        width, height = image.size
+        # Asking for (W // r, H // r) makes Pillow pick exactly r of its 1/2, 1/4, 1/8.
+        if image.draft(image.mode, (width // reduction, height // reduction)) is None:
+            reduction = 1
+    else:
+        reduction = 1
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    # One copy out of Pillow (to_tensor's numpy route makes three).
+    rgb = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return rgb.view(image.height, image.width, 3).permute(2, 0, 1), reduction
+
+
+class DecodeOnlyDataset(torch.utils.data.Dataset):
+    """MultiCropDataset's samples decoded but not cut: the crops are cut on the device.
+
+    Indexed like MultiCropDataset, by (image index, sample seed), it draws the same
+    boxes from the same generator in the same order (2 global, then the local, then the
+    query crops, on the full image's size), then one flip per global and local crop:
+    after every box, so the boxes stay today's. An item holds the decoded image and
+    the boxes in its pixels; `cut_crops` (adclr_kernels' crop_resize) cuts from them
+    MultiCropDataset's crops, to Pillow's pixel (unflipped), for a whole batch at once.
+    Query crops are never flipped: both views see the same query pixels.
+
+    draft: decode a JPEG at 1/2, 1/4 or 1/8 of its size (the largest that leaves every
+    crop at least twice its output's size) instead of whole. Such crops are no longer
+    Pillow's crops of the full image: the decoder's reduction averages first, and they
+    differ from them by a fraction of a level on average, a few levels at most; False
+    decodes every image whole.
+
+    encoded: hand out a JPEG file that nvJPEG can take (`encodable`) undecoded, as its
+    bytes ("encoded" instead of "image"), with the boxes drawn on the size its header
+    gives, which is the decoded size: `JpegDecoder` decodes a batch of them on the GPU.
+    Every other file is decoded here as without it.
+    """
+
+    def __init__(self, base, image_size, local_size, patch_size, num_local_crops, num_queries,
+                 global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), query_scale=(0.05, 0.15), draft=True,
+                 encoded=False):
+        self.base, self.draft, self.encoded = base, draft, encoded
+        self._stream = TorchStream()
+        self.image_size, self.local_size, self.patch_size = image_size, local_size, patch_size
+        self.num_local_crops, self.num_queries = num_local_crops, num_queries
+        self.global_scale, self.local_scale, self.query_scale = global_scale, local_scale, query_scale
+
+    def __len__(self):
+        return len(self.base)
+
+    def boxes(self, width, height, seed):
+        """(global, local, query boxes, global flips, local flips) of sample `seed` of an
+        image of (width, height): boxes as MultiCropDataset draws them."""
+        if max(width, height) < TorchStream.MAX_RANGE:
+            stream = self._stream.seed(seed)
+            box, rand = functools.partial(random_resized_box_from, stream=stream), stream.rand
+        else:  # sides past what TorchStream reproduces: torch's generator itself
+            g = torch.Generator().manual_seed(seed)
+            box, rand = functools.partial(random_resized_box, generator=g), functools.partial(torch.rand, generator=g)
+        kinds = ((self.global_scale, 2), (self.local_scale, self.num_local_crops), (self.query_scale, self.num_queries))
+        global_, local, query = ([box(width, height, scale) for _ in range(n)] for scale, n in kinds)
+        flips = torch.as_tensor(rand(2 + self.num_local_crops)) < 0.5
+        return global_, local, query, flips[:2], flips[2:]
+
+    def reduction(self, global_, local, query):
+        """The largest JPEG reduction (8, 4, 2; else 1) that leaves every crop at least
+        twice its output's size in the reduced image, so that the bicubic resize still
+        shrinks it 2x or more and its antialiasing, not the decoder's, shapes the crop."""
+        room = min(min(right - left, bottom - top) / size
+                   for boxes, size in ((global_, self.image_size), (local, self.local_size),
+                                       (query, self.patch_size))
+                   for left, top, right, bottom in boxes)
+        return next((r for r in (8, 4, 2) if room >= 2 * r), 1) if self.draft else 1
+
+    def __getitem__(self, item):
+        return self._item(item, self.encoded)
+
+    def decoded(self, item):
+        """Item `item` with its image decoded here whatever `encoded` says: what a worker of
+        `--decode cpu` hands out (the main process's fallback for a file nvJPEG rejects)."""
+        return self._item(item, False)
+
+    def _item(self, item, encoded):
+        """As MultiCropDataset's items: an unreadable file is counted in "skipped" and the
+        next one taken; after UNREADABLE_IN_A_ROW of them (or all of a smaller set), a blank
+        image and "readable" False: the run stops there."""
+        index, seed = item
+        limit = min(UNREADABLE_IN_A_ROW, len(self.base))
+        for skipped in range(limit):
+            sample = self._decode((index + skipped) % len(self.base), seed, encoded)
+            if sample is not None:
+                return {"index": index, "seed": seed, "skipped": skipped, "readable": True, **sample}
+        blank = self._sample(Image.new("RGB", (self.image_size, self.image_size)), seed, False)
+        return {"index": index, "seed": seed, "skipped": limit, "readable": False, **blank}
+
+    def _decode(self, i, seed, encoded):
+        """The item of image i, or None where ImageFolder.load would give None."""
+        try:
+            image = self.base.open(i)
+        except Exception:  # not an image, unreadable, too large for Pillow: skip, never fatal
+            return None
+        with image:
+            return self._sample(image, seed, encoded)
+
+    def _sample(self, image, seed, encoded):
+        """The item of an opened image, or None where its pixels cannot be decoded."""
+        width, height = image.size
+        global_, local, query, global_flips, local_flips = self.boxes(width, height, seed)
+        data = encodable(image) if encoded else None
+        if data is not None:
+            content, reduction = {"encoded": data}, 1
+        else:
+            try:
+                pixels, reduction = decode(image, self.reduction(global_, local, query))
+            except Exception:  # truncated or corrupt pixel data
+                return None
+            content = {"image": pixels}
+
+        def reduced(boxes):  # a power-of-two division: exact in float32
+            return torch.tensor(boxes, dtype=torch.float32).view(-1, 4) / reduction
+
+        return {**content, "reduction": reduction, "global_boxes": reduced(global_),
+                "local_boxes": reduced(local), "query_boxes": reduced(query),
+                "global_flips": global_flips, "local_flips": local_flips}
+
+
+def encodable(image):
+    """The file bytes of an opened PIL image, as a uint8 tensor, where nvJPEG can decode
+    them in Pillow's place: a JPEG in RGB (YCbCr) that ends as a whole file does. None
+    for the rest, which Pillow decodes: other formats, grey and CMYK JPEGs (one such image
+    that nvJPEG refused would send its whole batch down the slow path), and a file cut
+    short, which Pillow's decode finds unreadable, so that it is skipped as before.
+    """
+    if image.format not in ("JPEG", "MPO") or image.mode != "RGB" or getattr(image, "fp", None) is None:
+        return None
+    try:
+        image.fp.seek(0)
+        data = image.fp.read()
+    except OSError:  # left to the decode, which skips a file it cannot read
+        return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data.endswith(b"\xff\xd9") else None
+
+
+def keep_freed_memory(worker_id=None):
+    """Let this process keep the memory it frees for reuse (a loader's `worker_init_fn`).
+
+    glibc hands each image's large buffers (decoded pixels, their bytes) back to the OS
+    when freed and maps fresh ones for the next image, whose every page then faults on
+    first touch: in a VM that was 140 faults and 0.4 ms of a 2.7 ms 500x375 image, 630
+    faults at 1024x768. Raising the mmap and trim thresholds keeps freed buffers in the
+    heap. Returns whether glibc took the settings (False elsewhere: nothing changes).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def collate_decoded(samples):
+    """A batch of DecodeOnlyDataset items: the decoded images in one flat buffer
+    (`PackedImages`) and the encoded files' bytes in another ("encoded", with their
+    "encoded_sizes" and which items they are, "is_encoded"), both in shared memory inside
+    a loader worker, so that they reach the main process without another copy; boxes,
+    flips and counts stacked; the sample seeds as a list (they pass int64)."""
+    from adclr_kernels.crops import pack_images
+
+    images = [s["image"] for s in samples if "image" in s]
+    encoded = [s["encoded"] for s in samples if "encoded" in s]
+    batch = {}
+    if images:
+        batch["images"] = pack_images(images, out=_shared_bytes(sum(image.numel() for image in images)))
+    if encoded:
+        batch["encoded"] = torch.cat(encoded, out=_shared_bytes(sum(e.numel() for e in encoded)))
+        batch["encoded_sizes"] = torch.tensor([e.numel() for e in encoded])
+        batch["is_encoded"] = torch.tensor(["encoded" in s for s in samples])
+    batch |= {key: torch.stack([s[key] for s in samples]) for key in
+              ("global_boxes", "local_boxes", "query_boxes", "global_flips", "local_flips")}
+    batch |= {key: torch.tensor([s[key] for s in samples]) for key in ("index", "skipped", "readable", "reduction")}
+    batch["seed"] = [s["seed"] for s in samples]
+    return batch
+
+
+def _shared_bytes(size):
+    """A uint8 buffer of `size` bytes allocated shared inside a loader worker, as
+    default_collate allocates; None elsewhere (the copy then makes a plain one)."""
+    if torch.utils.data.get_worker_info() is None:
+        return None
+    return torch.tensor([], dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(size))
+
+
+def cut_crops(batch, image_size, local_size, patch_size, flip=True, out_dtype=torch.uint8):
+    """The crops of a `collate_decoded` batch (on any device), as MultiCropDataset's
+    batches hold them: globals (B, 2, 3, G, G), locals (B, L, 3, l, l), queries
+    (B, Q, 3, p, p). flip=False leaves every crop unflipped, as MultiCropDataset cuts it."""
+    from adclr_kernels.crops import crop_resize
+
+    images = batch["images"]
+    global_flips = batch["global_flips"] if flip else None
+    local_flips = batch["local_flips"] if flip else None
+    return {"globals": crop_resize(images, batch["global_boxes"], image_size, flips=global_flips, out_dtype=out_dtype),
+            "locals": crop_resize(images, batch["local_boxes"], local_size, flips=local_flips, out_dtype=out_dtype),
+            "queries": crop_resize(images, batch["query_boxes"], patch_size, out_dtype=out_dtype)}
+
+
+# --------------------------------------------------------------------------- in the training process
+
+DECODE = ("auto", "pillow", "cpu", "gpu")
+
+
+def decode_mode(decode, device):
+    """What `--decode` means on `device`: "pillow", "cpu" or "gpu".
+
+    auto: "cpu" on a CUDA device (workers decode, the GPU cuts the crops), "pillow" on a
+    CPU (the crops are the same, and Pillow's workers cut them beside the training
+    instead of in it). "gpu" raises ValueError saying what is missing when it cannot
+    decode here.
+    """
+    device = torch.device(device)
+    if decode == "auto":
+        return "cpu" if device.type == "cuda" else "pillow"
+    if decode == "gpu":
+        check_gpu_decode(device)
+    return decode
+
+
+def check_gpu_decode(device):
+    """ValueError, saying what to install, unless torchvision decodes JPEGs on `device`:
+    one tiny JPEG decoded there (a torchvision built without nvJPEG fails only then)."""
+    if device.type != "cuda":
+        raise ValueError(f"decodes on a CUDA device, and this run is on {device}")
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception as error:  # not installed, or built for another torch (its ops fail to load)
+        raise ValueError(f"needs torchvision built for this torch with CUDA ({error}); "
+                         "pip install torchvision (the version that matches torch)") from None
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 30)).save(buffer, "JPEG")
+    try:
+        decode_jpeg([torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)],
+                    mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as error:
+        raise ValueError(f"torchvision cannot decode JPEGs on {device} ({error}); "
+                         "install a torchvision built with CUDA") from None
+
+
+def decode_jpegs(jpegs, device, stream):
+    """RGB (3, H, W) uint8 images on `device` of `jpegs` (1-D uint8 CPU tensors, JPEG
+    files), decoded together by nvJPEG (torchvision), ready for the current stream.
+
+    nvJPEG's hardware engine writes into its outputs without waiting for the work
+    queued before it on the stream they were allocated on (pytorch/vision PR #9606):
+    they are allocated on `stream`, which only ever decodes and is drained first, never
+    on the training's stream. The outputs are marked used on the current stream, so
+    that their memory returns to `stream` only once the step is done with them.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    current = torch.cuda.current_stream(device)
+    stream.synchronize()
+    with torch.cuda.stream(stream):
+        images = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+    current.wait_stream(stream)
+    for image in images:
+        image.record_stream(current)
+    return images
+
+
+class JpegDecoder:
+    """The images of a batch of DecodeOnlyDataset(encoded=True) on a CUDA device, as one
+    `PackedImages` in batch order: the JPEG files its workers handed out as bytes
+    decoded together by nvJPEG (`decode_jpegs`), the others as the workers decoded them.
+
+    A file nvJPEG rejects is decoded on the CPU instead, as `--decode cpu` would
+    (`DecodeOnlyDataset.decoded`: the same boxes; the next file, counted in the batch's
+    "skipped", where Pillow cannot read it either), and counted in `rejected`.
+    """
+
+    def __init__(self, dataset, device):
+        self.dataset, self.device, self.rejected = dataset, torch.device(device), 0
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def __call__(self, batch):
+        from adclr_kernels.crops import pack_images
+
+        where = batch["is_encoded"].nonzero().flatten().tolist()
+        images = [None] * len(batch["is_encoded"])
+        if "images" in batch:
+            moved = batch["images"].to(self.device, non_blocking=True)
+            for j, i in enumerate(i for i in range(len(images)) if not batch["is_encoded"][i]):
+                images[i] = moved.image(j)
+        jpegs = list(batch["encoded"].split(batch["encoded_sizes"].tolist()))
+        for i, image in zip(where, self.decode(jpegs)):
+            images[i] = image if image is not None else self.on_cpu(batch, i)
+        return pack_images(images)
+
+    def decode(self, jpegs):
+        """nvJPEG's images of `jpegs`, None for each file it rejects."""
+        try:
+            return decode_jpegs(jpegs, self.device, self.stream)
+        except RuntimeError as error:  # one file fails the whole call: find which
+            images = []
+            for jpeg in jpegs:
+                try:
+                    images += decode_jpegs([jpeg], self.device, self.stream)
+                except RuntimeError:
+                    images.append(None)
+            if all(image is None for image in images):  # not the files: the decoder itself
+                raise error
+            return images
+
+    def on_cpu(self, batch, i):
+        """Image i of `batch` decoded by Pillow, on the device; its boxes, flips and counts
+        written into the batch."""
+        index, base = int(batch["index"][i]), self.dataset.base
+        if not self.rejected:
+            path = base.samples[(index + int(batch["skipped"][i])) % len(base)][0]
+            print(f"warning: nvJPEG cannot decode {path}; the files it rejects are decoded on the CPU",
+                  file=sys.stderr)
+        self.rejected += 1
+        item = self.dataset.decoded((index, batch["seed"][i]))
+        for key in ("global_boxes", "local_boxes", "query_boxes", "global_flips", "local_flips",
+                    "skipped", "readable", "reduction"):
+            batch[key][i] = item[key]
+        return item["image"].to(self.device)
+
+
+class DeviceCrops:
+    """The uint8 crops of a `train_loader` batch on `device`, as Augment takes them:
+    globals (B, 2, 3, G, G), locals (B, L, 3, l, l), queries (B, Q, 3, p, p).
+
+    MultiCropDataset's (`--decode pillow`) are moved there. DecodeOnlyDataset's images
+    are moved (`cpu`) or decoded there (`gpu`, `JpegDecoder`), their boxes stay on the
+    host, and crop_resize cuts the crops, one launch per size. Unflipped: Augment flips
+    every crop drawing from the global RNG, as it does MultiCropDataset's, so that
+    `--decode cpu` trains on the very pixels of `--decode pillow`.
+    """
+
+    def __init__(self, dataset, device):
+        self.dataset, self.device = dataset, torch.device(device)
+        self.mode = "pillow" if isinstance(dataset, MultiCropDataset) else "gpu" if dataset.encoded else "cpu"
+        self.jpegs = JpegDecoder(dataset, self.device) if self.mode == "gpu" else None
+
+    def __call__(self, batch):
+        if self.mode == "pillow":
+            return {key: batch[key].to(self.device, non_blocking=True) for key in ("globals", "locals", "queries")}
+        if "encoded" in batch:
+            images = self.jpegs(batch)
+        else:
+            images = batch["images"].to(self.device, non_blocking=True)
+        d = self.dataset
+        return cut_crops(batch | {"images": images}, d.image_size, d.local_size, d.patch_size, flip=False)
 
 
 class StepBatches:
@@ -547,29 +1014,47 @@ class StepBatches:
 
 
 def default_num_workers(world_size=1):
-    """Leave one core per process for the training loop itself."""
+    """Every core this process may run on, shared by the processes of the run, less one
+    per process for the training loop itself."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cpus // world_size - 1))
+    return max(1, cpus // world_size - 1)
 
 
-def train_loader(cfg, rank=0, world_size=1, start_step=0, images=None):
-    """DataLoader yielding uint8 crop batches for steps start_step, start_step + 1, ...
+def train_loader(cfg, rank=0, world_size=1, start_step=0, images=None, decode="pillow"):
+    """DataLoader yielding the batches of steps start_step, start_step + 1, ... (DeviceCrops
+    turns each into its crops on the device), and the steps per epoch.
 
-    `images`: the training images, when already open (default: open_dataset(cfg.data, "train")).
+    decode (`decode_mode`): "pillow", workers cut the uint8 crops (MultiCropDataset);
+    "cpu", workers decode and draw the boxes (DecodeOnlyDataset); "gpu", the same but
+    JPEG files go out undecoded, for nvJPEG. `images`: the training images, when already
+    open (default: open_dataset(cfg.data, "train")).
     """
     images = open_dataset(cfg.data, "train") if images is None else images
-    dataset = MultiCropDataset(images, cfg.image_size, cfg.local_size,
-                               cfg.patch_size, cfg.num_local_crops, cfg.num_queries,
-                               cfg.global_scale, cfg.local_scale, cfg.query_scale)
+    crops = (images, cfg.image_size, cfg.local_size, cfg.patch_size, cfg.num_local_crops, cfg.num_queries,
+             cfg.global_scale, cfg.local_scale, cfg.query_scale)
+    if decode == "pillow":
+        dataset, collate = MultiCropDataset(*crops), None  # default_collate
+    else:
+        dataset, collate = DecodeOnlyDataset(*crops, encoded=decode == "gpu"), collate_decoded
     batches = StepBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world_size, start_step)
     workers = default_num_workers(world_size) if cfg.num_workers < 0 else cfg.num_workers
+    # Each batch in flight holds its pixels in shared memory: four ahead per worker, two
+    # past four workers, where the others' batches keep the queue full anyway.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+        worker_init_fn=keep_freed_memory, pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0, prefetch_factor=(4 if workers <= 4 else 2) if workers > 0 else None)
     return loader, batches.steps_per_epoch
 
 
 # --------------------------------------------------------------------------- augmentation (batched)
+
+BLUR_SIGMA = (0.1, 2.0)  # DINO's, in pixels
+# +-3 sigma of the widest blur, so that sigma 2 is not truncated: 13 taps. kornia pads a
+# crop by reflection, which needs half the taps (and one) in each side of it: 7 px.
+BLUR_TAPS = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
+SMALLEST_BLURRED_CROP = BLUR_TAPS // 2 + 1
+
 
 class Augment(torch.nn.Module):
     """DINO's photometric augmentations, batched with kornia, plus normalisation.
@@ -581,14 +1066,13 @@ class Augment(torch.nn.Module):
     DINO's PIL blur radius is (a standard deviation in pixels, whatever the crop size).
     """
 
-    BLUR_SIGMA = (0.1, 2.0)
+    BLUR_SIGMA = BLUR_SIGMA
 
     def __init__(self):
         super().__init__()
         import kornia.augmentation as K
 
-        # +-3 sigma of the widest blur: 13 taps, so sigma 2 is not truncated.
-        kernel = 2 * math.ceil(3 * self.BLUR_SIGMA[1]) + 1
+        kernel = BLUR_TAPS
 
         def pipeline(blur, solarize=0.0):
             ops = [K.RandomHorizontalFlip(),

@@ -19,7 +19,8 @@ KNN_K = (10, 20, 100, 200)  # DINO's eval_knn.py --nb_knn
 
 
 def knn_accuracy(train_features, train_labels, test_features, test_labels, ks=KNN_K, temperature=0.07):
-    """DINO's weighted k-NN: the k most cosine-similar train features vote with exp(sim / T).
+    """DINO's weighted k-NN: the k most cosine-similar train features vote with exp(sim / T),
+    computed so that no temperature overflows it.
 
     One similarity pass for every k in `ks` (the k nearest are a prefix of the max-k
     nearest). Returns {k: accuracy}; a k beyond the train set's size uses all of it.
@@ -31,9 +32,14 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, ks=KN
     for start in range(0, len(test_features), 1024):  # bounded memory for large banks
         sims, idx = (test_features[start:start + 1024] @ train_features.T).topk(
             min(max(ks), len(train_features)), dim=1)
-        weights, neighbours = (sims / temperature).exp(), train_labels[idx]
+        # exp(sim / T) overflows float32 for T below ~0.011 and ties every vote. A row's votes
+        # may all be scaled by one factor: exp((sim - the row's largest sim) / T) is at most 1,
+        # and in float64 T may be as small as a float allows.
+        weights = ((sims - sims[:, :1]).double() / temperature).exp()
+        neighbours = train_labels[idx]
         for k in correct:
-            votes = torch.zeros(len(idx), num_classes).scatter_add_(1, neighbours[:, :k], weights[:, :k])
+            votes = torch.zeros(len(idx), num_classes, dtype=torch.float64).scatter_add_(
+                1, neighbours[:, :k], weights[:, :k])
             correct[k] += (votes.argmax(1) == test_labels[start:start + 1024]).sum().item()
     return {k: c / len(test_features) for k, c in correct.items()}
 

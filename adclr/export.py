@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import os
 
+from .checkpoint import not_a_file, write_atomically
 from .features import backbone_or_exit
 
 
 def export(checkpoint, out, weights="teacher"):
-    """Write the backbone's weights (timm ViT names) as a safetensors file."""
-    from safetensors.torch import save_file
+    """Write the backbone's weights (timm ViT names) as a safetensors file.
 
-    from safetensors import SafetensorError
+    A link is written through to the file it points to, an existing file keeps its
+    permissions; a folder or a device is refused, never replaced.
+    """
+    from safetensors.torch import save
 
-    folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        raise SystemExit(f"error: --out {out} is a folder; give a file name such as backbone.safetensors")
+    folder = os.path.dirname(os.path.realpath(out))
+    kind = not_a_file(out)
+    if kind:
+        raise SystemExit(f"error: --out {out} is {kind}; give a file name such as backbone.safetensors")
     if not os.path.isdir(folder):
         raise SystemExit(f"error: --out {out}: {folder} is not a folder")
     backbone, cfg = backbone_or_exit(checkpoint, weights)
     metadata = {key: str(cfg[key]) for key in ("arch", "patch_size", "image_size")}
-    try:
-        save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, out, metadata=metadata)
-    except (OSError, SafetensorError) as error:  # no permission, disk full
-        raise SystemExit(f"error: cannot write --out {out} ({error})") from None
+    data = save({k: v.contiguous() for k, v in backbone.state_dict().items()}, metadata=metadata)
+    # save_file would write a 0600 file of its own and rename it over `out`, a link or a device too.
+    write_atomically(out, lambda f: f.write(data))

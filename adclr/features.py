@@ -54,6 +54,8 @@ def backbone_for_eval(checkpoint, weights, device, image_size):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"error: --device {device} but CUDA is not available")
+    elif device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {device} but there are {torch.cuda.device_count()} GPUs")
     backbone, cfg = backbone_or_exit(checkpoint, weights, device)
     size = image_size or cfg["image_size"]
     if size % cfg["patch_size"]:
@@ -61,11 +63,16 @@ def backbone_for_eval(checkpoint, weights, device, image_size):
     return backbone, cfg, device, size
 
 
-def open_labelled_splits(data):
-    """(train, val) images of --data for the image-level protocols, or one line saying why not."""
+def open_labelled_splits(data, split="val"):
+    """(train, `split`) images of --data for the image-level protocols, or one line saying why not.
+
+    A val image's label is its class's place among train's classes (by folder name), so a
+    val split without some train class still scores each image against its own class.
+    """
     try:
-        return open_dataset(data, "train"), open_dataset(data, "val")
-    except OSError as error:  # no such folder, no train/ or val/ in it, no images, no permission
+        train = open_dataset(data, "train")
+        return train, open_dataset(data, split, like=train)
+    except (OSError, ValueError) as error:  # no such folder, no train/ or val/, no images, a class train lacks
         raise SystemExit(f"error: --data: {error}") from None
 
 
@@ -153,13 +160,14 @@ def query_crops(image, boxes, patch_size):
 
 
 def last_block_attention(backbone, images, query_crops=None):
-    """The last block's attention weights (B, heads, L, L), float32, and the number of queries.
+    """The last block's attention weights of the CLS row and the query rows (B, heads,
+    1 + Q, L), float32, and the number of queries Q.
 
-    Rows and columns are tokens [CLS | patches | queries]; a row's weights over the keys
-    it may see sum to 1, the others are 0. `images` normalised as for `forward_features`.
-    The fused op never materialises these weights: they are recomputed from the block's q
-    and k (its attention input is caught by a forward hook), with the op's own visibility
-    mask saying which keys each row sees.
+    Columns are tokens [CLS | patches | queries]; a row's weights over the keys it may
+    see sum to 1, the others are 0. The CLS row is the fused op's own (its prefix-row
+    probabilities); the Q query rows are recomputed from the block's q and k, caught by
+    a forward hook, under the op's visibility mask. `images` normalised as for
+    `forward_features`.
     """
     attn = backbone.blocks[-1].attn
     caught = {}
@@ -170,15 +178,17 @@ def last_block_attention(backbone, images, query_crops=None):
     handle = attn.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         with torch.no_grad():
-            backbone.forward_features(images, query_crops)
+            cls = backbone.forward_features(images, query_crops, cls_attention=True)["cls_attention"]
     finally:
         handle.remove()
     x, num_queries = caught["x"], caught["num_queries"]
     B, L, _ = x.shape
     with torch.no_grad():
         q, k, _ = attn.qkv(x).view(B, L, 3, attn.num_heads, attn.head_dim).unbind(2)
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = attn.q_norm(q)[:, L - num_queries:], attn.k_norm(k)
         scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) * attn.scale
         options = {key: value for key, value in caught["options"].items() if key.startswith("query_sees")}
-        sees = visibility_mask(L, L, num_queries, 1, device=x.device, **options)
-        return scores.masked_fill(~sees, float("-inf")).softmax(-1), num_queries
+        sees = visibility_mask(L, L, num_queries, 1, device=x.device, **options)[L - num_queries:]
+        queries = scores.masked_fill(~sees, float("-inf")).softmax(-1)
+    return torch.cat([cls.float()[:, :, None], queries], 2), num_queries
+

@@ -22,13 +22,18 @@ def cross_entropy(teacher_probs, student_logits, student_temp):
 
 
 class ADCLRLoss(nn.Module):
-    def __init__(self, out_dim, lambda_query=0.5, student_temp=0.1, center_momentum=0.9):
+    """The centres and temperatures of the teacher-student losses. dense=True adds DenseCL's
+    dense loss (`dense`), with a centre of its own."""
+
+    def __init__(self, out_dim, lambda_query=0.5, student_temp=0.1, center_momentum=0.9, dense=False):
         super().__init__()
         self.lambda_query = lambda_query
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("query_center", torch.zeros(1, out_dim))
+        if dense:
+            self.register_buffer("dense_center", torch.zeros(1, out_dim))
 
     def forward(self, student_cls, teacher_cls, teacher_temp, student_query=None, teacher_query=None):
         """All logits view-major (rows [view 0 batch | view 1 batch | ...]).
@@ -36,7 +41,8 @@ class ADCLRLoss(nn.Module):
         Args:
             student_cls: (n_crops * B, K): 2 global views, then the local crops.
             teacher_cls: (2 * B, K): the 2 global views.
-            teacher_temp: a Python float (the warm-up schedule's value this step).
+            teacher_temp: the warm-up schedule's value this step: a float, or a 0-dim
+                tensor on the device (what a compiled step passes: not a constant of its graph).
             student_query, teacher_query: (2 * B, Q, K) query logits for the 2 global
                 views, or None for plain DINO.
 
@@ -97,6 +103,27 @@ class ADCLRLoss(nn.Module):
                 rows = teacher_query.shape[0] * teacher_query.shape[1]
                 self._ema(self.query_center, query_mean * rows, rows)
         return loss_global + self.lambda_query * loss_query, loss_global, loss_query
+
+    def dense(self, student, targets, teacher_temp, weight, teacher_weight, gain=None, teacher_gain=None):
+        """DenseCL's dense loss in DINO's form, on the fused head + loss op.
+
+        student: (2B, N, d) the dense head's bottleneck features of the patches of views A
+        then B; targets: (2B, N, d) the teacher's dense features of the patch of the other
+        view each student patch is matched to (`adclr.methods.match_patches`). The loss is
+        the mean over both views' patches of H(teacher target, student patch) over the
+        out_dim prototypes, whose (rows, out_dim) logits are never formed. Updates the
+        dense centre from the targets.
+        """
+        half = student.shape[0] // 2
+        # dino_pairing(2) pairs teacher view 0 with student view 1: view B's targets first.
+        teacher = targets.roll(half, 0).flatten(0, 1)
+        loss, teacher_mean = dino_head_loss(student.flatten(0, 1), teacher, weight, self.dense_center,
+                                            dino_pairing(2), student_temp=self.student_temp,
+                                            teacher_temp=teacher_temp, teacher_weight=teacher_weight, gain=gain,
+                                            teacher_gain=teacher_gain)
+        with torch.no_grad():
+            self._ema(self.dense_center, teacher_mean * teacher.shape[0], teacher.shape[0])
+        return loss
 
     @torch.no_grad()
     def update_centers(self, teacher_cls, teacher_query=None):

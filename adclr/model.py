@@ -84,14 +84,21 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
         self.query_options = query_options
 
-    def forward(self, x, num_queries=0, packing=None):
-        """x: (B, L, D) with num_queries query tokens per sequence, or packed (T, D)."""
+    def forward(self, x, num_queries=0, packing=None, cls_attention=False):
+        """x: (B, L, D) with num_queries query tokens per sequence, or packed (T, D).
+        cls_attention: return (x, the CLS rows' attention probabilities (B, heads, L), or
+        (heads, T) packed: each token's weight in its own sequence's CLS row)."""
         if packing is None:
-            y = self.attn(self.norm1(x), num_queries, 1, **self.query_options)
+            y = self.attn(self.norm1(x), num_queries, 1, return_prefix_probs=cls_attention, **self.query_options)
         else:
-            y = self.attn(self.norm1(x), None, 1, cu_seqlens=packing.layout, **self.query_options)
+            y = self.attn(self.norm1(x), None, 1, cu_seqlens=packing.layout, return_prefix_probs=cls_attention,
+                          **self.query_options)
+        y, probs = y if cls_attention else (y, None)
         x = x + self.drop_path1(y, packing)
-        return x + self.drop_path2(self.mlp(self.norm2(x)), packing)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)), packing)
+        if not cls_attention:
+            return x
+        return x, probs[:, :, 0] if packing is None else probs[:, 0]  # (B, heads, L) or (heads, T)
 
 
 class PatchEmbed(nn.Module):
@@ -164,7 +171,7 @@ class VisionTransformer(nn.Module):
         return {"cls": tokens[:, 0], "patch": tokens[:, 1:visible],
                 "query": tokens[:, visible:] if num_queries else None}
 
-    def forward_features(self, x, query_crops=None):
+    def forward_features(self, x, query_crops=None, patches=None, cls_attention=False):
         """Encode images, and optionally ADCLR query crops, in one pass.
 
         Args:
@@ -172,16 +179,29 @@ class VisionTransformer(nn.Module):
                 positional embedding is interpolated).
             query_crops: None, or (B, Q, 3, p, p) query crops already resized to one
                 patch (p = patch size).
+            patches: None, or (B, n) indices of the patches to keep (a masked image
+                model's visible set): the others never enter the blocks.
+            cls_attention: also return the last block's CLS attention probabilities,
+                exact, from the fused op (no attention matrix is formed).
 
         Returns:
-            dict with "cls" (B, D), "patch" (B, N, D) and "query" (B, Q, D) or None,
-            all after the final LayerNorm. "cls" and "patch" do not depend on
-            query_crops (unidirectional attention).
+            dict with "cls" (B, D), "patch" (B, N, D) (N = n with `patches`) and "query"
+            (B, Q, D) or None, all after the final LayerNorm; "cls" and "patch" do not
+            depend on query_crops (unidirectional attention). With cls_attention,
+            "cls_attention" (B, heads, 1 + N + Q): the CLS row of the last block (0 over
+            the query columns).
         """
         tokens, num_queries = self.embed(x, query_crops)
-        for block in self.blocks:
+        if patches is not None:
+            keep = torch.cat([patches.new_zeros(patches.shape[0], 1), patches + 1], 1)
+            tokens = torch.cat([tokens.gather(1, keep[..., None].expand(-1, -1, tokens.shape[-1])),
+                                tokens[:, tokens.shape[1] - num_queries:]], 1)
+        for block in self.blocks[:-1]:
             tokens = block(tokens, num_queries)
-        return self._features(self.norm(tokens), num_queries)
+        tokens = self.blocks[-1](tokens, num_queries, cls_attention=cls_attention)
+        tokens, probs = tokens if cls_attention else (tokens, None)
+        features = self._features(self.norm(tokens), num_queries)
+        return {**features, "cls_attention": probs} if cls_attention else features
 
     def get_intermediate_layers(self, x, n=1):
         """DINO's call: the tokens (B, 1 + N, D) after each of the last `n` blocks, each
@@ -292,30 +312,66 @@ class DINOHead(nn.Module):
         return self.last_layer(x) if project else x
 
 
+class MaskedDecoder(nn.Module):
+    """A light masked-image-model decoder (MAE's, one block wide by default): the visible
+    patches' tokens, a shared mask token everywhere else, a positional embedding of its
+    own, then pixels (p * p * 3 per patch) for the masked patches."""
+
+    def __init__(self, dim, num_patches, patch_size, depth=1):
+        super().__init__()
+        width = max(32, dim // 2)
+        self.embed = nn.Linear(dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, width))
+        self.blocks = nn.ModuleList(Block(width, max(1, width // 32)) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.pred = nn.Linear(width, patch_size * patch_size * 3)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.apply(_init_weights)
+
+    def forward(self, tokens, visible, masked):
+        """tokens (B, n, D) of the patches `visible` (B, n); returns (B, m, p * p * 3) for `masked` (B, m)."""
+        x = self.embed(tokens)
+        B, width = x.shape[0], x.shape[-1]
+        grid = self.mask_token.expand(B, self.pos_embed.shape[1], width)
+        grid = grid.scatter(1, visible[..., None].expand(-1, -1, width), x) + self.pos_embed
+        for block in self.blocks:
+            grid = block(grid)
+        return self.pred(self.norm(grid)).gather(1, masked[..., None].expand(-1, -1, self.pred.out_features))
+
+
 class ADCLRModel(nn.Module):
     """Backbone + head shared by the CLS and query tokens (student or teacher).
 
     pack_crops: run global and local crops through the backbone as one packed token
     batch (`forward_features_packed`) instead of one pass per resolution. Same result;
     fewer, larger kernel launches and no per-resolution passes (the default on CUDA).
+    dense_head (DenseCL) and decoder (ccMIM): the other methods' parts, None for ADCLR.
     """
 
-    def __init__(self, backbone, head, pack_crops=False):
+    def __init__(self, backbone, head, pack_crops=False, dense_head=None, decoder=None):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.pack_crops = pack_crops
+        self.dense_head, self.decoder = dense_head, decoder
 
-    def forward(self, images, query_crops=None, local_crops=None, project=True):
+    def forward(self, images, query_crops=None, local_crops=None, project=True, masks=None):
         """One call for every crop (DistributedDataParallel needs a single forward).
 
         Args:
             images: (B, 3, H, W) global views; query_crops: (B, Q, 3, p, p) or None;
             local_crops: (B', 3, h, w) or None, run without query tokens.
             project: False stops the head before its last layer (see `DINOHead.forward`).
+            masks: (visible, masked) patch indices, (B, n) and (B, m): `forward_masked`.
         Returns:
-            (CLS logits (B + B', K) for images then local crops, query logits (B, Q, K) or None);
-            K is the bottleneck dim with project=False.
+            (CLS logits (B + B', K) for images then local crops, query logits (B, Q, K) or
+            None), and with a dense head a third item: (the images' backbone patch features
+            (B, N, D), their dense head's bottleneck features (B, N, bottleneck)). K is the
+            bottleneck dim with project=False.
         """
+        if masks is not None:
+            return self.forward_masked(images, *masks, project)
         views = [(images, query_crops)] + ([(local_crops, None)] if local_crops is not None else [])
         if self.pack_crops and len(views) > 1:
             features = self.backbone.forward_features_packed(views)
@@ -327,10 +383,21 @@ class ADCLRModel(nn.Module):
         tokens = [f["cls"] for f in features] + ([query.flatten(0, 1)] if query is not None else [])
         logits = self.head(torch.cat(tokens), project)
         num_cls = sum(f["cls"].shape[0] for f in features)
-        cls = logits[:num_cls]
-        if query is None:
-            return cls, None
-        return cls, logits[num_cls:].view(*query.shape[:2], -1)
+        out = (logits[:num_cls], None if query is None else logits[num_cls:].view(*query.shape[:2], -1))
+        if self.dense_head is None:
+            return out
+        patch = features[0]["patch"]
+        return (*out, (patch, self.dense_head(patch, project=False)))
+
+    def forward_masked(self, images, visible, masked, project=True, decode=True):
+        """ccMIM's passes over one view: the visible set and the masked set each through the
+        backbone on their own (CLS + their patches). Returns (CLS logits (2B, K): visible
+        set then masked set, the decoder's pixels of the masked patches (B, m, p * p * 3),
+        or None without decode)."""
+        seen = self.backbone.forward_features(images, patches=visible)
+        hidden = self.backbone.forward_features(images, patches=masked)
+        cls = self.head(torch.cat([seen["cls"], hidden["cls"]]), project)
+        return cls, self.decoder(seen["patch"], visible, masked) if decode else None
 
 
 def build_backbone(arch="vit_small", img_size=224, patch_size=16, drop_path_rate=0.0,

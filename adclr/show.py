@@ -2,7 +2,8 @@
 dense probe predicts, and how a run went.
 
 matplotlib is an optional extra (`pip install 'adclr[viz]'`), imported by these
-commands only. The attention weights are the last block's, recomputed from its q and k
+commands only. The CLS row's attention weights come from the fused op itself (its
+prefix-row probabilities), the query rows' are recomputed from the last block's q and k
 (`adclr.features.last_block_attention`).
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoint import make_folder, write_atomically
 from .data import BUILTIN, ImageFolder, default_num_workers, normalize, open_segmentation, to_tensor
 from .eval_dense import DEFAULT_EPOCHS, DEFAULT_LR, IGNORE, SegmentationCrops, fit_probe, open_splits, patch_features
 from .features import backbone_or_exit, last_block_attention, query_boxes, query_crops
@@ -96,16 +98,16 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
     size, p = cfg["image_size"], cfg["patch_size"]
     num_queries = cfg["num_queries"] if num_queries is None else num_queries
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "pictures")
-    os.makedirs(out, exist_ok=True)
+    make_folder(out)
     grid, paths = size // p, []
     generator = torch.Generator().manual_seed(seed)
     for n, image in enumerate(_images(data, images)):
         image = image.resize((size, size), Image.BICUBIC)
         boxes = query_boxes(image, num_queries, cfg["query_scale"], generator)
         probs, _ = last_block_attention(backbone, normalize(to_tensor(image))[None], query_crops(image, boxes, p))
-        probs = probs[0]  # (heads, L, L)
+        probs = probs[0]  # (heads, 1 + Q, L)
         heads = probs.shape[0]
-        rows = [("CLS", 0, None)] + [(f"query {q + 1}", 1 + grid * grid + q, boxes[q]) for q in range(num_queries)]
+        rows = [("CLS", 0, None)] + [(f"query {q + 1}", 1 + q, boxes[q]) for q in range(num_queries)]
         fig, axes = _figure(plt, len(rows), 2 + heads,
                             f"last block's attention to the patches, {checkpoint} ({weights})")
         for r, (name, row, box) in enumerate(rows):
@@ -120,8 +122,7 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
                 for ax in axes[r, :2]:
                     _box(ax, box)
         paths.append(os.path.join(out, f"attention_{n}.png"))
-        fig.savefig(paths[-1])
-        plt.close(fig)
+        save_figure(plt, fig, paths[-1])
     return paths
 
 
@@ -132,6 +133,8 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
     plt = pyplot()
     backbone, cfg = backbone_or_exit(checkpoint, weights)
     size = cfg["image_size"]
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "pictures")
+    make_folder(out)  # before the probe's minutes of work
     data, train_images, val_images, limit = open_splits(data, limit, "cpu")
     workers = default_num_workers() if num_workers < 0 else num_workers
     try:
@@ -166,11 +169,8 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
         fig.legend(handles=[patches.Patch(color=colours[c], label=names[c]) for c in range(min(classes, len(names)))],
                    loc="lower center", ncol=6, fontsize=6, frameon=False)
         fig.subplots_adjust(bottom=0.08)
-    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "pictures")
-    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "dense.png")
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return path
 
 
@@ -185,7 +185,8 @@ def _paint(mask, colours):
 
 
 def read_metrics(path):
-    """The records of a metrics.jsonl, skipping lines that are not JSON objects (a cut last line)."""
+    """The records of a metrics.jsonl, skipping lines that are not JSON objects with a step
+    number (a cut last line, a hand-edited one)."""
     records = []
     with open(path) as f:
         for line in f:
@@ -193,7 +194,8 @@ def read_metrics(path):
                 record = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(record, dict) and "step" in record:
+            step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(step, (int, float)) and not isinstance(step, bool):
                 records.append(record)
     return records
 
@@ -216,6 +218,8 @@ def show_curves(run):
     panels = [(title, [k for k in wanted if k in keys]) for title, wanted in PANELS]
     panels.append(("k-NN accuracy", sorted(k for k in keys if k.startswith("knn"))))
     panels = [(title, ks) for title, ks in panels if ks]
+    if not panels:
+        raise SystemExit(f"error: {path} holds no numbers to plot (loss, lr, teacher_temp, momentum, knn)")
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), dpi=100, squeeze=False)
     for ax, (title, ks) in zip(axes[0], panels):
         for k in ks:
@@ -229,6 +233,13 @@ def show_curves(run):
     fig.suptitle(path, fontsize=8)  # as given: no local folders in a shared picture
     fig.tight_layout()
     out = os.path.join(os.path.dirname(path), "metrics.png")
-    fig.savefig(out)
-    plt.close(fig)
+    save_figure(plt, fig, out)
     return out
+
+
+def save_figure(plt, fig, path):
+    """Write `fig` as a PNG at `path` (atomically, through a link), then close it."""
+    try:
+        write_atomically(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)

@@ -20,19 +20,22 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import record_function
 
-from .checkpoint import (CheckpointError, all_rng_states, check_resumable, copy_atomically, load_checkpoint, restore,
-                         rng_states, save_checkpoint, set_rng_states, write_json_atomically)
-from .config import ALLOWED, config_errors, value_error
-from .data import Augment, open_dataset, train_loader, warn_unreadable
+from .checkpoint import (CheckpointError, FolderInUse, WriteError, all_rng_states, check_resumable, copy_atomically,
+                         folder_lock, load_checkpoint, make_folder, not_a_file, restore, rng_states, save_checkpoint,
+                         set_rng_states, why_not_written, write_atomically, write_json_atomically)
+from .config import ALLOWED, WHOLE_STEP_FP16, config_errors, value_error
+from .data import Augment, DeviceCrops, decode_mode, open_dataset, train_loader, warn_unreadable
+from .flops import peak_tflops, step_flops
 from .loss import ADCLRLoss
-from .model import ADCLRModel, DINOHead, build_backbone
+from .methods import ccmim_losses, densecl_losses
+from .model import ADCLRModel, DINOHead, MaskedDecoder, build_backbone
 
 
 def cosine(step, total, start, end, warmup=0, warmup_start=0.0):
@@ -43,11 +46,24 @@ def cosine(step, total, start, end, warmup=0, warmup_start=0.0):
     return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class Trainer:
-    """Everything one training step needs; made by `build`."""
+def epochs_to_steps(epochs, steps_per_epoch):
+    """round(epochs * steps_per_epoch); a product beyond float range (--warmup-epochs 1e308) is
+    as good as endless, not an OverflowError."""
+    steps = epochs * steps_per_epoch
+    return round(steps) if math.isfinite(steps) else sys.maxsize
 
-    def __init__(self, cfg, device, student, teacher, loss, optimizer, steps_per_epoch, compiled=False):
-        self.cfg, self.device, self.compiled = cfg, device, compiled
+
+class Trainer:
+    """Everything one training step needs; made by `build`.
+
+    compile: what --compile resolved to ("off", "on", "step" or "graph"); for "step" and
+    "graph" `whole_step` runs every step (see WholeStep), else `train_step`'s eager code.
+    """
+
+    def __init__(self, cfg, device, student, teacher, loss, optimizer, steps_per_epoch, compile="off"):
+        self.cfg, self.device, self.compile = cfg, device, compile
+        self.compiled = compile != "off"
+        self.whole_step = None
         self.student = student  # DistributedDataParallel-wrapped when distributed
         self.student_module = student.module if isinstance(student, DistributedDataParallel) else student
         self.teacher, self.loss, self.optimizer = teacher, loss, optimizer
@@ -58,6 +74,7 @@ class Trainer:
         self.student_params = [p for p in self.student_module.parameters()]
         self.teacher_params = [p for p in teacher.parameters()]
         precision = cfg.precision if cfg.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
+        self.precision = precision
         self.autocast = (contextlib.nullcontext() if precision == "fp32" else
                          torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16))
         # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
@@ -65,12 +82,16 @@ class Trainer:
         self.fused_head_loss = cfg.fused_head_loss == "on" or (cfg.fused_head_loss == "auto"
                                                                 and device.type == "cuda")
 
+    def frozen(self, step):
+        """Whether `step` is in the last-layer freeze (DINO's first epoch)."""
+        return step < self.cfg.freeze_last_layer_epochs * self.steps_per_epoch
+
     def schedule(self, step):
         """lr, weight decay, teacher momentum and teacher temperature at `step` (Python floats)."""
         cfg, total, spe = self.cfg, self.total_steps, self.steps_per_epoch
         lr = cosine(step, total, cfg.base_lr * cfg.batch_size / 256, cfg.min_lr,
-                    warmup=min(total, round(cfg.warmup_epochs * spe)))
-        temp_warmup = round(cfg.warmup_teacher_temp_epochs * spe)
+                    warmup=min(total, epochs_to_steps(cfg.warmup_epochs, spe)))
+        temp_warmup = epochs_to_steps(cfg.warmup_teacher_temp_epochs, spe)
         temp = (cfg.warmup_teacher_temp + (cfg.teacher_temp - cfg.warmup_teacher_temp) * step / temp_warmup
                 if step < temp_warmup else cfg.teacher_temp)
         return {"lr": lr,
@@ -81,6 +102,29 @@ class Trainer:
 
 COMPILE_BACKEND = "inductor"  # torch.compile's default; the CPU tests use "aot_eager" (no C++ build)
 
+
+def compile_mode(cfg, device):
+    """--compile resolved: auto is "on" on CUDA, "off" elsewhere."""
+    return cfg.compile if cfg.compile != "auto" else "on" if device.type == "cuda" else "off"
+
+
+def whole_step_error(cfg, device, distributed):
+    """Why --compile step or graph cannot run here (a message to follow "error: "), or None."""
+    mode = compile_mode(cfg, device)
+    if mode not in ("step", "graph"):
+        return None
+    if cfg.precision == "fp16":
+        return WHOLE_STEP_FP16.format(mode=mode)
+    if cfg.method != "adclr":
+        return f"--compile {mode} compiles ADCLR's step; --method {cfg.method} runs with --compile on or off"
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return f"--compile {mode} needs torch >= 2.11 (Dynamo tracing the backward); this is {torch.__version__}"
+    if distributed:
+        return (f"--compile {mode} runs a single process (its graph holds no gradient all-reduce); "
+                "under torchrun use --compile on")
+    if mode == "graph" and device.type != "cuda":
+        return f"--compile graph replays a CUDA graph; the device is {device}: use --compile step"
+    return None
 
 
 def build(cfg, device, steps_per_epoch=1000):
@@ -97,6 +141,10 @@ def build(cfg, device, steps_per_epoch=1000):
         problem = value_error(getattr(cfg, name), ALLOWED[name])
         if problem:
             raise ValueError(f"--{name}: {problem}")
+    distributed = dist.is_available() and dist.is_initialized()
+    problem = whole_step_error(cfg, device, distributed)
+    if problem:
+        raise ValueError(problem)
     # Packing pays where the backend has a real varlen kernel; the PyTorch backends would
     # loop over sequences, so "auto" packs only for Triton on CUDA.
     pack = cfg.pack_crops == "on" or (cfg.pack_crops == "auto" and device.type == "cuda"
@@ -105,18 +153,22 @@ def build(cfg, device, steps_per_epoch=1000):
     teacher = _model(cfg, device, 0.0, pack)  # DINO's teacher has no stochastic depth
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    if compiled:
+    mode = compile_mode(cfg, device)
+    if mode == "on":
         # In place (the state dict keeps its names). fullgraph: the op is a torch.library
         # custom op, so nothing in a step breaks the graph; a break would be an error here.
         student.compile(fullgraph=True, backend=COMPILE_BACKEND)
         teacher.compile(fullgraph=True, backend=COMPILE_BACKEND)
     optimizer = _adamw(student, device)
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         student = DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
-    loss = ADCLRLoss(cfg.out_dim, cfg.lambda_query, cfg.student_temp, cfg.center_momentum).to(device)
-    return Trainer(cfg, device, student, teacher, loss, optimizer, steps_per_epoch, compiled)
+    loss = ADCLRLoss(cfg.out_dim, cfg.lambda_query, cfg.student_temp, cfg.center_momentum,
+                     dense=cfg.method == "densecl").to(device)
+    trainer = Trainer(cfg, device, student, teacher, loss, optimizer, steps_per_epoch, mode)
+    if mode in ("step", "graph"):
+        trainer.whole_step = WholeStep(trainer, graph=mode == "graph")
+    return trainer
 
 
 def _model(cfg, device, drop_path, pack):
@@ -124,18 +176,27 @@ def _model(cfg, device, drop_path, pack):
                               query_sees_prefix=cfg.query_sees_prefix,
                               query_sees_self=cfg.query_sees_self,
                               query_sees_queries=cfg.query_sees_queries)
-    return ADCLRModel(backbone, DINOHead(backbone.embed_dim, cfg.out_dim, cfg.head_hidden_dim,
-                                         cfg.head_bottleneck_dim, cfg.norm_last_layer), pack).to(device)
+    def head():
+        return DINOHead(backbone.embed_dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
+                        cfg.norm_last_layer)
+
+    dense_head = head() if cfg.method == "densecl" else None
+    decoder = (MaskedDecoder(backbone.embed_dim, (cfg.image_size // cfg.patch_size) ** 2, cfg.patch_size)
+               if cfg.method == "ccmim" else None)
+    return ADCLRModel(backbone, head(), pack, dense_head, decoder).to(device)
 
 
 def _adamw(model, device):
     """AdamW with DINO's rule: no weight decay on biases and norm parameters (1-D); the
-    head's last-layer gain is (out_dim, 1), so it is decayed, as DINO's weight_g is."""
+    head's last-layer gain is (out_dim, 1), so it is decayed, as DINO's weight_g is.
+
+    Fused on CPU too: the default there updates one parameter at a time, ~15 operators
+    each; the fused kernel does a whole group in one."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
     return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=0.0, fused=device.type == "cuda")
+                             lr=0.0, fused=True)
 
 
 def clip_grad_per_parameter_(params, max_norm):
@@ -143,19 +204,23 @@ def clip_grad_per_parameter_(params, max_norm):
 
     Unlike a global-norm clip, a large gradient in one parameter does not shrink the
     others. Parameters without a gradient are skipped. Returns the global norm of the
-    gradients before clipping (for logging). Foreach ops, no host synchronisation.
+    gradients before clipping (for logging). No host synchronisation.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), device=params[0].device if params else None)
-    norms = torch._foreach_norm(grads)
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    return clip_per_tensor_(grads, max_norm)
+
+
+def clip_per_tensor_(grads, max_norm):
+    """`clip_grad_per_parameter_` on a list of gradients, in place; their norm before."""
+    norms = torch.stack(torch._foreach_norm(grads))
+    total = torch.linalg.vector_norm(norms)
     if max_norm:
-        scales = torch._foreach_add(norms, 1e-6)  # DINO's epsilon: a zero gradient stays zero
-        torch._foreach_reciprocal_(scales)
-        torch._foreach_mul_(scales, max_norm)
-        torch._foreach_clamp_max_(scales, 1.0)
-        torch._foreach_mul_(grads, scales)
+        # DINO's factor, max_norm / (norm + 1e-6) (a zero gradient stays zero), on one
+        # tensor of norms rather than one per parameter.
+        scales = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+        torch._foreach_mul_(grads, list(scales.unbind()))
     return total
 
 
@@ -164,61 +229,223 @@ def _gain(layer):
     return None if layer.gain is None else layer.gain.view(-1)
 
 
+def _range(name):
+    """A profiler range around a phase of the step, named as bench.profile reads it. Only
+    while a profiler runs (a range costs ~30 us of host time even when nothing records
+    it, the check ~1 us), and never inside a compiled graph (Dynamo drops ranges there)."""
+    if torch.compiler.is_compiling() or not torch.autograd._profiler_enabled():
+        return contextlib.nullcontext()
+    return record_function(name)
+
+
 def train_step(trainer, batch, step):
     """One full ADCLR step on a ready batch (see adclr.data) already on the device.
 
     Student and teacher forward, loss, backward, last-layer freeze, per-parameter grad
     clipping, AdamW step with the scheduled lr / weight decay, EMA update of the
-    teacher and of the centres. No host synchronisation (except the fp16 gradient
-    scaler's inf check with a non-fused optimizer, i.e. off CUDA): returns detached
-    0-dim tensors (loss, loss_global, loss_query, grad_norm), grad_norm being the
-    global norm of the gradients the optimizer gets, before clipping.
+    teacher and of the centres. No host synchronisation (AdamW is fused, so the fp16
+    gradient scaler hands it its inf check on the device): returns detached 0-dim
+    tensors: loss, the method's terms (ADCLR: loss_global, loss_query; densecl:
+    loss_global, loss_dense; ccmim: loss_reconstruction, loss_align) and grad_norm, the
+    global norm of the gradients the optimizer gets, before clipping. With --compile step
+    or graph the same ADCLR step runs as one compiled graph (WholeStep).
     """
     t, cfg = trainer, trainer.cfg
+    if t.whole_step is not None:
+        return t.whole_step(batch, step)
     sched = t.schedule(step)
     decay_group, no_decay_group = t.optimizer.param_groups
     decay_group["lr"] = no_decay_group["lr"] = sched["lr"]
     decay_group["weight_decay"] = sched["weight_decay"]
-    loss, loss_global, loss_query = _losses(t, batch, sched["teacher_temp"])
+    if cfg.method == "adclr":
+        loss, loss_global, loss_query = _losses(t, batch, sched["teacher_temp"])
+        terms = {"loss_global": loss_global, "loss_query": loss_query}
+    else:
+        losses = {"densecl": densecl_losses, "ccmim": ccmim_losses}[cfg.method]
+        loss, terms = losses(t, batch, sched["teacher_temp"])
 
-    t.optimizer.zero_grad(set_to_none=True)
-    (t.scaler.scale(loss) if t.scaler else loss).backward()
-    if step < cfg.freeze_last_layer_epochs * t.steps_per_epoch:
+    with _range("adclr/backward"):
+        t.optimizer.zero_grad(set_to_none=True)
+        (t.scaler.scale(loss) if t.scaler else loss).backward()
+    if t.frozen(step):
         # DINO: keeping the prototypes (weight and gain) fixed at first stabilises the
         # start of training. No gradient: AdamW neither moves nor decays them.
-        for p in t.student_module.head.last_layer.parameters():
+        heads = [t.student_module.head, t.student_module.dense_head]
+        for p in (p for head in heads if head is not None for p in head.last_layer.parameters()):
             p.grad = None
-    if t.scaler:
-        t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
-    grad_norm = clip_grad_per_parameter_(t.student_params, cfg.clip_grad)
-    if t.scaler:
-        t.scaler.step(t.optimizer)  # skipped when a gradient is inf/nan; the scale then drops
-        t.scaler.update()
-    else:
-        t.optimizer.step()
-    with torch.no_grad():
+    with _range("adclr/clip"):
+        if t.scaler:
+            t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = clip_grad_per_parameter_(t.student_params, cfg.clip_grad)
+    with _range("adclr/optimizer"):
+        if t.scaler:
+            t.scaler.step(t.optimizer)  # skipped when a gradient is inf/nan; the scale then drops
+            t.scaler.update()
+        else:
+            t.optimizer.step()
+    with _range("adclr/ema"), torch.no_grad():
         torch._foreach_lerp_(t.teacher_params, t.student_params, 1.0 - sched["momentum"])
-    return {"loss": loss.detach(), "loss_global": loss_global.detach(),
-            "loss_query": loss_query.detach(), "grad_norm": grad_norm.detach()}
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}, "grad_norm": grad_norm.detach()}
+
+
+def _inputs(trainer, batch):
+    """(global views, query crops or None, local crops) of a batch, as the models take them."""
+    queries = batch["queries"] if trainer.cfg.lambda_query and trainer.cfg.num_queries else None  # lambda 0: plain DINO
+    if queries is not None:
+        queries = queries.repeat(2, 1, 1, 1, 1)  # the same query crops for both global views
+    return batch["globals"], queries, batch["locals"]
 
 
 def _losses(trainer, batch, teacher_temp):
     """(loss, loss_global, loss_query) of the student against the teacher on `batch`."""
-    t, cfg = trainer, trainer.cfg
-    globals_, local = batch["globals"], batch["locals"]
-    queries = batch["queries"] if cfg.lambda_query and cfg.num_queries else None  # lambda 0: plain DINO
-    if queries is not None:
-        queries = queries.repeat(2, 1, 1, 1, 1)  # the same query crops for both global views
+    t = trainer
+    globals_, queries, local = _inputs(t, batch)
     fused = t.fused_head_loss  # the heads stop at the bottleneck; the loss runs their last layer
     with t.autocast:
-        with torch.no_grad():
+        with _range("adclr/teacher"), torch.no_grad():
             teacher_cls, teacher_query = t.teacher(globals_, queries, project=not fused)
-        student_cls, student_query = t.student(globals_, queries, local, project=not fused)
-        if fused:
-            last, teacher_last = t.student_module.head.last_layer, t.teacher.head.last_layer
-            return t.loss.fused(student_cls, teacher_cls, teacher_temp, last.weight, teacher_last.weight,
-                                student_query, teacher_query, gain=_gain(last), teacher_gain=_gain(teacher_last))
-        return t.loss(student_cls, teacher_cls, teacher_temp, student_query, teacher_query)
+        with _range("adclr/student"):
+            student_cls, student_query = t.student(globals_, queries, local, project=not fused)
+        with _range("adclr/loss"):
+            if fused:
+                last, teacher_last = t.student_module.head.last_layer, t.teacher.head.last_layer
+                return t.loss.fused(student_cls, teacher_cls, teacher_temp, last.weight, teacher_last.weight,
+                                    student_query, teacher_query, gain=_gain(last),
+                                    teacher_gain=_gain(teacher_last))
+            return t.loss(student_cls, teacher_cls, teacher_temp, student_query, teacher_query)
+
+
+SCHEDULES = ("lr", "weight_decay", "momentum", "teacher_temp")
+
+
+class WholeStep:
+    """`train_step` as one compiled graph (--compile step), optionally replayed as a CUDA
+    graph (--compile graph): forward, loss, backward, clipping, AdamW and the teacher's EMA.
+
+    What makes one graph of it, the same graph every step:
+    - the backward is `torch.autograd.grad` traced into the graph (Dynamo's
+      trace_autograd_ops); the gradients are values of the graph, never `.grad`;
+    - the four schedules are a float64 tensor on the device, written before each step
+      (from pinned memory on CUDA: no synchronisation), so they are inputs of the
+      graph, not constants in it;
+    - AdamW is written here in foreach ops with a tensor lr (torch.optim's capturable
+      formulation; its own step() breaks the graph), its decay as a foreach multiply
+      (AdamW's decoupled decay, the same arithmetic); the state stays the optimizer's,
+      so checkpoints are those of the eager step;
+    - the last-layer freeze is a host switch between two graphs (with and without the
+      last layer among the updated parameters), each compiled once;
+    - the packed layout's host tables are built by one eval-mode forward (no RNG drawn)
+      before the first trace, so the first trace does not build them and the second
+      recompile.
+    The step reads no value on the host and its shapes are the run's, so nothing
+    recompiles from one step to the next.
+    """
+
+    def __init__(self, trainer, graph=False):
+        t = self.trainer = trainer
+        self.graph = graph
+        last = {id(p) for p in t.student_module.head.last_layer.parameters()}
+        decayed = {id(p) for p in t.optimizer.param_groups[0]["params"]}
+        self.params = {frozen: [p for p in t.student_params if not (frozen and id(p) in last)]
+                       for frozen in (False, True)}
+        self.decayed = {frozen: [p for p in params if id(p) in decayed] for frozen, params in self.params.items()}
+        self.beta1, self.beta2 = t.optimizer.defaults["betas"]
+        self.eps = t.optimizer.defaults["eps"]
+        self.schedule_values = torch.zeros(len(SCHEDULES), dtype=torch.float64, device=t.device)
+        self.states = None  # AdamW's state tensors, read at the first step (after a resume)
+        options = dict(mode="reduce-overhead") if graph else {}
+        self.compiled = torch.compile(self.step, fullgraph=True, backend=COMPILE_BACKEND, **options)
+
+    def __call__(self, batch, step):
+        t = self.trainer
+        if self.states is None:
+            self.prepare(batch)
+        sched = t.schedule(step)
+        for group in t.optimizer.param_groups:  # what the checkpoint records, as the eager step's
+            group["lr"] = sched["lr"]
+        t.optimizer.param_groups[0]["weight_decay"] = sched["weight_decay"]
+        values = torch.tensor([sched[k] for k in SCHEDULES], dtype=torch.float64)
+        on_cuda = t.device.type == "cuda"
+        self.schedule_values.copy_(values.pin_memory() if on_cuda else values, non_blocking=on_cuda)
+        if self.graph:
+            torch.compiler.cudagraph_mark_step_begin()
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            out = self.compiled(batch, t.frozen(step))
+        if self.graph:
+            out = out.clone()  # the graph's output memory is rewritten by the next replay
+        return dict(zip(("loss", "loss_global", "loss_query", "grad_norm"), out.unbind()))
+
+    def prepare(self, batch):
+        """AdamW's state for every parameter, and the host tables of the batch's layout."""
+        t = self.trainer
+        for p in t.student_params:
+            state = t.optimizer.state[p]
+            if not state:  # made at its first update in the eager step
+                state.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(p),
+                             exp_avg_sq=torch.zeros_like(p))
+            state["step"] = state["step"].to(p.device, torch.float32)  # an input on the device, like the rest
+        self.states = {frozen: [[t.optimizer.state[p][key] for p in params]
+                                for key in ("exp_avg", "exp_avg_sq", "step")]
+                       for frozen, params in self.params.items()}
+        for tensor in [self.schedule_values] + [x for lists in self.states[False] for x in lists]:
+            torch._dynamo.mark_static_address(tensor)  # a CUDA graph reads them in place
+        modes = [(m, m.training) for m in (t.student_module, t.teacher)]
+        globals_, queries, local = _inputs(t, batch)
+        with torch.no_grad(), t.autocast:
+            for model, _ in modes:
+                model.eval()  # no stochastic depth: the RNG is left as it was
+            t.teacher(globals_, queries, project=not t.fused_head_loss)
+            t.student(globals_, queries, local, project=not t.fused_head_loss)
+        for model, training in modes:
+            model.train(training)
+
+    def step(self, batch, frozen):
+        """The compiled step; returns (loss, loss_global, loss_query, grad_norm) stacked."""
+        t = self.trainer
+        lr, weight_decay, momentum, teacher_temp = self.schedule_values.unbind()
+        loss, loss_global, loss_query = _losses(t, batch, teacher_temp)
+        grads = list(torch.autograd.grad(loss, self.params[frozen]))
+        with torch.no_grad():
+            grad_norm = self.update(grads, frozen, lr, weight_decay, momentum)
+        return torch.stack([loss.detach(), loss_global.detach(), loss_query.detach(), grad_norm])
+
+    def update(self, grads, frozen, lr, weight_decay, momentum):
+        """Clip, AdamW, the teacher's EMA: foreach ops that compile into a few fused
+        kernels (no per-parameter fallback). Returns the gradients' norm before clipping."""
+        t, params = self.trainer, self.params[frozen]
+        grad_norm = clip_per_tensor_(grads, t.cfg.clip_grad)
+        torch._foreach_mul_(self.decayed[frozen], 1 - lr * weight_decay)
+        adamw_(params, grads, *self.states[frozen], lr, self.beta1, self.beta2, self.eps)
+        # The teacher's EMA as lerp computes it for a weight below 1/2, teacher +
+        # w (student - teacher), in three foreach ops: _foreach_lerp_ takes a tensor
+        # weight only as a list, which compiles to a fallback, one kernel per parameter.
+        delta = torch._foreach_sub(t.student_params, t.teacher_params)
+        torch._foreach_mul_(delta, (1 - momentum).float())
+        torch._foreach_add_(t.teacher_params, delta)
+        return grad_norm
+
+
+def adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps):
+    """Adam's update (weight decay is the caller's) with lr a tensor on the device, in
+    foreach ops that a compiler fuses: torch.optim's capturable formulation, each
+    parameter with its own step count."""
+    torch._foreach_add_(steps, 1)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    step_size = torch._foreach_pow(beta1, steps)
+    torch._foreach_sub_(step_size, 1)
+    torch._foreach_div_(step_size, lr)
+    torch._foreach_reciprocal_(step_size)  # lr / (beta1^t - 1): minus the step size
+    bias_correction2 = torch._foreach_pow(beta2, steps)
+    torch._foreach_neg_(bias_correction2)
+    torch._foreach_add_(bias_correction2, 1)
+    torch._foreach_sqrt_(bias_correction2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(denom, step_size)
+    torch._foreach_addcdiv_(params, exp_avgs, denom)
 
 
 # --------------------------------------------------------------------------- the run
@@ -250,7 +477,11 @@ class Logger:
     def __init__(self, out, enabled, start=0):
         self.enabled = enabled
         self.tty = sys.stderr.isatty()
-        self.file = open(os.path.join(out, "metrics.jsonl"), "a") if enabled else None
+        self.path = os.path.join(out, "metrics.jsonl")
+        try:
+            self.file = open(self.path, "a") if enabled else None
+        except OSError as error:
+            raise WriteError(why_not_written(self.path, error)) from None
         self.tb = None
         if enabled:
             try:
@@ -263,19 +494,30 @@ class Logger:
     def log(self, record, total_steps):
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as error:  # a full disk
+            raise WriteError(why_not_written(self.path, error)) from None
         if self.tb:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k.replace("/", "_per_"), v, record["step"])
-        line = (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} "
-                f"(global {record['loss_global']:.4f}, query {record['loss_query']:.4f}) | "
-                f"lr {record['lr']:.2e} | {record['images/s']:.1f} img/s | eta {_duration(record['eta_s'])}")
+        terms = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss_") and k != "loss_scale")
+        line = (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} ({terms}) | "
+                f"lr {record['lr']:.2e} | {record['images/s']:.1f} img/s | {record['tflops']:.3g} TFLOP/s")
+        if "mfu" in record:
+            line += f", MFU {100 * record['mfu']:.1f}%"
+        line += f" | eta {_duration(record['eta_s'])} | data {record['data_wait']:.0%}"
         if record["skipped_images"]:
             line += f" | {record['skipped_images']} unreadable images skipped"
         print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n",
               file=sys.stderr, flush=True)
+
+    def warn(self, text):
+        """A warning line between the progress lines (on a terminal, below the current one)."""
+        if self.enabled:
+            print(("\n" if self.tty else "") + "warning: " + text, file=sys.stderr, flush=True)
 
     def close(self):
         if self.enabled:
@@ -291,18 +533,48 @@ def _duration(seconds):
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def prepare_out(out, main):
-    """Make the run folder, or say in one line why it cannot be; drop a half-written checkpoint."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise SystemExit(f"error: --out {out} is a file, not a folder; choose another --out")
-    try:
-        os.makedirs(out, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as error:
-        raise SystemExit(f"error: --out {out} is not writable ({error.strerror or error}); choose another --out")
-    if not main:
-        return
-    # A kill while writing checkpoint.pt or a numbered snapshot; the file it was to replace is intact.
+@contextlib.contextmanager
+def claim_out(out, rank, world):
+    """Make the run folder and hold its lock for the block: the run's files are this run's.
+
+    Rank 0 takes the lock (the processes of one run share the folder) and checks that what
+    the run writes can be files, then tells the others, so that a refused run ends on every
+    process with the same one line. Then it drops a checkpoint a killed run was writing.
+    """
+    make_folder(out)
+    with contextlib.ExitStack() as held:
+        problem = None
+        if rank == 0:
+            try:
+                held.enter_context(folder_lock(out))
+                problem = _not_files(out)
+            except FolderInUse as error:
+                problem = f"--out {error}; wait for it to end, or choose another --out"
+            except WriteError as error:
+                problem = str(error)
+        if world > 1:
+            shared = [problem]
+            dist.broadcast_object_list(shared, src=0)
+            problem = shared[0]
+        if problem:
+            raise SystemExit(f"error: {problem}")
+        if rank == 0:
+            _drop_partial_checkpoints(out)
+        yield
+
+
+def _not_files(out):
+    """What is wrong when a file the run writes is a folder (or a device) in `out`, or None."""
+    for name in ("checkpoint.pt", "metrics.jsonl", "config.json"):
+        kind = not_a_file(os.path.join(out, name))
+        if kind:
+            return f"{os.path.join(out, name)} is {kind}, not a file; move it away, or choose another --out"
+    return None
+
+
+def _drop_partial_checkpoints(out):
+    """Remove what a run killed while writing checkpoint.pt or a numbered snapshot left; the
+    file it was to replace is intact."""
     for name in sorted(os.listdir(out)):
         if re.fullmatch(r"checkpoint(\d+)?\.pt\.tmp", name):
             stale = os.path.join(out, name)
@@ -324,9 +596,7 @@ def drop_records_after(metrics, step):
         except (ValueError, KeyError, TypeError):  # a line cut short by a kill
             pass
     if len(kept) < len(lines):
-        with open(metrics + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(metrics + ".tmp", metrics)
+        write_atomically(metrics, lambda f: f.write("".join(kept).encode()))
 
 
 def check_backend(cfg, device):
@@ -349,21 +619,31 @@ START_OVER = "remove it to start over, or choose another --out"
 def train(cfg):
     """The full run; resumes from OUT/checkpoint.pt when it exists. Returns the final step.
 
-    A bad config raises ValueError; what a user must fix (the data, --out, a corrupt
-    checkpoint, a run with other settings in --out) raises SystemExit with one line.
+    The run holds a lock on --out from start to end: a second run there is refused. A bad
+    config raises ValueError; what a user must fix (the data, --out, a corrupt checkpoint,
+    a run with other settings in --out, another run in it) raises SystemExit with one line;
+    a file the system will not let it write (a full disk), WriteError naming the file.
     """
     errors = config_errors(cfg)
     if errors:
         raise ValueError("invalid config: " + "; ".join(errors))
     rank, world, device = setup_distributed(cfg)
-    main = rank == 0
+    problem = whole_step_error(cfg, device, world > 1)
+    if problem:
+        raise SystemExit(f"error: {problem}")
     check_backend(cfg, device)
-    prepare_out(cfg.out, main)
+    with claim_out(cfg.out, rank, world):
+        return _train(cfg, rank, world, device)
+
+
+def _train(cfg, rank, world, device):
+    """`train` in its claimed run folder."""
+    main = rank == 0
     path = os.path.join(cfg.out, "checkpoint.pt")
     checkpoint = _open_checkpoint(cfg, path)
     start = 0 if checkpoint is None else checkpoint["step"]
     images = _open_images(cfg, world)
-    loader, steps_per_epoch = train_loader(cfg, rank, world, start, images)
+    loader, steps_per_epoch = train_loader(cfg, rank, world, start, images, _decode_mode(cfg, device))
     data = iter(loader)  # draws from the global RNG: before seeding, so that a resume replays exactly
     trainer = build(cfg, device, steps_per_epoch)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # augmentations differ between processes
@@ -377,7 +657,7 @@ def train(cfg):
         if main:
             print(f"nothing to do: {path} is already at step {start} of {total}", file=sys.stderr)
         return start
-    Run(trainer, path, rank, world, start, images).steps(data)
+    Run(trainer, path, rank, world, start, loader).steps(data)
     if main:
         print(f"done: {total} steps, checkpoint {path}", file=sys.stderr)
     return total
@@ -411,20 +691,35 @@ def _open_images(cfg, world):
     return images
 
 
+def _decode_mode(cfg, device):
+    try:
+        return decode_mode(cfg.decode, device)
+    except ValueError as error:  # --decode gpu without a CUDA device or torchvision for it
+        raise SystemExit(f"error: --decode {cfg.decode}: {error}") from None
+
+
 def _resume(trainer, checkpoint, path, rank, world):
     try:
         restore(trainer, checkpoint, path)
     except CheckpointError as error:  # names or shapes not the config's model
         raise SystemExit(f"error: {error}; {START_OVER}") from None
     if len(checkpoint["rng"]) == world:
-        set_rng_states(checkpoint["rng"][rank])
+        try:
+            set_rng_states(checkpoint["rng"][rank])
+        except (RuntimeError, TypeError) as error:  # a CUDA state this machine's generators do not take
+            raise SystemExit(f"error: {path}: its RNG state does not fit this machine ({error}); "
+                             f"{START_OVER}") from None
+
+
+COMPILED = {"off": "off", "on": "on (student and teacher)", "step": "step (the whole step, one graph)",
+            "graph": "graph (the whole step, replayed as a CUDA graph)"}
 
 
 def _announce(trainer, world, start):
     """The run's first lines on stderr, and OUT/config.json."""
     cfg, total, steps_per_epoch = trainer.cfg, trainer.total_steps, trainer.steps_per_epoch
     print(f"adclr train: {world} process(es) on {trainer.device}, {steps_per_epoch} steps/epoch, "
-          f"{total} steps, torch.compile {'on' if trainer.compiled else 'off'}"
+          f"{total} steps, torch.compile {COMPILED[trainer.compile]}"
           + (f", resuming at step {start}" if start else ""), file=sys.stderr)
     print("config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr)
     write_json_atomically(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
@@ -437,30 +732,60 @@ def _announce(trainer, world, start):
                   f"{total}-step run", file=sys.stderr)
 
 
+def mfu_peak(trainer):
+    """(the peak TFLOP/s that MFU is a fraction of, or None; a note to print once, or None).
+
+    --peak-tflops when given; else on CUDA the dense bf16 peak of a known device
+    (adclr.flops), which bf16 and fp16 steps run at. No MFU on CPU, for fp32 on CUDA
+    (TF32 and FP32 peaks differ) or on a device missing from the table; the last two
+    say so once.
+    """
+    if trainer.cfg.peak_tflops:
+        return trainer.cfg.peak_tflops, None
+    if trainer.device.type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(trainer.device)
+    peak = peak_tflops(name) if trainer.precision != "fp32" else None
+    if peak is None:
+        why = "fp32 steps" if trainer.precision == "fp32" else name
+        return None, f"note: no known peak for {why}: metrics.jsonl logs tflops, not mfu; pass --peak-tflops for MFU"
+    return peak, None
+
+
 class Run:
     """The step loop and what it keeps between steps: the steps done, the last step whose
-    loss was checked finite, the step of checkpoint.pt, and the throughput since the last
-    log line. The logging, the checkpoints and the interrupt path read the same numbers.
+    loss was checked finite, the step of checkpoint.pt, and the throughput and the time
+    spent waiting for data since the last log line. The logging, the checkpoints and the
+    interrupt path read the same numbers.
     """
 
-    def __init__(self, trainer, path, rank, world, start, images):
+    def __init__(self, trainer, path, rank, world, start, loader):
         self.trainer, self.cfg, self.path = trainer, trainer.cfg, path
         self.world, self.main = world, rank == 0
+        self.crops, self.workers = DeviceCrops(loader.dataset, trainer.device), loader.num_workers
         self.augment = Augment().to(trainer.device)
         if self.main:
             drop_records_after(os.path.join(self.cfg.out, "metrics.jsonl"), start)
         self.logger = Logger(self.cfg.out, self.main, start)
-        self.images, self.warned, self.skipped = images, set(), 0  # warned: unreadable files already reported
+        self.images, self.warned, self.skipped = loader.dataset.base, set(), 0  # warned: unreadable files already reported
         self.bad = torch.zeros((), dtype=torch.bool, device=trainer.device)  # any loss not finite, on the device
         self.completed = self.last_good = self.saved = start  # saved: the step of checkpoint.pt, 0 = none
         self.in_step = False
         self.t0, self.images_since = time.perf_counter(), 0
+        self.data_wait, self.intervals, self.wait_warned = 0.0, 0, False  # data_wait: seconds in next(data)
+        self.flops = step_flops(self.cfg, self.cfg.batch_size // world)[0]  # one process's share
+        self.peak, note = mfu_peak(trainer)
+        if note and self.main:
+            print(note, file=sys.stderr)
 
     def steps(self, data):
         """Run the remaining steps on the batches of `data`; on an interrupt, keep what was done."""
         try:
             for step in range(self.completed, self.trainer.total_steps):
-                self.step(next(data), step)
+                asked = time.perf_counter()
+                raw = next(data)
+                self.data_wait += time.perf_counter() - asked
+                self.step(raw, step)
         except KeyboardInterrupt:
             self.save_interrupted()
             raise
@@ -484,13 +809,26 @@ class Run:
             self.checkpoint(done, snapshot)
 
     def to_device(self, raw):
-        """A loader batch on the device, once the files it skipped are counted and reported."""
-        first, skips = raw.pop("index"), raw.pop("skipped")
+        """A loader batch's uint8 crops on the device, once the files it skipped are counted
+        and reported (after the crops: a file the GPU decode falls back on may add some)."""
+        crops = self.crops(raw)
+        first, skips, readable = raw["index"], raw["skipped"], raw["readable"]
+        if not readable.all():
+            self.stop_unreadable(int(first[~readable][0]), int(skips[~readable][0]))
         if skips.any():
             self.skipped += int(skips.sum())
             for i, n in zip(first[skips > 0].tolist(), skips[skips > 0].tolist()):
                 warn_unreadable(self.images, range(i, i + n), self.warned)
-        return {k: v.to(self.trainer.device, non_blocking=True) for k, v in raw.items()}
+        return crops
+
+    def stop_unreadable(self, first, count):
+        """Stop with one line: `count` files of --data from index `first` on cannot be read."""
+        images, first = self.images, first % len(self.images)
+        path = images.samples[first][0]
+        what = (f"none of its {count} images can be read, e.g." if count == len(images) else
+                f"{count} images in a row cannot be read, from")
+        raise SystemExit(f"error: --data {self.cfg.data}: {what} {path} ({images.error(first)}); "
+                         "is it a folder of images?")
 
     def log(self, done, metrics):
         """The record of the run after `done` steps: losses, schedules, throughput."""
@@ -498,15 +836,33 @@ class Run:
         elapsed = time.perf_counter() - self.t0
         t, cfg = self.trainer, self.cfg
         sched = t.schedule(done - 1)  # the values the last step used
+        steps = self.images_since / cfg.batch_size
+        tflops = self.flops * steps / elapsed / 1e12  # per process, as the peak is per device
         record = {"step": done, "epoch": round(done / t.steps_per_epoch, 4),
                   **{k: v.item() for k, v in metrics.items()},
                   "lr": sched["lr"], "weight_decay": sched["weight_decay"],
                   "momentum": sched["momentum"], "teacher_temp": sched["teacher_temp"],
-                  "images/s": self.images_since / elapsed, "skipped_images": self.skipped,
+                  "images/s": self.images_since / elapsed, "tflops": tflops,
+                  **({"mfu": tflops / self.peak} if self.peak else {}),
+                  "skipped_images": self.skipped, "data_wait": self.data_wait / elapsed,
                   **({"loss_scale": t.scaler.get_scale()} if t.scaler else {}),
-                  "eta_s": (t.total_steps - done) * elapsed / (self.images_since / cfg.batch_size)}
+                  "eta_s": (t.total_steps - done) * elapsed / steps}
+        self.warn_data_wait(record["data_wait"], done)
         self.logger.log(record, t.total_steps)
-        self.t0, self.images_since = time.perf_counter(), 0
+        self.t0, self.images_since, self.data_wait = time.perf_counter(), 0, 0.0
+
+    def warn_data_wait(self, share, done):
+        """Say once when the step waited for data more than 10% of an interval. Not of the
+        first: the workers' start and the first step's compilation fall in it."""
+        self.intervals += 1
+        if share <= 0.1 or self.intervals == 1 or self.wait_warned:
+            return
+        self.wait_warned = True
+        hints = [f"more loader workers (--num-workers; {self.workers} now)"]
+        if self.trainer.device.type == "cuda" and self.crops.mode != "gpu":
+            hints.append("--decode " + ("cpu" if self.crops.mode == "pillow" else "gpu"))
+        self.logger.warn(f"the steps up to {done} waited for data {share:.0%} of the time "
+                         f"(--decode {self.crops.mode}); {' or '.join(hints)} would feed them faster")
 
     def checkpoint(self, done, snapshot):
         """Write checkpoint.pt at step `done` (every process's RNG state in it), and the
@@ -514,7 +870,12 @@ class Run:
         self.check_finite(done)
         rng = all_rng_states(self.world)
         if self.main:
-            save_checkpoint(self.trainer, self.path, done, rng)
+            try:
+                save_checkpoint(self.trainer, self.path, done, rng)
+            except WriteError as error:  # a full disk: the previous checkpoint.pt is whole
+                kept = (f"{self.path} still holds step {self.saved}; make room, then rerun the same command to "
+                        "resume from it" if self.saved else "no checkpoint was written yet; make room, then rerun")
+                raise WriteError(f"{error}; {kept}") from None
         self.saved = done
         if snapshot and self.main:  # a numbered copy that later checkpoints do not replace
             epochs = done // self.trainer.steps_per_epoch

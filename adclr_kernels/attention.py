@@ -97,7 +97,7 @@ _BATCHED = {
 
 def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_prefix=False,
                              query_sees_self=False, query_sees_queries=False, scale=None,
-                             backend="auto"):
+                             backend="auto", return_prefix_probs=False):
     """ADCLR unidirectional attention over `[P prefix | N raw | Q query]` tokens.
 
     Prefix and raw rows attend to prefix and raw columns only, so query tokens never
@@ -113,17 +113,26 @@ def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_p
             rows see (query_sees_queries implies query_sees_self).
         scale: score scale, default head_dim ** -0.5.
         backend: "auto", "triton", "reference", "sdpa", "flex" or "xformers".
+        return_prefix_probs: also return the attention weights of the P prefix rows.
 
     Returns:
-        (batch, heads, seq, head_dim) tensor in q's dtype.
+        (batch, heads, seq, head_dim) tensor in q's dtype; with return_prefix_probs,
+        (that, prefix_probs): (batch, heads, P, key_len) float32 (float64 for float64
+        inputs), each row summing to 1 over the visible columns, 0 over the query
+        columns. Exact, with a gradient: the Triton backend normalises the P rows' scores
+        with the forward's own logsumexp, and runs nothing more without the option.
     """
     scale, mask = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
                                query_sees_self, query_sees_queries, scale)
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     backend = resolve(backend, q, requires_grad=requires_grad)
     if backend == "triton":
-        return triton_attention(q, k, v, num_queries, num_prefix, mask, scale)
-    return _BATCHED[backend](q, k, v, num_queries, num_prefix, mask, scale)
+        return triton_attention(q, k, v, num_queries, num_prefix, mask, scale,
+                                prefix_probs=return_prefix_probs)
+    out = _BATCHED[backend](q, k, v, num_queries, num_prefix, mask, scale)
+    if return_prefix_probs:
+        return out, attention_torch.prefix_probs(q, k, num_queries, num_prefix, scale)
+    return out
 
 
 def _check_qkv(qkv, layout):
@@ -137,7 +146,7 @@ def _check_qkv(qkv, layout):
 
 def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_sees_prefix=False,
                                        query_sees_self=False, query_sees_queries=False,
-                                       scale=None, backend="auto"):
+                                       scale=None, backend="auto", return_prefix_probs=False):
     """`unidirectional_attention` on the output of one qkv projection, as a ViT makes it.
 
     Args:
@@ -148,7 +157,8 @@ def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_
     Returns:
         (batch, seq, heads, head_dim), so `.reshape(batch, seq, -1)` is free. With the
         Triton backend the gradient reaches qkv as one tensor written by the kernel:
-        autograd stacks and copies nothing.
+        autograd stacks and copies nothing. With return_prefix_probs, (that,
+        prefix_probs) as in `unidirectional_attention`.
     """
     _check_qkv(qkv, ("batch", "seq"))
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -156,8 +166,12 @@ def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_
                                query_sees_self, query_sees_queries, scale)
     backend = resolve(backend, q, requires_grad=torch.is_grad_enabled() and qkv.requires_grad)
     if backend == "triton":
-        return triton_qkvpacked_attention(qkv, num_queries, num_prefix, mask, scale)
-    return _BATCHED[backend](q, k, v, num_queries, num_prefix, mask, scale).transpose(1, 2)
+        return triton_qkvpacked_attention(qkv, num_queries, num_prefix, mask, scale,
+                                          prefix_probs=return_prefix_probs)
+    out = _BATCHED[backend](q, k, v, num_queries, num_prefix, mask, scale).transpose(1, 2)
+    if return_prefix_probs:
+        return out, attention_torch.prefix_probs(q, k, num_queries, num_prefix, scale)
+    return out
 
 
 def _check_device_offsets(cu_seqlens, queries, total_tokens, num_prefix, mask):
@@ -264,22 +278,26 @@ def _device_checked(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
     return cu_seqlens, queries, max_seqlen, None, None
 
 
-def _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale):
+def _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale, prefix_probs=False):
     """A PyTorch backend over packed sequences (host offsets needed: one sync if not known)."""
     if layout is None:
         cu_seqlens, queries = tables[:2]
         layout = VarlenLayout.from_offsets(cu_seqlens.tolist(), queries.tolist(), q.device)
     bounds, queries = layout.bounds(), layout.queries
     if backend == "flex":
-        return attention_torch.flex_varlen_attention(q, k, v, bounds, queries, num_prefix, mask, scale)
-    return attention_torch.varlen_per_sequence(_BATCHED[backend], q, k, v, bounds, queries,
-                                               num_prefix, mask, scale)
+        out = attention_torch.flex_varlen_attention(q, k, v, bounds, queries, num_prefix, mask, scale)
+    else:
+        out = attention_torch.varlen_per_sequence(_BATCHED[backend], q, k, v, bounds, queries,
+                                                  num_prefix, mask, scale)
+    if prefix_probs:
+        return out, attention_torch.varlen_prefix_probs(q, k, bounds, queries, num_prefix, scale)
+    return out
 
 
 def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries=None, num_prefix=1, *,
                                     query_sees_prefix=False, query_sees_self=False,
                                     query_sees_queries=False, scale=None, max_seqlen=None,
-                                    backend="auto"):
+                                    backend="auto", return_prefix_probs=False):
     """Unidirectional attention over sequences packed back to back (FlashAttention varlen).
 
     Args:
@@ -297,7 +315,9 @@ def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries=None, num_p
         Other arguments as in `unidirectional_attention`. No token attends across sequences.
 
     Returns:
-        (total_tokens, heads, head_dim) tensor in q's dtype.
+        (total_tokens, heads, head_dim) tensor in q's dtype; with return_prefix_probs,
+        (that, prefix_probs): (heads, P, total_tokens), column j holding the weight that
+        the prefix rows of token j's own sequence give it (as in `unidirectional_attention`).
     """
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
@@ -307,17 +327,19 @@ def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries=None, num_p
     requires_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     backend = resolve(backend, q, requires_grad=requires_grad)
     if backend == "triton":
-        return triton_attention(q, k, v, 0, num_prefix, mask, scale, varlen=tables)
-    return _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale)
+        return triton_attention(q, k, v, 0, num_prefix, mask, scale, varlen=tables,
+                                prefix_probs=return_prefix_probs)
+    return _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale, return_prefix_probs)
 
 
 def unidirectional_attention_varlen_qkvpacked(qkv, cu_seqlens, num_queries=None, num_prefix=1, *,
                                               query_sees_prefix=False, query_sees_self=False,
                                               query_sees_queries=False, scale=None,
-                                              max_seqlen=None, backend="auto"):
+                                              max_seqlen=None, backend="auto", return_prefix_probs=False):
     """`unidirectional_attention_varlen` on a packed qkv projection (total_tokens, 3, heads,
-    head_dim). Returns (total_tokens, heads, head_dim); with the Triton backend the
-    gradient reaches qkv as one tensor written by the kernel."""
+    head_dim). Returns (total_tokens, heads, head_dim) (and the prefix probabilities with
+    return_prefix_probs); with the Triton backend the gradient reaches qkv as one tensor
+    written by the kernel."""
     _check_qkv(qkv, ("total_tokens",))
     q, k, v = qkv.unbind(1)
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
@@ -327,5 +349,6 @@ def unidirectional_attention_varlen_qkvpacked(qkv, cu_seqlens, num_queries=None,
         query_sees_queries, scale, max_seqlen)
     backend = resolve(backend, q, requires_grad=torch.is_grad_enabled() and qkv.requires_grad)
     if backend == "triton":
-        return triton_qkvpacked_attention(qkv, 0, num_prefix, mask, scale, varlen=tables)
-    return _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale)
+        return triton_qkvpacked_attention(qkv, 0, num_prefix, mask, scale, varlen=tables,
+                                          prefix_probs=return_prefix_probs)
+    return _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale, return_prefix_probs)

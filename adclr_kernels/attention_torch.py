@@ -74,46 +74,71 @@ def reference_attention(q, k, v, num_queries, num_prefix, mask=QueryMask(), scal
     return torch.cat([raw, attend(torch.softmax(s, -1), values)], -2)
 
 
-def _two_calls(attend, q, k, v, num_queries, num_prefix, mask):
+def prefix_probs(q, k, num_queries, num_prefix, scale=None):
+    """The attention weights of the P prefix rows: (batch, heads, P, key_len), in fp32
+    (float64 for float64 inputs). Prefix rows see the visible columns only, whatever the
+    query options; the query columns get 0."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    visible = q.shape[-2] - num_queries
+    wide = torch.promote_types(q.dtype, torch.float32)
+    scores = (q[..., :num_prefix, :].to(wide) @ k[..., :visible, :].to(wide).transpose(-2, -1)) * scale
+    return F.pad(torch.softmax(scores, -1), (0, k.shape[-2] - visible))
+
+
+def _two_calls(attend, q, k, v, num_queries, num_prefix, mask, scale):
     """Raw rows over the visible keys, then query rows over just the keys they see.
 
-    attend(q, k, v, allowed) computes one attention; `allowed` is a boolean mask, or
-    None where every key is seen (only `sees_self` without `sees_queries` needs one: a
-    diagonal).
+    attend(q, k, v) computes one attention without a mask: a masked probability of 0
+    times a NaN or inf value is NaN, so no row is ever given a column it does not see.
+    With sees_self alone, a query row's own column joins by its softmax weight
+    (`_join_own_column`) rather than through a diagonal mask over the query keys.
     """
     visible = q.shape[-2] - num_queries
-    raw = attend(q[..., :visible, :], k[..., :visible, :], v[..., :visible, :], None)
+    raw = q[..., :0, :]  # no raw rows (P = N = 0): kernels such as flex reject empty calls
+    if visible:
+        raw = attend(q[..., :visible, :], k[..., :visible, :], v[..., :visible, :])
     if num_queries == 0:
         return raw
     first = 0 if mask.sees_prefix else num_prefix
-    last = k.shape[-2] if mask.sees_self else visible
-    allowed = None
-    if mask.sees_self and not mask.sees_queries:
-        allowed = mask.matrix(q.shape[-2], last, num_queries, num_prefix, q.device)[visible:, first:]
-    query = attend(q[..., visible:, :], k[..., first:last, :], v[..., first:last, :], allowed)
+    q_query = q[..., visible:, :]
+    if mask.sees_queries:
+        query = attend(q_query, k[..., first:, :], v[..., first:, :])
+    elif mask.sees_self:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        query = _join_own_column(attend, q_query, k[..., first:visible, :], v[..., first:visible, :],
+                                 k[..., visible:, :], v[..., visible:, :], scale)
+    else:
+        query = attend(q_query, k[..., first:visible, :], v[..., first:visible, :])
     return torch.cat([raw, query], -2)
+
+
+def _join_own_column(attend, q, k, v, k_own, v_own, scale):
+    """Attention of rows q over columns k, v plus, for row i, one more column (k_own[i],
+    v_own[i]): attend's result over k, v and the own value, weighted by the share of the
+    softmax each takes. The logsumexp over k is recomputed from the scores (query rows:
+    a few), in fp32 as the kernels keep it."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    own = (q.to(wide) * k_own.to(wide)).sum(-1, keepdim=True) * scale
+    if k.shape[-2] == 0:  # the row sees only its own column
+        lse, others = torch.full_like(own, float("-inf")), 0.0
+    else:
+        lse = torch.logsumexp((q.to(wide) @ k.to(wide).transpose(-2, -1)) * scale, -1, keepdim=True)
+        others = attend(q, k, v).to(wide)
+    # sigmoid(a - b) = e^a / (e^a + e^b): each part's share, without 1 - w cancelling.
+    out = torch.sigmoid(lse - own) * others + torch.sigmoid(own - lse) * v_own.to(wide)
+    return out.to(v.dtype)
 
 
 def sdpa_attention(q, k, v, num_queries, num_prefix, mask=QueryMask(), scale=None):
     """Two `F.scaled_dot_product_attention` calls, concatenated.
 
-    The raw part is unmasked so that PyTorch may pick its flash kernel; the query part
-    runs over just the columns it can see.
+    Neither call is masked, so PyTorch may pick its flash kernel for both; the query
+    part runs over just the columns it can see.
     """
-    def attend(qq, kk, vv, allowed):
-        return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=allowed, scale=scale)
+    def attend(qq, kk, vv):
+        return F.scaled_dot_product_attention(qq, kk, vv, scale=scale)
 
-    return _two_calls(attend, q, k, v, num_queries, num_prefix, mask)
-
-
-@functools.lru_cache(maxsize=64)
-def _flex_block_mask(seq_len, key_len, num_queries, num_prefix, mask, device):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(b, h, i, j):
-        return mask.sees(i, j, seq_len - num_queries, num_prefix)
-
-    return create_block_mask(mask_mod, None, None, seq_len, key_len, device=device)
+    return _two_calls(attend, q, k, v, num_queries, num_prefix, mask, scale)
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,69 +149,44 @@ def _compiled_flex():
 
 
 def flex_attention(q, k, v, num_queries, num_prefix, mask=QueryMask(), scale=None):
-    """FlexAttention with the mask as a mask_mod; the BlockMask is cached per shape.
+    """FlexAttention, as two unmasked calls like `sdpa` (compiled on CUDA, the only way
+    flex is fast; eager on CPU, where PyTorch offers no flex backward).
 
-    Compiled on CUDA (the only way flex is fast); eager on CPU, where PyTorch offers
-    no flex backward. Flex multiplies masked probabilities (0) by their values, so a
-    NaN or inf in a value the row may not see would still reach it: keys are cut to
-    the visible ones when no option needs the query keys, and otherwise raw and query
-    rows run as two calls, as `sdpa` does.
+    Not one call with the rule as a mask_mod: flex multiplies masked probabilities (0)
+    by their values, so a NaN or inf in a prefix or query value would reach rows that do
+    not see it.
     """
-    if q.shape[-2] == 0 or q.shape[0] == 0:
-        # Nothing to attend (flex rejects empty inputs); keep the graph to q, k and v.
+    if q.numel() == 0 or k.numel() == 0:
+        # Nothing to attend (flex rejects empty inputs, and no heads or no batch divides
+        # by zero in its block mask); keep the graph to q, k and v.
         return q * 0 + (k.sum() + v.sum()) * 0
-    visible = q.shape[-2] - num_queries
-    if num_queries and mask.sees_self:
-        def attend(qq, kk, vv, allowed):
-            mask = None
-            if allowed is not None:
-                mask = _flex_block_mask_from(allowed)
-            return _flex_call(qq, kk, vv, mask, scale)
 
-        return _two_calls(attend, q, k, v, num_queries, num_prefix, mask)
-    k, v = k[..., :visible, :], v[..., :visible, :]
-    block_mask = _flex_block_mask(q.shape[-2], visible, num_queries, num_prefix,
-                                  QueryMask(sees_prefix=mask.sees_prefix), str(q.device))
-    return _flex_call(q, k, v, block_mask, scale)
+    def attend(qq, kk, vv):
+        return _flex_call(qq, kk, vv, scale)
+
+    return _two_calls(attend, q, k, v, num_queries, num_prefix, mask, scale)
 
 
-def _flex_call(q, k, v, block_mask, scale):
+def _flex_call(q, k, v, scale):
     from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
     if q.is_cuda:
-        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale)
+        return _compiled_flex()(q, k, v, scale=scale)
     # CPU flex is forward-only and rejects inputs that require grad even under no_grad.
-    return eager_flex(*(t.detach() for t in (q, k, v)), block_mask=block_mask, scale=scale)
-
-
-def _flex_block_mask_from(allowed):
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(b, h, i, j):
-        return allowed[i, j]
-
-    return create_block_mask(mask_mod, None, None, *allowed.shape, device=str(allowed.device))
+    return eager_flex(*(t.detach() for t in (q, k, v)), scale=scale)
 
 
 def xformers_attention(q, k, v, num_queries, num_prefix, mask=QueryMask(), scale=None):
     """xformers memory-efficient attention, two calls like `sdpa` (CUDA only)."""
     import xformers.ops as xops
 
-    def attend(qq, kk, vv, allowed):
-        bias = None
-        if allowed is not None:
-            # xformers reads tensor biases with 16-byte aligned rows: pad, then slice.
-            rows, cols = allowed.shape
-            padded = torch.zeros(*qq.shape[:2], rows, (cols + 7) // 8 * 8, dtype=qq.dtype,
-                                 device=qq.device)
-            padded[..., :cols].masked_fill_(~allowed, float("-inf"))
-            bias = padded[..., :cols]
+    def attend(qq, kk, vv):
         # xformers wants (batch, seq, heads, head_dim).
         out = xops.memory_efficient_attention(qq.transpose(1, 2), kk.transpose(1, 2),
-                                              vv.transpose(1, 2), attn_bias=bias, scale=scale)
+                                              vv.transpose(1, 2), scale=scale)
         return out.transpose(1, 2)
 
-    return _two_calls(attend, q, k, v, num_queries, num_prefix, mask)
+    return _two_calls(attend, q, k, v, num_queries, num_prefix, mask, scale)
 
 
 # ----------------------------------------------------------------------------------------
@@ -214,3 +214,13 @@ def flex_varlen_attention(q, k, v, bounds, num_queries, num_prefix, mask=QueryMa
     mask would let a NaN or inf in one sequence's values reach rows of another that
     share a block (flex multiplies masked probabilities by their values)."""
     return varlen_per_sequence(flex_attention, q, k, v, bounds, num_queries, num_prefix, mask, scale)
+
+
+def varlen_prefix_probs(q, k, bounds, num_queries, num_prefix, scale=None):
+    """`prefix_probs` of packed sequences: (heads, P, total_tokens), column j holding the
+    weight of its own sequence's prefix rows."""
+    probs = [prefix_probs(q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None], nq,
+                          num_prefix, scale)[0] for (start, end), nq in zip(bounds, num_queries)]
+    if not probs:
+        return q.new_zeros(q.shape[1], num_prefix, 0, dtype=torch.promote_types(q.dtype, torch.float32))
+    return torch.cat(probs, -1)

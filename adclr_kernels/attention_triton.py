@@ -12,8 +12,8 @@ One launch handles raw and query rows together. A row block walks at most two co
 ranges, each only over tiles it can see:
   1. the visible columns [lo, V), where lo = P for a block of query rows only when
      they do not see the prefix (the prefix tiles are skipped, not masked);
-  2. the query columns: all of [V, L) with SEES_QUERIES, just the diagonal block with
-     SEES_SELF, nothing otherwise.
+  2. the query columns [V, L) with SEES_QUERIES; with SEES_SELF alone, each query row's
+     own column, row by row (no tile).
 Scores are kept in base 2 (the scale is folded with log2(e)) so the softmax uses exp2;
 the saved logsumexp is in the same units and is only read by this file's backward.
 
@@ -26,6 +26,7 @@ reproducible.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -43,39 +44,30 @@ Tensor = torch.Tensor
 # ----------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _sees(r, c, seq_len, col_end, visible, num_prefix,
-          SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr, SEES_QUERIES: tl.constexpr):
-    """Mask rule on broadcastable row indices r and column indices c (any orientation).
-
-    col_end bounds the column range being walked, so a tile that straddles V is not
-    counted by both ranges.
-    """
-    query_row = r >= visible
-    if SEES_PREFIX:
-        sees_visible = c < visible
-    else:
-        sees_visible = (c < visible) & ((r < visible) | (c >= num_prefix))
-    if SEES_QUERIES:
-        sees = sees_visible | (query_row & (c >= visible))
-    elif SEES_SELF:
-        sees = sees_visible | (query_row & (c == r))
-    else:
-        sees = sees_visible & (r >= 0)
-    return sees & (c < col_end) & (r < seq_len)
+# What a row cannot see cannot reach it: a NaN or inf in a column a row does not attend
+# to leaves that row as a finite value there would. A probability of 0 is not enough for
+# that (0 x NaN is NaN inside a product), so no product pairs a row with a value, key or
+# query it does not see:
+# - forward and dQ (a row sums over columns): a tile is walked only by rows that all see
+#   its columns, or its result is put back for those that see none (raw rows around the
+#   query-key tiles). The prefix columns of a block holding raw and query rows, and a
+#   query row's own column under SEES_SELF, are walked row by row (no tile).
+# - dK, dV (a column sums over rows): the rows are walked in at most two passes, each of
+#   rows that see the same columns of the block; after a pass the columns its rows do not
+#   see are set back (a column's products only reach its own row of dK and dV).
+# Interior tiles, seen whole by every row of the block, pay nothing for any of this, and
+# nothing but the tensor-core products writes an accumulator inside a tile loop (ptxas
+# serializes every wgmma of a kernel that does).
 
 
 # Which mask a tile loop applies (a constexpr, so each loop is compiled for its case).
 NO_MASK = tl.constexpr(0)      # every (row, column) of every tile is seen
 COLUMN_MASK = tl.constexpr(1)  # columns past the range end are not (the last, partial tile)
-FULL_MASK = tl.constexpr(2)    # the whole rule, row by row (_sees)
 
 
 @triton.jit
-def _program(num_blocks, num_heads, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
-             NUM_QUERIES, TILES, VARLEN: tl.constexpr, TILED: tl.constexpr):
+def _program(num_blocks, num_heads, num_seqs, seq_len, key_len, visible, total_tokens,
+             CU_SEQLENS, NUM_QUERIES, TILES, VARLEN: tl.constexpr, TILED: tl.constexpr):
     """(block, b, h, first token, seq_len, key_len, visible) of this program.
 
     - batched: the grid is 1-D with the block index fastest, so the programs of one
@@ -84,15 +76,18 @@ def _program(num_blocks, num_heads, seq_len, key_len, visible, total_tokens, CU_
       block) that has work, heads outermost; no program is empty.
     - packed from cu_seqlens alone: as batched, up to the caller's max_seqlen (checked on
       the device against the offsets).
-    Offsets read from memory are clamped into [0, total_tokens], so no cu_seqlens or
-    num_queries, however wrong, moves a load or store outside the tensors.
+    What is read from memory is clamped: offsets into [0, total_tokens], a tile's sequence
+    into [0, num_seqs) and its block into [0, tiles) (no sequence has more blocks than the
+    table has tiles; a block past its sequence's end has no rows). So no cu_seqlens,
+    num_queries or tile table, however wrong or edited, moves a load or store outside the
+    tensors.
     """
     pid = tl.program_id(0)
     if TILED:
         tile = pid % num_blocks
         h = pid // num_blocks
-        b = tl.load(TILES + 2 * tile)
-        block = tl.load(TILES + 2 * tile + 1)
+        b = tl.minimum(tl.maximum(tl.load(TILES + 2 * tile), 0), num_seqs - 1)
+        block = tl.minimum(tl.maximum(tl.load(TILES + 2 * tile + 1), 0), num_blocks - 1)
     else:
         block = pid % num_blocks
         pid_bh = pid // num_blocks
@@ -109,54 +104,39 @@ def _program(num_blocks, num_heads, seq_len, key_len, visible, total_tokens, CU_
 
 @triton.jit
 def _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M: tl.constexpr,
-                SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr, SEES_QUERIES: tl.constexpr):
-    """Column ranges [lo1, hi1) (visible keys) and [lo2, hi2) (query keys) for rows m0.."""
-    m1 = m0 + BLOCK_M
+                SEES_PREFIX: tl.constexpr, SEES_QUERIES: tl.constexpr):
+    """Column ranges [lo1, hi1) (visible keys) and [lo2, hi2) (query keys, with
+    SEES_QUERIES) the tiles of row block m0.. walk, and the prefix columns [0, p_hi) its
+    raw rows walk row by row.
+
+    Without SEES_PREFIX a block holding query rows starts its tiles past the prefix; if
+    it also holds raw rows, they take the prefix columns one by one (CLS and registers:
+    a few). With SEES_SELF alone a query row's own column is added row by row too.
+    """
     lo1 = m0 * 0
     hi1 = visible
     if not SEES_PREFIX:
-        if m0 >= visible:
+        if (m0 + BLOCK_M > visible) & (visible < seq_len):
             lo1 = num_prefix
+    p_hi = m0 * 0
+    if m0 < visible:
+        p_hi = lo1
     lo2 = visible
     hi2 = visible
-    if m1 > visible:
-        if SEES_QUERIES:
+    if SEES_QUERIES:
+        if m0 + BLOCK_M > visible:
             hi2 = key_len
-        elif SEES_SELF:
-            lo2 = tl.maximum(m0, visible)
-            hi2 = tl.minimum(m1, key_len)
     if m0 >= seq_len:  # a row block past the end of a shorter packed sequence
         hi1 = lo1
         hi2 = lo2
-    return lo1, hi1, lo2, hi2
+        p_hi = m0 * 0
+    return lo1, hi1, lo2, hi2, p_hi
 
 
 @triton.jit
-def _column_splits(m0, seq_len, visible, num_prefix, lo, hi, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, SEES_PREFIX: tl.constexpr):
-    """Split the visible columns [lo, hi) a row block walks by the mask they need.
-
-    Returns c1, c2: [lo, c1) the prefix tiles of a block that holds raw and query rows
-    (raw rows see the prefix, query rows do not: the full rule); [c1, c2) whole tiles
-    every row sees (no mask); [c2, hi) the last, partial tile (a column bound only).
-    A block of query rows alone starts past the prefix (lo = P) and needs no rule.
-    """
-    c1 = lo
-    if not SEES_PREFIX:
-        has_raw_and_query_rows = (m0 < visible) & (m0 + BLOCK_M > visible) & (visible < seq_len)
-        if has_raw_and_query_rows & (num_prefix > 0):
-            c1 = tl.minimum(lo + tl.cdiv(num_prefix - lo, BLOCK_N) * BLOCK_N, hi)
-    c2 = c1 + (hi - c1) // BLOCK_N * BLOCK_N
-    return c1, c2
-
-
-@triton.jit
-def _attend_tiles(acc, m_i, l_i, q, rows, lo, hi, k_base, v_base,
-                  stride_kl, stride_kd, stride_vl, stride_vd,
-                  seq_len, visible, num_prefix, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MASK: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
-                  SEES_QUERIES: tl.constexpr, DOT: tl.constexpr):
+def _attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_kl, stride_kd, stride_vl,
+                  stride_vd, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr):
     """Online-softmax accumulation of one row block over key columns [lo, hi).
 
     Scores stay raw until the exponent: m is kept scaled (scale * log2(e), so exp2 is
@@ -180,12 +160,7 @@ def _attend_tiles(acc, m_i, l_i, q, rows, lo, hi, k_base, v_base,
             col_ok = cols < hi
             k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
                           mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            if MASK == COLUMN_MASK:
-                seen = col_ok[None, :]
-            else:
-                seen = _sees(rows[:, None], cols[None, :], seq_len, hi, visible, num_prefix,
-                             SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-            s = tl.where(seen, dot(q, k_t, DOT) * qk_scale, float("-inf"))
+            s = tl.where(col_ok[None, :], dot(q, k_t, DOT) * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen nothing yet keeps m = -inf; subtract 0 instead so that
             # exp2 gives 0 rather than NaN (-inf - -inf).
@@ -200,6 +175,71 @@ def _attend_tiles(acc, m_i, l_i, q, rows, lo, hi, k_base, v_base,
     return acc, m_i, l_i
 
 
+# Prefix columns are walked this many at a time (CLS and registers: a few).
+PREFIX_BLOCK = tl.constexpr(16)
+
+
+@triton.jit
+def _softmax_step(acc, m_i, l_i, s):
+    """The online-softmax update for scores s (scaled, -inf where not seen): the new state
+    with acc only rescaled, and p."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return acc * alpha[:, None], m_new, l_i * alpha + tl.sum(p, 1), p
+
+
+@triton.jit
+def _attend_prefix(acc, m_i, l_i, q, rows, p_hi, k_base, v_base, stride_kl, stride_kd,
+                   stride_vl, stride_vd, visible, qk_scale, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """The prefix columns [0, p_hi) for the raw rows of a block that also holds query rows,
+    which do not see them. Scores by a narrow product; values one column at a time, taken
+    by the raw rows only (a query row's p of 0 times a NaN value would be NaN)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    raw_row = rows < visible
+    for start in range(0, p_hi, PREFIX_BLOCK):  # loop: fwd.prefix
+        cols = start + tl.arange(0, PREFIX_BLOCK)
+        k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+                      mask=(cols < p_hi)[None, :] & d_ok[:, None], other=0.0)
+        seen = raw_row[:, None] & (cols < p_hi)[None, :]
+        s = tl.where(seen, dot(q, k_t, DOT) * qk_scale, float("-inf"))
+        acc, m_i, l_i, p = _softmax_step(acc, m_i, l_i, s)
+        for j in range(start, tl.minimum(p_hi, start + PREFIX_BLOCK)):  # loop: fwd.prefix_values
+            p_j = tl.sum(tl.where(cols[None, :] == j, p, 0.0), 1)
+            v_j = tl.load(v_base + j * stride_vl + offs_d * stride_vd, mask=d_ok, other=0.0)
+            acc += tl.where(raw_row[:, None], p_j[:, None] * v_j.to(tl.float32)[None, :], 0.0)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_self(acc, m_i, l_i, rows, q_base, k_base, v_base, stride_ql, stride_qd, stride_kl,
+                 stride_kd, stride_vl, stride_vd, seq_len, visible, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Each query row's own column (SEES_SELF without SEES_QUERIES), row by row: a tile of
+    the diagonal block would multiply every query row's zero probabilities by the other
+    query tokens' values. q is read again here, in the layout of these row-wise products
+    rather than the tensor cores'."""
+    offs_d = tl.arange(0, BLOCK_D)
+    own = (rows >= visible) & (rows < seq_len)
+    own_mask = own[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd, mask=own_mask,
+                other=0.0)
+    k = tl.load(k_base + rows[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=own_mask,
+                other=0.0)
+    s = tl.where(own, tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe)
+    alpha = tl.exp2(m_i - m_safe)
+    v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=own_mask,
+                other=0.0)
+    acc = acc * alpha[:, None] + tl.where(own[:, None], p[:, None] * v.to(tl.float32), 0.0)
+    return acc, m_new, l_i * alpha + p
+
+
 @triton.jit
 def _unidirectional_fwd_kernel(
     Q, K, V, O, LSE, CU_SEQLENS, NUM_QUERIES, TILES,
@@ -208,15 +248,16 @@ def _unidirectional_fwd_kernel(
     stride_vb, stride_vh, stride_vl, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_lseb, stride_lseh,
-    num_blocks, num_heads, seq_len, key_len, visible, total_tokens, num_prefix, qk_scale,
+    num_blocks, num_heads, num_seqs, seq_len, key_len, visible, total_tokens, num_prefix,
+    qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
     SEES_QUERIES: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
     TILED: tl.constexpr,
 ):
     block, b, h, start, seq_len, key_len, visible = _program(
-        num_blocks, num_heads, seq_len, key_len, visible, total_tokens, CU_SEQLENS, NUM_QUERIES,
-        TILES, VARLEN, TILED)
+        num_blocks, num_heads, num_seqs, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
+        NUM_QUERIES, TILES, VARLEN, TILED)
     q_base = Q + b * stride_qb + h * stride_qh + start * stride_ql
     k_base = K + b * stride_kb + h * stride_kh + start * stride_kl
     v_base = V + b * stride_vb + h * stride_vh + start * stride_vl
@@ -233,35 +274,34 @@ def _unidirectional_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo1, hi1, lo2, hi2 = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M,
-                                     SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-    c1, c2 = _column_splits(m0, seq_len, visible, num_prefix, lo1, hi1, BLOCK_M, BLOCK_N,
-                            SEES_PREFIX)
-    acc, m_i, l_i = _attend_tiles(  # loop: fwd.prefix
-        acc, m_i, l_i, q, rows, lo1, c1, k_base, v_base, stride_kl, stride_kd, stride_vl,
-        stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, FULL_MASK,
-        SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+    if SEES_SELF and not SEES_QUERIES:
+        acc, m_i, l_i = _attend_self(acc, m_i, l_i, rows, q_base, k_base, v_base, stride_ql,
+                                     stride_qd, stride_kl, stride_kd, stride_vl, stride_vd, seq_len,
+                                     visible, qk_scale, HEAD_DIM, BLOCK_D)
+    lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M,
+                                           SEES_PREFIX, SEES_QUERIES)
+    # Whole tiles every row of the block sees, then the last, partial one.
+    c2 = lo1 + (hi1 - lo1) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend_tiles(  # loop: fwd.interior
-        acc, m_i, l_i, q, rows, c1, c2, k_base, v_base, stride_kl, stride_kd, stride_vl,
-        stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, NO_MASK,
-        SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+        acc, m_i, l_i, q, lo1, c2, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
+        qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, NO_MASK, DOT)
     acc, m_i, l_i = _attend_tiles(  # loop: fwd.boundary
-        acc, m_i, l_i, q, rows, c2, hi1, k_base, v_base, stride_kl, stride_kd, stride_vl,
-        stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, COLUMN_MASK,
-        SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
-    if SEES_SELF or SEES_QUERIES:
-        # Raw rows of a block that also holds query rows share its query-key tiles with
-        # probability 0, and 0 * v is NaN where a query token's value is not finite:
-        # their state from before those tiles is what stands.
+        acc, m_i, l_i, q, c2, hi1, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
+        qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, COLUMN_MASK, DOT)
+    if SEES_QUERIES:
+        # Raw rows of a block that also holds query rows walk its query-key tiles too,
+        # seeing none of them: their state from before those tiles is what stands.
         acc_raw, m_raw, l_raw = acc, m_i, l_i
         acc, m_i, l_i = _attend_tiles(  # loop: fwd.queries
-            acc, m_i, l_i, q, rows, lo2, hi2, k_base, v_base, stride_kl, stride_kd, stride_vl,
-            stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D,
-            FULL_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+            acc, m_i, l_i, q, lo2, hi2, k_base, v_base, stride_kl, stride_kd, stride_vl,
+            stride_vd, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, COLUMN_MASK, DOT)
         raw_row = rows < visible
         acc = tl.where(raw_row[:, None], acc_raw, acc)
         m_i = tl.where(raw_row, m_raw, m_i)
         l_i = tl.where(raw_row, l_raw, l_i)
+    acc, m_i, l_i = _attend_prefix(acc, m_i, l_i, q, rows, p_hi, k_base, v_base, stride_kl,
+                                   stride_kd, stride_vl, stride_vd, visible, qk_scale, HEAD_DIM,
+                                   BLOCK_D, DOT)
     # Rows past seq_len saw nothing (l = 0); they are not stored, but keep them finite.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -276,13 +316,13 @@ def _unidirectional_bwd_delta_kernel(
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_lseb, stride_lseh,
-    num_blocks, num_heads, seq_len, total_tokens,
+    num_blocks, num_heads, num_seqs, seq_len, total_tokens,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, TILED: tl.constexpr,
 ):
     block, b, h, start, seq_len, _, _ = _program(
-        num_blocks, num_heads, seq_len, seq_len, seq_len, total_tokens, CU_SEQLENS, NUM_QUERIES,
-        TILES, VARLEN, TILED)
+        num_blocks, num_heads, num_seqs, seq_len, seq_len, seq_len, total_tokens, CU_SEQLENS,
+        NUM_QUERIES, TILES, VARLEN, TILED)
     o_base = O + b * stride_ob + h * stride_oh + start * stride_ol
     do_base = DO + b * stride_dob + h * stride_doh + start * stride_dol
     offs_d = tl.arange(0, BLOCK_D)
@@ -298,8 +338,9 @@ def _unidirectional_bwd_delta_kernel(
 
 @triton.jit
 def _dkdv_row_range(n0, seq_len, visible, num_prefix, BLOCK_N: tl.constexpr,
-                    SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr, SEES_QUERIES: tl.constexpr):
-    """Rows [lo, hi) that can see some column of key block n0..n0+BLOCK_N."""
+                    SEES_PREFIX: tl.constexpr, SEES_QUERIES: tl.constexpr):
+    """Rows [lo, hi) that see some column of key block n0..n0+BLOCK_N other than their
+    own (the diagonal of SEES_SELF is added apart)."""
     n1 = n0 + BLOCK_N
     lo = n0 * 0
     hi = n0 * 0
@@ -311,38 +352,59 @@ def _dkdv_row_range(n0, seq_len, visible, num_prefix, BLOCK_N: tl.constexpr,
     elif SEES_QUERIES:
         lo = visible
         hi = seq_len
-    elif SEES_SELF:
-        lo = n0
-        hi = tl.minimum(n1, seq_len)
     return lo, hi
 
 
 @triton.jit
-def _dkdv_row_splits(n0, lo, hi, visible, num_prefix, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, SEES_PREFIX: tl.constexpr):
-    """Split the rows [lo, hi) that see key block n0 by the mask they need: [lo, r1) see
-    every column of the block (no mask), [r1, hi) need the full rule.
+def _dkdv_passes(n0, lo, hi, visible, num_prefix, BLOCK_N: tl.constexpr,
+                 SEES_PREFIX: tl.constexpr, SEES_QUERIES: tl.constexpr):
+    """The rows [lo, hi) that see key block n0 walk it in two passes, [a0, a1) then
+    [b0, b1), each of rows that see the same columns of the block; query rows one by one
+    in [r0, hi) where no order of the two passes serves.
 
-    A block of visible columns is seen whole by every raw row, and by every query row
-    too unless it holds prefix columns they skip; other blocks need the rule throughout.
-    Rows past the sequence read zeros for q and dO, so they add nothing unmasked.
+    Raw rows see the visible columns; query rows the raw ones, plus the prefix with
+    SEES_PREFIX and the query columns with SEES_QUERIES. A block holding columns the two
+    kinds see differently, walked by both, splits at V; otherwise one pass. After each
+    pass the columns its rows do not see are set to 0, which is right only if the first
+    pass did not see them either: so query rows go first, unless they see query columns
+    of the block that raw rows do not. If the block also holds prefix columns they do not
+    see, neither order serves (a short sequence, with SEES_QUERIES but not SEES_PREFIX):
+    raw rows take the only pass and the query rows follow row by row.
     """
-    r1 = lo
-    if n0 + BLOCK_N <= visible:
-        if SEES_PREFIX or (n0 >= num_prefix):
-            r1 = hi
+    has_prefix = n0 < 0
+    if not SEES_PREFIX:
+        has_prefix = n0 < num_prefix
+    has_queries = n0 < 0
+    if SEES_QUERIES:
+        has_queries = n0 + BLOCK_N > visible
+    a0 = lo
+    a1 = hi
+    b0 = hi
+    b1 = hi
+    r0 = hi
+    if (has_prefix | has_queries) & (lo < visible) & (visible < hi):
+        if has_queries:
+            a1 = visible
+            if has_prefix:
+                r0 = visible
+            else:
+                b0 = visible
         else:
-            r1 = tl.minimum(tl.maximum(lo + (visible - lo) // BLOCK_M * BLOCK_M, lo), hi)
-    return r1
+            a0 = visible
+            b0 = lo
+            b1 = visible
+    return a0, a1, b0, b1, r0
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, cols, lo, hi, q_base, do_base, lse_base, delta_base,
-                stride_ql, stride_qd, stride_dol, stride_dod, key_len, visible, num_prefix,
-                qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                MASK: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
-                SEES_QUERIES: tl.constexpr, DOT: tl.constexpr):
-    """dK, dV of one key block accumulated over rows [lo, hi), in transposed tiles."""
+def _dkdv_tiles(dk, dv, k, v, lo, hi, q_base, do_base, lse_base, delta_base,
+                stride_ql, stride_qd, stride_dol, stride_dod, qk_scale, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """dK, dV of one key block accumulated over rows [lo, hi), in transposed tiles.
+
+    Unmasked: rows past hi read zeros for q and dO and add nothing, and the columns the
+    rows do not see are set back by the caller.
+    """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     for row_start in range(lo, hi, BLOCK_M):
@@ -355,10 +417,6 @@ def _dkdv_tiles(dk, dv, k, v, cols, lo, hi, q_base, do_base, lse_base, delta_bas
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         p_t = tl.exp2(dot(k, q_t, DOT) * qk_scale - lse[None, :])
-        if MASK == FULL_MASK:
-            sees = _sees(rows[None, :], cols[:, None], hi, key_len, visible, num_prefix,
-                         SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-            p_t = tl.where(sees, p_t, 0.0)
         dv += dot(p_t.to(do.dtype), do, DOT)
         ds_t = p_t * (dot(v, tl.trans(do), DOT) - delta[None, :])
         dk += dot(ds_t.to(q_t.dtype), tl.trans(q_t), DOT)
@@ -366,11 +424,39 @@ def _dkdv_tiles(dk, dv, k, v, cols, lo, hi, q_base, do_base, lse_base, delta_bas
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, rows, lo, hi, k_base, v_base,
-              stride_kl, stride_kd, stride_vl, stride_vd, seq_len, visible, num_prefix,
-              qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              MASK: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
-              SEES_QUERIES: tl.constexpr, DOT: tl.constexpr):
+def _dkdv_rows(dk, dv, k, v, seen, lo, hi, q_base, do_base, lse_base, delta_base, stride_ql,
+               stride_qd, stride_dol, stride_dod, qk_scale, HEAD_DIM: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """dK, dV of one key block over rows [lo, hi), added to the columns `seen` only: the
+    probabilities by tiles, the sums over rows one row at a time (query rows where no
+    order of the two passes serves: a few)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for row_start in range(lo, hi, BLOCK_M):  # loop: bwd.dkdv_rows
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < hi
+        q_t = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd,
+                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        p_t = tl.exp2(dot(k, q_t, DOT) * qk_scale - lse[None, :])
+        ds_t = p_t * (dot(v, tl.trans(do), DOT) - delta[None, :])
+        for r in range(row_start, tl.minimum(hi, row_start + BLOCK_M)):  # loop: bwd.dkdv_row
+            p_r = tl.sum(tl.where(rows[None, :] == r, p_t, 0.0), 1)
+            ds_r = tl.sum(tl.where(rows[None, :] == r, ds_t, 0.0), 1)
+            q_r = tl.load(q_base + r * stride_ql + offs_d * stride_qd, mask=d_ok, other=0.0)
+            do_r = tl.load(do_base + r * stride_dol + offs_d * stride_dod, mask=d_ok, other=0.0)
+            dv += tl.where(seen[:, None], p_r[:, None] * do_r.to(tl.float32)[None, :], 0.0)
+            dk += tl.where(seen[:, None], ds_r[:, None] * q_r.to(tl.float32)[None, :], 0.0)
+    return dk, dv
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, lo, hi, k_base, v_base, stride_kl, stride_kd, stride_vl,
+              stride_vd, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr):
     """dQ of one row block accumulated over key columns [lo, hi), probabilities recomputed."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -387,13 +473,62 @@ def _dq_tiles(dq, q, do, lse, delta, rows, lo, hi, k_base, v_base,
         p = tl.exp2(dot(q, k_t, DOT) * qk_scale - lse[:, None])
         if MASK == COLUMN_MASK:
             p = tl.where((cols < hi)[None, :], p, 0.0)
-        elif MASK == FULL_MASK:
-            sees = _sees(rows[:, None], cols[None, :], seq_len, hi, visible, num_prefix,
-                         SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-            p = tl.where(sees, p, 0.0)
         ds = p * (dot(do, v_t, DOT) - delta[:, None])
         dq += dot(ds.to(k_t.dtype), tl.trans(k_t), DOT)
     return dq
+
+
+@triton.jit
+def _dq_prefix(dq, q, do, lse, delta, rows, p_hi, k_base, v_base, stride_kl, stride_kd,
+               stride_vl, stride_vd, visible, qk_scale, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """dQ of the prefix columns [0, p_hi) for the raw rows of a block that also holds query
+    rows, as `_attend_prefix`: ds by narrow products, 0 where the rule removes a column
+    whatever dp holds there (0 x NaN is NaN); keys one column at a time, raw rows only."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    raw_row = rows < visible
+    for start in range(0, p_hi, PREFIX_BLOCK):  # loop: bwd.dq_prefix
+        cols = start + tl.arange(0, PREFIX_BLOCK)
+        t_mask = (cols < p_hi)[None, :] & d_ok[:, None]
+        k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+                      mask=t_mask, other=0.0)
+        v_t = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd,
+                      mask=t_mask, other=0.0)
+        p = tl.exp2(dot(q, k_t, DOT) * qk_scale - lse[:, None])
+        ds = tl.where(raw_row[:, None] & (cols < p_hi)[None, :],
+                      p * (dot(do, v_t, DOT) - delta[:, None]), 0.0)
+        for j in range(start, tl.minimum(p_hi, start + PREFIX_BLOCK)):  # loop: bwd.dq_prefix_keys
+            ds_j = tl.sum(tl.where(cols[None, :] == j, ds, 0.0), 1)
+            k_j = tl.load(k_base + j * stride_kl + offs_d * stride_kd, mask=d_ok, other=0.0)
+            dq += tl.where(raw_row[:, None], ds_j[:, None] * k_j.to(tl.float32)[None, :], 0.0)
+    return dq
+
+
+@triton.jit
+def _self_columns(dq, lse, delta, rows, q_base, do_base, k_base, v_base, stride_ql, stride_qd,
+                  stride_dol, stride_dod, stride_kl, stride_kd, stride_vl, stride_vd, seq_len,
+                  visible, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """SEES_SELF without SEES_QUERIES: each query row's own column, row by row. Returns dQ
+    with it, and the rows' p and ds there, which make all of dK and dV of those columns
+    (no other row sees them). q and dO are read again here, in the layout of these
+    row-wise products rather than the tensor cores'."""
+    offs_d = tl.arange(0, BLOCK_D)
+    own = (rows >= visible) & (rows < seq_len)
+    own_mask = own[:, None] & (offs_d < HEAD_DIM)[None, :]
+    do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                 mask=own_mask, other=0.0)
+    v = tl.load(v_base + rows[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=own_mask,
+                other=0.0)
+    dp = tl.sum(do.to(tl.float32) * v.to(tl.float32), 1)
+    q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd, mask=own_mask,
+                other=0.0)
+    k = tl.load(k_base + rows[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=own_mask,
+                other=0.0)
+    p = tl.where(own, tl.exp2(tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * qk_scale - lse),
+                 0.0)
+    ds = tl.where(own, p * (dp - delta), 0.0)
+    return dq + tl.where(own[:, None], ds[:, None] * k.to(tl.float32), 0.0), p, ds
 
 
 @triton.jit
@@ -407,8 +542,8 @@ def _unidirectional_bwd_kernel(
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
     stride_lseb, stride_lseh,
-    num_blocks, num_heads, seq_len, key_len, visible, total_tokens, num_prefix, qk_scale,
-    sm_scale,
+    num_blocks, num_heads, num_seqs, seq_len, key_len, visible, total_tokens, num_prefix,
+    qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
@@ -417,8 +552,8 @@ def _unidirectional_bwd_kernel(
     TILED: tl.constexpr,
 ):
     block, b, h, start, seq_len, key_len, visible = _program(
-        num_blocks, num_heads, seq_len, key_len, visible, total_tokens, CU_SEQLENS, NUM_QUERIES,
-        TILES, VARLEN, TILED)
+        num_blocks, num_heads, num_seqs, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
+        NUM_QUERIES, TILES, VARLEN, TILED)
     q_base = Q + b * stride_qb + h * stride_qh + start * stride_ql
     k_base = K + b * stride_kb + h * stride_kh + start * stride_kl
     v_base = V + b * stride_vb + h * stride_vh + start * stride_vl
@@ -444,22 +579,43 @@ def _unidirectional_bwd_kernel(
                     mask=kv_mask, other=0.0)
         dk = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N1, BLOCK_D], tl.float32)
-        lo, hi = _dkdv_row_range(n0, seq_len, visible, num_prefix, BLOCK_N1,
-                                 SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-        r1 = _dkdv_row_splits(n0, lo, hi, visible, num_prefix, BLOCK_M1, BLOCK_N1, SEES_PREFIX)
+        lo, hi = _dkdv_row_range(n0, seq_len, visible, num_prefix, BLOCK_N1, SEES_PREFIX,
+                                 SEES_QUERIES)
+        a0, a1, b0, b1, r0 = _dkdv_passes(n0, lo, hi, visible, num_prefix, BLOCK_N1, SEES_PREFIX,
+                                          SEES_QUERIES)
+        # The columns each kind of row sees (the others are set to 0 after its pass).
+        raw_sees = cols < visible
+        if SEES_PREFIX:
+            query_sees = cols < visible
+        else:
+            query_sees = (cols < visible) & (cols >= num_prefix)
+        if SEES_QUERIES:
+            query_sees = query_sees | (cols >= visible)
         dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_interior
-            dk, dv, k, v, cols, lo, r1, q_base, do_base, lse_base, delta_base, stride_ql,
-            stride_qd, stride_dol, stride_dod, key_len, visible, num_prefix, qk_scale, HEAD_DIM,
-            BLOCK_M1, BLOCK_D, NO_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
-        dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_masked
-            dk, dv, k, v, cols, r1, hi, q_base, do_base, lse_base, delta_base, stride_ql,
-            stride_qd, stride_dol, stride_dod, key_len, visible, num_prefix, qk_scale, HEAD_DIM,
-            BLOCK_M1, BLOCK_D, FULL_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+            dk, dv, k, v, a0, a1, q_base, do_base, lse_base, delta_base, stride_ql, stride_qd,
+            stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M1, BLOCK_D, DOT)
+        seen = tl.where(a0 < visible, raw_sees, query_sees)
+        dk = tl.where(seen[:, None], dk, 0.0)
+        dv = tl.where(seen[:, None], dv, 0.0)
+        dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_second
+            dk, dv, k, v, b0, b1, q_base, do_base, lse_base, delta_base, stride_ql, stride_qd,
+            stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M1, BLOCK_D, DOT)
+        seen = tl.where(b0 < visible, raw_sees, query_sees) | (b0 == b1)
+        dk = tl.where(seen[:, None], dk, 0.0)
+        dv = tl.where(seen[:, None], dv, 0.0)
+        if SEES_QUERIES and not SEES_PREFIX:
+            dk, dv = _dkdv_rows(dk, dv, k, v, query_sees, r0, hi, q_base, do_base, lse_base,
+                                delta_base, stride_ql, stride_qd, stride_dol, stride_dod, qk_scale,
+                                HEAD_DIM, BLOCK_M1, BLOCK_D, DOT)
+        written = kv_mask
+        if SEES_SELF and not SEES_QUERIES:
+            # The query columns are seen by their own rows alone: written with dQ below.
+            written = kv_mask & (cols < visible)[:, None]
         dk = dk * sm_scale
         tl.store(dk_base + cols[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
-                 dk.to(DK.dtype.element_ty), mask=kv_mask)
+                 dk.to(DK.dtype.element_ty), mask=written)
         tl.store(dv_base + cols[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
-                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+                 dv.to(DV.dtype.element_ty), mask=written)
 
     # ---- dQ for row block j: walk the same column ranges as the forward.
     m0 = block * BLOCK_M2
@@ -474,32 +630,45 @@ def _unidirectional_bwd_kernel(
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
-        lo1, hi1, lo2, hi2 = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M2,
-                                         SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-        c1, c2 = _column_splits(m0, seq_len, visible, num_prefix, lo1, hi1, BLOCK_M2, BLOCK_N2,
-                                SEES_PREFIX)
-        dq = _dq_tiles(  # loop: bwd.dq_prefix
-            dq, q, do, lse, delta, rows, lo1, c1, k_base, v_base, stride_kl, stride_kd,
-            stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N2,
-            BLOCK_D, FULL_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+        if SEES_SELF and not SEES_QUERIES:
+            dq, p_own, ds_own = _self_columns(dq, lse, delta, rows, q_base, do_base, k_base,
+                                              v_base, stride_ql, stride_qd, stride_dol, stride_dod,
+                                              stride_kl, stride_kd, stride_vl, stride_vd, seq_len,
+                                              visible, qk_scale, HEAD_DIM, BLOCK_D)
+        lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, seq_len, key_len, visible, num_prefix,
+                                               BLOCK_M2, SEES_PREFIX, SEES_QUERIES)
+        c2 = lo1 + (hi1 - lo1) // BLOCK_N2 * BLOCK_N2
         dq = _dq_tiles(  # loop: bwd.dq_interior
-            dq, q, do, lse, delta, rows, c1, c2, k_base, v_base, stride_kl, stride_kd,
-            stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N2,
-            BLOCK_D, NO_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+            dq, q, do, lse, delta, lo1, c2, k_base, v_base, stride_kl, stride_kd, stride_vl,
+            stride_vd, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D, NO_MASK, DOT)
         dq = _dq_tiles(  # loop: bwd.dq_boundary
-            dq, q, do, lse, delta, rows, c2, hi1, k_base, v_base, stride_kl, stride_kd,
-            stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N2,
-            BLOCK_D, COLUMN_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
-        if SEES_SELF or SEES_QUERIES:
+            dq, q, do, lse, delta, c2, hi1, k_base, v_base, stride_kl, stride_kd, stride_vl,
+            stride_vd, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D, COLUMN_MASK, DOT)
+        if SEES_QUERIES:
             dq_raw = dq  # as in the forward: raw rows keep what they had before query keys
             dq = _dq_tiles(  # loop: bwd.dq_queries
-                dq, q, do, lse, delta, rows, lo2, hi2, k_base, v_base, stride_kl, stride_kd,
-                stride_vl, stride_vd, seq_len, visible, num_prefix, qk_scale, HEAD_DIM, BLOCK_N2,
-                BLOCK_D, FULL_MASK, SEES_PREFIX, SEES_SELF, SEES_QUERIES, DOT)
+                dq, q, do, lse, delta, lo2, hi2, k_base, v_base, stride_kl, stride_kd,
+                stride_vl, stride_vd, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D, COLUMN_MASK, DOT)
             dq = tl.where((rows < visible)[:, None], dq_raw, dq)
+        dq = _dq_prefix(dq, q, do, lse, delta, rows, p_hi, k_base, v_base, stride_kl, stride_kd,
+                        stride_vl, stride_vd, visible, qk_scale, HEAD_DIM, BLOCK_D, DOT)
         dq = dq * sm_scale
         tl.store(dq_base + rows[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
                  dq.to(DQ.dtype.element_ty), mask=q_mask)
+        if SEES_SELF and not SEES_QUERIES:
+            # Row block j holds the query tokens whose own columns key block j holds: dK
+            # and dV of those columns are written here (after dQ, whose registers are free).
+            tl.static_assert(BLOCK_M2 == BLOCK_N1)
+            own_mask = q_mask & (rows >= visible)[:, None]
+            q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                        mask=own_mask, other=0.0)
+            tl.store(dk_base + rows[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
+                     (ds_own[:, None] * q.to(tl.float32) * sm_scale).to(DK.dtype.element_ty),
+                     mask=own_mask)
+            do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                         mask=own_mask, other=0.0)
+            tl.store(dv_base + rows[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
+                     (p_own[:, None] * do.to(tl.float32)).to(DV.dtype.element_ty), mask=own_mask)
 
 
 # ----------------------------------------------------------------------------------------
@@ -512,7 +681,7 @@ def _unidirectional_bwd_kernel(
 # what the GPU gives one program; among those, the lowest estimated time.
 
 
-def _fwd_config(head_dim, dtype, capability, max_len, packed=False):
+def _fwd_config(head_dim, dtype, capability, max_len, packed=False, mask=None):
     if triton_interpreter_enabled():
         # The interpreter runs each program in numpy: big tiles are fewer Python loops.
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -529,7 +698,13 @@ def _fwd_config(head_dim, dtype, capability, max_len, packed=False):
         # tiles over 32-key steps beat 64 x 64 by 1.14x (ViT-B/16 global), and came first
         # on both global shapes. Short sequences waste most of a 128-row tile, and the
         # packed batch mixes 37-token crops in, so both keep 64 x 64.
-        return dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2)
+        cfg = dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=2)
+        if not (mask and mask.sees_self) and torch.version.hip is None:
+            # 3 programs per SM: without a cap ptxas takes 175-180 registers (2 per SM) and
+            # spills 8 bytes with it, outside the loops (bench.static). Query rows that
+            # see query keys hold more state; they keep what they take.
+            cfg["maxnreg"] = 168
+        return cfg
     # Also past 512 tokens (ViT-S/8): measured, 64 x 64 on 4 warps beat the 128 x 128
     # tiles on 8 warps that the static model had ranked first, by 1.18x on the H200.
     return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
@@ -545,6 +720,11 @@ def _bwd_config(head_dim, dtype, capability, packed=False):
         # fp32 (three TF32 products per dot) spills at 64-key blocks, and head_dim 256
         # needs over 164 KB of shared memory there: 32 x 32 tiles, one stage.
         cfg = dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=1)
+    elif head_dim > 64 and capability >= 90 and packed:
+        # The packed backward's sequence bookkeeping and the row-by-row prefix and own-
+        # column passes take the 64-row blocks below to 255 registers and 224 B of spills
+        # (fp16, head_dim 80, query rows seeing prefix and self): 32-row blocks.
+        cfg = dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=1)
     elif head_dim > 64 and capability >= 90:
         # dK, dV, dQ accumulators of 128 columns: 16-wide row and key steps keep the
         # 64-row blocks under 255 registers (32-wide ones spill).
@@ -663,12 +843,12 @@ def attention_fwd(q, k, v, out, lse, geo, num_prefix, mask, scale):
         return
     head_dim = q.shape[-1]
     cfg = _fwd_config(head_dim, q.dtype, device_capability(q.device), geo.max_len,
-                      packed=geo.cu_seqlens is not None)
+                      packed=geo.cu_seqlens is not None, mask=mask)
     blocks, programs = geo.grid(cfg["BLOCK_M"], geo.fwd_tiles)
     _unidirectional_fwd_kernel[(programs,)](
         q, k, v, out, lse, geo.cu_seqlens, geo.num_queries, geo.fwd_tiles,
         *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out),
-        *geo.lse_strides(), blocks, geo.heads, geo.seq_len, geo.key_len, geo.visible,
+        *geo.lse_strides(), blocks, geo.heads, geo.num_seqs, geo.seq_len, geo.key_len, geo.visible,
         geo.total_tokens, num_prefix, scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT=dot_mode(q.dtype),
         VARLEN=geo.cu_seqlens is not None, TILED=geo.fwd_tiles is not None, **_flags(mask),
@@ -690,15 +870,15 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
     _unidirectional_bwd_delta_kernel[(programs,)](
         out, grad_out, delta, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
         *_bhld_strides(out), *_bhld_strides(grad_out), *geo.lse_strides(), blocks, geo.heads,
-        geo.seq_len, geo.total_tokens,
+        geo.num_seqs, geo.seq_len, geo.total_tokens,
         HEAD_DIM=head_dim, BLOCK_M=program_block, BLOCK_D=padded_dim, VARLEN=varlen,
         TILED=tiled)
     _unidirectional_bwd_kernel[(programs,)](
         q, k, v, grad_out, lse, delta, dq, dk, dv, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
         *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(grad_out),
         *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *geo.lse_strides(),
-        blocks, geo.heads, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens, num_prefix,
-        scale * LOG2E, scale,
+        blocks, geo.heads, geo.num_seqs, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens,
+        num_prefix, scale * LOG2E, scale,
         HEAD_DIM=head_dim, BLOCK_D=padded_dim, DOT=dot_mode(q.dtype), VARLEN=varlen,
         TILED=tiled, **_flags(mask), **cfg)
 
@@ -782,8 +962,7 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         return (None,) * (3 + len(ctx.args))
     q, k, v, out, lse = ctx.saved_tensors
-    bwd = _bwd_impl if _eager_backward(ctx, grad_out) else _bwd_op
-    dq, dk, dv = bwd(grad_out, q, k, v, out, lse, *ctx.args)
+    dq, dk, dv = _backward_call(ctx, grad_out, False)(grad_out, q, k, v, out, lse, *ctx.args)
     return (dq, dk, dv) + (None,) * len(ctx.args)
 
 
@@ -844,26 +1023,27 @@ def _qkv_backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         return (None,) * (1 + len(ctx.args))
     qkv, out, lse = ctx.saved_tensors
-    bwd = _qkv_bwd_impl if _eager_backward(ctx, grad_out) else _qkv_bwd_op
-    return (bwd(grad_out, qkv, out, lse, *ctx.args),) + (None,) * len(ctx.args)
+    dqkv = _backward_call(ctx, grad_out, True)(grad_out, qkv, out, lse, *ctx.args)
+    return (dqkv,) + (None,) * len(ctx.args)
 
 
 _qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
 
 
 def _eager(*tensors):
-    """Whether a call may skip the custom-op dispatcher: eager calls on real tensors.
+    """Whether a call may skip the custom-op dispatcher: calls on real tensors that
+    nothing traces.
 
     The dispatcher's Python (default filling, wrapper unwrapping) was two thirds of the
     op's host time per call (cProfile on CPU), and on the H200 the op's calls, not its
-    kernels, set its time at ViT sizes. Anything that traces or transforms
-    (torch.compile, fake and meta tensors, a dispatch mode such as make_fx's, vmap and
-    the other torch.func transforms) takes the registered custom ops, which trace
-    through their fake implementations.
+    kernels, set its time at ViT sizes. Anything that traces (torch.compile, fake and
+    meta tensors, a dispatch mode such as make_fx's) takes the registered custom ops,
+    which trace through their fake implementations. The torch.func transforms (grad,
+    vmap, ...) take the autograd.Function below: torch.func.grad refuses the one that
+    torch.library builds for a custom op (it has no setup_context).
     """
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._are_functorch_transforms_active()
             and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type != "meta"
                     for t in tensors))
 
@@ -876,42 +1056,241 @@ def _eager_backward(ctx, grad_out):
     return getattr(ctx, "eager", False) and not torch.is_grad_enabled() and _eager(grad_out)
 
 
-class _EagerAttention(torch.autograd.Function):
-    """The custom ops' bodies and autograd rules, called directly (see `_eager`)."""
+def _backward_call(ctx, grad_out, packed_qkv):
+    """What runs a backward: the body, the custom op, or, under a torch.func transform
+    (which always differentiates with a graph, and refuses the op's autograd.Function),
+    `_TransformBackward`."""
+    if getattr(ctx, "eager", False) and torch._C._are_functorch_transforms_active():
+        return functools.partial(_TransformBackward.apply, packed_qkv)
+    if _eager_backward(ctx, grad_out):
+        return _qkv_bwd_impl if packed_qkv else _bwd_impl
+    return _qkv_bwd_op if packed_qkv else _bwd_op
+
+
+def _map_calls(apply, info, in_dims, packed_qkv, inputs):
+    """A vmap rule: one call per element of the mapped dimension, as a custom op's
+    fallback does; every output stacked along dimension 0."""
+    outs = []
+    for i in range(info.batch_size):
+        args = [x if d is None else x.select(d, i) for x, d in zip(inputs, in_dims[1:])]
+        out = apply(packed_qkv, *args)
+        outs.append(out if isinstance(out, tuple) else (out,))
+    stacked = tuple(torch.stack(t) for t in zip(*outs))
+    if len(stacked) == 1:
+        return stacked[0], 0
+    return stacked, (0,) * len(stacked)
+
+
+class _TransformBackward(torch.autograd.Function):
+    """The backward body as a function the torch.func transforms take. It has no
+    derivative, as the custom op has none: differentiating it again raises."""
 
     @staticmethod
-    def forward(ctx, packed_qkv, *inputs):
-        out, lse = (_qkv_fwd_impl if packed_qkv else _fwd_impl)(*inputs)
-        (_qkv_setup_context if packed_qkv else _setup_context)(ctx, inputs, (out, lse))
+    def forward(packed_qkv, *inputs):
+        return (_qkv_bwd_impl if packed_qkv else _bwd_impl)(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("the Triton attention backward has no autograd formula: no second "
+                           "derivative through backend='triton'")
+
+    @staticmethod
+    def vmap(info, in_dims, packed_qkv, *inputs):
+        return _map_calls(_TransformBackward.apply, info, in_dims, packed_qkv, inputs)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The custom ops' bodies and autograd rules, called directly (see `_eager`). In the
+    form the torch.func transforms take: forward without ctx, setup_context, and a vmap
+    rule."""
+
+    @staticmethod
+    def forward(packed_qkv, *inputs):
+        return (_qkv_fwd_impl if packed_qkv else _fwd_impl)(*inputs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        packed_qkv, *inputs = inputs
+        (_qkv_setup_context if packed_qkv else _setup_context)(ctx, inputs, output)
         ctx.packed_qkv, ctx.eager = packed_qkv, True
-        return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
         return (None, *(_qkv_backward if ctx.packed_qkv else _backward)(ctx, grad_out, grad_lse))
 
+    @staticmethod
+    def vmap(info, in_dims, packed_qkv, *inputs):
+        return _map_calls(_EagerAttention.apply, info, in_dims, packed_qkv, inputs)
 
-def triton_attention(q, k, v, num_queries, num_prefix, mask, scale, varlen=None):
+
+def triton_attention(q, k, v, num_queries, num_prefix, mask, scale, varlen=None, prefix_probs=False):
     """The Triton backend on checked inputs: batched when varlen is None, else packed.
 
     mask: a QueryMask. varlen: (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles,
-    bwd_tiles), e.g. `varlen_tables(layout, q)`.
+    bwd_tiles), e.g. `varlen_tables(layout, q)`. prefix_probs: return (out, the prefix
+    rows' probabilities) (see `_prefix_probs_kernel`).
     """
     packed = varlen if varlen is not None else (None, None, 0, None, None)
     cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
     # The custom ops' schemas take plain bools (torch.library has no QueryMask).
     args = (q, k, v, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen,
             num_prefix, mask.sees_prefix, mask.sees_self, mask.sees_queries, scale)
-    out, _ = _EagerAttention.apply(False, *args) if _eager(q, k, v) else _fwd_op(*args)
+    out, lse = _EagerAttention.apply(False, *args) if _eager(q, k, v) else _fwd_op(*args)
+    if prefix_probs:
+        return out, _prefix_probs_op(q, k, lse, cu_seqlens, queries, num_queries, max_seqlen, num_prefix, scale)
     return out
 
 
-def triton_qkvpacked_attention(qkv, num_queries, num_prefix, mask, scale, varlen=None):
+def triton_qkvpacked_attention(qkv, num_queries, num_prefix, mask, scale, varlen=None,
+                               prefix_probs=False):
     """As `triton_attention` on a packed qkv projection; the output is (B, L, H, D) or
     (T, H, D), and the gradient reaches qkv as one tensor."""
     packed = varlen if varlen is not None else (None, None, 0, None, None)
     cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
     args = (qkv, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen, num_prefix,
             mask.sees_prefix, mask.sees_self, mask.sees_queries, scale)
-    out, _ = _EagerAttention.apply(True, *args) if _eager(qkv) else _qkv_fwd_op(*args)
-    return out.transpose(1, 2) if qkv.dim() == 5 else out
+    out, lse = _EagerAttention.apply(True, *args) if _eager(qkv) else _qkv_fwd_op(*args)
+    out = out.transpose(1, 2) if qkv.dim() == 5 else out
+    if prefix_probs:
+        q, k, _ = _unpack(qkv)
+        return out, _prefix_probs_op(q, k, lse, cu_seqlens, queries, num_queries, max_seqlen, num_prefix, scale)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Prefix-row probabilities: an optional output
+# ----------------------------------------------------------------------------------------
+# The attention weights of the P prefix rows (CLS, registers) to every column, for callers
+# that read them (attention maps, attention-guided masking). Prefix rows see the visible
+# columns only, whatever the query options, and the forward saved their logsumexp: one
+# small kernel recomputes just these P rows' scores against every column and normalises
+# them with it. No other row is read again, and the attention kernels above are the same
+# whether or not a caller asks. The gradient is PyTorch's (P rows).
+
+
+@triton.jit
+def _prefix_probs_kernel(
+    Q, K, LSE, PROBS, CU_SEQLENS, NUM_QUERIES,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_lseb, stride_lseh,
+    stride_pb, stride_ph, stride_pp, stride_pl,
+    num_blocks, num_heads, seq_len, key_len, visible, total_tokens, num_prefix, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """probs[p, j] = exp2(s[p, j] * qk_scale - lse[p]) for the prefix rows p of one
+    (sequence, head) and one block of BLOCK_N columns; 0 for columns they do not see."""
+    block, b, h, start, seq_len, key_len, visible = _program(
+        num_blocks, num_heads, 0, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
+        NUM_QUERIES, None, VARLEN, False)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    rows = tl.arange(0, BLOCK_P)
+    row_ok = (rows < num_prefix) & (rows < seq_len)
+    cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < key_len
+    q = tl.load(Q + b * stride_qb + h * stride_qh + (start + rows[:, None]) * stride_ql
+                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    k_t = tl.load(K + b * stride_kb + h * stride_kh + (start + cols[None, :]) * stride_kl
+                  + offs_d[:, None] * stride_kd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    lse = tl.load(LSE + b * stride_lseb + h * stride_lseh + start + rows, mask=row_ok, other=0.0)
+    p = tl.exp2(dot(q, k_t, DOT) * qk_scale - lse[:, None])
+    p = tl.where(row_ok[:, None] & (cols < visible)[None, :], p, 0.0)
+    tl.store(PROBS + b * stride_pb + h * stride_ph + rows[:, None] * stride_pp
+             + (start + cols[None, :]) * stride_pl, p, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _empty_prefix_probs(q, k, num_prefix):
+    """(batch, heads, P, key_len) batched; (heads, P, tokens) packed: column j of a packed
+    row belongs to token j's own sequence."""
+    if q.dim() == 4:
+        return torch.empty(q.shape[0], q.shape[1], num_prefix, k.shape[2], dtype=torch.float32,
+                           device=q.device)
+    return torch.empty(q.shape[1], num_prefix, q.shape[0], dtype=torch.float32, device=q.device)
+
+
+def prefix_probs_fwd(q, k, lse, probs, geo, num_prefix, scale):
+    """Fill probs (fp32) from the forward's base-2 logsumexp `lse`."""
+    if probs.numel() == 0:
+        return
+    head_dim = q.shape[-1]
+    # Key tiles of 64 columns for rows up to 256 bytes (head_dim 128 in bf16), 32 for wider
+    # rows: fp32 at head_dim 256 spilled 4.7 KB in 64 columns, 96 bytes in 32 and 4.1 KB in
+    # 16 (ptxas, sm_90).
+    wide_rows = head_dim * q.element_size() > 256
+    block_n = 32 if triton_interpreter_enabled() or wide_rows else 64
+    max_len = geo.max_len if geo.cu_seqlens is not None else geo.key_len
+    blocks = triton.cdiv(max_len, block_n)
+    strides = probs.stride() if probs.dim() == 4 else (0, *probs.stride())
+    _prefix_probs_kernel[(blocks * geo.num_seqs * geo.heads,)](
+        q, k, lse, probs, geo.cu_seqlens, geo.num_queries,
+        *_bhld_strides(q), *_bhld_strides(k), *geo.lse_strides(), *strides,
+        blocks, geo.heads, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens, num_prefix,
+        scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_P=max(16, triton.next_power_of_2(num_prefix)), BLOCK_N=block_n,
+        BLOCK_D=block_d(head_dim), DOT=dot_mode(q.dtype), VARLEN=geo.cu_seqlens is not None,
+        num_warps=4, num_stages=1)
+
+
+def prefix_probs_bwd(grad, probs, q, k, cu_seqlens, num_prefix, scale):
+    """(dq, dk) of the prefix probabilities, by the softmax rule: for scores s = scale q.k,
+    ds = probs * (grad - rowsum(grad * probs)). Batched or packed, any float dtype."""
+    wide = probs.dtype
+    # The columns no prefix row sees have ds = 0; where() rather than a product keeps a
+    # NaN or inf there (0 x NaN is NaN) out of the prefix rows' dq and the column's dk.
+    if q.dim() == 4:
+        seen = (probs != 0).any(-2)[..., None]                                  # (B, H, L, 1)
+        ds = probs * (grad - (grad * probs).sum(-1, keepdim=True)) * scale
+        dq = torch.zeros(q.shape, dtype=wide, device=q.device)
+        dq[:, :, :num_prefix] = ds @ torch.where(seen, k.to(wide), 0)
+        dk = torch.where(seen, ds.transpose(-2, -1) @ q[:, :, :num_prefix].to(wide), 0)
+        return dq.to(q.dtype), dk.to(k.dtype)
+    # Packed: column j meets the prefix rows of its own sequence, tokens first[j] + p.
+    tokens = q.shape[0]
+    seq = torch.searchsorted(cu_seqlens, torch.arange(tokens, device=q.device, dtype=cu_seqlens.dtype),
+                             right=True) - 1
+    prefix_tokens = cu_seqlens[seq].long()[:, None] + torch.arange(num_prefix, device=q.device)
+    row_sums = torch.zeros(*probs.shape[:2], cu_seqlens.numel() - 1, dtype=wide, device=q.device)
+    row_sums.index_add_(2, seq, grad * probs)
+    ds = probs * (grad - row_sums[:, :, seq]) * scale                      # (H, P, T)
+    seen = (probs != 0).any(1).transpose(0, 1)[..., None]                   # (T, H, 1)
+    dk = torch.where(seen, torch.einsum("hpt,tphd->thd", ds, q[prefix_tokens].to(wide)), 0)
+    dq = torch.zeros(q.shape, dtype=wide, device=q.device)
+    dq.index_add_(0, prefix_tokens.flatten(),
+                  torch.einsum("hpt,thd->tphd", ds, torch.where(seen, k.to(wide), 0)).flatten(0, 1))
+    return dq.to(q.dtype), dk.to(k.dtype)
+
+
+@torch.library.custom_op("adclr_kernels::prefix_probs", mutates_args=())
+def _prefix_probs_op(q: Tensor, k: Tensor, lse: Tensor, cu_seqlens: Optional[Tensor],
+                     num_queries_t: Optional[Tensor], num_queries: int, max_seqlen: int,
+                     num_prefix: int, scale: float) -> Tensor:
+    probs = _empty_prefix_probs(q, k, num_prefix)
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, None, None, max_seqlen)
+    prefix_probs_fwd(q, k, lse, probs, geo, num_prefix, scale)
+    return probs
+
+
+@_prefix_probs_op.register_fake
+def _prefix_probs_fake(q, k, lse, cu_seqlens, num_queries_t, num_queries, max_seqlen, num_prefix, scale):
+    return _empty_prefix_probs(q, k, num_prefix)
+
+
+def _prefix_probs_setup(ctx, inputs, output):
+    q, k, _, cu_seqlens, *_, num_prefix, scale = inputs
+    ctx.save_for_backward(q, k, output, cu_seqlens)
+    ctx.num_prefix, ctx.scale = num_prefix, scale
+
+
+def _prefix_probs_backward(ctx, grad):
+    q, k, probs, cu_seqlens = ctx.saved_tensors
+    dq, dk = prefix_probs_bwd(grad, probs, q, k, cu_seqlens, ctx.num_prefix, ctx.scale)
+    return dq, dk, None, None, None, None, None, None, None
+
+
+_prefix_probs_op.register_autograd(_prefix_probs_backward, setup_context=_prefix_probs_setup)

@@ -1,7 +1,7 @@
 """Backend names, what can run here, and the one rule that picks a backend for a call.
 
-Both op families (unidirectional attention, the DINO head loss) have a Triton backend
-and PyTorch ones; `resolve` turns the caller's choice ("auto" or a name) into the
+Every op family (unidirectional attention, the DINO head loss, the crops) has a Triton
+backend and PyTorch ones; `resolve` turns the caller's choice ("auto" or a name) into the
 backend that runs, or raises, naming the reason, before anything is launched.
 """
 
@@ -13,6 +13,7 @@ import torch
 
 BACKENDS = ("auto", "triton", "reference", "sdpa", "flex", "xformers")  # unidirectional attention
 DINO_LOSS_BACKENDS = ("auto", "triton", "torch")                        # dino_head_loss
+CROPS_BACKENDS = ("auto", "triton", "torch")                            # crop_resize
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FLOAT_DTYPES = TRITON_DTYPES + (torch.float64,)
 TRITON_MAX_DIM = 256  # the widest head (attention) or feature row (DINO loss) the kernels take
@@ -52,6 +53,16 @@ def check_backend_name(backend, known=BACKENDS):
         raise ValueError(f"backend must be one of {known}, got {backend!r}")
 
 
+def check_triton_device(device, what="tensors"):
+    """Raise unless Triton kernels can run on `device`: CUDA, meta (shapes traced through
+    the custom ops' fake implementations), or CPU in Triton's interpreter."""
+    if not (device.type in ("cuda", "meta")
+            or (device.type == "cpu" and triton_interpreter_enabled())):
+        raise RuntimeError(f"backend='triton' needs CUDA {what} (got device {device}); "
+                           "set TRITON_INTERPRET=1 before importing adclr_kernels to run "
+                           "the kernels on CPU in Triton's interpreter")
+
+
 def resolve(backend, x, *, known=BACKENDS, fallback="sdpa", dtype=None, dim_name="head_dim",
             requires_grad=False):
     """The backend a call on x runs on.
@@ -68,12 +79,7 @@ def resolve(backend, x, *, known=BACKENDS, fallback="sdpa", dtype=None, dim_name
             return "triton"
         return fallback
     if backend == "triton":
-        # Meta tensors trace shapes through the custom ops' fake implementations.
-        if not (x.is_cuda or x.device.type == "meta"
-                or (x.device.type == "cpu" and triton_interpreter_enabled())):
-            raise RuntimeError(f"backend='triton' needs CUDA tensors (got device {x.device}); "
-                               "set TRITON_INTERPRET=1 before importing adclr_kernels to run "
-                               "the kernels on CPU in Triton's interpreter")
+        check_triton_device(x.device)
         if dtype not in TRITON_DTYPES:
             raise TypeError(f"backend='triton' takes float16, bfloat16 or float32, got {dtype}")
         if dim > TRITON_MAX_DIM:

@@ -165,16 +165,42 @@ def _check_pairing(pairing):
     return flat, len(rows)
 
 
+# The smallest temperature taken: the smallest normal float32. Below it the kernels'
+# 1 / temp overflows to inf, and the loss and its gradients turn to NaN.
+MIN_TEMP = torch.finfo(torch.float32).tiny
+
+
 def _check_temp(name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+    if value < MIN_TEMP:
+        raise ValueError(f"{name} must be at least {MIN_TEMP:.3g} (the smallest normal float32; "
+                         f"1 / {name} must be finite), got {value!r}")
     return float(value)
+
+
+def _teacher_temp_tensor(value, device):
+    """teacher_temp as the op takes it: a float64 0-dim tensor on `device`.
+
+    A tensor stays on the device (its value is not checked: that would wait for it), so a
+    schedule that changes it every step neither synchronises nor, under torch.compile,
+    recompiles, and a CUDA graph reads its current value.
+    """
+    if not isinstance(value, torch.Tensor):
+        return torch.full((), _check_temp("teacher_temp", value), dtype=torch.float64, device=device)
+    if value.numel() != 1 or not value.is_floating_point():
+        raise ValueError("teacher_temp must be a positive finite float or a one-element floating-point "
+                         f"tensor, got a {value.dtype} tensor of shape {tuple(value.shape)}")
+    if value.device != device:
+        raise RuntimeError(f"teacher_temp must be on student's device {device}, got {value.device}")
+    return value.detach().to(torch.float64).reshape(())
 
 
 def check_inputs(student, teacher, weight, center, pairing, student_temp, teacher_temp,
                  teacher_weight, gain, teacher_gain):
-    """Validate a call; returns (flat pairing, teacher views, temperatures). Raises
-    before anything runs, with the argument's name."""
+    """Validate a call; returns (flat pairing, teacher views, student_temp as a float,
+    teacher_temp as a float64 0-dim tensor). Raises before anything runs, with the
+    argument's name."""
     for name, t in (("student", student), ("teacher", teacher), ("weight", weight), ("center", center),
                     ("teacher_weight", teacher_weight), ("gain", gain), ("teacher_gain", teacher_gain)):
         if t is None and name in ("teacher_weight", "gain", "teacher_gain"):
@@ -215,7 +241,7 @@ def check_inputs(student, teacher, weight, center, pairing, student_temp, teache
                          f"{teacher.shape[0]} / {num_teacher_views}, student {student.shape[0]} / "
                          f"{num_student_views}")
     return (flat, num_teacher_views, _check_temp("student_temp", student_temp),
-            _check_temp("teacher_temp", teacher_temp))
+            _teacher_temp_tensor(teacher_temp, student.device))
 
 
 # ----------------------------------------------------------------------------------------
@@ -226,7 +252,7 @@ def check_inputs(student, teacher, weight, center, pairing, student_temp, teache
 @torch.library.custom_op("adclr_kernels::dino_head_loss_fwd", mutates_args=())
 def _fwd_op(student: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
             teacher_weight: torch.Tensor, center: torch.Tensor, pairing: list[float],
-            num_teacher_views: int, student_temp: float, teacher_temp: float,
+            num_teacher_views: int, student_temp: float, teacher_temp: torch.Tensor,
             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.autocast(student.device.type, enabled=False):
         return dino_head_loss_fwd(student, teacher, weight, teacher_weight, center, pairing,
@@ -245,7 +271,7 @@ def _fwd_fake(student, teacher, weight, teacher_weight, center, *args):
 def _bwd_op(grad_loss: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor,
             weight: torch.Tensor, teacher_weight: torch.Tensor, center: torch.Tensor,
             student_lse: torch.Tensor, teacher_lse: torch.Tensor, pairing: list[float],
-            num_teacher_views: int, student_temp: float, teacher_temp: float,
+            num_teacher_views: int, student_temp: float, teacher_temp: torch.Tensor,
             backend: str) -> torch.Tensor:
     with torch.autocast(student.device.type, enabled=False):
         return dino_head_loss_bwd(grad_loss, student, teacher, weight, teacher_weight, center,
@@ -259,22 +285,24 @@ def _bwd_fake(grad_loss, student, teacher, weight, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, weight, teacher_weight, center, *args = inputs
+    student, teacher, weight, teacher_weight, center, pairing, num_views, student_temp, teacher_temp, backend = inputs
     _, teacher_mean, student_lse, teacher_lse, student_grad = output
-    ctx.save_for_backward(student, teacher, weight, teacher_weight, center, student_lse,
+    ctx.save_for_backward(student, teacher, weight, teacher_weight, center, teacher_temp, student_lse,
                           teacher_lse, student_grad)
-    ctx.args = args
+    ctx.args = (pairing, num_views, student_temp, backend)
     ctx.mark_non_differentiable(teacher_mean, student_lse, teacher_lse, student_grad)
 
 
 def _backward(ctx, grad_loss, *unused):
-    student, teacher, weight, teacher_weight, center, student_lse, teacher_lse, student_grad = ctx.saved_tensors
+    (student, teacher, weight, teacher_weight, center, teacher_temp, student_lse, teacher_lse,
+     student_grad) = ctx.saved_tensors
+    pairing, num_views, student_temp, backend = ctx.args
     grad_student = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_student = (grad_loss * student_grad).to(student.dtype)
     if ctx.needs_input_grad[2]:
-        grad_weight = _bwd_op(grad_loss, student, teacher, weight, teacher_weight, center,
-                              student_lse, teacher_lse, *ctx.args)
+        grad_weight = _bwd_op(grad_loss, student, teacher, weight, teacher_weight, center, student_lse,
+                              teacher_lse, pairing, num_views, student_temp, teacher_temp, backend)
     return grad_student, None, grad_weight, None, None, None, None, None, None, None
 
 
@@ -298,7 +326,9 @@ def dino_head_loss(student, teacher, weight, center, pairing, *, student_temp, t
         center: (out_dim,) or (1, out_dim), subtracted from the teacher logits.
         pairing: teacher_views x student_views nested list of weights, e.g.
             `dino_pairing(num_crops)`; row b of a view is paired with row b of another.
-        student_temp, teacher_temp: positive floats.
+        student_temp, teacher_temp: positive floats; teacher_temp may also be a
+            one-element tensor on the student's device (a schedule's value: read there,
+            never synchronised, not checked).
         teacher_weight: the teacher's last-layer weight (default: the student's weight
             and gain, detached).
         gain, teacher_gain: (out_dim,) weight-norm gains g (default 1: DINO's

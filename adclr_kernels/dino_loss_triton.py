@@ -24,15 +24,16 @@ def _row_softmax_kernel(
     num_rows, num_cols, dim, cols_per_split,
     stride_xm, stride_xd, stride_lk, stride_ld, stride_vk, stride_vd,
     stride_lse_s, stride_out_s, stride_out_m, stride_out_d,
-    scale,
+    SCALE,
     HAS_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT: tl.constexpr,
 ):
     """Rows m of X, columns [split * cols_per_split, ...): the base-e logsumexp of
     (x W_logit^T - shift) / T and softmax(...) @ W_value, for this split of the columns.
 
-    scale = log2(e) / T: scores are kept in base 2 so that the softmax uses exp2.
+    SCALE holds log2(e) / T: scores are kept in base 2 so that the softmax uses exp2.
     """
+    scale = tl.load(SCALE)
     split = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -102,10 +103,13 @@ def _weight_grad_kernel(
     stride_xs_m, stride_xs_d, stride_vs_m, stride_vs_d,
     stride_xt_m, stride_xt_d, stride_vt_m, stride_vt_d,
     stride_wk, stride_wd, stride_wtk, stride_wtd, stride_dwk, stride_dwd,
-    student_scale, teacher_scale,
+    SCALES,
     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
 ):
-    """dW for one tile of columns: GRAD_SCALE * (P_s^T VS - P_t^T VT)."""
+    """dW for one tile of columns: GRAD_SCALE * (P_s^T VS - P_t^T VT); SCALES holds
+    log2(e) / T for the student, then the teacher."""
+    student_scale = tl.load(SCALES)
+    teacher_scale = tl.load(SCALES + 1)
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = cols < num_cols
@@ -162,6 +166,18 @@ def _empty(*shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _log2e_over(temps, device):
+    """log2(e) / T for each temperature, float32 on the device, where the kernels read it.
+
+    A temperature may be a tensor (a schedule's value on the device): it is never brought
+    to the host, so nothing waits for it and a CUDA graph replays it with its new value.
+    Computed in float64, then rounded once, as a Python float's quotient would be.
+    """
+    parts = [t.detach().to(torch.float64).reshape(1) if isinstance(t, torch.Tensor)
+             else torch.full((1,), float(t), dtype=torch.float64, device=device) for t in temps]
+    return (LOG2E / torch.cat(parts)).float()
+
+
 def _num_splits(x, num_rows, num_cols, cfg):
     """Column splits per row block: enough programs for two per SM, none empty."""
     col_tiles = triton.cdiv(num_cols, cfg["BLOCK_K"])
@@ -174,6 +190,8 @@ def _num_splits(x, num_rows, num_cols, cfg):
 def row_softmax(x, w_logit, w_value, temp, shift=None, num_splits=None):
     """Triton: per row of x, lse = logsumexp((x W_logit^T - shift) / temp) (base e) and
     softmax(...) @ W_value. Returns (lse (rows,), out (rows, D)) in float32.
+
+    temp: a float, or a one-element tensor on x's device.
 
     num_splits: column splits per row block (default: enough to fill the GPU).
     """
@@ -193,7 +211,7 @@ def row_softmax(x, w_logit, w_value, temp, shift=None, num_splits=None):
         x, w_logit, w_value, shift, lse, out,
         num_rows, num_cols, dim, cols_per_split,
         *x.stride(), *w_logit.stride(), *w_value.stride(), lse.stride(0), *out.stride(),
-        LOG2E / temp,
+        _log2e_over([temp], x.device),
         HAS_SHIFT=shift is not None, BLOCK_D=padded_dim, DOT=dot_mode(x.dtype), **cfg)
     if num_splits == 1:
         return lse[0], out[0]
@@ -216,6 +234,6 @@ def weight_grad(student, student_lse, student_values, teacher, teacher_lse, teac
         student.shape[0], teacher.shape[0], num_cols, dim,
         *student.stride(), *student_values.stride(), *teacher.stride(), *teacher_values.stride(),
         *weight.stride(), *teacher_weight.stride(), *grad.stride(),
-        LOG2E / student_temp, LOG2E / teacher_temp,
+        _log2e_over([student_temp, teacher_temp], weight.device),
         BLOCK_D=padded_dim, DOT=dot_mode(weight.dtype), **cfg)
     return grad

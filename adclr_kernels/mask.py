@@ -12,7 +12,7 @@ For row i and key column j:
   `sees_queries` (which implies `sees_self`).
 
 `QueryMask.sees` is the rule in PyTorch (the only place it is written so); the Triton
-kernels state it again, tile by tile, in `attention_triton._sees`.
+kernels state it again as the column ranges each row block walks (`attention_triton`).
 """
 
 from __future__ import annotations

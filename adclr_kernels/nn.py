@@ -23,6 +23,8 @@ class UnidirectionalAttention(nn.Module):
         x: (batch, seq, dim), or packed (total_tokens, dim) with `cu_seqlens`: a
             `VarlenLayout` (num_queries None), or offsets (then num_queries may be a
             per-sequence tensor).
+        return_prefix_probs: return (output, the prefix rows' attention probabilities),
+            as the op gives them: (batch, heads, P, seq), or (heads, P, total_tokens).
     """
 
     def __init__(self, dim, num_heads=8, attn_head_dim=None, dim_out=None, qkv_bias=False,
@@ -52,13 +54,13 @@ class UnidirectionalAttention(nn.Module):
 
     def forward(self, x, num_queries=0, num_prefix=1, *, query_sees_prefix=False,
                 query_sees_self=False, query_sees_queries=False, cu_seqlens=None,
-                max_seqlen=None, backend=None, attn_mask=None, is_causal=False):
+                max_seqlen=None, backend=None, attn_mask=None, is_causal=False, return_prefix_probs=False):
         if attn_mask is not None or is_causal:
             raise ValueError("UnidirectionalAttention builds its own mask from num_queries and "
                              "num_prefix; attn_mask and is_causal are not supported")
         options = dict(query_sees_prefix=query_sees_prefix, query_sees_self=query_sees_self,
                        query_sees_queries=query_sees_queries, scale=self.scale,
-                       backend=backend or self.backend)
+                       backend=backend or self.backend, return_prefix_probs=return_prefix_probs)
         if isinstance(cu_seqlens, VarlenLayout) and num_queries == 0:
             num_queries = None  # the layout holds the query counts
         tokens = x.shape[:-1]
@@ -80,9 +82,10 @@ class UnidirectionalAttention(nn.Module):
             if cu_seqlens is None:
                 q, k, v = (t.transpose(1, 2) for t in (q, k, v))
                 out = unidirectional_attention(q, k, v, num_queries, num_prefix, **options)
-                out = out.transpose(1, 2)
+                out = (out[0].transpose(1, 2), out[1]) if return_prefix_probs else out.transpose(1, 2)
             else:
                 out = unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries, num_prefix,
                                                       max_seqlen=max_seqlen, **options)
-        out = self.norm(out.reshape(*tokens, self.attn_dim))
-        return self.proj_drop(self.proj(out))
+        out, probs = out if return_prefix_probs else (out, None)
+        out = self.proj_drop(self.proj(self.norm(out.reshape(*tokens, self.attn_dim))))
+        return (out, probs) if return_prefix_probs else out

@@ -72,7 +72,9 @@ class VarlenLayout:
     def check(self, num_prefix, mask):
         """Every sequence has room for the prefix, and every query row sees something
         (mask: a `QueryMask`)."""
-        key = (num_prefix, mask)
+        # Plain values, not the QueryMask itself: under torch.compile the set's update is
+        # replayed after the graph, and Dynamo cannot rebuild a frozen dataclass it made.
+        key = (num_prefix, mask.sees_prefix, mask.sees_self, mask.sees_queries)
         if key in self._checked:
             return
         for s, (length, nq) in enumerate(zip(self.seqlens, self.queries)):

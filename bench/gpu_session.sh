@@ -5,6 +5,8 @@
 # only itself.
 #
 #   here, once:  pip download --no-deps -d .wheels kornia kornia_rs xformers   # no network there
+#                plus torchvision for --decode gpu: the release that matches the device's torch
+#                (0.26 for torch 2.11), from the PyTorch index of its CUDA (e.g. .../whl/cu130)
 #   device run:  bash bench/gpu_session.sh [STAGE ...]      (carry: [".wheels"])
 #
 # First run (H200, 2026-11-26; bench/NOTES.md): tests ~150 s (most of it compiling),
@@ -12,10 +14,17 @@
 # 35 s to start the machine: a 15-minute lease holds every stage in two calls.
 #
 # Stages (default: all, in this order): tests ops train calibrate opsflex trainflex tune
-# head. Not in the default list, run on its own: compare (`adclr compare` at a budget a
-# CPU cannot afford, sized for about five minutes; its table lands in compare/). The
-# reports are made afterwards, anywhere: python -m bench.report ops.json
-# opsflex.json (the split files merge, ratios over the union).
+# head input profile wholestep. Not in the default list, run on its own: compare (`adclr
+# compare` at a budget a CPU cannot afford, sized for about five minutes; its table lands
+# in compare/). The reports are made afterwards, anywhere: python -m
+# bench.report ops.json opsflex.json (the split files merge, ratios over the union).
+# input runs nvJPEG's crops and adclr train on generated JPEGs per --decode;
+# train times the step eagerly (train.json), then compiled three ways (--compile on,
+# step, graph: traincompiled.json, its own limit: inductor compiles each first);
+# profile splits one ViT-S/16 step eager and as a CUDA graph (bench.profile);
+# wholestep checks the whole-step graph on the GPU (compiles once per freeze state,
+# no CUDA graph skipped, losses within bf16 of eager). The limits of input, profile
+# and wholestep are estimates until they have run once (bench/NOTES.md).
 # Everything lands in $OUT/results.tgz (bench/results/<device>/... once unpacked here)
 # and a one-line-per-stage $OUT/summary.txt; the archive is rewritten after each stage,
 # so a call cut short still returns what finished.
@@ -36,6 +45,8 @@ mkdir -p "$RES"
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   python -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
   python -c "import kornia; print('kornia', kornia.__version__)" 2>&1 | tail -1
+  python -c "import torchvision; print('torchvision', torchvision.__version__)" 2>&1 | tail -1
+  echo "cpus $(nproc)"; df -h /dev/shm | tail -1   # loader workers hand batches over in /dev/shm
 } 2>&1 | tee "$RES/versions.txt"
 
 stage() {  # stage NAME LIMIT_S COMMAND...
@@ -64,7 +75,10 @@ run_stage() {
       stage opsflex 110 $BENCH bench/test_attention.py -k "flex and backward and $FLEX_SHAPES" \
         --benchmark-json="$RES/opsflex.json" ;;
     train)
-      stage train 100 $BENCH bench/test_train_step.py -k "not flex" --benchmark-json="$RES/train.json" ;;
+      stage train 100 $BENCH bench/test_train_step.py -k "not flex and not compile" \
+        --benchmark-json="$RES/train.json"
+      stage traincompiled 480 python -m pytest -q -p no:cacheprovider --timeout 300 bench/test_train_step.py \
+        -k compile --benchmark-json="$RES/traincompiled.json" ;;
     trainflex)
       stage trainflex 120 $BENCH bench/test_train_step.py -k flex --benchmark-json="$RES/trainflex.json" ;;
     calibrate)
@@ -82,11 +96,20 @@ run_stage() {
       mkdir -p "$RES/compare"
       tar -C /tmp/adclr-compare --exclude='*.pt' --exclude=tensorboard -cf - . | tar -C "$RES/compare" -xf -
       tar -C /tmp/adclr-results -czf "$OUT/results.tgz" bench ;;
+    input)  # nvJPEG's crops and a --decode gpu run, then adclr train on generated JPEGs per --decode
+      stage input 330 bash -c "python -m pytest -q -p no:cacheprovider tests/adclr/test_data_decode.py \
+        tests/adclr/test_train_input.py -k 'nvjpeg or on_cuda' -rs; \
+        $BENCH bench/test_input.py -k end_to_end -rs --benchmark-json=$RES/input.json" ;;
+    profile)  # ViT-S/16, 128 images: where the step's device time goes, eager and as a CUDA graph
+      stage profile 120 python -m bench.profile --compile off --json "$RES/profile.json"
+      stage profilegraph 300 python -m bench.profile --compile graph --json "$RES/profilegraph.json" ;;
+    wholestep)
+      stage wholestep 300 python -m pytest tests/adclr/test_train.py -k whole_step_on_cuda -v --tb=short -rf -p no:cacheprovider ;;
     *) echo "unknown stage $1" ;;
   esac
 }
 
-for s in "${@:-tests ops train calibrate opsflex trainflex tune head}"; do
+for s in "${@:-tests ops train calibrate opsflex trainflex tune head input profile wholestep}"; do
   for one in $s; do run_stage "$one"; done
 done
 tar -C /tmp/adclr-results -czf "$OUT/results.tgz" bench

@@ -12,18 +12,21 @@ their time is split into BUCKETS:
   from the first step's start to the last kernel's end;
 - on CPU, the step's wall time: each operator's self time, and as "idle / host" the
   time spent outside any computing operator (Python, dispatch, autograd bookkeeping,
-  allocation, views).
+  allocation, views). A compiled step's C++ kernels (Inductor's) are profiled as ranges
+  of their own (its cpp.enable_kernel_profile), else their time would be the compiled
+  graph's call, host time.
 
 A piece of time is classified by the names around it: the kernel, the operator that
 launched it, every operator and record_function range it ran inside, and for backward
 work the forward operator whose gradient it computes (autograd's sequence numbers).
 CONTEXT is tried first on all of those names, then KINDS on the kernel's or operator's
 own name; the first pattern that matches wins. The ranges come from the step itself
-when it has them (the optimizer's own "Optimizer.step#..."; RANGES), and this tool
-opens RANGES around the loss and, in eager mode, around the teacher, the student and the
-DINO heads, with module hooks (a range opened in a hook would break a compiled graph, so
-a compiled model's time is classified by kernel and operator names alone). A second
-table splits the same time by range.
+(RANGES: `adclr.train.train_step` opens them around its phases, and the optimizer its own
+"Optimizer.step#..."), and in eager mode this tool adds "adclr/head" around the DINO
+heads with module hooks. Inside a compiled graph there are no ranges (Dynamo drops
+them): with --compile on the models' time, and with --compile step or graph the whole
+step's, is classified by kernel and operator names alone. A second table splits the
+same time by range.
 
 On a CPU shared with other work, OMP_NUM_THREADS=1 keeps the figures steady.
 """
@@ -64,6 +67,9 @@ CONTEXT = (
 )
 # Tried on the kernel's name, then on its operator's.
 KINDS = (
+    # A compiler's fused kernels (Inductor's Triton and C++ ones, named after the ops in
+    # them) are elementwise and reduction work even when a copy is among those ops.
+    ("norms + elementwise", r"^triton_(poi|red|per)_|^(graph_\d+_)?cpp_fused_"),
     ("copies", r"[Cc]opy|Memcpy|Memset|CatArray|FillFunctor|index_select|gather|scatter"
                r"|^aten::(cat|stack|repeat|index|clone|contiguous|fill_|zero_|zeros|ones|full"
                r"|new_zeros|ones_like|zeros_like|flip|constant_pad_nd|to|_to_copy"
@@ -81,11 +87,10 @@ KINDS = (
                     r"|^CompiledFunction|^Torch-Compiled Region|^TorchDynamo|CompiledFxGraph"
                     r"|bytecode|AOTDispatcher"),
     ("norms + elementwise", r"norm|elementwise|reduce|[Rr]eduction|gelu|softmax|Functor"
-                            r"|triton_(poi|red|per)_|^aten::|^prims::"),
+                            r"|^aten::|^prims::"),
 )
 
-# The ranges this tool opens in eager mode, and would have the step open itself:
-# (range, phase in the second table).
+# The ranges the step opens (adclr.train.train_step): (range, phase in the second table).
 RANGES = {"adclr/teacher": "teacher forward", "adclr/student": "student forward",
           "adclr/loss": "loss", "adclr/backward": "backward", "adclr/clip": "clip",
           "adclr/optimizer": "optimizer", "adclr/ema": "EMA"}
@@ -225,8 +230,9 @@ STEADY_STEP = 10_000  # past the warm-ups and the last-layer freeze: every param
 
 
 def add_ranges(trainer):
-    """Open RANGES around the loss and, unless they are compiled, the teacher, the
-    student and their heads. Returns the function that removes them."""
+    """Open "adclr/head" around both DINO heads, unless the models run compiled (a hook in
+    a compiled graph is traced, its range dropped). The step opens RANGES itself where it
+    runs eagerly. Returns the function that removes them."""
     handles, open_ranges = [], []
 
     def around(module, name):
@@ -237,23 +243,13 @@ def add_ranges(trainer):
             open_ranges.pop().__exit__(None, None, None)
         handles.extend([module.register_forward_pre_hook(enter), module.register_forward_hook(leave)])
 
-    if not trainer.compiled:  # a hook inside a compiled module would break its graph
-        around(trainer.teacher, "adclr/teacher")
-        around(trainer.student_module, "adclr/student")
+    if not trainer.compiled:
         around(trainer.teacher.head, "adclr/head")
         around(trainer.student_module.head, "adclr/head")
-    around(trainer.loss, "adclr/loss")
-    fused = trainer.loss.fused
-
-    def ranged_fused(*args, **kwargs):
-        with record_function("adclr/loss"):
-            return fused(*args, **kwargs)
-    trainer.loss.fused = ranged_fused
 
     def remove():
         for h in handles:
             h.remove()
-        del trainer.loss.fused
     return remove
 
 
@@ -350,6 +346,10 @@ def main(argv=None):
     warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 2)
     time_steps = args.time_steps or (10 if on_cuda else 3)
 
+    if not on_cuda:  # inductor's C++ kernels as ranges of their own, not the compiled graph's time
+        from torch._inductor import config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     seconds, kinds, phases = run(cfg, device, warmup, time_steps, args.steps)
     flops, breakdown = step_flops(cfg)
     peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if on_cuda else None)

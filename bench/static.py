@@ -435,8 +435,8 @@ def loops(compiled):
 # ----------------------------------------------------------------------------------------
 # 4. Trip counts, and the time model
 # ----------------------------------------------------------------------------------------
-# The range arithmetic below mirrors the kernels' (`_key_ranges`, `_column_splits`,
-# `_dkdv_row_range`, `_dkdv_row_splits` in adclr_kernels/attention_triton.py), argument for
+# The range arithmetic below mirrors the kernels' (`_key_ranges`, `_dkdv_row_range`,
+# `_dkdv_passes` in adclr_kernels/attention_triton.py), argument for
 # argument; tests/bench/test_static_model.py runs both over a grid of layouts, blocks and masks.
 
 
@@ -451,59 +451,65 @@ class Sequence:
         return self.seq_len - self.num_queries
 
 
+PREFIX_BLOCK = 16  # attention_triton.PREFIX_BLOCK
+
+
 def _trips(lo, hi, step):
     return max(0, -(-(hi - lo) // step))
 
 
 def _key_ranges(m0, seq_len, key_len, visible, num_prefix, block_m, mask):
-    """Columns [lo1, hi1) (visible) and [lo2, hi2) (query keys) the row block m0 walks."""
-    lo1 = num_prefix if (m0 >= visible and not mask.sees_prefix) else 0
+    """Columns [lo1, hi1) (visible) and [lo2, hi2) (query keys) the tiles of row block m0
+    walk, and the prefix columns [0, p_hi) its raw rows walk one by one."""
+    holds_queries = m0 + block_m > visible and visible < seq_len
+    lo1 = num_prefix if (holds_queries and not mask.sees_prefix) else 0
+    p_hi = lo1 if m0 < visible else 0
     hi1, lo2, hi2 = visible, visible, visible
-    if m0 + block_m > visible:
-        if mask.sees_queries:
-            hi2 = key_len
-        elif mask.sees_self:
-            lo2, hi2 = max(m0, visible), min(m0 + block_m, key_len)
+    if mask.sees_queries and m0 + block_m > visible:
+        hi2 = key_len
     if m0 >= seq_len:
-        hi1, hi2 = lo1, lo2
-    return lo1, hi1, lo2, hi2
-
-
-def _column_splits(m0, seq_len, visible, num_prefix, lo, hi, block_m, block_n, mask):
-    """[lo, c1) prefix tiles under the full rule, [c1, c2) whole tiles, [c2, hi) the last."""
-    c1 = lo
-    if not mask.sees_prefix and m0 < visible < min(m0 + block_m, seq_len) and num_prefix > 0:
-        c1 = min(lo + -(-(num_prefix - lo) // block_n) * block_n, hi)
-    return c1, c1 + (hi - c1) // block_n * block_n
+        hi1, hi2, p_hi = lo1, lo2, 0
+    return lo1, hi1, lo2, hi2, p_hi
 
 
 def _dkdv_row_range(n0, seq_len, visible, num_prefix, block_n, mask):
-    """Rows [lo, hi) that see some column of the key block n0."""
+    """Rows [lo, hi) that see some column of the key block n0 other than their own."""
     if n0 < visible:
         return 0, (seq_len if mask.sees_prefix or n0 + block_n > num_prefix else visible)
     if mask.sees_queries:
         return visible, seq_len
-    if mask.sees_self:
-        return n0, min(n0 + block_n, seq_len)
     return 0, 0
 
 
-def _dkdv_row_splits(n0, lo, hi, visible, num_prefix, block_m, block_n, mask):
-    """[lo, r1) rows that see the whole key block n0, [r1, hi) rows under the full rule."""
-    if n0 + block_n > visible:
-        return lo
-    if mask.sees_prefix or n0 >= num_prefix:
-        return hi
-    return min(max(lo + (visible - lo) // block_m * block_m, lo), hi)
+def _dkdv_passes(n0, lo, hi, visible, num_prefix, block_n, mask):
+    """(a0, a1, b0, b1, r0): the two passes [a0, a1), [b0, b1) over the rows of key block
+    n0, and [r0, hi), the query rows taken one by one."""
+    has_prefix = not mask.sees_prefix and n0 < num_prefix
+    has_queries = mask.sees_queries and n0 + block_n > visible
+    a0, a1, b0, b1, r0 = lo, hi, hi, hi, hi
+    if (has_prefix or has_queries) and lo < visible < hi:
+        if has_queries:
+            a1 = visible
+            if has_prefix:
+                r0 = visible
+            else:
+                b0 = visible
+        else:
+            a0, b0, b1 = visible, lo, visible
+    return a0, a1, b0, b1, r0
 
 
 def _row_block_trips(m0, s, block_m, block_n, loop, mask):
     """Trips of the four column loops of a row block (forward, and dQ)."""
     if m0 >= s.seq_len:
         return {}
-    lo1, hi1, lo2, hi2 = _key_ranges(m0, s.seq_len, s.seq_len, s.visible, s.num_prefix, block_m, mask)
-    c1, c2 = _column_splits(m0, s.seq_len, s.visible, s.num_prefix, lo1, hi1, block_m, block_n, mask)
-    return {f"{loop}prefix": _trips(lo1, c1, block_n), f"{loop}interior": _trips(c1, c2, block_n),
+    lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, s.seq_len, s.seq_len, s.visible, s.num_prefix,
+                                           block_m, mask)
+    c2 = lo1 + (hi1 - lo1) // block_n * block_n
+    # The prefix columns: one loop over groups of PREFIX_BLOCK, and one trip per column.
+    values = "prefix_values" if loop == "fwd." else "prefix_keys"
+    return {f"{loop}prefix": _trips(0, p_hi, PREFIX_BLOCK), f"{loop}{values}": p_hi,
+            f"{loop}interior": _trips(lo1, c2, block_n),
             f"{loop}boundary": _trips(c2, hi1, block_n), f"{loop}queries": _trips(lo2, hi2, block_n)}
 
 
@@ -512,8 +518,9 @@ def _key_block_trips(n0, s, block_m, block_n, mask):
     if n0 >= s.seq_len:  # the op's keys: every token of the sequence
         return {}
     lo, hi = _dkdv_row_range(n0, s.seq_len, s.visible, s.num_prefix, block_n, mask)
-    r1 = _dkdv_row_splits(n0, lo, hi, s.visible, s.num_prefix, block_m, block_n, mask)
-    return {"bwd.dkdv_interior": _trips(lo, r1, block_m), "bwd.dkdv_masked": _trips(r1, hi, block_m)}
+    a0, a1, b0, b1, r0 = _dkdv_passes(n0, lo, hi, s.visible, s.num_prefix, block_n, mask)
+    return {"bwd.dkdv_interior": _trips(a0, a1, block_m), "bwd.dkdv_second": _trips(b0, b1, block_m),
+            "bwd.dkdv_rows": _trips(r0, hi, block_m), "bwd.dkdv_row": hi - r0}
 
 
 def _program_blocks(launch, seqs, heads, block):

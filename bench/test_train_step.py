@@ -3,7 +3,9 @@
 The step is `adclr.train.train_step`: student and teacher forward, loss, backward,
 grad clipping, AdamW, EMA of the teacher and the centres, on a synthetic batch that is
 already on the device (`adclr.data.synthetic_batch`), so data loading is not timed.
-On CUDA it is ViT-S/16 with full multi-crop under bf16 autocast; on CPU a tiny model.
+On CUDA it is ViT-S/16 with full multi-crop under bf16 autocast; on CPU a tiny model,
+eager only. Each result also records the step's model FLOPs, TFLOP/s and, on a GPU
+with a known peak, MFU (`adclr.flops`).
 """
 
 import dataclasses
@@ -16,6 +18,7 @@ from bench.workloads import OP_BACKENDS, skip_reason
 try:
     from adclr.data import synthetic_batch
     from adclr.config import Config
+    from adclr.flops import mfu, peak_tflops, step_flops
     from adclr.train import build, train_step
 except ImportError as error:  # the trainer is optional for the op benchmarks
     pytest.skip(f"the trainer API (adclr.train.build/train_step, adclr.data.synthetic_batch) "
@@ -45,26 +48,41 @@ def _label(cfg):
             f"out_dim={cfg.out_dim})")
 
 
-# Every backend runs the per-resolution path (one backbone pass per crop size), the
-# like-for-like comparison; the backends with a real varlen kernel also run packed
-# (every crop in one pass), reported as "<backend>+packed" in the same group.
-STEPS = [(b, "off") for b in OP_BACKENDS] + [("triton", "on"), ("flex", "on")]
+# Every backend runs the per-resolution path (one backbone pass per crop size), eagerly:
+# the like-for-like comparison; the backends with a real varlen kernel also run packed
+# (every crop in one pass), reported as "<backend>+packed" in the same group. The packed
+# Triton step (the CUDA default) also runs under each --compile: "+compile-on" (student
+# and teacher), "+compile-step" (the whole step, one graph), "+compile-graph" (that,
+# replayed as a CUDA graph).
+STEPS = ([(b, "off", "off") for b in OP_BACKENDS] + [("triton", "on", "off"), ("flex", "on", "off")]
+         + [("triton", "on", mode) for mode in ("on", "step", "graph")])
+COMPILED = {"off": "", "on": "+compile-on", "step": "+compile-step", "graph": "+compile-graph"}
 
 
-@pytest.mark.parametrize("attention,pack_crops", STEPS,
-                         ids=[b + ("+packed" if p == "on" else "") for b, p in STEPS])
-def test_train_step(measure, attention, pack_crops):
+def _name(attention, pack_crops, compile):
+    return attention + ("+packed" if pack_crops == "on" else "") + COMPILED[compile]
+
+
+@pytest.mark.parametrize("attention,pack_crops,compile", STEPS, ids=[_name(*s) for s in STEPS])
+def test_train_step(measure, benchmark, attention, pack_crops, compile):
     reason = skip_reason(attention, DEVICE, "forward+backward")
     if reason:
         pytest.skip(reason)
+    if compile != "off" and not ON_CUDA:
+        pytest.skip("compiled steps are timed on CUDA only (on CPU inductor builds C++ for a step "
+                    "whose figures would say nothing of the GPU's)")
     cfg = Config(**CONFIG, batch_size=IMAGES, attention=attention, pack_crops=pack_crops,
-                 device=DEVICE.type)
+                 compile=compile, device=DEVICE.type)
     trainer = build(cfg, DEVICE)
     batch = synthetic_batch(cfg, IMAGES, DEVICE)
 
-    label = attention + ("+packed" if pack_crops == "on" else "")
     measure(lambda: train_step(trainer, batch, STEADY_STEP), mode="train step",
-            group=f"train step | {NAME}-{IMAGES}", backend=label, items=IMAGES,
+            group=f"train step | {NAME}-{IMAGES}", backend=_name(attention, pack_crops, compile), items=IMAGES,
             rounds=ROUNDS, calls=1, train_config=NAME, workload_label=_label(cfg),
             config=dataclasses.asdict(cfg),
             autocast="bf16" if ON_CUDA else "none (fp32)")
+    if benchmark.stats is not None:  # the step's model FLOPs (adclr.flops) and MFU, as the trainer logs them
+        seconds, flops = benchmark.stats.stats.median, step_flops(cfg)[0]
+        peak = peak_tflops() if ON_CUDA else None
+        benchmark.extra_info.update(step_flops=flops, step_tflops=flops / seconds / 1e12,
+                                    **({"mfu": mfu(seconds, flops, peak), "peak_tflops": peak} if peak else {}))

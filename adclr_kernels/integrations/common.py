@@ -52,14 +52,21 @@ def attend(module, q, k, v, scale):
     return out.transpose(1, 2)
 
 
-def attend_packed(module, qkv, scale):
+def attend_packed(module, qkv, scale, cls_probs=False):
     """The op on one qkv projection output (B, L, 3, H, D); returns (B, L, H, D). The
-    kernel reads q, k, v through its strides and writes one gradient for it: no copies."""
+    kernel reads q, k, v through its strides and writes one gradient for it: no copies.
+    cls_probs: return (that, the CLS row's attention probabilities (B, H, 1, L)), the
+    op's own prefix-row output."""
     layout = module.adclr_layout
+    extra = dict(return_prefix_probs=True) if cls_probs else {}
     if layout is None:
-        return unidirectional_attention_qkvpacked(qkv, 0, 0, scale=scale, backend=module.adclr_backend)
-    return unidirectional_attention_qkvpacked(qkv, layout.num_queries, layout.num_prefix, scale=scale,
-                                              backend=module.adclr_backend, **layout.mask.options())
+        # Without query tokens the prefix count changes no output, only which rows'
+        # probabilities come back.
+        return unidirectional_attention_qkvpacked(qkv, 0, int(cls_probs), scale=scale,
+                                                  backend=module.adclr_backend, **extra)
+    out = unidirectional_attention_qkvpacked(qkv, layout.num_queries, layout.num_prefix, scale=scale,
+                                             backend=module.adclr_backend, **extra, **layout.mask.options())
+    return (out[0], out[1][:, :, :1]) if cls_probs else out
 
 
 def attend_varlen(module, qkv, varlen, scale):

@@ -1,11 +1,12 @@
 """DINO's ViT (facebookresearch/dino, `vision_transformer.py`) on the op.
 
     from vision_transformer import vit_small              # DINO's own file, in your codebase
-    from adclr_kernels.integrations.dino import swap_attention, query_tokens
+    from adclr_kernels.integrations.dino import swap_attention, query_tokens, cls_attention
 
     model = swap_attention(vit_small(patch_size=16))
     cls = model(images)                                    # DINO's forward, on the op
     maps = model.get_last_selfattention(images)            # still there (reference path)
+    cls_maps = cls_attention(model, images)                # its CLS row, from the op itself
     with query_tokens(model, crops) as q:                  # crops: (B, Q, 3, 16, 16)
         cls = model(images)                                # unchanged by the query tokens
     q.query                                                # (B, Q, D), after model.norm
@@ -19,7 +20,9 @@ probabilities (`get_last_selfattention`). Both classes are swapped (in place, as
 subclasses of DINO's own): blocks keep DINO's residuals and its `drop_path`, attention
 computes `qk_scale` as DINO does, and the probabilities are computed by the reference
 path only when asked; a swapped `Attention` called directly returns `(x, None)` unless
-called with `return_attention=True`.
+called with `return_attention=True`. The (L, L) maps of every row need that reference
+path; the CLS row alone, what DINO's attention pictures show, is an output of the fused
+op (`cls_attention`): exact, and no map is formed.
 """
 
 from __future__ import annotations
@@ -38,9 +41,13 @@ class DinoAttention(OpAttention):
 
     def forward(self, x, return_attention=False):
         B, N, C = x.shape
+        qkv_shape = (B, N, 3, self.num_heads, C // self.num_heads)
+        if return_attention == "cls":  # `cls_attention`: the op's own CLS row
+            out, attn = attend_packed(self, self.qkv(x).view(qkv_shape), self.scale, cls_probs=True)
+            return self.proj_drop(self.proj(out.reshape(B, N, C))), attn
         if return_attention and self.adclr_layout is None:
             return _original(self).forward(self, x)  # DINO's own code: exact maps and output
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
+        qkv = self.qkv(x).view(qkv_shape)
         if return_attention:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             attn = attention_weights(self, q, k, self.scale)
@@ -127,6 +134,20 @@ def restore_attention(model):
     return model
 
 
+def cls_attention(model, x):
+    """The CLS row of `model.get_last_selfattention(x)`, (B, heads, 1, L), from the fused
+    op: its prefix-row probabilities, normalised by the forward's own logsumexp (exact;
+    no (L, L) maps are formed). Inside `query_tokens`, L counts the query tokens, whose
+    columns are 0."""
+    for i, block in enumerate(model.blocks):
+        if not isinstance(block, DinoBlock):
+            raise RuntimeError(f"blocks.{i} is not swapped: call swap_attention(model) first")
+    x = model.prepare_tokens(x)
+    for block in model.blocks[:-1]:
+        x = block(x)
+    return model.blocks[-1](x, return_attention="cls")
+
+
 @contextlib.contextmanager
 def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=False,
                  query_sees_queries=False):
@@ -157,4 +178,4 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
         yield state
 
 
-__all__ = ["UnsupportedModel", "swap_attention", "restore_attention", "query_tokens"]
+__all__ = ["UnsupportedModel", "swap_attention", "restore_attention", "query_tokens", "cls_attention"]

@@ -2,16 +2,24 @@
 reads it, and a run resumes only with its own settings."""
 
 import dataclasses
+import errno
 import io
 import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from trainer_testing import TINY, run
+from trainer_testing import TINY, read_metrics, run
 
 import adclr.checkpoint
-from adclr.checkpoint import load_checkpoint
+from adclr.checkpoint import FolderInUse, folder_lock, load_checkpoint, write_atomically
 from adclr.train import train
+
 
 class RunsCode:
     """Pickles as a call of os.mkdir: what a malicious checkpoint would do."""
@@ -60,6 +68,13 @@ def corrupt(kind, good, tmp_path):
         state["teacher"]["backbone.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
         reason = ("holds non-finite values (NaN or inf) in teacher['backbone.blocks.0.attn.qkv.weight']: the run "
                   "it comes from diverged before it was written")
+    elif kind in SAVED_CONFIGS:  # the model cannot be built: ZeroDivisionError, ValueError, or -64 exported
+        field, value, problem = SAVED_CONFIGS[kind]
+        state["config"][field] = value
+        reason = f"is not an adclr checkpoint (its 'config' is not a valid adclr train config: {problem})"
+    elif kind in RNG_STATES:  # TypeError, KeyError or RuntimeError from torch.set_rng_state on resume
+        state["rng"][0] = RNG_STATES[kind](state["rng"][0])
+        reason = "is not an adclr checkpoint ('rng' entry 0 is not a process's RNG state)"
     elif kind == "wrong shapes":
         state["student"]["backbone.pos_embed"] = state["student"]["backbone.pos_embed"][:, :5]
         state["teacher"]["backbone.pos_embed"] = state["teacher"]["backbone.pos_embed"][:, :5]
@@ -69,9 +84,21 @@ def corrupt(kind, good, tmp_path):
     return buffer.getvalue(), reason
 
 
+SAVED_CONFIGS = {
+    "patch size 0": ("patch_size", 0, "--patch-size: must be >= 1, got 0"),
+    "image size off the patch grid": ("image_size", 60, "--image-size: must be a multiple of --patch-size 8, got 60"),
+    "negative image size": ("image_size", -64, "--image-size: must be >= 1, got -64"),
+}
+RNG_STATES = {
+    "RNG entry not a dict": lambda states: "x",
+    "RNG entry without its CPU state": lambda states: {"cuda": states["cuda"]},
+    "CPU RNG state not a tensor": lambda states: {**states, "cpu": "x"},
+    "CPU RNG state of the wrong size": lambda states: {**states, "cpu": states["cpu"][:3]},
+    "CPU RNG state of the wrong dtype": lambda states: {**states, "cpu": states["cpu"].float()},
+}
 CORRUPTIONS = ["empty", "truncated", "random bytes", "text", "disallowed global", "not a dict", "missing keys",
                "step of the wrong type", "weights of the wrong type", "config of the wrong type",
-               "scaler of the wrong type", "NaN weights",
+               "scaler of the wrong type", "NaN weights", *SAVED_CONFIGS, *RNG_STATES,
                "wrong shapes"]
 
 
@@ -148,3 +175,168 @@ def test_checkpoints_from_before_norm_last_layer_still_resume(tiny_config):
     assert train(dataclasses.replace(cfg, max_steps=4)) == 4
     with pytest.raises(SystemExit, match="--norm-last-layer: checkpoint True, now False"):
         train(dataclasses.replace(cfg, max_steps=6, norm_last_layer=False))
+
+
+# --------------------------------------------------------------------------- files and folders
+
+
+def mount_point(path):
+    path = os.path.realpath(path)
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def disk_full_line(out, step):
+    path = os.path.join(out, "checkpoint.pt")
+    return (f"error: cannot write {path}: no space left on device (the disk mounted at {mount_point(out)} is full); "
+            f"{path} still holds step {step}; make room, then rerun the same command to resume from it")
+
+
+def test_a_full_disk_during_a_checkpoint_write(tmp_path, monkeypatch, capsys):
+    """torch.save met ENOSPC as two chained C++ iostream errors that never said "disk", and
+    left its partial .tmp on the full disk."""
+    out, save = str(tmp_path / "run"), torch.save
+
+    def fill_the_disk(state, f):
+        if state["step"] == 2:
+            f.write(b"x" * 4096)
+            try:  # as torch.save reports it: a RuntimeError raised while handling the OSError
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        save(state, f)
+
+    monkeypatch.setattr(torch, "save", fill_the_disk)
+    status, err = run(["train", *TINY, "--out", out, "--max-steps", "3", "--checkpoint-every", "1"], capsys)
+    assert status == 1 and err.splitlines()[-1] == disk_full_line(out, 1) and "Traceback" not in err
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint.pt", "config.json", "metrics.jsonl"]  # no .tmp
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 1
+    monkeypatch.undo()
+    assert run(["train", *TINY, "--out", out, "--max-steps", "3", "--checkpoint-every", "1"], capsys)[0] == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs mounted at tmp_path/disk (root only): room for one TINY checkpoint, not two."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield str(disk)
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_really_full_disk(small_disk, capsys):
+    out = os.path.join(small_disk, "run")
+    status, err = run(["train", *TINY, "--out", out, "--max-steps", "4", "--checkpoint-every", "2"], capsys)
+    assert status == 1 and err.splitlines()[-1] == disk_full_line(out, 2) and "Traceback" not in err
+    assert "checkpoint.pt.tmp" not in os.listdir(out)
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 2
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_write_atomically_writes_through_links_with_the_usual_permissions(umask, tmp_path):
+    """safetensors' save_file replaced a link by a 0600 file of its own."""
+    previous = os.umask(umask)
+    try:
+        new = tmp_path / "new"
+        write_atomically(str(new), lambda f: f.write(b"1"))
+        assert new.read_bytes() == b"1" and stat.S_IMODE(new.stat().st_mode) == 0o666 & ~umask
+        new.chmod(0o640)
+        write_atomically(str(new), lambda f: f.write(b"2"))
+        assert new.read_bytes() == b"2" and stat.S_IMODE(new.stat().st_mode) == 0o640  # kept
+        (tmp_path / "link").symlink_to(new)
+        (tmp_path / "dangling").symlink_to(tmp_path / "target")
+        for link in ("link", "dangling"):
+            write_atomically(str(tmp_path / link), lambda f: f.write(b"3"))
+            assert (tmp_path / link).is_symlink() and (tmp_path / link).read_bytes() == b"3"
+        assert sorted(os.listdir(tmp_path)) == ["dangling", "link", "new", "target"]
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.parametrize("stop", [OSError(errno.EACCES, "Permission denied"), KeyboardInterrupt()])
+def test_write_atomically_leaves_the_old_file_and_no_partial_one(stop, tmp_path):
+    path = tmp_path / "file"
+    path.write_bytes(b"old")
+
+    def write(f):
+        f.write(b"half")
+        raise stop
+
+    if isinstance(stop, OSError):
+        with pytest.raises(adclr.checkpoint.WriteError, match=f"^cannot write {path}: Permission denied$"):
+            write_atomically(str(path), write)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            write_atomically(str(path), write)
+    assert os.listdir(tmp_path) == ["file"] and path.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("kind", ["a folder", "a device", "a special file"])
+def test_write_atomically_never_replaces_what_is_not_a_file(kind, tmp_path):
+    """As root, --out /dev/full replaced the device node."""
+    if kind == "a folder":
+        target = str(tmp_path / "folder")
+        os.mkdir(target)
+    elif kind == "a device":
+        target = "/dev/full"
+    else:
+        target = str(tmp_path / "fifo")
+        os.mkfifo(target)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    before = os.stat(target)
+    for path in (target, str(link)):
+        with pytest.raises(adclr.checkpoint.WriteError,
+                           match=f"^cannot write {path}: it is {kind}, not a regular file$"):
+            write_atomically(path, lambda f: f.write(b"x"))
+    assert os.stat(target).st_ino == before.st_ino and os.stat(target).st_mode == before.st_mode
+
+
+def test_folder_lock_is_held_for_the_block_and_dropped_with_its_process(tmp_path):
+    with folder_lock(str(tmp_path)):
+        with pytest.raises(FolderInUse, match=f"^{tmp_path} is in use by another adclr run "
+                                              f"\\(process {os.getpid()} on {socket.gethostname()}\\)$"):
+            with folder_lock(str(tmp_path)):
+                pass
+    with folder_lock(str(tmp_path)):  # released on leaving the block
+        pass
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom adclr.checkpoint import folder_lock\n"
+                               f"with folder_lock({str(tmp_path)!r}):\n    print('held', flush=True)\n"
+                               "    time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(FolderInUse, match=f"process {holder.pid} on"):
+        with folder_lock(str(tmp_path)):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with folder_lock(str(tmp_path)):  # the system dropped the killed process's lock
+        pass
+
+
+def started_then_asleep(started):
+    started.set()
+    time.sleep(60)
+
+
+def test_a_forked_child_does_not_keep_the_folder_lock(tmp_path):
+    """A DataLoader worker is a forked child: it shared the lock's open file, so a worker
+    outliving its killed run held the folder."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    started = fork.Event()
+    with folder_lock(str(tmp_path)):
+        child = fork.Process(target=started_then_asleep, args=(started,))
+        child.start()
+        assert started.wait(60)  # past the fork and its handlers
+    try:
+        with folder_lock(str(tmp_path)):  # released although the child still runs
+            assert child.is_alive()
+    finally:
+        child.kill()
+        child.join()

@@ -9,6 +9,9 @@ fix, and never a traceback.
 import json
 import math
 import os
+import shutil
+import socket
+import stat
 import subprocess
 import sys
 
@@ -18,8 +21,9 @@ from trainer_testing import (SCALE_FLAGS, TINY, TRAIN_RANGES, accepts, image_fol
                              write_file)
 
 import adclr.train
-from adclr.checkpoint import load_checkpoint
+from adclr.checkpoint import folder_lock, load_checkpoint
 from adclr.cli import main, make_config
+from adclr.data import ImageFolder, StepBatches
 from adclr_kernels.backends import xformers_available, xformers_unavailable_reason
 
 
@@ -71,11 +75,19 @@ def test_scale_ranges(flag, values, message, accepted_config, capsys):
     (["--pack-crops", "yes"], "argument --pack-crops: invalid choice: 'yes' (choose from 'auto', 'on', 'off')"),
     (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8' (choose from 'auto', 'bf16', 'fp16', "
                              "'fp32')"),
-    (["--compile", "yes"], "argument --compile: invalid choice: 'yes' (choose from 'auto', 'on', 'off')"),
+    (["--compile", "yes"], "argument --compile: invalid choice: 'yes' (choose from 'auto', 'on', 'off', 'step', "
+                           "'graph')"),
     (["--device", "gpu"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     # Needs the whole config: checked once, after parsing, before any work.
     (["--image-size", "36"], "argument --image-size: must be a multiple of --patch-size 8, got 36"),
     (["--local-size", "20"], "argument --local-size: must be a multiple of --patch-size 8, got 20"),
+    # kornia's blur, 13 taps with reflection, raised a ValueError on the first batch
+    (["--patch-size", "4", "--local-size", "4"], "argument --local-size: must be >= 7, the smallest crop the "
+                                                 "augmentation's 13-tap blur takes, got 4"),
+    (["--patch-size", "4", "--image-size", "4"], "argument --image-size: must be >= 7, the smallest crop the "
+                                                 "augmentation's 13-tap blur takes, got 4"),
+    (["--min-lr", "1e-5"], "argument --min-lr: must be at most the peak lr, --base-lr x --batch-size / 256 = "
+                           "7.8125e-06, got 1e-05"),
 ])
 def test_other_bad_train_flags(argv, message, accepted_config, capsys):
     status, err = run(["train", *TINY, *argv], capsys)
@@ -86,6 +98,12 @@ def test_other_bad_train_flags(argv, message, accepted_config, capsys):
 def test_local_size_is_free_without_local_crops(accepted_config, capsys):
     status, _ = run(["train", *TINY, "--local-size", "20", "--num-local-crops", "0"], capsys)
     assert status == 0 and accepted_config[0].local_size == 20
+    status, _ = run(["train", *TINY, "--patch-size", "4", "--local-size", "4", "--num-local-crops", "0"], capsys)
+    assert status == 0 and accepted_config[1].local_size == 4
+
+
+def test_min_lr_up_to_the_peak_lr(accepted_config, capsys):
+    assert run(["train", *TINY, "--min-lr", "7.8125e-06"], capsys)[0] == 0  # 5e-4 x 4 / 256: a flat schedule
 
 
 def test_boundary_values_train(tmp_path, capsys):
@@ -151,6 +169,7 @@ def test_eval_flag_at_zero_and_negative(flag, spec, kind, negative, which, accep
     (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
     (["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'"),
     (["--device", "gpu"], "argument --device: must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--num-classes", "256"], "argument --num-classes: must be in [1, 255], got 256"),  # 255 is IGNORE
 ])
 def test_other_bad_eval_flags(argv, message, accepted_eval, capsys):
     status, err = run(["eval", "knn", "--checkpoint", "c.pt", *argv], capsys)
@@ -169,7 +188,8 @@ def test_eval_takes_several_k_and_the_former_epochs_flag(accepted_eval, capsys):
 OTHER_RANGES = [
     (["eval", "dense", "--checkpoint", "c.pt"], ("adclr.eval_dense", "evaluate_dense"), [
         ("--image-size", ">= 1", int, "-32"), ("--batch-size", ">= 1", int, "-1"), ("--epochs", ">= 1", int, "-1"),
-        ("--lr", "> 0", float, "-3e-2"), ("--n-last-blocks", ">= 1", int, "-1"), ("--num-classes", ">= 1", int, "-1"),
+        ("--lr", "> 0", float, "-3e-2"), ("--n-last-blocks", ">= 1", int, "-1"),
+        ("--num-classes", "[1, 255]", int, "-1"),
         ("--num-workers", ">= -1", int, "-2"), ("--limit", ">= 0", int, "-1")]),
     (["compare"], ("adclr.compare", "compare"), [
         ("--seeds", "[0, 10000000]", int, "-1"), ("--eval-images", ">= 1", int, "-1")]),
@@ -315,6 +335,26 @@ def test_a_stopped_job_exits_as_a_shell_expects(command, module, stop, monkeypat
         assert status == 1 and err.splitlines()[-1] == "error: loss became non-finite"
 
 
+@pytest.mark.parametrize("command,target", [
+    (["eval", "knn", "--checkpoint", "c.pt"], ("adclr.eval_knn", "evaluate_knn")),
+    (["eval", "linear", "--checkpoint", "c.pt"], ("adclr.eval_linear", "evaluate_linear")),
+    (["eval", "dense", "--checkpoint", "c.pt"], ("adclr.eval_dense", "evaluate_dense")),
+    (["export", "--checkpoint", "c.pt", "--out", "b.safetensors"], ("adclr.export", "export")),
+    (["show", "attention", "--checkpoint", "c.pt"], ("adclr.show", "show_attention")),
+    (["show", "curves", "run"], ("adclr.show", "show_curves")),
+], ids=lambda value: " ".join(value[:2]) if isinstance(value, list) else None)
+def test_ctrl_c_in_any_command_exits_130(command, target, monkeypatch, capsys):
+    """eval, export and show ended a Ctrl-C with a KeyboardInterrupt traceback."""
+    import importlib
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(target[0]), target[1], interrupted)
+    status, err = run(command, capsys)
+    assert status == 130 and "Traceback" not in err
+
+
 def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
     """The whole chain as a user meets it: a subprocess, its exit status and stderr."""
     missing = str(tmp_path / "no-such-folder")
@@ -429,6 +469,213 @@ def test_eval_without_a_readable_image(split, protocol, checkpoint_bytes, tmp_pa
     assert status == 1 and err.splitlines()[-1] == f"error: --data {data}: no readable images in {split}"
     assert "Traceback" not in err
 
+
+
+@pytest.mark.parametrize("protocol", [["knn", "--k", "1"], ["linear", "--fast", "--epochs", "100"],
+                                      ["linear", "--epochs", "1"]])
+def test_eval_labels_val_by_train_class_names(protocol, checkpoint_bytes, tmp_path, capsys):
+    """val/ without train's first class: its images are train's own, so k = 1 and the probe
+    score them all right. Each split numbered its classes on its own: 0 (then 0.5 with
+    two val classes)."""
+    good = tmp_path / "checkpoint.pt"
+    good.write_bytes(checkpoint_bytes)
+    data = tmp_path / "data"
+    image_folder(data / "train", per_class=3)
+    shutil.copytree(data / "train" / "b", data / "val" / "b")
+    main(["eval", *protocol, "--checkpoint", str(good), "--data", str(data), "--num-workers", "0"])
+    if protocol[1] != "--epochs":  # DINO's protocol: too few images to learn; its labels are checked below
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["accuracy"] == 1.0
+    (data / "val" / "c").mkdir()
+    status, err = run(["eval", *protocol, "--checkpoint", str(good), "--data", str(data)], capsys)
+    assert status == 1 and err.splitlines()[-1] == (
+        f"error: --data: class 'c' ('{data}/val/c') is not a class of '{data}/train'")
+
+
+def test_dino_linear_protocol_labels_val_by_train_class_names(checkpoint_bytes, tmp_path, monkeypatch, capsys):
+    import adclr.eval_linear
+
+    good = tmp_path / "checkpoint.pt"
+    good.write_bytes(checkpoint_bytes)
+    data = tmp_path / "data"
+    image_folder(data / "train", per_class=2)
+    shutil.copytree(data / "train" / "b", data / "val" / "b")
+    seen = []
+    monkeypatch.setattr(adclr.eval_linear, "linear_protocol", lambda backbone, train_set, val_set, num_classes, *a:
+                        seen.append((num_classes, [val_set[i][1] for i in range(len(val_set))])) or {})
+    assert run(["eval", "linear", "--checkpoint", str(good), "--data", str(data)], capsys)[0] == 0
+    assert seen == [(2, [1, 1])]
+
+
+# Each case: (tmp_path, path of a good checkpoint) -> (the command line, the one line it must
+# end with, a path it must not have made or None). Before, each ended in a traceback
+# (the comment says which) or ran on silently.
+
+def unreadable_training_images(tmp, checkpoint, decode="pillow"):  # RuntimeError after 100 tries
+    data = image_folder(tmp / "data", per_class=2, unreadable=("a/0.png", "a/1.png", "b/0.png", "b/1.png"))
+    first = next(iter(StepBatches(4, 4, seed=0)))[0][0]  # the first sample of the first batch
+    path = ImageFolder(data).samples[first][0]
+    return (["train", *TINY, "--data", data, "--out", str(tmp / "run"), "--decode", decode],
+            f"error: --data {data}: none of its 4 images can be read, e.g. {path} (cannot identify image file "
+            f"{path!r}); is it a folder of images?", str(tmp / "run" / "checkpoint.pt"))
+
+
+def unreadable_training_images_decoded_apart(tmp, checkpoint):  # the same, with --decode cpu
+    return unreadable_training_images(tmp, checkpoint, decode="cpu")
+
+
+def data_is_a_file(tmp, checkpoint):  # one line, but "does not exist"
+    data = write_file(tmp / "data")
+    return ["train", *TINY, "--data", data, "--out", str(tmp / "run")], f"error: --data: {data!r} is a file, not a " \
+        "dataset folder", str(tmp / "run" / "checkpoint.pt")
+
+
+def metrics_is_a_folder(tmp, checkpoint):  # IsADirectoryError
+    (tmp / "run" / "metrics.jsonl").mkdir(parents=True)
+    return (["train", *TINY, "--out", str(tmp / "run")], f"error: {tmp}/run/metrics.jsonl is a folder, not a file; "
+            "move it away, or choose another --out", str(tmp / "run" / "checkpoint.pt"))
+
+
+def lock_is_a_folder(tmp, checkpoint):  # IsADirectoryError
+    (tmp / "run" / ".lock").mkdir(parents=True)
+    return (["train", *TINY, "--out", str(tmp / "run")], f"error: cannot write {tmp}/run/.lock: Is a directory",
+            str(tmp / "run" / "checkpoint.pt"))
+
+
+def compare_out_is_a_file(tmp, checkpoint):  # FileExistsError
+    out = write_file(tmp / "out")
+    return ["compare", "--out", out], f"error: --out {out} is a file, not a folder; choose another --out", None
+
+
+def compare_data_without_val(tmp, checkpoint):  # FileNotFoundError after the first two trainings
+    data = image_folder(tmp / "data")
+    return (["compare", "--data", data, "--out", str(tmp / "out")], f"error: --data: evaluation needs "
+            f"'{data}/val' (and '{data}/train') with one sub-folder per class", str(tmp / "out"))
+
+
+def compare_data_without_masks(tmp, checkpoint):  # FileNotFoundError after the first two trainings
+    data = tmp / "data"
+    image_folder(data / "train")
+    image_folder(data / "val")
+    return (["compare", "--data", str(data), "--out", str(tmp / "out")], f"error: --data: compare scores a dense "
+            f"probe too: no train split of image/mask pairs in '{data}': expected images/{{train or training}} beside "
+            "masks/ or annotations/ (the same sub-folder), or {train or training}/images beside {train or "
+            "training}/masks or annotations", str(tmp / "out"))
+
+
+def compare_seed_twice(tmp, checkpoint):  # a table over seeds 0, 0 as if two seeds
+    return (["compare", "--seeds", "0", "1", "0", "--out", str(tmp / "out")],
+            "error: --seeds: 0 is given twice; each seed is one pair of runs", str(tmp / "out"))
+
+
+def show_attention_out_is_a_file(tmp, checkpoint):  # FileExistsError
+    out = write_file(tmp / "out")
+    return (["show", "attention", "--checkpoint", checkpoint, "--out", out],
+            f"error: --out {out} is a file, not a folder; choose another --out", None)
+
+
+def show_dense_out_is_a_file(tmp, checkpoint):  # FileExistsError after fitting the probe
+    out = write_file(tmp / "out")
+    return (["show", "dense", "--checkpoint", checkpoint, "--out", out, "--limit", "4"],
+            f"error: --out {out} is a file, not a folder; choose another --out", None)
+
+
+def show_curves_without_numbers(tmp, checkpoint):  # TypeError in matplotlib
+    path = write_file(tmp / "metrics.jsonl", '{"step": "x", "loss": 1}\n{"step": 1, "loss": "a"}\n')
+    return (["show", "curves", path], f"error: {path} holds no numbers to plot (loss, lr, teacher_temp, momentum, "
+            "knn)", str(tmp / "metrics.png"))
+
+
+def export_to_a_device(tmp, checkpoint):  # as root, the device node was replaced by a file
+    return (["export", "--checkpoint", checkpoint, "--out", "/dev/full"],
+            "error: --out /dev/full is a device; give a file name such as backbone.safetensors", None)
+
+
+def export_to_a_fifo(tmp, checkpoint):  # replaced by a file
+    os.mkfifo(tmp / "fifo")
+    (tmp / "link").symlink_to(tmp / "fifo")
+    return (["export", "--checkpoint", checkpoint, "--out", str(tmp / "link")],
+            f"error: --out {tmp}/link is a special file; give a file name such as backbone.safetensors", None)
+
+
+ONE_LINE_ERRORS = [unreadable_training_images, unreadable_training_images_decoded_apart, data_is_a_file, metrics_is_a_folder, lock_is_a_folder,
+                   compare_out_is_a_file,
+                   compare_data_without_val, compare_data_without_masks, compare_seed_twice,
+                   show_attention_out_is_a_file, show_dense_out_is_a_file, show_curves_without_numbers,
+                   export_to_a_device, export_to_a_fifo]
+
+
+@pytest.mark.parametrize("case", ONE_LINE_ERRORS, ids=lambda case: case.__name__)
+def test_one_line_user_errors(case, tmp_path, checkpoint_bytes, capsys):
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint_bytes)
+    argv, line, not_made = case(tmp_path, str(checkpoint))
+    status, err = run(argv, capsys)
+    assert status == 1 and err.splitlines()[-1] == line and "Traceback" not in err
+    assert not_made is None or not os.path.exists(not_made)
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    assert not os.path.isfile(tmp_path / "fifo")
+
+
+def test_eval_on_a_gpu_the_machine_lacks(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    status, err = run(["eval", "knn", "--checkpoint", "c.pt", "--device", "cuda:1"], capsys)
+    assert status == 1 and err.splitlines()[-1] == "error: --device cuda:1 but there are 1 GPUs"
+
+
+def test_export_writes_through_a_link_with_the_usual_permissions(tmp_path, checkpoint_bytes, capsys):
+    """safetensors' save_file renamed a 0600 file of its own over --out, a link too."""
+    from safetensors.torch import load_file
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint_bytes)
+    (tmp_path / "exports").mkdir()
+    target, link = tmp_path / "exports" / "b.safetensors", tmp_path / "b.safetensors"
+    link.symlink_to(target)
+    previous = os.umask(0o022)
+    try:
+        assert run(["export", "--checkpoint", str(checkpoint), "--out", str(link)], capsys)[0] == 0
+    finally:
+        os.umask(previous)
+    assert link.is_symlink() and stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert "pos_embed" in load_file(str(link)) and os.listdir(tmp_path / "exports") == ["b.safetensors"]
+
+
+def in_use_line(out, pid):
+    return (f"error: --out {out} is in use by another adclr run (process {pid} on {socket.gethostname()}); "
+            "wait for it to end, or choose another --out")
+
+
+def test_a_second_run_into_the_same_out_is_refused(tmp_path):
+    """Two runs into one --out both proceeded; the second rewrote metrics.jsonl under the first."""
+    out = str(tmp_path / "run")
+    command = [sys.executable, "-m", "adclr.cli", "train", *TINY, "--out", out, "--max-steps", "100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the first keeps a core free for the second
+    first = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in first.stderr:  # its first logged step: it holds the folder
+            if line.startswith("step 1/"):
+                break
+        second = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert second.returncode == 1 and second.stderr.splitlines()[-1] == in_use_line(out, first.pid)
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # the first run's alone
+    with folder_lock(out):  # the killed run's lock went with it
+        pass
+
+
+@pytest.mark.parametrize("command", [["train", *TINY], ["compare", "--max-steps", "1"]], ids=lambda c: c[0])
+def test_a_run_is_refused_while_another_holds_its_out(command, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    with folder_lock(out):
+        status, err = run([*command, "--out", out], capsys)
+    assert status == 1 and err.splitlines()[-1] == in_use_line(out, os.getpid())
+    assert sorted(os.listdir(out)) == [".lock"]
 
 # --------------------------------------------------------------------------- end to end
 

@@ -11,6 +11,7 @@ import torch
 
 import adclr.compare
 import adclr.data
+import adclr.features
 from adclr.checkpoint import load_checkpoint
 from adclr.cli import main
 from adclr.config import Config
@@ -175,8 +176,10 @@ def test_sweep_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(adclr.compare, "linear_accuracy", functools.partial(adclr.compare.linear_accuracy, epochs=5))
     monkeypatch.setattr(adclr.compare, "dense_probe", functools.partial(adclr.compare.dense_probe, epochs=2))
     splits = []
-    monkeypatch.setattr(adclr.compare, "open_dataset", lambda data, split: splits.append(split) or
-                        adclr.data.open_dataset(data, split))
+    monkeypatch.setattr(adclr.compare, "open_labelled_splits", lambda data, split: splits.append(split) or
+                        adclr.features.open_labelled_splits(data, split))
+    monkeypatch.setattr(adclr.compare, "open_segmentation", lambda data, split: splits.append(split) or
+                        adclr.data.open_segmentation(data, split))
     out = tmp_path / "sweep"
     argv = ["sweep", *TINY, "--vary", "teacher-temp=0.02,0.04", "--vary", "base_lr=1e-3", "--eval-images", "12",
             "--out", str(out)]
@@ -258,3 +261,21 @@ def test_sweep_refuses_a_grid_point_that_cannot_run(tmp_path, monkeypatch):
         main(["sweep", *flags, "--vary", "patch-size=8,6", "--out", str(tmp_path)])
     assert exit.value.code == ("error: the grid point patch_size=6: --image-size: must be a multiple of "
                                "--patch-size 6, got 32")
+
+
+def test_compare_other_methods_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(adclr.compare, "linear_accuracy", functools.partial(adclr.compare.linear_accuracy, epochs=2))
+    monkeypatch.setattr(adclr.compare, "dense_probe", functools.partial(adclr.compare.dense_probe, epochs=1))
+    out = tmp_path / "compare"
+    main(["compare", *TINY, "--max-steps", "1", "--seeds", "0", "--eval-images", "8", "--methods", "densecl",
+          "ccmim", "--out", str(out)])
+    scores_table = capsys.readouterr().out.split("\n\n")[0]  # the localisation table follows it
+    rows = [line for line in scores_table.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0] for r in rows[1:]] == [
+        "| random init", "| DenseCL", "| ccMIM", "| every patch right (val labels, no model)"]
+    record = json.loads((out / "compare.json").read_text())
+    assert record["methods"] == ["random", "densecl", "ccmim"]
+    for method in ("densecl", "ccmim"):
+        config = load_checkpoint(str(out / "seed0" / method / "checkpoint.pt"))["config"]
+        assert config["method"] == method and config["max_steps"] == 1
+        assert all(0 <= record["results"]["0"][method][key] <= 1 for key, _ in adclr.compare.METRICS)

@@ -1,9 +1,11 @@
+import os
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from adclr.data import (Augment, ImageFolder, MultiCropDataset, SegmentationFolder, StepBatches,
+from adclr.data import (Augment, DecodeOnlyDataset, ImageFolder, MultiCropDataset, SegmentationFolder, StepBatches,
                         SyntheticScenes, SyntheticShapeScenes, SyntheticShapes, normalize, open_dataset, open_segmentation,
                         synthetic_batch)
 
@@ -50,6 +52,26 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
         open_dataset(str(tmp_path), "val")
     assert len(open_dataset(str(tmp_path), "train")) == 6  # training takes any folder
 
+
+@pytest.mark.parametrize("unreadable,total,readable,skipped", [(3, 200, True, 3), (99, 200, True, 99),
+                                                               (100, 200, False, 100), (150, 200, False, 100),
+                                                               (50, 50, False, 50)])
+@pytest.mark.parametrize("dataset", [MultiCropDataset, DecodeOnlyDataset])
+def test_a_sample_gives_up_after_100_unreadable_files_in_a_row(unreadable, total, readable, skipped, dataset,
+                                                               tmp_path):
+    """Image 0 and the next `unreadable` - 1 cannot be read (the rest can): a sample passes over
+    them, up to 100 files in a row, or all of a smaller set; then it says it found none."""
+    for i in range(total):
+        if i < unreadable:
+            (tmp_path / f"{i:03d}.png").write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (20, 20), (i, 0, 0)).save(tmp_path / f"{i:03d}.png")
+    item = dataset(ImageFolder(str(tmp_path)), 16, 8, 8, 1, 1)[(0, 0)]
+    assert (item["readable"], item["skipped"], item["index"]) == (readable, skipped, 0)
+    if dataset is MultiCropDataset:
+        assert item["globals"].shape == (2, 3, 16, 16)
+    else:  # a blank stand-in where nothing could be read
+        assert item["image"].shape[0] == 3 and (readable or not item["image"].any())
 
 def test_step_batches_shard_and_resume():
     full = StepBatches(length=50, global_batch=8, seed=3)
@@ -137,6 +159,66 @@ def test_a_folder_without_class_folders_is_one_class(tmp_path):
     folder = ImageFolder(str(tmp_path))
     assert len(folder) == 3 and {folder.load(i)[1] for i in range(3)} == {0}
 
+
+
+def test_links_are_followed_but_each_real_folder_listed_once(tmp_path):
+    """A link to an ancestor (a loop) listed every image again at each depth, 41 times;
+    a link to a sibling folder listed its images twice."""
+    for cls in ("a", "b"):
+        (tmp_path / cls / "sub").mkdir(parents=True)
+        Image.new("RGB", (20, 20)).save(tmp_path / cls / "0.png")
+        Image.new("RGB", (20, 20)).save(tmp_path / cls / "sub" / "1.png")
+    (tmp_path / "a" / "sub" / "loop").symlink_to(tmp_path / "a")
+    (tmp_path / "b" / "again").symlink_to(tmp_path / "b" / "sub")
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    Image.new("RGB", (20, 20)).save(elsewhere / "2.png")
+    (tmp_path / "b" / "linked").symlink_to(elsewhere)  # a link out of the tree is followed
+    folder = ImageFolder(str(tmp_path))
+    assert [os.path.relpath(path, tmp_path) for path, _ in folder.samples] == [
+        "a/0.png", "a/sub/1.png", "b/0.png", "b/again/1.png", "b/linked/2.png"]
+    assert [label for _, label in folder.samples] == [0, 0, 1, 1, 1]
+    (tmp_path / "a" / "sub" / "loop").unlink()
+    (tmp_path / "masks" / "train").mkdir(parents=True)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "train").symlink_to(tmp_path / "a")
+    (tmp_path / "a" / "up").symlink_to(tmp_path / "images")  # images/train/up/train is images/train
+    for name in ("0", "sub/1"):
+        (tmp_path / "masks" / "train" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (20, 20)).save(tmp_path / "masks" / "train" / f"{name}.png")
+    assert len(SegmentationFolder(str(tmp_path), "train")) == 2
+
+
+def test_val_is_labelled_by_train_class_names(tmp_path):
+    for split, classes in (("train", ("cat", "dog", "owl")), ("val", ("dog", "owl"))):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (20, 20)).save(tmp_path / split / cls / "0.png")
+    train = open_dataset(str(tmp_path), "train")
+    val = open_dataset(str(tmp_path), "val", like=train)
+    assert [label for _, label in train.samples] == [0, 1, 2]
+    assert val.classes == ["cat", "dog", "owl"] and [label for _, label in val.samples] == [1, 2]
+    assert [label for _, label in open_dataset(str(tmp_path), "val").samples] == [0, 1]  # on its own
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (20, 20)).save(flat / "0.png")
+    with pytest.raises(ValueError, match=f"^'{flat}' has no class folders, '{tmp_path}/train' has 3$"):
+        ImageFolder(str(flat), like=train)
+    (tmp_path / "val" / "emu").mkdir()
+    with pytest.raises(ValueError, match=f"class 'emu' \\('{tmp_path}/val/emu'\\) is not a class of "
+                                         f"'{tmp_path}/train'"):
+        open_dataset(str(tmp_path), "val", like=train)
+
+
+@pytest.mark.parametrize("which", ["missing", "a file"])
+def test_a_data_folder_that_is_not_one(which, tmp_path):
+    path = tmp_path / "data"
+    if which == "a file":
+        path.write_text("x")
+    message = "does not exist" if which == "missing" else "is a file, not a dataset folder"
+    for make in (ImageFolder, lambda root: SegmentationFolder(root, "train")):
+        with pytest.raises(OSError, match=f"{path}' {message}"):
+            make(str(path))
 
 def test_scenes_are_deterministic_with_masks_that_match_their_labels():
     a, b = SyntheticScenes("train"), SyntheticScenes("train")

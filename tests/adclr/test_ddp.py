@@ -81,3 +81,34 @@ def test_ddp_two_gloo_processes(tiny_config, tmp_path, fused_head_loss):
         assert [json.loads(line)["step"] for line in f] == [1, 2]  # written once, by rank 0
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 2
+
+
+def refused_worker(rank, world, port, cfg_fields, results):
+    from adclr.config import Config
+    from adclr.train import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        train(Config(**cfg_fields))
+        message = "trained"
+    except SystemExit as exit:
+        message = str(exit.code)
+    with open(os.path.join(results, f"rank{rank}.txt"), "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+
+
+def test_a_run_in_use_is_refused_on_every_process(tiny_config, tmp_path):
+    """Rank 0 holds the lock of --out for the run; when it cannot, every process stops with
+    its line (a rank left behind would wait in DDP's first collective for half an hour)."""
+    from adclr.checkpoint import folder_lock
+
+    cfg = tiny_config(out=str(tmp_path / "run"))
+    os.makedirs(cfg.out)
+    with folder_lock(cfg.out):
+        mp.spawn(refused_worker, args=(2, free_port(), dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
+    expected = (f"error: --out {cfg.out} is in use by another adclr run (process {os.getpid()} on "
+                f"{socket.gethostname()}); wait for it to end, or choose another --out")
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [expected, expected]

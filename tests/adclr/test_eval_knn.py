@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from adclr.eval_knn import KNN_K, knn_accuracy
 
@@ -27,3 +28,31 @@ def test_knn_reports_every_dino_k_from_one_pass():
     assert len(set(result.values())) > 1  # the k's are really different votes
     capped = knn_accuracy(train_x[:50], train_y[:50], test_x, test_y, ks=(20, 100))
     assert capped[100] == pytest.approx(knn_accuracy(train_x[:50], train_y[:50], test_x, test_y, ks=(50,))[50])
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.001, 1e-6, 1e-300, 5e-324])
+def test_knn_votes_at_any_temperature(temperature):
+    """Three tight clusters, near one another (cosine ~0.7 between centres): every temperature
+    scores them perfectly. exp(sim / T) in float32 overflowed below T ~ 0.011 and tied the
+    votes of every class near enough (T = 0.001 scored 1/3 here at k = 60)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(32, generator=g) + 0.7 * torch.randn(3, 32, generator=g)
+    labels = torch.arange(3).repeat_interleave(20)
+    train_x = centres[labels] + 0.05 * torch.randn(60, 32, generator=g)
+    test_x = centres[labels] + 0.05 * torch.randn(60, 32, generator=g)
+    assert knn_accuracy(train_x, labels, test_x, labels, ks=(1, 10, 20, 60), temperature=temperature) == {
+        1: 1.0, 10: 1.0, 20: 1.0, 60: 1.0}
+
+
+def test_knn_weights_are_dinos_up_to_a_factor_per_image():
+    """The stable votes rank the classes as exp(sim / T) does where that does not overflow:
+    a class with many less similar neighbours can outvote one with a single nearer one."""
+    train_x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8], [0.6, 0.8]])
+    train_y = torch.tensor([0, 1, 1, 1])
+    test_x = torch.tensor([[0.9, 0.43]])  # nearest to class 0, but three class-1 neighbours are close
+    for temperature, winner in ((1.0, 1), (0.07, 1), (0.001, 0)):
+        sims = F.normalize(test_x, dim=1) @ F.normalize(train_x, dim=1).T
+        dino = torch.zeros(2, dtype=torch.float64).index_add_(0, train_y, (sims[0].double() / temperature).exp())
+        assert int(dino.argmax()) == winner  # float64 does not overflow here
+        assert knn_accuracy(train_x, train_y, test_x, torch.tensor([winner]), ks=(4,), temperature=temperature) == {
+            4: 1.0}

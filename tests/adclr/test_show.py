@@ -20,7 +20,8 @@ from adclr.show import CELL, _images, pyplot
 @pytest.mark.parametrize("options", [{}, {"query_sees_prefix": True, "query_sees_self": True},
                                      {"query_sees_queries": True}])
 def test_attention_weights_are_the_blocks_own(options):
-    """The recomputed weights, applied to the block's values, give the attention module's output."""
+    """The CLS row (the op's) and the recomputed query rows, applied to the block's values,
+    give the attention module's output in those rows."""
     torch.manual_seed(0)
     backbone = build_backbone("vit_test", 32, 8, **options).eval()
     images, queries = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 3, 8, 8)
@@ -32,14 +33,15 @@ def test_attention_weights_are_the_blocks_own(options):
     for hook in hooks:
         hook.remove()
     B, L, _ = seen["x"].shape
-    assert num_queries == 3 and probs.shape == (2, 2, L, L) and L == 1 + 16 + 3
-    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, L))
-    assert (probs[:, :, :17, 17:] == 0).all()  # CLS and patches never see the queries
+    assert num_queries == 3 and probs.shape == (2, 2, 4, L) and L == 1 + 16 + 3
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 4))
+    assert (probs[:, :, 0, 17:] == 0).all()  # CLS never sees the queries
     if not options:
-        assert (probs[:, :, 17:, 0] == 0).all() and (probs[:, :, 17:, 17:] == 0).all()
+        assert (probs[:, :, 1:, 0] == 0).all() and (probs[:, :, 1:, 17:] == 0).all()
+    out, _ = seen["out"]  # the module ran with return_prefix_probs
     v = attn.qkv(seen["x"]).view(B, L, 3, 2, 32)[:, :, 2].transpose(1, 2)  # (B, heads, L, head_dim)
-    out = attn.proj((probs @ v).transpose(1, 2).reshape(B, L, 64))
-    torch.testing.assert_close(out, seen["out"], atol=1e-5, rtol=1e-4)
+    rows = attn.proj((probs @ v).transpose(1, 2).reshape(B, 4, 64))
+    torch.testing.assert_close(rows, out[:, [0, 17, 18, 19]], atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture

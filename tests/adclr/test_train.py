@@ -17,9 +17,11 @@ from adclr.cli import main
 from adclr.train import train
 
 
-def test_tiny_run_logs_finite_losses_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
-    # Uninterrupted reference run: 6 steps.
-    full = tiny_config(out=str(tmp_path / "full"), max_steps=6, checkpoint_every=2)
+@pytest.mark.parametrize("compile", ["off", "step"])
+def test_tiny_run_logs_finite_losses_and_resumes_exactly(tiny_config, tmp_path, monkeypatch, compile_counter,
+                                                         compile):
+    # Uninterrupted reference run: 6 steps (--compile step: the whole step as one graph).
+    full = tiny_config(out=str(tmp_path / "full"), max_steps=6, checkpoint_every=2, compile=compile)
     assert train(full) == 6
     # The same run crashing in step 5 (index 4), then the same command again.
     part = dataclasses.replace(full, out=str(tmp_path / "part"))
@@ -49,6 +51,9 @@ def test_tiny_run_logs_finite_losses_and_resumes_exactly(tiny_config, tmp_path, 
     for key in ("student", "teacher", "loss"):
         for name in a[key]:
             torch.testing.assert_close(b[key][name], a[key][name], rtol=0, atol=0, msg=f"{key}.{name}")
+    for i, state in a["optimizer"]["state"].items():
+        for name in state:
+            assert torch.equal(b["optimizer"]["state"][i][name], state[name]), (i, name)
     assert [r["loss"] for r in read_metrics(full.out)] == [r["loss"] for r in records]
     assert set(a) >= {"student", "teacher", "optimizer", "loss", "step", "config", "rng"}
     assert not os.path.exists(os.path.join(part.out, "checkpoint.pt.tmp"))
@@ -143,6 +148,17 @@ def test_schedules(tiny_config):
     assert s[0]["teacher_temp"] == pytest.approx(0.04) and s[50]["teacher_temp"] == pytest.approx(0.07)
     assert all(a["lr"] >= b["lr"] for a, b in zip(s[20:], s[21:]))  # cosine decay after warm-up
 
+
+
+def test_endless_warm_ups_are_warm_ups_not_overflows(tiny_config):
+    """--warmup-epochs 1e308 (or the teacher's) times the steps per epoch is beyond a float:
+    round() raised OverflowError. The schedule stays at its start, as a very long warm-up does."""
+    cfg = tiny_config(epochs=10, max_steps=0, warmup_epochs=1e308, warmup_teacher_temp_epochs=1e308)
+    trainer = adclr.train.build(cfg, "cpu", steps_per_epoch=10)
+    for step in (0, 50, 100):
+        s = trainer.schedule(step)
+        assert s["lr"] == pytest.approx(5e-4 * 8 / 256 * step / 100)  # warm-up capped at the run's length
+        assert s["teacher_temp"] == pytest.approx(0.04)
 
 def test_last_layer_is_frozen_in_the_first_epoch(tiny_config):
     from adclr.data import synthetic_batch
@@ -333,29 +349,256 @@ def test_compile_auto_is_off_on_cpu_and_checked(tiny_config):
     is refused like a bad flag."""
     assert not adclr.train.build(tiny_config(compile="auto"), "cpu").compiled
     assert adclr.config.config_errors(tiny_config(compile="yes")) == [
-        "--compile: invalid choice: 'yes' (choose from auto, on, off)"]
+        "--compile: invalid choice: 'yes' (choose from auto, on, off, step, graph)"]
     with pytest.raises(ValueError, match=r"--compile: invalid choice: 'yes'"):
         adclr.train.build(tiny_config(compile="yes"), "cpu")
 
 
-@pytest.mark.slow  # ~20 s on 2 cores: two Triton-interpreter steps, and the compile
-def test_compiled_step_has_no_graph_break_and_equals_eager(tiny_config, monkeypatch):
-    """--compile on: student and teacher compiled with fullgraph=True, so any graph break
-    (around the op's custom op, or anywhere in a step) is an error; the step equals the
-    eager one. The CUDA defaults (Triton, packed crops, fused head loss) with aot_eager
-    instead of inductor: the same tracing, without a C++ build on CPU."""
+@pytest.fixture
+def compile_counter(monkeypatch):
+    """torch.compile in the trainer with aot_eager (the same tracing as inductor, no C++
+    build on CPU), counting compiles; Dynamo's caches emptied before and after, as each
+    test's trainer is a new object that its guards would otherwise meet as a recompile."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(adclr.train, "COMPILE_BACKEND", counter)
+    yield counter
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # ~2 min on 2 cores: Triton-interpreter steps, and the compiles
+@pytest.mark.parametrize("compile", ["on", "step"])
+def test_compiled_step_has_no_graph_break_and_equals_eager(tiny_config, compile_counter, compile):
+    """--compile on (student and teacher) and step (the whole step) with fullgraph=True,
+    so any graph break (around the op's custom op, or anywhere in a step) is an error;
+    the step equals the eager one. The CUDA defaults (Triton, packed crops, fused head
+    loss) on the tiny model."""
     from adclr.data import synthetic_batch
 
-    monkeypatch.setattr(adclr.train, "COMPILE_BACKEND", "aot_eager")
     results = []
-    for compile in ("off", "on"):
-        cfg = tiny_config(compile=compile, pack_crops="on", fused_head_loss="on", attention="triton", drop_path=0.0)
+    for mode in ("off", compile):
+        cfg = tiny_config(compile=mode, pack_crops="on", fused_head_loss="on", attention="triton", drop_path=0.0,
+                          head_hidden_dim=64, head_bottleneck_dim=32)
         trainer = adclr.train.build(cfg, "cpu")
-        assert trainer.compiled == (compile == "on")
+        assert trainer.compiled == (mode != "off") and trainer.compile == mode
         batch = synthetic_batch(cfg, 2, "cpu", generator=torch.Generator().manual_seed(0))
-        results.append((adclr.train.train_step(trainer, batch, 0), trainer.student_module.state_dict()))
+        metrics = [adclr.train.train_step(trainer, batch, step) for step in range(2)]
+        results.append((metrics, trainer.student_module.state_dict()))
     (eager, eager_state), (compiled, compiled_state) = results
-    torch.testing.assert_close(compiled["loss"], eager["loss"], rtol=1e-5, atol=1e-6)
+    assert compile_counter.frame_count >= 1
+    for e, c in zip(eager, compiled):
+        for key in e:
+            torch.testing.assert_close(c[key], e[key], rtol=1e-5, atol=1e-6, msg=key)
     assert list(compiled_state) == list(eager_state)  # compiled in place: checkpoints keep their names
     for name in eager_state:
-        torch.testing.assert_close(compiled_state[name], eager_state[name], rtol=1e-4, atol=1e-6, msg=name)
+        if not name.endswith("qkv.bias"):  # its key part has no gradient but noise, which AdamW amplifies
+            torch.testing.assert_close(compiled_state[name], eager_state[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _changing_schedules(tiny_config, **overrides):
+    """A config whose four schedules change at every step of a short run, with the last
+    layer frozen for the first two steps (1 step an epoch)."""
+    return tiny_config(epochs=10, max_steps=0, warmup_epochs=3, warmup_teacher_temp_epochs=4,
+                       freeze_last_layer_epochs=2, drop_path=0.0, head_hidden_dim=64, head_bottleneck_dim=32,
+                       **overrides)
+
+
+def test_whole_step_compiles_once_per_freeze_state_and_equals_eager(tiny_config, compile_counter):
+    """--compile step: one graph for the whole step, compiled at the first step and again
+    only where the last-layer freeze ends, while lr, weight decay, momentum and the
+    teacher temperature change every step; its losses are those of the same step run
+    eagerly and of the eager train_step, to float32 rounding."""
+    from adclr.data import synthetic_batch
+
+    cfg = _changing_schedules(tiny_config, compile="step")
+    trainer = adclr.train.build(cfg, "cpu", steps_per_epoch=1)
+    schedules = [trainer.schedule(step) for step in range(5)]
+    assert all(a[k] != b[k] for a, b in zip(schedules, schedules[1:4]) for k in a)
+    batch = synthetic_batch(cfg, 4, "cpu", generator=torch.Generator().manual_seed(0))
+    last = trainer.student_module.head.last_layer.weight
+    before = last.detach().clone()
+    compiled, compiles = [], []
+    for step in range(5):
+        compiled.append(adclr.train.train_step(trainer, batch, step))
+        compiles.append(compile_counter.frame_count)
+        assert torch.equal(last, before) == (step < 2)  # frozen, then trained
+    assert compiles[0] == compiles[1] and compiles[2] > compiles[1] and compiles[2:] == [compiles[2]] * 3
+    assert not torch._dynamo.utils.counters["graph_break"]
+
+    uncompiled = adclr.train.build(cfg, "cpu", steps_per_epoch=1)
+    uncompiled.whole_step.compiled = uncompiled.whole_step.step  # the same step, not compiled
+    eager = adclr.train.build(dataclasses.replace(cfg, compile="off"), "cpu", steps_per_epoch=1)
+    for step, c in enumerate(compiled):
+        same_step = adclr.train.train_step(uncompiled, batch, step)
+        classic = adclr.train.train_step(eager, batch, step)
+        for key in c:
+            torch.testing.assert_close(c[key], same_step[key], rtol=1e-6, atol=0, msg=key)
+            torch.testing.assert_close(c[key], classic[key], rtol=1e-5, atol=0, msg=key)
+    assert compile_counter.frame_count == compiles[-1]  # the eager runs compiled nothing
+    # The checkpoint's optimizer state: the eager step's (the frozen layer's 2 steps fewer).
+    state = trainer.optimizer.state_dict()["state"]
+    steps = sorted({float(s["step"]) for s in state.values()})
+    assert steps == [3.0, 5.0] and state.keys() == eager.optimizer.state_dict()["state"].keys()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU code and CUDA graphs need CUDA")
+@pytest.mark.parametrize("compile", ["step", "graph"])
+def test_whole_step_on_cuda(tiny_config, compile):
+    """On a GPU, with inductor and the CUDA defaults (Triton, packed crops, fused head
+    loss, bf16): the whole step compiles once per freeze state, --compile graph replays
+    it as a CUDA graph (inductor skips none), and its losses are the eager step's within
+    bf16 rounding."""
+    from adclr.data import synthetic_batch
+
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = _changing_schedules(tiny_config, compile=compile, device="cuda", pack_crops="on",
+                              fused_head_loss="on", attention="triton", precision="bf16")
+    trainers = {mode: adclr.train.build(dataclasses.replace(cfg, compile=mode), "cuda", steps_per_epoch=1)
+                for mode in ("off", compile)}
+    batch = synthetic_batch(cfg, 4, "cuda", generator=torch.Generator().manual_seed(0))
+    graphs = []
+    for step in range(5):
+        eager = adclr.train.train_step(trainers["off"], batch, step)
+        compiled = adclr.train.train_step(trainers[compile], batch, step)
+        graphs.append(counters["stats"]["unique_graphs"])
+        for key in ("loss", "loss_global", "loss_query"):
+            torch.testing.assert_close(compiled[key], eager[key], rtol=2e-2, atol=1e-2, msg=f"step {step} {key}")
+    assert graphs[0] == graphs[1] and graphs[2] > graphs[1] and graphs[2:] == [graphs[2]] * 3
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # ~1 min: inductor builds C++ for the update
+def test_whole_step_update_compiles_to_fused_kernels_without_fallbacks(tiny_config):
+    """Inductor lowers every op of clipping, AdamW and the EMA into its own fused kernels
+    but the gradients' norms (one multi-tensor op): a fallback such as _foreach_lerp_
+    with tensor weights would run one kernel per parameter on a GPU."""
+    import re
+
+    from adclr.data import synthetic_batch
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    cfg = tiny_config(compile="step", arch="vit_test", head_hidden_dim=32, head_bottleneck_dim=16, out_dim=64)
+    trainer = adclr.train.build(cfg, "cpu")
+    whole = trainer.whole_step
+    whole.prepare(synthetic_batch(cfg, 2, "cpu"))
+    grads = [torch.randn_like(p) for p in whole.params[False]]
+    lr, weight_decay, momentum = (torch.tensor(x, dtype=torch.float64) for x in (1e-3, 0.04, 0.996))
+
+    def update():
+        with torch.no_grad():
+            return whole.update([g.clone() for g in grads], False, lr, weight_decay, momentum)
+
+    _, code = run_and_get_code(torch.compile(update, fullgraph=True, backend="inductor"))
+    called = set(re.findall(r"torch\.ops\.aten\.(\w+)\.\w+\(", "\n".join(code)))
+    assert called <= {"_foreach_norm"}, called
+    torch._dynamo.reset()
+
+
+def test_whole_step_refuses_what_it_cannot_run(tiny_config):
+    assert adclr.config.config_errors(tiny_config(compile="step", precision="fp16")) == [
+        "--compile: --compile step does not take --precision fp16 (its gradient scaler skips steps from the "
+        "host); use bf16, which needs no scaler"]
+    cpu = torch.device("cpu")
+    assert adclr.train.whole_step_error(tiny_config(compile="graph"), cpu, False) == (
+        "--compile graph replays a CUDA graph; the device is cpu: use --compile step")
+    assert adclr.train.whole_step_error(tiny_config(compile="step"), cpu, True).startswith(
+        "--compile step runs a single process")
+    for mode in ("off", "on", "auto"):
+        assert adclr.train.whole_step_error(tiny_config(compile=mode), cpu, True) is None
+    with pytest.raises(ValueError, match="--compile graph replays a CUDA graph"):
+        adclr.train.build(tiny_config(compile="graph"), "cpu")
+
+
+def test_train_step_opens_the_ranges_bench_profile_reads(tiny_config):
+    from adclr.data import synthetic_batch
+    from bench.profile import RANGES
+
+    cfg = tiny_config(head_hidden_dim=64, head_bottleneck_dim=32)
+    trainer = adclr.train.build(cfg, "cpu")
+    batch = synthetic_batch(cfg, 2, "cpu")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        adclr.train.train_step(trainer, batch, 0)
+    assert set(RANGES) <= {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("peak", [None, "0.5"])
+def test_tflops_and_mfu_are_logged(tmp_path, capsys, peak):
+    """tflops: the step's FLOPs (adclr.flops) per second of the logged interval; mfu only
+    with a peak, which a CPU has only from --peak-tflops."""
+    from adclr.flops import step_flops
+
+    out = str(tmp_path / "run")
+    status, err = run(["train", *TINY, "--out", out, "--max-steps", "2"] + (["--peak-tflops", peak] if peak else []),
+                      capsys)
+    assert status == 0
+    cfg = adclr.config.Config(**load_checkpoint(os.path.join(out, "checkpoint.pt"))["config"])
+    flops = step_flops(cfg)[0]
+    for record in read_metrics(out):
+        assert record["tflops"] == pytest.approx(flops * record["images/s"] / cfg.batch_size / 1e12, rel=1e-9)
+        assert ("mfu" in record) == (peak is not None)
+        if peak:
+            assert record["mfu"] == pytest.approx(record["tflops"] / float(peak), rel=1e-12)
+    last = [line for line in err.splitlines() if line.startswith("step 2/2")][-1]
+    assert "TFLOP/s" in last and ("MFU" in last) == (peak is not None)
+    assert "note: no known peak" not in err  # a CPU is not expected to have one
+
+
+@pytest.mark.parametrize("device, name, precision, flag, peak, note", [
+    ("cpu", None, "fp32", 0.0, None, None),
+    ("cpu", None, "fp32", 2.5, 2.5, None),
+    ("cuda", "NVIDIA H200", "bf16", 0.0, 989.4, None),
+    ("cuda", "NVIDIA H200", "fp16", 0.0, 989.4, None),
+    ("cuda", "NVIDIA H200", "bf16", 700.0, 700.0, None),
+    ("cuda", "NVIDIA H200", "fp32", 0.0, None, "fp32 steps"),
+    ("cuda", "Tesla T4", "bf16", 0.0, None, "Tesla T4"),
+])
+def test_mfu_peak(monkeypatch, device, name, precision, flag, peak, note):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    trainer = SimpleNamespace(cfg=adclr.config.Config(peak_tflops=flag), device=torch.device(device),
+                              precision=precision)
+    got, message = adclr.train.mfu_peak(trainer)
+    assert got == peak
+    assert (message is None) == (note is None)
+    if note:
+        assert message == (f"note: no known peak for {note}: metrics.jsonl logs tflops, not mfu; "
+                           "pass --peak-tflops for MFU")
+
+
+def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
+    """metrics.jsonl is appended at every log line: a full disk there ended in an OSError traceback."""
+    import errno
+
+    class FullDisk:
+        def __init__(self, file):
+            self.file = file
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    opened = adclr.train.Logger.__init__
+
+    def fill_the_disk(self, *args, **kwargs):
+        opened(self, *args, **kwargs)
+        self.file = FullDisk(self.file)
+
+    monkeypatch.setattr(adclr.train.Logger, "__init__", fill_the_disk)
+    out = str(tmp_path / "run")
+    status, err = run(["train", *TINY, "--out", out], capsys)
+    path, mount = os.path.join(out, "metrics.jsonl"), os.path.realpath(out)
+    while not os.path.ismount(mount):
+        mount = os.path.dirname(mount)
+    assert status == 1 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"error: cannot write {path}: no space left on device (the disk mounted at "
+                                    f"{mount} is full)")

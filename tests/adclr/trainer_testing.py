@@ -67,6 +67,8 @@ TRAIN_RANGES = [
     ("--drop-path", "[0, 1)", float, "-0.1"),
     ("--num-local-crops", ">= 0", int, "-1"), ("--num-queries", ">= 0", int, "-1"),
     ("--lambda-query", ">= 0", float, "-0.5"), ("--student-temp", "> 0", float, "-0.1"),
+    ("--lambda-dense", "[0, 1]", float, "1.5"), ("--mask-ratio", "(0, 1)", float, "1"),
+    ("--lambda-align", ">= 0", float, "-1"),
     ("--warmup-teacher-temp", "> 0", float, "-0.04"), ("--teacher-temp", "> 0", float, "-0.07"),
     ("--warmup-teacher-temp-epochs", ">= 0", float, "-1"), ("--center-momentum", "[0, 1]", float, "-0.9"),
     ("--batch-size", ">= 1", int, "-8"), ("--epochs", ">= 1", int, "-1"), ("--max-steps", ">= 0", int, "-1"),
@@ -76,7 +78,7 @@ TRAIN_RANGES = [
     ("--clip-grad", ">= 0", float, "-3"), ("--freeze-last-layer-epochs", ">= 0", float, "-1"),
     ("--seed", "[0, 10000000]", int, "-1"), ("--num-workers", ">= -1", int, "-2"),
     ("--log-every", ">= 1", int, "-1"), ("--checkpoint-every", ">= 1", int, "-1"),
-    ("--saveckp-freq", ">= 0", int, "-1"),
+    ("--saveckp-freq", ">= 0", int, "-1"), ("--peak-tflops", ">= 0", float, "-1"),
 ]
 
 

@@ -154,12 +154,22 @@ def test_fp16_scores_past_the_format_stay_finite(backend):
 
 
 @pytest.mark.parametrize("backend", EDGE_BACKENDS)
-@pytest.mark.parametrize("shape", [(2, 3, 0, 16), (0, 3, 12, 16)], ids=["L=0", "batch=0"])
+@pytest.mark.parametrize("shape", [(2, 3, 0, 16), (0, 3, 12, 16), (2, 0, 12, 16)],
+                         ids=["L=0", "batch=0", "heads=0"])
 def test_empty_inputs_give_empty_outputs(backend, shape):
     q = torch.randn(shape, device=DEVICE)
     with _no_grad_if_flex_on_cpu(backend):
         out = unidirectional_attention(q, q.clone(), q.clone(), 0, 0, backend=backend)
     assert out.shape == shape
+
+
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_a_lone_query_token_sees_only_itself(backend):
+    # L = 1, Q = 1, P = 0: no raw rows at all, and the query row's only column is its own.
+    q, k, v = torch.randn(3, 2, 2, 1, 16, device=DEVICE).unbind(0)
+    with _no_grad_if_flex_on_cpu(backend):
+        out = unidirectional_attention(q, k, v, 1, 0, query_sees_self=True, backend=backend)
+    torch.testing.assert_close(out, v)
 
 
 # ---------------------------------------------------------------------------------------

@@ -37,6 +37,23 @@ def test_matches_float64_reference(poisoned, backend, views, rows, out_dim, dim,
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_teacher_temp_as_a_tensor_equals_the_float(backend, dtype):
+    """A schedule's temperature stays on the device: the same loss and gradients, bit for bit."""
+    inputs = make_loss_inputs(7, 4, 32, 1037, gain=True)
+    pairing = dino_pairing(4)
+    as_float = loss_and_grads(dino_head_loss, inputs, torch.float32, pairing, (0.1, 0.07), backend=backend)
+    as_tensor = loss_and_grads(dino_head_loss, inputs, torch.float32, pairing,
+                               (0.1, torch.tensor([0.07], dtype=dtype, device=DEVICE)), backend=backend)
+    if dtype == torch.float64:  # the float's own value
+        assert torch.equal(as_tensor[0], as_float[0]) and torch.equal(as_tensor[1], as_float[1])
+        for name in as_float[2]:
+            assert torch.equal(as_tensor[2][name], as_float[2][name]), name
+    else:  # 0.07 rounded to float32 first
+        assert_loss_matches(as_tensor, as_float, 1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_bf16_within_twice_the_unfused_error(backend):
     """bf16 operands: no worse than twice the unfused autocast path (bf16 logits)."""
     inputs = make_loss_inputs(5, 4, 32, 1037, gain=True)
@@ -111,6 +128,11 @@ def _call(dtype=torch.float32, **overrides):
     (dict(pairing=[[0.0, float("nan")]]), TypeError, "pairing weights must be finite"),
     (dict(student_temp=0.0), ValueError, "student_temp must be a positive finite float"),
     (dict(teacher_temp=float("inf")), ValueError, "teacher_temp must be a positive finite float"),
+    (dict(student_temp=1e-45), ValueError, r"student_temp must be at least 1.18e-38 .*got 1e-45"),
+    (dict(teacher_temp=1e-40), ValueError, r"teacher_temp must be at least 1.18e-38"),
+    (dict(teacher_temp=torch.tensor([0.04, 0.07])), ValueError, r"one-element floating-point tensor, got a "
+                                                                r"torch.float32 tensor of shape \(2,\)"),
+    (dict(teacher_temp=torch.tensor(1)), ValueError, "one-element floating-point tensor"),
     (dict(teacher=torch.zeros(6, 16, dtype=torch.float64)), TypeError, "must share one dtype"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
 ])
@@ -153,7 +175,8 @@ def test_opcheck(backend):
     student = inputs["student"].requires_grad_()
     weight = F.normalize(inputs["weight"], dim=-1).requires_grad_()
     args = (student, inputs["teacher"], weight, F.normalize(inputs["teacher_weight"], dim=-1),
-            inputs["center"], sum(dino_pairing(2), []), 2, 0.1, 0.04, backend)
+            inputs["center"], sum(dino_pairing(2), []), 2, 0.1,
+            torch.tensor(0.04, dtype=torch.float64, device=DEVICE), backend)
     torch.library.opcheck(dino_loss._fwd_op, args)
     _, _, student_lse, teacher_lse, _ = dino_loss._fwd_op(*args)
     torch.library.opcheck(dino_loss._bwd_op, (torch.tensor(1.0, device=DEVICE), *[a.detach() for a in args[:5]],
@@ -167,11 +190,38 @@ class TinyHead(torch.nn.Module):
         super().__init__()
         self.proj = torch.nn.Linear(dim, bottleneck)
         self.last = torch.nn.Parameter(torch.randn(out_dim, bottleneck))
+        self.teacher_temp = 0.04
 
     def forward(self, x, teacher, center):
         feats = F.normalize(self.proj(x), dim=-1)
         return dino_head_loss(feats, teacher, self.last, center, dino_pairing(4), student_temp=0.1,
-                              teacher_temp=0.04, backend="triton")
+                              teacher_temp=self.teacher_temp, backend="triton")
+
+
+def test_compiled_with_a_tensor_temperature_does_not_recompile_when_it_changes():
+    """The warm-up schedule changes teacher_temp every step: as a tensor it is an input of
+    the graph, not a constant baked into it (as a float would be, or a recompile)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    model = TinyHead().to(DEVICE)
+    x = torch.randn(12, 24, device=DEVICE)
+    teacher = F.normalize(torch.randn(6, 16, device=DEVICE), dim=-1)
+    center = torch.randn(300, device=DEVICE) * 0.1
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    temp = torch.zeros((), dtype=torch.float64, device=DEVICE)
+    compiles = []
+    for value in (0.04, 0.05, 0.06):
+        temp.fill_(value)
+        model.teacher_temp = value
+        eager, _ = model(x, teacher, center)
+        model.teacher_temp = temp
+        loss, _ = compiled(x, teacher, center)
+        assert torch.equal(loss, eager)
+        compiles.append(counter.frame_count)
+    assert compiles[0] >= 1 and compiles[1:] == compiles[:1] * 2  # compiled at the first call only
+    torch._dynamo.reset()  # TinyHead.forward's cache holds a tensor temperature; the next test passes a float
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])

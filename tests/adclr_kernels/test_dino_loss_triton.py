@@ -71,8 +71,7 @@ def compile_for_hopper(dtype, dim):
 
     padded_dim = block_d(dim)
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    scalars = {"scale", "student_scale", "teacher_scale"}
-    fp32_pointers = {"SHIFT", "LSE", "OUT", "LSE_S", "LSE_T", "GRAD_SCALE", "DW"}
+    fp32_pointers = {"SHIFT", "LSE", "OUT", "LSE_S", "LSE_T", "GRAD_SCALE", "DW", "SCALE", "SCALES"}
     kernels = dino_loss_triton
     for kernel, cfg, constexprs in (
             (kernels._row_softmax_kernel, kernels._row_config(padded_dim, torch_dtype), dict(HAS_SHIFT=True)),
@@ -82,7 +81,7 @@ def compile_for_hopper(dtype, dim):
         names = kernel.arg_names
         signature = {n: "constexpr" if n in constexprs else
                      ("*fp32" if n in fp32_pointers else "*" + dtype) if n.isupper() else
-                     "fp32" if n in scalars else "i32" for n in names}
+                     "i32" for n in names}
         src = ASTSource(fn=kernel, signature=signature,
                         constexprs={(names.index(k),): v for k, v in constexprs.items()})
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -281,3 +281,21 @@ def test_tile_table_lists_every_block_with_rows_once():
     assert tiles == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2], [1, 3], [2, 0],
                      [4, 0], [5, 0], [5, 1]]
     assert layout.tiles(64) is layout.tiles(64)  # built once
+
+
+@pytest.mark.parametrize("column,value", [(0, 10**6), (0, -7), (1, 10**6), (1, -1)],
+                         ids=["sequence huge", "sequence negative", "block huge", "block negative"])
+def test_an_edited_tile_table_stays_inside_the_tensors(column, value):
+    # The tables are plain tensors a caller can write to; the kernels clamp what they read
+    # (a sequence index into the batch, a block into the table), not the host per call.
+    from adclr_kernels.attention_triton import varlen_tables
+
+    layout = VarlenLayout([10, 12], [3, 3], device=DEVICE)
+    q, k, v, _ = make_packed([10, 12], 2, 16)
+    q.requires_grad_()
+    tables = varlen_tables(layout, q)
+    for tiles in tables[3:]:
+        tiles[:, column] = value
+    out = unidirectional_attention_varlen(q, k, v, layout, backend="triton")
+    (dq,) = torch.autograd.grad(out.sum(), q)
+    assert out.shape == q.shape and dq.shape == q.shape

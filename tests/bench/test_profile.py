@@ -62,6 +62,7 @@ def test_tiny_cpu_step(tmp_path, capsys):
     ("void cunn_SoftMaxForward<4, float>", "aten::_softmax", (), "norms + elementwise"),
     ("triton_poi_fused_add_native_layer_norm_3", None, (), "norms + elementwise"),
     ("triton_tem_fused_addmm_gelu_1", None, (), "GEMMs"),
+    ("triton_poi_fused__to_copy_add_native_layer_norm_4", None, (), "norms + elementwise"),
     ("void at::native::elementwise_kernel<128, 4, at::native::direct_copy_kernel_cuda>", "aten::copy_", (),
      "copies"),
     ("void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, 4>", "aten::cat", (), "copies"),
@@ -91,6 +92,11 @@ def test_classify_kernels(kernel, op, ranges, bucket):
     ("Torch-Compiled Region: 0/0", (), "idle / host"),
     ("CompiledFunctionBackward", (), "idle / host"),
     ("prims::convert_element_type", ("CompiledFunction",), "norms + elementwise"),
+    # Inductor's C++ kernels (cpp.enable_kernel_profile): fused elementwise work, and the
+    # compiled step's AdamW + EMA.
+    ("graph_0_cpp_fused__log_softmax__softmax_copy__div_sum_25", (), "norms + elementwise"),
+    ("graph_0_cpp_fused__foreach_add__foreach_addcdiv__foreach_lerp_56", (), "optimizer + EMA"),
+    ("## Call CompiledFxGraph fgdfzlwoq4diiscjdytwr5r6y2xhk44vu5h3z3e7zgp5ykbcrnwg ##", (), "idle / host"),
 ])
 def test_classify_cpu_ops(op, ranges, bucket):
     assert profile.classify([op, *ranges], [op]) == bucket

@@ -13,38 +13,40 @@ import torch
 import triton
 import triton.language as tl
 
-from adclr_kernels.attention_triton import _column_splits, _dkdv_row_range, _dkdv_row_splits, _key_ranges
+from adclr_kernels.attention_triton import PREFIX_BLOCK, _dkdv_passes, _dkdv_row_range, _key_ranges
 from adclr_kernels.mask import QueryMask
 from bench import static as S
 
-OUTPUTS = 9  # lo1, hi1, lo2, hi2, c1, c2 (row block m0); lo, hi, r1 (key block m0)
+OUTPUTS = 12  # lo1, hi1, lo2, hi2, p_hi (row block m0); lo, hi, a0, a1, b0, b1, r0 (key block m0)
 
 
 @triton.jit
 def _ranges_probe(CASES, OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEES_PREFIX: tl.constexpr,
-                  SEES_SELF: tl.constexpr, SEES_QUERIES: tl.constexpr):
+                  SEES_QUERIES: tl.constexpr):
     case = CASES + 5 * tl.program_id(0)
     m0 = tl.load(case)
     seq_len = tl.load(case + 1)
     key_len = tl.load(case + 2)
     visible = tl.load(case + 3)
     num_prefix = tl.load(case + 4)
-    lo1, hi1, lo2, hi2 = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M,
-                                     SEES_PREFIX, SEES_SELF, SEES_QUERIES)
-    c1, c2 = _column_splits(m0, seq_len, visible, num_prefix, lo1, hi1, BLOCK_M, BLOCK_N, SEES_PREFIX)
-    lo, hi = _dkdv_row_range(m0, seq_len, visible, num_prefix, BLOCK_N, SEES_PREFIX, SEES_SELF,
-                             SEES_QUERIES)
-    r1 = _dkdv_row_splits(m0, lo, hi, visible, num_prefix, BLOCK_M, BLOCK_N, SEES_PREFIX)
+    lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M,
+                                           SEES_PREFIX, SEES_QUERIES)
+    lo, hi = _dkdv_row_range(m0, seq_len, visible, num_prefix, BLOCK_N, SEES_PREFIX, SEES_QUERIES)
+    a0, a1, b0, b1, r0 = _dkdv_passes(m0, lo, hi, visible, num_prefix, BLOCK_N, SEES_PREFIX,
+                                      SEES_QUERIES)
     out = OUT + OUTPUTS * tl.program_id(0)
     tl.store(out, lo1)
     tl.store(out + 1, hi1)
     tl.store(out + 2, lo2)
     tl.store(out + 3, hi2)
-    tl.store(out + 4, c1)
-    tl.store(out + 5, c2)
-    tl.store(out + 6, lo)
-    tl.store(out + 7, hi)
-    tl.store(out + 8, r1)
+    tl.store(out + 4, p_hi)
+    tl.store(out + 5, lo)
+    tl.store(out + 6, hi)
+    tl.store(out + 7, a0)
+    tl.store(out + 8, a1)
+    tl.store(out + 9, b0)
+    tl.store(out + 10, b1)
+    tl.store(out + 11, r0)
 
 
 def _cases(block):
@@ -61,11 +63,9 @@ def _cases(block):
 
 def _mirror(case, block_m, block_n, mask):
     m0, seq_len, key_len, visible, num_prefix = case
-    lo1, hi1, lo2, hi2 = S._key_ranges(m0, seq_len, key_len, visible, num_prefix, block_m, mask)
-    c1, c2 = S._column_splits(m0, seq_len, visible, num_prefix, lo1, hi1, block_m, block_n, mask)
+    lo1, hi1, lo2, hi2, p_hi = S._key_ranges(m0, seq_len, key_len, visible, num_prefix, block_m, mask)
     lo, hi = S._dkdv_row_range(m0, seq_len, visible, num_prefix, block_n, mask)
-    r1 = S._dkdv_row_splits(m0, lo, hi, visible, num_prefix, block_m, block_n, mask)
-    return [lo1, hi1, lo2, hi2, c1, c2, lo, hi, r1]
+    return [lo1, hi1, lo2, hi2, p_hi, lo, hi, *S._dkdv_passes(m0, lo, hi, visible, num_prefix, block_n, mask)]
 
 
 MASKS = [QueryMask(*flags) for flags in itertools.product((False, True), repeat=3) if flags[1] or not flags[2]]
@@ -81,6 +81,10 @@ def test_mirror_equals_the_kernels_range_arithmetic(block_m, block_n, mask):
     table = torch.tensor(cases, dtype=torch.int32, device=device)
     out = torch.full((len(cases), OUTPUTS), -1, dtype=torch.int32, device=device)
     _ranges_probe[(len(cases),)](table, out, BLOCK_M=block_m, BLOCK_N=block_n, SEES_PREFIX=mask.sees_prefix,
-                                 SEES_SELF=mask.sees_self, SEES_QUERIES=mask.sees_queries)
+                                 SEES_QUERIES=mask.sees_queries)
     for case, got in zip(cases, out.tolist()):
         assert got == _mirror(case, block_m, block_n, mask), f"{case} (m0, seq, keys, visible, prefix)"
+
+
+def test_mirror_walks_the_prefix_in_the_kernels_groups():
+    assert S.PREFIX_BLOCK == getattr(PREFIX_BLOCK, "value", PREFIX_BLOCK)

@@ -15,7 +15,7 @@ from torch import nn
 
 from adclr_kernels import visibility_mask
 from adclr_kernels.integrations import UnsupportedModel
-from adclr_kernels.integrations.dino import query_tokens, restore_attention, swap_attention
+from adclr_kernels.integrations.dino import cls_attention, query_tokens, restore_attention, swap_attention
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -95,6 +95,21 @@ def test_query_tokens(opts):
     torch.testing.assert_close(maps[:, :, :17, :17], plain_maps, **TOL)
     q.query.sum().backward()
     assert crops.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_cls_attention_is_the_maps_cls_row(backend):
+    reference = build(qk_scale=0.2).eval()
+    model = swap_attention(copy.deepcopy(reference), backend=backend)
+    x, crops = images(), torch.randn(3, 4, 3, 8, 8)
+    with torch.no_grad():
+        row = cls_attention(model, x)
+        assert row.shape == (3, 2, 1, 17)
+        torch.testing.assert_close(row, reference.get_last_selfattention(x)[:, :, :1], **TOL)
+        with query_tokens(model, crops, query_sees_prefix=True):
+            with_queries, maps = cls_attention(model, x), model.get_last_selfattention(x)
+    assert with_queries.shape == (3, 2, 1, 21)
+    torch.testing.assert_close(with_queries, maps[:, :, :1], **TOL)
 
 
 def test_refusals_change_nothing():
