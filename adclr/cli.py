@@ -7,6 +7,7 @@
     adclr eval dense --checkpoint runs/demo/checkpoint.pt   # linear segmentation probe, built-in scenes
     adclr show attention --checkpoint runs/demo/checkpoint.pt
     adclr compare --out runs/compare                          # ADCLR vs DINO vs random init, 3 seeds
+    adclr sweep --vary teacher-temp=0.02,0.04                 # compare's settings tried on a held-out split
     adclr export --checkpoint runs/demo/checkpoint.pt --out backbone.safetensors
 """
 
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import re
 import sys
 
@@ -79,13 +81,17 @@ def add_config_flags(parser):
             parser.add_argument(flag, type=checked(type(f.default), allowed), default=argparse.SUPPRESS, help=text)
 
 
+def is_demo(cfg):
+    """A run on the built-in data without a GPU: the demo."""
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    return cfg.data in ("", *BUILTIN) and on_cpu
+
+
 def make_config(given):
     """Config from the flags given; on CPU with the built-in data, the DEMO defaults fill the rest."""
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     cfg = Config(**given)
-    builtin = cfg.data in ("", *BUILTIN)
-    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-    if builtin and on_cpu:
+    if is_demo(cfg):
         chosen = {k: v for k, v in DEMO.items() if k not in given}
         cfg = dataclasses.replace(cfg, **chosen)
         if chosen:
@@ -106,6 +112,7 @@ def build_parser():
     train_parser.set_defaults(handler=run_train, parser=train_parser)
     _add_eval_parser(commands)
     _add_compare_parser(commands)
+    _add_sweep_parser(commands)
     _add_show_parser(commands)
     export_parser = commands.add_parser("export", help="write the backbone as safetensors")
     export_parser.add_argument("--checkpoint", required=True)
@@ -125,7 +132,7 @@ def _add_eval_parser(commands):
                              help="knn, linear: folder with train/ and val/ (one sub-folder per class); "
                                   "default: the run's data. dense: folder with images/ and masks/ or "
                                   "annotations/ (PNG label masks, 255 = ignore), each with train/ and val/ "
-                                  "(or the reverse nesting); default: builtin:scenes")
+                                  "(or the reverse nesting); default: builtin:shape-scenes")
     eval_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher")
     eval_parser.add_argument("--image-size", type=checked(int, ">= 1"), default=None,
                              help="default: the run's --image-size")
@@ -181,6 +188,43 @@ def _add_compare_parser(commands):
     compare_parser.set_defaults(handler=run_compare, parser=compare_parser)
 
 
+def vary(text):
+    """An argparse `type` for --vary KEY=V1,V2,...: (Config field, [values]), each value
+    parsed and range-checked as its adclr train flag is."""
+    key, sep, values = text.partition("=")
+    field = key.replace("-", "_")
+    fields = {f.name: f.default for f in dataclasses.fields(Config)}
+    if not sep or not values or field not in fields:
+        raise argparse.ArgumentTypeError(f"expected KEY=V1,V2,... with KEY an adclr train flag, got {text!r}")
+    if isinstance(fields[field], (tuple, bool)) or field in ("out", "seed"):
+        raise argparse.ArgumentTypeError(f"--{key} cannot be swept")
+    parse = checked(type(fields[field]), ALLOWED.get(field))
+    try:
+        return field, [parse(value) for value in values.split(",")]
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        raise argparse.ArgumentTypeError(f"{key}: {error}") from None
+
+
+def _add_sweep_parser(commands):
+    grid = " ".join(f"{k.replace('_', '-')}={','.join(map(str, v))}" for k, v in compare.SWEEP.items())
+    sweep_parser = commands.add_parser(
+        "sweep", help="compare's settings tried for both methods alike, scored on a held-out split",
+        usage="adclr sweep [--vary KEY=V1,V2 ...] [--one-at-a-time] [--seeds S ...] [--eval-images N] "
+              "[any adclr train --flag VALUE ...]")
+    sweep_parser.add_argument("--vary", type=vary, action="append", default=None, metavar="KEY=V1,V2",
+                              help=f"an adclr train flag and its values; the grid is the product of every --vary "
+                                   f"(default: {grid})")
+    sweep_parser.add_argument("--one-at-a-time", action="store_true",
+                              help="instead of every combination: the first value of every --vary (the base), "
+                                   "then each other value alone with the rest at the base")
+    sweep_parser.add_argument("--seeds", type=checked(int, ALLOWED["seed"]), nargs="+", default=[0],
+                              help="one ADCLR and one DINO run per seed and grid point (default: 0)")
+    sweep_parser.add_argument("--eval-images", type=checked(int, ">= 1"), default=None,
+                              help=f"images per split for k-NN, linear and dense (default: {compare.EVAL_IMAGES})")
+    add_config_flags(sweep_parser)
+    sweep_parser.set_defaults(handler=run_sweep, parser=sweep_parser)
+
+
 def _add_show_parser(commands):
     show_parser = commands.add_parser("show", help="pictures: attention maps, dense predictions, training curves "
                                                    "(needs matplotlib: pip install 'adclr[viz]')")
@@ -192,7 +236,7 @@ def _add_show_parser(commands):
         picture.add_argument("--checkpoint", required=True, help="OUT/checkpoint.pt of a run")
         picture.add_argument("--data", default=None,
                              help="built-in set or folder (attention: any images; dense: as for eval dense); "
-                                  "default: builtin:scenes")
+                                  "default: builtin:shape-scenes")
         picture.add_argument("--images", type=checked(int, ">= 1"), default=4, help="how many images (default: 4)")
         picture.add_argument("--weights", choices=["teacher", "student"], default="teacher")
         picture.add_argument("--out", default=None, help="folder for the PNGs (default: pictures/ beside the checkpoint)")
@@ -228,9 +272,11 @@ def _flags(args, *leave_out):
 
 
 def _run_job(job, *job_args, **job_kwargs):
-    """Run a training job as a command: a diverged run ends with one line (exit 1), not a traceback."""
+    """Run a training job as a command and return what it returns: a diverged run ends with
+    one line (exit 1), and Ctrl-C (after the job has kept what it can) with the shell's 130,
+    not a traceback."""
     try:
-        job(*job_args, **job_kwargs)
+        return job(*job_args, **job_kwargs)
     except FloatingPointError as error:
         raise SystemExit(f"error: {error}")
 
@@ -240,7 +286,13 @@ def run_train(args):
     errors = config_errors(cfg)  # what depends on several flags; before any work
     if errors:
         args.parser.error(f"argument {errors[0]}")
-    _run_job(train.train, cfg)
+    step = _run_job(train.train, cfg)  # the step of the checkpoint the run leaves in --out
+    if step and is_demo(cfg) and int(os.environ.get("RANK", "0")) == 0:  # the last line: did it learn?
+        images = eval_knn.DEMO_IMAGES
+        trained, at_init = eval_knn.knn_trained_and_at_init(cfg, images)
+        print(f"k-NN accuracy (k = 20, {images} train / {images} val images of "
+              f"{cfg.data or 'builtin'}): teacher {100 * trained:.1f}%, the same network at random init "
+              f"{100 * at_init:.1f}%", file=sys.stderr)
 
 
 def run_eval(args):
@@ -272,6 +324,26 @@ def run_compare(args):
         args.parser.error(f"argument {errors[0]}")
     _run_job(compare.compare, cfg, args.seeds, eval_images=args.eval_images or compare.EVAL_IMAGES,
              methods=args.methods)
+
+
+def run_sweep(args):
+    given = {k: tuple(v) if isinstance(v, list) else v
+             for k, v in _flags(args, "seeds", "eval_images", "vary", "one_at_a_time").items()}
+    if "seed" in given:
+        args.parser.error("argument --seed: adclr sweep takes --seeds")
+    grid = dict(args.vary or compare.SWEEP.items())
+    if args.vary and len(grid) < len(args.vary):
+        args.parser.error("argument --vary: a flag is given twice; list all its values in one --vary")
+    clash = [key for key in grid if key in given]
+    if clash:
+        flag = "--" + clash[0].replace("_", "-")
+        args.parser.error(f"argument --vary: {flag} is swept, so it cannot also be set by {flag}")
+    cfg = Config(**{**compare.PRESET, "out": "runs/sweep", **given})
+    errors = config_errors(cfg)
+    if errors:
+        args.parser.error(f"argument {errors[0]}")
+    _run_job(compare.sweep, cfg, grid, args.seeds, eval_images=args.eval_images or compare.EVAL_IMAGES,
+             one_at_a_time=args.one_at_a_time)
 
 
 def run_show(args):

@@ -51,9 +51,13 @@ class SyntheticShapes:
     CLASSES = ("disk", "square", "diamond", "triangle", "hexagon", "ring", "cross", "star",
                "ellipse", "crescent")
 
+    # Each split its own stream of random numbers. "holdout" is for choosing settings
+    # (`adclr sweep`), so that the val split reports on images no choice has seen.
+    SPLITS = {"train": 0, "val": 1, "holdout": 2}
+
     def __init__(self, split="train", size=96, length=None, seed=0):
-        if split not in ("train", "val"):
-            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if split not in self.SPLITS:
+            raise ValueError(f"split must be one of {', '.join(map(repr, self.SPLITS))}, got {split!r}")
         self.split, self.size, self.seed = split, size, seed
         self.length = length or (10000 if split == "train" else 2000)
         self.classes = list(self.CLASSES)
@@ -65,7 +69,7 @@ class SyntheticShapes:
         return i % len(self.CLASSES)  # balanced classes
 
     def _render(self, i):
-        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, i])
+        rng = np.random.default_rng([self.seed, self.SPLITS[self.split], i])
         s = self.size
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
         image = np.full((s, s, 3), rng.uniform(0.1, 0.9), dtype=np.float32)
@@ -80,15 +84,19 @@ class SyntheticShapes:
 
     def _object(self, rng, label, radius, cx, cy, xx, yy):
         """(pixels inside, RGB colour) of one object of class `label` centred at (cx, cy)."""
+        inside = self._inside(rng, label, radius, cx, cy, xx, yy)
+        hue = (label / len(self.CLASSES) + rng.uniform(-0.03, 0.03)) % 1.0
+        colour = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.5, 1.0))
+        return inside, np.array(colour, dtype=np.float32)
+
+    def _inside(self, rng, label, radius, cx, cy, xx, yy):
+        """The pixels of one object of class `label` centred at (cx, cy), tilted at random."""
         # Upright up to a small tilt: under any rotation a square is a diamond (a square
         # turned 45 degrees, 13% smaller), and two classes of one shape cannot be told apart.
         angle = rng.uniform(-np.pi / 18, np.pi / 18)
         u = ((xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)) / radius
         v = (-(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)) / radius
-        inside = self._shape(self.CLASSES[label], u, v)
-        hue = (label / len(self.CLASSES) + rng.uniform(-0.03, 0.03)) % 1.0
-        colour = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.5, 1.0))
-        return inside, np.array(colour, dtype=np.float32)
+        return self._shape(self.CLASSES[label], u, v)
 
     @staticmethod
     def _shape(name, u, v):
@@ -166,7 +174,7 @@ class SyntheticScenes(SyntheticShapes):
             SyntheticScenes._unit_areas = [self._shape(c, u, v).mean() * 9 for c in self.CLASSES]
 
     def _render(self, i):
-        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, i, 1])
+        rng = np.random.default_rng([self.seed, self.SPLITS[self.split], i, 1])
         s = self.size
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
         image = np.full((s, s, 3), rng.uniform(0.1, 0.9), dtype=np.float32)
@@ -183,6 +191,69 @@ class SyntheticScenes(SyntheticShapes):
             mask[inside] = classes[j] + 1
         image = image + rng.normal(0, 0.03, image.shape)
         return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask
+
+
+class SyntheticShapeScenes(SyntheticScenes):
+    """Built-in scenes where only an object's shape gives its class.
+
+    SyntheticScenes' layout (two to four objects of distinct classes at random places, the
+    main one the largest, smaller ones in front, whole objects in the picture), but every
+    object is painted with a texture of a random kind (flat, stripes, checks, dots or
+    blobs) in two random colours, drawn independently of its class, on a background
+    textured the same way. An object's mean colour differs from the background's (so that
+    its outline shows); nothing else but its outline says which class it is. `mask(i)`:
+    0 background, class + 1 where that class is visible. Deterministic in (seed, split, i).
+    """
+
+    def _render(self, i):
+        rng = np.random.default_rng([self.seed, self.SPLITS[self.split], i, 2])
+        s = self.size
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
+        image = self._painted(rng, xx, yy)
+        mask = np.zeros((s, s), dtype=np.uint8)
+        label = self.label(i)
+        others = rng.permutation([c for c in range(len(self.CLASSES)) if c != label])[:rng.integers(1, 4)]
+        classes = [label, *others.tolist()]
+        areas = [rng.uniform(0.12, 0.25)] + [rng.uniform(0.015, 0.08) for _ in others]
+        for j in np.argsort(areas)[::-1]:  # larger objects behind smaller ones, so that each shows
+            radius = np.sqrt(areas[j] / self._unit_areas[classes[j]])
+            cx, cy = rng.uniform(radius, 1 - radius, 2)
+            # Every shape lies within 1.2 radii of its centre: only that square is drawn on.
+            box = tuple(slice(max(0, int((c - 1.2 * radius) * s)), int(np.ceil((c + 1.2 * radius) * s)) + 1)
+                        for c in (cy, cx))
+            x, y = xx[box], yy[box]
+            inside = self._inside(rng, classes[j], radius, cx, cy, x, y)
+            behind = image[box][inside].mean(0)
+            for _ in range(20):  # an outline to see: not the colour of what it covers, on average
+                paint = self._painted(rng, x[inside], y[inside])
+                if np.linalg.norm(paint.mean(0) - behind) > 0.25:
+                    break
+            image[box][inside] = paint
+            mask[box][inside] = classes[j] + 1
+        image += rng.standard_normal(image.shape, dtype=np.float32) * 0.03
+        return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask
+
+    @staticmethod
+    def _painted(rng, x, y):
+        """(*x.shape, 3): a texture of a random kind in two random colours at image points (x, y)."""
+        colours = np.array([colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 1), rng.uniform(0.2, 1))
+                            for _ in range(2)], dtype=np.float32)
+        kind = rng.integers(5)
+        angle, period, phase = rng.uniform(0, np.pi), rng.uniform(0.06, 0.2), rng.uniform(0, 2 * np.pi, 2)
+        u = (x * np.cos(angle) + y * np.sin(angle)) * (2 * np.pi / period) + phase[0]
+        v = (-x * np.sin(angle) + y * np.cos(angle)) * (2 * np.pi / period) + phase[1]
+        if kind == 0:  # flat
+            t = np.zeros_like(x, dtype=bool)
+        elif kind == 1:  # stripes
+            t = np.sin(u) > 0
+        elif kind == 2:  # checks
+            t = np.sin(u) * np.sin(v) > 0
+        elif kind == 3:  # dots
+            t = np.cos(u) + np.cos(v) > 1
+        else:  # blobs: where three slow waves of random directions add up above 0
+            waves = rng.normal(0, 12, (3, 2)).astype(np.float32)
+            t = sum(np.sin(x * a + y * b + c) for (a, b), c in zip(waves, rng.uniform(0, 2 * np.pi, 3))) > 0
+        return np.where(t[..., None], colours[1], colours[0])
 
 
 def check_folder(root):
@@ -281,7 +352,7 @@ class SegmentationFolder:
     """
 
     IGNORE = 255
-    SPLITS = {"train": ("train", "training"), "val": ("val", "validation")}
+    SPLITS = {"train": ("train", "training"), "val": ("val", "validation"), "holdout": ("holdout",)}
 
     def __init__(self, root, split):
         check_folder(root)
@@ -358,12 +429,13 @@ def warn_unreadable(base, indices, warned):
             print(f"warning: skipping unreadable image {base.samples[i][0]}: {base.error(i)}", file=sys.stderr)
 
 
-BUILTIN = {"builtin": SyntheticShapes, "builtin:shapes": SyntheticShapes, "builtin:scenes": SyntheticScenes}
+BUILTIN = {"builtin": SyntheticShapes, "builtin:shapes": SyntheticShapes, "builtin:scenes": SyntheticScenes,
+           "builtin:shape-scenes": SyntheticShapeScenes}
 
 
 def open_dataset(data, split, like=None):
-    """`data` None/"builtin" -> SyntheticShapes, "builtin:scenes" -> SyntheticScenes; else a
-    folder (uses `data/split` if it exists).
+    """`data` None/"builtin" -> SyntheticShapes, "builtin:scenes" -> SyntheticScenes,
+    "builtin:shape-scenes" -> SyntheticShapeScenes; else a folder (uses `data/split` if it exists).
 
     Training accepts any folder of images; evaluation needs labelled train and val
     splits, so for a folder it requires `data/train` and `data/val` (ImageNet layout).
@@ -383,9 +455,9 @@ def open_dataset(data, split, like=None):
 
 
 def open_segmentation(data, split):
-    """A built-in set (`open_dataset`'s names; default "builtin:scenes"), or a SegmentationFolder."""
+    """A built-in set (`open_dataset`'s names; default "builtin:shape-scenes"), or a SegmentationFolder."""
     if data in (None, ""):
-        data = "builtin:scenes"
+        data = "builtin:shape-scenes"
     if data in BUILTIN:
         return BUILTIN[data](split)
     return SegmentationFolder(data, split)

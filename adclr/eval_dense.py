@@ -242,7 +242,7 @@ def open_splits(data, limit, device):
     """(data, train split, val split, images per split) of --data, the built-in scenes
     by default; on CPU the built-in sets are cut to BUILTIN_CPU_LIMIT unless --limit is
     given (0: all)."""
-    data = data or "builtin:scenes"
+    data = data or "builtin:shape-scenes"
     try:
         train_images, val_images = open_segmentation(data, "train"), open_segmentation(data, "val")
     except OSError as error:
@@ -260,7 +260,7 @@ def evaluate_dense(checkpoint, data=None, weights="teacher", image_size=None, ba
     """`adclr eval dense`: the probe on a checkpoint's backbone; returns the JSON record.
 
     data: a folder of image/mask pairs (`SegmentationFolder`), or a built-in set
-    (default "builtin:scenes"). None for a setting picks its default (printed).
+    (default "builtin:shape-scenes"). None for a setting picks its default (printed).
     """
     backbone, cfg, device, size = backbone_for_eval(checkpoint, weights, device, image_size)
     n_last_blocks = n_last_blocks or 1

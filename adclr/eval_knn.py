@@ -6,11 +6,14 @@ each weighing exp(similarity / T). The headline number is DINO's, k = 20.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from .data import default_num_workers
-from .features import backbone_for_eval, open_labelled_splits, split_features
+from .features import backbone_for_eval, load_backbone, open_labelled_splits, split_features
+from .train import build
 
 KNN_K = (10, 20, 100, 200)  # DINO's eval_knn.py --nb_knn
 
@@ -56,3 +59,18 @@ def evaluate_knn(checkpoint, data=None, weights="teacher", image_size=None, batc
     return {"protocol": "knn", "checkpoint": checkpoint, "weights": weights, "data": data,
             "train_images": len(train_y), "val_images": len(val_y), "accuracy": by_k[headline], "k": headline,
             "accuracy_by_k": {str(k): v for k, v in by_k.items()}, "temperature": temperature}
+
+
+# The demo's last line scores this many images per split: about 5 s of CPU per backbone
+# for the demo's vit_mini at 64 px.
+DEMO_IMAGES = 1000
+
+
+def knn_trained_and_at_init(cfg, images):
+    """(k-NN accuracy (k = 20) of the run's teacher, and of the same network as the run
+    started it) on `images` images per split of the run's data, on the CPU."""
+    train_images, val_images = open_labelled_splits(cfg.data)
+    trained = load_backbone(os.path.join(cfg.out, "checkpoint.pt"))[0]
+    at_init = build(cfg, "cpu").teacher.backbone.eval()
+    return tuple(knn_accuracy(*split_features(backbone, train_images, val_images, cfg.data, cfg.image_size, images,
+                                              128, "cpu", 0), (20,))[20] for backbone in (trained, at_init))

@@ -1,5 +1,5 @@
 """What the evaluation protocols share: a frozen backbone from a checkpoint, the views
-they evaluate on, and its features of a labelled image set.
+they evaluate on, its features of a labelled image set, and its last block's attention.
 
 The backbone is never updated. Its input is a centre crop (DINO's resize to size / 0.875,
 then crop), normalised as in training; its feature is the CLS token after the final
@@ -13,8 +13,10 @@ import sys
 
 import torch
 
+from adclr_kernels import visibility_mask
+
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import center_crop, normalize, open_dataset, warn_unreadable
+from .data import center_crop, crop, normalize, open_dataset, random_resized_box, warn_unreadable
 from .model import build_backbone
 
 
@@ -61,15 +63,15 @@ def backbone_for_eval(checkpoint, weights, device, image_size):
     return backbone, cfg, device, size
 
 
-def open_labelled_splits(data):
-    """(train, val) images of --data for the image-level protocols, or one line saying why not.
+def open_labelled_splits(data, split="val"):
+    """(train, `split`) images of --data for the image-level protocols, or one line saying why not.
 
     A val image's label is its class's place among train's classes (by folder name), so a
     val split without some train class still scores each image against its own class.
     """
     try:
         train = open_dataset(data, "train")
-        return train, open_dataset(data, "val", like=train)
+        return train, open_dataset(data, split, like=train)
     except (OSError, ValueError) as error:  # no such folder, no train/ or val/, no images, a class train lacks
         raise SystemExit(f"error: --data: {error}") from None
 
@@ -143,3 +145,50 @@ def split_features(backbone, train_images, val_images, data, size, limit, batch_
     if not len(train_y) or not len(val_y):
         raise SystemExit(f"error: --data {data}: no readable images in {'train' if not len(train_y) else 'val'}")
     return train_f, train_y, val_f, val_y
+
+
+def query_boxes(image, count, scale, generator):
+    """`count` boxes (left, top, right, bottom) on a PIL image where training would cut
+    query crops: random-resized boxes of `scale` of its area."""
+    return [random_resized_box(*image.size, tuple(scale), generator) for _ in range(count)]
+
+
+def query_crops(image, boxes, patch_size):
+    """The query crops of a PIL image at `boxes`, each resized to one patch, normalised:
+    (1, len(boxes), 3, p, p), or None for no box."""
+    return torch.stack([normalize(crop(image, box, patch_size)) for box in boxes])[None] if boxes else None
+
+
+def last_block_attention(backbone, images, query_crops=None):
+    """The last block's attention weights of the CLS row and the query rows (B, heads,
+    1 + Q, L), float32, and the number of queries Q.
+
+    Columns are tokens [CLS | patches | queries]; a row's weights over the keys it may
+    see sum to 1, the others are 0. The CLS row is the fused op's own (its prefix-row
+    probabilities); the Q query rows are recomputed from the block's q and k, caught by
+    a forward hook, under the op's visibility mask. `images` normalised as for
+    `forward_features`.
+    """
+    attn = backbone.blocks[-1].attn
+    caught = {}
+
+    def catch(module, args, kwargs):
+        caught["x"], caught["num_queries"], caught["options"] = args[0], args[1], kwargs
+
+    handle = attn.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            cls = backbone.forward_features(images, query_crops, cls_attention=True)["cls_attention"]
+    finally:
+        handle.remove()
+    x, num_queries = caught["x"], caught["num_queries"]
+    B, L, _ = x.shape
+    with torch.no_grad():
+        q, k, _ = attn.qkv(x).view(B, L, 3, attn.num_heads, attn.head_dim).unbind(2)
+        q, k = attn.q_norm(q)[:, L - num_queries:], attn.k_norm(k)
+        scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) * attn.scale
+        options = {key: value for key, value in caught["options"].items() if key.startswith("query_sees")}
+        sees = visibility_mask(L, L, num_queries, 1, device=x.device, **options)[L - num_queries:]
+        queries = scores.masked_fill(~sees, float("-inf")).softmax(-1)
+    return torch.cat([cls.float()[:, :, None], queries], 2), num_queries
+

@@ -2,10 +2,9 @@
 dense probe predicts, and how a run went.
 
 matplotlib is an optional extra (`pip install 'adclr[viz]'`), imported by these
-commands only. The fused attention op never materialises the attention weights: the CLS
-row's come from the op itself (its prefix-row probabilities), and the query rows' are
-recomputed from the last block's q and k (caught by a forward hook) under the op's
-visibility mask.
+commands only. The CLS row's attention weights come from the fused op itself (its
+prefix-row probabilities), the query rows' are recomputed from the last block's q and k
+(`adclr.features.last_block_attention`).
 """
 
 from __future__ import annotations
@@ -18,13 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adclr_kernels import visibility_mask
-
-from .data import (BUILTIN, ImageFolder, crop, default_num_workers, normalize, open_segmentation,
-                   random_resized_box, to_tensor)
 from .checkpoint import make_folder, write_atomically
+from .data import BUILTIN, ImageFolder, default_num_workers, normalize, open_segmentation, to_tensor
 from .eval_dense import DEFAULT_EPOCHS, DEFAULT_LR, IGNORE, SegmentationCrops, fit_probe, open_splits, patch_features
-from .features import backbone_or_exit
+from .features import backbone_or_exit, last_block_attention, query_boxes, query_crops
 
 CELL = 160  # pixels per picture in a grid
 
@@ -38,40 +34,6 @@ def pyplot():
     except ImportError:
         raise SystemExit("error: adclr show needs matplotlib: pip install 'adclr[viz]'") from None
     return plt
-
-
-def last_block_attention(backbone, images, query_crops=None):
-    """The last block's attention weights of the CLS row and the query rows (B, heads,
-    1 + Q, L), float32, and the number of queries Q.
-
-    Columns are tokens [CLS | patches | queries]; a row's weights over the keys it may
-    see sum to 1, the others are 0. The CLS row is the fused op's own (its prefix-row
-    probabilities); the Q query rows are recomputed from the block's q and k, caught by
-    a forward hook, under the op's visibility mask. `images` normalised as for
-    `forward_features`.
-    """
-    attn = backbone.blocks[-1].attn
-    caught = {}
-
-    def catch(module, args, kwargs):
-        caught["x"], caught["num_queries"], caught["options"] = args[0], args[1], kwargs
-
-    handle = attn.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            cls = backbone.forward_features(images, query_crops, cls_attention=True)["cls_attention"]
-    finally:
-        handle.remove()
-    x, num_queries = caught["x"], caught["num_queries"]
-    B, L, _ = x.shape
-    with torch.no_grad():
-        q, k, _ = attn.qkv(x).view(B, L, 3, attn.num_heads, attn.head_dim).unbind(2)
-        q, k = attn.q_norm(q)[:, L - num_queries:], attn.k_norm(k)
-        scores = torch.einsum("blhd,bmhd->bhlm", q.float(), k.float()) * attn.scale
-        options = {key: value for key, value in caught["options"].items() if key.startswith("query_sees")}
-        sees = visibility_mask(L, L, num_queries, 1, device=x.device, **options)[L - num_queries:]
-        queries = scores.masked_fill(~sees, float("-inf")).softmax(-1)
-    return torch.cat([cls.float()[:, :, None], queries], 2), num_queries
 
 
 def _images(data, count):
@@ -141,9 +103,8 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
     generator = torch.Generator().manual_seed(seed)
     for n, image in enumerate(_images(data, images)):
         image = image.resize((size, size), Image.BICUBIC)
-        boxes = [random_resized_box(size, size, tuple(cfg["query_scale"]), generator) for _ in range(num_queries)]
-        crops = torch.stack([normalize(crop(image, box, p)) for box in boxes])[None] if boxes else None
-        probs, _ = last_block_attention(backbone, normalize(to_tensor(image))[None], crops)
+        boxes = query_boxes(image, num_queries, cfg["query_scale"], generator)
+        probs, _ = last_block_attention(backbone, normalize(to_tensor(image))[None], query_crops(image, boxes, p))
         probs = probs[0]  # (heads, 1 + Q, L)
         heads = probs.shape[0]
         rows = [("CLS", 0, None)] + [(f"query {q + 1}", 1 + q, boxes[q]) for q in range(num_queries)]

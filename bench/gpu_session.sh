@@ -14,7 +14,9 @@
 # 35 s to start the machine: a 15-minute lease holds every stage in two calls.
 #
 # Stages (default: all, in this order): tests ops train calibrate opsflex trainflex tune
-# head input profile wholestep. The reports are made afterwards, anywhere: python -m
+# head input profile wholestep. Not in the default list, run on its own: compare (`adclr
+# compare` at a budget a CPU cannot afford, sized for about five minutes; its table lands
+# in compare/). The reports are made afterwards, anywhere: python -m
 # bench.report ops.json opsflex.json (the split files merge, ratios over the union).
 # input runs nvJPEG's crops and adclr train on generated JPEGs per --decode;
 # train times the step eagerly (train.json), then compiled three ways (--compile on,
@@ -87,6 +89,13 @@ run_stage() {
       stage tune 110 python -m bench.tune --out "$RES" ;;
     head)
       stage head 50 $BENCH bench/test_head_loss.py --benchmark-json="$RES/head.json" ;;
+    compare)  # ADCLR against DINO and random init: one seed, vit_mini at 96 px (12 x 12 patches), 3000 steps of 64
+      # The runs stay in /tmp; their tables, scores and metrics (no checkpoints) come back, also when cut short.
+      stage compare 420 python -m adclr.cli compare --out /tmp/adclr-compare --device cuda --seeds 0 \
+        --arch vit_mini --image-size 96 --local-size 48 --batch-size 64 --max-steps 3000 --compile off
+      mkdir -p "$RES/compare"
+      tar -C /tmp/adclr-compare --exclude='*.pt' --exclude=tensorboard -cf - . | tar -C "$RES/compare" -xf -
+      tar -C /tmp/adclr-results -czf "$OUT/results.tgz" bench ;;
     input)  # nvJPEG's crops and a --decode gpu run, then adclr train on generated JPEGs per --decode
       stage input 330 bash -c "python -m pytest -q -p no:cacheprovider tests/adclr/test_data_decode.py \
         tests/adclr/test_train_input.py -k 'nvjpeg or on_cuda' -rs; \

@@ -7,6 +7,15 @@ from adclr.cli import main
 from adclr.config import Config
 
 
+@pytest.fixture(autouse=True)
+def small_demo_knn(monkeypatch):
+    """The k-NN line that ends a run on the built-in data on the CPU, on 100 images per split:
+    a second instead of several for every such run here."""
+    import adclr.eval_knn
+
+    monkeypatch.setattr(adclr.eval_knn, "DEMO_IMAGES", 100)
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """A Config small enough for a CPU test: 2-block dim-64 ViT, 32 px crops, patch 8."""

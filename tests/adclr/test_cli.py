@@ -193,6 +193,8 @@ OTHER_RANGES = [
         ("--num-workers", ">= -1", int, "-2"), ("--limit", ">= 0", int, "-1")]),
     (["compare"], ("adclr.compare", "compare"), [
         ("--seeds", "[0, 10000000]", int, "-1"), ("--eval-images", ">= 1", int, "-1")]),
+    (["sweep"], ("adclr.compare", "sweep"), [
+        ("--seeds", "[0, 10000000]", int, "-1"), ("--eval-images", ">= 1", int, "-1")]),
     (["show", "attention", "--checkpoint", "c.pt"], ("adclr.show", "show_attention"), [
         ("--images", ">= 1", int, "-1"), ("--num-queries", ">= 0", int, "-1"), ("--seed", ">= 0", int, "-1")]),
     (["show", "dense", "--checkpoint", "c.pt"], ("adclr.show", "show_dense"), [
@@ -220,8 +222,9 @@ def test_other_commands_flags_at_zero_and_negative(command, target, flag, spec, 
     if accepts(spec, value):
         assert status == 0 and len(seen) == 1
         args, kwargs = seen[0]
-        if target[1] == "compare":  # compare(cfg, seeds, eval_images=...)
-            assert (args[1] == [value]) if flag == "--seeds" else kwargs["eval_images"] == value
+        if target[1] in ("compare", "sweep"):  # compare(cfg, seeds, ...), sweep(cfg, grid, seeds, ...)
+            seeds = args[1] if target[1] == "compare" else args[2]
+            assert (seeds == [value]) if flag == "--seeds" else kwargs["eval_images"] == value
         else:
             assert kwargs[flag[2:].replace("-", "_")] == value
     else:
@@ -259,7 +262,7 @@ def numeric_flags(argv, monkeypatch):
             if a.option_strings and getattr(a.type, "__name__", None) in ("int", "float")}
 
 
-@pytest.mark.parametrize("command", [["eval"], ["compare"], ["show", "attention"], ["show", "dense"]],
+@pytest.mark.parametrize("command", [["eval"], ["compare"], ["sweep"], ["show", "attention"], ["show", "dense"]],
                          ids=" ".join)
 def test_every_numeric_flag_of_the_other_commands_has_a_range(command, monkeypatch):
     flags = set(numeric_flags(command, monkeypatch))
@@ -268,7 +271,7 @@ def test_every_numeric_flag_of_the_other_commands_has_a_range(command, monkeypat
                                                  for f, *_ in fs}
     else:
         tabled = {f for c, _, fs in OTHER_RANGES if c[:len(command)] == command for f, *_ in fs}
-    if command == ["compare"]:  # and every adclr train flag, as train checks them
+    if command in (["compare"], ["sweep"]):  # and every adclr train flag, as train checks them
         tabled |= {f for f, *_ in TRAIN_RANGES} | set(SCALE_FLAGS)
     assert flags == tabled
 
@@ -281,7 +284,7 @@ def test_compare_takes_train_flags_over_its_preset(monkeypatch, capsys):
     assert run(["compare", "--seeds", "3", "4", "--max-steps", "7", "--out", "x"], capsys)[0] == 0
     cfg, seeds = seen[0]
     assert seeds == [3, 4] and cfg.max_steps == 7 and cfg.out == "x"
-    assert cfg.data == adclr.compare.PRESET["data"] == "builtin:scenes" and cfg.arch == adclr.compare.PRESET["arch"]
+    assert cfg.data == adclr.compare.PRESET["data"] == "builtin:shape-scenes" and cfg.arch == adclr.compare.PRESET["arch"]
     status, err = run(["compare", "--seed", "1"], capsys)
     assert status == 2 and err.splitlines()[-1] == "adclr compare: error: argument --seed: adclr compare takes --seeds"
     status, err = run(["compare", "--image-size", "60"], capsys)
@@ -715,3 +718,17 @@ def test_command_line_train_eval_export(tmp_path, capsys):
     backbone.load_state_dict(weights)  # strict: exactly the backbone's parameters
     teacher = load_checkpoint(os.path.join(out, "checkpoint.pt"))["teacher"]
     torch.testing.assert_close(weights["pos_embed"], teacher["backbone.pos_embed"])
+
+
+def test_the_demo_ends_with_its_knn_beside_random_init(tmp_path, capsys):
+    """On the built-in data without a GPU the run's last line says whether it learned; on
+    the user's own data it does not (no labels to score with)."""
+    import re
+
+    status, err = run(["train", *TINY, "--out", str(tmp_path / "demo")], capsys)
+    numbers = re.fullmatch(r"k-NN accuracy \(k = 20, 100 train / 100 val images of builtin\): teacher "
+                           r"(\d+\.\d)%, the same network at random init (\d+\.\d)%", err.strip().splitlines()[-1])
+    assert status == 0 and numbers and all(0 <= float(n) <= 100 for n in numbers.groups())
+    status, err = run(["train", *TINY, "--data", image_folder(tmp_path / "photos"), "--batch-size", "2",
+                       "--out", str(tmp_path / "own")], capsys)
+    assert status == 0 and err.strip().splitlines()[-1].startswith("done: 1 steps")

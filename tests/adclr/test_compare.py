@@ -1,15 +1,22 @@
-"""`adclr compare` on a tiny budget: paired runs, the table, and a resume that redoes nothing."""
+"""`adclr compare` and `adclr sweep` on a tiny budget: paired runs, the tables, a resume that
+redoes nothing, and the attention measures on backbones whose attention is known."""
 
 import functools
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import adclr.compare
-from adclr.cli import main
+import adclr.data
+import adclr.features
 from adclr.checkpoint import load_checkpoint
+from adclr.cli import main
+from adclr.config import Config
+from adclr.model import build_backbone
+from adclr.train import build
 
 TINY = ["--arch", "vit_test", "--patch-size", "8", "--image-size", "32", "--local-size", "16",
         "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "64", "--head-hidden-dim", "32",
@@ -24,11 +31,15 @@ def test_compare_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     out = tmp_path / "compare"
     main(["compare", *TINY, "--seeds", "0", "1", "--eval-images", "12", "--out", str(out)])
     table = capsys.readouterr().out
-    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    scores, attention = table.split("\n\n")
+    rows = [line for line in scores.splitlines() if line.startswith("| ")]
     assert rows[0] == "| backbone | k-NN | linear | mIoU | pixel acc. |"
     assert [r.split(" | ")[0] for r in rows[1:]] == [
         "| random init", "| DINO (lambda = 0)", "| ADCLR", "| ADCLR − DINO (paired by seed)",
         "| every patch right (val labels, no model)"]
+    attention = attention.splitlines()
+    assert attention[0].startswith("| backbone | query on its crop ÷ crop's area | share, area (%) | CLS on objects")
+    assert [r.split(" | ")[0] for r in attention[2:]] == ["| random init", "| DINO (lambda = 0)", "| ADCLR"]
     assert (out / "compare.md").read_text().startswith(table.strip().split("\n")[0])
     record = json.loads((out / "compare.json").read_text())
     assert record["seeds"] == [0, 1] and record["eval_images"] == 12
@@ -39,14 +50,23 @@ def test_compare_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     for seed in ("0", "1"):
         for method in ("random", "dino", "adclr"):
             scores = record["results"][seed][method]
-            assert sorted(scores) == ["knn", "linear", "miou", "pixel_accuracy"]
-            assert all(0 <= v <= 1 for v in scores.values())
+            assert sorted(scores) == ["cls_foreground", "cls_share", "foreground_area", "knn", "linear", "miou",
+                                      "pixel_accuracy", "query_area", "query_localisation", "query_share"]
+            assert all(0 <= scores[k] <= 1 for k in scores if not k.endswith(("localisation", "foreground")))
+            assert scores["query_localisation"] == pytest.approx(scores["query_share"] / scores["query_area"])
+            assert 0 < scores["query_area"] < 0.5 and 0 < scores["foreground_area"] < 0.8
         # The pair differs in lambda only, and starts from the same weights as "random".
         dino = load_checkpoint(str(out / f"seed{seed}" / "dino" / "checkpoint.pt"))
         query_run = load_checkpoint(str(out / f"seed{seed}" / "adclr" / "checkpoint.pt"))
         differ = {k for k in dino["config"] if dino["config"][k] != query_run["config"][k]}
         assert differ == {"out", "lambda_query"} and dino["config"]["lambda_query"] == 0
         assert query_run["config"]["lambda_query"] == 0.5 and dino["config"]["seed"] == int(seed)
+        # "random" is the step-0 checkpoint of the pair: the teacher both runs start from.
+        start = load_checkpoint(str(out / f"seed{seed}" / "random" / "checkpoint.pt"))
+        assert start["step"] == 0 and start["config"]["seed"] == int(seed)
+        initial = build(Config(**{**adclr.compare.PRESET, **{k: tuple(v) if isinstance(v, list) else v
+                                                              for k, v in start["config"].items()}}), "cpu")
+        assert all(torch.equal(v, start["teacher"][k]) for k, v in initial.teacher.state_dict().items())
     # Per-seed numbers and the spread in the table are the JSON's.
     knn = [100 * record["results"][s]["adclr"]["knn"] for s in ("0", "1")]
     mean, spread = adclr.compare.summary(knn)
@@ -55,16 +75,14 @@ def test_compare_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     # Run again: nothing is trained or scored twice.
     stamps = {p: os.path.getmtime(p) for p in out.glob("seed*/*/checkpoint.pt")}
     monkeypatch.setattr(adclr.compare, "score", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(adclr.compare, "localisation", lambda *a, **k: pytest.fail("measured again"))
     main(["compare", *TINY, "--seeds", "0", "1", "--eval-images", "12", "--out", str(out)])
     assert capsys.readouterr().out == table
-    assert stamps == {p: os.path.getmtime(p) for p in out.glob("seed*/*/checkpoint.pt")} and len(stamps) == 4
+    assert stamps == {p: os.path.getmtime(p) for p in out.glob("seed*/*/checkpoint.pt")} and len(stamps) == 6
 
 
 def test_random_init_is_the_runs_starting_point(tmp_path):
     """'random' is the teacher both runs of a seed start from, not some other initialisation."""
-    from adclr.config import Config
-    from adclr.train import build
-
     cfg = Config(**{**adclr.compare.PRESET, "out": str(tmp_path), "seed": 3})
     a = build(cfg, "cpu").teacher.backbone.state_dict()
     b = build(cfg, "cpu").teacher.backbone.state_dict()
@@ -83,13 +101,176 @@ def test_compare_refuses_a_comparison_with_itself(tmp_path):
         assert exit.value.code == message
 
 
+def known_attention(attend):
+    """A 2-block ViT (32 px, patch 8: 4 x 4 patches) whose last block's attention is known.
+
+    The first block passes its input through, and a token is its patch's mean brightness
+    on one channel, so the last block's LayerNorm makes every token +u (bright) or -u
+    (dark). attend False: q = k = 0, every row uniform over what it sees. attend True:
+    q = k = 3u, so a bright token (and CLS, made bright) attends only to the bright
+    patches, equally, and a dark one only to the dark patches.
+    """
+    backbone = build_backbone("vit_test", 32, 8).eval()
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.zero_()
+        for norm in (backbone.blocks[1].norm1, backbone.norm):
+            norm.weight.fill_(1)
+        backbone.patch_embed.proj.weight[0] = 1 / (3 * 8 * 8)
+        if attend:
+            backbone.cls_token[0, 0, 0] = 1
+            qkv = backbone.blocks[1].attn.qkv.weight  # rows: q then k then v, head by head (2 x 32)
+            for row in (0, 32, 64, 96):
+                qkv[row, 0] = 3
+    return backbone
+
+
+def bright_square(box, size=32):
+    """A dark image, bright inside `box` (left, top, right, bottom), and its mask (1 there)."""
+    from PIL import Image
+
+    left, top, right, bottom = box
+    pixels = np.zeros((size, size, 3), np.uint8)
+    pixels[top:bottom, left:right] = 255
+    return Image.fromarray(pixels), (pixels[..., 0] > 0).astype(np.uint8)
+
+
+def test_a_query_that_attends_only_to_its_crop_scores_its_inverse_area_share():
+    image, mask = bright_square((8, 8, 24, 24))  # 2 x 2 of the 4 x 4 patches
+    shares = adclr.compare.attention_shares(known_attention(True), image, mask, [(8, 8, 24, 24), (0, 0, 8, 8)], 8)
+    # The bright query looks only at its 4 patches: all its attention there, on 4 / 16 of the image.
+    assert shares["query_share"][0] == pytest.approx(1, abs=1e-6) and shares["query_area"][0] == 4 / 16
+    # The dark one looks at the 12 dark patches alike, its own 1 among them.
+    assert shares["query_share"][1] == pytest.approx(1 / 12, abs=1e-6) and shares["query_area"][1] == 1 / 16
+    assert shares["cls_share"] == pytest.approx(1, abs=1e-6) and shares["foreground_area"] == 4 / 16
+    measured = adclr.compare.localisation(known_attention(True), [(image, mask)] * 3, 32, 8, 0, (0.05, 0.15))
+    assert measured["cls_foreground"] == pytest.approx(4, rel=1e-5)  # 1 / (4 / 16)
+
+
+def test_uniform_attention_is_no_localisation():
+    """Any images and query crops: a uniform row puts on each region exactly its area share."""
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    masks = np.zeros((4, 40, 50), np.uint8)
+    for mask, (top, left) in zip(masks, rng.integers(0, 20, (4, 2))):
+        mask[top:top + 20, left:left + 25] = rng.integers(1, 4)
+    pairs = [(Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)), mask) for mask in masks]
+    measured = adclr.compare.localisation(known_attention(False), pairs, 32, 8, 5, (0.05, 0.3))
+    assert measured["query_localisation"] == pytest.approx(1, abs=1e-5)
+    assert measured["cls_foreground"] == pytest.approx(1, abs=1e-5)
+    assert 0 < measured["query_area"] < 0.5 and 0.1 < measured["foreground_area"] < 0.5
+
+
+def test_region_patches_counts_a_patch_at_least_half_inside():
+    region = torch.zeros(16, 16, dtype=torch.bool)
+    region[0:4, 0:8] = True  # half of patch 0 (8 x 8)
+    region[8:11, 8:16] = True  # 3/8 of patch 3
+    assert adclr.compare.region_patches(region, 8).tolist() == [True, False, False, False]
+    small = torch.zeros(16, 16, dtype=torch.bool)
+    small[9:12, 9:12] = True  # a box smaller than half a patch still covers the one it is most in
+    assert adclr.compare.region_patches(small, 8).tolist() == [False, False, False, True]
+
+
+def test_sweep_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(adclr.compare, "linear_accuracy", functools.partial(adclr.compare.linear_accuracy, epochs=5))
+    monkeypatch.setattr(adclr.compare, "dense_probe", functools.partial(adclr.compare.dense_probe, epochs=2))
+    splits = []
+    monkeypatch.setattr(adclr.compare, "open_labelled_splits", lambda data, split: splits.append(split) or
+                        adclr.features.open_labelled_splits(data, split))
+    monkeypatch.setattr(adclr.compare, "open_segmentation", lambda data, split: splits.append(split) or
+                        adclr.data.open_segmentation(data, split))
+    out = tmp_path / "sweep"
+    argv = ["sweep", *TINY, "--vary", "teacher-temp=0.02,0.04", "--vary", "base_lr=1e-3", "--eval-images", "12",
+            "--out", str(out)]
+    main(argv)
+    captured = capsys.readouterr()
+    rows = [line for line in captured.out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| setting | random init: k-NN / linear / mIoU | DINO | ADCLR | DINO gain")
+    names = ["teacher_temp=0.02,base_lr=0.001", "teacher_temp=0.04,base_lr=0.001"]
+    assert [r.split(" | ")[0].strip("|* ") for r in rows[1:]] == [n.replace(",", ", ") for n in names]
+    assert set(splits) == {"train", "holdout"}  # chosen on the held-out split, never on val
+    record = json.loads((out / "sweep.json").read_text())
+    for name, point in zip(names, record["points"]):
+        assert point["name"] == name and sorted(point["results"]["0"]) == ["adclr", "dino", "random"]
+        run = load_checkpoint(str(out / name / "seed0" / "dino" / "checkpoint.pt"))["config"]
+        assert (run["teacher_temp"], run["base_lr"], run["lambda_query"]) == (point["point"]["teacher_temp"], 1e-3, 0)
+        assert (out / name / "seed0" / "adclr" / "holdout_scores.json").exists()
+        gains = adclr.compare.gains({0: point["results"]["0"]}, [0])
+        assert point["gains"] == pytest.approx(gains)
+    best = max(record["points"], key=lambda p: min(p["gains"].values()))
+    assert record["chosen"] == best["point"]
+    flags = f"--teacher-temp {best['point']['teacher_temp']} --base-lr 0.001"
+    assert f"chosen: {flags}" in captured.err and f"Chosen: {flags}." in (out / "sweep.md").read_text()
+
+    monkeypatch.setattr(adclr.compare, "score", lambda *a, **k: pytest.fail("scored again"))
+    main(argv)
+    assert capsys.readouterr().out == captured.out
+
+
+def test_sweep_chooses_the_point_whose_worse_method_does_best():
+    def results(dino, adclr_):
+        return {0: {"random": dict.fromkeys(adclr.compare.GAIN_METRICS, 0.1),
+                    "dino": dict.fromkeys(adclr.compare.GAIN_METRICS, 0.1 + dino),
+                    "adclr": dict.fromkeys(adclr.compare.GAIN_METRICS, 0.1 + adclr_)}}
+
+    rows = [{"name": name, "point": {}, "results": r, "gains": adclr.compare.gains(r, [0])}
+            for name, r in (("lopsided", results(-0.05, 0.30)), ("even", results(0.04, 0.05)))]
+    assert rows[0]["gains"] == pytest.approx({"dino": -5, "adclr": 30})
+    text, best = adclr.compare.sweep_table(rows, [0])
+    assert best["name"] == "even"  # the higher mean gain is not what counts
+    assert text.splitlines()[3] == "| **even** | 10.0 / 10.0 / 10.0 | 14.0 / 14.0 / 14.0 | 15.0 / 15.0 / 15.0 " \
+                                   "| +4.0 | +5.0 | +4.0 |"
+
+
+def test_grid_points_every_combination_or_one_at_a_time():
+    grid = {"teacher_temp": [0.04, 0.02], "momentum_teacher": [0.996, 0.99, 0.98]}
+    assert adclr.compare.grid_points(grid) == [
+        {"teacher_temp": t, "momentum_teacher": m} for t in (0.04, 0.02) for m in (0.996, 0.99, 0.98)]
+    assert adclr.compare.grid_points(grid, one_at_a_time=True) == [
+        {"teacher_temp": 0.04, "momentum_teacher": 0.996}, {"teacher_temp": 0.02, "momentum_teacher": 0.996},
+        {"teacher_temp": 0.04, "momentum_teacher": 0.99}, {"teacher_temp": 0.04, "momentum_teacher": 0.98}]
+    assert adclr.compare.point_name({"teacher_temp": 0.04, "warmup_teacher_temp_epochs": 1.5, "arch": "vit_test"}) \
+        == "teacher_temp=0.04,warmup_teacher_temp_epochs=1.5,arch=vit_test"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--vary", "teacher-temp=0.02", "--vary", "teacher_temp=0.04"],
+     "argument --vary: a flag is given twice; list all its values in one --vary"),
+    (["--vary", "base-lr=1e-3", "--base-lr", "2e-3"],
+     "argument --vary: --base-lr is swept, so it cannot also be set by --base-lr"),
+    (["--vary", "teacher-temp"], "argument --vary: expected KEY=V1,V2,... with KEY an adclr train flag, "
+                                 "got 'teacher-temp'"),
+    (["--vary", "no-such-flag=1"], "argument --vary: expected KEY=V1,V2,... with KEY an adclr train flag, "
+                                   "got 'no-such-flag=1'"),
+    (["--vary", "momentum-teacher=0.99,1.5"], "argument --vary: momentum-teacher: must be in [0, 1], got 1.5"),
+    (["--vary", "query-scale=0.1"], "argument --vary: --query-scale cannot be swept"),
+    (["--seed", "1"], "argument --seed: adclr sweep takes --seeds"),
+])
+def test_sweep_user_errors(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(adclr.compare, "sweep", lambda *a, **k: pytest.fail("swept"))
+    with pytest.raises(SystemExit) as exit:
+        main(["sweep", *argv])
+    assert exit.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"adclr sweep: error: {message}"
+
+
+def test_sweep_refuses_a_grid_point_that_cannot_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(adclr.compare, "run_seed", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as exit:
+        flags = TINY[:TINY.index("--patch-size")] + TINY[TINY.index("--patch-size") + 2:]
+        main(["sweep", *flags, "--vary", "patch-size=8,6", "--out", str(tmp_path)])
+    assert exit.value.code == ("error: the grid point patch_size=6: --image-size: must be a multiple of "
+                               "--patch-size 6, got 32")
+
+
 def test_compare_other_methods_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(adclr.compare, "linear_accuracy", functools.partial(adclr.compare.linear_accuracy, epochs=2))
     monkeypatch.setattr(adclr.compare, "dense_probe", functools.partial(adclr.compare.dense_probe, epochs=1))
     out = tmp_path / "compare"
     main(["compare", *TINY, "--max-steps", "1", "--seeds", "0", "--eval-images", "8", "--methods", "densecl",
           "ccmim", "--out", str(out)])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    scores_table = capsys.readouterr().out.split("\n\n")[0]  # the localisation table follows it
+    rows = [line for line in scores_table.splitlines() if line.startswith("| ")]
     assert [r.split(" | ")[0] for r in rows[1:]] == [
         "| random init", "| DenseCL", "| ccMIM", "| every patch right (val labels, no model)"]
     record = json.loads((out / "compare.json").read_text())
@@ -97,4 +278,4 @@ def test_compare_other_methods_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     for method in ("densecl", "ccmim"):
         config = load_checkpoint(str(out / "seed0" / method / "checkpoint.pt"))["config"]
         assert config["method"] == method and config["max_steps"] == 1
-        assert all(0 <= v <= 1 for v in record["results"]["0"][method].values())
+        assert all(0 <= record["results"]["0"][method][key] <= 1 for key, _ in adclr.compare.METRICS)

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from adclr.data import (Augment, DecodeOnlyDataset, ImageFolder, MultiCropDataset, SegmentationFolder, StepBatches,
-                        SyntheticScenes, SyntheticShapes, normalize, open_dataset, open_segmentation, synthetic_batch)
+                        SyntheticScenes, SyntheticShapeScenes, SyntheticShapes, normalize, open_dataset, open_segmentation,
+                        synthetic_batch)
 
 
 def test_builtin_dataset_is_deterministic_with_masks():
@@ -295,3 +296,60 @@ def test_segmentation_folder_bad_pairs(tmp_path):
         SegmentationFolder(str(tmp_path), "val")
     assert isinstance(open_dataset("builtin:scenes", "val"), SyntheticScenes)
     assert type(open_dataset("builtin", "val")) is SyntheticShapes
+
+
+def test_shape_scenes_are_deterministic_with_masks_that_match_their_labels():
+    a = SyntheticShapeScenes("train")
+    for i in (0, 7, 13):
+        image, label = a.load(i)
+        image_again, mask = SyntheticShapeScenes("train").load_segmentation(i)
+        assert image.size == (96, 96) and label == i % 10
+        assert np.array_equal(np.asarray(image), np.asarray(image_again)) and np.array_equal(mask, a.mask(i))
+    for other in (SyntheticShapeScenes("val"), SyntheticShapeScenes("holdout"), SyntheticShapeScenes("train", seed=1)):
+        assert not np.array_equal(a.mask(13), other.mask(13))
+    assert len(SyntheticShapeScenes("holdout")) == len(SyntheticShapeScenes("val")) == 2000
+    objects, main_is_largest, textured = [], [], []
+    for i in range(100):
+        image, mask = a.load_segmentation(i)
+        present = set(np.unique(mask).tolist()) - {0}
+        objects.append(len(present))
+        assert a.label(i) + 1 in present and present <= set(range(1, 11))
+        counts = np.bincount(mask.ravel(), minlength=11)
+        main_is_largest.append(counts[a.label(i) + 1] == counts[1:].max())
+        background = np.asarray(image)[mask == 0].astype(float)
+        textured.append(background.std(0).max() > 3 * 0.03 * 255)  # more than the pixel noise
+    assert min(objects) >= 2 and max(objects) == 4
+    assert np.mean(main_is_largest) > 0.95
+    assert 0.6 < np.mean(textured) < 1  # four texture kinds of five; flat backgrounds too
+
+
+def class_colours(scenes, images=300):
+    """(10, 3) mean RGB in [0, 1] of each class's visible pixels over the first images."""
+    sums, counts = np.zeros((10, 3)), np.zeros(10)
+    for i in range(images):
+        image, mask = scenes.load_segmentation(i)
+        pixels = np.asarray(image).reshape(-1, 3) / 255
+        labels = mask.ravel()
+        for c in range(10):
+            sums[c] += pixels[labels == c + 1].sum(0)
+            counts[c] += (labels == c + 1).sum()
+    return sums / counts[:, None]
+
+
+def test_in_shape_scenes_colour_says_nothing_of_the_class():
+    """Every class has the same mean colour there (up to sampling), unlike the colour-coded scenes."""
+    def spread(scenes):
+        colours = class_colours(scenes)
+        return np.abs(colours - colours.mean(0)).max()
+
+    assert spread(SyntheticShapeScenes("train")) < 0.1  # 0.06: sampling; each class has ~90 objects here
+    assert spread(SyntheticScenes("train")) > 0.25
+
+
+def test_every_shape_lies_within_the_box_shape_scenes_draw_it_in():
+    """SyntheticShapeScenes draws each object only within 1.2 radii of its centre."""
+    t = np.linspace(-2, 2, 801, dtype=np.float32)
+    u, v = np.meshgrid(t, t)
+    for name in SyntheticShapes.CLASSES:
+        inside = SyntheticShapes._shape(name, u, v)
+        assert inside.any() and (u[inside] ** 2 + v[inside] ** 2).max() <= 1.2 ** 2

@@ -136,7 +136,7 @@ def write_pairs(root, split, count, size=(40, 24)):
         Image.fromarray(mask).save(root / "masks" / split / f"{i}.png")
 
 
-def test_eval_dense_on_a_folder_and_on_builtin_scenes(tiny_checkpoint, tmp_path, capsys):
+def test_eval_dense_on_a_folder_and_on_the_builtin_shape_scenes(tiny_checkpoint, tmp_path, capsys):
     write_pairs(tmp_path / "data", "train", 6)
     write_pairs(tmp_path / "data", "val", 3, size=(30, 20))
     main(["eval", "dense", "--checkpoint", tiny_checkpoint, "--data", str(tmp_path / "data"),
@@ -152,7 +152,7 @@ def test_eval_dense_on_a_folder_and_on_builtin_scenes(tiny_checkpoint, tmp_path,
     main(["eval", "dense", "--checkpoint", tiny_checkpoint, "--limit", "16", "--epochs", "2",
           "--num-workers", "0", "--n-last-blocks", "2"])
     record = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert record["data"] == "builtin:scenes" and record["n_last_blocks"] == 2
+    assert record["data"] == "builtin:shape-scenes" and record["n_last_blocks"] == 2
     assert record["train_images"] == 16 and record["val_images"] == 16
     assert "background" in record["iou"] and 0 <= record["miou"] <= 1
 

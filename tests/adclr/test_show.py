@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 from adclr.cli import main
+from adclr.features import last_block_attention
 from adclr.model import build_backbone
-from adclr.show import CELL, _images, last_block_attention, pyplot
+from adclr.show import CELL, _images, pyplot
 
 
 @pytest.mark.parametrize("options", [{}, {"query_sees_prefix": True, "query_sees_self": True},
