@@ -173,22 +173,28 @@ class SyntheticScenes(SyntheticShapes):
             u, v = np.meshgrid(t, t)
             SyntheticScenes._unit_areas = [self._shape(c, u, v).mean() * 9 for c in self.CLASSES]
 
+    def _placed_objects(self, rng, i):
+        """Image i's objects as (class, radius, centre x, centre y), largest first, so that
+        smaller ones are painted in front and each shows. A generator: each centre is drawn
+        from `rng` after the object before it is painted, the order the scenes were made in."""
+        label = self.label(i)
+        others = rng.permutation([c for c in range(len(self.CLASSES)) if c != label])[:rng.integers(1, 4)]
+        classes = [label, *others.tolist()]
+        areas = [rng.uniform(0.12, 0.25)] + [rng.uniform(0.015, 0.08) for _ in others]
+        for j in np.argsort(areas)[::-1]:
+            radius = np.sqrt(areas[j] / self._unit_areas[classes[j]])
+            yield (classes[j], radius, *rng.uniform(radius, 1 - radius, 2))
+
     def _render(self, i):
         rng = np.random.default_rng([self.seed, self.SPLITS[self.split], i, 1])
         s = self.size
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
         image = np.full((s, s, 3), rng.uniform(0.1, 0.9), dtype=np.float32)
         mask = np.zeros((s, s), dtype=np.uint8)
-        label = self.label(i)
-        others = rng.permutation([c for c in range(len(self.CLASSES)) if c != label])[:rng.integers(1, 4)]
-        classes = [label, *others.tolist()]
-        areas = [rng.uniform(0.12, 0.25)] + [rng.uniform(0.015, 0.08) for _ in others]
-        for j in np.argsort(areas)[::-1]:  # larger objects behind smaller ones, so that each shows
-            radius = np.sqrt(areas[j] / self._unit_areas[classes[j]])
-            cx, cy = rng.uniform(radius, 1 - radius, 2)
-            inside, colour = self._object(rng, classes[j], radius, cx, cy, xx, yy)
+        for cls, radius, cx, cy in self._placed_objects(rng, i):
+            inside, colour = self._object(rng, cls, radius, cx, cy, xx, yy)
             image[inside] = colour
-            mask[inside] = classes[j] + 1
+            mask[inside] = cls + 1
         image = image + rng.normal(0, 0.03, image.shape)
         return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask
 
@@ -211,25 +217,19 @@ class SyntheticShapeScenes(SyntheticScenes):
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
         image = self._painted(rng, xx, yy)
         mask = np.zeros((s, s), dtype=np.uint8)
-        label = self.label(i)
-        others = rng.permutation([c for c in range(len(self.CLASSES)) if c != label])[:rng.integers(1, 4)]
-        classes = [label, *others.tolist()]
-        areas = [rng.uniform(0.12, 0.25)] + [rng.uniform(0.015, 0.08) for _ in others]
-        for j in np.argsort(areas)[::-1]:  # larger objects behind smaller ones, so that each shows
-            radius = np.sqrt(areas[j] / self._unit_areas[classes[j]])
-            cx, cy = rng.uniform(radius, 1 - radius, 2)
+        for cls, radius, cx, cy in self._placed_objects(rng, i):
             # Every shape lies within 1.2 radii of its centre: only that square is drawn on.
             box = tuple(slice(max(0, int((c - 1.2 * radius) * s)), int(np.ceil((c + 1.2 * radius) * s)) + 1)
                         for c in (cy, cx))
             x, y = xx[box], yy[box]
-            inside = self._inside(rng, classes[j], radius, cx, cy, x, y)
+            inside = self._inside(rng, cls, radius, cx, cy, x, y)
             behind = image[box][inside].mean(0)
             for _ in range(20):  # an outline to see: not the colour of what it covers, on average
                 paint = self._painted(rng, x[inside], y[inside])
                 if np.linalg.norm(paint.mean(0) - behind) > 0.25:
                     break
             image[box][inside] = paint
-            mask[box][inside] = classes[j] + 1
+            mask[box][inside] = cls + 1
         image += rng.standard_normal(image.shape, dtype=np.float32) * 0.03
         return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask
 
