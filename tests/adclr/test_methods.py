@@ -9,9 +9,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from trainer_testing import read_metrics
+from trainer_testing import crash_in_step, read_metrics
 
-import adclr.train
 from adclr.checkpoint import load_checkpoint
 from adclr.loss import ADCLRLoss
 from adclr.methods import importance_masks, match_patches, patchify, reconstruction_loss
@@ -110,17 +109,7 @@ def test_tiny_run_trains_and_resumes_exactly(method, terms, tiny_config, tmp_pat
                        mask_ratio=0.5)
     assert train(full) == 3
     part = dataclasses.replace(full, out=str(tmp_path / "part"))
-    real_step = adclr.train.train_step
-
-    def crash_at_step_2(trainer, batch, step):
-        if step == 2:
-            raise RuntimeError("simulated crash")
-        return real_step(trainer, batch, step)
-
-    monkeypatch.setattr(adclr.train, "train_step", crash_at_step_2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(part)
-    monkeypatch.setattr(adclr.train, "train_step", real_step)
+    crash_in_step(monkeypatch, 2, lambda: train(part))
     assert train(part) == 3
     records = read_metrics(part.out)
     assert [r["step"] for r in records] == [1, 2, 3]

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from trainer_testing import TINY, image_folder, read_metrics, run
+from trainer_testing import TINY, crash_in_step, image_folder, read_metrics, run
 
 import adclr.config
 import adclr.train
@@ -25,18 +25,8 @@ def test_tiny_run_logs_finite_losses_and_resumes_exactly(tiny_config, tmp_path, 
     assert train(full) == 6
     # The same run crashing in step 5 (index 4), then the same command again.
     part = dataclasses.replace(full, out=str(tmp_path / "part"))
-    real_step = adclr.train.train_step
-
-    def crash_at_step_4(trainer, batch, step):
-        if step == 4:
-            raise RuntimeError("simulated crash")
-        return real_step(trainer, batch, step)
-
-    monkeypatch.setattr(adclr.train, "train_step", crash_at_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(part)
+    crash_in_step(monkeypatch, 4, lambda: train(part))
     assert load_checkpoint(os.path.join(part.out, "checkpoint.pt"))["step"] == 4
-    monkeypatch.setattr(adclr.train, "train_step", real_step)
     assert train(part) == 6
 
     records = read_metrics(part.out)
@@ -297,21 +287,11 @@ def test_numbered_snapshots_and_config_json(tiny_config, tmp_path, monkeypatch):
 def test_resume_drops_the_records_logged_after_the_checkpoint(tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     argv = ["train", *TINY, "--out", out, "--max-steps", "4", "--checkpoint-every", "2"]
-    real_step = adclr.train.train_step
-
-    def crash_in_step_4(trainer, batch, step):
-        if step == 3:
-            raise RuntimeError("simulated crash")
-        return real_step(trainer, batch, step)
-
-    monkeypatch.setattr(adclr.train, "train_step", crash_in_step_4)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(argv)
+    crash_in_step(monkeypatch, 3, lambda: main(argv))
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:
         f.write('{"step": 4, "lo')  # a record cut short by a kill
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f.readlines()[:3]] == [1, 2, 3]  # 3: past the checkpoint
-    monkeypatch.setattr(adclr.train, "train_step", real_step)
     assert run(argv, capsys)[0] == 0
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
 

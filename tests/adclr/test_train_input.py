@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from trainer_testing import TINY, read_metrics, run
+from trainer_testing import TINY, crash_in_step, read_metrics, run
 
 import adclr.data
-import adclr.train
 from adclr.train import train
 
 TIMING = ("images/s", "tflops", "mfu", "eta_s", "data_wait")  # the only fields that may differ between equal runs
@@ -61,18 +60,8 @@ def test_a_resumed_decode_cpu_run_sees_the_uninterrupted_runs_crops(tiny_config,
     run_name = "full"
     train(full)
     part = dataclasses.replace(full, out=str(tmp_path / "part"))
-    real_step = adclr.train.train_step
-
-    def crash_in_step_3(trainer, batch, step):
-        if step == 2:
-            raise RuntimeError("simulated crash")
-        return real_step(trainer, batch, step)
-
     run_name = "crashed"
-    monkeypatch.setattr(adclr.train, "train_step", crash_in_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(part)
-    monkeypatch.setattr(adclr.train, "train_step", real_step)
+    crash_in_step(monkeypatch, 2, lambda: train(part))
     run_name = "resumed"
     train(part)
 

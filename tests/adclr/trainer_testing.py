@@ -8,6 +8,7 @@ independently of adclr.config.ALLOWED, so that the two are held to each other.
 import json
 import os
 
+import pytest
 from PIL import Image
 
 from adclr.cli import main
@@ -96,3 +97,21 @@ def accepts(spec, value):
 
 def out_of_range(spec, value):
     return f"must be {spec}, got {value}" if spec.startswith(">") else f"must be in {spec}, got {value}"
+
+
+def crash_in_step(monkeypatch, index, command):
+    """Call command() with adclr.train.train_step raising at step `index` (0-based), as a
+    crash there would; train_step is itself again afterwards."""
+    import adclr.train
+
+    real_step = adclr.train.train_step
+
+    def crashing(trainer, batch, step):
+        if step == index:
+            raise RuntimeError("simulated crash")
+        return real_step(trainer, batch, step)
+
+    monkeypatch.setattr(adclr.train, "train_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        command()
+    monkeypatch.setattr(adclr.train, "train_step", real_step)
