@@ -21,6 +21,7 @@ import re
 import shutil
 import socket
 import stat
+import sys
 import tempfile
 
 import torch
@@ -74,7 +75,7 @@ def write_atomically(path, write):
     if kind:
         raise WriteError(f"cannot write {path}: it is {kind}, not a regular file")
     real = os.path.realpath(path)
-    tmp = real + ".tmp"
+    tmp = f"{real}.{os.getpid()}.tmp"  # one per process: two writers of one path never share a partial file
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -160,7 +161,7 @@ def folder_lock(folder):
     FolderInUse if another process holds it, WriteError if the lock file cannot be opened.
     The lock is an flock: the system drops it when the process ends, however it ends
     (SIGKILL, a crash), so a stale lock never blocks a rerun; forked children do not keep
-    it. Where the file system has no flock, the block runs unlocked.
+    it. Where the file system has no flock, the block runs unlocked, after a warning on stderr.
     """
     path = os.path.join(folder, LOCK)
     try:
@@ -177,6 +178,8 @@ def folder_lock(folder):
         except OSError as error:
             if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
+            print(f"warning: the file system of {folder} cannot lock it ({error.strerror or error}); "
+                  "nothing stops a second run from writing into it at the same time", file=sys.stderr)
         _held_locks.add(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
@@ -202,6 +205,9 @@ def load_checkpoint(path):
     of the wrong type, or holds non-finite weights (a run that diverged). Optional
     parts: "scaler" (fp16 runs), a head's "last_layer.gain" (--no-norm-last-layer).
     """
+    kind = not_a_file(path)
+    if kind:  # torch.load would wait forever on a fifo and read a device until memory runs out
+        raise CheckpointError(f"{path} is {kind}, not a regular file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

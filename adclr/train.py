@@ -576,7 +576,7 @@ def _drop_partial_checkpoints(out):
     """Remove what a run killed while writing checkpoint.pt or a numbered snapshot left; the
     file it was to replace is intact."""
     for name in sorted(os.listdir(out)):
-        if re.fullmatch(r"checkpoint(\d+)?\.pt\.tmp", name):
+        if re.fullmatch(r"checkpoint(\d+)?\.pt(\.\d+)?\.tmp", name):
             stale = os.path.join(out, name)
             os.remove(stale)
             print(f"removed {stale}, left by a run stopped while writing a checkpoint", file=sys.stderr)

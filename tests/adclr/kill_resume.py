@@ -5,7 +5,7 @@
 
 Runs a small CPU training once uninterrupted, then the same command in another folder,
 killed with SIGKILL and started again until it finishes. Half of the kills wait for
-`checkpoint.pt.tmp` to appear and strike while it is being written; the others strike
+the run's partial `checkpoint.pt.PID.tmp` to appear and strike while it is being written; the others strike
 a random moment after a random number of logged steps. The finished run must equal the
 uninterrupted one exactly: every tensor of the student, the teacher, the optimizer
 state and the loss centres, the step, and the metrics.jsonl records (each step once,
@@ -50,7 +50,7 @@ def run_killed(out, during_write, rng):
     """Start the run; SIGKILL it (during a checkpoint write, or at a random point). True if it finished."""
     process = subprocess.Popen(COMMAND + ["--out", out], env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    tmp = os.path.join(out, "checkpoint.pt.tmp")
+    tmp = os.path.join(out, f"checkpoint.pt.{process.pid}.tmp")  # the writer's partial file
     before, wait_for = len(metrics(out)), rng.randint(1, 6)
     while process.poll() is None:
         # After a first new record: a .tmp seen before it could be one a killed run left.

@@ -233,7 +233,7 @@ def test_a_really_full_disk(small_disk, capsys):
     out = os.path.join(small_disk, "run")
     status, err = run(["train", *TINY, "--out", out, "--max-steps", "4", "--checkpoint-every", "2"], capsys)
     assert status == 1 and err.splitlines()[-1] == disk_full_line(out, 2) and "Traceback" not in err
-    assert "checkpoint.pt.tmp" not in os.listdir(out)
+    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
     assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 2
 
 
@@ -340,3 +340,59 @@ def test_a_forked_child_does_not_keep_the_folder_lock(tmp_path):
     finally:
         child.kill()
         child.join()
+
+
+def test_two_writers_of_one_path_do_not_share_a_partial_file(tmp_path):
+    """Two `adclr export` runs to one path wrote the same PATH.tmp: the second truncated the
+    first's partial file, and the first's rename then failed."""
+    path = tmp_path / "backbone.safetensors"
+
+    def write_while_another_process_writes(f):
+        f.write(b"first ")
+        child = os.fork()
+        if child == 0:  # the other writer, from start to finish
+            try:
+                write_atomically(str(path), lambda g: g.write(b"second, whole"))
+            finally:
+                os._exit(0)
+        assert os.waitpid(child, 0)[1] == 0
+        f.write(b"whole")
+
+    write_atomically(str(path), write_while_another_process_writes)
+    assert path.read_bytes() == b"first whole" and os.listdir(tmp_path) == ["backbone.safetensors"]
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_a_fifo_given_as_checkpoint_is_refused_not_waited_on(command, tmp_path, capsys):
+    """torch.load blocked forever opening a fifo for reading."""
+    path = str(tmp_path / "checkpoint.pt")
+    os.mkfifo(path)
+    def waited(signum, frame):
+        raise TimeoutError(f"still waiting on the fifo {path}")
+
+    previous = signal.signal(signal.SIGALRM, waited)  # a regression fails here instead of hanging the suite
+    signal.alarm(30)
+    try:
+        if command == "eval":
+            status, err = run(["eval", "knn", "--checkpoint", path, "--limit", "8", "--num-workers", "0"], capsys)
+        else:
+            status, err = run(["export", "--checkpoint", path, "--out", str(tmp_path / "b.safetensors")], capsys)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert status == 1 and err.splitlines()[-1].startswith(
+        f"error: --checkpoint: {path} is a special file, not a regular file"), err
+    assert "Traceback" not in err
+
+
+def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(adclr.checkpoint.fcntl, "flock", no_flock)
+    with folder_lock(str(tmp_path)):
+        with folder_lock(str(tmp_path)):  # nothing to stop it: said once per lock taken
+            pass
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"warning: the file system of {tmp_path} cannot lock it (No locks available); nothing "
+                   "stops a second run from writing into it at the same time"] * 2
