@@ -66,6 +66,29 @@ def add_ratios(benchmarks) -> None:
                 best = min(peers, key=peers.get)
                 info["best_peer"] = best
                 info["speedup_vs_best_peer"] = peers[best] / time
+            _add_device_ratios(info, by_backend, base)
+
+
+def _device_time(bench):
+    return bench["extra_info"].get("device_s_per_call")
+
+
+def _add_device_ratios(info, by_backend, base):
+    """The same two ratios in device time per call (kernels only, no launch time), where
+    the profiler recorded it: they tell a kernel's speed apart from its host overhead."""
+    for key in ("device_speedup_vs_best_peer", "device_best_peer", "device_speedup_vs_unmasked_sdpa"):
+        info.pop(key, None)
+    own = info.get("device_s_per_call")
+    if not own or info.get("backend") == UNMASKED_SDPA:
+        return
+    if UNMASKED_SDPA in by_backend and _device_time(by_backend[UNMASKED_SDPA]):
+        info["device_speedup_vs_unmasked_sdpa"] = _device_time(by_backend[UNMASKED_SDPA]) / own
+    peers = {name: _device_time(b) for name, b in by_backend.items()
+             if name != UNMASKED_SDPA and name.split("+")[0] != base and _device_time(b)}
+    if peers:
+        best = min(peers, key=peers.get)
+        info["device_best_peer"] = best
+        info["device_speedup_vs_best_peer"] = peers[best] / own
 
 
 def _sort_key(bench):
@@ -207,10 +230,13 @@ def to_markdown(data, chart_name: str | None = "chart.png", chart_note: str | No
                                else ("tflops", "TFLOP/s"))
         # The yardstick exists for the op only: no such column for the training step.
         yardstick = any("speedup_vs_unmasked_sdpa" in b["extra_info"] for b in members)
+        device = any(_device_time(b) for b in members)
         lines += ["", f"## {mode}", "",
                   f"| shape | backend | median | {rate_head} | peak memory | vs reference "
-                  "| vs best peer |" + (" vs unmasked SDPA |" if yardstick else ""),
-                  "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if yardstick else "")]
+                  "| vs best peer |" + (" vs unmasked SDPA |" if yardstick else "")
+                  + (" device / call | device vs best peer | device vs unmasked SDPA |" if device else ""),
+                  "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if yardstick else "")
+                  + ("---:|---:|---:|" if device else "")]
         fastest = {}
         for bench in members:
             if bench["extra_info"]["backend"] != UNMASKED_SDPA:
@@ -232,10 +258,23 @@ def to_markdown(data, chart_name: str | None = "chart.png", chart_note: str | No
                 f"| {format_time(_median(bench))} | {'–' if rate is None else f'{rate:.3g}'} "
                 f"| {format_bytes(info.get('peak_memory_bytes'))} "
                 f"| {_ratio(info, 'speedup_vs_reference')} | {peer} |"
-                + (f" {_ratio(info, 'speedup_vs_unmasked_sdpa')} |" if yardstick else ""))
+                + (f" {_ratio(info, 'speedup_vs_unmasked_sdpa')} |" if yardstick else "")
+                + (_device_cells(info) if device else ""))
             last_group = bench["group"]
     lines += ["", "Bold: the fastest op backend of each shape."]
+    if any(_device_time(b) for b in benches):
+        lines += ["Device time: the kernels' and copies' time per call in the torch profiler "
+                  "(no host launch time); its ratios compare the backends' kernels alone."]
     return "\n".join(lines) + "\n"
+
+
+def _device_cells(info):
+    seconds = info.get("device_s_per_call")
+    peer = _ratio(info, "device_speedup_vs_best_peer")
+    if "device_best_peer" in info:
+        peer += f" ({info['device_best_peer']})"
+    return (f" {'–' if not seconds else format_time(seconds)} | {peer} "
+            f"| {_ratio(info, 'device_speedup_vs_unmasked_sdpa')} |")
 
 
 # ---------------------------------------------------------------------------------------

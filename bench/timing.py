@@ -73,12 +73,37 @@ def peak_memory_bytes(fn) -> int:
     return peak
 
 
+def device_seconds_per_call(fn, calls=CALLS_PER_ROUND):
+    """Seconds of device work per call of fn, from the torch profiler's kernel (and copy)
+    records over `calls` calls: the kernels' speed without the host's launch time, which
+    the queued wall clock includes. None off CUDA."""
+    if not ON_CUDA:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize()
+    return device_total_us(prof.key_averages()) / calls / 1e6
+
+
+def device_total_us(averages):
+    """µs of device time in a profiler's key_averages(): the device-side rows only (the
+    kernels and copies), so that a host op is not counted again over the kernels it launched."""
+    from torch.autograd import DeviceType
+
+    return sum(a.device_time_total for a in averages if a.device_type != DeviceType.CPU)
+
+
 def measure(benchmark, fn, *, mode, group, backend, workload=None, flops=None, items=None,
             rounds=ROUNDS, calls=CALLS_PER_ROUND, **extra):
     """Time fn with pytest-benchmark and record what a reader needs in extra_info.
 
     A round is `calls` back-to-back calls of fn and one device synchronise; the time
     per call is the round's host wall clock over `calls`, median over rounds[1] rounds.
+    On CUDA the device time per call (the profiler's kernel records) is kept beside it.
     Pass `flops` for TFLOP/s, or `items` (e.g. images) for a rate in items/s;
     `rounds` is (warm-up rounds, timed rounds).
     """
@@ -108,6 +133,10 @@ def measure(benchmark, fn, *, mode, group, backend, workload=None, flops=None, i
                                 "minus what was allocated before" if ON_CUDA else
                                 "torch CPU allocations during one call (profiler)")
     info["calls_per_round"] = calls
+    try:
+        info["device_s_per_call"] = device_seconds_per_call(fn, calls)
+    except Exception as error:  # the profiler is a diagnostic here: the timing goes on without it
+        info["device_time_note"] = f"no device time: {type(error).__name__}: {error}"
     benchmark.pedantic(queued, warmup_rounds=rounds[0], rounds=rounds[1], iterations=calls)
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
         return

@@ -96,6 +96,26 @@ def test_ratios_on_hand_made_medians():
     assert not {"speedup_vs_reference", "best_peer", "speedup_vs_unmasked_sdpa"} & alone.keys()
 
 
+def test_device_time_ratios_beside_the_wall_clock_ones():
+    # Queued wall clock says triton loses to sdpa (host-bound); device time says its kernels win.
+    times = {"sdpa": (1.0, 0.8), "triton": (1.5, 0.4), "sdpa_unmasked": (0.9, 0.5), "flex": (2.0, None)}
+    benches = []
+    for backend, (median, device) in times.items():
+        benches.append(_bench("g", backend, median))
+        benches[-1]["extra_info"]["device_s_per_call"] = device
+    report.add_ratios(benches)
+    triton = benches[1]["extra_info"]
+    assert triton["best_peer"] == "sdpa" and triton["speedup_vs_best_peer"] == pytest.approx(1 / 1.5)
+    assert triton["device_best_peer"] == "sdpa" and triton["device_speedup_vs_best_peer"] == pytest.approx(2.0)
+    assert triton["device_speedup_vs_unmasked_sdpa"] == pytest.approx(1.25)
+    assert "device_best_peer" not in benches[3]["extra_info"]  # flex has no device time
+    assert benches[0]["extra_info"]["device_best_peer"] == "triton"  # flex is no peer without one
+    data = {"benchmarks": benches, "machine_info": {}}
+    row = next(line for line in report.to_markdown(data, chart_name=None).splitlines()
+               if line.startswith("| g | triton") or "| triton |" in line)
+    assert row.endswith(f"| {report.format_time(0.4)} | 2.00x (sdpa) | 1.25x |"), row
+
+
 def test_a_packed_variant_is_not_a_peer_of_its_own_backend():
     benches = [_bench("g", "sdpa", 3.0), _bench("g", "triton", 2.0), _bench("g", "triton+packed", 1.0)]
     report.add_ratios(benches)
