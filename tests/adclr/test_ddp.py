@@ -112,3 +112,43 @@ def test_a_run_in_use_is_refused_on_every_process(tiny_config, tmp_path):
     expected = (f"error: --out {cfg.out} is in use by another adclr run (process {os.getpid()} on "
                 f"{socket.gethostname()}); wait for it to end, or choose another --out")
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [expected, expected]
+
+
+def methods_worker(rank, world, port, cfg_fields, results):
+    from adclr.config import Config
+    from adclr.data import synthetic_batch
+    from adclr.train import build, train_step
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out = {}
+    for method in ("densecl", "ccmim"):
+        cfg = Config(**{**cfg_fields, "method": method})
+        trainer = build(cfg, "cpu", steps_per_epoch=10)
+        initial = [p.detach().clone() for p in trainer.student_module.parameters()]
+        for step in range(2):
+            batch = synthetic_batch(cfg, 4, "cpu", generator=torch.Generator().manual_seed(100 * step + rank))
+            train_step(trainer, batch, step)
+        out[method] = {"initial": initial,
+                       "student": [p.detach().clone() for p in trainer.student_module.parameters()],
+                       "centers": [b.clone() for b in trainer.loss.buffers()]}
+    torch.save(out, os.path.join(results, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_with_the_other_methods(tiny_config, tmp_path):
+    """DenseCL's dense last layer and ccMIM's decoder take their gradients outside the
+    CLS head's path: every one of them must be all-reduced, and the dense centre too."""
+    cfg = tiny_config(batch_size=8, head_hidden_dim=64, head_bottleneck_dim=32, num_queries=0)
+    mp.spawn(methods_worker, args=(2, free_port(), dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for method in ("densecl", "ccmim"):
+        a, b = r0[method], r1[method]
+        for x, y in zip(a["student"], b["student"]):
+            assert torch.equal(x, y), method  # replicas stay identical
+        for x, y in zip(a["centers"], b["centers"]):
+            assert torch.equal(x, y), method
+        changed = [not torch.equal(x, s) for x, s in zip(a["student"], a["initial"])]
+        assert all(changed), method  # every parameter trained, the method's own parts too
