@@ -33,6 +33,7 @@ Writes bench/results/static/static.json and static.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -41,6 +42,7 @@ import linecache
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -254,6 +256,30 @@ def specialization(launch, capability):
 _COMPILED = {}
 
 
+@functools.cache
+def _private_cache_dir():
+    """This process's own Triton cache. The shared one is keyed by a kernel's source text,
+    not its file: a kernel compiled in another checkout (a worktree, an edited copy)
+    would come back with that file's line numbers, and the loops, named by the markers on
+    those lines, would be misnamed or unnamed, with their trip counts wrong."""
+    path = tempfile.mkdtemp(prefix="adclr-static-triton-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+@contextlib.contextmanager
+def _cache_dir(path):
+    previous = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TRITON_CACHE_DIR"]
+        else:
+            os.environ["TRITON_CACHE_DIR"] = previous
+
+
 def compile_launch(launch, capability):
     target, signature, constexprs, attrs, options = specialization(launch, capability)
     key = (launch.name, capability, repr(signature), repr(constexprs), repr(attrs),
@@ -262,7 +288,8 @@ def compile_launch(launch, capability):
         from triton.compiler import ASTSource
 
         src = ASTSource(launch.kernel, signature, constexprs, attrs)
-        compiled = triton.compile(src, target=target, options=options.__dict__)
+        with _cache_dir(_private_cache_dir()):
+            compiled = triton.compile(src, target=target, options=options.__dict__)
         _COMPILED[key] = _read_cubin(launch.name, capability, compiled)
     return _COMPILED[key]
 
