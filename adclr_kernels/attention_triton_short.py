@@ -14,9 +14,9 @@ in (B, L, H, D) memory) is read in place.
 
 What a row cannot see cannot reach it: the dense products of a tile pair every row with
 every column, and 0 x NaN is NaN. Scores and probabilities of unseen pairs are set by
-selects, never by products; an operand holding a non-finite value (rare: checked with one
-multiply-add per element) is multiplied with those values replaced by 0, and the rows or
-columns that see one get NaN back from a 0/1 product that counts them.
+selects, never by products, and the operand rows of V (forward), K and Q (backward) that
+hold a NaN or an inf (one multiply-add per element finds them) enter the products as 0;
+the rows and columns that do see such a value get NaN through their scores instead.
 """
 
 from __future__ import annotations
@@ -66,20 +66,11 @@ def _sees(seq_r, pos_r, seq_c, pos_c, visible, num_prefix, HAS_QUERIES: tl.const
 
 
 @triton.jit
-def _finite_dot(a, b, seen, DOT: tl.constexpr):
-    """dot(a, b) where a is zero wherever `seen` is False and b may hold non-finite values:
-    as if the products of unseen pairs were never made. b's entries are checked together
-    (x * 0 is NaN for a NaN or an inf); only when one is not finite is the product made
-    again with them replaced by 0, and an output that sees one set to NaN."""
-    out = dot(a, b, DOT)
-    check = tl.sum(tl.sum(b.to(tl.float32) * 0.0, 1), 0)
-    # A loop of 0 or 1 trips rather than an `if`, so that bench.static counts this rare
-    # path apart from the code every program runs.
-    for _ in range(0, (check != check).to(tl.int32)):  # loop: oneshot.nonfinite
-        bad = b.to(tl.float32) * 0.0 != 0.0
-        hits = dot(seen.to(tl.float32), bad.to(tl.float32), "ieee")
-        out = tl.where(hits > 0.0, float("nan"), dot(a, tl.where(bad, tl.zeros_like(b), b), DOT))
-    return out
+def _not_finite(x, AXIS: tl.constexpr):
+    """Along the other axis: whether a row (AXIS=1) or column (AXIS=0) of x holds a NaN or
+    an inf. One multiply-add per element: x * 0 is NaN exactly for those."""
+    check = tl.sum(x.to(tl.float32) * 0.0, AXIS)
+    return check != check
 
 
 @triton.jit
@@ -112,6 +103,11 @@ def _oneshot_fwd_kernel(
                   + offs_d[:, None] * stride_kd, mask=d_ok[:, None] & ok_c[None, :], other=0.0)
     v = tl.load(V + h * stride_vh + (b_c * stride_vb + pos_c * stride_vl)[:, None]
                 + offs_d[None, :] * stride_vd, mask=col_mask, other=0.0)
+    # A value that is not finite is multiplied as 0 in P V (which pairs every row with
+    # every column); the rows that see it get NaN through their score of its column.
+    v_bad = _not_finite(v, 1)
+    v = tl.where(v_bad[:, None], tl.zeros_like(v), v)
+    k_t = tl.where(v_bad[None, :], float("nan"), k_t).to(K.dtype.element_ty)
     seen = _sees(seq_r, pos_r, seq_c, pos_c, visible, num_prefix, HAS_QUERIES, SEES_PREFIX,
                  SEES_SELF, SEES_QUERIES)
     # Scores in base 2 (qk_scale holds log2(e)); a positive scale commutes with max.
@@ -121,7 +117,7 @@ def _oneshot_fwd_kernel(
     p = tl.exp2(s * qk_scale - m[:, None])
     l = tl.sum(p, 1)
     l = tl.where(l == 0.0, 1.0, l)
-    acc = _finite_dot(p.to(v.dtype), v, seen, DOT)
+    acc = dot(p.to(v.dtype), v, DOT)
     tl.store(O + h * stride_oh + (b_r * stride_ob + pos_r * stride_ol)[:, None]
              + offs_d[None, :] * stride_od, (acc / l[:, None]).to(O.dtype.element_ty),
              mask=row_mask)
@@ -178,8 +174,12 @@ def _oneshot_bwd_kernel(
                   mask=d_ok[:, None] & ok_c[None, :], other=0.0)
     ds = tl.where(seen, p * (dot(do, v_t, DOT) - delta[:, None]), 0.0)
     dv = dot(tl.trans(p).to(do.dtype), do, DOT)
-    dq = _finite_dot(ds.to(k.dtype), k, seen, DOT) * sm_scale
-    dk = _finite_dot(tl.trans(ds).to(q.dtype), q, tl.trans(seen), DOT) * sm_scale
+    # dS pairs every row with every column: a key or query that is not finite is
+    # multiplied as 0 there; the rows and columns that see it already hold NaN in dS.
+    k_bad = _not_finite(k, 1)
+    q_bad = _not_finite(q, 1)
+    dq = dot(ds.to(k.dtype), tl.where(k_bad[:, None], tl.zeros_like(k), k), DOT) * sm_scale
+    dk = dot(tl.trans(ds).to(q.dtype), tl.where(q_bad[:, None], tl.zeros_like(q), q), DOT) * sm_scale
     tl.store(DQ + h * stride_dqh + (b_r * stride_dqb + pos_r * stride_dql)[:, None]
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=row_mask)
     tl.store(DK + h * stride_dkh + (b_c * stride_dkb + pos_c * stride_dkl)[:, None]
@@ -194,17 +194,31 @@ def _oneshot_bwd_kernel(
 
 
 def oneshot_config(kind, seq_len, head_dim, dtype, capability, interpreted):
-    """(BLOCK_M, num_warps) of the one-shot kernel for these sequences, or None where the
-    flash kernels run instead. Chosen with bench.static (bench/NOTES.md)."""
+    """(BLOCK_M, sequences per program, num_warps, maxnreg or None) of the one-shot kernel
+    for these sequences, or None where the flash kernels run instead."""
     if interpreted:
         # The interpreter's tiles: small, so that the tests meet sequence boundaries.
-        return (32, 4) if seq_len <= 32 else None
-    return None
+        return (32, 32 // seq_len, 4, None) if seq_len <= 32 else None
+    if (dtype not in (torch.float16, torch.bfloat16) or head_dim > 64 or capability < 90
+            or torch.version.hip is not None or seq_len > ONESHOT_MAX_LEN):
+        return None
+    # bench.static, 37-token crops on sm_90 (bench/NOTES.md): the forward fills a 128-row
+    # tile with three sequences on 8 warps (4 warps hold 188 registers, 2 programs per
+    # SM); the backward's four score-sized fp32 tiles want 64 rows on 4 warps (128 rows
+    # take 226 registers, one program per SM).
+    if kind == "fwd":
+        return (128, 128 // seq_len, 8, None)
+    return (64, 64 // seq_len, 4, None)
 
 
-def _constants(seq_len, key_len, head_dim, dtype, block_m, num_warps, num_queries, mask):
-    group = block_m // seq_len
-    return dict(SEQ_LEN=seq_len, KEY_LEN=key_len, GROUP=group, HEAD_DIM=head_dim,
+# The longest sequence the GPU rule takes: three to a 128-row forward tile.
+ONESHOT_MAX_LEN = 42
+
+
+def _constants(seq_len, key_len, head_dim, dtype, block_m, group, num_warps, maxnreg, num_queries,
+               mask):
+    cap = {} if maxnreg is None else dict(maxnreg=maxnreg)
+    return dict(cap, SEQ_LEN=seq_len, KEY_LEN=key_len, GROUP=group, HEAD_DIM=head_dim,
                 BLOCK_M=block_m, BLOCK_N=max(16, triton.next_power_of_2(group * key_len)),
                 BLOCK_D=block_d(head_dim), HAS_QUERIES=num_queries > 0,
                 SEES_PREFIX=mask.sees_prefix, SEES_SELF=mask.sees_self,
