@@ -20,9 +20,10 @@ the saved logsumexp is in the same units and is only read by this file's backwar
 The backward is FlashAttention-2's: a pre-pass computes delta = rowsum(dO * O), then
 one kernel where program j owns key block j (accumulating dK, dV over the rows that
 see it) and row block j (accumulating dQ over the columns it sees). A sequence short
-enough for one program (a local crop) skips the pre-pass: its program computes delta. Every gradient
+enough for one program skips the pre-pass: its program computes delta. Every gradient
 element has exactly one writer, so there are no atomics and the result is bitwise
-reproducible.
+reproducible. Short batched sequences (local crops) go to the one-shot kernels of
+`attention_triton_short.py` instead, where the GPU rule there says they are faster.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ the rows and columns that do see such a value get NaN through their scores inste
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -215,20 +217,22 @@ def oneshot_config(kind, seq_len, head_dim, dtype, capability, interpreted):
 ONESHOT_MAX_LEN = 42
 
 
-def _constants(seq_len, key_len, head_dim, dtype, block_m, group, num_warps, maxnreg, num_queries,
-               mask):
+@functools.lru_cache(maxsize=256)
+def _constants(seq_len, key_len, head_dim, dot_flavour, config, has_queries, mask):
+    """The kernels' constexprs, worked out once per kind of call (host time per call)."""
+    block_m, group, num_warps, maxnreg = config
     cap = {} if maxnreg is None else dict(maxnreg=maxnreg)
     return dict(cap, SEQ_LEN=seq_len, KEY_LEN=key_len, GROUP=group, HEAD_DIM=head_dim,
-                BLOCK_M=block_m, BLOCK_N=max(16, triton.next_power_of_2(group * key_len)),
-                BLOCK_D=block_d(head_dim), HAS_QUERIES=num_queries > 0,
+                BLOCK_M=block_m, BLOCK_N=1 << max(4, (group * key_len - 1).bit_length()),
+                BLOCK_D=block_d(head_dim), HAS_QUERIES=has_queries,
                 SEES_PREFIX=mask.sees_prefix, SEES_SELF=mask.sees_self,
-                SEES_QUERIES=mask.sees_queries, DOT=dot_mode(dtype), num_warps=num_warps)
+                SEES_QUERIES=mask.sees_queries, DOT=dot_flavour, num_warps=num_warps)
 
 
 def oneshot_fwd(q, k, v, out, lse, config, num_queries, num_prefix, mask, scale):
     """Forward of batched (B, H, L, D) views (any strides) into out and lse."""
     batch, heads, seq_len, head_dim = q.shape
-    c = _constants(seq_len, k.shape[2], head_dim, q.dtype, *config, num_queries, mask)
+    c = _constants(seq_len, k.shape[2], head_dim, dot_mode(q.dtype), config, num_queries > 0, mask)
     programs = -(-batch // c["GROUP"]) * heads
     _oneshot_fwd_kernel.run(
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -240,7 +244,7 @@ def oneshot_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, config, num_queries, nu
                 scale):
     """Backward of batched views into dq, dk, dv: one launch, delta computed inside."""
     batch, heads, seq_len, head_dim = q.shape
-    c = _constants(seq_len, k.shape[2], head_dim, q.dtype, *config, num_queries, mask)
+    c = _constants(seq_len, k.shape[2], head_dim, dot_mode(q.dtype), config, num_queries > 0, mask)
     programs = -(-batch // c["GROUP"]) * heads
     _oneshot_bwd_kernel.run(
         q, k, v, out, grad_out, lse, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(),
