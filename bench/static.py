@@ -351,13 +351,15 @@ def parse_sass(text):
     return instrs, [(addr, labels[name]) for addr, name in branches_to if name in labels]
 
 
-def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, False, False)):
-    """Compile what the op launches for a ViT-S/16-like layer of this head_dim: one row
-    (kernel, registers, spill bytes, shared bytes) per kernel. For tests and CI."""
+def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, False, False),
+                  layout=(1, 196, 10)):
+    """Compile what the op launches for a ViT-S/16-like layer of this head_dim (batched
+    sequences of (prefix, raw, query) tokens): one row (kernel, registers, spill bytes,
+    shared bytes) per kernel. For tests and CI."""
     from bench.workloads import Workload
 
     workload = (PackedWorkload("check", "", 2, 2, head_dim) if packed
-                else Workload("check", "", 2, 1, 2, head_dim, 1, 196, 10))
+                else Workload("check", "", 2, 1, 2, head_dim, *layout))
     forward, backward = capture(workload, DTYPES[dtype_name], capability, flags)
     rows = []
     for launch in forward + backward:

@@ -7,6 +7,11 @@ sequences per program); the GPU configs are run in the interpreter too (fp16, si
 interpreter's bf16 dot is wrong).
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -15,7 +20,7 @@ import adclr_kernels.attention_triton_short as S
 import test_visibility
 from adclr_kernels import unidirectional_attention, unidirectional_attention_qkvpacked
 from kernel_testing import ON_CUDA, OPTION_SETS, option_id, options
-from test_attention_triton import check_triton
+from test_attention_triton import check_triton, needs_aot
 
 pytestmark = [pytest.mark.usefixtures("poisoned"),
               pytest.mark.skipif(ON_CUDA, reason="the interpreter's tiles: on CUDA the GPU rule applies")]
@@ -133,3 +138,32 @@ def test_gpu_rule_keeps_the_flash_kernels_where_not_predicted_to_win(dtype, head
     assert S.oneshot_config("fwd", S.ONESHOT_MAX_LEN, 64, torch.bfloat16, 90, False)
     assert S.oneshot_config("fwd", length, head_dim, dtype, capability, False) is None
     assert S.oneshot_config("bwd", length, head_dim, dtype, capability, False) is None
+
+
+COMPILE = """
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+from bench.static import compile_check
+print(json.dumps([compile_check(64, t, 90, flags=tuple(f), layout=tuple(l))
+                  for t, l, f in json.loads(sys.argv[1])]))
+"""
+# (dtype, (P, N, Q), options): the ViT local crop, and query rows under two mask rules.
+COMPILE_CASES = [("bf16", (1, 36, 0), (False, False, False)),
+                 ("fp16", (1, 30, 6), (True, True, False)),
+                 ("bf16", (4, 20, 10), (False, False, True))]
+
+
+@needs_aot
+def test_gpu_kernels_compile_for_sm90_without_spills():
+    # The real Triton pipeline, which the interpreter does not run: the GPU rule's
+    # configs compile for sm_90 and keep every value in registers.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(COMPILE_CASES)], cwd=root,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case, rows in zip(COMPILE_CASES, json.loads(proc.stdout)):
+        assert [row["kernel"] for row in rows] == ["_oneshot_fwd_kernel", "_oneshot_bwd_kernel"], case
+        for row in rows:
+            assert row["spill_bytes"] == 0 and row["shared_bytes"] <= 227 * 1024, (case, row)
