@@ -20,9 +20,10 @@ the saved logsumexp is in the same units and is only read by this file's backwar
 The backward is FlashAttention-2's: a pre-pass computes delta = rowsum(dO * O), then
 one kernel where program j owns key block j (accumulating dK, dV over the rows that
 see it) and row block j (accumulating dQ over the columns it sees). A sequence short
-enough for one program (a local crop) skips the pre-pass: its program computes delta. Every gradient
+enough for one program skips the pre-pass: its program computes delta. Every gradient
 element has exactly one writer, so there are no atomics and the result is bitwise
-reproducible.
+reproducible. Short batched sequences (local crops) go to the one-shot kernels of
+`attention_triton_short.py` instead, where the GPU rule there says they are faster.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import triton.language as tl
 
 from ._triton_common import (LOG2E, SHARED_MEMORY_PER_PROGRAM, block_d, device_capability, dot,
                              dot_mode)
+from .attention_triton_short import oneshot_bwd, oneshot_config, oneshot_fwd
 from .backends import triton_interpreter_enabled
 from .mask import QueryMask, query_mask
 
@@ -1026,9 +1028,21 @@ def _launch_constants(kind, head_dim, dtype, device, max_len, varlen, tiled, mas
 _CONSTANTS = {}
 
 
+def _oneshot(kind, q, geo):
+    """The one-shot kernels' (BLOCK_M, num_warps) for this call, or None (flash kernels)."""
+    if geo.cu_seqlens is not None:
+        return None
+    return oneshot_config(kind, geo.seq_len, q.shape[-1], q.dtype, device_capability(q.device),
+                          triton_interpreter_enabled())
+
+
 def attention_fwd(q, k, v, out, lse, geo, num_prefix, mask, scale):
     """Forward into out and lse (base-2 logsumexp, fp32), any q/k/v/out strides."""
     if out.numel() == 0:
+        return
+    config = _oneshot("fwd", q, geo)
+    if config is not None:
+        oneshot_fwd(q, k, v, out, lse, config, geo.seq_len - geo.visible, num_prefix, mask, scale)
         return
     varlen = geo.cu_seqlens is not None
     block, constants, _ = _launch_constants("fwd", q.shape[-1], q.dtype, q.device, geo.max_len,
@@ -1061,6 +1075,11 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
     """Backward into dq, dk, dv (any strides: e.g. views of one dqkv buffer)."""
     if dq.numel() == 0:
         dk.zero_(), dv.zero_()
+        return
+    config = _oneshot("bwd", q, geo)
+    if config is not None:
+        oneshot_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, config, geo.seq_len - geo.visible,
+                    num_prefix, mask, scale)
         return
     varlen, tiled = geo.cu_seqlens is not None, geo.bwd_tiles is not None
     block, constants, delta_constants = _launch_constants(

@@ -102,7 +102,7 @@ def measure(workloads, rounds=20):
         # The kernels by their Triton names (rows of wrappers around them, such as the
         # custom ops' adclr_kernels::... under torch.compile, would count it again).
         totals = {avg.key: avg.device_time_total for avg in prof.key_averages()
-                  if avg.key.startswith("_unidirectional")}
+                  if avg.key.startswith(("_unidirectional", "_oneshot"))}
         for name, total in totals.items():
             out[(w.id, name)] = total / rounds
         print(f"  {w.id}: " + ", ".join(f"{n.strip('_')} {t / rounds:.1f} us"
@@ -119,8 +119,16 @@ def launch_configs(workload, capability):
 
     packed = isinstance(workload, PackedWorkload)
     max_len = max(n for n, _ in workload.sequences()) if packed else workload.seq_len
-    return dict(fwd=T._fwd_config(workload.head_dim, torch.bfloat16, capability, max_len, packed),
-                bwd=T._bwd_config(workload.head_dim, torch.bfloat16, capability, packed))
+    configs = dict(fwd=T._fwd_config(workload.head_dim, torch.bfloat16, capability, max_len, packed),
+                   bwd=T._bwd_config(workload.head_dim, torch.bfloat16, capability, packed))
+    if not packed:  # short batched sequences run the one-shot kernels instead
+        for kind in ("fwd", "bwd"):
+            oneshot = T.oneshot_config(kind, max_len, workload.head_dim, torch.bfloat16, capability,
+                                       False)
+            if oneshot is not None:
+                configs[kind] = dict(zip(("BLOCK_M", "GROUP", "num_warps", "maxnreg"), oneshot),
+                                     kernel="oneshot")
+    return configs
 
 
 # The latency parameters of bench.static's Gpu tried by --fit: warp-instructions per

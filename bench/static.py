@@ -129,10 +129,11 @@ class Launch:
 
 
 def _kernels():
-    from adclr_kernels import attention_triton
+    from adclr_kernels import attention_triton, attention_triton_short
 
-    kernels = [obj for obj in vars(attention_triton).values()
-               if isinstance(obj, triton.runtime.JITFunction)]
+    kernels = list({id(obj): obj for module in (attention_triton, attention_triton_short)
+                    for obj in vars(module).values()
+                    if isinstance(obj, triton.runtime.JITFunction)}.values())
     if not kernels:
         raise RuntimeError("the kernels were built for Triton's interpreter: run bench.static "
                            "in a process without TRITON_INTERPRET (python -m bench.static)")
@@ -350,13 +351,15 @@ def parse_sass(text):
     return instrs, [(addr, labels[name]) for addr, name in branches_to if name in labels]
 
 
-def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, False, False)):
-    """Compile what the op launches for a ViT-S/16-like layer of this head_dim: one row
-    (kernel, registers, spill bytes, shared bytes) per kernel. For tests and CI."""
+def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, False, False),
+                  layout=(1, 196, 10)):
+    """Compile what the op launches for a ViT-S/16-like layer of this head_dim (batched
+    sequences of (prefix, raw, query) tokens): one row (kernel, registers, spill bytes,
+    shared bytes) per kernel. For tests and CI."""
     from bench.workloads import Workload
 
     workload = (PackedWorkload("check", "", 2, 2, head_dim) if packed
-                else Workload("check", "", 2, 1, 2, head_dim, 1, 196, 10))
+                else Workload("check", "", 2, 1, 2, head_dim, *layout))
     forward, backward = capture(workload, DTYPES[dtype_name], capability, flags)
     rows = []
     for launch in forward + backward:
@@ -575,6 +578,11 @@ def programs(launch, seqs, heads):
     from adclr_kernels.mask import QueryMask
 
     a = launch.bound()
+    if launch.name in ONESHOT:
+        # Straight-line code over GROUP whole sequences per program (the grid has no
+        # program without one); the non-finite path's 0-or-1-trip loop is not taken.
+        assert launch.grid[0] == -(-a["num_seqs"] // a["GROUP"]) * a["num_heads"]
+        return [{"group": 1}] * launch.grid[0]
     mask = QueryMask(*(bool(a.get(f"SEES_{x}", False)) for x in ("PREFIX", "SELF", "QUERIES")))
     # The backward's programs step by min(BLOCK_N1, BLOCK_M2) rows, the others by BLOCK_M.
     block_rows = min(a["BLOCK_N1"], a["BLOCK_M2"]) if "BLOCK_N1" in a else a["BLOCK_M"]
@@ -654,7 +662,9 @@ def traffic(name, seqs, heads, head_dim, elem):
 
 
 KIND = {"_unidirectional_fwd_kernel": "fwd", "_unidirectional_bwd_delta_kernel": "delta",
-        "_unidirectional_bwd_kernel": "bwd"}
+        "_unidirectional_bwd_kernel": "bwd", "_oneshot_fwd_kernel": "fwd",
+        "_oneshot_bwd_kernel": "bwd"}
+ONESHOT = ("_oneshot_fwd_kernel", "_oneshot_bwd_kernel")
 
 
 def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
@@ -677,6 +687,10 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
     occ = occupancy(compiled, gpu)
     mma_rate = gpu.mma_flops[dtype_name]
     work = traffic(KIND[launch.name], seqs, heads, head_dim, DTYPES[dtype_name].itemsize)
+    if launch.name == "_oneshot_bwd_kernel":  # reads o for delta, not a delta row
+        elem = DTYPES[dtype_name].itemsize
+        work = Traffic(work.bytes + sum(s.seq_len for s in seqs) * heads * (head_dim * elem - 4),
+                       work.flops)
     floor_s = max(work.flops / mma_rate, work.bytes / gpu.dram_bytes_per_s)
     memory_s = work.bytes / (gpu.dram_bytes_per_s * gpu.memory_efficiency)
     if occ == 0:
