@@ -35,6 +35,7 @@ import triton.language as tl
 
 from ._triton_common import (LOG2E, SHARED_MEMORY_PER_PROGRAM, block_d, device_capability, dot,
                              dot_mode)
+from ._triton_launch import fast_launch
 from .backends import triton_interpreter_enabled
 from .mask import QueryMask, query_mask
 
@@ -909,6 +910,15 @@ def varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
                                                   max_seqlen=max_seqlen))
     return (cu_out, queries_out, max_seqlen, fwd_tiles.view(fwd_capacity, 2),
             bwd_tiles.view(bwd_capacity, 2))
+
+
+# Every launch of the op's kernels after a specialization's first skips Triton's argument
+# binding: for the backward's 40-odd arguments it cost about as much host time as the
+# rest of an eager call (see _triton_launch). Interpreted kernels are left as they are.
+for _kernel in (_unidirectional_fwd_kernel, _unidirectional_bwd_delta_kernel,
+                _unidirectional_bwd_kernel, _varlen_schedule_kernel):
+    fast_launch(_kernel)
+del _kernel
 
 
 def _bhld_strides(t):
