@@ -1279,7 +1279,7 @@ def _eager(*tensors):
     """
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
-            and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type != "meta"
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta
                     for t in tensors))
 
 
