@@ -1141,9 +1141,11 @@ def _backward_qkv(grad_out, q, k, v, out, lse, geo, num_prefix, mask, scale):
     return dq, dk, dv
 
 
-def _backward_packed(grad_out, qkv, out, lse, geo, num_prefix, mask, scale):
+def _backward_packed(grad_out, qkv, out, lse, geo, num_prefix, mask, scale, views=None):
+    """views: q, k, v as `_unpack(qkv)` gives them, when the caller has them already."""
     dqkv = _empty_qkv(qkv)
-    attention_bwd(grad_out, *_unpack(qkv), out, lse, *_unpack(dqkv), geo, num_prefix, mask, scale)
+    attention_bwd(grad_out, *(views or _unpack(qkv)), out, lse, *_unpack(dqkv), geo, num_prefix,
+                  mask, scale)
     return dqkv
 
 
@@ -1329,7 +1331,7 @@ class _Call:
     """
 
     __slots__ = ("packed_qkv", "geo", "num_queries", "num_prefix", "mask", "scale", "varlen",
-                 "with_lse", "lse")
+                 "with_lse", "stash")
 
     def __init__(self, packed_qkv, geo, num_queries, num_prefix, mask, scale, varlen, with_lse):
         self.packed_qkv, self.geo, self.num_queries = packed_qkv, geo, num_queries
@@ -1338,8 +1340,9 @@ class _Call:
         # Whether the forward returns its logsumexp as a second output: for the prefix
         # probabilities, and under the torch.func transforms, which only carry to
         # setup_context what the forward returns. Otherwise the forward leaves it in
-        # `lse` for setup_context: autograd's work per call grows with the outputs.
-        self.with_lse, self.lse = with_lse, None
+        # `stash` for setup_context (autograd's work per call grows with the outputs),
+        # with a packed qkv's q, k, v views for the backward (unbinding them is not free).
+        self.with_lse, self.stash = with_lse, None
 
     def op_args(self):
         """The custom ops' arguments after the tensors (their schemas take plain bools)."""
@@ -1384,7 +1387,7 @@ class _EagerAttention(torch.autograd.Function):
                       call.scale)
         if call.with_lse:
             return out, lse
-        call.lse = lse
+        call.stash = lse, ((q, k, v) if call.packed_qkv else None)
         return out
 
     @staticmethod
@@ -1395,8 +1398,10 @@ class _EagerAttention(torch.autograd.Function):
             ctx.mark_non_differentiable(lse)
             # No zero gradient is made for lse (a kernel launch per layer) only to be unused.
             ctx.set_materialize_grads(False)
+            ctx.views = None
         else:
-            (out, lse), call.lse = (output, call.lse), None
+            # Views of an input, not of the output: kept on ctx they close no cycle.
+            out, (lse, ctx.views), call.stash = output, call.stash, None
         ctx.save_for_backward(*tensors, out, lse)
         ctx.call = call
 
@@ -1413,8 +1418,11 @@ class _EagerAttention(torch.autograd.Function):
                                              *call.op_args())
         elif not torch.is_grad_enabled() and _eager(grad_out):
             if call.packed_qkv:
+                # The views are let go with the saved tensors (a retained graph's next
+                # backward unbinds qkv again).
+                views, ctx.views = ctx.views, None
                 grads = _backward_packed(grad_out, tensors[0], out, lse, call.geo,
-                                         call.num_prefix, call.mask, call.scale)
+                                         call.num_prefix, call.mask, call.scale, views)
             else:
                 grads = _backward_qkv(grad_out, *tensors, out, lse, call.geo, call.num_prefix,
                                       call.mask, call.scale)

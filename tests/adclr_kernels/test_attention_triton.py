@@ -339,10 +339,23 @@ def test_eager_call_is_one_node_with_one_output_in_the_callers_layout(monkeypatc
     assert out.transpose(1, 2).is_contiguous() != packed_qkv  # token-major memory either way
     saved = node.saved_tensors
     assert len(saved) == len(inputs) + 2 and saved[-1].shape == (2, 2, 13)  # ..., out, lse
-    assert node.call.lse is None  # handed to the backward, not kept in the call
+    assert node.call.stash is None  # handed to the backward, not kept in the call
     assert not applied
     torch.func.grad(lambda t: unidirectional_attention_qkvpacked(t, 3, backend="triton").sum())(qkv)
     assert applied  # the transforms take Function.apply
+
+
+def test_eager_backward_reuses_the_forwards_views_once():
+    # A packed call's backward takes the q, k, v views its forward made, then lets them
+    # go; a retained graph's second backward unbinds qkv again, to the same bits.
+    qkv = torch.randn(2, 13, 3, 2, 16, device=DEVICE, requires_grad=True)
+    out = unidirectional_attention_qkvpacked(qkv, 3, backend="triton")
+    grad = torch.randn_like(out)
+    assert len(out.grad_fn.views) == 3
+    first, = torch.autograd.grad(out, qkv, grad, retain_graph=True)
+    assert out.grad_fn.views is None
+    second, = torch.autograd.grad(out, qkv, grad)
+    assert torch.equal(first, second)
 
 
 def test_vmap_through_prefix_probs():
