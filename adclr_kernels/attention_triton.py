@@ -28,7 +28,6 @@ reproducible. Short batched sequences (local crops) go to the one-shot kernels o
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -37,6 +36,7 @@ import triton.language as tl
 
 from ._triton_common import (LOG2E, SHARED_MEMORY_PER_PROGRAM, block_d, device_capability, dot,
                              dot_mode)
+from ._triton_launch import fast_launch
 from .attention_triton_short import oneshot_bwd, oneshot_config, oneshot_fwd
 from .backends import triton_interpreter_enabled
 from .mask import QueryMask, query_mask
@@ -914,6 +914,15 @@ def varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
             bwd_tiles.view(bwd_capacity, 2))
 
 
+# Every launch of the op's kernels after a specialization's first skips Triton's argument
+# binding: for the backward's 40-odd arguments it cost about as much host time as the
+# rest of an eager call (see _triton_launch). Interpreted kernels are left as they are.
+for _kernel in (_unidirectional_fwd_kernel, _unidirectional_bwd_delta_kernel,
+                _unidirectional_bwd_kernel, _varlen_schedule_kernel):
+    fast_launch(_kernel)
+del _kernel
+
+
 def _bhld_strides(t):
     """Strides as (batch, head, token, dim); packed (tokens, heads, dim) tensors have no batch."""
     if t.dim() == 3:
@@ -970,7 +979,16 @@ def varlen_geometry(q, cu_seqlens, num_queries, max_seqlen, fwd_tiles, bwd_tiles
 def _empty_bhld(batch, heads, seq, head_dim, like):
     # (batch, seq, heads, head_dim) memory seen as (batch, heads, seq, head_dim): the
     # caller's output projection reads it as (batch, seq, heads * head_dim) for free.
-    return torch.empty(batch, seq, heads, head_dim, dtype=like.dtype, device=like.device).transpose(1, 2)
+    # Allocated with these strides rather than as a transposed view: autograd does more
+    # work for a Function output that is a view.
+    return torch.empty_strided((batch, heads, seq, head_dim),
+                               (seq * heads * head_dim, head_dim, heads * head_dim, 1),
+                               dtype=like.dtype, device=like.device)
+
+
+def _empty_tokens(shape, like):
+    """Token-major memory, (..., tokens, heads, head_dim), like the caller's projections."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def _empty_rows(batch, heads, seq, like):
@@ -982,7 +1000,7 @@ def _empty_out(q):
     """The output for q's layout: (B, H, L, D) over token-major memory, or (T, H, D)."""
     if q.dim() == 4:
         return _empty_bhld(*q.shape, q)
-    return _empty_bhld(1, q.shape[1], q.shape[0], q.shape[2], q)[0].transpose(0, 1)
+    return _empty_tokens(q.shape, q)
 
 
 def _empty_qkv(qkv):
@@ -1142,9 +1160,11 @@ def _backward_qkv(grad_out, q, k, v, out, lse, geo, num_prefix, mask, scale):
     return dq, dk, dv
 
 
-def _backward_packed(grad_out, qkv, out, lse, geo, num_prefix, mask, scale):
+def _backward_packed(grad_out, qkv, out, lse, geo, num_prefix, mask, scale, views=None):
+    """views: q, k, v as `_unpack(qkv)` gives them, when the caller has them already."""
     dqkv = _empty_qkv(qkv)
-    attention_bwd(grad_out, *_unpack(qkv), out, lse, *_unpack(dqkv), geo, num_prefix, mask, scale)
+    attention_bwd(grad_out, *(views or _unpack(qkv)), out, lse, *_unpack(dqkv), geo, num_prefix,
+                  mask, scale)
     return dqkv
 
 
@@ -1201,7 +1221,7 @@ def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         return (None,) * (3 + len(ctx.args))
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _backward_call(ctx, grad_out, False)(grad_out, q, k, v, out, lse, *ctx.args)
+    dq, dk, dv = _bwd_op(grad_out, q, k, v, out, lse, *ctx.args)
     return (dq, dk, dv) + (None,) * len(ctx.args)
 
 
@@ -1260,8 +1280,7 @@ def _qkv_backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         return (None,) * (1 + len(ctx.args))
     qkv, out, lse = ctx.saved_tensors
-    dqkv = _backward_call(ctx, grad_out, True)(grad_out, qkv, out, lse, *ctx.args)
-    return (dqkv,) + (None,) * len(ctx.args)
+    return (_qkv_bwd_op(grad_out, qkv, out, lse, *ctx.args),) + (None,) * len(ctx.args)
 
 
 _qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
@@ -1281,36 +1300,18 @@ def _eager(*tensors):
     """
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
-            and all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type != "meta"
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta
                     for t in tensors))
 
 
-def _eager_backward(ctx, grad_out):
-    """The backward of an eager forward may still have to take the custom op: when it is
-    traced (compiled autograd, a dispatch mode around .backward()), and under
-    create_graph=True, where only the op raises on a second derivative (the raw body
-    would give gradients with no graph: a silently missing second-order term)."""
-    return getattr(ctx, "eager", False) and not torch.is_grad_enabled() and _eager(grad_out)
-
-
-def _backward_call(ctx, grad_out, packed_qkv):
-    """What runs a backward: the body, the custom op, or, under a torch.func transform
-    (which always differentiates with a graph, and refuses the op's autograd.Function),
-    `_TransformBackward`."""
-    if getattr(ctx, "eager", False) and torch._C._are_functorch_transforms_active():
-        return functools.partial(_TransformBackward.apply, packed_qkv)
-    if _eager_backward(ctx, grad_out):
-        return _qkv_bwd_impl if packed_qkv else _bwd_impl
-    return _qkv_bwd_op if packed_qkv else _bwd_op
-
-
-def _map_calls(apply, info, in_dims, packed_qkv, inputs):
+def _map_calls(apply, info, in_dims, first, inputs):
     """A vmap rule: one call per element of the mapped dimension, as a custom op's
-    fallback does; every output stacked along dimension 0."""
+    fallback does; every output stacked along dimension 0. `first` (not a tensor) is
+    passed to every call as it is."""
     outs = []
     for i in range(info.batch_size):
         args = [x if d is None else x.select(d, i) for x, d in zip(inputs, in_dims[1:])]
-        out = apply(packed_qkv, *args)
+        out = apply(first, *args)
         outs.append(out if isinstance(out, tuple) else (out,))
     stacked = tuple(torch.stack(t) for t in zip(*outs))
     if len(stacked) == 1:
@@ -1340,28 +1341,156 @@ class _TransformBackward(torch.autograd.Function):
         return _map_calls(_TransformBackward.apply, info, in_dims, packed_qkv, inputs)
 
 
+class _Call:
+    """An eager call past its checks: everything the kernels take besides the
+    differentiable tensors, the geometry worked out once for both passes.
+
+    A plain object, not a tuple: the torch.func transforms pass it through as one
+    argument (a NamedTuple would be taken apart as a pytree).
+    """
+
+    __slots__ = ("packed_qkv", "geo", "num_queries", "num_prefix", "mask", "scale", "varlen",
+                 "with_lse", "stash")
+
+    def __init__(self, packed_qkv, geo, num_queries, num_prefix, mask, scale, varlen, with_lse):
+        self.packed_qkv, self.geo, self.num_queries = packed_qkv, geo, num_queries
+        self.num_prefix, self.mask, self.scale = num_prefix, mask, scale
+        self.varlen = varlen  # (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles, bwd_tiles)
+        # Whether the forward returns its logsumexp as a second output: for the prefix
+        # probabilities, and under the torch.func transforms, which only carry to
+        # setup_context what the forward returns. Otherwise the forward leaves it in
+        # `stash` for setup_context (autograd's work per call grows with the outputs),
+        # with a packed qkv's q, k, v views for the backward (unbinding them is not free).
+        self.with_lse, self.stash = with_lse, None
+
+    def op_args(self):
+        """The custom ops' arguments after the tensors (their schemas take plain bools)."""
+        cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = self.varlen
+        mask = self.mask
+        return (cu_seqlens, queries, fwd_tiles, bwd_tiles, self.num_queries, max_seqlen,
+                self.num_prefix, mask.sees_prefix, mask.sees_self, mask.sees_queries, self.scale)
+
+    def prefix_probs(self, q, k, lse):
+        cu_seqlens, queries, max_seqlen, _, _ = self.varlen
+        return _prefix_probs_op(q, k, lse, cu_seqlens, queries, self.num_queries, max_seqlen,
+                                self.num_prefix, self.scale)
+
+
+def _op_layout(call, out):
+    """The op's (B, H, L, D) view of a packed qkv call's (B, L, H, D) output or gradient."""
+    return out.transpose(1, 2) if call.packed_qkv and out.dim() == 4 else out
+
+
 class _EagerAttention(torch.autograd.Function):
-    """The custom ops' bodies and autograd rules, called directly (see `_eager`). In the
-    form the torch.func transforms take: forward without ctx, setup_context, and a vmap
-    rule."""
+    """The custom ops' bodies and autograd rules, called directly (see `_eager`), in the
+    form the torch.func transforms take: forward without ctx, setup_context, a vmap rule.
+
+    Autograd's work per call grows with the Function's inputs and outputs and with the
+    nodes around it, so its inputs are one `_Call` and the differentiable tensors (qkv,
+    or q, k, v), and its one output is the attention output in the caller's layout
+    ((B, L, H, D) for a packed qkv: no transpose node), allocated as such (autograd
+    pays more for an output that is a view).
+    """
 
     @staticmethod
-    def forward(packed_qkv, *inputs):
-        return (_qkv_fwd_impl if packed_qkv else _fwd_impl)(*inputs)
+    def forward(call, *tensors):
+        if call.packed_qkv:
+            qkv = tensors[0]
+            q, k, v = _unpack(qkv)
+            out = _empty_tokens(qkv.shape[:-3] + qkv.shape[-2:], qkv)
+        else:
+            q, k, v = tensors
+            out = _empty_out(q)
+        lse = _empty_lse(q)
+        attention_fwd(q, k, v, _op_layout(call, out), lse, call.geo, call.num_prefix, call.mask,
+                      call.scale)
+        if call.with_lse:
+            return out, lse
+        call.stash = lse, ((q, k, v) if call.packed_qkv else None)
+        return out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        packed_qkv, *inputs = inputs
-        (_qkv_setup_context if packed_qkv else _setup_context)(ctx, inputs, output)
-        ctx.packed_qkv, ctx.eager = packed_qkv, True
+        call, *tensors = inputs
+        if call.with_lse:
+            out, lse = output
+            ctx.mark_non_differentiable(lse)
+            # No zero gradient is made for lse (a kernel launch per layer) only to be unused.
+            ctx.set_materialize_grads(False)
+            ctx.views = None
+        else:
+            # Views of an input, not of the output: kept on ctx they close no cycle.
+            out, (lse, ctx.views), call.stash = output, call.stash, None
+        ctx.save_for_backward(*tensors, out, lse)
+        ctx.call = call
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        return (None, *(_qkv_backward if ctx.packed_qkv else _backward)(ctx, grad_out, grad_lse))
+    def backward(ctx, grad_out, *grad_lse):
+        call = ctx.call
+        *tensors, out, lse = ctx.saved_tensors
+        if grad_out is None:  # only the logsumexp was used
+            return (None,) * (1 + len(tensors))
+        grad_out, out = _op_layout(call, grad_out), _op_layout(call, out)
+        if torch._C._are_functorch_transforms_active():
+            # The transforms differentiate with a graph and refuse the custom op's Function.
+            grads = _TransformBackward.apply(call.packed_qkv, grad_out, *tensors, out, lse,
+                                             *call.op_args())
+        elif not torch.is_grad_enabled() and _eager(grad_out):
+            if call.packed_qkv:
+                # The views are let go with the saved tensors (a retained graph's next
+                # backward unbinds qkv again).
+                views, ctx.views = ctx.views, None
+                grads = _backward_packed(grad_out, tensors[0], out, lse, call.geo,
+                                         call.num_prefix, call.mask, call.scale, views)
+            else:
+                grads = _backward_qkv(grad_out, *tensors, out, lse, call.geo, call.num_prefix,
+                                      call.mask, call.scale)
+        else:
+            # A traced backward (compiled autograd, a dispatch mode around .backward())
+            # takes the op, and so does create_graph=True, where only the op raises on a
+            # second derivative (the body would give gradients with no graph: a silently
+            # missing second-order term).
+            op = _qkv_bwd_op if call.packed_qkv else _bwd_op
+            grads = op(grad_out, *tensors, out, lse, *call.op_args())
+        return (None, grads) if call.packed_qkv else (None, *grads)
 
     @staticmethod
-    def vmap(info, in_dims, packed_qkv, *inputs):
-        return _map_calls(_EagerAttention.apply, info, in_dims, packed_qkv, inputs)
+    def vmap(info, in_dims, call, *tensors):
+        return _map_calls(_EagerAttention.apply, info, in_dims, call, tensors)
+
+
+# torch.autograd.Function.apply binds every call's arguments to forward's signature
+# (inspect.signature, for defaults it has none of) before reaching C++: about 45 µs a
+# call on this host, more than everything else of an eager forward. Outside the
+# torch.func transforms the C++ apply below it is all Function.apply would run.
+_APPLY = super(torch.autograd.Function, _EagerAttention).apply
+_unwrap_dead_wrappers = torch._functorch.utils.unwrap_dead_wrappers
+
+
+def _attend(call, *tensors):
+    """_EagerAttention.apply(call, *tensors), without Function.apply's Python where no
+    torch.func transform is active. Under one the forward also returns the logsumexp,
+    which setup_context can then save (they carry nothing else to it)."""
+    if torch._C._are_functorch_transforms_active():
+        call.with_lse = True
+        out = _EagerAttention.apply(call, *tensors)
+    else:
+        out = _APPLY(call, *_unwrap_dead_wrappers(tensors))
+    return out if call.with_lse else (out, None)
+
+
+def _qkv_geometry(qkv, num_queries, varlen):
+    """The geometry of a packed qkv call, read off qkv's shape without unpacking it."""
+    cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = varlen
+    if cu_seqlens is None:
+        batch, seq, _, heads, _ = qkv.shape
+        return Geometry(batch, heads, seq, seq, seq, seq - num_queries)
+    return Geometry(cu_seqlens.numel() - 1, qkv.shape[2], max_seqlen, total_tokens=qkv.shape[0],
+                    cu_seqlens=cu_seqlens, num_queries=queries, fwd_tiles=fwd_tiles,
+                    bwd_tiles=bwd_tiles)
+
+
+_BATCHED = (None, None, 0, None, None)
 
 
 def triton_attention(q, k, v, num_queries, num_prefix, mask, scale, varlen=None, prefix_probs=False):
@@ -1371,14 +1500,16 @@ def triton_attention(q, k, v, num_queries, num_prefix, mask, scale, varlen=None,
     bwd_tiles), e.g. `varlen_tables(layout, q)`. prefix_probs: return (out, the prefix
     rows' probabilities) (see `_prefix_probs_kernel`).
     """
-    packed = varlen if varlen is not None else (None, None, 0, None, None)
-    cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
-    # The custom ops' schemas take plain bools (torch.library has no QueryMask).
-    args = (q, k, v, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen,
-            num_prefix, mask.sees_prefix, mask.sees_self, mask.sees_queries, scale)
-    out, lse = _EagerAttention.apply(False, *args) if _eager(q, k, v) else _fwd_op(*args)
+    varlen = _BATCHED if varlen is None else varlen
+    if _eager(q, k, v):
+        geo = _geometry(q, k, num_queries, varlen[0], varlen[1], varlen[3], varlen[4], varlen[2])
+        call = _Call(False, geo, num_queries, num_prefix, mask, scale, varlen, prefix_probs)
+        out, lse = _attend(call, q, k, v)
+    else:
+        call = _Call(False, None, num_queries, num_prefix, mask, scale, varlen, prefix_probs)
+        out, lse = _fwd_op(q, k, v, *call.op_args())
     if prefix_probs:
-        return out, _prefix_probs_op(q, k, lse, cu_seqlens, queries, num_queries, max_seqlen, num_prefix, scale)
+        return out, call.prefix_probs(q, k, lse)
     return out
 
 
@@ -1386,15 +1517,18 @@ def triton_qkvpacked_attention(qkv, num_queries, num_prefix, mask, scale, varlen
                                prefix_probs=False):
     """As `triton_attention` on a packed qkv projection; the output is (B, L, H, D) or
     (T, H, D), and the gradient reaches qkv as one tensor."""
-    packed = varlen if varlen is not None else (None, None, 0, None, None)
-    cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = packed
-    args = (qkv, cu_seqlens, queries, fwd_tiles, bwd_tiles, num_queries, max_seqlen, num_prefix,
-            mask.sees_prefix, mask.sees_self, mask.sees_queries, scale)
-    out, lse = _EagerAttention.apply(True, *args) if _eager(qkv) else _qkv_fwd_op(*args)
-    out = out.transpose(1, 2) if qkv.dim() == 5 else out
+    varlen = _BATCHED if varlen is None else varlen
+    if _eager(qkv):
+        call = _Call(True, _qkv_geometry(qkv, num_queries, varlen), num_queries, num_prefix, mask,
+                     scale, varlen, prefix_probs)
+        out, lse = _attend(call, qkv)  # already (B, L, H, D) or (T, H, D)
+    else:
+        call = _Call(True, None, num_queries, num_prefix, mask, scale, varlen, prefix_probs)
+        out, lse = _qkv_fwd_op(qkv, *call.op_args())
+        out = out.transpose(1, 2) if qkv.dim() == 5 else out
     if prefix_probs:
         q, k, _ = _unpack(qkv)
-        return out, _prefix_probs_op(q, k, lse, cu_seqlens, queries, num_queries, max_seqlen, num_prefix, scale)
+        return out, call.prefix_probs(q, k, lse)
     return out
 
 

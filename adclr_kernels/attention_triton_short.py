@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._triton_common import LOG2E, block_d, dot, dot_mode
+from ._triton_launch import fast_launch
 
 Tensor = torch.Tensor
 
@@ -188,6 +189,11 @@ def _oneshot_bwd_kernel(
              + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=col_mask)
     tl.store(DV + h * stride_dvh + (b_c * stride_dvb + pos_c * stride_dvl)[:, None]
              + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=col_mask)
+
+
+# Relaunches skip Triton's argument binding, as the flash kernels' do (_triton_launch).
+fast_launch(_oneshot_fwd_kernel)
+fast_launch(_oneshot_bwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------

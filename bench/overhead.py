@@ -12,7 +12,9 @@ forward and forward + backward, at two depths of stubbing:
 - launchers: `attention_fwd` / `attention_bwd` are no-ops (checks, autograd, buffers);
 - kernels: every Triton kernel's `run` is a no-op, so the launchers' own work (tile
   configs, strides, grids, the arguments) counts too; Triton's launcher does not, and
-  its argument binding is timed on its own, with the binder a CUDA launch would use.
+  its argument binding is timed on its own, with the binder a CUDA launch would use,
+  and so is its launch path up to the compiled kernel's launcher (a stand-in driver
+  for a CUDA target, nothing compiled), Triton's `run` against `fast_launch`'s.
 
 Packed rows time the trainer's multi-crop batch (8 images x (2 x 207 + 10 x 37) tokens)
 with a `VarlenLayout` and with cu_seqlens + max_seqlen (no host sync).
@@ -88,6 +90,57 @@ def binder_us(launches, calls, rounds):
     return times
 
 
+class _Driver:
+    """What Triton's launch path asks of the active driver, for a CUDA sm_90 target."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
+
+
+class _Compiled:
+    """A compiled specialization whose launcher does nothing."""
+
+    function = packed_metadata = None
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        pass
+
+
+def launch_us(launches, calls, rounds):
+    """(Triton's launch path, the fast relaunch) per launch, each up to the compiled
+    kernel's launcher: a stand-in driver for a CUDA target, compiling nothing."""
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    from adclr_kernels._triton_launch import fast_launch
+
+    def compile_(self, key, *args, **kwargs):
+        kernel = self.device_caches[0][0][key] = _Compiled()
+        return kernel
+
+    saved = driver._active, JITFunction._do_compile
+    driver._active, JITFunction._do_compile = _Driver(), compile_
+    try:
+        times = []
+        for kernel, args, kwargs in launches.values():
+            times.append(tuple(
+                host_us_per_call(lambda: jit.run(*args, grid=(1,), warmup=False, **kwargs), calls, rounds)
+                for jit in (JITFunction(kernel.fn), fast_launch(JITFunction(kernel.fn)))))
+        return times
+    finally:
+        driver._active, JITFunction._do_compile = saved
+
+
 def main(argv=None):
     os.environ["TRITON_INTERPRET"] = "0"  # real JITFunctions, whose run is stubbed
     import torch
@@ -146,6 +199,10 @@ def main(argv=None):
     names = ", ".join(f"{name.strip('_')} {t:.1f}"
                       for name, t in zip(launches, binder_us(launches, args.calls, args.rounds)))
     print(f"  Triton's argument binding per launch (batched layer, not in the rows above): {names}")
+    paths = launch_us(launches, args.calls, args.rounds)
+    names = ", ".join(f"{name.strip('_')} {triton:.1f} -> {fast:.1f}"
+                      for name, (triton, fast) in zip(launches, paths))
+    print(f"  Triton's launch path per launch, Triton's run -> fast relaunch (not in the rows above): {names}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from adclr_kernels import attention_triton, dino_loss_triton
 
 _EMPTY_BHLD = attention_triton._empty_bhld
 _EMPTY_ROWS = attention_triton._empty_rows
+_EMPTY_TOKENS = attention_triton._empty_tokens
 _EMPTY_QKV = attention_triton._empty_qkv
 _EMPTY = dino_loss_triton._empty
 
@@ -14,6 +15,8 @@ def poisoned(monkeypatch):
     kernel forgets to write fails the test instead of passing by luck."""
     monkeypatch.setattr(attention_triton, "_empty_bhld",
                         lambda *a: _EMPTY_BHLD(*a).fill_(float("nan")))
+    monkeypatch.setattr(attention_triton, "_empty_tokens",
+                        lambda *a: _EMPTY_TOKENS(*a).fill_(float("nan")))
     monkeypatch.setattr(attention_triton, "_empty_rows",
                         lambda *a: _EMPTY_ROWS(*a).fill_(float("nan")))
     monkeypatch.setattr(attention_triton, "_empty_qkv",

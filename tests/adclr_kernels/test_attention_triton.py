@@ -316,6 +316,63 @@ def test_eager_calls_skip_the_dispatcher_and_match_the_custom_op(monkeypatch, pa
     assert torch.equal(eager_out, op_out) and torch.equal(eager_grad, op_grad)
 
 
+@pytest.mark.parametrize("packed_qkv", [False, True])
+def test_eager_call_is_one_node_with_one_output_in_the_callers_layout(monkeypatch, packed_qkv):
+    # Autograd's work per call grows with the Function's inputs, outputs and the nodes
+    # around it: an eager call is one node, fed by the differentiable tensors, whose one
+    # output is allocated in the caller's layout (not a view: no transpose node, no view
+    # bookkeeping). The logsumexp is saved for the backward without being an output, and
+    # outside the torch.func transforms Function.apply's Python is not run.
+    applied = []
+    apply = T._EagerAttention.apply
+    monkeypatch.setattr(T._EagerAttention, "apply", lambda *a: applied.append(1) or apply(*a))
+    qkv = torch.randn(2, 13, 3, 2, 16, device=DEVICE, requires_grad=True)
+    if packed_qkv:
+        out = unidirectional_attention_qkvpacked(qkv, 3, backend="triton")
+        inputs = [qkv]
+    else:
+        inputs = list(qkv.permute(2, 0, 3, 1, 4).unbind(0))
+        out = unidirectional_attention(*inputs, 3, backend="triton")
+    node = out.grad_fn
+    assert type(node).__name__ == "_EagerAttentionBackward" and out._base is None
+    assert len(node.next_functions) == len(inputs)  # the call description is no input edge
+    assert out.shape == ((2, 13, 2, 16) if packed_qkv else (2, 2, 13, 16))
+    assert out.transpose(1, 2).is_contiguous() != packed_qkv  # token-major memory either way
+    saved = node.saved_tensors
+    assert len(saved) == len(inputs) + 2 and saved[-1].shape == (2, 2, 13)  # ..., out, lse
+    assert node.call.stash is None  # handed to the backward, not kept in the call
+    assert not applied
+    torch.func.grad(lambda t: unidirectional_attention_qkvpacked(t, 3, backend="triton").sum())(qkv)
+    assert applied  # the transforms take Function.apply
+
+
+def test_eager_backward_reuses_the_forwards_views_once():
+    # A packed call's backward takes the q, k, v views its forward made, then lets them
+    # go; a retained graph's second backward unbinds qkv again, to the same bits.
+    qkv = torch.randn(2, 13, 3, 2, 16, device=DEVICE, requires_grad=True)
+    out = unidirectional_attention_qkvpacked(qkv, 3, backend="triton")
+    grad = torch.randn_like(out)
+    assert len(out.grad_fn.views) == 3
+    first, = torch.autograd.grad(out, qkv, grad, retain_graph=True)
+    assert out.grad_fn.views is None
+    second, = torch.autograd.grad(out, qkv, grad)
+    assert torch.equal(first, second)
+
+
+def test_vmap_through_prefix_probs():
+    # Under the transforms the forward returns the logsumexp as a second output (they
+    # carry to setup_context only what it returns); the vmap rule maps both outputs.
+    torch.manual_seed(0)
+    batch = torch.randn(3, 2, 13, 3, 2, 16, device=DEVICE)
+
+    def f(t):
+        return unidirectional_attention_qkvpacked(t, 3, 2, backend="triton", return_prefix_probs=True)
+
+    mapped = torch.func.vmap(f)(batch)
+    for got, want in zip(mapped, zip(*[f(b) for b in batch])):
+        assert torch.equal(got, torch.stack(want))
+
+
 def test_eager_path_refuses_a_second_derivative_and_serves_vmap():
     # Eager calls must not differ from the custom op where the op is strict: a second
     # derivative is an error (not a silently missing term), and vmap, which the custom
