@@ -53,8 +53,10 @@ Tensor = torch.Tensor
 # query it does not see:
 # - forward and dQ (a row sums over columns): a tile is walked only by rows that all see
 #   its columns, or its result is put back for those that see none (raw rows around the
-#   query-key tiles). The prefix columns of a block holding raw and query rows, and a
-#   query row's own column under SEES_SELF, are walked row by row (no tile).
+#   query-key tiles). The prefix columns of a block holding raw and query rows are one
+#   narrow tile whose product rows of the query rows where() drops (0 x NaN stays in the
+#   row it is made in), and a query row's own column under SEES_SELF is walked row by
+#   row (no tile).
 # - dK, dV (a column sums over rows): the rows are walked in at most two passes, each of
 #   rows that see the same columns of the block; after a pass the columns its rows do not
 #   see are set back (a column's products only reach its own row of dK and dV).
@@ -110,11 +112,11 @@ def _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M: tl.constexpr
                 SEES_PREFIX: tl.constexpr, SEES_QUERIES: tl.constexpr):
     """Column ranges [lo1, hi1) (visible keys) and [lo2, hi2) (query keys, with
     SEES_QUERIES) the tiles of row block m0.. walk, and the prefix columns [0, p_hi) its
-    raw rows walk row by row.
+    raw rows take apart.
 
     Without SEES_PREFIX a block holding query rows starts its tiles past the prefix; if
-    it also holds raw rows, they take the prefix columns one by one (CLS and registers:
-    a few). With SEES_SELF alone a query row's own column is added row by row too.
+    it also holds raw rows, they take the prefix columns apart (CLS and registers: a
+    few). With SEES_SELF alone a query row's own column is added row by row.
     """
     lo1 = m0 * 0
     hi1 = visible
@@ -194,24 +196,50 @@ def _softmax_step(acc, m_i, l_i, s):
 
 
 @triton.jit
-def _attend_prefix(acc, m_i, l_i, q, rows, p_hi, k_base, v_base, stride_kl, stride_kd,
-                   stride_vl, stride_vd, visible, qk_scale, HEAD_DIM: tl.constexpr,
+def _prefix_scores(q, k_base, raw_row, cols, p_hi, stride_kl, stride_kd, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """Scaled scores of prefix columns `cols` (those < p_hi), -inf for the query rows."""
+    offs_d = tl.arange(0, BLOCK_D)
+    col_ok = cols < p_hi
+    k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+                  mask=col_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
+    return tl.where(raw_row[:, None] & col_ok[None, :], dot(q, k_t, DOT) * qk_scale,
+                    float("-inf"))
+
+
+@triton.jit
+def _attend_prefix(q, rows, p_hi, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
+                   visible, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    """The prefix columns [0, p_hi) for the raw rows of a block that also holds query rows,
-    which do not see them. Scores by a narrow product; values one column at a time, taken
-    by the raw rows only (a query row's p of 0 times a NaN value would be NaN)."""
+    """The online-softmax state (acc, m, l) of a row block after the prefix columns
+    [0, p_hi) that its raw rows take apart when the block also holds query rows, which
+    do not see them; the empty state where there are none (p_hi = 0).
+
+    Taken first, while nothing is accumulated: the first PREFIX_BLOCK columns (CLS and
+    registers: all of them) are one narrow tile, with no rescaling and no second
+    accumulator, run by every block (masked to nothing where p_hi = 0: under a branch,
+    ptxas serializes every wgmma of the kernel, C7515). Any further columns go one by
+    one, for the same reason: a tile's product added to acc in a loop serializes too.
+    """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     raw_row = rows < visible
-    for start in range(0, p_hi, PREFIX_BLOCK):  # loop: fwd.prefix
-        cols = start + tl.arange(0, PREFIX_BLOCK)
-        k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
-                      mask=(cols < p_hi)[None, :] & d_ok[:, None], other=0.0)
-        seen = raw_row[:, None] & (cols < p_hi)[None, :]
-        s = tl.where(seen, dot(q, k_t, DOT) * qk_scale, float("-inf"))
+    cols = tl.arange(0, PREFIX_BLOCK)
+    s = _prefix_scores(q, k_base, raw_row, cols, p_hi, stride_kl, stride_kd, qk_scale,
+                       HEAD_DIM, BLOCK_D, DOT)
+    m_i = tl.max(s, 1)
+    p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+    l_i = tl.sum(p, 1)
+    v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                mask=(cols < p_hi)[:, None] & d_ok[None, :], other=0.0)
+    # A query row's p of 0 times a NaN value is NaN in its row of the product: dropped.
+    acc = tl.where(raw_row[:, None], dot(p.to(v.dtype), v, DOT), 0.0)
+    for start in range(PREFIX_BLOCK, p_hi, PREFIX_BLOCK):  # loop: fwd.prefix
+        s = _prefix_scores(q, k_base, raw_row, start + cols, p_hi, stride_kl, stride_kd,
+                           qk_scale, HEAD_DIM, BLOCK_D, DOT)
         acc, m_i, l_i, p = _softmax_step(acc, m_i, l_i, s)
         for j in range(start, tl.minimum(p_hi, start + PREFIX_BLOCK)):  # loop: fwd.prefix_values
-            p_j = tl.sum(tl.where(cols[None, :] == j, p, 0.0), 1)
+            p_j = tl.sum(tl.where(start + cols[None, :] == j, p, 0.0), 1)
             v_j = tl.load(v_base + j * stride_vl + offs_d * stride_vd, mask=d_ok, other=0.0)
             acc += tl.where(raw_row[:, None], p_j[:, None] * v_j.to(tl.float32)[None, :], 0.0)
     return acc, m_i, l_i
@@ -274,15 +302,20 @@ def _unidirectional_fwd_kernel(
     row_ok = rows < seq_len
     q = tl.load(q_base + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M,
+                                           SEES_PREFIX, SEES_QUERIES)
+    if SEES_PREFIX:  # every row sees the prefix: no block takes it apart (p_hi = 0)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        acc, m_i, l_i = _attend_prefix(q, rows, p_hi, k_base, v_base, stride_kl, stride_kd,
+                                       stride_vl, stride_vd, visible, qk_scale, HEAD_DIM,
+                                       BLOCK_M, BLOCK_D, DOT)
     if SEES_SELF and not SEES_QUERIES:
         acc, m_i, l_i = _attend_self(acc, m_i, l_i, rows, q_base, k_base, v_base, stride_ql,
                                      stride_qd, stride_kl, stride_kd, stride_vl, stride_vd, seq_len,
                                      visible, qk_scale, HEAD_DIM, BLOCK_D)
-    lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M,
-                                           SEES_PREFIX, SEES_QUERIES)
     # Whole tiles every row of the block sees, then the last, partial one.
     c2 = lo1 + (hi1 - lo1) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend_tiles(  # loop: fwd.interior
@@ -302,12 +335,9 @@ def _unidirectional_fwd_kernel(
         acc = tl.where(raw_row[:, None], acc_raw, acc)
         m_i = tl.where(raw_row, m_raw, m_i)
         l_i = tl.where(raw_row, l_raw, l_i)
-    acc, m_i, l_i = _attend_prefix(acc, m_i, l_i, q, rows, p_hi, k_base, v_base, stride_kl,
-                                   stride_kd, stride_vl, stride_vd, visible, qk_scale, HEAD_DIM,
-                                   BLOCK_D, DOT)
     # Rows past seq_len saw nothing (l = 0); they are not stored, but keep them finite.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = acc * (1.0 / l_safe)[:, None]  # one division per row, not per element
     tl.store(o_base + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_base + rows, m_i + tl.log2(l_safe), mask=row_ok)
@@ -482,30 +512,25 @@ def _dq_tiles(dq, q, do, lse, delta, lo, hi, k_base, v_base, stride_kl, stride_k
 
 
 @triton.jit
-def _dq_prefix(dq, q, do, lse, delta, rows, p_hi, k_base, v_base, stride_kl, stride_kd,
+def _dq_prefix(q, do, lse, delta, rows, start, p_hi, k_base, v_base, stride_kl, stride_kd,
                stride_vl, stride_vd, visible, qk_scale, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    """dQ of the prefix columns [0, p_hi) for the raw rows of a block that also holds query
-    rows, as `_attend_prefix`: ds by narrow products, 0 where the rule removes a column
-    whatever dp holds there (0 x NaN is NaN); keys one column at a time, raw rows only."""
+    """dQ of prefix columns [start, min(p_hi, start + PREFIX_BLOCK)) for the raw rows of a
+    block that also holds query rows, which do not see them (as `_attend_prefix`), 0 in
+    the query rows: ds is 0 where the rule removes a column whatever dp holds there
+    (0 x NaN is NaN), and a query row's row of ds @ K, NaN where a key is, is dropped."""
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     raw_row = rows < visible
-    for start in range(0, p_hi, PREFIX_BLOCK):  # loop: bwd.dq_prefix
-        cols = start + tl.arange(0, PREFIX_BLOCK)
-        t_mask = (cols < p_hi)[None, :] & d_ok[:, None]
-        k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
-                      mask=t_mask, other=0.0)
-        v_t = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd,
-                      mask=t_mask, other=0.0)
-        p = tl.exp2(dot(q, k_t, DOT) * qk_scale - lse[:, None])
-        ds = tl.where(raw_row[:, None] & (cols < p_hi)[None, :],
-                      p * (dot(do, v_t, DOT) - delta[:, None]), 0.0)
-        for j in range(start, tl.minimum(p_hi, start + PREFIX_BLOCK)):  # loop: bwd.dq_prefix_keys
-            ds_j = tl.sum(tl.where(cols[None, :] == j, ds, 0.0), 1)
-            k_j = tl.load(k_base + j * stride_kl + offs_d * stride_kd, mask=d_ok, other=0.0)
-            dq += tl.where(raw_row[:, None], ds_j[:, None] * k_j.to(tl.float32)[None, :], 0.0)
-    return dq
+    cols = start + tl.arange(0, PREFIX_BLOCK)
+    t_mask = (cols < p_hi)[None, :] & (offs_d < HEAD_DIM)[:, None]
+    k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+                  mask=t_mask, other=0.0)
+    v_t = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd,
+                  mask=t_mask, other=0.0)
+    p = tl.exp2(dot(q, k_t, DOT) * qk_scale - lse[:, None])
+    ds = tl.where(raw_row[:, None] & (cols < p_hi)[None, :],
+                  p * (dot(do, v_t, DOT) - delta[:, None]), 0.0)
+    return tl.where(raw_row[:, None], dot(ds.to(k_t.dtype), tl.trans(k_t), DOT), 0.0)
 
 
 @triton.jit
@@ -644,14 +669,26 @@ def _unidirectional_bwd_kernel(
                      mask=q_mask, other=0.0)
         lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
+        lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, seq_len, key_len, visible, num_prefix,
+                                               BLOCK_M2, SEES_PREFIX, SEES_QUERIES)
+        # The prefix columns of a block holding raw and query rows first, into an empty
+        # dQ; past the first PREFIX_BLOCK (rare) after the tiles: ptxas serializes every
+        # wgmma of the kernel (C7515) when a loop before them adds to dQ. Rows wider than
+        # 128 take them all after the tiles: at head_dim 256 the first tile beside q, dO
+        # and dQ spilled inside the loops (1288 B against 224 B, sm_90).
+        if SEES_PREFIX or BLOCK_D > 128:
+            dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
+            prefix_done = 0
+        else:
+            dq = _dq_prefix(q, do, lse, delta, rows, 0, p_hi, k_base, v_base, stride_kl,
+                            stride_kd, stride_vl, stride_vd, visible, qk_scale, HEAD_DIM,
+                            BLOCK_D, DOT)
+            prefix_done = PREFIX_BLOCK
         if SEES_SELF and not SEES_QUERIES:
             dq, p_own, ds_own = _self_columns(dq, lse, delta, rows, q_base, do_base, k_base,
                                               v_base, stride_ql, stride_qd, stride_dol, stride_dod,
                                               stride_kl, stride_kd, stride_vl, stride_vd, seq_len,
                                               visible, qk_scale, HEAD_DIM, BLOCK_D)
-        lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, seq_len, key_len, visible, num_prefix,
-                                               BLOCK_M2, SEES_PREFIX, SEES_QUERIES)
         c2 = lo1 + (hi1 - lo1) // BLOCK_N2 * BLOCK_N2
         dq = _dq_tiles(  # loop: bwd.dq_interior
             dq, q, do, lse, delta, lo1, c2, k_base, v_base, stride_kl, stride_kd, stride_vl,
@@ -665,8 +702,10 @@ def _unidirectional_bwd_kernel(
                 dq, q, do, lse, delta, lo2, hi2, k_base, v_base, stride_kl, stride_kd,
                 stride_vl, stride_vd, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D, COLUMN_MASK, DOT)
             dq = tl.where((rows < visible)[:, None], dq_raw, dq)
-        dq = _dq_prefix(dq, q, do, lse, delta, rows, p_hi, k_base, v_base, stride_kl, stride_kd,
-                        stride_vl, stride_vd, visible, qk_scale, HEAD_DIM, BLOCK_D, DOT)
+        for p0 in range(prefix_done, p_hi, PREFIX_BLOCK):  # loop: bwd.dq_prefix
+            dq += _dq_prefix(q, do, lse, delta, rows, p0, p_hi, k_base, v_base, stride_kl,
+                             stride_kd, stride_vl, stride_vd, visible, qk_scale, HEAD_DIM,
+                             BLOCK_D, DOT)
         dq = dq * sm_scale
         tl.store(dq_base + rows[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
                  dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -802,7 +841,14 @@ def _fwd_config(head_dim, dtype, capability, max_len, packed=False, mask=None):
         return cfg
     # Also past 512 tokens (ViT-S/8): measured, 64 x 64 on 4 warps beat the 128 x 128
     # tiles on 8 warps that the static model had ranked first, by 1.18x on the H200.
-    return dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
+    cfg = dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
+    if (head_dim <= 64 and capability >= 90 and not (mask and mask.sees_queries)
+            and torch.version.hip is None):
+        # 4 programs per SM: ptxas takes 128-131 registers (3 per SM past 128), and at 128
+        # spills at most 8 bytes, outside the loops (bench.static). Query rows that see
+        # query keys would spill inside them: they keep what they take.
+        cfg["maxnreg"] = 128
+    return cfg
 
 
 def _bwd_config(head_dim, dtype, capability, packed=False):

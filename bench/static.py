@@ -541,10 +541,12 @@ def _row_block_trips(m0, s, block_m, block_n, loop, mask):
     lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, s.seq_len, s.seq_len, s.visible, s.num_prefix,
                                            block_m, mask)
     c2 = lo1 + (hi1 - lo1) // block_n * block_n
-    # The prefix columns: one loop over groups of PREFIX_BLOCK, and one trip per column.
-    values = "prefix_values" if loop == "fwd." else "prefix_keys"
-    return {f"{loop}prefix": _trips(0, p_hi, PREFIX_BLOCK), f"{loop}{values}": p_hi,
-            f"{loop}interior": _trips(lo1, c2, block_n),
+    # The prefix columns: the first PREFIX_BLOCK outside any loop, the rest in groups of
+    # PREFIX_BLOCK (the forward's one trip per column inside each).
+    prefix = {f"{loop}prefix": _trips(PREFIX_BLOCK, p_hi, PREFIX_BLOCK)}
+    if loop == "fwd.":
+        prefix["fwd.prefix_values"] = max(0, p_hi - PREFIX_BLOCK)
+    return {**prefix, f"{loop}interior": _trips(lo1, c2, block_n),
             f"{loop}boundary": _trips(c2, hi1, block_n), f"{loop}queries": _trips(lo2, hi2, block_n)}
 
 

@@ -16,6 +16,7 @@ from adclr_kernels import (VarlenLayout, unidirectional_attention, unidirectiona
                            unidirectional_attention_varlen_qkvpacked)
 from adclr_kernels._triton_common import SHARED_MEMORY_PER_PROGRAM
 from adclr_kernels.attention_torch import dense_masked_attention
+from adclr_kernels.mask import query_mask
 from kernel_testing import (DEVICE, OPTION_SETS, assert_fa_close, assert_rel_close, make_qkv, mask_of,
                             option_id, options, reference_grads)
 
@@ -89,6 +90,18 @@ def test_gpu_tile_sizes_in_the_interpreter(monkeypatch, opt_set, num_prefix, num
     monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
     assert T._fwd_config(64, torch.float32, 90, 207)["BLOCK_M"] == 64
     check_triton(1, 1, num_prefix, num_raw, num_queries, 64, options(opt_set))
+
+
+@pytest.mark.parametrize("sees_queries,capability,capped", [(False, 90, True), (True, 90, False),
+                                                           (False, 80, False)])
+def test_forward_register_cap_of_64_row_tiles(monkeypatch, sees_queries, capability, capped):
+    # On sm_90 the 64 x 64 forward is capped at 128 registers (4 programs per SM), except
+    # for query rows that see query keys, which would spill inside the loops there.
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    mask = query_mask(False, False, sees_queries)
+    for max_len in (37, 795):  # a local crop, ViT-S/8
+        cfg = T._fwd_config(64, torch.bfloat16, capability, max_len, mask=mask)
+        assert (cfg["BLOCK_M"], cfg.get("maxnreg")) == (64, 128 if capped else None)
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
