@@ -164,25 +164,28 @@ class SyntheticScenes(SyntheticShapes):
     shape alone, a 300-step CPU run learned nothing (k-NN and mIoU at chance).
     """
 
-    _unit_areas = None  # area of each shape at radius 1, measured once
+    _unit_areas = {}  # area of each shape at radius 1, by name, measured once
+    OTHERS = (1, 3)  # how many objects besides the main one, at least and at most
+    MAIN_AREA = (0.12, 0.25)
 
     def __init__(self, split="train", size=96, length=None, seed=0):
         super().__init__(split, size, length, seed)
-        if SyntheticScenes._unit_areas is None:
-            t = np.linspace(-1.5, 1.5, 601, dtype=np.float32)
-            u, v = np.meshgrid(t, t)
-            SyntheticScenes._unit_areas = [self._shape(c, u, v).mean() * 9 for c in self.CLASSES]
+        t = np.linspace(-1.5, 1.5, 601, dtype=np.float32)
+        u, v = np.meshgrid(t, t)
+        for name in self.CLASSES:
+            if name not in self._unit_areas:
+                self._unit_areas[name] = self._shape(name, u, v).mean() * 9
 
     def _placed_objects(self, rng, i):
         """Image i's objects as (class, radius, centre x, centre y), largest first, so that
         smaller ones are painted in front and each shows. A generator: each centre is drawn
         from `rng` after the object before it is painted, the order the scenes were made in."""
         label = self.label(i)
-        others = rng.permutation([c for c in range(len(self.CLASSES)) if c != label])[:rng.integers(1, 4)]
+        others = rng.permutation([c for c in range(len(self.CLASSES)) if c != label])[:rng.integers(self.OTHERS[0], self.OTHERS[1] + 1)]
         classes = [label, *others.tolist()]
-        areas = [rng.uniform(0.12, 0.25)] + [rng.uniform(0.015, 0.08) for _ in others]
+        areas = [rng.uniform(*self.MAIN_AREA)] + [rng.uniform(0.015, 0.08) for _ in others]
         for j in np.argsort(areas)[::-1]:
-            radius = np.sqrt(areas[j] / self._unit_areas[classes[j]])
+            radius = np.sqrt(areas[j] / self._unit_areas[self.CLASSES[classes[j]]])
             yield (classes[j], radius, *rng.uniform(radius, 1 - radius, 2))
 
     def _render(self, i):
@@ -211,6 +214,8 @@ class SyntheticShapeScenes(SyntheticScenes):
     0 background, class + 1 where that class is visible. Deterministic in (seed, split, i).
     """
 
+    TEXTURED = True  # False: every texture drawn is painted flat (its first colour)
+    PALETTE = None  # or RGB colours in [0, 1] to paint with instead of any colour
     def _render(self, i):
         rng = np.random.default_rng([self.seed, self.SPLITS[self.split], i, 2])
         s = self.size
@@ -233,12 +238,13 @@ class SyntheticShapeScenes(SyntheticScenes):
         image += rng.standard_normal(image.shape, dtype=np.float32) * 0.03
         return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask
 
-    @staticmethod
-    def _painted(rng, x, y):
+    def _painted(self, rng, x, y):
         """(*x.shape, 3): a texture of a random kind in two random colours at image points (x, y)."""
         colours = np.array([colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 1), rng.uniform(0.2, 1))
                             for _ in range(2)], dtype=np.float32)
-        kind = rng.integers(5)
+        if self.PALETTE is not None:
+            colours = np.array(self.PALETTE, dtype=np.float32)[rng.integers(len(self.PALETTE), size=2)]
+        kind = rng.integers(5) if self.TEXTURED else 0
         angle, period, phase = rng.uniform(0, np.pi), rng.uniform(0.06, 0.2), rng.uniform(0, 2 * np.pi, 2)
         u = (x * np.cos(angle) + y * np.sin(angle)) * (2 * np.pi / period) + phase[0]
         v = (-x * np.sin(angle) + y * np.cos(angle)) * (2 * np.pi / period) + phase[1]
@@ -429,8 +435,26 @@ def warn_unreadable(base, indices, warned):
             print(f"warning: skipping unreadable image {base.samples[i][0]}: {base.error(i)}", file=sys.stderr)
 
 
+class SyntheticFewShapeScenes(SyntheticShapeScenes):
+    """SyntheticShapeScenes within reach of a short CPU run: one object of five far-apart
+    shapes, 25-30% of the image, flat on a flat background, each in one of four colours
+    drawn at random (the object's not the background's), independent of the class.
+
+    Few colours on purpose: with SyntheticShapeScenes' continuous random colours (even
+    flat, even one object of these five shapes) two views of an image share their
+    colours and little else, so a short self-supervised run tells images apart by colour,
+    which says nothing of the class, and k-NN stays at random init's.
+    """
+
+    CLASSES = ("disk", "square", "triangle", "cross", "ring")
+    OTHERS = (0, 0)
+    MAIN_AREA = (0.25, 0.3)
+    TEXTURED = False
+    PALETTE = ((0.9, 0.2, 0.2), (0.2, 0.8, 0.2), (0.2, 0.3, 0.9), (0.9, 0.9, 0.3))
+
+
 BUILTIN = {"builtin": SyntheticShapes, "builtin:shapes": SyntheticShapes, "builtin:scenes": SyntheticScenes,
-           "builtin:shape-scenes": SyntheticShapeScenes}
+           "builtin:shape-scenes": SyntheticShapeScenes, "builtin:few-shape-scenes": SyntheticFewShapeScenes}
 
 
 def open_dataset(data, split, like=None):

@@ -89,10 +89,12 @@ run_stage() {
       stage tune 110 python -m bench.tune --out "$RES" ;;
     head)
       stage head 50 $BENCH bench/test_head_loss.py --benchmark-json="$RES/head.json" ;;
-    compare)  # ADCLR against DINO and random init: one seed, vit_mini at 96 px (12 x 12 patches), 3000 steps of 64
+    compare)  # ADCLR against DINO and random init: one seed, vit_mini at 96 px (12 x 12 patches), 3000 steps of 64,
+      # on the ten-shape scenes (not compare's CPU default) at the settings of the CPU runs there.
       # The runs stay in /tmp; their tables, scores and metrics (no checkpoints) come back, also when cut short.
       stage compare 420 python -m adclr.cli compare --out /tmp/adclr-compare --device cuda --seeds 0 \
-        --arch vit_mini --image-size 96 --local-size 48 --batch-size 64 --max-steps 3000 --compile off
+        --data builtin:shape-scenes --arch vit_mini --image-size 96 --local-size 48 --num-queries 8 \
+        --batch-size 64 --max-steps 3000 --base-lr 0.001 --teacher-temp 0.04 --momentum-teacher 0.996 --compile off
       mkdir -p "$RES/compare"
       tar -C /tmp/adclr-compare --exclude='*.pt' --exclude=tensorboard -cf - . | tar -C "$RES/compare" -xf -
       tar -C /tmp/adclr-results -czf "$OUT/results.tgz" bench ;;

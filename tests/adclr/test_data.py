@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from adclr.data import (Augment, DecodeOnlyDataset, ImageFolder, MultiCropDataset, SegmentationFolder, StepBatches,
-                        SyntheticScenes, SyntheticShapeScenes, SyntheticShapes, normalize, open_dataset, open_segmentation,
+                        SyntheticFewShapeScenes, SyntheticScenes, SyntheticShapeScenes, SyntheticShapes, normalize, open_dataset, open_segmentation,
                         synthetic_batch)
 
 
@@ -323,14 +323,36 @@ def test_shape_scenes_are_deterministic_with_masks_that_match_their_labels():
     assert 0.6 < np.mean(textured) < 1  # four texture kinds of five; flat backgrounds too
 
 
+def test_few_shape_scenes_hold_one_flat_object_of_five_shapes_in_palette_colours():
+    scenes = open_segmentation("builtin:few-shape-scenes", "train")
+    assert isinstance(scenes, SyntheticFewShapeScenes) and scenes.classes == list(SyntheticFewShapeScenes.CLASSES)
+    assert scenes.segmentation_classes == ["background", "disk", "square", "triangle", "cross", "ring"]
+    for i in range(30):
+        image, mask = scenes.load_segmentation(i)
+        assert set(np.unique(mask).tolist()) == {0, scenes.label(i) + 1} and scenes.label(i) == i % 5
+        assert 0.22 < (mask > 0).mean() < 0.32  # 25-30% of the image, up to the drawing's pixels
+        pixels = np.asarray(image).astype(float)
+        palette = 255 * np.array(SyntheticFewShapeScenes.PALETTE)
+        nearest = []
+        for region in (mask == 0, mask > 0):  # one palette colour each, up to the pixel noise
+            assert pixels[region].std(0).max() < 2 * 0.03 * 255
+            distances = np.abs(palette - pixels[region].mean(0)).max(1)
+            assert distances.min() < 3
+            nearest.append(distances.argmin())
+        assert nearest[0] != nearest[1]  # the outline shows
+    # Sized by name: the five shapes' areas are theirs, not those of the first five of ten.
+    assert SyntheticScenes._unit_areas["cross"] != SyntheticScenes._unit_areas["diamond"]
+
+
 def class_colours(scenes, images=300):
-    """(10, 3) mean RGB in [0, 1] of each class's visible pixels over the first images."""
-    sums, counts = np.zeros((10, 3)), np.zeros(10)
+    """(K, 3) mean RGB in [0, 1] of each class's visible pixels over the first images."""
+    k = len(scenes.CLASSES)
+    sums, counts = np.zeros((k, 3)), np.zeros(k)
     for i in range(images):
         image, mask = scenes.load_segmentation(i)
         pixels = np.asarray(image).reshape(-1, 3) / 255
         labels = mask.ravel()
-        for c in range(10):
+        for c in range(k):
             sums[c] += pixels[labels == c + 1].sum(0)
             counts[c] += (labels == c + 1).sum()
     return sums / counts[:, None]
@@ -343,6 +365,7 @@ def test_in_shape_scenes_colour_says_nothing_of_the_class():
         return np.abs(colours - colours.mean(0)).max()
 
     assert spread(SyntheticShapeScenes("train")) < 0.1  # 0.06: sampling; each class has ~90 objects here
+    assert spread(SyntheticFewShapeScenes("train")) < 0.1  # 60 objects a class, one colour each
     assert spread(SyntheticScenes("train")) > 0.25
 
 
