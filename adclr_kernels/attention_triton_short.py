@@ -176,7 +176,13 @@ def _oneshot_bwd_kernel(
     v_t = tl.load(V + h * stride_vh + cols_v[None, :] + offs_d[:, None] * stride_vd,
                   mask=d_ok[:, None] & ok_c[None, :], other=0.0)
     ds = tl.where(seen, p * (dot(do, v_t, DOT) - delta[:, None]), 0.0)
-    dv = dot(tl.trans(p).to(do.dtype), do, DOT)
+    # P^T dO pairs every column with every row of the tile, the other sequences' rows
+    # too, and 0 x NaN is NaN: a gradient row that is not finite enters as 0, and the
+    # columns that row sees (its own sequence's) get NaN by a select.
+    do_bad = _not_finite(do, 1)
+    dv = dot(tl.trans(p).to(do.dtype), tl.where(do_bad[:, None], tl.zeros_like(do), do), DOT)
+    dv_bad = tl.max(tl.where(seen & do_bad[:, None], 1, 0), 0) > 0
+    dv = tl.where(dv_bad[:, None], float("nan"), dv)
     # dS pairs every row with every column: a key or query that is not finite is
     # multiplied as 0 there; the rows and columns that see it already hold NaN in dS.
     k_bad = _not_finite(k, 1)

@@ -119,6 +119,27 @@ def test_unseen_values_stay_out(monkeypatch, poisoned, launched, layout, group, 
     assert set(launched) == set(oneshot(group))
 
 
+def test_a_non_finite_gradient_stays_in_its_own_sequence(launched):
+    """Sequences share a program's tile: P^T dO once spread one crop's NaN gradient row
+    into the dV of every crop beside it."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 6, 16, requires_grad=True) for _ in range(3))
+    out = unidirectional_attention(q, k, v, 2, 1, backend="triton")
+    grad = torch.randn_like(out)
+    grad[0, 0, 0, 0] = float("nan")  # a raw row of sequence 0, head 0
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    assert launched == oneshot(5)
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g[1:]).all() and torch.isfinite(g[:, 1]).all()  # other crops, other head
+    # Within its sequence the NaN reaches what that row sees: the raw columns' dV.
+    assert dv[0, 0, :4].isnan().any(-1).all() and torch.isfinite(dv[0, 0, 4:]).all()
+    others = [t.detach()[1:].double().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(unidirectional_attention(*others, 2, 1, backend="reference"),
+                                   others, grad[1:].double())
+    for g, e in zip((dq, dk, dv), expected):
+        torch.testing.assert_close(g[1:].double(), e, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("num_raw,num_queries,fwd_group,bwd_group", [
     (36, 0, 3, 1),   # a ViT local crop: three to a forward program
     (9, 4, 9, 4),    # 14 tokens
