@@ -24,6 +24,10 @@ enough for one program skips the pre-pass: its program computes delta. Every gra
 element has exactly one writer, so there are no atomics and the result is bitwise
 reproducible. Short batched sequences (local crops) go to the one-shot kernels of
 `attention_triton_short.py` instead, where the GPU rule there says they are faster.
+Batched sequences under the default rule (no option) take the one-pass backward instead
+(`_onepass_bwd_kernel`, where `onepass_config` says so): one program per (sequence, head)
+computes delta, then walks its key blocks once, dQ accumulated in a program-private fp32
+scratch: one launch, each score tile made once.
 """
 
 from __future__ import annotations
@@ -725,6 +729,153 @@ def _unidirectional_bwd_kernel(
                      (p_own[:, None] * do.to(tl.float32)).to(DV.dtype.element_ty), mask=own_mask)
 
 
+# ---- One pass per (sequence, head): batched sequences under the default mask rule.
+# A program owns one whole sequence of one head. It computes delta for all its rows, then
+# walks its key blocks once: for each key block (dK, dV in registers) the rows that see
+# it, tile by tile, adding each tile's dS K into a program-private fp32 dQ (global
+# scratch, L2-resident). Every score tile is made once (five products, one exp pass),
+# and there is no delta pre-pass launch. Each element of the scratch has one writer, in a
+# fixed order: no atomics, bitwise reproducible.
+
+
+@triton.jit
+def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse_base,
+                  delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
+                  stride_dod, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASKED: tl.constexpr, DOT: tl.constexpr):
+    """dK, dV of one key block and dQ of rows [lo, hi) (into the scratch), in transposed
+    tiles. dQ's K is read again per tile (from L1/L2: held in registers it would be
+    copied to shared memory every tile anyway), with the columns `seen` does not hold
+    read as 0; with MASKED, dS is cleared there too (0 x NaN is NaN): those columns add
+    nothing to these rows' dQ. Their dK and dV are set back by the caller."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    for row_start in range(lo, hi, BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < hi
+        q_t = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd,
+                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        p_t = tl.exp2(dot(k, q_t, DOT) * qk_scale - lse[None, :])
+        dv += dot(p_t.to(do.dtype), do, DOT)
+        ds_t = (p_t * (dot(v, tl.trans(do), DOT) - delta[None, :])).to(q_t.dtype)
+        dk += dot(ds_t, tl.trans(q_t), DOT)
+        if MASKED:
+            ds_t = tl.where(seen[:, None], ds_t, tl.zeros_like(ds_t))
+        dq_ptrs = scratch + rows[:, None] * BLOCK_D + offs_d[None, :]
+        dq = tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
+        k_dq = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                       mask=seen[:, None] & d_ok[None, :], other=0.0)
+        tl.store(dq_ptrs, dq + dot(tl.trans(ds_t), k_dq, DOT), mask=row_ok[:, None])
+    # The next pass tiles these rows differently: other threads read what these wrote.
+    tl.debug_barrier()
+    return dk, dv
+
+
+@triton.jit
+def _onepass_bwd_kernel(
+    Q, K, V, O, DO, LSE, DELTA, SCRATCH, DQ, DK, DV,
+    stride_qb, stride_qh, stride_ql, stride_qd,
+    stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_dqb, stride_dqh, stride_dql, stride_dqd,
+    stride_dkb, stride_dkh, stride_dkl, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvl, stride_dvd,
+    stride_lseb, stride_lseh,
+    num_heads, seq_len, key_len, visible, num_prefix, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+):
+    """The default rule only: raw rows see the visible columns [0, V), query rows the
+    raw ones [P, V); no row sees a query key (k may hold them: their dK, dV are 0)."""
+    pid = tl.program_id(0)
+    b = (pid // num_heads).to(tl.int64)
+    h = (pid % num_heads).to(tl.int64)
+    q_base = Q + b * stride_qb + h * stride_qh
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    o_base = O + b * stride_ob + h * stride_oh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + b * stride_lseb + h * stride_lseh
+    delta_base = DELTA + b * stride_lseb + h * stride_lseh
+    scratch = SCRATCH + pid.to(tl.int64) * seq_len * BLOCK_D
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+
+    # delta = rowsum(dO * O) of every row, and an empty dQ.
+    for r0 in range(0, seq_len, BLOCK_M):  # loop: bwd1.delta
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < seq_len
+        ok = row_ok[:, None] & d_ok[None, :]
+        o = tl.load(o_base + rows[:, None] * stride_ol + offs_d[None, :] * stride_od, mask=ok,
+                    other=0.0).to(tl.float32)
+        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                     mask=ok, other=0.0).to(tl.float32)
+        tl.store(delta_base + rows, tl.sum(o * do, 1), mask=row_ok)
+        tl.store(scratch + rows[:, None] * BLOCK_D + offs_d[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=row_ok[:, None])
+    tl.debug_barrier()
+
+    for n0 in range(0, key_len, BLOCK_N):  # loop: bwd1.keys
+        cols = n0 + tl.arange(0, BLOCK_N)
+        # Columns past V (padding, and query keys, which no row sees) take the key of
+        # column V - 1 and a value of 0: every row walking the block sees V - 1, so its
+        # probability there is at most 1 and dS stays finite (a zero key's 2^-lse would
+        # overflow for a row whose scores are all far below 0), and dQ's K reads them as 0.
+        kv_mask = (cols < visible)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + tl.minimum(cols, visible - 1)[:, None] * stride_kl
+                    + offs_d[None, :] * stride_kd, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        # A block holding prefix columns: the query rows first (they do not see those),
+        # then those columns are set back, then the raw rows. Otherwise every row at once.
+        query_sees = (cols >= num_prefix) & (cols < visible)
+        q_hi = visible
+        raw_hi = seq_len
+        if n0 < num_prefix:
+            raw_hi = visible
+            if n0 + BLOCK_N > num_prefix:
+                q_hi = seq_len
+        dk, dv = _onepass_rows(  # loop: bwd1.query_rows
+            dk, dv, k, v, k_base, cols, query_sees, visible, q_hi, q_base, do_base, lse_base,
+            delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
+            stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT)
+        cleared = query_sees | (q_hi == visible)
+        dk = tl.where(cleared[:, None], dk, 0.0)
+        dv = tl.where(cleared[:, None], dv, 0.0)
+        if n0 >= visible:  # query keys: no row sees them
+            raw_hi = 0
+        dk, dv = _onepass_rows(  # loop: bwd1.rows
+            dk, dv, k, v, k_base, cols, cols < visible, 0, raw_hi, q_base, do_base, lse_base,
+            delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
+            stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT)
+        written = (cols < key_len)[:, None] & d_ok[None, :]
+        dk = tl.where(kv_mask, dk * sm_scale, 0.0)
+        dv = tl.where(kv_mask, dv, 0.0)
+        tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkl
+                 + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=written)
+        tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvl
+                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=written)
+
+    dq_base = DQ + b * stride_dqb + h * stride_dqh
+    for r0 in range(0, seq_len, BLOCK_M):  # loop: bwd1.dq
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < seq_len
+        dq = tl.load(scratch + rows[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None],
+                     other=0.0)
+        tl.store(dq_base + rows[:, None] * stride_dql
+                 + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+
+
 @triton.jit
 def _or(a, b):
     return a | b
@@ -964,7 +1115,7 @@ def varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
 # binding: for the backward's 40-odd arguments it cost about as much host time as the
 # rest of an eager call (see _triton_launch). Interpreted kernels are left as they are.
 for _kernel in (_unidirectional_fwd_kernel, _unidirectional_bwd_delta_kernel,
-                _unidirectional_bwd_kernel, _varlen_schedule_kernel):
+                _unidirectional_bwd_kernel, _onepass_bwd_kernel, _varlen_schedule_kernel):
     fast_launch(_kernel)
 del _kernel
 
@@ -1135,6 +1286,50 @@ def _delta_inside(q, geo, blocks):
             and device_capability(q.device) >= 90 and torch.version.hip is None)
 
 
+def onepass_config(q, geo, mask):
+    """The one-pass backward's constexprs for this call, or None (the flash backward):
+    batched sequences under the default mask rule, for the configs bench.static predicted
+    it for (bf16/fp16, head_dim <= 64, sm_90), and always in the interpreter, where the
+    tests run it."""
+    if geo.cu_seqlens is not None or mask.sees_prefix or mask.sees_self or mask.sees_queries:
+        return None
+    head_dim = q.shape[-1]
+    if triton_interpreter_enabled():
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    elif (q.dtype in (torch.float16, torch.bfloat16) and head_dim <= 64
+          and device_capability(q.device) >= 90 and torch.version.hip is None
+          and geo.seq_len <= ONEPASS_MAX_LEN):
+        # bench.static (bench/NOTES.md, "One pass per sequence"): uncapped, ptxas takes
+        # 216 registers (2 programs per SM); at 168, 3 per SM with 16 bytes spilled (two
+        # spill instructions per row tile). Two stages spill far more (232 bytes).
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1, maxnreg=168)
+    else:
+        return None
+    return dict(cfg, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT=dot_mode(q.dtype))
+
+
+# The longest sequence the one-pass backward takes on a GPU.
+ONEPASS_MAX_LEN = 1024
+
+
+def _empty_scratch(programs, seq_len, width, like):
+    """The one-pass backward's fp32 dQ, one (seq_len, width) slice per program."""
+    return torch.empty(programs, seq_len, width, dtype=torch.float32, device=like.device)
+
+
+def onepass_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, constants, geo, num_prefix, scale):
+    """The one-pass backward of batched views into dq, dk, dv: one launch, one program
+    per (sequence, head)."""
+    programs = geo.num_seqs * geo.heads
+    delta = _empty_lse(q)
+    scratch = _empty_scratch(programs, geo.seq_len, constants["BLOCK_D"], q)
+    _onepass_bwd_kernel.run(
+        q, k, v, out, grad_out, lse, delta, scratch, dq, dk, dv, *q.stride(), *k.stride(),
+        *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
+        *geo.lse_strides(), geo.heads, geo.seq_len, geo.key_len, geo.visible, num_prefix,
+        scale * LOG2E, scale, grid=(programs,), warmup=False, **constants)
+
+
 def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask, scale):
     """Backward into dq, dk, dv (any strides: e.g. views of one dqkv buffer)."""
     if dq.numel() == 0:
@@ -1144,6 +1339,10 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
     if config is not None:
         oneshot_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, config, geo.seq_len - geo.visible,
                     num_prefix, mask, scale)
+        return
+    constants = onepass_config(q, geo, mask)
+    if constants is not None:
+        onepass_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, constants, geo, num_prefix, scale)
         return
     varlen, tiled = geo.cu_seqlens is not None, geo.bwd_tiles is not None
     block, constants, delta_constants = _launch_constants(

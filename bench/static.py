@@ -367,6 +367,8 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
         rows.append(dict(kernel=launch.name, registers=compiled.registers,
                          spill_bytes=compiled.spill_bytes, shared_bytes=compiled.shared_bytes,
                          loop_spill_instrs=loop_spills(compiled),
+                         innermost_loop_spill_instrs=loop_spills(compiled, innermost=True),
+                         loop_spill_stores=loop_spills(compiled, stores=True),
                          maxnreg=launch.kwargs.get("maxnreg")))
     return rows
 
@@ -425,11 +427,17 @@ def _regions(compiled):
                   key=lambda r: r[1] - r[0])
 
 
-def loop_spills(compiled):
+def loop_spills(compiled, innermost=False, stores=False):
     """Local-memory loads and stores (spills) inside loop bodies: those run every
-    iteration. A spill outside the loops runs once per program."""
-    inside = {i for lo, hi in _regions(compiled) for i in range(lo, hi + 1)}
-    return sum(compiled.instrs[i].opcode.startswith(("LDL", "STL")) for i in inside)
+    iteration. A spill outside the loops runs once per program. innermost: only in loops
+    that hold no other loop (the per-tile steps); stores: only the stores (STL)."""
+    regions = _regions(compiled)
+    if innermost:
+        regions = [(lo, hi) for lo, hi in regions
+                   if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in regions)]
+    inside = {i for lo, hi in regions for i in range(lo, hi + 1)}
+    kinds = ("STL",) if stores else ("LDL", "STL")
+    return sum(compiled.instrs[i].opcode.startswith(kinds) for i in inside)
 
 
 def loops(compiled):
@@ -560,6 +568,25 @@ def _key_block_trips(n0, s, block_m, block_n, mask):
             "bwd.dkdv_rows": _trips(r0, hi, block_m), "bwd.dkdv_row": hi - r0}
 
 
+def _onepass_trips(s, a):
+    """Trips of the one-pass backward's loops for one (sequence, head): the mirror of
+    `_onepass_bwd_kernel`'s key-block walk (default mask rule only)."""
+    block_m, block_n, key_len = a["BLOCK_M"], a["BLOCK_N"], a["key_len"]
+    trips = {"bwd1.delta": _trips(0, s.seq_len, block_m), "bwd1.dq": _trips(0, s.seq_len, block_m),
+             "bwd1.keys": _trips(0, key_len, block_n), "bwd1.query_rows": 0, "bwd1.rows": 0}
+    for n0 in range(0, key_len, block_n):
+        q_hi, raw_hi = s.visible, s.seq_len
+        if n0 < s.num_prefix:
+            raw_hi = s.visible
+            if n0 + block_n > s.num_prefix:
+                q_hi = s.seq_len
+        if n0 >= s.visible:
+            raw_hi = 0
+        trips["bwd1.query_rows"] += _trips(s.visible, q_hi, block_m)
+        trips["bwd1.rows"] += _trips(0, raw_hi, block_m)
+    return trips
+
+
 def _program_blocks(launch, seqs, heads, block):
     """(sequence, block index) of every program in launch order (one block each)."""
     a = launch.bound()
@@ -585,6 +612,8 @@ def programs(launch, seqs, heads):
         # program without one); the non-finite path's 0-or-1-trip loop is not taken.
         assert launch.grid[0] == -(-a["num_seqs"] // a["GROUP"]) * a["num_heads"]
         return [{"group": 1}] * launch.grid[0]
+    if launch.name == "_onepass_bwd_kernel":
+        return [_onepass_trips(seqs[pid // heads], a) for pid in range(launch.grid[0])]
     mask = QueryMask(*(bool(a.get(f"SEES_{x}", False)) for x in ("PREFIX", "SELF", "QUERIES")))
     # The backward's programs step by min(BLOCK_N1, BLOCK_M2) rows, the others by BLOCK_M.
     block_rows = min(a["BLOCK_N1"], a["BLOCK_M2"]) if "BLOCK_N1" in a else a["BLOCK_M"]
@@ -665,7 +694,7 @@ def traffic(name, seqs, heads, head_dim, elem):
 
 KIND = {"_unidirectional_fwd_kernel": "fwd", "_unidirectional_bwd_delta_kernel": "delta",
         "_unidirectional_bwd_kernel": "bwd", "_oneshot_fwd_kernel": "fwd",
-        "_oneshot_bwd_kernel": "bwd"}
+        "_oneshot_bwd_kernel": "bwd", "_onepass_bwd_kernel": "bwd"}
 ONESHOT = ("_oneshot_fwd_kernel", "_oneshot_bwd_kernel")
 
 
@@ -689,7 +718,7 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
     occ = occupancy(compiled, gpu)
     mma_rate = gpu.mma_flops[dtype_name]
     work = traffic(KIND[launch.name], seqs, heads, head_dim, DTYPES[dtype_name].itemsize)
-    if launch.name == "_oneshot_bwd_kernel":  # reads o for delta, not a delta row
+    if launch.name in ("_oneshot_bwd_kernel", "_onepass_bwd_kernel"):  # reads o for delta
         elem = DTYPES[dtype_name].itemsize
         work = Traffic(work.bytes + sum(s.seq_len for s in seqs) * heads * (head_dim * elem - 4),
                        work.flops)
@@ -708,7 +737,9 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
     return dict(
         kernel=launch.name, kind=KIND[launch.name], grid=launch.grid[0], empty_programs=empty,
         num_warps=warps, registers=compiled.registers, spill_bytes=compiled.spill_bytes,
-        loop_spill_instrs=loop_spills(compiled), maxnreg=launch.kwargs.get("maxnreg"),
+        loop_spill_instrs=loop_spills(compiled),
+        innermost_loop_spill_instrs=loop_spills(compiled, innermost=True),
+        loop_spill_stores=loop_spills(compiled, stores=True), maxnreg=launch.kwargs.get("maxnreg"),
         shared_bytes=compiled.shared_bytes, programs_per_sm=occ,
         constexprs={k: v for k, v in launch.kwargs.items() if k.isupper()},
         straight_line_sass=base_instrs,

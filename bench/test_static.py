@@ -23,11 +23,16 @@ def test_static_model_compiles_and_reads_the_kernels(tmp_path):
     assert (tmp_path / "static.md").read_text().startswith("# Static model")
 
     kernels = result["kernels"]
-    assert len(kernels) == 6  # forward, delta, backward per workload
+    # ViT-S/16 global: forward and the one-pass backward; packed: forward, delta, backward.
+    assert [r["kernel"] for r in kernels] == [
+        "_unidirectional_fwd_kernel", "_onepass_bwd_kernel", "_unidirectional_fwd_kernel",
+        "_unidirectional_bwd_delta_kernel", "_unidirectional_bwd_kernel"]
     for row in kernels:
-        # No spills, except a few once per program where a config caps the registers
-        # (maxnreg) to fit more programs per SM; never inside a loop.
-        assert row["registers"] > 0 and row["loop_spill_instrs"] == 0, row["kernel"]
+        # No spills, except a few where a config caps the registers (maxnreg) to fit more
+        # programs per SM: never in a per-tile loop (one holding no other loop), and in an
+        # outer loop (the one-pass backward's key blocks) a few reloads, never a store.
+        assert row["registers"] > 0 and row["innermost_loop_spill_instrs"] == 0, row["kernel"]
+        assert row["loop_spill_stores"] == 0 and row["loop_spill_instrs"] <= 4, row["kernel"]
         assert row["spill_bytes"] == 0 or (row["maxnreg"] and row["spill_bytes"] <= 64), row
         assert not [l["name"] for l in row["loops"] if l["name"].startswith("unnamed")]
         assert row["empty_programs"] == 0, f"{row['workload']} {row['kernel']}: empty programs"
@@ -39,6 +44,7 @@ def test_static_model_compiles_and_reads_the_kernels(tmp_path):
     assert interior["select"] == 0, "the interior loop evaluates a mask"
 
     for op in result["ops"]:
-        assert op["forward_kernels"] == 1 and op["backward_kernels"] == 2
+        assert op["forward_kernels"] == 1
+        assert op["backward_kernels"] == (1 if op["workload"].startswith("vit_s16_global") else 2)
     for layer in result["layers"]:
         assert layer["copies"] == [], layer

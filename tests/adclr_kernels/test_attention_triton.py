@@ -487,7 +487,12 @@ def test_launched_kernels_compile_and_fit(capability, tmp_path):
     assert not any(shared_cache.iterdir())
     limit = SHARED_MEMORY_PER_PROGRAM[capability]
     for (dtype, head_dim, packed, flags), rows in zip(COMPILE_CASES, json.loads(proc.stdout)):
-        assert len(rows) == 3, rows  # forward, delta, backward
+        # forward, delta, backward; or forward and the one-pass backward (sm_90, 16-bit,
+        # head_dim <= 64, batched, no mask option)
+        onepass = capability == 90 and dtype != "fp32" and head_dim <= 64 and not packed and not any(flags)
+        assert [r["kernel"] for r in rows][1:] == (
+            ["_onepass_bwd_kernel"] if onepass
+            else ["_unidirectional_bwd_delta_kernel", "_unidirectional_bwd_kernel"]), rows
         for row in rows:
             where = f"sm_{capability} {dtype} d{head_dim} packed={packed} {flags} {row['kernel']}"
             assert row["shared_bytes"] <= limit, f"{where}: {row['shared_bytes']} B shared > {limit}"
@@ -495,5 +500,8 @@ def test_launched_kernels_compile_and_fit(capability, tmp_path):
                 # A few bytes spilled once per program (under a register cap, or beside
                 # the packed backward's row-by-row passes) cost nothing measurable; a
                 # spill inside a loop is paid at every step.
-                assert row["loop_spill_instrs"] == 0, f"{where}: spills inside a loop"
+                # The one-pass backward's key-block loop (around the per-tile loops) may
+                # reload a spilled value a few times, never store one.
+                assert row["innermost_loop_spill_instrs"] == 0, f"{where}: spills inside a loop"
+                assert row["loop_spill_stores"] == 0 and row["loop_spill_instrs"] <= 4, where
                 assert row["spill_bytes"] <= 64, f"{where}: spills {row['spill_bytes']} B"

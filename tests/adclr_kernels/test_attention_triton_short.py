@@ -31,7 +31,8 @@ def launched(monkeypatch):
     """The kernels each call launches: [(name, sequences per program)]."""
     calls = []
     for kernel in (S._oneshot_fwd_kernel, S._oneshot_bwd_kernel, T._unidirectional_fwd_kernel,
-                   T._unidirectional_bwd_kernel, T._unidirectional_bwd_delta_kernel):
+                   T._unidirectional_bwd_kernel, T._unidirectional_bwd_delta_kernel,
+                   T._onepass_bwd_kernel):
         def run(*args, _real=kernel.run, _name=kernel.fn.__name__, **kwargs):
             calls.append((_name, kwargs.get("GROUP")))
             return _real(*args, **kwargs)
@@ -68,9 +69,8 @@ def test_head_dims_and_dtypes(launched, head_dim, dtype):
 
 def test_longer_sequences_take_the_flash_kernels(launched):
     check_triton(3, 1, 1, 22, 10, 16, options(OPTION_SETS[0]))
-    names = [name for name, _ in launched]
-    assert names[0] == "_unidirectional_fwd_kernel" and names[-1] == "_unidirectional_bwd_kernel"
-    assert not [name for name in names if "oneshot" in name]
+    # The flash forward, and the one-pass backward (batched, no mask option).
+    assert [name for name, _ in launched] == ["_unidirectional_fwd_kernel", "_onepass_bwd_kernel"]
 
 
 def test_any_strides(launched):
