@@ -1286,26 +1286,30 @@ def _delta_inside(q, geo, blocks):
             and device_capability(q.device) >= 90 and torch.version.hip is None)
 
 
-def onepass_config(q, geo, mask):
-    """The one-pass backward's constexprs for this call, or None (the flash backward):
-    batched sequences under the default mask rule, for the configs bench.static predicted
-    it for (bf16/fp16, head_dim <= 64, sm_90), and always in the interpreter, where the
-    tests run it."""
-    if geo.cu_seqlens is not None or mask.sees_prefix or mask.sees_self or mask.sees_queries:
-        return None
-    head_dim = q.shape[-1]
-    if triton_interpreter_enabled():
+def onepass_config(seq_len, head_dim, dtype, capability, interpreted):
+    """The one-pass backward's constexprs for batched sequences of seq_len tokens under the
+    default mask rule, or None (the flash backward): where bench.static predicted it
+    (bf16/fp16, head_dim <= 64, sm_90), and always in the interpreter, where the tests run
+    it."""
+    if interpreted:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
-    elif (q.dtype in (torch.float16, torch.bfloat16) and head_dim <= 64
-          and device_capability(q.device) >= 90 and torch.version.hip is None
-          and geo.seq_len <= ONEPASS_MAX_LEN):
-        # bench.static (bench/NOTES.md, "One pass per sequence"): uncapped, ptxas takes
-        # 216 registers (2 programs per SM); at 168, 3 per SM with 16 bytes spilled (two
-        # spill instructions per row tile). Two stages spill far more (232 bytes).
+    elif (dtype in (torch.float16, torch.bfloat16) and head_dim <= 64 and capability >= 90
+          and torch.version.hip is None and seq_len <= ONEPASS_MAX_LEN):
+        # bench.static (bench/NOTES.md, "the one-pass backward"): uncapped, ptxas takes
+        # 216 registers (2 programs per SM); at 168, 3 per SM with 16 bytes spilled (one
+        # reload per key block, none in the tile loops). Two stages spill far more.
         cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1, maxnreg=168)
     else:
         return None
-    return dict(cfg, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT=dot_mode(q.dtype))
+    return dict(cfg, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT=dot_mode(dtype))
+
+
+def _onepass(q, geo, mask):
+    """The one-pass backward's constexprs for this call, or None."""
+    if geo.cu_seqlens is not None or mask.sees_prefix or mask.sees_self or mask.sees_queries:
+        return None
+    return onepass_config(geo.seq_len, q.shape[-1], q.dtype, device_capability(q.device),
+                          triton_interpreter_enabled())
 
 
 # The longest sequence the one-pass backward takes on a GPU.
@@ -1340,7 +1344,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
         oneshot_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, config, geo.seq_len - geo.visible,
                     num_prefix, mask, scale)
         return
-    constants = onepass_config(q, geo, mask)
+    constants = _onepass(q, geo, mask)
     if constants is not None:
         onepass_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, constants, geo, num_prefix, scale)
         return

@@ -102,7 +102,7 @@ def measure(workloads, rounds=20):
         # The kernels by their Triton names (rows of wrappers around them, such as the
         # custom ops' adclr_kernels::... under torch.compile, would count it again).
         totals = {avg.key: avg.device_time_total for avg in prof.key_averages()
-                  if avg.key.startswith(("_unidirectional", "_oneshot"))}
+                  if avg.key.startswith(("_unidirectional", "_oneshot", "_onepass"))}
         for name, total in totals.items():
             out[(w.id, name)] = total / rounds
         print(f"  {w.id}: " + ", ".join(f"{n.strip('_')} {t / rounds:.1f} us"
@@ -128,6 +128,9 @@ def launch_configs(workload, capability):
             if oneshot is not None:
                 configs[kind] = dict(zip(("BLOCK_M", "GROUP", "num_warps", "maxnreg"), oneshot),
                                      kernel="oneshot")
+        onepass = T.onepass_config(max_len, workload.head_dim, torch.bfloat16, capability, False)
+        if configs["bwd"].get("kernel") is None and onepass is not None:  # the default rule
+            configs["bwd"] = dict(onepass, kernel="onepass")
     return configs
 
 

@@ -111,22 +111,23 @@ def test_bitwise_deterministic_with_a_broadcast_gradient(launched):
     torch.testing.assert_close(runs[0][1].double(), ref_in.grad, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("dtype,head_dim,capability,length,varlen", [
-    (torch.float32, 64, 90, 207, False), (torch.bfloat16, 128, 90, 207, False),
-    (torch.bfloat16, 64, 80, 207, False), (torch.bfloat16, 64, 90, T.ONEPASS_MAX_LEN + 1, False),
-    (torch.bfloat16, 64, 90, 207, True)])
-def test_gpu_rule(monkeypatch, dtype, head_dim, capability, length, varlen):
-    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
-    monkeypatch.setattr(T, "device_capability", lambda device: capability)
-    q = torch.empty(2, 6, length, head_dim, dtype=dtype, device="meta")
-    geo = T.Geometry(2, 6, length, length, length - 10, length - 10,
+@pytest.mark.parametrize("dtype,head_dim,capability,length", [
+    (torch.float32, 64, 90, 207), (torch.bfloat16, 128, 90, 207), (torch.bfloat16, 64, 80, 207),
+    (torch.bfloat16, 64, 90, T.ONEPASS_MAX_LEN + 1)])
+def test_gpu_rule_keeps_the_flash_backward_where_not_predicted_to_win(dtype, head_dim, capability,
+                                                                       length):
+    assert T.onepass_config(207, 64, torch.bfloat16, 90, False)["BLOCK_M"] == 32
+    assert T.onepass_config(length, head_dim, dtype, capability, False) is None
+
+
+@pytest.mark.parametrize("varlen,opt_set", [(True, OPTION_SETS[0]), (False, OPTION_SETS[1]),
+                                            (False, OPTION_SETS[4])])
+def test_only_batched_calls_under_the_default_rule_take_it(varlen, opt_set):
+    q = torch.empty(2, 6, 207, 64, dtype=torch.bfloat16, device="meta")
+    geo = T.Geometry(2, 6, 207, 207, 207, 197,
                      cu_seqlens=torch.empty(3, device="meta") if varlen else None)
-    assert T.onepass_config(q, geo, T.query_mask(False, False, False)) is None
-    monkeypatch.setattr(T, "device_capability", lambda device: 90)
-    small = torch.empty(2, 6, 207, 64, dtype=torch.bfloat16, device="meta")
-    geo = T.Geometry(2, 6, 207, 207, 197, 197)
-    assert T.onepass_config(small, geo, T.query_mask(False, False, False))["BLOCK_M"] == 32
-    assert T.onepass_config(small, geo, T.query_mask(True, False, False)) is None
+    assert T._onepass(q, geo, T.query_mask(*opt_set)) is None
+    assert T._onepass(q, geo._replace(cu_seqlens=None), T.query_mask()) is not None
 
 
 def test_rows_with_every_score_far_below_zero(launched):

@@ -106,15 +106,17 @@ def test_fast_launch_of_the_attention_kernels(kernels, monkeypatch):
     # The op's own kernels (up to 57 arguments, constexprs by keyword, defaults), with
     # the arguments their launchers pass for a packed qkv call and its backward.
     launches = {}
-    for name in ("_unidirectional_fwd_kernel", "_unidirectional_bwd_kernel"):
+    names = ("_unidirectional_fwd_kernel", "_unidirectional_bwd_kernel", "_onepass_bwd_kernel")
+    for name in names:
         kernel = getattr(T, name)
         monkeypatch.setattr(kernel, "run", lambda *a, grid, warmup, name=name, fn=kernel.fn, **k:
                             launches.setdefault(name, (fn, a, dict(k, grid=grid))))
     qkv = torch.randn(2, 40, 3, 2, 16, requires_grad=True)
-    out = unidirectional_attention_qkvpacked(qkv, 5, backend="triton")
-    torch.autograd.grad(out, qkv, torch.randn_like(out))
+    for sees_self in (False, True):  # the one-pass backward, then the flash backward
+        out = unidirectional_attention_qkvpacked(qkv, 5, backend="triton", query_sees_self=sees_self)
+        torch.autograd.grad(out, qkv, torch.randn_like(out))
     _, _, recorded, _ = kernels
-    assert set(launches) == {"_unidirectional_fwd_kernel", "_unidirectional_bwd_kernel"}
+    assert set(launches) == set(names)
     for fn, args, kwargs in launches.values():
         paths = JITFunction(fn), fast_launch(JITFunction(fn))
         for kernel in paths * 2:
