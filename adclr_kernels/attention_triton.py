@@ -777,6 +777,20 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
 
 
 @triton.jit
+def _onepass_passes(n0, seq_len, visible, num_prefix, BLOCK_N: tl.constexpr):
+    """The two passes of key block n0 (default rule): query rows [V, q_hi) first, where the
+    block holds prefix columns and others (the query rows see only the others), then rows
+    [0, raw_hi): the raw rows where the block holds prefix columns, else every row."""
+    q_hi = visible
+    raw_hi = seq_len
+    if n0 < num_prefix:
+        raw_hi = visible
+        if n0 + BLOCK_N > num_prefix:
+            q_hi = seq_len
+    return q_hi, raw_hi
+
+
+@triton.jit
 def _onepass_bwd_kernel(
     Q, K, V, O, DO, LSE, DELTA, SCRATCH, DQ, DK, DV,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -838,12 +852,7 @@ def _onepass_bwd_kernel(
         # A block holding prefix columns: the query rows first (they do not see those),
         # then those columns are set back, then the raw rows. Otherwise every row at once.
         query_sees = (cols >= num_prefix) & (cols < visible)
-        q_hi = visible
-        raw_hi = seq_len
-        if n0 < num_prefix:
-            raw_hi = visible
-            if n0 + BLOCK_N > num_prefix:
-                q_hi = seq_len
+        q_hi, raw_hi = _onepass_passes(n0, seq_len, visible, num_prefix, BLOCK_N)
         dk, dv = _onepass_rows(  # loop: bwd1.query_rows
             dk, dv, k, v, k_base, cols, query_sees, visible, q_hi, q_base, do_base, lse_base,
             delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,

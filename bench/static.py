@@ -479,7 +479,7 @@ def loops(compiled):
 # 4. Trip counts, and the time model
 # ----------------------------------------------------------------------------------------
 # The range arithmetic below mirrors the kernels' (`_key_ranges`, `_dkdv_row_range`,
-# `_dkdv_passes` in adclr_kernels/attention_triton.py), argument for
+# `_dkdv_passes`, `_onepass_passes` in adclr_kernels/attention_triton.py), argument for
 # argument; tests/bench/test_static_model.py runs both over a grid of layouts, blocks and masks.
 
 
@@ -568,6 +568,17 @@ def _key_block_trips(n0, s, block_m, block_n, mask):
             "bwd.dkdv_rows": _trips(r0, hi, block_m), "bwd.dkdv_row": hi - r0}
 
 
+def _onepass_passes(n0, seq_len, visible, num_prefix, block_n):
+    """(q_hi, raw_hi): the one-pass backward's query rows [V, q_hi) and rows [0, raw_hi) of
+    key block n0."""
+    q_hi, raw_hi = visible, seq_len
+    if n0 < num_prefix:
+        raw_hi = visible
+        if n0 + block_n > num_prefix:
+            q_hi = seq_len
+    return q_hi, raw_hi
+
+
 def _onepass_trips(s, a):
     """Trips of the one-pass backward's loops for one (sequence, head): the mirror of
     `_onepass_bwd_kernel`'s key-block walk (default mask rule only)."""
@@ -575,12 +586,8 @@ def _onepass_trips(s, a):
     trips = {"bwd1.delta": _trips(0, s.seq_len, block_m), "bwd1.dq": _trips(0, s.seq_len, block_m),
              "bwd1.keys": _trips(0, key_len, block_n), "bwd1.query_rows": 0, "bwd1.rows": 0}
     for n0 in range(0, key_len, block_n):
-        q_hi, raw_hi = s.visible, s.seq_len
-        if n0 < s.num_prefix:
-            raw_hi = s.visible
-            if n0 + block_n > s.num_prefix:
-                q_hi = s.seq_len
-        if n0 >= s.visible:
+        q_hi, raw_hi = _onepass_passes(n0, s.seq_len, s.visible, s.num_prefix, block_n)
+        if n0 >= s.visible:  # query keys: no row sees them
             raw_hi = 0
         trips["bwd1.query_rows"] += _trips(s.visible, q_hi, block_m)
         trips["bwd1.rows"] += _trips(0, raw_hi, block_m)

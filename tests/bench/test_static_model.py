@@ -13,11 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
-from adclr_kernels.attention_triton import PREFIX_BLOCK, _dkdv_passes, _dkdv_row_range, _key_ranges
+from adclr_kernels.attention_triton import (PREFIX_BLOCK, _dkdv_passes, _dkdv_row_range, _key_ranges,
+                                            _onepass_passes)
 from adclr_kernels.mask import QueryMask
 from bench import static as S
 
-OUTPUTS = 12  # lo1, hi1, lo2, hi2, p_hi (row block m0); lo, hi, a0, a1, b0, b1, r0 (key block m0)
+OUTPUTS = 14  # lo1, hi1, lo2, hi2, p_hi (row block m0); lo, hi, a0, a1, b0, b1, r0 (key block m0);
+# q_hi, raw_hi (the one-pass backward's key block m0, under the default rule)
 
 
 @triton.jit
@@ -47,6 +49,9 @@ def _ranges_probe(CASES, OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEES
     tl.store(out + 9, b0)
     tl.store(out + 10, b1)
     tl.store(out + 11, r0)
+    q_hi, raw_hi = _onepass_passes(m0, seq_len, visible, num_prefix, BLOCK_N)
+    tl.store(out + 12, q_hi)
+    tl.store(out + 13, raw_hi)
 
 
 def _cases(block):
@@ -65,7 +70,8 @@ def _mirror(case, block_m, block_n, mask):
     m0, seq_len, key_len, visible, num_prefix = case
     lo1, hi1, lo2, hi2, p_hi = S._key_ranges(m0, seq_len, key_len, visible, num_prefix, block_m, mask)
     lo, hi = S._dkdv_row_range(m0, seq_len, visible, num_prefix, block_n, mask)
-    return [lo1, hi1, lo2, hi2, p_hi, lo, hi, *S._dkdv_passes(m0, lo, hi, visible, num_prefix, block_n, mask)]
+    return [lo1, hi1, lo2, hi2, p_hi, lo, hi, *S._dkdv_passes(m0, lo, hi, visible, num_prefix, block_n, mask),
+            *S._onepass_passes(m0, seq_len, visible, num_prefix, block_n)]
 
 
 MASKS = [QueryMask(*flags) for flags in itertools.product((False, True), repeat=3) if flags[1] or not flags[2]]
