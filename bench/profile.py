@@ -60,9 +60,10 @@ CONTEXT = (
     # Both heads (MLP and last layer), the loss and its centres, the fused head-loss op
     # and its two Triton kernels.
     ("head + loss", r"^adclr/(head|loss)$|dino_head_loss|_row_softmax_kernel|_weight_grad_kernel"),
-    # Every backend's op, kernel or autograd node (Triton's _unidirectional_*_kernel and
-    # _EagerAttention, the one-shot and one-pass kernels, SDPA's flash / memory-efficient / cuDNN kernels, flex); bmm is the
-    # reference backend's batched products (nothing else in the step is batched).
+    # Every backend's op, kernel or autograd node (Triton's _unidirectional_*_kernel, the
+    # one-shot and one-pass kernels and _EagerAttention, SDPA's flash / memory-efficient /
+    # cuDNN kernels, flex); bmm is the reference backend's batched products (nothing else
+    # in the step is batched).
     ("attention", r"[Aa]ttention|attn|flash|fmha|unidirectional|_oneshot_|_onepass_|sdpa"
                   r"|^aten::b(add)?mm$"),
 )

@@ -489,7 +489,8 @@ def test_launched_kernels_compile_and_fit(capability, tmp_path):
     for (dtype, head_dim, packed, flags), rows in zip(COMPILE_CASES, json.loads(proc.stdout)):
         # forward, delta, backward; or forward and the one-pass backward (sm_90, 16-bit,
         # head_dim <= 64, batched, no mask option)
-        onepass = capability == 90 and dtype != "fp32" and head_dim <= 64 and not packed and not any(flags)
+        onepass = (capability == 90 and dtype != "fp32" and head_dim <= 64 and not packed
+                   and not any(flags))
         assert [r["kernel"] for r in rows][1:] == (
             ["_onepass_bwd_kernel"] if onepass
             else ["_unidirectional_bwd_delta_kernel", "_unidirectional_bwd_kernel"]), rows
