@@ -1187,14 +1187,15 @@ def _empty_bhld(batch, heads, seq, head_dim, like):
     # caller's output projection reads it as (batch, seq, heads * head_dim) for free.
     # Allocated with these strides rather than as a transposed view: autograd does more
     # work for a Function output that is a view.
-    return torch.empty_strided((batch, heads, seq, head_dim),
-                               (seq * heads * head_dim, head_dim, heads * head_dim, 1),
-                               dtype=like.dtype, device=like.device)
+    # Tensor.new_* and empty_like take dtype and device from `like`: parsing them as
+    # keyword arguments (a torch.Size shape too) cost twice the allocation on the host.
+    return like.new_empty_strided((batch, heads, seq, head_dim),
+                                  (seq * heads * head_dim, head_dim, heads * head_dim, 1))
 
 
 def _empty_tokens(shape, like):
     """Token-major memory, (..., tokens, heads, head_dim), like the caller's projections."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return like.new_empty(tuple(shape))
 
 
 def _empty_rows(batch, heads, seq, like):
@@ -1211,7 +1212,7 @@ def _empty_out(q):
 
 def _empty_qkv(qkv):
     """The gradient of a packed qkv projection: one buffer, written by the backward."""
-    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 def _empty_lse(q):
@@ -1655,7 +1656,7 @@ class _EagerAttention(torch.autograd.Function):
         if call.packed_qkv:
             qkv = tensors[0]
             q, k, v = _unpack(qkv)
-            out = _empty_tokens(qkv.shape[:-3] + qkv.shape[-2:], qkv)
+            out = _empty_tokens((*qkv.shape[:-3], *qkv.shape[-2:]), qkv)
         else:
             q, k, v = tensors
             out = _empty_out(q)
