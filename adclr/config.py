@@ -23,7 +23,7 @@ from .model import ARCHS
 class Config:
     """Every field is an `adclr train --flag` (underscores become dashes)."""
     out: str = "runs/adclr"                  # run folder: checkpoint.pt, metrics.jsonl, tensorboard
-    data: str = "builtin"                    # image folder (ImageFolder layout), builtin (shapes), builtin:scenes, builtin:shape-scenes, builtin:few-shape-scenes
+    data: str = "builtin"                    # image folder (ImageFolder layout), builtin (shapes), builtin:scenes, builtin:shape-scenes, builtin:few-shape-scenes, builtin:grey-ground-scenes
     method: str = "adclr"                    # adclr (lambda_query 0: DINO) | densecl | ccmim (docs/methods.md)
     # model
     arch: str = "vit_small"                  # vit_tiny | vit_small | vit_base (paper); vit_mini, vit_test (CPU)

@@ -216,11 +216,12 @@ class SyntheticShapeScenes(SyntheticScenes):
 
     TEXTURED = True  # False: every texture drawn is painted flat (its first colour)
     PALETTE = None  # or RGB colours in [0, 1] to paint with instead of any colour
+    BACKGROUND = None  # or RGB colours to paint the background with instead of PALETTE's
     def _render(self, i):
         rng = np.random.default_rng([self.seed, self.SPLITS[self.split], i, 2])
         s = self.size
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
-        image = self._painted(rng, xx, yy)
+        image = self._painted(rng, xx, yy, self.BACKGROUND)
         mask = np.zeros((s, s), dtype=np.uint8)
         for cls, radius, cx, cy in self._placed_objects(rng, i):
             # Every shape lies within 1.2 radii of its centre: only that square is drawn on.
@@ -238,12 +239,14 @@ class SyntheticShapeScenes(SyntheticScenes):
         image += rng.standard_normal(image.shape, dtype=np.float32) * 0.03
         return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask
 
-    def _painted(self, rng, x, y):
-        """(*x.shape, 3): a texture of a random kind in two random colours at image points (x, y)."""
+    def _painted(self, rng, x, y, palette=None):
+        """(*x.shape, 3): a texture of a random kind in two random colours at image points (x, y),
+        from `palette` (else PALETTE) when one is given."""
         colours = np.array([colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.2, 1), rng.uniform(0.2, 1))
                             for _ in range(2)], dtype=np.float32)
-        if self.PALETTE is not None:
-            colours = np.array(self.PALETTE, dtype=np.float32)[rng.integers(len(self.PALETTE), size=2)]
+        palette = palette or self.PALETTE
+        if palette is not None:  # drawn after the colours above, so that the draws stay in step
+            colours = np.array(palette, dtype=np.float32)[rng.integers(len(palette), size=2)]
         kind = rng.integers(5) if self.TEXTURED else 0
         angle, period, phase = rng.uniform(0, np.pi), rng.uniform(0.06, 0.2), rng.uniform(0, 2 * np.pi, 2)
         u = (x * np.cos(angle) + y * np.sin(angle)) * (2 * np.pi / period) + phase[0]
@@ -453,8 +456,23 @@ class SyntheticFewShapeScenes(SyntheticShapeScenes):
     PALETTE = ((0.9, 0.2, 0.2), (0.2, 0.8, 0.2), (0.2, 0.3, 0.9), (0.9, 0.9, 0.3))
 
 
+class SyntheticGreyGroundScenes(SyntheticFewShapeScenes):
+    """SyntheticFewShapeScenes (the same objects, masks and colours) on a grey background of
+    one of three levels: a patch's colour says whether it is object or background, not
+    which class.
+
+    In SyntheticFewShapeScenes the background takes the objects' colours, so whether a
+    patch is object shows only against the rest of the image; a linear dense probe on
+    the patch tokens of a short CPU run then labels every pixel background, trained or
+    not, and mIoU cannot tell runs apart (bench/NOTES.md, "Why the dense probe did not move").
+    """
+
+    BACKGROUND = ((0.3, 0.3, 0.3), (0.5, 0.5, 0.5), (0.7, 0.7, 0.7))
+
+
 BUILTIN = {"builtin": SyntheticShapes, "builtin:shapes": SyntheticShapes, "builtin:scenes": SyntheticScenes,
-           "builtin:shape-scenes": SyntheticShapeScenes, "builtin:few-shape-scenes": SyntheticFewShapeScenes}
+           "builtin:shape-scenes": SyntheticShapeScenes, "builtin:few-shape-scenes": SyntheticFewShapeScenes,
+           "builtin:grey-ground-scenes": SyntheticGreyGroundScenes}
 
 
 def open_dataset(data, split, like=None):

@@ -284,7 +284,7 @@ def test_compare_takes_train_flags_over_its_preset(monkeypatch, capsys):
     assert run(["compare", "--seeds", "3", "4", "--max-steps", "7", "--out", "x"], capsys)[0] == 0
     cfg, seeds = seen[0]
     assert seeds == [3, 4] and cfg.max_steps == 7 and cfg.out == "x"
-    assert cfg.data == adclr.compare.PRESET["data"] == "builtin:few-shape-scenes" and cfg.arch == adclr.compare.PRESET["arch"]
+    assert cfg.data == adclr.compare.PRESET["data"] == "builtin:grey-ground-scenes" and cfg.arch == adclr.compare.PRESET["arch"]
     status, err = run(["compare", "--seed", "1"], capsys)
     assert status == 2 and err.splitlines()[-1] == "adclr compare: error: argument --seed: adclr compare takes --seeds"
     status, err = run(["compare", "--image-size", "60"], capsys)

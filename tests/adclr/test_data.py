@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from adclr.data import (Augment, DecodeOnlyDataset, ImageFolder, MultiCropDataset, SegmentationFolder, StepBatches,
-                        SyntheticFewShapeScenes, SyntheticScenes, SyntheticShapeScenes, SyntheticShapes, normalize, open_dataset, open_segmentation,
+                        SyntheticFewShapeScenes, SyntheticGreyGroundScenes, SyntheticScenes, SyntheticShapeScenes, SyntheticShapes, normalize, open_dataset, open_segmentation,
                         synthetic_batch)
 
 
@@ -342,6 +342,21 @@ def test_few_shape_scenes_hold_one_flat_object_of_five_shapes_in_palette_colours
         assert nearest[0] != nearest[1]  # the outline shows
     # Sized by name: the five shapes' areas are theirs, not those of the first five of ten.
     assert SyntheticScenes._unit_areas["cross"] != SyntheticScenes._unit_areas["diamond"]
+
+
+def test_grey_ground_scenes_are_few_shape_scenes_on_a_grey_background():
+    """Same objects and masks, objects in the palette's colours, the background grey."""
+    grey, few = open_segmentation("builtin:grey-ground-scenes", "train"), SyntheticFewShapeScenes("train")
+    assert isinstance(grey, SyntheticGreyGroundScenes)
+    levels = 255 * np.array(SyntheticGreyGroundScenes.BACKGROUND)
+    for i in range(20):
+        (image, mask), (other, other_mask) = grey.load_segmentation(i), few.load_segmentation(i)
+        assert np.array_equal(mask, other_mask)
+        pixels, palette = np.asarray(image).astype(float), 255 * np.array(SyntheticFewShapeScenes.PALETTE)
+        assert np.abs(palette - pixels[mask > 0].mean(0)).max(1).min() < 3
+        background = pixels[mask == 0].mean(0)
+        assert np.abs(levels - background).max(1).min() < 3
+        assert np.abs(palette - background).max(1).min() > 20  # no object's colour
 
 
 def class_colours(scenes, images=300):
