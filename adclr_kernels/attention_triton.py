@@ -434,6 +434,24 @@ def _dkdv_passes(n0, lo, hi, visible, num_prefix, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base, lse_base, delta_base,
+               stride_ql, stride_qd, stride_dol, stride_dod, qk_scale, DOT: tl.constexpr):
+    """One transposed tile of rows against a key block: dK and dV added to, and dS^T (in
+    q's dtype) for a caller that also wants dQ. Rows past row_ok read zeros for q and dO."""
+    q_t = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd,
+                  mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+    do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    p_t = tl.exp2(dot(k, q_t, DOT) * qk_scale - lse[None, :])
+    dv += dot(p_t.to(do.dtype), do, DOT)
+    ds_t = (p_t * (dot(v, tl.trans(do), DOT) - delta[None, :])).to(q_t.dtype)
+    dk += dot(ds_t, tl.trans(q_t), DOT)
+    return dk, dv, ds_t
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, lo, hi, q_base, do_base, lse_base, delta_base,
                 stride_ql, stride_qd, stride_dol, stride_dod, qk_scale, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
@@ -446,17 +464,9 @@ def _dkdv_tiles(dk, dv, k, v, lo, hi, q_base, do_base, lse_base, delta_base,
     d_ok = offs_d < HEAD_DIM
     for row_start in range(lo, hi, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
-        row_ok = rows < hi
-        q_t = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd,
-                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        p_t = tl.exp2(dot(k, q_t, DOT) * qk_scale - lse[None, :])
-        dv += dot(p_t.to(do.dtype), do, DOT)
-        ds_t = p_t * (dot(v, tl.trans(do), DOT) - delta[None, :])
-        dk += dot(ds_t.to(q_t.dtype), tl.trans(q_t), DOT)
+        dk, dv, _ = _dkdv_step(dk, dv, k, v, rows, rows < hi, offs_d, d_ok, q_base, do_base,
+                               lse_base, delta_base, stride_ql, stride_qd, stride_dol,
+                               stride_dod, qk_scale, DOT)
     return dk, dv
 
 
@@ -754,16 +764,9 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
     for row_start in range(lo, hi, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < hi
-        q_t = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd,
-                      mask=d_ok[:, None] & row_ok[None, :], other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
-                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
-        p_t = tl.exp2(dot(k, q_t, DOT) * qk_scale - lse[None, :])
-        dv += dot(p_t.to(do.dtype), do, DOT)
-        ds_t = (p_t * (dot(v, tl.trans(do), DOT) - delta[None, :])).to(q_t.dtype)
-        dk += dot(ds_t, tl.trans(q_t), DOT)
+        dk, dv, ds_t = _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base,
+                                  lse_base, delta_base, stride_ql, stride_qd, stride_dol,
+                                  stride_dod, qk_scale, DOT)
         if MASKED:
             ds_t = tl.where(seen[:, None], ds_t, tl.zeros_like(ds_t))
         dq_ptrs = scratch + rows[:, None] * BLOCK_D + offs_d[None, :]
