@@ -1299,6 +1299,10 @@ def _delta_inside(q, geo, blocks):
             and device_capability(q.device) >= 90 and torch.version.hip is None)
 
 
+# The longest sequence the one-pass backward takes on a GPU.
+ONEPASS_MAX_LEN = 1024
+
+
 def onepass_config(seq_len, head_dim, dtype, capability, interpreted):
     """The one-pass backward's constexprs for batched sequences of seq_len tokens under the
     default mask rule, or None (the flash backward): where bench.static predicted it
@@ -1323,10 +1327,6 @@ def _onepass(q, geo, mask):
         return None
     return onepass_config(geo.seq_len, q.shape[-1], q.dtype, device_capability(q.device),
                           triton_interpreter_enabled())
-
-
-# The longest sequence the one-pass backward takes on a GPU.
-ONEPASS_MAX_LEN = 1024
 
 
 def _empty_scratch(programs, seq_len, width, like):
