@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from .backends import triton_interpreter_enabled
 
@@ -22,6 +23,22 @@ def dot(a, b, DOT: tl.constexpr):
         return tl.dot(a, b)
     else:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
+
+
+@triton.jit
+def log2(x, APPROX: tl.constexpr):
+    # APPROX: the hardware's approximate log2 (one MUFU.LG2, relative error about 2^-22)
+    # instead of libdevice's log2f, a polynomial of about 30 instructions per value. Only
+    # CUDA's libdevice has it; the interpreter runs no libdevice call.
+    if APPROX:
+        return libdevice.fast_log2f(x)
+    else:
+        return tl.log2(x)
+
+
+def approx_log2():
+    """Whether `log2` may take the approximate path here (a compiled CUDA kernel)."""
+    return not triton_interpreter_enabled() and torch.version.hip is None
 
 
 def dot_mode(dtype):

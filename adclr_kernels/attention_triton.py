@@ -38,8 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (LOG2E, SHARED_MEMORY_PER_PROGRAM, block_d, device_capability, dot,
-                             dot_mode)
+from ._triton_common import (LOG2E, SHARED_MEMORY_PER_PROGRAM, approx_log2, block_d,
+                             device_capability, dot, dot_mode, log2)
 from ._triton_launch import fast_launch
 from .attention_triton_short import oneshot_bwd, oneshot_config, oneshot_fwd
 from .backends import triton_interpreter_enabled
@@ -288,7 +288,7 @@ def _unidirectional_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
     SEES_QUERIES: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
-    TILED: tl.constexpr,
+    TILED: tl.constexpr, APPROX_LOG2: tl.constexpr,
 ):
     block, b, h, start, seq_len, key_len, visible = _program(
         num_blocks, num_heads, num_seqs, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
@@ -344,7 +344,8 @@ def _unidirectional_fwd_kernel(
     out = acc * (1.0 / l_safe)[:, None]  # one division per row, not per element
     tl.store(o_base + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(lse_base + rows, m_i + tl.log2(l_safe), mask=row_ok)
+    # l >= 1 where a row saw anything (its largest score adds exp2(0)): no denormal input.
+    tl.store(lse_base + rows, m_i + log2(l_safe, APPROX_LOG2), mask=row_ok)
 
 
 @triton.jit
@@ -1240,7 +1241,8 @@ def _launch_constants(kind, head_dim, dtype, device, max_len, varlen, tiled, mas
     if found is None:
         common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), VARLEN=varlen, TILED=tiled)
         if kind == "fwd":
-            cfg = rule(head_dim, dtype, capability, max_len, packed=varlen, mask=mask)
+            cfg = dict(rule(head_dim, dtype, capability, max_len, packed=varlen, mask=mask),
+                       APPROX_LOG2=approx_log2())
             block, delta = cfg["BLOCK_M"], None
         else:
             cfg = dict(rule(head_dim, dtype, capability, packed=varlen))
