@@ -27,7 +27,7 @@ def dot(a, b, DOT: tl.constexpr):
 
 @triton.jit
 def log2(x, APPROX: tl.constexpr):
-    # APPROX: the hardware's approximate log2 (one MUFU.LG2, relative error about 2^-22)
+    # APPROX: the hardware's approximate log2 (one MUFU.LG2, absolute error about 2^-22)
     # instead of libdevice's log2f, a polynomial of about 30 instructions per value. Only
     # CUDA's libdevice has it; the interpreter runs no libdevice call.
     if APPROX:

@@ -200,45 +200,69 @@ def _softmax_step(acc, m_i, l_i, s):
 
 
 @triton.jit
-def _prefix_scores(q, k_base, raw_row, cols, p_hi, stride_kl, stride_kd, qk_scale,
+def _prefix_scores(q, k_base, keep_row, cols, end, stride_kl, stride_kd, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    """Scaled scores of prefix columns `cols` (those < p_hi), -inf for the query rows."""
+    """Scaled scores of columns `cols` (those < end), -inf for the rows not kept."""
     offs_d = tl.arange(0, BLOCK_D)
-    col_ok = cols < p_hi
+    col_ok = cols < end
     k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
                   mask=col_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
-    return tl.where(raw_row[:, None] & col_ok[None, :], dot(q, k_t, DOT) * qk_scale,
+    return tl.where(keep_row[:, None] & col_ok[None, :], dot(q, k_t, DOT) * qk_scale,
                     float("-inf"))
 
 
 @triton.jit
-def _attend_prefix(q, rows, p_hi, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                   visible, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    """The online-softmax state (acc, m, l) of a row block after the prefix columns
-    [0, p_hi) that its raw rows take apart when the block also holds query rows, which
-    do not see them; the empty state where there are none (p_hi = 0).
+def _first_columns(lo1, hi1, p_hi, BLOCK_N: tl.constexpr, FIRST: tl.constexpr):
+    """Columns [f0, f1) of the narrow tile the forward takes first, and t0, where its key
+    steps over [t0, hi1) start.
 
-    Taken first, while nothing is accumulated: the first PREFIX_BLOCK columns (CLS and
+    A block that takes the prefix apart (p_hi > 0) takes the prefix there, for its raw
+    rows only, and steps from lo1. Every other block runs that tile too (see
+    `_attend_prefix`), so it puts it to work: it takes the columns of [lo1, hi1) left over
+    after whole key steps, up to FIRST of them, and its steps start after them. The
+    masked last step then runs only where more than FIRST columns are left over.
+    """
+    f0 = lo1
+    f1 = lo1 + tl.minimum(tl.maximum(hi1 - lo1, 0) % BLOCK_N, FIRST)
+    t0 = f1
+    if p_hi > 0:
+        f0 = lo1 * 0
+        f1 = p_hi
+        t0 = lo1
+    return f0, f1, t0
+
+
+@triton.jit
+def _attend_prefix(q, rows, p_hi, f0, f1, k_base, v_base, stride_kl, stride_kd, stride_vl,
+                   stride_vd, visible, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr, FIRST: tl.constexpr, DOT: tl.constexpr):
+    """The online-softmax state (acc, m, l) of a row block after its first columns
+    [f0, f1) (`_first_columns`): the prefix columns [0, p_hi) that its raw rows take
+    apart when the block also holds query rows, which do not see them; otherwise up to
+    FIRST columns that all its rows see.
+
+    Taken first, while nothing is accumulated: the first FIRST columns (CLS and
     registers: all of them) are one narrow tile, with no rescaling and no second
-    accumulator, run by every block (masked to nothing where p_hi = 0: under a branch,
-    ptxas serializes every wgmma of the kernel, C7515). Any further columns go one by
-    one, for the same reason: a tile's product added to acc in a loop serializes too.
+    accumulator, run by every block (under a branch, ptxas serializes every wgmma of the
+    kernel, C7515). Any further prefix columns go one by one, for the same reason: a
+    tile's product added to acc in a loop serializes too.
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     raw_row = rows < visible
-    cols = tl.arange(0, PREFIX_BLOCK)
-    s = _prefix_scores(q, k_base, raw_row, cols, p_hi, stride_kl, stride_kd, qk_scale,
-                       HEAD_DIM, BLOCK_D, DOT)
-    m_i = tl.max(s, 1)
-    p = tl.exp2(s - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-    l_i = tl.sum(p, 1)
-    v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                mask=(cols < p_hi)[:, None] & d_ok[None, :], other=0.0)
+    keep_row = raw_row | (p_hi == 0)
+    first = f0 + tl.arange(0, FIRST)
+    s0 = _prefix_scores(q, k_base, keep_row, first, f1, stride_kl, stride_kd, qk_scale,
+                        HEAD_DIM, BLOCK_D, DOT)
+    m_i = tl.max(s0, 1)
+    p0 = tl.exp2(s0 - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
+    l_i = tl.sum(p0, 1)
+    v = tl.load(v_base + first[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                mask=(first < f1)[:, None] & d_ok[None, :], other=0.0)
     # A query row's p of 0 times a NaN value is NaN in its row of the product: dropped.
-    acc = tl.where(raw_row[:, None], dot(p.to(v.dtype), v, DOT), 0.0)
-    for start in range(PREFIX_BLOCK, p_hi, PREFIX_BLOCK):  # loop: fwd.prefix
+    acc = tl.where(keep_row[:, None], dot(p0.to(v.dtype), v, DOT), 0.0)
+    cols = tl.arange(0, PREFIX_BLOCK)
+    for start in range(FIRST, p_hi, PREFIX_BLOCK):  # loop: fwd.prefix
         s = _prefix_scores(q, k_base, raw_row, start + cols, p_hi, stride_kl, stride_kd,
                            qk_scale, HEAD_DIM, BLOCK_D, DOT)
         acc, m_i, l_i, p = _softmax_step(acc, m_i, l_i, s)
@@ -288,7 +312,7 @@ def _unidirectional_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
     SEES_QUERIES: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
-    TILED: tl.constexpr, APPROX_LOG2: tl.constexpr,
+    TILED: tl.constexpr, APPROX_LOG2: tl.constexpr, FIRST_BLOCK: tl.constexpr,
 ):
     block, b, h, start, seq_len, key_len, visible = _program(
         num_blocks, num_heads, num_seqs, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
@@ -308,22 +332,24 @@ def _unidirectional_fwd_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M,
                                            SEES_PREFIX, SEES_QUERIES)
+    t0 = lo1
     if SEES_PREFIX:  # every row sees the prefix: no block takes it apart (p_hi = 0)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
     else:
-        acc, m_i, l_i = _attend_prefix(q, rows, p_hi, k_base, v_base, stride_kl, stride_kd,
-                                       stride_vl, stride_vd, visible, qk_scale, HEAD_DIM,
-                                       BLOCK_M, BLOCK_D, DOT)
+        f0, f1, t0 = _first_columns(lo1, hi1, p_hi, BLOCK_N, FIRST_BLOCK)
+        acc, m_i, l_i = _attend_prefix(q, rows, p_hi, f0, f1, k_base, v_base, stride_kl,
+                                       stride_kd, stride_vl, stride_vd, visible, qk_scale,
+                                       HEAD_DIM, BLOCK_M, BLOCK_D, FIRST_BLOCK, DOT)
     if SEES_SELF and not SEES_QUERIES:
         acc, m_i, l_i = _attend_self(acc, m_i, l_i, rows, q_base, k_base, v_base, stride_ql,
                                      stride_qd, stride_kl, stride_kd, stride_vl, stride_vd, seq_len,
                                      visible, qk_scale, HEAD_DIM, BLOCK_D)
     # Whole tiles every row of the block sees, then the last, partial one.
-    c2 = lo1 + (hi1 - lo1) // BLOCK_N * BLOCK_N
+    c2 = t0 + (hi1 - t0) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend_tiles(  # loop: fwd.interior
-        acc, m_i, l_i, q, lo1, c2, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
+        acc, m_i, l_i, q, t0, c2, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
         qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, NO_MASK, DOT)
     acc, m_i, l_i = _attend_tiles(  # loop: fwd.boundary
         acc, m_i, l_i, q, c2, hi1, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
@@ -1006,6 +1032,11 @@ def _fwd_config(head_dim, dtype, capability, max_len, packed=False, mask=None):
     # Also past 512 tokens (ViT-S/8): measured, 64 x 64 on 4 warps beat the 128 x 128
     # tiles on 8 warps that the static model had ranked first, by 1.18x on the H200.
     cfg = dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
+    if cfg["BLOCK_N"] == 64 and not packed:
+        # A first tile 32 columns wide (`_first_columns`): at ViT-S/8's 785 visible tokens
+        # the 17 left over after whole key steps go there, not to a masked step. The packed
+        # crops keep 16: the wider tile costs them more than it saves (bench/NOTES.md).
+        cfg["FIRST_BLOCK"] = 32
     if (head_dim <= 64 and capability >= 90 and not (mask and mask.sees_queries)
             and torch.version.hip is None):
         # 4 programs per SM: ptxas takes 128-131 registers (3 per SM past 128), and at 128
@@ -1243,6 +1274,7 @@ def _launch_constants(kind, head_dim, dtype, device, max_len, varlen, tiled, mas
         if kind == "fwd":
             cfg = dict(rule(head_dim, dtype, capability, max_len, packed=varlen, mask=mask),
                        APPROX_LOG2=approx_log2())
+            cfg.setdefault("FIRST_BLOCK", PREFIX_BLOCK.value)
             block, delta = cfg["BLOCK_M"], None
         else:
             cfg = dict(rule(head_dim, dtype, capability, packed=varlen))

@@ -515,6 +515,14 @@ def _key_ranges(m0, seq_len, key_len, visible, num_prefix, block_m, mask):
     return lo1, hi1, lo2, hi2, p_hi
 
 
+def _first_columns(lo1, hi1, p_hi, block_n, first):
+    """(f0, f1, t0): the forward's first narrow tile [f0, f1) and where its key steps start."""
+    if p_hi > 0:
+        return 0, p_hi, lo1
+    f1 = lo1 + min(max(hi1 - lo1, 0) % block_n, first)
+    return lo1, f1, f1
+
+
 def _dkdv_row_range(n0, seq_len, visible, num_prefix, block_n, mask):
     """Rows [lo, hi) that see some column of the key block n0 other than their own."""
     if n0 < visible:
@@ -542,19 +550,22 @@ def _dkdv_passes(n0, lo, hi, visible, num_prefix, block_n, mask):
     return a0, a1, b0, b1, r0
 
 
-def _row_block_trips(m0, s, block_m, block_n, loop, mask):
+def _row_block_trips(m0, s, block_m, block_n, loop, mask, first=PREFIX_BLOCK):
     """Trips of the four column loops of a row block (forward, and dQ)."""
     if m0 >= s.seq_len:
         return {}
     lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, s.seq_len, s.seq_len, s.visible, s.num_prefix,
                                            block_m, mask)
-    c2 = lo1 + (hi1 - lo1) // block_n * block_n
+    t0 = lo1
+    if loop == "fwd." and not mask.sees_prefix:
+        t0 = _first_columns(lo1, hi1, p_hi, block_n, first)[2]
+    c2 = t0 + (hi1 - t0) // block_n * block_n
     # The prefix columns: the first PREFIX_BLOCK outside any loop, the rest in groups of
     # PREFIX_BLOCK (the forward's one trip per column inside each).
-    prefix = {f"{loop}prefix": _trips(PREFIX_BLOCK, p_hi, PREFIX_BLOCK)}
+    prefix = {f"{loop}prefix": _trips(first, p_hi, PREFIX_BLOCK)}
     if loop == "fwd.":
-        prefix["fwd.prefix_values"] = max(0, p_hi - PREFIX_BLOCK)
-    return {**prefix, f"{loop}interior": _trips(lo1, c2, block_n),
+        prefix["fwd.prefix_values"] = max(0, p_hi - first)
+    return {**prefix, f"{loop}interior": _trips(t0, c2, block_n),
             f"{loop}boundary": _trips(c2, hi1, block_n), f"{loop}queries": _trips(lo2, hi2, block_n)}
 
 
@@ -628,7 +639,8 @@ def programs(launch, seqs, heads):
     for seq, block in _program_blocks(launch, seqs, heads, block_rows):
         s = seqs[seq]
         if launch.name == "_unidirectional_fwd_kernel":
-            trips = _row_block_trips(block * a["BLOCK_M"], s, a["BLOCK_M"], a["BLOCK_N"], "fwd.", mask)
+            trips = _row_block_trips(block * a["BLOCK_M"], s, a["BLOCK_M"], a["BLOCK_N"], "fwd.", mask,
+                                     a["FIRST_BLOCK"])
         elif launch.name == "_unidirectional_bwd_kernel":
             trips = _key_block_trips(block * a["BLOCK_N1"], s, a["BLOCK_M1"], a["BLOCK_N1"], mask)
             trips.update(_row_block_trips(block * a["BLOCK_M2"], s, a["BLOCK_M2"], a["BLOCK_N2"],

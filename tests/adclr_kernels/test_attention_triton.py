@@ -118,6 +118,18 @@ def test_every_gpu_config_in_the_interpreter(monkeypatch, capability, dtype, hea
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
+@pytest.mark.parametrize("num_prefix,num_raw", [(20, 600), (40, 590)])
+def test_wide_first_tile_in_the_interpreter(monkeypatch, num_prefix, num_raw):
+    # Past 512 tokens the forward's first tile is 32 columns wide: a prefix that fits in it
+    # (20) and one that goes on column by column after it (40); the other blocks leave more
+    # columns over after whole key steps (620 % 64 = 44, 630 % 64 = 54) than it takes.
+    # (1 prefix, 600 raw tokens: 25 left over, all in the tile, runs in the test above.)
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    assert T._fwd_config(64, torch.float16, 90, num_prefix + num_raw + 10)["FIRST_BLOCK"] == 32
+    check_triton(1, 1, num_prefix, num_raw, 10, 64, options(OPTION_SETS[0]), dtype=torch.float16)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
 @pytest.mark.parametrize("opt_set,num_raw,num_queries", [(OPTION_SETS[0], 46, 0), (OPTION_SETS[3], 36, 10),
                                                          (OPTION_SETS[4], 53, 10)])
 def test_short_sequence_backward_computes_delta_in_its_program(monkeypatch, opt_set, num_raw, num_queries):

@@ -13,18 +13,19 @@ import torch
 import triton
 import triton.language as tl
 
-from adclr_kernels.attention_triton import (PREFIX_BLOCK, _dkdv_passes, _dkdv_row_range, _key_ranges,
-                                            _onepass_passes)
+from adclr_kernels.attention_triton import (PREFIX_BLOCK, _dkdv_passes, _dkdv_row_range, _first_columns,
+                                            _key_ranges, _onepass_passes)
 from adclr_kernels.mask import QueryMask
 from bench import static as S
 
-OUTPUTS = 14  # lo1, hi1, lo2, hi2, p_hi (row block m0); lo, hi, a0, a1, b0, b1, r0 (key block m0);
-# q_hi, raw_hi (the one-pass backward's key block m0, under the default rule)
+OUTPUTS = 17  # lo1, hi1, lo2, hi2, p_hi (row block m0); lo, hi, a0, a1, b0, b1, r0 (key block m0);
+# q_hi, raw_hi (the one-pass backward's key block m0, under the default rule); f0, f1, t0 (the
+# forward's first tile, first columns wide, and where its key steps start)
 
 
 @triton.jit
 def _ranges_probe(CASES, OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEES_PREFIX: tl.constexpr,
-                  SEES_QUERIES: tl.constexpr):
+                  SEES_QUERIES: tl.constexpr, FIRST: tl.constexpr):
     case = CASES + 5 * tl.program_id(0)
     m0 = tl.load(case)
     seq_len = tl.load(case + 1)
@@ -52,6 +53,10 @@ def _ranges_probe(CASES, OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEES
     q_hi, raw_hi = _onepass_passes(m0, seq_len, visible, num_prefix, BLOCK_N)
     tl.store(out + 12, q_hi)
     tl.store(out + 13, raw_hi)
+    f0, f1, t0 = _first_columns(lo1, hi1, p_hi, BLOCK_N, FIRST)
+    tl.store(out + 14, f0)
+    tl.store(out + 15, f1)
+    tl.store(out + 16, t0)
 
 
 def _cases(block):
@@ -66,30 +71,31 @@ def _cases(block):
                 yield m0, seq_len, key_len, visible, num_prefix
 
 
-def _mirror(case, block_m, block_n, mask):
+def _mirror(case, block_m, block_n, mask, first):
     m0, seq_len, key_len, visible, num_prefix = case
     lo1, hi1, lo2, hi2, p_hi = S._key_ranges(m0, seq_len, key_len, visible, num_prefix, block_m, mask)
     lo, hi = S._dkdv_row_range(m0, seq_len, visible, num_prefix, block_n, mask)
     return [lo1, hi1, lo2, hi2, p_hi, lo, hi, *S._dkdv_passes(m0, lo, hi, visible, num_prefix, block_n, mask),
-            *S._onepass_passes(m0, seq_len, visible, num_prefix, block_n)]
+            *S._onepass_passes(m0, seq_len, visible, num_prefix, block_n),
+            *S._first_columns(lo1, hi1, p_hi, block_n, first)]
 
 
 MASKS = [QueryMask(*flags) for flags in itertools.product((False, True), repeat=3) if flags[1] or not flags[2]]
 
 
-@pytest.mark.parametrize("block_m,block_n", [(16, 32), (32, 16), (64, 64), (128, 32)])
+@pytest.mark.parametrize("block_m,block_n,first", [(16, 32, 16), (32, 16, 16), (64, 64, 32), (128, 32, 16)])
 @pytest.mark.parametrize("mask", MASKS, ids=lambda m: "psq=" + "".join("01"[x] for x in (
     m.sees_prefix, m.sees_self, m.sees_queries)))
-def test_mirror_equals_the_kernels_range_arithmetic(block_m, block_n, mask):
+def test_mirror_equals_the_kernels_range_arithmetic(block_m, block_n, first, mask):
     # Positions on both block grids: m0 is a row block's start and a key block's.
     cases = sorted(set(_cases(block_m)) | set(_cases(block_n)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     table = torch.tensor(cases, dtype=torch.int32, device=device)
     out = torch.full((len(cases), OUTPUTS), -1, dtype=torch.int32, device=device)
     _ranges_probe[(len(cases),)](table, out, BLOCK_M=block_m, BLOCK_N=block_n, SEES_PREFIX=mask.sees_prefix,
-                                 SEES_QUERIES=mask.sees_queries)
+                                 SEES_QUERIES=mask.sees_queries, FIRST=first)
     for case, got in zip(cases, out.tolist()):
-        assert got == _mirror(case, block_m, block_n, mask), f"{case} (m0, seq, keys, visible, prefix)"
+        assert got == _mirror(case, block_m, block_n, mask, first), f"{case} (m0, seq, keys, visible, prefix)"
 
 
 def test_mirror_walks_the_prefix_in_the_kernels_groups():
