@@ -1032,10 +1032,11 @@ def _fwd_config(head_dim, dtype, capability, max_len, packed=False, mask=None):
     # Also past 512 tokens (ViT-S/8): measured, 64 x 64 on 4 warps beat the 128 x 128
     # tiles on 8 warps that the static model had ranked first, by 1.18x on the H200.
     cfg = dict(BLOCK_M=64, BLOCK_N=64 if head_dim <= 64 else 32, num_warps=4, num_stages=2)
-    if cfg["BLOCK_N"] == 64 and not packed:
+    if cfg["BLOCK_N"] == 64 and max_len > 512 and not packed:
         # A first tile 32 columns wide (`_first_columns`): at ViT-S/8's 785 visible tokens
-        # the 17 left over after whole key steps go there, not to a masked step. The packed
-        # crops keep 16: the wider tile costs them more than it saves (bench/NOTES.md).
+        # the 17 left over after whole key steps go there, not to a masked step. Shorter
+        # and packed sequences keep 16: the wider tile costs them more than it saves
+        # (bench/NOTES.md).
         cfg["FIRST_BLOCK"] = 32
     if (head_dim <= 64 and capability >= 90 and not (mask and mask.sees_queries)
             and torch.version.hip is None):
