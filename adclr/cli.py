@@ -145,7 +145,8 @@ def _add_eval_parser(commands):
                              help="k-NN: votes weigh exp(similarity / temperature) (default: 0.07)")
     eval_parser.add_argument("--epochs", type=checked(int, ">= 1"), default=None,
                              help=f"linear: training epochs (default: 100; {eval_linear.BUILTIN_CPU_LINEAR_EPOCHS} "
-                                  f"for the built-in data on CPU); dense: probe epochs over the cached train features "
+                                  f"for the built-in data on CPU; with --fast, L-BFGS iterations, default "
+                                  f"{eval_linear.PROBE_EPOCHS}); dense: probe epochs over the cached train features "
                                   f"(default: {eval_dense.DEFAULT_EPOCHS})")
     # The former name, kept working; a separate flag so that an error names the one typed.
     eval_parser.add_argument("--linear-epochs", dest="epochs", type=checked(int, ">= 1"), default=None,
@@ -161,8 +162,9 @@ def _add_eval_parser(commands):
     eval_parser.add_argument("--val-freq", type=checked(int, ">= 1"), default=1,
                              help="linear: validate every this many epochs, and after the last (default: 1)")
     eval_parser.add_argument("--fast", action="store_true",
-                             help="linear: a quick AdamW probe on cached centre-crop CLS features instead of "
-                                  "DINO's protocol (numbers not comparable with DINO's)")
+                             help="linear: a logistic regression solved by L-BFGS on DINO's features of centre "
+                                  "crops and their mirror images, computed once, instead of DINO's protocol "
+                                  "(compare's linear score; numbers not comparable with DINO's)")
     eval_parser.add_argument("--num-classes", type=checked(int, f"[1, {eval_dense.NUM_LABELS}]"), default=None,
                              help="dense: classes 0..N-1 (default: 1 + the largest label in the train masks)")
     eval_parser.add_argument("--device", type=checked(str, ALLOWED["device"]), default="auto")

@@ -115,9 +115,11 @@ def autocast(device):
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, batch_size=128, device="cpu", num_workers=0):
-    """(features (N, D) float32, labels (N,)) for a `CenterCrops` dataset; skips unreadable files."""
+def extract_features(backbone, dataset, batch_size=128, device="cpu", num_workers=0, encode=None):
+    """(features (N, D) float32, labels (N,)) for a `CenterCrops` dataset; skips unreadable files.
+    encode: normalised images -> (B, D) features; default the CLS token."""
     device = torch.device(device)
+    encode = encode or (lambda images: backbone.forward_features(images)["cls"])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate)
     features, labels, warned = [], [], set()
@@ -126,7 +128,7 @@ def extract_features(backbone, dataset, batch_size=128, device="cpu", num_worker
         if images is None:
             continue
         with autocast(device):
-            features.append(backbone.forward_features(normalize(images.to(device)))["cls"].float().cpu())
+            features.append(encode(normalize(images.to(device))).float().cpu())
         labels.append(y)
     skipped = len(dataset) - sum(len(y) for y in labels)
     if skipped:

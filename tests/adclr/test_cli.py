@@ -709,7 +709,8 @@ def test_command_line_train_eval_export(tmp_path, capsys):
     dino = results["linear", ("--epochs", "2")][0]  # DINO's protocol; vit_test has 2 blocks, so 2 CLS
     assert (dino["epochs"], dino["n_last_blocks"], dino["avgpool_patchtokens"]) == (2, 2, False)
     assert dino["best_accuracy"] >= dino["accuracy"] and dino["lr"] == pytest.approx(1e-3 * 128 / 256)
-    assert results["linear", ("--fast", "--linear-epochs", "2")][0]["fast"] is True
+    fast = results["linear", ("--fast", "--linear-epochs", "2")][0]  # the cached probe, on DINO's features too
+    assert fast["fast"] is True and (fast["epochs"], fast["n_last_blocks"], fast["avgpool_patchtokens"]) == (2, 2, False)
     default, err = results["linear", ()]  # the built-in data on CPU: a few epochs, said on stderr
     assert default["epochs"] == 5 and "5 epochs" in err and err.count("linear epoch") == 5
     main(["export", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--out", str(tmp_path / "b.safetensors")])

@@ -1,5 +1,6 @@
 """DINO's linear protocol: its features, its training view, its optimiser and schedule,
-and the few epochs it takes on the built-in data on a CPU."""
+and the few epochs it takes on the built-in data on a CPU; the cached-feature probe: its
+features, its fit to convergence and its choice of L2 weight without the test split."""
 
 import math
 
@@ -10,7 +11,9 @@ from PIL import Image
 
 import adclr.eval_linear
 from adclr.cli import main
-from adclr.eval_linear import RandomResizedCrops, dino_linear_features, linear_protocol, probe_features
+from adclr.data import normalize
+from adclr.eval_linear import (RandomResizedCrops, cached_probe_features, dino_linear_features, linear_accuracy,
+                               linear_protocol, probe_features)
 from adclr.features import CenterCrops
 from adclr.model import build_backbone
 
@@ -119,3 +122,56 @@ def test_linear_on_any_builtin_set_on_cpu_takes_a_few_epochs(data, tiny_checkpoi
     main(["eval", "linear", "--checkpoint", tiny_checkpoint, "--limit", "4", "--num-workers", "0", "--device", "cpu",
           *(["--data", data] if data else [])])  # no --data: the run's, builtin:scenes
     assert seen == [adclr.eval_linear.BUILTIN_CPU_LINEAR_EPOCHS] and "epochs (DINO's 100" in capsys.readouterr().err
+
+
+def separable(n=300, dim=32, seed=0):
+    """Gaussian features whose 3 classes a linear map separates with a margin, in a
+    direction of small variance beside large-variance noise (what a few small optimiser
+    steps on standardised features do not reach)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n, dim, generator=g) * torch.linspace(0.2, 5, dim)
+    score = x[:, 0] * 3 + x[:, 1] * 2
+    keep = ((score % 2) - 1).abs() < 0.7  # away from the class boundaries
+    return x[keep][:n], (score[keep][:n] // 2 % 3).long()
+
+
+def test_probe_fits_separable_classes_to_convergence():
+    x, y = separable()
+    assert linear_accuracy(x, y, x, y, weight_decays=(0.0,)) == 1.0
+    assert linear_accuracy(x, y, x, y) >= 0.97  # whatever L2 weight the held-out fifth chose
+
+
+def test_probe_chooses_its_weight_decay_on_held_out_train_images_with_their_views(monkeypatch):
+    x, y = separable(100)
+    x[:, -1] = torch.arange(100.0)  # image ids, to trace the rows each fit sees
+    mirror = x.clone()
+    mirror[:, -1] += 0.5
+    fits = []
+    real = adclr.eval_linear._logistic_regression
+
+    def spy(rows, labels, num_classes, weight_decay, max_iter):
+        halves = (2 * (rows[:, -1] * x[:, -1].std() + x[:, -1].mean())).round().long()  # undo the standardising
+        fits.append((weight_decay, halves // 2, (halves % 2).sum().item()))
+        return real(rows, labels, num_classes, weight_decay, max_iter)
+
+    monkeypatch.setattr(adclr.eval_linear, "_logistic_regression", spy)
+    test_y = y[torch.randperm(100, generator=torch.Generator().manual_seed(1))]  # test labels play no part
+    linear_accuracy(x, y, x, test_y, epochs=50, train_views=(mirror,), weight_decays=(0.0, 100.0))
+    assert [wd for wd, _, _ in fits] == [0.0, 100.0, 0.0]  # a strong L2 weight loses on the held-out fifth
+    for _, ids, mirrored in fits[:2]:  # 80 images, each with both its views
+        assert len(ids) == 160 and mirrored == 80 and (torch.bincount(ids, minlength=100) == 2).sum() == 80
+    assert torch.equal(torch.bincount(fits[2][1]), torch.full((100,), 2))  # refitted on every image
+
+
+def test_cached_probe_features_are_dino_s_of_the_crops_and_their_mirror_images():
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_test", 32, 8, attention="sdpa").eval()
+    crops = CenterCrops(Colours(), 32, limit=6)
+    train, mirror, train_y, val, val_y = cached_probe_features(backbone, crops, crops, 2, False)
+    images = torch.stack([crops[i][0] for i in range(6)])
+    with torch.no_grad():
+        x = normalize(images)
+        torch.testing.assert_close(train, probe_features(backbone, x, 2, False))
+        torch.testing.assert_close(mirror, probe_features(backbone, x.flip(-1), 2, False))
+        torch.testing.assert_close(train[:, 64:], backbone.forward_features(x)["cls"])  # k-NN's: the last CLS
+    assert torch.equal(val, train) and torch.equal(train_y, val_y) and not torch.allclose(train, mirror)
