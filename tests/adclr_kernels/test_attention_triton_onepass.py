@@ -96,6 +96,24 @@ def test_packed_matches_float64(launched, num_prefix, num_queries, offsets, dtyp
         assert_fa_close(name, got, want, low)
 
 
+def test_packed_at_the_gpu_tiles(monkeypatch, launched):
+    # The GPU's packed config (16 x 64 tiles; fp16 for bf16, which the interpreter cannot
+    # dot) on the pack above: 63, 64 and 65 tokens around one 64-key block, 129 past two.
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(T, "ONEPASS_MIN_PACKED_PROGRAMS", 1)
+    lengths, queries = _pack(1, 10)
+    q, k, v, cu = make_packed(lengths, 1, 64, dtype=torch.float16)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).half()
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = unidirectional_attention_varlen(*leaves, VarlenLayout(lengths, queries), None, 1,
+                                          backend="triton")
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert launched == ONEPASS
+    ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, 1, grad_out, DEFAULT)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert_rel_close(name, got, want, 3e-3)  # fp16 inputs, fp32 accumulation
+
+
 @pytest.mark.parametrize("opt_set", OPTION_SETS[1:], ids=str)
 def test_mask_options_keep_the_flash_backward(launched, opt_set):
     check_triton(1, 1, 1, 40, 10, 16, options(opt_set))
