@@ -24,8 +24,8 @@ enough for one program skips the pre-pass: its program computes delta. Every gra
 element has exactly one writer, so there are no atomics and the result is bitwise
 reproducible. Short batched sequences (local crops) go to the one-shot kernels of
 `attention_triton_short.py` instead, where the GPU rule there says they are faster.
-Batched and large packed batches under the default rule (no option) take the one-pass
-backward instead (`_onepass_bwd_kernel`, where `onepass_config` says so): one program per
+Batched and large packed batches under the default rule (no option), or with
+query_sees_prefix alone, take the one-pass backward instead (`_onepass_bwd_kernel`, where `onepass_config` says so): one program per
 (sequence, head) computes delta, then walks its key blocks once, dQ accumulated in a
 program-private fp32 scratch: one launch, each score tile made once.
 """
@@ -739,7 +739,8 @@ def _unidirectional_bwd_kernel(
                      (p_own[:, None] * do.to(tl.float32)).to(DV.dtype.element_ty), mask=own_mask)
 
 
-# ---- One pass per (sequence, head): batched or packed sequences, default mask rule.
+# ---- One pass per (sequence, head): batched or packed sequences, the default mask rule
+# or SEES_PREFIX alone.
 # A program owns one whole sequence of one head. It computes delta for all its rows, then
 # walks its key blocks once: for each key block (dK, dV in registers) the rows that see
 # it, tile by tile, adding each tile's dS K into a program-private fp32 dQ (global
@@ -809,9 +810,12 @@ def _onepass_bwd_kernel(
     sm_scale, CU_SEQLENS, NUM_QUERIES,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
+    SEES_PREFIX: tl.constexpr = False,
 ):
-    """The default rule only: raw rows see the visible columns [0, V), query rows the
-    raw ones [P, V); no row sees a query key (k may hold them: their dK, dV are 0).
+    """The default rule, or SEES_PREFIX alone: raw rows see the visible columns [0, V),
+    query rows the raw ones [P, V) (with SEES_PREFIX, [0, V) too: every row walks every
+    visible block in one pass); no row sees a query key (k may hold them: their dK, dV
+    are 0).
 
     Packed (VARLEN): program (b, h) takes packed sequence b, its offsets read (and
     clamped) by `_program`. Rows and columns are token indices of the whole tensor
@@ -870,15 +874,17 @@ def _onepass_bwd_kernel(
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         # A block holding prefix columns: the query rows first (they do not see those),
         # then those columns are set back, then the raw rows. Otherwise every row at once.
-        query_sees = (cols >= pre) & (cols < vis)
-        q_hi, raw_hi = _onepass_passes(n0, end, vis, pre, BLOCK_N)
-        dk, dv = _onepass_rows(  # loop: bwd1.query_rows
-            dk, dv, k, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
-            delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
-            stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT)
-        cleared = query_sees | (q_hi == vis)
-        dk = tl.where(cleared[:, None], dk, 0.0)
-        dv = tl.where(cleared[:, None], dv, 0.0)
+        raw_hi = end
+        if not SEES_PREFIX:
+            query_sees = (cols >= pre) & (cols < vis)
+            q_hi, raw_hi = _onepass_passes(n0, end, vis, pre, BLOCK_N)
+            dk, dv = _onepass_rows(  # loop: bwd1.query_rows
+                dk, dv, k, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
+                delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
+                stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT)
+            cleared = query_sees | (q_hi == vis)
+            dk = tl.where(cleared[:, None], dk, 0.0)
+            dv = tl.where(cleared[:, None], dv, 0.0)
         if n0 >= vis:  # query keys: no row sees them
             raw_hi = first
         dk, dv = _onepass_rows(  # loop: bwd1.rows
@@ -1323,12 +1329,13 @@ ONEPASS_MAX_LEN = 1024
 ONEPASS_MIN_PACKED_PROGRAMS = 4096
 
 
-def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=False, programs=0):
+def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=False, programs=0,
+                   sees_prefix=False):
     """The one-pass backward's constexprs for `programs` (sequence, head) pairs of at most
-    seq_len tokens (batched, or packed with varlen) under the default mask rule, or None
-    (the flash backward): where bench.static predicted it (bf16/fp16, head_dim <= 64,
-    sm_90; packed, at least ONEPASS_MIN_PACKED_PROGRAMS), and always in the interpreter,
-    where the tests run it."""
+    seq_len tokens (batched, or packed with varlen) under the default mask rule or
+    query_sees_prefix alone, or None (the flash backward): where bench.static predicted it
+    (bf16/fp16, head_dim <= 64, sm_90; packed, at least ONEPASS_MIN_PACKED_PROGRAMS), and
+    always in the interpreter, where the tests run it."""
     if interpreted:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     elif (dtype in (torch.float16, torch.bfloat16) and head_dim <= 64 and capability >= 90
@@ -1338,9 +1345,10 @@ def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=Fal
         # 216 registers (2 programs per SM); at 168, 3 per SM with 16 bytes spilled (one
         # reload per key block, none in the tile loops). Two stages spill far more. Packed
         # sequences' loaded offsets hold more registers: at 32 rows they spill inside the
-        # tile loops under the cap, at 16 not at all ("the one-pass backward, packed").
-        cfg = dict(BLOCK_M=16 if varlen else 32, BLOCK_N=64, num_warps=4, num_stages=1,
-                   maxnreg=168)
+        # tile loops under the cap, at 16 not at all, unless the query rows see the prefix
+        # (no second pass to hold) ("the one-pass backward for packed calls").
+        cfg = dict(BLOCK_M=16 if varlen and not sees_prefix else 32, BLOCK_N=64, num_warps=4,
+                   num_stages=1, maxnreg=168)
     else:
         return None
     return dict(cfg, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT=dot_mode(dtype),
@@ -1351,14 +1359,16 @@ def _onepass(q, geo, mask, tensors=()):
     """The one-pass backward's constexprs for this call, or None. A packed call's token
     offsets must fit in int32 in every tensor (the kernel's row indices), tensors being
     the call's packed (tokens, heads, dim) ones."""
-    if mask.sees_prefix or mask.sees_self or mask.sees_queries:
+    if mask.sees_self or mask.sees_queries:
         return None
     varlen = geo.cu_seqlens is not None
     if varlen and max(t.shape[0] * t.stride(0) + t.shape[2] * t.stride(2)
                       for t in tensors) >= 2**31:
         return None
-    return onepass_config(geo.max_len, q.shape[-1], q.dtype, device_capability(q.device),
-                          triton_interpreter_enabled(), varlen, geo.num_seqs * geo.heads)
+    cfg = onepass_config(geo.max_len, q.shape[-1], q.dtype, device_capability(q.device),
+                         triton_interpreter_enabled(), varlen, geo.num_seqs * geo.heads,
+                         mask.sees_prefix)
+    return cfg and dict(cfg, SEES_PREFIX=mask.sees_prefix)
 
 
 def _empty_scratch(lse, width):

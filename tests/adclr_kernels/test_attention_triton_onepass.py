@@ -1,6 +1,6 @@
 """The one-pass backward (`_onepass_bwd_kernel` in attention_triton.py): one program per
-(sequence, head) of batched or packed sequences under the default mask rule, delta, dQ, dK
-and dV in one launch. Against the float64 reference, with every test checking that it,
+(sequence, head) of batched or packed sequences under the default mask rule or
+query_sees_prefix alone, delta, dQ, dK and dV in one launch. Against the float64 reference, with every test checking that it,
 and not the flash backward, ran.
 
 In the interpreter it walks 32-key blocks in 16-row tiles, so the sequences here (34 to
@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.usefixtures("poisoned"),
               pytest.mark.skipif(ON_CUDA, reason="the interpreter's tiles: on CUDA the GPU rule applies")]
 
 DEFAULT = options(OPTION_SETS[0])
+SEES_PREFIX = options(OPTION_SETS[1])
 ONEPASS = ["_unidirectional_fwd_kernel", "_onepass_bwd_kernel"]
 
 
@@ -48,11 +49,12 @@ LAYOUTS = [(1, 33, 0, True), (4, 40, 1, True), (1, 40, 10, True), (40, 20, 3, Tr
            (4, 40, 25, False)]
 
 
-@pytest.mark.parametrize("num_prefix,num_raw,num_queries,short_keys,dtype",
-                         [(*layout, torch.float32) for layout in LAYOUTS]
-                         + [(*layout, torch.bfloat16) for layout in LAYOUTS[2:4]])
-def test_matches_float64(launched, num_prefix, num_raw, num_queries, short_keys, dtype):
-    check_triton(2, 2, num_prefix, num_raw, num_queries, 16, DEFAULT, dtype=dtype,
+@pytest.mark.parametrize("num_prefix,num_raw,num_queries,short_keys,dtype,opts",
+                         [(*layout, torch.float32, DEFAULT) for layout in LAYOUTS]
+                         + [(*layout, torch.bfloat16, DEFAULT) for layout in LAYOUTS[2:4]]
+                         + [(*layout, torch.float32, SEES_PREFIX) for layout in LAYOUTS[3:]])
+def test_matches_float64(launched, num_prefix, num_raw, num_queries, short_keys, dtype, opts):
+    check_triton(2, 2, num_prefix, num_raw, num_queries, 16, opts, dtype=dtype,
                  short_keys=short_keys)
     assert launched == ONEPASS
 
@@ -65,9 +67,10 @@ def _pack(num_prefix, num_queries):
     return lengths, [min(num_queries, max(n - num_prefix - 1, 0)) for n in lengths]
 
 
-@pytest.mark.parametrize("num_prefix,num_queries,offsets,dtype", [
-    (1, 0, False, torch.float32), (4, 1, True, torch.float32), (1, 10, False, torch.bfloat16)])
-def test_packed_matches_float64(launched, num_prefix, num_queries, offsets, dtype):
+@pytest.mark.parametrize("num_prefix,num_queries,offsets,dtype,opts", [
+    (1, 0, False, torch.float32, DEFAULT), (4, 1, True, torch.float32, DEFAULT),
+    (1, 10, False, torch.bfloat16, DEFAULT), (4, 10, True, torch.float32, SEES_PREFIX)])
+def test_packed_matches_float64(launched, num_prefix, num_queries, offsets, dtype, opts):
     # With a VarlenLayout, or as FlashAttention takes a varlen batch (cu_seqlens and
     # max_seqlen, the values read on the device).
     lengths, queries = _pack(num_prefix, num_queries)
@@ -76,13 +79,14 @@ def test_packed_matches_float64(launched, num_prefix, num_queries, offsets, dtyp
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     if offsets:
         out = unidirectional_attention_varlen(*leaves, cu, torch.tensor(queries, dtype=torch.int32),
-                                              num_prefix, max_seqlen=max(lengths), backend="triton")
+                                              num_prefix, max_seqlen=max(lengths), backend="triton",
+                                              **opts)
     else:
         out = unidirectional_attention_varlen(*leaves, VarlenLayout(lengths, queries), None,
-                                              num_prefix, backend="triton")
+                                              num_prefix, backend="triton", **opts)
     grads = torch.autograd.grad(out, leaves, grad_out)
     assert launched == ONEPASS
-    ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, num_prefix, grad_out, DEFAULT)
+    ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, num_prefix, grad_out, opts)
     if dtype == torch.float32:
         for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
             assert_rel_close(name, got, want)
@@ -114,7 +118,7 @@ def test_packed_at_the_gpu_tiles(monkeypatch, launched):
         assert_rel_close(name, got, want, 3e-3)  # fp16 inputs, fp32 accumulation
 
 
-@pytest.mark.parametrize("opt_set", OPTION_SETS[1:], ids=str)
+@pytest.mark.parametrize("opt_set", OPTION_SETS[2:], ids=str)
 def test_mask_options_keep_the_flash_backward(launched, opt_set):
     check_triton(1, 1, 1, 40, 10, 16, options(opt_set))
     assert launched[1:] == ["_unidirectional_bwd_delta_kernel", "_unidirectional_bwd_kernel"]
@@ -197,6 +201,8 @@ def test_gpu_rule_keeps_the_flash_backward_where_not_predicted_to_win(dtype, hea
     packed = T.onepass_config(207, 64, torch.bfloat16, 90, False, True,
                               T.ONEPASS_MIN_PACKED_PROGRAMS)
     assert packed["BLOCK_M"] == 16 and packed["VARLEN"]
+    assert T.onepass_config(207, 64, torch.bfloat16, 90, False, True,
+                            T.ONEPASS_MIN_PACKED_PROGRAMS, sees_prefix=True)["BLOCK_M"] == 32
     assert T.onepass_config(length, head_dim, dtype, capability, False, programs > 0,
                             programs) is None
 
@@ -208,15 +214,17 @@ def _packed_meta(tokens, heads=6):
     return qkv.unbind(1), geo
 
 
-@pytest.mark.parametrize("opt_set", [OPTION_SETS[1], OPTION_SETS[4]])
+@pytest.mark.parametrize("opt_set", [OPTION_SETS[2], OPTION_SETS[4]])
 def test_mask_options_keep_the_flash_backward_in_both_layouts(opt_set):
     q = torch.empty(2, 6, 207, 64, dtype=torch.bfloat16, device="meta")
     geo = T.Geometry(2, 6, 207, 207, 207, 197)
     (pq, pk, pv), packed = _packed_meta(414)
     assert T._onepass(q, geo, T.query_mask(*opt_set)) is None
     assert T._onepass(pq, packed, T.query_mask(*opt_set), (pq, pk, pv)) is None
-    assert T._onepass(q, geo, T.query_mask()) is not None
-    assert T._onepass(pq, packed, T.query_mask(), (pq, pk, pv))["VARLEN"]
+    for sees_prefix in (False, True):
+        assert T._onepass(q, geo, T.query_mask(sees_prefix))["SEES_PREFIX"] == sees_prefix
+        found = T._onepass(pq, packed, T.query_mask(sees_prefix), (pq, pk, pv))
+        assert found["VARLEN"] and found["SEES_PREFIX"] == sees_prefix
 
 
 def test_packed_token_offsets_past_int32_keep_the_flash_backward():
