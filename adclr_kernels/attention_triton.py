@@ -24,10 +24,10 @@ enough for one program skips the pre-pass: its program computes delta. Every gra
 element has exactly one writer, so there are no atomics and the result is bitwise
 reproducible. Short batched sequences (local crops) go to the one-shot kernels of
 `attention_triton_short.py` instead, where the GPU rule there says they are faster.
-Batched sequences under the default rule (no option) take the one-pass backward instead
-(`_onepass_bwd_kernel`, where `onepass_config` says so): one program per (sequence, head)
-computes delta, then walks its key blocks once, dQ accumulated in a program-private fp32
-scratch: one launch, each score tile made once.
+Batched and large packed batches under the default rule (no option), or with
+query_sees_prefix alone, take the one-pass backward instead (`_onepass_bwd_kernel`, where `onepass_config` says so): one program per
+(sequence, head) computes delta, then walks its key blocks once, dQ accumulated in a
+program-private fp32 scratch: one launch, each score tile made once.
 """
 
 from __future__ import annotations
@@ -766,7 +766,8 @@ def _unidirectional_bwd_kernel(
                      (p_own[:, None] * do.to(tl.float32)).to(DV.dtype.element_ty), mask=own_mask)
 
 
-# ---- One pass per (sequence, head): batched sequences under the default mask rule.
+# ---- One pass per (sequence, head): batched or packed sequences, the default mask rule
+# or SEES_PREFIX alone.
 # A program owns one whole sequence of one head. It computes delta for all its rows, then
 # walks its key blocks once: for each key block (dK, dV in registers) the rows that see
 # it, tile by tile, adding each tile's dS K into a program-private fp32 dQ (global
@@ -832,30 +833,48 @@ def _onepass_bwd_kernel(
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
     stride_lseb, stride_lseh,
-    num_heads, seq_len, key_len, visible, num_prefix, qk_scale, sm_scale,
+    num_heads, num_seqs, seq_len, key_len, visible, total_tokens, num_prefix, qk_scale,
+    sm_scale, CU_SEQLENS, NUM_QUERIES,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
+    SEES_PREFIX: tl.constexpr = False,
 ):
-    """The default rule only: raw rows see the visible columns [0, V), query rows the
-    raw ones [P, V); no row sees a query key (k may hold them: their dK, dV are 0)."""
-    pid = tl.program_id(0)
-    b = (pid // num_heads).to(tl.int64)
-    h = (pid % num_heads).to(tl.int64)
+    """The default rule, or SEES_PREFIX alone: raw rows see the visible columns [0, V),
+    query rows the raw ones [P, V) (with SEES_PREFIX, [0, V) too: every row walks every
+    visible block in one pass); no row sees a query key (k may hold them: their dK, dV
+    are 0).
+
+    Packed (VARLEN): program (b, h) takes packed sequence b, its offsets read (and
+    clamped) by `_program`. Rows and columns are token indices of the whole tensor
+    ([first, end) for this sequence), in int32 (the launcher keeps every token offset
+    under 2^31): the base pointers then hang on the program id alone, like the batched
+    ones. Pointers moved by the loaded offset held more registers (16-row tiles spilled
+    16 bytes under the cap that way, none this way). The scratch has lse's layout,
+    BLOCK_D floats a row.
+    """
+    _, b, h, start, seq_len, key_len, visible = _program(
+        1, num_heads, num_seqs, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
+        NUM_QUERIES, CU_SEQLENS, VARLEN, False)
+    first = start.to(tl.int32)
+    end = first + seq_len
+    vis = first + visible
+    pre = first + num_prefix
     q_base = Q + b * stride_qb + h * stride_qh
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    o_base = O + b * stride_ob + h * stride_oh
     do_base = DO + b * stride_dob + h * stride_doh
-    lse_base = LSE + b * stride_lseb + h * stride_lseh
-    delta_base = DELTA + b * stride_lseb + h * stride_lseh
-    scratch = SCRATCH + pid.to(tl.int64) * seq_len * BLOCK_D
+    row0 = b * stride_lseb + h * stride_lseh
+    lse_base = LSE + row0
+    delta_base = DELTA + row0
+    scratch = SCRATCH + row0 * BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
     # delta = rowsum(dO * O) of every row, and an empty dQ.
-    for r0 in range(0, seq_len, BLOCK_M):  # loop: bwd1.delta
+    o_base = O + b * stride_ob + h * stride_oh
+    for r0 in range(first, end, BLOCK_M):  # loop: bwd1.delta
         rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < seq_len
+        row_ok = rows < end
         ok = row_ok[:, None] & d_ok[None, :]
         o = tl.load(o_base + rows[:, None] * stride_ol + offs_d[None, :] * stride_od, mask=ok,
                     other=0.0).to(tl.float32)
@@ -866,37 +885,41 @@ def _onepass_bwd_kernel(
                  tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=row_ok[:, None])
     tl.debug_barrier()
 
-    for n0 in range(0, key_len, BLOCK_N):  # loop: bwd1.keys
+    key_end = first + key_len
+    for n0 in range(first, key_end, BLOCK_N):  # loop: bwd1.keys
         cols = n0 + tl.arange(0, BLOCK_N)
         # Columns past V (padding, and query keys, which no row sees) take the key of
         # column V - 1 and a value of 0: every row walking the block sees V - 1, so its
         # probability there is at most 1 and dS stays finite (a zero key's 2^-lse would
         # overflow for a row whose scores are all far below 0), and dQ's K reads them as 0.
-        kv_mask = (cols < visible)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + tl.minimum(cols, visible - 1)[:, None] * stride_kl
+        # (Kept inside the sequence: one without visible tokens, which the op refuses.)
+        k = tl.load(k_base + tl.maximum(tl.minimum(cols, vis - 1), first)[:, None] * stride_kl
                     + offs_d[None, :] * stride_kd, mask=d_ok[None, :], other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0)
+                    mask=(cols < vis)[:, None] & d_ok[None, :], other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         # A block holding prefix columns: the query rows first (they do not see those),
         # then those columns are set back, then the raw rows. Otherwise every row at once.
-        query_sees = (cols >= num_prefix) & (cols < visible)
-        q_hi, raw_hi = _onepass_passes(n0, seq_len, visible, num_prefix, BLOCK_N)
-        dk, dv = _onepass_rows(  # loop: bwd1.query_rows
-            dk, dv, k, v, k_base, cols, query_sees, visible, q_hi, q_base, do_base, lse_base,
-            delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
-            stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT)
-        cleared = query_sees | (q_hi == visible)
-        dk = tl.where(cleared[:, None], dk, 0.0)
-        dv = tl.where(cleared[:, None], dv, 0.0)
-        if n0 >= visible:  # query keys: no row sees them
-            raw_hi = 0
+        raw_hi = end
+        if not SEES_PREFIX:
+            query_sees = (cols >= pre) & (cols < vis)
+            q_hi, raw_hi = _onepass_passes(n0, end, vis, pre, BLOCK_N)
+            dk, dv = _onepass_rows(  # loop: bwd1.query_rows
+                dk, dv, k, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
+                delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
+                stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT)
+            cleared = query_sees | (q_hi == vis)
+            dk = tl.where(cleared[:, None], dk, 0.0)
+            dv = tl.where(cleared[:, None], dv, 0.0)
+        if n0 >= vis:  # query keys: no row sees them
+            raw_hi = first
         dk, dv = _onepass_rows(  # loop: bwd1.rows
-            dk, dv, k, v, k_base, cols, cols < visible, 0, raw_hi, q_base, do_base, lse_base,
+            dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
             delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
             stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT)
-        written = (cols < key_len)[:, None] & d_ok[None, :]
+        written = (cols < key_end)[:, None] & d_ok[None, :]
+        kv_mask = (cols < vis)[:, None] & d_ok[None, :]
         dk = tl.where(kv_mask, dk * sm_scale, 0.0)
         dv = tl.where(kv_mask, dv, 0.0)
         tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkl
@@ -905,9 +928,9 @@ def _onepass_bwd_kernel(
                  + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=written)
 
     dq_base = DQ + b * stride_dqb + h * stride_dqh
-    for r0 in range(0, seq_len, BLOCK_M):  # loop: bwd1.dq
+    for r0 in range(first, end, BLOCK_M):  # loop: bwd1.dq
         rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < seq_len
+        row_ok = rows < end
         dq = tl.load(scratch + rows[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None],
                      other=0.0)
         tl.store(dq_base + rows[:, None] * stride_dql
@@ -1334,52 +1357,74 @@ def _delta_inside(q, geo, blocks):
             and device_capability(q.device) >= 90 and torch.version.hip is None)
 
 
-# The longest sequence the one-pass backward takes on a GPU.
+# The longest sequence the one-pass backward takes on a GPU, and the fewest (sequence,
+# head) programs of a packed call it takes: with fewer, its programs are under two waves
+# of the GPU and the longest sequence, walked by one program, sets the time.
 ONEPASS_MAX_LEN = 1024
+ONEPASS_MIN_PACKED_PROGRAMS = 4096
 
 
-def onepass_config(seq_len, head_dim, dtype, capability, interpreted):
-    """The one-pass backward's constexprs for batched sequences of seq_len tokens under the
-    default mask rule, or None (the flash backward): where bench.static predicted it
-    (bf16/fp16, head_dim <= 64, sm_90), and always in the interpreter, where the tests run
-    it."""
+def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=False, programs=0,
+                   sees_prefix=False):
+    """The one-pass backward's constexprs for `programs` (sequence, head) pairs of at most
+    seq_len tokens (batched, or packed with varlen) under the default mask rule or
+    query_sees_prefix alone, or None (the flash backward): where bench.static predicted it
+    (bf16/fp16, head_dim <= 64, sm_90; packed, at least ONEPASS_MIN_PACKED_PROGRAMS), and
+    always in the interpreter, where the tests run it."""
     if interpreted:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     elif (dtype in (torch.float16, torch.bfloat16) and head_dim <= 64 and capability >= 90
-          and torch.version.hip is None and seq_len <= ONEPASS_MAX_LEN):
+          and torch.version.hip is None and seq_len <= ONEPASS_MAX_LEN
+          and (not varlen or programs >= ONEPASS_MIN_PACKED_PROGRAMS)):
         # bench.static (bench/NOTES.md, "the one-pass backward"): uncapped, ptxas takes
         # 216 registers (2 programs per SM); at 168, 3 per SM with 16 bytes spilled (one
-        # reload per key block, none in the tile loops). Two stages spill far more.
-        cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1, maxnreg=168)
+        # reload per key block, none in the tile loops). Two stages spill far more. Packed
+        # sequences' loaded offsets hold more registers: at 32 rows they spill inside the
+        # tile loops under the cap, at 16 not at all, unless the query rows see the prefix
+        # (no second pass to hold) ("the one-pass backward for packed calls").
+        cfg = dict(BLOCK_M=16 if varlen and not sees_prefix else 32, BLOCK_N=64, num_warps=4,
+                   num_stages=1, maxnreg=168)
     else:
         return None
-    return dict(cfg, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT=dot_mode(dtype))
+    return dict(cfg, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT=dot_mode(dtype),
+                VARLEN=varlen)
 
 
-def _onepass(q, geo, mask):
-    """The one-pass backward's constexprs for this call, or None."""
-    if geo.cu_seqlens is not None or mask.sees_prefix or mask.sees_self or mask.sees_queries:
+def _onepass(q, geo, mask, tensors=()):
+    """The one-pass backward's constexprs for this call, or None. A packed call's token
+    offsets must fit in int32 in every tensor (the kernel's row indices), tensors being
+    the call's packed (tokens, heads, dim) ones."""
+    if mask.sees_self or mask.sees_queries:
         return None
-    return onepass_config(geo.seq_len, q.shape[-1], q.dtype, device_capability(q.device),
-                          triton_interpreter_enabled())
+    varlen = geo.cu_seqlens is not None
+    if varlen and max(t.shape[0] * t.stride(0) + t.shape[2] * t.stride(2)
+                      for t in tensors) >= 2**31:
+        return None
+    cfg = onepass_config(geo.max_len, q.shape[-1], q.dtype, device_capability(q.device),
+                         triton_interpreter_enabled(), varlen, geo.num_seqs * geo.heads,
+                         mask.sees_prefix)
+    return cfg and dict(cfg, SEES_PREFIX=mask.sees_prefix)
 
 
-def _empty_scratch(programs, seq_len, width, like):
-    """The one-pass backward's fp32 dQ, one (seq_len, width) slice per program."""
-    return torch.empty(programs, seq_len, width, dtype=torch.float32, device=like.device)
+def _empty_scratch(lse, width):
+    """The one-pass backward's fp32 dQ: `width` floats for every row of lse (each program
+    owns its sequence's rows of one head)."""
+    return lse.new_empty((*lse.shape, width))
 
 
 def onepass_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, constants, geo, num_prefix, scale):
-    """The one-pass backward of batched views into dq, dk, dv: one launch, one program
-    per (sequence, head)."""
+    """The one-pass backward into dq, dk, dv (batched views or packed tokens): one launch,
+    one program per (sequence, head)."""
     programs = geo.num_seqs * geo.heads
     delta = _empty_lse(q)
-    scratch = _empty_scratch(programs, geo.seq_len, constants["BLOCK_D"], q)
+    scratch = _empty_scratch(delta, constants["BLOCK_D"])
     _onepass_bwd_kernel.run(
-        q, k, v, out, grad_out, lse, delta, scratch, dq, dk, dv, *q.stride(), *k.stride(),
-        *v.stride(), *out.stride(), *grad_out.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
-        *geo.lse_strides(), geo.heads, geo.seq_len, geo.key_len, geo.visible, num_prefix,
-        scale * LOG2E, scale, grid=(programs,), warmup=False, **constants)
+        q, k, v, out, grad_out, lse, delta, scratch, dq, dk, dv, *_bhld_strides(q),
+        *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out), *_bhld_strides(grad_out),
+        *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *geo.lse_strides(),
+        geo.heads, geo.num_seqs, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens,
+        num_prefix, scale * LOG2E, scale, geo.cu_seqlens, geo.num_queries, grid=(programs,),
+        warmup=False, **constants)
 
 
 def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask, scale):
@@ -1392,7 +1437,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
         oneshot_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, config, geo.seq_len - geo.visible,
                     num_prefix, mask, scale)
         return
-    constants = _onepass(q, geo, mask)
+    constants = _onepass(q, geo, mask, (grad_out, q, k, v, out, dq, dk, dv))
     if constants is not None:
         onepass_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, constants, geo, num_prefix, scale)
         return

@@ -128,9 +128,11 @@ def launch_configs(workload, capability):
             if oneshot is not None:
                 configs[kind] = dict(zip(("BLOCK_M", "GROUP", "num_warps", "maxnreg"), oneshot),
                                      kernel="oneshot")
-        onepass = T.onepass_config(max_len, workload.head_dim, torch.bfloat16, capability, False)
-        if configs["bwd"].get("kernel") is None and onepass is not None:  # the default rule
-            configs["bwd"] = dict(onepass, kernel="onepass")
+    programs = (len(workload.sequences()) if packed else workload.batch) * workload.heads
+    onepass = T.onepass_config(max_len, workload.head_dim, torch.bfloat16, capability, False,
+                               packed, programs)
+    if configs["bwd"].get("kernel") is None and onepass is not None:  # the default rule
+        configs["bwd"] = dict(onepass, kernel="onepass")
     return configs
 
 

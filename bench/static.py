@@ -592,12 +592,15 @@ def _onepass_passes(n0, seq_len, visible, num_prefix, block_n):
 
 def _onepass_trips(s, a):
     """Trips of the one-pass backward's loops for one (sequence, head): the mirror of
-    `_onepass_bwd_kernel`'s key-block walk (default mask rule only)."""
-    block_m, block_n, key_len = a["BLOCK_M"], a["BLOCK_N"], a["key_len"]
+    `_onepass_bwd_kernel`'s key-block walk (default mask rule, or SEES_PREFIX alone)."""
+    block_m, block_n = a["BLOCK_M"], a["BLOCK_N"]
+    key_len = s.seq_len if a["VARLEN"] else a["key_len"]  # packed: each sequence's own keys
     trips = {"bwd1.delta": _trips(0, s.seq_len, block_m), "bwd1.dq": _trips(0, s.seq_len, block_m),
              "bwd1.keys": _trips(0, key_len, block_n), "bwd1.query_rows": 0, "bwd1.rows": 0}
     for n0 in range(0, key_len, block_n):
         q_hi, raw_hi = _onepass_passes(n0, s.seq_len, s.visible, s.num_prefix, block_n)
+        if a["SEES_PREFIX"]:  # every row walks every visible block, in one pass
+            q_hi, raw_hi = s.visible, s.seq_len
         if n0 >= s.visible:  # query keys: no row sees them
             raw_hi = 0
         trips["bwd1.query_rows"] += _trips(s.visible, q_hi, block_m)

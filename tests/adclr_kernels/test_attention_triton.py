@@ -500,9 +500,10 @@ def test_launched_kernels_compile_and_fit(capability, tmp_path):
     limit = SHARED_MEMORY_PER_PROGRAM[capability]
     for (dtype, head_dim, packed, flags), rows in zip(COMPILE_CASES, json.loads(proc.stdout)):
         # forward, delta, backward; or forward and the one-pass backward (sm_90, 16-bit,
-        # head_dim <= 64, batched, no mask option)
+        # head_dim <= 64, no mask option but query_sees_prefix; batched: the packed check
+        # is a pack too small for it, bench/test_static.py compiles a large one)
         onepass = (capability == 90 and dtype != "fp32" and head_dim <= 64 and not packed
-                   and not any(flags))
+                   and not (flags[1] or flags[2]))
         assert [r["kernel"] for r in rows][1:] == (
             ["_onepass_bwd_kernel"] if onepass
             else ["_unidirectional_bwd_delta_kernel", "_unidirectional_bwd_kernel"]), rows

@@ -1,10 +1,11 @@
 """The one-pass backward (`_onepass_bwd_kernel` in attention_triton.py): one program per
-(sequence, head) of batched sequences under the default mask rule, delta, dQ, dK and dV in
-one launch. Against the float64 reference, with every test checking that it, and not the
-flash backward, ran.
+(sequence, head) of batched or packed sequences under the default mask rule or
+query_sees_prefix alone, delta, dQ, dK and dV in one launch. Against the float64 reference, with every test checking that it,
+and not the flash backward, ran.
 
 In the interpreter it walks 32-key blocks in 16-row tiles, so the sequences here (34 to
-69 tokens) span two or three key blocks with the raw/query boundary inside a block.
+69 tokens batched, 1 to 129 packed) span up to five key blocks with the raw/query
+boundary inside a block.
 """
 
 import pytest
@@ -12,14 +13,18 @@ import torch
 
 import adclr_kernels.attention_triton as T
 import test_visibility
-from adclr_kernels import unidirectional_attention, unidirectional_attention_qkvpacked
-from kernel_testing import ON_CUDA, OPTION_SETS, options
+from adclr_kernels import (VarlenLayout, unidirectional_attention, unidirectional_attention_qkvpacked,
+                           unidirectional_attention_varlen, unidirectional_attention_varlen_qkvpacked)
+from adclr_kernels.attention_torch import dense_masked_attention, varlen_per_sequence
+from kernel_testing import ON_CUDA, OPTION_SETS, assert_fa_close, assert_rel_close, options
 from test_attention_triton import check_triton
+from test_varlen import dense_per_sequence, make_packed
 
 pytestmark = [pytest.mark.usefixtures("poisoned"),
               pytest.mark.skipif(ON_CUDA, reason="the interpreter's tiles: on CUDA the GPU rule applies")]
 
 DEFAULT = options(OPTION_SETS[0])
+SEES_PREFIX = options(OPTION_SETS[1])
 ONEPASS = ["_unidirectional_fwd_kernel", "_onepass_bwd_kernel"]
 
 
@@ -44,32 +49,99 @@ LAYOUTS = [(1, 33, 0, True), (4, 40, 1, True), (1, 40, 10, True), (40, 20, 3, Tr
            (4, 40, 25, False)]
 
 
-@pytest.mark.parametrize("num_prefix,num_raw,num_queries,short_keys,dtype",
-                         [(*layout, torch.float32) for layout in LAYOUTS]
-                         + [(*layout, torch.bfloat16) for layout in LAYOUTS[2:4]])
-def test_matches_float64(launched, num_prefix, num_raw, num_queries, short_keys, dtype):
-    check_triton(2, 2, num_prefix, num_raw, num_queries, 16, DEFAULT, dtype=dtype,
+@pytest.mark.parametrize("num_prefix,num_raw,num_queries,short_keys,dtype,opts",
+                         [(*layout, torch.float32, DEFAULT) for layout in LAYOUTS]
+                         + [(*layout, torch.bfloat16, DEFAULT) for layout in LAYOUTS[2:4]]
+                         + [(*layout, torch.float32, SEES_PREFIX) for layout in LAYOUTS[3:]])
+def test_matches_float64(launched, num_prefix, num_raw, num_queries, short_keys, dtype, opts):
+    check_triton(2, 2, num_prefix, num_raw, num_queries, 16, opts, dtype=dtype,
                  short_keys=short_keys)
     assert launched == ONEPASS
 
 
-@pytest.mark.parametrize("opt_set", OPTION_SETS[1:], ids=str)
+def _pack(num_prefix, num_queries):
+    """Lengths and query counts of sequences side by side: the prefix alone, with one raw
+    token, a key block of the GPU's (64) and a token either side, and 129 tokens (five of
+    the interpreter's 32-key blocks); Q query tokens where the sequence has room."""
+    lengths = [num_prefix, num_prefix + 1, 63, 64, 65, 129]
+    return lengths, [min(num_queries, max(n - num_prefix - 1, 0)) for n in lengths]
+
+
+@pytest.mark.parametrize("num_prefix,num_queries,offsets,dtype,opts", [
+    (1, 0, False, torch.float32, DEFAULT), (4, 1, True, torch.float32, DEFAULT),
+    (1, 10, False, torch.bfloat16, DEFAULT), (4, 10, True, torch.float32, SEES_PREFIX)])
+def test_packed_matches_float64(launched, num_prefix, num_queries, offsets, dtype, opts):
+    # With a VarlenLayout, or as FlashAttention takes a varlen batch (cu_seqlens and
+    # max_seqlen, the values read on the device).
+    lengths, queries = _pack(num_prefix, num_queries)
+    q, k, v, cu = make_packed(lengths, 2, 16, dtype=dtype)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    if offsets:
+        out = unidirectional_attention_varlen(*leaves, cu, torch.tensor(queries, dtype=torch.int32),
+                                              num_prefix, max_seqlen=max(lengths), backend="triton",
+                                              **opts)
+    else:
+        out = unidirectional_attention_varlen(*leaves, VarlenLayout(lengths, queries), None,
+                                              num_prefix, backend="triton", **opts)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert launched == ONEPASS
+    ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, num_prefix, grad_out, opts)
+    if dtype == torch.float32:
+        for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+            assert_rel_close(name, got, want)
+        return
+    bounds = list(zip(cu.tolist()[:-1], cu.tolist()[1:]))
+    lo_leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    lo = varlen_per_sequence(dense_masked_attention, *lo_leaves, bounds, queries, num_prefix)
+    lo_grads = torch.autograd.grad(lo, lo_leaves, grad_out)
+    for name, got, want, low in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads),
+                                    (lo, *lo_grads)):
+        assert_fa_close(name, got, want, low)
+
+
+def test_packed_at_the_gpu_tiles(monkeypatch, launched):
+    # The GPU's packed config (16 x 64 tiles; fp16 for bf16, which the interpreter cannot
+    # dot) on the pack above: 63, 64 and 65 tokens around one 64-key block, 129 past two.
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(T, "ONEPASS_MIN_PACKED_PROGRAMS", 1)
+    lengths, queries = _pack(1, 10)
+    q, k, v, cu = make_packed(lengths, 1, 64, dtype=torch.float16)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).half()
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = unidirectional_attention_varlen(*leaves, VarlenLayout(lengths, queries), None, 1,
+                                          backend="triton")
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert launched == ONEPASS
+    ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, 1, grad_out, DEFAULT)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
+        assert_rel_close(name, got, want, 3e-3)  # fp16 inputs, fp32 accumulation
+
+
+@pytest.mark.parametrize("opt_set", OPTION_SETS[2:], ids=str)
 def test_mask_options_keep_the_flash_backward(launched, opt_set):
     check_triton(1, 1, 1, 40, 10, 16, options(opt_set))
     assert launched[1:] == ["_unidirectional_bwd_delta_kernel", "_unidirectional_bwd_kernel"]
 
 
-@pytest.mark.parametrize("layout,shift", [((40, 6), 0), ((40, 6), 1), ((40, 6), 2), ((60, 3), 4)])
-def test_unseen_values_stay_out(monkeypatch, poisoned, launched, layout, shift):
+# (N, Q) of each of five sequences (P = 2): packed, 65, 4, 48, 36 and 64 tokens.
+PACKED_VISIBILITY = [(60, 3), (1, 1), (40, 6), (31, 3), (61, 1)]
+
+
+@pytest.mark.parametrize("form,layouts,shift", [
+    ("batched", [(40, 6)] * 5, 0), ("batched", [(40, 6)] * 5, 1), ("batched", [(40, 6)] * 5, 2),
+    ("batched", [(60, 3)] * 5, 4), ("varlen", PACKED_VISIBILITY, 0),
+    ("varlen", PACKED_VISIBILITY, 1), ("varlen", PACKED_VISIBILITY, 2)])
+def test_unseen_values_stay_out(monkeypatch, poisoned, launched, form, layouts, shift):
     # test_visibility's property (NaN and inf in q, k, v reach only the rows and gradients
-    # that depend on them) on sequences of 48 and 65 tokens, keys of the full length; each
-    # shift puts the values in other tensors (q, k or v at each role), so that every one
-    # of them sits at a prefix token the query rows do not see.
-    monkeypatch.setattr(test_visibility, "BATCHED", [layout] * 5)
+    # that depend on them) on sequences of 48 and 65 tokens batched, 4 to 65 packed, keys
+    # of the full length; each shift puts the values in other tensors (q, k or v at each
+    # role), so that every one of them sits at a prefix token the query rows do not see.
+    monkeypatch.setattr(test_visibility, "BATCHED" if form == "batched" else "VARLEN", layouts)
     cases = test_visibility._cases
     monkeypatch.setattr(test_visibility, "_cases", lambda call: cases(call + shift))
     test_visibility.test_a_value_reaches_only_what_depends_on_it("triton", OPTION_SETS[0],
-                                                                 "batched", poisoned)
+                                                                 form, poisoned)
     assert set(launched) == set(ONEPASS)
 
 
@@ -95,56 +167,70 @@ def test_a_non_finite_gradient_reaches_only_what_its_row_sees(launched, row):
     assert torch.isfinite(dq[0]).all() and torch.isfinite(dq[:, 1]).all()
 
 
-def test_bitwise_deterministic_with_a_broadcast_gradient(launched):
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_bitwise_deterministic_with_a_broadcast_gradient(launched, packed):
     g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(3, 51, 3, 2, 32, generator=g).to(torch.bfloat16).requires_grad_()
+    qkv = torch.randn(3 * 51, 3, 2, 32, generator=g).to(torch.bfloat16).requires_grad_()
+
+    def attend(t, backend):
+        if packed:  # 153 tokens as 65 + 2 + 86
+            return unidirectional_attention_varlen_qkvpacked(
+                t, VarlenLayout([65, 2, 86], [10, 0, 10]), None, 1, backend=backend)
+        return unidirectional_attention_qkvpacked(t.view(3, 51, 3, 2, 32), 10, 1, backend=backend)
+
     runs = []
     for _ in range(2):
-        out = unidirectional_attention_qkvpacked(qkv, 10, 1, backend="triton")
+        out = attend(qkv, "triton")
         out.sum().backward()  # the output gradient is a stride-0 expand
         runs.append((out.detach(), qkv.grad.clone()))
         qkv.grad = None
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert launched == ONEPASS * 2
     ref_in = qkv.detach().double().requires_grad_()
-    unidirectional_attention_qkvpacked(ref_in, 10, 1, backend="reference").sum().backward()
+    attend(ref_in, "reference").sum().backward()
     torch.testing.assert_close(runs[0][1].double(), ref_in.grad, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("dtype,head_dim,capability,length", [
-    (torch.float32, 64, 90, 207), (torch.bfloat16, 128, 90, 207), (torch.bfloat16, 64, 80, 207),
-    (torch.bfloat16, 64, 90, T.ONEPASS_MAX_LEN + 1)])
+@pytest.mark.parametrize("dtype,head_dim,capability,length,programs", [
+    (torch.float32, 64, 90, 207, 0), (torch.bfloat16, 128, 90, 207, 0),
+    (torch.bfloat16, 64, 80, 207, 0), (torch.bfloat16, 64, 90, T.ONEPASS_MAX_LEN + 1, 0),
+    (torch.bfloat16, 64, 90, 207, T.ONEPASS_MIN_PACKED_PROGRAMS - 1)])
 def test_gpu_rule_keeps_the_flash_backward_where_not_predicted_to_win(dtype, head_dim, capability,
-                                                                       length):
+                                                                       length, programs):
     assert T.onepass_config(207, 64, torch.bfloat16, 90, False)["BLOCK_M"] == 32
-    assert T.onepass_config(length, head_dim, dtype, capability, False) is None
+    packed = T.onepass_config(207, 64, torch.bfloat16, 90, False, True,
+                              T.ONEPASS_MIN_PACKED_PROGRAMS)
+    assert packed["BLOCK_M"] == 16 and packed["VARLEN"]
+    assert T.onepass_config(207, 64, torch.bfloat16, 90, False, True,
+                            T.ONEPASS_MIN_PACKED_PROGRAMS, sees_prefix=True)["BLOCK_M"] == 32
+    assert T.onepass_config(length, head_dim, dtype, capability, False, programs > 0,
+                            programs) is None
 
 
-@pytest.mark.parametrize("varlen,opt_set", [(True, OPTION_SETS[0]), (False, OPTION_SETS[1]),
-                                            (False, OPTION_SETS[4])])
-def test_only_batched_calls_under_the_default_rule_take_it(varlen, opt_set):
+def _packed_meta(tokens, heads=6):
+    """q, k, v of a (tokens, 3, heads, 64) projection, and their packed geometry."""
+    qkv = torch.empty(tokens, 3, heads, 64, dtype=torch.bfloat16, device="meta")
+    geo = T.Geometry(2, heads, 207, total_tokens=tokens, cu_seqlens=torch.empty(3, device="meta"))
+    return qkv.unbind(1), geo
+
+
+@pytest.mark.parametrize("opt_set", [OPTION_SETS[2], OPTION_SETS[4]])
+def test_mask_options_keep_the_flash_backward_in_both_layouts(opt_set):
     q = torch.empty(2, 6, 207, 64, dtype=torch.bfloat16, device="meta")
-    geo = T.Geometry(2, 6, 207, 207, 207, 197,
-                     cu_seqlens=torch.empty(3, device="meta") if varlen else None)
+    geo = T.Geometry(2, 6, 207, 207, 207, 197)
+    (pq, pk, pv), packed = _packed_meta(414)
     assert T._onepass(q, geo, T.query_mask(*opt_set)) is None
-    assert T._onepass(q, geo._replace(cu_seqlens=None), T.query_mask()) is not None
+    assert T._onepass(pq, packed, T.query_mask(*opt_set), (pq, pk, pv)) is None
+    for sees_prefix in (False, True):
+        assert T._onepass(q, geo, T.query_mask(sees_prefix))["SEES_PREFIX"] == sees_prefix
+        found = T._onepass(pq, packed, T.query_mask(sees_prefix), (pq, pk, pv))
+        assert found["VARLEN"] and found["SEES_PREFIX"] == sees_prefix
 
 
-def test_rows_with_every_score_far_below_zero(launched):
-    # Every score of every row is about -200 (scaled): each row's logsumexp is far below
-    # 0, and a padding key of 0 would get probability e^200 (inf in fp32) beside them.
-    torch.manual_seed(0)
-    u = torch.randn(16, dtype=torch.float64)
-    u = u / u.norm()
-    q = (-800 * u).expand(1, 1, 44, 16) + 0.1 * torch.randn(1, 1, 44, 16, dtype=torch.float64)
-    k = u.expand(1, 1, 41, 16) + 0.001 * torch.randn(1, 1, 41, 16, dtype=torch.float64)
-    v = torch.randn(1, 1, 41, 16, dtype=torch.float64)
-    grad = torch.randn(1, 1, 44, 16, dtype=torch.float64)
-    leaves = [t.float().requires_grad_() for t in (q, k, v)]
-    got = torch.autograd.grad(unidirectional_attention(*leaves, 3, 1, backend="triton"), leaves,
-                              grad.float())
-    assert launched == ONEPASS
-    ref = [t.detach().requires_grad_() for t in (q, k, v)]
-    want = torch.autograd.grad(unidirectional_attention(*ref, 3, 1, backend="reference"), ref, grad)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g.double(), w, rtol=1e-3, atol=1e-3)
+def test_packed_token_offsets_past_int32_keep_the_flash_backward():
+    # The kernel's row indices are int32: where a token offset of q, k or v (stride
+    # 3 x 6 x 64 in the projection) could reach 2^31, the flash backward (64-bit) runs.
+    most = (2**31 - 64 - 1) // (3 * 6 * 64)
+    for tokens, takes_it in ((most, True), (most + 1, False)):
+        (q, k, v), geo = _packed_meta(tokens)
+        assert (T._onepass(q, geo, T.query_mask(), (q, k, v)) is not None) == takes_it
