@@ -132,7 +132,8 @@ def _add_eval_parser(commands):
                              help="knn, linear: folder with train/ and val/ (one sub-folder per class); "
                                   "default: the run's data. dense: folder with images/ and masks/ or "
                                   "annotations/ (PNG label masks, 255 = ignore), each with train/ and val/ "
-                                  "(or the reverse nesting); default: builtin:shape-scenes")
+                                  "(or the reverse nesting); default: the run's data if built in, else "
+                                  "builtin:grey-ground-scenes")
     eval_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher")
     eval_parser.add_argument("--image-size", type=checked(int, ">= 1"), default=None,
                              help="default: the run's --image-size")
@@ -238,7 +239,7 @@ def _add_show_parser(commands):
         picture.add_argument("--checkpoint", required=True, help="OUT/checkpoint.pt of a run")
         picture.add_argument("--data", default=None,
                              help="built-in set or folder (attention: any images; dense: as for eval dense); "
-                                  "default: builtin:shape-scenes")
+                                  "default: the run's data (dense: as for eval dense)")
         picture.add_argument("--images", type=checked(int, ">= 1"), default=4, help="how many images (default: 4)")
         picture.add_argument("--weights", choices=["teacher", "student"], default="teacher")
         picture.add_argument("--out", default=None, help="folder for the PNGs (default: pictures/ beside the checkpoint)")

@@ -238,11 +238,21 @@ def dense_probe(backbone, train_set, val_set, num_classes=None, n_last_blocks=1,
 BUILTIN_CPU_LIMIT = 2000
 
 
+# Scenes whose class is the shape alone (no colour gives it away): the dense default for
+# a run trained on a folder, which need not have masks.
+DENSE_DEFAULT_DATA = "builtin:grey-ground-scenes"
+
+
+def default_dense_data(cfg):
+    """The run's own data where it is a built-in set (each renders its masks), else
+    DENSE_DEFAULT_DATA."""
+    data = cfg.get("data") or "builtin"
+    return data if data in BUILTIN else DENSE_DEFAULT_DATA
+
+
 def open_splits(data, limit, device):
-    """(data, train split, val split, images per split) of --data, the built-in scenes
-    by default; on CPU the built-in sets are cut to BUILTIN_CPU_LIMIT unless --limit is
-    given (0: all)."""
-    data = data or "builtin:shape-scenes"
+    """(data, train split, val split, images per split) of --data; on CPU the built-in
+    sets are cut to BUILTIN_CPU_LIMIT unless --limit is given (0: all)."""
     try:
         train_images, val_images = open_segmentation(data, "train"), open_segmentation(data, "val")
     except OSError as error:
@@ -260,14 +270,14 @@ def evaluate_dense(checkpoint, data=None, weights="teacher", image_size=None, ba
     """`adclr eval dense`: the probe on a checkpoint's backbone; returns the JSON record.
 
     data: a folder of image/mask pairs (`SegmentationFolder`), or a built-in set
-    (default "builtin:shape-scenes"). None for a setting picks its default (printed).
+    (default: `default_dense_data` of the run). None for a setting picks its default (printed).
     """
     backbone, cfg, device, size = backbone_for_eval(checkpoint, weights, device, image_size)
     n_last_blocks = n_last_blocks or 1
     if n_last_blocks > len(backbone.blocks):
         raise SystemExit(f"error: --n-last-blocks {n_last_blocks} is more than the {len(backbone.blocks)} "
                          "blocks of the run's model")
-    data, train_images, val_images, limit = open_splits(data, limit, device)
+    data, train_images, val_images, limit = open_splits(data or default_dense_data(cfg), limit, device)
     epochs, lr = epochs or DEFAULT_EPOCHS, lr or DEFAULT_LR
     workers = default_num_workers() if num_workers < 0 else num_workers
     train_set = SegmentationCrops(train_images, size, limit)

@@ -19,7 +19,8 @@ from PIL import Image
 
 from .checkpoint import make_folder, write_atomically
 from .data import BUILTIN, ImageFolder, default_num_workers, normalize, open_segmentation, to_tensor
-from .eval_dense import DEFAULT_EPOCHS, DEFAULT_LR, IGNORE, SegmentationCrops, fit_probe, open_splits, patch_features
+from .eval_dense import (DEFAULT_EPOCHS, DEFAULT_LR, IGNORE, SegmentationCrops, default_dense_data, fit_probe,
+                         open_splits, patch_features)
 from .features import backbone_or_exit, last_block_attention, query_boxes, query_crops
 
 CELL = 160  # pixels per picture in a grid
@@ -101,7 +102,7 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
     make_folder(out)
     grid, paths = size // p, []
     generator = torch.Generator().manual_seed(seed)
-    for n, image in enumerate(_images(data, images)):
+    for n, image in enumerate(_images(data or cfg.get("data"), images)):
         image = image.resize((size, size), Image.BICUBIC)
         boxes = query_boxes(image, num_queries, cfg["query_scale"], generator)
         probs, _ = last_block_attention(backbone, normalize(to_tensor(image))[None], query_crops(image, boxes, p))
@@ -135,7 +136,7 @@ def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epo
     size = cfg["image_size"]
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "pictures")
     make_folder(out)  # before the probe's minutes of work
-    data, train_images, val_images, limit = open_splits(data, limit, "cpu")
+    data, train_images, val_images, limit = open_splits(data or default_dense_data(cfg), limit, "cpu")
     workers = default_num_workers() if num_workers < 0 else num_workers
     try:
         probe, _ = fit_probe(backbone, SegmentationCrops(train_images, size, limit), None, n_last_blocks,

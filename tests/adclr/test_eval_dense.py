@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from adclr.cli import main
-from adclr.eval_dense import (IGNORE, NUM_LABELS, SegmentationCrops, confusion_matrix, dense_probe,
+from adclr.eval_dense import (IGNORE, NUM_LABELS, SegmentationCrops, confusion_matrix, default_dense_data, dense_probe,
                               patch_features, patch_majority, scores)
 from adclr.model import build_backbone
 
@@ -136,7 +136,7 @@ def write_pairs(root, split, count, size=(40, 24)):
         Image.fromarray(mask).save(root / "masks" / split / f"{i}.png")
 
 
-def test_eval_dense_on_a_folder_and_on_the_builtin_shape_scenes(tiny_checkpoint, tmp_path, capsys):
+def test_eval_dense_on_a_folder_and_on_the_runs_builtin_data(tiny_checkpoint, tmp_path, capsys):
     write_pairs(tmp_path / "data", "train", 6)
     write_pairs(tmp_path / "data", "val", 3, size=(30, 20))
     main(["eval", "dense", "--checkpoint", tiny_checkpoint, "--data", str(tmp_path / "data"),
@@ -152,9 +152,15 @@ def test_eval_dense_on_a_folder_and_on_the_builtin_shape_scenes(tiny_checkpoint,
     main(["eval", "dense", "--checkpoint", tiny_checkpoint, "--limit", "16", "--epochs", "2",
           "--num-workers", "0", "--n-last-blocks", "2"])
     record = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert record["data"] == "builtin:shape-scenes" and record["n_last_blocks"] == 2
+    assert record["data"] == "builtin:scenes" and record["n_last_blocks"] == 2  # the run's data
     assert record["train_images"] == 16 and record["val_images"] == 16
     assert "background" in record["iou"] and 0 <= record["miou"] <= 1
+
+
+@pytest.mark.parametrize("run_data, dense_data", [
+    ("builtin:scenes", "builtin:scenes"), (None, "builtin"), ("/data/imagenet", "builtin:grey-ground-scenes")])
+def test_dense_data_defaults_to_the_runs_builtin_set(run_data, dense_data):
+    assert default_dense_data({"data": run_data}) == dense_data
 
 
 def test_eval_dense_user_errors(tiny_checkpoint, tmp_path, capsys):
