@@ -484,6 +484,15 @@ print(json.dumps([compile_check(d, t, capability, packed, tuple(f)) for t, d, pa
 """
 
 
+def _compile_cases(capability):
+    # sm_86 takes sm_80's tiles (fp32 forward at head_dim 128 aside, for its smaller shared
+    # memory) and they compile to the same shared memory there; the 16-bit cases up to
+    # head_dim 128 use at most 40 KB of its 99. Only the cases near that limit compile again.
+    if capability == 86:
+        return [case for case in COMPILE_CASES if case[0] == "fp32" or case[1] > 128]
+    return COMPILE_CASES
+
+
 @needs_aot
 @pytest.mark.parametrize("capability", [80, 86, 90])
 def test_launched_kernels_compile_and_fit(capability, tmp_path):
@@ -491,14 +500,15 @@ def test_launched_kernels_compile_and_fit(capability, tmp_path):
     shared_cache.mkdir()
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(shared_cache)}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", COMPILE_CHECK, json.dumps([capability, COMPILE_CASES])], env=env,
+    cases = _compile_cases(capability)
+    proc = subprocess.run([sys.executable, "-c", COMPILE_CHECK, json.dumps([capability, cases])], env=env,
                           cwd=root, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # bench.static compiles into a cache of its own: from the shared one, a kernel built in
     # another checkout came back with that file's line numbers and misnamed loops.
     assert not any(shared_cache.iterdir())
     limit = SHARED_MEMORY_PER_PROGRAM[capability]
-    for (dtype, head_dim, packed, flags), rows in zip(COMPILE_CASES, json.loads(proc.stdout)):
+    for (dtype, head_dim, packed, flags), rows in zip(cases, json.loads(proc.stdout)):
         # forward, delta, backward; or forward and the one-pass backward (sm_90, 16-bit,
         # head_dim <= 64, no mask option but query_sees_prefix; batched: the packed check
         # is a pack too small for it, bench/test_static.py compiles a large one)
