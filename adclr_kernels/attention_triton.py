@@ -1070,7 +1070,7 @@ def _fwd_config(head_dim, dtype, capability, max_len, packed=False, mask=None):
     return cfg
 
 
-def _bwd_config(head_dim, dtype, capability, packed=False):
+def _bwd_config(head_dim, dtype, capability, packed=False, max_len=0):
     if triton_interpreter_enabled():
         cfg = dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=1)
     elif dtype == torch.float32 and head_dim > 128:
@@ -1085,9 +1085,16 @@ def _bwd_config(head_dim, dtype, capability, packed=False):
         # column passes take the 64-row blocks below to 255 registers and 224 B of spills
         # (fp16, head_dim 80, query rows seeing prefix and self): 32-row blocks.
         cfg = dict(BLOCK_M1=16, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=16, num_warps=4, num_stages=1)
+    elif head_dim > 64 and capability >= 90 and max_len > 64:
+        # dK, dV, dQ accumulators of 128 columns in 64-row blocks: 32-wide row and key
+        # steps fit 254 registers without a spill in a loop and take fewer instructions
+        # per (row, column) pair than 16-wide ones (bench/NOTES.md, "the head_dim-128
+        # backward"). Two stages spill, and 8 warps over 128-row blocks (one program per
+        # SM) gain or lose with how the length falls on 128-row blocks.
+        cfg = dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=1)
     elif head_dim > 64 and capability >= 90:
-        # dK, dV, dQ accumulators of 128 columns: 16-wide row and key steps keep the
-        # 64-row blocks under 255 registers (32-wide ones spill).
+        # A sequence of one block: 16-wide steps pad a short one less (a 37-token crop
+        # walks 48 rows and keys, not 64).
         cfg = dict(BLOCK_M1=16, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=16, num_warps=4, num_stages=1)
     elif head_dim > 64:
         # On sm_80 (mma.sync) the 64-row blocks above spill; 32 x 32 tiles do not.
@@ -1290,8 +1297,8 @@ def _launch_constants(kind, head_dim, dtype, device, max_len, varlen, tiled, mas
     """
     rule = _fwd_config if kind == "fwd" else _bwd_config
     interpreted, capability = triton_interpreter_enabled(), device_capability(device)
-    key = (kind, head_dim, dtype, device, max_len if kind == "fwd" else 0, varlen, tiled, mask,
-           interpreted, capability, torch.get_float32_matmul_precision(), rule)
+    key = (kind, head_dim, dtype, device, max_len, varlen, tiled, mask, interpreted, capability,
+           torch.get_float32_matmul_precision(), rule)
     found = _CONSTANTS.get(key)
     if found is None:
         common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), VARLEN=varlen, TILED=tiled)
@@ -1301,7 +1308,7 @@ def _launch_constants(kind, head_dim, dtype, device, max_len, varlen, tiled, mas
             cfg.setdefault("FIRST_BLOCK", PREFIX_BLOCK.value)
             block, delta = cfg["BLOCK_M"], None
         else:
-            cfg = dict(rule(head_dim, dtype, capability, packed=varlen))
+            cfg = dict(rule(head_dim, dtype, capability, packed=varlen, max_len=max_len))
             block = cfg.pop("PROGRAM_BLOCK")
             delta = dict(common, BLOCK_M=block)
         found = (block, dict(cfg, DOT=dot_mode(dtype), **common, **_flags(mask)), delta)

@@ -120,7 +120,8 @@ def launch_configs(workload, capability):
     packed = isinstance(workload, PackedWorkload)
     max_len = max(n for n, _ in workload.sequences()) if packed else workload.seq_len
     configs = dict(fwd=T._fwd_config(workload.head_dim, torch.bfloat16, capability, max_len, packed),
-                   bwd=T._bwd_config(workload.head_dim, torch.bfloat16, capability, packed))
+                   bwd=T._bwd_config(workload.head_dim, torch.bfloat16, capability, packed,
+                                     max_len=max_len))
     if not packed:  # short batched sequences run the one-shot kernels instead
         for kind in ("fwd", "bwd"):
             oneshot = T.oneshot_config(kind, max_len, workload.head_dim, torch.bfloat16, capability,

@@ -118,6 +118,29 @@ def test_every_gpu_config_in_the_interpreter(monkeypatch, capability, dtype, hea
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
+@pytest.mark.parametrize("num_prefix,num_raw,num_queries,opt_set,steps", [
+    (1, 52, 10, OPTION_SETS[0], 16),   # 63 tokens: one 64-row block
+    (4, 60, 0, OPTION_SETS[3], 16),    # 64 tokens, no query rows
+    (1, 63, 1, OPTION_SETS[2], 32),    # 65: the first token of a second block
+    (4, 51, 10, OPTION_SETS[4], 32),   # 65, query rows seeing query keys
+    (4, 115, 10, OPTION_SETS[0], 32),  # 129, across three blocks
+])
+def test_head_dim_128_backward_tiles_in_the_interpreter(monkeypatch, num_prefix, num_raw,
+                                                        num_queries, opt_set, steps):
+    # sm_90's 16-bit backward at head_dim 128 (fp16 standing for bf16): 32-wide row and key
+    # steps in 64-row blocks for sequences of more than one block, 16-wide for one.
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(T, "device_capability", lambda device: 90)
+    launched = []
+    real = T._unidirectional_bwd_kernel.run
+    monkeypatch.setattr(T._unidirectional_bwd_kernel, "run",
+                        lambda *a, **k: launched.append(k) or real(*a, **k))
+    check_triton(1, 2, num_prefix, num_raw, num_queries, 128, options(opt_set), dtype=torch.float16)
+    assert [(k["BLOCK_M1"], k["BLOCK_N1"], k["BLOCK_M2"], k["BLOCK_N2"]) for k in launched] == [
+        (steps, 64, 64, steps)]
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
 @pytest.mark.parametrize("num_prefix,num_raw", [(20, 600), (40, 590)])
 def test_wide_first_tile_in_the_interpreter(monkeypatch, num_prefix, num_raw):
     # Past 512 tokens the forward's first tile is 32 columns wide: a prefix that fits in it
