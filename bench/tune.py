@@ -98,7 +98,8 @@ def tune(workloads, log=print, device="cuda", timer=None, on_row=None):
             capability = 90 if device == "cpu" else T.device_capability(qkv.device)
             # The kernels' own pick first: the baseline every candidate is compared with.
             own = dict(fwd=_key(default_fwd(w.head_dim, torch.bfloat16, capability, w.seq_len)),
-                       bwd=_key(default_bwd(w.head_dim, torch.bfloat16, capability)))
+                       bwd=_key(default_bwd(w.head_dim, torch.bfloat16, capability,
+                                            max_len=w.seq_len)))
             for kind, candidates in (("fwd", FWD_CANDIDATES), ("bwd", BWD_CANDIDATES)):
                 listed = candidates.get(w.head_dim, [])
                 for c in [own[kind]] + [c for c in listed if c != own[kind]]:
