@@ -781,12 +781,18 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
                   delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
                   stride_dod, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MASKED: tl.constexpr, DOT: tl.constexpr):
+                  MASKED: tl.constexpr, DOT: tl.constexpr, K_HELD: tl.constexpr):
     """dK, dV of one key block and dQ of rows [lo, hi) (into the scratch), in transposed
     tiles. dQ's K is read again per tile (from L1/L2: held in registers it would be
     copied to shared memory every tile anyway), with the columns `seen` does not hold
     read as 0; with MASKED, dS is cleared there too (0 x NaN is NaN): those columns add
-    nothing to these rows' dQ. Their dK and dV are set back by the caller."""
+    nothing to these rows' dQ. Their dK and dV are set back by the caller.
+
+    K_HELD: dQ's K is k, already in registers, and dS is cleared in the columns `seen`
+    does not hold, where the caller gives k zeros or a key that every one of these rows
+    sees (0 x inf is NaN). Packed sequences take it: the loop then holds no K pointers,
+    and with the loaded offsets it fits the register cap at 32-row tiles without a spill
+    (reading K again spills inside this loop)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     for row_start in range(lo, hi, BLOCK_M):
@@ -795,12 +801,15 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
         dk, dv, ds_t = _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base,
                                   lse_base, delta_base, stride_ql, stride_qd, stride_dol,
                                   stride_dod, qk_scale, DOT)
-        if MASKED:
+        if MASKED or K_HELD:
             ds_t = tl.where(seen[:, None], ds_t, tl.zeros_like(ds_t))
         dq_ptrs = scratch + rows[:, None] * BLOCK_D + offs_d[None, :]
         dq = tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
-        k_dq = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                       mask=seen[:, None] & d_ok[None, :], other=0.0)
+        if K_HELD:
+            k_dq = k
+        else:
+            k_dq = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                           mask=seen[:, None] & d_ok[None, :], other=0.0)
         tl.store(dq_ptrs, dq + dot(tl.trans(ds_t), k_dq, DOT), mask=row_ok[:, None])
     # The next pass tiles these rows differently: other threads read what these wrote.
     tl.debug_barrier()
@@ -819,6 +828,17 @@ def _onepass_passes(n0, seq_len, visible, num_prefix, BLOCK_N: tl.constexpr):
         if n0 + BLOCK_N > num_prefix:
             q_hi = seq_len
     return q_hi, raw_hi
+
+
+@triton.jit
+def _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd):
+    """K of a key block. Columns past V (padding, and query keys, which no row sees) take
+    the key of column V - 1 (their value is 0): every row walking the block sees V - 1, so
+    its probability there is at most 1 and dS stays finite (a zero key's 2^-lse would
+    overflow for a row whose scores are all far below 0). Kept inside the sequence: one
+    without visible tokens, which the op refuses."""
+    return tl.load(k_base + tl.maximum(tl.minimum(cols, vis - 1), first)[:, None] * stride_kl
+                   + offs_d[None, :] * stride_kd, mask=d_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -856,6 +876,8 @@ def _onepass_bwd_kernel(
         1, num_heads, num_seqs, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
         NUM_QUERIES, CU_SEQLENS, VARLEN, False)
     first = start.to(tl.int32)
+    if VARLEN:
+        b = b * 0  # packed tensors have no batch stride: fewer 64-bit values held
     end = first + seq_len
     vis = first + visible
     pre = first + num_prefix
@@ -888,13 +910,8 @@ def _onepass_bwd_kernel(
     key_end = first + key_len
     for n0 in range(first, key_end, BLOCK_N):  # loop: bwd1.keys
         cols = n0 + tl.arange(0, BLOCK_N)
-        # Columns past V (padding, and query keys, which no row sees) take the key of
-        # column V - 1 and a value of 0: every row walking the block sees V - 1, so its
-        # probability there is at most 1 and dS stays finite (a zero key's 2^-lse would
-        # overflow for a row whose scores are all far below 0), and dQ's K reads them as 0.
-        # (Kept inside the sequence: one without visible tokens, which the op refuses.)
-        k = tl.load(k_base + tl.maximum(tl.minimum(cols, vis - 1), first)[:, None] * stride_kl
-                    + offs_d[None, :] * stride_kd, mask=d_ok[None, :], other=0.0)
+        if not VARLEN:
+            k = _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd)
         v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                     mask=(cols < vis)[:, None] & d_ok[None, :], other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -905,19 +922,36 @@ def _onepass_bwd_kernel(
         if not SEES_PREFIX:
             query_sees = (cols >= pre) & (cols < vis)
             q_hi, raw_hi = _onepass_passes(n0, end, vis, pre, BLOCK_N)
+            if VARLEN:
+                # The query rows' own K (K_HELD): the columns they do not see read as 0, so
+                # that dQ adds 0 there (their dS is cleared, and 0 x inf is NaN). Their
+                # scores may overflow there: they reach only those columns' dK and dV,
+                # which are set back below. Loaded apart from the block's k, which is
+                # loaded after this pass: the two are never held at once.
+                k_q = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                              mask=query_sees[:, None] & d_ok[None, :], other=0.0)
+            else:
+                k_q = k
             dk, dv = _onepass_rows(  # loop: bwd1.query_rows
-                dk, dv, k, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
+                dk, dv, k_q, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
                 delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
-                stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT)
+                stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT, VARLEN)
             cleared = query_sees | (q_hi == vis)
             dk = tl.where(cleared[:, None], dk, 0.0)
             dv = tl.where(cleared[:, None], dv, 0.0)
         if n0 >= vis:  # query keys: no row sees them
             raw_hi = first
+        if VARLEN:
+            k = _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd)
+        # With SEES_PREFIX the packed kernel fits without K_HELD, and is faster so. The
+        # columns these rows do not see hold key V - 1 (`_onepass_keys`), which every one
+        # of them sees: dQ adds dS x K there, dS cleared, and K no value the row does not
+        # depend on.
         dk, dv = _onepass_rows(  # loop: bwd1.rows
             dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
             delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-            stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT)
+            stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
+            VARLEN and not SEES_PREFIX)
         written = (cols < key_end)[:, None] & d_ok[None, :]
         kv_mask = (cols < vis)[:, None] & d_ok[None, :]
         dk = tl.where(kv_mask, dk * sm_scale, 0.0)
@@ -1371,8 +1405,7 @@ ONEPASS_MAX_LEN = 1024
 ONEPASS_MIN_PACKED_PROGRAMS = 4096
 
 
-def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=False, programs=0,
-                   sees_prefix=False):
+def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=False, programs=0):
     """The one-pass backward's constexprs for `programs` (sequence, head) pairs of at most
     seq_len tokens (batched, or packed with varlen) under the default mask rule or
     query_sees_prefix alone, or None (the flash backward): where bench.static predicted it
@@ -1386,11 +1419,9 @@ def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=Fal
         # bench.static (bench/NOTES.md, "the one-pass backward"): uncapped, ptxas takes
         # 216 registers (2 programs per SM); at 168, 3 per SM with 16 bytes spilled (one
         # reload per key block, none in the tile loops). Two stages spill far more. Packed
-        # sequences' loaded offsets hold more registers: at 32 rows they spill inside the
-        # tile loops under the cap, at 16 not at all, unless the query rows see the prefix
-        # (no second pass to hold) ("the one-pass backward for packed calls").
-        cfg = dict(BLOCK_M=16 if varlen and not sees_prefix else 32, BLOCK_N=64, num_warps=4,
-                   num_stages=1, maxnreg=168)
+        # sequences' loaded offsets hold more registers: they fit without a spill by
+        # taking dQ's K from the block's registers (K_HELD in `_onepass_rows`).
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1, maxnreg=168)
     else:
         return None
     return dict(cfg, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT=dot_mode(dtype),
@@ -1408,8 +1439,7 @@ def _onepass(q, geo, mask, tensors=()):
                       for t in tensors) >= 2**31:
         return None
     cfg = onepass_config(geo.max_len, q.shape[-1], q.dtype, device_capability(q.device),
-                         triton_interpreter_enabled(), varlen, geo.num_seqs * geo.heads,
-                         mask.sees_prefix)
+                         triton_interpreter_enabled(), varlen, geo.num_seqs * geo.heads)
     return cfg and dict(cfg, SEES_PREFIX=mask.sees_prefix)
 
 

@@ -100,20 +100,29 @@ def test_packed_matches_float64(launched, num_prefix, num_queries, offsets, dtyp
         assert_fa_close(name, got, want, low)
 
 
-def test_packed_at_the_gpu_tiles(monkeypatch, launched):
-    # The GPU's packed config (16 x 64 tiles; fp16 for bf16, which the interpreter cannot
-    # dot) on the pack above: 63, 64 and 65 tokens around one 64-key block, 129 past two.
+@pytest.mark.parametrize("num_prefix,num_queries,opts", [
+    (1, 10, DEFAULT), (4, 1, DEFAULT), (4, 10, SEES_PREFIX)])
+def test_packed_at_the_gpu_tiles(monkeypatch, launched, num_prefix, num_queries, opts):
+    # The GPU's packed config (32 x 64 tiles, dQ's K from the key block's registers but
+    # with SEES_PREFIX; fp16 for bf16, which the interpreter cannot dot) on the pack above:
+    # 63, 64 and 65 tokens around one 64-key block, 129 past two.
     monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(T, "ONEPASS_MIN_PACKED_PROGRAMS", 1)
-    lengths, queries = _pack(1, 10)
+    tiles, run = [], T._onepass_bwd_kernel.run
+
+    def tiled_run(*args, **kwargs):
+        tiles.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+        return run(*args, **kwargs)
+    monkeypatch.setattr(T._onepass_bwd_kernel, "run", tiled_run)
+    lengths, queries = _pack(num_prefix, num_queries)
     q, k, v, cu = make_packed(lengths, 1, 64, dtype=torch.float16)
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).half()
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = unidirectional_attention_varlen(*leaves, VarlenLayout(lengths, queries), None, 1,
-                                          backend="triton")
+    out = unidirectional_attention_varlen(*leaves, VarlenLayout(lengths, queries), None,
+                                          num_prefix, backend="triton", **opts)
     grads = torch.autograd.grad(out, leaves, grad_out)
-    assert launched == ONEPASS
-    ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, 1, grad_out, DEFAULT)
+    assert launched == ONEPASS and tiles == [(32, 64)]
+    ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, num_prefix, grad_out, opts)
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
         assert_rel_close(name, got, want, 3e-3)  # fp16 inputs, fp32 accumulation
 
@@ -200,9 +209,7 @@ def test_gpu_rule_keeps_the_flash_backward_where_not_predicted_to_win(dtype, hea
     assert T.onepass_config(207, 64, torch.bfloat16, 90, False)["BLOCK_M"] == 32
     packed = T.onepass_config(207, 64, torch.bfloat16, 90, False, True,
                               T.ONEPASS_MIN_PACKED_PROGRAMS)
-    assert packed["BLOCK_M"] == 16 and packed["VARLEN"]
-    assert T.onepass_config(207, 64, torch.bfloat16, 90, False, True,
-                            T.ONEPASS_MIN_PACKED_PROGRAMS, sees_prefix=True)["BLOCK_M"] == 32
+    assert packed["BLOCK_M"] == 32 and packed["VARLEN"]
     assert T.onepass_config(length, head_dim, dtype, capability, False, programs > 0,
                             programs) is None
 
