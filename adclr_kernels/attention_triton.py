@@ -1402,7 +1402,7 @@ def _delta_inside(q, geo, blocks):
 # head) programs of a packed call it takes: with fewer, its programs are under two waves
 # of the GPU and the longest sequence, walked by one program, sets the time.
 ONEPASS_MAX_LEN = 1024
-ONEPASS_MIN_PACKED_PROGRAMS = 4096
+ONEPASS_MIN_PACKED_PROGRAMS = 3072
 
 
 def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=False, programs=0):
