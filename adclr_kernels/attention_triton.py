@@ -25,9 +25,10 @@ element has exactly one writer, so there are no atomics and the result is bitwis
 reproducible. Short batched sequences (local crops) go to the one-shot kernels of
 `attention_triton_short.py` instead, where the GPU rule there says they are faster.
 Batched and large packed batches under the default rule (no option), or with
-query_sees_prefix alone, take the one-pass backward instead (`_onepass_bwd_kernel`, where `onepass_config` says so): one program per
-(sequence, head) computes delta, then walks its key blocks once, dQ accumulated in a
-program-private fp32 scratch: one launch, each score tile made once.
+query_sees_prefix alone, take the one-pass backward instead (`_onepass_bwd_kernel`, where
+`onepass_config` says so): one program per (sequence, head) computes delta, then walks
+its key blocks once, dQ accumulated in a program-private fp32 scratch: one launch, each
+score tile made once.
 """
 
 from __future__ import annotations
