@@ -143,6 +143,12 @@ def _key_ranges(m0, seq_len, key_len, visible, num_prefix, BLOCK_M: tl.constexpr
     return lo1, hi1, lo2, hi2, p_hi
 
 
+# How far (in log2 units) a row's maximum may rise above the m its interior tiles subtract
+# before they rescale (FlashAttention-4's conditional rescaling): p stays at most 2^15,
+# which fp16 holds (65504), and a product with a 16-bit value stays far inside fp32.
+RESCALE_SLACK = tl.constexpr(15.0)
+
+
 @triton.jit
 def _attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_kl, stride_kd, stride_vl,
                   stride_vd, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -161,11 +167,25 @@ def _attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_kl, stride_kd
                           mask=d_ok[:, None], other=0.0)
             s = dot(q, k_t, DOT)
             # A positive scale commutes with max (checked by the op).
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.exp2(s * qk_scale - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
+            m_tile = tl.max(s, 1) * qk_scale
+            # A row's m only moves up when its maximum has grown by more than RESCALE_SLACK:
+            # below that p = exp2(s - m) is larger than 1 but just as exact (fp32 sums,
+            # 16-bit p), and a tile where no row's m moves skips rescaling acc: a multiply
+            # per accumulator element, a fifth of the loop. Rows whose m stays are scaled by
+            # exactly 1 when others move, so a row's result depends on its own scores alone.
+            # A row that has seen nothing (m = -inf) moves; one that saw a NaN does not.
+            grown = m_tile - m_i > RESCALE_SLACK
+            m_new = tl.where(grown, m_tile, m_i)
+            if tl.max(grown.to(tl.int32), 0) > 0:  # branch: rare
+                alpha = tl.where(grown, tl.exp2(m_i - m_new), 1.0)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+            m_i = m_new
+            p = tl.exp2(s * qk_scale - m_i[:, None])
             v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                         mask=d_ok[None, :], other=0.0)
+            l_i = l_i + tl.sum(p, 1)
+            acc = acc + dot(p.to(v.dtype), v, DOT)
         else:
             col_ok = cols < hi
             k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
@@ -179,9 +199,9 @@ def _attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_kl, stride_kd
             alpha = tl.exp2(m_i - m_safe)
             v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
-        m_i = m_new
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
+            m_i = m_new
     return acc, m_i, l_i
 
 

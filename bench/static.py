@@ -378,6 +378,7 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
 # ----------------------------------------------------------------------------------------
 
 _MARKER = re.compile(r"#\s*loop:\s*([\w.]+)")
+_RARE = re.compile(r"#\s*branch:\s*rare")
 
 
 @dataclass
@@ -393,6 +394,8 @@ class Loop:
                      # epilogue, or the whole body where the compiler proved one trip):
                      # run once when the loop runs at all
     setup_mma_flops: int
+    rare: int = 0    # SASS of the body behind a `# branch: rare` (in instrs too): charged
+                     # on one trip per program, the first, not on every trip
 
     def row(self):
         return dataclasses.asdict(self)
@@ -440,6 +443,18 @@ def loop_spills(compiled, innermost=False, stores=False):
     return sum(compiled.instrs[i].opcode.startswith(kinds) for i in inside)
 
 
+def _rare_instrs(compiled, body):
+    """Instructions of `body` (instruction indices) that a forward branch from a line
+    marked `# branch: rare` skips: the SASS between that branch and its target."""
+    frames = {compiled.instrs[i].addr: compiled.instrs[i].frames for i in body}
+    skipped = set()
+    for frm, to in compiled.branches:
+        if frm in frames and to > frm and frames[frm] and _RARE.search(
+                linecache.getline(*frames[frm][0])):
+            skipped |= {a for a in frames if frm < a < to}
+    return len(skipped)
+
+
 def loops(compiled):
     """The loops read off the SASS, and what no loop claims (every program runs it once):
     returns ({name: Loop}, straight-line instructions, their tensor-core FLOPs)."""
@@ -454,7 +469,7 @@ def loops(compiled):
             in_body[i] = name
         ops = [instrs[i].opcode for i in body]
         found[name] = Loop(
-            name, len(ops),
+            name, len(ops), rare=_rare_instrs(compiled, body),
             mma=sum(op.startswith(("HGMMA", "HMMA")) for op in ops),
             mufu=sum(op.startswith("MUFU") for op in ops),
             select=sum(op.split(".")[0] in ("SEL", "FSEL") for op in ops),
@@ -733,7 +748,7 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
             loop = loop_stats.get(name)
             if loop is None or count == 0:
                 continue
-            instrs += (count * loop.instrs + loop.setup) * warps
+            instrs += (count * (loop.instrs - loop.rare) + loop.rare + loop.setup) * warps
             flops += count * loop.mma_flops + loop.setup_mma_flops
             trip_totals[name] += count
         costs.append((instrs, flops))

@@ -23,9 +23,9 @@ from kernel_testing import (DEVICE, OPTION_SETS, assert_fa_close, assert_rel_clo
 pytestmark = pytest.mark.usefixtures("poisoned")
 
 def check_triton(batch, heads, num_prefix, num_raw, num_queries, head_dim, opts,
-                 dtype=torch.float32, seed=0, **make_kw):
-    q, k, v = make_qkv(batch, heads, num_prefix, num_raw, num_queries, head_dim, opts,
-                       dtype=dtype, seed=seed, **make_kw)
+                 dtype=torch.float32, seed=0, qkv=None, **make_kw):
+    q, k, v = qkv or make_qkv(batch, heads, num_prefix, num_raw, num_queries, head_dim, opts,
+                              dtype=dtype, seed=seed, **make_kw)
     g = torch.Generator().manual_seed(seed + 1)
     grad_out = torch.randn(q.shape, generator=g, dtype=torch.float64).to(DEVICE)
     kw = dict(num_queries=num_queries, num_prefix=num_prefix)
@@ -138,6 +138,36 @@ def test_head_dim_128_backward_tiles_in_the_interpreter(monkeypatch, num_prefix,
     check_triton(1, 2, num_prefix, num_raw, num_queries, 128, options(opt_set), dtype=torch.float16)
     assert [(k["BLOCK_M1"], k["BLOCK_N1"], k["BLOCK_M2"], k["BLOCK_N2"]) for k in launched] == [
         (steps, 64, 64, steps)]
+
+
+@pytest.mark.parametrize("dtype,gpu_tiles", [(torch.float32, False), (torch.float16, False),
+                                             (torch.float16, True)])
+def test_rising_and_jumping_row_maxima(monkeypatch, dtype, gpu_tiles):
+    # The forward's interior tiles rescale only when a row's maximum has risen more than
+    # RESCALE_SLACK (15, log2 units) above the m they subtract. Channel 0 makes the scores
+    # of even rows climb about 6.5 per 32 keys, 40 in all, with a jump of 20 at key 150,
+    # and those of odd rows fall: tiles that skip the rescale (p up to 2^15) and tiles
+    # that take it, in every block. Without the rescale p would reach 2^40, past fp16.
+    if gpu_tiles:
+        if DEVICE == "cuda":
+            pytest.skip("on CUDA every test already runs the GPU tiles")
+        monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+        monkeypatch.setattr(T, "device_capability", lambda device: 90)
+    num_prefix, num_raw, num_queries = 1, 196, 10
+    q, k, v = make_qkv(1, 2, num_prefix, num_raw, num_queries, 64, options(OPTION_SETS[0]))
+    q[..., 0] = torch.where(torch.arange(q.shape[2], device=DEVICE) % 2 == 0, 8.0, -8.0)
+    k[..., 0] = torch.arange(k.shape[2], device=DEVICE) * 0.14
+    k[:, :, 150, 0] += 14.0
+    qkv = tuple(t.to(dtype) for t in (q, k, v))
+    out, _ = check_triton(1, 2, num_prefix, num_raw, num_queries, 64, options(OPTION_SETS[0]),
+                          dtype=dtype, qkv=qkv)
+    # Row 3's scores now climb 3.75x as fast: its block rescales in other tiles, which
+    # leaves every other row's output bit for bit.
+    q3 = qkv[0].clone()
+    q3[:, :, 3, 0] = 30.0
+    moved = unidirectional_attention(q3, *qkv[1:], num_queries, num_prefix, backend="triton")
+    assert not torch.equal(moved[:, :, 3], out[:, :, 3])
+    assert torch.equal(moved[:, :, :3], out[:, :, :3]) and torch.equal(moved[:, :, 4:], out[:, :, 4:])
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
