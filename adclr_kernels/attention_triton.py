@@ -168,16 +168,25 @@ def _attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_kl, stride_kd
             s = dot(q, k_t, DOT)
             # A positive scale commutes with max (checked by the op).
             m_tile = tl.max(s, 1) * qk_scale
-            # A row's m only moves up when its maximum has grown by more than RESCALE_SLACK:
-            # below that p = exp2(s - m) is larger than 1 but just as exact (fp32 sums,
-            # 16-bit p), and a tile where no row's m moves skips rescaling acc: a multiply
-            # per accumulator element, a fifth of the loop. Rows whose m stays are scaled by
-            # exactly 1 when others move, so a row's result depends on its own scores alone.
-            # A row that has seen nothing (m = -inf) moves; one that saw a NaN does not.
-            grown = m_tile - m_i > RESCALE_SLACK
-            m_new = tl.where(grown, m_tile, m_i)
-            if tl.max(grown.to(tl.int32), 0) > 0:  # branch: rare
-                alpha = tl.where(grown, tl.exp2(m_i - m_new), 1.0)
+            # 16-bit inputs: a row's m only moves up when its maximum has grown by more
+            # than RESCALE_SLACK. Below that p = exp2(s - m) is larger than 1 but just as
+            # exact (fp32 sums, 16-bit p), and a tile where no row's m moves skips
+            # rescaling acc: a multiply per accumulator element, a fifth of the loop. Rows
+            # whose m stays are scaled by exactly 1 when others move, so a row's result
+            # depends on its own scores alone. A row that has seen nothing (m = -inf)
+            # moves; one that saw a NaN does not.
+            if DOT == "native":
+                grown = m_tile - m_i > RESCALE_SLACK
+                m_new = tl.where(grown, m_tile, m_i)
+                if tl.max(grown.to(tl.int32), 0) > 0:  # branch: rare
+                    alpha = tl.where(grown, tl.exp2(m_i - m_new), 1.0)
+                    acc = acc * alpha[:, None]
+                    l_i = l_i * alpha
+            else:
+                # fp32 (TF32 products, 64 x 32 tiles): the multiplies skipped would not pay
+                # for the block-wide test (bench.static), so every tile rescales.
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.exp2(m_i - m_new)
                 acc = acc * alpha[:, None]
                 l_i = l_i * alpha
             m_i = m_new
