@@ -492,15 +492,19 @@ def _dkdv_passes(n0, lo, hi, visible, num_prefix, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base, lse_base, delta_base,
-               stride_ql, stride_qd, stride_dol, stride_dod, qk_scale, DOT: tl.constexpr):
+               stride_ql, stride_qd, stride_dol, stride_dod, qk_scale, DOT: tl.constexpr,
+               ROW_MASK: tl.constexpr = True):
     """One transposed tile of rows against a key block: dK and dV added to, and dS^T (in
-    q's dtype) for a caller that also wants dQ. Rows past row_ok read zeros for q and dO."""
+    q's dtype) for a caller that also wants dQ. Rows past row_ok read zeros for q and dO;
+    without ROW_MASK every row is one (no predicate, no zeroed registers per load)."""
     q_t = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd,
-                  mask=d_ok[:, None] & row_ok[None, :], other=0.0)
+                  mask=d_ok[:, None] & row_ok[None, :] if ROW_MASK else d_ok[:, None],
+                  other=0.0)
     do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
-                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+                 mask=row_ok[:, None] & d_ok[None, :] if ROW_MASK else d_ok[None, :],
+                 other=0.0)
+    lse = tl.load(lse_base + rows, mask=row_ok if ROW_MASK else None)
+    delta = tl.load(delta_base + rows, mask=row_ok if ROW_MASK else None)
     p_t = tl.exp2(dot(k, q_t, DOT) * qk_scale - lse[None, :])
     dv += dot(p_t.to(do.dtype), do, DOT)
     ds_t = (p_t * (dot(v, tl.trans(do), DOT) - delta[None, :])).to(q_t.dtype)
@@ -806,12 +810,20 @@ def _unidirectional_bwd_kernel(
 # fixed order: no atomics, bitwise reproducible.
 
 
+# Which row tiles of [lo, hi) `_onepass_rows` walks: all of them (row masks on every tile),
+# the whole ones (no row masks), or the last, partial one.
+ALL_TILES = tl.constexpr(0)
+WHOLE_TILES = tl.constexpr(1)
+PARTIAL_TILE = tl.constexpr(2)
+
+
 @triton.jit
 def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse_base,
                   delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
                   stride_dod, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MASKED: tl.constexpr, DOT: tl.constexpr, K_HELD: tl.constexpr):
+                  MASKED: tl.constexpr, DOT: tl.constexpr, K_HELD: tl.constexpr,
+                  TILES: tl.constexpr = ALL_TILES):
     """dK, dV of one key block and dQ of rows [lo, hi) (into the scratch), in transposed
     tiles. dQ's K is read again per tile (from L1/L2: held in registers it would be
     copied to shared memory every tile anyway), with the columns `seen` does not hold
@@ -825,22 +837,28 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
     (reading K again spills inside this loop)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    ROW_MASK: tl.constexpr = TILES != WHOLE_TILES
+    if TILES == WHOLE_TILES:
+        hi = lo + (hi - lo) // BLOCK_M * BLOCK_M
+    elif TILES == PARTIAL_TILE:
+        lo = lo + (hi - lo) // BLOCK_M * BLOCK_M
     for row_start in range(lo, hi, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < hi
         dk, dv, ds_t = _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base,
                                   lse_base, delta_base, stride_ql, stride_qd, stride_dol,
-                                  stride_dod, qk_scale, DOT)
+                                  stride_dod, qk_scale, DOT, ROW_MASK)
         if MASKED or K_HELD:
             ds_t = tl.where(seen[:, None], ds_t, tl.zeros_like(ds_t))
         dq_ptrs = scratch + rows[:, None] * BLOCK_D + offs_d[None, :]
-        dq = tl.load(dq_ptrs, mask=row_ok[:, None], other=0.0)
+        dq = tl.load(dq_ptrs, mask=row_ok[:, None] if ROW_MASK else None)
         if K_HELD:
             k_dq = k
         else:
             k_dq = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
                            mask=seen[:, None] & d_ok[None, :], other=0.0)
-        tl.store(dq_ptrs, dq + dot(tl.trans(ds_t), k_dq, DOT), mask=row_ok[:, None])
+        tl.store(dq_ptrs, dq + dot(tl.trans(ds_t), k_dq, DOT),
+                 mask=row_ok[:, None] if ROW_MASK else None)
     # The next pass tiles these rows differently: other threads read what these wrote.
     tl.debug_barrier()
     return dk, dv
@@ -977,11 +995,17 @@ def _onepass_bwd_kernel(
         # columns these rows do not see hold key V - 1 (`_onepass_keys`), which every one
         # of them sees: dQ adds dS x K there, dS cleared, and K no value the row does not
         # depend on.
+        # The last, partial row tile, then the whole ones without row masks.
+        dk, dv = _onepass_rows(  # loop: bwd1.rows_last
+            dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
+            delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
+            stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
+            VARLEN and not SEES_PREFIX, PARTIAL_TILE)
         dk, dv = _onepass_rows(  # loop: bwd1.rows
             dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
             delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
             stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
-            VARLEN and not SEES_PREFIX)
+            VARLEN and not SEES_PREFIX, WHOLE_TILES)
         written = (cols < key_end)[:, None] & d_ok[None, :]
         kv_mask = (cols < vis)[:, None] & d_ok[None, :]
         dk = tl.where(kv_mask, dk * sm_scale, 0.0)

@@ -355,7 +355,8 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
                   layout=(1, 196, 10)):
     """Compile what the op launches for a ViT-S/16-like layer of this head_dim (batched
     sequences of (prefix, raw, query) tokens): one row (kernel, registers, spill bytes,
-    shared bytes) per kernel. For tests and CI."""
+    shared bytes, what the loops' spills cost as they run: `spills_run`) per kernel. For
+    tests and CI."""
     from bench.workloads import Workload
 
     workload = (PackedWorkload("check", "", 2, 2, head_dim) if packed
@@ -364,11 +365,14 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
     rows = []
     for launch in forward + backward:
         compiled = compile_launch(launch, capability)
+        trips = loop_trips(launch, sequences(workload), workload.heads)
+        loop_rows = [dict(l.row(), trips=trips.get(name, 0))
+                     for name, l in loops(compiled)[0].items()]
+        per_program, repeated = spills_run(loop_rows, launch.grid[0])
         rows.append(dict(kernel=launch.name, registers=compiled.registers,
                          spill_bytes=compiled.spill_bytes, shared_bytes=compiled.shared_bytes,
                          loop_spill_instrs=loop_spills(compiled),
-                         innermost_loop_spill_instrs=loop_spills(compiled, innermost=True),
-                         loop_spill_stores=loop_spills(compiled, stores=True),
+                         loop_spills_per_program=per_program, repeated_spill_stores=repeated,
                          maxnreg=launch.kwargs.get("maxnreg")))
     return rows
 
@@ -396,6 +400,8 @@ class Loop:
     setup_mma_flops: int
     rare: int = 0    # SASS of the body behind a `# branch: rare` (in instrs too): charged
                      # on one trip per program, the first, not on every trip
+    spills: int = 0  # local-memory loads and stores (LDL, STL) in the body
+    spill_stores: int = 0
 
     def row(self):
         return dataclasses.asdict(self)
@@ -455,6 +461,24 @@ def _rare_instrs(compiled, body):
     return len(skipped)
 
 
+def loop_trips(launch, seqs, heads):
+    """{loop name: trips summed over the launch's programs}."""
+    totals = {}
+    for trips in programs(launch, seqs, heads):
+        for name, count in trips.items():
+            totals[name] = totals.get(name, 0) + count
+    return totals
+
+
+def spills_run(loop_rows, grid):
+    """What a kernel's loop spills cost as they run: (spill instructions a program runs in
+    its loops, on average; names of loops that store a spill and run more than once per
+    program). loop_rows: the `loops` of a table row (name, spills, spill_stores, trips)."""
+    per_program = sum(l["spills"] * l["trips"] for l in loop_rows) / grid
+    repeated = [l["name"] for l in loop_rows if l["spill_stores"] and l["trips"] > grid]
+    return per_program, repeated
+
+
 def loops(compiled):
     """The loops read off the SASS, and what no loop claims (every program runs it once):
     returns ({name: Loop}, straight-line instructions, their tensor-core FLOPs)."""
@@ -470,6 +494,8 @@ def loops(compiled):
         ops = [instrs[i].opcode for i in body]
         found[name] = Loop(
             name, len(ops), rare=_rare_instrs(compiled, body),
+            spills=sum(op.startswith(("LDL", "STL")) for op in ops),
+            spill_stores=sum(op.startswith("STL") for op in ops),
             mma=sum(op.startswith(("HGMMA", "HMMA")) for op in ops),
             mufu=sum(op.startswith("MUFU") for op in ops),
             select=sum(op.split(".")[0] in ("SEL", "FSEL") for op in ops),
@@ -611,7 +637,8 @@ def _onepass_trips(s, a):
     block_m, block_n = a["BLOCK_M"], a["BLOCK_N"]
     key_len = s.seq_len if a["VARLEN"] else a["key_len"]  # packed: each sequence's own keys
     trips = {"bwd1.delta": _trips(0, s.seq_len, block_m), "bwd1.dq": _trips(0, s.seq_len, block_m),
-             "bwd1.keys": _trips(0, key_len, block_n), "bwd1.query_rows": 0, "bwd1.rows": 0}
+             "bwd1.keys": _trips(0, key_len, block_n), "bwd1.query_rows": 0, "bwd1.rows": 0,
+             "bwd1.rows_last": 0}
     for n0 in range(0, key_len, block_n):
         q_hi, raw_hi = _onepass_passes(n0, s.seq_len, s.visible, s.num_prefix, block_n)
         if a["SEES_PREFIX"]:  # every row walks every visible block, in one pass
@@ -619,7 +646,8 @@ def _onepass_trips(s, a):
         if n0 >= s.visible:  # query keys: no row sees them
             raw_hi = 0
         trips["bwd1.query_rows"] += _trips(s.visible, q_hi, block_m)
-        trips["bwd1.rows"] += _trips(0, raw_hi, block_m)
+        trips["bwd1.rows"] += raw_hi // block_m
+        trips["bwd1.rows_last"] += int(raw_hi % block_m != 0)
     return trips
 
 

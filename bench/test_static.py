@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.static import spills_run
+
 
 def test_static_model_compiles_and_reads_the_kernels(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
@@ -29,10 +31,11 @@ def test_static_model_compiles_and_reads_the_kernels(tmp_path):
         "_unidirectional_fwd_kernel", "_onepass_bwd_kernel"] * 2
     for row in kernels:
         # No spills, except a few where a config caps the registers (maxnreg) to fit more
-        # programs per SM: never in a per-tile loop (one holding no other loop), and in an
-        # outer loop (the one-pass backward's key blocks) a few reloads, never a store.
-        assert row["registers"] > 0 and row["innermost_loop_spill_instrs"] == 0, row["kernel"]
-        assert row["loop_spill_stores"] == 0 and row["loop_spill_instrs"] <= 4, row["kernel"]
+        # programs per SM: as they run, at most 8 spill instructions per program in its
+        # loops, and a store only in a loop that runs at most once per program (the
+        # one-pass backward's query-row pass: one tile, in the key block holding the prefix).
+        per_program, repeated = spills_run(row["loops"], row["grid"])
+        assert row["registers"] > 0 and per_program <= 8 and not repeated, row["kernel"]
         assert row["spill_bytes"] == 0 or (row["maxnreg"] and row["spill_bytes"] <= 64), row
         assert not [l["name"] for l in row["loops"] if l["name"].startswith("unnamed")]
         assert row["empty_programs"] == 0, f"{row['workload']} {row['kernel']}: empty programs"

@@ -578,9 +578,9 @@ def test_launched_kernels_compile_and_fit(capability, tmp_path):
             if capability == 90 and dtype != "fp32" and head_dim <= 128:
                 # A few bytes spilled once per program (under a register cap, or beside
                 # the packed backward's row-by-row passes) cost nothing measurable; a
-                # spill inside a loop is paid at every step.
-                # The one-pass backward's key-block loop (around the per-tile loops) may
-                # reload a spilled value a few times, never store one.
-                assert row["innermost_loop_spill_instrs"] == 0, f"{where}: spills inside a loop"
-                assert row["loop_spill_stores"] == 0 and row["loop_spill_instrs"] <= 4, where
+                # spill inside a loop is paid at every step. As the loops run: at most 8
+                # spill instructions per program, and stores only in a loop that runs at
+                # most once per program (the one-pass backward's query-row pass).
+                assert row["loop_spills_per_program"] <= 8, f"{where}: spills inside loops"
+                assert not row["repeated_spill_stores"], where
                 assert row["spill_bytes"] <= 64, f"{where}: spills {row['spill_bytes']} B"
