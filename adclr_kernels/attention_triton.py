@@ -490,6 +490,24 @@ def _dkdv_passes(n0, lo, hi, visible, num_prefix, BLOCK_N: tl.constexpr,
     return a0, a1, b0, b1, r0
 
 
+# Which row tiles of [lo, hi) a backward row loop walks (`_dkdv_tiles`, `_onepass_rows`):
+# all of them (row masks on every tile), the whole ones (no row masks), or the last,
+# partial one.
+ALL_TILES = tl.constexpr(0)
+WHOLE_TILES = tl.constexpr(1)
+PARTIAL_TILE = tl.constexpr(2)
+
+
+@triton.jit
+def _tile_bounds(lo, hi, BLOCK_M: tl.constexpr, TILES: tl.constexpr):
+    """[lo, hi) narrowed to the row tiles TILES names."""
+    if TILES == WHOLE_TILES:
+        hi = lo + (hi - lo) // BLOCK_M * BLOCK_M
+    elif TILES == PARTIAL_TILE:
+        lo = lo + (hi - lo) // BLOCK_M * BLOCK_M
+    return lo, hi
+
+
 @triton.jit
 def _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base, lse_base, delta_base,
                stride_ql, stride_qd, stride_dol, stride_dod, qk_scale, DOT: tl.constexpr,
@@ -515,19 +533,22 @@ def _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base, lse_ba
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, lo, hi, q_base, do_base, lse_base, delta_base,
                 stride_ql, stride_qd, stride_dol, stride_dod, qk_scale, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    """dK, dV of one key block accumulated over rows [lo, hi), in transposed tiles.
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+                TILES: tl.constexpr = ALL_TILES):
+    """dK, dV of one key block accumulated over the row tiles of [lo, hi) that TILES
+    names, in transposed tiles.
 
-    Unmasked: rows past hi read zeros for q and dO and add nothing, and the columns the
-    rows do not see are set back by the caller.
+    Unmasked columns: rows past hi read zeros for q and dO and add nothing, and the
+    columns the rows do not see are set back by the caller.
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    lo, hi = _tile_bounds(lo, hi, BLOCK_M, TILES)
     for row_start in range(lo, hi, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         dk, dv, _ = _dkdv_step(dk, dv, k, v, rows, rows < hi, offs_d, d_ok, q_base, do_base,
                                lse_base, delta_base, stride_ql, stride_qd, stride_dol,
-                               stride_dod, qk_scale, DOT)
+                               stride_dod, qk_scale, DOT, TILES != WHOLE_TILES)
     return dk, dv
 
 
@@ -649,7 +670,7 @@ def _unidirectional_bwd_kernel(
     qk_scale, sm_scale, O, stride_ob, stride_oh, stride_ol, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
-    BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+    BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, SPLIT_ROWS: tl.constexpr,
     SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
     SEES_QUERIES: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
     TILED: tl.constexpr, DELTA_ROWS: tl.constexpr = 0,
@@ -706,9 +727,19 @@ def _unidirectional_bwd_kernel(
             query_sees = (cols < visible) & (cols >= num_prefix)
         if SEES_QUERIES:
             query_sees = query_sees | (cols >= visible)
-        dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_interior
-            dk, dv, k, v, a0, a1, q_base, do_base, lse_base, delta_base, stride_ql, stride_qd,
-            stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M1, BLOCK_D, DOT)
+        if SPLIT_ROWS:  # the first pass's whole row tiles without row masks, then the last
+            dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_interior
+                dk, dv, k, v, a0, a1, q_base, do_base, lse_base, delta_base, stride_ql,
+                stride_qd, stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M1, BLOCK_D, DOT,
+                WHOLE_TILES)
+            dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_interior_last
+                dk, dv, k, v, a0, a1, q_base, do_base, lse_base, delta_base, stride_ql,
+                stride_qd, stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M1, BLOCK_D, DOT,
+                PARTIAL_TILE)
+        else:
+            dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_interior
+                dk, dv, k, v, a0, a1, q_base, do_base, lse_base, delta_base, stride_ql,
+                stride_qd, stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M1, BLOCK_D, DOT)
         seen = tl.where(a0 < visible, raw_sees, query_sees)
         dk = tl.where(seen[:, None], dk, 0.0)
         dv = tl.where(seen[:, None], dv, 0.0)
@@ -810,13 +841,6 @@ def _unidirectional_bwd_kernel(
 # fixed order: no atomics, bitwise reproducible.
 
 
-# Which row tiles of [lo, hi) `_onepass_rows` walks: all of them (row masks on every tile),
-# the whole ones (no row masks), or the last, partial one.
-ALL_TILES = tl.constexpr(0)
-WHOLE_TILES = tl.constexpr(1)
-PARTIAL_TILE = tl.constexpr(2)
-
-
 @triton.jit
 def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse_base,
                   delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
@@ -825,7 +849,7 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
                   MASKED: tl.constexpr, DOT: tl.constexpr, K_HELD: tl.constexpr,
                   TILES: tl.constexpr = ALL_TILES):
     """dK, dV of one key block and dQ of rows [lo, hi) (into the scratch), in transposed
-    tiles. dQ's K is read again per tile (from L1/L2: held in registers it would be
+    tiles: the row tiles of [lo, hi) that TILES names. dQ's K is read again per tile (from L1/L2: held in registers it would be
     copied to shared memory every tile anyway), with the columns `seen` does not hold
     read as 0; with MASKED, dS is cleared there too (0 x NaN is NaN): those columns add
     nothing to these rows' dQ. Their dK and dV are set back by the caller.
@@ -837,28 +861,24 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
     (reading K again spills inside this loop)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    ROW_MASK: tl.constexpr = TILES != WHOLE_TILES
-    if TILES == WHOLE_TILES:
-        hi = lo + (hi - lo) // BLOCK_M * BLOCK_M
-    elif TILES == PARTIAL_TILE:
-        lo = lo + (hi - lo) // BLOCK_M * BLOCK_M
+    lo, hi = _tile_bounds(lo, hi, BLOCK_M, TILES)
     for row_start in range(lo, hi, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < hi
         dk, dv, ds_t = _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base,
                                   lse_base, delta_base, stride_ql, stride_qd, stride_dol,
-                                  stride_dod, qk_scale, DOT, ROW_MASK)
+                                  stride_dod, qk_scale, DOT, TILES != WHOLE_TILES)
         if MASKED or K_HELD:
             ds_t = tl.where(seen[:, None], ds_t, tl.zeros_like(ds_t))
         dq_ptrs = scratch + rows[:, None] * BLOCK_D + offs_d[None, :]
-        dq = tl.load(dq_ptrs, mask=row_ok[:, None] if ROW_MASK else None)
+        dq = tl.load(dq_ptrs, mask=row_ok[:, None] if TILES != WHOLE_TILES else None)
         if K_HELD:
             k_dq = k
         else:
             k_dq = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
                            mask=seen[:, None] & d_ok[None, :], other=0.0)
         tl.store(dq_ptrs, dq + dot(tl.trans(ds_t), k_dq, DOT),
-                 mask=row_ok[:, None] if ROW_MASK else None)
+                 mask=row_ok[:, None] if TILES != WHOLE_TILES else None)
     # The next pass tiles these rows differently: other threads read what these wrote.
     tl.debug_barrier()
     return dk, dv
@@ -1196,7 +1216,16 @@ def _bwd_config(head_dim, dtype, capability, packed=False, max_len=0):
             # a loop (bench/NOTES.md, "v3"). ROCm's Triton has no maxnreg, and an MI300
             # reports capability 9.4.
             cfg["maxnreg"] = 168
-    return dict(cfg, PROGRAM_BLOCK=min(cfg["BLOCK_N1"], cfg["BLOCK_M2"]))
+    return dict(cfg, PROGRAM_BLOCK=min(cfg["BLOCK_N1"], cfg["BLOCK_M2"]),
+                SPLIT_ROWS=split_rows(cfg["BLOCK_M1"], packed, max_len))
+
+
+def split_rows(block_m1, packed, max_len):
+    """Whether the backward's first dK/dV pass walks its whole row tiles without row masks,
+    then the partial one, in a loop of its own: for batched sequences longer than two row
+    tiles. Shorter sequences (local crops on sm_80) and packed batches of them lose more to
+    the second copy of the loop than the masks cost them (bench.static, bench/NOTES.md)."""
+    return not packed and max_len > 2 * block_m1
 
 
 def _table_blocks(q, max_len):

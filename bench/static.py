@@ -610,13 +610,16 @@ def _row_block_trips(m0, s, block_m, block_n, loop, mask, first=PREFIX_BLOCK):
             f"{loop}boundary": _trips(c2, hi1, block_n), f"{loop}queries": _trips(lo2, hi2, block_n)}
 
 
-def _key_block_trips(n0, s, block_m, block_n, mask):
-    """Trips of the two row loops of a key block (dK, dV)."""
+def _key_block_trips(n0, s, block_m, block_n, mask, split_rows):
+    """Trips of the row loops of a key block (dK, dV)."""
     if n0 >= s.seq_len:  # the op's keys: every token of the sequence
         return {}
     lo, hi = _dkdv_row_range(n0, s.seq_len, s.visible, s.num_prefix, block_n, mask)
     a0, a1, b0, b1, r0 = _dkdv_passes(n0, lo, hi, s.visible, s.num_prefix, block_n, mask)
-    return {"bwd.dkdv_interior": _trips(a0, a1, block_m), "bwd.dkdv_second": _trips(b0, b1, block_m),
+    first = ({"bwd.dkdv_interior": (a1 - a0) // block_m,
+              "bwd.dkdv_interior_last": int((a1 - a0) % block_m != 0)} if split_rows
+             else {"bwd.dkdv_interior": _trips(a0, a1, block_m)})
+    return {**first, "bwd.dkdv_second": _trips(b0, b1, block_m),
             "bwd.dkdv_rows": _trips(r0, hi, block_m), "bwd.dkdv_row": hi - r0}
 
 
@@ -688,7 +691,8 @@ def programs(launch, seqs, heads):
             trips = _row_block_trips(block * a["BLOCK_M"], s, a["BLOCK_M"], a["BLOCK_N"], "fwd.", mask,
                                      a["FIRST_BLOCK"])
         elif launch.name == "_unidirectional_bwd_kernel":
-            trips = _key_block_trips(block * a["BLOCK_N1"], s, a["BLOCK_M1"], a["BLOCK_N1"], mask)
+            trips = _key_block_trips(block * a["BLOCK_N1"], s, a["BLOCK_M1"], a["BLOCK_N1"], mask,
+                                     a["SPLIT_ROWS"])
             trips.update(_row_block_trips(block * a["BLOCK_M2"], s, a["BLOCK_M2"], a["BLOCK_N2"],
                                           "bwd.dq_", mask))
         else:

@@ -107,7 +107,8 @@ def tune(workloads, log=print, device="cuda", timer=None, on_row=None):
                     if kind == "fwd":
                         T._fwd_config = lambda *a, cfg=cfg, **k: dict(cfg)
                     else:
-                        T._bwd_config = lambda *a, cfg=cfg, **k: dict(cfg)
+                        T._bwd_config = lambda *a, cfg=cfg, packed=False, max_len=0, **k: dict(
+                            cfg, SPLIT_ROWS=T.split_rows(cfg["BLOCK_M1"], packed, max_len))
                     row = dict(workload=w.id, kernel=kind, config=cfg, default=c == own[kind])
                     try:
                         if kind == "fwd":

@@ -128,7 +128,8 @@ def test_every_gpu_config_in_the_interpreter(monkeypatch, capability, dtype, hea
 def test_head_dim_128_backward_tiles_in_the_interpreter(monkeypatch, num_prefix, num_raw,
                                                         num_queries, opt_set, steps):
     # sm_90's 16-bit backward at head_dim 128 (fp16 standing for bf16): 32-wide row and key
-    # steps in 64-row blocks for sequences of more than one block, 16-wide for one.
+    # steps in 64-row blocks for sequences of more than one block, 16-wide for one; past
+    # two row steps the first dK/dV pass takes its whole row tiles unmasked, then the last.
     monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(T, "device_capability", lambda device: 90)
     launched = []
@@ -138,6 +139,7 @@ def test_head_dim_128_backward_tiles_in_the_interpreter(monkeypatch, num_prefix,
     check_triton(1, 2, num_prefix, num_raw, num_queries, 128, options(opt_set), dtype=torch.float16)
     assert [(k["BLOCK_M1"], k["BLOCK_N1"], k["BLOCK_M2"], k["BLOCK_N2"]) for k in launched] == [
         (steps, 64, 64, steps)]
+    assert launched[0]["SPLIT_ROWS"] == (num_prefix + num_raw + num_queries > 2 * steps)
 
 
 @pytest.mark.parametrize("dtype,gpu_tiles", [(torch.float32, False), (torch.float16, False),
