@@ -849,10 +849,11 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
                   MASKED: tl.constexpr, DOT: tl.constexpr, K_HELD: tl.constexpr,
                   TILES: tl.constexpr = ALL_TILES):
     """dK, dV of one key block and dQ of rows [lo, hi) (into the scratch), in transposed
-    tiles: the row tiles of [lo, hi) that TILES names. dQ's K is read again per tile (from L1/L2: held in registers it would be
-    copied to shared memory every tile anyway), with the columns `seen` does not hold
-    read as 0; with MASKED, dS is cleared there too (0 x NaN is NaN): those columns add
-    nothing to these rows' dQ. Their dK and dV are set back by the caller.
+    tiles: the row tiles of [lo, hi) that TILES names. dQ's K is read again per tile
+    (from L1/L2: held in registers it would be copied to shared memory every tile
+    anyway), with the columns `seen` does not hold read as 0; with MASKED, dS is cleared
+    there too (0 x NaN is NaN): those columns add nothing to these rows' dQ. Their dK and
+    dV are set back by the caller.
 
     K_HELD: dQ's K is k, already in registers, and dS is cleared in the columns `seen`
     does not hold, where the caller gives k zeros or a key that every one of these rows
