@@ -436,17 +436,12 @@ def _regions(compiled):
                   key=lambda r: r[1] - r[0])
 
 
-def loop_spills(compiled, innermost=False, stores=False):
+def loop_spills(compiled):
     """Local-memory loads and stores (spills) inside loop bodies: those run every
-    iteration. A spill outside the loops runs once per program. innermost: only in loops
-    that hold no other loop (the per-tile steps); stores: only the stores (STL)."""
-    regions = _regions(compiled)
-    if innermost:
-        regions = [(lo, hi) for lo, hi in regions
-                   if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in regions)]
-    inside = {i for lo, hi in regions for i in range(lo, hi + 1)}
-    kinds = ("STL",) if stores else ("LDL", "STL")
-    return sum(compiled.instrs[i].opcode.startswith(kinds) for i in inside)
+    iteration (`spills_run` weighs them by trips). A spill outside the loops runs once per
+    program."""
+    inside = {i for lo, hi in _regions(compiled) for i in range(lo, hi + 1)}
+    return sum(compiled.instrs[i].opcode.startswith(("LDL", "STL")) for i in inside)
 
 
 def _rare_instrs(compiled, body):
@@ -807,8 +802,7 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
         kernel=launch.name, kind=KIND[launch.name], grid=launch.grid[0], empty_programs=empty,
         num_warps=warps, registers=compiled.registers, spill_bytes=compiled.spill_bytes,
         loop_spill_instrs=loop_spills(compiled),
-        innermost_loop_spill_instrs=loop_spills(compiled, innermost=True),
-        loop_spill_stores=loop_spills(compiled, stores=True), maxnreg=launch.kwargs.get("maxnreg"),
+        maxnreg=launch.kwargs.get("maxnreg"),
         shared_bytes=compiled.shared_bytes, programs_per_sm=occ,
         constexprs={k: v for k, v in launch.kwargs.items() if k.isupper()},
         straight_line_sass=base_instrs,
