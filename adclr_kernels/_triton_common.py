@@ -36,6 +36,18 @@ def log2(x, APPROX: tl.constexpr):
         return tl.log2(x)
 
 
+ROWSUM_N = tl.constexpr(16)  # the narrowest product tl.dot takes
+
+
+@triton.jit
+def ones_in_column_zero(ROWS: tl.constexpr, dtype: tl.constexpr):
+    """E, (ROWS, ROWSUM_N): ones in column 0, zeros beside. Column 0 of P @ E is P's row
+    sum, made on the tensor cores (16-bit P, fp32 sums) where a row sum costs an add per
+    element of P; the zeros keep the other columns' sum exact."""
+    return ((tl.arange(0, ROWS)[:, None] >= 0)
+            & (tl.arange(0, ROWSUM_N)[None, :] == 0)).to(dtype)
+
+
 def approx_log2():
     """Whether `log2` may take the approximate path here (a compiled CUDA kernel)."""
     return not triton_interpreter_enabled() and torch.version.hip is None

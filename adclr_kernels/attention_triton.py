@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import (LOG2E, SHARED_MEMORY_PER_PROGRAM, approx_log2, block_d,
-                             device_capability, dot, dot_mode, log2)
+from ._triton_common import (LOG2E, ROWSUM_N, SHARED_MEMORY_PER_PROGRAM, approx_log2, block_d,
+                             device_capability, dot, dot_mode, log2, ones_in_column_zero)
 from ._triton_launch import fast_launch
 from .attention_triton_short import oneshot_bwd, oneshot_config, oneshot_fwd
 from .backends import triton_interpreter_enabled
@@ -152,7 +152,8 @@ RESCALE_SLACK = tl.constexpr(15.0)
 @triton.jit
 def _attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_kl, stride_kd, stride_vl,
                   stride_vd, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr):
+                  BLOCK_D: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr,
+                  ROWSUM_MMA: tl.constexpr = False):
     """Online-softmax accumulation of one row block over key columns [lo, hi).
 
     Scores stay raw until the exponent: m is kept scaled (scale * log2(e), so exp2 is
@@ -160,6 +161,14 @@ def _attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_kl, stride_kd
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
+    if ROWSUM_MMA:
+        # l accumulates on the tensor cores, as column 0 of P @ E issued beside P @ V
+        # (`ones_in_column_zero`), summing the 16-bit p that P @ V weighs. Taken by the
+        # unmasked loop of 16-bit inputs; the masked one rescales every tile, where the
+        # product did not pay.
+        tl.static_assert(MASK == NO_MASK and DOT == "native")
+        ones = ones_in_column_zero(BLOCK_N, q.dtype)
+        l_acc = tl.where(tl.arange(0, ROWSUM_N)[None, :] == 0, l_i[:, None], 0.0)
     for col_start in range(lo, hi, BLOCK_N):
         cols = col_start + tl.arange(0, BLOCK_N)
         if MASK == NO_MASK:
@@ -181,7 +190,10 @@ def _attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_kl, stride_kd
                 if tl.max(grown.to(tl.int32), 0) > 0:  # branch: rare
                     alpha = tl.where(grown, tl.exp2(m_i - m_new), 1.0)
                     acc = acc * alpha[:, None]
-                    l_i = l_i * alpha
+                    if ROWSUM_MMA:
+                        l_acc = l_acc * alpha[:, None]
+                    else:
+                        l_i = l_i * alpha
             else:
                 # fp32 (TF32 products, 64 x 32 tiles): the multiplies skipped would not pay
                 # for the block-wide test (bench.static), so every tile rescales.
@@ -193,8 +205,13 @@ def _attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_kl, stride_kd
             p = tl.exp2(s * qk_scale - m_i[:, None])
             v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                         mask=d_ok[None, :], other=0.0)
-            l_i = l_i + tl.sum(p, 1)
-            acc = acc + dot(p.to(v.dtype), v, DOT)
+            if ROWSUM_MMA:
+                p = p.to(v.dtype)
+                l_acc = tl.dot(p, ones, l_acc)
+                acc = tl.dot(p, v, acc)
+            else:
+                l_i = l_i + tl.sum(p, 1)
+                acc = acc + dot(p.to(v.dtype), v, DOT)
         else:
             col_ok = cols < hi
             k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
@@ -211,6 +228,8 @@ def _attend_tiles(acc, m_i, l_i, q, lo, hi, k_base, v_base, stride_kl, stride_kd
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
             m_i = m_new
+    if ROWSUM_MMA:
+        l_i = tl.sum(l_acc, 1)
     return acc, m_i, l_i
 
 
@@ -343,6 +362,7 @@ def _unidirectional_fwd_kernel(
     BLOCK_D: tl.constexpr, SEES_PREFIX: tl.constexpr, SEES_SELF: tl.constexpr,
     SEES_QUERIES: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
     TILED: tl.constexpr, APPROX_LOG2: tl.constexpr, FIRST_BLOCK: tl.constexpr,
+    ROWSUM_MMA: tl.constexpr,
 ):
     block, b, h, start, seq_len, key_len, visible = _program(
         num_blocks, num_heads, num_seqs, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
@@ -380,7 +400,7 @@ def _unidirectional_fwd_kernel(
     c2 = t0 + (hi1 - t0) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend_tiles(  # loop: fwd.interior
         acc, m_i, l_i, q, t0, c2, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
-        qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, NO_MASK, DOT)
+        qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, NO_MASK, DOT, ROWSUM_MMA)
     acc, m_i, l_i = _attend_tiles(  # loop: fwd.boundary
         acc, m_i, l_i, q, c2, hi1, k_base, v_base, stride_kl, stride_kd, stride_vl, stride_vd,
         qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, COLUMN_MASK, DOT)
@@ -1424,6 +1444,11 @@ def _launch_constants(kind, head_dim, dtype, device, max_len, varlen, tiled, mas
             cfg = dict(rule(head_dim, dtype, capability, max_len, packed=varlen, mask=mask),
                        APPROX_LOG2=approx_log2())
             cfg.setdefault("FIRST_BLOCK", PREFIX_BLOCK.value)
+            # l on the tensor cores (`_attend_tiles`), for 16-bit inputs on sm_90: on sm_80
+            # the product's registers cost the 37-token crops a program per SM
+            # (bench.static).
+            cfg.setdefault("ROWSUM_MMA", dot_mode(dtype) == "native" and torch.version.hip is None
+                           and (interpreted or capability >= 90))
             block, delta = cfg["BLOCK_M"], None
         else:
             cfg = dict(rule(head_dim, dtype, capability, packed=varlen, max_len=max_len))

@@ -112,9 +112,15 @@ def test_forward_register_cap_of_64_row_tiles(monkeypatch, sees_queries, capabil
 def test_every_gpu_config_in_the_interpreter(monkeypatch, capability, dtype, head_dim, num_raw):
     # Each target's configs (tiles, warps, stages) run in the interpreter. fp16 stands
     # for bf16 here: the two share their configs, and the interpreter's bf16 dot is wrong.
+    # The forward's unmasked tiles sum l on the tensor cores for 16-bit inputs on sm_90.
     monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(T, "device_capability", lambda device: capability)
+    launched = []
+    real = T._unidirectional_fwd_kernel.run
+    monkeypatch.setattr(T._unidirectional_fwd_kernel, "run",
+                        lambda *a, **k: launched.append(k) or real(*a, **k))
     check_triton(1, 1, 1, num_raw, 10, head_dim, options(OPTION_SETS[3]), dtype=dtype)
+    assert [k["ROWSUM_MMA"] for k in launched] == [capability >= 90 and dtype == torch.float16]
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
