@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import LOG2E, block_d, dot, dot_mode
+from ._triton_common import LOG2E, approx_log2, block_d, dot, dot_mode, log2
 from ._triton_launch import fast_launch
 
 Tensor = torch.Tensor
@@ -89,6 +89,7 @@ def _oneshot_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_QUERIES: tl.constexpr, SEES_PREFIX: tl.constexpr,
     SEES_SELF: tl.constexpr, SEES_QUERIES: tl.constexpr, DOT: tl.constexpr,
+    APPROX_LOG2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = (pid % num_heads).to(tl.int64)
@@ -122,9 +123,11 @@ def _oneshot_fwd_kernel(
     l = tl.where(l == 0.0, 1.0, l)
     acc = dot(p.to(v.dtype), v, DOT)
     tl.store(O + h * stride_oh + (b_r * stride_ob + pos_r * stride_ol)[:, None]
-             + offs_d[None, :] * stride_od, (acc / l[:, None]).to(O.dtype.element_ty),
+             + offs_d[None, :] * stride_od, (acc * (1.0 / l)[:, None]).to(O.dtype.element_ty),
              mask=row_mask)
-    tl.store(LSE + h * stride_lseh + b_r * stride_lseb + pos_r, m + tl.log2(l), mask=ok_r)
+    # l >= 1 where a row saw anything (its largest score adds exp2(0)): no denormal input.
+    tl.store(LSE + h * stride_lseh + b_r * stride_lseb + pos_r, m + log2(l, APPROX_LOG2),
+             mask=ok_r)
 
 
 @triton.jit
@@ -164,9 +167,6 @@ def _oneshot_bwd_kernel(
                 mask=col_mask, other=0.0)
     do = tl.load(DO + h * stride_doh + (b_r * stride_dob + pos_r * stride_dol)[:, None]
                  + offs_d[None, :] * stride_dod, mask=row_mask, other=0.0)
-    o = tl.load(O + h * stride_oh + (b_r * stride_ob + pos_r * stride_ol)[:, None]
-                + offs_d[None, :] * stride_od, mask=row_mask, other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse = tl.load(LSE + h * stride_lseh + b_r * stride_lseb + pos_r, mask=ok_r, other=0.0)
     seen = _sees(seq_r, pos_r, seq_c, pos_c, visible, num_prefix, HAS_QUERIES, SEES_PREFIX,
                  SEES_SELF, SEES_QUERIES)
@@ -175,7 +175,13 @@ def _oneshot_bwd_kernel(
     p = tl.where(seen, tl.exp2(dot(q, tl.trans(k), DOT) * qk_scale - lse[:, None]), 0.0)
     v_t = tl.load(V + h * stride_vh + cols_v[None, :] + offs_d[:, None] * stride_vd,
                   mask=d_ok[:, None] & ok_c[None, :], other=0.0)
-    ds = tl.where(seen, p * (dot(do, v_t, DOT) - delta[:, None]), 0.0)
+    # With the whole row in the tile, delta = rowsum(dO * O) is rowsum(P * dP): the
+    # softmax's own backward, from the fp32 P and dP at hand (no O read, no 16-bit
+    # unpacking). A value column that is not finite makes dP NaN in every row, so the
+    # unseen pairs are cleared by a select before the sum.
+    pdp = tl.where(seen, p * dot(do, v_t, DOT), 0.0)
+    delta = tl.sum(pdp, 1)
+    ds = tl.where(seen, (pdp - p * delta[:, None]) * sm_scale, 0.0)
     # P^T dO pairs every column with every row of the tile, the other sequences' rows
     # too, and 0 x NaN is NaN: a gradient row that is not finite enters as 0, and the
     # columns that row sees (its own sequence's) get NaN by a select.
@@ -187,8 +193,8 @@ def _oneshot_bwd_kernel(
     # multiplied as 0 there; the rows and columns that see it already hold NaN in dS.
     k_bad = _not_finite(k, 1)
     q_bad = _not_finite(q, 1)
-    dq = dot(ds.to(k.dtype), tl.where(k_bad[:, None], tl.zeros_like(k), k), DOT) * sm_scale
-    dk = dot(tl.trans(ds).to(q.dtype), tl.where(q_bad[:, None], tl.zeros_like(q), q), DOT) * sm_scale
+    dq = dot(ds.to(k.dtype), tl.where(k_bad[:, None], tl.zeros_like(k), k), DOT)
+    dk = dot(tl.trans(ds).to(q.dtype), tl.where(q_bad[:, None], tl.zeros_like(q), q), DOT)
     tl.store(DQ + h * stride_dqh + (b_r * stride_dqb + pos_r * stride_dql)[:, None]
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=row_mask)
     tl.store(DK + h * stride_dkh + (b_c * stride_dkb + pos_c * stride_dkl)[:, None]
@@ -249,7 +255,7 @@ def oneshot_fwd(q, k, v, out, lse, config, num_queries, num_prefix, mask, scale)
     _oneshot_fwd_kernel.run(
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         lse.stride(0), lse.stride(1), batch, heads, seq_len - num_queries, num_prefix,
-        scale * LOG2E, grid=(programs,), warmup=False, **c)
+        scale * LOG2E, grid=(programs,), warmup=False, APPROX_LOG2=approx_log2(), **c)
 
 
 def oneshot_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, config, num_queries, num_prefix, mask,

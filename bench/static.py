@@ -782,7 +782,7 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
     occ = occupancy(compiled, gpu)
     mma_rate = gpu.mma_flops[dtype_name]
     work = traffic(KIND[launch.name], seqs, heads, head_dim, DTYPES[dtype_name].itemsize)
-    if launch.name in ("_oneshot_bwd_kernel", "_onepass_bwd_kernel"):  # reads o for delta
+    if launch.name == "_onepass_bwd_kernel":  # reads o for delta (the one-shot: P dP)
         elem = DTYPES[dtype_name].itemsize
         work = Traffic(work.bytes + sum(s.seq_len for s in seqs) * heads * (head_dim * elem - 4),
                        work.flops)
