@@ -1025,9 +1025,14 @@ def _onepass_bwd_kernel(
                 dk, dv, k_q, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
                 delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
                 stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT, VARLEN)
-            cleared = query_sees | (q_hi == vis)
-            dk = tl.where(cleared[:, None], dk, 0.0)
-            dv = tl.where(cleared[:, None], dv, 0.0)
+            # Packed programs set back only the block holding prefix columns, and clear
+            # only the one holding the sequence's end (below); batched ones run both in
+            # every block: under the register cap the branches made them spill in the row
+            # tile loops (bench.static).
+            if not VARLEN or n0 < pre:  # branch: rare
+                cleared = query_sees | (q_hi == vis)
+                dk = tl.where(cleared[:, None], dk, 0.0)
+                dv = tl.where(cleared[:, None], dv, 0.0)
         if n0 >= vis:  # query keys: no row sees them
             raw_hi = first
         if VARLEN:
@@ -1048,9 +1053,11 @@ def _onepass_bwd_kernel(
             stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
             VARLEN and not SEES_PREFIX, WHOLE_TILES)
         written = (cols < key_end)[:, None] & d_ok[None, :]
-        kv_mask = (cols < vis)[:, None] & d_ok[None, :]
-        dk = tl.where(kv_mask, dk * sm_scale, 0.0)
-        dv = tl.where(kv_mask, dv, 0.0)
+        dk = dk * sm_scale
+        if not VARLEN or n0 + BLOCK_N > vis:  # branch: rare
+            kv_mask = (cols < vis)[:, None] & d_ok[None, :]
+            dk = tl.where(kv_mask, dk, 0.0)
+            dv = tl.where(kv_mask, dv, 0.0)
         tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkl
                  + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=written)
         tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvl
