@@ -531,10 +531,12 @@ def _tile_bounds(lo, hi, BLOCK_M: tl.constexpr, TILES: tl.constexpr):
 @triton.jit
 def _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base, lse_base, delta_base,
                stride_ql, stride_qd, stride_dol, stride_dod, qk_scale, DOT: tl.constexpr,
-               ROW_MASK: tl.constexpr = True):
+               ROW_MASK: tl.constexpr = True, ds_scale=1.0):
     """One transposed tile of rows against a key block: dK and dV added to, and dS^T (in
     q's dtype) for a caller that also wants dQ. Rows past row_ok read zeros for q and dO;
-    without ROW_MASK every row is one (no predicate, no zeroed registers per load)."""
+    without ROW_MASK every row is one (no predicate, no zeroed registers per load).
+    ds_scale: dS comes out multiplied by it, with delta given multiplied by it too (one
+    multiply-add per element, as without)."""
     q_t = tl.load(q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd,
                   mask=d_ok[:, None] & row_ok[None, :] if ROW_MASK else d_ok[:, None],
                   other=0.0)
@@ -545,7 +547,7 @@ def _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base, lse_ba
     delta = tl.load(delta_base + rows, mask=row_ok if ROW_MASK else None)
     p_t = tl.exp2(dot(k, q_t, DOT) * qk_scale - lse[None, :])
     dv += dot(p_t.to(do.dtype), do, DOT)
-    ds_t = (p_t * (dot(v, tl.trans(do), DOT) - delta[None, :])).to(q_t.dtype)
+    ds_t = (p_t * (dot(v, tl.trans(do), DOT) * ds_scale - delta[None, :])).to(q_t.dtype)
     dk += dot(ds_t, tl.trans(q_t), DOT)
     return dk, dv, ds_t
 
@@ -864,7 +866,7 @@ def _unidirectional_bwd_kernel(
 @triton.jit
 def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse_base,
                   delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-                  stride_dod, qk_scale,
+                  stride_dod, qk_scale, ds_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASKED: tl.constexpr, DOT: tl.constexpr, K_HELD: tl.constexpr,
                   TILES: tl.constexpr = ALL_TILES):
@@ -888,7 +890,7 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
         row_ok = rows < hi
         dk, dv, ds_t = _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base,
                                   lse_base, delta_base, stride_ql, stride_qd, stride_dol,
-                                  stride_dod, qk_scale, DOT, TILES != WHOLE_TILES)
+                                  stride_dod, qk_scale, DOT, TILES != WHOLE_TILES, ds_scale)
         if MASKED or K_HELD:
             ds_t = tl.where(seen[:, None], ds_t, tl.zeros_like(ds_t))
         dq_ptrs = scratch + rows[:, None] * BLOCK_D + offs_d[None, :]
@@ -981,6 +983,13 @@ def _onepass_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
+    # Packed programs carry the softmax scale in dS (delta too), which dQ and dK both take:
+    # no multiply of them per element. Batched ones scale dK and dQ as they store them:
+    # there the folded scale spilled inside the row-tile loops under the register cap.
+    if VARLEN:
+        ds_scale = sm_scale
+    else:
+        ds_scale = 1.0
     # delta = rowsum(dO * O) of every row, and an empty dQ.
     o_base = O + b * stride_ob + h * stride_oh
     for r0 in range(first, end, BLOCK_M):  # loop: bwd1.delta
@@ -991,7 +1000,7 @@ def _onepass_bwd_kernel(
                     other=0.0).to(tl.float32)
         do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                      mask=ok, other=0.0).to(tl.float32)
-        tl.store(delta_base + rows, tl.sum(o * do, 1), mask=row_ok)
+        tl.store(delta_base + rows, tl.sum(o * do, 1) * ds_scale, mask=row_ok)
         tl.store(scratch + rows[:, None] * BLOCK_D + offs_d[None, :],
                  tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=row_ok[:, None])
     tl.debug_barrier()
@@ -1024,7 +1033,8 @@ def _onepass_bwd_kernel(
             dk, dv = _onepass_rows(  # loop: bwd1.query_rows
                 dk, dv, k_q, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
                 delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
-                stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True, DOT, VARLEN)
+                stride_dol, stride_dod, qk_scale, ds_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                DOT, VARLEN)
             # Packed programs set back only the block holding prefix columns, and clear
             # only the one holding the sequence's end (below); batched ones run both in
             # every block: under the register cap the branches made them spill in the row
@@ -1045,15 +1055,16 @@ def _onepass_bwd_kernel(
         dk, dv = _onepass_rows(  # loop: bwd1.rows_last
             dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
             delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-            stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
+            stride_dod, qk_scale, ds_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
             VARLEN and not SEES_PREFIX, PARTIAL_TILE)
         dk, dv = _onepass_rows(  # loop: bwd1.rows
             dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
             delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-            stride_dod, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
+            stride_dod, qk_scale, ds_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
             VARLEN and not SEES_PREFIX, WHOLE_TILES)
         written = (cols < key_end)[:, None] & d_ok[None, :]
-        dk = dk * sm_scale
+        if not VARLEN:
+            dk = dk * sm_scale
         if not VARLEN or n0 + BLOCK_N > vis:  # branch: rare
             kv_mask = (cols < vis)[:, None] & d_ok[None, :]
             dk = tl.where(kv_mask, dk, 0.0)
@@ -1069,8 +1080,10 @@ def _onepass_bwd_kernel(
         row_ok = rows < end
         dq = tl.load(scratch + rows[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None],
                      other=0.0)
+        if not VARLEN:
+            dq = dq * sm_scale
         tl.store(dq_base + rows[:, None] * stride_dql
-                 + offs_d[None, :] * stride_dqd, (dq * sm_scale).to(DQ.dtype.element_ty),
+                 + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
 
 
