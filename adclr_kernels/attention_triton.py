@@ -866,7 +866,7 @@ def _unidirectional_bwd_kernel(
 @triton.jit
 def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse_base,
                   delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-                  stride_dod, qk_scale, ds_scale,
+                  stride_dod, qk_scale, ds_scale, all_seen,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASKED: tl.constexpr, DOT: tl.constexpr, K_HELD: tl.constexpr,
                   TILES: tl.constexpr = ALL_TILES):
@@ -879,9 +879,10 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
 
     K_HELD: dQ's K is k, already in registers, and dS is cleared in the columns `seen`
     does not hold, where the caller gives k zeros or a key that every one of these rows
-    sees (0 x inf is NaN). Packed sequences take it: the loop then holds no K pointers,
-    and with the loaded offsets it fits the register cap at 32-row tiles without a spill
-    (reading K again spills inside this loop)."""
+    sees (0 x inf is NaN); with all_seen (the block holds no such column) the select is
+    skipped, behind a branch uniform over the block. Packed sequences take it: the loop
+    then holds no K pointers, and with the loaded offsets it fits the register cap at
+    32-row tiles without a spill (reading K again spills inside this loop)."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     lo, hi = _tile_bounds(lo, hi, BLOCK_M, TILES)
@@ -891,8 +892,11 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
         dk, dv, ds_t = _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base,
                                   lse_base, delta_base, stride_ql, stride_qd, stride_dol,
                                   stride_dod, qk_scale, DOT, TILES != WHOLE_TILES, ds_scale)
-        if MASKED or K_HELD:
+        if MASKED:
             ds_t = tl.where(seen[:, None], ds_t, tl.zeros_like(ds_t))
+        elif K_HELD:
+            if not all_seen:  # branch: rare
+                ds_t = tl.where(seen[:, None], ds_t, tl.zeros_like(ds_t))
         dq_ptrs = scratch + rows[:, None] * BLOCK_D + offs_d[None, :]
         dq = tl.load(dq_ptrs, mask=row_ok[:, None] if TILES != WHOLE_TILES else None)
         if K_HELD:
@@ -1033,7 +1037,7 @@ def _onepass_bwd_kernel(
             dk, dv = _onepass_rows(  # loop: bwd1.query_rows
                 dk, dv, k_q, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
                 delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
-                stride_dol, stride_dod, qk_scale, ds_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                stride_dol, stride_dod, qk_scale, ds_scale, False, HEAD_DIM, BLOCK_M, BLOCK_D, True,
                 DOT, VARLEN)
             # Packed programs set back only the block holding prefix columns, and clear
             # only the one holding the sequence's end (below); batched ones run both in
@@ -1051,16 +1055,18 @@ def _onepass_bwd_kernel(
         # columns these rows do not see hold key V - 1 (`_onepass_keys`), which every one
         # of them sees: dQ adds dS x K there, dS cleared, and K no value the row does not
         # depend on.
-        # The last, partial row tile, then the whole ones without row masks.
+        # The last, partial row tile, then the whole ones without row masks. Where the
+        # block holds no column past V, these rows see every column of it (all_seen).
+        all_seen = n0 + BLOCK_N <= vis
         dk, dv = _onepass_rows(  # loop: bwd1.rows_last
             dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
             delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-            stride_dod, qk_scale, ds_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
+            stride_dod, qk_scale, ds_scale, all_seen, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
             VARLEN and not SEES_PREFIX, PARTIAL_TILE)
         dk, dv = _onepass_rows(  # loop: bwd1.rows
             dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
             delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-            stride_dod, qk_scale, ds_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
+            stride_dod, qk_scale, ds_scale, all_seen, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
             VARLEN and not SEES_PREFIX, WHOLE_TILES)
         written = (cols < key_end)[:, None] & d_ok[None, :]
         if not VARLEN:
