@@ -1071,7 +1071,7 @@ def _onepass_bwd_kernel(
         written = (cols < key_end)[:, None] & d_ok[None, :]
         if not VARLEN:
             dk = dk * sm_scale
-        if not VARLEN or n0 + BLOCK_N > vis:  # branch: rare
+        if not VARLEN or not all_seen:  # branch: rare
             kv_mask = (cols < vis)[:, None] & d_ok[None, :]
             dk = tl.where(kv_mask, dk, 0.0)
             dv = tl.where(kv_mask, dv, 0.0)
