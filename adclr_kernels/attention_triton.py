@@ -1534,23 +1534,27 @@ def _delta_inside(q, geo, blocks):
 
 
 # The longest sequence the one-pass backward takes on a GPU, and the fewest (sequence,
-# head) programs of a packed call it takes: with fewer, its programs are under two waves
-# of the GPU and the longest sequence, walked by one program, sets the time.
+# head) programs of a call it takes. Packed: with fewer, its programs are under two waves
+# of the GPU and the longest sequence, walked by one program, sets the time. Batched:
+# under about two thirds of a wave (3 programs per SM on 132 SMs), one program walking a
+# whole sequence takes longer than the flash backward's programs, one per row block, take
+# in all (bench.static: 207 tokens tie at 192 programs, 795 tokens lose 500 to 452 µs).
 ONEPASS_MAX_LEN = 1024
 ONEPASS_MIN_PACKED_PROGRAMS = 3072
+ONEPASS_MIN_BATCHED_PROGRAMS = 256
 
 
 def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=False, programs=0):
     """The one-pass backward's constexprs for `programs` (sequence, head) pairs of at most
     seq_len tokens (batched, or packed with varlen) under the default mask rule or
     query_sees_prefix alone, or None (the flash backward): where bench.static predicted it
-    (bf16/fp16, head_dim <= 64, sm_90; packed, at least ONEPASS_MIN_PACKED_PROGRAMS), and
-    always in the interpreter, where the tests run it."""
+    (bf16/fp16, head_dim <= 64, sm_90, at least ONEPASS_MIN_PACKED_PROGRAMS or
+    ONEPASS_MIN_BATCHED_PROGRAMS), and always in the interpreter, where the tests run it."""
+    fewest = ONEPASS_MIN_PACKED_PROGRAMS if varlen else ONEPASS_MIN_BATCHED_PROGRAMS
     if interpreted:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     elif (dtype in (torch.float16, torch.bfloat16) and head_dim <= 64 and capability >= 90
-          and torch.version.hip is None and seq_len <= ONEPASS_MAX_LEN
-          and (not varlen or programs >= ONEPASS_MIN_PACKED_PROGRAMS)):
+          and torch.version.hip is None and seq_len <= ONEPASS_MAX_LEN and programs >= fewest):
         # bench.static (bench/NOTES.md, "the one-pass backward"): uncapped, ptxas takes
         # 216 registers (2 programs per SM); at 168, 3 per SM with 16 bytes spilled (one
         # reload per key block, none in the tile loops). Two stages spill far more. Packed

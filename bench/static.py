@@ -357,10 +357,13 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
     sequences of (prefix, raw, query) tokens): one row (kernel, registers, spill bytes,
     shared bytes, what the loops' spills cost as they run: `spills_run`) per kernel. For
     tests and CI."""
+    from adclr_kernels.attention_triton import ONEPASS_MIN_BATCHED_PROGRAMS
     from bench.workloads import Workload
 
+    # Batched: enough (sequence, head) programs for the one-pass backward's rule.
     workload = (PackedWorkload("check", "", 2, 2, head_dim) if packed
-                else Workload("check", "", 2, 1, 2, head_dim, *layout))
+                else Workload("check", "", ONEPASS_MIN_BATCHED_PROGRAMS // 2, 1, 2, head_dim,
+                              *layout))
     forward, backward = capture(workload, DTYPES[dtype_name], capability, flags)
     rows = []
     for launch in forward + backward:

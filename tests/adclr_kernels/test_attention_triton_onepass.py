@@ -203,15 +203,21 @@ def test_bitwise_deterministic_with_a_broadcast_gradient(launched, packed):
 @pytest.mark.parametrize("dtype,head_dim,capability,length,programs", [
     (torch.float32, 64, 90, 207, 0), (torch.bfloat16, 128, 90, 207, 0),
     (torch.bfloat16, 64, 80, 207, 0), (torch.bfloat16, 64, 90, T.ONEPASS_MAX_LEN + 1, 0),
+    (torch.bfloat16, 64, 90, 207, -(T.ONEPASS_MIN_BATCHED_PROGRAMS - 1)),
     (torch.bfloat16, 64, 90, 207, T.ONEPASS_MIN_PACKED_PROGRAMS - 1)])
 def test_gpu_rule_keeps_the_flash_backward_where_not_predicted_to_win(dtype, head_dim, capability,
                                                                        length, programs):
-    assert T.onepass_config(207, 64, torch.bfloat16, 90, False)["BLOCK_M"] == 32
+    """programs: packed (sequence, head) pairs, or batched ones where negative (0: a
+    batched call of enough)."""
+    batched = T.onepass_config(207, 64, torch.bfloat16, 90, False, False,
+                               T.ONEPASS_MIN_BATCHED_PROGRAMS)
+    assert batched["BLOCK_M"] == 32 and not batched["VARLEN"]
     packed = T.onepass_config(207, 64, torch.bfloat16, 90, False, True,
                               T.ONEPASS_MIN_PACKED_PROGRAMS)
     assert packed["BLOCK_M"] == 32 and packed["VARLEN"]
+    count = abs(programs) if programs else T.ONEPASS_MIN_BATCHED_PROGRAMS
     assert T.onepass_config(length, head_dim, dtype, capability, False, programs > 0,
-                            programs) is None
+                            count) is None
 
 
 def _packed_meta(tokens, heads=6):
