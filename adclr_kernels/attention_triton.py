@@ -1283,13 +1283,35 @@ def _table_blocks(q, max_len):
             _bwd_config(head_dim, q.dtype, capability, packed=True)["PROGRAM_BLOCK"])
 
 
+# A layout of at most this many runs of alike sequences (`VarlenLayout.runs`) has each run
+# attended by the batched kernels, on views of the packed tensors. A multi-crop batch
+# packed by resolution is one run per crop size, and batched kernels of one length beat
+# the packed ones at mixed lengths: the crops of up to 42 tokens take the one-shot
+# kernels, and the global crops the one-pass backward at any count of them (bench.static,
+# bf16 sm_90, the trainer's ViT-S/16 batch: 580.7 -> 530.1 µs per layer, bench/NOTES.md).
+# Longer lists of runs (lengths that vary) stay one packed launch per pass.
+MAX_BATCHED_RUNS = 4
+
+
+def batched_runs(layout):
+    """A layout's runs as the launchers take them, (count, length, num_queries) of each
+    run flattened, or () when the packed kernels attend it."""
+    if len(layout.runs) > MAX_BATCHED_RUNS:
+        return ()
+    return tuple(n for run in layout.runs for n in run)
+
+
 def varlen_tables(layout, q):
     """What the kernels take for a `VarlenLayout`: (cu_seqlens, num_queries tensor,
-    max_seqlen, forward tiles, backward tiles), the tile tables built for the rows per
-    program the launchers pick for q's head_dim, dtype and device."""
+    max_seqlen, forward tiles, backward tiles, runs), the tile tables built for the rows
+    per program the launchers pick for q's head_dim, dtype and device, or None (and runs,
+    `batched_runs`, given) where the batched kernels attend the layout run by run."""
+    runs = batched_runs(layout)
+    if runs:
+        return layout.cu_seqlens, layout.num_queries, layout.max_seqlen, None, None, runs
     fwd_block, bwd_block = _table_blocks(q, layout.max_seqlen)
     return (layout.cu_seqlens, layout.num_queries, layout.max_seqlen, layout.tiles(fwd_block),
-            layout.tiles(bwd_block))
+            layout.tiles(bwd_block), ())
 
 
 def tile_capacity(num_seqs, total_tokens, max_seqlen, block):
@@ -1314,9 +1336,10 @@ SCHEDULE_ERRORS = (
 def varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
     """What the kernels take for offsets given with max_seqlen, from one small launch and
     no host sync: (cu_seqlens, num_queries tensor, max_seqlen, forward tiles, backward
-    tiles). The launch checks the offsets' values; a broken rule raises here on CPU
-    (the interpreter runs synchronously) and fails a device assert on CUDA, which
-    surfaces at the next synchronising call.
+    tiles, ()): offsets known only on the device take the packed kernels. The launch
+    checks the offsets' values; a broken rule raises here on CPU (the interpreter runs
+    synchronously) and fails a device assert on CUDA, which surfaces at the next
+    synchronising call.
 
     The grids then have one program per tile-table slot and head: every (sequence, row
     block) with rows, and the few idle slots that the host's bound on their number leaves.
@@ -1347,7 +1370,7 @@ def varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
                 raise RuntimeError(message.format(total=total, num_prefix=num_prefix,
                                                   max_seqlen=max_seqlen))
     return (cu_out, queries_out, max_seqlen, fwd_tiles.view(fwd_capacity, 2),
-            bwd_tiles.view(bwd_capacity, 2))
+            bwd_tiles.view(bwd_capacity, 2), ())
 
 
 # Every launch of the op's kernels after a specialization's first skips Triton's argument
@@ -1375,7 +1398,8 @@ def _flags(mask):
 class Geometry(NamedTuple):
     """Where the sequences are. Batched: num_seqs = batch equal sequences of the given
     lengths. Packed: lengths and query counts are read per sequence from cu_seqlens and
-    num_queries, and an optional tile table lists the (sequence, block) pairs to run."""
+    num_queries, and an optional tile table lists the (sequence, block) pairs to run; or
+    runs (`batched_runs`) says the batched kernels take the sequences run by run."""
     num_seqs: int
     heads: int
     max_len: int
@@ -1387,6 +1411,7 @@ class Geometry(NamedTuple):
     num_queries: torch.Tensor | None = None
     fwd_tiles: torch.Tensor | None = None
     bwd_tiles: torch.Tensor | None = None
+    runs: tuple = ()
 
     def grid(self, block, tiles):
         if tiles is not None:  # one program per (tile, head): none is empty
@@ -1394,11 +1419,33 @@ class Geometry(NamedTuple):
         blocks = -(-self.max_len // block)  # triton.cdiv is a constexpr_function: slow on the host
         return blocks, blocks * self.num_seqs * self.heads
 
-    def lse_strides(self):
-        # lse and delta are (batch, heads, seq) batched, or (heads, tokens) packed.
-        if self.cu_seqlens is None:
-            return self.heads * self.max_len, self.max_len
-        return 0, self.total_tokens
+    def batched_runs(self, *tensors):
+        """Each run of a packed call's alike sequences (`batched_runs`): its batched
+        geometry, and the tensors' views of its tokens, (count, heads, length, ...) of a
+        (tokens, heads, ...) tensor, (count, heads, length) of per-row (heads, tokens)."""
+        start = 0
+        for i in range(0, len(self.runs), 3):
+            count, length, queries = self.runs[i:i + 3]
+            end = start + count * length
+            views = [t[:, start:end].unflatten(1, (count, length)).transpose(0, 1) if t.dim() == 2
+                     else t[start:end].unflatten(0, (count, length)).transpose(1, 2)
+                     for t in tensors]
+            yield Geometry(count, self.heads, length, length, length, length - queries), views
+            start = end
+
+
+def _row_strides(rows):
+    """(batch, head) strides of per-row statistics (lse, delta: the kernels index both with
+    these): (batch, heads, seq), or (heads, tokens) packed; unit stride along the rows."""
+    if rows.dim() == 3:
+        return rows.stride(0), rows.stride(1)
+    return 0, rows.stride(0)
+
+
+def _empty_rows_like(lse):
+    """delta for this lse: its shape and its strides, lse being a view of a packed call's
+    statistics where the batched kernels take one run of it."""
+    return lse.new_empty_strided(lse.shape, lse.stride())
 
 
 def batched_geometry(q, k, num_queries):
@@ -1406,10 +1453,10 @@ def batched_geometry(q, k, num_queries):
     return Geometry(batch, heads, seq, seq, k.shape[2], seq - num_queries)
 
 
-def varlen_geometry(q, cu_seqlens, num_queries, max_seqlen, fwd_tiles, bwd_tiles):
+def varlen_geometry(q, cu_seqlens, num_queries, max_seqlen, fwd_tiles, bwd_tiles, runs=()):
     return Geometry(cu_seqlens.numel() - 1, q.shape[1], max_seqlen, total_tokens=q.shape[0],
                     cu_seqlens=cu_seqlens, num_queries=num_queries, fwd_tiles=fwd_tiles,
-                    bwd_tiles=bwd_tiles)
+                    bwd_tiles=bwd_tiles, runs=tuple(runs))
 
 
 def _empty_bhld(batch, heads, seq, head_dim, like):
@@ -1502,6 +1549,10 @@ def attention_fwd(q, k, v, out, lse, geo, num_prefix, mask, scale):
     """Forward into out and lse (base-2 logsumexp, fp32), any q/k/v/out strides."""
     if out.numel() == 0:
         return
+    if geo.runs:
+        for run, views in geo.batched_runs(q, k, v, out, lse):
+            attention_fwd(*views, run, num_prefix, mask, scale)
+        return
     config = _oneshot("fwd", q, geo)
     if config is not None:
         oneshot_fwd(q, k, v, out, lse, config, geo.seq_len - geo.visible, num_prefix, mask, scale)
@@ -1515,7 +1566,7 @@ def attention_fwd(q, k, v, out, lse, geo, num_prefix, mask, scale):
     _unidirectional_fwd_kernel.run(
         q, k, v, out, lse, geo.cu_seqlens, geo.num_queries, geo.fwd_tiles,
         *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out),
-        *geo.lse_strides(), blocks, geo.heads, geo.num_seqs, geo.seq_len, geo.key_len,
+        *_row_strides(lse), blocks, geo.heads, geo.num_seqs, geo.seq_len, geo.key_len,
         geo.visible, geo.total_tokens, num_prefix, scale * LOG2E, grid=(programs,), warmup=False,
         **constants)
 
@@ -1583,21 +1634,21 @@ def _onepass(q, geo, mask, tensors=()):
 
 
 def _empty_scratch(lse, width):
-    """The one-pass backward's fp32 dQ: `width` floats for every row of lse (each program
-    owns its sequence's rows of one head)."""
-    return lse.new_empty((*lse.shape, width))
+    """The one-pass backward's fp32 dQ: `width` floats for every row of lse, laid out as
+    lse is (each program owns its sequence's rows of one head)."""
+    return lse.new_empty_strided((*lse.shape, width), (*(s * width for s in lse.stride()), 1))
 
 
 def onepass_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, constants, geo, num_prefix, scale):
     """The one-pass backward into dq, dk, dv (batched views or packed tokens): one launch,
     one program per (sequence, head)."""
     programs = geo.num_seqs * geo.heads
-    delta = _empty_lse(q)
-    scratch = _empty_scratch(delta, constants["BLOCK_D"])
+    delta = _empty_rows_like(lse)
+    scratch = _empty_scratch(lse, constants["BLOCK_D"])
     _onepass_bwd_kernel.run(
         q, k, v, out, grad_out, lse, delta, scratch, dq, dk, dv, *_bhld_strides(q),
         *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out), *_bhld_strides(grad_out),
-        *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *geo.lse_strides(),
+        *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *_row_strides(lse),
         geo.heads, geo.num_seqs, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens,
         num_prefix, scale * LOG2E, scale, geo.cu_seqlens, geo.num_queries, grid=(programs,),
         warmup=False, **constants)
@@ -1607,6 +1658,10 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
     """Backward into dq, dk, dv (any strides: e.g. views of one dqkv buffer)."""
     if dq.numel() == 0:
         dk.zero_(), dv.zero_()
+        return
+    if geo.runs:
+        for run, views in geo.batched_runs(grad_out, q, k, v, out, lse, dq, dk, dv):
+            attention_bwd(*views, run, num_prefix, mask, scale)
         return
     config = _oneshot("bwd", q, geo)
     if config is not None:
@@ -1623,7 +1678,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
     blocks, programs = geo.grid(block, geo.bwd_tiles)
     if programs == 0:
         return
-    delta = _empty_lse(q)
+    delta = _empty_rows_like(lse)
     delta_rows = block if _delta_inside(q, geo, blocks) else 0
     if delta_rows and not triton_interpreter_enabled():
         # bench.static (bf16, sm_90, 37 tokens): the delta takes the kernel from 160 to 172
@@ -1633,12 +1688,12 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
     if not delta_rows:
         _unidirectional_bwd_delta_kernel.run(
             out, grad_out, delta, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
-            *_bhld_strides(out), *_bhld_strides(grad_out), *geo.lse_strides(), blocks, geo.heads,
+            *_bhld_strides(out), *_bhld_strides(grad_out), *_row_strides(lse), blocks, geo.heads,
             geo.num_seqs, geo.seq_len, geo.total_tokens, grid=(programs,), warmup=False, **delta_constants)
     _unidirectional_bwd_kernel.run(
         q, k, v, grad_out, lse, delta, dq, dk, dv, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
         *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(grad_out),
-        *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *geo.lse_strides(),
+        *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *_row_strides(lse),
         blocks, geo.heads, geo.num_seqs, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens,
         num_prefix, scale * LOG2E, scale, out, *_bhld_strides(out), grid=(programs,), warmup=False,
         DELTA_ROWS=delta_rows, **constants)
@@ -1653,10 +1708,11 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
 # that autograd has nothing to stack or copy on the way to the qkv projection.
 
 
-def _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen):
+def _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen,
+              runs=()):
     if cu_seqlens is None:
         return batched_geometry(q, k, num_queries)
-    return varlen_geometry(q, cu_seqlens, num_queries_t, max_seqlen, fwd_tiles, bwd_tiles)
+    return varlen_geometry(q, cu_seqlens, num_queries_t, max_seqlen, fwd_tiles, bwd_tiles, runs)
 
 
 def _unpack(qkv):
@@ -1688,10 +1744,11 @@ def _backward_packed(grad_out, qkv, out, lse, geo, num_prefix, mask, scale, view
 
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor],
             num_queries_t: Optional[Tensor], fwd_tiles: Optional[Tensor],
-            bwd_tiles: Optional[Tensor], num_queries: int, max_seqlen: int, num_prefix: int,
-            query_sees_prefix: bool, query_sees_self: bool, query_sees_queries: bool,
-            scale: float) -> tuple[Tensor, Tensor]:
-    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
+            bwd_tiles: Optional[Tensor], num_queries: int, max_seqlen: int, runs: list[int],
+            num_prefix: int, query_sees_prefix: bool, query_sees_self: bool,
+            query_sees_queries: bool, scale: float) -> tuple[Tensor, Tensor]:
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen,
+                    runs)
     return _forward(q, k, v, geo, num_prefix,
                     query_mask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
 
@@ -1708,9 +1765,11 @@ def _fwd_fake(q, k, v, *args):
 def _bwd_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
             cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
             fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
-            max_seqlen: int, num_prefix: int, query_sees_prefix: bool, query_sees_self: bool,
-            query_sees_queries: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
+            max_seqlen: int, runs: list[int], num_prefix: int, query_sees_prefix: bool,
+            query_sees_self: bool, query_sees_queries: bool,
+            scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen,
+                    runs)
     return _backward_qkv(grad_out, q, k, v, out, lse, geo, num_prefix,
                          query_mask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
 
@@ -1748,11 +1807,11 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _qkv_fwd_impl(qkv: Tensor, cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
                 fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
-                max_seqlen: int, num_prefix: int, query_sees_prefix: bool,
+                max_seqlen: int, runs: list[int], num_prefix: int, query_sees_prefix: bool,
                 query_sees_self: bool, query_sees_queries: bool,
                 scale: float) -> tuple[Tensor, Tensor]:
     return _fwd_impl(*_unpack(qkv), cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, num_queries,
-                     max_seqlen, num_prefix, query_sees_prefix, query_sees_self,
+                     max_seqlen, runs, num_prefix, query_sees_prefix, query_sees_self,
                      query_sees_queries, scale)
 
 
@@ -1768,10 +1827,11 @@ def _qkv_fwd_fake(qkv, *args):
 def _qkv_bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
                 cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
                 fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
-                max_seqlen: int, num_prefix: int, query_sees_prefix: bool,
+                max_seqlen: int, runs: list[int], num_prefix: int, query_sees_prefix: bool,
                 query_sees_self: bool, query_sees_queries: bool, scale: float) -> Tensor:
     q, k, _ = _unpack(qkv)
-    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen)
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen,
+                    runs)
     return _backward_packed(grad_out, qkv, out, lse, geo, num_prefix,
                             query_mask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
 
@@ -1873,7 +1933,8 @@ class _Call:
     def __init__(self, packed_qkv, geo, num_queries, num_prefix, mask, scale, varlen, with_lse):
         self.packed_qkv, self.geo, self.num_queries = packed_qkv, geo, num_queries
         self.num_prefix, self.mask, self.scale = num_prefix, mask, scale
-        self.varlen = varlen  # (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles, bwd_tiles)
+        # (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles, bwd_tiles, runs)
+        self.varlen = varlen
         # Whether the forward returns its logsumexp as a second output: for the prefix
         # probabilities, and under the torch.func transforms, which only carry to
         # setup_context what the forward returns. Otherwise the forward leaves it in
@@ -1883,13 +1944,14 @@ class _Call:
 
     def op_args(self):
         """The custom ops' arguments after the tensors (their schemas take plain bools)."""
-        cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = self.varlen
+        cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles, runs = self.varlen
         mask = self.mask
         return (cu_seqlens, queries, fwd_tiles, bwd_tiles, self.num_queries, max_seqlen,
-                self.num_prefix, mask.sees_prefix, mask.sees_self, mask.sees_queries, self.scale)
+                list(runs), self.num_prefix, mask.sees_prefix, mask.sees_self, mask.sees_queries,
+                self.scale)
 
     def prefix_probs(self, q, k, lse):
-        cu_seqlens, queries, max_seqlen, _, _ = self.varlen
+        cu_seqlens, queries, max_seqlen, *_ = self.varlen
         return _prefix_probs_op(q, k, lse, cu_seqlens, queries, self.num_queries, max_seqlen,
                                 self.num_prefix, self.scale)
 
@@ -1999,28 +2061,30 @@ def _attend(call, *tensors):
 
 def _qkv_geometry(qkv, num_queries, varlen):
     """The geometry of a packed qkv call, read off qkv's shape without unpacking it."""
-    cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles = varlen
+    cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles, runs = varlen
     if cu_seqlens is None:
         batch, seq, _, heads, _ = qkv.shape
         return Geometry(batch, heads, seq, seq, seq, seq - num_queries)
     return Geometry(cu_seqlens.numel() - 1, qkv.shape[2], max_seqlen, total_tokens=qkv.shape[0],
                     cu_seqlens=cu_seqlens, num_queries=queries, fwd_tiles=fwd_tiles,
-                    bwd_tiles=bwd_tiles)
+                    bwd_tiles=bwd_tiles, runs=runs)
 
 
-_BATCHED = (None, None, 0, None, None)
+_BATCHED = (None, None, 0, None, None, ())
 
 
 def triton_attention(q, k, v, num_queries, num_prefix, mask, scale, varlen=None, prefix_probs=False):
     """The Triton backend on checked inputs: batched when varlen is None, else packed.
 
     mask: a QueryMask. varlen: (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles,
-    bwd_tiles), e.g. `varlen_tables(layout, q)`. prefix_probs: return (out, the prefix
+    bwd_tiles, runs), e.g. `varlen_tables(layout, q)`. prefix_probs: return (out, the prefix
     rows' probabilities) (see `_prefix_probs_kernel`).
     """
     varlen = _BATCHED if varlen is None else varlen
     if _eager(q, k, v):
-        geo = _geometry(q, k, num_queries, varlen[0], varlen[1], varlen[3], varlen[4], varlen[2])
+        cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles, runs = varlen
+        geo = _geometry(q, k, num_queries, cu_seqlens, queries, fwd_tiles, bwd_tiles, max_seqlen,
+                        runs)
         call = _Call(False, geo, num_queries, num_prefix, mask, scale, varlen, prefix_probs)
         out, lse = _attend(call, q, k, v)
     else:
@@ -2118,7 +2182,7 @@ def prefix_probs_fwd(q, k, lse, probs, geo, num_prefix, scale):
     strides = probs.stride() if probs.dim() == 4 else (0, *probs.stride())
     _prefix_probs_kernel[(blocks * geo.num_seqs * geo.heads,)](
         q, k, lse, probs, geo.cu_seqlens, geo.num_queries,
-        *_bhld_strides(q), *_bhld_strides(k), *geo.lse_strides(), *strides,
+        *_bhld_strides(q), *_bhld_strides(k), *_row_strides(lse), *strides,
         blocks, geo.heads, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens, num_prefix,
         scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_P=max(16, triton.next_power_of_2(num_prefix)), BLOCK_N=block_n,

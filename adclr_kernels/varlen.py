@@ -38,6 +38,10 @@ class VarlenLayout:
             raise ValueError(f"{offsets[-1]} tokens do not fit int32 offsets")
         self.total_tokens = offsets[-1]
         self.max_seqlen = max(self.seqlens, default=0)
+        # (count, length, num_queries) of each run of consecutive sequences alike in both:
+        # a multi-crop batch packed by resolution is one run per crop size.
+        self.runs = tuple((len(list(alike)), length, nq) for (length, nq), alike
+                          in itertools.groupby(zip(self.seqlens, self.queries)))
         self.cu_seqlens = torch.tensor(offsets, dtype=torch.int32,
                                        device=device if device is not None else "cpu")
         self.num_queries = torch.tensor(self.queries, dtype=torch.int32, device=self.device)

@@ -186,17 +186,18 @@ def capture(workload, dtype, capability, flags=(False, False, False)):
             lengths, queries = zip(*workload.sequences())
             qkv = _meta_qkv((workload.tokens,), workload.heads, workload.head_dim, dtype)
             layout = VarlenLayout(lengths, queries, device="meta")
-            cu, nq, max_len, fwd_tiles, bwd_tiles = T.varlen_tables(layout, qkv[:, 0])
+            cu, nq, max_len, fwd_tiles, bwd_tiles, runs = T.varlen_tables(layout, qkv[:, 0])
             if workload.offsets:  # tables of the capacity varlen_schedule sizes them to
+                runs = ()
                 fwd_tiles, bwd_tiles = (
                     torch.empty(T.tile_capacity(len(lengths), workload.tokens, max_len, block), 2,
                                 dtype=torch.int32, device="meta")
                     for block in T._table_blocks(qkv, max_len))
-            geometry = (cu, nq, fwd_tiles, bwd_tiles, 0, max_len)
+            geometry = (cu, nq, fwd_tiles, bwd_tiles, 0, max_len, list(runs))
         else:
             qkv = _meta_qkv((workload.batch, workload.seq_len), workload.heads,
                             workload.head_dim, dtype)
-            geometry = (None, None, None, None, workload.num_queries, 0)
+            geometry = (None, None, None, None, workload.num_queries, 0, [])
         args = (*geometry, workload.num_prefix, *flags, scale)
         out, lse = T._qkv_fwd_impl(qkv, *args)
         n_fwd = len(launches)

@@ -277,7 +277,7 @@ for capability, dtype, head_dim, packed in ((90, torch.bfloat16, 64, False), (80
     with recording(capability) as launches:
         if packed:
             qkv = _meta_qkv((300,), 2, head_dim, dtype)
-            cu, nq, max_len, _, _ = T.varlen_tables(VarlenLayout([100, 200], [3, 0], device="meta"), qkv[:, 0])
+            cu, nq, max_len, *_ = T.varlen_tables(VarlenLayout([100, 200], [3, 0], device="meta"), qkv[:, 0])
             geometry = (cu, nq, None, None, 0, max_len)
         else:
             qkv = _meta_qkv((2, 207), 2, head_dim, dtype)

@@ -37,20 +37,26 @@ def dense_per_sequence(q, k, v, cu, num_queries, num_prefix, grad_out, opts):
 
 
 # A DINO-like packed batch: two globals with query tokens, locals without, odd lengths.
+# Three runs of alike sequences: the batched kernels take them run by run.
 LENGTHS = [1 + 49 + 10, 1 + 49 + 10, 1 + 9, 1 + 9, 1 + 9, 1 + 33 + 3]
 QUERIES = [10, 10, 0, 0, 0, 3]
+# Every length its own run, more than MAX_BATCHED_RUNS: the packed kernels take them.
+VARIED = [1 + 49 + 10, 1 + 9, 1 + 33 + 3, 1 + 8, 1 + 20 + 2, 1 + 49 + 1]
+VARIED_QUERIES = [10, 0, 3, 0, 2, 1]
 
 
+@pytest.mark.parametrize("lengths,queries", [(LENGTHS, QUERIES), (VARIED, VARIED_QUERIES)],
+                         ids=["runs", "varied"])
 @pytest.mark.parametrize("opt_set", OPTION_SETS, ids=option_id)
-def test_triton_varlen_matches_dense_per_sequence(opt_set, poisoned):
+def test_triton_varlen_matches_dense_per_sequence(opt_set, lengths, queries, poisoned):
     opts = options(opt_set)
-    q, k, v, cu = make_packed(LENGTHS, 2, 32)
+    q, k, v, cu = make_packed(lengths, 2, 32)
     grad_out = torch.randn(q.shape, device=DEVICE)
-    nq = torch.tensor(QUERIES, device=DEVICE)
+    nq = torch.tensor(queries, device=DEVICE)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out = unidirectional_attention_varlen(*leaves, cu, nq, 1, backend="triton", **opts)
     grads = torch.autograd.grad(out, leaves, grad_out)
-    ref, ref_grads = dense_per_sequence(q, k, v, cu, QUERIES, 1, grad_out, opts)
+    ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, 1, grad_out, opts)
     assert out.shape == q.shape
     assert_rel_close("out", out, ref)
     for name, got, want in zip("qkv", grads, ref_grads):
@@ -107,18 +113,31 @@ def test_no_attention_across_sequences():
     assert not torch.equal(out1[20:], out2[20:])
 
 
-def test_max_seqlen_given_or_computed_agree_and_backward_is_deterministic():
-    q, k, v, cu = make_packed(LENGTHS, 2, 32, dtype=torch.float16, seed=4)
+@pytest.mark.parametrize("lengths,queries", [(LENGTHS, QUERIES), (VARIED, VARIED_QUERIES)],
+                         ids=["runs", "varied"])
+def test_max_seqlen_given_or_computed_agree_and_backward_is_deterministic(lengths, queries):
+    # Offsets read on the host make a layout, whose few runs of alike sequences take the
+    # batched kernels; offsets vouched for with max_seqlen take the packed ones. Each is
+    # deterministic, and with runs too many for the batched kernels they agree bit for bit.
+    q, k, v, cu = make_packed(lengths, 2, 32, dtype=torch.float16, seed=4)
     grad_out = torch.randn_like(q)
-    nq = torch.tensor(QUERIES, device=DEVICE)
+    nq = torch.tensor(queries, device=DEVICE)
 
     def run(max_seqlen):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
         out = unidirectional_attention_varlen(*leaves, cu, nq, max_seqlen=max_seqlen, backend="triton")
         return (out, *torch.autograd.grad(out, leaves, grad_out))
 
-    for a, b in zip(run(None), run(max(LENGTHS))):
+    computed, given = run(None), run(max(lengths))
+    for a, b in zip(computed, run(None)):
         assert torch.equal(a, b)
+    for a, b in zip(given, run(max(lengths))):
+        assert torch.equal(a, b)
+    for a, b in zip(computed, given):
+        if lengths is VARIED:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
 
 
 def test_empty_sequence_and_no_prefix():
@@ -213,14 +232,14 @@ def test_kernels_stay_inside_the_tensors_whatever_the_offsets(offsets, poisoned)
     q, k, v, _ = make_packed([10, 12], 2, 16)
     cu = _i32(*offsets)
     nq = _i32(*([3] * (len(offsets) - 1)))
-    args = (cu, nq, None, None, 0, 40, 1, False, False, False, 0.25)
+    args = (cu, nq, None, None, 0, 40, [], 1, False, False, False, 0.25)
     out, lse = _fwd_op(q, k, v, *args)
     dq, dk, dv = _bwd_op(torch.ones_like(out), q, k, v, out, lse, *args)
     assert out.shape == q.shape and dq.shape == q.shape
 
 
 def test_max_seqlen_larger_than_needed_is_only_slower():
-    q, k, v, cu = make_packed([10, 12], 2, 16)
+    q, k, v, cu = make_packed([10, 12, 9, 11, 13], 2, 16)
     exact = unidirectional_attention_varlen(q, k, v, cu, 3, backend="triton")
     loose = unidirectional_attention_varlen(q, k, v, cu, 3, max_seqlen=100, backend="triton")
     assert torch.equal(exact, loose)
@@ -332,9 +351,10 @@ def test_device_tile_table_is_the_layouts_then_idle_slots_within_30_percent(monk
     lengths, queries = [207, 207] + [37] * 10, [10, 10] + [0] * 10
     layout = VarlenLayout(lengths * 4, queries * 4, device=DEVICE)
     q = torch.empty(layout.total_tokens, 6, 64, dtype=torch.bfloat16, device=DEVICE)
-    cu, nq, max_len, fwd, bwd = T.varlen_schedule(q, layout.cu_seqlens, layout.num_queries.long(),
+    cu, nq, max_len, fwd, bwd, runs = T.varlen_schedule(q, layout.cu_seqlens, layout.num_queries.long(),
                                                   207, 1, QueryMask())
     assert torch.equal(cu, layout.cu_seqlens) and torch.equal(nq, layout.num_queries)
+    assert runs == ()
     for table, block in zip((fwd, bwd), T._table_blocks(q, 207)):
         tiles = layout.tiles(block)
         assert torch.equal(table[: len(tiles)], tiles)
@@ -350,12 +370,87 @@ def test_an_edited_tile_table_stays_inside_the_tensors(column, value):
     # (a sequence index into the batch, a block into the table), not the host per call.
     from adclr_kernels.attention_triton import varlen_tables
 
-    layout = VarlenLayout([10, 12], [3, 3], device=DEVICE)
-    q, k, v, _ = make_packed([10, 12], 2, 16)
+    # Five lengths: more runs than the batched kernels take, so the packed ones read tables.
+    lengths = [10, 12, 9, 11, 13]
+    layout = VarlenLayout(lengths, 3, device=DEVICE)
+    q, k, v, _ = make_packed(lengths, 2, 16)
     q.requires_grad_()
     tables = varlen_tables(layout, q)
-    for tiles in tables[3:]:
+    for tiles in tables[3:5]:
         tiles[:, column] = value
     out = unidirectional_attention_varlen(q, k, v, layout, backend="triton")
     (dq,) = torch.autograd.grad(out.sum(), q)
     assert out.shape == q.shape and dq.shape == q.shape
+
+
+# ---------------------------------------------------------------------------------------
+# A layout of few runs of alike sequences: the batched kernels, run by run, on views.
+# ---------------------------------------------------------------------------------------
+
+
+def test_layout_runs():
+    layout = VarlenLayout([5, 5, 7, 7, 7, 5, 0, 0], [1, 1, 0, 0, 0, 1, 0, 0])
+    assert layout.runs == ((2, 5, 1), (3, 7, 0), (1, 5, 1), (2, 0, 0))
+    assert VarlenLayout([]).runs == ()
+
+
+@pytest.mark.parametrize("opt_set,num_prefix", [(OPTION_SETS[0], 1), (OPTION_SETS[3], 4)],
+                         ids=["default-P1", "prefix+self-P4"])
+@pytest.mark.parametrize("qkvpacked", [False, True], ids=["qkv", "qkvpacked"])
+def test_runs_take_the_batched_kernels_as_batched_calls_would(opt_set, num_prefix, qkvpacked,
+                                                              monkeypatch, poisoned):
+    """Each run gives what a batched call on its sequences gives, bit for bit (the same
+    kernels on views of the packed tensors), its short run through the one-shot kernels."""
+    import adclr_kernels.attention_triton as T
+    from adclr_kernels import unidirectional_attention_qkvpacked
+
+    opts = options(opt_set)
+    runs = [(2, 60, 10), (3, 9, 0), (2, 37, 3)]  # 9 tokens: one-shot in the interpreter
+    lengths = [n for count, n, _ in runs for _ in range(count)]
+    layout = VarlenLayout(lengths, [q for count, _, q in runs for _ in range(count)], device=DEVICE)
+    assert T.batched_runs(layout) == (2, 60, 10, 3, 9, 0, 2, 37, 3)
+    qkv = torch.randn(layout.total_tokens, 3, 2, 32, generator=torch.Generator().manual_seed(7),
+                      dtype=torch.float64).to(device=DEVICE, dtype=torch.float32)
+    grad_out = torch.randn(layout.total_tokens, 2, 32, device=DEVICE)
+    oneshot = []
+    for name in ("oneshot_fwd", "oneshot_bwd"):
+        def spy(*args, real=getattr(T, name), name=name, **kwargs):
+            oneshot.append((name, args[1].shape))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(T, name, spy)
+
+    def packed(x):
+        if qkvpacked:
+            return unidirectional_attention_varlen_qkvpacked(x, layout, num_prefix=num_prefix,
+                                                             backend="triton", **opts)
+        return unidirectional_attention_varlen(*x.unbind(1), layout, num_prefix=num_prefix,
+                                               backend="triton", **opts)
+
+    leaf = qkv.clone().requires_grad_()
+    out = packed(leaf)
+    (grad,) = torch.autograd.grad(out, leaf, grad_out)
+    assert oneshot == [("oneshot_fwd", (3, 2, 9, 32)), ("oneshot_bwd", (3, 2, 9, 32))]
+    start = 0
+    for count, length, nq in runs:
+        end = start + count * length
+        part = qkv[start:end].view(count, length, 3, 2, 32).clone().requires_grad_()
+        want = unidirectional_attention_qkvpacked(part, nq, num_prefix, backend="triton", **opts)
+        (want_grad,) = torch.autograd.grad(want, part, grad_out[start:end].view(want.shape))
+        assert torch.equal(out[start:end], want.flatten(0, 1))
+        assert torch.equal(grad[start:end], want_grad.flatten(0, 1))
+        start = end
+
+
+@pytest.mark.parametrize("lengths", [[9] * 5, [9, 9, 20, 20, 5, 5, 30, 30, 12, 12]],
+                         ids=["one run", "five runs"])
+def test_how_many_runs_take_the_batched_kernels(lengths):
+    import adclr_kernels.attention_triton as T
+
+    layout = VarlenLayout(lengths, device=DEVICE)
+    q = torch.empty(layout.total_tokens, 2, 32, device=DEVICE)
+    cu, nq, max_len, fwd_tiles, bwd_tiles, runs = T.varlen_tables(layout, q)
+    if len(layout.runs) <= T.MAX_BATCHED_RUNS:
+        assert runs == tuple(n for run in layout.runs for n in run)
+        assert fwd_tiles is None and bwd_tiles is None
+    else:
+        assert runs == () and fwd_tiles.shape[1] == 2 and bwd_tiles.shape[1] == 2
