@@ -119,6 +119,14 @@ def launch_configs(workload, capability):
 
     packed = isinstance(workload, PackedWorkload)
     max_len = max(n for n, _ in workload.sequences()) if packed else workload.seq_len
+    seqs = len(workload.sequences()) if packed else workload.batch
+    if packed and not workload.offsets:
+        from adclr_kernels import VarlenLayout
+
+        runs = T.batched_runs(VarlenLayout(*zip(*workload.sequences()), device="meta"))
+        if runs:  # attended run by run as batched calls: the flash kernels take the longest
+            longest = max(range(0, len(runs), 3), key=lambda i: runs[i + 1])
+            seqs, max_len, packed = runs[longest], runs[longest + 1], False
     configs = dict(fwd=T._fwd_config(workload.head_dim, torch.bfloat16, capability, max_len, packed),
                    bwd=T._bwd_config(workload.head_dim, torch.bfloat16, capability, packed,
                                      max_len=max_len))
@@ -129,7 +137,7 @@ def launch_configs(workload, capability):
             if oneshot is not None:
                 configs[kind] = dict(zip(("BLOCK_M", "GROUP", "num_warps", "maxnreg"), oneshot),
                                      kernel="oneshot")
-    programs = (len(workload.sequences()) if packed else workload.batch) * workload.heads
+    programs = seqs * workload.heads
     onepass = T.onepass_config(max_len, workload.head_dim, torch.bfloat16, capability, False,
                                packed, programs)
     if configs["bwd"].get("kernel") is None and onepass is not None:  # the default rule

@@ -16,8 +16,10 @@ forward and forward + backward, at two depths of stubbing:
   and so is its launch path up to the compiled kernel's launcher (a stand-in driver
   for a CUDA target, nothing compiled), Triton's `run` against `fast_launch`'s.
 
-Packed rows time the trainer's multi-crop batch (8 images x (2 x 207 + 10 x 37) tokens)
-with a `VarlenLayout` and with cu_seqlens + max_seqlen (no host sync).
+Packed rows time a multi-crop batch (8 images x (2 x 207 + 10 x 37) tokens): with a
+`VarlenLayout` of the crops packed by kind, as the trainer packs them (two runs of alike
+sequences, attended run by run by the batched kernels), of the crops packed image by image
+(the packed kernels), and with cu_seqlens + max_seqlen (no host sync).
 
 Each figure is the calling thread's CPU time (not wall time: on a shared machine the
 wait for a core is someone else's), the best of --rounds rounds of --calls calls.
@@ -50,9 +52,11 @@ def stubbed(depth, launches):
     import triton
 
     import adclr_kernels.attention_triton as T
+    import adclr_kernels.attention_triton_short as S
 
     saved = T.attention_fwd, T.attention_bwd
-    kernels = [k for k in vars(T).values() if isinstance(k, triton.runtime.JITFunction)]
+    kernels = [k for module in (T, S) for k in vars(module).values()
+               if isinstance(k, triton.runtime.JITFunction)]
     schedule = getattr(T, "_varlen_schedule_kernel", None)
     if schedule is not None:  # offsets with max_seqlen: report "no broken rule"
         schedule.run = lambda *args, grid, warmup, **kwargs: args[6].zero_()
@@ -161,15 +165,19 @@ def main(argv=None):
 
     qkv = torch.randn(2, 207, 3, 6, 64, requires_grad=True)
     grad = torch.randn(2, 207, 6, 64)
-    lengths = [207, 207] + [37] * 10
-    layout = VarlenLayout(lengths * 8, ([10, 10] + [0] * 10) * 8)
+    lengths, queries = [207, 207] + [37] * 10, [10, 10] + [0] * 10
+    layout = VarlenLayout(lengths * 8, queries * 8)
+    by_kind = VarlenLayout(sorted(lengths * 8, reverse=True), sorted(queries * 8, reverse=True))
     cu, nq = layout.cu_seqlens, layout.num_queries
     packed = torch.randn(layout.total_tokens, 3, 6, 64, requires_grad=True)
     packed_grad = torch.randn(layout.total_tokens, 6, 64)
     calls = {
         "batched (2 x 207 tokens)": (
             lambda: unidirectional_attention_qkvpacked(qkv, 10, backend="triton"), qkv, grad),
-        "packed, VarlenLayout": (
+        "packed by kind, VarlenLayout": (
+            lambda: unidirectional_attention_varlen_qkvpacked(packed, by_kind, backend="triton"),
+            packed, packed_grad),
+        "packed by image, VarlenLayout": (
             lambda: unidirectional_attention_varlen_qkvpacked(packed, layout, backend="triton"),
             packed, packed_grad),
         "packed, cu_seqlens + max_seqlen": (

@@ -668,10 +668,24 @@ def _program_blocks(launch, seqs, heads, block):
     return [(pid // blocks // heads, pid % blocks) for pid in range(launch.grid[0])]
 
 
+def launch_sequences(launch, seqs):
+    """The sequences of the workload's `seqs` that a launch attends: all of them, but for a
+    batched launch its own num_seqs sequences of its length (one run of a packed layout
+    attended run by run: `batched_runs`), which every batched workload's are."""
+    a = launch.bound()
+    if a.get("VARLEN"):
+        return seqs
+    length = a["seq_len"] if "seq_len" in a else a["SEQ_LEN"]
+    alike = [s for s in seqs if s.seq_len == length and a.get("visible", s.visible) == s.visible]
+    assert len(alike) >= a["num_seqs"], "a batched launch of sequences the workload lacks"
+    return alike[:1] * a["num_seqs"]
+
+
 def programs(launch, seqs, heads):
     """Trip counts of every program of a launch, in launch order: [{loop: trips}]."""
     from adclr_kernels.mask import QueryMask
 
+    seqs = launch_sequences(launch, seqs)
     a = launch.bound()
     if launch.name in ONESHOT:
         # Straight-line code over GROUP whole sequences per program (the grid has no
@@ -785,6 +799,7 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
         costs.append((instrs, flops))
     occ = occupancy(compiled, gpu)
     mma_rate = gpu.mma_flops[dtype_name]
+    seqs = launch_sequences(launch, seqs)
     work = traffic(KIND[launch.name], seqs, heads, head_dim, DTYPES[dtype_name].itemsize)
     if launch.name == "_onepass_bwd_kernel":  # reads o for delta (the one-shot: P dP)
         elem = DTYPES[dtype_name].itemsize

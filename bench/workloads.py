@@ -103,8 +103,10 @@ CUDA_WORKLOADS = (
 
 @dataclass(frozen=True)
 class PackedWorkload:
-    """A whole multi-crop batch in one packed (varlen) call, as the trainer runs it:
-    per image, `crops` of (count, raw tokens, query tokens), each with one CLS token."""
+    """A whole multi-crop batch in one packed (varlen) call: per image, `crops` of (count,
+    raw tokens, query tokens), each with one CLS token. by_image False packs every image's
+    crops of one kind, then the next kind, as the trainer does (a few runs of alike
+    sequences); True puts each image's crops side by side (a run per few sequences)."""
     name: str
     label: str
     images: int
@@ -115,6 +117,7 @@ class PackedWorkload:
     # Passed as FlashAttention passes a varlen batch (cu_seqlens + max_seqlen, values only
     # on the device) instead of a VarlenLayout.
     offsets: bool = False
+    by_image: bool = False
 
     @property
     def id(self) -> str:
@@ -122,6 +125,9 @@ class PackedWorkload:
 
     def sequences(self):
         """(length, query tokens) of every packed sequence, in order."""
+        if not self.by_image:
+            return [(self.num_prefix + raw + q, q) for count, raw, q in self.crops
+                    for _ in range(count * self.images)]
         one_image = [(self.num_prefix + raw + q, q) for count, raw, q in self.crops
                      for _ in range(count)]
         return one_image * self.images
@@ -133,18 +139,21 @@ class PackedWorkload:
     def describe(self) -> str:
         kinds = " + ".join(f"{c}x{self.num_prefix + r + q}" for c, r, q in self.crops)
         how = ", cu_seqlens + max_seqlen" if self.offsets else ""
+        how += ", image by image" if self.by_image else ""
         return (f"{self.label} ({self.images} images x ({kinds}) tokens, H={self.heads}, "
                 f"D={self.head_dim}{how})")
 
 
 # What `python -m bench.static` models: the CUDA matrix, a head_dim 128 shape, and the
-# trainer's packed multi-crop batch (ViT-S/16: 2 globals of 1 + 196 + 10 tokens and 10
-# locals of 1 + 36 per image).
+# packed multi-crop batch (ViT-S/16: 2 globals of 1 + 196 + 10 tokens and 10 locals of
+# 1 + 36 per image): as the trainer packs it (two runs: the batched kernels), image by
+# image (the packed kernels), and by offsets.
 STATIC_WORKLOADS = CUDA_WORKLOADS + (
     _global("vit_b16_global_d128", "ViT-B/16-size global, 6 heads of 128", 64, 6, 196, head_dim=128),
     PackedWorkload("vit_s16_packed", "ViT-S/16 multi-crop, packed", 128, 6, 64),
+    PackedWorkload("vit_s16_by_image", "ViT-S/16 multi-crop, packed", 128, 6, 64, by_image=True),
     PackedWorkload("varlen_multicrop", "ViT-S/16 multi-crop, FlashAttention-style", 4, 6, 64,
-                   offsets=True),
+                   offsets=True, by_image=True),
 )
 
 # The CPU subset: the same sequence shapes at a few images, so `pytest bench/` finishes

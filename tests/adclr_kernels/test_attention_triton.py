@@ -318,12 +318,21 @@ def test_custom_scale(scale):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("packing", ["batched", "runs"])
 @pytest.mark.parametrize("opt_set", [OPTION_SETS[0], OPTION_SETS[5]])
-def test_opcheck(opt_set):
+def test_opcheck(opt_set, packing):
     opts = options(opt_set)
     q, k, v = make_qkv(1, 2, 1, 20, 4, 32, opts, dtype=torch.float32)
+    if packing == "batched":
+        geometry = (None, None, None, None, 4, 0, [])
+    else:  # a packed layout of two runs, attended run by run (T.batched_runs)
+        layout = VarlenLayout([9, 9, 20], [0, 0, 4], device=DEVICE)
+        cu, nq, max_len, fwd_tiles, bwd_tiles, runs = T.varlen_tables(layout, q)
+        assert runs
+        geometry = (cu, nq, fwd_tiles, bwd_tiles, 0, max_len, list(runs))
+        q, k, v = (torch.randn(layout.total_tokens, 2, 32, device=DEVICE) for _ in range(3))
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    args = (*leaves, None, None, None, None, 4, 0, 1, *opt_set, 32 ** -0.5)
+    args = (*leaves, *geometry, 1, *opt_set, 32 ** -0.5)
     torch.library.opcheck(T._fwd_op, args)
     out, lse = T._fwd_op(*args)
     torch.library.opcheck(T._bwd_op, (torch.randn_like(out), *[t.detach() for t in leaves],

@@ -253,7 +253,7 @@ def test_a_query_key_no_prefix_row_sees_stays_out_of_the_gradients(varlen, value
 
 def test_opcheck_and_compile():
     q, k, v = make_qkv(1, 2, 2, 20, 4, 32, options(OPTION_SETS[0]), dtype=torch.float32)
-    _, lse = T._fwd_op(q, k, v, None, None, None, None, 4, 0, 2, False, False, False, 32 ** -0.5)
+    _, lse = T._fwd_op(q, k, v, None, None, None, None, 4, 0, [], 2, False, False, False, 32 ** -0.5)
     leaves = [t.detach().requires_grad_() for t in (q, k)]
     torch.library.opcheck(T._prefix_probs_op, (*leaves, lse, None, None, 4, 0, 2, 32 ** -0.5))
     fn = torch.compile(lambda a, b, c: unidirectional_attention(a, b, c, 4, 2, backend="triton",
