@@ -1283,19 +1283,16 @@ def _table_blocks(q, max_len):
             _bwd_config(head_dim, q.dtype, capability, packed=True)["PROGRAM_BLOCK"])
 
 
-# A layout of at most this many runs of alike sequences (`VarlenLayout.runs`) has each run
-# attended by the batched kernels, on views of the packed tensors. A multi-crop batch
-# packed by resolution is one run per crop size, and batched kernels of one length beat
-# the packed ones at mixed lengths: the crops of up to 42 tokens take the one-shot
-# kernels, and the global crops the one-pass backward at any count of them (bench.static,
-# bf16 sm_90, the trainer's ViT-S/16 batch: 580.7 -> 530.1 µs per layer, bench/NOTES.md).
-# Longer lists of runs (lengths that vary) stay one packed launch per pass.
+# A layout of at most this many runs of alike sequences (`VarlenLayout.runs`; a multi-crop
+# batch packed by crop size is one run per size) may be attended run by run by the batched
+# kernels, on views of the packed tensors, in a pass where `_fwd_by_runs` or
+# `_bwd_by_runs` says so. Longer lists of runs (lengths that vary) stay packed.
 MAX_BATCHED_RUNS = 4
 
 
 def batched_runs(layout):
     """A layout's runs as the launchers take them, (count, length, num_queries) of each
-    run flattened, or () when the packed kernels attend it."""
+    run flattened, or () when there are more than MAX_BATCHED_RUNS."""
     if len(layout.runs) > MAX_BATCHED_RUNS:
         return ()
     return tuple(n for run in layout.runs for n in run)
@@ -1303,15 +1300,11 @@ def batched_runs(layout):
 
 def varlen_tables(layout, q):
     """What the kernels take for a `VarlenLayout`: (cu_seqlens, num_queries tensor,
-    max_seqlen, forward tiles, backward tiles, runs), the tile tables built for the rows
-    per program the launchers pick for q's head_dim, dtype and device, or None (and runs,
-    `batched_runs`, given) where the batched kernels attend the layout run by run."""
-    runs = batched_runs(layout)
-    if runs:
-        return layout.cu_seqlens, layout.num_queries, layout.max_seqlen, None, None, runs
+    max_seqlen, forward tiles, backward tiles, runs: `batched_runs`), the tile tables built
+    for the rows per program the launchers pick for q's head_dim, dtype and device."""
     fwd_block, bwd_block = _table_blocks(q, layout.max_seqlen)
     return (layout.cu_seqlens, layout.num_queries, layout.max_seqlen, layout.tiles(fwd_block),
-            layout.tiles(bwd_block), ())
+            layout.tiles(bwd_block), batched_runs(layout))
 
 
 def tile_capacity(num_seqs, total_tokens, max_seqlen, block):
@@ -1419,16 +1412,22 @@ class Geometry(NamedTuple):
         blocks = -(-self.max_len // block)  # triton.cdiv is a constexpr_function: slow on the host
         return blocks, blocks * self.num_seqs * self.heads
 
-    def batched_runs(self, *tensors):
-        """Each run of a packed call's alike sequences (`batched_runs`): its batched
-        geometry, and the tensors' views of its tokens, (count, heads, length, ...) of a
-        (tokens, heads, ...) tensor, (count, heads, length) of per-row (heads, tokens)."""
+    def run_geometries(self):
+        """The batched geometry of each run of a packed call's alike sequences (runs)."""
+        runs = self.runs
+        return [Geometry(count, self.heads, length, length, length, length - queries)
+                for count, length, queries in zip(runs[::3], runs[1::3], runs[2::3])]
+
+    def run_views(self, *tensors):
+        """Each run's batched geometry, and the tensors' views of its tokens: (count,
+        heads, length, ...) of a (tokens, heads, ...) tensor, (count, heads, length) of
+        per-row (heads, tokens) ones."""
         # One as_strided per view: slicing, splitting and transposing took three times the
         # host time, paid for every tensor of every run of every call.
         layouts = [(t, t.stride(), t.storage_offset()) for t in tensors]
         start = 0
-        for i in range(0, len(self.runs), 3):
-            count, length, queries = self.runs[i:i + 3]
+        for geo in self.run_geometries():
+            count, length = geo.num_seqs, geo.seq_len
             views = []
             for t, st, offset in layouts:
                 if len(st) == 2:  # (heads, tokens) rows
@@ -1438,7 +1437,7 @@ class Geometry(NamedTuple):
                     views.append(t.as_strided((count, t.shape[1], length, t.shape[2]),
                                               (length * st[0], st[1], st[0], st[2]),
                                               offset + start * st[0]))
-            yield Geometry(count, self.heads, length, length, length, length - queries), views
+            yield geo, views
             start += count * length
 
 
@@ -1553,12 +1552,35 @@ def _oneshot(kind, q, geo):
                           triton_interpreter_enabled())
 
 
+# Where a packed call's runs (Geometry.runs) take the batched kernels, by bench.static
+# (bf16, sm_90, multi-crop batches of ViT-S/B/L at 8 to 128 images, bench/NOTES.md):
+# - the forward, where a run takes the one-shot forward (local crops: 82.3 -> 65.2 µs for
+#   128 ViT-S/16 images' ten crops, forward 177.0 -> 162.4 µs in all);
+# - the backward, where the packed call is too small for the packed one-pass backward
+#   (its flash backward runs instead) and every run takes a one-shot or a one-pass
+#   backward of its own (32 ViT-S/16 images: 124.6 -> 91.9 µs). Where the packed one-pass
+#   backward runs, it ties or wins: its short sequences' programs fill the waves that the
+#   global crops' leave part-empty (43 images: 126.0 against 163.8 µs by runs).
+
+
+def _fwd_by_runs(q, geo):
+    """Whether the forward of a packed call of runs takes the batched kernels, run by run."""
+    return any(_oneshot("fwd", q, run) for run in geo.run_geometries())
+
+
+def _bwd_by_runs(q, geo, mask, packed_onepass):
+    """Whether the backward of a packed call of runs takes the batched kernels, run by run
+    (packed_onepass: whether the packed one-pass kernel would take it)."""
+    return not packed_onepass and all(_oneshot("bwd", q, run) or _onepass(q, run, mask)
+                                      for run in geo.run_geometries())
+
+
 def attention_fwd(q, k, v, out, lse, geo, num_prefix, mask, scale):
     """Forward into out and lse (base-2 logsumexp, fp32), any q/k/v/out strides."""
     if out.numel() == 0:
         return
-    if geo.runs:
-        for run, views in geo.batched_runs(q, k, v, out, lse):
+    if geo.runs and _fwd_by_runs(q, geo):
+        for run, views in geo.run_views(q, k, v, out, lse):
             attention_fwd(*views, run, num_prefix, mask, scale)
         return
     config = _oneshot("fwd", q, geo)
@@ -1667,16 +1689,16 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
     if dq.numel() == 0:
         dk.zero_(), dv.zero_()
         return
-    if geo.runs:
-        for run, views in geo.batched_runs(grad_out, q, k, v, out, lse, dq, dk, dv):
-            attention_bwd(*views, run, num_prefix, mask, scale)
-        return
     config = _oneshot("bwd", q, geo)
     if config is not None:
         oneshot_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, config, geo.seq_len - geo.visible,
                     num_prefix, mask, scale)
         return
     constants = _onepass(q, geo, mask, (grad_out, q, k, v, out, dq, dk, dv))
+    if geo.runs and _bwd_by_runs(q, geo, mask, constants is not None):
+        for run, views in geo.run_views(grad_out, q, k, v, out, lse, dq, dk, dv):
+            attention_bwd(*views, run, num_prefix, mask, scale)
+        return
     if constants is not None:
         onepass_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, constants, geo, num_prefix, scale)
         return
@@ -1896,7 +1918,8 @@ def _map_calls(apply, info, in_dims, first, inputs):
     passed to every call as it is."""
     outs = []
     for i in range(info.batch_size):
-        args = [x if d is None else x.select(d, i) for x, d in zip(inputs, in_dims[1:])]
+        # A mapped tensor has an int dim; the rest (a list of ints too) pass as they are.
+        args = [x.select(d, i) if isinstance(d, int) else x for x, d in zip(inputs, in_dims[1:])]
         out = apply(first, *args)
         outs.append(out if isinstance(out, tuple) else (out,))
     stacked = tuple(torch.stack(t) for t in zip(*outs))

@@ -111,38 +111,62 @@ def measure(workloads, rounds=20):
 
 
 def launch_configs(workload, capability):
-    """The tile configs the op launches for this workload (bf16), as the kernels pick them."""
-    import torch
-
-    from adclr_kernels import attention_triton as T
+    """The tile configs the op launches for this workload (bf16), as the kernels pick them:
+    per pass, those of the flash or one-pass kernel (of the longest run, where the pass
+    takes a packed layout's runs by the batched kernels), or of the one-shot kernels."""
     from bench.workloads import PackedWorkload
 
     packed = isinstance(workload, PackedWorkload)
-    max_len = max(n for n, _ in workload.sequences()) if packed else workload.seq_len
-    seqs = len(workload.sequences()) if packed else workload.batch
+    whole = ((max(n for n, _ in workload.sequences()), len(workload.sequences()), True) if packed
+             else (workload.seq_len, workload.batch, False))
+    passes = dict(fwd=whole, bwd=whole)
     if packed and not workload.offsets:
-        from adclr_kernels import VarlenLayout
+        passes.update(_by_runs(workload, capability))
+    return {kind: _pass_config(kind, workload.head_dim, workload.heads, capability, *how)
+            for kind, how in passes.items()}
 
-        runs = T.batched_runs(VarlenLayout(*zip(*workload.sequences()), device="meta"))
-        if runs:  # attended run by run as batched calls: the flash kernels take the longest
-            longest = max(range(0, len(runs), 3), key=lambda i: runs[i + 1])
-            seqs, max_len, packed = runs[longest], runs[longest + 1], False
-    configs = dict(fwd=T._fwd_config(workload.head_dim, torch.bfloat16, capability, max_len, packed),
-                   bwd=T._bwd_config(workload.head_dim, torch.bfloat16, capability, packed,
-                                     max_len=max_len))
-    if not packed:  # short batched sequences run the one-shot kernels instead
-        for kind in ("fwd", "bwd"):
-            oneshot = T.oneshot_config(kind, max_len, workload.head_dim, torch.bfloat16, capability,
-                                       False)
-            if oneshot is not None:
-                configs[kind] = dict(zip(("BLOCK_M", "GROUP", "num_warps", "maxnreg"), oneshot),
-                                     kernel="oneshot")
-    programs = seqs * workload.heads
-    onepass = T.onepass_config(max_len, workload.head_dim, torch.bfloat16, capability, False,
-                               packed, programs)
-    if configs["bwd"].get("kernel") is None and onepass is not None:  # the default rule
-        configs["bwd"] = dict(onepass, kernel="onepass")
-    return configs
+
+def _by_runs(workload, capability):
+    """{pass: (length, sequences, packed=False)} of the longest run, for each pass that the
+    op takes run by run (attention_triton's `_fwd_by_runs`, `_bwd_by_runs`) on the GPU."""
+    import torch
+
+    from adclr_kernels import VarlenLayout
+    from adclr_kernels import attention_triton as T
+    from adclr_kernels.mask import QueryMask
+    from bench.static import recording
+
+    layout = VarlenLayout(*zip(*workload.sequences()), device="meta")
+    q = torch.empty(layout.total_tokens, workload.heads, workload.head_dim, dtype=torch.bfloat16,
+                    device="meta")
+    geo = T.varlen_geometry(q, layout.cu_seqlens, layout.num_queries, layout.max_seqlen, None,
+                            None, T.batched_runs(layout))
+    if not geo.runs:
+        return {}
+    with recording(capability):
+        taken = dict(fwd=T._fwd_by_runs(q, geo),
+                     bwd=T._bwd_by_runs(q, geo, QueryMask(),
+                                        T._onepass(q, geo, QueryMask(), (q,)) is not None))
+    longest = max(geo.run_geometries(), key=lambda run: run.seq_len)
+    return {kind: (longest.seq_len, longest.num_seqs, False) for kind, yes in taken.items() if yes}
+
+
+def _pass_config(kind, head_dim, heads, capability, max_len, seqs, packed):
+    import torch
+
+    from adclr_kernels import attention_triton as T
+
+    if not packed:  # short batched sequences run the one-shot kernels
+        oneshot = T.oneshot_config(kind, max_len, head_dim, torch.bfloat16, capability, False)
+        if oneshot is not None:
+            return dict(zip(("BLOCK_M", "GROUP", "num_warps", "maxnreg"), oneshot), kernel="oneshot")
+    if kind == "fwd":
+        return T._fwd_config(head_dim, torch.bfloat16, capability, max_len, packed)
+    onepass = T.onepass_config(max_len, head_dim, torch.bfloat16, capability, False, packed,
+                               seqs * heads)
+    if onepass is not None:  # the default rule
+        return dict(onepass, kernel="onepass")
+    return T._bwd_config(head_dim, torch.bfloat16, capability, packed, max_len=max_len)
 
 
 # The latency parameters of bench.static's Gpu tried by --fit: warp-instructions per

@@ -45,10 +45,19 @@ VARIED = [1 + 49 + 10, 1 + 9, 1 + 33 + 3, 1 + 8, 1 + 20 + 2, 1 + 49 + 1]
 VARIED_QUERIES = [10, 0, 3, 0, 2, 1]
 
 
-@pytest.mark.parametrize("lengths,queries", [(LENGTHS, QUERIES), (VARIED, VARIED_QUERIES)],
-                         ids=["runs", "varied"])
+@pytest.mark.parametrize("lengths,queries,by_runs", [
+    (LENGTHS, QUERIES, False), (LENGTHS, QUERIES, True), (VARIED, VARIED_QUERIES, False)],
+    ids=["runs", "runs-every-pass", "varied"])
 @pytest.mark.parametrize("opt_set", OPTION_SETS, ids=option_id)
-def test_triton_varlen_matches_dense_per_sequence(opt_set, lengths, queries, poisoned):
+def test_triton_varlen_matches_dense_per_sequence(opt_set, lengths, queries, by_runs, poisoned,
+                                                  monkeypatch):
+    """by_runs: both passes take the runs by the batched kernels, whatever the GPU rule
+    says (in the interpreter it sends the forward alone, a run being one-shot's)."""
+    import adclr_kernels.attention_triton as T
+
+    if by_runs:
+        monkeypatch.setattr(T, "_fwd_by_runs", lambda *a: True)
+        monkeypatch.setattr(T, "_bwd_by_runs", lambda *a: True)
     opts = options(opt_set)
     q, k, v, cu = make_packed(lengths, 2, 32)
     grad_out = torch.randn(q.shape, device=DEVICE)
@@ -404,6 +413,8 @@ def test_runs_take_the_batched_kernels_as_batched_calls_would(opt_set, num_prefi
     import adclr_kernels.attention_triton as T
     from adclr_kernels import unidirectional_attention_qkvpacked
 
+    monkeypatch.setattr(T, "_fwd_by_runs", lambda *a: True)
+    monkeypatch.setattr(T, "_bwd_by_runs", lambda *a: True)
     opts = options(opt_set)
     runs = [(2, 60, 10), (3, 9, 0), (2, 37, 3)]  # 9 tokens: one-shot in the interpreter
     lengths = [n for count, n, _ in runs for _ in range(count)]
@@ -449,8 +460,33 @@ def test_how_many_runs_take_the_batched_kernels(lengths):
     layout = VarlenLayout(lengths, device=DEVICE)
     q = torch.empty(layout.total_tokens, 2, 32, device=DEVICE)
     cu, nq, max_len, fwd_tiles, bwd_tiles, runs = T.varlen_tables(layout, q)
+    assert fwd_tiles.shape[1] == 2 and bwd_tiles.shape[1] == 2
     if len(layout.runs) <= T.MAX_BATCHED_RUNS:
         assert runs == tuple(n for run in layout.runs for n in run)
-        assert fwd_tiles is None and bwd_tiles is None
     else:
-        assert runs == () and fwd_tiles.shape[1] == 2 and bwd_tiles.shape[1] == 2
+        assert runs == ()
+
+
+@pytest.mark.parametrize("images,dtype,capability,opts,fwd,bwd", [
+    (128, torch.bfloat16, 90, {}, True, False),   # the packed one-pass backward runs
+    (32, torch.bfloat16, 90, {}, True, True),     # too small for it: one-shot and one-pass by runs
+    (16, torch.bfloat16, 90, {}, True, False),    # 32 global crops: too few for the one-pass
+    (32, torch.bfloat16, 90, dict(query_sees_self=True), True, False),
+    (32, torch.float32, 90, {}, False, False),
+    (32, torch.bfloat16, 80, {}, False, False),
+], ids=["128 images", "32 images", "16 images", "sees self", "fp32", "sm_80"])
+def test_gpu_rule_for_runs(images, dtype, capability, opts, fwd, bwd, monkeypatch):
+    # A ViT-S/16 multi-crop batch as the trainer packs it: two runs, the GPU's rules.
+    import adclr_kernels.attention_triton as T
+    from adclr_kernels.mask import QueryMask
+
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(T, "device_capability", lambda device: capability)
+    layout = VarlenLayout([207] * 2 * images + [37] * 10 * images,
+                          [10] * 2 * images + [0] * 10 * images, device="meta")
+    q = torch.empty(layout.total_tokens, 6, 64, dtype=dtype, device="meta")
+    geo = T.varlen_geometry(q, *T.varlen_tables(layout, q)[:2], layout.max_seqlen, None, None,
+                            T.batched_runs(layout))
+    mask = QueryMask(**{f"sees_{k.split('_')[-1]}": v for k, v in opts.items()})
+    assert T._fwd_by_runs(q, geo) == fwd
+    assert T._bwd_by_runs(q, geo, mask, T._onepass(q, geo, mask, (q,)) is not None) == bwd
