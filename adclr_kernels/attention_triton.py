@@ -33,6 +33,7 @@ score tile made once.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -1414,9 +1415,7 @@ class Geometry(NamedTuple):
 
     def run_geometries(self):
         """The batched geometry of each run of a packed call's alike sequences (runs)."""
-        runs = self.runs
-        return [Geometry(count, self.heads, length, length, length, length - queries)
-                for count, length, queries in zip(runs[::3], runs[1::3], runs[2::3])]
+        return _run_geometries(self.runs, self.heads)
 
     def run_views(self, *tensors):
         """Each run's batched geometry, and the tensors' views of its tokens: (count,
@@ -1439,6 +1438,13 @@ class Geometry(NamedTuple):
                                               offset + start * st[0]))
             yield geo, views
             start += count * length
+
+
+@functools.lru_cache(maxsize=256)
+def _run_geometries(runs, heads):
+    # Made once per layout and head count: a call's host time otherwise rebuilt them.
+    return tuple(Geometry(count, heads, length, length, length, length - queries)
+                 for count, length, queries in zip(runs[::3], runs[1::3], runs[2::3]))
 
 
 def _row_strides(rows):

@@ -5,7 +5,8 @@ CPU besides the GPU's work.
 
 On the H200 the op's calls, not its kernels, set its time at ViT sizes (bench/NOTES.md):
 a 0.87 ms forward + backward call around 0.27 ms of kernels at ViT-S/16 local. This
-times the Python path of one call on CPU tensors, on any machine, for both paths the
+times the Python path of one call on CPU tensors (bf16, the launchers taking the
+kernels and tile configs an sm_90 GPU's call gets), on any machine, for both paths the
 op can take (the custom op, as under torch.compile, and the eager autograd.Function),
 forward and forward + backward, at two depths of stubbing:
 
@@ -160,17 +161,22 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     # The backend check accepts CPU tensors only with the interpreter switched on; the
-    # launchers then pick the interpreter's tile configs (the same amount of work).
-    T.triton_interpreter_enabled = B.triton_interpreter_enabled = lambda: True
+    # launchers keep the GPU's rules (sm_90, as for any tensor not on CUDA, in bf16), so
+    # each call takes the kernels an H100 call would.
+    B.triton_interpreter_enabled = lambda: True
+    T.triton_interpreter_enabled = lambda: False
 
-    qkv = torch.randn(2, 207, 3, 6, 64, requires_grad=True)
-    grad = torch.randn(2, 207, 6, 64)
+    def randn(*shape, requires_grad=False):
+        return torch.randn(*shape, dtype=torch.bfloat16).requires_grad_(requires_grad)
+
+    qkv = randn(2, 207, 3, 6, 64, requires_grad=True)
+    grad = randn(2, 207, 6, 64)
     lengths, queries = [207, 207] + [37] * 10, [10, 10] + [0] * 10
     layout = VarlenLayout(lengths * 8, queries * 8)
     by_kind = VarlenLayout(sorted(lengths * 8, reverse=True), sorted(queries * 8, reverse=True))
     cu, nq = layout.cu_seqlens, layout.num_queries
-    packed = torch.randn(layout.total_tokens, 3, 6, 64, requires_grad=True)
-    packed_grad = torch.randn(layout.total_tokens, 6, 64)
+    packed = randn(layout.total_tokens, 3, 6, 64, requires_grad=True)
+    packed_grad = randn(layout.total_tokens, 6, 64)
     calls = {
         "batched (2 x 207 tokens)": (
             lambda: unidirectional_attention_qkvpacked(qkv, 10, backend="triton"), qkv, grad),

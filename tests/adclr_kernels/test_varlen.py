@@ -149,11 +149,24 @@ def test_max_seqlen_given_or_computed_agree_and_backward_is_deterministic(length
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
 
 
-def test_empty_sequence_and_no_prefix():
-    q, k, v, cu = make_packed([7, 0, 12], 2, 32)
-    out = unidirectional_attention_varlen(q, k, v, cu, _i32(2, 0, 2), 0, backend="triton")
-    ref, _ = dense_per_sequence(q, k, v, cu, [2, 0, 2], 0, torch.zeros_like(q), options(OPTION_SETS[0]))
+@pytest.mark.parametrize("lengths,queries", [([7, 0, 12], [2, 0, 2]), ([0, 40, 0, 0], [0, 3, 0, 0])],
+                         ids=["between", "around"])
+@pytest.mark.parametrize("by_runs", [False, True], ids=["rule", "every-pass-by-runs"])
+def test_empty_sequence_and_no_prefix(lengths, queries, by_runs, monkeypatch):
+    import adclr_kernels.attention_triton as T
+
+    if by_runs:
+        monkeypatch.setattr(T, "_fwd_by_runs", lambda *a: True)
+        monkeypatch.setattr(T, "_bwd_by_runs", lambda *a: True)
+    q, k, v, cu = make_packed(lengths, 2, 32)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    out = unidirectional_attention_varlen(*leaves, cu, _i32(*queries), 0, backend="triton")
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, 0, grad_out, options(OPTION_SETS[0]))
     assert_rel_close("out", out, ref)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert_rel_close(f"d{name}", got, want)
 
 
 def test_strided_offsets_and_counts_are_read_by_value():
