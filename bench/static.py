@@ -362,8 +362,8 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
     from bench.workloads import Workload
 
     # Batched: enough (sequence, head) programs for the one-pass backward's rule. Packed:
-    # image by image, so that the packed kernels take it.
-    workload = (PackedWorkload("check", "", 2, 2, head_dim, by_image=True) if packed
+    # three images' crops image by image, more runs than go by runs: the packed kernels.
+    workload = (PackedWorkload("check", "", 3, 2, head_dim, by_image=True) if packed
                 else Workload("check", "", ONEPASS_MIN_BATCHED_PROGRAMS // 2, 1, 2, head_dim,
                               *layout))
     forward, backward = capture(workload, DTYPES[dtype_name], capability, flags)
