@@ -1392,8 +1392,9 @@ def _flags(mask):
 class Geometry(NamedTuple):
     """Where the sequences are. Batched: num_seqs = batch equal sequences of the given
     lengths. Packed: lengths and query counts are read per sequence from cu_seqlens and
-    num_queries, and an optional tile table lists the (sequence, block) pairs to run; or
-    runs (`batched_runs`) says the batched kernels take the sequences run by run."""
+    num_queries, and an optional tile table lists the (sequence, block) pairs to run; runs
+    (`batched_runs`) lists the runs of alike sequences a pass may take by the batched
+    kernels, where `_fwd_by_runs` or `_bwd_by_runs` says so."""
     num_seqs: int
     heads: int
     max_len: int
@@ -1450,6 +1451,8 @@ def _run_geometries(runs, heads):
 def _row_strides(rows):
     """(batch, head) strides of per-row statistics (lse, delta: the kernels index both with
     these): (batch, heads, seq), or (heads, tokens) packed; unit stride along the rows."""
+    # The forward makes lse so, and a run's view of it keeps that stride.
+    assert rows.stride(-1) == 1, "per-row statistics need unit stride along the rows"
     if rows.dim() == 3:
         return rows.stride(0), rows.stride(1)
     return 0, rows.stride(0)
@@ -1457,7 +1460,8 @@ def _row_strides(rows):
 
 def _empty_rows_like(lse):
     """delta for this lse: its shape and its strides, lse being a view of a packed call's
-    statistics where the batched kernels take one run of it."""
+    statistics where the batched kernels take one run of it (the buffer then spans the
+    packed call's rows, as the packed kernels' does)."""
     return lse.new_empty_strided(lse.shape, lse.stride())
 
 
@@ -1577,8 +1581,10 @@ def _fwd_by_runs(q, geo):
 def _bwd_by_runs(q, geo, mask, packed_onepass):
     """Whether the backward of a packed call of runs takes the batched kernels, run by run
     (packed_onepass: whether the packed one-pass kernel would take it)."""
-    return not packed_onepass and all(_oneshot("bwd", q, run) or _onepass(q, run, mask)
-                                      for run in geo.run_geometries())
+    # An empty run needs no kernel (its gradients are zeroed).
+    return not packed_onepass and all(
+        run.seq_len == 0 or _oneshot("bwd", q, run) or _onepass(q, run, mask)
+        for run in geo.run_geometries())
 
 
 def attention_fwd(q, k, v, out, lse, geo, num_prefix, mask, scale):
@@ -2104,7 +2110,7 @@ def _qkv_geometry(qkv, num_queries, varlen):
         return Geometry(batch, heads, seq, seq, seq, seq - num_queries)
     return Geometry(cu_seqlens.numel() - 1, qkv.shape[2], max_seqlen, total_tokens=qkv.shape[0],
                     cu_seqlens=cu_seqlens, num_queries=queries, fwd_tiles=fwd_tiles,
-                    bwd_tiles=bwd_tiles, runs=runs)
+                    bwd_tiles=bwd_tiles, runs=tuple(runs))
 
 
 _BATCHED = (None, None, 0, None, None, ())

@@ -325,12 +325,13 @@ def test_opcheck(opt_set, packing):
     q, k, v = make_qkv(1, 2, 1, 20, 4, 32, opts, dtype=torch.float32)
     if packing == "batched":
         geometry = (None, None, None, None, 4, 0, [])
-    else:  # a packed layout of two runs, attended run by run (T.batched_runs)
+    else:  # two runs (T.batched_runs): the forward takes them by runs, and the backward too
+        # under query_sees_queries (no packed one-pass kernel; both runs one-shot's here)
         layout = VarlenLayout([9, 9, 20], [0, 0, 4], device=DEVICE)
+        q, k, v = (torch.randn(layout.total_tokens, 2, 32, device=DEVICE) for _ in range(3))
         cu, nq, max_len, fwd_tiles, bwd_tiles, runs = T.varlen_tables(layout, q)
         assert runs
         geometry = (cu, nq, fwd_tiles, bwd_tiles, 0, max_len, list(runs))
-        q, k, v = (torch.randn(layout.total_tokens, 2, 32, device=DEVICE) for _ in range(3))
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     args = (*leaves, *geometry, 1, *opt_set, 32 ** -0.5)
     torch.library.opcheck(T._fwd_op, args)
@@ -487,16 +488,25 @@ def test_eager_path_refuses_a_second_derivative_and_serves_vmap():
     torch.testing.assert_close(torch.func.vmap(f)(batch), torch.stack([f(b) for b in batch]))
 
 
-@pytest.mark.parametrize("packed_qkv", [False, True])
-def test_torch_func_grad_and_vmap_of_grad(packed_qkv):
+@pytest.mark.parametrize("packed_qkv", [False, True, "runs"])
+def test_torch_func_grad_and_vmap_of_grad(packed_qkv, monkeypatch):
     # The transforms refuse the autograd.Function torch.library builds for a custom op;
     # the op's own Function serves them, and its backward has no derivative either.
+    # "runs": a packed layout of two runs, both passes by the batched kernels (the runs
+    # reach the vmap rule as a list of ints).
     torch.manual_seed(0)
     qkv = torch.randn(2, 13, 3, 2, 16, device=DEVICE)
     grad = torch.randn(2, 13, 2, 16, device=DEVICE)
+    layout = VarlenLayout([9, 9, 8], [3, 3, 0], device=DEVICE)
+    if packed_qkv == "runs":
+        monkeypatch.setattr(T, "_fwd_by_runs", lambda *a: True)
+        monkeypatch.setattr(T, "_bwd_by_runs", lambda *a: True)
 
     def f(t):
-        if packed_qkv:
+        if packed_qkv == "runs":
+            out = unidirectional_attention_varlen_qkvpacked(t.flatten(0, 1), layout,
+                                                            backend="triton").view(grad.shape)
+        elif packed_qkv:
             out = unidirectional_attention_qkvpacked(t, 3, backend="triton")
         else:
             q, k, v = t.permute(2, 0, 3, 1, 4).unbind(0)

@@ -176,12 +176,18 @@ def test_a_non_finite_gradient_reaches_only_what_its_row_sees(launched, row):
     assert torch.isfinite(dq[0]).all() and torch.isfinite(dq[:, 1]).all()
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
-def test_bitwise_deterministic_with_a_broadcast_gradient(launched, packed):
+@pytest.mark.parametrize("packed", [False, True, "by runs"], ids=["batched", "packed", "by runs"])
+def test_bitwise_deterministic_with_a_broadcast_gradient(launched, packed, monkeypatch):
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(3 * 51, 3, 2, 32, generator=g).to(torch.bfloat16).requires_grad_()
+    if packed == "by runs":  # three sequences of 51 tokens, as one run by the batched kernels
+        monkeypatch.setattr(T, "_fwd_by_runs", lambda *a: True)
+        monkeypatch.setattr(T, "_bwd_by_runs", lambda *a: True)
 
     def attend(t, backend):
+        if packed == "by runs":
+            return unidirectional_attention_varlen_qkvpacked(
+                t, VarlenLayout([51] * 3, 10), None, 1, backend=backend)
         if packed:  # 153 tokens in five runs: more than the batched kernels take by runs
             return unidirectional_attention_varlen_qkvpacked(
                 t, VarlenLayout([65, 2, 40, 20, 26], [10, 0, 10, 0, 3]), None, 1, backend=backend)
@@ -200,24 +206,24 @@ def test_bitwise_deterministic_with_a_broadcast_gradient(launched, packed):
     torch.testing.assert_close(runs[0][1].double(), ref_in.grad, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("dtype,head_dim,capability,length,programs", [
-    (torch.float32, 64, 90, 207, 0), (torch.bfloat16, 128, 90, 207, 0),
-    (torch.bfloat16, 64, 80, 207, 0), (torch.bfloat16, 64, 90, T.ONEPASS_MAX_LEN + 1, 0),
-    (torch.bfloat16, 64, 90, 207, -(T.ONEPASS_MIN_BATCHED_PROGRAMS - 1)),
-    (torch.bfloat16, 64, 90, 207, T.ONEPASS_MIN_PACKED_PROGRAMS - 1)])
-def test_gpu_rule_keeps_the_flash_backward_where_not_predicted_to_win(dtype, head_dim, capability,
-                                                                       length, programs):
-    """programs: packed (sequence, head) pairs, or batched ones where negative (0: a
-    batched call of enough)."""
-    batched = T.onepass_config(207, 64, torch.bfloat16, 90, False, False,
-                               T.ONEPASS_MIN_BATCHED_PROGRAMS)
+ENOUGH = T.ONEPASS_MIN_BATCHED_PROGRAMS
+
+
+@pytest.mark.parametrize("dtype,head_dim,capability,length,packed,programs", [
+    (torch.float32, 64, 90, 207, False, ENOUGH), (torch.bfloat16, 128, 90, 207, False, ENOUGH),
+    (torch.bfloat16, 64, 80, 207, False, ENOUGH),
+    (torch.bfloat16, 64, 90, T.ONEPASS_MAX_LEN + 1, False, ENOUGH),
+    (torch.bfloat16, 64, 90, 207, False, T.ONEPASS_MIN_BATCHED_PROGRAMS - 1),
+    (torch.bfloat16, 64, 90, 207, True, T.ONEPASS_MIN_PACKED_PROGRAMS - 1)])
+def test_gpu_rule_keeps_the_flash_backward_where_not_predicted_to_win(
+        dtype, head_dim, capability, length, packed, programs):
+    """programs: (sequence, head) pairs of the call."""
+    batched = T.onepass_config(207, 64, torch.bfloat16, 90, False, False, ENOUGH)
     assert batched["BLOCK_M"] == 32 and not batched["VARLEN"]
-    packed = T.onepass_config(207, 64, torch.bfloat16, 90, False, True,
-                              T.ONEPASS_MIN_PACKED_PROGRAMS)
-    assert packed["BLOCK_M"] == 32 and packed["VARLEN"]
-    count = abs(programs) if programs else T.ONEPASS_MIN_BATCHED_PROGRAMS
-    assert T.onepass_config(length, head_dim, dtype, capability, False, programs > 0,
-                            count) is None
+    packed_cfg = T.onepass_config(207, 64, torch.bfloat16, 90, False, True,
+                                  T.ONEPASS_MIN_PACKED_PROGRAMS)
+    assert packed_cfg["BLOCK_M"] == 32 and packed_cfg["VARLEN"]
+    assert T.onepass_config(length, head_dim, dtype, capability, False, packed, programs) is None
 
 
 def _packed_meta(tokens, heads=6):

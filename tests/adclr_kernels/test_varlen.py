@@ -465,19 +465,18 @@ def test_runs_take_the_batched_kernels_as_batched_calls_would(opt_set, num_prefi
         start = end
 
 
-@pytest.mark.parametrize("lengths", [[9] * 5, [9, 9, 20, 20, 5, 5, 30, 30, 12, 12]],
-                         ids=["one run", "five runs"])
-def test_how_many_runs_take_the_batched_kernels(lengths):
+@pytest.mark.parametrize("lengths,runs", [
+    ([9] * 5, (5, 9, 0)),
+    ([9, 9, 20, 20, 5, 5, 30, 30], (2, 9, 0, 2, 20, 0, 2, 5, 0, 2, 30, 0)),
+    ([9, 9, 20, 20, 5, 5, 30, 30, 12], ())], ids=["one run", "four runs", "five runs"])
+def test_at_most_four_runs_go_to_the_launchers(lengths, runs):
     import adclr_kernels.attention_triton as T
 
     layout = VarlenLayout(lengths, device=DEVICE)
     q = torch.empty(layout.total_tokens, 2, 32, device=DEVICE)
-    cu, nq, max_len, fwd_tiles, bwd_tiles, runs = T.varlen_tables(layout, q)
-    assert fwd_tiles.shape[1] == 2 and bwd_tiles.shape[1] == 2
-    if len(layout.runs) <= T.MAX_BATCHED_RUNS:
-        assert runs == tuple(n for run in layout.runs for n in run)
-    else:
-        assert runs == ()
+    cu, nq, max_len, fwd_tiles, bwd_tiles, got = T.varlen_tables(layout, q)
+    assert got == runs
+    assert fwd_tiles.shape[1] == 2 and bwd_tiles.shape[1] == 2  # the packed kernels' too
 
 
 @pytest.mark.parametrize("images,dtype,capability,opts,fwd,bwd", [
@@ -487,16 +486,19 @@ def test_how_many_runs_take_the_batched_kernels(lengths):
     (32, torch.bfloat16, 90, dict(query_sees_self=True), True, False),
     (32, torch.float32, 90, {}, False, False),
     (32, torch.bfloat16, 80, {}, False, False),
-], ids=["128 images", "32 images", "16 images", "sees self", "fp32", "sm_80"])
+    (-32, torch.bfloat16, 90, {}, True, True),    # an empty run needs no kernel
+], ids=["128 images", "32 images", "16 images", "sees self", "fp32", "sm_80", "empty run"])
 def test_gpu_rule_for_runs(images, dtype, capability, opts, fwd, bwd, monkeypatch):
+    """images < 0: as many, and three empty sequences after them."""
     # A ViT-S/16 multi-crop batch as the trainer packs it: two runs, the GPU's rules.
     import adclr_kernels.attention_triton as T
     from adclr_kernels.mask import QueryMask
 
     monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(T, "device_capability", lambda device: capability)
-    layout = VarlenLayout([207] * 2 * images + [37] * 10 * images,
-                          [10] * 2 * images + [0] * 10 * images, device="meta")
+    empty, images = 3 * (images < 0), abs(images)
+    layout = VarlenLayout([207] * 2 * images + [37] * 10 * images + [0] * empty,
+                          [10] * 2 * images + [0] * (10 * images + empty), device="meta")
     q = torch.empty(layout.total_tokens, 6, 64, dtype=dtype, device="meta")
     geo = T.varlen_geometry(q, *T.varlen_tables(layout, q)[:2], layout.max_seqlen, None, None,
                             T.batched_runs(layout))
