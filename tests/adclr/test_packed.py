@@ -48,3 +48,19 @@ def test_pack_crops_auto_is_on_for_cuda_only(tiny_config):
     assert build(tiny_config(pack_crops="auto"), "cpu").student.pack_crops is False
     with pytest.raises(ValueError, match="pack_crops"):
         build(tiny_config(pack_crops="yes"), "cpu")
+
+
+def test_the_packed_layout_is_one_run_per_crop_size(tiny_config):
+    # Every global crop, then every local crop: two runs of alike sequences, which the
+    # Triton op may attend run by run with its batched kernels (docs/operator.md).
+    cfg = tiny_config(pack_crops="on")
+    trainer = build(cfg, "cpu")
+    batch = synthetic_batch(cfg, 4, "cpu", generator=torch.Generator().manual_seed(2))
+    queries = batch["queries"].repeat(2, 1, 1, 1, 1)
+    with torch.no_grad():
+        trainer.student(batch["globals"], queries, batch["locals"])
+    (packing,) = trainer.student.backbone._packings.values()
+    (globals_, global_len, num_queries), (locals_, local_len, local_queries) = packing.layout.runs
+    assert (globals_, locals_) == (batch["globals"].shape[0], batch["locals"].shape[0])
+    assert num_queries == queries.shape[1] and local_queries == 0
+    assert global_len > local_len + num_queries
