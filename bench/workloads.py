@@ -146,11 +146,13 @@ class PackedWorkload:
 
 # What `python -m bench.static` models: the CUDA matrix, a head_dim 128 shape, and the
 # packed multi-crop batch (ViT-S/16: 2 globals of 1 + 196 + 10 tokens and 10 locals of
-# 1 + 36 per image): as the trainer packs it (two runs: the batched kernels), image by
-# image (the packed kernels), and by offsets.
+# 1 + 36 per image): as the trainer packs it (two runs: the forward by the batched
+# kernels; at 32 images, under the packed one-pass backward's 3072 pairs, the backward
+# too), image by image (the packed kernels), and by offsets.
 STATIC_WORKLOADS = CUDA_WORKLOADS + (
     _global("vit_b16_global_d128", "ViT-B/16-size global, 6 heads of 128", 64, 6, 196, head_dim=128),
     PackedWorkload("vit_s16_packed", "ViT-S/16 multi-crop, packed", 128, 6, 64),
+    PackedWorkload("vit_s16_packed_small", "ViT-S/16 multi-crop, packed", 32, 6, 64),
     PackedWorkload("vit_s16_by_image", "ViT-S/16 multi-crop, packed", 128, 6, 64, by_image=True),
     PackedWorkload("varlen_multicrop", "ViT-S/16 multi-crop, FlashAttention-style", 4, 6, 64,
                    offsets=True, by_image=True),
