@@ -19,8 +19,8 @@ forward and forward + backward, at two depths of stubbing:
 
 Packed rows time a multi-crop batch (8 images x (2 x 207 + 10 x 37) tokens): with a
 `VarlenLayout` of the crops packed by kind, as the trainer packs them (two runs of alike
-sequences, attended run by run by the batched kernels), of the crops packed image by image
-(the packed kernels), and with cu_seqlens + max_seqlen (no host sync).
+sequences: the forward goes by runs, the batched kernels run by run), of the crops packed
+image by image (the packed kernels), and with cu_seqlens + max_seqlen (no host sync).
 
 Each figure is the calling thread's CPU time (not wall time: on a shared machine the
 wait for a core is someone else's), the best of --rounds rounds of --calls calls.
@@ -173,7 +173,7 @@ def main(argv=None):
     grad = randn(2, 207, 6, 64)
     lengths, queries = [207, 207] + [37] * 10, [10, 10] + [0] * 10
     layout = VarlenLayout(lengths * 8, queries * 8)
-    by_kind = VarlenLayout(sorted(lengths * 8, reverse=True), sorted(queries * 8, reverse=True))
+    by_kind = VarlenLayout([207] * 16 + [37] * 80, [10] * 16 + [0] * 80)
     cu, nq = layout.cu_seqlens, layout.num_queries
     packed = randn(layout.total_tokens, 3, 6, 64, requires_grad=True)
     packed_grad = randn(layout.total_tokens, 6, 64)
