@@ -25,7 +25,8 @@ that gets every patch right scores, so how much room the dense scores have). Eve
 lands in OUT: the runs (OUT/seed<S>/<method>/), each score as soon as it is measured
 (<split>_scores.json and <split>_localisation.json beside each checkpoint), and the table
 (OUT/compare.md, OUT/compare.json). Run the same command again to resume: finished runs
-and scores are read back, not redone.
+and scores are read back, not redone; a score made from another checkpoint (a run trained
+further) or with other evaluation settings is made again.
 
 `sweep` runs that comparison at every point of a grid of settings (OUT/<point>/seed<S>/...)
 and scores on the held-out split ("holdout" of the built-in sets), so that the val split
@@ -53,7 +54,7 @@ from PIL import Image
 
 from .checkpoint import (FolderInUse, folder_lock, make_folder, rng_states, save_checkpoint, write_atomically,
                          write_json_atomically)
-from .config import config_errors
+from .config import RESUMABLE, config_errors
 from .data import normalize, open_segmentation, to_tensor
 from .eval_dense import IGNORE, NUM_LABELS, SegmentationCrops, dense_probe, patch_majority, scores as dense_scores
 from .eval_knn import knn_accuracy
@@ -208,14 +209,25 @@ def measure_localisation(backbone, cfg, images=LOCALISATION_IMAGES, split="val")
 
 # --------------------------------------------------------------------------- runs and tables
 
-def _cached(path, compute):
-    """The JSON at `path`, or compute() written there first (atomically)."""
+def _cached(path, compute, made_with):
+    """The value saved at `path` if it was made with `made_with` (the checkpoint file and
+    the evaluation settings), else compute() saved there first (atomically) beside it: a
+    run trained further or scored with other settings is scored again, never read stale."""
+    made_with = json.loads(json.dumps(made_with))  # as it reads back: tuples are lists
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            saved = json.load(f)
+        if isinstance(saved, dict) and saved.get("made_with") == made_with:
+            return saved["value"]
     value = compute()
-    write_json_atomically(path, value)
+    write_json_atomically(path, {"made_with": made_with, "value": value})
     return value
+
+
+def _file_identity(path):
+    """(size, modification time in ns) of a checkpoint: each save writes a new file."""
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
 
 
 def summary(values):
@@ -247,11 +259,16 @@ def run_seed(cfg, seed, eval_images=EVAL_IMAGES, dense_epochs=None, split="val",
                                   **RUNS.get(method, {}))
         path = _checkpoint(run, method)
         print(f"compare: seed {seed}, {LABELS[method]}: scoring", file=sys.stderr, flush=True)
+        # The run's settings that a resumed run may not change, and the data it is scored on.
+        checkpoint = {"checkpoint": _file_identity(path), "settings": {
+            k: v for k, v in _settings(run).items() if k not in RESUMABLE or k == "data"}}
         scores = _cached(os.path.join(run.out, f"{split}_scores.json"),
-                         lambda: score(load_backbone(path)[0], run, eval_images, dense_epochs, split=split))
+                         lambda: score(load_backbone(path)[0], run, eval_images, dense_epochs, split=split),
+                         {**checkpoint, "eval_images": eval_images, "dense_epochs": dense_epochs})
         if localise:
             scores = {**scores, **_cached(os.path.join(run.out, f"{split}_localisation.json"),
-                                          lambda: measure_localisation(load_backbone(path)[0], run, split=split))}
+                                          lambda: measure_localisation(load_backbone(path)[0], run, split=split),
+                                          {**checkpoint, "images": LOCALISATION_IMAGES})}
         results[method] = scores
         print(f"compare: seed {seed}, {LABELS[method]}: " + ", ".join(
             f"{name} {100 * scores[key]:.1f}%" for key, name in METRICS)
@@ -360,7 +377,9 @@ def _compare(cfg, seeds, eval_images, dense_epochs, methods):
     _threads(cfg, "compare")
     t0 = time.perf_counter()
     results = {seed: run_seed(cfg, seed, eval_images, dense_epochs, methods=methods) for seed in seeds}
-    reference = _cached(os.path.join(cfg.out, "every_patch_right.json"), lambda: every_patch_right(cfg, eval_images))
+    reference = _cached(os.path.join(cfg.out, "every_patch_right.json"), lambda: every_patch_right(cfg, eval_images),
+                        {"data": cfg.data, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
+                         "eval_images": eval_images})
     elapsed = time.perf_counter() - t0
     text = table(results, seeds, reference, methods) + "\n\n" + localisation_table(results, seeds, methods)
     note = (f"\n\nMean ± sample standard deviation over seeds {', '.join(map(str, seeds))}; scores in %, "

@@ -73,12 +73,29 @@ def test_compare_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     assert rows[3].split(" | ")[1] == f"{mean:.1f} ± {spread:.1f}"
 
     # Run again: nothing is trained or scored twice.
+    real_score, real_localisation = adclr.compare.score, adclr.compare.localisation
     stamps = {p: os.path.getmtime(p) for p in out.glob("seed*/*/checkpoint.pt")}
     monkeypatch.setattr(adclr.compare, "score", lambda *a, **k: pytest.fail("scored again"))
     monkeypatch.setattr(adclr.compare, "localisation", lambda *a, **k: pytest.fail("measured again"))
     main(["compare", *TINY, "--seeds", "0", "1", "--eval-images", "12", "--out", str(out)])
     assert capsys.readouterr().out == table
     assert stamps == {p: os.path.getmtime(p) for p in out.glob("seed*/*/checkpoint.pt")} and len(stamps) == 6
+
+    # Other evaluation settings: every score is made again (the attention, which does not
+    # depend on them, is not); a run trained further: its scores and attention are.
+    scored, measured = [], []
+    monkeypatch.setattr(adclr.compare, "score", lambda backbone, run, *a, **k: scored.append(run.out) or real_score(
+        backbone, run, *a, **k))
+    monkeypatch.setattr(adclr.compare, "localisation", lambda *a, **k: measured.append(1) or real_localisation(*a, **k))
+    main(["compare", *TINY, "--seeds", "0", "1", "--eval-images", "10", "--out", str(out)])
+    capsys.readouterr()
+    assert len(scored) == 6 and not measured
+    assert json.loads((out / "compare.json").read_text())["eval_images"] == 10
+    scored.clear()
+    main(["compare", *TINY, "--seeds", "0", "--eval-images", "10", "--max-steps", "3", "--out", str(out)])
+    capsys.readouterr()
+    assert sorted(os.path.basename(p) for p in scored) == ["adclr", "dino"] and len(measured) == 2
+    assert load_checkpoint(str(out / "seed0" / "dino" / "checkpoint.pt"))["step"] == 3
 
 
 def test_random_init_is_the_runs_starting_point(tmp_path):
