@@ -19,7 +19,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -752,6 +754,9 @@ def mfu_peak(trainer):
     return peak, None
 
 
+_NOT_INSTALLED = object()  # Run.finish_the_step_on_ctrl_c left SIGINT as it was
+
+
 class Run:
     """The step loop and what it keeps between steps: the steps done, the last step whose
     loss was checked finite, the step of checkpoint.pt, and the throughput and the time
@@ -770,7 +775,7 @@ class Run:
         self.images, self.warned, self.skipped = loader.dataset.base, set(), 0  # warned: unreadable files already reported
         self.bad = torch.zeros((), dtype=torch.bool, device=trainer.device)  # any loss not finite, on the device
         self.completed = self.last_good = self.saved = start  # saved: the step of checkpoint.pt, 0 = none
-        self.in_step = False
+        self.in_step = self.stop_asked = False  # stop_asked: Ctrl-C inside a step, which then ends it
         self.t0, self.images_since = time.perf_counter(), 0
         self.data_wait, self.intervals, self.wait_warned = 0.0, 0, False  # data_wait: seconds in next(data)
         self.flops = step_flops(self.cfg, self.cfg.batch_size // world)[0]  # one process's share
@@ -780,17 +785,39 @@ class Run:
 
     def steps(self, data):
         """Run the remaining steps on the batches of `data`; on an interrupt, keep what was done."""
+        previous = self.finish_the_step_on_ctrl_c()
         try:
             for step in range(self.completed, self.trainer.total_steps):
                 asked = time.perf_counter()
                 raw = next(data)
                 self.data_wait += time.perf_counter() - asked
                 self.step(raw, step)
+                if self.stop_asked:
+                    raise KeyboardInterrupt
         except KeyboardInterrupt:
             self.save_interrupted()
             raise
         finally:
+            if previous is not _NOT_INSTALLED:
+                signal.signal(signal.SIGINT, previous)
             self.logger.close()
+
+    def finish_the_step_on_ctrl_c(self):
+        """Let a first Ctrl-C that lands inside a step (nearly all of them: the data wait is a
+        few percent of a step) finish that step, then save and stop, instead of losing every
+        step since the last checkpoint; a second one stops at once. The previous SIGINT
+        handler, or _NOT_INSTALLED: a single process's main thread only (under DDP the
+        launcher owns the signals, and a save needs every process)."""
+        if self.world != 1 or threading.current_thread() is not threading.main_thread():
+            return _NOT_INSTALLED
+
+        def on_ctrl_c(signum, frame):
+            if not self.in_step or self.stop_asked:
+                raise KeyboardInterrupt
+            self.stop_asked = True
+            print(f"\ninterrupt: finishing step {self.completed + 1}, then saving it; Ctrl-C again to stop at once",
+                  file=sys.stderr, flush=True)
+        return signal.signal(signal.SIGINT, on_ctrl_c)
 
     def step(self, raw, step):
         """Step `step` on a loader batch, then its log record and checkpoint when they are due."""

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 
 import pytest
 import torch
@@ -122,6 +123,34 @@ def test_an_interrupt_keeps_the_steps_done_unless_it_hits_inside_a_step(where, t
         assert f"interrupted: saved step 3 to {path}; rerun the same command to resume" in err
     else:
         assert not os.path.exists(path) and "interrupted" not in err
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_inside_a_step_finishes_it_then_saves_a_second_stops_at_once(presses, tiny_config, monkeypatch,
+                                                                            capsys):
+    """A real SIGINT during step 4 (not the data wait): one lets it finish, then saves step 4
+    and stops; two stop inside it, saving nothing; the handler is put back either way."""
+    cfg = tiny_config(max_steps=6, checkpoint_every=5)
+    real_step, before = adclr.train.train_step, signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_in_step_4(trainer, batch, step):
+        if step == 3:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_step(trainer, batch, step)
+
+    monkeypatch.setattr(adclr.train, "train_step", ctrl_c_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    path, err = os.path.join(cfg.out, "checkpoint.pt"), capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before
+    assert "interrupt: finishing step 4, then saving it; Ctrl-C again to stop at once" in err
+    records = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
+    if presses == 1:
+        assert load_checkpoint(path)["step"] == 4 and records[-1]["step"] == 4
+        assert f"interrupted: saved step 4 to {path}; rerun the same command to resume" in err
+    else:
+        assert not os.path.exists(path) and "interrupted:" not in err and records[-1]["step"] == 3
 
 
 def test_schedules(tiny_config):
