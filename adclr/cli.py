@@ -62,14 +62,15 @@ def checked(kind, allowed=None):
     return parse
 
 
-def add_config_flags(parser):
-    """One --flag per Config field. Defaults are SUPPRESSed so we know what was set."""
-    helps = _field_help()
+def add_config_flags(parser, defaults=None):
+    """One --flag per Config field. Defaults are SUPPRESSed so we know what was set; the
+    help shows `defaults` (the command's preset) where given, else Config's."""
+    helps, defaults = _field_help(), defaults or {}
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         allowed = ALLOWED.get(f.name)
         limit = f", {allowed}" if isinstance(allowed, str) else ""
-        text = f"{helps.get(f.name, '')} (default: {f.default}{limit})".strip()
+        text = f"{helps.get(f.name, '')} (default: {defaults.get(f.name, f.default)}{limit})".strip()
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif isinstance(f.default, tuple):
@@ -187,7 +188,7 @@ def _add_compare_parser(commands):
                                 help="what to train and score beside random init (default: dino adclr)")
     compare_parser.add_argument("--eval-images", type=checked(int, ">= 1"), default=None,
                                 help=f"images per split for k-NN, linear and dense (default: {compare.EVAL_IMAGES})")
-    add_config_flags(compare_parser)
+    add_config_flags(compare_parser, compare.PRESET)
     compare_parser.set_defaults(handler=run_compare, parser=compare_parser)
 
 
@@ -224,7 +225,7 @@ def _add_sweep_parser(commands):
                               help="one ADCLR and one DINO run per seed and grid point (default: 0)")
     sweep_parser.add_argument("--eval-images", type=checked(int, ">= 1"), default=None,
                               help=f"images per split for k-NN, linear and dense (default: {compare.EVAL_IMAGES})")
-    add_config_flags(sweep_parser)
+    add_config_flags(sweep_parser, {**compare.PRESET, "out": "runs/sweep"})
     sweep_parser.set_defaults(handler=run_sweep, parser=sweep_parser)
 
 
@@ -321,6 +322,8 @@ def run_compare(args):
              for k, v in _flags(args, "seeds", "eval_images", "methods").items()}
     if "seed" in given:
         args.parser.error("argument --seed: adclr compare takes --seeds")
+    if "method" in given:  # each run has its own
+        args.parser.error("argument --method: adclr compare takes --methods")
     cfg = Config(**{**compare.PRESET, **given})
     errors = config_errors(cfg)
     if errors:
@@ -334,6 +337,8 @@ def run_sweep(args):
              for k, v in _flags(args, "seeds", "eval_images", "vary", "one_at_a_time").items()}
     if "seed" in given:
         args.parser.error("argument --seed: adclr sweep takes --seeds")
+    if "method" in given:  # it sweeps ADCLR and DINO alike
+        args.parser.error("argument --method: adclr sweep runs ADCLR and DINO, each with its own")
     grid = dict(args.vary or compare.SWEEP.items())
     if args.vary and len(grid) < len(args.vary):
         args.parser.error("argument --vary: a flag is given twice; list all its values in one --vary")

@@ -287,6 +287,8 @@ def test_compare_takes_train_flags_over_its_preset(monkeypatch, capsys):
     assert cfg.data == adclr.compare.PRESET["data"] == "builtin:grey-ground-scenes" and cfg.arch == adclr.compare.PRESET["arch"]
     status, err = run(["compare", "--seed", "1"], capsys)
     assert status == 2 and err.splitlines()[-1] == "adclr compare: error: argument --seed: adclr compare takes --seeds"
+    status, err = run(["compare", "--method", "densecl"], capsys)
+    assert status == 2 and err.splitlines()[-1] == "adclr compare: error: argument --method: adclr compare takes --methods"
     status, err = run(["compare", "--image-size", "60"], capsys)
     assert status == 2 and err.splitlines()[-1] == (
         "adclr compare: error: argument --image-size: must be a multiple of --patch-size 8, got 60")
@@ -733,3 +735,17 @@ def test_the_demo_ends_with_its_knn_beside_random_init(tmp_path, capsys):
     status, err = run(["train", *TINY, "--data", image_folder(tmp_path / "photos"), "--batch-size", "2",
                        "--out", str(tmp_path / "own")], capsys)
     assert status == 0 and err.strip().splitlines()[-1].startswith("done: 1 steps")
+
+
+@pytest.mark.parametrize("command,preset", [("compare", {}), ("sweep", {"out": "runs/sweep"})])
+def test_compare_and_sweep_help_shows_their_preset(command, preset, capsys):
+    """Their flags' help gives the preset's defaults, which they run with, not adclr train's."""
+    import adclr.compare
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for field in ("out", "data", "arch", "base_lr", "max_steps"):
+        value = {**adclr.compare.PRESET, **preset}[field]
+        assert f"--{field.replace('_', '-')} " in text and f"(default: {value}" in text, field
+    assert "(default: runs/adclr" not in text and "(default: vit_small" not in text
