@@ -1,6 +1,8 @@
 """The public op (attention.py): the backend choice, errors that name the argument, edge
 inputs on every backend, and the packed-qkv entry point."""
 
+import re
+
 import pytest
 import torch
 
@@ -50,9 +52,14 @@ BAD_INPUTS = [
     ("Q > seq", dict(num_queries=16), ValueError, "num_queries must be in"),
     ("Q a float", dict(num_queries=4.0), TypeError, "num_queries must be an int"),
     ("Q a tensor", dict(num_queries=torch.tensor(4)), TypeError, "num_queries must be an int"),
-    ("P too large", dict(num_prefix=12), ValueError, "num_prefix must be in"),
+    ("P > seq", dict(num_prefix=16), ValueError, "num_prefix must be in"),
+    ("P + Q > seq", dict(num_prefix=12), ValueError,
+     "num_prefix + num_queries must be at most seq = 15 (q is (batch, heads, seq, head_dim) = (2, 3, 15, 16)), "
+     "got 12 + 4"),
     ("P a bool", dict(num_prefix=True), TypeError, "num_prefix must be an int"),
-    ("nothing to see", dict(num_prefix=11), ValueError, "attend to nothing"),
+    ("nothing to see", dict(num_prefix=11), ValueError,
+     "attend to nothing: there are no raw tokens (num_prefix 11 + num_queries 4 == seq; q is (batch, heads, seq, "
+     "head_dim) = (2, 3, 15, 16))"),
     ("self needs query keys", dict(query_sees_self=True), ValueError, "need the query keys"),
     ("option not bool", dict(query_sees_prefix=1), TypeError, "query_sees_prefix must be a bool"),
     ("scale a string", dict(scale="0.1"), TypeError, "scale must be a finite float"),
@@ -73,7 +80,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("case,over,exc,msg", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_raises_clearly(case, over, exc, msg):
     args = _good(**on_device(over))
-    with pytest.raises(exc, match=msg):
+    with pytest.raises(exc, match=re.escape(msg)):
         unidirectional_attention(**args)
 
 
