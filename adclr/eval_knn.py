@@ -7,6 +7,7 @@ each weighing exp(similarity / T). The headline number is DINO's, k = 20.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,10 @@ def evaluate_knn(checkpoint, data=None, weights="teacher", image_size=None, batc
     train_f, train_y, val_f, val_y = split_features(backbone, train_images, val_images, data, size, limit,
                                                     batch_size, device, workers)
     by_k = knn_accuracy(train_f, train_y, val_f, val_y, ks, temperature)
+    beyond = [k for k in ks if k > len(train_y)]
+    if beyond:
+        print(f"note: k = {', '.join(map(str, beyond))} exceeds the {len(train_y)} train images: "
+              f"{'each votes' if len(beyond) > 1 else 'it votes'} with all of them", file=sys.stderr)
     headline = 20 if 20 in by_k else next(iter(by_k))  # DINO's headline k-NN number is k=20
     return {"protocol": "knn", "checkpoint": checkpoint, "weights": weights, "data": data,
             "train_images": len(train_y), "val_images": len(val_y), "accuracy": by_k[headline], "k": headline,

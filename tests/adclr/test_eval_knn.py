@@ -56,3 +56,13 @@ def test_knn_weights_are_dinos_up_to_a_factor_per_image():
         assert int(dino.argmax()) == winner  # float64 does not overflow here
         assert knn_accuracy(train_x, train_y, test_x, torch.tensor([winner]), ks=(4,), temperature=temperature) == {
             4: 1.0}
+
+
+def test_a_k_past_the_train_set_is_said(tiny_checkpoint, capsys):
+    """A k larger than the train images votes with all of them, and the run says so."""
+    from adclr.eval_knn import evaluate_knn
+
+    record = evaluate_knn(tiny_checkpoint, ks=(5, 10, 20), device="cpu", num_workers=0, limit=8)
+    assert record["train_images"] == 8 and set(record["accuracy_by_k"]) == {"5", "10", "20"}
+    assert record["accuracy_by_k"]["10"] == record["accuracy_by_k"]["20"]  # both vote with all 8
+    assert "note: k = 10, 20 exceeds the 8 train images: each votes with all of them" in capsys.readouterr().err
