@@ -278,8 +278,11 @@ def run_seed(cfg, seed, eval_images=EVAL_IMAGES, dense_epochs=None, split="val",
 
 
 def _cell(values, scale=100, digits=1):
+    """mean ± spread; the mean alone for one value (no spread to give). No "-0.0"."""
     mean, spread = summary([scale * v for v in values])
-    return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+    text = f"{mean:.{digits}f}"
+    text = text.lstrip("-") if float(text) == 0 else text
+    return text if len(values) == 1 else f"{text} ± {spread:.{digits}f}"
 
 
 def table(results, seeds, reference=None, methods=METHODS):
@@ -382,7 +385,9 @@ def _compare(cfg, seeds, eval_images, dense_epochs, methods):
                          "eval_images": eval_images})
     elapsed = time.perf_counter() - t0
     text = table(results, seeds, reference, methods) + "\n\n" + localisation_table(results, seeds, methods)
-    note = (f"\n\nMean ± sample standard deviation over seeds {', '.join(map(str, seeds))}; scores in %, "
+    over = (f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1
+            else f"One seed ({seeds[0]}): no spread")
+    note = (f"\n\n{over}; scores in %, "
             f"attention ratios over {LOCALISATION_IMAGES} val images. Training settings: "
             f"{json.dumps(_settings(cfg))}\n")
     write_atomically(os.path.join(cfg.out, "compare.md"), lambda f: f.write((text + note).encode()))

@@ -297,3 +297,13 @@ def test_compare_other_methods_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
         config = load_checkpoint(str(out / "seed0" / method / "checkpoint.pt"))["config"]
         assert config["method"] == method and config["max_steps"] == 1
         assert all(0 <= record["results"]["0"][method][key] <= 1 for key, _ in adclr.compare.METRICS)
+
+
+def test_one_seed_gives_means_alone_and_no_negative_zero():
+    scores = {"knn": 0.5, "linear": 0.25, "miou": 0.125, "pixel_accuracy": 0.75}
+    results = {0: {"random": scores, "dino": scores, "adclr": {**scores, "knn": 0.5 - 1e-7}}}
+    text = adclr.compare.table(results, [0])
+    assert "±" not in text and "-0.0" not in text
+    assert "| ADCLR − DINO (paired by seed) | 0.0 | 0.0 | 0.0 | 0.0 |" in text
+    two = adclr.compare.table({**results, 1: results[0]}, [0, 1])
+    assert "| ADCLR | 50.0 ± 0.0 | 25.0 ± 0.0 | 12.5 ± 0.0 | 75.0 ± 0.0 |" in two
