@@ -810,6 +810,11 @@ class Run:
         launcher owns the signals, and a save needs every process)."""
         if self.world != 1 or threading.current_thread() is not threading.main_thread():
             return _NOT_INSTALLED
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is signal.SIG_IGN or previous is None:
+            # Ignored (a background job of a shell without job control), or a handler
+            # installed outside Python, which could not be put back: left as it is.
+            return _NOT_INSTALLED
 
         def on_ctrl_c(signum, frame):
             if not self.in_step or self.stop_asked:
@@ -817,7 +822,8 @@ class Run:
             self.stop_asked = True
             print(f"\ninterrupt: finishing step {self.completed + 1}, then saving it; Ctrl-C again to stop at once",
                   file=sys.stderr, flush=True)
-        return signal.signal(signal.SIGINT, on_ctrl_c)
+        signal.signal(signal.SIGINT, on_ctrl_c)
+        return previous
 
     def step(self, raw, step):
         """Step `step` on a loader batch, then its log record and checkpoint when they are due."""
@@ -825,10 +831,12 @@ class Run:
         batch = self.to_device(raw)
         self.in_step = True
         metrics = train_step(self.trainer, self.augment(batch), step)
-        self.in_step = False
+        # The step counts as done before it stops being "in step": an interrupt between
+        # the two would otherwise save its update as the step before it.
         self.bad |= ~torch.isfinite(metrics["loss"])
-        self.images_since += cfg.batch_size
         done = self.completed = step + 1
+        self.in_step = False
+        self.images_since += cfg.batch_size
         if done % cfg.log_every == 0 or done == total:
             self.log(done, metrics)
         snapshot = cfg.saveckp_freq and done % (cfg.saveckp_freq * self.trainer.steps_per_epoch) == 0
@@ -928,4 +936,8 @@ class Run:
         if self.world == 1 and not self.in_step and self.completed > self.saved and not self.bad.item():
             save_checkpoint(self.trainer, self.path, self.completed, [rng_states()])
             print(f"\ninterrupted: saved step {self.completed} to {self.path}; rerun the same command to resume",
+                  file=sys.stderr)
+        elif self.stop_asked and not self.in_step and self.completed == self.saved:
+            # the finished step was a checkpoint step
+            print(f"\ninterrupted: step {self.completed} is saved in {self.path}; rerun the same command to resume",
                   file=sys.stderr)

@@ -125,12 +125,13 @@ def test_an_interrupt_keeps_the_steps_done_unless_it_hits_inside_a_step(where, t
         assert not os.path.exists(path) and "interrupted" not in err
 
 
-@pytest.mark.parametrize("presses", [1, 2])
-def test_ctrl_c_inside_a_step_finishes_it_then_saves_a_second_stops_at_once(presses, tiny_config, monkeypatch,
-                                                                            capsys):
+@pytest.mark.parametrize("presses,checkpoint_every", [(1, 5), (1, 4), (2, 5)])
+def test_ctrl_c_inside_a_step_finishes_it_then_saves_a_second_stops_at_once(presses, checkpoint_every, tiny_config,
+                                                                            monkeypatch, capsys):
     """A real SIGINT during step 4 (not the data wait): one lets it finish, then saves step 4
-    and stops; two stop inside it, saving nothing; the handler is put back either way."""
-    cfg = tiny_config(max_steps=6, checkpoint_every=5)
+    (or says it is saved, when step 4 writes a checkpoint anyway) and stops; two stop inside
+    it, saving nothing; the handler is put back either way."""
+    cfg = tiny_config(max_steps=6, checkpoint_every=checkpoint_every)
     real_step, before = adclr.train.train_step, signal.getsignal(signal.SIGINT)
 
     def ctrl_c_in_step_4(trainer, batch, step):
@@ -146,11 +147,33 @@ def test_ctrl_c_inside_a_step_finishes_it_then_saves_a_second_stops_at_once(pres
     assert signal.getsignal(signal.SIGINT) is before
     assert "interrupt: finishing step 4, then saving it; Ctrl-C again to stop at once" in err
     records = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
-    if presses == 1:
-        assert load_checkpoint(path)["step"] == 4 and records[-1]["step"] == 4
-        assert f"interrupted: saved step 4 to {path}; rerun the same command to resume" in err
-    else:
+    if presses == 2:
         assert not os.path.exists(path) and "interrupted:" not in err and records[-1]["step"] == 3
+    else:
+        assert load_checkpoint(path)["step"] == 4 and records[-1]["step"] == 4
+        said = "saved step 4 to {}" if checkpoint_every == 5 else "step 4 is saved in {}"
+        assert f"interrupted: {said.format(path)}; rerun the same command to resume" in err
+
+
+def test_an_ignored_ctrl_c_stays_ignored(tiny_config, monkeypatch, capsys):
+    """A run whose SIGINT is ignored (a background job without job control) runs on."""
+    cfg = tiny_config(max_steps=6, checkpoint_every=5)
+    real_step = adclr.train.train_step
+
+    def ctrl_c_in_step_4(trainer, batch, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(trainer, batch, step)
+
+    monkeypatch.setattr(adclr.train, "train_step", ctrl_c_in_step_4)
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        train(cfg)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["step"] == 6
+    assert "interrupt" not in capsys.readouterr().err
 
 
 def test_schedules(tiny_config):
