@@ -62,15 +62,17 @@ def checked(kind, allowed=None):
     return parse
 
 
-def add_config_flags(parser, defaults=None):
+def add_config_flags(parser, defaults=None, hidden=()):
     """One --flag per Config field. Defaults are SUPPRESSed so we know what was set; the
-    help shows `defaults` (the command's preset) where given, else Config's."""
+    help shows `defaults` (the command's preset) where given, else Config's, and leaves
+    out the `hidden` flags (a command that refuses them, saying what to give instead)."""
     helps, defaults = _field_help(), defaults or {}
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         allowed = ALLOWED.get(f.name)
         limit = f", {allowed}" if isinstance(allowed, str) else ""
         text = f"{helps.get(f.name, '')} (default: {defaults.get(f.name, f.default)}{limit})".strip()
+        text = argparse.SUPPRESS if f.name in hidden else text
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=text)
         elif isinstance(f.default, tuple):
@@ -188,7 +190,7 @@ def _add_compare_parser(commands):
                                 help="what to train and score beside random init (default: dino adclr)")
     compare_parser.add_argument("--eval-images", type=checked(int, ">= 1"), default=None,
                                 help=f"images per split for k-NN, linear and dense (default: {compare.EVAL_IMAGES})")
-    add_config_flags(compare_parser, compare.PRESET)
+    add_config_flags(compare_parser, compare.PRESET, hidden=("seed", "method"))
     compare_parser.set_defaults(handler=run_compare, parser=compare_parser)
 
 
@@ -200,7 +202,7 @@ def vary(text):
     fields = {f.name: f.default for f in dataclasses.fields(Config)}
     if not sep or not values or field not in fields:
         raise argparse.ArgumentTypeError(f"expected KEY=V1,V2,... with KEY an adclr train flag, got {text!r}")
-    if isinstance(fields[field], (tuple, bool)) or field in ("out", "seed"):
+    if isinstance(fields[field], (tuple, bool)) or field in ("out", "seed", "method"):
         raise argparse.ArgumentTypeError(f"--{key} cannot be swept")
     parse = checked(type(fields[field]), ALLOWED.get(field))
     try:
@@ -225,7 +227,9 @@ def _add_sweep_parser(commands):
                               help="one ADCLR and one DINO run per seed and grid point (default: 0)")
     sweep_parser.add_argument("--eval-images", type=checked(int, ">= 1"), default=None,
                               help=f"images per split for k-NN, linear and dense (default: {compare.EVAL_IMAGES})")
-    add_config_flags(sweep_parser, {**compare.PRESET, "out": "runs/sweep"})
+    swept = {k: f"{compare.PRESET.get(k, getattr(Config, k))}; without --vary swept over {','.join(map(str, v))}"
+             for k, v in compare.SWEEP.items()}
+    add_config_flags(sweep_parser, {**compare.PRESET, "out": "runs/sweep", **swept}, hidden=("seed", "method"))
     sweep_parser.set_defaults(handler=run_sweep, parser=sweep_parser)
 
 

@@ -749,3 +749,6 @@ def test_compare_and_sweep_help_shows_their_preset(command, preset, capsys):
         value = {**adclr.compare.PRESET, **preset}[field]
         assert f"--{field.replace('_', '-')} " in text and f"(default: {value}" in text, field
     assert "(default: runs/adclr" not in text and "(default: vit_small" not in text
+    assert "--seed " not in text and "--method " not in text  # refused there: --seeds, --methods
+    if command == "sweep":
+        assert "--teacher-temp TEACHER_TEMP (default: 0.02; without --vary swept over 0.02,0.04" in text

@@ -264,6 +264,7 @@ def test_grid_points_every_combination_or_one_at_a_time():
     (["--vary", "query-scale=0.1"], "argument --vary: --query-scale cannot be swept"),
     (["--seed", "1"], "argument --seed: adclr sweep takes --seeds"),
     (["--method", "densecl"], "argument --method: adclr sweep runs ADCLR and DINO, each with its own"),
+    (["--vary", "method=densecl,ccmim"], "argument --vary: --method cannot be swept"),
 ])
 def test_sweep_user_errors(argv, message, monkeypatch, capsys):
     monkeypatch.setattr(adclr.compare, "sweep", lambda *a, **k: pytest.fail("swept"))
