@@ -18,3 +18,12 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Every worker on a CUDA machine opens its own context on the GPU (about 0.5 GB each):
+# `-n auto` stops at this many there, and is one per core on CPU.
+MAX_CUDA_WORKERS = 8
+
+
+def pytest_xdist_auto_num_workers(config):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(cores, MAX_CUDA_WORKERS) if torch.cuda.is_available() else cores
