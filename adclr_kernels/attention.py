@@ -94,6 +94,12 @@ def _check_scale(scale, head_dim):
     return float(scale)
 
 
+def _read_as(q):
+    # Said in the messages that depend on seq: a (batch, seq, heads, head_dim) tensor
+    # passed by mistake reads its heads as seq.
+    return f"q is (batch, heads, seq, head_dim) = {tuple(q.shape)}"
+
+
 def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
                  query_sees_queries, scale):
     """Validate a call; returns (scale, QueryMask). Raises before any kernel runs."""
@@ -106,13 +112,10 @@ def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees
                          f"({batch}, {heads}, *, {head_dim}), got {tuple(k.shape)}")
     mask = QueryMask(query_sees_prefix, query_sees_self, query_sees_queries)
 
-    # The shape q was read as, in both messages that depend on seq: a (batch, seq, heads,
-    # head_dim) tensor passed by mistake reads its heads as seq.
-    shape = f"q is (batch, heads, seq, head_dim) = {tuple(q.shape)}"
     _check_int("num_queries", num_queries, 0, seq)
     _check_int("num_prefix", num_prefix, 0, seq)
     if num_prefix + num_queries > seq:
-        raise ValueError(f"num_prefix + num_queries must be at most seq = {seq} ({shape}), "
+        raise ValueError(f"num_prefix + num_queries must be at most seq = {seq} ({_read_as(q)}), "
                          f"got {num_prefix} + {num_queries}")
     visible = seq - num_queries
     needs_query_keys = mask.needs_query_keys(num_queries)
@@ -123,7 +126,7 @@ def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees
         raise ValueError(f"k and v must have length {expect}, got {k.shape[2]}")
     if mask.sees_nothing(num_queries, visible - num_prefix, num_prefix):
         raise ValueError(f"query rows would attend to nothing: there are no raw tokens "
-                         f"(num_prefix {num_prefix} + num_queries {num_queries} == seq; {shape}); "
+                         f"(num_prefix {num_prefix} + num_queries {num_queries} == seq; {_read_as(q)}); "
                          f"set query_sees_prefix, query_sees_self or query_sees_queries")
     return _check_scale(scale, head_dim), mask
 

@@ -19,8 +19,8 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Every worker on a CUDA machine opens its own context on the GPU (about 0.5 GB each):
-# `-n auto` stops at this many there, and is one per core on CPU.
+# Every worker on a CUDA machine opens its own CUDA context, all on the one GPU: `-n auto`
+# stops at this many there, and is one per core on CPU.
 MAX_CUDA_WORKERS = 8
 
 
