@@ -11,23 +11,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def join_group(rank, world, results):
+    """A file rendezvous in the test's own folder: no port to pick, so no race with the
+    other pytest workers for one."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(results, 'rendezvous')}",
+                            rank=rank, world_size=world)
 
 
-def worker(rank, world, port, cfg_fields, results):
+def worker(rank, world, cfg_fields, results):
     from torch.nn.parallel import DistributedDataParallel
 
     from adclr.data import synthetic_batch
     from adclr.config import Config
     from adclr.train import build, train, train_step
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, results)
     cfg = Config(**cfg_fields)
 
     trainer = build(cfg, "cpu", steps_per_epoch=10)
@@ -61,7 +61,7 @@ def worker(rank, world, port, cfg_fields, results):
 def test_ddp_two_gloo_processes(tiny_config, tmp_path, fused_head_loss):
     cfg = tiny_config(batch_size=8, drop_path=0.1, head_hidden_dim=128, head_bottleneck_dim=32,
                       fused_head_loss=fused_head_loss)
-    mp.spawn(worker, args=(2, free_port(), dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 
     for a, b, start in zip(r0["student"], r1["student"], r0["initial"]):
@@ -83,13 +83,11 @@ def test_ddp_two_gloo_processes(tiny_config, tmp_path, fused_head_loss):
     assert checkpoint["step"] == 2 and len(checkpoint["rng"]) == 2
 
 
-def refused_worker(rank, world, port, cfg_fields, results):
+def refused_worker(rank, world, cfg_fields, results):
     from adclr.config import Config
     from adclr.train import train
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, results)
     try:
         train(Config(**cfg_fields))
         message = "trained"
@@ -108,21 +106,19 @@ def test_a_run_in_use_is_refused_on_every_process(tiny_config, tmp_path):
     cfg = tiny_config(out=str(tmp_path / "run"))
     os.makedirs(cfg.out)
     with folder_lock(cfg.out):
-        mp.spawn(refused_worker, args=(2, free_port(), dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(refused_worker, args=(2, dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
     expected = (f"error: --out {cfg.out} is in use by another adclr run (process {os.getpid()} on "
                 f"{socket.gethostname()}); wait for it to end, or choose another --out")
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [expected, expected]
 
 
-def methods_worker(rank, world, port, cfg_fields, results):
+def methods_worker(rank, world, cfg_fields, results):
     from adclr.config import Config
     from adclr.data import synthetic_batch
     from adclr.train import build, train_step
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, results)
     out = {}
     for method in ("densecl", "ccmim"):
         cfg = Config(**{**cfg_fields, "method": method})
@@ -142,7 +138,7 @@ def test_ddp_with_the_other_methods(tiny_config, tmp_path):
     """DenseCL's dense last layer and ccMIM's decoder take their gradients outside the
     CLS head's path: every one of them must be all-reduced, and the dense centre too."""
     cfg = tiny_config(batch_size=8, head_hidden_dim=64, head_bottleneck_dim=32, num_queries=0)
-    mp.spawn(methods_worker, args=(2, free_port(), dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(methods_worker, args=(2, dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for method in ("densecl", "ccmim"):
         a, b = r0[method], r1[method]
