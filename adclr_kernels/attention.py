@@ -57,11 +57,12 @@ def _remembered(cache, key, check):
     return found
 
 
-def _check_int(name, value, low, high):
+def _check_int(name, value, low, high, read_as=None):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}] for this input, got {value}")
+        where = f" ({read_as()})" if read_as else ""
+        raise ValueError(f"{name} must be in [{low}, {high}] for this input{where}, got {value}")
 
 
 def _check_tensors(q, k, v, layout):
@@ -87,10 +88,11 @@ def _check_scale(scale, head_dim):
         return head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite float or None, got {scale!r}")
-    if scale < 0:
+    if scale <= 0:
         # The kernels keep the running maximum of unscaled scores; a negative scale
-        # would turn it into a minimum. No attention uses one.
-        raise ValueError(f"scale must be >= 0, got {scale}")
+        # would turn it into a minimum, and a zero one times a masked score (-inf) is NaN.
+        # No attention uses either: a zero scale is the mean of the values it may see.
+        raise ValueError(f"scale must be > 0, got {scale}")
     return float(scale)
 
 
@@ -101,8 +103,10 @@ def _read_as(q):
 
 
 def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees_self,
-                 query_sees_queries, scale):
-    """Validate a call; returns (scale, QueryMask). Raises before any kernel runs."""
+                 query_sees_queries, scale, read_as=None):
+    """Validate a call; returns (scale, QueryMask). Raises before any kernel runs.
+    read_as() words the shape the caller's tensor was read as (default: q's)."""
+    read_as = read_as or (lambda: _read_as(q))
     _check_tensors(q, k, v, ("batch", "heads", "seq", "head_dim"))
     batch, heads, seq, head_dim = q.shape
     if k.shape != v.shape:
@@ -112,10 +116,10 @@ def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees
                          f"({batch}, {heads}, *, {head_dim}), got {tuple(k.shape)}")
     mask = QueryMask(query_sees_prefix, query_sees_self, query_sees_queries)
 
-    _check_int("num_queries", num_queries, 0, seq)
-    _check_int("num_prefix", num_prefix, 0, seq)
+    _check_int("num_queries", num_queries, 0, seq, read_as)
+    _check_int("num_prefix", num_prefix, 0, seq, read_as)
     if num_prefix + num_queries > seq:
-        raise ValueError(f"num_prefix + num_queries must be at most seq = {seq} ({_read_as(q)}), "
+        raise ValueError(f"num_prefix + num_queries must be at most seq = {seq} ({read_as()}), "
                          f"got {num_prefix} + {num_queries}")
     visible = seq - num_queries
     needs_query_keys = mask.needs_query_keys(num_queries)
@@ -126,7 +130,7 @@ def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees
         raise ValueError(f"k and v must have length {expect}, got {k.shape[2]}")
     if mask.sees_nothing(num_queries, visible - num_prefix, num_prefix):
         raise ValueError(f"query rows would attend to nothing: there are no raw tokens "
-                         f"(num_prefix {num_prefix} + num_queries {num_queries} == seq; {_read_as(q)}); "
+                         f"(num_prefix {num_prefix} + num_queries {num_queries} == seq; {read_as()}); "
                          f"set query_sees_prefix, query_sees_self or query_sees_queries")
     return _check_scale(scale, head_dim), mask
 
@@ -155,7 +159,7 @@ def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_p
         num_prefix: P, the number of prefix tokens (CLS, registers) at the start.
         query_sees_prefix / query_sees_self / query_sees_queries: widen what query
             rows see (query_sees_queries implies query_sees_self).
-        scale: score scale, default head_dim ** -0.5.
+        scale: score scale, > 0; default head_dim ** -0.5.
         backend: "auto", "triton", "reference", "sdpa", "flex" or "xformers".
         return_prefix_probs: also return the attention weights of the P prefix rows.
 
@@ -204,7 +208,9 @@ def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_
         Other arguments as in `unidirectional_attention`.
 
     Returns:
-        (batch, seq, heads, head_dim), so `.reshape(batch, seq, -1)` is free. With the
+        (batch, seq, heads, head_dim): `.reshape(batch, seq, -1)` is free on the Triton
+        backend, whose output is laid out so; the PyTorch ones return a transposed view
+        (`.view` refuses it, `.reshape` copies). With the
         Triton backend the gradient reaches qkv as one tensor written by the kernel:
         autograd stacks and copies nothing. With return_prefix_probs, (that,
         prefix_probs) as in `unidirectional_attention`.
@@ -213,7 +219,8 @@ def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_
         _check_qkv(qkv, ("batch", "seq"))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         checked = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
-                               query_sees_self, query_sees_queries, scale)
+                               query_sees_self, query_sees_queries, scale,
+                               lambda: f"qkv is (batch, seq, 3, heads, head_dim) = {tuple(qkv.shape)}")
         requires_grad = torch.is_grad_enabled() and qkv.requires_grad
         return (*checked, resolve(backend, q, requires_grad=requires_grad))
 
@@ -340,8 +347,11 @@ def _vouched(q, offsets, num_prefix, mask, backend):
     else:
         queries = torch.full((cu_seqlens.numel() - 1,), num_queries, dtype=torch.int32, device=q.device)
     _check_device_offsets(cu_seqlens, queries, q.shape[0], num_prefix, mask)
+    # Traced with a symbolic max_seqlen (a compiled call whose max_seqlen changes), the
+    # message cannot hold its value.
+    said = "" if torch.compiler.is_compiling() else f" ({max_seqlen})"
     torch._assert_async((cu_seqlens[1:] - cu_seqlens[:-1] <= max_seqlen).all(),
-                        f"max_seqlen ({max_seqlen}) is smaller than the longest sequence")
+                        f"max_seqlen{said} is smaller than the longest sequence")
     return cu_seqlens, queries, max_seqlen, None, None, ()
 
 

@@ -49,7 +49,8 @@ BAD_INPUTS = [
     ("head_dim differs", dict(k=torch.randn(2, 3, 11, 8), v=torch.randn(2, 3, 11, 8)), ValueError, "match q"),
     ("k too short", dict(k=torch.randn(2, 3, 9, 16), v=torch.randn(2, 3, 9, 16)), ValueError, "must have length"),
     ("Q negative", dict(num_queries=-1), ValueError, "num_queries must be in"),
-    ("Q > seq", dict(num_queries=16), ValueError, "num_queries must be in"),
+    ("Q > seq", dict(num_queries=16), ValueError,
+     "num_queries must be in [0, 15] for this input (q is (batch, heads, seq, head_dim) = (2, 3, 15, 16)), got 16"),
     ("Q a float", dict(num_queries=4.0), TypeError, "num_queries must be an int"),
     ("Q a tensor", dict(num_queries=torch.tensor(4)), TypeError, "num_queries must be an int"),
     ("P > seq", dict(num_prefix=16), ValueError, "num_prefix must be in"),
@@ -64,7 +65,8 @@ BAD_INPUTS = [
     ("option not bool", dict(query_sees_prefix=1), TypeError, "query_sees_prefix must be a bool"),
     ("scale a string", dict(scale="0.1"), TypeError, "scale must be a finite float"),
     ("scale nan", dict(scale=float("nan")), TypeError, "scale must be a finite float"),
-    ("scale negative", dict(scale=-0.1), ValueError, "scale must be >= 0"),
+    ("scale negative", dict(scale=-0.1), ValueError, "scale must be > 0"),
+    ("scale zero", dict(scale=0.0), ValueError, "scale must be > 0, got 0.0"),
     ("unknown backend", dict(backend="cudnn"), ValueError, "backend must be one of"),
     ("head_dim 0", dict(q=torch.randn(2, 3, 15, 0), k=torch.randn(2, 3, 11, 0),
                         v=torch.randn(2, 3, 11, 0)), ValueError, "head_dim 0"),
@@ -82,6 +84,14 @@ def test_bad_input_raises_clearly(case, over, exc, msg):
     args = _good(**on_device(over))
     with pytest.raises(exc, match=re.escape(msg)):
         unidirectional_attention(**args)
+
+
+def test_qkvpacked_errors_word_the_shape_of_qkv():
+    qkv = torch.randn(2, 2, 3, 10, 32)  # (batch, heads, 3, seq, head_dim) by mistake
+    with pytest.raises(ValueError, match=re.escape(
+            "num_queries must be in [0, 2] for this input (qkv is (batch, seq, 3, heads, head_dim) = "
+            "(2, 2, 3, 10, 32)), got 3")):
+        unidirectional_attention_qkvpacked(qkv, 3)
 
 
 @pytest.mark.skipif(ON_CUDA, reason="checks the CPU-only errors")

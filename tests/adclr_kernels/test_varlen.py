@@ -505,3 +505,19 @@ def test_gpu_rule_for_runs(images, dtype, capability, opts, fwd, bwd, monkeypatc
     mask = QueryMask(**{f"sees_{k.split('_')[-1]}": v for k, v in opts.items()})
     assert T._fwd_by_runs(q, geo) == fwd
     assert T._bwd_by_runs(q, geo, mask, T._onepass(q, geo, mask, (q,)) is not None) == bwd
+
+
+def test_compiled_offsets_call_takes_a_new_max_seqlen():
+    """A fullgraph-compiled packed call on offsets whose max_seqlen changes between calls:
+    the recompile traces max_seqlen as a symbol, which the device check's message must
+    not format."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, cu, nq, m: unidirectional_attention_varlen_qkvpacked(
+        x, cu, nq, max_seqlen=m, backend="triton"), backend="aot_eager", fullgraph=True)
+    qkv = torch.randn(20, 3, 2, 32, device=DEVICE)
+    queries = torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
+    for first in (12, 13, 14):
+        cu = torch.tensor([0, first, 20], dtype=torch.int32, device=DEVICE)
+        out = fn(qkv, cu, queries, max(first, 20 - first))
+        expected = unidirectional_attention_varlen_qkvpacked(qkv, cu, queries, backend="reference")
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
