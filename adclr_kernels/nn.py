@@ -29,8 +29,10 @@ class UnidirectionalAttention(nn.Module):
 
     def __init__(self, dim, num_heads=8, attn_head_dim=None, dim_out=None, qkv_bias=False,
                  qk_norm=False, scale_norm=False, proj_bias=True, attn_drop=0.0, proj_drop=0.0,
-                 norm_layer=nn.LayerNorm, backend="auto"):
+                 norm_layer=nn.LayerNorm, device=None, dtype=None, backend="auto"):
         super().__init__()
+        if (qk_norm or scale_norm) and norm_layer is None:
+            raise ValueError("qk_norm and scale_norm need a norm_layer")
         if attn_head_dim is None:
             if dim % num_heads != 0:
                 raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -44,12 +46,19 @@ class UnidirectionalAttention(nn.Module):
         self.attn_dim = num_heads * attn_head_dim
         self.scale = attn_head_dim ** -0.5
         self.backend = backend
-        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias)
-        self.q_norm = norm_layer(attn_head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(attn_head_dim) if qk_norm else nn.Identity()
+        # timm's attention layers read or set this to choose F.scaled_dot_product_attention;
+        # here attention is always fused, whatever it says.
+        self.fused_attn = True
+        # As timm passes them (device and dtype to every layer built here), but to the
+        # norm layer only when given: a norm class of the user's may not take them.
+        dd = dict(device=device, dtype=dtype)
+        norm_dd = dd if device is not None or dtype is not None else {}
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(attn_head_dim, **norm_dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(attn_head_dim, **norm_dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.norm = norm_layer(self.attn_dim) if scale_norm else nn.Identity()
-        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias)
+        self.norm = norm_layer(self.attn_dim, **norm_dd) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, num_queries=0, num_prefix=1, *, query_sees_prefix=False,
@@ -61,6 +70,11 @@ class UnidirectionalAttention(nn.Module):
         options = dict(query_sees_prefix=query_sees_prefix, query_sees_self=query_sees_self,
                        query_sees_queries=query_sees_queries, scale=self.scale,
                        backend=backend or self.backend, return_prefix_probs=return_prefix_probs)
+        if x.dim() != (2 if cu_seqlens is not None else 3):
+            form = "packed (total_tokens, dim)" if cu_seqlens is not None else "(batch, seq, dim)"
+            raise ValueError(f"x must be {form}"
+                             f"{'' if cu_seqlens is not None else ' (packed tokens take cu_seqlens)'}, "
+                             f"got {tuple(x.shape)}")
         if isinstance(cu_seqlens, VarlenLayout) and num_queries == 0:
             num_queries = None  # the layout holds the query counts
         tokens = x.shape[:-1]

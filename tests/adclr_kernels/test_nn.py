@@ -85,3 +85,25 @@ def test_the_module_adds_no_copies_around_the_op(module_qk_norm):
             continue
         assert custom == ["qkvpacked_attention_fwd", "qkvpacked_attention_bwd"]
         assert copies == []
+
+
+def test_takes_timms_device_and_dtype_and_fused_attn():
+    # Recent timm builds its blocks' attention with device= and dtype= and reads (or sets)
+    # fused_attn on it.
+    attn = UnidirectionalAttention(64, 4, qkv_bias=True, qk_norm=True, scale_norm=True,
+                                   device="meta", dtype=torch.bfloat16)
+    assert {(p.device.type, p.dtype) for p in attn.parameters()} == {("meta", torch.bfloat16)}
+    assert attn.fused_attn is True
+    assert UnidirectionalAttention(64, 4, device=None, dtype=None).qkv.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="need a norm_layer"):
+        UnidirectionalAttention(64, 4, qk_norm=True, norm_layer=None)
+
+
+@pytest.mark.parametrize("shape,cu_seqlens,message", [
+    ((9, 64), None, r"x must be \(batch, seq, dim\) \(packed tokens take cu_seqlens\), got \(9, 64\)"),
+    ((1, 9, 64), [0, 9], r"x must be packed \(total_tokens, dim\), got \(1, 9, 64\)"),
+])
+def test_input_of_the_wrong_rank_names_x(shape, cu_seqlens, message):
+    cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
+    with pytest.raises(ValueError, match=message):
+        UnidirectionalAttention(64, 4, backend="sdpa")(torch.randn(shape), cu_seqlens=cu)
