@@ -23,6 +23,11 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Triton makes a kernel interpreted or compiled when it is defined, at import: setting
+# TRITON_INTERPRET later does not make this package's kernels run on CPU.
+INTERPRETED_AT_IMPORT = triton_interpreter_enabled()
+
+
 def xformers_unavailable_reason() -> str | None:
     """Why the xformers backend cannot run here, or None when it can.
 
@@ -56,6 +61,10 @@ def check_backend_name(backend, known=BACKENDS):
 def check_triton_device(device, what="tensors"):
     """Raise unless Triton kernels can run on `device`: CUDA, meta (shapes traced through
     the custom ops' fake implementations), or CPU in Triton's interpreter."""
+    if device.type == "cpu" and triton_interpreter_enabled() and not INTERPRETED_AT_IMPORT:
+        raise RuntimeError("backend='triton' on CPU: TRITON_INTERPRET=1 was set after "
+                           "adclr_kernels was imported, when its kernels were already made "
+                           "for the GPU; set it before importing adclr_kernels")
     if not (device.type in ("cuda", "meta")
             or (device.type == "cpu" and triton_interpreter_enabled())):
         raise RuntimeError(f"backend='triton' needs CUDA {what} (got device {device}); "

@@ -107,6 +107,16 @@ def test_backends_unavailable_on_cpu_say_why(monkeypatch):
         unidirectional_attention(**{**args, **leaves}, backend="flex")
 
 
+@pytest.mark.skipif(ON_CUDA, reason="checks a CPU-only error")
+def test_interpreter_asked_for_after_import_says_so(monkeypatch):
+    import adclr_kernels.backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(adclr_kernels.backends, "INTERPRETED_AT_IMPORT", False)
+    with pytest.raises(RuntimeError, match="was set after adclr_kernels was imported"):
+        unidirectional_attention(**_good(), backend="triton")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
 def test_mixed_devices():
     args = _good()
