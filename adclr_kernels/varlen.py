@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 
 import torch
 
@@ -16,16 +17,21 @@ class VarlenLayout:
     (sequence, row block) that has work, from tile tables built here on first use.
 
     Args:
-        seqlens: length of every sequence, in order (host ints).
+        seqlens: length of every sequence, in order: ints (numpy's too), or a tensor,
+            read once on the host.
         num_queries: query tokens at the end of each sequence: one int for all, or one
             per sequence.
         device: where the offsets and tile tables live.
     """
 
     def __init__(self, seqlens, num_queries=0, device=None):
+        if isinstance(seqlens, torch.Tensor):
+            seqlens = seqlens.tolist()
+        if isinstance(num_queries, torch.Tensor):
+            num_queries = num_queries.tolist()
+        if isinstance(num_queries, numbers.Integral):
+            num_queries = [num_queries] * len(seqlens)
         self.seqlens = [_host_int("seqlens", n, 0) for n in seqlens]
-        if isinstance(num_queries, int):
-            num_queries = [num_queries] * len(self.seqlens)
         self.queries = [_host_int("num_queries", n, 0) for n in num_queries]
         if len(self.queries) != len(self.seqlens):
             raise ValueError(f"num_queries must have one count per sequence "
@@ -58,7 +64,9 @@ class VarlenLayout:
 
     @classmethod
     def from_offsets(cls, offsets, num_queries=0, device=None):
-        """The layout of cu_seqlens-style offsets given on the host."""
+        """The layout of cu_seqlens-style offsets (host ints, or a tensor: read once)."""
+        if isinstance(offsets, torch.Tensor):
+            offsets = offsets.tolist()
         if offsets[0] != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
         lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
@@ -103,6 +111,11 @@ class VarlenLayout:
 
 
 def _host_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    """A host int: Python's, numpy's, or a one-element integer tensor's value."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must hold ints, got {type(value).__name__} {value!r}")
+    if value < low:
         raise ValueError(f"{name} must hold ints >= {low}, got {value!r}")
-    return value
+    return int(value)

@@ -268,25 +268,38 @@ def test_max_seqlen_larger_than_needed_is_only_slower():
 
 
 LAYOUT_BAD = [
-    ("negative length", dict(seqlens=[10, -2]), "seqlens must hold ints >= 0"),
-    ("float length", dict(seqlens=[10.0, 12]), "seqlens must hold ints >= 0"),
-    ("Q past its sequence", dict(num_queries=[3, 13]), r"num_queries\[1\] must be in \[0, 12\]"),
-    ("one count short", dict(num_queries=[3]), "one count per sequence"),
-    ("tokens differ from q", dict(seqlens=[10, 11]), "holds 21 tokens, q has 22"),
-    ("num_queries twice", dict(call_num_queries=3), "num_queries comes from the VarlenLayout"),
-    ("max_seqlen disagrees", dict(max_seqlen=20), r"max_seqlen comes from the VarlenLayout \(12\)"),
-    ("no room for the prefix", dict(seqlens=[0, 22], num_queries=0), "num_prefix \\(1\\) exceeds"),
+    ("negative length", dict(seqlens=[10, -2]), ValueError, "seqlens must hold ints >= 0"),
+    ("float length", dict(seqlens=[10.0, 12]), TypeError, "seqlens must hold ints, got float 10.0"),
+    ("Q past its sequence", dict(num_queries=[3, 13]), ValueError, r"num_queries\[1\] must be in \[0, 12\]"),
+    ("one count short", dict(num_queries=[3]), ValueError, "one count per sequence"),
+    ("tokens differ from q", dict(seqlens=[10, 11]), ValueError, "holds 21 tokens, q has 22"),
+    ("num_queries twice", dict(call_num_queries=3), ValueError, "num_queries comes from the VarlenLayout"),
+    ("max_seqlen disagrees", dict(max_seqlen=20), ValueError, r"max_seqlen comes from the VarlenLayout \(12\)"),
+    ("no room for the prefix", dict(seqlens=[0, 22], num_queries=0), ValueError, "num_prefix \\(1\\) exceeds"),
 ]
 
 
-@pytest.mark.parametrize("case,over,msg", LAYOUT_BAD, ids=[c[0] for c in LAYOUT_BAD])
-def test_bad_layouts_are_refused(case, over, msg):
+@pytest.mark.parametrize("case,over,exc,msg", LAYOUT_BAD, ids=[c[0] for c in LAYOUT_BAD])
+def test_bad_layouts_are_refused(case, over, exc, msg):
     q, k, v, _ = make_packed([10, 12], 2, 16)
     over = dict(over)
     call = dict(num_queries=over.pop("call_num_queries", None), max_seqlen=over.pop("max_seqlen", None))
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(exc, match=msg):
         layout = VarlenLayout(**{"seqlens": [10, 12], "num_queries": [3, 3], "device": DEVICE, **over})
         unidirectional_attention_varlen(q, k, v, layout, backend="triton", **call)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_layouts_take_numpy_and_tensor_counts(kind):
+    import numpy as np
+
+    wrap = (lambda xs: np.array(xs)) if kind == "numpy" else (lambda xs: torch.tensor(xs))
+    plain = VarlenLayout([10, 12], [3, 0])
+    for layout in (VarlenLayout(wrap([10, 12]), wrap([3, 0])),
+                   VarlenLayout(list(wrap([10, 12])), wrap([3, 0])[0]),
+                   VarlenLayout.from_offsets(wrap([0, 10, 22]), [3, 0])):
+        assert layout.seqlens == plain.seqlens and all(type(n) is int for n in layout.seqlens)
+        assert layout.queries[0] == 3 and layout.total_tokens == 22
 
 
 # ---------------------------------------------------------------------------------------
