@@ -170,6 +170,8 @@ def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_p
         columns. Exact, with a gradient: the Triton backend normalises the P rows' scores
         with the forward's own logsumexp, and runs nothing more without the option.
     """
+    q, k, v = _autocast(q, k, v)
+
     def check():
         checked = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
                                query_sees_self, query_sees_queries, scale)
@@ -186,6 +188,21 @@ def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_p
     if return_prefix_probs:
         return out, attention_torch.prefix_probs(q, k, num_queries, num_prefix, scale)
     return out
+
+
+def _autocast(*tensors):
+    """The tensors as autocast would hand them to F.scaled_dot_product_attention: every
+    floating one but float64 in the autocast dtype of its device type, when autocast is
+    on there. So each backend sees the dtype sdpa would, and returns it."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor):
+        return tensors
+    kind = first.device.type
+    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+        return tensors
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                 and t.dtype not in (dtype, torch.float64) else t for t in tensors)
 
 
 def _check_qkv(qkv, layout):
@@ -215,6 +232,8 @@ def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_
         autograd stacks and copies nothing. With return_prefix_probs, (that,
         prefix_probs) as in `unidirectional_attention`.
     """
+    qkv, = _autocast(qkv)
+
     def check():
         _check_qkv(qkv, ("batch", "seq"))
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
@@ -416,6 +435,7 @@ def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries=None, num_p
     """
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
+    q, k, v = _autocast(q, k, v)
 
     def check():
         checked = check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix,
@@ -444,6 +464,7 @@ def unidirectional_attention_varlen_qkvpacked(qkv, cu_seqlens, num_queries=None,
     written by the kernel."""
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
+    qkv, = _autocast(qkv)
 
     def check():
         _check_qkv(qkv, ("total_tokens",))

@@ -232,3 +232,24 @@ def test_batched_qkvpacked_equals_separate_and_float64(poisoned, opt_set, num_qu
     assert_rel_close("out", out.transpose(1, 2), ref)
     for i, want in enumerate(ref_grads):
         assert_rel_close(f"d{'qkv'[i]}", dqkv[:, :, i].transpose(1, 2), want)
+
+
+@pytest.mark.parametrize("backend", [backend_param(b) for b in ("triton", "reference", "sdpa")])
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "qkvpacked"])
+def test_autocast_hands_every_backend_what_it_hands_sdpa(backend, packed):
+    """Under autocast fp32 inputs reach the op in the autocast dtype, as they would reach
+    F.scaled_dot_product_attention; the gradient goes back to them in fp32."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 19, 3, 2, 32, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        if packed:
+            out = unidirectional_attention_qkvpacked(qkv, 4, backend=backend)
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            out = unidirectional_attention(q, k, v, 4, backend=backend).transpose(1, 2)
+    assert out.dtype == torch.bfloat16
+    rows = qkv.detach().to(torch.bfloat16).double().permute(2, 0, 3, 1, 4)
+    want = dense_masked_attention(*rows, 4, 1, mask_of(options(OPTION_SETS[0]))).transpose(1, 2)
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert qkv.grad.dtype == torch.float32 and qkv.grad.isfinite().all()
