@@ -205,7 +205,9 @@ def varlen_per_sequence(fn, q, k, v, bounds, num_queries, num_prefix, mask=Query
         one = [t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
         outs.append(fn(*one, nq, num_prefix, mask, scale)[0].transpose(0, 1))
     if not outs:
-        return q.new_empty(q.shape)
+        # No sequence: an empty output that still reaches q, k and v in autograd, as one
+        # with sequences does (a backward through it then finds a graph).
+        return torch.cat([q[:0], k[:0], v[:0]])
     return torch.cat(outs, 0)
 
 
@@ -222,5 +224,6 @@ def varlen_prefix_probs(q, k, bounds, num_queries, num_prefix, scale=None):
     probs = [prefix_probs(q[start:end].transpose(0, 1)[None], k[start:end].transpose(0, 1)[None], nq,
                           num_prefix, scale)[0] for (start, end), nq in zip(bounds, num_queries)]
     if not probs:
-        return q.new_zeros(q.shape[1], num_prefix, 0, dtype=torch.promote_types(q.dtype, torch.float32))
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        return q.new_zeros(q.shape[1], num_prefix, 0, dtype=dtype) + (q[:0].sum() + k[:0].sum()).to(dtype)
     return torch.cat(probs, -1)

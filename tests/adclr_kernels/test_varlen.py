@@ -534,3 +534,17 @@ def test_compiled_offsets_call_takes_a_new_max_seqlen():
         out = fn(qkv, cu, queries, max(first, 20 - first))
         expected = unidirectional_attention_varlen_qkvpacked(qkv, cu, queries, backend="reference")
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "sdpa"])
+@pytest.mark.parametrize("given", ["layout", "offsets"])
+def test_a_batch_of_no_sequences_has_a_backward(backend, given):
+    """Zero sequences (an empty batch): an empty output and prefix rows that autograd
+    still connects to qkv on every backend, so the step's backward runs as usual."""
+    qkv = torch.randn(0, 3, 2, 32, device=DEVICE, requires_grad=True)
+    cu = VarlenLayout([], device=DEVICE) if given == "layout" else torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    out, probs = unidirectional_attention_varlen_qkvpacked(qkv, cu, backend=backend,
+                                                           return_prefix_probs=True)
+    assert out.shape == (0, 2, 32) and probs.shape == (2, 1, 0)
+    (out.sum() + probs.sum()).backward()
+    assert qkv.grad.shape == qkv.shape
