@@ -97,6 +97,17 @@ def visibility_mask(
     query_sees_queries: bool = False,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Boolean (seq_len, key_len) matrix, True where row i may attend to column j."""
+    """Boolean (seq_len, key_len) matrix, True where row i may attend to column j.
+    key_len is seq_len, or seq_len - num_queries where no option needs the query keys."""
+    for name, value in (("seq_len", seq_len), ("key_len", key_len), ("num_queries", num_queries),
+                        ("num_prefix", num_prefix)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if num_prefix + num_queries > seq_len:
+        raise ValueError(f"num_prefix + num_queries must be at most seq_len = {seq_len}, "
+                         f"got {num_prefix} + {num_queries}")
     mask = QueryMask(query_sees_prefix, query_sees_self, query_sees_queries)
+    keys = (seq_len,) if mask.needs_query_keys(num_queries) else (seq_len, seq_len - num_queries)
+    if key_len not in keys:
+        raise ValueError(f"key_len must be {' or '.join(map(str, keys))} here, got {key_len}")
     return mask.matrix(seq_len, key_len, num_queries, num_prefix, device)

@@ -1,6 +1,7 @@
 """QueryMask: the mask rule in PyTorch, its options as one value, and what it implies."""
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -52,3 +53,20 @@ def test_what_it_implies_agrees_with_its_matrix(opt_set, num_prefix, num_raw, nu
     empty_query_row = bool((~m[seq - num_queries:].any(1)).any())
     assert mask.sees_nothing(num_queries, num_raw, num_prefix) == empty_query_row
     assert mask.needs_query_keys(num_queries) == bool(m[:, seq - num_queries:].any())
+
+
+@pytest.mark.parametrize("args,message", [
+    ((6, 6, 10, 1), "num_prefix + num_queries must be at most seq_len = 6, got 1 + 10"),
+    ((4, 4, 0, 9), "num_prefix + num_queries must be at most seq_len = 4, got 9 + 0"),
+    ((6, 6, -1, 1), "num_queries must be an int >= 0, got -1"),
+    ((6, 5.0, 2, 1), "key_len must be an int >= 0, got 5.0"),
+    ((6, 3, 2, 1), "key_len must be 6 or 4 here, got 3"),
+])
+def test_visibility_mask_refuses_what_no_call_could_be(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        visibility_mask(*args)
+
+
+def test_visibility_mask_needs_the_query_keys_when_an_option_reads_them():
+    with pytest.raises(ValueError, match=re.escape("key_len must be 6 here, got 4")):
+        visibility_mask(6, 4, 2, 1, query_sees_self=True)
