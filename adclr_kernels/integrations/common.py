@@ -313,5 +313,6 @@ def embed_crops(proj, crops, patch_size):
         raise ValueError(f"query crops must have shape (batch, Q, channels, {p[0]}, {p[1]}) (one patch "
                          f"each), or be embedded tokens (batch, Q, dim); got {shape}")
     batch, num = crops.shape[:2]
-    return proj(crops.flatten(0, 1)).flatten(1).view(batch, num, -1)
+    tokens = proj(crops.flatten(0, 1))  # (batch * Q, dim, 1, 1)
+    return tokens.view(batch, num, tokens.shape[1])  # Q = 0 too, where -1 is ambiguous
 

@@ -97,6 +97,16 @@ def test_query_tokens(opts):
     assert crops.grad.abs().sum() > 0
 
 
+def test_no_query_crops_is_the_plain_model():
+    reference = build().eval()
+    model = swap_attention(copy.deepcopy(reference), backend="sdpa")
+    with query_tokens(model, torch.randn(3, 0, 3, 8, 8)) as q, torch.no_grad():
+        cls = model(images())
+    assert q.query.shape == (3, 0, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(cls, reference(images()), **TOL)
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_cls_attention_is_the_maps_cls_row(backend):
     reference = build(qk_scale=0.2).eval()
