@@ -39,7 +39,9 @@ class QueryMask:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not isinstance(value, bool):
-                raise TypeError(f"query_{field.name} must be a bool, got {type(value).__name__}")
+                kind = type(value)
+                name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+                raise TypeError(f"query_{field.name} must be a Python bool, got {name} {value!r}")
         if self.sees_queries:
             object.__setattr__(self, "sees_self", True)
 

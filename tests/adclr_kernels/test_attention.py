@@ -62,7 +62,7 @@ BAD_INPUTS = [
      "attend to nothing: there are no raw tokens (num_prefix 11 + num_queries 4 == seq; q is (batch, heads, seq, "
      "head_dim) = (2, 3, 15, 16))"),
     ("self needs query keys", dict(query_sees_self=True), ValueError, "need the query keys"),
-    ("option not bool", dict(query_sees_prefix=1), TypeError, "query_sees_prefix must be a bool"),
+    ("option not bool", dict(query_sees_prefix=1), TypeError, "query_sees_prefix must be a Python bool, got int 1"),
     ("scale a string", dict(scale="0.1"), TypeError, "scale must be a finite float"),
     ("scale nan", dict(scale=float("nan")), TypeError, "scale must be a finite float"),
     ("scale negative", dict(scale=-0.1), ValueError, "scale must be > 0"),

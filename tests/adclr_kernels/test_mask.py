@@ -32,8 +32,13 @@ def test_sees_queries_implies_sees_self():
 
 @pytest.mark.parametrize("field", ["sees_prefix", "sees_self", "sees_queries"])
 def test_options_are_bools_and_errors_name_the_public_argument(field):
-    with pytest.raises(TypeError, match=f"query_{field} must be a bool, got int"):
+    import numpy as np
+
+    with pytest.raises(TypeError, match=f"query_{field} must be a Python bool, got int 1"):
         QueryMask(**{field: 1})
+    # numpy's bool is not Python's, though both are named bool.
+    with pytest.raises(TypeError, match=rf"query_{field} must be a Python bool, got numpy\.bool_? (np\.)?True"):
+        QueryMask(**{field: np.bool_(True)})
 
 
 @pytest.mark.parametrize("opt_set", OPTION_SETS, ids=option_id)
