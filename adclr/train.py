@@ -776,6 +776,7 @@ class Run:
         self.bad = torch.zeros((), dtype=torch.bool, device=trainer.device)  # any loss not finite, on the device
         self.completed = self.last_good = self.saved = start  # saved: the step of checkpoint.pt, 0 = none
         self.in_step = self.stop_asked = False  # stop_asked: Ctrl-C inside a step, which then ends it
+        self.in_save = False  # writing a checkpoint: a Ctrl-C waits for the write
         self.t0, self.images_since = time.perf_counter(), 0
         self.data_wait, self.intervals, self.wait_warned = 0.0, 0, False  # data_wait: seconds in next(data)
         self.flops = step_flops(self.cfg, self.cfg.batch_size // world)[0]  # one process's share
@@ -817,6 +818,14 @@ class Run:
             return _NOT_INSTALLED
 
         def on_ctrl_c(signum, frame):
+            if self.in_save:
+                # Raised inside torch.save, it would end as the zip writer's own error, with
+                # the checkpoint unwritten (and the steps since the last one lost).
+                if not self.stop_asked:
+                    print(f"\ninterrupt: writing the checkpoint of step {self.completed} first, then stopping",
+                          file=sys.stderr, flush=True)
+                self.stop_asked = True
+                return
             if not self.in_step or self.stop_asked:
                 raise KeyboardInterrupt
             self.stop_asked = True
@@ -904,17 +913,22 @@ class Run:
         numbered snapshot when one is due."""
         self.check_finite(done)
         rng = all_rng_states(self.world)
-        if self.main:
-            try:
-                save_checkpoint(self.trainer, self.path, done, rng)
-            except WriteError as error:  # a full disk: the previous checkpoint.pt is whole
-                kept = (f"{self.path} still holds step {self.saved}; make room, then rerun the same command to "
-                        "resume from it" if self.saved else "no checkpoint was written yet; make room, then rerun")
-                raise WriteError(f"{error}; {kept}") from None
-        self.saved = done
-        if snapshot and self.main:  # a numbered copy that later checkpoints do not replace
-            epochs = done // self.trainer.steps_per_epoch
-            copy_atomically(self.path, os.path.join(self.cfg.out, f"checkpoint{epochs:04d}.pt"))
+        self.in_save = True
+        try:
+            if self.main:
+                try:
+                    save_checkpoint(self.trainer, self.path, done, rng)
+                except WriteError as error:  # a full disk: the previous checkpoint.pt is whole
+                    kept = (f"{self.path} still holds step {self.saved}; make room, then rerun the same command "
+                            "to resume from it" if self.saved else
+                            "no checkpoint was written yet; make room, then rerun")
+                    raise WriteError(f"{error}; {kept}") from None
+            self.saved = done
+            if snapshot and self.main:  # a numbered copy that later checkpoints do not replace
+                epochs = done // self.trainer.steps_per_epoch
+                copy_atomically(self.path, os.path.join(self.cfg.out, f"checkpoint{epochs:04d}.pt"))
+        finally:
+            self.in_save = False
 
     def check_finite(self, step):
         """Stop, on every process together, when a loss since the last check was not finite."""
@@ -934,7 +948,9 @@ class Run:
         or a loss went bad. A single process only: under DDP a checkpoint gathers every
         process's RNG state, a collective that interrupted processes cannot join."""
         if self.world == 1 and not self.in_step and self.completed > self.saved and not self.bad.item():
+            self.in_save = True
             save_checkpoint(self.trainer, self.path, self.completed, [rng_states()])
+            self.in_save = False
             print(f"\ninterrupted: saved step {self.completed} to {self.path}; rerun the same command to resume",
                   file=sys.stderr)
         elif self.stop_asked and not self.in_step and self.completed == self.saved:

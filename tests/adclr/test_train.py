@@ -161,6 +161,31 @@ def test_ctrl_c_inside_a_step_finishes_it_then_saves_a_second_stops_at_once(pres
         assert f"interrupted: {said.format(path)}; rerun the same command to resume" in err
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_a_checkpoint_write_lets_it_finish_then_stops(presses, tiny_config, monkeypatch, capsys):
+    """A real SIGINT while step 4's checkpoint is written (inside torch.save it would end as
+    the zip writer's error, the checkpoint lost): the write finishes, then the run stops."""
+    cfg = tiny_config(max_steps=6, checkpoint_every=4)
+    real_save = adclr.train.save_checkpoint
+
+    def ctrl_c_then_save(*args, **kwargs):
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(adclr.train, "save_checkpoint", ctrl_c_then_save)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    path, err = os.path.join(cfg.out, "checkpoint.pt"), capsys.readouterr().err
+    assert load_checkpoint(path)["step"] == 4
+    assert err.count("interrupt: writing the checkpoint of step 4 first, then stopping") == 1
+    assert f"interrupted: step 4 is saved in {path}; rerun the same command to resume" in err
+
+
 def test_an_ignored_ctrl_c_stays_ignored(tiny_config, monkeypatch, capsys):
     """A run whose SIGINT is ignored (a background job without job control) runs on."""
     cfg = tiny_config(max_steps=6, checkpoint_every=5)
