@@ -268,6 +268,9 @@ class SyntheticShapeScenes(SyntheticScenes):
 def check_folder(root):
     """FileNotFoundError (NotADirectoryError for a file) naming `root` when it is not a folder."""
     if not os.path.exists(root):
+        if root.startswith("builtin"):
+            raise FileNotFoundError(f"{root!r} is no built-in set (those are {', '.join(BUILTIN)}), "
+                                    "nor a dataset folder")
         raise FileNotFoundError(f"dataset folder {root!r} does not exist")
     if not os.path.isdir(root):
         raise NotADirectoryError(f"{root!r} is a file, not a dataset folder")

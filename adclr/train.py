@@ -629,6 +629,10 @@ def train(cfg):
     errors = config_errors(cfg)
     if errors:
         raise ValueError("invalid config: " + "; ".join(errors))
+    if cfg.data and not cfg.data.startswith("builtin"):
+        # Kept in config.json and the checkpoint, where eval and show read it from any
+        # directory: a path relative to where train ran would not be found there.
+        cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
     rank, world, device = setup_distributed(cfg)
     problem = whole_step_error(cfg, device, world > 1)
     if problem:

@@ -367,13 +367,29 @@ def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("case", ["missing data", "no images", "batch too large", "out is a file",
+def test_a_relative_data_folder_is_kept_as_an_absolute_path(tmp_path, monkeypatch, capsys):
+    """eval and show read --data from the run's config, from wherever they are started."""
+    image_folder(tmp_path / "data", per_class=4)
+    monkeypatch.chdir(tmp_path)
+    status, err = run(["train", *TINY, "--batch-size", "2", "--data", "data", "--out", "run", "--max-steps", "1"],
+                      capsys)
+    assert status == 0, err
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["data"] == str(tmp_path / "data")
+
+
+@pytest.mark.parametrize("case", ["missing data", "unknown built-in set", "no images", "batch too large", "out is a file",
                                   "out under a file", "out not writable", "xformers", "flex on CPU"])
 def test_train_user_errors(case, tmp_path, capsys):
     data, out, extra = "builtin", str(tmp_path / "run"), []
     if case == "missing data":
         data = str(tmp_path / "nothing")
         expected = f"error: --data: dataset folder {data!r} does not exist"
+    elif case == "unknown built-in set":
+        data = "builtin:nope"
+        expected = ("error: --data: 'builtin:nope' is no built-in set (those are builtin, builtin:shapes, "
+                    "builtin:scenes, builtin:shape-scenes, builtin:few-shape-scenes, builtin:grey-ground-scenes), "
+                    "nor a dataset folder")
     elif case == "no images":
         data = str(tmp_path / "empty")
         os.makedirs(os.path.join(data, "a"))
