@@ -297,6 +297,8 @@ def run_train(args):
     step = _run_job(train.train, cfg)  # the step of the checkpoint the run leaves in --out
     if step and is_demo(cfg) and int(os.environ.get("RANK", "0")) == 0:  # the last line: did it learn?
         images = eval_knn.DEMO_IMAGES
+        print(f"k-NN of the teacher and of the network at random init on {images} images per split ...",
+              file=sys.stderr, flush=True)
         trained, at_init = eval_knn.knn_trained_and_at_init(cfg, images)
         print(f"k-NN accuracy (k = 20, {images} train / {images} val images of "
               f"{cfg.data or 'builtin'}): teacher {100 * trained:.1f}%, the same network at random init "

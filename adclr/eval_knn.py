@@ -54,7 +54,7 @@ def evaluate_knn(checkpoint, data=None, weights="teacher", image_size=None, batc
     train_images, val_images = open_labelled_splits(data)
     workers = default_num_workers() if num_workers < 0 else num_workers
     train_f, train_y, val_f, val_y = split_features(backbone, train_images, val_images, data, size, limit,
-                                                    batch_size, device, workers)
+                                                    batch_size, device, workers, what="knn")
     by_k = knn_accuracy(train_f, train_y, val_f, val_y, ks, temperature)
     beyond = [k for k in ks if k > len(train_y)]
     if beyond:

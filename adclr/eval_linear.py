@@ -49,7 +49,7 @@ class RandomResizedCrops(CenterCrops):
 
 
 def linear_accuracy(train_features, train_labels, test_features, test_labels, epochs=PROBE_EPOCHS, seed=0,
-                    train_views=(), weight_decays=PROBE_WEIGHT_DECAYS):
+                    train_views=(), weight_decays=PROBE_WEIGHT_DECAYS, log=None):
     """The cached-feature probe (`--fast`, and `adclr compare`'s linear score): the test
     accuracy of a multinomial logistic regression on standardised features, solved to
     convergence.
@@ -65,7 +65,9 @@ def linear_accuracy(train_features, train_labels, test_features, test_labels, ep
 
     train_views: more (N, D) features of the same train images in the same order (their
     mirror images, say), trained on beside them; an image's views are held out together.
+    log: called with a line before each fit and with the L2 weight chosen (None: quiet).
     """
+    log = log or (lambda line: None)
     views = (train_features, *train_views)
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
     x = torch.stack([(f - mean) / std for f in views]).double()  # (views, N, D)
@@ -80,8 +82,14 @@ def linear_accuracy(train_features, train_labels, test_features, test_labels, ep
 
     chosen = weight_decays[-1]
     if len(held) and len(weight_decays) > 1:
-        held_out = [_accuracy(fit(kept, wd), x[0, held], train_labels[held]) for wd in weight_decays]
+        held_out = []
+        for i, wd in enumerate(weight_decays):
+            log(f"fitting L2 weight {wd:g} on {len(kept)} train images ({i + 1}/{len(weight_decays)})")
+            held_out.append(_accuracy(fit(kept, wd), x[0, held], train_labels[held]))
         chosen = weight_decays[max(range(len(weight_decays)), key=lambda i: (held_out[i], i))]
+        log(f"L2 weight {chosen:g} chosen (held-out accuracy "
+            + ", ".join(f"{wd:g}: {100 * a:.1f}%" for wd, a in zip(weight_decays, held_out)) + ")")
+    log(f"fitting L2 weight {chosen:g} on all {len(order)} train images")
     return _accuracy(fit(order, chosen), x_test, test_labels)
 
 
@@ -125,17 +133,23 @@ def probe_features(backbone, images, n_last_blocks, avgpool):
 
 
 def cached_probe_features(backbone, train_set, val_set, n_last_blocks, avgpool, batch_size=128, device="cpu",
-                          num_workers=0):
+                          num_workers=0, what=None):
     """`probe_features` of two `CenterCrops` sets, for `linear_accuracy`: (train, the train
     images mirrored, train labels, val, val labels). The mirror image is the one view of
     DINO's training augmentation that keeps a small image's object whole."""
     def encode(images):
         return probe_features(backbone, images, n_last_blocks, avgpool)
 
-    loading = (batch_size, device, num_workers)
-    train_f, train_y = extract_features(backbone, train_set, *loading, encode=encode)
-    mirror_f, _ = extract_features(backbone, train_set, *loading, encode=lambda images: encode(images.flip(-1)))
-    val_f, val_y = extract_features(backbone, val_set, *loading, encode=encode)
+    loading, warned = (batch_size, device, num_workers), set()
+    train_f, train_y = extract_features(backbone, train_set, *loading, encode=encode, warned=warned,
+                                        what=what and f"{what}: train features")
+    # The same images again: their unreadable files are reported once.
+    mirror_f, _ = extract_features(backbone, train_set, *loading, encode=lambda images: encode(images.flip(-1)),
+                                   warned=warned, what=what and f"{what}: mirrored train features")
+    val_f, val_y = extract_features(backbone, val_set, *loading, encode=encode,
+                                    what=what and f"{what}: val features")
+    if len(train_set) > len(train_y):
+        print(f"warning: skipped {len(train_set) - len(train_y)} unreadable images", file=sys.stderr)
     return train_f, mirror_f, train_y, val_f, val_y
 
 
@@ -252,11 +266,13 @@ def evaluate_linear(checkpoint, data=None, weights="teacher", image_size=None, b
     if fast:
         train_f, mirror_f, train_y, val_f, val_y = cached_probe_features(
             backbone, CenterCrops(train_images, size, limit), CenterCrops(val_images, size, limit), n, avgpool,
-            batch_size, device, workers)
+            batch_size, device, workers, what="linear (fast)")
         if not len(train_y) or not len(val_y):
             raise SystemExit(f"error: --data {data}: no readable images in {'train' if not len(train_y) else 'val'}")
         return {**result, "train_images": len(train_y), "val_images": len(val_y), "fast": True, **features,
-                "accuracy": linear_accuracy(train_f, train_y, val_f, val_y, epochs, train_views=(mirror_f,))}
+                "accuracy": linear_accuracy(train_f, train_y, val_f, val_y, epochs, train_views=(mirror_f,),
+                                            log=lambda line: print(f"linear (fast): {line}", file=sys.stderr,
+                                                                   flush=True))}
     train_set, val_set = RandomResizedCrops(train_images, size, limit), CenterCrops(val_images, size, limit)
     num_classes = max(1, len(train_images.classes))  # a folder without class folders is one class
     try:

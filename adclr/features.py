@@ -10,6 +10,7 @@ with one line naming the flag.
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
@@ -115,35 +116,48 @@ def autocast(device):
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, batch_size=128, device="cpu", num_workers=0, encode=None):
+def extract_features(backbone, dataset, batch_size=128, device="cpu", num_workers=0, encode=None, what=None,
+                     warned=None):
     """(features (N, D) float32, labels (N,)) for a `CenterCrops` dataset; skips unreadable files.
-    encode: normalised images -> (B, D) features; default the CLS token."""
+    encode: normalised images -> (B, D) features; default the CLS token. what: names the
+    pass in a progress line on stderr (every 10 s at most, and at the end); None is quiet.
+    warned: the unreadable files already reported (a second pass over the same images)."""
     device = torch.device(device)
     encode = encode or (lambda images: backbone.forward_features(images)["cls"])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=collate)
-    features, labels, warned = [], [], set()
+    features, labels, fresh = [], [], warned is None
+    warned = set() if fresh else warned
+    done, t0, last = 0, time.perf_counter(), 0.0
     for images, y, unreadable in loader:
         warn_unreadable(dataset.base, unreadable, warned)
-        if images is None:
-            continue
-        with autocast(device):
-            features.append(encode(normalize(images.to(device))).float().cpu())
-        labels.append(y)
+        done += len(y) + len(unreadable)
+        if images is not None:
+            with autocast(device):
+                features.append(encode(normalize(images.to(device))).float().cpu())
+            labels.append(y)
+        now = time.perf_counter() - t0
+        if what and (now - last > 10 or done == len(dataset)):
+            print(f"{what} {done}/{len(dataset)} images | {now:.0f}s", file=sys.stderr, flush=True)
+            last = now
     skipped = len(dataset) - sum(len(y) for y in labels)
-    if skipped:
+    if skipped and fresh:
         print(f"warning: skipped {skipped} unreadable images", file=sys.stderr)
     if not features:  # nothing readable
         return torch.empty(0, backbone.embed_dim), torch.empty(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)
 
 
-def split_features(backbone, train_images, val_images, data, size, limit, batch_size, device, num_workers):
+def split_features(backbone, train_images, val_images, data, size, limit, batch_size, device, num_workers,
+                   what=None):
     """(train features, train labels, val features, val labels) of centre crops of both
-    splits; one line naming --data when a split has no readable image."""
-    train_f, train_y = extract_features(backbone, CenterCrops(train_images, size, limit), batch_size, device,
-                                        num_workers)
-    val_f, val_y = extract_features(backbone, CenterCrops(val_images, size, limit), batch_size, device, num_workers)
+    splits; one line naming --data when a split has no readable image. what: the
+    progress lines' prefix (None: quiet)."""
+    loading = (batch_size, device, num_workers)
+    train_f, train_y = extract_features(backbone, CenterCrops(train_images, size, limit), *loading,
+                                        what=what and f"{what}: train features")
+    val_f, val_y = extract_features(backbone, CenterCrops(val_images, size, limit), *loading,
+                                    what=what and f"{what}: val features")
     if not len(train_y) or not len(val_y):
         raise SystemExit(f"error: --data {data}: no readable images in {'train' if not len(train_y) else 'val'}")
     return train_f, train_y, val_f, val_y

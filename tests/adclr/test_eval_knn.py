@@ -65,4 +65,7 @@ def test_a_k_past_the_train_set_is_said(tiny_checkpoint, capsys):
     record = evaluate_knn(tiny_checkpoint, ks=(5, 10, 20), device="cpu", num_workers=0, limit=8)
     assert record["train_images"] == 8 and set(record["accuracy_by_k"]) == {"5", "10", "20"}
     assert record["accuracy_by_k"]["10"] == record["accuracy_by_k"]["20"]  # both vote with all 8
-    assert "note: k = 10, 20 exceeds the 8 train images: each votes with all of them" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: k = 10, 20 exceeds the 8 train images: each votes with all of them" in err
+    # Progress: at least the end of each split's pass (a line every 10 s before it).
+    assert "knn: train features 8/8 images | " in err and "knn: val features 8/8 images | " in err

@@ -175,3 +175,24 @@ def test_cached_probe_features_are_dino_s_of_the_crops_and_their_mirror_images()
         torch.testing.assert_close(mirror, probe_features(backbone, x.flip(-1), 2, False))
         torch.testing.assert_close(train[:, 64:], backbone.forward_features(x)["cls"])  # k-NN's: the last CLS
     assert torch.equal(val, train) and torch.equal(train_y, val_y) and not torch.allclose(train, mirror)
+
+
+def test_fast_probe_says_what_it_does_and_each_unreadable_file_once(tiny_checkpoint, tmp_path, capsys):
+    """eval linear --fast: progress over the three feature passes (train, its mirror images,
+    val), a line per fit, the L2 weight chosen; an unreadable train image reported once,
+    though two passes read it."""
+    from trainer_testing import image_folder
+
+    data = tmp_path / "data"
+    image_folder(data / "train", per_class=6, unreadable=("b/2.png",))
+    image_folder(data / "val", per_class=2)
+    main(["eval", "linear", "--fast", "--checkpoint", tiny_checkpoint, "--data", str(data), "--num-workers", "0",
+          "--device", "cpu"])
+    err = capsys.readouterr().err
+    for line in ("linear (fast): train features 12/12 images", "linear (fast): mirrored train features 12/12 images",
+                 "linear (fast): val features 4/4 images"):
+        assert line in err
+    fits = [line for line in err.splitlines() if line.startswith("linear (fast): fitting L2 weight")]
+    assert len(fits) == len(adclr.eval_linear.PROBE_WEIGHT_DECAYS) + 1
+    assert "linear (fast): L2 weight " in err and " chosen (held-out accuracy " in err
+    assert err.count("skipped 1 unreadable images") == 1 and err.count("skipping unreadable image") == 1
