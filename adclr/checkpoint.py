@@ -319,6 +319,12 @@ def check_resumable(cfg, saved):
             if k not in RESUMABLE and _plain(saved.get(k)) != _plain(v)}
     if diff:
         lines = "\n".join(f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        trained_on = str(saved.get("data") or "builtin")
+        if str(cfg.data or "builtin").startswith("builtin") and not trained_on.startswith("builtin"):
+            # --data may change on resume, but a command without it selects the built-in
+            # data, whose CPU demo settings then fill every flag not given.
+            lines += (f"\n  (the run was trained on --data {trained_on}; without --data the built-in data's "
+                      f"demo settings fill the flags not given: rerun with --data {trained_on})")
         raise SystemExit(f"error: {cfg.out} holds a different run; resuming needs the same settings:\n"
                          f"{lines}\nuse another --out to start a new run")
 

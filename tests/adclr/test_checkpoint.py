@@ -164,6 +164,24 @@ def test_resume_with_different_settings_is_refused(tiny_config):
         train(dataclasses.replace(cfg, num_queries=5))
 
 
+def test_a_refusal_after_a_run_on_own_data_says_when_data_was_left_out():
+    """A run trained on a folder, resumed by a command without --data: the built-in data's
+    demo settings made the differences, and the refusal says so."""
+    from adclr.config import Config
+
+    saved = dataclasses.asdict(Config(data="/photos", batch_size=64))
+    with pytest.raises(SystemExit) as refused:
+        adclr.checkpoint.check_resumable(Config(out="runs/own", data="builtin", batch_size=32), saved)
+    assert str(refused.value).splitlines()[1:] == [
+        "  --batch-size: checkpoint 64, now 32",
+        "  (the run was trained on --data /photos; without --data the built-in data's demo settings fill the flags "
+        "not given: rerun with --data /photos)",
+        "use another --out to start a new run"]
+    with pytest.raises(SystemExit) as refused:  # another folder given: a data change, which may be meant
+        adclr.checkpoint.check_resumable(Config(out="runs/own", data="/moved", batch_size=32), saved)
+    assert "trained on" not in str(refused.value)
+
+
 def test_checkpoints_from_before_norm_last_layer_still_resume(tiny_config):
     cfg = tiny_config(max_steps=2, checkpoint_every=2)
     train(cfg)
