@@ -657,12 +657,12 @@ def _train(cfg, rank, world, device):
         _resume(trainer, checkpoint, path, rank, world)
         del checkpoint  # its tensors are copied into the trainer: free them before the loop
     total = trainer.total_steps
-    if main:
-        _announce(trainer, world, start)
-    if start >= total:
+    if start >= total:  # before config.json is written: it keeps describing the run as trained
         if main:
             print(f"nothing to do: {path} is already at step {start} of {total}", file=sys.stderr)
         return start
+    if main:
+        _announce(trainer, world, start)
     Run(trainer, path, rank, world, start, loader).steps(data)
     if main:
         print(f"done: {total} steps, checkpoint {path}", file=sys.stderr)

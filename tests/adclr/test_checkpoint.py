@@ -164,6 +164,17 @@ def test_resume_with_different_settings_is_refused(tiny_config):
         train(dataclasses.replace(cfg, num_queries=5))
 
 
+def test_a_rerun_with_nothing_to_do_leaves_config_json_as_it_was(tiny_config, capsys):
+    cfg = tiny_config(max_steps=3)
+    train(cfg)
+    with open(os.path.join(cfg.out, "config.json")) as f:
+        written = f.read()
+    assert train(dataclasses.replace(cfg, max_steps=2)) == 3
+    assert f"nothing to do: {os.path.join(cfg.out, 'checkpoint.pt')} is already at step 3 of 2" in capsys.readouterr().err
+    with open(os.path.join(cfg.out, "config.json")) as f:
+        assert f.read() == written
+
+
 def test_a_refusal_after_a_run_on_own_data_says_when_data_was_left_out():
     """A run trained on a folder, resumed by a command without --data: the built-in data's
     demo settings made the differences, and the refusal says so."""
