@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
-from .checkpoint import (CheckpointError, FolderInUse, WriteError, all_rng_states, check_resumable, copy_atomically,
+from .checkpoint import (LOCK, CheckpointError, FolderInUse, WriteError, all_rng_states, check_resumable, copy_atomically,
                          folder_lock, load_checkpoint, make_folder, not_a_file, restore, rng_states, save_checkpoint,
                          set_rng_states, why_not_written, write_atomically, write_json_atomically)
 from .config import ALLOWED, WHOLE_STEP_FP16, config_errors, value_error
@@ -543,7 +543,31 @@ def claim_out(out, rank, world):
     the run writes can be files, then tells the others, so that a refused run ends on every
     process with the same one line. Then it drops a checkpoint a killed run was writing.
     """
+    created = not os.path.exists(out)
     make_folder(out)
+    try:
+        with _claimed(out, rank, world):
+            yield
+    except BaseException:
+        if created and rank == 0:
+            _remove_if_unused(out)
+        raise
+
+
+def _remove_if_unused(out):
+    """Remove the run folder this run made, when the run stopped before writing into it."""
+    try:
+        if set(os.listdir(out)) <= {LOCK}:
+            if os.path.exists(os.path.join(out, LOCK)):
+                os.remove(os.path.join(out, LOCK))
+            os.rmdir(out)
+    except OSError:  # another run made something there meanwhile: it stays
+        pass
+
+
+@contextlib.contextmanager
+def _claimed(out, rank, world):
+    """claim_out's lock and checks, in a folder that exists."""
     with contextlib.ExitStack() as held:
         problem = None
         if rank == 0:

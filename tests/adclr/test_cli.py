@@ -419,9 +419,12 @@ def test_train_user_errors(case, tmp_path, capsys):
         extra = ["--attention", "flex"]
         expected = ("error: --attention flex: backend='flex' has no backward on CPU in PyTorch; use it "
                     "under torch.no_grad() there, or pick backend='sdpa'")
+    existed = os.path.exists(out)
     status, err = run(["train", *TINY, "--data", data, "--out", out, *extra], capsys)
     assert status == 1 and err.splitlines()[-1] == expected
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
+    if not existed and not case.startswith("out"):  # a folder the refused run made is not left behind
+        assert not os.path.exists(out)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
