@@ -62,11 +62,12 @@ def checked(kind, allowed=None):
     return parse
 
 
-def add_config_flags(parser, defaults=None, hidden=()):
+def add_config_flags(parser, defaults=None, hidden=(), helps=None):
     """One --flag per Config field. Defaults are SUPPRESSed so we know what was set; the
     help shows `defaults` (the command's preset) where given, else Config's, and leaves
-    out the `hidden` flags (a command that refuses them, saying what to give instead)."""
-    helps, defaults = _field_help(), defaults or {}
+    out the `hidden` flags (a command that refuses them, saying what to give instead);
+    `helps` replaces a field's help where the command gives it another meaning."""
+    helps, defaults = {**_field_help(), **(helps or {})}, defaults or {}
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         allowed = ALLOWED.get(f.name)
@@ -190,7 +191,9 @@ def _add_compare_parser(commands):
                                 help="what to train and score beside random init (default: dino adclr)")
     compare_parser.add_argument("--eval-images", type=checked(int, ">= 1"), default=None,
                                 help=f"images per split for k-NN, linear and dense (default: {compare.EVAL_IMAGES})")
-    add_config_flags(compare_parser, compare.PRESET, hidden=("seed", "method"))
+    add_config_flags(compare_parser, compare.PRESET, hidden=("seed", "method"),
+                     helps={"out": "folder of the comparison: compare.md, compare.json, and a run folder per "
+                                   "method and seed"})
     compare_parser.set_defaults(handler=run_compare, parser=compare_parser)
 
 
@@ -229,7 +232,9 @@ def _add_sweep_parser(commands):
                               help=f"images per split for k-NN, linear and dense (default: {compare.EVAL_IMAGES})")
     swept = {k: f"{compare.PRESET.get(k, getattr(Config, k))}; without --vary swept over {','.join(map(str, v))}"
              for k, v in compare.SWEEP.items()}
-    add_config_flags(sweep_parser, {**compare.PRESET, "out": "runs/sweep", **swept}, hidden=("seed", "method"))
+    add_config_flags(sweep_parser, {**compare.PRESET, "out": "runs/sweep", **swept}, hidden=("seed", "method"),
+                     helps={"out": "folder of the sweep: sweep.md, sweep.json, and a comparison's folder per "
+                                   "grid point"})
     sweep_parser.set_defaults(handler=run_sweep, parser=sweep_parser)
 
 

@@ -25,7 +25,8 @@ def export(checkpoint, out, weights="teacher"):
     if kind:
         raise SystemExit(f"error: --out {out} is {kind}; give a file name such as backbone.safetensors")
     if not os.path.isdir(folder):
-        raise SystemExit(f"error: --out {out}: {folder} is not a folder")
+        what = "is not a folder" if os.path.exists(folder) else "does not exist; make it first"
+        raise SystemExit(f"error: --out {out}: {folder} {what}")
     backbone, cfg = backbone_or_exit(checkpoint, weights)
     metadata = {key: str(cfg[key]) for key in ("arch", "patch_size", "image_size")}
     data = save({k: v.contiguous() for k, v in backbone.state_dict().items()}, metadata=metadata)

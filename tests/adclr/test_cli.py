@@ -453,6 +453,10 @@ def test_eval_and_export_user_errors(tmp_path, checkpoint_bytes, capsys):
     target = os.path.join(write_file(tmp_path / "file"), "b.safetensors")
     status, err = run(["export", "--checkpoint", str(good), "--out", target], capsys)
     assert status == 1 and err.splitlines()[-1] == f"error: --out {target}: {os.path.dirname(target)} is not a folder"
+    target = str(tmp_path / "no-such-folder" / "b.safetensors")
+    status, err = run(["export", "--checkpoint", str(good), "--out", target], capsys)
+    assert status == 1 and err.splitlines()[-1] == (
+        f"error: --out {target}: {os.path.dirname(target)} does not exist; make it first")
 
 
 @pytest.mark.parametrize("protocol", [["knn"], ["linear", "--epochs", "3"]])  # linear: met once an epoch
@@ -769,5 +773,6 @@ def test_compare_and_sweep_help_shows_their_preset(command, preset, capsys):
         assert f"--{field.replace('_', '-')} " in text and f"(default: {value}" in text, field
     assert "(default: runs/adclr" not in text and "(default: vit_small" not in text
     assert "--seed " not in text and "--method " not in text  # refused there: --seeds, --methods
+    assert "checkpoint.pt, metrics.jsonl" not in text and f"{command}.md, {command}.json" in text
     if command == "sweep":
         assert "--teacher-temp TEACHER_TEMP (default: 0.02; without --vary swept over 0.02,0.04" in text
