@@ -310,7 +310,17 @@ def run_train(args):
               f"{100 * at_init:.1f}%", file=sys.stderr)
 
 
+# The eval flags that only some protocols read: given to another, they would be ignored.
+EVAL_FLAGS_OF = {"k": ("knn",), "temperature": ("knn",), "fast": ("linear",), "val_freq": ("linear",),
+                 "avgpool_patchtokens": ("linear",), "epochs": ("linear", "dense"), "lr": ("linear", "dense"),
+                 "n_last_blocks": ("linear", "dense"), "num_classes": ("dense",)}
+
+
 def run_eval(args):
+    for dest, protocols in EVAL_FLAGS_OF.items():
+        if args.protocol not in protocols and getattr(args, dest) != args.parser.get_default(dest):
+            args.parser.error(f"argument --{dest.replace('_', '-')}: applies to eval "
+                              f"{' and '.join(protocols)}, not eval {args.protocol}")
     common = dict(data=args.data, weights=args.weights, image_size=args.image_size, batch_size=args.batch_size,
                   device=args.device, num_workers=args.num_workers)
     if args.protocol == "dense":

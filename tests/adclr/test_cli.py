@@ -433,6 +433,17 @@ def test_cuda_device_without_cuda(tmp_path, capsys):
     assert status == 1 and err.splitlines()[-1] == "error: --device cuda but CUDA is not available"
 
 
+@pytest.mark.parametrize("protocol,flag,owners", [
+    ("knn", ["--fast"], "linear"), ("knn", ["--epochs", "5"], "linear and dense"), ("linear", ["--k", "5"], "knn"),
+    ("dense", ["--val-freq", "2"], "linear"), ("linear", ["--num-classes", "3"], "dense")])
+def test_eval_refuses_a_flag_its_protocol_would_ignore(protocol, flag, owners, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["eval", protocol, "--checkpoint", "unused.pt", *flag])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"adclr eval: error: argument {flag[0]}: applies to eval {owners}, not eval {protocol}")
+
+
 def test_eval_and_export_user_errors(tmp_path, checkpoint_bytes, capsys):
     good = tmp_path / "checkpoint.pt"
     good.write_bytes(checkpoint_bytes)
