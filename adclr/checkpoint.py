@@ -222,7 +222,7 @@ def load_checkpoint(path):
     for name, t in _named_tensors(state):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CheckpointError(f"{path} holds non-finite values (NaN or inf) in {name}: the run it "
-                                  "comes from diverged before it was written")
+                                  "comes from diverged before it was written, or the file was damaged since")
     return state
 
 

@@ -67,7 +67,7 @@ def corrupt(kind, good, tmp_path):
     elif kind == "NaN weights":
         state["teacher"]["backbone.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
         reason = ("holds non-finite values (NaN or inf) in teacher['backbone.blocks.0.attn.qkv.weight']: the run "
-                  "it comes from diverged before it was written")
+                  "it comes from diverged before it was written, or the file was damaged since")
     elif kind in SAVED_CONFIGS:  # the model cannot be built: ZeroDivisionError, ValueError, or -64 exported
         field, value, problem = SAVED_CONFIGS[kind]
         state["config"][field] = value
