@@ -126,7 +126,8 @@ def test_only_the_show_commands_import_matplotlib():
 def test_show_user_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:  # not a built-in set's name: a folder, which does not exist
         _images("builtin:nothing", 1)
-    assert exit.value.code == "error: --data: dataset folder 'builtin:nothing' does not exist"
+    assert exit.value.code.startswith("error: --data: 'builtin:nothing' is no built-in set (those are builtin, ")
+    assert exit.value.code.endswith("), nor a dataset folder")
     with pytest.raises(SystemExit) as exit:
         main(["show", "curves", str(tmp_path)])
     assert exit.value.code == (f"error: {tmp_path / 'metrics.jsonl'} does not exist; pass a run folder "
