@@ -941,8 +941,7 @@ class Run:
         numbered snapshot when one is due."""
         self.check_finite(done)
         rng = all_rng_states(self.world)
-        self.in_save = True
-        try:
+        with self.saving():
             if self.main:
                 try:
                     save_checkpoint(self.trainer, self.path, done, rng)
@@ -955,6 +954,13 @@ class Run:
             if snapshot and self.main:  # a numbered copy that later checkpoints do not replace
                 epochs = done // self.trainer.steps_per_epoch
                 copy_atomically(self.path, os.path.join(self.cfg.out, f"checkpoint{epochs:04d}.pt"))
+
+    @contextlib.contextmanager
+    def saving(self):
+        """A checkpoint write: a Ctrl-C inside it waits for it (see finish_the_step_on_ctrl_c)."""
+        self.in_save = True
+        try:
+            yield
         finally:
             self.in_save = False
 
@@ -976,9 +982,8 @@ class Run:
         or a loss went bad. A single process only: under DDP a checkpoint gathers every
         process's RNG state, a collective that interrupted processes cannot join."""
         if self.world == 1 and not self.in_step and self.completed > self.saved and not self.bad.item():
-            self.in_save = True
-            save_checkpoint(self.trainer, self.path, self.completed, [rng_states()])
-            self.in_save = False
+            with self.saving():
+                save_checkpoint(self.trainer, self.path, self.completed, [rng_states()])
             print(f"\ninterrupted: saved step {self.completed} to {self.path}; rerun the same command to resume",
                   file=sys.stderr)
         elif self.stop_asked and not self.in_step and self.completed == self.saved:

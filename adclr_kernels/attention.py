@@ -123,8 +123,7 @@ def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees
                          f"got {num_prefix} + {num_queries}")
     visible = seq - num_queries
     needs_query_keys = mask.needs_query_keys(num_queries)
-    allowed = (seq,) if needs_query_keys else (seq, visible)
-    if k.shape[2] not in allowed:
+    if k.shape[2] not in mask.key_lengths(seq, num_queries):
         expect = (f"seq = {seq} (query_sees_self/query_sees_queries need the query keys)"
                   if needs_query_keys else f"seq = {seq} or seq - num_queries = {visible}")
         raise ValueError(f"k and v must have length {expect}, got {k.shape[2]}")

@@ -54,6 +54,11 @@ class QueryMask:
         """Whether query rows read the keys of query tokens (k, v must hold them)."""
         return num_queries > 0 and self.sees_self
 
+    def key_lengths(self, seq_len, num_queries):
+        """The lengths k and v may have: seq_len, or also seq_len - num_queries (the query
+        keys left out) where no query row reads them."""
+        return (seq_len,) if self.needs_query_keys(num_queries) else (seq_len, seq_len - num_queries)
+
     def sees_nothing(self, num_queries, num_raw, num_prefix):
         """Whether query rows would attend to no column at all."""
         return (num_queries > 0 and num_raw == 0 and not (self.sees_prefix and num_prefix > 0)
@@ -109,7 +114,7 @@ def visibility_mask(
         raise ValueError(f"num_prefix + num_queries must be at most seq_len = {seq_len}, "
                          f"got {num_prefix} + {num_queries}")
     mask = QueryMask(query_sees_prefix, query_sees_self, query_sees_queries)
-    keys = (seq_len,) if mask.needs_query_keys(num_queries) else (seq_len, seq_len - num_queries)
+    keys = mask.key_lengths(seq_len, num_queries)
     if key_len not in keys:
         raise ValueError(f"key_len must be {' or '.join(map(str, keys))} here, got {key_len}")
     return mask.matrix(seq_len, key_len, num_queries, num_prefix, device)
