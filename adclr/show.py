@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import textwrap
 
 import numpy as np
@@ -124,7 +126,18 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
                     _box(ax, box)
         paths.append(os.path.join(out, f"attention_{n}.png"))
         save_figure(plt, fig, paths[-1])
+    _remove_older_attention_pictures(out, keep=paths)
     return paths
+
+
+def _remove_older_attention_pictures(out, keep):
+    """A folder holds one call's pictures: attention_<i>.png of an earlier call with more
+    images would otherwise sit beside these as if they were of this checkpoint."""
+    for name in os.listdir(out):
+        path = os.path.join(out, name)
+        if re.fullmatch(r"attention_\d+\.png", name) and path not in keep:
+            os.remove(path)
+            print(f"removed {path} (an earlier call's)", file=sys.stderr)
 
 
 def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epochs=None, lr=None,

@@ -74,6 +74,17 @@ def test_show_attention_writes_one_picture_per_image(run, capsys):
     assert files == [str(run / "elsewhere" / "attention_0.png")] and size(files[0]) == (4 * CELL, CELL)
 
 
+def test_show_attention_leaves_only_this_calls_pictures(run, capsys):
+    """A second call with fewer images removes the first call's extra pictures (they
+    would read as this checkpoint's), and nothing else in the folder."""
+    checkpoint = str(run / "checkpoint.pt")
+    picture(["attention", "--checkpoint", checkpoint, "--images", "3"], capsys)
+    (run / "pictures" / "attention_notes.png").write_bytes(b"mine")
+    files = picture(["attention", "--checkpoint", checkpoint, "--images", "1"], capsys)
+    assert sorted(os.listdir(run / "pictures")) == ["attention_0.png", "attention_notes.png"]
+    assert files == [str(run / "pictures" / "attention_0.png")]
+
+
 def test_show_attention_on_a_folder_of_images(run, tmp_path, capsys):
     (tmp_path / "photos").mkdir()
     for i, shape in enumerate([(50, 30), (20, 40), (64, 64)]):
