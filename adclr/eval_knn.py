@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import default_num_workers
-from .features import backbone_for_eval, load_backbone, open_labelled_splits, split_features
+from .features import backbone_for_eval, load_backbone, open_labelled_splits, run_data, split_features
 from .train import build
 
 KNN_K = (10, 20, 100, 200)  # DINO's eval_knn.py --nb_knn
@@ -50,11 +50,11 @@ def evaluate_knn(checkpoint, data=None, weights="teacher", image_size=None, batc
     """`adclr eval knn`: the JSON record; "accuracy" is k = 20's (else the first k's),
     "accuracy_by_k" every k's."""
     backbone, cfg, device, size = backbone_for_eval(checkpoint, weights, device, image_size)
-    data = data or cfg["data"]
-    train_images, val_images = open_labelled_splits(data)
+    data, flag = run_data(data, cfg)
+    train_images, val_images = open_labelled_splits(data, flag=flag)
     workers = default_num_workers() if num_workers < 0 else num_workers
     train_f, train_y, val_f, val_y = split_features(backbone, train_images, val_images, data, size, limit,
-                                                    batch_size, device, workers, what="knn")
+                                                    batch_size, device, workers, what="knn", flag=flag)
     by_k = knn_accuracy(train_f, train_y, val_f, val_y, ks, temperature)
     beyond = [k for k in ks if k > len(train_y)]
     if beyond:

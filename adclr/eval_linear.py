@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data import BUILTIN, crop, default_num_workers, normalize, random_resized_box, warn_unreadable
-from .features import CenterCrops, autocast, backbone_for_eval, collate, extract_features, open_labelled_splits
+from .features import (CenterCrops, autocast, backbone_for_eval, collate, extract_features, open_labelled_splits,
+                       run_data)
 
 LINEAR_LR = 1e-3  # DINO's eval_linear.py --lr, per 256 images
 # The linear protocol pushes the built-in set's 10000 training images through the backbone
@@ -246,8 +247,8 @@ def evaluate_linear(checkpoint, data=None, weights="teacher", image_size=None, b
     `linear_accuracy` on `cached_probe_features` (DINO's features) instead of DINO's protocol.
     """
     backbone, cfg, device, size = backbone_for_eval(checkpoint, weights, device, image_size)
-    data = data or cfg["data"]
-    train_images, val_images = open_labelled_splits(data)
+    data, flag = run_data(data, cfg)
+    train_images, val_images = open_labelled_splits(data, flag=flag)
     if epochs is None:
         epochs = PROBE_EPOCHS if fast else 100
         if not fast and data in ("", *BUILTIN) and torch.device(device).type == "cpu":
@@ -268,7 +269,7 @@ def evaluate_linear(checkpoint, data=None, weights="teacher", image_size=None, b
             backbone, CenterCrops(train_images, size, limit), CenterCrops(val_images, size, limit), n, avgpool,
             batch_size, device, workers, what="linear (fast)")
         if not len(train_y) or not len(val_y):
-            raise SystemExit(f"error: --data {data}: no readable images in {'train' if not len(train_y) else 'val'}")
+            raise SystemExit(f"error: {flag} {data}: no readable images in {'train' if not len(train_y) else 'val'}")
         return {**result, "train_images": len(train_y), "val_images": len(val_y), "fast": True, **features,
                 "accuracy": linear_accuracy(train_f, train_y, val_f, val_y, epochs, train_views=(mirror_f,),
                                             log=lambda line: print(f"linear (fast): {line}", file=sys.stderr,
@@ -279,5 +280,5 @@ def evaluate_linear(checkpoint, data=None, weights="teacher", image_size=None, b
         measured = linear_protocol(backbone, train_set, val_set, num_classes, epochs, batch_size, lr,
                                    n, avgpool, val_freq, device, workers)
     except NoReadableImages as error:
-        raise SystemExit(f"error: --data {data}: {error}") from None
+        raise SystemExit(f"error: {flag} {data}: {error}") from None
     return {**result, **measured, **features, "lr": lr * batch_size / 256, "batch_size": batch_size}

@@ -64,7 +64,13 @@ def backbone_for_eval(checkpoint, weights, device, image_size):
     return backbone, cfg, device, size
 
 
-def open_labelled_splits(data, split="val"):
+def run_data(data, cfg):
+    """(data, how errors name it): --data when given, else the data the run trained on,
+    read from its checkpoint, which errors name as such (the user typed no --data)."""
+    return (data, "--data") if data else (cfg.get("data"), "the run's data (no --data given)")
+
+
+def open_labelled_splits(data, split="val", flag="--data"):
     """(train, `split`) images of --data for the image-level protocols, or one line saying why not.
 
     A val image's label is its class's place among train's classes (by folder name), so a
@@ -74,7 +80,7 @@ def open_labelled_splits(data, split="val"):
         train = open_dataset(data, "train")
         return train, open_dataset(data, split, like=train)
     except (OSError, ValueError) as error:  # no such folder, no train/ or val/, no images, a class train lacks
-        raise SystemExit(f"error: --data: {error}") from None
+        raise SystemExit(f"error: {flag}: {error}") from None
 
 
 def fixed_subset(n, limit):
@@ -149,7 +155,7 @@ def extract_features(backbone, dataset, batch_size=128, device="cpu", num_worker
 
 
 def split_features(backbone, train_images, val_images, data, size, limit, batch_size, device, num_workers,
-                   what=None):
+                   what=None, flag="--data"):
     """(train features, train labels, val features, val labels) of centre crops of both
     splits; one line naming --data when a split has no readable image. what: the
     progress lines' prefix (None: quiet)."""
@@ -159,7 +165,7 @@ def split_features(backbone, train_images, val_images, data, size, limit, batch_
     val_f, val_y = extract_features(backbone, CenterCrops(val_images, size, limit), *loading,
                                     what=what and f"{what}: val features")
     if not len(train_y) or not len(val_y):
-        raise SystemExit(f"error: --data {data}: no readable images in {'train' if not len(train_y) else 'val'}")
+        raise SystemExit(f"error: {flag} {data}: no readable images in {'train' if not len(train_y) else 'val'}")
     return train_f, train_y, val_f, val_y
 
 

@@ -23,7 +23,7 @@ from .checkpoint import make_folder, write_atomically
 from .data import BUILTIN, ImageFolder, default_num_workers, normalize, open_segmentation, to_tensor
 from .eval_dense import (DEFAULT_EPOCHS, DEFAULT_LR, IGNORE, SegmentationCrops, default_dense_data, fit_probe,
                          open_splits, patch_features)
-from .features import backbone_or_exit, last_block_attention, query_boxes, query_crops
+from .features import backbone_or_exit, last_block_attention, query_boxes, query_crops, run_data
 
 CELL = 160  # pixels per picture in a grid
 
@@ -39,7 +39,7 @@ def pyplot():
     return plt
 
 
-def _images(data, count):
+def _images(data, count, flag="--data"):
     """[PIL image] of the first `count` readable images: a built-in set's val split, or a
     folder of images (any layout; the first in sorted order)."""
     if data in (None, "", *BUILTIN):
@@ -48,10 +48,10 @@ def _images(data, count):
         try:
             base = ImageFolder(data)
         except OSError as error:
-            raise SystemExit(f"error: --data: {error}") from None
+            raise SystemExit(f"error: {flag}: {error}") from None
     images = [image for image in (base.load(i)[0] for i in range(min(len(base), 4 * count))) if image is not None]
     if not images:
-        raise SystemExit(f"error: --data {data}: no readable images")
+        raise SystemExit(f"error: {flag} {data}: no readable images")
     return images[:count]
 
 
@@ -104,7 +104,8 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
     make_folder(out)
     grid, paths = size // p, []
     generator = torch.Generator().manual_seed(seed)
-    for n, image in enumerate(_images(data or cfg.get("data"), images)):
+    data, flag = run_data(data, cfg)
+    for n, image in enumerate(_images(data, images, flag)):
         image = image.resize((size, size), Image.BICUBIC)
         boxes = query_boxes(image, num_queries, cfg["query_scale"], generator)
         probs, _ = last_block_attention(backbone, normalize(to_tensor(image))[None], query_crops(image, boxes, p))

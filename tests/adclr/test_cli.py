@@ -6,6 +6,7 @@ range, one "error: ..." line naming the flag or file (exit 1) for what the user 
 fix, and never a traceback.
 """
 
+import io
 import json
 import math
 import os
@@ -442,6 +443,21 @@ def test_eval_refuses_a_flag_its_protocol_would_ignore(protocol, flag, owners, c
     assert refused.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"adclr eval: error: argument {flag[0]}: applies to eval {owners}, not eval {protocol}")
+
+
+@pytest.mark.parametrize("command", [["eval", "knn"], ["eval", "linear", "--fast"], ["show", "attention"]])
+def test_errors_name_the_runs_own_data_when_no_data_was_given(command, tmp_path, checkpoint_bytes, capsys):
+    """A run's data folder that has moved since: the user typed no --data, so the error
+    must not say --data was wrong, but that the run's own data was."""
+    if command[0] == "show":
+        pytest.importorskip("matplotlib")
+    state = torch.load(io.BytesIO(checkpoint_bytes), weights_only=False)
+    moved = str(tmp_path / "moved")
+    state["config"]["data"] = moved
+    torch.save(state, tmp_path / "checkpoint.pt")
+    status, err = run([*command, "--checkpoint", str(tmp_path / "checkpoint.pt")], capsys)
+    assert status == 1 and err.splitlines()[-1] == (
+        f"error: the run's data (no --data given): dataset folder {moved!r} does not exist")
 
 
 def test_eval_and_export_user_errors(tmp_path, checkpoint_bytes, capsys):
