@@ -19,7 +19,9 @@ import inspect
 import json
 import os
 import re
+import signal
 import sys
+import threading
 
 import torch
 
@@ -274,6 +276,11 @@ def main(argv=None):
     try:
         args.handler(args)
     except KeyboardInterrupt:
+        # What could be saved is saved: another Ctrl-C while the interpreter shuts down
+        # (the loader's workers, the weakref callbacks) stops at once, as the signal's own
+        # default, instead of printing tracebacks from wherever it lands.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         raise SystemExit(130)
     except WriteError as error:  # a full disk, a file the system will not let us replace
         raise SystemExit(f"error: {error}")

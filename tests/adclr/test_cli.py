@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -354,7 +355,13 @@ def test_ctrl_c_in_any_command_exits_130(command, target, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(importlib.import_module(target[0]), target[1], interrupted)
-    status, err = run(command, capsys)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        status, err = run(command, capsys)
+        # A second Ctrl-C during the exit ends the process, with no traceback.
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert status == 130 and "Traceback" not in err
 
 
