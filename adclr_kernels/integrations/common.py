@@ -155,7 +155,21 @@ def swap_classes(model, plan):
 def subclass(base, mixin, name):
     """`mixin` over `base`: the swapped class of a class the adapter cannot import (DINO's,
     DINOv2's). Made once per class, so every swapped module of a model shares it."""
-    return type(name, (mixin, base), {"__module__": mixin.__module__, "__qualname__": name})
+    return type(name, (mixin, base), {"__module__": mixin.__module__, "__qualname__": name,
+                                      "__reduce_ex__": _reduce_swapped})
+
+
+def _reduce_swapped(module, protocol):
+    # No module defines the made class by name, so pickle (torch.save of a whole model,
+    # deepcopy) cannot find it: it is recorded as its base and mixin, and made again on
+    # load, in any process that can import those two.
+    mixin, base = type(module).__bases__
+    return _swapped_module, (base, mixin, type(module).__name__), module.__getstate__()
+
+
+def _swapped_module(base, mixin, name):
+    cls = subclass(base, mixin, name)
+    return cls.__new__(cls)
 
 
 def refuse_token_mixers(name, block):
@@ -200,6 +214,13 @@ class QueryTokens:
 
 
 def _with_queries(x, tokens):
+    if isinstance(x, list) != isinstance(tokens, list):
+        raise ValueError("a list input (crop groups) takes a list of query tokens, one entry or None per "
+                         "group; a tensor input takes one (batch, Q, ...) tensor: got a "
+                         f"{type(tokens).__name__} of query tokens for a {type(x).__name__} input")
+    if isinstance(x, list) and len(tokens) != len(x):
+        raise ValueError(f"{len(tokens)} entries of query tokens for {len(x)} crop groups: give one per "
+                         "group, None for a group without query tokens")
     for xi, t in zip(x, tokens) if isinstance(x, list) else [(x, tokens)]:
         if t is not None and t.shape[0] != xi.shape[0]:
             raise ValueError(f"query tokens are for a batch of {t.shape[0]}, the images are a batch "

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from ..backends import check_backend_name
 from ..mask import QueryMask
 from .common import (OpAttention, QueryLayout, UnsupportedModel, attend_packed, attention_weights,
@@ -166,7 +168,7 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
             raise RuntimeError(f"blocks.{i} is not swapped: call swap_attention(model) first")
         refuse_token_mixers(f"blocks.{i}", block)
         pairs.append((block, [block.attn]))
-    if queries.dim() == 3:
+    if isinstance(queries, torch.Tensor) and queries.dim() == 3:
         check_queries(queries, queries.shape[0], model.embed_dim)
         tokens = queries
     else:

@@ -274,7 +274,7 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
 
 
 def _tokens(model, queries):
-    if queries.dim() == 3:
+    if isinstance(queries, torch.Tensor) and queries.dim() == 3:
         check_queries(queries, queries.shape[0], model.embed_dim)
         return queries
     embed = model.patch_embed

@@ -162,17 +162,21 @@ def swap_attention(model, backend="auto"):
     swap_classes(model, plan)
     for _, m in attentions:
         m.adclr_backend = backend
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        model.adclr_previous_attn_implementation = model.config._attn_implementation
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 
 
-def restore_attention(model, attn_implementation="sdpa"):
-    """Undo swap_attention: the modules' own classes and `attn_implementation` again."""
+def restore_attention(model, attn_implementation=None):
+    """Undo swap_attention: the modules' own classes and `attn_implementation` again (None:
+    the one the model had before swap_attention; "sdpa" for a model loaded as "adclr")."""
     for module in model.modules():
         if isinstance(module, OpAttention):
             module.__class__ = type(module).__bases__[1]
             module.__dict__.pop("adclr_backend", None)
-    model.set_attn_implementation(attn_implementation)
+    previous = model.__dict__.pop("adclr_previous_attn_implementation", None)
+    model.set_attn_implementation(attn_implementation or previous or "sdpa")
     return model
 
 

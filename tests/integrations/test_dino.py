@@ -122,6 +122,22 @@ def test_cls_attention_is_the_maps_cls_row(backend):
     torch.testing.assert_close(with_queries, maps[:, :, :1], **TOL)
 
 
+def test_swapped_model_pickles_and_query_crops_of_the_wrong_kind_are_named():
+    import io
+
+    model = swap_attention(build().eval(), backend="sdpa")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # DINO's whole-model checkpoints; also copy.deepcopy
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert [type(b) for b in loaded.blocks] == [type(b) for b in model.blocks]
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(ValueError, match=r"query crops must have shape .* got list"):
+        with query_tokens(model, [torch.randn(3, 2, 3, 8, 8)]):
+            pass
+
+
 def test_refusals_change_nothing():
     model = build(attn_drop_rate=0.1)
     with pytest.raises(UnsupportedModel, match=r"blocks\.0\.attn \(Attention\): attention dropout p=0\.1"):

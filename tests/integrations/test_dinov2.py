@@ -161,6 +161,40 @@ def test_query_tokens_tensor_and_packed(opts):
         torch.testing.assert_close(outs[1]["x_norm_clstoken"], reference.forward_features(local)["x_norm_clstoken"], **TOL)
 
 
+@pytest.mark.parametrize("queries,inputs,message", [
+    ("list1", "list2", "1 entries of query tokens for 2 crop groups"),
+    ("list3", "list2", "3 entries of query tokens for 2 crop groups"),
+    ("tensor", "list2", "a Tensor of query tokens for a list input"),
+    ("list1", "tensor", "a list of query tokens for a Tensor input"),
+])
+def test_query_tokens_that_do_not_fit_the_input_are_refused(queries, inputs, message):
+    # A list shorter than the crop groups dropped the groups past it from the output.
+    model = swap_attention(build().eval(), backend="sdpa")
+    crops = torch.randn(2, 4, 3, 8, 8)
+    given = {"tensor": crops, "list1": [crops], "list3": [crops, None, None]}[queries]
+    x = images(2)
+    with torch.no_grad(), query_tokens(model, given), pytest.raises(ValueError, match=message):
+        if inputs == "tensor":
+            model.forward_features(x)
+        else:
+            model.forward_features([x, images(3, 16, 2)], [None, None])
+
+
+def test_swapped_model_pickles_and_loads_swapped():
+    import io
+
+    model = swap_attention(build().eval(), backend="sdpa")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert [type(b) for b in loaded.blocks] == [type(b) for b in model.blocks]
+    assert loaded.blocks[0].attn.adclr_backend == "sdpa"
+    x = images(2)
+    with torch.no_grad():
+        assert torch.equal(loaded.forward_features(x)["x_norm_patchtokens"],
+                           model.forward_features(x)["x_norm_patchtokens"])
+
+
 def test_refusals_change_nothing():
     model = build()
     model.blocks[1].attn.attn_drop.p = 0.1

@@ -64,6 +64,23 @@ def test_swap_is_the_sdpa_implementation_on_the_op(key):
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_restore_gives_back_the_implementation_the_model_had_and_swapped_modules_pickle():
+    import io
+
+    model = build("vit")
+    model.set_attn_implementation("eager")
+    adclr_hf.swap_attention(model, backend="sdpa")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the made subclasses are found again on load
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x)[0], model(pixel_values=x)[0])
+    for m in (model, loaded):
+        adclr_hf.restore_attention(m)
+        assert m.config._attn_implementation == "eager"
+
+
 def test_from_pretrained_with_the_registered_name():
     with tempfile.TemporaryDirectory() as folder:
         build("dinov2").save_pretrained(folder)
