@@ -1,7 +1,7 @@
 """The drop-in attention module for ViT codebases.
 
 `UnidirectionalAttention` has the constructor arguments, parameter names and shapes of
-timm's `Attention` (`qkv`, `q_norm`/`k_norm`, `norm`, `proj`), so a timm checkpoint
+timm's `Attention` (`qkv`, `q_norm`/`k_norm`, `norm`, `gate`, `proj`), so a timm checkpoint
 loads into it unchanged. With `num_queries=0` it is plain attention; with query tokens
 appended it runs ADCLR's unidirectional attention. To run the op inside timm, DINO,
 DINOv2 or Hugging Face models as they are, see `adclr_kernels.integrations`.
@@ -28,7 +28,7 @@ class UnidirectionalAttention(nn.Module):
     """
 
     def __init__(self, dim, num_heads=8, attn_head_dim=None, dim_out=None, qkv_bias=False,
-                 qk_norm=False, scale_norm=False, proj_bias=True, attn_drop=0.0, proj_drop=0.0,
+                 qk_norm=False, scale_norm=False, proj_bias=True, gated=False, attn_drop=0.0, proj_drop=0.0,
                  norm_layer=nn.LayerNorm, device=None, dtype=None, backend="auto"):
         super().__init__()
         if (qk_norm or scale_norm) and norm_layer is None:
@@ -58,6 +58,8 @@ class UnidirectionalAttention(nn.Module):
         self.k_norm = norm_layer(attn_head_dim, **norm_dd) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.norm = norm_layer(self.attn_dim, **norm_dd) if scale_norm else nn.Identity()
+        # timm's gated attention: a sigmoid gate from the block's input on the output.
+        self.gate = nn.Linear(dim, self.attn_dim, bias=qkv_bias, **dd) if gated else None
         self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -101,5 +103,8 @@ class UnidirectionalAttention(nn.Module):
                 out = unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries, num_prefix,
                                                       max_seqlen=max_seqlen, **options)
         out, probs = out if return_prefix_probs else (out, None)
-        out = self.proj_drop(self.proj(self.norm(out.reshape(*tokens, self.attn_dim))))
+        out = self.norm(out.reshape(*tokens, self.attn_dim))
+        if self.gate is not None:
+            out = out * self.gate(x).sigmoid()
+        out = self.proj_drop(self.proj(out))
         return (out, probs) if return_prefix_probs else out

@@ -39,6 +39,7 @@ from timm.models.vision_transformer import (Block, DiffParallelScalingBlock, Par
 
 from ..backends import check_backend_name
 from ..mask import QueryMask
+from ..nn import UnidirectionalAttention
 from .common import (OpAttention, QueryLayout, UnsupportedModel, attend, attend_packed, carry_queries,
                      check_children, check_no_attention_dropout, check_queries, check_signature, embed_crops,
                      refuse_token_mixers, swap_classes)
@@ -245,6 +246,11 @@ def _check_attention(name, attn):
     if isinstance(attn, DiffAttention):
         raise UnsupportedModel(f"{name} ({cls.__name__}): differential attention (the difference of two "
                                "softmax maps) is not what the op computes")
+    if issubclass(cls, UnidirectionalAttention):
+        raise UnsupportedModel(f"{name} is adclr_kernels.nn.UnidirectionalAttention, which runs the op "
+                               "already and takes query tokens as its own num_queries argument; the "
+                               "adapter's query_tokens and forward_queries are for models built with "
+                               "timm's attention (build it without attn_layer, then swap_attention)")
     if cls not in _SWAPS:
         raise UnsupportedModel(f"{name} ({cls.__module__}.{cls.__name__}) is not an attention class the "
                                f"adapter knows (known: {', '.join(c.__name__ for c in _SWAPS)})")
@@ -330,9 +336,10 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
     pairs = []
     for name, block in blocks:
         attention = [m for _, m in _attention_modules(name, block)]
-        unswapped = [n for n, m in _attention_modules(name, block) if not isinstance(m, OpAttention)]
+        unswapped = [(n, m) for n, m in _attention_modules(name, block) if not isinstance(m, OpAttention)]
         if unswapped:
-            raise RuntimeError(f"{unswapped[0]} is not swapped: call swap_attention(model) first")
+            _check_attention(*unswapped[0])  # one swap_attention would refuse: its reason
+            raise RuntimeError(f"{unswapped[0][0]} is not swapped: call swap_attention(model) first")
         refuse_token_mixers(name, block)
         for m in attention:
             if hasattr(m, "num_prefix_tokens") and m.num_prefix_tokens != model.num_prefix_tokens:

@@ -24,6 +24,17 @@ def test_parameter_names_match_timm_attention():
     assert {"q_norm.weight", "k_norm.weight", "norm.weight", "proj.bias"} <= set(normed.state_dict())
 
 
+def test_gated_attention_gates_the_output_before_the_projection():
+    # timm's `gated=True`: sigmoid(gate(x)) times the (normed) attention output.
+    torch.manual_seed(0)
+    attn = UnidirectionalAttention(64, 4, qkv_bias=True, gated=True, backend="sdpa").to(DEVICE).double()
+    assert list(attn.state_dict())[-4:] == ["gate.weight", "gate.bias", "proj.weight", "proj.bias"]
+    x = torch.randn(2, 17, 64, device=DEVICE, dtype=torch.float64)
+    q, k, v = attn.qkv(x).view(2, 17, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 17, 64)
+    torch.testing.assert_close(attn(x), attn.proj(out * torch.sigmoid(attn.gate(x))))
+
+
 def test_no_queries_is_plain_attention():
     torch.manual_seed(0)
     attn = UnidirectionalAttention(64, 4, qkv_bias=True, backend="sdpa").to(DEVICE).double()

@@ -23,6 +23,7 @@ from timm.layers import Attention  # noqa: E402
 from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock  # noqa: E402
 
 from adclr_kernels.integrations import UnsupportedModel  # noqa: E402
+from adclr_kernels.nn import UnidirectionalAttention  # noqa: E402
 from adclr_kernels.integrations.timm import (forward_queries, query_tokens, restore_attention,  # noqa: E402
                                              swap_attention)
 
@@ -118,6 +119,24 @@ def test_gated_attention():
     reference = copy.deepcopy(model).eval()
     swap_attention(model.eval(), backend="sdpa")
     assert torch.equal(model(images()), reference(images()))
+
+
+def test_drop_in_module_takes_timms_gated_attention_weights():
+    torch.manual_seed(0)
+    timm_attn = Attention(64, 2, qkv_bias=True, gated=True).eval()
+    ours = UnidirectionalAttention(64, 2, qkv_bias=True, gated=True, backend="sdpa").eval()
+    ours.load_state_dict(timm_attn.state_dict())
+    x = torch.randn(2, 9, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), timm_attn(x), rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_built_with_the_drop_in_module_is_pointed_to_its_own_argument():
+    model = build("vit", attn_layer=UnidirectionalAttention)
+    message = r"blocks\.0\.attn is adclr_kernels\.nn\.UnidirectionalAttention, which runs the op already"
+    with pytest.raises(UnsupportedModel, match=message):
+        forward_queries(model, images(), crops())
+    _refused(model, message)
 
 
 # ------------------------------------------------------------------------------ refusals
