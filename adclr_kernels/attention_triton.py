@@ -83,8 +83,9 @@ def _program(num_blocks, num_heads, num_seqs, seq_len, key_len, visible, total_t
 
     - batched: the grid is 1-D with the block index fastest, so the programs of one
       (sequence, head) run side by side and share its K/V (or Q/dO) in L2.
-    - packed with a tile table (from a `VarlenLayout`): one program per (sequence,
-      block) that has work, heads outermost; no program is empty.
+    - packed with a tile table (from a `VarlenLayout` or `varlen_schedule`): one program
+      per (sequence, block) that has work and head, heads fastest, so that the table's
+      longest-first order is the launch order (its idle slots, if any, last).
     - packed from cu_seqlens alone: as batched, up to the caller's max_seqlen (checked on
       the device against the offsets).
     What is read from memory is clamped: offsets into [0, total_tokens], a tile's sequence
@@ -95,8 +96,8 @@ def _program(num_blocks, num_heads, num_seqs, seq_len, key_len, visible, total_t
     """
     pid = tl.program_id(0)
     if TILED:
-        tile = pid % num_blocks
-        h = pid // num_blocks
+        tile = pid // num_heads
+        h = pid % num_heads
         b = tl.minimum(tl.maximum(tl.load(TILES + 2 * tile), 0), num_seqs - 1)
         block = tl.minimum(tl.maximum(tl.load(TILES + 2 * tile + 1), 0), num_blocks - 1)
     else:
@@ -1100,19 +1101,31 @@ def _or(a, b):
 
 
 @triton.jit
-def _write_tiles(TILES, s, count, first, capacity, max_blocks):
-    """(sequence, block) pairs of the sequences s, count[i] blocks each from slot first[i]."""
-    for j in range(0, max_blocks):
-        slot = first + j
-        ok = (j < count) & (slot < capacity)
-        tl.store(TILES + 2 * slot, s, mask=ok)
-        tl.store(TILES + 2 * slot + 1, s * 0 + j, mask=ok)
-
-
-@triton.jit
-def _pad_tiles(TILES, used, capacity, idle_block, CHUNK: tl.constexpr):
-    """Slots past the last tile: a block past the end of sequence 0, so those programs
-    load and store nothing."""
+def _write_tile_table(TILES, CU_SEQLENS, stride_cu, num_seqs, max_seqlen, capacity, idle_block,
+                      classes, top, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Every (sequence, row block) pair with rows, in `longest_first`'s order: a pass over
+    the sequences per class of block counts, [top, 2 top) first, then idle slots."""
+    used = num_seqs * 0
+    low = top
+    for c in range(0, classes):
+        for c0 in range(0, num_seqs, CHUNK):
+            s = c0 + tl.arange(0, CHUNK)
+            ok = s < num_seqs
+            a = tl.load(CU_SEQLENS + s * stride_cu, mask=ok, other=0)
+            b = tl.load(CU_SEQLENS + (s + 1) * stride_cu, mask=ok, other=0)
+            # Lengths outside [0, max_seqlen] are errors; clamped, they cannot overrun a table.
+            count = (tl.minimum(tl.maximum(b - a, 0), max_seqlen) + BLOCK - 1) // BLOCK
+            count = tl.where(ok & (count >= low) & (count < 2 * low), count, 0)
+            first = used + tl.cumsum(count, 0) - count
+            for j in range(0, 2 * low):
+                slot = first + j
+                written = (j < count) & (slot < capacity)
+                tl.store(TILES + 2 * slot, s, mask=written)
+                tl.store(TILES + 2 * slot + 1, s * 0 + j, mask=written)
+            used += tl.sum(count, 0)
+        low = low // 2
+    # Slots past the last tile: a block past the end of sequence 0, so those programs load
+    # and store nothing.
     for start in range(used, capacity, CHUNK):
         slot = start + tl.arange(0, CHUNK)
         ok = slot < capacity
@@ -1124,19 +1137,18 @@ def _pad_tiles(TILES, used, capacity, idle_block, CHUNK: tl.constexpr):
 def _varlen_schedule_kernel(
     CU_SEQLENS, NUM_QUERIES, CU_OUT, QUERIES_OUT, FWD_TILES, BWD_TILES, STATUS,
     stride_cu, stride_nq, num_seqs, total_tokens, max_seqlen, all_queries, num_prefix,
-    fwd_capacity, bwd_capacity,
+    fwd_capacity, bwd_capacity, fwd_classes, fwd_top, bwd_classes, bwd_top,
     FWD_BLOCK: tl.constexpr, BWD_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     PER_SEQUENCE: tl.constexpr, NEEDS_RAW: tl.constexpr,
 ):
     """Offsets given with max_seqlen, in one program and without a host sync: checks their
     values (STATUS[0] one bit per broken rule, STATUS[1] 1 when none is), copies them
     (contiguous int32 counts), and writes the tile tables of the launches that follow,
-    FlashAttention-3 style: every (sequence, row block) with rows, in order, then idle
-    slots up to the capacity the host sized the grids for."""
+    FlashAttention-3 style: every (sequence, row block) with rows, longest sequences first
+    as a `VarlenLayout` orders them, then idle slots up to the capacity the host sized the
+    grids for."""
     errors = (tl.load(CU_SEQLENS) != 0) | (tl.load(CU_SEQLENS + num_seqs * stride_cu) != total_tokens)
     errors = errors.to(tl.int32)
-    fwd_used = errors * 0
-    bwd_used = errors * 0
     for c0 in range(0, num_seqs, CHUNK):
         s = c0 + tl.arange(0, CHUNK)
         ok = s < num_seqs
@@ -1157,19 +1169,11 @@ def _varlen_schedule_kernel(
         errors |= tl.reduce(tl.where(ok, bits, 0), 0, _or)
         tl.store(CU_OUT + s, a, mask=ok)
         tl.store(QUERIES_OUT + s, tl.minimum(tl.maximum(queries, -1), 2**31 - 1).to(tl.int32), mask=ok)
-        # Lengths outside [0, max_seqlen] are errors; clamped, they cannot overrun a table.
-        rows = tl.where(ok, tl.minimum(tl.maximum(length, 0), max_seqlen), 0)
-        count = (rows + FWD_BLOCK - 1) // FWD_BLOCK
-        _write_tiles(FWD_TILES, s, count, fwd_used + tl.cumsum(count, 0) - count, fwd_capacity,
-                     (max_seqlen + FWD_BLOCK - 1) // FWD_BLOCK)
-        fwd_used += tl.sum(count, 0)
-        count = (rows + BWD_BLOCK - 1) // BWD_BLOCK
-        _write_tiles(BWD_TILES, s, count, bwd_used + tl.cumsum(count, 0) - count, bwd_capacity,
-                     (max_seqlen + BWD_BLOCK - 1) // BWD_BLOCK)
-        bwd_used += tl.sum(count, 0)
     tl.store(CU_OUT + num_seqs, tl.load(CU_SEQLENS + num_seqs * stride_cu))
-    _pad_tiles(FWD_TILES, fwd_used, fwd_capacity, total_tokens // FWD_BLOCK + 1, CHUNK)
-    _pad_tiles(BWD_TILES, bwd_used, bwd_capacity, total_tokens // BWD_BLOCK + 1, CHUNK)
+    _write_tile_table(FWD_TILES, CU_SEQLENS, stride_cu, num_seqs, max_seqlen, fwd_capacity,
+                      total_tokens // FWD_BLOCK + 1, fwd_classes, fwd_top, FWD_BLOCK, CHUNK)
+    _write_tile_table(BWD_TILES, CU_SEQLENS, stride_cu, num_seqs, max_seqlen, bwd_capacity,
+                      total_tokens // BWD_BLOCK + 1, bwd_classes, bwd_top, BWD_BLOCK, CHUNK)
     tl.store(STATUS, errors)
     tl.store(STATUS + 1, (errors == 0).to(tl.int32))
 
@@ -1327,6 +1331,13 @@ SCHEDULE_ERRORS = (
 )
 
 
+def _count_classes(max_seqlen, block):
+    """(classes, the largest class's least count) of `longest_first` for sequences of up
+    to max_seqlen rows in blocks of `block`."""
+    classes = (-(-max_seqlen // block)).bit_length()
+    return classes, 1 << max(classes - 1, 0)
+
+
 def varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
     """What the kernels take for offsets given with max_seqlen, from one small launch and
     no host sync: (cu_seqlens, num_queries tensor, max_seqlen, forward tiles, backward
@@ -1351,7 +1362,8 @@ def varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
         cu_seqlens, num_queries if per_sequence else cu_seqlens, cu_out, queries_out, fwd_tiles,
         bwd_tiles, status, cu_seqlens.stride(0), num_queries.stride(0) if per_sequence else 0,
         num_seqs, total, max_seqlen, 0 if per_sequence else num_queries, num_prefix,
-        fwd_capacity, bwd_capacity, grid=(1,), warmup=False, FWD_BLOCK=fwd_block,
+        fwd_capacity, bwd_capacity, *_count_classes(max_seqlen, fwd_block),
+        *_count_classes(max_seqlen, bwd_block), grid=(1,), warmup=False, FWD_BLOCK=fwd_block,
         BWD_BLOCK=bwd_block, CHUNK=128, PER_SEQUENCE=per_sequence,
         NEEDS_RAW=not (mask.sees_self or (mask.sees_prefix and num_prefix > 0)), num_warps=4)
     if q.device.type == "cuda":

@@ -76,9 +76,11 @@ class VarlenLayout:
         return cls(lengths, num_queries, device)
 
     def tiles(self, block):
-        """(tiles, 2) int32 table of every (sequence, block of `block` rows) with rows."""
+        """(tiles, 2) int32 table of every (sequence, block of `block` rows) with rows,
+        longest sequences first (`longest_first`)."""
         if block not in self._tiles:
-            pairs = [(s, j) for s, n in enumerate(self.seqlens) for j in range(-(-n // block))]
+            counts = [-(-n // block) for n in self.seqlens]
+            pairs = [(s, j) for s in longest_first(counts) for j in range(counts[s])]
             self._tiles[block] = torch.tensor(pairs, dtype=torch.int32,
                                               device=self.device).view(-1, 2)
         return self._tiles[block]
@@ -108,6 +110,19 @@ class VarlenLayout:
     def __repr__(self):
         return (f"VarlenLayout({len(self.seqlens)} sequences, {self.total_tokens} tokens, "
                 f"max_seqlen={self.max_seqlen}, device={self.device})")
+
+
+def longest_first(counts):
+    """Sequence indices by row-block count, in classes of powers of two ([1], [2, 3],
+    [4, 7], ...), the largest class first and each class in sequence order.
+
+    A program's work grows with its sequence's length, and the programs go to the SMs in
+    launch order: the longest first leave only short ones to fill the last wave (the
+    longest-processing-time rule), where in the caller's order a long sequence last
+    would run alone at the end. Classes rather than a full sort, so that one program on
+    the device (`_varlen_schedule_kernel`) writes the same table in a pass per class.
+    """
+    return sorted(range(len(counts)), key=lambda s: -counts[s].bit_length())
 
 
 def _host_int(name, value, low):

@@ -658,13 +658,16 @@ def _program_blocks(launch, seqs, heads, block):
     """(sequence, block index) of every program in launch order (one block each)."""
     a = launch.bound()
     if launch.kwargs.get("TILED"):
-        tiles = [(i, j) for i, s in enumerate(seqs) for j in range(-(-s.seq_len // block))]
+        from adclr_kernels.varlen import longest_first
+
+        counts = [-(-s.seq_len // block) for s in seqs]
+        tiles = [(i, j) for i in longest_first(counts) for j in range(counts[i])]
         assert len(tiles) <= a["num_blocks"], "tile table mirror out of step with the layout"
         # A table written on the device (varlen_schedule) ends in idle slots: a block past
         # the end of sequence 0.
         idle = (0, max(s.seq_len for s in seqs) // block + 1)
         tiles += [idle] * (a["num_blocks"] - len(tiles))
-        return [tiles[pid % len(tiles)] for pid in range(launch.grid[0])]
+        return [tiles[pid // heads] for pid in range(launch.grid[0])]  # heads fastest
     blocks = a["num_blocks"]
     return [(pid // blocks // heads, pid % blocks) for pid in range(launch.grid[0])]
 

@@ -329,11 +329,13 @@ def test_varlen_qkvpacked_with_a_layout_equals_offsets(poisoned):
         assert_rel_close(f"d{'qkv'[i]}", dqkv[:, i], want.double())
 
 
-def test_tile_table_lists_every_block_with_rows_once():
-    layout = VarlenLayout([207, 207, 37, 0, 64, 65], [10, 10, 0, 0, 0, 1])
+def test_tile_table_lists_every_block_with_rows_once_longest_sequences_first():
+    # Block counts 1, 4, 0, 2, 1, 4, 3, 9 by 64 rows: classes [8, 16), [4, 8), [2, 4), [1, 2),
+    # each in sequence order.
+    layout = VarlenLayout([37, 207, 0, 65, 64, 207, 129, 530], [0, 10, 0, 1, 0, 10, 0, 10])
     tiles = layout.tiles(64).tolist()
-    assert tiles == [[0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2], [1, 3], [2, 0],
-                     [4, 0], [5, 0], [5, 1]]
+    assert tiles == ([[7, j] for j in range(9)] + [[1, j] for j in range(4)] + [[5, j] for j in range(4)]
+                     + [[3, 0], [3, 1], [6, 0], [6, 1], [6, 2], [0, 0], [4, 0]])
     assert layout.tiles(64) is layout.tiles(64)  # built once
 
 
@@ -373,6 +375,58 @@ def test_vouched_offsets_match_float64_and_the_layout_bit_for_bit(opt_set, num_p
         by_layout = run(VarlenLayout(lengths, queries, device=DEVICE), None)
         for a, b in zip(vouched, by_layout):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("max_seqlen", [530, 1000])
+def test_device_tile_table_orders_sequences_as_the_layout(max_seqlen):
+    # Block counts of every class from [1, 2) to [8, 16) (at 64-row blocks), an empty
+    # sequence, and a max_seqlen past the longest (one class more, empty).
+    import adclr_kernels.attention_triton as T
+    from adclr_kernels.mask import QueryMask
+
+    lengths = [1, 129, 2, 530, 63, 0, 65, 64, 207, 37, 300]
+    layout = VarlenLayout(lengths, 0, device=DEVICE)
+    q = torch.empty(layout.total_tokens, 2, 16, dtype=torch.float32, device=DEVICE)
+    _, _, _, fwd, bwd, _ = T.varlen_schedule(q, layout.cu_seqlens, 0, max_seqlen, 0, QueryMask())
+    for table, block in zip((fwd, bwd), T._table_blocks(q, max_seqlen)):
+        tiles = layout.tiles(block)
+        assert torch.equal(table[: len(tiles)], tiles)
+        first = [s for s, j in tiles.tolist() if j == 0]
+        counts = [-(-lengths[s] // block) for s in first]
+        assert [c.bit_length() for c in counts] == sorted((c.bit_length() for c in counts), reverse=True)
+        assert (table[len(tiles):, 1] * block >= max(lengths)).all()  # idle slots
+
+
+SCHEDULE_COMPILE = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from adclr_kernels.attention_triton import _varlen_schedule_kernel as kernel
+names = kernel.arg_names
+for per_sequence in (True, False):
+    constexprs = dict(FWD_BLOCK=64, BWD_BLOCK=32, CHUNK=128, PER_SEQUENCE=per_sequence, NEEDS_RAW=True)
+    signature = {n: "constexpr" if n in constexprs else "*i32" if n.isupper() else "i32" for n in names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    triton.compile(source, target=GPUTarget("cuda", int(sys.argv[1]), 32), options=dict(num_warps=4))
+"""
+
+
+@pytest.mark.skipif(ON_CUDA, reason="on CUDA every offsets call compiles it")
+@pytest.mark.parametrize("capability", [80, 90])
+def test_schedule_kernel_compiles_for_the_gpu(capability, tmp_path):
+    # The interpreter runs it here; no other CPU test compiles it as a GPU would.
+    pytest.importorskip("triton.backends.compiler")
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", SCHEDULE_COMPILE, str(capability)], cwd=root, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1",
+                               "TRITON_CACHE_DIR": str(tmp_path)},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_device_tile_table_is_the_layouts_then_idle_slots_within_30_percent(monkeypatch):
