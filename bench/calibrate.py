@@ -221,7 +221,10 @@ def fit(calibration, gpu_key=None):
             if cfg is None:
                 continue
             T._fwd_config = lambda *a, c=cfg["fwd"], **k: dict(c)
-            T._bwd_config = lambda *a, c=cfg["bwd"], **k: dict(c)
+            # SPLIT_ROWS came after the first calibration: a config without it takes the
+            # launcher's rule, as tune's candidates do.
+            T._bwd_config = lambda *a, c=cfg["bwd"], packed=False, max_len=0, **k: dict(
+                {"SPLIT_ROWS": T.split_rows(c["BLOCK_M1"], packed, max_len)}, **c)
             forward, backward = S.capture(w, torch.bfloat16, gpu.capability)
             for launch in forward + backward:
                 if (w.id, launch.name) in measured:

@@ -23,3 +23,28 @@ def test_measured_times_meet_their_static_rows():
                                static="s.json"))
     assert "| w-b1 | unidirectional_fwd_kernel | 75.0 | 50.0 | issue | 1.50 | 1.88 |" in text
     assert "| w-b1 | unidirectional_bwd_kernel | 200.0 | - | - | - | - |" in text
+
+
+def test_fit_replays_a_calibration_recorded_before_newer_config_keys(tmp_path):
+    # The H200's calibration.json records backward configs without SPLIT_ROWS, which the
+    # kernels take since: `python -m bench.calibrate --fit` on it failed with a TypeError.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    recorded = json.loads((root / "bench/results/NVIDIA_H200/calibration.json").read_text())
+    keep = "vit_b16_global_d128-b128"  # flash forward and backward, as then: quick to compile
+    assert "SPLIT_ROWS" not in recorded["configs"][keep]["bwd"]
+    small = dict(recorded, configs={keep: recorded["configs"][keep]},
+                 rows=[r for r in recorded["rows"] if r["workload"] == keep])
+    (tmp_path / "calibration.json").write_text(json.dumps(small))
+    proc = subprocess.run([sys.executable, "-m", "bench.calibrate", "--fit", str(tmp_path / "calibration.json")],
+                          cwd=root, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fitted = json.loads((tmp_path / "fit.json").read_text())
+    assert {r["kernel"] for r in fitted["rows"]} == {
+        "_unidirectional_fwd_kernel", "_unidirectional_bwd_delta_kernel", "_unidirectional_bwd_kernel"}
