@@ -101,7 +101,7 @@ def make_config(given):
         chosen = {k: v for k, v in DEMO.items() if k not in given}
         cfg = dataclasses.replace(cfg, **chosen)
         if chosen:
-            print("no --data and no GPU: quick demo settings for the built-in dataset "
+            print("built-in data and no GPU: quick demo settings "
                   f"(any flag overrides them): {json.dumps(chosen)}", file=sys.stderr)
     return cfg
 
