@@ -18,7 +18,7 @@ attention mask, attention dropout, causal attention, a position bias, soft-cappi
 sliding windows, attention sinks) runs transformers' own `sdpa` function instead.
 
 `swap_attention(model)` checks the model (ViT, DINOv2, DINOv2 with registers and DINOv3
-ViT models, with or without a head), sets the implementation and marks the attention
+ViT models, with or without a head, and the DINO models' backbones), sets the implementation and marks the attention
 modules (their class becomes a subclass of their own); query tokens need it. DINOv3
 rotates q and k by position inside its attention module, from the number of patches:
 the swapped module rotates the image tokens only, so query tokens carry no position.
@@ -108,6 +108,9 @@ _MODELS = {
     "DINOv3ViTModel": ("dinov3_vit.modeling_dinov3_vit", "DINOv3ViTAttention", "DINOv3ViTLayer",
                        "embeddings.patch_embeddings", "norm", Dinov3Attention),
 }
+# The backbones (feature maps for DPT, Mask2Former, ...) hold the same parts as their models.
+for _model in ("Dinov2", "Dinov2WithRegisters", "DINOv3ViT"):
+    _MODELS[f"{_model}Backbone"] = _MODELS[f"{_model}Model"]
 _CALLS = {HFAttention: ("hidden_states", "attention_mask", "kwargs"),
           Dinov3Attention: ("hidden_states", "attention_mask", "position_embeddings", "kwargs")}
 

@@ -25,6 +25,11 @@ MODELS = {
     "dinov2": ("Dinov2Config", "Dinov2Model", dict(layerscale_value=0.5)),
     "dinov2-registers": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel", dict(num_register_tokens=2)),
     "dinov3": ("DINOv3ViTConfig", "DINOv3ViTModel", dict(num_register_tokens=2)),
+    # Backbones: their first output is the first feature map.
+    "dinov2-backbone": ("Dinov2Config", "Dinov2Backbone", dict(layerscale_value=0.5, out_features=["stage1", "stage2"])),
+    "dinov2-registers-backbone": ("Dinov2WithRegistersConfig", "Dinov2WithRegistersBackbone",
+                                  dict(num_register_tokens=2, out_features=["stage2"])),
+    "dinov3-backbone": ("DINOv3ViTConfig", "DINOv3ViTBackbone", dict(num_register_tokens=2, out_features=["stage1"])),
 }
 
 
@@ -37,6 +42,11 @@ def build(key, **extra):
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model.eval()
+
+
+def first(output):
+    """A model's first output: its last hidden state, or a backbone's first feature map."""
+    return output.feature_maps[0] if hasattr(output, "feature_maps") else output[0]
 
 
 def images(batch=2):
@@ -52,12 +62,12 @@ def test_swap_is_the_sdpa_implementation_on_the_op(key):
     x = images()
     with torch.no_grad():
         got, want = model(pixel_values=x, output_hidden_states=True), reference(pixel_values=x, output_hidden_states=True)
-    assert torch.equal(got[0], want[0])
+    assert torch.equal(first(got), first(want))
     assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, want.hidden_states))
     model.train(), reference.train()
     for m in (model, reference):
         torch.manual_seed(3)  # DINOv3 may jitter its rotations in training
-        m(pixel_values=x)[0].square().mean().backward()
+        first(m(pixel_values=x)).square().mean().backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name
     adclr_hf.restore_attention(model)
@@ -112,24 +122,24 @@ def test_what_the_op_cannot_run_falls_back_to_sdpa():
 
 def reference_queries(model, key, x, tokens, opts):
     """transformers' own layers on [prefix | patches | queries] with the op's mask."""
-    base = model if key == "dinov3" else model.base_model
+    base = model if key.startswith("dinov3") else model.base_model
     h = torch.cat([base.embeddings(x), tokens], 1)
     L, Q = h.shape[1], tokens.shape[1]
     P = 1 + getattr(model.config, "num_register_tokens", 0)
     mask = torch.zeros(L, L).masked_fill(~visibility_mask(L, L, Q, P, **opts), float("-inf"))[None, None]
     kwargs = {}
-    if key == "dinov3":  # an identity rotation for the query tokens
+    if key.startswith("dinov3"):  # an identity rotation for the query tokens
         cos, sin = base.rope_embeddings(x)
         kwargs["position_embeddings"] = (cos, sin)
         layers = base.model.layer
     else:
         layers = base.layers if key == "vit" else base.encoder.layer
     for layer in layers:
-        if key == "dinov3":
+        if key.startswith("dinov3"):
             h = _dinov3_layer(layer, h, mask, cos, sin, Q)
         else:
             h = layer(h, mask)
-    norm = base.norm if key == "dinov3" else base.layernorm
+    norm = base.norm if key.startswith("dinov3") else base.layernorm
     return norm(h)
 
 
@@ -157,9 +167,9 @@ def test_query_tokens(key, opts):
     x, crops = images(), torch.randn(2, 3, 3, 8, 8)
     with torch.no_grad():
         with adclr_hf.query_tokens(model, crops, **opts) as q:
-            out = model(pixel_values=x)[0]
-        want_plain = reference(pixel_values=x)[0]
-        projection = (reference.embeddings.patch_embeddings if key == "dinov3"
+            out = first(model(pixel_values=x))
+        want_plain = first(reference(pixel_values=x))
+        projection = (reference.embeddings.patch_embeddings if key.startswith("dinov3")
                       else reference.base_model.embeddings.patch_embeddings.projection)
         tokens = projection(crops.flatten(0, 1)).flatten(1).view(2, 3, -1)
         want = reference_queries(reference, key, x, tokens, opts)
