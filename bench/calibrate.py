@@ -266,6 +266,9 @@ def fit_markdown(best, rows, meta):
                      f"| {r['measured_us']:.1f} | {r['peak_estimate_us']:.1f} "
                      f"| {r['measured_us'] / r['peak_estimate_us']:.2f} | {r['fitted_estimate_us']:.1f} "
                      f"| {r['measured_us'] / r['fitted_estimate_us']:.2f} |")
+    if meta.get("left_out"):
+        lines += ["", "Measured, but not launched by the kernels of this fit's checkout (replaced or renamed "
+                  "since), so left out: " + ", ".join(meta["left_out"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -300,12 +303,24 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--fit", metavar="CALIBRATION_JSON",
                         help="no GPU needed: fit the static model's latency parameters to a "
-                             "calibration.json measured earlier; writes fit.md beside it")
+                             "calibration.json measured earlier; writes fit.md and fit.json into "
+                             "--out (default: beside it, replacing the fit there)")
     args = parser.parse_args(argv)
     if args.fit:
+        if not Path(args.fit).is_file():
+            parser.error(f"--fit: {args.fit} is not a file")
         calibration = json.loads(Path(args.fit).read_text())
         best, rows = fit(calibration)
-        meta = dict(calibration["meta"], when=calibration["meta"]["when"],
+        # Kernels replaced or renamed since the measurement are not launched by this
+        # checkout: their times cannot be fitted, and the fit says which it left out.
+        fitted = {(r["workload"], r["kernel"]) for r in rows}
+        left_out = sorted(f"{r['workload']} {r['kernel']}" for r in calibration["rows"]
+                          if (r["workload"], r["kernel"]) not in fitted)
+        if left_out:
+            print(f"note: {len(left_out)} of {len(calibration['rows'])} measured kernels are not launched by "
+                  "this checkout with the recorded configs, and are left out of the fit: "
+                  + ", ".join(left_out), file=sys.stderr)
+        meta = dict(calibration["meta"], when=calibration["meta"]["when"], left_out=left_out,
                     command="python -m bench.calibrate " + " ".join(argv or sys.argv[1:]))
         out = Path(args.out or Path(args.fit).parent)
         (out / "fit.json").write_text(json.dumps(dict(meta=meta, best=best, rows=rows), indent=1))

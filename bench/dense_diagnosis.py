@@ -47,7 +47,7 @@ def probe_scores(train_x, train_m, val_x, val_m, classes, epochs=20):
 
 
 def main():
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(prog="python -m bench.dense_diagnosis", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--data", default="builtin:few-shape-scenes")
     parser.add_argument("--size", type=int, default=32)

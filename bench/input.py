@@ -201,6 +201,8 @@ def main(argv=None):
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "adclr-bench-input"),
                         help="where the JPEGs are made (and kept for the next run)")
     args = parser.parse_args(argv)
+    if args.images < 32:
+        parser.error("--images must be at least 32: a loader worker is timed on batches of 32")
     torch.set_num_threads(1)  # a loader worker's torch runs one thread
     keep_freed_memory()  # and keeps the memory it frees (the workers below too)
     print(f"CPU ms per image; crops {CROPS}; load average {os.getloadavg()[0]:.2f} at start")

@@ -155,7 +155,7 @@ def main(argv=None):
     from adclr_kernels import (VarlenLayout, unidirectional_attention_qkvpacked,
                                unidirectional_attention_varlen_qkvpacked)
 
-    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args(argv)

@@ -342,6 +342,8 @@ def main(argv=None):
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
     on_cuda = device.type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
+        raise SystemExit(f"python -m bench.profile: error: --device {args.device}: CUDA is not available here")
     settings = dict(MODELS[args.model or ("vit_s16" if on_cuda else "tiny")])
     settings["batch_size"] = args.batch_size or settings["batch_size"]
     cfg = Config(**settings, **{f: getattr(args, f) for f in TRAINER_FLAGS}, device=device.type)

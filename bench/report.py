@@ -361,6 +361,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="folder for report.md and chart.png (default: the first JSON's)")
     parser.add_argument("--no-chart", action="store_true", help="write the markdown only")
     args = parser.parse_args(argv)
+    missing = [path for path in args.results if not Path(path).is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}")
 
     data = load(*args.results)
     out = Path(args.out) if args.out else Path(args.results[0]).parent

@@ -912,8 +912,9 @@ def run(workloads, dtype_names, gpu_keys, log=print):
                     rows.append(row)
                     log(f"  {gpu_key} {dtype_name} {workload.id} {row['kernel']}: "
                         f"{row['registers']} regs, {row['spill_bytes']} B spilled, "
-                        f"{row['shared_bytes']} B shared, hot loop {row['hot_loop_sass']} SASS, "
-                        f"{row['estimate_us']:.1f} us (floor {row['floor_us']:.1f}, {row['bound']}) "
+                        f"{row['shared_bytes']} B shared, "
+                        + (f"hot loop {row['hot_loop_sass']} SASS, " if row["hot_loop_sass"] else "no loop, ")
+                        + f"{row['estimate_us']:.1f} us (floor {row['floor_us']:.1f}, {row['bound']}) "
                         f"[{time.perf_counter() - t0:.1f} s]")
             custom, copies = autograd_work(workload, DTYPES[dtype_name])
             layers.append(dict(workload=workload.id, dtype=dtype_name, custom_ops=custom,

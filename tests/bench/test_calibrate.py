@@ -38,8 +38,9 @@ def test_fit_replays_a_calibration_recorded_before_newer_config_keys(tmp_path):
     recorded = json.loads((root / "bench/results/NVIDIA_H200/calibration.json").read_text())
     keep = "vit_b16_global_d128-b128"  # flash forward and backward, as then: quick to compile
     assert "SPLIT_ROWS" not in recorded["configs"][keep]["bwd"]
+    gone = dict(recorded["rows"][0], workload=keep, kernel="_renamed_since_kernel")
     small = dict(recorded, configs={keep: recorded["configs"][keep]},
-                 rows=[r for r in recorded["rows"] if r["workload"] == keep])
+                 rows=[r for r in recorded["rows"] if r["workload"] == keep] + [gone])
     (tmp_path / "calibration.json").write_text(json.dumps(small))
     proc = subprocess.run([sys.executable, "-m", "bench.calibrate", "--fit", str(tmp_path / "calibration.json")],
                           cwd=root, capture_output=True, text=True, timeout=600,
@@ -48,3 +49,7 @@ def test_fit_replays_a_calibration_recorded_before_newer_config_keys(tmp_path):
     fitted = json.loads((tmp_path / "fit.json").read_text())
     assert {r["kernel"] for r in fitted["rows"]} == {
         "_unidirectional_fwd_kernel", "_unidirectional_bwd_delta_kernel", "_unidirectional_bwd_kernel"}
+    # A measured kernel this checkout does not launch is named, not dropped silently.
+    assert fitted["meta"]["left_out"] == [f"{keep} _renamed_since_kernel"]
+    assert "1 of 4 measured kernels are not launched" in proc.stderr
+    assert "so left out: vit_b16_global_d128-b128 _renamed_since_kernel." in (tmp_path / "fit.md").read_text()

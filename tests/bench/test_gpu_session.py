@@ -1,0 +1,63 @@
+"""bench/gpu_session.sh's own logic, without a GPU: a stand-in `python` and `nvidia-smi`
+take every command, so the stage list, the budget and the archive are what run. A mistake
+here costs a lent GPU's minutes."""
+
+import os
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+STUB_PYTHON = """#!/usr/bin/env bash
+case "$*" in
+  *get_device_name*) echo Fake_GPU ;;
+  *"import pytest_timeout"*) exit 1 ;;
+  *"import "*) echo stub ;;
+  *) echo "$*" >> "$STUB_LOG"; sleep "$STUB_SLEEP" ;;
+esac
+"""
+
+
+def session(tmp_path, *stages, budget=570, sleep=0):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("python", STUB_PYTHON), ("nvidia-smi", "#!/usr/bin/env bash\necho stub\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "STUB_LOG": str(tmp_path / "ran"), "STUB_SLEEP": str(sleep), "BUDGET": str(budget),
+           "COLLECT": str(tmp_path / "collect")}
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", *stages], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    ran = (tmp_path / "ran").read_text().splitlines() if (tmp_path / "ran").exists() else []
+    return proc, ran
+
+
+def test_an_unknown_stage_runs_nothing(tmp_path):
+    proc, ran = session(tmp_path, "tests", "opps")
+    assert proc.returncode == 2 and "unknown stage 'opps'" in proc.stderr
+    assert ran == []
+
+
+def test_each_stage_runs_in_order_into_the_archive(tmp_path):
+    proc, ran = session(tmp_path, "tests ops", "traincompiled")  # one argument may hold several
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[1:3] for line in ran] == [["pytest", "tests/adclr_kernels"],
+                                                   ["pytest", "-q"], ["pytest", "-q"]]
+    assert "bench/test_attention.py" in ran[1] and "-k compile" in ran[2]
+    assert "--timeout" not in " ".join(ran)  # pytest-timeout is not installed here
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary] == ["tests", "ops", "traincompiled"]
+    with tarfile.open(tmp_path / "out" / "results.tgz") as archive:
+        assert "bench/results/Fake_GPU/versions.txt" in archive.getnames()
+
+
+def test_stages_past_the_budget_are_skipped_and_said_so(tmp_path):
+    # 36 s: the first stage starts with over 30 s left and ends with under 30.
+    proc, ran = session(tmp_path, "tests", "ops", "train", budget=36, sleep=8)
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert summary[0].startswith("tests: rc 0") and len(ran) == 1
+    assert [line.split(",")[0] for line in summary[1:]] == ["ops: skipped", "train: skipped"]
