@@ -278,8 +278,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         # What could be saved is saved: another Ctrl-C while the interpreter shuts down
         # (the loader's workers, the weakref callbacks) stops at once, as the signal's own
-        # default, instead of printing tracebacks from wherever it lands.
-        if threading.current_thread() is threading.main_thread():
+        # default, instead of printing tracebacks from wherever it lands. Only for the
+        # command line's own process (argv read from it): a caller's keeps its handler.
+        if argv is None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_DFL)
         raise SystemExit(130)
     except WriteError as error:  # a full disk, a file the system will not let us replace

@@ -105,7 +105,9 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
     grid, paths = size // p, []
     generator = torch.Generator().manual_seed(seed)
     data, flag = run_data(data, cfg)
-    for n, image in enumerate(_images(data, images, flag)):
+    chosen = _images(data, images, flag)
+    _remove_earlier_attention_pictures(out)
+    for n, image in enumerate(chosen):
         image = image.resize((size, size), Image.BICUBIC)
         boxes = query_boxes(image, num_queries, cfg["query_scale"], generator)
         probs, _ = last_block_attention(backbone, normalize(to_tensor(image))[None], query_crops(image, boxes, p))
@@ -127,18 +129,18 @@ def show_attention(checkpoint, data=None, images=4, num_queries=None, weights="t
                     _box(ax, box)
         paths.append(os.path.join(out, f"attention_{n}.png"))
         save_figure(plt, fig, paths[-1])
-    _remove_older_attention_pictures(out, keep=paths)
     return paths
 
 
-def _remove_older_attention_pictures(out, keep):
-    """A folder holds one call's pictures: attention_<i>.png of an earlier call with more
-    images would otherwise sit beside these as if they were of this checkpoint."""
-    for name in os.listdir(out):
-        path = os.path.join(out, name)
-        if re.fullmatch(r"attention_\d+\.png", name) and path not in keep:
-            os.remove(path)
-            print(f"removed {path} (an earlier call's)", file=sys.stderr)
+def _remove_earlier_attention_pictures(out):
+    """A folder holds one call's pictures: attention_<i>.png of an earlier call would
+    otherwise sit beside these (or, if this call stops part way, among them) as if they
+    were of this checkpoint. Removed before the first new one is written."""
+    earlier = [name for name in os.listdir(out) if re.fullmatch(r"attention_\d+\.png", name)]
+    for name in earlier:
+        os.remove(os.path.join(out, name))
+    if earlier:
+        print(f"removed the {len(earlier)} attention pictures of an earlier call from {out}", file=sys.stderr)
 
 
 def show_dense(checkpoint, data=None, images=4, weights="teacher", out=None, epochs=None, lr=None,

@@ -1117,9 +1117,10 @@ def _write_tile_table(TILES, CU_SEQLENS, stride_cu, num_seqs, max_seqlen, capaci
             count = (tl.minimum(tl.maximum(b - a, 0), max_seqlen) + BLOCK - 1) // BLOCK
             count = tl.where(ok & (count >= low) & (count < 2 * low), count, 0)
             first = used + tl.cumsum(count, 0) - count
-            for j in range(0, 2 * low):
+            for j in range(0, tl.max(count, 0)):  # no trip for a chunk without the class
                 slot = first + j
-                written = (j < count) & (slot < capacity)
+                # slot >= 0: offsets that claim 2^31 blocks in all wrap it, and must not write.
+                written = (j < count) & (slot >= 0) & (slot < capacity)
                 tl.store(TILES + 2 * slot, s, mask=written)
                 tl.store(TILES + 2 * slot + 1, s * 0 + j, mask=written)
             used += tl.sum(count, 0)

@@ -35,15 +35,18 @@
 # so a call cut short still returns what finished.
 set -uo pipefail
 STAGES="tests ops train calibrate opsflex trainflex tune head input profile wholestep traincompiled"
-asked=$(echo ${@:-$STAGES})
+asked="$*"  # "tests ops" as one argument too
+[ -n "${asked// }" ] || asked=$STAGES
+set -f  # the names are words, never file patterns (once checked, they hold none)
 for one in $asked; do
   case " $STAGES compare " in
     *" $one "*) ;;
     *) echo "unknown stage '$one' (stages: $STAGES compare): nothing run" >&2; exit 2 ;;
   esac
 done
+set +f
 OUT=${OUT:-/tmp/adclr-out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && touch "$OUT/summary.txt"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 if [ -d .wheels ]; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/*.whl \

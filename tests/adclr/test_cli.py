@@ -356,13 +356,17 @@ def test_ctrl_c_in_any_command_exits_130(command, target, monkeypatch, capsys):
 
     monkeypatch.setattr(importlib.import_module(target[0]), target[1], interrupted)
     previous = signal.getsignal(signal.SIGINT)
+    status, err = run(command, capsys)
+    assert status == 130 and "Traceback" not in err
+    assert signal.getsignal(signal.SIGINT) is previous  # a caller's handler stays
+    monkeypatch.setattr(sys, "argv", ["adclr", *command])  # the command line's own process
     try:
-        status, err = run(command, capsys)
+        with pytest.raises(SystemExit) as exit:
+            main()
         # A second Ctrl-C during the exit ends the process, with no traceback.
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+        assert exit.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGINT, previous)
-    assert status == 130 and "Traceback" not in err
 
 
 def test_user_errors_exit_with_one_line_and_no_traceback(tmp_path):

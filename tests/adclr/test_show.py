@@ -85,6 +85,26 @@ def test_show_attention_leaves_only_this_calls_pictures(run, capsys):
     assert files == [str(run / "pictures" / "attention_0.png")]
 
 
+def test_show_attention_stopped_part_way_leaves_no_earlier_picture(run, capsys, monkeypatch):
+    import adclr.show
+
+    checkpoint = str(run / "checkpoint.pt")
+    picture(["attention", "--checkpoint", checkpoint, "--images", "3"], capsys)
+    written = []
+
+    def save_then_stop(plt, fig, path):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        plt.close(fig)
+        open(path, "wb").close()
+
+    monkeypatch.setattr(adclr.show, "save_figure", save_then_stop)
+    with pytest.raises(SystemExit):
+        main(["show", "attention", "--checkpoint", checkpoint, "--images", "3"])
+    assert os.listdir(run / "pictures") == ["attention_0.png"]
+
+
 def test_show_attention_on_a_folder_of_images(run, tmp_path, capsys):
     (tmp_path / "photos").mkdir()
     for i, shape in enumerate([(50, 30), (20, 40), (64, 64)]):

@@ -377,14 +377,20 @@ def test_vouched_offsets_match_float64_and_the_layout_bit_for_bit(opt_set, num_p
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("max_seqlen", [530, 1000])
-def test_device_tile_table_orders_sequences_as_the_layout(max_seqlen):
+MIXED_LENGTHS = [1, 129, 2, 530, 63, 0, 65, 64, 207, 37, 300]
+
+
+@pytest.mark.parametrize("lengths,max_seqlen", [
+    (MIXED_LENGTHS, 530), (MIXED_LENGTHS, 1000), ([7], 7),
+    # more sequences than one 128-wide chunk: each class's pass carries its count across chunks
+    ([int(n) for n in torch.randint(0, 300, (260,), generator=torch.Generator().manual_seed(0))], 299)],
+    ids=["classes-1-to-8", "max-seqlen-past-the-longest", "one-sequence", "260-sequences"])
+def test_device_tile_table_orders_sequences_as_the_layout(lengths, max_seqlen):
     # Block counts of every class from [1, 2) to [8, 16) (at 64-row blocks), an empty
     # sequence, and a max_seqlen past the longest (one class more, empty).
     import adclr_kernels.attention_triton as T
     from adclr_kernels.mask import QueryMask
 
-    lengths = [1, 129, 2, 530, 63, 0, 65, 64, 207, 37, 300]
     layout = VarlenLayout(lengths, 0, device=DEVICE)
     q = torch.empty(layout.total_tokens, 2, 16, dtype=torch.float32, device=DEVICE)
     _, _, _, fwd, bwd, _ = T.varlen_schedule(q, layout.cu_seqlens, 0, max_seqlen, 0, QueryMask())
@@ -403,8 +409,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from adclr_kernels.attention_triton import _varlen_schedule_kernel as kernel
 names = kernel.arg_names
-for per_sequence in (True, False):
-    constexprs = dict(FWD_BLOCK=64, BWD_BLOCK=32, CHUNK=128, PER_SEQUENCE=per_sequence, NEEDS_RAW=True)
+# Triton makes an int argument equal to 1 a constant at launch: one sequence, one class.
+ones = dict(num_seqs=1, fwd_classes=1, fwd_top=1, bwd_classes=1, bwd_top=1)
+for per_sequence, constant in ((True, {}), (False, {}), (False, ones)):
+    constexprs = dict(FWD_BLOCK=64, BWD_BLOCK=32, CHUNK=128, PER_SEQUENCE=per_sequence, NEEDS_RAW=True,
+                      **constant)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n.isupper() else "i32" for n in names}
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(n),): v for n, v in constexprs.items()})
