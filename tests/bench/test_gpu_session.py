@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[2]
 STUB_PYTHON = """#!/usr/bin/env bash
 case "$*" in
   *get_device_name*) echo Fake_GPU ;;
-  *"import pytest_timeout"*) exit 1 ;;
+  *"import pytest_timeout"*) exit "$STUB_NO_TIMEOUT" ;;
   *"import "*) echo stub ;;
   *) echo "$*" >> "$STUB_LOG"; sleep "$STUB_SLEEP" ;;
 esac
 """
 
 
-def session(tmp_path, *stages, budget=570, sleep=0):
+def session(tmp_path, *stages, budget=570, sleep=0, pytest_timeout=False):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, text in (("python", STUB_PYTHON), ("nvidia-smi", "#!/usr/bin/env bash\necho stub\n")):
@@ -30,6 +30,7 @@ def session(tmp_path, *stages, budget=570, sleep=0):
         (bin_dir / name).chmod(stat.S_IRWXU)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
            "STUB_LOG": str(tmp_path / "ran"), "STUB_SLEEP": str(sleep), "BUDGET": str(budget),
+           "STUB_NO_TIMEOUT": "0" if pytest_timeout else "1",
            "COLLECT": str(tmp_path / "collect")}
     proc = subprocess.run(["bash", "bench/gpu_session.sh", *stages], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
@@ -51,10 +52,18 @@ def test_each_stage_runs_in_order_into_the_archive(tmp_path):
                                                    ["pytest", "-q"], ["pytest", "-q"]]
     assert "bench/test_attention.py" in ran[1] and "-k compile" in ran[2]
     assert "--timeout" not in " ".join(ran)  # pytest-timeout is not installed here
+
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in summary] == ["tests", "ops", "traincompiled"]
     with tarfile.open(tmp_path / "out" / "results.tgz") as archive:
         assert "bench/results/Fake_GPU/versions.txt" in archive.getnames()
+
+
+def test_per_test_limits_where_pytest_timeout_is_installed(tmp_path):
+    # The compiled steps' tests compile first: they keep a longer per-test limit.
+    proc, ran = session(tmp_path, "ops", "traincompiled", pytest_timeout=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "--timeout 150" in ran[0] and "--timeout 300" in ran[1]
 
 
 def test_stages_past_the_budget_are_skipped_and_said_so(tmp_path):
