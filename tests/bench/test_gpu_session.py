@@ -52,7 +52,6 @@ def test_each_stage_runs_in_order_into_the_archive(tmp_path):
                                                    ["pytest", "-q"], ["pytest", "-q"]]
     assert "bench/test_attention.py" in ran[1] and "-k compile" in ran[2]
     assert "--timeout" not in " ".join(ran)  # pytest-timeout is not installed here
-
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in summary] == ["tests", "ops", "traincompiled"]
     with tarfile.open(tmp_path / "out" / "results.tgz") as archive:
