@@ -278,7 +278,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees
     """Validate a packed call. Returns (scale, mask, layout, offsets): the QueryMask, the
     VarlenLayout (None when the caller gave cu_seqlens and max_seqlen: their values are
     not checked yet, `_vouched` does it on the device, no sync), and then (cu_seqlens,
-    num_queries, max_seqlen, None, None, ())."""
+    num_queries, max_seqlen, None, None, None, ())."""
     _check_tensors(q, k, v, ("total_tokens", "heads", "head_dim"))
     if not (q.shape == k.shape == v.shape):
         raise ValueError(f"q, k, v must have the same (total_tokens, heads, head_dim) shape, "
@@ -296,7 +296,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees
         if max_seqlen is not None:
             _check_max_seqlen(q, max_seqlen)
             # Their values are checked on the device, with the tile tables (`_vouched`).
-            return scale, mask, None, (cu_seqlens, num_queries, max_seqlen, None, None, ())
+            return scale, mask, None, (cu_seqlens, num_queries, max_seqlen, None, None, None, ())
         # Checking the offsets needs them on the host: one sync. Callers that cannot
         # afford it pass max_seqlen (checked on the device) or, better, a VarlenLayout.
         queries = num_queries.tolist() if isinstance(num_queries, torch.Tensor) else num_queries
@@ -370,7 +370,7 @@ def _vouched(q, offsets, num_prefix, mask, backend):
     said = "" if torch.compiler.is_compiling() else f" ({max_seqlen})"
     torch._assert_async((cu_seqlens[1:] - cu_seqlens[:-1] <= max_seqlen).all(),
                         f"max_seqlen{said} is smaller than the longest sequence")
-    return cu_seqlens, queries, max_seqlen, None, None, ()
+    return cu_seqlens, queries, max_seqlen, None, None, None, ()
 
 
 def _layout_key(cu_seqlens, tensors, *arguments):

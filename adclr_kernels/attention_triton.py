@@ -951,10 +951,10 @@ def _onepass_bwd_kernel(
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
     stride_lseb, stride_lseh,
     num_heads, num_seqs, seq_len, key_len, visible, total_tokens, num_prefix, qk_scale,
-    sm_scale, CU_SEQLENS, NUM_QUERIES,
+    sm_scale, CU_SEQLENS, NUM_QUERIES, TILES,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
-    SEES_PREFIX: tl.constexpr = False,
+    SEES_PREFIX: tl.constexpr = False, TILED: tl.constexpr = False,
 ):
     """The default rule, or SEES_PREFIX alone: raw rows see the visible columns [0, V),
     query rows the raw ones [P, V) (with SEES_PREFIX, [0, V) too: every row walks every
@@ -962,16 +962,17 @@ def _onepass_bwd_kernel(
     are 0).
 
     Packed (VARLEN): program (b, h) takes packed sequence b, its offsets read (and
-    clamped) by `_program`. Rows and columns are token indices of the whole tensor
-    ([first, end) for this sequence), in int32 (the launcher keeps every token offset
-    under 2^31): the base pointers then hang on the program id alone, like the batched
-    ones. Pointers moved by the loaded offset held more registers (16-row tiles spilled
-    16 bytes under the cap that way, none this way). The scratch has lse's layout,
-    BLOCK_D floats a row.
+    clamped) by `_program`; with TILED, b is the sequence of the program's entry in TILES
+    (`VarlenLayout.sequence_tiles`: the longest sequences first), heads fastest. Rows and
+    columns are token indices of the whole tensor ([first, end) for this sequence), in int32
+    (the launcher keeps every token offset under 2^31): the base pointers then hang on the
+    program id alone, like the batched ones. Pointers moved by the loaded offset held more
+    registers (16-row tiles spilled 16 bytes under the cap that way, none this way). The
+    scratch has lse's layout, BLOCK_D floats a row.
     """
     _, b, h, start, seq_len, key_len, visible = _program(
         1, num_heads, num_seqs, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
-        NUM_QUERIES, CU_SEQLENS, VARLEN, False)
+        NUM_QUERIES, TILES, VARLEN, TILED)
     first = start.to(tl.int32)
     if VARLEN:
         b = b * 0  # packed tensors have no batch stride: fewer 64-bit values held
@@ -1101,6 +1102,15 @@ def _or(a, b):
 
 
 @triton.jit
+def _block_counts(CU_SEQLENS, stride_cu, s, ok, max_seqlen, BLOCK: tl.constexpr):
+    """Blocks of BLOCK rows of sequences s (0 where not ok)."""
+    a = tl.load(CU_SEQLENS + s * stride_cu, mask=ok, other=0)
+    b = tl.load(CU_SEQLENS + (s + 1) * stride_cu, mask=ok, other=0)
+    # Lengths outside [0, max_seqlen] are errors; clamped, they cannot overrun a table.
+    return (tl.minimum(tl.maximum(b - a, 0), max_seqlen) + BLOCK - 1) // BLOCK
+
+
+@triton.jit
 def _write_tile_table(TILES, CU_SEQLENS, stride_cu, num_seqs, max_seqlen, capacity, idle_block,
                       classes, top, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """Every (sequence, row block) pair with rows, in `longest_first`'s order: a pass over
@@ -1111,10 +1121,7 @@ def _write_tile_table(TILES, CU_SEQLENS, stride_cu, num_seqs, max_seqlen, capaci
         for c0 in range(0, num_seqs, CHUNK):
             s = c0 + tl.arange(0, CHUNK)
             ok = s < num_seqs
-            a = tl.load(CU_SEQLENS + s * stride_cu, mask=ok, other=0)
-            b = tl.load(CU_SEQLENS + (s + 1) * stride_cu, mask=ok, other=0)
-            # Lengths outside [0, max_seqlen] are errors; clamped, they cannot overrun a table.
-            count = (tl.minimum(tl.maximum(b - a, 0), max_seqlen) + BLOCK - 1) // BLOCK
+            count = _block_counts(CU_SEQLENS, stride_cu, s, ok, max_seqlen, BLOCK)
             count = tl.where(ok & (count >= low) & (count < 2 * low), count, 0)
             first = used + tl.cumsum(count, 0) - count
             for j in range(0, tl.max(count, 0)):  # no trip for a chunk without the class
@@ -1135,11 +1142,32 @@ def _write_tile_table(TILES, CU_SEQLENS, stride_cu, num_seqs, max_seqlen, capaci
 
 
 @triton.jit
+def _write_sequence_tiles(TILES, CU_SEQLENS, stride_cu, num_seqs, max_seqlen, classes, top,
+                          BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """(s, 0) for every sequence, in `longest_first`'s order: a pass per class of block
+    counts, [top, 2 top) first, and a last one for the sequences without rows ([0, 1)):
+    every sequence once, so the table has no idle slot."""
+    used = num_seqs * 0
+    low = top
+    for c in range(0, classes + 1):
+        for c0 in range(0, num_seqs, CHUNK):
+            s = c0 + tl.arange(0, CHUNK)
+            ok = s < num_seqs
+            count = _block_counts(CU_SEQLENS, stride_cu, s, ok, max_seqlen, BLOCK)
+            mine = (ok & (count >= low) & (count < tl.maximum(2 * low, 1))).to(tl.int32)
+            slot = used + tl.cumsum(mine, 0) - mine
+            tl.store(TILES + 2 * slot, s, mask=mine != 0)
+            tl.store(TILES + 2 * slot + 1, s * 0, mask=mine != 0)
+            used += tl.sum(mine, 0)
+        low = low // 2
+
+
+@triton.jit
 def _varlen_schedule_kernel(
-    CU_SEQLENS, NUM_QUERIES, CU_OUT, QUERIES_OUT, FWD_TILES, BWD_TILES, STATUS,
+    CU_SEQLENS, NUM_QUERIES, CU_OUT, QUERIES_OUT, FWD_TILES, BWD_TILES, SEQ_TILES, STATUS,
     stride_cu, stride_nq, num_seqs, total_tokens, max_seqlen, all_queries, num_prefix,
-    fwd_capacity, bwd_capacity, fwd_classes, fwd_top, bwd_classes, bwd_top,
-    FWD_BLOCK: tl.constexpr, BWD_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    fwd_capacity, bwd_capacity, fwd_classes, fwd_top, bwd_classes, bwd_top, seq_classes, seq_top,
+    FWD_BLOCK: tl.constexpr, BWD_BLOCK: tl.constexpr, SEQ_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
     PER_SEQUENCE: tl.constexpr, NEEDS_RAW: tl.constexpr,
 ):
     """Offsets given with max_seqlen, in one program and without a host sync: checks their
@@ -1147,7 +1175,7 @@ def _varlen_schedule_kernel(
     (contiguous int32 counts), and writes the tile tables of the launches that follow,
     FlashAttention-3 style: every (sequence, row block) with rows, longest sequences first
     as a `VarlenLayout` orders them, then idle slots up to the capacity the host sized the
-    grids for."""
+    grids for; and every sequence once in the same order (the one-pass backward's)."""
     errors = (tl.load(CU_SEQLENS) != 0) | (tl.load(CU_SEQLENS + num_seqs * stride_cu) != total_tokens)
     errors = errors.to(tl.int32)
     for c0 in range(0, num_seqs, CHUNK):
@@ -1175,6 +1203,8 @@ def _varlen_schedule_kernel(
                       total_tokens // FWD_BLOCK + 1, fwd_classes, fwd_top, FWD_BLOCK, CHUNK)
     _write_tile_table(BWD_TILES, CU_SEQLENS, stride_cu, num_seqs, max_seqlen, bwd_capacity,
                       total_tokens // BWD_BLOCK + 1, bwd_classes, bwd_top, BWD_BLOCK, CHUNK)
+    _write_sequence_tiles(SEQ_TILES, CU_SEQLENS, stride_cu, num_seqs, max_seqlen, seq_classes,
+                          seq_top, SEQ_BLOCK, CHUNK)
     tl.store(STATUS, errors)
     tl.store(STATUS + 1, (errors == 0).to(tl.int32))
 
@@ -1289,6 +1319,11 @@ def _table_blocks(q, max_len):
             _bwd_config(head_dim, q.dtype, capability, packed=True)["PROGRAM_BLOCK"])
 
 
+# The packed one-pass backward takes its sequences (one program each, `_onepass_bwd_kernel`)
+# longest first, in classes of powers of two of their blocks of this many rows: its
+# key blocks, whose count times its row tiles' is a program's work.
+SEQUENCE_BLOCK = 64
+
 # A layout of at most this many runs of alike sequences (`VarlenLayout.runs`; a multi-crop
 # batch packed by crop size is one run per size) may be attended run by run by the batched
 # kernels, on views of the packed tensors, in a pass where `_fwd_by_runs` or
@@ -1306,11 +1341,12 @@ def batched_runs(layout):
 
 def varlen_tables(layout, q):
     """What the kernels take for a `VarlenLayout`: (cu_seqlens, num_queries tensor,
-    max_seqlen, forward tiles, backward tiles, runs: `batched_runs`), the tile tables built
-    for the rows per program the launchers pick for q's head_dim, dtype and device."""
+    max_seqlen, forward tiles, backward tiles, sequence tiles, runs: `batched_runs`), the
+    tile tables built for the rows per program the launchers pick for q's head_dim, dtype
+    and device (the sequence tiles, the one-pass backward's, in SEQUENCE_BLOCK rows)."""
     fwd_block, bwd_block = _table_blocks(q, layout.max_seqlen)
     return (layout.cu_seqlens, layout.num_queries, layout.max_seqlen, layout.tiles(fwd_block),
-            layout.tiles(bwd_block), batched_runs(layout))
+            layout.tiles(bwd_block), layout.sequence_tiles(SEQUENCE_BLOCK), batched_runs(layout))
 
 
 def tile_capacity(num_seqs, total_tokens, max_seqlen, block):
@@ -1334,15 +1370,16 @@ SCHEDULE_ERRORS = (
 
 def _count_classes(max_seqlen, block):
     """(classes, the largest class's least count) of `longest_first` for sequences of up
-    to max_seqlen rows in blocks of `block`."""
+    to max_seqlen rows in blocks of `block` (the classes of sequences with rows: (0, 0)
+    when none has any)."""
     classes = (-(-max_seqlen // block)).bit_length()
-    return classes, 1 << max(classes - 1, 0)
+    return classes, 1 << (classes - 1) if classes else 0
 
 
 def varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
     """What the kernels take for offsets given with max_seqlen, from one small launch and
     no host sync: (cu_seqlens, num_queries tensor, max_seqlen, forward tiles, backward
-    tiles, ()): offsets known only on the device take the packed kernels. The launch
+    tiles, sequence tiles, ()): offsets known only on the device take the packed kernels. The launch
     checks the offsets' values; a broken rule raises here on CPU (the interpreter runs
     synchronously) and fails a device assert on CUDA, which surfaces at the next
     synchronising call.
@@ -1354,18 +1391,20 @@ def varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
     fwd_block, bwd_block = _table_blocks(q, max_seqlen)
     fwd_capacity = tile_capacity(num_seqs, total, max_seqlen, fwd_block)
     bwd_capacity = tile_capacity(num_seqs, total, max_seqlen, bwd_block)
-    ints = torch.empty(2 * num_seqs + 3 + 2 * (fwd_capacity + bwd_capacity), dtype=torch.int32,
+    ints = torch.empty(4 * num_seqs + 3 + 2 * (fwd_capacity + bwd_capacity), dtype=torch.int32,
                        device=q.device)
-    cu_out, queries_out, status, fwd_tiles, bwd_tiles = ints.split(
-        [num_seqs + 1, num_seqs, 2, 2 * fwd_capacity, 2 * bwd_capacity])
+    cu_out, queries_out, status, fwd_tiles, bwd_tiles, seq_tiles = ints.split(
+        [num_seqs + 1, num_seqs, 2, 2 * fwd_capacity, 2 * bwd_capacity, 2 * num_seqs])
     per_sequence = isinstance(num_queries, torch.Tensor)
     _varlen_schedule_kernel.run(
         cu_seqlens, num_queries if per_sequence else cu_seqlens, cu_out, queries_out, fwd_tiles,
-        bwd_tiles, status, cu_seqlens.stride(0), num_queries.stride(0) if per_sequence else 0,
+        bwd_tiles, seq_tiles, status, cu_seqlens.stride(0),
+        num_queries.stride(0) if per_sequence else 0,
         num_seqs, total, max_seqlen, 0 if per_sequence else num_queries, num_prefix,
         fwd_capacity, bwd_capacity, *_count_classes(max_seqlen, fwd_block),
-        *_count_classes(max_seqlen, bwd_block), grid=(1,), warmup=False, FWD_BLOCK=fwd_block,
-        BWD_BLOCK=bwd_block, CHUNK=128, PER_SEQUENCE=per_sequence,
+        *_count_classes(max_seqlen, bwd_block), *_count_classes(max_seqlen, SEQUENCE_BLOCK),
+        grid=(1,), warmup=False, FWD_BLOCK=fwd_block, BWD_BLOCK=bwd_block,
+        SEQ_BLOCK=SEQUENCE_BLOCK, CHUNK=128, PER_SEQUENCE=per_sequence,
         NEEDS_RAW=not (mask.sees_self or (mask.sees_prefix and num_prefix > 0)), num_warps=4)
     if q.device.type == "cuda":
         torch._assert_async(status[1], "cu_seqlens, num_queries or max_seqlen break a rule of "
@@ -1377,7 +1416,7 @@ def varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
                 raise RuntimeError(message.format(total=total, num_prefix=num_prefix,
                                                   max_seqlen=max_seqlen))
     return (cu_out, queries_out, max_seqlen, fwd_tiles.view(fwd_capacity, 2),
-            bwd_tiles.view(bwd_capacity, 2), ())
+            bwd_tiles.view(bwd_capacity, 2), seq_tiles.view(num_seqs, 2), ())
 
 
 # Every launch of the op's kernels after a specialization's first skips Triton's argument
@@ -1405,7 +1444,8 @@ def _flags(mask):
 class Geometry(NamedTuple):
     """Where the sequences are. Batched: num_seqs = batch equal sequences of the given
     lengths. Packed: lengths and query counts are read per sequence from cu_seqlens and
-    num_queries, and an optional tile table lists the (sequence, block) pairs to run; runs
+    num_queries, and optional tile tables list the (sequence, block) pairs to run (and the
+    sequences, for the one-pass backward's programs); runs
     (`batched_runs`) lists the runs of alike sequences a pass may take by the batched
     kernels, where `_fwd_by_runs` or `_bwd_by_runs` says so."""
     num_seqs: int
@@ -1419,6 +1459,7 @@ class Geometry(NamedTuple):
     num_queries: torch.Tensor | None = None
     fwd_tiles: torch.Tensor | None = None
     bwd_tiles: torch.Tensor | None = None
+    seq_tiles: torch.Tensor | None = None
     runs: tuple = ()
 
     def grid(self, block, tiles):
@@ -1483,10 +1524,11 @@ def batched_geometry(q, k, num_queries):
     return Geometry(batch, heads, seq, seq, k.shape[2], seq - num_queries)
 
 
-def varlen_geometry(q, cu_seqlens, num_queries, max_seqlen, fwd_tiles, bwd_tiles, runs=()):
+def varlen_geometry(q, cu_seqlens, num_queries, max_seqlen, fwd_tiles, bwd_tiles, seq_tiles,
+                    runs=()):
     return Geometry(cu_seqlens.numel() - 1, q.shape[1], max_seqlen, total_tokens=q.shape[0],
                     cu_seqlens=cu_seqlens, num_queries=num_queries, fwd_tiles=fwd_tiles,
-                    bwd_tiles=bwd_tiles, runs=tuple(runs))
+                    bwd_tiles=bwd_tiles, seq_tiles=seq_tiles, runs=tuple(runs))
 
 
 def _empty_bhld(batch, heads, seq, head_dim, like):
@@ -1685,7 +1727,7 @@ def _onepass(q, geo, mask, tensors=()):
         return None
     cfg = onepass_config(geo.max_len, q.shape[-1], q.dtype, device_capability(q.device),
                          triton_interpreter_enabled(), varlen, geo.num_seqs * geo.heads)
-    return cfg and dict(cfg, SEES_PREFIX=mask.sees_prefix)
+    return cfg and dict(cfg, SEES_PREFIX=mask.sees_prefix, TILED=geo.seq_tiles is not None)
 
 
 def _empty_scratch(lse, width):
@@ -1705,8 +1747,8 @@ def onepass_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, constants, geo, num_pre
         *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out), *_bhld_strides(grad_out),
         *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *_row_strides(lse),
         geo.heads, geo.num_seqs, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens,
-        num_prefix, scale * LOG2E, scale, geo.cu_seqlens, geo.num_queries, grid=(programs,),
-        warmup=False, **constants)
+        num_prefix, scale * LOG2E, scale, geo.cu_seqlens, geo.num_queries, geo.seq_tiles,
+        grid=(programs,), warmup=False, **constants)
 
 
 def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask, scale):
@@ -1763,11 +1805,12 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
 # that autograd has nothing to stack or copy on the way to the qkv projection.
 
 
-def _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen,
-              runs=()):
+def _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, seq_tiles,
+              max_seqlen, runs=()):
     if cu_seqlens is None:
         return batched_geometry(q, k, num_queries)
-    return varlen_geometry(q, cu_seqlens, num_queries_t, max_seqlen, fwd_tiles, bwd_tiles, runs)
+    return varlen_geometry(q, cu_seqlens, num_queries_t, max_seqlen, fwd_tiles, bwd_tiles,
+                           seq_tiles, runs)
 
 
 def _unpack(qkv):
@@ -1799,11 +1842,12 @@ def _backward_packed(grad_out, qkv, out, lse, geo, num_prefix, mask, scale, view
 
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor],
             num_queries_t: Optional[Tensor], fwd_tiles: Optional[Tensor],
-            bwd_tiles: Optional[Tensor], num_queries: int, max_seqlen: int, runs: list[int],
+            bwd_tiles: Optional[Tensor], seq_tiles: Optional[Tensor], num_queries: int,
+            max_seqlen: int, runs: list[int],
             num_prefix: int, query_sees_prefix: bool, query_sees_self: bool,
             query_sees_queries: bool, scale: float) -> tuple[Tensor, Tensor]:
-    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen,
-                    runs)
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, seq_tiles,
+                    max_seqlen, runs)
     return _forward(q, k, v, geo, num_prefix,
                     query_mask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
 
@@ -1819,12 +1863,13 @@ def _fwd_fake(q, k, v, *args):
 
 def _bwd_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
             cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
-            fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
-            max_seqlen: int, runs: list[int], num_prefix: int, query_sees_prefix: bool,
+            fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor],
+            seq_tiles: Optional[Tensor], num_queries: int, max_seqlen: int, runs: list[int],
+            num_prefix: int, query_sees_prefix: bool,
             query_sees_self: bool, query_sees_queries: bool,
             scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen,
-                    runs)
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, seq_tiles,
+                    max_seqlen, runs)
     return _backward_qkv(grad_out, q, k, v, out, lse, geo, num_prefix,
                          query_mask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
 
@@ -1861,12 +1906,13 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _qkv_fwd_impl(qkv: Tensor, cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
-                fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
-                max_seqlen: int, runs: list[int], num_prefix: int, query_sees_prefix: bool,
+                fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor],
+                seq_tiles: Optional[Tensor], num_queries: int, max_seqlen: int, runs: list[int],
+                num_prefix: int, query_sees_prefix: bool,
                 query_sees_self: bool, query_sees_queries: bool,
                 scale: float) -> tuple[Tensor, Tensor]:
-    return _fwd_impl(*_unpack(qkv), cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, num_queries,
-                     max_seqlen, runs, num_prefix, query_sees_prefix, query_sees_self,
+    return _fwd_impl(*_unpack(qkv), cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, seq_tiles,
+                     num_queries, max_seqlen, runs, num_prefix, query_sees_prefix, query_sees_self,
                      query_sees_queries, scale)
 
 
@@ -1881,12 +1927,13 @@ def _qkv_fwd_fake(qkv, *args):
 
 def _qkv_bwd_impl(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor,
                 cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
-                fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor], num_queries: int,
-                max_seqlen: int, runs: list[int], num_prefix: int, query_sees_prefix: bool,
+                fwd_tiles: Optional[Tensor], bwd_tiles: Optional[Tensor],
+                seq_tiles: Optional[Tensor], num_queries: int, max_seqlen: int, runs: list[int],
+                num_prefix: int, query_sees_prefix: bool,
                 query_sees_self: bool, query_sees_queries: bool, scale: float) -> Tensor:
     q, k, _ = _unpack(qkv)
-    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, max_seqlen,
-                    runs)
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, fwd_tiles, bwd_tiles, seq_tiles,
+                    max_seqlen, runs)
     return _backward_packed(grad_out, qkv, out, lse, geo, num_prefix,
                             query_mask(query_sees_prefix, query_sees_self, query_sees_queries), scale)
 
@@ -1989,7 +2036,7 @@ class _Call:
     def __init__(self, packed_qkv, geo, num_queries, num_prefix, mask, scale, varlen, with_lse):
         self.packed_qkv, self.geo, self.num_queries = packed_qkv, geo, num_queries
         self.num_prefix, self.mask, self.scale = num_prefix, mask, scale
-        # (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles, bwd_tiles, runs)
+        # (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles, bwd_tiles, seq_tiles, runs)
         self.varlen = varlen
         # Whether the forward returns its logsumexp as a second output: for the prefix
         # probabilities, and under the torch.func transforms, which only carry to
@@ -2000,9 +2047,9 @@ class _Call:
 
     def op_args(self):
         """The custom ops' arguments after the tensors (their schemas take plain bools)."""
-        cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles, runs = self.varlen
+        cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles, seq_tiles, runs = self.varlen
         mask = self.mask
-        return (cu_seqlens, queries, fwd_tiles, bwd_tiles, self.num_queries, max_seqlen,
+        return (cu_seqlens, queries, fwd_tiles, bwd_tiles, seq_tiles, self.num_queries, max_seqlen,
                 list(runs), self.num_prefix, mask.sees_prefix, mask.sees_self, mask.sees_queries,
                 self.scale)
 
@@ -2117,30 +2164,30 @@ def _attend(call, *tensors):
 
 def _qkv_geometry(qkv, num_queries, varlen):
     """The geometry of a packed qkv call, read off qkv's shape without unpacking it."""
-    cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles, runs = varlen
+    cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles, seq_tiles, runs = varlen
     if cu_seqlens is None:
         batch, seq, _, heads, _ = qkv.shape
         return Geometry(batch, heads, seq, seq, seq, seq - num_queries)
     return Geometry(cu_seqlens.numel() - 1, qkv.shape[2], max_seqlen, total_tokens=qkv.shape[0],
                     cu_seqlens=cu_seqlens, num_queries=queries, fwd_tiles=fwd_tiles,
-                    bwd_tiles=bwd_tiles, runs=tuple(runs))
+                    bwd_tiles=bwd_tiles, seq_tiles=seq_tiles, runs=tuple(runs))
 
 
-_BATCHED = (None, None, 0, None, None, ())
+_BATCHED = (None, None, 0, None, None, None, ())
 
 
 def triton_attention(q, k, v, num_queries, num_prefix, mask, scale, varlen=None, prefix_probs=False):
     """The Triton backend on checked inputs: batched when varlen is None, else packed.
 
     mask: a QueryMask. varlen: (cu_seqlens, num_queries tensor, max_seqlen, fwd_tiles,
-    bwd_tiles, runs), e.g. `varlen_tables(layout, q)`. prefix_probs: return (out, the prefix
-    rows' probabilities) (see `_prefix_probs_kernel`).
+    bwd_tiles, seq_tiles, runs), e.g. `varlen_tables(layout, q)`. prefix_probs: return (out,
+    the prefix rows' probabilities) (see `_prefix_probs_kernel`).
     """
     varlen = _BATCHED if varlen is None else varlen
     if _eager(q, k, v):
-        cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles, runs = varlen
-        geo = _geometry(q, k, num_queries, cu_seqlens, queries, fwd_tiles, bwd_tiles, max_seqlen,
-                        runs)
+        cu_seqlens, queries, max_seqlen, fwd_tiles, bwd_tiles, seq_tiles, runs = varlen
+        geo = _geometry(q, k, num_queries, cu_seqlens, queries, fwd_tiles, bwd_tiles, seq_tiles,
+                        max_seqlen, runs)
         call = _Call(False, geo, num_queries, num_prefix, mask, scale, varlen, prefix_probs)
         out, lse = _attend(call, q, k, v)
     else:
@@ -2280,7 +2327,7 @@ def _prefix_probs_op(q: Tensor, k: Tensor, lse: Tensor, cu_seqlens: Optional[Ten
                      num_queries_t: Optional[Tensor], num_queries: int, max_seqlen: int,
                      num_prefix: int, scale: float) -> Tensor:
     probs = _empty_prefix_probs(q, k, num_prefix)
-    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, None, None, max_seqlen)
+    geo = _geometry(q, k, num_queries, cu_seqlens, num_queries_t, None, None, None, max_seqlen)
     prefix_probs_fwd(q, k, lse, probs, geo, num_prefix, scale)
     return probs
 

@@ -85,6 +85,17 @@ class VarlenLayout:
                                               device=self.device).view(-1, 2)
         return self._tiles[block]
 
+    def sequence_tiles(self, block):
+        """(sequences, 2) int32 table of (s, 0), one whole-sequence tile for every sequence,
+        in `longest_first` order of their blocks of `block` rows (sequences without rows
+        last): the packed one-pass backward's programs."""
+        key = ("sequences", block)
+        if key not in self._tiles:
+            order = longest_first([-(-n // block) for n in self.seqlens])
+            self._tiles[key] = torch.tensor([(s, 0) for s in order], dtype=torch.int32,
+                                            device=self.device).view(-1, 2)
+        return self._tiles[key]
+
     def check(self, num_prefix, mask):
         """Every sequence has room for the prefix, and every query row sees something
         (mask: a `QueryMask`)."""

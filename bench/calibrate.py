@@ -140,7 +140,7 @@ def _by_runs(workload, capability):
     q = torch.empty(layout.total_tokens, workload.heads, workload.head_dim, dtype=torch.bfloat16,
                     device="meta")
     geo = T.varlen_geometry(q, layout.cu_seqlens, layout.num_queries, layout.max_seqlen, None,
-                            None, T.batched_runs(layout))
+                            None, None, T.batched_runs(layout))
     if not geo.runs:
         return {}
     with recording(capability):

@@ -186,18 +186,18 @@ def capture(workload, dtype, capability, flags=(False, False, False)):
             lengths, queries = zip(*workload.sequences())
             qkv = _meta_qkv((workload.tokens,), workload.heads, workload.head_dim, dtype)
             layout = VarlenLayout(lengths, queries, device="meta")
-            cu, nq, max_len, fwd_tiles, bwd_tiles, runs = T.varlen_tables(layout, qkv[:, 0])
+            cu, nq, max_len, fwd_tiles, bwd_tiles, seq_tiles, runs = T.varlen_tables(layout, qkv[:, 0])
             if workload.offsets:  # tables of the capacity varlen_schedule sizes them to
                 runs = ()
                 fwd_tiles, bwd_tiles = (
                     torch.empty(T.tile_capacity(len(lengths), workload.tokens, max_len, block), 2,
                                 dtype=torch.int32, device="meta")
                     for block in T._table_blocks(qkv, max_len))
-            geometry = (cu, nq, fwd_tiles, bwd_tiles, 0, max_len, list(runs))
+            geometry = (cu, nq, fwd_tiles, bwd_tiles, seq_tiles, 0, max_len, list(runs))
         else:
             qkv = _meta_qkv((workload.batch, workload.seq_len), workload.heads,
                             workload.head_dim, dtype)
-            geometry = (None, None, None, None, workload.num_queries, 0, [])
+            geometry = (None, None, None, None, None, workload.num_queries, 0, [])
         args = (*geometry, workload.num_prefix, *flags, scale)
         out, lse = T._qkv_fwd_impl(qkv, *args)
         n_fwd = len(launches)
@@ -697,7 +697,13 @@ def programs(launch, seqs, heads):
         assert launch.grid[0] == -(-a["num_seqs"] // a["GROUP"]) * a["num_heads"]
         return [{"group": 1}] * launch.grid[0]
     if launch.name == "_onepass_bwd_kernel":
-        return [_onepass_trips(seqs[pid // heads], a) for pid in range(launch.grid[0])]
+        order = range(len(seqs))
+        if launch.kwargs.get("TILED"):  # VarlenLayout.sequence_tiles: one program per sequence
+            from adclr_kernels.attention_triton import SEQUENCE_BLOCK
+            from adclr_kernels.varlen import longest_first
+
+            order = longest_first([-(-s.seq_len // SEQUENCE_BLOCK) for s in seqs])
+        return [_onepass_trips(seqs[order[pid // heads]], a) for pid in range(launch.grid[0])]
     mask = QueryMask(*(bool(a.get(f"SEES_{x}", False)) for x in ("PREFIX", "SELF", "QUERIES")))
     # The backward's programs step by min(BLOCK_N1, BLOCK_M2) rows, the others by BLOCK_M.
     block_rows = min(a["BLOCK_N1"], a["BLOCK_M2"]) if "BLOCK_N1" in a else a["BLOCK_M"]

@@ -323,14 +323,14 @@ def test_opcheck(opt_set, packing):
     opts = options(opt_set)
     q, k, v = make_qkv(1, 2, 1, 20, 4, 32, opts, dtype=torch.float32)
     if packing == "batched":
-        geometry = (None, None, None, None, 4, 0, [])
+        geometry = (None, None, None, None, None, 4, 0, [])
     else:  # two runs (T.batched_runs): the forward takes them by runs, and the backward too
         # under query_sees_queries (no packed one-pass kernel; both runs one-shot's here)
         layout = VarlenLayout([9, 9, 20], [0, 0, 4], device=DEVICE)
         q, k, v = (torch.randn(layout.total_tokens, 2, 32, device=DEVICE) for _ in range(3))
-        cu, nq, max_len, fwd_tiles, bwd_tiles, runs = T.varlen_tables(layout, q)
+        cu, nq, max_len, fwd_tiles, bwd_tiles, seq_tiles, runs = T.varlen_tables(layout, q)
         assert runs
-        geometry = (cu, nq, fwd_tiles, bwd_tiles, 0, max_len, list(runs))
+        geometry = (cu, nq, fwd_tiles, bwd_tiles, seq_tiles, 0, max_len, list(runs))
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     args = (*leaves, *geometry, 1, *opt_set, 32 ** -0.5)
     torch.library.opcheck(T._fwd_op, args)

@@ -253,7 +253,8 @@ def test_a_query_key_no_prefix_row_sees_stays_out_of_the_gradients(varlen, value
 
 def test_opcheck_and_compile():
     q, k, v = make_qkv(1, 2, 2, 20, 4, 32, options(OPTION_SETS[0]), dtype=torch.float32)
-    _, lse = T._fwd_op(q, k, v, None, None, None, None, 4, 0, [], 2, False, False, False, 32 ** -0.5)
+    _, lse = T._fwd_op(q, k, v, None, None, None, None, None, 4, 0, [], 2, False, False, False,
+                       32 ** -0.5)
     leaves = [t.detach().requires_grad_() for t in (q, k)]
     torch.library.opcheck(T._prefix_probs_op, (*leaves, lse, None, None, 4, 0, 2, 32 ** -0.5))
     fn = torch.compile(lambda a, b, c: unidirectional_attention(a, b, c, 4, 2, backend="triton",
@@ -278,15 +279,15 @@ for capability, dtype, head_dim, packed in ((90, torch.bfloat16, 64, False), (80
         if packed:
             qkv = _meta_qkv((300,), 2, head_dim, dtype)
             cu, nq, max_len, *_ = T.varlen_tables(VarlenLayout([100, 200], [3, 0], device="meta"), qkv[:, 0])
-            geometry = (cu, nq, None, None, 0, max_len)
+            geometry = (cu, nq, None, None, None, 0, max_len)
         else:
             qkv = _meta_qkv((2, 207), 2, head_dim, dtype)
-            geometry = (None, None, None, None, 10, 0)
+            geometry = (None, None, None, None, None, 10, 0)
         lse = torch.empty(qkv.shape[0], 2, qkv.shape[1], device="meta") if not packed else \\
             torch.empty(2, 300, device="meta")
         q, k, _ = T._unpack(qkv)
         T.prefix_probs_fwd(q, k, lse, T._empty_prefix_probs(q, k, 1),
-                           T._geometry(q, k, geometry[4], *geometry[:4], geometry[5]), 1, 0.125)
+                           T._geometry(q, k, geometry[5], *geometry[:5], geometry[6]), 1, 0.125)
     compiled = compile_launch(launches[0], capability)
     rows.append([launches[0].name, compiled.spill_bytes])
 print(json.dumps(rows))

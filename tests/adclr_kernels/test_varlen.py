@@ -254,7 +254,7 @@ def test_kernels_stay_inside_the_tensors_whatever_the_offsets(offsets, poisoned)
     q, k, v, _ = make_packed([10, 12], 2, 16)
     cu = _i32(*offsets)
     nq = _i32(*([3] * (len(offsets) - 1)))
-    args = (cu, nq, None, None, 0, 40, [], 1, False, False, False, 0.25)
+    args = (cu, nq, None, None, None, 0, 40, [], 1, False, False, False, 0.25)
     out, lse = _fwd_op(q, k, v, *args)
     dq, dk, dv = _bwd_op(torch.ones_like(out), q, k, v, out, lse, *args)
     assert out.shape == q.shape and dq.shape == q.shape
@@ -337,6 +337,56 @@ def test_tile_table_lists_every_block_with_rows_once_longest_sequences_first():
     assert tiles == ([[7, j] for j in range(9)] + [[1, j] for j in range(4)] + [[5, j] for j in range(4)]
                      + [[3, 0], [3, 1], [6, 0], [6, 1], [6, 2], [0, 0], [4, 0]])
     assert layout.tiles(64) is layout.tiles(64)  # built once
+    # The one-pass backward's programs: every sequence once, the same classes, the empty one last.
+    assert layout.sequence_tiles(64).tolist() == [[s, 0] for s in (7, 1, 5, 3, 6, 0, 4, 2)]
+    assert layout.sequence_tiles(64) is layout.sequence_tiles(64)
+
+
+@pytest.mark.parametrize("order", ["reversed", "no table"])
+def test_one_pass_backward_takes_sequences_in_any_order_bit_for_bit(order):
+    # The sequence table decides when each program runs, not what it computes: another order
+    # of the sequences (or none, the caller's) gives the layout's gradients bit for bit. Six
+    # lengths (more runs than the batched kernels take) in the classes [2, 4), [1, 2) and
+    # [0, 1) of 64-row blocks.
+    import adclr_kernels.attention_triton as T
+
+    lengths = [10, 70, 3, 0, 129, 12]
+    layout = VarlenLayout(lengths, [2, 5, 0, 0, 10, 3], device=DEVICE)
+    q, k, v, _ = make_packed(lengths, 2, 16)
+    cu, nq, max_len, fwd, bwd, seq, runs = T.varlen_tables(layout, q)
+    assert runs == () and seq[:, 0].tolist() == [1, 4, 0, 2, 5, 3]
+    geo = T.varlen_geometry(q, cu, nq, max_len, fwd, bwd, seq)
+    assert T._onepass(q, geo, T.QueryMask(), (q,))["TILED"]  # the interpreter takes it here
+    tables = {"reversed": seq.flip(0), "no table": None}
+
+    def grads(seq_tiles):
+        args = (cu, nq, fwd, bwd, seq_tiles, 0, max_len, [], 1, False, False, False, 0.25)
+        out, lse = T._fwd_op(q, k, v, *args)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        return T._bwd_op(grad_out, q, k, v, out, lse, *args)
+
+    for want, got in zip(grads(seq), grads(tables[order])):
+        assert torch.equal(want, got)
+
+
+def test_one_pass_backward_runs_the_sequences_its_table_lists():
+    # A table listing sequence 1 in every slot: the other sequences' rows keep the poison.
+    import adclr_kernels.attention_triton as T
+
+    lengths = [10, 70, 3, 0, 129, 12]
+    layout = VarlenLayout(lengths, [2, 5, 0, 0, 10, 3], device=DEVICE)
+    q, k, v, _ = make_packed(lengths, 2, 16)
+    cu, nq, max_len, fwd, bwd, seq, _ = T.varlen_tables(layout, q)
+    only_one = torch.full_like(seq, 1)
+    only_one[:, 1] = 0
+    geo = T.varlen_geometry(q, cu, nq, max_len, fwd, bwd, only_one)
+    out, lse = T._forward(q, k, v, geo, 1, T.QueryMask(), 0.25)
+    grads = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    T.attention_bwd(torch.ones_like(out), q, k, v, out, lse, *grads, geo, 1, T.QueryMask(), 0.25)
+    ran = torch.zeros(q.shape[0], dtype=torch.bool, device=DEVICE)
+    ran[10:80] = True
+    for g in grads:
+        assert g[ran].isfinite().all() and g[~ran].isnan().all()
 
 
 # ---------------------------------------------------------------------------------------
@@ -393,7 +443,7 @@ def test_device_tile_table_orders_sequences_as_the_layout(lengths, max_seqlen):
 
     layout = VarlenLayout(lengths, 0, device=DEVICE)
     q = torch.empty(layout.total_tokens, 2, 16, dtype=torch.float32, device=DEVICE)
-    _, _, _, fwd, bwd, _ = T.varlen_schedule(q, layout.cu_seqlens, 0, max_seqlen, 0, QueryMask())
+    _, _, _, fwd, bwd, seq, _ = T.varlen_schedule(q, layout.cu_seqlens, 0, max_seqlen, 0, QueryMask())
     for table, block in zip((fwd, bwd), T._table_blocks(q, max_seqlen)):
         tiles = layout.tiles(block)
         assert torch.equal(table[: len(tiles)], tiles)
@@ -401,6 +451,8 @@ def test_device_tile_table_orders_sequences_as_the_layout(lengths, max_seqlen):
         counts = [-(-lengths[s] // block) for s in first]
         assert [c.bit_length() for c in counts] == sorted((c.bit_length() for c in counts), reverse=True)
         assert (table[len(tiles):, 1] * block >= max(lengths)).all()  # idle slots
+    # Every sequence once, the empty ones last, in the layout's order: no idle slot.
+    assert torch.equal(seq, layout.sequence_tiles(T.SEQUENCE_BLOCK))
 
 
 SCHEDULE_COMPILE = """
@@ -410,9 +462,9 @@ from triton.compiler import ASTSource
 from adclr_kernels.attention_triton import _varlen_schedule_kernel as kernel
 names = kernel.arg_names
 # Triton makes an int argument equal to 1 a constant at launch: one sequence, one class.
-ones = dict(num_seqs=1, fwd_classes=1, fwd_top=1, bwd_classes=1, bwd_top=1)
+ones = dict(num_seqs=1, fwd_classes=1, fwd_top=1, bwd_classes=1, bwd_top=1, seq_classes=1, seq_top=1)
 for per_sequence, constant in ((True, {}), (False, {}), (False, ones)):
-    constexprs = dict(FWD_BLOCK=64, BWD_BLOCK=32, CHUNK=128, PER_SEQUENCE=per_sequence, NEEDS_RAW=True,
+    constexprs = dict(FWD_BLOCK=64, BWD_BLOCK=32, SEQ_BLOCK=64, CHUNK=128, PER_SEQUENCE=per_sequence, NEEDS_RAW=True,
                       **constant)
     signature = {n: "constexpr" if n in constexprs else "*i32" if n.isupper() else "i32" for n in names}
     source = ASTSource(fn=kernel, signature=signature,
@@ -449,7 +501,7 @@ def test_device_tile_table_is_the_layouts_then_idle_slots_within_30_percent(monk
     lengths, queries = [207, 207] + [37] * 10, [10, 10] + [0] * 10
     layout = VarlenLayout(lengths * 4, queries * 4, device=DEVICE)
     q = torch.empty(layout.total_tokens, 6, 64, dtype=torch.bfloat16, device=DEVICE)
-    cu, nq, max_len, fwd, bwd, runs = T.varlen_schedule(q, layout.cu_seqlens, layout.num_queries.long(),
+    cu, nq, max_len, fwd, bwd, seq, runs = T.varlen_schedule(q, layout.cu_seqlens, layout.num_queries.long(),
                                                   207, 1, QueryMask())
     assert torch.equal(cu, layout.cu_seqlens) and torch.equal(nq, layout.num_queries)
     assert runs == ()
@@ -459,6 +511,7 @@ def test_device_tile_table_is_the_layouts_then_idle_slots_within_30_percent(monk
         idle = table[len(tiles):]
         assert (idle[:, 0] == 0).all() and (idle[:, 1] * block >= 207).all()
         assert len(idle) <= 0.3 * len(table), f"{len(idle)} of {len(table)} slots idle"
+    assert torch.equal(seq, layout.sequence_tiles(T.SEQUENCE_BLOCK))
 
 
 @pytest.mark.parametrize("column,value", [(0, 10**6), (0, -7), (1, 10**6), (1, -1)],
@@ -474,7 +527,7 @@ def test_an_edited_tile_table_stays_inside_the_tensors(column, value):
     q, k, v, _ = make_packed(lengths, 2, 16)
     q.requires_grad_()
     tables = varlen_tables(layout, q)
-    for tiles in tables[3:5]:
+    for tiles in tables[3:6]:
         tiles[:, column] = value
     out = unidirectional_attention_varlen(q, k, v, layout, backend="triton")
     (dq,) = torch.autograd.grad(out.sum(), q)
@@ -550,9 +603,9 @@ def test_at_most_four_runs_go_to_the_launchers(lengths, runs):
 
     layout = VarlenLayout(lengths, device=DEVICE)
     q = torch.empty(layout.total_tokens, 2, 32, device=DEVICE)
-    cu, nq, max_len, fwd_tiles, bwd_tiles, got = T.varlen_tables(layout, q)
+    cu, nq, max_len, fwd_tiles, bwd_tiles, seq_tiles, got = T.varlen_tables(layout, q)
     assert got == runs
-    assert fwd_tiles.shape[1] == 2 and bwd_tiles.shape[1] == 2  # the packed kernels' too
+    assert fwd_tiles.shape[1] == bwd_tiles.shape[1] == seq_tiles.shape[1] == 2  # the packed kernels' too
 
 
 @pytest.mark.parametrize("images,dtype,capability,opts,fwd,bwd", [
@@ -577,7 +630,7 @@ def test_gpu_rule_for_runs(images, dtype, capability, opts, fwd, bwd, monkeypatc
                           [10] * 2 * images + [0] * (10 * images + empty), device="meta")
     q = torch.empty(layout.total_tokens, 6, 64, dtype=dtype, device="meta")
     geo = T.varlen_geometry(q, *T.varlen_tables(layout, q)[:2], layout.max_seqlen, None, None,
-                            T.batched_runs(layout))
+                            None, T.batched_runs(layout))
     mask = QueryMask(**{f"sees_{k.split('_')[-1]}": v for k, v in opts.items()})
     assert T._fwd_by_runs(q, geo) == fwd
     assert T._bwd_by_runs(q, geo, mask, T._onepass(q, geo, mask, (q,)) is not None) == bwd
