@@ -45,6 +45,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from adclr import Config, build, train_step
+from adclr.train import whole_step_error
 from adclr.data import synthetic_batch
 from adclr.flops import mfu, peak_tflops, step_flops
 
@@ -347,6 +348,9 @@ def main(argv=None):
     settings = dict(MODELS[args.model or ("vit_s16" if on_cuda else "tiny")])
     settings["batch_size"] = args.batch_size or settings["batch_size"]
     cfg = Config(**settings, **{f: getattr(args, f) for f in TRAINER_FLAGS}, device=device.type)
+    problem = whole_step_error(cfg, device, distributed=False)
+    if problem:
+        raise SystemExit(f"python -m bench.profile: error: {problem}")
     warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 2)
     time_steps = args.time_steps or (10 if on_cuda else 3)
 

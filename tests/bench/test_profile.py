@@ -39,6 +39,12 @@ def test_tiny_cpu_step(tmp_path, capsys):
     assert "by kind" in printed and "MFU n/a" in printed
 
 
+def test_a_step_the_trainer_refuses_is_one_line_before_any_work():
+    # The trainer's own reason (a CUDA graph needs CUDA), not its traceback from build().
+    with pytest.raises(SystemExit, match=r"^python -m bench.profile: error: --compile graph replays a CUDA graph"):
+        profile.main(["--device", "cpu", "--compile", "graph"])
+
+
 @pytest.mark.parametrize("kernel, op, ranges, bucket", [
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "aten::mm", (),
      "GEMMs"),
