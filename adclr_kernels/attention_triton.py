@@ -939,88 +939,6 @@ def _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd):
 
 
 @triton.jit
-def _onepass_key_block(n0, first, end, vis, pre, key_end, q_base, k_base, v_base, do_base,
-                       lse_base, delta_base, scratch, dk_base, dv_base, stride_ql, stride_qd,
-                       stride_kl, stride_kd, stride_vl, stride_vd, stride_dol, stride_dod,
-                       stride_dkl, stride_dkd, stride_dvl, stride_dvd, qk_scale, ds_scale,
-                       sm_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
-                       VARLEN: tl.constexpr, SEES_PREFIX: tl.constexpr):
-    """dK, dV of key block [n0, n0 + BLOCK_N) (stored), and its share of the dQ of every
-    row that sees it (added into the scratch)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    cols = n0 + tl.arange(0, BLOCK_N)
-    if not VARLEN:
-        k = _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd)
-    v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                mask=(cols < vis)[:, None] & d_ok[None, :], other=0.0)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # A block holding prefix columns: the query rows first (they do not see those),
-    # then those columns are set back, then the raw rows. Otherwise every row at once.
-    raw_hi = end
-    if not SEES_PREFIX:
-        query_sees = (cols >= pre) & (cols < vis)
-        q_hi, raw_hi = _onepass_passes(n0, end, vis, pre, BLOCK_N)
-        if VARLEN:
-            # The query rows' own K (K_HELD): the columns they do not see read as 0, so
-            # that dQ adds 0 there (their dS is cleared, and 0 x inf is NaN). Their
-            # scores may overflow there: they reach only those columns' dK and dV,
-            # which are set back below. Loaded apart from the block's k, which is
-            # loaded after this pass: the two are never held at once.
-            k_q = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                          mask=query_sees[:, None] & d_ok[None, :], other=0.0)
-        else:
-            k_q = k
-        dk, dv = _onepass_rows(  # loop: bwd1.query_rows
-            dk, dv, k_q, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
-            delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
-            stride_dol, stride_dod, qk_scale, ds_scale, False, HEAD_DIM, BLOCK_M, BLOCK_D, True,
-            DOT, VARLEN)
-        # Packed programs set back only the block holding prefix columns, and clear
-        # only the one holding the sequence's end (below); batched ones run both in
-        # every block: under the register cap the branches made them spill in the row
-        # tile loops (bench.static).
-        if not VARLEN or n0 < pre:  # branch: rare
-            cleared = query_sees | (q_hi == vis)
-            dk = tl.where(cleared[:, None], dk, 0.0)
-            dv = tl.where(cleared[:, None], dv, 0.0)
-    if n0 >= vis:  # query keys: no row sees them
-        raw_hi = first
-    if VARLEN:
-        k = _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd)
-    # With SEES_PREFIX the packed kernel fits without K_HELD, and is faster so. The
-    # columns these rows do not see hold key V - 1 (`_onepass_keys`), which every one
-    # of them sees: dQ adds dS x K there, dS cleared, and K no value the row does not
-    # depend on.
-    # The last, partial row tile, then the whole ones without row masks. Where the
-    # block holds no column past V, these rows see every column of it (all_seen).
-    all_seen = n0 + BLOCK_N <= vis
-    dk, dv = _onepass_rows(  # loop: bwd1.rows_last
-        dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
-        delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-        stride_dod, qk_scale, ds_scale, all_seen, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
-        VARLEN and not SEES_PREFIX, PARTIAL_TILE)
-    dk, dv = _onepass_rows(  # loop: bwd1.rows
-        dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
-        delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-        stride_dod, qk_scale, ds_scale, all_seen, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
-        VARLEN and not SEES_PREFIX, WHOLE_TILES)
-    written = (cols < key_end)[:, None] & d_ok[None, :]
-    if not VARLEN:
-        dk = dk * sm_scale
-    if not VARLEN or not all_seen:  # branch: rare
-        kv_mask = (cols < vis)[:, None] & d_ok[None, :]
-        dk = tl.where(kv_mask, dk, 0.0)
-        dv = tl.where(kv_mask, dv, 0.0)
-    tl.store(dk_base + cols[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
-             dk.to(dk_base.dtype.element_ty), mask=written)
-    tl.store(dv_base + cols[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
-             dv.to(dv_base.dtype.element_ty), mask=written)
-
-
-@triton.jit
 def _onepass_bwd_kernel(
     Q, K, V, O, DO, LSE, DELTA, SCRATCH, DQ, DK, DV,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -1036,7 +954,7 @@ def _onepass_bwd_kernel(
     sm_scale, CU_SEQLENS, NUM_QUERIES, TILES,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, DOT: tl.constexpr, VARLEN: tl.constexpr,
-    SEES_PREFIX: tl.constexpr = False, TILED: tl.constexpr = False, TAIL_N: tl.constexpr = 0,
+    SEES_PREFIX: tl.constexpr = False, TILED: tl.constexpr = False,
 ):
     """The default rule, or SEES_PREFIX alone: raw rows see the visible columns [0, V),
     query rows the raw ones [P, V) (with SEES_PREFIX, [0, V) too: every row walks every
@@ -1069,8 +987,6 @@ def _onepass_bwd_kernel(
     lse_base = LSE + row0
     delta_base = DELTA + row0
     scratch = SCRATCH + row0 * BLOCK_D
-    dk_base = DK + b * stride_dkb + h * stride_dkh
-    dv_base = DV + b * stride_dvb + h * stride_dvh
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
@@ -1097,27 +1013,75 @@ def _onepass_bwd_kernel(
     tl.debug_barrier()
 
     key_end = first + key_len
-    # Whole key blocks, then (TAIL_N > 0) the last TAIL_N or fewer keys in a block that
-    # narrow: at 197 keys in 64-key blocks the last block held 5, and walked every row
-    # tile for them (a quarter of the work for 3% of the keys).
-    tail = key_end
-    if TAIL_N > 0:
-        tail = first + tl.cdiv(tl.maximum(key_len - TAIL_N, 0), BLOCK_N) * BLOCK_N
-    for n0 in range(first, tail, BLOCK_N):  # loop: bwd1.keys
-        _onepass_key_block(
-            n0, first, end, vis, pre, key_end, q_base, k_base, v_base, do_base, lse_base,
-            delta_base, scratch, dk_base, dv_base, stride_ql, stride_qd, stride_kl, stride_kd,
-            stride_vl, stride_vd, stride_dol, stride_dod, stride_dkl, stride_dkd, stride_dvl,
-            stride_dvd, qk_scale, ds_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT,
-            VARLEN, SEES_PREFIX)
-    if TAIL_N > 0:
-        if tail < key_end:
-            _onepass_key_block(  # loop suffix: tail
-                tail, first, end, vis, pre, key_end, q_base, k_base, v_base, do_base, lse_base,
-                delta_base, scratch, dk_base, dv_base, stride_ql, stride_qd, stride_kl,
-                stride_kd, stride_vl, stride_vd, stride_dol, stride_dod, stride_dkl, stride_dkd,
-                stride_dvl, stride_dvd, qk_scale, ds_scale, sm_scale, HEAD_DIM, BLOCK_M, TAIL_N,
-                BLOCK_D, DOT, VARLEN, SEES_PREFIX)
+    for n0 in range(first, key_end, BLOCK_N):  # loop: bwd1.keys
+        cols = n0 + tl.arange(0, BLOCK_N)
+        if not VARLEN:
+            k = _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd)
+        v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                    mask=(cols < vis)[:, None] & d_ok[None, :], other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        # A block holding prefix columns: the query rows first (they do not see those),
+        # then those columns are set back, then the raw rows. Otherwise every row at once.
+        raw_hi = end
+        if not SEES_PREFIX:
+            query_sees = (cols >= pre) & (cols < vis)
+            q_hi, raw_hi = _onepass_passes(n0, end, vis, pre, BLOCK_N)
+            if VARLEN:
+                # The query rows' own K (K_HELD): the columns they do not see read as 0, so
+                # that dQ adds 0 there (their dS is cleared, and 0 x inf is NaN). Their
+                # scores may overflow there: they reach only those columns' dK and dV,
+                # which are set back below. Loaded apart from the block's k, which is
+                # loaded after this pass: the two are never held at once.
+                k_q = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                              mask=query_sees[:, None] & d_ok[None, :], other=0.0)
+            else:
+                k_q = k
+            dk, dv = _onepass_rows(  # loop: bwd1.query_rows
+                dk, dv, k_q, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
+                delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
+                stride_dol, stride_dod, qk_scale, ds_scale, False, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                DOT, VARLEN)
+            # Packed programs set back only the block holding prefix columns, and clear
+            # only the one holding the sequence's end (below); batched ones run both in
+            # every block: under the register cap the branches made them spill in the row
+            # tile loops (bench.static).
+            if not VARLEN or n0 < pre:  # branch: rare
+                cleared = query_sees | (q_hi == vis)
+                dk = tl.where(cleared[:, None], dk, 0.0)
+                dv = tl.where(cleared[:, None], dv, 0.0)
+        if n0 >= vis:  # query keys: no row sees them
+            raw_hi = first
+        if VARLEN:
+            k = _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd)
+        # With SEES_PREFIX the packed kernel fits without K_HELD, and is faster so. The
+        # columns these rows do not see hold key V - 1 (`_onepass_keys`), which every one
+        # of them sees: dQ adds dS x K there, dS cleared, and K no value the row does not
+        # depend on.
+        # The last, partial row tile, then the whole ones without row masks. Where the
+        # block holds no column past V, these rows see every column of it (all_seen).
+        all_seen = n0 + BLOCK_N <= vis
+        dk, dv = _onepass_rows(  # loop: bwd1.rows_last
+            dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
+            delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
+            stride_dod, qk_scale, ds_scale, all_seen, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
+            VARLEN and not SEES_PREFIX, PARTIAL_TILE)
+        dk, dv = _onepass_rows(  # loop: bwd1.rows
+            dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
+            delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
+            stride_dod, qk_scale, ds_scale, all_seen, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
+            VARLEN and not SEES_PREFIX, WHOLE_TILES)
+        written = (cols < key_end)[:, None] & d_ok[None, :]
+        if not VARLEN:
+            dk = dk * sm_scale
+        if not VARLEN or not all_seen:  # branch: rare
+            kv_mask = (cols < vis)[:, None] & d_ok[None, :]
+            dk = tl.where(kv_mask, dk, 0.0)
+            dv = tl.where(kv_mask, dv, 0.0)
+        tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkl
+                 + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=written)
+        tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvl
+                 + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=written)
 
     dq_base = DQ + b * stride_dqb + h * stride_dqh
     for r0 in range(first, end, BLOCK_M):  # loop: bwd1.dq
@@ -1736,18 +1700,15 @@ def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=Fal
     ONEPASS_MIN_BATCHED_PROGRAMS), and always in the interpreter, where the tests run it."""
     fewest = ONEPASS_MIN_PACKED_PROGRAMS if varlen else ONEPASS_MIN_BATCHED_PROGRAMS
     if interpreted:
-        cfg = dict(BLOCK_M=16, BLOCK_N=32, TAIL_N=16, num_warps=4, num_stages=1)
+        cfg = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     elif (dtype in (torch.float16, torch.bfloat16) and head_dim <= 64 and capability >= 90
           and torch.version.hip is None and seq_len <= ONEPASS_MAX_LEN and programs >= fewest):
         # bench.static (bench/NOTES.md, "the one-pass backward"): uncapped, ptxas takes
         # 216 registers (2 programs per SM); at 168, 3 per SM with 16 bytes spilled (one
         # reload per key block, none in the tile loops). Two stages spill far more. Packed
         # sequences' loaded offsets hold more registers: they fit without a spill by
-        # taking dQ's K from the block's registers (K_HELD in `_onepass_rows`). A 16-key
-        # last block (TAIL_N) takes the batched backward at 197 keys from 234 to 220 µs
-        # (ViT-S/16 global); packed, its code took every row tile 11 SASS more, a loss.
-        cfg = dict(BLOCK_M=32, BLOCK_N=64, TAIL_N=0 if varlen else 16, num_warps=4,
-                   num_stages=1, maxnreg=168)
+        # taking dQ's K from the block's registers (K_HELD in `_onepass_rows`).
+        cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1, maxnreg=168)
     else:
         return None
     return dict(cfg, HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), DOT=dot_mode(dtype),

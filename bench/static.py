@@ -387,7 +387,6 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
 # ----------------------------------------------------------------------------------------
 
 _MARKER = re.compile(r"#\s*loop:\s*([\w.]+)")
-_SUFFIX = re.compile(r"#\s*loop suffix:\s*(\w+)")
 _RARE = re.compile(r"#\s*branch:\s*rare")
 
 
@@ -426,12 +425,12 @@ def mma_flops(opcode, num_warps):
 
 def _loop_name(frames):
     """The `# loop:` marker on the loop's own `for` line or on the call that inlined it
-    (looked for from the outermost frame in), or None; with a `# loop suffix: <s>` on a
-    call that inlined it, "<name>.<s>" (a function inlined twice names its loops apart)."""
-    lines = [linecache.getline(file, line) for file, line in reversed(frames)]
-    names = [m.group(1) for m in map(_MARKER.search, lines) if m]
-    suffixes = [m.group(1) for m in map(_SUFFIX.search, lines) if m]
-    return ".".join(names[:1] + suffixes) if names else None
+    (looked for from the outermost frame in), or None."""
+    for file, line in reversed(frames):
+        m = _MARKER.search(linecache.getline(file, line))
+        if m:
+            return m.group(1)
+    return None
 
 
 def _regions(compiled):
@@ -638,25 +637,20 @@ def _onepass_passes(n0, seq_len, visible, num_prefix, block_n):
 def _onepass_trips(s, a):
     """Trips of the one-pass backward's loops for one (sequence, head): the mirror of
     `_onepass_bwd_kernel`'s key-block walk (default mask rule, or SEES_PREFIX alone)."""
-    block_m, block_n, tail_n = a["BLOCK_M"], a["BLOCK_N"], a.get("TAIL_N", 0)
+    block_m, block_n = a["BLOCK_M"], a["BLOCK_N"]
     key_len = s.seq_len if a["VARLEN"] else a["key_len"]  # packed: each sequence's own keys
-    tail = -(-max(key_len - tail_n, 0) // block_n) * block_n
     trips = {"bwd1.delta": _trips(0, s.seq_len, block_m), "bwd1.dq": _trips(0, s.seq_len, block_m),
-             "bwd1.keys": _trips(0, tail, block_n)}
-    blocks = [(n0, block_n, "") for n0 in range(0, tail, block_n)]
-    blocks += [(tail, tail_n, ".tail")] if tail < key_len else []
-    for suffix in ("", ".tail") if tail_n else ("",):
-        trips.update({f"bwd1.{name}{suffix}": 0 for name in ("query_rows", "rows", "rows_last")})
-    for n0, width, suffix in blocks:
-        q_hi, raw_hi = _onepass_passes(n0, s.seq_len, s.visible, s.num_prefix, width)
+             "bwd1.keys": _trips(0, key_len, block_n), "bwd1.query_rows": 0, "bwd1.rows": 0,
+             "bwd1.rows_last": 0}
+    for n0 in range(0, key_len, block_n):
+        q_hi, raw_hi = _onepass_passes(n0, s.seq_len, s.visible, s.num_prefix, block_n)
         if a["SEES_PREFIX"]:  # every row walks every visible block, in one pass
             q_hi, raw_hi = s.visible, s.seq_len
         if n0 >= s.visible:  # query keys: no row sees them
             raw_hi = 0
-        for name, count in (("query_rows", _trips(s.visible, q_hi, block_m)),
-                            ("rows", raw_hi // block_m), ("rows_last", int(raw_hi % block_m != 0))):
-            key = f"bwd1.{name}{suffix}"
-            trips[key] = trips.get(key, 0) + count
+        trips["bwd1.query_rows"] += _trips(s.visible, q_hi, block_m)
+        trips["bwd1.rows"] += raw_hi // block_m
+        trips["bwd1.rows_last"] += int(raw_hi % block_m != 0)
     return trips
 
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import adclr_kernels.attention_triton as T
-import adclr_kernels.attention_triton_short as S
 from adclr_kernels import (VarlenLayout, unidirectional_attention, unidirectional_attention_qkvpacked,
                            unidirectional_attention_varlen_qkvpacked)
 from adclr_kernels._triton_common import SHARED_MEMORY_PER_PROGRAM
@@ -147,33 +146,6 @@ def test_head_dim_128_backward_tiles_in_the_interpreter(monkeypatch, num_prefix,
     assert [(k["BLOCK_M1"], k["BLOCK_N1"], k["BLOCK_M2"], k["BLOCK_N2"]) for k in launched] == [
         (steps, 64, 64, steps)]
     assert launched[0]["SPLIT_ROWS"] == (num_prefix + num_raw + num_queries > 2 * steps)
-
-
-@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA the GPU rules already apply")
-@pytest.mark.parametrize("num_prefix,num_raw,num_queries,tail", [
-    (1, 196, 10, 5),     # ViT-S/16: 197 keys, the last 5 in a 16-key block
-    (4, 204, 3, 16),     # 208 keys: a whole 16-key last block
-    (1, 208, 0, None),   # 209: 17 left over, more than the narrow block takes
-    (4, 124, 10, None),  # 128: whole blocks only
-    (4, 12, 10, 16),     # 16: the narrow block is the only one, the prefix in it
-])
-@pytest.mark.parametrize("opt_set", [OPTION_SETS[0], OPTION_SETS[1]], ids=option_id)
-def test_one_pass_backward_narrow_last_key_block(monkeypatch, opt_set, num_prefix, num_raw,
-                                                 num_queries, tail):
-    # sm_90's batched one-pass backward (fp16 standing for bf16) at head_dim 64: whole
-    # 64-key blocks, then the last 16 keys or fewer in a 16-key block (TAIL_N). The
-    # one-shot kernels, which take sequences of up to 42 tokens, are off.
-    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
-    monkeypatch.setattr(T, "device_capability", lambda device: 90)
-    monkeypatch.setattr(T, "ONEPASS_MIN_BATCHED_PROGRAMS", 1)
-    monkeypatch.setattr(S, "ONESHOT_MAX_LEN", 0)
-    launched = []
-    real = T._onepass_bwd_kernel.run
-    monkeypatch.setattr(T._onepass_bwd_kernel, "run", lambda *a, **k: launched.append(k) or real(*a, **k))
-    check_triton(1, 2, num_prefix, num_raw, num_queries, 64, options(opt_set), dtype=torch.float16)
-    assert [(k["BLOCK_N"], k["TAIL_N"]) for k in launched] == [(64, 16)]
-    keys = num_prefix + num_raw
-    assert (0 < keys % 64 <= 16) == (tail is not None) and (tail is None or keys % 64 == tail % 64)
 
 
 @pytest.mark.parametrize("dtype,gpu_tiles", [(torch.float32, False), (torch.float16, False),
