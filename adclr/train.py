@@ -657,13 +657,20 @@ def train(cfg):
         # Kept in config.json and the checkpoint, where eval and show read it from any
         # directory: a path relative to where train ran would not be found there.
         cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
+    joined = dist.is_available() and dist.is_initialized()  # a caller's group stays theirs
     rank, world, device = setup_distributed(cfg)
-    problem = whole_step_error(cfg, device, world > 1)
-    if problem:
-        raise SystemExit(f"error: {problem}")
-    check_backend(cfg, device)
-    with claim_out(cfg.out, rank, world):
-        return _train(cfg, rank, world, device)
+    try:
+        problem = whole_step_error(cfg, device, world > 1)
+        if problem:
+            raise SystemExit(f"error: {problem}")
+        check_backend(cfg, device)
+        with claim_out(cfg.out, rank, world):
+            return _train(cfg, rank, world, device)
+    finally:
+        # The group this run made ends with it: what the process does next (the demo's
+        # k-NN check, on rank 0 alone) builds models without DistributedDataParallel.
+        if not joined and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _train(cfg, rank, world, device):

@@ -148,3 +148,41 @@ def test_ddp_with_the_other_methods(tiny_config, tmp_path):
             assert torch.equal(x, y), method
         changed = [not torch.equal(x, s) for x, s in zip(a["student"], a["initial"])]
         assert all(changed), method  # every parameter trained, the method's own parts too
+
+
+def cli_worker(rank, world, argv, port, results):
+    import contextlib
+
+    import adclr.eval_knn
+    from adclr.cli import main
+
+    torch.set_num_threads(1)
+    adclr.eval_knn.DEMO_IMAGES = 100
+    # As torchrun sets them: the run joins its process group itself.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    with open(os.path.join(results, f"rank{rank}.err"), "w") as err, contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+    with open(os.path.join(results, f"rank{rank}.txt"), "w") as f:
+        f.write(str(code))
+
+
+def test_the_command_line_under_torchrun_ends_with_the_demo_line(tmp_path):
+    """On CPU with the built-in data the run is the demo: rank 0 ends it with the k-NN line,
+    after the other ranks have gone, so without the run's process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["train", "--out", str(tmp_path / "run"), "--arch", "vit_test", "--patch-size", "8",
+            "--image-size", "32", "--local-size", "16", "--num-local-crops", "2", "--num-queries", "3",
+            "--out-dim", "256", "--batch-size", "8", "--max-steps", "2", "--num-workers", "0",
+            "--device", "cpu"]
+    mp.spawn(cli_worker, args=(2, argv, port, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["0", "0"]
+    assert "teacher" in (tmp_path / "rank0.err").read_text().splitlines()[-1]
+    assert "k-NN" not in (tmp_path / "rank1.err").read_text()
+
