@@ -181,8 +181,11 @@ def folder_lock(folder):
             print(f"warning: the file system of {folder} cannot lock it ({error.strerror or error}); "
                   "nothing stops a second run from writing into it at the same time", file=sys.stderr)
         _held_locks.add(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        try:  # who holds it, for the message of a run refused: a full disk refuses this one
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError as error:
+            raise WriteError(why_not_written(path, error)) from None
         yield
     finally:
         _held_locks.discard(fd)

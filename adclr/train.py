@@ -484,7 +484,7 @@ class Logger:
             self.file = open(self.path, "a") if enabled else None
         except OSError as error:
             raise WriteError(why_not_written(self.path, error)) from None
-        self.tb = None
+        self.tb, self.failed = None, False
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -500,6 +500,7 @@ class Logger:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         except OSError as error:  # a full disk
+            self.failed = True
             raise WriteError(why_not_written(self.path, error)) from None
         if self.tb:
             for k, v in record.items():
@@ -525,7 +526,11 @@ class Logger:
         if self.enabled:
             if self.tty:
                 print(file=sys.stderr)
-            self.file.close()
+            try:
+                self.file.close()  # flushes what a failed write left in its buffer: fails again
+            except OSError as error:
+                if not self.failed:  # else the failed write's WriteError says it, not this
+                    raise WriteError(why_not_written(self.path, error)) from None
             if self.tb:
                 self.tb.close()
 
@@ -927,7 +932,10 @@ class Run:
                   **({"loss_scale": t.scaler.get_scale()} if t.scaler else {}),
                   "eta_s": (t.total_steps - done) * elapsed / steps}
         self.warn_data_wait(record["data_wait"], done)
-        self.logger.log(record, t.total_steps)
+        try:
+            self.logger.log(record, t.total_steps)
+        except WriteError as error:  # a full disk: say what the checkpoint still holds
+            raise WriteError(f"{error}; {self.kept()}") from None
         self.t0, self.images_since, self.data_wait = time.perf_counter(), 0, 0.0
 
     def warn_data_wait(self, share, done):
@@ -953,14 +961,17 @@ class Run:
                 try:
                     save_checkpoint(self.trainer, self.path, done, rng)
                 except WriteError as error:  # a full disk: the previous checkpoint.pt is whole
-                    kept = (f"{self.path} still holds step {self.saved}; make room, then rerun the same command "
-                            "to resume from it" if self.saved else
-                            "no checkpoint was written yet; make room, then rerun")
-                    raise WriteError(f"{error}; {kept}") from None
+                    raise WriteError(f"{error}; {self.kept()}") from None
             self.saved = done
             if snapshot and self.main:  # a numbered copy that later checkpoints do not replace
                 epochs = done // self.trainer.steps_per_epoch
                 copy_atomically(self.path, os.path.join(self.cfg.out, f"checkpoint{epochs:04d}.pt"))
+
+    def kept(self):
+        """What a rerun resumes from, for the message of a write that failed."""
+        if self.saved:
+            return f"{self.path} still holds step {self.saved}; make room, then rerun the same command to resume from it"
+        return "no checkpoint was written yet; make room, then rerun"
 
     @contextlib.contextmanager
     def saving(self):

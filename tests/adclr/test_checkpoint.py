@@ -347,6 +347,20 @@ def test_folder_lock_is_held_for_the_block_and_dropped_with_its_process(tmp_path
         pass
 
 
+def test_a_full_disk_at_a_new_runs_lock_is_one_line(tmp_path, monkeypatch, capsys):
+    """A new run writes who holds its folder into .lock, the first byte it writes there: on
+    a full disk that ended in an OSError traceback."""
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    out = str(tmp_path / "run")
+    status, err = run(["train", *TINY, "--out", out], capsys)
+    assert status == 1 and "Traceback" not in err
+    assert err.splitlines()[-1] == (f"error: cannot write {os.path.join(out, '.lock')}: no space left on "
+                                    f"device (the disk mounted at {mount_point(out)} is full)")
+
+
 def started_then_asleep(started):
     started.set()
     time.sleep(60)
