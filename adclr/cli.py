@@ -94,16 +94,35 @@ def is_demo(cfg):
 
 
 def make_config(given):
-    """Config from the flags given; on CPU with the built-in data, the DEMO defaults fill the rest."""
+    """Config from the flags given; on CPU with the built-in data, the DEMO defaults fill the
+    rest. A run resumed in --out keeps them if it ran with them (its config.json holds them
+    where no flag is given now), and only then: a demo run resumed on other data or a GPU
+    goes on with its settings, as a resume with --data or --device changed does."""
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     cfg = Config(**given)
-    if is_demo(cfg):
+    saved = _saved_settings(cfg.out)
+    demo = (is_demo(cfg) if saved is None
+            else all(saved.get(k) == v for k, v in DEMO.items() if k not in given))
+    if demo:
         chosen = {k: v for k, v in DEMO.items() if k not in given}
         cfg = dataclasses.replace(cfg, **chosen)
         if chosen:
-            print("built-in data and no GPU: quick demo settings "
-                  f"(any flag overrides them): {json.dumps(chosen)}", file=sys.stderr)
+            why = ("the run in --out ran with them" if saved is not None and not is_demo(cfg)
+                   else "built-in data and no GPU")
+            print(f"{why}: quick demo settings (any flag overrides them): {json.dumps(chosen)}",
+                  file=sys.stderr)
     return cfg
+
+
+def _saved_settings(out):
+    """The settings of the run in `out` (its config.json), or None: no run there, or one
+    whose config.json cannot be read (the run rewrites it)."""
+    try:
+        with open(os.path.join(out, "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def build_parser():

@@ -309,6 +309,33 @@ def test_demo_defaults_only_without_data_and_gpu(monkeypatch):
             paper.out_dim, paper.lambda_query) == ("vit_small", 224, 96, 10, 10, 65536, 0.5)
 
 
+def test_a_resumed_run_keeps_the_demo_settings_it_ran_with(tmp_path, monkeypatch, capsys):
+    """A demo run resumed on a folder of images (or on a GPU): the presets stay, since the
+    run took them; they used to turn into the paper's, and the resume was refused over
+    flags the user never gave."""
+    import dataclasses
+
+    from adclr.config import Config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = str(tmp_path / "run")
+    given = ["--arch", "vit_test", "--patch-size", "8", "--image-size", "32", "--local-size", "16",
+             "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "64", "--head-hidden-dim", "32",
+             "--head-bottleneck-dim", "16", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"]
+    assert main(["train", *given, "--out", out, "--max-steps", "1"]) is None  # the demo, 1 step
+    folder = image_folder(tmp_path / "images")
+    status, err = run(["train", *given, "--out", out, "--max-steps", "2", "--data", str(folder)], capsys)
+    assert status == 0, err
+    assert "the run in --out ran with them: quick demo settings" in err
+    assert read_metrics(out)[-1]["step"] == 2
+    # A run in --out without them keeps its own settings, on the built-in data too.
+    paper = make_config({"out": str(tmp_path / "paper")})
+    assert paper.arch == "vit_mini"  # no run there: the demo
+    os.makedirs(tmp_path / "paper")
+    (tmp_path / "paper" / "config.json").write_text(json.dumps(dataclasses.asdict(Config())))
+    assert make_config({"out": str(tmp_path / "paper")}).arch == "vit_small"
+
+
 def test_help_states_the_batch_convention_and_the_momentum_hint(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
