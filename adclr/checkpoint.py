@@ -31,8 +31,10 @@ from .config import FORMER_BEHAVIOUR, RESUMABLE, saved_config_errors
 from .model import ARCHS
 
 
-def save_checkpoint(trainer, path, step, rng):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+def save_checkpoint(trainer, path, step, rng, skipped_images=0):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact.
+    skipped_images: the unreadable files the run has skipped so far (metrics.jsonl counts on
+    from it after a resume)."""
     state = {
         "student": trainer.student_module.state_dict(),
         "teacher": trainer.teacher.state_dict(),
@@ -42,6 +44,7 @@ def save_checkpoint(trainer, path, step, rng):
         "step": step,
         "config": dataclasses.asdict(trainer.cfg),
         "rng": rng,
+        "skipped_images": skipped_images,
     }
     # Through a Python file: torch.save to a path reports a full disk as a C++ iostream error.
     write_atomically(path, lambda f: torch.save(state, f))
@@ -206,7 +209,8 @@ def load_checkpoint(path):
     not a PyTorch file), would run code to load (torch.load's weights_only refuses
     any pickled global that is not a tensor or plain data), lacks a part, holds a part
     of the wrong type, or holds non-finite weights (a run that diverged). Optional
-    parts: "scaler" (fp16 runs), a head's "last_layer.gain" (--no-norm-last-layer).
+    parts: "scaler" (fp16 runs), a head's "last_layer.gain" (--no-norm-last-layer),
+    "skipped_images" (absent before runs counted them).
     """
     kind = not_a_file(path)
     if kind:  # torch.load would wait forever on a fifo and read a device until memory runs out
@@ -255,8 +259,10 @@ def _malformed(state):
     if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
             and isinstance(optimizer.get("param_groups"), list)):
         return "'optimizer' is not an optimizer state dict"
-    if isinstance(state["step"], bool) or not isinstance(state["step"], int) or state["step"] < 0:
-        return f"'step' is {state['step']!r}, not a step number"
+    for key, what in (("step", "a step number"), ("skipped_images", "a count")):
+        value = state.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"'{key}' is {value!r}, not {what}"
     config = state["config"]
     if not isinstance(config, dict) or not all(isinstance(config.get(k), int) for k in ("patch_size", "image_size")) \
             or config.get("arch") not in ARCHS:

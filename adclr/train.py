@@ -689,8 +689,10 @@ def _train(cfg, rank, world, device):
     data = iter(loader)  # draws from the global RNG: before seeding, so that a resume replays exactly
     trainer = build(cfg, device, steps_per_epoch)
     torch.manual_seed(cfg.seed + 1000 * (rank + 1))  # augmentations differ between processes
+    skipped = 0
     if checkpoint is not None:
         _resume(trainer, checkpoint, path, rank, world)
+        skipped = checkpoint.get("skipped_images", 0)
         del checkpoint  # its tensors are copied into the trainer: free them before the loop
     total = trainer.total_steps
     if start >= total:  # before config.json is written: it keeps describing the run as trained
@@ -699,7 +701,7 @@ def _train(cfg, rank, world, device):
         return start
     if main:
         _announce(trainer, world, start)
-    Run(trainer, path, rank, world, start, loader).steps(data)
+    Run(trainer, path, rank, world, start, loader, skipped).steps(data)
     if main:
         print(f"done: {total} steps, checkpoint {path}", file=sys.stderr)
     return total
@@ -804,7 +806,7 @@ class Run:
     interrupt path read the same numbers.
     """
 
-    def __init__(self, trainer, path, rank, world, start, loader):
+    def __init__(self, trainer, path, rank, world, start, loader, skipped=0):
         self.trainer, self.cfg, self.path = trainer, trainer.cfg, path
         self.world, self.main = world, rank == 0
         self.crops, self.workers = DeviceCrops(loader.dataset, trainer.device), loader.num_workers
@@ -812,7 +814,8 @@ class Run:
         if self.main:
             drop_records_after(os.path.join(self.cfg.out, "metrics.jsonl"), start)
         self.logger = Logger(self.cfg.out, self.main, start)
-        self.images, self.warned, self.skipped = loader.dataset.base, set(), 0  # warned: unreadable files already reported
+        # warned: unreadable files already reported; skipped: counted since the run began
+        self.images, self.warned, self.skipped = loader.dataset.base, set(), skipped
         self.bad = torch.zeros((), dtype=torch.bool, device=trainer.device)  # any loss not finite, on the device
         self.completed = self.last_good = self.saved = start  # saved: the step of checkpoint.pt, 0 = none
         self.in_step = self.stop_asked = False  # stop_asked: Ctrl-C inside a step, which then ends it
@@ -959,7 +962,7 @@ class Run:
         with self.saving():
             if self.main:
                 try:
-                    save_checkpoint(self.trainer, self.path, done, rng)
+                    save_checkpoint(self.trainer, self.path, done, rng, self.skipped)
                 except WriteError as error:  # a full disk: the previous checkpoint.pt is whole
                     raise WriteError(f"{error}; {self.kept()}") from None
             self.saved = done

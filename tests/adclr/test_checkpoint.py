@@ -55,6 +55,8 @@ def corrupt(kind, good, tmp_path):
         reason = "is not an adclr checkpoint (no optimizer, rng in it)"
     elif kind == "step of the wrong type":
         state["step"], reason = "1", "is not an adclr checkpoint ('step' is '1', not a step number)"
+    elif kind == "negative skipped count":
+        state["skipped_images"], reason = -1, "is not an adclr checkpoint ('skipped_images' is -1, not a count)"
     elif kind == "weights of the wrong type":
         state["teacher"] = list(state["teacher"].values())
         reason = "is not an adclr checkpoint ('teacher' is not a dict of tensors)"
@@ -97,7 +99,7 @@ RNG_STATES = {
     "CPU RNG state of the wrong dtype": lambda states: {**states, "cpu": states["cpu"].float()},
 }
 CORRUPTIONS = ["empty", "truncated", "random bytes", "text", "disallowed global", "not a dict", "missing keys",
-               "step of the wrong type", "weights of the wrong type", "config of the wrong type",
+               "step of the wrong type", "negative skipped count", "weights of the wrong type", "config of the wrong type",
                "scaler of the wrong type", "NaN weights", *SAVED_CONFIGS, *RNG_STATES,
                "wrong shapes"]
 

@@ -394,6 +394,22 @@ def test_unreadable_image_warned_once_and_counted(tmp_path, capsys):
     assert f"| {counts[-1]} unreadable images skipped" in err.splitlines()[-2]
 
 
+def test_unreadable_images_counted_across_a_resume(tmp_path, monkeypatch, capsys):
+    """The count in metrics.jsonl is the run's since its start: a resumed run counts on
+    from its checkpoint, as the uninterrupted run does (it began again from 0)."""
+    data = image_folder(tmp_path / "data", per_class=2, unreadable=("a/1.png",))
+    runs = {}
+    for name in ("whole", "resumed"):
+        out = str(tmp_path / name)
+        argv = ["train", *TINY, "--data", data, "--batch-size", "2", "--max-steps", "6", "--out", out,
+                "--num-local-crops", "0", "--checkpoint-every", "2"]
+        if name == "resumed":
+            crash_in_step(monkeypatch, 4, lambda: main(argv))
+        assert run(argv, capsys)[0] == 0
+        runs[name] = [(r["step"], r["skipped_images"]) for r in read_metrics(out)]
+    assert runs["resumed"] == runs["whole"] and runs["whole"][-1][1] >= 3
+
+
 @pytest.mark.parametrize("name", ["checkpoint.pt.4242.tmp", "checkpoint0004.pt.4242.tmp",  # rolling, numbered
                                   "checkpoint.pt.tmp"])  # the name older versions wrote
 def test_stale_tmp_checkpoint_is_removed_at_start(name, tmp_path, monkeypatch, capsys):
