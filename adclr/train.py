@@ -796,7 +796,6 @@ def mfu_peak(trainer):
     return peak, None
 
 
-_NOT_INSTALLED = object()  # Run.finish_the_step_on_ctrl_c left SIGINT as it was
 
 
 class Run:
@@ -819,6 +818,7 @@ class Run:
         self.bad = torch.zeros((), dtype=torch.bool, device=trainer.device)  # any loss not finite, on the device
         self.completed = self.last_good = self.saved = start  # saved: the step of checkpoint.pt, 0 = none
         self.in_step = self.stop_asked = False  # stop_asked: Ctrl-C inside a step, which then ends it
+        self.stopped_by = "interrupted"  # or "terminated" (SIGTERM): the stop's message and exit code
         self.in_save = False  # writing a checkpoint: a Ctrl-C waits for the write
         self.t0, self.images_since = time.perf_counter(), 0
         self.data_wait, self.intervals, self.wait_warned = 0.0, 0, False  # data_wait: seconds in next(data)
@@ -829,7 +829,7 @@ class Run:
 
     def steps(self, data):
         """Run the remaining steps on the batches of `data`; on an interrupt, keep what was done."""
-        previous = self.finish_the_step_on_ctrl_c()
+        previous = self.finish_the_step_on_a_stop()
         try:
             for step in range(self.completed, self.trainer.total_steps):
                 asked = time.perf_counter()
@@ -840,42 +840,58 @@ class Run:
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             self.save_interrupted()
+            if self.stopped_by == "terminated":
+                raise SystemExit(128 + signal.SIGTERM) from None  # as the signal's default would
             raise
         finally:
-            if previous is not _NOT_INSTALLED:
-                signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.logger.close()
 
-    def finish_the_step_on_ctrl_c(self):
-        """Let a first Ctrl-C that lands inside a step (nearly all of them: the data wait is a
-        few percent of a step) finish that step, then save and stop, instead of losing every
-        step since the last checkpoint; a second one stops at once. The previous SIGINT
-        handler, or _NOT_INSTALLED: a single process's main thread only (under DDP the
-        launcher owns the signals, and a save needs every process)."""
+    def finish_the_step_on_a_stop(self):
+        """Let a first Ctrl-C (or SIGTERM: a scheduler's or container's stop) that lands inside
+        a step (nearly all of them: the data wait is a few percent of a step) finish that step,
+        then save and stop, instead of losing every step since the last checkpoint; a second
+        one stops at once. Returns {signal: the handler to put back}: a single process's main
+        thread only (under DDP the launcher owns the signals, and a save needs every process),
+        and a SIGTERM nobody else handles."""
         if self.world != 1 or threading.current_thread() is not threading.main_thread():
-            return _NOT_INSTALLED
-        previous = signal.getsignal(signal.SIGINT)
-        if previous is signal.SIG_IGN or previous is None:
-            # Ignored (a background job of a shell without job control), or a handler
-            # installed outside Python, which could not be put back: left as it is.
-            return _NOT_INSTALLED
+            return {}
 
-        def on_ctrl_c(signum, frame):
+        def on_stop(signum, frame):
+            if signum == signal.SIGTERM:
+                self.stopped_by = "terminated"
             if self.in_save:
                 # Raised inside torch.save, it would end as the zip writer's own error, with
                 # the checkpoint unwritten (and the steps since the last one lost).
                 if not self.stop_asked:
-                    print(f"\ninterrupt: writing the checkpoint of step {self.completed} first, then stopping",
-                          file=sys.stderr, flush=True)
+                    print(f"\n{self.stop_name(signum)}: writing the checkpoint of step {self.completed} first, "
+                          "then stopping", file=sys.stderr, flush=True)
                 self.stop_asked = True
                 return
             if not self.in_step or self.stop_asked:
                 raise KeyboardInterrupt
             self.stop_asked = True
-            print(f"\ninterrupt: finishing step {self.completed + 1}, then saving it; Ctrl-C again to stop at once",
+            print(f"\n{self.stop_name(signum)}: finishing step {self.completed + 1}, then saving it; "
+                  f"{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} again to stop at once",
                   file=sys.stderr, flush=True)
-        signal.signal(signal.SIGINT, on_ctrl_c)
+
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            # SIGINT ignored (a background job of a shell without job control), a handler
+            # installed outside Python (None: it could not be put back), or a caller's own
+            # SIGTERM handler: left as they are.
+            if handler is signal.SIG_IGN or handler is None or (
+                    signum == signal.SIGTERM and handler is not signal.SIG_DFL):
+                continue
+            previous[signum] = handler
+            signal.signal(signum, on_stop)
         return previous
+
+    @staticmethod
+    def stop_name(signum):
+        return "interrupt" if signum == signal.SIGINT else "SIGTERM"
 
     def step(self, raw, step):
         """Step `step` on a loader batch, then its log record and checkpoint when they are due."""
@@ -978,7 +994,7 @@ class Run:
 
     @contextlib.contextmanager
     def saving(self):
-        """A checkpoint write: a Ctrl-C inside it waits for it (see finish_the_step_on_ctrl_c)."""
+        """A checkpoint write: a Ctrl-C inside it waits for it (see finish_the_step_on_a_stop)."""
         self.in_save = True
         try:
             yield
@@ -1004,10 +1020,10 @@ class Run:
         process's RNG state, a collective that interrupted processes cannot join."""
         if self.world == 1 and not self.in_step and self.completed > self.saved and not self.bad.item():
             with self.saving():
-                save_checkpoint(self.trainer, self.path, self.completed, [rng_states()])
-            print(f"\ninterrupted: saved step {self.completed} to {self.path}; rerun the same command to resume",
-                  file=sys.stderr)
+                save_checkpoint(self.trainer, self.path, self.completed, [rng_states()], self.skipped)
+            print(f"\n{self.stopped_by}: saved step {self.completed} to {self.path}; rerun the same command "
+                  "to resume", file=sys.stderr)
         elif self.stop_asked and not self.in_step and self.completed == self.saved:
             # the finished step was a checkpoint step
-            print(f"\ninterrupted: step {self.completed} is saved in {self.path}; rerun the same command to resume",
-                  file=sys.stderr)
+            print(f"\n{self.stopped_by}: step {self.completed} is saved in {self.path}; rerun the same command "
+                  "to resume", file=sys.stderr)

@@ -186,6 +186,43 @@ def test_ctrl_c_during_a_checkpoint_write_lets_it_finish_then_stops(presses, tin
     assert f"interrupted: step 4 is saved in {path}; rerun the same command to resume" in err
 
 
+SIGTERM_IN_STEP_4 = """
+import os, signal, sys
+import adclr.train
+from adclr.cli import main
+real_step = adclr.train.train_step
+def sigterm_in_step_4(trainer, batch, step):
+    if step == 3:
+        for _ in range(int(sys.argv[1])):
+            os.kill(os.getpid(), signal.SIGTERM)
+    return real_step(trainer, batch, step)
+adclr.train.train_step = sigterm_in_step_4
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_sigterm_inside_a_step_finishes_it_then_saves(signals, tmp_path):
+    """SIGTERM (a scheduler's or container's stop) as Ctrl-C: the step finishes, is saved,
+    and the run exits 143 (128 + SIGTERM) with its line; a second one stops at once. It
+    used to end the process there, losing every step since the last checkpoint."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "run")
+    argv = ["train", *TINY, "--out", out, "--max-steps", "6", "--checkpoint-every", "5"]
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_IN_STEP_4, str(signals), *argv],
+                          capture_output=True, text=True, timeout=300)
+    path = os.path.join(out, "checkpoint.pt")
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in proc.stderr, proc.stderr
+    assert "SIGTERM: finishing step 4, then saving it; SIGTERM again to stop at once" in proc.stderr
+    if signals == 1:
+        assert load_checkpoint(path)["step"] == 4
+        assert f"terminated: saved step 4 to {path}; rerun the same command to resume" in proc.stderr
+    else:
+        assert not os.path.exists(path) and "terminated:" not in proc.stderr
+
+
 def test_an_ignored_ctrl_c_stays_ignored(tiny_config, monkeypatch, capsys):
     """A run whose SIGINT is ignored (a background job without job control) runs on."""
     cfg = tiny_config(max_steps=6, checkpoint_every=5)
