@@ -126,6 +126,11 @@ def why_not_written(path, error):
 
 def make_folder(folder, flag="--out"):
     """Make `folder` (and its parents), or exit with one line naming `flag` and why it cannot be."""
+    if not folder:
+        raise SystemExit(f"error: {flag} is empty; give a folder")
+    if os.path.islink(folder) and not os.path.exists(folder):
+        raise SystemExit(f"error: {flag} {folder} is a link to {os.readlink(folder)}, which does not exist; "
+                         f"make that folder, or choose another {flag}")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise SystemExit(f"error: {flag} {folder} is a file, not a folder; choose another {flag}")
     try:

@@ -697,7 +697,8 @@ def _train(cfg, rank, world, device):
     total = trainer.total_steps
     if start >= total:  # before config.json is written: it keeps describing the run as trained
         if main:
-            print(f"nothing to do: {path} is already at step {start} of {total}", file=sys.stderr)
+            where = "the end of this run" if start == total else "past the end of this run"
+            print(f"nothing to do: {path} is at step {start}, {where} ({total} steps)", file=sys.stderr)
         return start
     if main:
         _announce(trainer, world, start)
@@ -727,8 +728,10 @@ def _open_images(cfg, world):
     except OSError as error:  # ImageFolder: no such folder, no images in it, no permission
         raise SystemExit(f"error: --data: {error}") from None
     if len(images) < cfg.batch_size:
+        # Files with an image's name: whether they can be read is known when they are.
+        files = f"{len(images)} image file{'s' if len(images) != 1 else ''}"
         raise SystemExit(f"error: --batch-size {cfg.batch_size} is larger than the dataset "
-                         f"({len(images)} images in {cfg.data})")
+                         f"({files} in {cfg.data})")
     if cfg.batch_size % world:
         raise SystemExit(f"error: --batch-size {cfg.batch_size} (the total over all processes) "
                          f"is not divisible by the {world} processes")

@@ -172,7 +172,8 @@ def test_a_rerun_with_nothing_to_do_leaves_config_json_as_it_was(tiny_config, ca
     with open(os.path.join(cfg.out, "config.json")) as f:
         written = f.read()
     assert train(dataclasses.replace(cfg, max_steps=2)) == 3
-    assert f"nothing to do: {os.path.join(cfg.out, 'checkpoint.pt')} is already at step 3 of 2" in capsys.readouterr().err
+    assert (f"nothing to do: {os.path.join(cfg.out, 'checkpoint.pt')} is at step 3, past the end of this run "
+            "(2 steps)") in capsys.readouterr().err
     with open(os.path.join(cfg.out, "config.json")) as f:
         assert f.read() == written
 

@@ -418,7 +418,8 @@ def test_a_relative_data_folder_is_kept_as_an_absolute_path(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("case", ["missing data", "unknown built-in set", "no images", "batch too large", "out is a file",
-                                  "out under a file", "out not writable", "xformers", "flex on CPU"])
+                                  "out under a file", "out not writable", "out empty", "out a dangling link",
+                                  "xformers", "flex on CPU"])
 def test_train_user_errors(case, tmp_path, capsys):
     data, out, extra = "builtin", str(tmp_path / "run"), []
     if case == "missing data":
@@ -435,7 +436,7 @@ def test_train_user_errors(case, tmp_path, capsys):
         expected = f"error: --data: no images (.jpg, .jpeg, .png, .bmp, .webp, .tif, .tiff, .gif, .ppm) found under {data!r}"
     elif case == "batch too large":
         data = image_folder(tmp_path / "data", per_class=1)
-        expected = f"error: --batch-size 4 is larger than the dataset (2 images in {data})"
+        expected = f"error: --batch-size 4 is larger than the dataset (2 image files in {data})"
     elif case == "out is a file":
         out = write_file(tmp_path / "file")
         expected = f"error: --out {out} is a file, not a folder; choose another --out"
@@ -448,6 +449,12 @@ def test_train_user_errors(case, tmp_path, capsys):
         os.makedirs(out)
         os.chmod(out, 0o500)
         expected = f"error: --out {out} is not writable (Permission denied); choose another --out"
+    elif case == "out empty":
+        out, expected = "", "error: --out is empty; give a folder"
+    elif case == "out a dangling link":
+        os.symlink(tmp_path / "gone", out)
+        expected = (f"error: --out {out} is a link to {tmp_path / 'gone'}, which does not exist; make that "
+                    "folder, or choose another --out")
     elif case == "xformers":
         if xformers_available():
             pytest.skip("xformers is installed")
