@@ -20,6 +20,7 @@ import functools
 import io
 import math
 import os
+import signal
 import sys
 
 import numpy as np
@@ -835,6 +836,16 @@ def keep_freed_memory(worker_id=None):
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+def init_train_worker(worker_id=None):
+    """A training loader worker's `worker_init_fn`: keep freed memory (`keep_freed_memory`),
+    and ignore SIGTERM. A scheduler's stop (SLURM) sends it to every process of the job:
+    a worker it killed made the loader raise inside the main process while that was
+    saving its last step (train.Run stops on SIGTERM as on Ctrl-C). A worker still ends
+    with the main process, which tells it to, or whose exit it notices."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    keep_freed_memory(worker_id)
+
+
 def collate_decoded(samples):
     """A batch of DecodeOnlyDataset items: the decoded images in one flat buffer
     (`PackedImages`) and the encoded files' bytes in another ("encoded", with their
@@ -1087,7 +1098,7 @@ def train_loader(cfg, rank=0, world_size=1, start_step=0, images=None, decode="p
     # past four workers, where the others' batches keep the queue full anyway.
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-        worker_init_fn=keep_freed_memory, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=init_train_worker, pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0, prefetch_factor=(4 if workers <= 4 else 2) if workers > 0 else None)
     return loader, batches.steps_per_epoch
 

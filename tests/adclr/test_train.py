@@ -223,6 +223,37 @@ def test_sigterm_inside_a_step_finishes_it_then_saves(signals, tmp_path):
         assert not os.path.exists(path) and "terminated:" not in proc.stderr
 
 
+def test_sigterm_to_the_whole_job_saves_and_leaves_no_worker(tmp_path):
+    """SLURM's stop reaches every process of the job, the loader's workers too: one it
+    killed made the loader raise inside the main process's save (a traceback, no
+    checkpoint). Workers ignore SIGTERM, and end with the run."""
+    import subprocess
+    import sys
+    import time
+
+    out = str(tmp_path / "run")
+    argv = [sys.executable, "-m", "adclr.cli", "train", *TINY, "--out", out, "--max-steps", "500",
+            "--num-workers", "1", "--checkpoint-every", "1000"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in proc.stderr:
+        if line.startswith("step 3/"):
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "terminated: saved step" in err
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] >= 3
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the worker notices within its watchdog's interval
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("a loader worker outlived the run")
+
+
 def test_an_ignored_ctrl_c_stays_ignored(tiny_config, monkeypatch, capsys):
     """A run whose SIGINT is ignored (a background job without job control) runs on."""
     cfg = tiny_config(max_steps=6, checkpoint_every=5)
