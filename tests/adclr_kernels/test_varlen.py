@@ -342,6 +342,7 @@ def test_tile_table_lists_every_block_with_rows_once_longest_sequences_first():
     assert layout.sequence_tiles(64) is layout.sequence_tiles(64)
 
 
+@pytest.mark.skipif(ON_CUDA, reason="the interpreter's rule: a GPU takes the one-pass backward from 3072 programs")
 @pytest.mark.parametrize("order", ["reversed", "no table"])
 def test_one_pass_backward_takes_sequences_in_any_order_bit_for_bit(order):
     # The sequence table decides when each program runs, not what it computes: another order
@@ -369,6 +370,7 @@ def test_one_pass_backward_takes_sequences_in_any_order_bit_for_bit(order):
         assert torch.equal(want, got)
 
 
+@pytest.mark.skipif(ON_CUDA, reason="the interpreter's rule: a GPU takes the one-pass backward from 3072 programs")
 def test_one_pass_backward_runs_the_sequences_its_table_lists():
     # A table listing sequence 1 in every slot: the other sequences' rows keep the poison.
     import adclr_kernels.attention_triton as T
