@@ -128,9 +128,10 @@ def make_folder(folder, flag="--out"):
     """Make `folder` (and its parents), or exit with one line naming `flag` and why it cannot be."""
     if not folder:
         raise SystemExit(f"error: {flag} is empty; give a folder")
-    if os.path.islink(folder) and not os.path.exists(folder):
-        raise SystemExit(f"error: {flag} {folder} is a link to {os.readlink(folder)}, which does not exist; "
-                         f"make that folder, or choose another {flag}")
+    link = _dangling_link(folder)
+    if link:
+        raise SystemExit(f"error: {flag} {folder}: {link} is a link to {os.readlink(link)}, which does not "
+                         f"exist; make that folder, or choose another {flag}")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise SystemExit(f"error: {flag} {folder} is a file, not a folder; choose another {flag}")
     try:
@@ -139,6 +140,18 @@ def make_folder(folder, flag="--out"):
     except OSError as error:
         raise SystemExit(f"error: {flag} {folder} is not writable ({error.strerror or error}); "
                          f"choose another {flag}") from None
+
+
+def _dangling_link(folder):
+    """The first of `folder` and its parents that is a link to nothing, or None."""
+    path = os.path.normpath(folder)
+    while path not in ("", os.sep, "."):
+        if os.path.islink(path) and not os.path.exists(path):
+            return path
+        if os.path.exists(path):
+            return None
+        path = os.path.dirname(path)
+    return None
 
 
 class FolderInUse(Exception):

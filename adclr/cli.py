@@ -115,10 +115,16 @@ def make_config(given):
 
 
 def _saved_settings(out):
-    """The settings of the run in `out` (its config.json), or None: no run there, or one
-    whose config.json cannot be read (the run rewrites it)."""
+    """The settings of the run `out` holds to resume (its config.json, beside its
+    checkpoint.pt), or None: nothing to resume there (a config.json alone, left by a run
+    that never saved or whose checkpoint was removed to start over, says nothing of this
+    run), or a config.json that cannot be read (the run rewrites it). Never opens what is
+    not a regular file (a fifo would block)."""
+    config, checkpoint = (os.path.join(out, name) for name in ("config.json", "checkpoint.pt"))
+    if not out or not all(os.path.isfile(p) for p in (config, checkpoint)):
+        return None
     try:
-        with open(os.path.join(out, "config.json")) as f:
+        with open(config) as f:
             saved = json.load(f)
     except (OSError, ValueError):
         return None

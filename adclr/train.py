@@ -664,18 +664,20 @@ def train(cfg):
         cfg = dataclasses.replace(cfg, data=os.path.abspath(cfg.data))
     joined = dist.is_available() and dist.is_initialized()  # a caller's group stays theirs
     rank, world, device = setup_distributed(cfg)
-    try:
-        problem = whole_step_error(cfg, device, world > 1)
-        if problem:
-            raise SystemExit(f"error: {problem}")
-        check_backend(cfg, device)
-        with claim_out(cfg.out, rank, world):
-            return _train(cfg, rank, world, device)
-    finally:
-        # The group this run made ends with it: what the process does next (the demo's
-        # k-NN check, on rank 0 alone) builds models without DistributedDataParallel.
-        if not joined and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    problem = whole_step_error(cfg, device, world > 1)
+    if problem:
+        raise SystemExit(f"error: {problem}")
+    check_backend(cfg, device)
+    with claim_out(cfg.out, rank, world):
+        step = _train(cfg, rank, world, device)
+    # The group this run made ends with it: what the process does next (the demo's k-NN
+    # check, on rank 0 alone) builds models without DistributedDataParallel. Not on an
+    # error: a rank that fails alone leaves its group as it is, since destroying an NCCL
+    # group while other ranks wait in a collective can block, and the failure would not
+    # reach the launcher.
+    if not joined and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return step
 
 
 def _train(cfg, rank, world, device):
@@ -899,13 +901,16 @@ class Run:
     def step(self, raw, step):
         """Step `step` on a loader batch, then its log record and checkpoint when they are due."""
         cfg, total = self.cfg, self.trainer.total_steps
-        batch = self.to_device(raw)
+        batch, skipped = self.to_device(raw)
         self.in_step = True
         metrics = train_step(self.trainer, self.augment(batch), step)
         # The step counts as done before it stops being "in step": an interrupt between
-        # the two would otherwise save its update as the step before it.
+        # the two would otherwise save its update as the step before it. Its skipped
+        # files too: counted before it, a save on an interrupt would count them, and the
+        # resume that redoes the step would count them again.
         self.bad |= ~torch.isfinite(metrics["loss"])
         done = self.completed = step + 1
+        self.skipped += skipped
         self.in_step = False
         self.images_since += cfg.batch_size
         if done % cfg.log_every == 0 or done == total:
@@ -915,17 +920,16 @@ class Run:
             self.checkpoint(done, snapshot)
 
     def to_device(self, raw):
-        """A loader batch's uint8 crops on the device, once the files it skipped are counted
-        and reported (after the crops: a file the GPU decode falls back on may add some)."""
+        """(A loader batch's uint8 crops on the device, the files it skipped), once those
+        are reported (after the crops: a file the GPU decode falls back on may add some)."""
         crops = self.crops(raw)
         first, skips, readable = raw["index"], raw["skipped"], raw["readable"]
         if not readable.all():
             self.stop_unreadable(int(first[~readable][0]), int(skips[~readable][0]))
         if skips.any():
-            self.skipped += int(skips.sum())
             for i, n in zip(first[skips > 0].tolist(), skips[skips > 0].tolist()):
                 warn_unreadable(self.images, range(i, i + n), self.warned)
-        return crops
+        return crops, int(skips.sum())
 
     def stop_unreadable(self, first, count):
         """Stop with one line: `count` files of --data from index `first` on cannot be read."""
@@ -1023,7 +1027,10 @@ class Run:
         process's RNG state, a collective that interrupted processes cannot join."""
         if self.world == 1 and not self.in_step and self.completed > self.saved and not self.bad.item():
             with self.saving():
-                save_checkpoint(self.trainer, self.path, self.completed, [rng_states()], self.skipped)
+                try:
+                    save_checkpoint(self.trainer, self.path, self.completed, [rng_states()], self.skipped)
+                except WriteError as error:  # a full disk: the previous checkpoint.pt is whole
+                    raise WriteError(f"{error}; {self.kept()}") from None
             print(f"\n{self.stopped_by}: saved step {self.completed} to {self.path}; rerun the same command "
                   "to resume", file=sys.stderr)
         elif self.stop_asked and not self.in_step and self.completed == self.saved:

@@ -328,12 +328,19 @@ def test_a_resumed_run_keeps_the_demo_settings_it_ran_with(tmp_path, monkeypatch
     assert status == 0, err
     assert "the run in --out ran with them: quick demo settings" in err
     assert read_metrics(out)[-1]["step"] == 2
-    # A run in --out without them keeps its own settings, on the built-in data too.
-    paper = make_config({"out": str(tmp_path / "paper")})
-    assert paper.arch == "vit_mini"  # no run there: the demo
-    os.makedirs(tmp_path / "paper")
-    (tmp_path / "paper" / "config.json").write_text(json.dumps(dataclasses.asdict(Config())))
-    assert make_config({"out": str(tmp_path / "paper")}).arch == "vit_small"
+    # A run in --out without them keeps its own settings, on the built-in data too; a
+    # config.json without a checkpoint to resume says nothing (a new run: the demo).
+    paper = tmp_path / "paper"
+    assert make_config({"out": str(paper)}).arch == "vit_mini"  # no run there: the demo
+    os.makedirs(paper)
+    (paper / "config.json").write_text(json.dumps(dataclasses.asdict(Config())))
+    assert make_config({"out": str(paper)}).arch == "vit_mini"
+    shutil.copy(os.path.join(out, "checkpoint.pt"), paper / "checkpoint.pt")
+    assert make_config({"out": str(paper)}).arch == "vit_small"
+    # And a config.json that is not a regular file is never opened (a fifo would block).
+    os.remove(paper / "config.json")
+    os.mkfifo(paper / "config.json")
+    assert make_config({"out": str(paper)}).arch == "vit_mini"
 
 
 def test_help_states_the_batch_convention_and_the_momentum_hint(capsys):
@@ -419,6 +426,7 @@ def test_a_relative_data_folder_is_kept_as_an_absolute_path(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("case", ["missing data", "unknown built-in set", "no images", "batch too large", "out is a file",
                                   "out under a file", "out not writable", "out empty", "out a dangling link",
+                                  "out under a dangling link",
                                   "xformers", "flex on CPU"])
 def test_train_user_errors(case, tmp_path, capsys):
     data, out, extra = "builtin", str(tmp_path / "run"), []
@@ -453,8 +461,14 @@ def test_train_user_errors(case, tmp_path, capsys):
         out, expected = "", "error: --out is empty; give a folder"
     elif case == "out a dangling link":
         os.symlink(tmp_path / "gone", out)
-        expected = (f"error: --out {out} is a link to {tmp_path / 'gone'}, which does not exist; make that "
-                    "folder, or choose another --out")
+        expected = (f"error: --out {out}: {out} is a link to {tmp_path / 'gone'}, which does not exist; make "
+                    "that folder, or choose another --out")
+    elif case == "out under a dangling link":
+        link = str(tmp_path / "link")
+        os.symlink(tmp_path / "gone", link)
+        out = os.path.join(link, "run") + os.sep
+        expected = (f"error: --out {out}: {link} is a link to {tmp_path / 'gone'}, which does not exist; make "
+                    "that folder, or choose another --out")
     elif case == "xformers":
         if xformers_available():
             pytest.skip("xformers is installed")

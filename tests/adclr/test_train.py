@@ -223,6 +223,62 @@ def test_sigterm_inside_a_step_finishes_it_then_saves(signals, tmp_path):
         assert not os.path.exists(path) and "terminated:" not in proc.stderr
 
 
+def test_a_full_disk_at_the_save_on_ctrl_c_says_what_is_kept(tiny_config, monkeypatch):
+    """The save on an interrupt names what a rerun resumes from, as the scheduled saves do."""
+    from adclr.checkpoint import WriteError
+
+    cfg = tiny_config(max_steps=6, checkpoint_every=3)  # saved at 3; step 4's save is the interrupt's
+    real_step, real_save = adclr.train.train_step, adclr.train.save_checkpoint
+
+    def ctrl_c_in_step_4(trainer, batch, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(trainer, batch, step)
+
+    def full_after_step_3(trainer, path, step, *args):
+        if step > 3:
+            raise WriteError(f"cannot write {path}: no space left on device")
+        return real_save(trainer, path, step, *args)
+
+    monkeypatch.setattr(adclr.train, "train_step", ctrl_c_in_step_4)
+    monkeypatch.setattr(adclr.train, "save_checkpoint", full_after_step_3)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        path = os.path.join(cfg.out, "checkpoint.pt")
+        with pytest.raises(WriteError, match=f"no space left on device; {path} still holds step 3; make room"):
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize("before", ["default", "a caller's handler"])
+def test_sigterm_handler_is_the_runs_only_while_it_steps(before, tiny_config, monkeypatch):
+    """The run takes SIGTERM while it steps and puts the default back after; a handler
+    the caller installed is left in place throughout."""
+    def callers_handler(signum, frame):
+        pass
+
+    previous = signal.SIG_DFL if before == "default" else callers_handler
+    seen = []
+    real_step = adclr.train.train_step
+
+    def step(trainer, batch, index):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return real_step(trainer, batch, index)
+
+    monkeypatch.setattr(adclr.train, "train_step", step)
+    saved = signal.signal(signal.SIGTERM, previous)
+    try:
+        train(tiny_config(max_steps=2))
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    if before == "default":
+        assert all(callable(h) and h is not callers_handler for h in seen) and len(seen) == 2
+    else:
+        assert seen == [callers_handler, callers_handler]
+
+
 def test_sigterm_to_the_whole_job_saves_and_leaves_no_worker(tmp_path):
     """SLURM's stop reaches every process of the job, the loader's workers too: one it
     killed made the loader raise inside the main process's save (a traceback, no
