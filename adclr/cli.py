@@ -94,10 +94,11 @@ def is_demo(cfg):
 
 
 def make_config(given):
-    """Config from the flags given; on CPU with the built-in data, the DEMO defaults fill the
-    rest. A run resumed in --out keeps them if it ran with them (its config.json holds them
-    where no flag is given now), and only then: a demo run resumed on other data or a GPU
-    goes on with its settings, as a resume with --data or --device changed does."""
+    """(Config from the flags given, whether it is the demo's): on CPU with the built-in data,
+    the DEMO defaults fill the rest. A run resumed in --out keeps them if it ran with them
+    (its config.json holds them where no flag is given now), and only then: a demo run
+    resumed on other data or a GPU goes on with its settings, as a resume with --data or
+    --device changed does."""
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     cfg = Config(**given)
     saved = _saved_settings(cfg.out)
@@ -111,7 +112,7 @@ def make_config(given):
                    else "built-in data and no GPU")
             print(f"{why}: quick demo settings (any flag overrides them): {json.dumps(chosen)}",
                   file=sys.stderr)
-    return cfg
+    return cfg, demo
 
 
 def _saved_settings(out):
@@ -328,12 +329,13 @@ def _run_job(job, *job_args, **job_kwargs):
 
 
 def run_train(args):
-    cfg = make_config(_flags(args))
+    cfg, demo = make_config(_flags(args))
     errors = config_errors(cfg)  # what depends on several flags; before any work
     if errors:
         args.parser.error(f"argument {errors[0]}")
     step = _run_job(train.train, cfg)  # the step of the checkpoint the run leaves in --out
-    if step and is_demo(cfg) and int(os.environ.get("RANK", "0")) == 0:  # the last line: did it learn?
+    # The demo's last line, did it learn: on the built-in sets, which have labels.
+    if step and demo and cfg.data in ("", *BUILTIN) and int(os.environ.get("RANK", "0")) == 0:
         images = eval_knn.DEMO_IMAGES
         print(f"k-NN of the teacher and of the network at random init on {images} images per split ...",
               file=sys.stderr, flush=True)

@@ -302,9 +302,10 @@ def test_compare_takes_train_flags_over_its_preset(monkeypatch, capsys):
 
 def test_demo_defaults_only_without_data_and_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    demo = make_config({"out": "x", "num_queries": 7})
+    demo, _ = make_config({"out": "x", "num_queries": 7})
     assert demo.arch == "vit_mini" and demo.num_queries == 7  # a given flag always wins
-    paper = make_config({"out": "x", "data": "/some/imagenet"})
+    paper, demo = make_config({"out": "x", "data": "/some/imagenet"})
+    assert not demo
     assert (paper.arch, paper.image_size, paper.local_size, paper.num_local_crops, paper.num_queries,
             paper.out_dim, paper.lambda_query) == ("vit_small", 224, 96, 10, 10, 65536, 0.5)
 
@@ -331,16 +332,17 @@ def test_a_resumed_run_keeps_the_demo_settings_it_ran_with(tmp_path, monkeypatch
     # A run in --out without them keeps its own settings, on the built-in data too; a
     # config.json without a checkpoint to resume says nothing (a new run: the demo).
     paper = tmp_path / "paper"
-    assert make_config({"out": str(paper)}).arch == "vit_mini"  # no run there: the demo
+    assert make_config({"out": str(paper)})[0].arch == "vit_mini"  # no run there: the demo
     os.makedirs(paper)
     (paper / "config.json").write_text(json.dumps(dataclasses.asdict(Config())))
-    assert make_config({"out": str(paper)}).arch == "vit_mini"
+    assert make_config({"out": str(paper)})[0].arch == "vit_mini"
     shutil.copy(os.path.join(out, "checkpoint.pt"), paper / "checkpoint.pt")
-    assert make_config({"out": str(paper)}).arch == "vit_small"
+    resumed, demo = make_config({"out": str(paper)})
+    assert resumed.arch == "vit_small" and not demo  # nor the demo's closing k-NN line
     # And a config.json that is not a regular file is never opened (a fifo would block).
     os.remove(paper / "config.json")
     os.mkfifo(paper / "config.json")
-    assert make_config({"out": str(paper)}).arch == "vit_mini"
+    assert make_config({"out": str(paper)})[0].arch == "vit_mini"
 
 
 def test_help_states_the_batch_convention_and_the_momentum_hint(capsys):
