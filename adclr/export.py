@@ -27,6 +27,10 @@ def export(checkpoint, out, weights="teacher"):
     if not os.path.isdir(folder):
         what = "is not a folder" if os.path.exists(folder) else "does not exist; make it first"
         raise SystemExit(f"error: --out {out}: {folder} {what}")
+    if os.path.exists(out) and os.path.exists(checkpoint) and os.path.samefile(out, checkpoint):
+        # Written over, the run's checkpoint would be gone: the export holds the backbone only.
+        raise SystemExit(f"error: --out {out} is the checkpoint being exported; give another file name "
+                         "such as backbone.safetensors")
     backbone, cfg = backbone_or_exit(checkpoint, weights)
     metadata = {key: str(cfg[key]) for key in ("arch", "patch_size", "image_size")}
     data = save({k: v.contiguous() for k, v in backbone.state_dict().items()}, metadata=metadata)

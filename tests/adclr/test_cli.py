@@ -545,6 +545,15 @@ def test_eval_and_export_user_errors(tmp_path, checkpoint_bytes, capsys):
     status, err = run(["export", "--checkpoint", str(good), "--out", target], capsys)
     assert status == 1 and err.splitlines()[-1] == (
         f"error: --out {target}: {os.path.dirname(target)} does not exist; make it first")
+    # The checkpoint itself, by its name or through a link: it was overwritten, the run lost.
+    link = tmp_path / "link.pt"
+    link.symlink_to(good)
+    for target in (str(good), str(link)):
+        status, err = run(["export", "--checkpoint", str(good), "--out", target], capsys)
+        assert status == 1 and err.splitlines()[-1] == (
+            f"error: --out {target} is the checkpoint being exported; give another file name such as "
+            "backbone.safetensors")
+    assert good.read_bytes() == checkpoint_bytes
 
 
 @pytest.mark.parametrize("protocol", [["knn"], ["linear", "--epochs", "3"]])  # linear: met once an epoch
