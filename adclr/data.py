@@ -277,13 +277,16 @@ def check_folder(root):
         raise NotADirectoryError(f"{root!r} is a file, not a dataset folder")
 
 
-def image_files(top, recursive=True):
+def image_files(top, recursive=True, seen=None):
     """The image files under `top` (only those directly in it unless `recursive`), in sorted
-    folder order. Links to folders are followed, but each real folder is listed once: a
-    link to an ancestor would otherwise list the same images again at every depth."""
-    listed, seen = [], set()
+    folder order, hidden folders (".ipynb_checkpoints") left out. Links to folders are
+    followed, but each real folder is listed once: a link to an ancestor would otherwise
+    list the same images again at every depth. `seen`: the real folders already listed
+    (by another class's call), updated."""
+    listed, seen = [], set() if seen is None else seen
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        dirnames.sort()  # which of two links to one folder is kept: the same on every machine
+        # Sorted: which of two links to one folder is kept is the same on every machine.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         real = os.path.realpath(dirpath)
         if real in seen or not recursive:
             dirnames[:] = []  # do not descend
@@ -295,7 +298,9 @@ def image_files(top, recursive=True):
 
 
 class ImageFolder:
-    """Images under `root/<class>/**` (or directly under `root`, all label 0).
+    """Images under `root/<class>/**` (or directly under `root`, all label 0, where no
+    folder holds any: an empty folder or a hidden one, such as ".ipynb_checkpoints", is no
+    class).
 
     `load(i)` returns (PIL RGB image, label), or (None, label) for a file Pillow cannot
     read: callers skip it and count it (`warn_unreadable`), a bad file never stops a run.
@@ -306,7 +311,10 @@ class ImageFolder:
         train split for its val split); a class folder it does not have is a ValueError."""
         check_folder(root)
         self.root = root
-        found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        seen = set()  # real folders listed: a folder linked into two classes is listed once
+        files = {d: image_files(os.path.join(root, d), seen=seen) for d in sorted(os.listdir(root))
+                 if not d.startswith(".") and os.path.isdir(os.path.join(root, d))}
+        found = [d for d, paths in files.items() if paths]
         self.classes = found if like is None else like.classes
         unknown = [name for name in found if name not in self.classes]
         if unknown:
@@ -315,9 +323,7 @@ class ImageFolder:
         if self.classes and not found:
             raise ValueError(f"{root!r} has no class folders, {like.root!r} has {len(self.classes)}")
         label = {name: i for i, name in enumerate(self.classes)}
-        self.samples = []
-        for folder in found:
-            self.samples += [(path, label[folder]) for path in image_files(os.path.join(root, folder))]
+        self.samples = [(path, label[folder]) for folder in found for path in files[folder]]
         if not found:  # images directly in root, all label 0
             self.samples = [(path, 0) for path in image_files(root, recursive=False)]
         if not self.samples:

@@ -160,6 +160,28 @@ def test_a_folder_without_class_folders_is_one_class(tmp_path):
     assert len(folder) == 3 and {folder.load(i)[1] for i in range(3)} == {0}
 
 
+@pytest.mark.parametrize("beside", ["hidden folder", "empty folder"])
+def test_a_hidden_or_empty_folder_is_no_class(beside, tmp_path):
+    """A flat folder with a notebook's .ipynb_checkpoints/ trained on that folder's image
+    alone (its one class); with an empty thumbs/ it held "no images"."""
+    for i in range(3):
+        Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    extra = tmp_path / (".ipynb_checkpoints" if beside == "hidden folder" else "thumbs")
+    extra.mkdir()
+    if beside == "hidden folder":
+        Image.new("RGB", (20, 20)).save(extra / "0-checkpoint.png")
+    folder = ImageFolder(str(tmp_path))
+    assert folder.classes == [] and sorted(os.path.basename(p) for p, _ in folder.samples) == [
+        "0.png", "1.png", "2.png"]
+    # Inside a class folder too: a hidden folder adds nothing.
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "a" / "0.png")
+    (tmp_path / "a" / ".cache").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "a" / ".cache" / "1.png")
+    folder = ImageFolder(str(tmp_path))
+    assert folder.classes == ["a"] and [os.path.relpath(p, tmp_path) for p, _ in folder.samples] == ["a/0.png"]
+
+
 
 def test_links_are_followed_but_each_real_folder_listed_once(tmp_path):
     """A link to an ancestor (a loop) listed every image again at each depth, 41 times;
@@ -174,10 +196,13 @@ def test_links_are_followed_but_each_real_folder_listed_once(tmp_path):
     elsewhere.mkdir()
     Image.new("RGB", (20, 20)).save(elsewhere / "2.png")
     (tmp_path / "b" / "linked").symlink_to(elsewhere)  # a link out of the tree is followed
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a-sub").symlink_to(tmp_path / "a" / "sub")  # a class's folder in another class
+    Image.new("RGB", (20, 20)).save(tmp_path / "c" / "3.png")
     folder = ImageFolder(str(tmp_path))
     assert [os.path.relpath(path, tmp_path) for path, _ in folder.samples] == [
-        "a/0.png", "a/sub/1.png", "b/0.png", "b/again/1.png", "b/linked/2.png"]
-    assert [label for _, label in folder.samples] == [0, 0, 1, 1, 1]
+        "a/0.png", "a/sub/1.png", "b/0.png", "b/again/1.png", "b/linked/2.png", "c/3.png"]
+    assert [label for _, label in folder.samples] == [0, 0, 1, 1, 1, 2]
     (tmp_path / "a" / "sub" / "loop").unlink()
     (tmp_path / "masks" / "train").mkdir(parents=True)
     (tmp_path / "images").mkdir()
@@ -204,7 +229,9 @@ def test_val_is_labelled_by_train_class_names(tmp_path):
     Image.new("RGB", (20, 20)).save(flat / "0.png")
     with pytest.raises(ValueError, match=f"^'{flat}' has no class folders, '{tmp_path}/train' has 3$"):
         ImageFolder(str(flat), like=train)
-    (tmp_path / "val" / "emu").mkdir()
+    (tmp_path / "val" / "emu").mkdir()  # empty: no class, nothing to label
+    assert open_dataset(str(tmp_path), "val", like=train).classes == ["cat", "dog", "owl"]
+    Image.new("RGB", (20, 20)).save(tmp_path / "val" / "emu" / "0.png")
     with pytest.raises(ValueError, match=f"class 'emu' \\('{tmp_path}/val/emu'\\) is not a class of "
                                          f"'{tmp_path}/train'"):
         open_dataset(str(tmp_path), "val", like=train)
