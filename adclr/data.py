@@ -349,7 +349,7 @@ class ImageFolder:
     def _open(self, i):
         path, label = self.samples[i]
         with Image.open(path) as image:
-            return image.convert("RGB"), label
+            return to_rgb(image), label
 
     def open(self, i):
         """Image i opened but not decoded yet (its size is read, its pixels are not), so
@@ -423,7 +423,7 @@ class SegmentationFolder:
     def _open(self, i):
         image_path, mask_path = self.samples[i]
         with Image.open(image_path) as image:
-            image = image.convert("RGB")
+            image = to_rgb(image)
         with Image.open(mask_path) as mask:
             if mask.mode not in ("L", "P"):
                 raise ValueError(f"mask {mask_path} is a {mask.mode} image; a label mask is an 8-bit "
@@ -674,6 +674,20 @@ def random_resized_box_from(width, height, scale, stream, ratio=(3 / 4, 4 / 3)):
     return left, top, left + side, top + side
 
 
+def to_rgb(image):
+    """An opened PIL image as RGB. 16-bit grey ("I;16", or "I" holding values past 255, as
+    Pillow may open a 16-bit PNG) keeps its top 8 bits: Pillow's own conversion clips
+    every value past 255, so such an image came out nearly all white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        grey = np.asarray(image).astype(np.int64)
+        if image.mode != "I" or grey.max(initial=0) > 255:
+            grey = np.clip(grey, 0, 65535) >> 8
+        image = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def decode(image, reduction=1):
     """(uint8 (3, h, w) tensor, reduction achieved) of an opened PIL image.
 
@@ -691,7 +705,7 @@ def decode(image, reduction=1):
             reduction = 1
     else:
         reduction = 1
-    image = image if image.mode == "RGB" else image.convert("RGB")
+    image = to_rgb(image)
     # One copy out of Pillow (to_tensor's numpy route makes three).
     rgb = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return rgb.view(image.height, image.width, 3).permute(2, 0, 1), reduction
