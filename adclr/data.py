@@ -675,11 +675,10 @@ def random_resized_box_from(width, height, scale, stream, ratio=(3 / 4, 4 / 3)):
 
 
 def to_rgb(image):
-    """An opened PIL image as RGB. 16-bit grey ("I;16", or "I" holding values past 255, as
-    Pillow may open a 16-bit PNG) keeps its top 8 bits: Pillow's own conversion clips
-    every value past 255, so such an image came out nearly all white."""
-    if image.mode == "RGB":
-        return image
+    """An opened PIL image as a loaded RGB image (a copy, so it outlives the file).
+    16-bit grey ("I;16", or "I" holding values past 255, as Pillow may open a 16-bit PNG)
+    keeps its top 8 bits: Pillow's own conversion clips every value past 255, so such an
+    image came out nearly all white."""
     if image.mode.startswith("I;16") or image.mode == "I":
         grey = np.asarray(image).astype(np.int64)
         if image.mode != "I" or grey.max(initial=0) > 255:
@@ -705,7 +704,7 @@ def decode(image, reduction=1):
             reduction = 1
     else:
         reduction = 1
-    image = to_rgb(image)
+    image = image if image.mode == "RGB" else to_rgb(image)
     # One copy out of Pillow (to_tensor's numpy route makes three).
     rgb = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     return rgb.view(image.height, image.width, 3).permute(2, 0, 1), reduction
