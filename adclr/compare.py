@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoint import (FolderInUse, folder_lock, make_folder, rng_states, save_checkpoint, write_atomically,
-                         write_json_atomically)
+from .checkpoint import (CheckpointError, FolderInUse, check_resumable, folder_lock, load_checkpoint, make_folder,
+                         rng_states, save_checkpoint, write_atomically, write_json_atomically)
 from .config import RESUMABLE, config_errors
 from .data import normalize, open_segmentation, to_tensor
 from .eval_dense import IGNORE, NUM_LABELS, SegmentationCrops, dense_probe, patch_majority, scores as dense_scores
@@ -237,6 +237,47 @@ def summary(values):
     return mean, spread
 
 
+def _run(cfg, seed, method):
+    """The settings of one method's run of one seed, in its folder under cfg.out."""
+    return dataclasses.replace(cfg, seed=seed, out=os.path.join(cfg.out, f"seed{seed}", method),
+                               **RUNS.get(method, {}))
+
+
+def _check_runs_in_out(cfg, seeds, methods):
+    """Before any scoring, the runs --out already holds against these settings: each must be
+    one that training would resume (else it refused only after the runs before it were
+    scored), trained on this --data (its scores would be of other data), and not past this
+    --max-steps (the table would name fewer steps than its runs took). Random init's
+    checkpoint, untrained, is made again when its settings are not these."""
+    trained_first = sorted(methods, key=lambda m: m == "random")  # a refusal leaves random init as it is
+    for seed, method in itertools.product(seeds, trained_first):
+        run = _run(cfg, seed, method)
+        path = os.path.join(run.out, "checkpoint.pt")
+        if not os.path.isfile(path):
+            continue
+        try:
+            saved = load_checkpoint(path)
+        except CheckpointError as error:
+            raise SystemExit(f"error: {error}") from None
+        try:
+            check_resumable(run, saved["config"])
+        except SystemExit:
+            if method != "random":
+                raise
+            print(f"compare: seed {seed}, {LABELS[method]}: {path} has other settings; made again",
+                  file=sys.stderr)
+            os.remove(path)
+            continue
+        trained_on = saved["config"].get("data") or "builtin"
+        data = cfg.data if (cfg.data or "builtin").startswith("builtin") else os.path.abspath(cfg.data)
+        if method != "random" and trained_on != (data or "builtin"):
+            raise SystemExit(f"error: --data {cfg.data or 'builtin'}: {run.out} was trained on {trained_on}; "
+                             f"give --data {trained_on}, or another --out for a new comparison")
+        if cfg.max_steps and saved["step"] > cfg.max_steps:
+            raise SystemExit(f"error: --max-steps {cfg.max_steps}: {run.out} is at step {saved['step']}; give "
+                             f"--max-steps {saved['step']} or more, or another --out for a new comparison")
+
+
 def _checkpoint(run, method):
     """OUT/checkpoint.pt of one method's run: the start of training for random init, the
     end of it (trained, or resumed, here) otherwise."""
@@ -255,8 +296,7 @@ def run_seed(cfg, seed, eval_images=EVAL_IMAGES, dense_epochs=None, split="val",
     scored on `split` (and their attention measured on it when `localise`)."""
     results = {}
     for method in methods:
-        run = dataclasses.replace(cfg, seed=seed, out=os.path.join(cfg.out, f"seed{seed}", method),
-                                  **RUNS.get(method, {}))
+        run = _run(cfg, seed, method)
         path = _checkpoint(run, method)
         print(f"compare: seed {seed}, {LABELS[method]}: scoring", file=sys.stderr, flush=True)
         # The run's settings that a resumed run may not change, and the data it is scored on.
@@ -378,6 +418,7 @@ def compare(cfg, seeds, eval_images=EVAL_IMAGES, dense_epochs=None, methods=METH
 def _compare(cfg, seeds, eval_images, dense_epochs, methods):
     """`compare` in its claimed folder."""
     _threads(cfg, "compare")
+    _check_runs_in_out(cfg, seeds, methods)
     t0 = time.perf_counter()
     results = {seed: run_seed(cfg, seed, eval_images, dense_epochs, methods=methods) for seed in seeds}
     reference = _cached(os.path.join(cfg.out, "every_patch_right.json"), lambda: every_patch_right(cfg, eval_images),

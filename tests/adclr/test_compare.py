@@ -97,6 +97,32 @@ def test_compare_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     assert sorted(os.path.basename(p) for p in scored) == ["adclr", "dino"] and len(measured) == 2
     assert load_checkpoint(str(out / "seed0" / "dino" / "checkpoint.pt"))["step"] == 3
 
+    # Runs of other settings are refused before anything is scored: fewer steps than they
+    # took, other data (the table would name what they were not trained for), a setting
+    # a resume may not change (refused by the training of the first such run, after the
+    # runs before it were scored).
+    monkeypatch.setattr(adclr.compare, "score", lambda *a, **k: pytest.fail("scored before the refusal"))
+    dino = out / "seed0" / "dino"
+    for flags, line in [
+            (["--max-steps", "2"], f"error: --max-steps 2: {dino} is at step 3; give --max-steps 3 or more, "
+                                   "or another --out for a new comparison"),
+            (["--max-steps", "3", "--data", "builtin:few-shape-scenes"],
+             f"error: --data builtin:few-shape-scenes: {dino} was trained on {adclr.compare.PRESET['data']}; "
+             f"give --data {adclr.compare.PRESET['data']}, or another --out for a new comparison"),
+            (["--max-steps", "3", "--image-size", "48"], f"error: {dino} holds a different run")]:
+        with pytest.raises(SystemExit) as refused:
+            main(["compare", *TINY, "--seeds", "0", "--eval-images", "10", "--out", str(out), *flags])
+        assert str(refused.value.code).startswith(line)
+    # Random init's checkpoint, of other settings (the runs were made anew), is made again.
+    random = out / "seed0" / "random" / "checkpoint.pt"
+    for method in ("dino", "adclr"):
+        for name in os.listdir(out / "seed0" / method):
+            os.remove(out / "seed0" / method / name)
+    monkeypatch.setattr(adclr.compare, "score", real_score)
+    main(["compare", *TINY, "--seeds", "0", "--eval-images", "10", "--out", str(out), "--patch-size", "16"])
+    assert "seed 0, random init: " + f"{random} has other settings; made again" in capsys.readouterr().err
+    assert load_checkpoint(str(random))["config"]["patch_size"] == 16
+
 
 def test_random_init_is_the_runs_starting_point(tmp_path):
     """'random' is the teacher both runs of a seed start from, not some other initialisation."""
