@@ -607,7 +607,7 @@ def test_eval_labels_val_by_train_class_names(protocol, checkpoint_bytes, tmp_pa
     main(["eval", *protocol, "--checkpoint", str(good), "--data", str(data), "--num-workers", "0"])
     if protocol[1] != "--epochs":  # DINO's protocol: too few images to learn; its labels are checked below
         assert json.loads(capsys.readouterr().out.splitlines()[-1])["accuracy"] == 1.0
-    (data / "val" / "c").mkdir()
+    shutil.copytree(data / "train" / "b", data / "val" / "c")  # a class train does not have
     status, err = run(["eval", *protocol, "--checkpoint", str(good), "--data", str(data)], capsys)
     assert status == 1 and err.splitlines()[-1] == (
         f"error: --data: class 'c' ('{data}/val/c') is not a class of '{data}/train'")
