@@ -857,12 +857,17 @@ def keep_freed_memory(worker_id=None):
 
 def init_train_worker(worker_id=None):
     """A training loader worker's `worker_init_fn`: keep freed memory (`keep_freed_memory`),
-    and ignore SIGTERM. A scheduler's stop (SLURM) sends it to every process of the job:
-    a worker it killed made the loader raise inside the main process while that was
-    saving its last step (train.Run stops on SIGTERM as on Ctrl-C). A worker still ends
-    with the main process, which tells it to, or whose exit it notices."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    and end at once, with exit status 0, on SIGTERM. A scheduler's stop (SLURM) sends it
+    to every process of the job: a worker it killed made the loader raise inside the main
+    process while that saved its last step (train.Run stops on SIGTERM as on Ctrl-C),
+    and one that ignored it outlived the main process and printed a traceback from its
+    resource sharer's thread as it went."""
+    signal.signal(signal.SIGTERM, _exit_quietly)
     keep_freed_memory(worker_id)
+
+
+def _exit_quietly(signum, frame):
+    os._exit(0)  # no finalizers: a worker has nothing to keep
 
 
 def collate_decoded(samples):

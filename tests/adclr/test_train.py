@@ -282,7 +282,7 @@ def test_sigterm_handler_is_the_runs_only_while_it_steps(before, tiny_config, mo
 def test_sigterm_to_the_whole_job_saves_and_leaves_no_worker(tmp_path):
     """SLURM's stop reaches every process of the job, the loader's workers too: one it
     killed made the loader raise inside the main process's save (a traceback, no
-    checkpoint). Workers ignore SIGTERM, and end with the run."""
+    checkpoint). Workers now end quietly on it, and the run saves."""
     import subprocess
     import sys
     import time
