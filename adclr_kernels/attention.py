@@ -130,7 +130,7 @@ def check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix, query_sees
     if mask.sees_nothing(num_queries, visible - num_prefix, num_prefix):
         raise ValueError(f"query rows would attend to nothing: there are no raw tokens "
                          f"(num_prefix {num_prefix} + num_queries {num_queries} == seq; {read_as()}); "
-                         f"set query_sees_prefix, query_sees_self or query_sees_queries")
+                         f"{mask.seeing_advice(num_prefix)}")
     return _check_scale(scale, head_dim), mask
 
 
@@ -270,7 +270,7 @@ def _check_device_offsets(cu_seqlens, queries, total_tokens, num_prefix, mask):
     if not (mask.sees_self or (mask.sees_prefix and num_prefix > 0)):
         torch._assert_async(((queries == 0) | (raw > 0)).all(),
                             "query rows of a sequence would attend to nothing: it has no raw "
-                            "tokens; set query_sees_prefix, query_sees_self or query_sees_queries")
+                            "tokens; " + mask.seeing_advice(num_prefix))
 
 
 def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees_prefix,
@@ -284,8 +284,10 @@ def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees
         raise ValueError(f"q, k, v must have the same (total_tokens, heads, head_dim) shape, "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     mask = QueryMask(query_sees_prefix, query_sees_self, query_sees_queries)
-    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or num_prefix < 0:
-        raise TypeError(f"num_prefix must be a non-negative int, got {num_prefix!r}")
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int):
+        raise TypeError(f"num_prefix must be an int, got {type(num_prefix).__name__}")
+    if num_prefix < 0:
+        raise ValueError(f"num_prefix must be at least 0, got {num_prefix}")
     scale = _check_scale(scale, q.shape[-1])
 
     if isinstance(cu_seqlens, VarlenLayout):

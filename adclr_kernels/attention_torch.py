@@ -81,8 +81,11 @@ def prefix_probs(q, k, num_queries, num_prefix, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     visible = q.shape[-2] - num_queries
     wide = torch.promote_types(q.dtype, torch.float32)
-    scores = (q[..., :num_prefix, :].to(wide) @ k[..., :visible, :].to(wide).transpose(-2, -1)) * scale
-    return F.pad(torch.softmax(scores, -1), (0, k.shape[-2] - visible))
+    # Autocast would run the product in its 16-bit dtype again: the weights stay in `wide`,
+    # as the Triton kernel's are.
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q[..., :num_prefix, :].to(wide) @ k[..., :visible, :].to(wide).transpose(-2, -1)) * scale
+        return F.pad(torch.softmax(scores, -1), (0, k.shape[-2] - visible))
 
 
 def _two_calls(attend, q, k, v, num_queries, num_prefix, mask, scale):

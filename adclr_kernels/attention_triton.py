@@ -1362,10 +1362,16 @@ SCHEDULE_ERRORS = (
     (2, "cu_seqlens must be non-decreasing"),
     (4, "num_queries[i] must be in [0, length of sequence i]"),
     (8, "num_prefix ({num_prefix}) exceeds the visible tokens of a sequence"),
-    (16, "query rows of a sequence would attend to nothing: it has no raw tokens; set "
-         "query_sees_prefix, query_sees_self or query_sees_queries"),
+    (16, "query rows of a sequence would attend to nothing: it has no raw tokens; {advice}"),
     (32, "max_seqlen ({max_seqlen}) is smaller than the longest sequence"),
 )
+
+
+# The device assert's message: which rule broke is known only on the device.
+_SCHEDULE_ASSERT = ("cu_seqlens, num_queries or max_seqlen break a rule of the varlen op ("
+                    + "; ".join(m.format(total="total_tokens", num_prefix="num_prefix",
+                                         max_seqlen="given", advice=QueryMask().seeing_advice(1))
+                                for _, m in SCHEDULE_ERRORS) + ")")
 
 
 def _count_classes(max_seqlen, block):
@@ -1407,14 +1413,14 @@ def varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask):
         SEQ_BLOCK=SEQUENCE_BLOCK, CHUNK=128, PER_SEQUENCE=per_sequence,
         NEEDS_RAW=not (mask.sees_self or (mask.sees_prefix and num_prefix > 0)), num_warps=4)
     if q.device.type == "cuda":
-        torch._assert_async(status[1], "cu_seqlens, num_queries or max_seqlen break a rule of "
-                            "the varlen op (" + "; ".join(m for _, m in SCHEDULE_ERRORS) + ")")
+        torch._assert_async(status[1], _SCHEDULE_ASSERT)
     else:
         errors = int(status[0])
         for bit, message in SCHEDULE_ERRORS:
             if errors & bit:
                 raise RuntimeError(message.format(total=total, num_prefix=num_prefix,
-                                                  max_seqlen=max_seqlen))
+                                                  max_seqlen=max_seqlen,
+                                                  advice=mask.seeing_advice(num_prefix)))
     return (cu_out, queries_out, max_seqlen, fwd_tiles.view(fwd_capacity, 2),
             bwd_tiles.view(bwd_capacity, 2), seq_tiles.view(num_seqs, 2), ())
 
@@ -1894,6 +1900,16 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+# What differentiating the backward again raises, on every path (the custom ops', the
+# eager Function's and the torch.func transforms').
+NO_SECOND_DERIVATIVE = ("the Triton attention backward has no autograd formula: no second "
+                        "derivative through backend='triton' (backend='reference' has one)")
+
+
+def _no_second_derivative(ctx, *grads):
+    raise RuntimeError(NO_SECOND_DERIVATIVE)
+
+
 def _backward(ctx, grad_out, grad_lse):
     if grad_out is None:
         return (None,) * (3 + len(ctx.args))
@@ -1903,6 +1919,7 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_bwd_op.register_autograd(_no_second_derivative, setup_context=lambda ctx, inputs, output: None)
 
 
 def _qkv_fwd_impl(qkv: Tensor, cu_seqlens: Optional[Tensor], num_queries_t: Optional[Tensor],
@@ -1964,6 +1981,8 @@ def _qkv_backward(ctx, grad_out, grad_lse):
 
 
 _qkv_fwd_op.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+_qkv_bwd_op.register_autograd(_no_second_derivative,
+                              setup_context=lambda ctx, inputs, output: None)
 
 
 def _eager(*tensors):
@@ -2014,8 +2033,7 @@ class _TransformBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("the Triton attention backward has no autograd formula: no second "
-                           "derivative through backend='triton'")
+        raise RuntimeError(NO_SECOND_DERIVATIVE)
 
     @staticmethod
     def vmap(info, in_dims, packed_qkv, *inputs):

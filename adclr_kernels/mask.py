@@ -64,6 +64,13 @@ class QueryMask:
         return (num_queries > 0 and num_raw == 0 and not (self.sees_prefix and num_prefix > 0)
                 and not self.sees_self)
 
+    def seeing_advice(self, num_prefix):
+        """What a caller whose query rows see nothing (`sees_nothing`) can set."""
+        if self.sees_prefix and num_prefix == 0:
+            return ("query_sees_prefix adds nothing without prefix tokens (num_prefix 0); set "
+                    "query_sees_self or query_sees_queries")
+        return "set query_sees_prefix, query_sees_self or query_sees_queries"
+
     def sees(self, i, j, visible, num_prefix):
         """The rule on index tensors i (rows) and j (columns); True where i sees j."""
         query_row = i >= visible

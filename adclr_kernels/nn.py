@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from .backends import check_backend_name
 from .attention import (unidirectional_attention, unidirectional_attention_qkvpacked,
                         unidirectional_attention_varlen, unidirectional_attention_varlen_qkvpacked)
 from .varlen import VarlenLayout
@@ -31,6 +32,10 @@ class UnidirectionalAttention(nn.Module):
                  qk_norm=False, scale_norm=False, proj_bias=True, gated=False, attn_drop=0.0, proj_drop=0.0,
                  norm_layer=nn.LayerNorm, device=None, dtype=None, backend="auto"):
         super().__init__()
+        check_backend_name(backend)
+        for name, value in (("dim", dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if (qk_norm or scale_norm) and norm_layer is None:
             raise ValueError("qk_norm and scale_norm need a norm_layer")
         if attn_head_dim is None:
@@ -77,7 +82,8 @@ class UnidirectionalAttention(nn.Module):
             raise ValueError(f"x must be {form}"
                              f"{'' if cu_seqlens is not None else ' (packed tokens take cu_seqlens)'}, "
                              f"got {tuple(x.shape)}")
-        if isinstance(cu_seqlens, VarlenLayout) and num_queries == 0:
+        if (isinstance(cu_seqlens, VarlenLayout) and isinstance(num_queries, int)
+                and not isinstance(num_queries, bool) and num_queries == 0):
             num_queries = None  # the layout holds the query counts
         tokens = x.shape[:-1]
         qkv = self.qkv(x).view(*tokens, 3, self.num_heads, self.head_dim)

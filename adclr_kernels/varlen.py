@@ -25,12 +25,13 @@ class VarlenLayout:
     """
 
     def __init__(self, seqlens, num_queries=0, device=None):
-        if isinstance(seqlens, torch.Tensor):
-            seqlens = seqlens.tolist()
-        if isinstance(num_queries, torch.Tensor):
-            num_queries = num_queries.tolist()
-        if isinstance(num_queries, numbers.Integral):
+        seqlens = _host_ints("seqlens", seqlens)
+        if num_queries is None:
+            raise TypeError("num_queries must be an int (0: no query tokens) or one int per "
+                            "sequence, got None")
+        if _is_scalar(num_queries):
             num_queries = [num_queries] * len(seqlens)
+        num_queries = _host_ints("num_queries", num_queries)
         self.seqlens = [_host_int("seqlens", n, 0) for n in seqlens]
         self.queries = [_host_int("num_queries", n, 0) for n in num_queries]
         if len(self.queries) != len(self.seqlens):
@@ -65,8 +66,10 @@ class VarlenLayout:
     @classmethod
     def from_offsets(cls, offsets, num_queries=0, device=None):
         """The layout of cu_seqlens-style offsets (host ints, or a tensor: read once)."""
-        if isinstance(offsets, torch.Tensor):
-            offsets = offsets.tolist()
+        offsets = _host_ints("cu_seqlens", offsets)
+        if not offsets:
+            raise ValueError("cu_seqlens must hold num_seqs + 1 offsets, starting at 0; got none")
+        offsets = [_host_int("cu_seqlens", n, 0) for n in offsets]
         if offsets[0] != 0:
             raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
         lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
@@ -110,7 +113,7 @@ class VarlenLayout:
                                  f"tokens of sequence {s}")
             if mask.sees_nothing(nq, length - nq - num_prefix, num_prefix):
                 raise ValueError(f"query rows of sequence {s} would attend to nothing: it has no "
-                                 "raw tokens; set query_sees_prefix, query_sees_self or query_sees_queries")
+                                 f"raw tokens; {mask.seeing_advice(num_prefix)}")
         self._checked.add(key)
 
     def bounds(self):
@@ -136,10 +139,32 @@ def longest_first(counts):
     return sorted(range(len(counts)), key=lambda s: -counts[s].bit_length())
 
 
+def _is_scalar(value):
+    """An int of Python's, numpy's or a 0-d array or tensor: one value, not a list."""
+    return isinstance(value, numbers.Integral) or getattr(value, "ndim", None) == 0
+
+
+def _host_ints(name, values):
+    """values as a host list (a tensor or array read once), or a TypeError naming what
+    was given where a sequence of ints belongs."""
+    if isinstance(values, torch.Tensor) and values.dim() == 1:
+        return values.tolist()
+    if _is_scalar(values) or isinstance(values, (str, bytes, torch.Tensor)):
+        raise TypeError(f"{name} must be a sequence of ints (one per sequence), got "
+                        f"{type(values).__name__} {values!r}")
+    try:
+        return list(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of ints (one per sequence), got "
+                        f"{type(values).__name__}") from None
+
+
 def _host_int(name, value, low):
-    """A host int: Python's, numpy's, or a one-element integer tensor's value."""
+    """A host int: Python's, numpy's, or a one-element integer tensor's or 0-d array's value."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = value.item()
+    elif getattr(value, "ndim", None) == 0 and not isinstance(value, numbers.Number):
+        value = value.item()  # a 0-d numpy array
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must hold ints, got {type(value).__name__} {value!r}")
     if value < low:

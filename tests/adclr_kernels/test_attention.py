@@ -61,6 +61,10 @@ BAD_INPUTS = [
     ("nothing to see", dict(num_prefix=11), ValueError,
      "attend to nothing: there are no raw tokens (num_prefix 11 + num_queries 4 == seq; q is (batch, heads, seq, "
      "head_dim) = (2, 3, 15, 16))"),
+    ("nothing to see, no prefix for query_sees_prefix", dict(num_prefix=0, num_queries=15,
+     query_sees_prefix=True, k=torch.randn(2, 3, 15, 16), v=torch.randn(2, 3, 15, 16)), ValueError,
+     "query_sees_prefix adds nothing without prefix tokens (num_prefix 0); set query_sees_self or "
+     "query_sees_queries"),
     ("self needs query keys", dict(query_sees_self=True), ValueError, "need the query keys"),
     ("option not bool", dict(query_sees_prefix=1), TypeError, "query_sees_prefix must be a Python bool, got int 1"),
     ("scale a string", dict(scale="0.1"), TypeError, "scale must be a finite float"),

@@ -470,18 +470,23 @@ def test_vmap_through_prefix_probs():
         assert torch.equal(got, torch.stack(want))
 
 
-def test_eager_path_refuses_a_second_derivative_and_serves_vmap():
+@pytest.mark.parametrize("packed_qkv", [True, False])
+def test_eager_path_refuses_a_second_derivative_and_serves_vmap(packed_qkv):
     # Eager calls must not differ from the custom op where the op is strict: a second
-    # derivative is an error (not a silently missing term), and vmap, which the custom
-    # op serves by its fallback, still works.
+    # derivative is an error that says so (not a silently missing term, nor the custom
+    # op's bare "no autograd formula"), and vmap, which the custom op serves by its
+    # fallback, still works.
     torch.manual_seed(0)
     x = torch.randn(2, 13, 3, 2, 16, device=DEVICE, requires_grad=True)
 
     def f(t):
-        return unidirectional_attention_qkvpacked(t, 3, backend="triton")
+        if packed_qkv:
+            return unidirectional_attention_qkvpacked(t, 3, backend="triton")
+        q, k, v = t.permute(2, 0, 3, 1, 4).unbind(0)
+        return unidirectional_attention(q, k, v, 3, backend="triton")
 
     g, = torch.autograd.grad(f(x).square().sum() + x.pow(3).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="no autograd formula"):
+    with pytest.raises(RuntimeError, match="no second derivative through backend=.triton."):
         torch.autograd.grad(g.sum(), x)
     batch = torch.randn(3, *x.shape, device=DEVICE)
     torch.testing.assert_close(torch.func.vmap(f)(batch), torch.stack([f(b) for b in batch]))

@@ -64,6 +64,25 @@ def test_rejects_what_it_cannot_do():
         UnidirectionalAttention(65, 4)
     with pytest.raises(ValueError, match="attn_mask"):
         UnidirectionalAttention(64, 4)(torch.randn(1, 5, 64), attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    # At construction, not at the first forward.
+    with pytest.raises(ValueError, match="backend must be one of"):
+        UnidirectionalAttention(64, 4, backend="bogus")
+    for heads in (0, -2, 2.0, True):
+        with pytest.raises(ValueError, match=f"num_heads must be a positive int, got {heads!r}"):
+            UnidirectionalAttention(64, heads)
+    with pytest.raises(ValueError, match="dim must be a positive int, got 0"):
+        UnidirectionalAttention(0, 4)
+
+
+@pytest.mark.parametrize("num_queries", [torch.tensor([1, 1]), torch.tensor(0), 1])
+def test_query_counts_beside_a_layout_are_refused_by_name(num_queries):
+    from adclr_kernels import VarlenLayout
+
+    attn = UnidirectionalAttention(16, 2, backend="sdpa")
+    layout = VarlenLayout([3, 4], [1, 1])
+    with pytest.raises(ValueError, match="num_queries comes from the VarlenLayout; pass None"):
+        attn(torch.randn(7, 16), num_queries, cu_seqlens=layout)
+    assert attn(torch.randn(7, 16), cu_seqlens=layout).shape == (7, 16)
 
 
 def test_qk_norm_output_follows_the_value_dtype():

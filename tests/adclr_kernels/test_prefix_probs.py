@@ -114,6 +114,24 @@ def test_pytorch_backends(backend):
     assert_rel_close("packed probs", packed_probs, packed_truth(qkv, layout, 2, options(OPTION_SETS[0])))
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
+def test_under_autocast_every_backend_gives_float32_probs(backend):
+    # Autocast would run the PyTorch backends' product in bf16 again (their error against
+    # the float64 truth then about 3x the Triton kernel's, which keeps fp32 throughout).
+    opts = options(OPTION_SETS[0])
+    q, k, v = make_qkv(2, 2, 1, 21, 4, 32, opts, dtype=torch.float32)
+    qkv, layout = packed([12, 30], [2, 0])
+    with torch.no_grad(), torch.autocast(q.device.type, dtype=torch.bfloat16):
+        out, probs = unidirectional_attention(q, k, v, 4, 1, backend=backend, return_prefix_probs=True)
+        _, packed_probs = unidirectional_attention_varlen_qkvpacked(qkv, layout, None, 1, backend=backend,
+                                                                    return_prefix_probs=True)
+    assert out.dtype == torch.bfloat16
+    assert probs.dtype == packed_probs.dtype == torch.float32
+    q16, k16, qkv16 = (t.to(torch.bfloat16).float() for t in (q, k, qkv))  # what autocast reads
+    assert_rel_close("probs", probs, masked_softmax64(q16, k16, 4, 1, opts), tol=1e-4)
+    assert_rel_close("packed probs", packed_probs, packed_truth(qkv16, layout, 1, opts), tol=1e-4)
+
+
 def test_without_the_option_one_tensor_comes_back():
     q, k, v = make_qkv(1, 2, 1, 10, 2, 32, options(OPTION_SETS[0]), dtype=torch.float32)
     for backend in ("triton", "sdpa"):

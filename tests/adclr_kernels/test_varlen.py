@@ -1,6 +1,9 @@
 """`VarlenLayout` and the packed (varlen) op: every backend against float64 attention per
 sequence, the checks of offsets given with or without a layout, the tile tables."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -201,6 +204,12 @@ BAD = [
     ("Q wrong count", dict(num_queries=_i32(3, 3, 3)), ValueError, "one count per sequence"),
     ("Q float", dict(num_queries=3.0), TypeError, "num_queries must be an int"),
     ("nothing to see", dict(num_queries=_i32(9, 3)), ValueError, "sequence 0 would attend to nothing"),
+    ("nothing to see, no prefix for query_sees_prefix", dict(num_queries=_i32(10, 3), num_prefix=0,
+                                                            query_sees_prefix=True), ValueError,
+     r"sequence 0 would attend to nothing: it has no raw tokens; query_sees_prefix adds nothing "
+     r"without prefix tokens \(num_prefix 0\)"),
+    ("P negative", dict(num_prefix=-1), ValueError, "num_prefix must be at least 0, got -1"),
+    ("P a bool", dict(num_prefix=True), TypeError, "num_prefix must be an int, got bool"),
     ("max_seqlen float", dict(max_seqlen=12.0), TypeError, "max_seqlen"),
     ("Q past int32", dict(num_queries=torch.tensor([2**32 + 2, 3], device=DEVICE)), ValueError,
      r"num_queries\[0\] must be in"),
@@ -232,6 +241,9 @@ UNSYNCED_BAD = [
     ("not from 0", dict(cu_seqlens=_i32(4, 10, 22)), "start at 0"),
     ("Q past its sequence", dict(num_queries=_i32(3, 13)), r"num_queries\[i\] must be in"),
     ("nothing to see", dict(num_queries=_i32(9, 3)), "attend to nothing"),
+    ("nothing to see, no prefix for query_sees_prefix",
+     dict(num_queries=_i32(10, 3), num_prefix=0, query_sees_prefix=True),
+     r"attend to nothing: it has no raw tokens; query_sees_prefix adds nothing"),
     ("max_seqlen too small", dict(max_seqlen=11), r"max_seqlen \(11\) is smaller"),
 ]
 
@@ -289,10 +301,44 @@ def test_bad_layouts_are_refused(case, over, exc, msg):
         unidirectional_attention_varlen(q, k, v, layout, backend="triton", **call)
 
 
+LAYOUT_INPUTS_BAD = [
+    ("one int", dict(seqlens=5), TypeError, "seqlens must be a sequence of ints (one per sequence), got int 5"),
+    ("0-d tensor", dict(seqlens=torch.tensor(5)), TypeError, "seqlens must be a sequence of ints"),
+    ("2-d tensor", dict(seqlens=torch.tensor([[3, 4]])), TypeError, "seqlens must be a sequence of ints"),
+    ("a string", dict(seqlens="34"), TypeError, "seqlens must be a sequence of ints"),
+    ("an object", dict(seqlens=object()), TypeError, "seqlens must be a sequence of ints (one per sequence), "
+                                                      "got object"),
+    ("num_queries None", dict(num_queries=None), TypeError,
+     "num_queries must be an int (0: no query tokens) or one int per sequence, got None"),
+    ("num_queries a float array", dict(num_queries=np.array(1.5)), TypeError, "num_queries must hold ints"),
+]
+
+
+@pytest.mark.parametrize("case,over,exc,msg", LAYOUT_INPUTS_BAD, ids=[c[0] for c in LAYOUT_INPUTS_BAD])
+def test_layout_inputs_that_are_not_lists_of_ints_are_named(case, over, exc, msg):
+    with pytest.raises(exc, match=re.escape(msg)):
+        VarlenLayout(**{"seqlens": [3, 4], "num_queries": 1, **over})
+
+
+def test_layouts_take_generators_and_zero_dim_counts():
+    plain = VarlenLayout([3, 4], [1, 1])
+    for layout in (VarlenLayout((n for n in [3, 4]), 1), VarlenLayout(range(3, 5), np.array(1)),
+                   VarlenLayout([3, 4], torch.tensor(1)), VarlenLayout([3, 4], [np.array(1), 1])):
+        assert (layout.seqlens, layout.queries) == (plain.seqlens, plain.queries)
+
+
+@pytest.mark.parametrize("offsets,exc,msg", [
+    ([], ValueError, "cu_seqlens must hold num_seqs + 1 offsets, starting at 0; got none"),
+    (7, TypeError, "cu_seqlens must be a sequence of ints"),
+    ([0, 2.5], TypeError, "cu_seqlens must hold ints, got float 2.5"),
+])
+def test_bad_offsets_for_a_layout_are_named(offsets, exc, msg):
+    with pytest.raises(exc, match=re.escape(msg)):
+        VarlenLayout.from_offsets(offsets)
+
+
 @pytest.mark.parametrize("kind", ["numpy", "tensor"])
 def test_layouts_take_numpy_and_tensor_counts(kind):
-    import numpy as np
-
     wrap = (lambda xs: np.array(xs)) if kind == "numpy" else (lambda xs: torch.tensor(xs))
     plain = VarlenLayout([10, 12], [3, 0])
     for layout in (VarlenLayout(wrap([10, 12]), wrap([3, 0])),
