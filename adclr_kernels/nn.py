@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .backends import check_backend_name
 from .attention import (unidirectional_attention, unidirectional_attention_qkvpacked,
                         unidirectional_attention_varlen, unidirectional_attention_varlen_qkvpacked)
+from .backends import check_backend_name
 from .varlen import VarlenLayout
 
 
