@@ -823,6 +823,7 @@ class Run:
         self.bad = torch.zeros((), dtype=torch.bool, device=trainer.device)  # any loss not finite, on the device
         self.completed = self.last_good = self.saved = start  # saved: the step of checkpoint.pt, 0 = none
         self.in_step = self.stop_asked = False  # stop_asked: Ctrl-C inside a step, which then ends it
+        self.stopping = False  # the run is stopping: what is left is its save and its exit
         self.stopped_by = "interrupted"  # or "terminated" (SIGTERM): the stop's message and exit code
         self.in_save = False  # writing a checkpoint: a Ctrl-C waits for the write
         self.t0, self.images_since = time.perf_counter(), 0
@@ -842,6 +843,7 @@ class Run:
                 self.data_wait += time.perf_counter() - asked
                 self.step(raw, step)
                 if self.stop_asked:
+                    self.stopping = True
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
             self.save_interrupted()
@@ -866,6 +868,10 @@ class Run:
         def on_stop(signum, frame):
             if signum == signal.SIGTERM:
                 self.stopped_by = "terminated"
+            if self.stopping:
+                # Raised between the stop and its save, it would skip the save and end the
+                # run as a bare KeyboardInterrupt (exit 130, even for SIGTERM).
+                return
             if self.in_save:
                 # Raised inside torch.save, it would end as the zip writer's own error, with
                 # the checkpoint unwritten (and the steps since the last one lost).
@@ -875,6 +881,7 @@ class Run:
                 self.stop_asked = True
                 return
             if not self.in_step or self.stop_asked:
+                self.stopping = True
                 raise KeyboardInterrupt
             self.stop_asked = True
             print(f"\n{self.stop_name(signum)}: finishing step {self.completed + 1}, then saving it; "

@@ -223,6 +223,42 @@ def test_sigterm_inside_a_step_finishes_it_then_saves(signals, tmp_path):
         assert not os.path.exists(path) and "terminated:" not in proc.stderr
 
 
+SIGINT_IN_STEP_4_THEN_SIGTERM = """
+import os, signal, sys
+import adclr.train
+from adclr.cli import main
+real_step, real_save = adclr.train.train_step, adclr.train.Run.save_interrupted
+def sigint_in_step_4(trainer, batch, step):
+    if step == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_step(trainer, batch, step)
+def sigterm_before_the_save(run):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_save(run)
+adclr.train.train_step = sigint_in_step_4
+adclr.train.Run.save_interrupted = sigterm_before_the_save
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+main(sys.argv[1:])
+"""
+
+
+def test_a_sigterm_between_a_stop_and_its_save_lets_it_save_and_exits_143(tmp_path):
+    """Ctrl-C in step 4, then SIGTERM after the step ends, before its save starts (a
+    scheduler's stop after a user's): the save is made and the run exits 143, as for
+    SIGTERM alone. It used to skip the save and exit 130."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "run")
+    argv = ["train", *TINY, "--out", out, "--max-steps", "6", "--checkpoint-every", "5"]
+    proc = subprocess.run([sys.executable, "-c", SIGINT_IN_STEP_4_THEN_SIGTERM, *argv],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in proc.stderr, proc.stderr
+    path = os.path.join(out, "checkpoint.pt")
+    assert load_checkpoint(path)["step"] == 4
+    assert f"terminated: saved step 4 to {path}; rerun the same command to resume" in proc.stderr
+
+
 def test_a_full_disk_at_the_save_on_ctrl_c_says_what_is_kept(tiny_config, monkeypatch):
     """The save on an interrupt names what a rerun resumes from, as the scheduled saves do."""
     from adclr.checkpoint import WriteError
