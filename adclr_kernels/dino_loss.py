@@ -53,6 +53,7 @@ import math
 
 import torch
 
+from ._triton_common import LOG2E
 from .backends import DINO_LOSS_BACKENDS, FLOAT_DTYPES, resolve
 from .dino_loss_torch import effective_weight, row_softmax_chunked, weight_grad_chunked
 from .dino_loss_triton import row_softmax, weight_grad
@@ -90,17 +91,20 @@ def dino_head_loss_fwd(student, teacher, weight, teacher_weight, center, pairing
     matrix = _pairing_matrix(pairing, num_teacher_views)
     rows, dim = teacher.shape[0] // num_teacher_views, student.shape[1]
     center = center.reshape(-1)
+    # The lse's stay in the backend's own units for its backward (Triton's in base 2).
     if backend == "triton":
         teacher_lse, u = row_softmax(teacher, teacher_weight, weight, teacher_temp, center)
         student_lse, q = row_softmax(student, weight, weight, student_temp)
+        student_lse_e = student_lse / LOG2E
     else:
         teacher_lse, u = row_softmax_chunked(teacher, teacher_weight, weight, teacher_temp, center, acc)
         student_lse, q = row_softmax_chunked(student, weight, weight, student_temp, None, acc)
+        student_lse_e = student_lse
     # z: per student row, its pair-weighted teacher u's; a: its total pair weight.
     z = _mix(u.view(num_teacher_views, rows, dim), [list(col) for col in zip(*matrix)])
     a = torch.cat([student_lse.new_full((rows,), sum(col)) for col in zip(*matrix)])
     x = student.to(acc)
-    loss = ((a * student_lse).sum() - (x * z).sum() / student_temp) / rows
+    loss = ((a * student_lse_e).sum() - (x * z).sum() / student_temp) / rows
     student_grad = (a[:, None] * q - z) / (rows * student_temp)
     teacher_mean = teacher_weight.to(acc) @ teacher.to(acc).mean(0)
     return loss, teacher_mean, student_lse, teacher_lse, student_grad

@@ -28,10 +28,14 @@ def _row_softmax_kernel(
     HAS_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Rows m of X, columns [split * cols_per_split, ...): the base-e logsumexp of
+    """Rows m of X, columns [split * cols_per_split, ...): the base-2 logsumexp of
     (x W_logit^T - shift) / T and softmax(...) @ W_value, for this split of the columns.
 
-    SCALE holds log2(e) / T: scores are kept in base 2 so that the softmax uses exp2.
+    SCALE holds log2(e) / T: scores are kept in base 2 so that the softmax uses exp2. The
+    logsumexp stays in base 2 for `_weight_grad_kernel`, which subtracts it from scores it
+    makes again: at small temperatures (scores of 1e3 to 1e5) a round trip through base e
+    rounds it twice more, and each ulp of it is an error of |lse| * 2^-24 in every
+    probability.
     """
     scale = tl.load(SCALE)
     split = tl.program_id(1)
@@ -67,7 +71,7 @@ def _row_softmax_kernel(
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT)
         m_i = m_new
 
-    tl.store(LSE + split * stride_lse_s + rows, (m_i + tl.log2(l_i)) / _LOG2E, mask=row_ok)
+    tl.store(LSE + split * stride_lse_s + rows, m_i + tl.log2(l_i), mask=row_ok)
     tl.store(OUT + split * stride_out_s + rows[:, None] * stride_out_m + offs_d[None, :] * stride_out_d,
              acc / l_i[:, None], mask=row_ok[:, None] & d_ok[None, :])
 
@@ -88,7 +92,7 @@ def _add_probs_t_values(acc, w, shift, X, LSE, VALUES, num_rows, dim,
         s_t = dot(w, tl.trans(x), DOT) * scale  # (columns, rows)
         if HAS_SHIFT:
             s_t = s_t - shift[:, None]
-        lse = tl.load(LSE + rows, mask=row_ok, other=0.0) * _LOG2E
+        lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
         p_t = tl.where(row_ok[None, :], tl.exp2(s_t - lse[None, :]), 0.0)
         values = tl.load(VALUES + rows[:, None] * stride_vm + offs_d[None, :] * stride_vd,
                          mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -188,8 +192,9 @@ def _num_splits(x, num_rows, num_cols, cfg):
 
 
 def row_softmax(x, w_logit, w_value, temp, shift=None, num_splits=None):
-    """Triton: per row of x, lse = logsumexp((x W_logit^T - shift) / temp) (base e) and
-    softmax(...) @ W_value. Returns (lse (rows,), out (rows, D)) in float32.
+    """Triton: per row of x, lse2 = log2 sum exp((x W_logit^T - shift) / temp) (the
+    logsumexp in base 2: the kernels' units, as `weight_grad` takes it) and softmax(...) @
+    W_value. Returns (lse2 (rows,), out (rows, D)) in float32.
 
     temp: a float, or a one-element tensor on x's device.
 
@@ -216,14 +221,16 @@ def row_softmax(x, w_logit, w_value, temp, shift=None, num_splits=None):
     if num_splits == 1:
         return lse[0], out[0]
     # FlashDecoding's merge: each split's result weighted by its share of the sum.
-    total = torch.logsumexp(lse, 0)
-    weights = torch.exp(lse - total)
+    top = lse.max(0).values
+    total = top + torch.exp2(lse - top).sum(0).log2()
+    weights = torch.exp2(lse - total)
     return total, torch.einsum("sm,smd->md", weights, out)
 
 
 def weight_grad(student, student_lse, student_values, teacher, teacher_lse, teacher_values,
                 weight, teacher_weight, center, student_temp, teacher_temp, grad_scale):
-    """Triton: grad_scale * (P_s^T student_values - P_t^T teacher_values), (K, D) float32."""
+    """Triton: grad_scale * (P_s^T student_values - P_t^T teacher_values), (K, D) float32;
+    the logsumexps in base 2, as `row_softmax` gives them."""
     num_cols, dim = weight.shape
     padded_dim = block_d(dim)
     cfg = _grad_config(padded_dim, weight.dtype)
