@@ -122,6 +122,8 @@ def _check_image_list(images):
             raise ValueError(f"images[{i}] must have shape (C, H, W), got {tuple(image.shape)}")
         if image.shape[1] < 1 or image.shape[2] < 1:
             raise ValueError(f"images[{i}] must be at least 1x1 pixels, got {tuple(image.shape)}")
+        if image.shape[0] < 1:
+            raise ValueError(f"images[{i}] must have at least one channel, got {tuple(image.shape)}")
         if image.shape[0] != images[0].shape[0]:
             raise ValueError(f"every image must have the channels of images[0] ({images[0].shape[0]}), "
                              f"images[{i}] has {image.shape[0]}")

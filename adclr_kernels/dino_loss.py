@@ -50,6 +50,7 @@ runs the same two primitives as chunked matmuls (`dino_loss_torch.py`).
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -150,6 +151,10 @@ def dino_pairing(num_student_views, num_teacher_views=2):
 
 def _check_pairing(pairing):
     """Flat list of weights and the number of teacher views."""
+    if isinstance(pairing, torch.Tensor):
+        # Read on the host for every call: a tensor would be copied from its device each time.
+        raise TypeError("pairing must be a (teacher_views x student_views) nested list of floats, "
+                        "got a tensor (pairing.tolist() gives the list)")
     if isinstance(pairing, (str, bytes)) or not hasattr(pairing, "__len__") or len(pairing) == 0:
         raise TypeError("pairing must be a non-empty (teacher_views x student_views) nested "
                         f"list of floats, got {type(pairing).__name__}")
@@ -163,7 +168,7 @@ def _check_pairing(pairing):
         raise ValueError(f"pairing rows must all have the same length, got {[len(r) for r in rows]}")
     flat = []
     for w in (w for r in rows for w in r):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise TypeError(f"pairing weights must be finite floats, got {w!r}")
         flat.append(float(w))
     return flat, len(rows)
@@ -175,7 +180,7 @@ MIN_TEMP = torch.finfo(torch.float32).tiny
 
 
 def _check_temp(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite float, got {value!r}")
     if value < MIN_TEMP:
         raise ValueError(f"{name} must be at least {MIN_TEMP:.3g} (the smallest normal float32; "
@@ -340,25 +345,30 @@ def dino_head_loss(student, teacher, weight, center, pairing, *, student_temp, t
         backend: "auto" (Triton on CUDA, chunked PyTorch elsewhere), "triton" or "torch".
 
     Under autocast the matmul operands are cast to the autocast dtype, as F.linear's
-    would be; accumulation and softmax statistics are float32 (float64 for float64
-    inputs on the torch backend).
+    would be (float64 ones are left as they are); accumulation and softmax statistics
+    are float32 (float64 for float64 inputs on the torch backend).
 
     Returns:
         (loss, teacher_mean): the 0-dim loss and the (out_dim,) column mean of the
-        teacher logits before centring (what the centre update needs), float32.
+        teacher logits before centring (what the centre update needs), float32 (float64
+        for float64 inputs).
     """
     flat, num_teacher_views, student_temp, teacher_temp = check_inputs(
         student, teacher, weight, center, pairing, student_temp, teacher_temp, teacher_weight,
         gain, teacher_gain)
     device_type = student.device.type
-    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+    # Autocast leaves float64 as it is (F.linear's rule): then the operands must agree.
+    autocast = (device_type != "meta" and torch.is_autocast_enabled(device_type)
+                and student.dtype != torch.float64)
+    if autocast:
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = student.dtype
         for name, t in (("teacher", teacher), ("weight", weight), ("teacher_weight", teacher_weight)):
             if t is not None and t.dtype != dtype:
                 raise TypeError(f"student, teacher, weight and teacher_weight must share one dtype "
-                                f"outside autocast; student is {dtype}, {name} is {t.dtype}")
+                                f"outside autocast (which leaves float64 as it is); student is "
+                                f"{dtype}, {name} is {t.dtype}")
     backend = resolve(backend, student, known=DINO_LOSS_BACKENDS, fallback="torch", dtype=dtype,
                       dim_name="dim")
     w = effective_weight(weight, gain)

@@ -181,6 +181,8 @@ BAD = [
     (dict(images=[torch.zeros(3, 10, 12, dtype=torch.uint8), torch.zeros(1, 8, 6, dtype=torch.uint8)]),
      ValueError, r"images\[1\] has 1"),
     (dict(images=[torch.zeros(3, 0, 12, dtype=torch.uint8)] * 2), ValueError, r"images\[0\] must be at least 1x1"),
+    (dict(images=[torch.zeros(0, 10, 12, dtype=torch.uint8)] * 2), ValueError,
+     r"images\[0\] must have at least one channel"),
     (dict(images=packed_with(data=torch.zeros(10))), TypeError, "images.data must be a 1-D uint8"),
     (dict(images=packed_with(meta=torch.tensor([[0, 10, 12, 1, 36, 3], [361, 8, 6, 1, 18, 3]]))),
      ValueError, r"images.meta\[1\] .* does not describe"),

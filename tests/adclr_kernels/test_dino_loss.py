@@ -126,6 +126,7 @@ def _call(dtype=torch.float32, **overrides):
     (dict(pairing=[[0.0, 1.0], [1.0]]), ValueError, "pairing rows must all have the same length"),
     (dict(pairing=[]), TypeError, "pairing must be a non-empty"),
     (dict(pairing=[[0.0, float("nan")]]), TypeError, "pairing weights must be finite"),
+    (dict(pairing=torch.tensor(dino_pairing(2))), TypeError, r"got a tensor \(pairing.tolist\(\) gives the list\)"),
     (dict(student_temp=0.0), ValueError, "student_temp must be a positive finite float"),
     (dict(teacher_temp=float("inf")), ValueError, "teacher_temp must be a positive finite float"),
     (dict(student_temp=1e-45), ValueError, r"student_temp must be at least 1.18e-38 .*got 1e-45"),
@@ -140,6 +141,27 @@ def test_bad_inputs_name_the_argument(overrides, error, match):
     overrides = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in overrides.items()}
     with pytest.raises(error, match=match):
         _call(**overrides)
+
+
+def test_numpy_scalars_are_taken_where_floats_are():
+    import numpy as np
+
+    plain = _call()
+    numpy_args = _call(student_temp=np.float32(0.1), teacher_temp=np.float32(0.04),
+                       pairing=[[np.float32(w) for w in row] for row in dino_pairing(2)])
+    assert torch.allclose(numpy_args[0], plain[0], rtol=1e-6)
+
+
+def test_autocast_leaves_float64_inputs_as_they_are():
+    # F.linear's rule under autocast: float32 operands go to its dtype, float64 ones stay
+    # (the Triton backend takes no float64: the torch one runs them).
+    want = _call(torch.float64)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        got = _call(torch.float64)
+        with pytest.raises(TypeError, match="autocast .*leaves float64 as it is"):
+            _call(torch.float64, weight=make_loss_inputs(3, 2, 16, 100)["weight"].float())
+    assert got[0].dtype == got[1].dtype == torch.float64
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_backend_rules(monkeypatch):
