@@ -96,14 +96,12 @@ def is_demo(cfg):
 def make_config(given):
     """(Config from the flags given, whether it is the demo's): on CPU with the built-in data,
     the DEMO defaults fill the rest. A run resumed in --out keeps them if it ran with them
-    (its config.json holds them where no flag is given now), and only then: a demo run
-    resumed on other data or a GPU goes on with its settings, as a resume with --data or
-    --device changed does."""
+    (`_ran_the_demo`), and only then: a demo run resumed on other data or a GPU goes on
+    with its settings, as a resume with --data or --device changed does."""
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     cfg = Config(**given)
     saved = _saved_settings(cfg.out)
-    demo = (is_demo(cfg) if saved is None
-            else all(saved.get(k) == v for k, v in DEMO.items() if k not in given))
+    demo = is_demo(cfg) if saved is None else _ran_the_demo(saved, given)
     if demo:
         chosen = {k: v for k, v in DEMO.items() if k not in given}
         cfg = dataclasses.replace(cfg, **chosen)
@@ -113,6 +111,19 @@ def make_config(given):
             print(f"{why}: quick demo settings (any flag overrides them): {json.dumps(chosen)}",
                   file=sys.stderr)
     return cfg, demo
+
+
+def _ran_the_demo(saved, given):
+    """Whether a run's saved settings took the DEMO presets: they match them on more of the
+    flags not given now than they match Config's defaults. A flag given when the run
+    started (--checkpoint-every 4, --arch) moves one of them off both, and need not be given
+    again: such a flag alone used to make a demo run read as a paper one, and its resume
+    was refused over a dozen flags the user never gave."""
+    defaults = Config()
+    flags = [k for k, v in DEMO.items() if k not in given and v != getattr(defaults, k)]
+    as_demo = sum(saved.get(k) == DEMO[k] for k in flags)
+    as_paper = sum(saved.get(k) == getattr(defaults, k) for k in flags)
+    return as_demo > as_paper
 
 
 def _saved_settings(out):

@@ -345,6 +345,33 @@ def test_a_resumed_run_keeps_the_demo_settings_it_ran_with(tmp_path, monkeypatch
     assert make_config({"out": str(paper)})[0].arch == "vit_mini"
 
 
+def test_a_demo_run_started_with_a_flag_resumes_without_it(tmp_path, monkeypatch, capsys):
+    """A demo run started with --checkpoint-every 4 (or another preset's flag) resumes
+    without it: it is still the demo's run, and a flag that may change on resume takes the
+    preset again. The flag alone used to make it read as a paper run, refused over a dozen
+    flags never given."""
+    import dataclasses
+
+    from adclr.config import Config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    os.makedirs(out)
+    started, demo = make_config({"out": str(out), "checkpoint_every": 4, "arch": "vit_test"})
+    assert demo and started.out_dim == 4096
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(started)))
+    (out / "checkpoint.pt").write_bytes(b"")
+    resumed, demo = make_config({"out": str(out), "arch": "vit_test"})
+    assert demo and resumed == dataclasses.replace(started, checkpoint_every=100)
+    # Given neither, the arch differs from the run's: a resume refuses that flag alone.
+    resumed, demo = make_config({"out": str(out)})
+    assert demo and resumed == dataclasses.replace(started, checkpoint_every=100, arch="vit_mini")
+    # A paper run (Config's defaults) with one preset's value given stays a paper run.
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(Config(out=str(out), out_dim=4096))))
+    resumed, demo = make_config({"out": str(out)})
+    assert not demo and resumed.arch == "vit_small"
+
+
 def test_help_states_the_batch_convention_and_the_momentum_hint(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
