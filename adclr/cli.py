@@ -339,11 +339,25 @@ def _run_job(job, *job_args, **job_kwargs):
         raise SystemExit(f"error: {error}")
 
 
+# The training flags that only some methods' losses read (docs/methods.md). The crop counts
+# are not among them: they decide what the loader cuts, for every method.
+METHOD_FLAGS = {"lambda_query": ("adclr",), "query_sees_prefix": ("adclr",),
+                "query_sees_self": ("adclr",), "query_sees_queries": ("adclr",),
+                "lambda_dense": ("densecl",), "mask_ratio": ("ccmim",), "lambda_align": ("ccmim",)}
+
+
 def run_train(args):
-    cfg, demo = make_config(_flags(args))
+    given = _flags(args)
+    cfg, demo = make_config(given)
     errors = config_errors(cfg)  # what depends on several flags; before any work
     if errors:
         args.parser.error(f"argument {errors[0]}")
+    # Said, not refused: a run that was started with one resumes with the same command.
+    ignored = [f"--{flag.replace('_', '-')}" for flag, methods in METHOD_FLAGS.items()
+               if flag in given and cfg.method not in methods]
+    if ignored:
+        print(f"note: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with "
+              f"--method {cfg.method} (docs/methods.md)", file=sys.stderr)
     step = _run_job(train.train, cfg)  # the step of the checkpoint the run leaves in --out
     # The demo's last line, did it learn: on the built-in sets, which have labels.
     if step and demo and cfg.data in ("", *BUILTIN) and int(os.environ.get("RANK", "0")) == 0:

@@ -372,6 +372,19 @@ def test_a_demo_run_started_with_a_flag_resumes_without_it(tmp_path, monkeypatch
     assert not demo and resumed.arch == "vit_small"
 
 
+@pytest.mark.parametrize("method,flags,said", [
+    ("densecl", ["--lambda-query", "0.7", "--query-sees-prefix"], "--lambda-query, --query-sees-prefix have"),
+    ("ccmim", ["--lambda-dense", "0.3"], "--lambda-dense has"),
+    ("adclr", ["--mask-ratio", "0.5", "--lambda-align", "2"], "--mask-ratio, --lambda-align have"),
+])
+def test_flags_the_method_does_not_read_are_named(method, flags, said, accepted_config, capsys):
+    main(["train", *TINY, "--out", "unused", "--method", method, *flags])
+    assert f"note: {said} no effect with --method {method} (docs/methods.md)" in capsys.readouterr().err
+    assert accepted_config[0].method == method
+    main(["train", *TINY, "--out", "unused", "--method", method])
+    assert "no effect" not in capsys.readouterr().err
+
+
 def test_help_states_the_batch_convention_and_the_momentum_hint(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
