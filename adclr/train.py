@@ -706,7 +706,7 @@ def _train(cfg, rank, world, device):
         _announce(trainer, world, start)
     Run(trainer, path, rank, world, start, loader, skipped).steps(data)
     if main:
-        print(f"done: {total} steps, checkpoint {path}", file=sys.stderr)
+        print(f"done: {total} step{'' if total == 1 else 's'}, checkpoint {path}", file=sys.stderr)
     return total
 
 

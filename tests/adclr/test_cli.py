@@ -894,7 +894,7 @@ def test_the_demo_ends_with_its_knn_beside_random_init(tmp_path, capsys):
     assert status == 0 and numbers and all(0 <= float(n) <= 100 for n in numbers.groups())
     status, err = run(["train", *TINY, "--data", image_folder(tmp_path / "photos"), "--batch-size", "2",
                        "--out", str(tmp_path / "own")], capsys)
-    assert status == 0 and err.strip().splitlines()[-1].startswith("done: 1 steps")
+    assert status == 0 and err.strip().splitlines()[-1].startswith("done: 1 step,")
 
 
 @pytest.mark.parametrize("command,preset", [("compare", {}), ("sweep", {"out": "runs/sweep"})])
