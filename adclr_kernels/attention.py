@@ -12,6 +12,7 @@ they travel as one `QueryMask`.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -55,6 +56,18 @@ def _remembered(cache, key, check):
             cache.clear()
         cache[key] = found
     return found
+
+
+# The argument types a call passes on as they are (checked, where wrong, by the checks).
+_PLAIN = (int, float, type(None), torch.Tensor)
+
+
+def _python_scalars(*values):
+    """numpy's integers and floats as Python's (the checks, the cache of their results and
+    the custom ops take Python's); anything else as it is, for the checks to name."""
+    return tuple(int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                 else float(v) if isinstance(v, numbers.Real) and not isinstance(v, (bool, numbers.Integral))
+                 else v for v in values)
 
 
 def _check_int(name, value, low, high, read_as=None):
@@ -170,6 +183,8 @@ def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_p
         with the forward's own logsumexp, and runs nothing more without the option.
     """
     q, k, v = _autocast(q, k, v)
+    if type(num_queries) is not int or type(num_prefix) is not int or type(scale) not in _PLAIN:
+        num_queries, num_prefix, scale = _python_scalars(num_queries, num_prefix, scale)
 
     def check():
         checked = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
@@ -232,6 +247,8 @@ def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_
         prefix_probs) as in `unidirectional_attention`.
     """
     qkv, = _autocast(qkv)
+    if type(num_queries) is not int or type(num_prefix) is not int or type(scale) not in _PLAIN:
+        num_queries, num_prefix, scale = _python_scalars(num_queries, num_prefix, scale)
 
     def check():
         _check_qkv(qkv, ("batch", "seq"))
@@ -437,6 +454,10 @@ def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries=None, num_p
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
     q, k, v = _autocast(q, k, v)
+    if (type(num_queries) not in _PLAIN or type(num_prefix) is not int or type(scale) not in _PLAIN
+            or type(max_seqlen) not in _PLAIN):
+        num_queries, num_prefix, scale, max_seqlen = _python_scalars(num_queries, num_prefix, scale,
+                                                                     max_seqlen)
 
     def check():
         checked = check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix,
@@ -466,6 +487,10 @@ def unidirectional_attention_varlen_qkvpacked(qkv, cu_seqlens, num_queries=None,
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
     qkv, = _autocast(qkv)
+    if (type(num_queries) not in _PLAIN or type(num_prefix) is not int or type(scale) not in _PLAIN
+            or type(max_seqlen) not in _PLAIN):
+        num_queries, num_prefix, scale, max_seqlen = _python_scalars(num_queries, num_prefix, scale,
+                                                                     max_seqlen)
 
     def check():
         _check_qkv(qkv, ("total_tokens",))

@@ -90,6 +90,33 @@ def test_bad_input_raises_clearly(case, over, exc, msg):
         unidirectional_attention(**args)
 
 
+@pytest.mark.parametrize("form", ["batched", "qkvpacked", "varlen", "varlen_qkvpacked"])
+def test_numpy_scalars_are_taken_as_python_ones(form):
+    # As VarlenLayout and the DINO loss take them: counts read from numpy arrays or configs.
+    import numpy as np
+
+    from adclr_kernels import unidirectional_attention_varlen, unidirectional_attention_varlen_qkvpacked
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 12, 3, 2, 16, device=DEVICE)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    cu = torch.tensor([0, 12, 24], dtype=torch.int32, device=DEVICE)
+    calls = {
+        "batched": lambda nq, p, s, m: unidirectional_attention(q, k, v, nq, p, scale=s, backend="sdpa"),
+        "qkvpacked": lambda nq, p, s, m: unidirectional_attention_qkvpacked(qkv, nq, p, scale=s, backend="sdpa"),
+        "varlen": lambda nq, p, s, m: unidirectional_attention_varlen(
+            *(t.transpose(1, 2).flatten(0, 1) for t in (q, k, v)), cu, nq, p, scale=s, max_seqlen=m,
+            backend="sdpa"),
+        "varlen_qkvpacked": lambda nq, p, s, m: unidirectional_attention_varlen_qkvpacked(
+            qkv.flatten(0, 1), cu, nq, p, scale=s, max_seqlen=m, backend="sdpa"),
+    }
+    want = calls[form](3, 1, 0.2, 12)
+    got = calls[form](np.int64(3), np.int32(1), np.float32(0.2), np.int64(12))
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="num_queries must be an int"):
+        calls[form](np.float64(3.0), 1, None, 12)
+
+
 def test_qkvpacked_errors_word_the_shape_of_qkv():
     qkv = torch.randn(2, 2, 3, 10, 32)  # (batch, heads, 3, seq, head_dim) by mistake
     with pytest.raises(ValueError, match=re.escape(
