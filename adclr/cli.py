@@ -101,7 +101,7 @@ def make_config(given):
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
     cfg = Config(**given)
     saved = _saved_settings(cfg.out)
-    demo = is_demo(cfg) if saved is None else _ran_the_demo(saved, given)
+    demo = is_demo(cfg) if saved is None else _ran_the_demo(saved, given, is_demo(cfg))
     if demo:
         chosen = {k: v for k, v in DEMO.items() if k not in given}
         cfg = dataclasses.replace(cfg, **chosen)
@@ -113,17 +113,18 @@ def make_config(given):
     return cfg, demo
 
 
-def _ran_the_demo(saved, given):
+def _ran_the_demo(saved, given, demo_now):
     """Whether a run's saved settings took the DEMO presets: they match them on more of the
-    flags not given now than they match Config's defaults. A flag given when the run
-    started (--checkpoint-every 4, --arch) moves one of them off both, and need not be given
-    again: such a flag alone used to make a demo run read as a paper one, and its resume
-    was refused over a dozen flags the user never gave."""
+    flags not given now than they match Config's defaults (a tie, as when every preset is
+    given: demo_now, what a new run would be). A flag given when the run started moves one
+    of them off both: one that may change on resume (--checkpoint-every) need not be given
+    again, and another (--arch) is the one flag a resume without it names. Such a flag used
+    to make a demo run read as a paper one, its resume refused over a dozen flags."""
     defaults = Config()
     flags = [k for k, v in DEMO.items() if k not in given and v != getattr(defaults, k)]
     as_demo = sum(saved.get(k) == DEMO[k] for k in flags)
     as_paper = sum(saved.get(k) == getattr(defaults, k) for k in flags)
-    return as_demo > as_paper
+    return demo_now if as_demo == as_paper else as_demo > as_paper
 
 
 def _saved_settings(out):
@@ -341,9 +342,9 @@ def _run_job(job, *job_args, **job_kwargs):
 
 # The training flags that only some methods' losses read (docs/methods.md). The crop counts
 # are not among them: they decide what the loader cuts, for every method.
-METHOD_FLAGS = {"lambda_query": ("adclr",), "query_sees_prefix": ("adclr",),
-                "query_sees_self": ("adclr",), "query_sees_queries": ("adclr",),
-                "lambda_dense": ("densecl",), "mask_ratio": ("ccmim",), "lambda_align": ("ccmim",)}
+METHOD_FLAGS = {"lambda_query": "adclr", "query_sees_prefix": "adclr", "query_sees_self": "adclr",
+                "query_sees_queries": "adclr", "lambda_dense": "densecl", "mask_ratio": "ccmim",
+                "lambda_align": "ccmim"}
 
 
 def run_train(args):
@@ -353,8 +354,8 @@ def run_train(args):
     if errors:
         args.parser.error(f"argument {errors[0]}")
     # Said, not refused: a run that was started with one resumes with the same command.
-    ignored = [f"--{flag.replace('_', '-')}" for flag, methods in METHOD_FLAGS.items()
-               if flag in given and cfg.method not in methods]
+    ignored = [f"--{flag.replace('_', '-')}" for flag, method in METHOD_FLAGS.items()
+               if flag in given and cfg.method != method]
     if ignored:
         print(f"note: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with "
               f"--method {cfg.method} (docs/methods.md)", file=sys.stderr)

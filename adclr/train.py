@@ -881,7 +881,9 @@ class Run:
                 self.stop_asked = True
                 return
             if not self.in_step or self.stop_asked:
-                self.stopping = True
+                # stop_asked too: an interrupt swallowed where Python ignores exceptions (a
+                # __del__ running as the signal lands) still ends the run after its step.
+                self.stopping = self.stop_asked = True
                 raise KeyboardInterrupt
             self.stop_asked = True
             print(f"\n{self.stop_name(signum)}: finishing step {self.completed + 1}, then saving it; "

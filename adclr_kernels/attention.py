@@ -63,11 +63,19 @@ _PLAIN = (int, float, type(None), torch.Tensor)
 
 
 def _python_scalars(*values):
-    """numpy's integers and floats as Python's (the checks, the cache of their results and
-    the custom ops take Python's); anything else as it is, for the checks to name."""
-    return tuple(int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool)
-                 else float(v) if isinstance(v, numbers.Real) and not isinstance(v, (bool, numbers.Integral))
-                 else v for v in values)
+    """The values, with numpy's integers and floats as Python's: the checks, the cache of
+    their results and the custom ops take Python's. Anything else stays, for the checks to
+    name. A type test per value when there is none (the eager path's every call)."""
+    for value in values:
+        if type(value) not in _PLAIN:
+            return tuple(_python_scalar(v) for v in values)
+    return values
+
+
+def _python_scalar(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _check_int(name, value, low, high, read_as=None):
@@ -183,8 +191,7 @@ def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_p
         with the forward's own logsumexp, and runs nothing more without the option.
     """
     q, k, v = _autocast(q, k, v)
-    if type(num_queries) is not int or type(num_prefix) is not int or type(scale) not in _PLAIN:
-        num_queries, num_prefix, scale = _python_scalars(num_queries, num_prefix, scale)
+    num_queries, num_prefix, scale = _python_scalars(num_queries, num_prefix, scale)
 
     def check():
         checked = check_inputs(q, k, v, num_queries, num_prefix, query_sees_prefix,
@@ -247,8 +254,7 @@ def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_
         prefix_probs) as in `unidirectional_attention`.
     """
     qkv, = _autocast(qkv)
-    if type(num_queries) is not int or type(num_prefix) is not int or type(scale) not in _PLAIN:
-        num_queries, num_prefix, scale = _python_scalars(num_queries, num_prefix, scale)
+    num_queries, num_prefix, scale = _python_scalars(num_queries, num_prefix, scale)
 
     def check():
         _check_qkv(qkv, ("batch", "seq"))
@@ -454,10 +460,7 @@ def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries=None, num_p
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
     q, k, v = _autocast(q, k, v)
-    if (type(num_queries) not in _PLAIN or type(num_prefix) is not int or type(scale) not in _PLAIN
-            or type(max_seqlen) not in _PLAIN):
-        num_queries, num_prefix, scale, max_seqlen = _python_scalars(num_queries, num_prefix, scale,
-                                                                     max_seqlen)
+    num_queries, num_prefix, scale, max_seqlen = _python_scalars(num_queries, num_prefix, scale, max_seqlen)
 
     def check():
         checked = check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix,
@@ -487,10 +490,7 @@ def unidirectional_attention_varlen_qkvpacked(qkv, cu_seqlens, num_queries=None,
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
     qkv, = _autocast(qkv)
-    if (type(num_queries) not in _PLAIN or type(num_prefix) is not int or type(scale) not in _PLAIN
-            or type(max_seqlen) not in _PLAIN):
-        num_queries, num_prefix, scale, max_seqlen = _python_scalars(num_queries, num_prefix, scale,
-                                                                     max_seqlen)
+    num_queries, num_prefix, scale, max_seqlen = _python_scalars(num_queries, num_prefix, scale, max_seqlen)
 
     def check():
         _check_qkv(qkv, ("total_tokens",))

@@ -12,6 +12,7 @@ Each takes (q, k, v, num_queries, num_prefix, mask, scale): q, k, v in the batch
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -82,8 +83,12 @@ def prefix_probs(q, k, num_queries, num_prefix, scale=None):
     visible = q.shape[-2] - num_queries
     wide = torch.promote_types(q.dtype, torch.float32)
     # Autocast would run the product in its 16-bit dtype again: the weights stay in `wide`,
-    # as the Triton kernel's are.
-    with torch.autocast(q.device.type, enabled=False):
+    # as the Triton kernel's are. (A device type without autocast, meta, refuses the switch.)
+    kind = q.device.type
+    off = (torch.autocast(kind, enabled=False)
+           if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+           else contextlib.nullcontext())
+    with off:
         scores = (q[..., :num_prefix, :].to(wide) @ k[..., :visible, :].to(wide).transpose(-2, -1)) * scale
         return F.pad(torch.softmax(scores, -1), (0, k.shape[-2] - visible))
 

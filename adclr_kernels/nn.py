@@ -9,6 +9,8 @@ DINOv2 or Hugging Face models as they are, see `adclr_kernels.integrations`.
 
 from __future__ import annotations
 
+import numbers
+
 from torch import nn
 
 from .attention import (unidirectional_attention, unidirectional_attention_qkvpacked,
@@ -34,7 +36,9 @@ class UnidirectionalAttention(nn.Module):
         super().__init__()
         check_backend_name(backend)
         for name, value in (("dim", dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be a positive int, got {value!r}")
+            if value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if (qk_norm or scale_norm) and norm_layer is None:
             raise ValueError("qk_norm and scale_norm need a norm_layer")
@@ -82,7 +86,7 @@ class UnidirectionalAttention(nn.Module):
             raise ValueError(f"x must be {form}"
                              f"{'' if cu_seqlens is not None else ' (packed tokens take cu_seqlens)'}, "
                              f"got {tuple(x.shape)}")
-        if (isinstance(cu_seqlens, VarlenLayout) and isinstance(num_queries, int)
+        if (isinstance(cu_seqlens, VarlenLayout) and isinstance(num_queries, numbers.Integral)
                 and not isinstance(num_queries, bool) and num_queries == 0):
             num_queries = None  # the layout holds the query counts
         tokens = x.shape[:-1]

@@ -24,7 +24,7 @@ from trainer_testing import (SCALE_FLAGS, TINY, TRAIN_RANGES, accepts, image_fol
 
 import adclr.train
 from adclr.checkpoint import folder_lock, load_checkpoint
-from adclr.cli import main, make_config
+from adclr.cli import DEMO, main, make_config
 from adclr.data import ImageFolder, StepBatches
 from adclr_kernels.backends import xformers_available, xformers_unavailable_reason
 
@@ -366,6 +366,9 @@ def test_a_demo_run_started_with_a_flag_resumes_without_it(tmp_path, monkeypatch
     # Given neither, the arch differs from the run's: a resume refuses that flag alone.
     resumed, demo = make_config({"out": str(out)})
     assert demo and resumed == dataclasses.replace(started, checkpoint_every=100, arch="vit_mini")
+    # Every preset given again: nothing to tell them apart, so it is what a new run is.
+    every = {k: v for k, v in started.__dict__.items() if k in DEMO}
+    assert make_config({"out": str(out), **every})[1]
     # A paper run (Config's defaults) with one preset's value given stays a paper run.
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(Config(out=str(out), out_dim=4096))))
     resumed, demo = make_config({"out": str(out)})

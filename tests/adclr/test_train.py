@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -159,6 +160,35 @@ def test_ctrl_c_inside_a_step_finishes_it_then_saves_a_second_stops_at_once(pres
         assert load_checkpoint(path)["step"] == 4 and records[-1]["step"] == 4
         said = "saved step 4 to {}" if checkpoint_every == 5 else "step 4 is saved in {}"
         assert f"interrupted: {said.format(path)}; rerun the same command to resume" in err
+
+
+def test_a_ctrl_c_swallowed_between_steps_still_stops_the_run(tiny_config, monkeypatch, capsys):
+    """Ctrl-C between steps whose KeyboardInterrupt is swallowed (Python ignores one raised
+    in a __del__ running as the signal lands; here step 2's log call swallows it): the run
+    stops at the end of that step, saved, and does not go on to its end deaf to further
+    signals."""
+    cfg = tiny_config(max_steps=6, checkpoint_every=5)
+    real_log = adclr.train.Logger.log
+
+    def log_then_swallow_a_ctrl_c(self, record, total_steps):
+        real_log(self, record, total_steps)
+        if record["step"] == 2:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.5)  # the handler runs here
+            except KeyboardInterrupt:
+                pass
+
+    monkeypatch.setattr(adclr.train.Logger, "log", log_then_swallow_a_ctrl_c)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    assert load_checkpoint(path)["step"] == 2
+    assert f"interrupted: saved step 2 to {path}; rerun the same command to resume" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("presses", [1, 2])

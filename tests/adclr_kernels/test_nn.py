@@ -4,6 +4,7 @@ nothing copied around the op."""
 import json
 import pathlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,8 +68,8 @@ def test_rejects_what_it_cannot_do():
     # At construction, not at the first forward.
     with pytest.raises(ValueError, match="backend must be one of"):
         UnidirectionalAttention(64, 4, backend="bogus")
-    for heads in (0, -2, 2.0, True):
-        with pytest.raises(ValueError, match=f"num_heads must be a positive int, got {heads!r}"):
+    for heads, error in ((0, ValueError), (-2, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(error, match=f"num_heads must be a positive int, got {heads!r}"):
             UnidirectionalAttention(64, heads)
     with pytest.raises(ValueError, match="dim must be a positive int, got 0"):
         UnidirectionalAttention(0, 4)
@@ -83,6 +84,7 @@ def test_query_counts_beside_a_layout_are_refused_by_name(num_queries):
     with pytest.raises(ValueError, match="num_queries comes from the VarlenLayout; pass None"):
         attn(torch.randn(7, 16), num_queries, cu_seqlens=layout)
     assert attn(torch.randn(7, 16), cu_seqlens=layout).shape == (7, 16)
+    assert attn(torch.randn(7, 16), np.int64(0), cu_seqlens=layout).shape == (7, 16)  # the default, numpy's
 
 
 def test_qk_norm_output_follows_the_value_dtype():

@@ -132,6 +132,14 @@ def test_under_autocast_every_backend_gives_float32_probs(backend):
     assert_rel_close("packed probs", packed_probs, packed_truth(qkv16, layout, 1, opts), tol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_meta_tensors_trace_the_probs_shape(backend):
+    # Shape tracing and deferred initialisation run on meta tensors, which have no autocast.
+    q = torch.empty(2, 2, 12, 16, device="meta")
+    out, probs = unidirectional_attention(q, q, q, 3, 1, backend=backend, return_prefix_probs=True)
+    assert probs.shape == (2, 2, 1, 12) and probs.dtype == torch.float32 and probs.device.type == "meta"
+
+
 def test_without_the_option_one_tensor_comes_back():
     q, k, v = make_qkv(1, 2, 1, 10, 2, 32, options(OPTION_SETS[0]), dtype=torch.float32)
     for backend in ("triton", "sdpa"):
