@@ -249,9 +249,13 @@ def vary(text):
         raise argparse.ArgumentTypeError(f"--{key} cannot be swept")
     parse = checked(type(fields[field]), ALLOWED.get(field))
     try:
-        return field, [parse(value) for value in values.split(",")]
+        parsed = [parse(value) for value in values.split(",")]
     except (ValueError, argparse.ArgumentTypeError) as error:
         raise argparse.ArgumentTypeError(f"{key}: {error}") from None
+    twice = [v for i, v in enumerate(parsed) if v in parsed[:i]]
+    if twice:  # the same point, trained and scored twice
+        raise argparse.ArgumentTypeError(f"{key}: {twice[0]} is given twice")
+    return field, parsed
 
 
 def _add_sweep_parser(commands):
@@ -382,6 +386,11 @@ def run_eval(args):
         if args.protocol not in protocols and getattr(args, dest) != args.parser.get_default(dest):
             args.parser.error(f"argument --{dest.replace('_', '-')}: applies to eval "
                               f"{' and '.join(protocols)}, not eval {args.protocol}")
+    if args.protocol == "linear" and args.fast:
+        for dest in ("lr", "val_freq"):  # the fast probe is L-BFGS: no learning rate, one score
+            if getattr(args, dest) != args.parser.get_default(dest):
+                args.parser.error(f"argument --{dest.replace('_', '-')}: applies to eval linear's "
+                                  "SGD probe, not --fast")
     common = dict(data=args.data, weights=args.weights, image_size=args.image_size, batch_size=args.batch_size,
                   device=args.device, num_workers=args.num_workers)
     if args.protocol == "dense":

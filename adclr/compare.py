@@ -468,8 +468,14 @@ def sweep_table(rows, seeds):
         g = row["gains"]
         name = row["name"].replace(",", ", ")
         lines.append(f"| {'**' + name + '**' if i == best else name} | " + " | ".join(cells)
-                     + f" | {g['dino']:+.1f} | {g['adclr']:+.1f} | {min(g.values()):+.1f} |")
+                     + f" | {_gain(g['dino'])} | {_gain(g['adclr'])} | {_gain(min(g.values()))} |")
     return "\n".join(lines), rows[best]
+
+
+def _gain(points):
+    """A gain in points, signed; no "-0.0" for a loss too small to print."""
+    text = f"{points:+.1f}"
+    return "+0.0" if text == "-0.0" else text
 
 
 def grid_points(grid, one_at_a_time=False):
@@ -487,19 +493,27 @@ def sweep(cfg, grid, seeds, eval_images=EVAL_IMAGES, dense_epochs=None, one_at_a
     """`compare` without localisation at every point of `grid` (`grid_points`), scored on
     the held-out split; write OUT/sweep.md and OUT/sweep.json and return the chosen point
     ({field: value})."""
-    _refuse_a_comparison_with_itself(cfg, seeds, split="holdout")
     points = grid_points(grid, one_at_a_time)
     runs = [dataclasses.replace(cfg, out=os.path.join(cfg.out, point_name(p)), **p) for p in points]
-    for run in runs:  # every point checked before any is trained
+    for point, run in zip(points, runs):  # every point checked before any is trained
         errors = config_errors(run)
-        if errors:
-            raise SystemExit(f"error: the grid point {point_name(points[runs.index(run)])}: {errors[0]}")
+        try:
+            if errors:
+                raise SystemExit(f"error: {errors[0]}")
+            _refuse_a_comparison_with_itself(run, seeds, split="holdout")
+        except SystemExit as error:
+            raise SystemExit(str(error).replace("error: ", f"error: the grid point {point_name(point)}: ", 1)) from None
     return _locked(cfg.out, _sweep, cfg, grid, seeds, eval_images, dense_epochs, one_at_a_time, points, runs)
 
 
 def _sweep(cfg, grid, seeds, eval_images, dense_epochs, one_at_a_time, points, runs):
     """`sweep` in its claimed folder."""
     _threads(cfg, "sweep")
+    for point, run in zip(points, runs):  # the runs --out holds, before anything is scored
+        try:
+            _check_runs_in_out(run, seeds, METHODS)
+        except SystemExit as error:
+            raise SystemExit(str(error).replace("error: ", f"error: the grid point {point_name(point)}: ", 1)) from None
     t0, rows = time.perf_counter(), []
     for point, run in zip(points, runs):
         print(f"sweep: {point_name(point)}", file=sys.stderr, flush=True)
@@ -521,6 +535,7 @@ def _sweep(cfg, grid, seeds, eval_images, dense_epochs, one_at_a_time, points, r
         "points": [{**row, "results": {str(s): r for s, r in row["results"].items()}} for row in rows],
         "chosen": best["point"], "seconds": elapsed})
     print(text)
-    print(f"sweep: {len(points)} points x {len(seeds)} seeds in {elapsed / 60:.1f} min; chosen: {flags}; "
+    print(f"sweep: {len(points)} point{'s' * (len(points) != 1)} x {len(seeds)} seed{'s' * (len(seeds) != 1)} "
+          f"in {elapsed / 60:.1f} min; chosen: {flags}; "
           f"table in {os.path.join(cfg.out, 'sweep.md')}", file=sys.stderr)
     return best["point"]

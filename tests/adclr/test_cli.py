@@ -549,6 +549,15 @@ def test_eval_refuses_a_flag_its_protocol_would_ignore(protocol, flag, owners, c
         f"adclr eval: error: argument {flag[0]}: applies to eval {owners}, not eval {protocol}")
 
 
+@pytest.mark.parametrize("flag", [["--lr", "0.1"], ["--val-freq", "2"]])
+def test_eval_linear_fast_refuses_the_sgd_probes_flags(flag, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["eval", "linear", "--fast", "--checkpoint", "unused.pt", *flag])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"adclr eval: error: argument {flag[0]}: applies to eval linear's SGD probe, not --fast")
+
+
 @pytest.mark.parametrize("command", [["eval", "knn"], ["eval", "linear", "--fast"], ["show", "attention"]])
 def test_errors_name_the_runs_own_data_when_no_data_was_given(command, tmp_path, checkpoint_bytes, capsys):
     """A run's data folder that has moved since: the user typed no --data, so the error

@@ -264,6 +264,8 @@ def test_sweep_chooses_the_point_whose_worse_method_does_best():
     assert best["name"] == "even"  # the higher mean gain is not what counts
     assert text.splitlines()[3] == "| **even** | 10.0 / 10.0 / 10.0 | 14.0 / 14.0 / 14.0 | 15.0 / 15.0 / 15.0 " \
                                    "| +4.0 | +5.0 | +4.0 |"
+    rows.append({"name": "flat", "point": {}, "results": results(-0.0001, 0.0), "gains": {"dino": -0.01, "adclr": 0}})
+    assert adclr.compare.sweep_table(rows, [0])[0].splitlines()[4].endswith("| +0.0 | +0.0 | +0.0 |")  # no -0.0"
 
 
 def test_grid_points_every_combination_or_one_at_a_time():
@@ -291,6 +293,7 @@ def test_grid_points_every_combination_or_one_at_a_time():
     (["--seed", "1"], "argument --seed: adclr sweep takes --seeds"),
     (["--method", "densecl"], "argument --method: adclr sweep runs ADCLR and DINO, each with its own"),
     (["--vary", "method=densecl,ccmim"], "argument --vary: --method cannot be swept"),
+    (["--vary", "teacher-temp=0.02,0.02"], "argument --vary: teacher-temp: 0.02 is given twice"),
 ])
 def test_sweep_user_errors(argv, message, monkeypatch, capsys):
     monkeypatch.setattr(adclr.compare, "sweep", lambda *a, **k: pytest.fail("swept"))
@@ -306,6 +309,37 @@ def test_sweep_refuses_a_grid_point_that_cannot_run(tmp_path, monkeypatch):
         main(["sweep", *flags, "--vary", "patch-size=8,6", "--out", str(tmp_path)])
     assert exit.value.code == ("error: the grid point patch_size=6: --image-size: must be a multiple of "
                                "--patch-size 6, got 32")
+
+
+@pytest.mark.parametrize("vary,message", [
+    ("lambda-query=0.5,0", "error: the grid point lambda_query=0: --lambda-query 0 would compare DINO with itself"),
+    ("num-queries=2,0", "error: the grid point num_queries=0: --num-queries 0 leaves ADCLR without query crops"),
+])
+def test_sweep_refuses_a_grid_point_compare_would_refuse(vary, message, tmp_path, monkeypatch):
+    monkeypatch.setattr(adclr.compare, "run_seed", lambda *a, **k: pytest.fail("trained"))
+    flag = "--" + vary.split("=")[0]
+    flags = TINY[:TINY.index(flag)] + TINY[TINY.index(flag) + 2:] if flag in TINY else TINY
+    with pytest.raises(SystemExit) as exit:
+        main(["sweep", *flags, "--vary", vary, "--out", str(tmp_path)])
+    assert str(exit.value.code).startswith(message)
+
+
+def test_sweep_checks_the_runs_in_out_before_scoring(tmp_path, monkeypatch, capsys):
+    """A rerun with other --data or fewer --max-steps than the runs in --out took is refused
+    in one line before anything is scored, as compare's is; it used to score the old runs
+    and write their table as the new sweep's."""
+    monkeypatch.setattr(adclr.compare, "linear_accuracy", functools.partial(adclr.compare.linear_accuracy, epochs=2))
+    monkeypatch.setattr(adclr.compare, "dense_probe", functools.partial(adclr.compare.dense_probe, epochs=1))
+    argv = ["sweep", *TINY, "--vary", "teacher-temp=0.04", "--eval-images", "8", "--out", str(tmp_path)]
+    main([*argv, "--max-steps", "2"])
+    capsys.readouterr()
+    monkeypatch.setattr(adclr.compare, "score", lambda *a, **k: pytest.fail("scored"))
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--max-steps", "1"])
+    assert exit.value.code.startswith("error: the grid point teacher_temp=0.04: --max-steps 1: ")
+    with pytest.raises(SystemExit) as exit:
+        main([*argv, "--max-steps", "2", "--data", "builtin:scenes"])
+    assert exit.value.code.startswith("error: the grid point teacher_temp=0.04: --data builtin:scenes: ")
 
 
 def test_compare_other_methods_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
