@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from .checkpoint import make_folder, write_atomically
-from .data import BUILTIN, ImageFolder, default_num_workers, normalize, open_segmentation, to_tensor
+from .data import (BUILTIN, ImageFolder, default_num_workers, normalize, open_segmentation, to_tensor,
+                   warn_unreadable)
 from .eval_dense import (DEFAULT_EPOCHS, DEFAULT_LR, IGNORE, SegmentationCrops, default_dense_data, fit_probe,
                          open_splits, patch_features)
 from .features import backbone_or_exit, last_block_attention, query_boxes, query_crops, run_data
@@ -49,10 +50,22 @@ def _images(data, count, flag="--data"):
             base = ImageFolder(data)
         except OSError as error:
             raise SystemExit(f"error: {flag}: {error}") from None
-    images = [image for image in (base.load(i)[0] for i in range(min(len(base), 4 * count))) if image is not None]
+    images, unreadable, tried = [], [], min(len(base), 4 * count)
+    for i in range(tried):
+        image = base.load(i)[0]
+        if image is None:
+            unreadable.append(i)
+            continue
+        images.append(image)
+        if len(images) == count:
+            break
     if not images:
         raise SystemExit(f"error: {flag} {data}: no readable images")
-    return images[:count]
+    warn_unreadable(base, unreadable, set())  # one warning each, as eval gives
+    if len(images) < count:
+        print(f"note: {len(images)} readable image{'s' * (len(images) != 1)} of the first {tried} in "
+              f"{flag} {data}: {len(images)} picture{'s' * (len(images) != 1)}, not {count}", file=sys.stderr)
+    return images
 
 
 def _overlay(ax, picture, heat, size, title):

@@ -110,9 +110,13 @@ def test_show_attention_on_a_folder_of_images(run, tmp_path, capsys):
     for i, shape in enumerate([(50, 30), (20, 40), (64, 64)]):
         Image.new("RGB", shape, (40 * i, 100, 0)).save(tmp_path / "photos" / f"{i}.png")
     (tmp_path / "photos" / "bad.jpg").write_bytes(b"not an image")
-    files = picture(["attention", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(tmp_path / "photos"),
-                     "--images", "5"], capsys)
-    assert len(files) == 3  # every readable image, fewer than asked
+    main(["show", "attention", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(tmp_path / "photos"),
+          "--images", "5"])
+    out, err = capsys.readouterr()
+    assert len(json.loads(out.splitlines()[-1])["files"]) == 3  # every readable image, fewer than asked
+    # Both said: the file skipped (as eval says it), and the pictures short of those asked.
+    assert f"warning: skipping unreadable image {tmp_path / 'photos' / 'bad.jpg'}: " in err
+    assert f"note: 3 readable images of the first 4 in --data {tmp_path / 'photos'}: 3 pictures, not 5" in err
 
 
 def test_show_dense_writes_images_truth_and_prediction(run, capsys):
