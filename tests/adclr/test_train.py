@@ -126,6 +126,20 @@ def test_an_interrupt_keeps_the_steps_done_unless_it_hits_inside_a_step(where, t
         assert not os.path.exists(path) and "interrupted" not in err
 
 
+def train_until_interrupted(cfg):
+    """train(cfg), which must end in KeyboardInterrupt, under Python's own SIGINT handler, as
+    in a terminal (a suite started in the background by a shell without job control, as
+    CI's, inherits SIGINT ignored, which the run leaves as it is). Returns the handler the
+    run left in place."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg)
+        return signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("presses,checkpoint_every", [(1, 5), (1, 4), (2, 5)])
 def test_ctrl_c_inside_a_step_finishes_it_then_saves_a_second_stops_at_once(presses, checkpoint_every, tiny_config,
                                                                             monkeypatch, capsys):
@@ -142,15 +156,7 @@ def test_ctrl_c_inside_a_step_finishes_it_then_saves_a_second_stops_at_once(pres
         return real_step(trainer, batch, step)
 
     monkeypatch.setattr(adclr.train, "train_step", ctrl_c_in_step_4)
-    # Python's own handler, as in a terminal: a suite started in the background by a shell
-    # without job control (CI) inherits SIGINT ignored, which the run leaves as it is.
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg)
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, before)
+    assert train_until_interrupted(cfg) is signal.default_int_handler  # put back
     path, err = os.path.join(cfg.out, "checkpoint.pt"), capsys.readouterr().err
     assert "interrupt: finishing step 4, then saving it; Ctrl-C again to stop at once" in err
     records = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
@@ -180,12 +186,7 @@ def test_a_ctrl_c_swallowed_between_steps_still_stops_the_run(tiny_config, monke
                 pass
 
     monkeypatch.setattr(adclr.train.Logger, "log", log_then_swallow_a_ctrl_c)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg)
-    finally:
-        signal.signal(signal.SIGINT, before)
+    train_until_interrupted(cfg)
     path = os.path.join(cfg.out, "checkpoint.pt")
     assert load_checkpoint(path)["step"] == 2
     assert f"interrupted: saved step 2 to {path}; rerun the same command to resume" in capsys.readouterr().err
@@ -204,12 +205,7 @@ def test_ctrl_c_during_a_checkpoint_write_lets_it_finish_then_stops(presses, tin
         return real_save(*args, **kwargs)
 
     monkeypatch.setattr(adclr.train, "save_checkpoint", ctrl_c_then_save)
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg)
-    finally:
-        signal.signal(signal.SIGINT, before)
+    train_until_interrupted(cfg)
     path, err = os.path.join(cfg.out, "checkpoint.pt"), capsys.readouterr().err
     assert load_checkpoint(path)["step"] == 4
     assert err.count("interrupt: writing the checkpoint of step 4 first, then stopping") == 1
