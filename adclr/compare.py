@@ -496,24 +496,30 @@ def sweep(cfg, grid, seeds, eval_images=EVAL_IMAGES, dense_epochs=None, one_at_a
     points = grid_points(grid, one_at_a_time)
     runs = [dataclasses.replace(cfg, out=os.path.join(cfg.out, point_name(p)), **p) for p in points]
     for point, run in zip(points, runs):  # every point checked before any is trained
-        errors = config_errors(run)
-        try:
-            if errors:
-                raise SystemExit(f"error: {errors[0]}")
-            _refuse_a_comparison_with_itself(run, seeds, split="holdout")
-        except SystemExit as error:
-            raise SystemExit(str(error).replace("error: ", f"error: the grid point {point_name(point)}: ", 1)) from None
+        _at_point(point, _refuse_a_point, run, seeds)
     return _locked(cfg.out, _sweep, cfg, grid, seeds, eval_images, dense_epochs, one_at_a_time, points, runs)
+
+
+def _refuse_a_point(run, seeds):
+    errors = config_errors(run)
+    if errors:
+        raise SystemExit(f"error: {errors[0]}")
+    _refuse_a_comparison_with_itself(run, seeds, split="holdout")
+
+
+def _at_point(point, check, *args):
+    """check(*args), its one-line refusal naming the grid point."""
+    try:
+        check(*args)
+    except SystemExit as error:
+        raise SystemExit(str(error).replace("error: ", f"error: the grid point {point_name(point)}: ", 1)) from None
 
 
 def _sweep(cfg, grid, seeds, eval_images, dense_epochs, one_at_a_time, points, runs):
     """`sweep` in its claimed folder."""
     _threads(cfg, "sweep")
     for point, run in zip(points, runs):  # the runs --out holds, before anything is scored
-        try:
-            _check_runs_in_out(run, seeds, METHODS)
-        except SystemExit as error:
-            raise SystemExit(str(error).replace("error: ", f"error: the grid point {point_name(point)}: ", 1)) from None
+        _at_point(point, _check_runs_in_out, run, seeds, METHODS)
     t0, rows = time.perf_counter(), []
     for point, run in zip(points, runs):
         print(f"sweep: {point_name(point)}", file=sys.stderr, flush=True)

@@ -59,9 +59,9 @@ def _images(data, count, flag="--data"):
         images.append(image)
         if len(images) == count:
             break
+    warn_unreadable(base, unreadable, set())  # one warning each, as eval gives
     if not images:
         raise SystemExit(f"error: {flag} {data}: no readable images")
-    warn_unreadable(base, unreadable, set())  # one warning each, as eval gives
     if len(images) < count:
         print(f"note: {len(images)} readable image{'s' * (len(images) != 1)} of the first {tried} in "
               f"{flag} {data}: {len(images)} picture{'s' * (len(images) != 1)}, not {count}", file=sys.stderr)
