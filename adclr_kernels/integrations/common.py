@@ -193,24 +193,39 @@ class QueryTokens:
         order, before any final norm: (B, Q, D) each (a list of those, one per crop
         group, for DINOv2's list input).
     query: the last of those through the model's final norm, as the model's features
-        are for image tokens.
+        are for image tokens (computed once per pass, on first access).
+    passes: how many passes carry the query tokens (None: every one); the later ones
+        run the model as it is outside the context.
     """
 
-    def __init__(self, tokens, layout, final_norm):
+    def __init__(self, tokens, layout, final_norm, passes=None):
         self.layout = layout
         self.inputs = tokens
         self.tokens = tokens
         self.outputs = []
+        self.passes = passes
+        self.passes_started = 0
+        self.carrying = True
+        self.entry_layout = None  # (shape, strides) of the first block's input in this pass
         self._final_norm = final_norm
+        self._query = (None, None)  # (the block output it was computed from, query)
 
     @property
     def query(self):
         if not self.outputs:
             raise RuntimeError("no block has run inside the query_tokens context yet")
         last = self.outputs[-1]
-        if isinstance(last, list):
-            return [None if t is None else self._final_norm(t) for t in last]
-        return self._final_norm(last)
+        if self._query[0] is not last:
+            query = [None if t is None else self._final_norm(t) for t in last] if isinstance(last, list) \
+                else self._final_norm(last)
+            self._query = (last, query)
+        return self._query[1]
+
+    def start_pass(self):
+        self.passes_started += 1
+        self.carrying = self.passes is None or self.passes_started <= self.passes
+        if self.carrying:
+            self.tokens, self.outputs = self.inputs, []
 
 
 def _with_queries(x, tokens):
@@ -224,18 +239,36 @@ def _with_queries(x, tokens):
     for xi, t in zip(x, tokens) if isinstance(x, list) else [(x, tokens)]:
         if t is not None and t.shape[0] != xi.shape[0]:
             raise ValueError(f"query tokens are for a batch of {t.shape[0]}, the images are a batch "
-                             f"of {xi.shape[0]}")
+                             f"of {xi.shape[0]} (a model called once per crop resolution, as DINO's "
+                             "MultiCropWrapper calls it, carries them in its first call with passes=1)")
     if isinstance(x, list):
         return [xi if t is None else torch.cat([xi, t.to(xi.dtype)], 1) for xi, t in zip(x, tokens)]
     return torch.cat([x, tokens.to(x.dtype)], 1)
 
 
-def _split_queries(out, x):
+def _split_queries(out, x, tokens):
     if isinstance(out, list):
-        pairs = [(o[:, :xi.shape[1]], o[:, xi.shape[1]:] if o.shape[1] > xi.shape[1] else None)
-                 for o, xi in zip(out, x)]
+        pairs = [(o[:, :xi.shape[1]], None if t is None else o[:, xi.shape[1]:])
+                 for o, xi, t in zip(out, x, tokens)]
         return [a for a, _ in pairs], [b for _, b in pairs]
     return out[:, :x.shape[1]], out[:, x.shape[1]:]
+
+
+def _layout(x):
+    return [_layout(t) for t in x] if isinstance(x, list) else (tuple(x.shape), x.stride())
+
+
+def _laid_out_as(image, layout):
+    """The last block's image tokens in the memory layout the first block's input had,
+    which the tokens keep through the blocks without query tokens (timm's, for one, are a
+    transposed view of the patch embedding's output): a reduction over them (average
+    pooling) then adds in the same order, and gives the same bits."""
+    if isinstance(image, list):
+        return [_laid_out_as(a, b) for a, b in zip(image, layout)]
+    shape, stride = layout
+    if tuple(image.shape) != shape or image.stride() == stride:
+        return image
+    return torch.empty_strided(shape, stride, dtype=image.dtype, device=image.device).copy_(image)
 
 
 def _run_block(block, attention_modules, layout, checkpoint_attrs, x, *args, **kwargs):
@@ -260,35 +293,62 @@ def _run_block(block, attention_modules, layout, checkpoint_attrs, x, *args, **k
             setattr(obj, attr, value)
 
 
-def _carry(block, first, attention_modules, state, checkpointing, checkpoint_attrs, passthrough, x, *args,
-           **kwargs):
+def _carry(block, first, last, attention_modules, state, checkpointing, checkpoint_attrs, passthrough, x,
+           *args, **kwargs):
     """A block's forward while query tokens are carried: the tokens join the block's input,
     leave its output, and wait for the next block. The caller sees the image tokens only.
     The first block starts a new pass (a second model call in the same context)."""
     if first:
-        state.tokens, state.outputs = state.inputs, []
-    full = _with_queries(x, state.tokens)
-    if passthrough(args, kwargs):  # a call that returns something else (attention maps): as it is
-        return _run_block(block, attention_modules, state.layout, checkpoint_attrs, full, *args, **kwargs)
+        state.start_pass()
+        state.entry_layout = _layout(x)
+    if not state.carrying:  # past the passes asked for: the block as it runs outside the context
+        attention_modules, layout, full = (), None, x
+    else:
+        layout, full = state.layout, _with_queries(x, state.tokens)
+        if passthrough(args, kwargs):  # a call that returns something else (attention maps): as it is
+            return _run_block(block, attention_modules, layout, checkpoint_attrs, full, *args, **kwargs)
     if checkpointing() and torch.is_grad_enabled():
         out = torch.utils.checkpoint.checkpoint(
-            _run_block, block, attention_modules, state.layout, checkpoint_attrs, full, *args,
+            _run_block, block, attention_modules, layout, checkpoint_attrs, full, *args,
             use_reentrant=False, **kwargs)
     else:
-        out = _run_block(block, attention_modules, state.layout, checkpoint_attrs, full, *args, **kwargs)
-    image, queries = _split_queries(out, x)
+        out = _run_block(block, attention_modules, layout, checkpoint_attrs, full, *args, **kwargs)
+    if not state.carrying:
+        return out
+    image, queries = _split_queries(out, x, state.tokens)
     state.tokens = queries
     state.outputs.append(queries)
-    return image
+    return _laid_out_as(image, state.entry_layout) if last else image
+
+
+class _CarriedForward(functools.partial):
+    """A block's forward inside a query_tokens context. It holds the context's state, so a
+    copy would carry query tokens after the context ends: copies and pickles are refused."""
+
+    def _refuse(self, *args):
+        raise RuntimeError(f"{type(self.args[0]).__name__} carries query tokens: copy or pickle the model "
+                           "outside the query_tokens context (copy.deepcopy, torch.save(model))")
+
+    __reduce__ = __reduce_ex__ = __copy__ = __deepcopy__ = _refuse
+
+
+def refuse_inside_query_tokens(model, what):
+    """`what` (restore_attention) would leave the blocks carrying query tokens through
+    attention that no longer masks them."""
+    for name, module in model.named_modules():
+        if isinstance(module.__dict__.get("forward"), _CarriedForward):
+            raise RuntimeError(f"{what} inside a query_tokens context ({name or 'the model'} carries query "
+                               "tokens): leave the context first")
 
 
 @contextlib.contextmanager
-def carry_queries(blocks, tokens, layout, final_norm, *, checkpointing=lambda: False,
+def carry_queries(blocks, tokens, layout, final_norm, *, passes=None, checkpointing=lambda: False,
                   pause_checkpointing=(), checkpoint_attrs=(), passthrough=lambda args, kwargs: False):
     """Carry query tokens through `blocks` for the duration of the context.
 
     blocks: [(block, its swapped attention modules)], in the order they run.
     tokens: (B, Q, D) query tokens entering the first block (or a list, for list inputs).
+    passes: how many passes through the blocks carry them (None: every one).
     checkpointing: whether the model would checkpoint its blocks now; then each block is
         checkpointed here, with its layout bound to the recomputation.
     pause_checkpointing: [(object, attribute)] flags turned off for the context, so the
@@ -301,15 +361,17 @@ def carry_queries(blocks, tokens, layout, final_norm, *, checkpointing=lambda: F
         if "forward" in block.__dict__:
             raise RuntimeError(f"{type(block).__name__} already carries query tokens (nested "
                                "query_tokens contexts) or has its forward replaced")
-    state = QueryTokens(tokens, layout, final_norm)
+    if passes is not None and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 1):
+        raise ValueError(f"passes must be None (every pass) or an int >= 1, got {passes!r}")
+    state = QueryTokens(tokens, layout, final_norm, passes)
     paused = [(obj, attr, getattr(obj, attr)) for obj, attr in pause_checkpointing]
     was_checkpointing = checkpointing()
     try:
         for obj, attr, _ in paused:
             setattr(obj, attr, False)
         for i, (block, attention_modules) in enumerate(blocks):
-            block.forward = functools.partial(_carry, block, i == 0, tuple(attention_modules), state,
-                                              lambda: was_checkpointing, tuple(checkpoint_attrs), passthrough)
+            block.forward = _CarriedForward(_carry, block, i == 0, i == len(blocks) - 1, tuple(attention_modules),
+                                            state, lambda: was_checkpointing, tuple(checkpoint_attrs), passthrough)
         yield state
     finally:
         for block, _ in blocks:
@@ -333,6 +395,13 @@ def embed_crops(proj, crops, patch_size):
         shape = tuple(crops.shape) if isinstance(crops, torch.Tensor) else type(crops).__name__
         raise ValueError(f"query crops must have shape (batch, Q, channels, {p[0]}, {p[1]}) (one patch "
                          f"each), or be embedded tokens (batch, Q, dim); got {shape}")
+    channels = getattr(proj, "in_channels", crops.shape[2])
+    if crops.shape[2] != channels:
+        raise ValueError(f"query crops have {crops.shape[2]} channels, the patch embedding takes {channels}")
+    weight = getattr(proj, "weight", None)
+    if weight is not None and crops.dtype != weight.dtype and not torch.is_autocast_enabled(crops.device.type):
+        raise ValueError(f"query crops are {crops.dtype}, the patch embedding's weights {weight.dtype}: pass "
+                         "crops of the images' dtype")
     batch, num = crops.shape[:2]
     tokens = proj(crops.flatten(0, 1))  # (batch * Q, dim, 1, 1)
     return tokens.view(batch, num, tokens.shape[1])  # Q = 0 too, where -1 is ambiguous

@@ -35,7 +35,8 @@ from ..backends import check_backend_name
 from ..mask import QueryMask
 from .common import (OpAttention, QueryLayout, UnsupportedModel, attend_packed, attention_weights,
                      carry_queries, check_children, check_no_attention_dropout, check_queries,
-                     check_signature, embed_crops, refuse_token_mixers, subclass, swap_classes)
+                     check_signature, embed_crops, refuse_inside_query_tokens, refuse_token_mixers, subclass,
+                     swap_classes)
 
 
 class DinoAttention(OpAttention):
@@ -129,6 +130,7 @@ def swap_attention(model, backend="auto"):
 
 def restore_attention(model):
     """Undo swap_attention: DINO's own classes again."""
+    refuse_inside_query_tokens(model, "restore_attention")
     for module in model.modules():
         if isinstance(module, (OpAttention, DinoBlock)):
             module.__class__ = _original(module)
@@ -152,7 +154,7 @@ def cls_attention(model, x):
 
 @contextlib.contextmanager
 def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=False,
-                 query_sees_queries=False):
+                 query_sees_queries=False, passes=None):
     """Carry ADCLR query tokens through a swapped DINO ViT's own methods.
 
     queries: crops (B, Q, 3, p, p) embedded by the model's patch embedding (no
@@ -161,6 +163,9 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
     query tokens; `get_last_selfattention` returns the maps of all rows and columns,
     query tokens last, under the op's mask. The yielded object holds `query` (after
     model.norm) and `outputs` (every block's).
+    passes: how many calls of the model carry the query tokens (None: every call). DINO's
+        MultiCropWrapper calls the backbone once per crop resolution, global crops
+        first: passes=1 gives the query tokens to the global crops only.
     """
     pairs = []
     for i, block in enumerate(model.blocks):
@@ -176,7 +181,7 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
     layout = QueryLayout(tokens.shape[1], 1, QueryMask(query_sees_prefix, query_sees_self,
                                                        query_sees_queries))
     passthrough = lambda args, kwargs: bool(kwargs.get("return_attention", args[0] if args else False))  # noqa: E731
-    with carry_queries(pairs, tokens, layout, model.norm, passthrough=passthrough) as state:
+    with carry_queries(pairs, tokens, layout, model.norm, passes=passes, passthrough=passthrough) as state:
         yield state
 
 

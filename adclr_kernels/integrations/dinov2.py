@@ -44,7 +44,7 @@ from ..mask import QueryMask
 from ..varlen import VarlenLayout
 from .common import (OpAttention, QueryLayout, UnsupportedModel, attend_packed, attend_varlen, carry_queries,
                      check_children, check_no_attention_dropout, check_queries, check_signature, embed_crops,
-                     forward_parameters, refuse_token_mixers, subclass, swap_classes)
+                     forward_parameters, refuse_inside_query_tokens, refuse_token_mixers, subclass, swap_classes)
 
 _BLOCK_CHILDREN = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 
@@ -234,6 +234,7 @@ def swap_attention(model, backend="auto"):
 
 def restore_attention(model):
     """Undo swap_attention: DINOv2's own classes again."""
+    refuse_inside_query_tokens(model, "restore_attention")
     for module in model.modules():
         if isinstance(module, (OpAttention, Dinov2Block)):
             module.__class__ = _original(module)
@@ -243,13 +244,15 @@ def restore_attention(model):
 
 @contextlib.contextmanager
 def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=False,
-                 query_sees_queries=False):
+                 query_sees_queries=False, passes=None):
     """Carry ADCLR query tokens through a swapped DINOv2 model's own methods.
 
     queries: for a tensor input, crops (B, Q, 3, p, p) embedded by the model's patch
         embedding (no positional embedding) or tokens (B, Q, D); for a list input (packed
         crop groups), a list with one such entry per group, None for groups without
         query tokens (local crops).
+    passes: how many calls of the model carry the query tokens (None: every call); the
+        later ones run as outside the context.
     The model's outputs are what they are without query tokens; the yielded object holds
     `query` (after model.norm; a list for list inputs) and `outputs` (every block's).
     """
@@ -269,7 +272,7 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
         tokens = _tokens(model, queries)
         counts = tokens.shape[1]
     layout = QueryLayout(counts, prefix, QueryMask(query_sees_prefix, query_sees_self, query_sees_queries))
-    with carry_queries(pairs, tokens, layout, model.norm) as state:
+    with carry_queries(pairs, tokens, layout, model.norm, passes=passes) as state:
         yield state
 
 

@@ -42,6 +42,7 @@ from ..mask import QueryMask
 from ..nn import UnidirectionalAttention
 from .common import (OpAttention, QueryLayout, UnsupportedModel, attend, attend_packed, carry_queries,
                      check_children, check_no_attention_dropout, check_queries, check_signature, embed_crops,
+                     refuse_inside_query_tokens,
                      refuse_token_mixers, swap_classes)
 
 _PLAIN_CALL = ("x", "attn_mask", "is_causal")
@@ -291,6 +292,7 @@ def swap_attention(model, backend="auto"):
 
 def restore_attention(model):
     """Undo `swap_attention`: every swapped module gets its timm class back."""
+    refuse_inside_query_tokens(model, "restore_attention")
     for module in model.modules():
         if isinstance(module, OpAttention):
             module.__class__ = type(module).__bases__[1]
@@ -315,7 +317,7 @@ def _query_input(model, queries):
 
 @contextlib.contextmanager
 def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=False,
-                 query_sees_queries=False):
+                 query_sees_queries=False, passes=None):
     """Carry ADCLR query tokens through a swapped timm ViT's own methods.
 
         with query_tokens(model, crops) as q:
@@ -328,6 +330,8 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
         embedding (its convolution and norm, then `norm_pre`; no positional embedding),
         or tokens (B, Q, D) that enter the first block as given.
     query_sees_*: the op's options (what query tokens attend to besides the patches).
+    passes: how many calls of the model carry the query tokens (None: every call); the
+        later ones run as outside the context.
 
     Under `set_grad_checkpointing()` each block is checkpointed here, with the layout
     bound to its recomputation.
@@ -349,7 +353,8 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
     tokens = _query_input(model, queries)
     layout = QueryLayout(tokens.shape[1], model.num_prefix_tokens,
                          QueryMask(query_sees_prefix, query_sees_self, query_sees_queries))
-    with carry_queries(pairs, tokens, layout, model.norm, checkpointing=lambda: model.grad_checkpointing,
+    with carry_queries(pairs, tokens, layout, model.norm, passes=passes,
+                       checkpointing=lambda: model.grad_checkpointing,
                        pause_checkpointing=[(model, "grad_checkpointing")]) as state:
         yield state
 

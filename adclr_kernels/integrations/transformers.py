@@ -14,8 +14,10 @@ model that picks its attention function by name can use it:
     q.query                                           # (B, Q, D), after the final layer norm
 
 The registered function is safe for any model: a call it cannot run exactly (an
-attention mask, attention dropout, causal attention, a position bias, soft-capping,
-sliding windows, attention sinks) runs transformers' own `sdpa` function instead.
+attention mask, attention dropout, causal attention, decoding against a key-value cache,
+a position bias, soft-capping, sliding windows, attention sinks) runs transformers' own
+`sdpa` function instead. Asked for attention maps (`output_attentions=True`), it returns
+them as the eager implementation does, from the reference path.
 
 `swap_attention(model)` checks the model (ViT, DINOv2, DINOv2 with registers and DINOv3
 ViT models, with or without a head, and the DINO models' backbones), sets the implementation and marks the attention
@@ -36,8 +38,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..attention import unidirectional_attention
 from ..backends import check_backend_name
 from ..mask import QueryMask
-from .common import (OpAttention, QueryLayout, UnsupportedModel, carry_queries, check_queries,
-                     check_signature, embed_crops, refuse_token_mixers, subclass, swap_classes)
+from .common import (OpAttention, QueryLayout, UnsupportedModel, attention_weights, carry_queries, check_children,
+                     check_queries, check_signature, embed_crops, refuse_inside_query_tokens, refuse_token_mixers,
+                     subclass, swap_classes)
 
 ATTN_IMPLEMENTATION = "adclr"
 _EXACT_ONLY = ("position_bias", "softcap", "sliding_window", "s_aux")
@@ -49,10 +52,11 @@ def adclr_attention_forward(module, query, key, value, attention_mask, dropout=0
     layout = getattr(module, "adclr_layout", None)
     causal = (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and query.shape[2] > 1
     other = [k for k in _EXACT_ONLY if kwargs.get(k) is not None]
-    if attention_mask is not None or dropout or causal or other:
+    cached = key.shape[2] != query.shape[2]  # decoding against a key-value cache
+    if attention_mask is not None or dropout or causal or other or cached:
         if layout is not None:
             what = "an attention mask" if attention_mask is not None else "attention dropout" if dropout else \
-                "causal attention" if causal else other[0]
+                "causal attention" if causal else "a key-value cache" if cached else other[0]
             raise ValueError(f"{type(module).__name__}: {what} cannot be combined with query tokens")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
@@ -60,13 +64,21 @@ def adclr_attention_forward(module, query, key, value, attention_mask, dropout=0
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     backend = getattr(module, "adclr_backend", "auto")
-    key = key.to(value.dtype)
+    query, key = query.to(value.dtype), key.to(value.dtype)
     if layout is None:
-        out = unidirectional_attention(query.to(value.dtype), key, value, 0, 0, scale=scaling, backend=backend)
+        out = unidirectional_attention(query, key, value, 0, 0, scale=scaling, backend=backend)
     else:
-        out = unidirectional_attention(query.to(value.dtype), key, value, layout.num_queries, layout.num_prefix,
+        out = unidirectional_attention(query, key, value, layout.num_queries, layout.num_prefix,
                                        scale=scaling, backend=backend, **layout.mask.options())
-    return out.transpose(1, 2), None
+    weights = None
+    if kwargs.get("output_attentions"):
+        # The maps the eager function returns, from the reference path, only when asked; with
+        # query tokens, the image tokens' rows and columns (query columns hold 0 there).
+        weights = attention_weights(module, query, key, scaling if scaling is not None else query.shape[-1] ** -0.5)
+        if layout is not None:
+            end = query.shape[2] - layout.num_queries
+            weights = weights[:, :, :end, :end]
+    return out.transpose(1, 2), weights
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, adclr_attention_forward)
@@ -123,9 +135,12 @@ def _describe(model):
     base = model if type(model).__name__ in _MODELS else getattr(model, "base_model", model)
     name = type(base).__name__
     if name not in _MODELS:
+        from transformers import PreTrainedModel
+
+        hint = (f"; attn_implementation='{ATTN_IMPLEMENTATION}' still runs it, without query tokens"
+                if isinstance(model, PreTrainedModel) else "; it takes Hugging Face transformers models")
         raise UnsupportedModel(f"{type(model).__name__} (base model {name}) is not supported by "
-                               f"adclr_kernels.integrations.transformers (supported: {', '.join(_MODELS)}); "
-                               f"attn_implementation='{ATTN_IMPLEMENTATION}' still runs it, without query tokens")
+                               f"adclr_kernels.integrations.transformers (supported: {', '.join(_MODELS)}){hint}")
     path, attention_name, layer_name, *_ = entry = _MODELS[name]
     module = importlib.import_module(f"transformers.models.{path}")
     attention_cls, layer_cls = getattr(module, attention_name), getattr(module, layer_name)
@@ -141,6 +156,9 @@ def _describe(model):
                 raise UnsupportedModel(f"{sub_name} ({cls.__name__}) is a subclass of {attention_name}, not it")
             if not isinstance(sub, OpAttention):
                 check_signature(sub_name, sub, _CALLS[entry[-1]])
+            if entry[-1] is Dinov3Attention:  # its forward is the adapter's: every part must be one it uses
+                check_children(sub_name, sub, ("q_proj", "k_proj", "v_proj", "o_proj"),
+                               ("q_proj", "k_proj", "v_proj", "o_proj"))
             attentions.append((sub_name, sub))
         elif "Attention" in cls.__name__ and cls.__module__.startswith("transformers"):
             raise UnsupportedModel(f"{sub_name} ({cls.__name__}) is an attention the adapter does not know")
@@ -174,6 +192,7 @@ def swap_attention(model, backend="auto"):
 def restore_attention(model, attn_implementation=None):
     """Undo swap_attention: the modules' own classes and `attn_implementation` again (None:
     the one the model had before swap_attention; "sdpa" for a model loaded as "adclr")."""
+    refuse_inside_query_tokens(model, "restore_attention")
     for module in model.modules():
         if isinstance(module, OpAttention):
             module.__class__ = type(module).__bases__[1]
@@ -185,11 +204,13 @@ def restore_attention(model, attn_implementation=None):
 
 @contextlib.contextmanager
 def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=False,
-                 query_sees_queries=False):
+                 query_sees_queries=False, passes=None):
     """Carry ADCLR query tokens through a swapped transformers model's own forward.
 
     queries: crops (B, Q, 3, p, p) embedded by the model's patch projection (no position
         embedding, no rotation) or tokens (B, Q, hidden_size) entering the first layer.
+    passes: how many calls of the model carry the query tokens (None: every call); the
+        later ones run as outside the context.
     The model's outputs (hidden states and attentions it records included) are what they
     are without query tokens; the yielded object holds `query` (after the final layer
     norm) and `outputs` (every layer's). Gradient checkpointing is honoured.
@@ -211,8 +232,8 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
                          QueryMask(query_sees_prefix, query_sees_self, query_sees_queries))
     pairs = [(layer, [m for m in layer.modules() if isinstance(m, OpAttention)]) for _, layer in layers]
     checkpointing = model.training and any(layer.gradient_checkpointing for _, layer in layers)
-    with carry_queries(pairs, tokens, layout, base.get_submodule(entry[4]), checkpointing=lambda: checkpointing,
-                       checkpoint_attrs=("gradient_checkpointing",)) as state:
+    with carry_queries(pairs, tokens, layout, base.get_submodule(entry[4]), passes=passes,
+                       checkpointing=lambda: checkpointing, checkpoint_attrs=("gradient_checkpointing",)) as state:
         yield state
 
 

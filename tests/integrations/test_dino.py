@@ -107,6 +107,26 @@ def test_no_query_crops_is_the_plain_model():
         torch.testing.assert_close(cls, reference(images()), **TOL)
 
 
+def test_multi_crop_wrapper_gives_query_tokens_to_the_global_crops_with_passes_1():
+    """DINO's MultiCropWrapper calls the backbone once per crop resolution, global crops
+    first; passes=1 carries the query tokens in that call only."""
+    model = swap_attention(build().eval(), backend="sdpa")
+    globals_ = images(4)
+    locals_ = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    crops = torch.randn(4, 3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain_locals = model(locals_)
+        with query_tokens(model, crops) as alone:
+            model(globals_)
+        with query_tokens(model, crops, passes=1) as q:
+            model(globals_)
+            local_cls = model(locals_)
+    assert torch.equal(local_cls, plain_locals) and torch.equal(q.query, alone.query)
+    with pytest.raises(RuntimeError, match="restore_attention inside a query_tokens context"):
+        with query_tokens(model, crops):
+            restore_attention(model)
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_cls_attention_is_the_maps_cls_row(backend):
     reference = build(qk_scale=0.2).eval()

@@ -158,6 +158,9 @@ def test_query_tokens_tensor_and_packed(opts):
             outs = model.forward_features([x, local], [None, None])
         torch.testing.assert_close(p.query[0], q.query, **TOL)
         assert p.query[1] is None
+        with query_tokens(model, [crops[:, :0], None], **opts) as empty:  # Q = 0 as in a tensor input
+            model.forward_features([x, local], [None, None])
+        assert empty.query[0].shape == (2, 0, 64) and empty.query[1] is None
         torch.testing.assert_close(outs[1]["x_norm_clstoken"], reference.forward_features(local)["x_norm_clstoken"], **TOL)
 
 

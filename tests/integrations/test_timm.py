@@ -278,8 +278,67 @@ def test_query_tokens_need_a_swapped_model_and_the_right_shapes():
         forward_queries(model, images(), torch.randn(2, 3, 3, 7, 7))
     with pytest.raises(ValueError, match="query tokens are for a batch of 3, the images are a batch of 2"):
         forward_queries(model, images(), crops(batch=3))
+    with pytest.raises(ValueError, match="query crops have 4 channels, the patch embedding takes 3"):
+        forward_queries(model, images(), torch.randn(2, 3, 4, 8, 8))
+    with pytest.raises(ValueError, match="query crops are torch.float64, the patch embedding's weights torch.float32"):
+        forward_queries(model, images(), crops().double())
     tokens = torch.randn(2, 4, 64)
     assert forward_queries(model, images(), tokens)["query"].shape == (2, 4, 64)
+
+
+def test_average_pooled_logits_are_bit_for_bit_with_query_tokens():
+    """timm's tokens are a transposed view of the patch embedding's output all the way
+    through; the image tokens leave the last block in that layout again, so average
+    pooling adds in the same order."""
+    model = swap_attention(build("vit", class_token=False, global_pool="avg").eval(), backend="sdpa")
+    x = images()
+    with torch.no_grad():
+        plain, plain_features = model(x), model.forward_features(x)
+        with query_tokens(model, crops()):
+            logits, features = model(x), model.forward_features(x)
+    assert torch.equal(features, plain_features) and features.stride() == plain_features.stride()
+    assert torch.equal(logits, plain)
+
+
+def test_passes_limit_the_calls_that_carry_query_tokens():
+    """A model called once per crop resolution (DINO's MultiCropWrapper: global crops
+    first) carries the query tokens in its first call only with passes=1."""
+    model = swap_attention(build("vit", dynamic_img_size=True).eval(), backend="sdpa")
+    x, local = images(), torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = forward_queries(model, x, crops())["query"]
+        plain_local = model.forward_features(local)
+        with query_tokens(model, crops(), passes=1) as q:
+            model.forward_features(x)
+            assert torch.equal(model.forward_features(local), plain_local)  # a batch of 6: no query tokens
+        assert torch.equal(q.query, want) and len(q.outputs) == 2
+        with query_tokens(model, crops()):  # every call carries them: the batch of 6 is named
+            model.forward_features(x)
+            with pytest.raises(ValueError, match="a batch of 6 .* passes=1"):
+                model.forward_features(local)
+    for bad in (0, True, 1.0):
+        with pytest.raises(ValueError, match="passes must be None"):
+            with query_tokens(model, crops(), passes=bad):
+                pass
+
+
+def test_copies_and_restore_are_refused_inside_the_context():
+    """Inside the context each block's forward carries the context's query tokens: a copy
+    would carry them for ever, and restoring the attention would leave them unmasked."""
+    import io
+
+    model = swap_attention(build("vit").eval(), backend="sdpa")
+    with query_tokens(model, crops().requires_grad_()):
+        with pytest.raises(RuntimeError, match="outside the query_tokens context"):
+            copy.deepcopy(model)
+        with pytest.raises(RuntimeError, match="outside the query_tokens context"):
+            torch.save(model, io.BytesIO())
+        with pytest.raises(RuntimeError, match=r"restore_attention inside a query_tokens context \(blocks\.0"):
+            restore_attention(model)
+    clone = copy.deepcopy(model)  # after it, as before
+    assert "forward" not in clone.blocks[0].__dict__
+    with torch.no_grad():
+        assert torch.equal(clone(images()), model(images()))
 
 
 def test_compiles_without_graph_breaks():

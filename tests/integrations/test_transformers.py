@@ -196,10 +196,54 @@ def test_query_tokens_under_gradient_checkpointing():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_a_decoder_decodes_against_its_key_value_cache():
+    """A decoding step has one query row and the cached keys: sdpa's function runs it."""
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    models = {}
+    for implementation in ("sdpa", ATTN := adclr_hf.ATTN_IMPLEMENTATION):
+        torch.manual_seed(0)
+        models[implementation] = transformers.LlamaForCausalLM._from_config(
+            config, attn_implementation=implementation).eval()
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            prefill = model(ids, use_cache=True)
+            step = model(prefill.logits[:, -1:].argmax(-1), cache=prefill.cache, use_cache=True)
+            logits[name] = torch.cat([prefill.logits, step.logits], 1)
+    assert torch.equal(logits["sdpa"], logits[ATTN])
+
+
+@pytest.mark.parametrize("key", ["vit", "dinov3"])
+def test_attention_maps_are_returned_when_asked(key):
+    """A model loaded with the eager implementation returns its maps; swapped, the maps
+    come from the reference path (only when asked), and inside query_tokens they are the
+    image tokens' rows and columns, as without query tokens."""
+    eager = build(key)
+    eager.set_attn_implementation("eager")
+    model = adclr_hf.swap_attention(copy.deepcopy(eager))
+    with torch.no_grad():
+        want = eager(pixel_values=images(), output_attentions=True).attentions
+        got = model(pixel_values=images(), output_attentions=True).attentions
+        with adclr_hf.query_tokens(model, torch.randn(2, 3, 64), query_sees_prefix=True):
+            inside = model(pixel_values=images(), output_attentions=True).attentions
+    assert len(got) == len(want) == len(inside) == 2
+    for a, b, c in zip(want, got, inside):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+
+
 def test_refusals():
     model = transformers.BeitModel(transformers.BeitConfig(**SMALL))
     with pytest.raises(UnsupportedModel, match="BeitModel .* is not supported"):
         adclr_hf.swap_attention(model)
+    with pytest.raises(UnsupportedModel, match="it takes Hugging Face transformers models"):
+        adclr_hf.swap_attention(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(RuntimeError, match="restore_attention inside a query_tokens context"):
+        swapped = adclr_hf.swap_attention(build("vit"))
+        with adclr_hf.query_tokens(swapped, torch.randn(2, 3, 64)):
+            adclr_hf.restore_attention(swapped)
     with pytest.raises(RuntimeError, match="call swap_attention"):
         with adclr_hf.query_tokens(build("vit"), torch.randn(2, 3, 64)):
             pass
