@@ -86,7 +86,7 @@ def attention_weights(module, q, k, scale):
     """Softmax probabilities (B, H, L, L) under the module's layout, in q's dtype: the
     reference path, for APIs that return attention maps (computed only when asked)."""
     scores = (q.float() @ k.float().transpose(-2, -1)) * scale
-    layout = module.adclr_layout
+    layout = getattr(module, "adclr_layout", None)  # a module the registry runs unswapped has none
     if layout is not None:
         seq = q.shape[-2]
         allowed = layout.mask.matrix(seq, seq, layout.num_queries, layout.num_prefix, q.device)
@@ -193,7 +193,7 @@ class QueryTokens:
         order, before any final norm: (B, Q, D) each (a list of those, one per crop
         group, for DINOv2's list input).
     query: the last of those through the model's final norm, as the model's features
-        are for image tokens (computed once per pass, on first access).
+        are for image tokens (computed on each access, in the caller's grad mode).
     passes: how many passes carry the query tokens (None: every one); the later ones
         run the model as it is outside the context.
     """
@@ -208,22 +208,22 @@ class QueryTokens:
         self.carrying = True
         self.entry_layout = None  # (shape, strides) of the first block's input in this pass
         self._final_norm = final_norm
-        self._query = (None, None)  # (the block output it was computed from, query)
 
     @property
     def query(self):
         if not self.outputs:
             raise RuntimeError("no block has run inside the query_tokens context yet")
         last = self.outputs[-1]
-        if self._query[0] is not last:
-            query = [None if t is None else self._final_norm(t) for t in last] if isinstance(last, list) \
-                else self._final_norm(last)
-            self._query = (last, query)
-        return self._query[1]
+        if isinstance(last, list):
+            return [None if t is None else self._final_norm(t) for t in last]
+        return self._final_norm(last)
 
     def start_pass(self):
-        self.passes_started += 1
-        self.carrying = self.passes is None or self.passes_started <= self.passes
+        if self.passes is not None:
+            # Counted no further than one past the limit: torch.compile guards on the count,
+            # so a count that kept growing would recompile the model at every call.
+            self.passes_started = min(self.passes_started + 1, self.passes + 1)
+            self.carrying = self.passes_started <= self.passes
         if self.carrying:
             self.tokens, self.outputs = self.inputs, []
 
@@ -255,7 +255,16 @@ def _split_queries(out, x, tokens):
 
 
 def _layout(x):
-    return [_layout(t) for t in x] if isinstance(x, list) else (tuple(x.shape), x.stride())
+    """(shape, strides) of a tensor whose elements fill its memory in some order of its
+    dimensions (contiguous, or a transposed view of a contiguous tensor); else None."""
+    if isinstance(x, list):
+        return [_layout(t) for t in x]
+    expected = 1
+    for size, stride in sorted((d for d in zip(x.shape, x.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return None
+        expected *= size
+    return tuple(x.shape), x.stride()
 
 
 def _laid_out_as(image, layout):
@@ -264,11 +273,10 @@ def _laid_out_as(image, layout):
     transposed view of the patch embedding's output): a reduction over them (average
     pooling) then adds in the same order, and gives the same bits."""
     if isinstance(image, list):
-        return [_laid_out_as(a, b) for a, b in zip(image, layout)]
-    shape, stride = layout
-    if tuple(image.shape) != shape or image.stride() == stride:
+        return [_laid_out_as(a, b) for a, b in zip(image, layout or [None] * len(image))]
+    if layout is None or tuple(image.shape) != layout[0] or image.stride() == layout[1]:
         return image
-    return torch.empty_strided(shape, stride, dtype=image.dtype, device=image.device).copy_(image)
+    return torch.empty_strided(*layout, dtype=image.dtype, device=image.device).copy_(image)
 
 
 def _run_block(block, attention_modules, layout, checkpoint_attrs, x, *args, **kwargs):

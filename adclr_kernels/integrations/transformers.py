@@ -226,7 +226,10 @@ def query_tokens(model, queries, *, query_sees_prefix=False, query_sees_self=Fal
         check_queries(queries, queries.shape[0], config.hidden_size)
         tokens = queries
     else:
-        tokens = embed_crops(base.get_submodule(entry[3]), queries, config.patch_size)
+        projection = base.get_submodule(entry[3])
+        if isinstance(queries, torch.Tensor):  # as the models' embeddings cast pixel_values
+            queries = queries.to(projection.weight.dtype)
+        tokens = embed_crops(projection, queries, config.patch_size)
     prefix = 1 + getattr(config, "num_register_tokens", 0)
     layout = QueryLayout(tokens.shape[1], prefix,
                          QueryMask(query_sees_prefix, query_sees_self, query_sees_queries))

@@ -322,6 +322,42 @@ def test_passes_limit_the_calls_that_carry_query_tokens():
                 pass
 
 
+def test_a_context_compiles_once_and_query_follows_the_grad_mode():
+    model = swap_attention(build("vit").eval(), backend="sdpa")
+    compiled = []
+
+    def backend(graph, inputs):
+        compiled.append(graph)
+        return graph.forward
+
+    for passes in (None, 1):
+        compiled.clear()
+        with query_tokens(model, crops(), passes=passes) as q:
+            features = torch.compile(model.forward_features, fullgraph=True, backend=backend)
+            for _ in range(10):
+                features(images())
+        # None: one graph; 1: the pass with query tokens, then two without (entered with
+        # the count at 1, then at its cap), then no more.
+        assert len(compiled) == (1 if passes is None else 3), passes
+    with query_tokens(model, crops().requires_grad_()) as q:
+        model.forward_features(images())
+        with torch.no_grad():
+            q.query.std()
+        assert q.query.requires_grad  # read again with grad: not the no_grad result
+
+
+def test_blocks_called_directly_inside_the_context():
+    """Inputs that are not a dense layout (an expanded tensor) and a block called without
+    the first: the image tokens come back as outside the context."""
+    model = swap_attention(build("vit").eval(), backend="sdpa")
+    tokens = torch.randn(1, 17, 64).expand(2, 17, 64)
+    with torch.no_grad():
+        plain, plain_last = model.blocks(tokens), model.blocks[-1](tokens)
+        with query_tokens(model, crops()):
+            assert torch.equal(model.blocks(tokens), plain)
+            assert torch.equal(model.blocks[-1](tokens), plain_last)
+
+
 def test_copies_and_restore_are_refused_inside_the_context():
     """Inside the context each block's forward carries the context's query tokens: a copy
     would carry them for ever, and restoring the attention would leave them unmasked."""

@@ -228,10 +228,23 @@ def test_attention_maps_are_returned_when_asked(key):
         got = model(pixel_values=images(), output_attentions=True).attentions
         with adclr_hf.query_tokens(model, torch.randn(2, 3, 64), query_sees_prefix=True):
             inside = model(pixel_values=images(), output_attentions=True).attentions
-    assert len(got) == len(want) == len(inside) == 2
-    for a, b, c in zip(want, got, inside):
+        loaded = copy.deepcopy(eager)  # loaded as "adclr", never swapped
+        loaded.set_attn_implementation(adclr_hf.ATTN_IMPLEMENTATION)
+        unswapped = loaded(pixel_values=images(), output_attentions=True).attentions
+    assert len(got) == len(want) == len(inside) == len(unswapped) == 2
+    for a, b, c, d in zip(want, got, inside, unswapped):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(d, a, rtol=1e-5, atol=1e-6)
+
+
+def test_query_crops_are_cast_as_the_models_embeddings_cast_images():
+    model = adclr_hf.swap_attention(build("dinov2").to(torch.bfloat16))
+    with torch.no_grad():
+        plain = model(pixel_values=images())[0]  # fp32 images into a bf16 model
+        with adclr_hf.query_tokens(model, torch.randn(2, 3, 3, 8, 8)) as q:
+            assert torch.equal(model(pixel_values=images())[0], plain)
+    assert q.query.dtype == torch.bfloat16 and q.query.shape == (2, 3, 64)
 
 
 def test_refusals():
