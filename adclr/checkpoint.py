@@ -33,8 +33,8 @@ from .model import ARCHS
 
 def save_checkpoint(trainer, path, step, rng, skipped_images=0):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact.
-    skipped_images: the unreadable files the run has skipped so far (metrics.jsonl counts on
-    from it after a resume)."""
+    skipped_images: the samples so far whose file could not be read, each replaced by another
+    image (metrics.jsonl counts on from it after a resume)."""
     state = {
         "student": trainer.student_module.state_dict(),
         "teacher": trainer.teacher.state_dict(),

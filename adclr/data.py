@@ -279,7 +279,8 @@ def check_folder(root):
 
 def image_files(top, recursive=True, seen=None):
     """The image files under `top` (only those directly in it unless `recursive`), in sorted
-    folder order, hidden folders (".ipynb_checkpoints") left out. Links to folders are
+    folder order, hidden folders (".ipynb_checkpoints") and files left out (macOS leaves a
+    "._name.jpg" of metadata beside each image it copies to another disk). Links to folders are
     followed, but each real folder is listed once: a link to an ancestor would otherwise
     list the same images again at every depth. `seen`: the real folders already listed
     (by another class's call), updated."""
@@ -293,7 +294,8 @@ def image_files(top, recursive=True, seen=None):
         if real in seen:
             continue
         seen.add(real)
-        listed.append((dirpath, [f for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]))
+        listed.append((dirpath, [f for f in sorted(filenames)
+                                 if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]))
     return [os.path.join(dirpath, f) for dirpath, files in sorted(listed) for f in files]
 
 
@@ -324,8 +326,14 @@ class ImageFolder:
             raise ValueError(f"{root!r} has no class folders, {like.root!r} has {len(self.classes)}")
         label = {name: i for i, name in enumerate(self.classes)}
         self.samples = [(path, label[folder]) for folder in found for path in files[folder]]
+        beside = image_files(root, recursive=False)
         if not found:  # images directly in root, all label 0
-            self.samples = [(path, 0) for path in image_files(root, recursive=False)]
+            self.samples = [(path, 0) for path in beside]
+        elif beside:
+            print(f"warning: {len(beside)} image file{'s' * (len(beside) != 1)} directly in {root!r} "
+                  f"{'are' if len(beside) != 1 else 'is'} not used: it has class folders "
+                  f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}), whose images are",
+                  file=sys.stderr)
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
 
@@ -485,13 +493,14 @@ BUILTIN = {"builtin": SyntheticShapes, "builtin:shapes": SyntheticShapes, "built
            "builtin:grey-ground-scenes": SyntheticGreyGroundScenes}
 
 
-def open_dataset(data, split, like=None):
+def open_dataset(data, split, like=None, evaluation=False):
     """`data` None/"builtin" -> SyntheticShapes, "builtin:scenes" -> SyntheticScenes,
     "builtin:shape-scenes" -> SyntheticShapeScenes; else a folder (uses `data/split` if it exists).
 
-    Training accepts any folder of images; evaluation needs labelled train and val
-    splits, so for a folder it requires `data/train` and `data/val` (ImageNet layout).
-    `like`: the split whose class names label this one (see ImageFolder).
+    Training accepts any folder of images; evaluation (`evaluation`) needs labelled train
+    and val splits, so for a folder it requires `data/train` and `data/val` (ImageNet
+    layout): the whole folder as train would hold val/ as a class, the test set in the
+    k-NN bank. `like`: the split whose class names label this one (see ImageFolder).
     """
     if data in (None, ""):
         data = "builtin"
@@ -500,10 +509,14 @@ def open_dataset(data, split, like=None):
     sub = os.path.join(data, split)
     if os.path.isdir(sub):
         return ImageFolder(sub, like)
-    if split == "train":
+    check_folder(data)  # a missing --data is named as such
+    if split == "train" and not evaluation:
+        if os.path.isdir(os.path.join(data, "val")):
+            print(f"warning: {data!r} has val/ but no train/: training on every image under it, val/'s too",
+                  file=sys.stderr)
         return ImageFolder(data)
-    raise FileNotFoundError(f"evaluation needs {sub!r} (and {os.path.join(data, 'train')!r}) "
-                            "with one sub-folder per class")
+    other = os.path.join(data, "val" if split == "train" else "train")
+    raise FileNotFoundError(f"evaluation needs {sub!r} (and {other!r}) with one sub-folder per class")
 
 
 def open_segmentation(data, split):
@@ -567,9 +580,25 @@ def center_crop(image, size, fraction=0.875):
     return crop(image, (left, top, left + side, top + side), size)
 
 
-# Consecutive unreadable files after which training stops: a folder of images has a bad
-# file here and there, not this many in a row.
+# Unreadable files tried for one sample after which training stops: a folder of images
+# has a bad file here and there, not this many on one sample's path through it.
 UNREADABLE_IN_A_ROW = 100
+
+
+@functools.lru_cache(maxsize=64)
+def _replacement_stride(n):
+    stride = max(1, round(n * 0.6180339887))  # the golden ratio: far from every earlier try
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    return stride
+
+
+def replacement(index, k, n):
+    """The file a sample of image `index` (of n) tries `k`-th: itself, then a stride through
+    the set rather than the next file, so that a run of unreadable files (a folder of
+    copies gone bad) is left at once, and each unreadable file's samples go to another
+    image, not all to the first readable file after the run."""
+    return (index + k * _replacement_stride(n)) % n
 
 
 class MultiCropDataset(torch.utils.data.Dataset):
@@ -590,14 +619,15 @@ class MultiCropDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, item):
-        """The crops of image `index` or, if it cannot be read, of the next readable one; "skipped"
-        says how many were passed over. After UNREADABLE_IN_A_ROW files none of which can be read
-        (or all of a smaller set), zero crops and "readable" False: the run stops there."""
+        """The crops of image `index` or, if it cannot be read, of the first readable one of its
+        `replacement`s; "skipped" says how many were passed over. After UNREADABLE_IN_A_ROW files
+        none of which can be read (or all of a smaller set), zero crops and "readable" False: the
+        run stops there."""
         index, seed = item
         image, skipped = self.base.load(index)[0], 0
         while image is None and skipped + 1 < min(UNREADABLE_IN_A_ROW, len(self.base)):
             skipped += 1
-            image = self.base.load((index + skipped) % len(self.base))[0]
+            image = self.base.load(replacement(index, skipped, len(self.base)))[0]
         if image is None:
             skipped += 1
             image = Image.new("RGB", (self.image_size, self.image_size))
@@ -611,7 +641,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
                    for _ in range(self.num_queries)]
         p, l = self.patch_size, self.local_size
         return {
-            "index": index,  # with "skipped": which files were skipped (index, index + 1, ...)
+            "index": index,  # with "skipped": which files were skipped (`replacement`)
             "globals": torch.stack(views),
             "locals": torch.stack(local) if local else torch.empty(0, 3, l, l, dtype=torch.uint8),
             "queries": torch.stack(queries) if queries else torch.empty(0, 3, p, p, dtype=torch.uint8),
@@ -778,13 +808,13 @@ class DecodeOnlyDataset(torch.utils.data.Dataset):
         return self._item(item, False)
 
     def _item(self, item, encoded):
-        """As MultiCropDataset's items: an unreadable file is counted in "skipped" and the
-        next one taken; after UNREADABLE_IN_A_ROW of them (or all of a smaller set), a blank
+        """As MultiCropDataset's items: an unreadable file is counted in "skipped" and its
+        next `replacement` taken; after UNREADABLE_IN_A_ROW of them (or all of a smaller set), a blank
         image and "readable" False: the run stops there."""
         index, seed = item
         limit = min(UNREADABLE_IN_A_ROW, len(self.base))
         for skipped in range(limit):
-            sample = self._decode((index + skipped) % len(self.base), seed, encoded)
+            sample = self._decode(replacement(index, skipped, len(self.base)), seed, encoded)
             if sample is not None:
                 return {"index": index, "seed": seed, "skipped": skipped, "readable": True, **sample}
         blank = self._sample(Image.new("RGB", (self.image_size, self.image_size)), seed, False)
@@ -1027,7 +1057,7 @@ class JpegDecoder:
         written into the batch."""
         index, base = int(batch["index"][i]), self.dataset.base
         if not self.rejected:
-            path = base.samples[(index + int(batch["skipped"][i])) % len(base)][0]
+            path = base.samples[replacement(index, int(batch["skipped"][i]), len(base))][0]
             print(f"warning: nvJPEG cannot decode {path}; the files it rejects are decoded on the CPU",
                   file=sys.stderr)
         self.rejected += 1

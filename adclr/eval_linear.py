@@ -150,7 +150,8 @@ def cached_probe_features(backbone, train_set, val_set, n_last_blocks, avgpool, 
     val_f, val_y = extract_features(backbone, val_set, *loading, encode=encode,
                                     what=what and f"{what}: val features")
     if len(train_set) > len(train_y):
-        print(f"warning: skipped {len(train_set) - len(train_y)} unreadable images", file=sys.stderr)
+        n = len(train_set) - len(train_y)
+        print(f"warning: skipped {n} unreadable image{'s' * (n != 1)}", file=sys.stderr)
     return train_f, mirror_f, train_y, val_f, val_y
 
 
@@ -191,7 +192,7 @@ def linear_protocol(backbone, train_set, val_set, num_classes, epochs=100, batch
         schedule.step()
         line = f"linear epoch {epoch + 1}/{epochs} | loss {loss:.4f}"
         if train_warned:
-            line += f" | {len(train_warned)} unreadable images skipped"
+            line += f" | {len(train_warned)} unreadable image{'s' * (len(train_warned) != 1)} skipped"
         if (epoch + 1) % val_freq == 0 or epoch + 1 == epochs:
             accuracy, val_seen = _validate(classifier, val_loader, features, val_warned)
             best = max(best, accuracy)

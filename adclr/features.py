@@ -77,8 +77,8 @@ def open_labelled_splits(data, split="val", flag="--data"):
     val split without some train class still scores each image against its own class.
     """
     try:
-        train = open_dataset(data, "train")
-        return train, open_dataset(data, split, like=train)
+        train = open_dataset(data, "train", evaluation=True)
+        return train, open_dataset(data, split, like=train, evaluation=True)
     except (OSError, ValueError) as error:  # no such folder, no train/ or val/, no images, a class train lacks
         raise SystemExit(f"error: {flag}: {error}") from None
 
@@ -148,7 +148,7 @@ def extract_features(backbone, dataset, batch_size=128, device="cpu", num_worker
             last = now
     skipped = len(dataset) - sum(len(y) for y in labels)
     if skipped and fresh:
-        print(f"warning: skipped {skipped} unreadable images", file=sys.stderr)
+        print(f"warning: skipped {skipped} unreadable image{'s' * (skipped != 1)}", file=sys.stderr)
     if not features:  # nothing readable
         return torch.empty(0, backbone.embed_dim), torch.empty(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)

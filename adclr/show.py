@@ -61,7 +61,8 @@ def _images(data, count, flag="--data"):
             break
     warn_unreadable(base, unreadable, set())  # one warning each, as eval gives
     if not images:
-        raise SystemExit(f"error: {flag} {data}: no readable images")
+        what = "no readable images" if tried == len(base) else f"none of its first {tried} image files can be read"
+        raise SystemExit(f"error: {flag} {data}: {what}")
     if len(images) < count:
         print(f"note: {len(images)} readable image{'s' * (len(images) != 1)} of the first {tried} in "
               f"{flag} {data}: {len(images)} picture{'s' * (len(images) != 1)}, not {count}", file=sys.stderr)

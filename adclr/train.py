@@ -33,7 +33,7 @@ from .checkpoint import (LOCK, CheckpointError, FolderInUse, WriteError, all_rng
                          folder_lock, load_checkpoint, make_folder, not_a_file, restore, rng_states, save_checkpoint,
                          set_rng_states, why_not_written, write_atomically, write_json_atomically)
 from .config import ALLOWED, WHOLE_STEP_FP16, config_errors, value_error
-from .data import Augment, DeviceCrops, decode_mode, open_dataset, train_loader, warn_unreadable
+from .data import Augment, DeviceCrops, decode_mode, open_dataset, replacement, train_loader, warn_unreadable
 from .flops import peak_tflops, step_flops
 from .loss import ADCLRLoss
 from .methods import ccmim_losses, densecl_losses
@@ -513,7 +513,8 @@ class Logger:
             line += f", MFU {100 * record['mfu']:.1f}%"
         line += f" | eta {_duration(record['eta_s'])} | data {record['data_wait']:.0%}"
         if record["skipped_images"]:
-            line += f" | {record['skipped_images']} unreadable images skipped"
+            n = record["skipped_images"]
+            line += f" | {n} sample{'s' * (n != 1)} of unreadable files replaced"
         print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n",
               file=sys.stderr, flush=True)
 
@@ -937,7 +938,7 @@ class Run:
             self.stop_unreadable(int(first[~readable][0]), int(skips[~readable][0]))
         if skips.any():
             for i, n in zip(first[skips > 0].tolist(), skips[skips > 0].tolist()):
-                warn_unreadable(self.images, range(i, i + n), self.warned)
+                warn_unreadable(self.images, [replacement(i, k, len(self.images)) for k in range(n)], self.warned)
         return crops, int(skips.sum())
 
     def stop_unreadable(self, first, count):
@@ -945,9 +946,9 @@ class Run:
         images, first = self.images, first % len(self.images)
         path = images.samples[first][0]
         what = (f"none of its {count} images can be read, e.g." if count == len(images) else
-                f"{count} images in a row cannot be read, from")
+                f"{count} images tried in turn for one sample cannot be read, the first")
         raise SystemExit(f"error: --data {self.cfg.data}: {what} {path} ({images.error(first)}); "
-                         "is it a folder of images?")
+                         "is it a folder of images? (move what cannot be read out of it)")
 
     def log(self, done, metrics):
         """The record of the run after `done` steps: losses, schedules, throughput."""

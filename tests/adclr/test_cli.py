@@ -623,9 +623,9 @@ def test_eval_warns_once_per_unreadable_image(protocol, checkpoint_bytes, tmp_pa
         f"warning: skipping unreadable image {bad}: cannot identify image file {bad!r}",
         f"warning: skipping unreadable image {bad_val}: cannot identify image file {bad_val!r}"]
     if protocol[0] == "knn":
-        assert err.count("warning: skipped 1 unreadable images") == 2  # train, val
+        assert err.count("warning: skipped 1 unreadable image\n") == 2  # train, val
     else:
-        assert err.count("| 1 unreadable images skipped") == 3  # on each epoch's line
+        assert err.count("| 1 unreadable image skipped") == 3  # on each epoch's line
     result = json.loads(out.splitlines()[-1])
     assert (result["train_images"], result["val_images"]) == (5, 3)
 
@@ -690,7 +690,8 @@ def unreadable_training_images(tmp, checkpoint, decode="pillow"):  # RuntimeErro
     path = ImageFolder(data).samples[first][0]
     return (["train", *TINY, "--data", data, "--out", str(tmp / "run"), "--decode", decode],
             f"error: --data {data}: none of its 4 images can be read, e.g. {path} (cannot identify image file "
-            f"{path!r}); is it a folder of images?", str(tmp / "run" / "checkpoint.pt"))
+            f"{path!r}); is it a folder of images? (move what cannot be read out of it)",
+            str(tmp / "run" / "checkpoint.pt"))
 
 
 def unreadable_training_images_decoded_apart(tmp, checkpoint):  # the same, with --decode cpu
@@ -723,7 +724,7 @@ def compare_out_is_a_file(tmp, checkpoint):  # FileExistsError
 def compare_data_without_val(tmp, checkpoint):  # FileNotFoundError after the first two trainings
     data = image_folder(tmp / "data")
     return (["compare", "--data", data, "--out", str(tmp / "out")], f"error: --data: evaluation needs "
-            f"'{data}/val' (and '{data}/train') with one sub-folder per class", str(tmp / "out"))
+            f"'{data}/train' (and '{data}/val') with one sub-folder per class", str(tmp / "out"))
 
 
 def compare_data_without_masks(tmp, checkpoint):  # FileNotFoundError after the first two trainings

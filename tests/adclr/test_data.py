@@ -1,3 +1,4 @@
+import collections
 import os
 
 import numpy as np
@@ -7,7 +8,7 @@ from PIL import Image
 
 from adclr.data import (Augment, DecodeOnlyDataset, ImageFolder, MultiCropDataset, SegmentationFolder, StepBatches,
                         SyntheticFewShapeScenes, SyntheticGreyGroundScenes, SyntheticScenes, SyntheticShapeScenes, SyntheticShapes, normalize, open_dataset, open_segmentation,
-                        synthetic_batch)
+                        replacement, synthetic_batch)
 
 
 def test_builtin_dataset_is_deterministic_with_masks():
@@ -59,10 +60,13 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
 @pytest.mark.parametrize("dataset", [MultiCropDataset, DecodeOnlyDataset])
 def test_a_sample_gives_up_after_100_unreadable_files_in_a_row(unreadable, total, readable, skipped, dataset,
                                                                tmp_path):
-    """Image 0 and the next `unreadable` - 1 cannot be read (the rest can): a sample passes over
-    them, up to 100 files in a row, or all of a smaller set; then it says it found none."""
+    """Image 0 and the next `unreadable` - 1 files it would try cannot be read (the rest can):
+    a sample passes over them, up to 100 files, or all of a smaller set; then it says it
+    found none."""
+    bad = {replacement(0, k, total) for k in range(unreadable)}
+    assert len(bad) == unreadable  # the tries visit distinct files
     for i in range(total):
-        if i < unreadable:
+        if i in bad:
             (tmp_path / f"{i:03d}.png").write_bytes(b"not an image")
         else:
             Image.new("RGB", (20, 20), (i, 0, 0)).save(tmp_path / f"{i:03d}.png")
@@ -195,6 +199,51 @@ def test_a_hidden_or_empty_folder_is_no_class(beside, tmp_path):
     Image.new("RGB", (20, 20)).save(tmp_path / "a" / ".cache" / "1.png")
     folder = ImageFolder(str(tmp_path))
     assert folder.classes == ["a"] and [os.path.relpath(p, tmp_path) for p, _ in folder.samples] == ["a/0.png"]
+
+
+def test_hidden_files_are_left_out_and_images_beside_class_folders_are_named(tmp_path, capsys):
+    """macOS writes ._name.jpg (metadata, not an image) beside each image it copies; images
+    directly in a folder that has class folders are not used, and a warning says so."""
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (20, 20)).save(tmp_path / cls / "0.png")
+        (tmp_path / cls / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS metadata")
+    for i in range(3):
+        Image.new("RGB", (20, 20)).save(tmp_path / f"top{i}.png")
+    folder = ImageFolder(str(tmp_path))
+    assert [os.path.relpath(p, tmp_path) for p, _ in folder.samples] == ["a/0.png", "b/0.png"]
+    assert f"warning: 3 image files directly in {str(tmp_path)!r} are not used: it has class folders (a, b)" \
+        in capsys.readouterr().err
+
+
+def test_evaluation_needs_a_train_folder_beside_val(tmp_path, capsys):
+    """Without train/, the whole folder would be the train split, val/ one of its classes:
+    the test set in the k-NN bank. Training takes it, saying so."""
+    for split in ("", "val/"):
+        for cls in ("a", "b"):
+            (tmp_path / f"{split}{cls}").mkdir(parents=True)
+            Image.new("RGB", (20, 20)).save(tmp_path / f"{split}{cls}" / "0.png")
+    with pytest.raises(FileNotFoundError, match="evaluation needs .*train"):
+        open_dataset(str(tmp_path), "train", evaluation=True)
+    assert len(open_dataset(str(tmp_path), "train")) == 4
+    assert "has val/ but no train/: training on every image under it" in capsys.readouterr().err
+
+
+def test_unreadable_files_give_their_samples_to_different_images(tmp_path):
+    """Ten unreadable files sorted before ten good ones: each bad file's sample goes to
+    another image, not all ten to the first good file after them."""
+    for i in range(10):
+        (tmp_path / f"bad{i}.png").write_bytes(b"not an image")
+        Image.new("RGB", (20, 20), (i, 0, 0)).save(tmp_path / f"good{i}.png")
+    base = ImageFolder(str(tmp_path))
+    dataset = MultiCropDataset(base, 16, 8, 8, 0, 0)
+    used = collections.Counter()
+    for index in range(len(base)):
+        item = dataset[(index, 0)]
+        assert item["readable"]
+        used[replacement(index, item["skipped"], len(base))] += 1
+    assert all("good" in base.samples[i][0] for i in used)
+    assert max(used.values()) <= 3 and len(used) == 10  # the next file after the run: 11 of 20
 
 
 
@@ -382,7 +431,9 @@ def test_few_shape_scenes_hold_one_flat_object_of_five_shapes_in_palette_colours
             assert distances.min() < 3
             nearest.append(distances.argmin())
         assert nearest[0] != nearest[1]  # the outline shows
-    # Sized by name: the five shapes' areas are theirs, not those of the first five of ten.
+    # Sized by name: the five shapes' areas are theirs, not those of the first five of ten
+    # (the ten-shape set measures the rest, whichever test ran first).
+    SyntheticShapeScenes("train", length=1)
     assert SyntheticScenes._unit_areas["cross"] != SyntheticScenes._unit_areas["diamond"]
 
 

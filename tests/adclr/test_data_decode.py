@@ -19,7 +19,7 @@ from PIL import Image
 import adclr.data as data
 from adclr.data import (DecodeOnlyDataset, DeviceCrops, ImageFolder, MultiCropDataset, StepBatches,
                         SyntheticShapes, TorchStream, collate_decoded, cut_crops, decode, decode_mode,
-                        default_num_workers, random_resized_box, random_resized_box_from)
+                        default_num_workers, random_resized_box, random_resized_box_from, replacement)
 
 SIZES = dict(image_size=32, local_size=16, patch_size=8, num_local_crops=3, num_queries=4)
 
@@ -154,9 +154,10 @@ def test_draft_decodes_large_jpegs_reduced_with_the_same_boxes(tmp_path, monkeyp
 
 def test_bad_files_are_skipped_and_counted_as_today(folder, tmp_path, monkeypatch):
     (tmp_path / "images" / "0.jpg").write_bytes(b"not an image")  # sorts first: index 0
-    truncated = (tmp_path / "images" / "a.jpg").read_bytes()
-    (tmp_path / "images" / "a.jpg").write_bytes(truncated[: len(truncated) // 3])
     base = ImageFolder(str(tmp_path / "images"))
+    second = base.samples[replacement(0, 1, len(base))][0]  # the file image 0's sample tries next
+    truncated = open(second, "rb").read()
+    open(second, "wb").write(truncated[: len(truncated) // 3])
     reference, _ = todays(base, [(0, 1)], monkeypatch)
     item = DecodeOnlyDataset(base, **SIZES, draft=False)[(0, 1)]
     assert item["skipped"] == reference[0]["skipped"] == 2 and item["index"] == 0

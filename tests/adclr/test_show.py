@@ -117,6 +117,12 @@ def test_show_attention_on_a_folder_of_images(run, tmp_path, capsys):
     # Both said: the file skipped (as eval says it), and the pictures short of those asked.
     assert f"warning: skipping unreadable image {tmp_path / 'photos' / 'bad.jpg'}: " in err
     assert f"note: 3 readable images of the first 4 in --data {tmp_path / 'photos'}: 3 pictures, not 5" in err
+    # Readable images past the files it tries: it says it tried those only.
+    for i in range(8):
+        (tmp_path / "photos" / f"-bad{i}.jpg").write_bytes(b"not an image")  # sorted first
+    with pytest.raises(SystemExit, match=f"--data {tmp_path / 'photos'}: none of its first 4 image files can be read"):
+        main(["show", "attention", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(tmp_path / "photos"),
+              "--images", "1"])
 
 
 def test_show_dense_writes_images_truth_and_prediction(run, capsys):

@@ -577,7 +577,7 @@ def test_unreadable_image_warned_once_and_counted(tmp_path, capsys):
     assert warnings == [f"warning: skipping unreadable image {bad}: cannot identify image file {bad!r}"]
     counts = [r["skipped_images"] for r in read_metrics(out)]
     assert counts == sorted(counts) and counts[-1] >= 3
-    assert f"| {counts[-1]} unreadable images skipped" in err.splitlines()[-2]
+    assert f"| {counts[-1]} samples of unreadable files replaced" in err.splitlines()[-2]
 
 
 def test_unreadable_images_counted_across_a_resume(tmp_path, monkeypatch, capsys):
