@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import sys
+import unicodedata
 
 import numpy as np
 import torch
@@ -299,6 +300,15 @@ def image_files(top, recursive=True, seen=None):
     return [os.path.join(dirpath, f) for dirpath, files in sorted(listed) for f in files]
 
 
+def _why_not_a_class(name, split):
+    """What a user would not see in "class NAME is not a class of SPLIT"."""
+    if os.path.isdir(os.path.join(split.root, name)):
+        return f": {os.path.join(split.root, name)!r} holds no images"
+    if any(unicodedata.normalize("NFC", c) == unicodedata.normalize("NFC", name) for c in split.classes):
+        return " (it has one of that name spelt in other Unicode code points, as macOS writes names: rename one)"
+    return ""
+
+
 class ImageFolder:
     """Images under `root/<class>/**` (or directly under `root`, all label 0, where no
     folder holds any: an empty folder or a hidden one, such as ".ipynb_checkpoints", is no
@@ -321,7 +331,7 @@ class ImageFolder:
         unknown = [name for name in found if name not in self.classes]
         if unknown:
             raise ValueError(f"class {unknown[0]!r} ({os.path.join(root, unknown[0])!r}) is not a class of "
-                             f"{like.root!r}")
+                             f"{like.root!r}{_why_not_a_class(unknown[0], like)}")
         if self.classes and not found:
             raise ValueError(f"{root!r} has no class folders, {like.root!r} has {len(self.classes)}")
         label = {name: i for i, name in enumerate(self.classes)}

@@ -218,6 +218,12 @@ def score_probe(backbone, probe, val_set, n_last_blocks=1, batch_size=128, devic
             seen += len(m)
     if not seen:
         raise ValueError("no usable image/mask pairs in val")
+    classes = probe.linear.out_features
+    beyond = (confusion[classes:].sum(1).nonzero().flatten() + classes).tolist()
+    if beyond:
+        print(f"warning: the val masks hold label{'s' * (len(beyond) != 1)} {', '.join(map(str, beyond))}, past "
+              f"the probe's {classes} classes (1 + the largest train label, or --num-classes): "
+              "it cannot predict them, and their IoU of 0 counts in the mIoU", file=sys.stderr)
     majority = scores(reference)
     return {**scores(confusion), "val_images": seen,
             "patch_majority": {"miou": majority["miou"], "pixel_accuracy": majority["pixel_accuracy"]}}

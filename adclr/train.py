@@ -33,7 +33,8 @@ from .checkpoint import (LOCK, CheckpointError, FolderInUse, WriteError, all_rng
                          folder_lock, load_checkpoint, make_folder, not_a_file, restore, rng_states, save_checkpoint,
                          set_rng_states, why_not_written, write_atomically, write_json_atomically)
 from .config import ALLOWED, WHOLE_STEP_FP16, config_errors, value_error
-from .data import Augment, DeviceCrops, decode_mode, open_dataset, replacement, train_loader, warn_unreadable
+from .data import (Augment, DeviceCrops, ImageFolder, decode_mode, open_dataset, replacement, train_loader,
+                   warn_unreadable)
 from .flops import peak_tflops, step_flops
 from .loss import ADCLRLoss
 from .methods import ccmim_losses, densecl_losses
@@ -704,7 +705,7 @@ def _train(cfg, rank, world, device):
             print(f"nothing to do: {path} is at step {start}, {where} ({total} steps)", file=sys.stderr)
         return start
     if main:
-        _announce(trainer, world, start)
+        _announce(trainer, world, start, images)
     Run(trainer, path, rank, world, start, loader, skipped).steps(data)
     if main:
         print(f"done: {total} step{'' if total == 1 else 's'}, checkpoint {path}", file=sys.stderr)
@@ -765,10 +766,12 @@ COMPILED = {"off": "off", "on": "on (student and teacher)", "step": "step (the w
             "graph": "graph (the whole step, replayed as a CUDA graph)"}
 
 
-def _announce(trainer, world, start):
+def _announce(trainer, world, start, images):
     """The run's first lines on stderr, and OUT/config.json."""
     cfg, total, steps_per_epoch = trainer.cfg, trainer.total_steps, trainer.steps_per_epoch
-    print(f"adclr train: {world} process(es) on {trainer.device}, {steps_per_epoch} steps/epoch, "
+    folders = len(getattr(images, "classes", []))  # a folder's class folders say how it was read
+    found = f"{len(images)} images" + (f" in {folders} folders" if folders and isinstance(images, ImageFolder) else "")
+    print(f"adclr train: {world} process(es) on {trainer.device}, {found}, {steps_per_epoch} steps/epoch, "
           f"{total} steps, torch.compile {COMPILED[trainer.compile]}"
           + (f", resuming at step {start}" if start else ""), file=sys.stderr)
     print("config: " + json.dumps(dataclasses.asdict(cfg)), file=sys.stderr)

@@ -229,6 +229,22 @@ def test_evaluation_needs_a_train_folder_beside_val(tmp_path, capsys):
     assert "has val/ but no train/: training on every image under it" in capsys.readouterr().err
 
 
+def test_a_val_class_train_lacks_is_named_with_why(tmp_path):
+    """A train class folder without images, or one whose name is spelt in other Unicode code
+    points (macOS writes names decomposed), looks present in "is not a class of"."""
+    for split, names in (("train", ("a", "caf\u00e9")), ("val", ("a", "b", "cafe\u0301"))):
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (20, 20)).save(tmp_path / split / name / "0.png")
+    (tmp_path / "train" / "b").mkdir()
+    train = ImageFolder(str(tmp_path / "train"))
+    with pytest.raises(ValueError, match=r"class 'b' .* is not a class of .*train': .*b' holds no images"):
+        ImageFolder(str(tmp_path / "val"), like=train)
+    (tmp_path / "val" / "b" / "0.png").unlink()
+    with pytest.raises(ValueError, match="spelt in other Unicode code points"):
+        ImageFolder(str(tmp_path / "val"), like=train)
+
+
 def test_unreadable_files_give_their_samples_to_different_images(tmp_path):
     """Ten unreadable files sorted before ten good ones: each bad file's sample goes to
     another image, not all ten to the first good file after them."""

@@ -70,6 +70,22 @@ def test_tokens_that_encode_the_labels_give_a_high_miou():
     assert result["patch_majority"] == {"miou": 1.0, "pixel_accuracy": 1.0}
 
 
+def test_val_labels_past_the_probes_classes_are_named(capsys):
+    """Train masks up to class 2, val masks up to 4: the probe cannot predict 3 and 4, whose
+    IoU of 0 counts in the mIoU; a warning says so."""
+
+    class FewerInTrain(PatchLabels):
+        def load_segmentation(self, i):
+            image, mask = super().load_segmentation(i)
+            return image, np.minimum(mask, 2)
+
+    train = SegmentationCrops(FewerInTrain(16), GRID * PATCH)
+    val = SegmentationCrops(PatchLabels(8, seed=1), GRID * PATCH, full_masks=True)
+    result = dense_probe(Backbone(lambda t: t), train, val, epochs=2, batch_size=16)
+    assert result["num_classes"] == 3 and {3, 4} <= set(result["iou"])
+    assert "warning: the val masks hold labels 3, 4, past the probe's 3 classes" in capsys.readouterr().err
+
+
 def test_patch_majority_labels_each_cell_with_its_most_frequent_class():
     mask = torch.tensor([[1, 1, 2, 2],
                          [1, 2, 2, 2],

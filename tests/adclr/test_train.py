@@ -578,6 +578,7 @@ def test_unreadable_image_warned_once_and_counted(tmp_path, capsys):
     counts = [r["skipped_images"] for r in read_metrics(out)]
     assert counts == sorted(counts) and counts[-1] >= 3
     assert f"| {counts[-1]} samples of unreadable files replaced" in err.splitlines()[-2]
+    assert "adclr train: 1 process(es) on cpu, 4 images in 2 folders, 2 steps/epoch" in err
 
 
 def test_unreadable_images_counted_across_a_resume(tmp_path, monkeypatch, capsys):
