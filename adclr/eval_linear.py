@@ -90,6 +90,9 @@ def linear_accuracy(train_features, train_labels, test_features, test_labels, ep
         chosen = weight_decays[max(range(len(weight_decays)), key=lambda i: (held_out[i], i))]
         log(f"L2 weight {chosen:g} chosen (held-out accuracy "
             + ", ".join(f"{wd:g}: {100 * a:.1f}%" for wd, a in zip(weight_decays, held_out)) + ")")
+    elif len(weight_decays) > 1:
+        log(f"{len(order)} train images: too few to hold any out, so L2 weight {chosen:g}, the largest, "
+            "without a choice")
     log(f"fitting L2 weight {chosen:g} on all {len(order)} train images")
     return _accuracy(fit(order, chosen), x_test, test_labels)
 

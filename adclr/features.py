@@ -78,9 +78,13 @@ def open_labelled_splits(data, split="val", flag="--data"):
     """
     try:
         train = open_dataset(data, "train", evaluation=True)
-        return train, open_dataset(data, split, like=train, evaluation=True)
+        held = open_dataset(data, split, like=train, evaluation=True)
     except (OSError, ValueError) as error:  # no such folder, no train/ or val/, no images, a class train lacks
         raise SystemExit(f"error: {flag}: {error}") from None
+    if len(train.classes) == 1:
+        print(f"warning: {flag}: the train split has one class ({train.classes[0]}): every accuracy is 100%",
+              file=sys.stderr)
+    return train, held
 
 
 def fixed_subset(n, limit):

@@ -141,6 +141,13 @@ def test_probe_fits_separable_classes_to_convergence():
     assert linear_accuracy(x, y, x, y) >= 0.97  # whatever L2 weight the held-out fifth chose
 
 
+def test_probe_says_when_too_few_images_leave_no_choice_of_weight():
+    x, y = separable(4)  # a fifth of 4 is none
+    lines = []
+    linear_accuracy(x, y, x, y, weight_decays=(0.0, 0.5), log=lines.append)
+    assert lines[0] == "4 train images: too few to hold any out, so L2 weight 0.5, the largest, without a choice"
+
+
 def test_probe_chooses_its_weight_decay_on_held_out_train_images_with_their_views(monkeypatch):
     x, y = separable(100)
     x[:, -1] = torch.arange(100.0)  # image ids, to trace the rows each fit sees
@@ -195,4 +202,4 @@ def test_fast_probe_says_what_it_does_and_each_unreadable_file_once(tiny_checkpo
     fits = [line for line in err.splitlines() if line.startswith("linear (fast): fitting L2 weight")]
     assert len(fits) == len(adclr.eval_linear.PROBE_WEIGHT_DECAYS) + 1
     assert "linear (fast): L2 weight " in err and " chosen (held-out accuracy " in err
-    assert err.count("skipped 1 unreadable images") == 1 and err.count("skipping unreadable image") == 1
+    assert err.count("skipped 1 unreadable image\n") == 1 and err.count("skipping unreadable image") == 1

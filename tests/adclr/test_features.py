@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adclr.features import CenterCrops, collate, fixed_subset
+from adclr.features import CenterCrops, collate, fixed_subset, open_labelled_splits
 
 
 def test_fixed_subset_is_fixed_sorted_and_spans_a_class_sorted_folder():
@@ -36,3 +36,13 @@ def test_center_crops_are_the_centre_and_unreadable_files_are_dropped():
     assert labels.tolist() == [0, 1, 1] and unreadable == [2]
     # 0.875 of the short side (26 px) around the centre: the bright square fills most of it.
     assert images.float().mean() > 0.5 * 255
+
+
+def test_a_train_split_of_one_class_is_named(tmp_path, capsys):
+    """k-NN and linear on one class score 100% whatever the features."""
+    for split in ("train", "val"):
+        (tmp_path / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (20, 20)).save(tmp_path / split / "cat" / "0.png")
+    train, val = open_labelled_splits(str(tmp_path))
+    assert len(train) == len(val) == 1
+    assert "warning: --data: the train split has one class (cat): every accuracy is 100%" in capsys.readouterr().err
