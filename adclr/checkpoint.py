@@ -31,10 +31,11 @@ from .config import FORMER_BEHAVIOUR, RESUMABLE, saved_config_errors
 from .model import ARCHS
 
 
-def save_checkpoint(trainer, path, step, rng, skipped_images=0):
+def save_checkpoint(trainer, path, step, rng, skipped_images=0, images=None):
     """Write atomically: a crash mid-write leaves the previous checkpoint intact.
-    skipped_images: the samples so far whose file could not be read, each replaced by another
-    image (metrics.jsonl counts on from it after a resume)."""
+    skipped_images: the unreadable files passed over so far, a file once for each sample that
+    met it (metrics.jsonl counts on from it after a resume). images: how many image files
+    --data held, so that a resume can say when that changed (the data order with it)."""
     state = {
         "student": trainer.student_module.state_dict(),
         "teacher": trainer.teacher.state_dict(),
@@ -45,6 +46,7 @@ def save_checkpoint(trainer, path, step, rng, skipped_images=0):
         "config": dataclasses.asdict(trainer.cfg),
         "rng": rng,
         "skipped_images": skipped_images,
+        **({"images": images} if images is not None else {}),
     }
     # Through a Python file: torch.save to a path reports a full disk as a C++ iostream error.
     write_atomically(path, lambda f: torch.save(state, f))
@@ -228,7 +230,7 @@ def load_checkpoint(path):
     any pickled global that is not a tensor or plain data), lacks a part, holds a part
     of the wrong type, or holds non-finite weights (a run that diverged). Optional
     parts: "scaler" (fp16 runs), a head's "last_layer.gain" (--no-norm-last-layer),
-    "skipped_images" (absent before runs counted them).
+    "skipped_images" (absent before runs counted them), "images" (likewise).
     """
     kind = not_a_file(path)
     if kind:  # torch.load would wait forever on a fifo and read a device until memory runs out
@@ -277,7 +279,7 @@ def _malformed(state):
     if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
             and isinstance(optimizer.get("param_groups"), list)):
         return "'optimizer' is not an optimizer state dict"
-    for key, what in (("step", "a step number"), ("skipped_images", "a count")):
+    for key, what in (("step", "a step number"), ("skipped_images", "a count"), ("images", "a count")):
         value = state.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return f"'{key}' is {value!r}, not {what}"

@@ -100,6 +100,9 @@ SWEEP = {"teacher_temp": [0.02, 0.04], "warmup_teacher_temp_epochs": [0.0, 0.5],
 GAIN_METRICS = ("knn", "linear", "miou")
 
 
+_FORWARDED = set()  # the warnings `score` has passed on: once a process, though it scores every run
+
+
 def score(backbone, cfg, images=EVAL_IMAGES, dense_epochs=None, quiet=True, split="val"):
     """{"knn", "linear", "miou", "pixel_accuracy"} of a backbone on the run's data: train
     split against `split`."""
@@ -116,6 +119,11 @@ def score(backbone, cfg, images=EVAL_IMAGES, dense_epochs=None, quiet=True, spli
         dense = dense_probe(backbone, SegmentationCrops(open_segmentation(cfg.data, "train"), size, images),
                             SegmentationCrops(open_segmentation(cfg.data, split), size, images, full_masks=True),
                             **({"epochs": dense_epochs} if dense_epochs else {}))
+    if quiet:  # the progress lines stay out; what a user must know about the data does not
+        for line in sink.getvalue().splitlines():
+            if line.startswith("warning:") and line not in _FORWARDED:
+                _FORWARDED.add(line)
+                print(line, file=sys.stderr)
     return {"knn": knn_accuracy(train_f[:, last_cls], train_y, val_f[:, last_cls], val_y, (20,), 0.07)[20],
             "linear": linear_accuracy(train_f, train_y, val_f, val_y, train_views=(mirror_f,)),
             "miou": dense["miou"], "pixel_accuracy": dense["pixel_accuracy"]}

@@ -267,6 +267,17 @@ class SyntheticShapeScenes(SyntheticScenes):
         return np.where(t[..., None], colours[1], colours[0])
 
 
+_WARNED = set()
+
+
+def warn_once(text):
+    """`warning: text` on stderr, once per process (compare and sweep open their data for
+    every run) and from the first process of a distributed run only."""
+    if text not in _WARNED and os.environ.get("RANK", "0") == "0":
+        _WARNED.add(text)
+        print(f"warning: {text}", file=sys.stderr)
+
+
 def check_folder(root):
     """FileNotFoundError (NotADirectoryError for a file) naming `root` when it is not a folder."""
     if not os.path.exists(root):
@@ -301,11 +312,18 @@ def image_files(top, recursive=True, seen=None):
 
 
 def _why_not_a_class(name, split):
-    """What a user would not see in "class NAME is not a class of SPLIT"."""
-    if os.path.isdir(os.path.join(split.root, name)):
+    """What a user would not see in "class NAME is not a class of SPLIT". Names are compared
+    as listed: macOS's file systems find a folder by a name in other letter case or Unicode
+    code points, so `isdir` would say yes to either."""
+    def spelling(n):
+        return unicodedata.normalize("NFC", n).casefold()
+
+    alike = [c for c in split.classes if spelling(c) == spelling(name)]
+    if alike:
+        return (f" (it has {alike[0]!r}: the same name in other letter case or Unicode code points, as "
+                "macOS may write it; rename one)")
+    if name in os.listdir(split.root):
         return f": {os.path.join(split.root, name)!r} holds no images"
-    if any(unicodedata.normalize("NFC", c) == unicodedata.normalize("NFC", name) for c in split.classes):
-        return " (it has one of that name spelt in other Unicode code points, as macOS writes names: rename one)"
     return ""
 
 
@@ -340,10 +358,9 @@ class ImageFolder:
         if not found:  # images directly in root, all label 0
             self.samples = [(path, 0) for path in beside]
         elif beside:
-            print(f"warning: {len(beside)} image file{'s' * (len(beside) != 1)} directly in {root!r} "
-                  f"{'are' if len(beside) != 1 else 'is'} not used: it has class folders "
-                  f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}), whose images are",
-                  file=sys.stderr)
+            warn_once(f"{len(beside)} image file{'s' * (len(beside) != 1)} directly in {root!r} "
+                      f"{'are' if len(beside) != 1 else 'is'} not used: it has class folders "
+                      f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}), and only their images are")
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
 
@@ -522,8 +539,7 @@ def open_dataset(data, split, like=None, evaluation=False):
     check_folder(data)  # a missing --data is named as such
     if split == "train" and not evaluation:
         if os.path.isdir(os.path.join(data, "val")):
-            print(f"warning: {data!r} has val/ but no train/: training on every image under it, val/'s too",
-                  file=sys.stderr)
+            warn_once(f"{data!r} has val/ but no train/: training on every image under it, val/'s too")
         return ImageFolder(data)
     other = os.path.join(data, "val" if split == "train" else "train")
     raise FileNotFoundError(f"evaluation needs {sub!r} (and {other!r}) with one sub-folder per class")

@@ -221,9 +221,11 @@ def score_probe(backbone, probe, val_set, n_last_blocks=1, batch_size=128, devic
     classes = probe.linear.out_features
     beyond = (confusion[classes:].sum(1).nonzero().flatten() + classes).tolist()
     if beyond:
-        print(f"warning: the val masks hold label{'s' * (len(beyond) != 1)} {', '.join(map(str, beyond))}, past "
-              f"the probe's {classes} classes (1 + the largest train label, or --num-classes): "
-              "it cannot predict them, and their IoU of 0 counts in the mIoU", file=sys.stderr)
+        many = len(beyond) != 1
+        print(f"warning: the val masks hold label{'s' * many} {', '.join(map(str, beyond))}, past the probe's "
+              f"{classes} classes (1 + the largest train label, or --num-classes): it cannot predict "
+              f"{'them' if many else 'it'}, and {'their' if many else 'its'} IoU of 0 counts in the mIoU",
+              file=sys.stderr)
     majority = scores(reference)
     return {**scores(confusion), "val_images": seen,
             "patch_majority": {"miou": majority["miou"], "pixel_accuracy": majority["pixel_accuracy"]}}

@@ -515,7 +515,7 @@ class Logger:
         line += f" | eta {_duration(record['eta_s'])} | data {record['data_wait']:.0%}"
         if record["skipped_images"]:
             n = record["skipped_images"]
-            line += f" | {n} sample{'s' * (n != 1)} of unreadable files replaced"
+            line += f" | {n} unreadable file{'s' * (n != 1)} passed over"
         print(("\r" + line + " " * 4) if self.tty else line, end="" if self.tty else "\n",
               file=sys.stderr, flush=True)
 
@@ -697,6 +697,10 @@ def _train(cfg, rank, world, device):
     if checkpoint is not None:
         _resume(trainer, checkpoint, path, rank, world)
         skipped = checkpoint.get("skipped_images", 0)
+        saved = checkpoint.get("images")
+        if main and saved is not None and saved != len(images):
+            print(f"warning: --data holds {len(images)} image files, {saved} when {path} was saved: from step "
+                  f"{start} the images come in another order than in a run that had not stopped", file=sys.stderr)
         del checkpoint  # its tensors are copied into the trainer: free them before the loop
     total = trainer.total_steps
     if start >= total:  # before config.json is written: it keeps describing the run as trained
@@ -770,7 +774,8 @@ def _announce(trainer, world, start, images):
     """The run's first lines on stderr, and OUT/config.json."""
     cfg, total, steps_per_epoch = trainer.cfg, trainer.total_steps, trainer.steps_per_epoch
     folders = len(getattr(images, "classes", []))  # a folder's class folders say how it was read
-    found = f"{len(images)} images" + (f" in {folders} folders" if folders and isinstance(images, ImageFolder) else "")
+    found = f"{len(images)} images" if not isinstance(images, ImageFolder) else f"{len(images)} image files" + (
+        f" in {folders} folder{'s' * (folders != 1)}" if folders else "")
     print(f"adclr train: {world} process(es) on {trainer.device}, {found}, {steps_per_epoch} steps/epoch, "
           f"{total} steps, torch.compile {COMPILED[trainer.compile]}"
           + (f", resuming at step {start}" if start else ""), file=sys.stderr)
@@ -998,7 +1003,7 @@ class Run:
         with self.saving():
             if self.main:
                 try:
-                    save_checkpoint(self.trainer, self.path, done, rng, self.skipped)
+                    save_checkpoint(self.trainer, self.path, done, rng, self.skipped, len(self.images))
                 except WriteError as error:  # a full disk: the previous checkpoint.pt is whole
                     raise WriteError(f"{error}; {self.kept()}") from None
             self.saved = done
@@ -1041,7 +1046,8 @@ class Run:
         if self.world == 1 and not self.in_step and self.completed > self.saved and not self.bad.item():
             with self.saving():
                 try:
-                    save_checkpoint(self.trainer, self.path, self.completed, [rng_states()], self.skipped)
+                    save_checkpoint(self.trainer, self.path, self.completed, [rng_states()], self.skipped,
+                                    len(self.images))
                 except WriteError as error:  # a full disk: the previous checkpoint.pt is whole
                     raise WriteError(f"{error}; {self.kept()}") from None
             print(f"\n{self.stopped_by}: saved step {self.completed} to {self.path}; rerun the same command "

@@ -4,6 +4,7 @@ redoes nothing, and the attention measures on backbones whose attention is known
 import functools
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -132,6 +133,24 @@ def test_random_init_is_the_runs_starting_point(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = build(Config(**{**adclr.compare.PRESET, "out": str(tmp_path), "seed": 4}), "cpu").teacher.backbone
     assert not torch.equal(other.state_dict()["pos_embed"], a["pos_embed"])
+
+
+def test_score_passes_on_the_warnings_of_its_quiet_evaluation_once(tmp_path, monkeypatch, capsys):
+    """compare scores quietly (no progress lines), but what the data's warnings say reaches
+    the user, once however many runs it scores."""
+    real = adclr.compare.open_labelled_splits
+
+    def warning_too(*args, **kwargs):
+        print("warning: the data says so", file=sys.stderr)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adclr.compare, "open_labelled_splits", warning_too)
+    cfg = Config(**{**adclr.compare.PRESET, "out": str(tmp_path)})
+    backbone = build(cfg, "cpu").teacher.backbone
+    for _ in range(2):
+        adclr.compare.score(backbone, cfg, images=10, dense_epochs=1)
+    err = capsys.readouterr().err
+    assert err.count("warning: the data says so") == 1 and "dense: probe epoch" not in err
 
 
 def test_compare_refuses_a_comparison_with_itself(tmp_path):

@@ -241,7 +241,12 @@ def test_a_val_class_train_lacks_is_named_with_why(tmp_path):
     with pytest.raises(ValueError, match=r"class 'b' .* is not a class of .*train': .*b' holds no images"):
         ImageFolder(str(tmp_path / "val"), like=train)
     (tmp_path / "val" / "b" / "0.png").unlink()
-    with pytest.raises(ValueError, match="spelt in other Unicode code points"):
+    with pytest.raises(ValueError, match="the same name in other letter case or Unicode code points"):
+        ImageFolder(str(tmp_path / "val"), like=train)
+    (tmp_path / "val" / "cafe\u0301" / "0.png").unlink()
+    (tmp_path / "val" / "A").mkdir()
+    Image.new("RGB", (20, 20)).save(tmp_path / "val" / "A" / "0.png")
+    with pytest.raises(ValueError, match=r"class 'A' .* \(it has 'a': the same name in other letter case"):
         ImageFolder(str(tmp_path / "val"), like=train)
 
 

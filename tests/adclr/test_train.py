@@ -577,8 +577,20 @@ def test_unreadable_image_warned_once_and_counted(tmp_path, capsys):
     assert warnings == [f"warning: skipping unreadable image {bad}: cannot identify image file {bad!r}"]
     counts = [r["skipped_images"] for r in read_metrics(out)]
     assert counts == sorted(counts) and counts[-1] >= 3
-    assert f"| {counts[-1]} samples of unreadable files replaced" in err.splitlines()[-2]
-    assert "adclr train: 1 process(es) on cpu, 4 images in 2 folders, 2 steps/epoch" in err
+    assert f"| {counts[-1]} unreadable files passed over" in err.splitlines()[-2]
+    assert "adclr train: 1 process(es) on cpu, 4 image files in 2 folders, 2 steps/epoch" in err
+
+
+def test_a_resume_says_when_the_data_holds_another_number_of_images(tmp_path, capsys):
+    """The data order is a permutation of the image count: another count, another order."""
+    data = image_folder(tmp_path / "data", per_class=2)
+    argv = ["train", *TINY, "--data", data, "--batch-size", "2", "--out", str(tmp_path / "run"),
+            "--num-local-crops", "0"]
+    assert run([*argv, "--max-steps", "2"], capsys)[0] == 0
+    image_folder(tmp_path / "data", per_class=3)  # one more image in each class
+    status, err = run([*argv, "--max-steps", "4"], capsys)
+    assert status == 0 and "warning: --data holds 6 image files, 4 when" in err
+    assert "from step 2 the images come in another order" in err
 
 
 def test_unreadable_images_counted_across_a_resume(tmp_path, monkeypatch, capsys):
