@@ -10,7 +10,8 @@ bottom) in that image's pixels, fractional or not. Crop j of image b is exactly
     Image.resize((width, height), Image.BICUBIC, box=boxes[b, j])
 
 of image b, mirrored left-right where flips[b, j] is set (as a horizontal flip of the
-crop would). That is antialiased bicubic resampling: Keys' cubic (a = -0.5) stretched
+crop would), each channel resampled on its own as Pillow resamples an "L" or "RGB"
+image (Pillow's "RGBA" and "LA" resizes premultiply by alpha, and differ). That is antialiased bicubic resampling: Keys' cubic (a = -0.5) stretched
 by the downscale factor, so a crop shrunk 10x averages over 40 source pixels, never
 aliasing. All crops of one size take one kernel launch on CUDA.
 
@@ -36,6 +37,7 @@ torch).
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Sequence, Union
 
 import torch
@@ -146,8 +148,9 @@ def _check_packed(images: PackedImages):
                         f"on {getattr(meta, 'device', '?')}")
     if meta.shape[0] == 0:
         raise ValueError("images must hold at least one image")
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+    if isinstance(channels, bool) or not isinstance(channels, numbers.Integral) or channels < 1:
         raise ValueError(f"images.channels must be a positive int, got {channels!r}")
+    channels = int(channels)
     offset, height, width, strides = meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3:]
     bad = (height < 1) | (width < 1) | (offset < 0) | (strides < 0).any(1)
     extent = torch.stack([torch.full_like(height, channels), height, width], 1) - 1
@@ -161,11 +164,11 @@ def _check_packed(images: PackedImages):
 
 
 def _check_size(size):
-    pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+    pair = (size, size) if isinstance(size, numbers.Integral) and not isinstance(size, bool) else size
     if (not isinstance(pair, (tuple, list)) or len(pair) != 2
-            or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in pair)):
+            or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in pair)):
         raise ValueError(f"size must be a positive int or an (height, width) pair of them, got {size!r}")
-    return tuple(pair)
+    return tuple(int(s) for s in pair)
 
 
 def _check_boxes(boxes, sizes, device):

@@ -141,6 +141,9 @@ def dino_pairing(num_student_views, num_teacher_views=2):
     With 2 student views it is ADCLR's query pairing: teacher A teaches student B and
     teacher B student A, half each.
     """
+    for name, n in (("num_student_views", num_student_views), ("num_teacher_views", num_teacher_views)):
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
     terms = sum(v != t for t in range(num_teacher_views) for v in range(num_student_views))
     if terms == 0:
         raise ValueError(f"no pair: {num_teacher_views} teacher view(s) and {num_student_views} "
@@ -180,7 +183,13 @@ MIN_TEMP = torch.finfo(torch.float32).tiny
 
 
 def _check_temp(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a positive finite float, got a tensor (only teacher_temp "
+                        "may be one: a schedule's value on the student's device)")
+    # Comparisons, not math.isfinite: under torch.compile a float argument that changed
+    # between calls becomes a SymFloat (automatic dynamic), which math.isfinite can't trace.
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0
+            or value == math.inf):
         raise ValueError(f"{name} must be a positive finite float, got {value!r}")
     if value < MIN_TEMP:
         raise ValueError(f"{name} must be at least {MIN_TEMP:.3g} (the smallest normal float32; "
@@ -202,7 +211,8 @@ def _teacher_temp_tensor(value, device):
                          f"tensor, got a {value.dtype} tensor of shape {tuple(value.shape)}")
     if value.device != device:
         raise RuntimeError(f"teacher_temp must be on student's device {device}, got {value.device}")
-    return value.detach().to(torch.float64).reshape(())
+    # A copy: the backward reads it again, and a schedule may update it in place in between.
+    return value.detach().to(torch.float64, copy=True).reshape(())
 
 
 def check_inputs(student, teacher, weight, center, pairing, student_temp, teacher_temp,
@@ -306,6 +316,11 @@ def _backward(ctx, grad_loss, *unused):
     (student, teacher, weight, teacher_weight, center, teacher_temp, student_lse, teacher_lse,
      student_grad) = ctx.saved_tensors
     pairing, num_views, student_temp, backend = ctx.args
+    if torch.is_grad_enabled() and any(ctx.needs_input_grad):
+        # create_graph=True: the student gradient is a saved constant and the weight
+        # gradient's op has no autograd, so a second derivative would be silently partial.
+        raise RuntimeError("dino_head_loss has no double backward (create_graph=True); "
+                           "use the unfused loss (adclr_kernels.dino_loss_torch.naive_dino_head_loss)")
     grad_student = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_student = (grad_loss * student_grad).to(student.dtype)
@@ -337,7 +352,7 @@ def dino_head_loss(student, teacher, weight, center, pairing, *, student_temp, t
             `dino_pairing(num_crops)`; row b of a view is paired with row b of another.
         student_temp, teacher_temp: positive floats; teacher_temp may also be a
             one-element tensor on the student's device (a schedule's value: read there,
-            never synchronised, not checked).
+            never synchronised, not checked, and given no gradient).
         teacher_weight: the teacher's last-layer weight (default: the student's weight
             and gain, detached).
         gain, teacher_gain: (out_dim,) weight-norm gains g (default 1: DINO's

@@ -161,6 +161,16 @@ def test_no_crops(backend):
     assert out.shape == (1, 0, 3, 8, 8)
 
 
+def test_numpy_integers_are_taken_where_ints_are():
+    import numpy as np
+
+    args = good()
+    plain = crop_resize(args["images"], args["boxes"], 4)
+    packed = pack_images(args["images"])
+    numpy_args = crop_resize(packed._replace(channels=np.int64(3)), args["boxes"], (np.int64(4), np.int32(4)))
+    assert torch.equal(numpy_args, plain)
+
+
 # ------------------------------------------------------------------------- bad input
 
 def good():

@@ -98,6 +98,8 @@ def test_dino_pairing():
     assert sum(map(sum, m)) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no pair"):
         dino_pairing(1, 1)
+    with pytest.raises(ValueError, match="num_student_views must be a non-negative int, got 2.5"):
+        dino_pairing(2.5)
 
 
 def _call(dtype=torch.float32, **overrides):
@@ -134,6 +136,7 @@ def _call(dtype=torch.float32, **overrides):
     (dict(teacher_temp=torch.tensor([0.04, 0.07])), ValueError, r"one-element floating-point tensor, got a "
                                                                 r"torch.float32 tensor of shape \(2,\)"),
     (dict(teacher_temp=torch.tensor(1)), ValueError, "one-element floating-point tensor"),
+    (dict(student_temp=torch.tensor(0.1)), TypeError, "got a tensor \\(only teacher_temp may be one"),
     (dict(teacher=torch.zeros(6, 16, dtype=torch.float64)), TypeError, "must share one dtype"),
     (dict(backend="cuda"), ValueError, "backend must be one of"),
 ])
@@ -150,6 +153,18 @@ def test_numpy_scalars_are_taken_where_floats_are():
     numpy_args = _call(student_temp=np.float32(0.1), teacher_temp=np.float32(0.04),
                        pairing=[[np.float32(w) for w in row] for row in dino_pairing(2)])
     assert torch.allclose(numpy_args[0], plain[0], rtol=1e-6)
+
+
+def test_a_tensor_teacher_temp_updated_in_place_before_backward_leaves_the_gradient():
+    """A schedule's tensor updated in place between forward and backward (as the centre
+    is): the backward reads the value the forward used."""
+    temp = torch.tensor(0.04, dtype=torch.float64, device=DEVICE)
+    student = make_loss_inputs(3, 2, 16, 100)["student"].float().to(DEVICE).requires_grad_()
+    (expected,) = torch.autograd.grad(_call(student=student, teacher_temp=0.04)[0], student)
+    loss = _call(student=student, teacher_temp=temp)[0]
+    temp.fill_(0.07)
+    (grad,) = torch.autograd.grad(loss, student)
+    torch.testing.assert_close(grad, expected)
 
 
 def test_autocast_leaves_float64_inputs_as_they_are():
@@ -262,3 +277,34 @@ def test_torch_compile_fullgraph(compile_backend):
     torch.testing.assert_close(mean, eager_mean)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_fullgraph_with_a_float_temperature_that_changes():
+    """DINO's warm-up schedule passes teacher_temp as a Python float that changes every
+    epoch: torch.compile's automatic dynamic then makes it a SymFloat at the second
+    value, and the checks must trace it (math.isfinite cannot)."""
+    torch.manual_seed(0)
+    inputs = _inputs()
+    student = inputs["student"].requires_grad_()
+
+    def step(student, teacher_temp, student_temp):
+        return dino_head_loss(student, inputs["teacher"], inputs["weight"], inputs["center"], dino_pairing(2),
+                              student_temp=student_temp, teacher_temp=teacher_temp, backend="torch")[0]
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for teacher_temp, student_temp in ((0.04, 0.1), (0.05, 0.1), (0.06, 0.2)):
+        torch.testing.assert_close(compiled(student, teacher_temp, student_temp),
+                                   step(student, teacher_temp, student_temp))
+    torch._dynamo.reset()
+
+
+def test_double_backward_raises_instead_of_dropping_the_second_derivative():
+    """create_graph=True: the student gradient is a constant saved by the forward, so a
+    gradient penalty through it would silently lose the op's Hessian; raise instead."""
+    inputs = _inputs()
+    student = inputs["student"].requires_grad_()
+    loss, _ = dino_head_loss(student, inputs["teacher"], inputs["weight"], inputs["center"], dino_pairing(2),
+                             student_temp=0.1, teacher_temp=0.04, backend="torch")
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss, student, create_graph=True)
