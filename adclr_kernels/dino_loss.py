@@ -244,8 +244,9 @@ def check_inputs(student, teacher, weight, center, pairing, student_temp, teache
     if center.shape not in ((num_cols,), (1, num_cols)):
         raise ValueError(f"center must have shape ({num_cols},) or (1, {num_cols}), got {tuple(center.shape)}")
     for name, g in (("gain", gain), ("teacher_gain", teacher_gain)):
-        if g is not None and g.shape != (num_cols,):
-            raise ValueError(f"{name} must have shape ({num_cols},) (one per prototype), got {tuple(g.shape)}")
+        if g is not None and g.shape not in ((num_cols,), (num_cols, 1)):
+            raise ValueError(f"{name} must have shape ({num_cols},) or ({num_cols}, 1) (one per prototype, "
+                             f"as weight_norm's weight_g), got {tuple(g.shape)}")
     if teacher_gain is not None and teacher_weight is None:
         raise ValueError("teacher_gain needs teacher_weight; without it the teacher uses the "
                          "student's weight and gain")
@@ -355,7 +356,7 @@ def dino_head_loss(student, teacher, weight, center, pairing, *, student_temp, t
             never synchronised, not checked, and given no gradient).
         teacher_weight: the teacher's last-layer weight (default: the student's weight
             and gain, detached).
-        gain, teacher_gain: (out_dim,) weight-norm gains g (default 1: DINO's
+        gain, teacher_gain: (out_dim,) or (out_dim, 1) weight-norm gains g (default 1: DINO's
             norm_last_layer); gain gets a gradient, teacher_gain goes with teacher_weight.
         backend: "auto" (Triton on CUDA, chunked PyTorch elsewhere), "triton" or "torch".
 
@@ -386,6 +387,8 @@ def dino_head_loss(student, teacher, weight, center, pairing, *, student_temp, t
                                 f"{dtype}, {name} is {t.dtype}")
     backend = resolve(backend, student, known=DINO_LOSS_BACKENDS, fallback="torch", dtype=dtype,
                       dim_name="dim")
+    gain = None if gain is None else gain.reshape(-1)
+    teacher_gain = None if teacher_gain is None else teacher_gain.reshape(-1)
     w = effective_weight(weight, gain)
     if teacher_weight is None:
         w_t = w.detach()

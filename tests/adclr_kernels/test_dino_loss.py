@@ -120,7 +120,7 @@ def _call(dtype=torch.float32, **overrides):
     (dict(weight=torch.zeros(0, 16)), ValueError, "weight must have a non-empty shape"),
     (dict(teacher_weight=torch.zeros(99, 16)), ValueError, "teacher_weight must have weight's shape"),
     (dict(center=torch.zeros(2, 100)), ValueError, r"center must have shape \(100,\) or \(1, 100\)"),
-    (dict(gain=torch.ones(100, 1)), ValueError, r"gain must have shape \(100,\)"),
+    (dict(gain=torch.ones(1, 100)), ValueError, r"gain must have shape \(100,\) or \(100, 1\)"),
     (dict(teacher_gain=torch.ones(99)), ValueError, r"teacher_gain must have shape \(100,\)"),
     (dict(teacher_gain=torch.ones(100)), ValueError, "teacher_gain needs teacher_weight"),
     (dict(student=torch.zeros(5, 16)), ValueError, "multiples of those counts"),
@@ -308,3 +308,14 @@ def test_double_backward_raises_instead_of_dropping_the_second_derivative():
                              student_temp=0.1, teacher_temp=0.04, backend="torch")
     with pytest.raises(RuntimeError, match="no double backward"):
         torch.autograd.grad(loss, student, create_graph=True)
+
+
+def test_a_gain_of_shape_out_dim_by_1_is_weight_norms_weight_g():
+    """nn.utils.weight_norm's weight_g and NormalizedLinear's gain are (out_dim, 1)."""
+    gain = torch.rand(100, device=DEVICE) + 0.5
+    flat, column = gain.clone().requires_grad_(), gain.clone()[:, None].requires_grad_()
+    losses = [_call(gain=g)[0] for g in (flat, column)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    grads = [torch.autograd.grad(loss, g)[0] for loss, g in zip(losses, (flat, column))]
+    assert grads[1].shape == (100, 1)
+    torch.testing.assert_close(grads[1][:, 0], grads[0], rtol=0, atol=0)
