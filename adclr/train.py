@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
 from .checkpoint import (LOCK, CheckpointError, FolderInUse, WriteError, all_rng_states, check_resumable, copy_atomically,
-                         folder_lock, load_checkpoint, make_folder, not_a_file, restore, rng_states, save_checkpoint,
+                         folder_lock, load_checkpoint, make_folder, not_a_file, restore, save_checkpoint,
                          set_rng_states, why_not_written, write_atomically, write_json_atomically)
 from .config import ALLOWED, WHOLE_STEP_FP16, config_errors, value_error
 from .data import (Augment, DeviceCrops, ImageFolder, decode_mode, open_dataset, replacement, train_loader,
@@ -702,6 +702,8 @@ def _train(cfg, rank, world, device):
             print(f"warning: --data holds {len(images)} image files, {saved} when {path} was saved: from step "
                   f"{start} the images come in another order than in a run that had not stopped", file=sys.stderr)
         del checkpoint  # its tensors are copied into the trainer: free them before the loop
+    if main and start:
+        _write_a_missing_snapshot(cfg, path, start, steps_per_epoch)
     total = trainer.total_steps
     if start >= total:  # before config.json is written: it keeps describing the run as trained
         if main:
@@ -716,6 +718,32 @@ def _train(cfg, rank, world, device):
     return total
 
 
+def _snapshot_path(cfg, step, steps_per_epoch):
+    """OUT/checkpointNNNN.pt when step `step` keeps a numbered snapshot, else None."""
+    if cfg.saveckp_freq and step % (cfg.saveckp_freq * steps_per_epoch) == 0:
+        return os.path.join(cfg.out, f"checkpoint{step // steps_per_epoch:04d}.pt")
+    return None
+
+
+def _write_a_missing_snapshot(cfg, path, start, steps_per_epoch):
+    """The numbered snapshot of step `start`, when checkpoint.pt holds that step and the
+    snapshot is not there: a run stopped (a kill, a full disk) between writing checkpoint.pt
+    and copying it. The resumed run starts after that step, so it would never write it."""
+    snapshot = _snapshot_path(cfg, start, steps_per_epoch)
+    if snapshot and not os.path.lexists(snapshot):
+        copy_atomically(path, snapshot)
+        print(f"wrote {snapshot}, the snapshot of step {start} a stopped run left unwritten", file=sys.stderr)
+
+
+def _latest_snapshot(out):
+    """The numbered snapshot of `out` with the most epochs, or None."""
+    try:
+        names = [n for n in os.listdir(out) if re.fullmatch(r"checkpoint\d+\.pt", n)]
+    except OSError:
+        return None
+    return os.path.join(out, max(names, key=lambda n: int(n[10:-3]))) if names else None
+
+
 def _open_checkpoint(cfg, path):
     """The checked checkpoint of the run in --out, or None for a new run; SystemExit when it
     is unusable or was written with other settings."""
@@ -724,7 +752,10 @@ def _open_checkpoint(cfg, path):
     try:
         checkpoint = load_checkpoint(path)
     except CheckpointError as error:
-        raise SystemExit(f"error: {error}; {START_OVER}") from None
+        snapshot = _latest_snapshot(cfg.out)
+        fallback = (f"copy the last numbered snapshot over it to resume from there (cp {snapshot} {path}), "
+                    if snapshot else "")
+        raise SystemExit(f"error: {error}; {fallback}{START_OVER}") from None
     check_resumable(cfg, checkpoint["config"])
     return checkpoint
 
@@ -758,6 +789,12 @@ def _resume(trainer, checkpoint, path, rank, world):
         restore(trainer, checkpoint, path)
     except CheckpointError as error:  # names or shapes not the config's model
         raise SystemExit(f"error: {error}; {START_OVER}") from None
+    if len(checkpoint["rng"]) != world and rank == 0:
+        saved = len(checkpoint["rng"])
+        print(f"note: {path} was written by {saved} process{'es' * (saved != 1)}, resumed by {world}: "
+              f"the step ({checkpoint['step']}), the data order and the schedules carry over (--batch-size is "
+              "the total); the augmentations' random draws differ from a run that had not stopped",
+              file=sys.stderr)
     if len(checkpoint["rng"]) == world:
         try:
             set_rng_states(checkpoint["rng"][rank])
@@ -829,9 +866,12 @@ class Run:
         self.logger = Logger(self.cfg.out, self.main, start)
         # warned: unreadable files already reported; skipped: counted since the run began
         self.images, self.warned, self.skipped = loader.dataset.base, set(), skipped
+        self.skipped_here = 0  # under DDP: this process's since the count was last summed (sum_skipped)
         self.bad = torch.zeros((), dtype=torch.bool, device=trainer.device)  # any loss not finite, on the device
         self.completed = self.last_good = self.saved = start  # saved: the step of checkpoint.pt, 0 = none
         self.in_step = self.stop_asked = False  # stop_asked: Ctrl-C inside a step, which then ends it
+        self.signalled = False  # under DDP: this process got a SIGTERM or SIGINT (stop_asked: all agreed)
+        self.stop_group = dist.new_group(backend="gloo") if world > 1 else None  # agree_on_a_stop's
         self.stopping = False  # the run is stopping: what is left is its save and its exit
         self.stopped_by = "interrupted"  # or "terminated" (SIGTERM): the stop's message and exit code
         self.in_save = False  # writing a checkpoint: a Ctrl-C waits for the write
@@ -847,6 +887,9 @@ class Run:
         previous = self.finish_the_step_on_a_stop()
         try:
             for step in range(self.completed, self.trainer.total_steps):
+                if self.world > 1 and self.agree_on_a_stop():
+                    self.stopping = True
+                    raise KeyboardInterrupt
                 asked = time.perf_counter()
                 raw = next(data)
                 self.data_wait += time.perf_counter() - asked
@@ -871,8 +914,10 @@ class Run:
         one stops at once. Returns {signal: the handler to put back}: a single process's main
         thread only (under DDP the launcher owns the signals, and a save needs every process),
         and a SIGTERM nobody else handles."""
-        if self.world != 1 or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return {}
+        if self.world != 1:
+            return self.mark_a_stop_under_ddp()
 
         def on_stop(signum, frame):
             if signum == signal.SIGTERM:
@@ -912,6 +957,47 @@ class Run:
             signal.signal(signum, on_stop)
         return previous
 
+    def mark_a_stop_under_ddp(self):
+        """Under torchrun: SIGTERM (a scheduler's preemption, which torchrun passes on to every
+        process, or one process's own) or SIGINT (torchrun's Ctrl-C) only marks the stop; after
+        each step the processes agree on it (`agree_on_a_stop`), then save together and stop.
+        Raised where it lands, it would end one process mid-step and the rest with it, keeping
+        only the last checkpoint. A second one on a process stops it at once. Returns
+        {signal: the handler to put back}, as finish_the_step_on_a_stop."""
+        def on_stop(signum, frame):
+            if signum == signal.SIGTERM:
+                self.stopped_by = "terminated"
+            if self.signalled and not self.stopping and not self.in_save:
+                raise KeyboardInterrupt  # the second: at once (no save: the others are not here)
+            if not self.signalled and self.main:
+                print(f"\n{self.stop_name(signum)}: every process stops after this step, then saves it",
+                      file=sys.stderr, flush=True)
+            self.signalled = True
+
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler is signal.SIG_IGN or handler is None or (
+                    signum == signal.SIGTERM and handler is not signal.SIG_DFL):
+                continue
+            previous[signum] = handler
+            signal.signal(signum, on_stop)
+        return previous
+
+    def agree_on_a_stop(self):
+        """Under DDP, before each step: whether any process was asked to stop (then every
+        process stops here, after the same step; SIGTERM on any makes it a termination).
+        The flag goes through a CPU (gloo) group: the GPUs' stream never waits for it, and
+        no batch is asked for after the stop."""
+        asked = 0 if not self.signalled else 2 if self.stopped_by == "terminated" else 1
+        flag = torch.tensor([asked], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.stop_group)
+        agreed = int(flag[0])
+        if agreed == 2:
+            self.stopped_by = "terminated"
+        self.stop_asked = agreed > 0
+        return self.stop_asked
+
     @staticmethod
     def stop_name(signum):
         return "interrupt" if signum == signal.SIGINT else "SIGTERM"
@@ -928,12 +1014,15 @@ class Run:
         # resume that redoes the step would count them again.
         self.bad |= ~torch.isfinite(metrics["loss"])
         done = self.completed = step + 1
-        self.skipped += skipped
+        if self.world == 1:
+            self.skipped += skipped
+        else:  # summed over the processes where every process logs or saves (sum_skipped)
+            self.skipped_here += skipped
         self.in_step = False
         self.images_since += cfg.batch_size
         if done % cfg.log_every == 0 or done == total:
             self.log(done, metrics)
-        snapshot = cfg.saveckp_freq and done % (cfg.saveckp_freq * self.trainer.steps_per_epoch) == 0
+        snapshot = _snapshot_path(cfg, done, self.trainer.steps_per_epoch)
         if done % cfg.checkpoint_every == 0 or done == total or snapshot:
             self.checkpoint(done, snapshot)
 
@@ -958,9 +1047,20 @@ class Run:
         raise SystemExit(f"error: --data {self.cfg.data}: {what} {path} ({images.error(first)}); "
                          "is it a folder of images? (move what cannot be read out of it)")
 
+    def sum_skipped(self):
+        """Under DDP, add every process's unreadable files since the last sum to the run's count
+        (a collective: log, checkpoint and the agreed stop call it on every process at the same
+        step); the count logged and saved was rank 0's alone."""
+        if self.world > 1:
+            here = torch.tensor([self.skipped_here], dtype=torch.int64, device=self.trainer.device)
+            dist.all_reduce(here)
+            self.skipped += int(here.item())
+            self.skipped_here = 0
+
     def log(self, done, metrics):
         """The record of the run after `done` steps: losses, schedules, throughput."""
         self.check_finite(done)
+        self.sum_skipped()
         elapsed = time.perf_counter() - self.t0
         t, cfg = self.trainer, self.cfg
         sched = t.schedule(done - 1)  # the values the last step used
@@ -999,6 +1099,7 @@ class Run:
         """Write checkpoint.pt at step `done` (every process's RNG state in it), and the
         numbered snapshot when one is due."""
         self.check_finite(done)
+        self.sum_skipped()
         rng = all_rng_states(self.world)
         with self.saving():
             if self.main:
@@ -1008,8 +1109,7 @@ class Run:
                     raise WriteError(f"{error}; {self.kept()}") from None
             self.saved = done
             if snapshot and self.main:  # a numbered copy that later checkpoints do not replace
-                epochs = done // self.trainer.steps_per_epoch
-                copy_atomically(self.path, os.path.join(self.cfg.out, f"checkpoint{epochs:04d}.pt"))
+                copy_atomically(self.path, snapshot)
 
     def kept(self):
         """What a rerun resumes from, for the message of a write that failed."""
@@ -1041,18 +1141,30 @@ class Run:
 
     def save_interrupted(self):
         """Keep the steps done, unless the interrupt hit inside a step (half-updated state)
-        or a loss went bad. A single process only: under DDP a checkpoint gathers every
-        process's RNG state, a collective that interrupted processes cannot join."""
-        if self.world == 1 and not self.in_step and self.completed > self.saved and not self.bad.item():
+        or a loss went bad. Under DDP only a stop the processes agreed on (`agree_on_a_stop`),
+        not a second signal on one of them: the checkpoint gathers every process's RNG state,
+        a collective they must all join."""
+        if self.in_step or (self.world > 1 and not self.stopping):
+            return
+        if self.completed > self.saved:
+            bad = self.bad.clone()
+            if self.world > 1:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():
+                return
+            self.sum_skipped()
+            rng = all_rng_states(self.world)
             with self.saving():
-                try:
-                    save_checkpoint(self.trainer, self.path, self.completed, [rng_states()], self.skipped,
-                                    len(self.images))
-                except WriteError as error:  # a full disk: the previous checkpoint.pt is whole
-                    raise WriteError(f"{error}; {self.kept()}") from None
-            print(f"\n{self.stopped_by}: saved step {self.completed} to {self.path}; rerun the same command "
-                  "to resume", file=sys.stderr)
-        elif self.stop_asked and not self.in_step and self.completed == self.saved:
-            # the finished step was a checkpoint step
+                if self.main:
+                    try:
+                        save_checkpoint(self.trainer, self.path, self.completed, rng, self.skipped,
+                                        len(self.images))
+                    except WriteError as error:  # a full disk: the previous checkpoint.pt is whole
+                        raise WriteError(f"{error}; {self.kept()}") from None
+            self.saved = self.completed
+            if self.main:
+                print(f"\n{self.stopped_by}: saved step {self.completed} to {self.path}; rerun the same command "
+                      "to resume", file=sys.stderr)
+        elif self.stop_asked and self.main:  # the finished step was a checkpoint step
             print(f"\n{self.stopped_by}: step {self.completed} is saved in {self.path}; rerun the same command "
                   "to resume", file=sys.stderr)

@@ -186,3 +186,88 @@ def test_the_command_line_under_torchrun_ends_with_the_demo_line(tmp_path):
     assert "teacher" in (tmp_path / "rank0.err").read_text().splitlines()[-1]
     assert "k-NN" not in (tmp_path / "rank1.err").read_text()
 
+
+
+def sigterm_worker(rank, world, argv, port, results):
+    """cli_worker, with SIGTERM sent to rank 1 alone inside its third step (as SLURM or a
+    container runtime stops one process, or torchrun passes its own SIGTERM on)."""
+    import signal
+
+    import adclr.train
+
+    real_step = adclr.train.train_step
+
+    def step_with_a_sigterm(trainer, batch, step):
+        if step == 2 and rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(trainer, batch, step)
+
+    adclr.train.train_step = step_with_a_sigterm
+    cli_worker(rank, world, argv, port, results)
+
+
+def test_sigterm_under_torchrun_saves_the_finished_step_on_every_process(tmp_path):
+    """SIGTERM to one process of a DDP run, inside its third step: every process finishes
+    that step, its checkpoint is written, and each exits 143. It used to kill that process mid-step
+    (the others then hung in the next all-reduce until torchrun ended them), keeping only
+    the last checkpoint: here none at all."""
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--arch", "vit_test", "--patch-size", "8", "--image-size", "32",
+            "--local-size", "16", "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "64",
+            "--batch-size", "8", "--max-steps", "8", "--checkpoint-every", "100", "--num-workers", "0",
+            "--log-every", "1", "--device", "cpu"]
+    context = mp.spawn(sigterm_worker, args=(2, argv, port, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    try:
+        while not context.join(timeout=1):
+            assert time.monotonic() < deadline, "a process hung"
+    except mp.ProcessExitedException as error:
+        pytest.fail(f"a process died: {error}")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["143", "143"]
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+    err = (tmp_path / "rank0.err").read_text()
+    assert f"terminated: saved step 3 to {out / 'checkpoint.pt'}; rerun the same command to resume" in err
+
+
+def test_unreadable_files_are_counted_over_every_process(tmp_path):
+    """metrics.jsonl, the progress line and the checkpoint count the unreadable files every
+    process passed over, as one process running the same samples does; they counted rank 0's."""
+    from PIL import Image
+
+    from adclr.cli import main
+
+    data = tmp_path / "data"
+    for i in range(16):
+        (data / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        path = data / "ab"[i % 2] / f"{i}.png"
+        if i % 4 == 0:
+            path.write_bytes(b"not an image")
+        else:
+            Image.new("RGB", (40, 30), (10 * i, 100 * (i % 2), 50)).save(path)
+    argv = ["train", "--data", str(data), "--arch", "vit_test", "--patch-size", "8", "--image-size", "32",
+            "--local-size", "16", "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "64",
+            "--batch-size", "8", "--max-steps", "4", "--num-workers", "0", "--log-every", "1", "--device", "cpu"]
+    main(argv + ["--out", str(tmp_path / "one")])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(cli_worker, args=(2, argv + ["--out", str(tmp_path / "two")], port, str(tmp_path)), nprocs=2, join=True)
+    counts = {}
+    for run in ("one", "two"):
+        with open(tmp_path / run / "metrics.jsonl") as f:
+            logged = [json.loads(line)["skipped_images"] for line in f]
+        saved = torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)["skipped_images"]
+        counts[run] = (logged[-1], saved)
+    assert counts["one"][0] > 0 and counts["two"] == counts["one"]

@@ -889,3 +889,50 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path, monkeypatch, capsys):
     assert status == 1 and "Traceback" not in err and "During handling" not in err
     assert err.splitlines()[-1] == (f"error: cannot write {path}: no space left on device (the disk mounted at "
                                     f"{mount} is full); no checkpoint was written yet; make room, then rerun")
+
+
+def _run_with_snapshots(tmp_path, max_steps):
+    """A TINY run on 8 images, batch 4: 2 steps per epoch, a snapshot every epoch."""
+    data = image_folder(tmp_path / "data", per_class=4)
+    out = str(tmp_path / "run")
+    return out, ["train", *TINY, "--data", data, "--out", out, "--max-steps", str(max_steps),
+                 "--saveckp-freq", "1", "--checkpoint-every", "100"]
+
+
+def test_a_snapshot_a_kill_left_unwritten_is_written_on_resume(tmp_path, capsys):
+    """A kill between the rename of checkpoint.pt and the end of the numbered snapshot's
+    copy (its .tmp is removed on resume): the resumed run starts after that step, so the
+    snapshot used to be missing for good."""
+    out, argv = _run_with_snapshots(tmp_path, 2)
+    assert run(argv, capsys)[0] == 0
+    os.replace(os.path.join(out, "checkpoint0001.pt"), os.path.join(out, f"checkpoint0001.pt.{os.getpid()}.tmp"))
+    argv[len(argv) - 1 - argv[::-1].index("--max-steps") + 1] = "4"  # the last one given
+    status, err = run(argv, capsys)
+    assert status == 0, err
+    assert f"wrote {os.path.join(out, 'checkpoint0001.pt')}, the snapshot of step 2" in err
+    assert load_checkpoint(os.path.join(out, "checkpoint0001.pt"))["step"] == 2
+    assert load_checkpoint(os.path.join(out, "checkpoint0002.pt"))["step"] == 4
+
+
+def test_a_corrupt_checkpoint_names_the_snapshot_to_resume_from(tmp_path, capsys):
+    out, argv = _run_with_snapshots(tmp_path, 5)
+    assert run(argv, capsys)[0] == 0
+    path = os.path.join(out, "checkpoint.pt")
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    status, err = run(argv, capsys)
+    snapshot = os.path.join(out, "checkpoint0002.pt")
+    assert status == 1 and err.splitlines()[-1].startswith(f"error: {path} is unreadable")
+    assert f"copy the last numbered snapshot over it to resume from there (cp {snapshot} {path})" in err
+
+
+def test_a_resume_on_another_number_of_processes_says_so(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["train", *TINY, "--out", out, "--max-steps", "2"]
+    assert run(argv, capsys)[0] == 0
+    path = os.path.join(out, "checkpoint.pt")
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "rng": state["rng"] * 2}, path)  # as two processes write it
+    status, err = run(argv[:-1] + ["3"], capsys)
+    assert status == 0, err
+    assert f"note: {path} was written by 2 processes, resumed by 1: the step (2)" in err
