@@ -71,7 +71,7 @@ def write_atomically(path, write):
     """Call write(f) on a new binary file beside `path`'s target, then rename it over that target.
 
     A reader, or a run killed mid-write, sees the old file or the new one, never half of
-    one. A link is written through to the file it points to; an existing file keeps its
+    one; the new one is on disk (fsync) before it replaces the old. A link is written through to the file it points to; an existing file keeps its
     permissions, a new one gets the umask's; a folder or device is never replaced. On any
     failure the partial file is removed; WriteError (naming `path`) when the system
     refuses the write: a full disk, no permission.
@@ -84,9 +84,14 @@ def write_atomically(path, write):
     try:
         with open(tmp, "wb") as f:
             write(f)
+            # On disk before the rename: after a machine's crash (not a process's) a file
+            # system may keep the rename and lose the data, leaving an empty checkpoint.pt.
+            f.flush()
+            os.fsync(f.fileno())
         if os.path.exists(real):
             os.chmod(tmp, stat.S_IMODE(os.stat(real).st_mode))
         os.replace(tmp, real)
+        _sync_folder(os.path.dirname(real))
     except BaseException as error:  # Ctrl-C too: leave no partial file behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -94,6 +99,16 @@ def write_atomically(path, write):
         if cause is None:
             raise
         raise WriteError(why_not_written(path, cause)) from None
+
+
+def _sync_folder(folder):
+    """Put a rename in `folder` on disk (where the system lets a folder be opened and synced)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def not_a_file(path):
@@ -140,8 +155,10 @@ def make_folder(folder, flag="--out"):
         os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
+        resume = os.path.exists(os.path.join(folder, "checkpoint.pt"))
         raise SystemExit(f"error: {flag} {folder} is not writable ({error.strerror or error}); "
-                         f"choose another {flag}") from None
+                         + ("it holds a run: make it writable to resume it, or choose another "
+                            f"{flag} to start over" if resume else f"choose another {flag}")) from None
 
 
 def _dangling_link(folder):

@@ -108,8 +108,9 @@ def make_config(given):
         if chosen:
             why = ("the run in --out ran with them" if saved is not None and not is_demo(cfg)
                    else "built-in data and no GPU")
-            print(f"{why}: quick demo settings (any flag overrides them): {json.dumps(chosen)}",
-                  file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":
+                print(f"{why}: quick demo settings (any flag overrides them): {json.dumps(chosen)}",
+                      file=sys.stderr)
     return cfg, demo
 
 
@@ -315,6 +316,10 @@ def main(argv=None):
     """Run a command. What a user must fix ends in one "error:" line (exit 1), Ctrl-C, once
     a job has kept what it can, in the shell's 130; neither in a traceback."""
     args = build_parser().parse_args(argv)
+    if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Each process would run the whole job, on one device, and write the same files.
+        args.parser.error(f"adclr {args.command} runs in one process: run it without torchrun "
+                          "(only adclr train is distributed)")
     try:
         args.handler(args)
     except KeyboardInterrupt:
@@ -360,7 +365,7 @@ def run_train(args):
     # Said, not refused: a run that was started with one resumes with the same command.
     ignored = [f"--{flag.replace('_', '-')}" for flag, method in METHOD_FLAGS.items()
                if flag in given and cfg.method != method]
-    if ignored:
+    if ignored and os.environ.get("RANK", "0") == "0":
         print(f"note: {', '.join(ignored)} {'has' if len(ignored) == 1 else 'have'} no effect with "
               f"--method {cfg.method} (docs/methods.md)", file=sys.stderr)
     step = _run_job(train.train, cfg)  # the step of the checkpoint the run leaves in --out

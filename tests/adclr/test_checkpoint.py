@@ -308,6 +308,28 @@ def test_write_atomically_leaves_the_old_file_and_no_partial_one(stop, tmp_path)
     assert os.listdir(tmp_path) == ["file"] and path.read_bytes() == b"old"
 
 
+def test_write_atomically_syncs_the_new_file_before_it_replaces_the_old(tmp_path, monkeypatch):
+    """A machine's crash after the rename must not leave an empty file where the old one
+    was: the data reach the disk first, the folder's rename after."""
+    path, events = tmp_path / "file", []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd))
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append(("replace", str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_atomically(str(path), lambda f: f.write(b"new"))
+    assert [kind for kind, _ in events] == ["fsync", "replace", "fsync"] and path.read_bytes() == b"new"
+    if os.path.exists("/proc/self/fd"):
+        assert events[0][1].endswith(".tmp") and events[2][1] == str(tmp_path)
+
+
 @pytest.mark.parametrize("kind", ["a folder", "a device", "a special file"])
 def test_write_atomically_never_replaces_what_is_not_a_file(kind, tmp_path):
     """As root, --out /dev/full replaced the device node."""

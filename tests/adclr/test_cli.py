@@ -926,3 +926,36 @@ def test_compare_and_sweep_help_shows_their_preset(command, preset, capsys):
     assert "checkpoint.pt, metrics.jsonl" not in text and f"{command}.md, {command}.json" in text
     if command == "sweep":
         assert "--teacher-temp TEACHER_TEMP (default: 0.02; without --vary swept over 0.02,0.04" in text
+
+
+@pytest.mark.parametrize("argv", [["eval", "knn", "--checkpoint", "run/checkpoint.pt"], ["compare", "--out", "cmp"],
+                                  ["show", "curves", "run"], ["export", "--checkpoint", "run/checkpoint.pt", "--out", "b.safetensors"]])
+def test_only_train_runs_under_torchrun(argv, monkeypatch, capsys):
+    """Under torchrun every process would run the whole job on one device and write the
+    same files: the other commands say so before any work."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    status, err = run(argv, capsys)
+    assert status == 2 and err.splitlines()[-1].endswith(
+        f"error: adclr {argv[0]} runs in one process: run it without torchrun (only adclr train is distributed)")
+
+
+def test_a_read_only_run_folder_says_to_make_it_writable_to_resume(tmp_path, monkeypatch):
+    """Advising another --out there would start the run over."""
+    import errno
+    import tempfile
+
+    from adclr import checkpoint
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    fresh, run_folder = tmp_path / "fresh", tmp_path / "run"
+    fresh.mkdir()
+    run_folder.mkdir()
+    (run_folder / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"\(Read-only file system\); choose another --out$"):
+        checkpoint.make_folder(str(fresh))
+    with pytest.raises(SystemExit, match=r"\(Read-only file system\); it holds a run: make it writable to "
+                                         r"resume it, or choose another --out to start over$"):
+        checkpoint.make_folder(str(run_folder))
