@@ -151,8 +151,12 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="adclr", description="ADCLR self-supervised ViT pretraining")
     commands = parser.add_subparsers(dest="command", required=True)
     # The one-line usage: the full one lists ~40 flags and would bury a one-line error.
-    train_parser = commands.add_parser("train", help="pretrain (resumes when --out holds a checkpoint)",
-                                       usage="adclr train [--flag VALUE ...]  (adclr train --help lists them)")
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items())
+    train_parser = commands.add_parser(
+        "train", help="pretrain (resumes when --out holds a checkpoint)",
+        usage="adclr train [--flag VALUE ...]  (adclr train --help lists them)",
+        description=f"The defaults below are the paper's. With the built-in data and no GPU (the demo), "
+                    f"every flag not given takes the demo's setting instead: {demo}.")
     add_config_flags(train_parser)
     train_parser.set_defaults(handler=run_train, parser=train_parser)
     _add_eval_parser(commands)

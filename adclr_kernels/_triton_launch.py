@@ -14,9 +14,8 @@ keyword arguments (constexprs and launch options) by type and value, the current
 and the compile options Triton reads from its knobs. The first launch of a key, and any
 launch with a pre-run hook, a stages-inspection hook or `warmup`, takes Triton's own
 path; so does a kernel compiled under the interpreter, which is not a plain
-`JITFunction`. The launcher is called as `JITFunction.run` calls it (Triton 3.6 to 3.9).
-`ADCLR_FAST_LAUNCH=0` in the environment leaves every kernel on Triton's own path (for a
-Triton whose internals differ).
+`JITFunction`. The launcher is called as `JITFunction.run` calls it (Triton 3.6 to 3.9); an older Triton, whose internals differ,
+keeps every kernel on its own path, as `ADCLR_FAST_LAUNCH=0` in the environment does.
 """
 
 from __future__ import annotations
@@ -25,11 +24,14 @@ import operator
 import os
 
 import torch
+import triton
 from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 _LIMIT = 1024  # keys per kernel before the table starts over (a sweep of shapes)
+# The launcher's calling convention and the knobs the key reads, as in Triton 3.6 to 3.9.
+_TESTED = tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 6)
 
 
 _DTYPE, _DATA_PTR = operator.attrgetter("dtype"), operator.methodcaller("data_ptr")
@@ -104,7 +106,7 @@ class FastLaunchFunction(JITFunction):
 def fast_launch(kernel):
     """`kernel`, launching its compiled specializations directly after their first
     launch; unchanged unless it is a plain `JITFunction` (the interpreter's kernels are not)."""
-    if type(kernel) is JITFunction and os.environ.get("ADCLR_FAST_LAUNCH", "1") != "0":
+    if type(kernel) is JITFunction and _TESTED and os.environ.get("ADCLR_FAST_LAUNCH", "1") != "0":
         kernel.__class__ = FastLaunchFunction
         kernel._launches, kernel._splits = {}, {}
     return kernel

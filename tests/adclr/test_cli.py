@@ -397,6 +397,18 @@ def test_help_states_the_batch_convention_and_the_momentum_hint(capsys):
     assert "--no-norm-last-layer" in text and "--precision" in text and "--saveckp-freq" in text
 
 
+def test_train_help_names_the_demo_settings_that_replace_its_defaults(capsys):
+    """`adclr train --help` lists the paper's defaults; on CPU with the built-in data the
+    demo's presets replace them, and the help says which, so --arch vit_small is not
+    what a user expects there."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
+    assert "(thedemo)" in text
+    for key, value in DEMO.items():
+        assert f"--{key.replace('_', '-')}{value}," in text or f"--{key.replace('_', '-')}{value}." in text
+
+
 # --------------------------------------------------------------------------- user errors
 
 
