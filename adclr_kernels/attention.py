@@ -16,12 +16,15 @@ import numbers
 
 import torch
 
-from . import attention_torch, attention_triton
-from .attention_triton import (triton_attention, triton_qkvpacked_attention, varlen_schedule,
-                               varlen_tables)
-from .backends import FLOAT_DTYPES, resolve
+from . import attention_torch
+from .backends import FLOAT_DTYPES, TRITON_INSTALLED, resolve
 from .mask import QueryMask
 from .varlen import VarlenLayout
+
+if TRITON_INSTALLED:  # else resolve() never picks it, and backend="triton" raises there
+    from . import attention_triton
+    from .attention_triton import (triton_attention, triton_qkvpacked_attention, varlen_schedule,
+                                   varlen_tables)
 
 
 # What a call's checks concluded, by what they read: a call like an earlier one (same
@@ -380,8 +383,7 @@ def _vouched(q, offsets, num_prefix, mask, backend):
     kernels' grids cover max_seqlen for every sequence."""
     cu_seqlens, num_queries, max_seqlen, *_ = offsets
     per_sequence = isinstance(num_queries, torch.Tensor)
-    eager = attention_triton._eager(q, cu_seqlens, *((num_queries,) if per_sequence else ()))
-    if backend == "triton" and eager:
+    if backend == "triton" and attention_triton._eager(q, cu_seqlens, *((num_queries,) if per_sequence else ())):
         return varlen_schedule(q, cu_seqlens, num_queries, max_seqlen, num_prefix, mask)
     cu_seqlens = cu_seqlens.contiguous()
     if per_sequence:

@@ -19,6 +19,15 @@ FLOAT_DTYPES = TRITON_DTYPES + (torch.float64,)
 TRITON_MAX_DIM = 256  # the widest head (attention) or feature row (DINO loss) the kernels take
 
 
+# PyPI has Triton for Linux only (torch's CUDA builds there bring it). Without it the
+# PyTorch backends run, "auto" picks them, and backend="triton" says why it cannot.
+try:
+    import triton  # noqa: F401  (the kernels' modules import it next)
+    TRITON_INSTALLED = True
+except ImportError:
+    TRITON_INSTALLED = False
+
+
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -61,6 +70,10 @@ def check_backend_name(backend, known=BACKENDS):
 def check_triton_device(device, what="tensors"):
     """Raise unless Triton kernels can run on `device`: CUDA, meta (shapes traced through
     the custom ops' fake implementations), or CPU in Triton's interpreter."""
+    if not TRITON_INSTALLED:
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed here "
+                           "(PyPI has it for Linux, where torch's CUDA builds bring it: pip install "
+                           "triton); the PyTorch backends run without it")
     if device.type == "cpu" and triton_interpreter_enabled() and not INTERPRETED_AT_IMPORT:
         raise RuntimeError("backend='triton' on CPU: TRITON_INTERPRET=1 was set after "
                            "adclr_kernels was imported, when its kernels were already made "
@@ -84,7 +97,7 @@ def resolve(backend, x, *, known=BACKENDS, fallback="sdpa", dtype=None, dim_name
     dtype = x.dtype if dtype is None else dtype
     dim = x.shape[-1]
     if backend == "auto":
-        if x.is_cuda and dtype in TRITON_DTYPES and dim <= TRITON_MAX_DIM:
+        if TRITON_INSTALLED and x.is_cuda and dtype in TRITON_DTYPES and dim <= TRITON_MAX_DIM:
             return "triton"
         return fallback
     if backend == "triton":

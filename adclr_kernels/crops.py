@@ -42,9 +42,12 @@ from typing import NamedTuple, Sequence, Union
 
 import torch
 
-from . import crops_torch, crops_triton
+from . import crops_torch
 from .backends import CROPS_BACKENDS as BACKENDS
-from .backends import check_backend_name, check_triton_device
+from .backends import TRITON_INSTALLED, check_backend_name, check_triton_device
+
+if TRITON_INSTALLED:  # else "auto" never picks it, and backend="triton" raises
+    from . import crops_triton
 
 Tensor = torch.Tensor
 
@@ -212,7 +215,7 @@ def _check_flips(flips, boxes, device):
 def _resolve_backend(backend, device):
     check_backend_name(backend, BACKENDS)
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if TRITON_INSTALLED and device.type == "cuda" else "torch"
     if backend == "triton":
         check_triton_device(device, "images")
     return backend

@@ -54,10 +54,12 @@ import numbers
 
 import torch
 
-from ._triton_common import LOG2E
-from .backends import DINO_LOSS_BACKENDS, FLOAT_DTYPES, resolve
+from .backends import DINO_LOSS_BACKENDS, FLOAT_DTYPES, TRITON_INSTALLED, resolve
 from .dino_loss_torch import effective_weight, row_softmax_chunked, weight_grad_chunked
-from .dino_loss_triton import row_softmax, weight_grad
+
+if TRITON_INSTALLED:  # else resolve() never picks it, and backend="triton" raises there
+    from ._triton_common import LOG2E
+    from .dino_loss_triton import row_softmax, weight_grad
 
 BACKENDS = DINO_LOSS_BACKENDS
 
