@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import inspect
 import json
 import os
@@ -145,10 +146,18 @@ def _saved_settings(out):
     return saved if isinstance(saved, dict) else None
 
 
+def _version():
+    try:
+        return importlib.metadata.version("adclr")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "(not installed)"
+
+
 def build_parser():
     """The `adclr` parser. Each command's parser sets `handler`, the function that runs the
     command, and `parser`, itself (its errors start "adclr <command>: error:")."""
     parser = argparse.ArgumentParser(prog="adclr", description="ADCLR self-supervised ViT pretraining")
+    parser.add_argument("--version", action="version", version=f"adclr {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     # The one-line usage: the full one lists ~40 flags and would bury a one-line error.
     demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items())
@@ -166,7 +175,8 @@ def build_parser():
     export_parser = commands.add_parser("export", help="write the backbone as safetensors")
     export_parser.add_argument("--checkpoint", required=True)
     export_parser.add_argument("--out", required=True, help="output .safetensors file")
-    export_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher")
+    export_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher",
+                                help="which network's backbone (default: teacher)")
     export_parser.set_defaults(handler=run_export, parser=export_parser)
     return parser
 
@@ -183,7 +193,8 @@ def _add_eval_parser(commands):
                                   "annotations/ (PNG label masks, 255 = ignore), each with train/ and val/ "
                                   "(or the reverse nesting); default: the run's data if built in, else "
                                   "builtin:grey-ground-scenes")
-    eval_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher")
+    eval_parser.add_argument("--weights", choices=["teacher", "student"], default="teacher",
+                                help="which network's backbone (default: teacher)")
     eval_parser.add_argument("--image-size", type=checked(int, ">= 1"), default=None,
                              help="default: the run's --image-size")
     eval_parser.add_argument("--batch-size", type=checked(int, ">= 1"), default=128,
@@ -217,7 +228,8 @@ def _add_eval_parser(commands):
                                   "(compare's linear score; numbers not comparable with DINO's)")
     eval_parser.add_argument("--num-classes", type=checked(int, f"[1, {eval_dense.NUM_LABELS}]"), default=None,
                              help="dense: classes 0..N-1 (default: 1 + the largest label in the train masks)")
-    eval_parser.add_argument("--device", type=checked(str, ALLOWED["device"]), default="auto")
+    eval_parser.add_argument("--device", type=checked(str, ALLOWED["device"]), default="auto",
+                             help="auto (CUDA when there is one), cpu, cuda or cuda:N (default: auto)")
     eval_parser.add_argument("--num-workers", type=checked(int, ">= -1"), default=-1,
                              help="loader processes; -1 = one per free core, less one for this process (default)")
     eval_parser.add_argument("--limit", type=checked(int, ">= 0"), default=None,
@@ -300,7 +312,8 @@ def _add_show_parser(commands):
                              help="built-in set or folder (attention: any images; dense: as for eval dense); "
                                   "default: the run's data (dense: as for eval dense)")
         picture.add_argument("--images", type=checked(int, ">= 1"), default=4, help="how many images (default: 4)")
-        picture.add_argument("--weights", choices=["teacher", "student"], default="teacher")
+        picture.add_argument("--weights", choices=["teacher", "student"], default="teacher",
+                                help="which network's backbone (default: teacher)")
         picture.add_argument("--out", default=None, help="folder for the PNGs (default: pictures/ beside the checkpoint)")
     attention.add_argument("--num-queries", type=checked(int, ">= 0"), default=None,
                            help="query crops per image (default: the run's --num-queries)")

@@ -37,7 +37,7 @@ class Config:
     drop_path: float = 0.1                   # stochastic depth of the student
     attention: str = "auto"                  # adclr_kernels backend: auto | triton | sdpa | reference | flex | xformers
     query_sees_prefix: bool = False          # query tokens also attend to CLS
-    query_sees_self: bool = False
+    query_sees_self: bool = False            # query tokens also attend to their own key
     query_sees_queries: bool = False         # PQCL variant
     pack_crops: str = "auto"                 # all student crops in one packed backbone pass: auto (Triton on CUDA) | on | off
     compile: str = "auto"                    # torch.compile: on (student, teacher) | step (whole step) | graph (+ CUDA graph) | off; auto: on on CUDA

@@ -12,6 +12,7 @@ import os
 # tests tenfold. Set before torch starts its pool; subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -24,6 +25,7 @@ if not torch.cuda.is_available():
 MAX_CUDA_WORKERS = 8
 
 
+@pytest.hookimpl(optionalhook=True)  # plain pytest, without pytest-xdist, knows no such hook
 def pytest_xdist_auto_num_workers(config):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return min(cores, MAX_CUDA_WORKERS) if torch.cuda.is_available() else cores

@@ -971,3 +971,11 @@ def test_a_read_only_run_folder_says_to_make_it_writable_to_resume(tmp_path, mon
     with pytest.raises(SystemExit, match=r"\(Read-only file system\); it holds a run: make it writable to "
                                          r"resume it, or choose another --out to start over$"):
         checkpoint.make_folder(str(run_folder))
+
+
+def test_version(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"adclr {importlib.metadata.version('adclr')}\n"
