@@ -333,10 +333,10 @@ def main(argv=None):
     """Run a command. What a user must fix ends in one "error:" line (exit 1), Ctrl-C, once
     a job has kept what it can, in the shell's 130; neither in a traceback."""
     args = build_parser().parse_args(argv)
-    if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if args.command != "train" and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
         # Each process would run the whole job, on one device, and write the same files.
-        args.parser.error(f"adclr {args.command} runs in one process: run it without torchrun "
-                          "(only adclr train is distributed)")
+        args.parser.error(f"adclr {args.command} runs in one process: run it without torchrun, or unset "
+                          "WORLD_SIZE (only adclr train is distributed)")
     try:
         args.handler(args)
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -720,6 +721,22 @@ def _train(cfg, rank, world, device):
     return total
 
 
+def _cpu_group():
+    """A gloo group of every process, for flags the CPUs agree on without the GPUs (the
+    default group where it is gloo already). Where gloo cannot connect (a host name that
+    resolves to a loopback address: set GLOO_SOCKET_IFNAME), the default group, whose
+    NCCL all-reduce then waits for the GPU once a step."""
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    try:
+        return dist.new_group(backend="gloo")
+    except Exception as error:  # noqa: BLE001: any failure to connect
+        if dist.get_rank() == 0:
+            print(f"warning: no gloo group ({error}); the stop flag goes through "
+                  f"{dist.get_backend()} (set GLOO_SOCKET_IFNAME to the network interface)", file=sys.stderr)
+        return dist.group.WORLD
+
+
 def _snapshot_path(cfg, step, steps_per_epoch):
     """OUT/checkpointNNNN.pt when step `step` keeps a numbered snapshot, else None."""
     if cfg.saveckp_freq and step % (cfg.saveckp_freq * steps_per_epoch) == 0:
@@ -755,7 +772,8 @@ def _open_checkpoint(cfg, path):
         checkpoint = load_checkpoint(path)
     except CheckpointError as error:
         snapshot = _latest_snapshot(cfg.out)
-        fallback = (f"copy the last numbered snapshot over it to resume from there (cp {snapshot} {path}), "
+        fallback = (f"copy the last numbered snapshot over it to resume from there "
+                    f"(cp {shlex.quote(snapshot)} {shlex.quote(path)}), "
                     if snapshot else "")
         raise SystemExit(f"error: {error}; {fallback}{START_OVER}") from None
     check_resumable(cfg, checkpoint["config"])
@@ -873,7 +891,8 @@ class Run:
         self.completed = self.last_good = self.saved = start  # saved: the step of checkpoint.pt, 0 = none
         self.in_step = self.stop_asked = False  # stop_asked: Ctrl-C inside a step, which then ends it
         self.signalled = False  # under DDP: this process got a SIGTERM or SIGINT (stop_asked: all agreed)
-        self.stop_group = dist.new_group(backend="gloo") if world > 1 else None  # agree_on_a_stop's
+        self.first_stop = 0.0  # time.monotonic() of the first signal
+        self.stop_group = _cpu_group() if world > 1 else None  # agree_on_a_stop's
         self.stopping = False  # the run is stopping: what is left is its save and its exit
         self.stopped_by = "interrupted"  # or "terminated" (SIGTERM): the stop's message and exit code
         self.in_save = False  # writing a checkpoint: a Ctrl-C waits for the write
@@ -889,18 +908,21 @@ class Run:
         previous = self.finish_the_step_on_a_stop()
         try:
             for step in range(self.completed, self.trainer.total_steps):
-                if self.world > 1 and self.agree_on_a_stop():
-                    self.stopping = True
-                    raise KeyboardInterrupt
                 asked = time.perf_counter()
-                raw = next(data)
+                raw = next(data) if self.world == 1 else self.next_batch_or_stop(data)
                 self.data_wait += time.perf_counter() - asked
                 self.step(raw, step)
                 if self.stop_asked:
                     self.stopping = True
                     raise KeyboardInterrupt
         except KeyboardInterrupt:
-            self.save_interrupted()
+            try:
+                self.save_interrupted()
+            finally:
+                if self.world > 1 and self.stopping:
+                    # Together: a process that exits first makes torchrun end the others,
+                    # rank 0 in the middle of its write.
+                    dist.barrier(group=self.stop_group)
             if self.stopped_by == "terminated":
                 raise SystemExit(128 + signal.SIGTERM) from None  # as the signal's default would
             raise
@@ -908,6 +930,8 @@ class Run:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self.logger.close()
+            if self.stop_group is not None and self.stop_group is not dist.group.WORLD:
+                dist.destroy_process_group(self.stop_group)
 
     def finish_the_step_on_a_stop(self):
         """Let a first Ctrl-C (or SIGTERM: a scheduler's or container's stop) that lands inside
@@ -936,14 +960,14 @@ class Run:
                           "then stopping", file=sys.stderr, flush=True)
                 self.stop_asked = True
                 return
-            if not self.in_step or self.stop_asked:
-                # stop_asked too: an interrupt swallowed where Python ignores exceptions (a
-                # __del__ running as the signal lands) still ends the run after its step.
+            if not self.in_step or (self.stop_asked and self.escalates(signum)):
                 self.stopping = self.stop_asked = True
                 raise KeyboardInterrupt
-            self.stop_asked = True
-            print(f"\n{self.stop_name(signum)}: finishing step {self.completed + 1}, then saving it; "
-                  f"{'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} again to stop at once",
+            if self.stop_asked:  # a repeated SIGTERM, or a Ctrl-C that came with the first
+                return
+            self.stop_asked, self.first_stop = True, time.monotonic()
+            print(f"\n{self.stop_name(signum)}: finishing step {self.completed + 1}, then saving it"
+                  + ("; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""),
                   file=sys.stderr, flush=True)
 
         previous = {}
@@ -959,6 +983,14 @@ class Run:
             signal.signal(signum, on_stop)
         return previous
 
+    def escalates(self, signum):
+        """Whether a repeated signal stops the run at once, without its save: a Ctrl-C a
+        second or more after the first (a person's second press). Not a SIGTERM: SLURM
+        sends one to every process and torchrun passes its own on, so a process gets two
+        within milliseconds, and SIGKILL follows anyway; nor a Ctrl-C that torchrun
+        passes on beside the terminal's."""
+        return signum == signal.SIGINT and time.monotonic() - self.first_stop >= 1.0
+
     def mark_a_stop_under_ddp(self):
         """Under torchrun: SIGTERM (a scheduler's preemption, which torchrun passes on to every
         process, or one process's own) or SIGINT (torchrun's Ctrl-C) only marks the stop; after
@@ -969,12 +1001,14 @@ class Run:
         def on_stop(signum, frame):
             if signum == signal.SIGTERM:
                 self.stopped_by = "terminated"
-            if self.signalled and not self.stopping and not self.in_save:
-                raise KeyboardInterrupt  # the second: at once (no save: the others are not here)
-            if not self.signalled and self.main:
+            if self.signalled:
+                if self.escalates(signum) and not self.stopping and not self.in_save:
+                    raise KeyboardInterrupt  # at once (no save: the others are not here)
+                return
+            if self.main:
                 print(f"\n{self.stop_name(signum)}: every process stops after this step, then saves it",
                       file=sys.stderr, flush=True)
-            self.signalled = True
+            self.signalled, self.first_stop = True, time.monotonic()
 
         previous = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -986,18 +1020,32 @@ class Run:
             signal.signal(signum, on_stop)
         return previous
 
+    def next_batch_or_stop(self, data):
+        """Under DDP: the next batch, or KeyboardInterrupt when the processes agree to stop
+        before this step (any of them signalled). A signal from SLURM or torchrun also ends
+        the loader's workers: a batch that then cannot come counts as this process's stop."""
+        try:
+            raw = next(data)
+        except Exception:
+            if not self.signalled:
+                raise
+            raw = None
+        if self.agree_on_a_stop():
+            raise KeyboardInterrupt
+        return raw
+
     def agree_on_a_stop(self):
         """Under DDP, before each step: whether any process was asked to stop (then every
         process stops here, after the same step; SIGTERM on any makes it a termination).
-        The flag goes through a CPU (gloo) group: the GPUs' stream never waits for it, and
-        no batch is asked for after the stop."""
+        The flag goes through a CPU (gloo) group: the GPUs' stream never waits for it."""
         asked = 0 if not self.signalled else 2 if self.stopped_by == "terminated" else 1
-        flag = torch.tensor([asked], dtype=torch.int32)
+        on_cpu = dist.get_backend(self.stop_group) == "gloo"
+        flag = torch.tensor([asked], dtype=torch.int32, device="cpu" if on_cpu else self.trainer.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.stop_group)
         agreed = int(flag[0])
         if agreed == 2:
             self.stopped_by = "terminated"
-        self.stop_asked = agreed > 0
+        self.stop_asked = self.stopping = agreed > 0
         return self.stop_asked
 
     @staticmethod
@@ -1167,6 +1215,8 @@ class Run:
             if self.main:
                 print(f"\n{self.stopped_by}: saved step {self.completed} to {self.path}; rerun the same command "
                       "to resume", file=sys.stderr)
-        elif self.stop_asked and self.main:  # the finished step was a checkpoint step
+        elif self.stop_asked and self.main and self.saved:  # the finished step was a checkpoint step
             print(f"\n{self.stopped_by}: step {self.completed} is saved in {self.path}; rerun the same command "
                   "to resume", file=sys.stderr)
+        elif self.stop_asked and self.main:
+            print(f"\n{self.stopped_by} before the first step: nothing to save", file=sys.stderr)

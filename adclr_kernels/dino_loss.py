@@ -362,6 +362,9 @@ def dino_head_loss(student, teacher, weight, center, pairing, *, student_temp, t
             norm_last_layer); gain gets a gradient, teacher_gain goes with teacher_weight.
         backend: "auto" (Triton on CUDA, chunked PyTorch elsewhere), "triton" or "torch".
 
+    There is no double backward (`create_graph=True` raises: a second-order optimiser or
+    a gradient penalty through the loss needs `dino_loss_torch.naive_dino_head_loss`).
+
     Under autocast the matmul operands are cast to the autocast dtype, as F.linear's
     would be (float64 ones are left as they are); accumulation and softmax statistics
     are float32 (float64 for float64 inputs on the torch backend).

@@ -948,7 +948,8 @@ def test_only_train_runs_under_torchrun(argv, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     status, err = run(argv, capsys)
     assert status == 2 and err.splitlines()[-1].endswith(
-        f"error: adclr {argv[0]} runs in one process: run it without torchrun (only adclr train is distributed)")
+        f"error: adclr {argv[0]} runs in one process: run it without torchrun, or unset WORLD_SIZE (only adclr "
+        "train is distributed)")
 
 
 def test_a_read_only_run_folder_says_to_make_it_writable_to_resume(tmp_path, monkeypatch):

@@ -188,9 +188,49 @@ def test_the_command_line_under_torchrun_ends_with_the_demo_line(tmp_path):
 
 
 
-def sigterm_worker(rank, world, argv, port, results):
-    """cli_worker, with SIGTERM sent to rank 1 alone inside its third step (as SLURM or a
-    container runtime stops one process, or torchrun passes its own SIGTERM on)."""
+def sigterm_in_the_data_wait_worker(rank, world, argv, port, results):
+    """cli_worker, with SIGTERM to rank 1 as it waits for its fourth batch, which then never
+    comes: the signal ended its loader's workers too (SLURM signals every process)."""
+    import builtins
+    import signal
+
+    import adclr.train
+
+    class Batches:
+        def __init__(self, loader):
+            self.batches, self.served = builtins.iter(loader), 0
+
+        def __next__(self):
+            self.served += 1
+            if rank == 1 and self.served == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise RuntimeError("DataLoader worker (pid 1234) exited unexpectedly")
+            return next(self.batches)
+
+    adclr.train.iter = Batches
+    cli_worker(rank, world, argv, port, results)
+
+
+def test_sigterm_while_a_process_waits_for_data_saves_the_finished_steps(tmp_path):
+    """The batch that cannot come counts as that process's stop: every process saves step 3
+    and exits 143, none runs a fourth step without the others."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    argv = ["train", "--out", str(out), "--arch", "vit_test", "--patch-size", "8", "--image-size", "32",
+            "--local-size", "16", "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "64",
+            "--batch-size", "8", "--max-steps", "8", "--checkpoint-every", "100", "--num-workers", "0",
+            "--log-every", "1", "--device", "cpu"]
+    mp.spawn(sigterm_in_the_data_wait_worker, args=(2, argv, port, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["143", "143"]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def sigterm_worker(rank, world, argv, port, results, every_process):
+    """cli_worker, with SIGTERM sent inside the third step to rank 1 alone (a container
+    runtime stopping one process), or twice to every process (SLURM signals them all, and
+    torchrun passes its own on)."""
     import signal
 
     import adclr.train
@@ -198,15 +238,17 @@ def sigterm_worker(rank, world, argv, port, results):
     real_step = adclr.train.train_step
 
     def step_with_a_sigterm(trainer, batch, step):
-        if step == 2 and rank == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if step == 2 and (rank == 1 or every_process):
+            for _ in range(2 if every_process else 1):
+                os.kill(os.getpid(), signal.SIGTERM)
         return real_step(trainer, batch, step)
 
     adclr.train.train_step = step_with_a_sigterm
     cli_worker(rank, world, argv, port, results)
 
 
-def test_sigterm_under_torchrun_saves_the_finished_step_on_every_process(tmp_path):
+@pytest.mark.parametrize("every_process", [False, True])
+def test_sigterm_under_torchrun_saves_the_finished_step_on_every_process(every_process, tmp_path):
     """SIGTERM to one process of a DDP run, inside its third step: every process finishes
     that step, its checkpoint is written, and each exits 143. It used to kill that process mid-step
     (the others then hung in the next all-reduce until torchrun ended them), keeping only
@@ -221,7 +263,7 @@ def test_sigterm_under_torchrun_saves_the_finished_step_on_every_process(tmp_pat
             "--local-size", "16", "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "64",
             "--batch-size", "8", "--max-steps", "8", "--checkpoint-every", "100", "--num-workers", "0",
             "--log-every", "1", "--device", "cpu"]
-    context = mp.spawn(sigterm_worker, args=(2, argv, port, str(tmp_path)), nprocs=2, join=False)
+    context = mp.spawn(sigterm_worker, args=(2, argv, port, str(tmp_path), every_process), nprocs=2, join=False)
     deadline = time.monotonic() + 240
     try:
         while not context.join(timeout=1):
