@@ -164,7 +164,8 @@ def build_parser():
     train_parser = commands.add_parser(
         "train", help="pretrain (resumes when --out holds a checkpoint)",
         usage="adclr train [--flag VALUE ...]  (adclr train --help lists them)",
-        description=f"The defaults below are the paper's. With the built-in data and no GPU (the demo), "
+        description=f"The defaults below are DINO's (main_dino.py) with ADCLR's query crops (docs/training.md). "
+                    f"With the built-in data and no GPU (the demo), "
                     f"every flag not given takes the demo's setting instead: {demo}.")
     add_config_flags(train_parser)
     train_parser.set_defaults(handler=run_train, parser=train_parser)
