@@ -721,6 +721,22 @@ def _train(cfg, rank, world, device):
     return total
 
 
+def _handle_stops(on_stop):
+    """Make `on_stop` the SIGINT and SIGTERM handler; returns {signal: the handler to put
+    back}. SIGINT ignored (a background job of a shell without job control), a handler
+    installed outside Python (None: it could not be put back), or a caller's own SIGTERM
+    handler: left as they are."""
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is signal.SIG_IGN or handler is None or (
+                signum == signal.SIGTERM and handler is not signal.SIG_DFL):
+            continue
+        previous[signum] = handler
+        signal.signal(signum, on_stop)
+    return previous
+
+
 def _cpu_group():
     """A gloo group of every process, for flags the CPUs agree on without the GPUs (the
     default group where it is gloo already). Where gloo cannot connect (a host name that
@@ -970,18 +986,7 @@ class Run:
                   + ("; Ctrl-C again to stop at once" if signum == signal.SIGINT else ""),
                   file=sys.stderr, flush=True)
 
-        previous = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            handler = signal.getsignal(signum)
-            # SIGINT ignored (a background job of a shell without job control), a handler
-            # installed outside Python (None: it could not be put back), or a caller's own
-            # SIGTERM handler: left as they are.
-            if handler is signal.SIG_IGN or handler is None or (
-                    signum == signal.SIGTERM and handler is not signal.SIG_DFL):
-                continue
-            previous[signum] = handler
-            signal.signal(signum, on_stop)
-        return previous
+        return _handle_stops(on_stop)
 
     def escalates(self, signum):
         """Whether a repeated signal stops the run at once, without its save: a Ctrl-C a
@@ -994,10 +999,11 @@ class Run:
     def mark_a_stop_under_ddp(self):
         """Under torchrun: SIGTERM (a scheduler's preemption, which torchrun passes on to every
         process, or one process's own) or SIGINT (torchrun's Ctrl-C) only marks the stop; after
-        each step the processes agree on it (`agree_on_a_stop`), then save together and stop.
-        Raised where it lands, it would end one process mid-step and the rest with it, keeping
-        only the last checkpoint. A second one on a process stops it at once. Returns
-        {signal: the handler to put back}, as finish_the_step_on_a_stop."""
+        each batch is fetched the processes agree on it (`next_batch_or_stop`), then save
+        together and stop. Raised where it lands, it would end one process mid-step and the
+        rest with it, keeping only the last checkpoint. A Ctrl-C a second later stops the
+        process at once (`escalates`). Returns {signal: the handler to put back}, as
+        finish_the_step_on_a_stop."""
         def on_stop(signum, frame):
             if signum == signal.SIGTERM:
                 self.stopped_by = "terminated"
@@ -1010,15 +1016,7 @@ class Run:
                       file=sys.stderr, flush=True)
             self.signalled, self.first_stop = True, time.monotonic()
 
-        previous = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            handler = signal.getsignal(signum)
-            if handler is signal.SIG_IGN or handler is None or (
-                    signum == signal.SIGTERM and handler is not signal.SIG_DFL):
-                continue
-            previous[signum] = handler
-            signal.signal(signum, on_stop)
-        return previous
+        return _handle_stops(on_stop)
 
     def next_batch_or_stop(self, data):
         """Under DDP: the next batch, or KeyboardInterrupt when the processes agree to stop

@@ -188,6 +188,19 @@ def test_the_command_line_under_torchrun_ends_with_the_demo_line(tmp_path):
 
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# A run of 8 logged steps with no checkpoint before its end: a stop's save is the first.
+EIGHT_STEPS = ["--arch", "vit_test", "--patch-size", "8", "--image-size", "32", "--local-size", "16",
+               "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "64", "--batch-size", "8",
+               "--max-steps", "8", "--checkpoint-every", "100", "--num-workers", "0", "--log-every", "1",
+               "--device", "cpu"]
+
+
 def sigterm_in_the_data_wait_worker(rank, world, argv, port, results):
     """cli_worker, with SIGTERM to rank 1 as it waits for its fourth batch, which then never
     comes: the signal ended its loader's workers too (SLURM signals every process)."""
@@ -214,14 +227,8 @@ def sigterm_in_the_data_wait_worker(rank, world, argv, port, results):
 def test_sigterm_while_a_process_waits_for_data_saves_the_finished_steps(tmp_path):
     """The batch that cannot come counts as that process's stop: every process saves step 3
     and exits 143, none runs a fourth step without the others."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "run"
-    argv = ["train", "--out", str(out), "--arch", "vit_test", "--patch-size", "8", "--image-size", "32",
-            "--local-size", "16", "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "64",
-            "--batch-size", "8", "--max-steps", "8", "--checkpoint-every", "100", "--num-workers", "0",
-            "--log-every", "1", "--device", "cpu"]
+    port, out = free_port(), tmp_path / "run"
+    argv = ["train", "--out", str(out), *EIGHT_STEPS]
     mp.spawn(sigterm_in_the_data_wait_worker, args=(2, argv, port, str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["143", "143"]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
@@ -255,14 +262,8 @@ def test_sigterm_under_torchrun_saves_the_finished_step_on_every_process(every_p
     the last checkpoint: here none at all."""
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "run"
-    argv = ["train", "--out", str(out), "--arch", "vit_test", "--patch-size", "8", "--image-size", "32",
-            "--local-size", "16", "--num-local-crops", "1", "--num-queries", "2", "--out-dim", "64",
-            "--batch-size", "8", "--max-steps", "8", "--checkpoint-every", "100", "--num-workers", "0",
-            "--log-every", "1", "--device", "cpu"]
+    port, out = free_port(), tmp_path / "run"
+    argv = ["train", "--out", str(out), *EIGHT_STEPS]
     context = mp.spawn(sigterm_worker, args=(2, argv, port, str(tmp_path), every_process), nprocs=2, join=False)
     deadline = time.monotonic() + 240
     try:
