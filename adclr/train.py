@@ -977,6 +977,9 @@ class Run:
                 self.stop_asked = True
                 return
             if not self.in_step or (self.stop_asked and self.escalates(signum)):
+                # Between steps at once; a first stop there may be swallowed (Python ignores
+                # an exception raised in a __del__), so its time counts for escalates too.
+                self.first_stop = self.first_stop or time.monotonic()
                 self.stopping = self.stop_asked = True
                 raise KeyboardInterrupt
             if self.stop_asked:  # a repeated SIGTERM, or a Ctrl-C that came with the first
