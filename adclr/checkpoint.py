@@ -71,10 +71,11 @@ def write_atomically(path, write):
     """Call write(f) on a new binary file beside `path`'s target, then rename it over that target.
 
     A reader, or a run killed mid-write, sees the old file or the new one, never half of
-    one; the new one is on disk (fsync) before it replaces the old. A link is written through to the file it points to; an existing file keeps its
-    permissions, a new one gets the umask's; a folder or device is never replaced. On any
-    failure the partial file is removed; WriteError (naming `path`) when the system
-    refuses the write: a full disk, no permission.
+    one; the new one is on disk (fsync) before it replaces the old. A link is written
+    through to the file it points to; an existing file keeps its permissions, a new one
+    gets the umask's; a folder or device is never replaced. On any failure the partial
+    file is removed; WriteError (naming `path`) when the system refuses the write: a full
+    disk, no permission.
     """
     kind = not_a_file(path)
     if kind:

@@ -26,11 +26,7 @@ def cls_loss(trainer, student_cls, teacher_cls, teacher_temp):
         return t.loss(student_cls, teacher_cls, teacher_temp)[1]
     last, teacher_last = t.student_module.head.last_layer, t.teacher.head.last_layer
     return t.loss.fused(student_cls, teacher_cls, teacher_temp, last.weight, teacher_last.weight,
-                        gain=_gain(last), teacher_gain=_gain(teacher_last))[1]
-
-
-def _gain(layer):
-    return None if layer.gain is None else layer.gain.view(-1)
+                        gain=last.gain, teacher_gain=teacher_last.gain)[1]
 
 
 # --------------------------------------------------------------------------- DenseCL
@@ -59,7 +55,7 @@ def densecl_losses(trainer, batch, teacher_temp):
             targets = other.gather(1, index[..., None].expand(-1, -1, other.shape[-1]))
         last, teacher_last = t.student_module.dense_head.last_layer, t.teacher.dense_head.last_layer
         loss_dense = t.loss.dense(student_dense, targets, teacher_temp, last.weight, teacher_last.weight,
-                                  gain=_gain(last), teacher_gain=_gain(teacher_last))
+                                  gain=last.gain, teacher_gain=teacher_last.gain)
     loss = (1 - cfg.lambda_dense) * loss_global + cfg.lambda_dense * loss_dense
     return loss, {"loss_global": loss_global, "loss_dense": loss_dense}
 

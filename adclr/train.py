@@ -230,10 +230,6 @@ def clip_per_tensor_(grads, max_norm):
     return total
 
 
-def _gain(layer):
-    """A NormalizedLinear's trained gain as the fused loss takes it, (out_dim,), or None."""
-    return None if layer.gain is None else layer.gain.view(-1)
-
 
 def _range(name):
     """A profiler range around a phase of the step, named as bench.profile reads it. Only
@@ -316,8 +312,8 @@ def _losses(trainer, batch, teacher_temp):
             if fused:
                 last, teacher_last = t.student_module.head.last_layer, t.teacher.head.last_layer
                 return t.loss.fused(student_cls, teacher_cls, teacher_temp, last.weight, teacher_last.weight,
-                                    student_query, teacher_query, gain=_gain(last),
-                                    teacher_gain=_gain(teacher_last))
+                                    student_query, teacher_query, gain=last.gain,
+                                    teacher_gain=teacher_last.gain)
             return t.loss(student_cls, teacher_cls, teacher_temp, student_query, teacher_query)
 
 

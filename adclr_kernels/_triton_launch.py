@@ -14,8 +14,9 @@ keyword arguments (constexprs and launch options) by type and value, the current
 and the compile options Triton reads from its knobs. The first launch of a key, and any
 launch with a pre-run hook, a stages-inspection hook or `warmup`, takes Triton's own
 path; so does a kernel compiled under the interpreter, which is not a plain
-`JITFunction`. The launcher is called as `JITFunction.run` calls it (Triton 3.6 to 3.9); an older Triton, whose internals differ,
-keeps every kernel on its own path, as `ADCLR_FAST_LAUNCH=0` in the environment does.
+`JITFunction`. The launcher is called as `JITFunction.run` calls it (Triton 3.6 to 3.9);
+an older Triton, whose internals differ, keeps every kernel on its own path, as
+`ADCLR_FAST_LAUNCH=0` in the environment does.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ bottom) in that image's pixels, fractional or not. Crop j of image b is exactly
 
 of image b, mirrored left-right where flips[b, j] is set (as a horizontal flip of the
 crop would), each channel resampled on its own as Pillow resamples an "L" or "RGB"
-image (Pillow's "RGBA" and "LA" resizes premultiply by alpha, and differ). That is antialiased bicubic resampling: Keys' cubic (a = -0.5) stretched
-by the downscale factor, so a crop shrunk 10x averages over 40 source pixels, never
-aliasing. All crops of one size take one kernel launch on CUDA.
+image (Pillow's "RGBA" and "LA" resizes premultiply by alpha, and differ). That is
+antialiased bicubic resampling: Keys' cubic (a = -0.5) stretched by the downscale factor,
+so a crop shrunk 10x averages over 40 source pixels, never aliasing. All crops of one size take one kernel launch on CUDA.
 
 Tolerance: at most 1 level on any pixel and a mean difference below 0.01 level from
 Pillow 13's result. Measured in the tests, both backends (Triton in its interpreter)
