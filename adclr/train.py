@@ -879,6 +879,7 @@ def mfu_peak(trainer):
     return peak, None
 
 
+DATA_ERROR = 3  # agree_on_a_stop's value for a process that could not get its batch
 
 
 class Run:
@@ -916,14 +917,12 @@ class Run:
             print(note, file=sys.stderr)
 
     def steps(self, data):
-        """Run the remaining steps on the batches of `data`; on an interrupt, keep what was done."""
+        """Run the remaining steps on the batches of `data`; on an interrupt, or data that
+        fails between steps, keep what was done."""
         previous = self.finish_the_step_on_a_stop()
         try:
             for step in range(self.completed, self.trainer.total_steps):
-                asked = time.perf_counter()
-                raw = next(data) if self.world == 1 else self.next_batch_or_stop(data)
-                self.data_wait += time.perf_counter() - asked
-                self.step(raw, step)
+                self.step(*self.next_batch(data), step)
                 if self.stop_asked:
                     self.stopping = True
                     raise KeyboardInterrupt
@@ -1017,25 +1016,43 @@ class Run:
 
         return _handle_stops(on_stop)
 
-    def next_batch_or_stop(self, data):
-        """Under DDP: the next batch, or KeyboardInterrupt when the processes agree to stop
-        before this step (any of them signalled). A signal from SLURM or torchrun also ends
-        the loader's workers: a batch that then cannot come counts as this process's stop."""
+    def next_batch(self, data):
+        """(The next batch's crops on the device, the unreadable files it skipped), or the
+        run's stop before this step. A signal raises KeyboardInterrupt (under DDP any
+        process's, once they agree; SLURM and torchrun end the loader's workers too, so a
+        batch that then cannot come counts as that process's stop). A batch that cannot be
+        had (the loader's error: a worker killed for memory, a bug in a dataset; no
+        readable file for a sample) stops the run after saving the steps done, on every
+        process: raised where it fails, it lost every step since the last checkpoint, and
+        under DDP left the other processes waiting in the next all-reduce."""
+        asked, error, batch = time.perf_counter(), None, None
         try:
             raw = next(data)
-        except Exception:
-            if not self.signalled:
-                raise
-            raw = None
-        if self.agree_on_a_stop():
+        except Exception as failure:  # noqa: BLE001: whatever the loader raises
+            error = failure
+        self.data_wait += time.perf_counter() - asked
+        if error is None and not self.signalled:
+            try:
+                batch = self.to_device(raw)
+            except (Exception, SystemExit) as failure:  # noqa: BLE001: SystemExit is stop_unreadable's
+                error = failure
+        if self.world == 1:
+            if error is not None:
+                self.stop_on_a_data_error(error)
+            return batch
+        agreed = self.agree_on_a_stop(failed=error is not None and not self.signalled)
+        if agreed == DATA_ERROR:
+            self.stop_on_a_data_error(None if self.signalled else error)
+        if agreed:
             raise KeyboardInterrupt
-        return raw
+        return batch
 
-    def agree_on_a_stop(self):
-        """Under DDP, before each step: whether any process was asked to stop (then every
-        process stops here, after the same step; SIGTERM on any makes it a termination).
-        The flag goes through a CPU (gloo) group: the GPUs' stream never waits for it."""
-        asked = 0 if not self.signalled else 2 if self.stopped_by == "terminated" else 1
+    def agree_on_a_stop(self, failed=False):
+        """Under DDP, before each step: whether any process was asked to stop, or failed to get
+        its batch (then every process stops here, after the same step): 0 none, else the
+        strongest reason (interrupt 1, SIGTERM 2, DATA_ERROR 3). The flag goes through a CPU
+        (gloo) group: the GPUs' stream never waits for it."""
+        asked = DATA_ERROR if failed else 0 if not self.signalled else 2 if self.stopped_by == "terminated" else 1
         on_cpu = dist.get_backend(self.stop_group) == "gloo"
         flag = torch.tensor([asked], dtype=torch.int32, device="cpu" if on_cpu else self.trainer.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.stop_group)
@@ -1043,16 +1060,34 @@ class Run:
         if agreed == 2:
             self.stopped_by = "terminated"
         self.stop_asked = self.stopping = agreed > 0
-        return self.stop_asked
+        return agreed
+
+    def stop_on_a_data_error(self, error):
+        """Save the steps done, then raise `error`, this process's data error; None: another
+        process's, which that process raises (this one exits 1, rank 0 saying why)."""
+        self.stop_asked = self.stopping = True
+        self.stopped_by = "data error"
+        try:
+            self.save_interrupted()
+        except Exception:
+            if error is None:
+                raise
+            raise error  # the save's own error shown above it
+        finally:
+            if self.world > 1:
+                dist.barrier(group=self.stop_group)  # as on a signal: rank 0 writes while the others wait
+        if error is not None:
+            raise error
+        raise SystemExit("error: another process could not get its batch (its error is in its output); "
+                         "the run stopped on every process" if self.main else 1)
 
     @staticmethod
     def stop_name(signum):
         return "interrupt" if signum == signal.SIGINT else "SIGTERM"
 
-    def step(self, raw, step):
-        """Step `step` on a loader batch, then its log record and checkpoint when they are due."""
+    def step(self, batch, skipped, step):
+        """Step `step` on a batch of crops, then its log record and checkpoint when they are due."""
         cfg, total = self.cfg, self.trainer.total_steps
-        batch, skipped = self.to_device(raw)
         self.in_step = True
         metrics = train_step(self.trainer, self.augment(batch), step)
         # The step counts as done before it stops being "in step": an interrupt between
@@ -1215,5 +1250,5 @@ class Run:
         elif self.stop_asked and self.main and self.saved:  # the finished step was a checkpoint step
             print(f"\n{self.stopped_by}: step {self.completed} is saved in {self.path}; rerun the same command "
                   "to resume", file=sys.stderr)
-        elif self.stop_asked and self.main:
+        elif self.stop_asked and self.main and self.stopped_by != "data error":  # the error says enough
             print(f"\n{self.stopped_by} before the first step: nothing to save", file=sys.stderr)

@@ -167,6 +167,8 @@ def cli_worker(rank, world, argv, port, results):
             code = 0
         except SystemExit as exit:
             code = exit.code
+        except Exception as error:  # noqa: BLE001: what a process raised, for the test to read
+            code = f"{type(error).__name__}: {error}"
     with open(os.path.join(results, f"rank{rank}.txt"), "w") as f:
         f.write(str(code))
 
@@ -186,6 +188,24 @@ def test_the_command_line_under_torchrun_ends_with_the_demo_line(tmp_path):
     assert "teacher" in (tmp_path / "rank0.err").read_text().splitlines()[-1]
     assert "k-NN" not in (tmp_path / "rank1.err").read_text()
 
+
+
+def spawn_within(seconds, worker, world, *args):
+    """mp.spawn(worker, (world, *args), nprocs=world), failing the test where a process hangs
+    past `seconds` (a wait in a collective that will never complete) or dies."""
+    import time
+
+    context = mp.spawn(worker, args=(world, *args), nprocs=world, join=False)
+    deadline = time.monotonic() + seconds
+    try:
+        while not context.join(timeout=1):
+            assert time.monotonic() < deadline, "a process hung"
+    except mp.ProcessExitedException as error:
+        pytest.fail(f"a process died: {error}")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
 
 
 def free_port():
@@ -229,9 +249,48 @@ def test_sigterm_while_a_process_waits_for_data_saves_the_finished_steps(tmp_pat
     and exits 143, none runs a fourth step without the others."""
     port, out = free_port(), tmp_path / "run"
     argv = ["train", "--out", str(out), *EIGHT_STEPS]
-    mp.spawn(sigterm_in_the_data_wait_worker, args=(2, argv, port, str(tmp_path)), nprocs=2, join=True)
+    spawn_within(240, sigterm_in_the_data_wait_worker, 2, argv, port, str(tmp_path))
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["143", "143"]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def data_error_worker(rank, world, argv, port, results, failing):
+    """cli_worker, with the loader of rank `failing` raising for its fourth batch (a worker's
+    error: no signal)."""
+    import builtins
+
+    import adclr.train
+
+    class Batches:
+        def __init__(self, loader):
+            self.batches, self.served = builtins.iter(loader), 0
+
+        def __next__(self):
+            self.served += 1
+            if rank == failing and self.served == 4:
+                raise RuntimeError("Caught OSError in DataLoader worker process 0")
+            return next(self.batches)
+
+    adclr.train.iter = Batches
+    cli_worker(rank, world, argv, port, results)
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_data_error_on_one_process_saves_on_every_process_then_stops_them(failing, tmp_path):
+    """It used to end that process alone, the others waiting in the next all-reduce until
+    torchrun ended them, and the steps since the last checkpoint (all 3 here) were lost."""
+    port, out = free_port(), tmp_path / "run"
+    argv = ["train", "--out", str(out), *EIGHT_STEPS]
+    spawn_within(240, data_error_worker, 2, argv, port, str(tmp_path), failing)
+    codes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert codes[failing] == "RuntimeError: Caught OSError in DataLoader worker process 0"
+    assert codes[1 - failing] == ("1" if failing == 0 else
+                                  "error: another process could not get its batch (its error is in its output); "
+                                  "the run stopped on every process")
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2
+    err = (tmp_path / "rank0.err").read_text()
+    assert f"data error: saved step 3 to {out / 'checkpoint.pt'}; rerun the same command to resume" in err
 
 
 def sigterm_worker(rank, world, argv, port, results, every_process):
@@ -260,21 +319,9 @@ def test_sigterm_under_torchrun_saves_the_finished_step_on_every_process(every_p
     that step, its checkpoint is written, and each exits 143. It used to kill that process mid-step
     (the others then hung in the next all-reduce until torchrun ended them), keeping only
     the last checkpoint: here none at all."""
-    import time
-
     port, out = free_port(), tmp_path / "run"
     argv = ["train", "--out", str(out), *EIGHT_STEPS]
-    context = mp.spawn(sigterm_worker, args=(2, argv, port, str(tmp_path), every_process), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
-    try:
-        while not context.join(timeout=1):
-            assert time.monotonic() < deadline, "a process hung"
-    except mp.ProcessExitedException as error:
-        pytest.fail(f"a process died: {error}")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_within(240, sigterm_worker, 2, argv, port, str(tmp_path), every_process)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["143", "143"]
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2

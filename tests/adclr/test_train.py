@@ -374,6 +374,57 @@ def test_sigterm_to_the_whole_job_saves_and_leaves_no_worker(tmp_path):
         raise AssertionError("a loader worker outlived the run")
 
 
+class FailingBatches:
+    """The run's loader, whose fourth batch fails: the loader raises (a worker's error), or
+    a sample of it has no readable file."""
+
+    def __init__(self, loader, how):
+        self.batches, self.served, self.how = iter(loader), 0, how
+
+    def __next__(self):
+        self.served += 1
+        batch = next(self.batches)
+        if self.served == 4 and self.how == "the loader raises":
+            raise RuntimeError("Caught OSError in DataLoader worker process 0")
+        if self.served == 4:
+            batch["readable"][1] = False
+        return batch
+
+
+@pytest.mark.parametrize("how", ["the loader raises", "no readable file for a sample"])
+def test_a_batch_that_cannot_be_had_saves_the_steps_done_then_raises(how, tiny_config, tmp_path, monkeypatch,
+                                                                    capsys):
+    """Its error used to end the run where it was raised: every step since the last
+    checkpoint (500 by default) was lost. The steps done are saved, the error is raised as
+    it was, and the same command resumes."""
+    cfg = tiny_config(max_steps=6, epochs=6, checkpoint_every=5, data=image_folder(tmp_path / "data"))
+    monkeypatch.setattr(adclr.train, "iter", lambda loader: FailingBatches(loader, how), raising=False)
+    expected = (RuntimeError, "worker process 0") if how == "the loader raises" else (SystemExit, "cannot be read")
+    with pytest.raises(expected[0], match=expected[1]):
+        train(cfg)
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    assert load_checkpoint(path)["step"] == 3
+    assert f"data error: saved step 3 to {path}; rerun the same command to resume" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert train(cfg) == 6
+    assert [r["step"] for r in read_metrics(cfg.out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_data_error_before_the_first_step_is_the_error_alone(tiny_config, monkeypatch, capsys):
+    """Nothing to save: no line about saving stands before the error."""
+    cfg = tiny_config(max_steps=6)
+
+    def failing(loader):
+        raise RuntimeError("no batch")
+
+    monkeypatch.setattr(adclr.train, "iter", lambda loader: type("Loader", (), {"__next__": failing})(),
+                        raising=False)
+    with pytest.raises(RuntimeError, match="no batch"):
+        train(cfg)
+    assert not os.path.exists(os.path.join(cfg.out, "checkpoint.pt"))
+    assert "data error" not in capsys.readouterr().err
+
+
 def test_an_ignored_ctrl_c_stays_ignored(tiny_config, monkeypatch, capsys):
     """A run whose SIGINT is ignored (a background job without job control) runs on."""
     cfg = tiny_config(max_steps=6, checkpoint_every=5)
