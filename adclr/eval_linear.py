@@ -10,6 +10,9 @@ once, and a logistic regression solved to convergence on them; not DINO's number
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 import sys
 import time
 
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .checkpoint import WriteError, write_atomically
 from .data import BUILTIN, crop, default_num_workers, normalize, random_resized_box, warn_unreadable
 from .features import (CenterCrops, autocast, backbone_for_eval, collate, extract_features, open_labelled_splits,
                        run_data)
@@ -163,7 +167,8 @@ class NoReadableImages(ValueError):
 
 
 def linear_protocol(backbone, train_set, val_set, num_classes, epochs=100, batch_size=128, lr=LINEAR_LR,
-                    n_last_blocks=4, avgpool=False, val_freq=1, device="cpu", num_workers=0, seed=0):
+                    n_last_blocks=4, avgpool=False, val_freq=1, device="cpu", num_workers=0, seed=0,
+                    progress=None):
     """DINO's linear evaluation. Returns {"accuracy": the last validation's, "best_accuracy":
     the best over validations, "train_images", "val_images": how many were readable}.
 
@@ -173,6 +178,11 @@ def linear_protocol(backbone, train_set, val_set, num_classes, epochs=100, batch
     no feature cache), validated on `val_set` every `val_freq` epochs and after the last.
     Unreadable files are skipped with one warning each; NoReadableImages if a split has
     none that can be read.
+
+    `progress`: a file that keeps the evaluation after each epoch (the classifier, SGD,
+    the schedule, the shuffle's generator, the scores so far), from which a rerun goes on
+    where it stopped, as the uninterrupted run would have (the crops are a function of the
+    epoch); removed once the last epoch is scored. None: nothing kept.
     """
     device = torch.device(device)
     torch.manual_seed(seed)
@@ -181,27 +191,87 @@ def linear_protocol(backbone, train_set, val_set, num_classes, epochs=100, batch
     torch.nn.init.zeros_(classifier.bias)
     optimizer = torch.optim.SGD(classifier.parameters(), lr=lr * batch_size / 256, momentum=0.9, weight_decay=0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=0)
+    shuffle = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                                         collate_fn=collate, generator=torch.Generator().manual_seed(seed))
+                                         collate_fn=collate, generator=shuffle)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=collate)
     features = functools.partial(_frozen_features, backbone, n_last_blocks, avgpool, device)
-    train_warned, val_warned = set(), set()  # unreadable files already reported, over all epochs
-    accuracy, best = None, 0.0
-    for epoch in range(epochs):
-        t0 = time.perf_counter()
-        train_set.epoch = epoch  # read by the workers, which the loader starts anew each epoch
-        loss, seen = _train_epoch(classifier, optimizer, loader, features, train_warned)
-        schedule.step()
-        line = f"linear epoch {epoch + 1}/{epochs} | loss {loss:.4f}"
-        if train_warned:
-            line += f" | {len(train_warned)} unreadable image{'s' * (len(train_warned) != 1)} skipped"
-        if (epoch + 1) % val_freq == 0 or epoch + 1 == epochs:
-            accuracy, val_seen = _validate(classifier, val_loader, features, val_warned)
-            best = max(best, accuracy)
-            line += f" | val {100 * accuracy:.2f}% (best {100 * best:.2f}%)"
-        print(f"{line} | {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
-    return {"accuracy": accuracy, "best_accuracy": best, "train_images": seen, "val_images": val_seen}
+    parts = {"classifier": classifier, "optimizer": optimizer, "schedule": schedule}
+    # scores: the last validation's accuracy, the best, the images trained on and scored;
+    # warned: the unreadable files already reported, over all epochs
+    start, scores, warned = _resume_linear(progress, parts, shuffle, epochs)
+    try:
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            train_set.epoch = epoch  # read by the workers, which the loader starts anew each epoch
+            loss, scores["train_images"] = _train_epoch(classifier, optimizer, loader, features, warned["train"])
+            schedule.step()
+            line = f"linear epoch {epoch + 1}/{epochs} | loss {loss:.4f}"
+            if warned["train"]:
+                line += f" | {len(warned['train'])} unreadable image{'s' * (len(warned['train']) != 1)} skipped"
+            if (epoch + 1) % val_freq == 0 or epoch + 1 == epochs:
+                scores["accuracy"], scores["val_images"] = _validate(classifier, val_loader, features, warned["val"])
+                scores["best_accuracy"] = max(scores["best_accuracy"], scores["accuracy"])
+                line += f" | val {100 * scores['accuracy']:.2f}% (best {100 * scores['best_accuracy']:.2f}%)"
+            print(f"{line} | {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+            if progress and epoch + 1 < epochs:
+                progress = _keep_linear(progress, epoch + 1, parts, shuffle, scores, warned)
+    except KeyboardInterrupt:
+        if progress and os.path.exists(progress):
+            print(f"\ninterrupted: the epochs done are kept in {progress}; rerun the same command to resume",
+                  file=sys.stderr)
+        raise
+    if progress and os.path.exists(progress):
+        os.remove(progress)
+    return scores
+
+
+def _resume_linear(progress, parts, shuffle, epochs):
+    """(The first epoch to run, the scores, the unreadable files reported) of a fresh
+    evaluation, or of the one kept in `progress`, whose state is loaded into `parts` and
+    `shuffle`. A file that cannot be read is said and set aside: the evaluation starts over."""
+    scores = {"accuracy": None, "best_accuracy": 0.0, "train_images": 0, "val_images": 0}
+    fresh = 0, scores, {"train": set(), "val": set()}
+    if not progress or not os.path.exists(progress):
+        return fresh
+    try:
+        state = torch.load(progress, map_location="cpu", weights_only=True)
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        shuffle.set_state(state["shuffle"])
+        start, scores = state["epoch"], state["scores"]
+    except Exception as error:  # noqa: BLE001: a file from elsewhere, a version with other parts
+        print(f"warning: cannot resume from {progress} ({type(error).__name__}: {error}); starting over",
+              file=sys.stderr)
+        return fresh
+    print(f"linear: resuming at epoch {start + 1}/{epochs} from {progress}", file=sys.stderr)
+    return start, scores, {k: set(v) for k, v in state["warned"].items()}
+
+
+def _keep_linear(progress, epoch, parts, shuffle, scores, warned):
+    """Write the evaluation after `epoch` epochs to `progress`; returns the path to keep
+    writing to, or None (said once) where the system refuses the write."""
+    state = {name: part.state_dict() for name, part in parts.items()}
+    state |= {"epoch": epoch, "shuffle": shuffle.get_state(), "scores": dict(scores),
+              "warned": {k: sorted(v) for k, v in warned.items()}}
+    try:
+        write_atomically(progress, lambda f: torch.save(state, f))
+    except WriteError as error:
+        print(f"warning: {error}; an interrupted evaluation will start over", file=sys.stderr)
+        return None
+    return progress
+
+
+def linear_progress_path(checkpoint, settings):
+    """The file beside `checkpoint` that keeps a linear evaluation of it with `settings`
+    (a JSON-able dict): its name holds their hash, and the checkpoint file's size and time,
+    so that other settings, or a checkpoint rewritten since (a run still training), never
+    resume another's."""
+    info = os.stat(checkpoint)
+    key = json.dumps({**settings, "checkpoint": os.path.abspath(checkpoint), "size": info.st_size,
+                      "mtime_ns": info.st_mtime_ns}, sort_keys=True)
+    return f"{os.path.splitext(checkpoint)[0]}.eval-linear-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
 
 
 def _frozen_features(backbone, n_last_blocks, avgpool, device, images):
@@ -280,9 +350,12 @@ def evaluate_linear(checkpoint, data=None, weights="teacher", image_size=None, b
                                                                    flush=True))}
     train_set, val_set = RandomResizedCrops(train_images, size, limit), CenterCrops(val_images, size, limit)
     num_classes = max(1, len(train_images.classes))  # a folder without class folders is one class
+    settings = {"weights": weights, "data": data if data in ("", *BUILTIN) else os.path.abspath(data), "size": size,
+                "limit": limit, "batch_size": batch_size, "lr": lr, "val_freq": val_freq, **features}
+    progress = linear_progress_path(checkpoint, settings)
     try:
         measured = linear_protocol(backbone, train_set, val_set, num_classes, epochs, batch_size, lr,
-                                   n, avgpool, val_freq, device, workers)
+                                   n, avgpool, val_freq, device, workers, progress=progress)
     except NoReadableImages as error:
         raise SystemExit(f"error: {flag} {data}: {error}") from None
     return {**result, **measured, **features, "lr": lr * batch_size / 256, "batch_size": batch_size}

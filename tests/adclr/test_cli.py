@@ -686,8 +686,8 @@ def test_dino_linear_protocol_labels_val_by_train_class_names(checkpoint_bytes, 
     image_folder(data / "train", per_class=2)
     shutil.copytree(data / "train" / "b", data / "val" / "b")
     seen = []
-    monkeypatch.setattr(adclr.eval_linear, "linear_protocol", lambda backbone, train_set, val_set, num_classes, *a:
-                        seen.append((num_classes, [val_set[i][1] for i in range(len(val_set))])) or {})
+    monkeypatch.setattr(adclr.eval_linear, "linear_protocol", lambda backbone, train_set, val_set, num_classes, *a,
+                        **kw: seen.append((num_classes, [val_set[i][1] for i in range(len(val_set))])) or {})
     assert run(["eval", "linear", "--checkpoint", str(good), "--data", str(data)], capsys)[0] == 0
     assert seen == [(2, [1, 1])]
 

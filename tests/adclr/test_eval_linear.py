@@ -1,8 +1,11 @@
 """DINO's linear protocol: its features, its training view, its optimiser and schedule,
-and the few epochs it takes on the built-in data on a CPU; the cached-feature probe: its
+the few epochs it takes on the built-in data on a CPU, its resume; the cached-feature probe: its
 features, its fit to convergence and its choice of L2 weight without the test split."""
 
+import glob
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -118,10 +121,89 @@ def test_linear_protocol_features_have_dino_s_width(monkeypatch):
 @pytest.mark.parametrize("data", [None, "builtin:scenes", "builtin:shapes"])
 def test_linear_on_any_builtin_set_on_cpu_takes_a_few_epochs(data, tiny_checkpoint, monkeypatch, capsys):
     seen = []
-    monkeypatch.setattr(adclr.eval_linear, "linear_protocol", lambda *args: seen.append(args[4]) or {})
+    monkeypatch.setattr(adclr.eval_linear, "linear_protocol", lambda *args, **kwargs: seen.append(args[4]) or {})
     main(["eval", "linear", "--checkpoint", tiny_checkpoint, "--limit", "4", "--num-workers", "0", "--device", "cpu",
           *(["--data", data] if data else [])])  # no --data: the run's, builtin:scenes
     assert seen == [adclr.eval_linear.BUILTIN_CPU_LINEAR_EPOCHS] and "epochs (DINO's 100" in capsys.readouterr().err
+
+
+def linear_eval(checkpoint, capsys):
+    """(The JSON record, the epoch lines without their times, all of stderr) of a 4-epoch
+    `eval linear` of `checkpoint` on 8 built-in images per split."""
+    main(["eval", "linear", "--checkpoint", str(checkpoint), "--limit", "8", "--epochs", "4", "--batch-size", "4",
+          "--num-workers", "0", "--device", "cpu", "--lr", "0.5"])
+    out, err = capsys.readouterr()
+    epochs = [line.rsplit(" | ", 1)[0] for line in err.splitlines() if line.startswith("linear epoch")]
+    return json.loads(out), epochs, err
+
+
+def interrupt_in_epoch(monkeypatch, n):
+    real = adclr.eval_linear._train_epoch
+    calls = []
+
+    def train_epoch(*args):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(adclr.eval_linear, "_train_epoch", train_epoch)
+
+
+@pytest.mark.parametrize("kept", ["whole", "unreadable"])
+def test_an_interrupted_linear_evaluation_resumes_where_it_stopped(kept, tiny_checkpoint, tmp_path, monkeypatch,
+                                                                   capsys):
+    """DINO's protocol runs 100 epochs over ImageNet: an interrupt or a crash lost them all.
+    Each epoch is kept beside the checkpoint; the rerun goes on from the last one kept, as
+    the uninterrupted evaluation would have, and leaves nothing behind once it ends. A
+    kept file that cannot be read is said, and the evaluation starts over."""
+    checkpoint = shutil.copy(tiny_checkpoint, tmp_path / "checkpoint.pt")
+    whole, whole_epochs, _ = linear_eval(checkpoint, capsys)
+    assert glob.glob(str(tmp_path / "*eval-linear*")) == []
+    interrupt_in_epoch(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        linear_eval(checkpoint, capsys)
+    [progress] = glob.glob(str(tmp_path / "checkpoint.eval-linear-*.pt"))
+    assert (f"interrupted: the epochs done are kept in {progress}; rerun the same command to resume"
+            in capsys.readouterr().err)
+    monkeypatch.undo()
+    if kept == "unreadable":
+        with open(progress, "wb") as f:
+            f.write(b"not a state")
+    resumed, resumed_epochs, err = linear_eval(checkpoint, capsys)
+    assert resumed == whole and glob.glob(str(tmp_path / "*eval-linear*")) == []
+    if kept == "whole":
+        assert f"linear: resuming at epoch 3/4 from {progress}" in err and resumed_epochs == whole_epochs[2:]
+    else:
+        assert f"warning: cannot resume from {progress} (" in err and resumed_epochs == whole_epochs
+
+
+def test_other_settings_or_a_rewritten_checkpoint_do_not_resume_a_kept_evaluation(tiny_checkpoint, tmp_path,
+                                                                                 monkeypatch, capsys):
+    checkpoint = shutil.copy(tiny_checkpoint, tmp_path / "checkpoint.pt")
+    interrupt_in_epoch(monkeypatch, 2)
+    with pytest.raises(SystemExit):
+        linear_eval(checkpoint, capsys)
+    monkeypatch.undo()
+    main(["eval", "linear", "--checkpoint", str(checkpoint), "--limit", "8", "--epochs", "4", "--batch-size", "4",
+          "--num-workers", "0", "--device", "cpu", "--lr", "0.25"])
+    assert "resuming" not in capsys.readouterr().err
+    shutil.copy(tiny_checkpoint, checkpoint)  # as a run that goes on training rewrites it
+    assert "resuming" not in linear_eval(checkpoint, capsys)[2]
+    assert len(glob.glob(str(tmp_path / "checkpoint.eval-linear-*.pt"))) == 1  # the first, still kept
+
+
+def test_a_linear_evaluation_that_cannot_keep_its_epochs_says_so_once_and_runs(tiny_checkpoint, tmp_path,
+                                                                              monkeypatch, capsys):
+    """A checkpoint in a folder it may not write to (downloaded weights, a shared run)."""
+    def refused(path, write):
+        raise adclr.eval_linear.WriteError(f"cannot write {path}: permission denied")
+
+    checkpoint = shutil.copy(tiny_checkpoint, tmp_path / "checkpoint.pt")
+    monkeypatch.setattr(adclr.eval_linear, "write_atomically", refused)
+    result, epochs, err = linear_eval(checkpoint, capsys)
+    assert len(epochs) == 4 and 0 <= result["accuracy"] <= 1
+    assert err.count("warning: cannot write ") == 1 and "an interrupted evaluation will start over" in err
 
 
 def separable(n=300, dim=32, seed=0):
