@@ -909,6 +909,7 @@ class Run:
         self.stopping = False  # the run is stopping: what is left is its save and its exit
         self.stopped_by = "interrupted"  # or "terminated" (SIGTERM): the stop's message and exit code
         self.in_save = False  # writing a checkpoint: a Ctrl-C waits for the write
+        self.fetching = False  # in the loader's next(): where a dead worker may raise
         self.t0, self.images_since = time.perf_counter(), 0
         self.data_wait, self.intervals, self.wait_warned = 0.0, 0, False  # data_wait: seconds in next(data)
         self.flops = step_flops(self.cfg, self.cfg.batch_size // world)[0]  # one process's share
@@ -919,7 +920,7 @@ class Run:
     def steps(self, data):
         """Run the remaining steps on the batches of `data`; on an interrupt, or data that
         fails between steps, keep what was done."""
-        previous = self.finish_the_step_on_a_stop()
+        previous = self.finish_the_step_on_a_stop() | self.leave_a_dead_worker_to_the_loader()
         try:
             for step in range(self.completed, self.trainer.total_steps):
                 self.step(*self.next_batch(data), step)
@@ -986,6 +987,25 @@ class Run:
 
         return _handle_stops(on_stop)
 
+    def leave_a_dead_worker_to_the_loader(self):
+        """Let torch's SIGCHLD handler, which raises where it lands when a loader worker dies
+        (the kernel's OOM killer), run only while the loader is asked for a batch: inside a
+        step the state would be half-updated, inside a save the file unwritten, and nothing
+        could be saved. Elsewhere the loader's next call finds the dead worker itself (its
+        status check, within 5 s) and raises there, where `next_batch` saves the steps done.
+        Returns {SIGCHLD: the handler to put back}, or {} where there is none (no workers)
+        or this is not the main thread."""
+        handler = signal.getsignal(signal.SIGCHLD)
+        if not callable(handler) or threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def on_child(signum, frame):
+            if self.fetching:
+                handler(signum, frame)
+
+        signal.signal(signal.SIGCHLD, on_child)
+        return {signal.SIGCHLD: handler}
+
     def escalates(self, signum):
         """Whether a repeated signal stops the run at once, without its save: a Ctrl-C a
         second or more after the first (a person's second press). Not a SIGTERM: SLURM
@@ -1027,9 +1047,12 @@ class Run:
         under DDP left the other processes waiting in the next all-reduce."""
         asked, error, batch = time.perf_counter(), None, None
         try:
+            self.fetching = True
             raw = next(data)
         except Exception as failure:  # noqa: BLE001: whatever the loader raises
             error = failure
+        finally:
+            self.fetching = False
         self.data_wait += time.perf_counter() - asked
         if error is None and not self.signalled:
             try:

@@ -425,6 +425,50 @@ def test_a_data_error_before_the_first_step_is_the_error_alone(tiny_config, monk
     assert "data error" not in capsys.readouterr().err
 
 
+# `adclr train` whose fourth step says so on stderr, then takes a second: time for the
+# test to kill a loader worker inside it.
+SLOW_FOURTH_STEP = """
+import sys, time
+import adclr.train
+from adclr.cli import main
+
+real_step = adclr.train.train_step
+
+def step(trainer, batch, step):
+    if step == 3:
+        print("inside step 4", file=sys.stderr, flush=True)
+        time.sleep(1.0)
+    return real_step(trainer, batch, step)
+
+adclr.train.train_step = step
+main(sys.argv[1:])
+"""
+
+
+def test_a_loader_worker_killed_inside_a_step_stops_the_run_after_it_with_a_save(tmp_path):
+    """The kernel's OOM killer ends a loader worker mostly while the process is inside a step:
+    torch's SIGCHLD handler raised its error there, mid-step, and nothing was saved. The
+    step now finishes; the loader's next call finds the dead worker and the run saves."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "run")
+    argv = [sys.executable, "-c", SLOW_FOURTH_STEP, "train", *TINY, "--out", out, "--max-steps", "50",
+            "--num-workers", "1", "--checkpoint-every", "1000"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("inside step 4"):
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                [worker] = f.read().split()
+            os.kill(int(worker), signal.SIGKILL)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1, err
+    assert err.splitlines()[-1].startswith(f"RuntimeError: DataLoader worker (pid(s) {worker}) exited unexpectedly")
+    step = load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"]
+    assert step >= 4 and f"data error: saved step {step} to " in err
+
+
 def test_an_ignored_ctrl_c_stays_ignored(tiny_config, monkeypatch, capsys):
     """A run whose SIGINT is ignored (a background job without job control) runs on."""
     cfg = tiny_config(max_steps=6, checkpoint_every=5)
