@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (the device tool): the CUDA correctness suite, the
-# benchmarks and their reports, the static model's calibration and the tile-config
-# sweep, each stage under its own time limit so that one slow or failing stage costs
-# only itself.
+# The CUDA correctness suite, the benchmarks and their reports, the static model's
+# calibration and the tile-config sweep in one call, each stage under its own time
+# limit so that one slow or failing stage costs only itself.
 #
-#   here, once:  pip download --no-deps -d .wheels kornia kornia_rs xformers   # no network there
-#                plus torchvision for --decode gpu: the release that matches the device's torch
-#                (0.26 for torch 2.11), from the PyTorch index of its CUDA (e.g. .../whl/cu130)
-#   device run:  bash bench/gpu_session.sh [STAGE ...]      (carry: [".wheels"])
+#   your own GPU:  bash bench/gpu_session.sh [STAGE ...]
+#                  (LIMIT_SCALE=3 on a GPU slower than the H200 the limits were set on,
+#                   an A100 say: every stage's limit times 3)
+#   a lent one:    here, once: pip download --no-deps -d .wheels kornia kornia_rs xformers
+#                  (no network there), plus torchvision for --decode gpu: the release that
+#                  matches the device's torch (0.26 for torch 2.11), from the PyTorch index
+#                  of its CUDA (e.g. .../whl/cu130); then on the device, with carry [".wheels"]:
+#                  BUDGET=570 bash bench/gpu_session.sh [STAGE ...]
 #
 # First run (H200, 2026-11-26; bench/NOTES.md): tests ~150 s (most of it compiling),
 # ops 30 s, train 40 s, calibrate 30 s, opsflex 40 s, tune 100 s, head 25 s, plus about
 # 35 s to start the machine. The stages added since have not run, and their limits are
-# generous: together the limits pass a lease (15 minutes, at most 10 a call). So each
-# call has a budget, BUDGET seconds (default 570: a device call's 600 less the archive),
-# and a stage runs under the smaller of its limit and what is left of it; a stage with
-# under 30 s left is skipped and said so. Name the stages in order of value.
+# generous: together the limits pass a lent machine's lease (15 minutes, at most 10 a
+# call). So a call may have a budget, BUDGET seconds (570 there: a device call's 600 less
+# the archive; unset or 0, none), and a stage runs under the smaller of its limit and
+# what is left of it; a stage with under 30 s left is skipped and said so. Name the
+# stages in order of value.
 #
 # Stages (default: all, in this order): tests ops train calibrate opsflex trainflex tune
 # head input profile wholestep traincompiled. Not in the default list, run on its own:
@@ -30,9 +34,10 @@
 # wholestep checks the whole-step graph on the GPU (compiles once per freeze state,
 # no CUDA graph skipped, losses within bf16 of eager). The limits of input, profile
 # and wholestep are estimates until they have run once (bench/NOTES.md).
-# Everything lands in $OUT/results.tgz (bench/results/<device>/... once unpacked here)
-# and a one-line-per-stage $OUT/summary.txt; the archive is rewritten after each stage,
-# so a call cut short still returns what finished.
+# Everything lands under $COLLECT (default /tmp/adclr-results) as bench/results/<device>/...
+# (copy it into a checkout to commit it), also packed in $OUT/results.tgz (default
+# /tmp/adclr-out), with a one-line-per-stage $OUT/summary.txt; the archive is rewritten
+# after each stage, so a call cut short still returns what finished.
 set -uo pipefail
 STAGES="tests ops train calibrate opsflex trainflex tune head input profile wholestep traincompiled"
 asked="$*"  # "tests ops" as one argument too
@@ -45,6 +50,13 @@ for one in $asked; do
   esac
 done
 set +f
+BUDGET=${BUDGET:-0}
+LIMIT_SCALE=${LIMIT_SCALE:-1}
+case "$BUDGET $LIMIT_SCALE" in
+  *[!0-9\ ]* | *" 0"*) echo "BUDGET takes a whole number of seconds (0: none), LIMIT_SCALE one of at least 1" \
+                             "(BUDGET='$BUDGET', LIMIT_SCALE='$LIMIT_SCALE'): nothing run" >&2
+                        exit 2 ;;
+esac
 OUT=${OUT:-/tmp/adclr-out}
 mkdir -p "$OUT" && touch "$OUT/summary.txt"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -66,18 +78,21 @@ mkdir -p "$RES"
   echo "cpus $(nproc)"; df -h /dev/shm | tail -1   # loader workers hand batches over in /dev/shm
 } 2>&1 | tee "$RES/versions.txt"
 
-BUDGET=${BUDGET:-570}
 stage() {  # stage NAME LIMIT_S COMMAND...
-  local name=$1 limit=$2; shift 2
-  local left=$((BUDGET - SECONDS))
-  if [ "$left" -lt 30 ]; then
-    echo "$name: skipped, ${left} s of the call's ${BUDGET} s budget left" | tee -a "$OUT/summary.txt"
-    return
+  local name=$1 limit=$(($2 * LIMIT_SCALE)); shift 2
+  if [ "$BUDGET" -gt 0 ]; then
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 30 ]; then
+      echo "$name: skipped, ${left} s of the call's ${BUDGET} s budget left" | tee -a "$OUT/summary.txt"
+      return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
   fi
-  [ "$limit" -gt "$left" ] && limit=$left
   local start=$SECONDS
   echo "== $name (limit ${limit} s): $*"
-  timeout -k 10 "$limit" "$@" >"$RES/$name.log" 2>&1
+  # SIGINT, not timeout's SIGTERM: pytest then ends its session, and pytest-benchmark
+  # writes the JSON of the benchmarks that finished (on SIGTERM, none).
+  timeout -s INT -k 10 "$limit" "$@" >"$RES/$name.log" 2>&1
   local rc=$?
   echo "$name: rc $rc, $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
   tail -n 6 "$RES/$name.log"

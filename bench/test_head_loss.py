@@ -40,7 +40,8 @@ def test_head_loss(measure, path):
         with autocast:
             return unfused_step(inputs) if path == "unfused" else fused_step(inputs, path.split("-")[1])
 
-    model_bytes, _ = static_peak_bytes(WORKLOAD, path, 2 if ON_CUDA else 4)
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count if ON_CUDA else 132
+    model_bytes, _ = static_peak_bytes(WORKLOAD, path, 2 if ON_CUDA else 4, sms=sms)
     measure(fn, mode="head+loss forward+backward", group=f"head+loss | {WORKLOAD.id}", backend=path,
             workload=WORKLOAD, flops=useful_flops(WORKLOAD), flop_convention_head=FLOP_CONVENTION,
             static_peak_memory_bytes=model_bytes,

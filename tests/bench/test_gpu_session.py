@@ -17,12 +17,15 @@ case "$*" in
   *get_device_name*) echo Fake_GPU ;;
   *"import pytest_timeout"*) exit "$STUB_NO_TIMEOUT" ;;
   *"import "*) echo stub ;;
-  *) echo "$*" >> "$STUB_LOG"; sleep "$STUB_SLEEP" ;;
+  *) echo "$*" >> "$STUB_LOG"
+     trap 'echo "signal INT" >> "$STUB_LOG"; kill $!; exit 130' INT
+     trap 'echo "signal TERM" >> "$STUB_LOG"; kill $!; exit 143' TERM
+     sleep "$STUB_SLEEP" & wait $! ;;
 esac
 """
 
 
-def session(tmp_path, *stages, budget=570, sleep=0, pytest_timeout=False):
+def session(tmp_path, *stages, budget=570, sleep=0, pytest_timeout=False, **env_vars):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, text in (("python", STUB_PYTHON), ("nvidia-smi", "#!/usr/bin/env bash\necho stub\n")):
@@ -31,7 +34,9 @@ def session(tmp_path, *stages, budget=570, sleep=0, pytest_timeout=False):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
            "STUB_LOG": str(tmp_path / "ran"), "STUB_SLEEP": str(sleep), "BUDGET": str(budget),
            "STUB_NO_TIMEOUT": "0" if pytest_timeout else "1",
-           "COLLECT": str(tmp_path / "collect")}
+           "COLLECT": str(tmp_path / "collect"), **env_vars}
+    if budget is None:
+        del env["BUDGET"]
     proc = subprocess.run(["bash", "bench/gpu_session.sh", *stages], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     ran = (tmp_path / "ran").read_text().splitlines() if (tmp_path / "ran").exists() else []
@@ -73,3 +78,31 @@ def test_stages_past_the_budget_are_skipped_and_said_so(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     assert summary[0].startswith("tests: rc 0") and len(ran) == 1
     assert [line.split(",")[0] for line in summary[1:]] == ["ops: skipped", "train: skipped"]
+
+
+@pytest.mark.parametrize("scale", [None, "3"])
+def test_on_ones_own_gpu_no_budget_and_limits_scaled(tmp_path, scale):
+    """Run on one's own node (no BUDGET), no stage is skipped, however long the call; on a
+    slower GPU than the one the limits were set on, LIMIT_SCALE stretches each of them."""
+    proc, ran = session(tmp_path, "tests", "ops", "train", budget=None, sleep=12,
+                        **({"LIMIT_SCALE": scale} if scale else {}))
+    assert proc.returncode == 0, proc.stderr
+    assert len(ran) == 3 and "skipped" not in (tmp_path / "out" / "summary.txt").read_text()
+    factor = int(scale or 1)
+    assert [line.split(":")[0] for line in proc.stdout.splitlines() if line.startswith("== ")] == [
+        f"== tests (limit {200 * factor} s)", f"== ops (limit {120 * factor} s)", f"== train (limit {100 * factor} s)"]
+
+
+@pytest.mark.parametrize("budget,scale", [("ten", "1"), ("570", "0"), ("570", "1.5")])
+def test_a_budget_or_scale_that_is_not_a_whole_number_runs_nothing(tmp_path, budget, scale):
+    proc, ran = session(tmp_path, "tests", budget=budget, LIMIT_SCALE=scale)
+    assert proc.returncode == 2 and "nothing run" in proc.stderr and ran == []
+
+
+def test_a_stage_past_its_limit_is_interrupted_so_pytest_keeps_what_finished(tmp_path):
+    """timeout's SIGTERM ended pytest without its session's end, where pytest-benchmark
+    writes its JSON: a stage cut short returned no figure at all. SIGINT lets it end."""
+    proc, ran = session(tmp_path, "calibrate", budget=40, sleep=60)
+    assert proc.returncode == 0, proc.stderr
+    assert ran[1:] == ["signal INT"], ran
+    assert (tmp_path / "out" / "summary.txt").read_text().startswith("calibrate: rc 124,")  # timeout's own
