@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import record_function
 
-from adclr_kernels.backends import TRITON_INSTALLED
+from adclr_kernels.backends import TRITON_AVAILABLE
 
 from .checkpoint import (LOCK, CheckpointError, FolderInUse, WriteError, all_rng_states, check_resumable, copy_atomically,
                          folder_lock, load_checkpoint, make_folder, not_a_file, restore, save_checkpoint,
@@ -153,7 +153,7 @@ def build(cfg, device, steps_per_epoch=1000):
         raise ValueError(problem)
     # Packing pays where the backend has a real varlen kernel; the PyTorch backends would
     # loop over sequences, so "auto" packs only for Triton on CUDA.
-    pack = cfg.pack_crops == "on" or (cfg.pack_crops == "auto" and device.type == "cuda" and TRITON_INSTALLED
+    pack = cfg.pack_crops == "on" or (cfg.pack_crops == "auto" and device.type == "cuda" and TRITON_AVAILABLE
                                       and cfg.attention in ("auto", "triton"))
     student = _model(cfg, device, cfg.drop_path, pack)
     teacher = _model(cfg, device, 0.0, pack)  # DINO's teacher has no stochastic depth

@@ -17,11 +17,11 @@ import numbers
 import torch
 
 from . import attention_torch
-from .backends import FLOAT_DTYPES, TRITON_INSTALLED, resolve
+from .backends import FLOAT_DTYPES, TRITON_AVAILABLE, resolve
 from .mask import QueryMask
 from .varlen import VarlenLayout
 
-if TRITON_INSTALLED:  # else resolve() never picks it, and backend="triton" raises there
+if TRITON_AVAILABLE:  # else resolve() never picks it, and backend="triton" raises there
     from . import attention_triton
     from .attention_triton import (triton_attention, triton_qkvpacked_attention, varlen_schedule,
                                    varlen_tables)

@@ -8,6 +8,7 @@ backend that runs, or raises, naming the reason, before anything is launched.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -19,13 +20,22 @@ FLOAT_DTYPES = TRITON_DTYPES + (torch.float64,)
 TRITON_MAX_DIM = 256  # the widest head (attention) or feature row (DINO loss) the kernels take
 
 
-# PyPI has Triton for Linux only (torch's CUDA builds there bring it). Without it the
-# PyTorch backends run, "auto" picks them, and backend="triton" says why it cannot.
+# PyPI has Triton for Linux only (torch's CUDA builds there bring it). Without it, or with
+# one older than the kernels are tested with, the PyTorch backends run, "auto" picks them,
+# and backend="triton" says why it cannot (TRITON_PROBLEM). 3.6 is the floor: 3.5.1's
+# compiler fails on one of the kernels for sm_80, and 3.3 has no triton.knobs.
+TRITON_FLOOR = (3, 6)
 try:
-    import triton  # noqa: F401  (the kernels' modules import it next)
-    TRITON_INSTALLED = True
+    import triton  # (the kernels' modules import it next)
+
+    _version = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
+    TRITON_PROBLEM = None if _version >= TRITON_FLOOR else (
+        f"needs triton {'.'.join(map(str, TRITON_FLOOR))} or later, and {triton.__version__} is installed here "
+        "(torch 2.10 and later bring one with their CUDA builds)")
 except ImportError:
-    TRITON_INSTALLED = False
+    TRITON_PROBLEM = ("needs the triton package, which is not installed here (PyPI has it for Linux, "
+                      "where torch's CUDA builds bring it: pip install triton)")
+TRITON_AVAILABLE = TRITON_PROBLEM is None
 
 
 def triton_interpreter_enabled() -> bool:
@@ -70,10 +80,8 @@ def check_backend_name(backend, known=BACKENDS):
 def check_triton_device(device, what="tensors"):
     """Raise unless Triton kernels can run on `device`: CUDA, meta (shapes traced through
     the custom ops' fake implementations), or CPU in Triton's interpreter."""
-    if not TRITON_INSTALLED:
-        raise RuntimeError("backend='triton' needs the triton package, which is not installed here "
-                           "(PyPI has it for Linux, where torch's CUDA builds bring it: pip install "
-                           "triton); the PyTorch backends run without it")
+    if not TRITON_AVAILABLE:
+        raise RuntimeError(f"backend='triton' {TRITON_PROBLEM}; the PyTorch backends run without it")
     if device.type == "cpu" and triton_interpreter_enabled() and not INTERPRETED_AT_IMPORT:
         raise RuntimeError("backend='triton' on CPU: TRITON_INTERPRET=1 was set after "
                            "adclr_kernels was imported, when its kernels were already made "
@@ -97,7 +105,7 @@ def resolve(backend, x, *, known=BACKENDS, fallback="sdpa", dtype=None, dim_name
     dtype = x.dtype if dtype is None else dtype
     dim = x.shape[-1]
     if backend == "auto":
-        if TRITON_INSTALLED and x.is_cuda and dtype in TRITON_DTYPES and dim <= TRITON_MAX_DIM:
+        if TRITON_AVAILABLE and x.is_cuda and dtype in TRITON_DTYPES and dim <= TRITON_MAX_DIM:
             return "triton"
         return fallback
     if backend == "triton":

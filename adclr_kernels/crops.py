@@ -44,9 +44,9 @@ import torch
 
 from . import crops_torch
 from .backends import CROPS_BACKENDS as BACKENDS
-from .backends import TRITON_INSTALLED, check_backend_name, check_triton_device
+from .backends import TRITON_AVAILABLE, check_backend_name, check_triton_device
 
-if TRITON_INSTALLED:  # else "auto" never picks it, and backend="triton" raises
+if TRITON_AVAILABLE:  # else "auto" never picks it, and backend="triton" raises
     from . import crops_triton
 
 Tensor = torch.Tensor
@@ -215,7 +215,7 @@ def _check_flips(flips, boxes, device):
 def _resolve_backend(backend, device):
     check_backend_name(backend, BACKENDS)
     if backend == "auto":
-        return "triton" if TRITON_INSTALLED and device.type == "cuda" else "torch"
+        return "triton" if TRITON_AVAILABLE and device.type == "cuda" else "torch"
     if backend == "triton":
         check_triton_device(device, "images")
     return backend

@@ -54,10 +54,10 @@ import numbers
 
 import torch
 
-from .backends import DINO_LOSS_BACKENDS, FLOAT_DTYPES, TRITON_INSTALLED, resolve
+from .backends import DINO_LOSS_BACKENDS, FLOAT_DTYPES, TRITON_AVAILABLE, resolve
 from .dino_loss_torch import effective_weight, row_softmax_chunked, weight_grad_chunked
 
-if TRITON_INSTALLED:  # else resolve() never picks it, and backend="triton" raises there
+if TRITON_AVAILABLE:  # else resolve() never picks it, and backend="triton" raises there
     from ._triton_common import LOG2E
     from .dino_loss_triton import row_softmax, weight_grad
 
