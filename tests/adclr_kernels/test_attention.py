@@ -9,7 +9,7 @@ import torch
 from adclr_kernels import unidirectional_attention, unidirectional_attention_qkvpacked
 from adclr_kernels.attention_torch import dense_masked_attention
 from kernel_testing import (DEVICE, ON_CUDA, OPTION_SETS, assert_rel_close, backend_param, make_qkv,
-                            mask_of, on_device, option_id, options)
+                            mask_of, on_device, option_id, options, reference_grads)
 
 
 def test_auto_picks_triton_on_cuda_and_a_pytorch_path_on_cpu(monkeypatch):
@@ -125,6 +125,23 @@ def test_qkvpacked_errors_word_the_shape_of_qkv():
         unidirectional_attention_qkvpacked(qkv, 3)
 
 
+# A bad call that differs from a good one only where the memory of checked calls must
+# tell them apart (True == 1 and 4.0 == 4 as dictionary keys).
+LIKE_A_GOOD_CALL = [
+    ("option an int", dict(query_sees_prefix=True), dict(query_sees_prefix=1), TypeError,
+     "query_sees_prefix must be a Python bool, got int 1"),
+    ("P a bool", dict(num_prefix=1), dict(num_prefix=True), TypeError, "num_prefix must be an int"),
+    ("Q a float", dict(num_queries=4), dict(num_queries=4.0), TypeError, "num_queries must be an int"),
+]
+
+
+@pytest.mark.parametrize("case,good,bad,exc,msg", LIKE_A_GOOD_CALL, ids=[c[0] for c in LIKE_A_GOOD_CALL])
+def test_a_bad_call_like_a_checked_good_one_is_still_refused(case, good, bad, exc, msg):
+    unidirectional_attention(**_good(**good))
+    with pytest.raises(exc, match=re.escape(msg)):
+        unidirectional_attention(**_good(**bad))
+
+
 @pytest.mark.skipif(ON_CUDA, reason="checks the CPU-only errors")
 def test_backends_unavailable_on_cpu_say_why(monkeypatch):
     args = _good()
@@ -133,8 +150,9 @@ def test_backends_unavailable_on_cpu_say_why(monkeypatch):
         unidirectional_attention(**args, backend="triton")
     with pytest.raises(RuntimeError, match="xformers"):
         unidirectional_attention(**args, backend="xformers")
+    unidirectional_attention(**args, backend="flex")  # no gradient asked for: runs, and is remembered
     leaves = {n: args[n].detach().requires_grad_() for n in "qkv"}
-    with pytest.raises(RuntimeError, match="no backward on CPU"):
+    with pytest.raises(RuntimeError, match="no backward on CPU"):  # the same call but for requires_grad
         unidirectional_attention(**{**args, **leaves}, backend="flex")
 
 
@@ -228,6 +246,29 @@ def test_a_lone_query_token_sees_only_itself(backend):
     with _no_grad_if_flex_on_cpu(backend):
         out = unidirectional_attention(q, k, v, 1, 0, query_sees_self=True, backend=backend)
     torch.testing.assert_close(out, v)
+
+
+@pytest.mark.parametrize("scale", [0.3, 2.5])
+@pytest.mark.parametrize("opt_set", OPTION_SETS, ids=option_id)
+@pytest.mark.parametrize("backend", EDGE_BACKENDS)
+def test_every_backend_takes_a_custom_scale(backend, opt_set, scale):
+    """In the scores of every row and in the backward: a backend that dropped it matched
+    float64 at the default scale all the same. (0 is refused: the bad inputs above.)"""
+    opts = options(opt_set)
+    q, k, v = make_qkv(1, 2, 1, 70, 5, 32, opts, dtype=torch.float32)
+    kw = dict(num_queries=5, num_prefix=1, scale=scale)
+    want, want_grads = reference_grads(dense_masked_attention, q.double(), k.double(), v.double(),
+                                       torch.ones(q.shape, dtype=torch.float64, device=DEVICE),
+                                       mask=mask_of(opts), **kw)
+    if backend == "flex" and not ON_CUDA:
+        with torch.no_grad():
+            assert_rel_close("out", unidirectional_attention(q, k, v, backend=backend, **kw, **opts), want)
+        return
+    out, grads = reference_grads(unidirectional_attention, q, k, v, torch.ones_like(q), backend=backend,
+                                 **kw, **opts)
+    assert_rel_close("out", out, want, tol=1e-4 if ON_CUDA else 1e-5)
+    for name, got, expected in zip("qkv", grads, want_grads):
+        assert_rel_close(f"d{name}", got, expected, tol=1e-4 if ON_CUDA else 1e-5)
 
 
 # ---------------------------------------------------------------------------------------

@@ -303,15 +303,6 @@ def test_empty_batch():
     assert leaves[1].grad.shape == k.shape
 
 
-@pytest.mark.parametrize("scale", [0.3, 2.5])
-def test_custom_scale(scale):
-    # (0 is refused by every backend: test_attention.py's bad inputs.)
-    opts = options(OPTION_SETS[0])
-    q, k, v = make_qkv(1, 2, 1, 70, 5, 32, opts, dtype=torch.float32)
-    out = unidirectional_attention(q, k, v, 5, scale=scale, backend="triton")
-    assert_rel_close("out", out, dense_masked_attention(q.double(), k.double(), v.double(), 5, 1,
-                                                        scale=scale))
-
 # ---------------------------------------------------------------------------------------
 # The custom ops: opcheck, torch.compile, and the eager path beside them
 # ---------------------------------------------------------------------------------------

@@ -245,6 +245,8 @@ UNSYNCED_BAD = [
      dict(num_queries=_i32(10, 3), num_prefix=0, query_sees_prefix=True),
      r"attend to nothing: it has no raw tokens; query_sees_prefix adds nothing"),
     ("max_seqlen too small", dict(max_seqlen=11), r"max_seqlen \(11\) is smaller"),
+    ("no room for the prefix", dict(num_queries=_i32(10, 3), query_sees_self=True),
+     r"num_prefix \(1\) exceeds the visible tokens"),
 ]
 
 
@@ -288,6 +290,8 @@ LAYOUT_BAD = [
     ("num_queries twice", dict(call_num_queries=3), ValueError, "num_queries comes from the VarlenLayout"),
     ("max_seqlen disagrees", dict(max_seqlen=20), ValueError, r"max_seqlen comes from the VarlenLayout \(12\)"),
     ("no room for the prefix", dict(seqlens=[0, 22], num_queries=0), ValueError, "num_prefix \\(1\\) exceeds"),
+    ("no room for the prefix beside the queries", dict(seqlens=[3, 19]), ValueError,
+     r"num_prefix \(1\) exceeds the 0 visible tokens of sequence 0"),
 ]
 
 
