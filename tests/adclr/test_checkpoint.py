@@ -18,6 +18,7 @@ from trainer_testing import TINY, read_metrics, run
 
 import adclr.checkpoint
 from adclr.checkpoint import FolderInUse, folder_lock, load_checkpoint, write_atomically
+from adclr.config import Config
 from adclr.train import train
 
 
@@ -166,6 +167,29 @@ def test_resume_with_different_settings_is_refused(tiny_config):
         train(dataclasses.replace(cfg, num_queries=5))
 
 
+# The flags docs/training.md says may change on resume, and --out, the run's folder.
+MAY_CHANGE_ON_RESUME = {"out", "data", "epochs", "max_steps", "device", "num_workers", "decode", "attention",
+                        "pack_crops", "fused_head_loss", "compile", "precision", "peak_tflops", "log_every",
+                        "checkpoint_every", "saveckp_freq"}
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(Config)])
+def test_only_the_documented_flags_may_change_on_resume(field):
+    """Any other change (--seed, --lambda-query, ...) is refused, naming the flag alone."""
+    saved = Config()
+    value = getattr(saved, field)
+    changed = (not value if isinstance(value, bool) else value + "x" if isinstance(value, str)
+               else (value[0] / 2, value[1]) if isinstance(value, tuple) else value + 1)
+    now = dataclasses.replace(saved, **{field: changed})
+    if field in MAY_CHANGE_ON_RESUME:
+        adclr.checkpoint.check_resumable(now, dataclasses.asdict(saved))
+        return
+    with pytest.raises(SystemExit) as refused:
+        adclr.checkpoint.check_resumable(now, dataclasses.asdict(saved))
+    flag = "--" + field.replace("_", "-")
+    assert str(refused.value).splitlines()[1:-1] == [f"  {flag}: checkpoint {value!r}, now {changed!r}"]
+
+
 def test_a_rerun_with_nothing_to_do_leaves_config_json_as_it_was(tiny_config, capsys):
     cfg = tiny_config(max_steps=3)
     train(cfg)
@@ -181,8 +205,6 @@ def test_a_rerun_with_nothing_to_do_leaves_config_json_as_it_was(tiny_config, ca
 def test_a_refusal_after_a_run_on_own_data_says_when_data_was_left_out():
     """A run trained on a folder, resumed by a command without --data: the built-in data's
     demo settings made the differences, and the refusal says so."""
-    from adclr.config import Config
-
     saved = dataclasses.asdict(Config(data="/photos", batch_size=64))
     with pytest.raises(SystemExit) as refused:
         adclr.checkpoint.check_resumable(Config(out="runs/own", data="builtin", batch_size=32), saved)

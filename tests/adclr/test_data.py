@@ -6,9 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from adclr.data import (Augment, DecodeOnlyDataset, ImageFolder, MultiCropDataset, SegmentationFolder, StepBatches,
-                        SyntheticFewShapeScenes, SyntheticGreyGroundScenes, SyntheticScenes, SyntheticShapeScenes, SyntheticShapes, normalize, open_dataset, open_segmentation,
-                        replacement, synthetic_batch)
+from adclr.data import (Augment, DecodeOnlyDataset, ImageFolder, MultiCropDataset, SegmentationFolder,
+                        StepBatches, SyntheticFewShapeScenes, SyntheticGreyGroundScenes, SyntheticScenes,
+                        SyntheticShapeScenes, SyntheticShapes, TorchStream, normalize, open_dataset,
+                        open_segmentation, random_resized_box, random_resized_box_from, replacement,
+                        synthetic_batch, train_loader)
 
 
 def test_builtin_dataset_is_deterministic_with_masks():
@@ -83,6 +85,8 @@ def test_step_batches_shard_and_resume():
     assert full.steps_per_epoch == 6
     epoch0 = [i for batch in first[:6] for i, _ in batch]
     assert len(set(epoch0)) == 48  # no image twice in an epoch
+    seeds = [seed for batch in first for _, seed in batch]
+    assert len(set(seeds)) == 80  # every sample its own crops, within a step and across epochs
     resumed = iter(StepBatches(50, 8, 3, start_step=7))
     assert next(resumed) == first[7] and next(resumed) == first[8]
     ranks = [next(iter(StepBatches(50, 8, 3, rank=r, world_size=2, start_step=2))) for r in (0, 1)]
@@ -91,6 +95,24 @@ def test_step_batches_shard_and_resume():
         StepBatches(50, 8, 0, world_size=3)
     with pytest.raises(ValueError, match="fewer than one batch"):
         StepBatches(5, 8, 0)
+
+
+@pytest.mark.parametrize("box, source", [(random_resized_box, lambda seed: torch.Generator().manual_seed(seed)),
+                                         (random_resized_box_from, lambda seed: TorchStream().seed(seed))],
+                         ids=["torch", "stream"])
+def test_a_box_can_sit_anywhere_in_the_image(box, source):
+    """A 3x3 box (scale 9/30, square) in a 6x5 image: every left in 0..3 and top in 0..2 occurs."""
+    boxes = {box(6, 5, (0.3, 0.3), source(seed), ratio=(1, 1)) for seed in range(200)}
+    assert {(right - left, bottom - top) for left, top, right, bottom in boxes} == {(3, 3)}
+    assert {left for left, *_ in boxes} == set(range(4)) and {top for _, top, *_ in boxes} == set(range(3))
+
+
+@pytest.mark.parametrize("decode", ["pillow", "cpu"])
+def test_train_loader_crops_at_the_configured_scales(decode, tiny_config):
+    cfg = tiny_config(global_scale=(0.5, 0.9), local_scale=(0.1, 0.3), query_scale=(0.02, 0.04))
+    loader, _ = train_loader(cfg, decode=decode)
+    dataset = loader.dataset
+    assert (dataset.global_scale, dataset.local_scale, dataset.query_scale) == ((0.5, 0.9), (0.1, 0.3), (0.02, 0.04))
 
 
 def test_augment_output_matches_the_synthetic_batch_structure():
@@ -138,19 +160,25 @@ def test_builtin_square_and_diamond_are_different_shapes():
     assert max(box_fill(diamond + 10 * k) for k in range(30)) < 0.6
 
 
-def test_blur_is_dino_absolute_sigma_for_every_crop_kind():
-    """DINO blurs with a PIL radius (a sigma in pixels) uniform in (0.1, 2.0) whatever the
-    crop size, locals included, with probability 1.0 / 0.1 / 0.5 for view A / view B / locals."""
-    import kornia.augmentation as K
-
+def test_augment_is_dinos_with_absolute_blur_sigma_for_every_crop_kind():
+    """DINO's DataAugmentationDINO: flip, colour jitter (0.4, 0.4, 0.2, 0.1) p=0.8 and
+    grayscale p=0.2 on every crop, then blur p=1.0 / 0.1 / 0.5 for view A / view B / locals,
+    and solarize p=0.2 on view B alone. The blur's PIL radius (a sigma in pixels) is
+    uniform in (0.1, 2.0) whatever the crop size, locals included."""
     ds = MultiCropDataset(SyntheticShapes("train", length=64), 32, 16, 8, 2, 1)
     raw = torch.utils.data.default_collate([ds[(i, i)] for i in range(64)])
     augment = Augment()
     torch.manual_seed(0)
     augment(raw)
-    for pipeline, p, crops in ((augment.view_a, 1.0, 64), (augment.view_b, 0.1, 64), (augment.local, 0.5, 128)):
-        (blur,) = [op for op in pipeline if isinstance(op, K.RandomGaussianBlur)]
-        assert blur.p == p
+    for pipeline, p, solarize, crops in ((augment.view_a, 1.0, [], 64),
+                                         (augment.view_b, 0.1, [("RandomSolarize", 0.2)], 64),
+                                         (augment.local, 0.5, [], 128)):
+        assert [(type(op).__name__, op.p) for op in pipeline] == [
+            ("RandomHorizontalFlip", 0.5), ("ColorJitter", 0.8), ("RandomGrayscale", 0.2),
+            ("RandomGaussianBlur", p)] + solarize
+        jitter = pipeline[1]
+        assert (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue) == (0.4, 0.4, 0.2, 0.1)
+        blur = pipeline[3]
         sigma = blur._params["sigma"]  # the sigma drawn for each crop of this call
         assert sigma.shape == (crops,) and sigma.min() >= 0.1 and sigma.max() <= 2.0
         assert sigma.max() > 1.8 and sigma.min() < 0.3  # the whole range, not scaled to 32 or 16 px

@@ -6,7 +6,8 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from adclr import Config, build, train_step
 from adclr.data import synthetic_batch
-from adclr.flops import attention_pairs, mfu, peak_tflops, step_flops
+from adclr.flops import PAIR_FLOPS_PER_LOGIT, SOFTMAX_FLOPS_PER_LOGIT, attention_pairs, mfu, peak_tflops, step_flops
+from adclr_kernels.dino_loss import dino_pairing
 
 # FlopCounterMode counts by aten op; which of our terms each op carries on the tiny
 # CPU step (reference attention: explicit matmuls, so bmm is the attention alone).
@@ -104,6 +105,20 @@ def test_breakdown_sums_and_scales(tiny_config):
     assert all(v > 0 for v in breakdown.values())
     double, _ = step_flops(cfg, batch_size=2 * cfg.batch_size)
     assert double == 2 * total  # every term is per image
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_local_crops": 0}, {"lambda_query": 0.0}])
+def test_loss_counts_the_pairs_the_loss_takes(tiny_config, overrides):
+    """Softmaxes over every teacher and student row (the student's again in the backward),
+    and the cross-entropy over each (teacher row, student row) pair that dino_pairing
+    weighs, forward and backward: never a view against itself."""
+    cfg = tiny_config(**overrides)
+    B, Q, views = cfg.batch_size, cfg.num_queries if cfg.lambda_query else 0, 2 + cfg.num_local_crops
+    pairs = B * sum(w > 0 for row in dino_pairing(views) for w in row) + B * Q * sum(
+        w > 0 for row in dino_pairing(2) for w in row)
+    teacher_rows, student_rows = 2 * B * (1 + Q), views * B + 2 * B * Q
+    per_logit = SOFTMAX_FLOPS_PER_LOGIT * (teacher_rows + 2 * student_rows) + 2 * PAIR_FLOPS_PER_LOGIT * pairs
+    assert step_flops(cfg)[1]["loss"] == per_logit * cfg.out_dim
 
 
 def test_vit_small_step():

@@ -505,6 +505,59 @@ def test_schedules(tiny_config):
     assert all(a["lr"] >= b["lr"] for a, b in zip(s[20:], s[21:]))  # cosine decay after warm-up
 
 
+def test_epochs_to_steps_rounds():
+    # 0.29 * 100 is 28.999999999999996 in floats: truncated, the warm-up would lose a step.
+    assert adclr.train.epochs_to_steps(0.29, 100) == 29
+    assert adclr.train.epochs_to_steps(0.5, 3) == 2 and adclr.train.epochs_to_steps(0.01, 10) == 0
+
+
+def test_weight_decay_spares_biases_and_norms_and_follows_its_schedule(tiny_config):
+    """DINO's get_params_groups: no weight decay on biases and 1-D (norm) parameters; the
+    step writes the scheduled decay into the other group only."""
+    from adclr.data import synthetic_batch
+
+    cfg = tiny_config()
+    trainer = adclr.train.build(cfg, "cpu")
+    decay, no_decay = trainer.optimizer.param_groups
+    names = {p: name for name, p in trainer.student_module.named_parameters()}
+    undecayed = {names[p] for p in no_decay["params"]}
+    assert {"backbone.norm.weight", "backbone.blocks.0.norm1.weight", "backbone.blocks.1.norm2.bias"} <= undecayed
+    assert undecayed == {name for name in names.values() if name.endswith(".bias") or ".norm" in name}
+    assert len(decay["params"]) + len(undecayed) == len(names)  # cls_token and pos_embed decayed, as DINO's
+    batch = synthetic_batch(cfg, 4, "cpu")
+    for step in range(3):
+        adclr.train.train_step(trainer, batch, step)
+        assert decay["weight_decay"] == trainer.schedule(step)["weight_decay"]
+        assert no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] > 0.2  # the schedule has moved on from 0.04
+
+
+def test_the_teacher_is_the_students_ema_at_the_scheduled_momentum(tiny_config):
+    from adclr.data import synthetic_batch
+
+    cfg = tiny_config(momentum_teacher=0.6, base_lr=1.0, warmup_epochs=0)  # steps that move the student far
+    trainer = adclr.train.build(cfg, "cpu")
+    batch = synthetic_batch(cfg, 4, "cpu")
+    for step in range(3):  # from step 1 on the teacher is no longer the student, and m rises from 0.6
+        before = [p.detach().clone() for p in trainer.teacher_params]
+        adclr.train.train_step(trainer, batch, step)
+        m = trainer.schedule(step)["momentum"]
+        for old, teacher, student in zip(before, trainer.teacher_params, trainer.student_params):
+            torch.testing.assert_close(teacher, m * old + (1 - m) * student.detach())
+
+
+def test_both_global_views_get_their_own_images_query_crops(tiny_config):
+    """Row j of the global views is image j % B of view j // B; its query crops must be image j % B's."""
+    from adclr.data import synthetic_batch
+
+    cfg = tiny_config()
+    batch = synthetic_batch(cfg, 4, "cpu")
+    globals_, queries, local = adclr.train._inputs(adclr.train.build(cfg, "cpu"), batch)
+    assert globals_ is batch["globals"] and local is batch["locals"]
+    assert torch.equal(queries, torch.cat([batch["queries"], batch["queries"]]))
+    plain = adclr.train._inputs(adclr.train.build(tiny_config(lambda_query=0.0), "cpu"), batch)
+    assert plain[1] is None  # lambda 0: DINO, no query tokens
+
 
 def test_endless_warm_ups_are_warm_ups_not_overflows(tiny_config):
     """--warmup-epochs 1e308 (or the teacher's) times the steps per epoch is beyond a float:
@@ -516,20 +569,23 @@ def test_endless_warm_ups_are_warm_ups_not_overflows(tiny_config):
         assert s["lr"] == pytest.approx(5e-4 * 8 / 256 * step / 100)  # warm-up capped at the run's length
         assert s["teacher_temp"] == pytest.approx(0.04)
 
-def test_last_layer_is_frozen_in_the_first_epoch(tiny_config):
+
+@pytest.mark.parametrize("method, heads", [("adclr", ["head"]), ("densecl", ["head", "dense_head"])],
+                         ids=["adclr", "densecl"])
+def test_last_layer_is_frozen_in_the_first_epoch(tiny_config, method, heads):
     from adclr.data import synthetic_batch
 
-    cfg = tiny_config(freeze_last_layer_epochs=1)
+    cfg = tiny_config(freeze_last_layer_epochs=1, method=method)
     trainer = adclr.train.build(cfg, "cpu", steps_per_epoch=2)
     batch = synthetic_batch(cfg, 4, "cpu")
-    last = trainer.student_module.head.last_layer.weight
+    last = [getattr(trainer.student_module, head).last_layer.weight for head in heads]
     first_mlp = trainer.student_module.head.mlp[0].weight
-    w0, m0 = last.detach().clone(), first_mlp.detach().clone()
+    w0, m0 = [w.detach().clone() for w in last], first_mlp.detach().clone()
     adclr.train.train_step(trainer, batch, 0)
     adclr.train.train_step(trainer, batch, 1)
-    assert torch.equal(last, w0) and not torch.equal(first_mlp, m0)
+    assert all(torch.equal(w, w_0) for w, w_0 in zip(last, w0)) and not torch.equal(first_mlp, m0)
     adclr.train.train_step(trainer, batch, 2)
-    assert not torch.equal(last, w0)
+    assert not any(torch.equal(w, w_0) for w, w_0 in zip(last, w0))
 
 
 def test_warm_up_longer_than_the_run_is_reported(tiny_config, capsys):
@@ -623,6 +679,23 @@ def test_precision(tiny_config, precision, dtype):
     assert train(dataclasses.replace(cfg, max_steps=4)) == 4
     with pytest.raises(ValueError, match="--precision: invalid choice: 'fp8'"):
         adclr.train.build(tiny_config(precision="fp8"), "cpu")
+
+
+def test_fp16_clips_and_logs_the_unscaled_gradients(tiny_config):
+    """The gradient scaler's factor is taken out before clipping: an fp16 step's gradient
+    norm is the fp32 step's, not the scale times it."""
+    from adclr.data import synthetic_batch
+
+    cfg = tiny_config(drop_path=0.0, head_hidden_dim=64, head_bottleneck_dim=32)  # a deterministic step
+    batch = synthetic_batch(cfg, 4, "cpu", generator=torch.Generator().manual_seed(0))
+    norms = {}
+    for precision in ("fp32", "fp16"):
+        trainer = adclr.train.build(dataclasses.replace(cfg, precision=precision), "cpu")
+        if trainer.scaler:  # a scale the fp16 gradients hold without overflow: the step is not skipped
+            trainer.scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+        norms[precision] = adclr.train.train_step(trainer, batch, 0)["grad_norm"].item()
+    assert trainer.scaler.get_scale() == 16.0  # no inf: the scale stayed
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.03)
 
 
 def test_numbered_snapshots_and_config_json(tiny_config, tmp_path, monkeypatch):
