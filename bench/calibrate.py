@@ -64,8 +64,10 @@ def markdown(rows, meta):
     return "\n".join(lines) + "\n"
 
 
-def measure(workloads, rounds=20):
-    """{(workload id, kernel name): device µs per call} of the op's Triton kernels."""
+def measure(workloads, rounds=20, on_workload=None):
+    """{(workload id, kernel name): device µs per call} of the op's Triton kernels, and each
+    workload's launch configs; on_workload(measured, configs) after each workload (to save
+    what is measured so far: a run cut short keeps it)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -107,6 +109,8 @@ def measure(workloads, rounds=20):
             out[(w.id, name)] = total / rounds
         print(f"  {w.id}: " + ", ".join(f"{n.strip('_')} {t / rounds:.1f} us"
                                         for n, t in sorted(totals.items())), file=sys.stderr)
+        if on_workload:
+            on_workload(out, configs)
     return out, configs
 
 
@@ -337,17 +341,20 @@ def main(argv=None):
     measured_ceilings = ceilings()
     print("ceilings: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
                                    for k, v in measured_ceilings.items()), file=sys.stderr)
-    measured, configs = measure(STATIC_WORKLOADS, args.rounds)
-    rows = join(measured, static["kernels"], f"sm_{10 * major + minor}")
     meta = dict(device=device, when=time.strftime("%Y-%m-%d"), torch=torch.__version__,
                 triton=triton.__version__, static=args.static,
                 command="python -m bench.calibrate " + " ".join(argv or sys.argv[1:]),
                 ceilings=measured_ceilings)
     out = Path(args.out or Path(__file__).parent / "results" / device.replace(" ", "_"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration.json").write_text(json.dumps(dict(meta=meta, rows=rows, configs=configs),
-                                                     indent=1))
-    (out / "calibration.md").write_text(markdown(rows, meta))
+
+    def write(measured, configs):  # after every workload: a run cut short keeps what it measured
+        rows = join(measured, static["kernels"], f"sm_{10 * major + minor}")
+        (out / "calibration.json").write_text(json.dumps(dict(meta=meta, rows=rows, configs=configs),
+                                                         indent=1))
+        (out / "calibration.md").write_text(markdown(rows, meta))
+
+    write(*measure(STATIC_WORKLOADS, args.rounds, on_workload=write))
     print(f"wrote {out / 'calibration.md'}", file=sys.stderr)
 
 

@@ -53,3 +53,31 @@ def test_fit_replays_a_calibration_recorded_before_newer_config_keys(tmp_path):
     assert fitted["meta"]["left_out"] == [f"{keep} _renamed_since_kernel"]
     assert "1 of 4 measured kernels are not launched" in proc.stderr
     assert "so left out: vit_b16_global_d128-b128 _renamed_since_kernel." in (tmp_path / "fit.md").read_text()
+
+
+def test_a_measurement_cut_short_keeps_the_workloads_it_measured(tmp_path, monkeypatch):
+    """The GPU session stops a stage at its time limit: calibration.json was written once, at
+    the end, so a cut-short run returned nothing. It is rewritten after each workload."""
+    import json
+
+    import pytest
+    import torch
+
+    import bench.calibrate
+
+    def measure(workloads, rounds, on_workload):  # the first workload measured, then the limit
+        on_workload({("w-b1", "_unidirectional_fwd_kernel"): 75.0}, {"w-b1": {"fwd": {}}})
+        raise KeyboardInterrupt
+
+    for name, value in (("is_available", lambda: True), ("get_device_name", lambda: "Fake GPU"),
+                        ("get_device_capability", lambda: (9, 0))):
+        monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setattr(bench.calibrate, "ceilings", lambda: dict(bf16_matmul_tflops=700.0, copy_tb_per_s=4.0,
+                                                                  matmul="stand-in", copy="stand-in"))
+    monkeypatch.setattr(bench.calibrate, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        bench.calibrate.main(["--out", str(tmp_path)])
+    kept = json.loads((tmp_path / "calibration.json").read_text())
+    assert [(r["workload"], r["kernel"], r["measured_us"]) for r in kept["rows"]] == [
+        ("w-b1", "_unidirectional_fwd_kernel", 75.0)]
+    assert "| w-b1 | unidirectional_fwd_kernel | 75.0 |" in (tmp_path / "calibration.md").read_text()
