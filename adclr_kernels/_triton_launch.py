@@ -25,14 +25,13 @@ import operator
 import os
 
 import torch
-import triton
 from triton import knobs
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 _LIMIT = 1024  # keys per kernel before the table starts over (a sweep of shapes)
-# The launcher's calling convention and the knobs the key reads, as in Triton 3.6 to 3.9.
-_TESTED = tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 6)
+# The launcher's calling convention and the knobs the key reads are Triton 3.6's to 3.9's;
+# an older Triton never reaches this module (backends.TRITON_FLOOR sets it aside).
 
 
 _DTYPE, _DATA_PTR = operator.attrgetter("dtype"), operator.methodcaller("data_ptr")
@@ -107,7 +106,7 @@ class FastLaunchFunction(JITFunction):
 def fast_launch(kernel):
     """`kernel`, launching its compiled specializations directly after their first
     launch; unchanged unless it is a plain `JITFunction` (the interpreter's kernels are not)."""
-    if type(kernel) is JITFunction and _TESTED and os.environ.get("ADCLR_FAST_LAUNCH", "1") != "0":
+    if type(kernel) is JITFunction and os.environ.get("ADCLR_FAST_LAUNCH", "1") != "0":
         kernel.__class__ = FastLaunchFunction
         kernel._launches, kernel._splits = {}, {}
     return kernel

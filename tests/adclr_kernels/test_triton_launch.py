@@ -170,18 +170,6 @@ def test_the_environment_can_turn_fast_launch_off(monkeypatch):
     assert fast_launch(kernel) is kernel and type(kernel) is JITFunction
 
 
-def test_a_triton_older_than_3_6_keeps_its_own_path(monkeypatch):
-    """Triton 3.5's launcher and knobs differ (its compile knobs have no instrumentation
-    mode): the fast path would fail at the first relaunch."""
-    import adclr_kernels._triton_launch as launch
-
-    monkeypatch.setattr(launch, "_TESTED", False)
-    kernel = JITFunction(_kernel)
-    assert fast_launch(kernel) is kernel and type(kernel) is JITFunction
-    monkeypatch.setattr(launch, "_TESTED", True)
-    assert type(fast_launch(JITFunction(_kernel))) is FastLaunchFunction
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="launches compiled kernels")
 def test_fast_launch_on_the_gpu_gives_what_tritons_path_gives(monkeypatch):
     # The op's forward and backward through Triton's path (tables emptied), then again
