@@ -58,15 +58,29 @@ def corrupt(kind, good, tmp_path):
         state["step"], reason = "1", "is not an adclr checkpoint ('step' is '1', not a step number)"
     elif kind == "negative skipped count":
         state["skipped_images"], reason = -1, "is not an adclr checkpoint ('skipped_images' is -1, not a count)"
+    elif kind == "step of type bool":  # a bool is an int to isinstance
+        state["step"], reason = True, "is not an adclr checkpoint ('step' is True, not a step number)"
+    elif kind == "negative image count":
+        state["images"], reason = -1, "is not an adclr checkpoint ('images' is -1, not a count)"
     elif kind == "weights of the wrong type":
         state["teacher"] = list(state["teacher"].values())
         reason = "is not an adclr checkpoint ('teacher' is not a dict of tensors)"
+    elif kind == "centres of the wrong type":
+        state["loss"] = list(state["loss"].values())
+        reason = "is not an adclr checkpoint ('loss' is not a dict of tensors)"
     elif kind == "config of the wrong type":
         state["config"]["arch"] = "resnet50"
         reason = "is not an adclr checkpoint ('config' is not an adclr train config)"
     elif kind == "scaler of the wrong type":
         state["scaler"] = {"scale": "big"}
         reason = "is not an adclr checkpoint ('scaler' is not a gradient scaler state dict)"
+    elif kind == "infinite scaler value":
+        state["scaler"] = {"scale": float("inf")}
+        reason = "is not an adclr checkpoint ('scaler' is not a gradient scaler state dict)"
+    elif kind == "NaN in the optimizer state":
+        i, moments = next(iter(state["optimizer"]["state"].items()))
+        moments["exp_avg"].view(-1)[0] = float("nan")
+        reason = f"holds non-finite values (NaN or inf) in optimizer state of parameter {i}: the run it comes from"
     elif kind == "NaN weights":
         state["teacher"]["backbone.blocks.0.attn.qkv.weight"][0, 0] = float("nan")
         reason = ("holds non-finite values (NaN or inf) in teacher['backbone.blocks.0.attn.qkv.weight']: the run "
@@ -98,10 +112,13 @@ RNG_STATES = {
     "CPU RNG state not a tensor": lambda states: {**states, "cpu": "x"},
     "CPU RNG state of the wrong size": lambda states: {**states, "cpu": states["cpu"][:3]},
     "CPU RNG state of the wrong dtype": lambda states: {**states, "cpu": states["cpu"].float()},
+    "CUDA RNG state not a tensor": lambda states: {**states, "cuda": ["x"]},
 }
 CORRUPTIONS = ["empty", "truncated", "random bytes", "text", "disallowed global", "not a dict", "missing keys",
-               "step of the wrong type", "negative skipped count", "weights of the wrong type", "config of the wrong type",
-               "scaler of the wrong type", "NaN weights", *SAVED_CONFIGS, *RNG_STATES,
+               "step of the wrong type", "negative skipped count", "step of type bool", "negative image count",
+               "weights of the wrong type", "centres of the wrong type", "config of the wrong type",
+               "scaler of the wrong type", "infinite scaler value", "NaN weights", "NaN in the optimizer state",
+               *SAVED_CONFIGS, *RNG_STATES,
                "wrong shapes"]
 
 
@@ -374,6 +391,7 @@ def test_write_atomically_never_replaces_what_is_not_a_file(kind, tmp_path):
 
 
 def test_folder_lock_is_held_for_the_block_and_dropped_with_its_process(tmp_path):
+    (tmp_path / ".lock").write_text("4194304 the-longer-host-name-of-an-earlier-run\n")  # replaced, not overwritten
     with folder_lock(str(tmp_path)):
         with pytest.raises(FolderInUse, match=f"^{tmp_path} is in use by another adclr run "
                                               f"\\(process {os.getpid()} on {socket.gethostname()}\\)$"):

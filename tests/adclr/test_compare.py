@@ -1,6 +1,7 @@
 """`adclr compare` and `adclr sweep` on a tiny budget: paired runs, the tables, a resume that
 redoes nothing, and the attention measures on backbones whose attention is known."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -13,7 +14,7 @@ import torch
 import adclr.compare
 import adclr.data
 import adclr.features
-from adclr.checkpoint import load_checkpoint
+from adclr.checkpoint import load_checkpoint, rng_states, save_checkpoint
 from adclr.cli import main
 from adclr.config import Config
 from adclr.model import build_backbone
@@ -361,6 +362,19 @@ def test_sweep_checks_the_runs_in_out_before_scoring(tmp_path, monkeypatch, caps
     assert exit.value.code.startswith("error: the grid point teacher_temp=0.04: --data builtin:scenes: ")
 
 
+def test_a_refused_run_leaves_random_inits_checkpoint_of_other_settings_in_place(tmp_path):
+    """The trained runs are checked first: random init's checkpoint, made again when its
+    settings are not these, must still be there when a trained run of the seed is refused."""
+    cfg = Config(**{**adclr.compare.PRESET, "out": str(tmp_path)})
+    for method in ("random", "dino"):
+        run = adclr.compare._run(dataclasses.replace(cfg, image_size=48), 0, method)
+        os.makedirs(run.out)
+        save_checkpoint(build(run, "cpu"), os.path.join(run.out, "checkpoint.pt"), 0, [rng_states()])
+    with pytest.raises(SystemExit, match="holds a different run"):
+        adclr.compare._check_runs_in_out(cfg, [0], adclr.compare.METHODS)
+    assert os.path.exists(tmp_path / "seed0" / "random" / "checkpoint.pt")
+
+
 def test_compare_other_methods_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(adclr.compare, "linear_accuracy", functools.partial(adclr.compare.linear_accuracy, epochs=2))
     monkeypatch.setattr(adclr.compare, "dense_probe", functools.partial(adclr.compare.dense_probe, epochs=1))
@@ -387,3 +401,29 @@ def test_one_seed_gives_means_alone_and_no_negative_zero():
     assert "| ADCLR − DINO (paired by seed) | 0.0 | 0.0 | 0.0 | 0.0 |" in text
     two = adclr.compare.table({**results, 1: results[0]}, [0, 1])
     assert "| ADCLR | 50.0 ± 0.0 | 25.0 ± 0.0 | 12.5 ± 0.0 | 75.0 ± 0.0 |" in two
+
+
+def test_the_paired_difference_is_adclr_minus_dino_with_the_sample_spread():
+    def scores(knn):
+        return {"knn": knn, "linear": 0.5, "miou": 0.5, "pixel_accuracy": 0.5}
+
+    results = {seed: {"random": scores(0.1), "dino": scores(0.4), "adclr": scores(0.4 + gain)}
+               for seed, gain in ((0, 0.1), (1, 0.3))}
+    rows = [line for line in adclr.compare.table(results, [0, 1]).splitlines() if line.startswith("| ADCLR − DINO")]
+    assert rows == ["| ADCLR − DINO (paired by seed) | 20.0 ± 14.1 | 0.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 |"]
+    # A gain is the mean over seeds and metrics: k-NN +30 points for DINO, +40 and +60 for ADCLR.
+    assert adclr.compare.gains(results, [0, 1]) == pytest.approx({"dino": 30 / 3, "adclr": 50 / 3})
+
+
+def test_score_takes_k_nn_on_the_last_blocks_cls_token(monkeypatch):
+    """The probe's features are the CLS tokens of the last blocks, concatenated; DINO's k-NN
+    runs on the last one alone."""
+    features, labels = torch.randn(6, 128), torch.arange(6) % 3  # vit_test: 2 blocks of 64
+    monkeypatch.setattr(adclr.compare, "cached_probe_features",
+                        lambda *args: (features, features, labels, features, labels))
+    monkeypatch.setattr(adclr.compare, "dense_probe", lambda *args, **kwargs: {"miou": 0.0, "pixel_accuracy": 0.0})
+    monkeypatch.setattr(adclr.compare, "linear_accuracy", lambda *args, **kwargs: 0.0)
+    banks = []
+    monkeypatch.setattr(adclr.compare, "knn_accuracy", lambda bank, *args: banks.append(bank) or {20: 0.0})
+    adclr.compare.score(build_backbone("vit_test", 32, 8), Config(**{**adclr.compare.PRESET, "out": "unused"}), 6)
+    assert torch.equal(banks[0], features[:, 64:])

@@ -9,7 +9,7 @@ from PIL import Image
 
 from adclr.cli import main
 from adclr.eval_dense import (IGNORE, NUM_LABELS, SegmentationCrops, confusion_matrix, default_dense_data, dense_probe,
-                              patch_features, patch_majority, scores)
+                              patch_features, patch_majority, scores, train_probe)
 from adclr.model import build_backbone
 
 PATCH, GRID, BLOCK = 8, 8, 16  # 64 px images, 4 x 4 blocks of 2 x 2 patches
@@ -98,8 +98,9 @@ def test_patch_majority_labels_each_cell_with_its_most_frequent_class():
     assert torch.equal(confusion, expected)
     # A grid that does not divide the mask: every non-IGNORE pixel counted once.
     assert patch_majority(torch.randint(0, 3, (5, 3), dtype=torch.uint8), (2, 2)).sum() == 15
-    # A grid as fine as the pixels reproduces the mask.
+    # A grid as fine as the pixels reproduces the mask, a grid of other height and width too.
     assert scores(patch_majority(mask, (4, 4)))["miou"] == 1.0
+    assert scores(patch_majority(torch.arange(6, dtype=torch.uint8).view(2, 3), (2, 3)))["miou"] == 1.0
 
 
 def test_a_constant_backbone_gets_chance():
@@ -124,6 +125,16 @@ def test_scores_and_ignore_index():
     # class 0: intersection 2, union 3; class 1: intersection 2, union 3.
     assert result["iou"] == pytest.approx({0: 2 / 3, 1: 2 / 3})
     assert result["miou"] == pytest.approx(2 / 3) and result["pixel_accuracy"] == pytest.approx(4 / 5)
+    # A class predicted but absent from the ground truth counts, with its IoU of 0.
+    confusion[1, 2] = 1
+    assert scores(confusion)["iou"] == pytest.approx({0: 2 / 3, 1: 2 / 4, 2: 0})
+
+
+def test_a_constant_feature_channel_leaves_the_probe_finite():
+    """Standardising divides by each channel's spread, which is 0 for a channel that never changes."""
+    features = torch.cat([torch.randn(4, 2, 2, 3), torch.ones(4, 2, 2, 1)], -1)
+    probe = train_probe(features, torch.zeros(4, 8, 8, dtype=torch.uint8), 2, epochs=1, batch_size=4)
+    assert torch.isfinite(probe(features)).all()
 
 
 def test_logits_are_upsampled_to_each_masks_own_size():

@@ -33,6 +33,8 @@ def test_linear_features_follow_dino_s_rule():
         pooled = probe_features(model, x, 1, True)
     torch.testing.assert_close(concat, torch.cat([layers[0][:, 0], layers[1][:, 0]], 1))
     torch.testing.assert_close(pooled, torch.cat([layers[1][:, 0], layers[1][:, 1:].mean(1)], 1))
+    both = probe_features(model, x, 2, True)  # the mean patch token of the last block only
+    torch.testing.assert_close(both, torch.cat([concat, layers[1][:, 1:].mean(1)], 1))
 
 
 class Colours:
@@ -127,6 +129,39 @@ def test_linear_on_any_builtin_set_on_cpu_takes_a_few_epochs(data, tiny_checkpoi
     assert seen == [adclr.eval_linear.BUILTIN_CPU_LINEAR_EPOCHS] and "epochs (DINO's 100" in capsys.readouterr().err
 
 
+def test_validation_every_val_freq_epochs_and_what_a_resume_keeps(tmp_path, monkeypatch, capsys):
+    """Validated after epochs 2 and 4 of 4 (0-based 1 and 3), with an interrupt in epoch 4
+    between them: best_accuracy is the best of every validation, those before the resume
+    too, and an unreadable file is reported once over both runs."""
+    class OneUnreadable(Colours):
+        samples = [(f"{i}.png", i % 3) for i in range(30)]
+
+        def load(self, i):
+            return (None, i % 3) if i == 4 else super().load(i)
+
+        def error(self, i):
+            return "broken"
+
+    train, val = RandomResizedCrops(OneUnreadable(), 16), CenterCrops(Colours(), 16)
+    accuracies, validated = iter([0.9, 0.7]), []
+    monkeypatch.setattr(adclr.eval_linear, "_validate", lambda *args: validated.append(train.epoch) or (
+        next(accuracies), 30))
+    real_train_epoch = adclr.eval_linear._train_epoch
+    interrupt_in_epoch(monkeypatch, 4)
+
+    def run():
+        return linear_protocol(ColourBackbone(), train, val, 3, epochs=4, batch_size=10, n_last_blocks=1,
+                               val_freq=2, progress=str(tmp_path / "progress.pt"))
+
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(adclr.eval_linear, "_train_epoch", real_train_epoch)
+    result = run()
+    assert validated == [1, 3]
+    assert result["accuracy"] == 0.7 and result["best_accuracy"] == 0.9 and result["train_images"] == 29
+    assert capsys.readouterr().err.count("warning: skipping unreadable image 4.png: broken") == 1
+
+
 def linear_eval(checkpoint, capsys):
     """(The JSON record, the epoch lines without their times, all of stderr) of a 4-epoch
     `eval linear` of `checkpoint` on 8 built-in images per split."""
@@ -203,6 +238,7 @@ def test_a_linear_evaluation_that_cannot_keep_its_epochs_says_so_once_and_runs(t
     monkeypatch.setattr(adclr.eval_linear, "write_atomically", refused)
     result, epochs, err = linear_eval(checkpoint, capsys)
     assert len(epochs) == 4 and 0 <= result["accuracy"] <= 1
+    assert result["lr"] == 0.5 * 4 / 256 and result["batch_size"] == 4  # the rate it trained with, scaled
     assert err.count("warning: cannot write ") == 1 and "an interrupted evaluation will start over" in err
 
 
@@ -228,6 +264,14 @@ def test_probe_says_when_too_few_images_leave_no_choice_of_weight():
     lines = []
     linear_accuracy(x, y, x, y, weight_decays=(0.0, 0.5), log=lines.append)
     assert lines[0] == "4 train images: too few to hold any out, so L2 weight 0.5, the largest, without a choice"
+
+
+def test_probe_breaks_a_tie_on_held_out_images_towards_the_larger_weight(monkeypatch):
+    monkeypatch.setattr(adclr.eval_linear, "_accuracy", lambda *args: 0.5)
+    lines = []
+    x, y = separable(20)
+    linear_accuracy(x, y, x, y, epochs=5, weight_decays=(0.0, 1e-3, 0.5), log=lines.append)
+    assert lines[-1] == "fitting L2 weight 0.5 on all 20 train images"
 
 
 def test_probe_chooses_its_weight_decay_on_held_out_train_images_with_their_views(monkeypatch):

@@ -11,11 +11,14 @@ import torch
 import torch.nn.functional as F
 from trainer_testing import crash_in_step, read_metrics
 
+import adclr.methods
 from adclr.checkpoint import load_checkpoint
+from adclr.data import synthetic_batch
 from adclr.loss import ADCLRLoss
-from adclr.methods import importance_masks, match_patches, patchify, reconstruction_loss
+from adclr.methods import (ccmim_losses, densecl_losses, importance_masks, match_patches, patchify,
+                           reconstruction_loss)
 from adclr.model import MaskedDecoder
-from adclr.train import train
+from adclr.train import build, train
 
 
 def randn(*shape, seed=0):
@@ -91,14 +94,73 @@ def test_importance_masks_split_every_patch_once_and_follow_the_weights():
     # Without replacement: two draws from two patches take both.
     _, both_masked = importance_masks(torch.tensor([[0.99, 0.01]]), 1.0 - 1e-9)
     assert sorted(both_masked[0].tolist()) == [0, 1]
+    # The second of two draws is among the other patches alike, never patch 0 again (drawn
+    # with replacement, patch 0 twice, the last patch would fill the masked set).
+    _, two = importance_masks(weights, 0.5)
+    shares = [(two == j).any(1).double().mean().item() for j in range(4)]
+    assert shares[0] > 0.95 and all(0.25 < share < 0.42 for share in shares[1:]), shares
 
 
 def test_decoder_predicts_the_masked_patches_only():
     torch.manual_seed(0)
     decoder = MaskedDecoder(64, 16, 8)
     visible, masked = torch.tensor([[0, 2, 5], [1, 3, 4]]), torch.tensor([[1, 7], [0, 15]])
-    out = decoder(torch.randn(2, 3, 64), visible, masked)
+    tokens = torch.randn(2, 3, 64)
+    out = decoder(tokens, visible, masked)
     assert out.shape == (2, 2, 8 * 8 * 3)
+    # Each visible token goes to its own patch, in whatever order they come.
+    perm = torch.tensor([2, 0, 1])
+    torch.testing.assert_close(decoder(tokens[:, perm], visible[:, perm], masked), out)
+
+
+@pytest.mark.parametrize("method,weight,total", [
+    ("densecl", "lambda_dense", lambda terms, w: (1 - w) * terms["loss_global"] + w * terms["loss_dense"]),
+    ("ccmim", "lambda_align", lambda terms, w: terms["loss_reconstruction"] + w * terms["loss_align"])])
+def test_the_loss_is_the_methods_weighted_sum_of_its_terms(method, weight, total, tiny_config):
+    cfg = tiny_config(method=method, mask_ratio=0.5, **{weight: 0.3})
+    losses = {"densecl": densecl_losses, "ccmim": ccmim_losses}[method]
+    loss, terms = losses(build(cfg, "cpu"), synthetic_batch(cfg, 2, "cpu"), 0.04)
+    torch.testing.assert_close(loss, total(terms, 0.3))
+
+
+def test_densecl_targets_are_the_teachers_matched_patches_of_the_other_view(tiny_config, monkeypatch):
+    cfg = tiny_config(method="densecl")
+    trainer, batch = build(cfg, "cpu"), synthetic_batch(cfg, 2, "cpu")  # views A, B: rows 0-1, 2-3
+    seen, real_dense = {}, trainer.loss.dense
+    monkeypatch.setattr(adclr.methods, "match_patches", lambda s, t: seen.setdefault("index", match_patches(s, t)))
+    trainer.loss.dense = lambda student, targets, *a, **k: seen.update(targets=targets) or real_dense(
+        student, targets, *a, **k)
+    densecl_losses(trainer, batch, 0.04)
+    with torch.no_grad():
+        dense = trainer.teacher(batch["globals"])[2][1]
+    other = dense[[2, 3, 0, 1]]
+    want = torch.stack([other[r, seen["index"][r]] for r in range(4)])
+    torch.testing.assert_close(seen["targets"], want)
+
+
+def test_ccmim_masks_view_a_by_the_teachers_cls_attention_and_both_networks_see_that_split(tiny_config,
+                                                                                           monkeypatch):
+    cfg = tiny_config(method="ccmim", mask_ratio=0.5)
+    trainer, batch = build(cfg, "cpu"), synthetic_batch(cfg, 2, "cpu")
+    drawn, calls = {}, []
+
+    def masks(weights, ratio):
+        drawn["weights"], drawn["masks"] = weights, importance_masks(weights, ratio)
+        return drawn["masks"]
+
+    monkeypatch.setattr(adclr.methods, "importance_masks", masks)
+    for model in (trainer.teacher, trainer.student_module):
+        real = model.forward_masked
+        model.forward_masked = lambda images, visible, masked, *a, real=real, **k: calls.append(
+            (images, visible, masked)) or real(images, visible, masked, *a, **k)
+    ccmim_losses(trainer, batch, 0.04)
+    view_a = batch["globals"][:2]
+    with torch.no_grad():
+        attention = trainer.teacher.backbone.forward_features(view_a, cls_attention=True)["cls_attention"]
+    torch.testing.assert_close(drawn["weights"], attention[:, :, 1:].mean(1))  # the heads' mean, CLS column out
+    assert len(calls) == 2  # the teacher's, then the student's
+    for images, visible, masked in calls:
+        assert torch.equal(images, view_a) and visible is drawn["masks"][0] and masked is drawn["masks"][1]
 
 
 @pytest.mark.parametrize("method,terms", [("densecl", ("loss_global", "loss_dense")),

@@ -1,7 +1,10 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from adclr.model import ADCLRModel, DINOHead, build_backbone
+from adclr.model import ADCLRModel, DINOHead, build_backbone, drop_path
 
 
 def tiny_backbone(backend="sdpa", **options):
@@ -73,6 +76,54 @@ def test_other_crop_sizes_interpolate_the_positional_embedding():
         same = model.forward_features(torch.randn(2, 3, 32, 32))
     assert out["patch"].shape == (2, 6, 64) and same["patch"].shape == (2, 16, 64)
     assert torch.equal(model.interpolate_pos_embed(4, 4), model.pos_embed)
+    # DINO's: the trained 4 x 4 grid resized bicubically to the crop's (h, w) patch grid.
+    grid = model.pos_embed[:, 1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    want = F.interpolate(grid, size=(2, 3), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(model.interpolate_pos_embed(2, 3), torch.cat([model.pos_embed[:, :1], want], 1))
+
+
+def test_keeping_every_patch_is_the_whole_image():
+    """`patches` indexes the patches (a masked image model's visible set), not the tokens."""
+    model = tiny_backbone()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        whole, kept = model.forward_features(x), model.forward_features(x, patches=torch.arange(16).expand(2, 16))
+    torch.testing.assert_close(kept["cls"], whole["cls"])
+    torch.testing.assert_close(kept["patch"], whole["patch"])
+
+
+def test_forward_masked_gives_the_visible_sets_cls_then_the_masked_sets():
+    backbone = tiny_backbone()
+    model = ADCLRModel(backbone, DINOHead(64, out_dim=128, hidden_dim=96, bottleneck_dim=32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    visible, masked = torch.tensor([[0, 3, 5, 6], [1, 2, 8, 9]]), torch.tensor([[1, 2, 4], [0, 3, 15]])
+    with torch.no_grad():
+        cls, pixels = model.forward_masked(x, visible, masked, decode=False)
+        want = model.head(torch.cat([backbone.forward_features(x, patches=s)["cls"] for s in (visible, masked)]))
+    assert pixels is None
+    torch.testing.assert_close(cls, want)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_drop_path_keeps_or_drops_each_sequence_whole_and_rescales_what_it_keeps(packed):
+    torch.manual_seed(0)
+    lengths = [3, 5, 2, 6] * 50
+    if packed:
+        x = torch.ones(sum(lengths), 4)
+        packing = SimpleNamespace(num_seqs=len(lengths), sequence_of_token=torch.repeat_interleave(
+            torch.arange(len(lengths)), torch.tensor(lengths)))
+    else:
+        x, packing = torch.ones(len(lengths), 5, 4), None
+    out = drop_path(x, 0.25, True, packing)
+    values = [seq.unique().tolist() for seq in (out.split(lengths) if packed else out)]
+    assert all(v in ([0.0], [pytest.approx(1 / 0.75)]) for v in values)
+    assert 0.15 < sum(v == [0.0] for v in values) / len(values) < 0.35
+    assert drop_path(x, 0.25, False, packing) is x
+
+
+def test_deeper_blocks_drop_more():
+    backbone = build_backbone("vit_test", 32, 8, drop_path_rate=0.2)
+    assert [block.drop_path1.p for block in backbone.blocks] == pytest.approx([0.0, 0.2])
 
 
 def test_bad_inputs_are_clear_errors():

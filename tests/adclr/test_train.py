@@ -94,6 +94,30 @@ def test_non_finite_loss_before_any_checkpoint_claims_none(tmp_path, monkeypatch
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
+def test_an_interrupt_after_a_non_finite_loss_keeps_the_last_good_checkpoint(tiny_config, monkeypatch, capsys):
+    """A loss that went bad since the last check (no log line since) is not saved on Ctrl-C."""
+    real_step, real_next = adclr.train.train_step, adclr.train.Run.next_batch
+
+    def poisoned(trainer, batch, step):
+        metrics = real_step(trainer, batch, step)
+        if step == 2:  # the third step goes bad
+            metrics["loss"] = metrics["loss"] * float("nan")
+        return metrics
+
+    def interrupt_before_step_4(self, data):
+        if self.completed == 3:
+            raise KeyboardInterrupt
+        return real_next(self, data)
+
+    monkeypatch.setattr(adclr.train, "train_step", poisoned)
+    monkeypatch.setattr(adclr.train.Run, "next_batch", interrupt_before_step_4)
+    cfg = tiny_config(max_steps=6, checkpoint_every=2, log_every=10)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["step"] == 2
+    assert "saved step" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("where", ["between steps", "inside a step"])
 def test_an_interrupt_keeps_the_steps_done_unless_it_hits_inside_a_step(where, tiny_config, monkeypatch, capsys):
     """Ctrl-C saves the steps finished since the last checkpoint, but not a step's half-updated state."""

@@ -45,6 +45,20 @@ def test_no_queries_is_plain_attention():
     torch.testing.assert_close(attn(x), want)
 
 
+def test_q_k_and_scale_norms_and_a_head_width_of_its_own_are_timms():
+    # timm: q_norm and k_norm per head, scale head_dim ** -0.5, norm over the heads' output before proj.
+    torch.manual_seed(0)
+    attn = UnidirectionalAttention(64, 4, attn_head_dim=8, qk_norm=True, scale_norm=True, backend="sdpa")
+    attn = attn.to(DEVICE).double()
+    for norm in (attn.q_norm, attn.k_norm, attn.norm):  # not the identity each starts as
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    x = torch.randn(2, 17, 64, device=DEVICE, dtype=torch.float64)
+    q, k, v = attn.qkv(x).view(2, 17, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v).transpose(1, 2).reshape(2, 17, 32)
+    torch.testing.assert_close(attn(x), attn.proj(attn.norm(out)))
+
+
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_packed_input_equals_dense_per_sequence(backend):
     torch.manual_seed(0)
