@@ -28,7 +28,9 @@ TRITON_FLOOR = (3, 6)
 try:
     import triton  # (the kernels' modules import it next)
 
-    _version = tuple(int(n) for n in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
+    _release = re.match(r"(\d+)\.(\d+)", getattr(triton, "__version__", ""))
+    # A version it cannot read (a source build's) is taken at its word: the kernels may run.
+    _version = tuple(int(n) for n in _release.groups()) if _release else TRITON_FLOOR
     TRITON_PROBLEM = None if _version >= TRITON_FLOOR else (
         f"needs triton {'.'.join(map(str, TRITON_FLOOR))} or later, and {triton.__version__} is installed here "
         "(torch 2.10 and later bring one with their CUDA builds)")
