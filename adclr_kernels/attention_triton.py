@@ -27,8 +27,8 @@ reproducible. Short batched sequences (local crops) go to the one-shot kernels o
 Batched and large packed batches under the default rule (no option), or with
 query_sees_prefix alone, take the one-pass backward instead (`_onepass_bwd_kernel`, where
 `onepass_config` says so): one program per (sequence, head) computes delta, then walks
-its key blocks once, dQ accumulated in a program-private fp32 scratch: one launch, each
-score tile made once.
+its key blocks once, dQ reduced into a program-private fp32 scratch (one thread per
+element, so still bitwise reproducible): one launch, each score tile made once.
 """
 
 from __future__ import annotations
@@ -861,30 +861,26 @@ def _unidirectional_bwd_kernel(
 # walks its key blocks once: for each key block (dK, dV in registers) the rows that see
 # it, tile by tile, adding each tile's dS K into a program-private fp32 dQ (global
 # scratch, L2-resident). Every score tile is made once (five products, one exp pass),
-# and there is no delta pre-pass launch. Each element of the scratch has one writer, in a
-# fixed order: no atomics, bitwise reproducible.
+# and there is no delta pre-pass launch. The adds are reductions (`red.add`, four floats
+# each, done at the L2): no load of the running dQ, no wait on one, no registers held for
+# it. The scratch is private and each element is added to by one thread, in the order of
+# its key blocks (the barrier after each pass orders the threads of two passes): bitwise
+# reproducible, as a load-add-store was. The reduction flushes subnormal partial sums
+# (below 2^-126) to zero.
 
 
 @triton.jit
 def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse_base,
                   delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-                  stride_dod, qk_scale, ds_scale, all_seen,
+                  stride_dod, qk_scale, ds_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MASKED: tl.constexpr, DOT: tl.constexpr, K_HELD: tl.constexpr,
-                  TILES: tl.constexpr = ALL_TILES):
+                  MASKED: tl.constexpr, DOT: tl.constexpr, TILES: tl.constexpr = ALL_TILES):
     """dK, dV of one key block and dQ of rows [lo, hi) (into the scratch), in transposed
     tiles: the row tiles of [lo, hi) that TILES names. dQ's K is read again per tile
     (from L1/L2: held in registers it would be copied to shared memory every tile
     anyway), with the columns `seen` does not hold read as 0; with MASKED, dS is cleared
     there too (0 x NaN is NaN): those columns add nothing to these rows' dQ. Their dK and
-    dV are set back by the caller.
-
-    K_HELD: dQ's K is k, already in registers, and dS is cleared in the columns `seen`
-    does not hold, where the caller gives k zeros or a key that every one of these rows
-    sees (0 x inf is NaN); with all_seen (the block holds no such column) the select is
-    skipped, behind a branch uniform over the block. Packed sequences take it: the loop
-    then holds no K pointers, and with the loaded offsets it fits the register cap at
-    32-row tiles without a spill (reading K again spills inside this loop)."""
+    dV are set back by the caller."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     lo, hi = _tile_bounds(lo, hi, BLOCK_M, TILES)
@@ -896,19 +892,13 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
                                   stride_dod, qk_scale, DOT, TILES != WHOLE_TILES, ds_scale)
         if MASKED:
             ds_t = tl.where(seen[:, None], ds_t, tl.zeros_like(ds_t))
-        elif K_HELD:
-            if not all_seen:  # branch: rare
-                ds_t = tl.where(seen[:, None], ds_t, tl.zeros_like(ds_t))
-        dq_ptrs = scratch + rows[:, None] * BLOCK_D + offs_d[None, :]
-        dq = tl.load(dq_ptrs, mask=row_ok[:, None] if TILES != WHOLE_TILES else None)
-        if K_HELD:
-            k_dq = k
-        else:
-            k_dq = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                           mask=seen[:, None] & d_ok[None, :], other=0.0)
-        tl.store(dq_ptrs, dq + dot(tl.trans(ds_t), k_dq, DOT),
-                 mask=row_ok[:, None] if TILES != WHOLE_TILES else None)
-    # The next pass tiles these rows differently: other threads read what these wrote.
+        k_dq = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                       mask=seen[:, None] & d_ok[None, :], other=0.0)
+        tl.atomic_add(scratch + rows[:, None] * BLOCK_D + offs_d[None, :],
+                      dot(tl.trans(ds_t), k_dq, DOT),
+                      mask=row_ok[:, None] if TILES != WHOLE_TILES else None, sem="relaxed",
+                      scope="cta")
+    # The next pass tiles these rows differently: other threads add to what these added.
     tl.debug_barrier()
     return dk, dv
 
@@ -990,13 +980,8 @@ def _onepass_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    # Packed programs carry the softmax scale in dS (delta too), which dQ and dK both take:
-    # no multiply of them per element. Batched ones scale dK and dQ as they store them:
-    # there the folded scale spilled inside the row-tile loops under the register cap.
-    if VARLEN:
-        ds_scale = sm_scale
-    else:
-        ds_scale = 1.0
+    # dS carries the softmax scale (delta too, below), which dQ and dK both take: no
+    # multiply of them per element.
     # delta = rowsum(dO * O) of every row, and an empty dQ.
     o_base = O + b * stride_ob + h * stride_oh
     for r0 in range(first, end, BLOCK_M):  # loop: bwd1.delta
@@ -1007,7 +992,7 @@ def _onepass_bwd_kernel(
                     other=0.0).to(tl.float32)
         do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                      mask=ok, other=0.0).to(tl.float32)
-        tl.store(delta_base + rows, tl.sum(o * do, 1) * ds_scale, mask=row_ok)
+        tl.store(delta_base + rows, tl.sum(o * do, 1) * sm_scale, mask=row_ok)
         tl.store(scratch + rows[:, None] * BLOCK_D + offs_d[None, :],
                  tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=row_ok[:, None])
     tl.debug_barrier()
@@ -1015,8 +1000,7 @@ def _onepass_bwd_kernel(
     key_end = first + key_len
     for n0 in range(first, key_end, BLOCK_N):  # loop: bwd1.keys
         cols = n0 + tl.arange(0, BLOCK_N)
-        if not VARLEN:
-            k = _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd)
+        k = _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd)
         v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                     mask=(cols < vis)[:, None] & d_ok[None, :], other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -1027,54 +1011,35 @@ def _onepass_bwd_kernel(
         if not SEES_PREFIX:
             query_sees = (cols >= pre) & (cols < vis)
             q_hi, raw_hi = _onepass_passes(n0, end, vis, pre, BLOCK_N)
-            if VARLEN:
-                # The query rows' own K (K_HELD): the columns they do not see read as 0, so
-                # that dQ adds 0 there (their dS is cleared, and 0 x inf is NaN). Their
-                # scores may overflow there: they reach only those columns' dK and dV,
-                # which are set back below. Loaded apart from the block's k, which is
-                # loaded after this pass: the two are never held at once.
-                k_q = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                              mask=query_sees[:, None] & d_ok[None, :], other=0.0)
-            else:
-                k_q = k
+            # The query rows' scores at the prefix columns may overflow (their lse leaves
+            # those out): they reach only those columns' dK and dV, set back after the pass.
             dk, dv = _onepass_rows(  # loop: bwd1.query_rows
-                dk, dv, k_q, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
+                dk, dv, k, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
                 delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
-                stride_dol, stride_dod, qk_scale, ds_scale, False, HEAD_DIM, BLOCK_M, BLOCK_D, True,
-                DOT, VARLEN)
-            # Packed programs set back only the block holding prefix columns, and clear
-            # only the one holding the sequence's end (below); batched ones run both in
-            # every block: under the register cap the branches made them spill in the row
-            # tile loops (bench.static).
-            if not VARLEN or n0 < pre:  # branch: rare
+                stride_dol, stride_dod, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                DOT)
+            if n0 < pre:  # branch: rare
                 cleared = query_sees | (q_hi == vis)
                 dk = tl.where(cleared[:, None], dk, 0.0)
                 dv = tl.where(cleared[:, None], dv, 0.0)
         if n0 >= vis:  # query keys: no row sees them
             raw_hi = first
-        if VARLEN:
-            k = _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd)
-        # With SEES_PREFIX the packed kernel fits without K_HELD, and is faster so. The
-        # columns these rows do not see hold key V - 1 (`_onepass_keys`), which every one
-        # of them sees: dQ adds dS x K there, dS cleared, and K no value the row does not
-        # depend on.
-        # The last, partial row tile, then the whole ones without row masks. Where the
-        # block holds no column past V, these rows see every column of it (all_seen).
-        all_seen = n0 + BLOCK_N <= vis
+        # The columns these rows do not see hold key V - 1 (`_onepass_keys`), which every
+        # one of them sees, and a value of 0: their dS is finite, dQ's K reads 0 there, and
+        # their dK and dV are cleared below.
+        # The last, partial row tile, then the whole ones without row masks.
         dk, dv = _onepass_rows(  # loop: bwd1.rows_last
             dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
             delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-            stride_dod, qk_scale, ds_scale, all_seen, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
-            VARLEN and not SEES_PREFIX, PARTIAL_TILE)
+            stride_dod, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
+            PARTIAL_TILE)
         dk, dv = _onepass_rows(  # loop: bwd1.rows
             dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
             delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-            stride_dod, qk_scale, ds_scale, all_seen, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
-            VARLEN and not SEES_PREFIX, WHOLE_TILES)
+            stride_dod, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
+            WHOLE_TILES)
         written = (cols < key_end)[:, None] & d_ok[None, :]
-        if not VARLEN:
-            dk = dk * sm_scale
-        if not VARLEN or not all_seen:  # branch: rare
+        if n0 + BLOCK_N > vis:  # branch: rare
             kv_mask = (cols < vis)[:, None] & d_ok[None, :]
             dk = tl.where(kv_mask, dk, 0.0)
             dv = tl.where(kv_mask, dv, 0.0)
@@ -1084,13 +1049,14 @@ def _onepass_bwd_kernel(
                  + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=written)
 
     dq_base = DQ + b * stride_dqb + h * stride_dqh
+    # A pointer carried by the loop: addressed from `scratch` per trip, Triton 3.6's
+    # compiler reloaded that spilled pointer in every trip.
+    dq_src = scratch + first * BLOCK_D + tl.arange(0, BLOCK_M)[:, None] * BLOCK_D
     for r0 in range(first, end, BLOCK_M):  # loop: bwd1.dq
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
-        dq = tl.load(scratch + rows[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None],
-                     other=0.0)
-        if not VARLEN:
-            dq = dq * sm_scale
+        dq = tl.load(dq_src + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        dq_src += BLOCK_M * BLOCK_D
         tl.store(dq_base + rows[:, None] * stride_dql
                  + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
                  mask=row_ok[:, None] & d_ok[None, :])
@@ -1709,11 +1675,10 @@ def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=Fal
         cfg = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     elif (dtype in (torch.float16, torch.bfloat16) and head_dim <= 64 and capability >= 90
           and torch.version.hip is None and seq_len <= ONEPASS_MAX_LEN and programs >= fewest):
-        # bench.static (bench/NOTES.md, "the one-pass backward"): uncapped, ptxas takes
-        # 216 registers (2 programs per SM); at 168, 3 per SM with 16 bytes spilled (one
-        # reload per key block, none in the tile loops). Two stages spill far more. Packed
-        # sequences' loaded offsets hold more registers: they fit without a spill by
-        # taking dQ's K from the block's registers (K_HELD in `_onepass_rows`).
+        # bench.static (bench/NOTES.md, "the one-pass backward" and "dQ by reductions"):
+        # uncapped, ptxas takes 210 registers (2 programs per SM); at 168, 3 per SM
+        # without a spill. At 128 (4 per SM) it spills inside the tile loops; two stages
+        # spill too.
         cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1, maxnreg=168)
     else:
         return None
