@@ -1656,12 +1656,13 @@ def _delta_inside(q, geo, blocks):
 # The longest sequence the one-pass backward takes on a GPU, and the fewest (sequence,
 # head) programs of a call it takes. Packed: with fewer, its programs are under two waves
 # of the GPU and the longest sequence, walked by one program, sets the time. Batched:
-# under about two thirds of a wave (3 programs per SM on 132 SMs), one program walking a
-# whole sequence takes longer than the flash backward's programs, one per row block, take
-# in all (bench.static: 207 tokens tie at 192 programs, 795 tokens lose 500 to 452 µs).
+# under about half a wave (3 programs per SM on 132 SMs), one program walking a whole
+# sequence takes longer than the flash backward's programs, one per row block, take in
+# all (bench.static: at 144 programs 795 tokens lose 390 to 361 µs; at 192, 207 tokens win
+# 46 to 58 µs and 795 tokens 390 to 452).
 ONEPASS_MAX_LEN = 1024
 ONEPASS_MIN_PACKED_PROGRAMS = 3072
-ONEPASS_MIN_BATCHED_PROGRAMS = 256
+ONEPASS_MIN_BATCHED_PROGRAMS = 192
 
 
 def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=False, programs=0):
