@@ -1654,24 +1654,35 @@ def _delta_inside(q, geo, blocks):
 
 
 # The longest sequence the one-pass backward takes on a GPU, and the fewest (sequence,
-# head) programs of a call it takes. Packed: with fewer, its programs are under two waves
-# of the GPU and the longest sequence, walked by one program, sets the time. Batched:
+# head) programs of a call it takes. Packed: with fewer, its programs are under two thirds
+# of a wave and the longest sequence, walked by one program, sets the time (bench.static,
+# the multi-crop batch by offsets: 11 images tie at 792 programs, 12 win 47 to 56 µs).
+# A layout of a few runs (`Geometry.runs`) may go run by run instead, the faster below
+# ONEPASS_MIN_PROGRAMS_OVER_RUNS (32 images, trainer order: 79 µs by runs, 84 packed).
+# Batched:
 # under about half a wave (3 programs per SM on 132 SMs), one program walking a whole
 # sequence takes longer than the flash backward's programs, one per row block, take in
 # all (bench.static: at 144 programs 795 tokens lose 390 to 361 µs; at 192, 207 tokens win
 # 46 to 58 µs and 795 tokens 390 to 452).
 ONEPASS_MAX_LEN = 1024
-ONEPASS_MIN_PACKED_PROGRAMS = 3072
+ONEPASS_MIN_PACKED_PROGRAMS = 864
+ONEPASS_MIN_PROGRAMS_OVER_RUNS = 3072
 ONEPASS_MIN_BATCHED_PROGRAMS = 192
 
 
-def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=False, programs=0):
+def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=False, programs=0,
+                   runs=False):
     """The one-pass backward's constexprs for `programs` (sequence, head) pairs of at most
-    seq_len tokens (batched, or packed with varlen) under the default mask rule or
-    query_sees_prefix alone, or None (the flash backward): where bench.static predicted it
-    (bf16/fp16, head_dim <= 64, sm_90, at least ONEPASS_MIN_PACKED_PROGRAMS or
-    ONEPASS_MIN_BATCHED_PROGRAMS), and always in the interpreter, where the tests run it."""
-    fewest = ONEPASS_MIN_PACKED_PROGRAMS if varlen else ONEPASS_MIN_BATCHED_PROGRAMS
+    seq_len tokens (batched, or packed with varlen; with runs, a layout of a few runs)
+    under the default mask rule or query_sees_prefix alone, or None (the flash backward,
+    or the runs' own kernels): where bench.static predicted it (bf16/fp16, head_dim <= 64,
+    sm_90, at least ONEPASS_MIN_BATCHED_PROGRAMS, ONEPASS_MIN_PACKED_PROGRAMS or
+    ONEPASS_MIN_PROGRAMS_OVER_RUNS), and always in the interpreter, where the tests run
+    it."""
+    if not varlen:
+        fewest = ONEPASS_MIN_BATCHED_PROGRAMS
+    else:
+        fewest = ONEPASS_MIN_PROGRAMS_OVER_RUNS if runs else ONEPASS_MIN_PACKED_PROGRAMS
     if interpreted:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
     elif (dtype in (torch.float16, torch.bfloat16) and head_dim <= 64 and capability >= 90
@@ -1698,7 +1709,8 @@ def _onepass(q, geo, mask, tensors=()):
                       for t in tensors) >= 2**31:
         return None
     cfg = onepass_config(geo.max_len, q.shape[-1], q.dtype, device_capability(q.device),
-                         triton_interpreter_enabled(), varlen, geo.num_seqs * geo.heads)
+                         triton_interpreter_enabled(), varlen, geo.num_seqs * geo.heads,
+                         bool(geo.runs))
     return cfg and dict(cfg, SEES_PREFIX=mask.sees_prefix, TILED=geo.seq_tiles is not None)
 
 

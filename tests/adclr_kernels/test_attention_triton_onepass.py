@@ -246,6 +246,28 @@ def test_mask_options_keep_the_flash_backward_in_both_layouts(opt_set):
         assert found["VARLEN"] and found["SEES_PREFIX"] == sees_prefix
 
 
+def test_packed_calls_take_it_from_fewer_programs_than_a_layout_that_may_go_by_runs(
+        monkeypatch):
+    # On a GPU: a packed call by offsets takes the one-pass backward from
+    # ONEPASS_MIN_PACKED_PROGRAMS; a layout of a few runs, which may go run by run instead,
+    # from ONEPASS_MIN_PROGRAMS_OVER_RUNS.
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(T, "device_capability", lambda device: 90)
+    (q, k, v), _ = _packed_meta(207 * 600)
+    a_run = T.Geometry(1, 6, 207, 207, 197, 197)
+    for seqs, runs, takes_it in (
+            (T.ONEPASS_MIN_PACKED_PROGRAMS // 6, (), True),
+            (T.ONEPASS_MIN_PACKED_PROGRAMS // 6 - 1, (), False),
+            (T.ONEPASS_MIN_PACKED_PROGRAMS // 6, (a_run,), False),
+            (T.ONEPASS_MIN_PROGRAMS_OVER_RUNS // 6 - 1, (a_run,), False),
+            (T.ONEPASS_MIN_PROGRAMS_OVER_RUNS // 6, (a_run,), True)):
+        geo = T.Geometry(seqs, 6, 207, total_tokens=207 * seqs,
+                         cu_seqlens=torch.empty(seqs + 1, device="meta"), runs=runs)
+        found = T._onepass(q, geo, T.query_mask(), (q, k, v))
+        assert (found is not None) == takes_it, (seqs, runs)
+    assert T.ONEPASS_MIN_PACKED_PROGRAMS < T.ONEPASS_MIN_PROGRAMS_OVER_RUNS
+
+
 def test_packed_token_offsets_past_int32_keep_the_flash_backward():
     # The kernel's row indices are int32: where a token offset of q, k or v (stride
     # 3 x 6 x 64 in the projection) could reach 2^31, the flash backward (64-bit) runs.
