@@ -1659,11 +1659,10 @@ def _delta_inside(q, geo, blocks):
 # the multi-crop batch by offsets: 11 images tie at 792 programs, 12 win 47 to 56 µs).
 # A layout of a few runs (`Geometry.runs`) may go run by run instead, the faster below
 # ONEPASS_MIN_PROGRAMS_OVER_RUNS (32 images, trainer order: 79 µs by runs, 84 packed).
-# Batched:
-# under about half a wave (3 programs per SM on 132 SMs), one program walking a whole
-# sequence takes longer than the flash backward's programs, one per row block, take in
-# all (bench.static: at 144 programs 795 tokens lose 390 to 361 µs; at 192, 207 tokens win
-# 46 to 58 µs and 795 tokens 390 to 452).
+# Batched: under about half a wave (3 programs per SM on 132 SMs), one program walking a
+# whole sequence takes longer than the flash backward's programs, one per row block, take
+# in all (bench.static: at 144 programs 795 tokens lose 390 to 361 µs; at 192, 207 tokens
+# win 46 to 58 µs and 795 tokens 390 to 452).
 ONEPASS_MAX_LEN = 1024
 ONEPASS_MIN_PACKED_PROGRAMS = 864
 ONEPASS_MIN_PROGRAMS_OVER_RUNS = 3072
