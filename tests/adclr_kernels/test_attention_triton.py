@@ -13,11 +13,11 @@ import torch
 
 import adclr_kernels.attention_triton as T
 from adclr_kernels import (VarlenLayout, unidirectional_attention, unidirectional_attention_qkvpacked,
-                           unidirectional_attention_varlen_qkvpacked)
+                           unidirectional_attention_varlen, unidirectional_attention_varlen_qkvpacked)
 from adclr_kernels._triton_common import SHARED_MEMORY_PER_PROGRAM
 from adclr_kernels.attention_torch import dense_masked_attention
 from adclr_kernels.mask import query_mask
-from kernel_testing import (DEVICE, OPTION_SETS, assert_fa_close, assert_rel_close, make_qkv, mask_of,
+from kernel_testing import (DEVICE, ON_CUDA, OPTION_SETS, assert_fa_close, assert_rel_close, make_qkv, mask_of,
                             option_id, options, reference_grads)
 
 pytestmark = pytest.mark.usefixtures("poisoned")
@@ -568,6 +568,52 @@ def _compile_cases(capability):
     if capability == 86:
         return [case for case in COMPILE_CASES if case[0] == "fp32" or case[1] > 128]
     return COMPILE_CASES
+
+
+def check_onepass_at_gpu_tiles(monkeypatch, packed, dtype, heads, seqs):
+    """The one-pass backward where the GPU rule gives it the call (32 x 64 tiles, dQ by
+    reductions into its fp32 scratch): against float64, and bitwise the same twice.
+    Batched: seqs sequences of 1 + 196 + 10 tokens; packed: seqs of 207 and 37 tokens in
+    turn (more runs than go run by run)."""
+    from test_varlen import dense_per_sequence, make_packed
+
+    tiles, run = [], T._onepass_bwd_kernel.run
+
+    def tiled_run(*args, **kwargs):
+        tiles.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"]))
+        return run(*args, **kwargs)
+    monkeypatch.setattr(T._onepass_bwd_kernel, "run", tiled_run)
+    opts = options(OPTION_SETS[0])
+    if not packed:
+        first, again = (check_triton(seqs, heads, 1, 196, 10, 64, opts, dtype=dtype)
+                        for _ in range(2))
+    else:
+        lengths = [(207, 37)[s % 2] for s in range(seqs)]
+        queries = [(10, 0)[s % 2] for s in range(seqs)]
+        q, k, v, cu = make_packed(lengths, heads, 64, dtype=dtype)
+        grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q)
+
+        def attend():
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = unidirectional_attention_varlen(*leaves, VarlenLayout(lengths, queries), None,
+                                                  1, backend="triton")
+            return out, torch.autograd.grad(out, leaves, grad_out)
+        first, again = attend(), attend()
+        ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, 1, grad_out, opts)
+        for name, got, want in zip(("out", "dq", "dk", "dv"), (first[0], *first[1]),
+                                   (ref, *ref_grads)):
+            assert_rel_close(name, got, want, 2e-2)  # 16-bit inputs, fp32 accumulation
+    assert tiles == [(32, 64)] * 2
+    for got, want in zip((first[0], *first[1]), (again[0], *again[1])):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not ON_CUDA or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the one-pass backward's GPU tiles: an sm_90 GPU")
+@pytest.mark.parametrize("packed", [False, True], ids=["batched", "packed"])
+def test_onepass_backward_on_a_hopper_gpu(monkeypatch, packed):
+    programs = T.ONEPASS_MIN_PACKED_PROGRAMS if packed else T.ONEPASS_MIN_BATCHED_PROGRAMS
+    check_onepass_at_gpu_tiles(monkeypatch, packed, torch.bfloat16, 6, -(-programs // 6))
 
 
 @needs_aot
