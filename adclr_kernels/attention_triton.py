@@ -1055,7 +1055,10 @@ def _onepass_bwd_kernel(
     for r0 in range(first, end, BLOCK_M):  # loop: bwd1.dq
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
-        dq = tl.load(dq_src + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        # Read at the L2, where the reductions were done: never a line of this scratch that
+        # the zeroing left in L1.
+        dq = tl.load(dq_src + offs_d[None, :], mask=row_ok[:, None], other=0.0,
+                     cache_modifier=".cg")
         dq_src += BLOCK_M * BLOCK_D
         tl.store(dq_base + rows[:, None] * stride_dql
                  + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),
