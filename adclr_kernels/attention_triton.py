@@ -22,7 +22,8 @@ one kernel where program j owns key block j (accumulating dK, dV over the rows t
 see it) and row block j (accumulating dQ over the columns it sees). A sequence short
 enough for one program skips the pre-pass: its program computes delta. Every gradient
 element has exactly one writer, so there are no atomics and the result is bitwise
-reproducible. Short batched sequences (local crops) go to the one-shot kernels of
+reproducible (the one-pass backward below reduces dQ, but only into its own program's
+scratch, one thread per element). Short batched sequences (local crops) go to the one-shot kernels of
 `attention_triton_short.py` instead, where the GPU rule there says they are faster.
 Batched and large packed batches under the default rule (no option), or with
 query_sees_prefix alone, take the one-pass backward instead (`_onepass_bwd_kernel`, where
@@ -865,7 +866,7 @@ def _unidirectional_bwd_kernel(
 # each, done at the L2): no load of the running dQ, no wait on one, no registers held for
 # it. The scratch is private and each element is added to by one thread, in the order of
 # its key blocks (the barrier after each pass orders the threads of two passes): bitwise
-# reproducible, as a load-add-store was. The reduction flushes subnormal partial sums
+# reproducible, as a load-add-store was. The reduction flushes subnormal inputs and sums
 # (below 2^-126) to zero.
 
 
@@ -1617,6 +1618,17 @@ def _bwd_by_runs(q, geo, mask, packed_onepass):
         for run in geo.run_geometries())
 
 
+def _onepass_or_runs(q, geo, mask, tensors):
+    """(the one-pass backward's constexprs or None, whether the call goes run by run)."""
+    constants = _onepass(q, geo, mask, tensors)
+    if not geo.runs:
+        return constants, False
+    if _bwd_by_runs(q, geo, mask, constants is not None):
+        return None, True
+    # Runs that cannot all take the batched kernels: a packed call like one by offsets.
+    return constants or _onepass(q, geo._replace(runs=()), mask, tensors), False
+
+
 def attention_fwd(q, k, v, out, lse, geo, num_prefix, mask, scale):
     """Forward into out and lse (base-2 logsumexp, fp32), any q/k/v/out strides."""
     if out.numel() == 0:
@@ -1657,11 +1669,11 @@ def _delta_inside(q, geo, blocks):
 
 
 # The longest sequence the one-pass backward takes on a GPU, and the fewest (sequence,
-# head) programs of a call it takes. Packed: with fewer, its programs are under two thirds
-# of a wave and the longest sequence, walked by one program, sets the time (bench.static,
-# the multi-crop batch by offsets: 11 images tie at 792 programs, 12 win 47 to 56 µs).
-# A layout of a few runs (`Geometry.runs`) may go run by run instead, the faster below
-# ONEPASS_MIN_PROGRAMS_OVER_RUNS (32 images, trainer order: 79 µs by runs, 84 packed).
+# head) programs of a call it takes. Packed: with fewer, the longest sequence, walked by
+# one program, sets the time (bench.static, the multi-crop batch by offsets: 11 images tie
+# at 792 programs, 12 win 47 to 56 µs). A layout of a few runs (`Geometry.runs`) goes run
+# by run instead below ONEPASS_MIN_PROGRAMS_OVER_RUNS where every run can (32 images,
+# trainer order: 79 µs by runs, 84 packed); where not, it is a packed call like any other.
 # Batched: under about half a wave (3 programs per SM on 132 SMs), one program walking a
 # whole sequence takes longer than the flash backward's programs, one per row block, take
 # in all (bench.static: at 144 programs 795 tokens lose 390 to 361 µs; at 192, 207 tokens
@@ -1691,8 +1703,8 @@ def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=Fal
           and torch.version.hip is None and seq_len <= ONEPASS_MAX_LEN and programs >= fewest):
         # bench.static (bench/NOTES.md, "the one-pass backward" and "dQ by reductions"):
         # uncapped, ptxas takes 210 registers (2 programs per SM); at 168, 3 per SM
-        # without a spill. At 128 (4 per SM) it spills inside the tile loops; two stages
-        # spill too.
+        # without a spill (Triton 3.6: 8 bytes, reloaded once outside the loops). At 128
+        # (4 per SM) it spills inside the tile loops; two stages spill too.
         cfg = dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1, maxnreg=168)
     else:
         return None
@@ -1747,8 +1759,8 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
         oneshot_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, config, geo.seq_len - geo.visible,
                     num_prefix, mask, scale)
         return
-    constants = _onepass(q, geo, mask, (grad_out, q, k, v, out, dq, dk, dv))
-    if geo.runs and _bwd_by_runs(q, geo, mask, constants is not None):
+    constants, by_runs = _onepass_or_runs(q, geo, mask, (grad_out, q, k, v, out, dq, dk, dv))
+    if by_runs:
         for run, views in geo.run_views(grad_out, q, k, v, out, lse, dq, dk, dv):
             attention_bwd(*views, run, num_prefix, mask, scale)
         return

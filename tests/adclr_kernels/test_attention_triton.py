@@ -595,8 +595,8 @@ def check_onepass_at_gpu_tiles(monkeypatch, packed, dtype, heads, seqs):
 
         def attend():
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            out = unidirectional_attention_varlen(*leaves, VarlenLayout(lengths, queries), None,
-                                                  1, backend="triton")
+            out = unidirectional_attention_varlen(
+                *leaves, VarlenLayout(lengths, queries, device=DEVICE), None, 1, backend="triton")
             return out, torch.autograd.grad(out, leaves, grad_out)
         first, again = attend(), attend()
         ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, 1, grad_out, opts)

@@ -103,8 +103,8 @@ def test_packed_matches_float64(launched, num_prefix, num_queries, offsets, dtyp
 @pytest.mark.parametrize("num_prefix,num_queries,opts", [
     (1, 10, DEFAULT), (4, 1, DEFAULT), (4, 10, SEES_PREFIX)])
 def test_packed_at_the_gpu_tiles(monkeypatch, launched, num_prefix, num_queries, opts):
-    # The GPU's packed config (32 x 64 tiles, dQ's K from the key block's registers but
-    # with SEES_PREFIX; fp16 for bf16, which the interpreter cannot dot) on the pack above:
+    # The GPU's packed config (32 x 64 tiles; fp16 for bf16, which the interpreter cannot
+    # dot) on the pack above:
     # 63, 64 and 65 tokens around one 64-key block, 129 past two.
     monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(T, "ONEPASS_MIN_PACKED_PROGRAMS", 1)
@@ -254,13 +254,13 @@ def test_packed_calls_take_it_from_fewer_programs_than_a_layout_that_may_go_by_r
     monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
     monkeypatch.setattr(T, "device_capability", lambda device: 90)
     (q, k, v), _ = _packed_meta(207 * 600)
-    a_run = T.Geometry(1, 6, 207, 207, 197, 197)
-    for seqs, runs, takes_it in (
-            (T.ONEPASS_MIN_PACKED_PROGRAMS // 6, (), True),
-            (T.ONEPASS_MIN_PACKED_PROGRAMS // 6 - 1, (), False),
-            (T.ONEPASS_MIN_PACKED_PROGRAMS // 6, (a_run,), False),
-            (T.ONEPASS_MIN_PROGRAMS_OVER_RUNS // 6 - 1, (a_run,), False),
-            (T.ONEPASS_MIN_PROGRAMS_OVER_RUNS // 6, (a_run,), True)):
+    for seqs, in_runs, takes_it in (
+            (T.ONEPASS_MIN_PACKED_PROGRAMS // 6, False, True),
+            (T.ONEPASS_MIN_PACKED_PROGRAMS // 6 - 1, False, False),
+            (T.ONEPASS_MIN_PACKED_PROGRAMS // 6, True, False),
+            (T.ONEPASS_MIN_PROGRAMS_OVER_RUNS // 6 - 1, True, False),
+            (T.ONEPASS_MIN_PROGRAMS_OVER_RUNS // 6, True, True)):
+        runs = (seqs, 207, 10) if in_runs else ()  # one run: (count, length, queries)
         geo = T.Geometry(seqs, 6, 207, total_tokens=207 * seqs,
                          cu_seqlens=torch.empty(seqs + 1, device="meta"), runs=runs)
         found = T._onepass(q, geo, T.query_mask(), (q, k, v))

@@ -660,17 +660,18 @@ def test_at_most_four_runs_go_to_the_launchers(lengths, runs):
     assert fwd_tiles.shape[1] == bwd_tiles.shape[1] == seq_tiles.shape[1] == 2  # the packed kernels' too
 
 
-@pytest.mark.parametrize("images,dtype,capability,opts,fwd,bwd", [
-    (128, torch.bfloat16, 90, {}, True, False),   # the packed one-pass backward runs
-    (32, torch.bfloat16, 90, {}, True, True),     # too small for it: one-shot and one-pass by runs
-    (16, torch.bfloat16, 90, {}, True, True),     # 32 global crops x 6 heads: just enough
-    (15, torch.bfloat16, 90, {}, True, False),    # 30 global crops: too few for the one-pass
-    (32, torch.bfloat16, 90, dict(query_sees_self=True), True, False),
-    (32, torch.float32, 90, {}, False, False),
-    (32, torch.bfloat16, 80, {}, False, False),
-    (-32, torch.bfloat16, 90, {}, True, True),    # an empty run needs no kernel
-], ids=["128 images", "32 images", "16 images", "15 images", "sees self", "fp32", "sm_80", "empty run"])
-def test_gpu_rule_for_runs(images, dtype, capability, opts, fwd, bwd, monkeypatch):
+@pytest.mark.parametrize("images,dtype,capability,opts,fwd,bwd,onepass", [
+    (128, torch.bfloat16, 90, {}, True, False, True),   # the packed one-pass backward runs
+    (32, torch.bfloat16, 90, {}, True, True, False),    # too small for it: runs, one-shot and one-pass
+    (16, torch.bfloat16, 90, {}, True, True, False),    # 32 global crops x 6 heads: just enough
+    (15, torch.bfloat16, 90, {}, True, False, True),    # 30 global crops, too few: packed
+    (10, torch.bfloat16, 90, {}, True, False, False),   # 720 programs: the flash backward
+    (32, torch.bfloat16, 90, dict(query_sees_self=True), True, False, False),
+    (32, torch.float32, 90, {}, False, False, False),
+    (32, torch.bfloat16, 80, {}, False, False, False),
+    (-32, torch.bfloat16, 90, {}, True, True, False),   # an empty run needs no kernel
+], ids=["128 images", "32 images", "16 images", "15 images", "10 images", "sees self", "fp32", "sm_80", "empty run"])
+def test_gpu_rule_for_runs(images, dtype, capability, opts, fwd, bwd, onepass, monkeypatch):
     """images < 0: as many, and three empty sequences after them."""
     # A ViT-S/16 multi-crop batch as the trainer packs it: two runs, the GPU's rules.
     import adclr_kernels.attention_triton as T
@@ -686,7 +687,8 @@ def test_gpu_rule_for_runs(images, dtype, capability, opts, fwd, bwd, monkeypatc
                             None, T.batched_runs(layout))
     mask = QueryMask(**{f"sees_{k.split('_')[-1]}": v for k, v in opts.items()})
     assert T._fwd_by_runs(q, geo) == fwd
-    assert T._bwd_by_runs(q, geo, mask, T._onepass(q, geo, mask, (q,)) is not None) == bwd
+    constants, by_runs = T._onepass_or_runs(q, geo, mask, (q,))
+    assert by_runs == bwd and (constants is not None) == onepass
 
 
 def test_compiled_offsets_call_takes_a_new_max_seqlen():
