@@ -60,10 +60,11 @@ Tensor = torch.Tensor
 # query it does not see:
 # - forward and dQ (a row sums over columns): a tile is walked only by rows that all see
 #   its columns, or its result is put back for those that see none (raw rows around the
-#   query-key tiles). The prefix columns of a block holding raw and query rows are one
-#   narrow tile whose product rows of the query rows where() drops (0 x NaN stays in the
-#   row it is made in), and a query row's own column under SEES_SELF is walked row by
-#   row (no tile).
+#   query-key tiles). The prefix columns of a block holding raw and query rows share a
+#   narrow tile with raw columns every row sees: their non-finite values go into its
+#   product as 0, and poison the keys of their columns instead, so that the raw rows'
+#   scores there are NaN and the query rows' are -inf as always. A query row's own column
+#   under SEES_SELF is walked row by row (no tile).
 # - dK, dV (a column sums over rows): the rows are walked in at most two passes, each of
 #   rows that see the same columns of the block; after a pass the columns its rows do not
 #   see are set back (a column's products only reach its own row of dK and dV).
@@ -265,33 +266,27 @@ def _prefix_scores(q, k_base, keep_row, cols, end, stride_kl, stride_kd, qk_scal
 
 @triton.jit
 def _first_columns(lo1, hi1, p_hi, BLOCK_N: tl.constexpr, FIRST: tl.constexpr):
-    """Columns [f0, f1) of the narrow tile the forward takes first, and t0, where its key
-    steps over [t0, hi1) start.
+    """(n_left, t0): how many columns of [lo1, hi1) the narrow tile the forward takes
+    first holds after its prefix columns [0, p_hi), and t0, where its key steps over
+    [t0, hi1) start.
 
-    A block that takes the prefix apart (p_hi > 0) takes the prefix there, for its raw
-    rows only, and steps from lo1. Every other block runs that tile too (see
-    `_attend_prefix`), so it puts it to work: it takes the columns of [lo1, hi1) left over
-    after whole key steps, up to FIRST of them, and its steps start after them. The
-    masked last step then runs only where more than FIRST columns are left over.
+    Every block runs that tile (see `_attend_prefix`), so it puts it to work: beside the
+    prefix columns its raw rows take apart (none where p_hi = 0), it takes the columns of
+    [lo1, hi1) left over after whole key steps, as many as fit in FIRST, and its steps
+    start after them. The masked last step then runs only where more are left over.
     """
-    f0 = lo1
-    f1 = lo1 + tl.minimum(tl.maximum(hi1 - lo1, 0) % BLOCK_N, FIRST)
-    t0 = f1
-    if p_hi > 0:
-        f0 = lo1 * 0
-        f1 = p_hi
-        t0 = lo1
-    return f0, f1, t0
+    n_left = tl.minimum(tl.maximum(hi1 - lo1, 0) % BLOCK_N, tl.maximum(FIRST - p_hi, 0))
+    return n_left, lo1 + n_left
 
 
 @triton.jit
-def _attend_prefix(q, rows, p_hi, f0, f1, k_base, v_base, stride_kl, stride_kd, stride_vl,
+def _attend_prefix(q, rows, p_hi, lo1, n_left, k_base, v_base, stride_kl, stride_kd, stride_vl,
                    stride_vd, visible, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_D: tl.constexpr, FIRST: tl.constexpr, DOT: tl.constexpr):
     """The online-softmax state (acc, m, l) of a row block after its first columns
-    [f0, f1) (`_first_columns`): the prefix columns [0, p_hi) that its raw rows take
-    apart when the block also holds query rows, which do not see them; otherwise up to
-    FIRST columns that all its rows see.
+    (`_first_columns`): the prefix columns [0, p_hi) that its raw rows take apart when
+    the block also holds query rows, which do not see them, then n_left columns from lo1
+    that all its rows see.
 
     Taken first, while nothing is accumulated: the first FIRST columns (CLS and
     registers: all of them) are one narrow tile, with no rescaling and no second
@@ -302,17 +297,29 @@ def _attend_prefix(q, rows, p_hi, f0, f1, k_base, v_base, stride_kl, stride_kd, 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     raw_row = rows < visible
-    keep_row = raw_row | (p_hi == 0)
-    first = f0 + tl.arange(0, FIRST)
-    s0 = _prefix_scores(q, k_base, keep_row, first, f1, stride_kl, stride_kd, qk_scale,
-                        HEAD_DIM, BLOCK_D, DOT)
+    slot = tl.arange(0, FIRST)
+    in_prefix = slot < p_hi
+    first = tl.where(in_prefix, slot, lo1 - p_hi + slot)
+    col_ok = slot < p_hi + n_left
+    # A query row's p of 0 times a non-finite prefix value would be NaN in its row of
+    # P @ V. Such values go into the product as 0, and the rows that see them take a
+    # NaN score for their column instead: v * 0 is NaN exactly where v is not finite, and
+    # added to the column's key it makes the column's scores NaN, the query rows' among
+    # them, which do not see it and take -inf there.
+    k_t = tl.load(k_base + first[None, :] * stride_kl + offs_d[:, None] * stride_kd,
+                  mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    v_t = tl.load(v_base + first[None, :] * stride_vl + offs_d[:, None] * stride_vd,
+                  mask=in_prefix[None, :] & d_ok[:, None], other=0.0)
+    k_t = k_t + v_t * 0.0
+    seen = (raw_row[:, None] | ~in_prefix[None, :]) & col_ok[None, :]
+    s0 = tl.where(seen, dot(q, k_t, DOT) * qk_scale, float("-inf"))
     m_i = tl.max(s0, 1)
     p0 = tl.exp2(s0 - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
     l_i = tl.sum(p0, 1)
     v = tl.load(v_base + first[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                mask=(first < f1)[:, None] & d_ok[None, :], other=0.0)
-    # A query row's p of 0 times a NaN value is NaN in its row of the product: dropped.
-    acc = tl.where(keep_row[:, None], dot(p0.to(v.dtype), v, DOT), 0.0)
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.where(in_prefix[:, None] & (v * 0.0 != 0.0), tl.zeros_like(v), v)
+    acc = dot(p0.to(v.dtype), v, DOT)
     cols = tl.arange(0, PREFIX_BLOCK)
     for start in range(FIRST, p_hi, PREFIX_BLOCK):  # loop: fwd.prefix
         s = _prefix_scores(q, k_base, raw_row, start + cols, p_hi, stride_kl, stride_kd,
@@ -391,8 +398,8 @@ def _unidirectional_fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
     else:
-        f0, f1, t0 = _first_columns(lo1, hi1, p_hi, BLOCK_N, FIRST_BLOCK)
-        acc, m_i, l_i = _attend_prefix(q, rows, p_hi, f0, f1, k_base, v_base, stride_kl,
+        n_left, t0 = _first_columns(lo1, hi1, p_hi, BLOCK_N, FIRST_BLOCK)
+        acc, m_i, l_i = _attend_prefix(q, rows, p_hi, lo1, n_left, k_base, v_base, stride_kl,
                                        stride_kd, stride_vl, stride_vd, visible, qk_scale,
                                        HEAD_DIM, BLOCK_M, BLOCK_D, FIRST_BLOCK, DOT)
     if SEES_SELF and not SEES_QUERIES:
@@ -633,25 +640,32 @@ def _dq_tiles(dq, q, do, lse, delta, lo, hi, k_base, v_base, stride_kl, stride_k
 
 
 @triton.jit
-def _dq_prefix(q, do, lse, delta, rows, start, p_hi, k_base, v_base, stride_kl, stride_kd,
-               stride_vl, stride_vd, visible, qk_scale, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, DOT: tl.constexpr):
-    """dQ of prefix columns [start, min(p_hi, start + PREFIX_BLOCK)) for the raw rows of a
-    block that also holds query rows, which do not see them (as `_attend_prefix`), 0 in
-    the query rows: ds is 0 where the rule removes a column whatever dp holds there
-    (0 x NaN is NaN), and a query row's row of ds @ K, NaN where a key is, is dropped."""
+def _dq_first(q, do, lse, delta, rows, start, p_hi, lo1, n_left, k_base, v_base, stride_kl,
+              stride_kd, stride_vl, stride_vd, visible, qk_scale, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """dQ of one narrow tile: the prefix columns [start, min(p_hi, start + PREFIX_BLOCK))
+    for the raw rows of a block that also holds query rows, which do not see them, then
+    n_left columns from lo1 that all its rows see (as `_attend_prefix`; n_left = 0 past
+    the first tile). ds is 0 where the rule removes a column whatever dp holds there
+    (0 x NaN is NaN), and a non-finite prefix key goes into the products as 0: a raw row
+    that sees it took NaN from the forward's logsumexp (`_attend_prefix`) unless its score
+    there is -inf (p = 0: nothing of that key is in its output)."""
     offs_d = tl.arange(0, BLOCK_D)
     raw_row = rows < visible
-    cols = start + tl.arange(0, PREFIX_BLOCK)
-    t_mask = (cols < p_hi)[None, :] & (offs_d < HEAD_DIM)[:, None]
+    slot = start + tl.arange(0, PREFIX_BLOCK)
+    in_prefix = slot < p_hi
+    cols = tl.where(in_prefix, slot, lo1 - p_hi + slot)
+    col_ok = slot < p_hi + n_left
+    t_mask = col_ok[None, :] & (offs_d < HEAD_DIM)[:, None]
     k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,
                   mask=t_mask, other=0.0)
     v_t = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd,
                   mask=t_mask, other=0.0)
+    k_t = tl.where(in_prefix[None, :] & (k_t * 0.0 != 0.0), tl.zeros_like(k_t), k_t)
     p = tl.exp2(dot(q, k_t, DOT) * qk_scale - lse[:, None])
-    ds = tl.where(raw_row[:, None] & (cols < p_hi)[None, :],
-                  p * (dot(do, v_t, DOT) - delta[:, None]), 0.0)
-    return tl.where(raw_row[:, None], dot(ds.to(k_t.dtype), tl.trans(k_t), DOT), 0.0)
+    seen = (raw_row[:, None] | ~in_prefix[None, :]) & col_ok[None, :]
+    ds = tl.where(seen, p * (dot(do, v_t, DOT) - delta[:, None]), 0.0)
+    return dot(ds.to(k_t.dtype), tl.trans(k_t), DOT)
 
 
 @triton.jit
@@ -807,22 +821,24 @@ def _unidirectional_bwd_kernel(
         # wgmma of the kernel (C7515) when a loop before them adds to dQ. Rows wider than
         # 128 take them all after the tiles: at head_dim 256 the first tile beside q, dO
         # and dQ spilled inside the loops (1288 B against 224 B, sm_90).
+        t0 = lo1
         if SEES_PREFIX or BLOCK_D > 128:
             dq = tl.zeros([BLOCK_M2, BLOCK_D], tl.float32)
             prefix_done = 0
         else:
-            dq = _dq_prefix(q, do, lse, delta, rows, 0, p_hi, k_base, v_base, stride_kl,
-                            stride_kd, stride_vl, stride_vd, visible, qk_scale, HEAD_DIM,
-                            BLOCK_D, DOT)
+            n_left, t0 = _first_columns(lo1, hi1, p_hi, BLOCK_N2, PREFIX_BLOCK)
+            dq = _dq_first(q, do, lse, delta, rows, 0, p_hi, lo1, n_left, k_base, v_base,
+                           stride_kl, stride_kd, stride_vl, stride_vd, visible, qk_scale,
+                           HEAD_DIM, BLOCK_D, DOT)
             prefix_done = PREFIX_BLOCK
         if SEES_SELF and not SEES_QUERIES:
             dq, p_own, ds_own = _self_columns(dq, lse, delta, rows, q_base, do_base, k_base,
                                               v_base, stride_ql, stride_qd, stride_dol, stride_dod,
                                               stride_kl, stride_kd, stride_vl, stride_vd, seq_len,
                                               visible, qk_scale, HEAD_DIM, BLOCK_D)
-        c2 = lo1 + (hi1 - lo1) // BLOCK_N2 * BLOCK_N2
+        c2 = t0 + (hi1 - t0) // BLOCK_N2 * BLOCK_N2
         dq = _dq_tiles(  # loop: bwd.dq_interior
-            dq, q, do, lse, delta, lo1, c2, k_base, v_base, stride_kl, stride_kd, stride_vl,
+            dq, q, do, lse, delta, t0, c2, k_base, v_base, stride_kl, stride_kd, stride_vl,
             stride_vd, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D, NO_MASK, DOT)
         dq = _dq_tiles(  # loop: bwd.dq_boundary
             dq, q, do, lse, delta, c2, hi1, k_base, v_base, stride_kl, stride_kd, stride_vl,
@@ -834,9 +850,9 @@ def _unidirectional_bwd_kernel(
                 stride_vl, stride_vd, qk_scale, HEAD_DIM, BLOCK_N2, BLOCK_D, COLUMN_MASK, DOT)
             dq = tl.where((rows < visible)[:, None], dq_raw, dq)
         for p0 in range(prefix_done, p_hi, PREFIX_BLOCK):  # loop: bwd.dq_prefix
-            dq += _dq_prefix(q, do, lse, delta, rows, p0, p_hi, k_base, v_base, stride_kl,
-                             stride_kd, stride_vl, stride_vd, visible, qk_scale, HEAD_DIM,
-                             BLOCK_D, DOT)
+            dq += _dq_first(q, do, lse, delta, rows, p0, p_hi, lo1, 0, k_base, v_base,
+                            stride_kl, stride_kd, stride_vl, stride_vd, visible, qk_scale,
+                            HEAD_DIM, BLOCK_D, DOT)
         dq = dq * sm_scale
         tl.store(dq_base + rows[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
                  dq.to(DQ.dtype.element_ty), mask=q_mask)

@@ -557,11 +557,10 @@ def _key_ranges(m0, seq_len, key_len, visible, num_prefix, block_m, mask):
 
 
 def _first_columns(lo1, hi1, p_hi, block_n, first):
-    """(f0, f1, t0): the forward's first narrow tile [f0, f1) and where its key steps start."""
-    if p_hi > 0:
-        return 0, p_hi, lo1
-    f1 = lo1 + min(max(hi1 - lo1, 0) % block_n, first)
-    return lo1, f1, f1
+    """(n_left, t0): the columns of [lo1, hi1) the forward's first narrow tile holds after
+    its p_hi prefix columns, and where its key steps start."""
+    n_left = min(max(hi1 - lo1, 0) % block_n, max(first - p_hi, 0))
+    return n_left, lo1 + n_left
 
 
 def _dkdv_row_range(n0, seq_len, visible, num_prefix, block_n, mask):
@@ -598,11 +597,11 @@ def _row_block_trips(m0, s, block_m, block_n, loop, mask, first=PREFIX_BLOCK):
     lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, s.seq_len, s.seq_len, s.visible, s.num_prefix,
                                            block_m, mask)
     t0 = lo1
-    if loop == "fwd." and not mask.sees_prefix:
-        t0 = _first_columns(lo1, hi1, p_hi, block_n, first)[2]
+    if not mask.sees_prefix:
+        t0 = _first_columns(lo1, hi1, p_hi, block_n, first)[1]
     c2 = t0 + (hi1 - t0) // block_n * block_n
-    # The prefix columns: the first PREFIX_BLOCK outside any loop, the rest in groups of
-    # PREFIX_BLOCK (the forward's one trip per column inside each).
+    # The prefix columns: the first `first` in the first tile, outside any loop, the rest
+    # in groups of PREFIX_BLOCK (the forward's one trip per column inside each).
     prefix = {f"{loop}prefix": _trips(first, p_hi, PREFIX_BLOCK)}
     if loop == "fwd.":
         prefix["fwd.prefix_values"] = max(0, p_hi - first)
@@ -716,8 +715,10 @@ def programs(launch, seqs, heads):
         elif launch.name == "_unidirectional_bwd_kernel":
             trips = _key_block_trips(block * a["BLOCK_N1"], s, a["BLOCK_M1"], a["BLOCK_N1"], mask,
                                      a["SPLIT_ROWS"])
+            # dQ's first narrow tile: none for rows wider than 128 (all prefix columns after
+            # the tiles).
             trips.update(_row_block_trips(block * a["BLOCK_M2"], s, a["BLOCK_M2"], a["BLOCK_N2"],
-                                          "bwd.dq_", mask))
+                                          "bwd.dq_", mask, PREFIX_BLOCK if a["BLOCK_D"] <= 128 else 0))
         else:
             trips = {"rows": int(block * a["BLOCK_M"] < s.seq_len)}
         out.append(trips)

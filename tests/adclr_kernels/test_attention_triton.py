@@ -192,6 +192,36 @@ def test_wide_first_tile_in_the_interpreter(monkeypatch, num_prefix, num_raw):
     check_triton(1, 1, num_prefix, num_raw, 10, 64, options(OPTION_SETS[0]), dtype=torch.float16)
 
 
+@pytest.mark.parametrize("num_prefix,num_raw,head_dim", [(1, 196, 64), (4, 193, 64), (2, 600, 64),
+                                                         (1, 196, 128)])
+@pytest.mark.parametrize("tensor,value", [(2, float("nan")), (2, float("inf")), (1, float("nan"))])
+def test_first_tile_mixes_prefix_and_raw_columns_at_gpu_tiles(monkeypatch, num_prefix, num_raw, head_dim,
+                                                               tensor, value):
+    # The forward's and dQ's first narrow tile takes a block's prefix columns, which its
+    # query rows do not see, beside the raw columns left over after whole key steps, which
+    # all rows see (ViT-S/16's 207 tokens: 4 of them at 128 x 32; ViT-S/8's: 16 at 64 x 64;
+    # dQ at 64 x 32). A non-finite prefix value or key must reach every raw row's output
+    # and dq, and leave the query rows' bit for bit.
+    if DEVICE != "cuda":
+        monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+        monkeypatch.setattr(T, "device_capability", lambda device: 90)
+    num_queries, opts = 10, options(OPTION_SETS[0])
+    qkv = make_qkv(1, 1, num_prefix, num_raw, num_queries, head_dim, opts, dtype=torch.float16)
+    clean, (clean_dq, _, _) = check_triton(1, 1, num_prefix, num_raw, num_queries, head_dim, opts,
+                                           dtype=torch.float16, qkv=qkv)
+    dirty = [t.clone() for t in qkv]
+    dirty[tensor][0, 0, num_prefix - 1, 5] = value
+    leaves = [t.requires_grad_() for t in dirty]
+    out = unidirectional_attention(*leaves, num_queries, num_prefix, backend="triton")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64).to(DEVICE, torch.float16)
+    (dq,) = torch.autograd.grad(out, leaves[:1], grad_out)
+    visible = num_prefix + num_raw
+    for name, got, want in (("out", out, clean), ("dq", dq, clean_dq)):
+        assert torch.equal(got[0, 0, visible:], want[0, 0, visible:]), f"a query row's {name} moved"
+        assert not got[0, 0, :visible].isfinite().all(-1).any(), f"a raw row's {name} stayed finite"
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA every test already runs the GPU tiles")
 @pytest.mark.parametrize("opt_set,num_raw,num_queries", [(OPTION_SETS[0], 46, 0), (OPTION_SETS[3], 36, 10),
                                                          (OPTION_SETS[4], 53, 10)])

@@ -18,9 +18,10 @@ from adclr_kernels.attention_triton import (PREFIX_BLOCK, _dkdv_passes, _dkdv_ro
 from adclr_kernels.mask import QueryMask
 from bench import static as S
 
-OUTPUTS = 17  # lo1, hi1, lo2, hi2, p_hi (row block m0); lo, hi, a0, a1, b0, b1, r0 (key block m0);
-# q_hi, raw_hi (the one-pass backward's key block m0, under the default rule); f0, f1, t0 (the
-# forward's first tile, first columns wide, and where its key steps start)
+OUTPUTS = 16  # lo1, hi1, lo2, hi2, p_hi (row block m0); lo, hi, a0, a1, b0, b1, r0 (key block m0);
+# q_hi, raw_hi (the one-pass backward's key block m0, under the default rule); n_left, t0 (the
+# columns the forward's first tile, first columns wide, holds past the prefix, and where its
+# key steps start)
 
 
 @triton.jit
@@ -53,10 +54,9 @@ def _ranges_probe(CASES, OUT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SEES
     q_hi, raw_hi = _onepass_passes(m0, seq_len, visible, num_prefix, BLOCK_N)
     tl.store(out + 12, q_hi)
     tl.store(out + 13, raw_hi)
-    f0, f1, t0 = _first_columns(lo1, hi1, p_hi, BLOCK_N, FIRST)
-    tl.store(out + 14, f0)
-    tl.store(out + 15, f1)
-    tl.store(out + 16, t0)
+    n_left, t0 = _first_columns(lo1, hi1, p_hi, BLOCK_N, FIRST)
+    tl.store(out + 14, n_left)
+    tl.store(out + 15, t0)
 
 
 def _cases(block):
