@@ -61,10 +61,12 @@ Tensor = torch.Tensor
 # - forward and dQ (a row sums over columns): a tile is walked only by rows that all see
 #   its columns, or its result is put back for those that see none (raw rows around the
 #   query-key tiles). The prefix columns of a block holding raw and query rows share a
-#   narrow tile with raw columns every row sees: their non-finite values go into its
-#   product as 0, and poison the keys of their columns instead, so that the raw rows'
-#   scores there are NaN and the query rows' are -inf as always. A query row's own column
-#   under SEES_SELF is walked row by row (no tile).
+#   narrow tile with raw columns every row sees. In the forward their non-finite values
+#   go into its product as 0 and poison their columns' keys instead, so that the raw
+#   rows' scores there are NaN (and so their logsumexp) and the query rows' -inf as
+#   always; in dQ their non-finite keys go in as 0, and a raw row that sees one has its
+#   NaN from the logsumexp. A query row's own column under SEES_SELF is walked row by
+#   row (no tile).
 # - dK, dV (a column sums over rows): the rows are walked in at most two passes, each of
 #   rows that see the same columns of the block; after a pass the columns its rows do not
 #   see are set back (a column's products only reach its own row of dK and dV).
@@ -266,9 +268,9 @@ def _prefix_scores(q, k_base, keep_row, cols, end, stride_kl, stride_kd, qk_scal
 
 @triton.jit
 def _first_columns(lo1, hi1, p_hi, BLOCK_N: tl.constexpr, FIRST: tl.constexpr):
-    """(n_left, t0): how many columns of [lo1, hi1) the narrow tile the forward takes
-    first holds after its prefix columns [0, p_hi), and t0, where its key steps over
-    [t0, hi1) start.
+    """(n_left, t0): how many columns of [lo1, hi1) the narrow tile the forward (and dQ)
+    takes first holds after its prefix columns [0, p_hi), and t0, where its key steps
+    over [t0, hi1) start.
 
     Every block runs that tile (see `_attend_prefix`), so it puts it to work: beside the
     prefix columns its raw rows take apart (none where p_hi = 0), it takes the columns of
@@ -288,11 +290,11 @@ def _attend_prefix(q, rows, p_hi, lo1, n_left, k_base, v_base, stride_kl, stride
     the block also holds query rows, which do not see them, then n_left columns from lo1
     that all its rows see.
 
-    Taken first, while nothing is accumulated: the first FIRST columns (CLS and
-    registers: all of them) are one narrow tile, with no rescaling and no second
-    accumulator, run by every block (under a branch, ptxas serializes every wgmma of the
-    kernel, C7515). Any further prefix columns go one by one, for the same reason: a
-    tile's product added to acc in a loop serializes too.
+    Taken first, while nothing is accumulated: the prefix (CLS and registers: all of it,
+    up to FIRST columns) and the columns left over are one narrow tile, with no
+    rescaling and no second accumulator, run by every block (under a branch, ptxas
+    serializes every wgmma of the kernel, C7515). Any further prefix columns go one by
+    one, for the same reason: a tile's product added to acc in a loop serializes too.
     """
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -310,6 +312,9 @@ def _attend_prefix(q, rows, p_hi, lo1, n_left, k_base, v_base, stride_kl, stride
                   mask=col_ok[None, :] & d_ok[:, None], other=0.0)
     v_t = tl.load(v_base + first[None, :] * stride_vl + offs_d[:, None] * stride_vd,
                   mask=in_prefix[None, :] & d_ok[:, None], other=0.0)
+    if DOT != "native":
+        # fp32 products (so fp32 here): the interpreter's bf16 arithmetic is on the bits.
+        k_t, v_t = k_t.to(tl.float32), v_t.to(tl.float32)
     k_t = k_t + v_t * 0.0
     seen = (raw_row[:, None] | ~in_prefix[None, :]) & col_ok[None, :]
     s0 = tl.where(seen, dot(q, k_t, DOT) * qk_scale, float("-inf"))
@@ -318,6 +323,8 @@ def _attend_prefix(q, rows, p_hi, lo1, n_left, k_base, v_base, stride_kl, stride
     l_i = tl.sum(p0, 1)
     v = tl.load(v_base + first[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                 mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT != "native":
+        v = v.to(tl.float32)
     v = tl.where(in_prefix[:, None] & (v * 0.0 != 0.0), tl.zeros_like(v), v)
     acc = dot(p0.to(v.dtype), v, DOT)
     cols = tl.arange(0, PREFIX_BLOCK)
@@ -661,6 +668,9 @@ def _dq_first(q, do, lse, delta, rows, start, p_hi, lo1, n_left, k_base, v_base,
                   mask=t_mask, other=0.0)
     v_t = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd,
                   mask=t_mask, other=0.0)
+    if DOT != "native":
+        # fp32 products (so fp32 here): the interpreter's bf16 arithmetic is on the bits.
+        k_t = k_t.to(tl.float32)
     k_t = tl.where(in_prefix[None, :] & (k_t * 0.0 != 0.0), tl.zeros_like(k_t), k_t)
     p = tl.exp2(dot(q, k_t, DOT) * qk_scale - lse[:, None])
     seen = (raw_row[:, None] | ~in_prefix[None, :]) & col_ok[None, :]
@@ -816,8 +826,9 @@ def _unidirectional_bwd_kernel(
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, seq_len, key_len, visible, num_prefix,
                                                BLOCK_M2, SEES_PREFIX, SEES_QUERIES)
-        # The prefix columns of a block holding raw and query rows first, into an empty
-        # dQ; past the first PREFIX_BLOCK (rare) after the tiles: ptxas serializes every
+        # The first tile (`_first_columns`: the prefix columns of a block holding raw and
+        # query rows, then columns left over after whole key steps) into an empty dQ;
+        # prefix columns past the first PREFIX_BLOCK (rare) after the tiles: ptxas serializes every
         # wgmma of the kernel (C7515) when a loop before them adds to dQ. Rows wider than
         # 128 take them all after the tiles: at head_dim 256 the first tile beside q, dO
         # and dQ spilled inside the loops (1288 B against 224 B, sm_90).

@@ -557,8 +557,8 @@ def _key_ranges(m0, seq_len, key_len, visible, num_prefix, block_m, mask):
 
 
 def _first_columns(lo1, hi1, p_hi, block_n, first):
-    """(n_left, t0): the columns of [lo1, hi1) the forward's first narrow tile holds after
-    its p_hi prefix columns, and where its key steps start."""
+    """(n_left, t0): the columns of [lo1, hi1) the first narrow tile (forward, and dQ)
+    holds after its p_hi prefix columns, and where its key steps start."""
     n_left = min(max(hi1 - lo1, 0) % block_n, max(first - p_hi, 0))
     return n_left, lo1 + n_left
 

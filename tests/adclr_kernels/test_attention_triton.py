@@ -192,29 +192,33 @@ def test_wide_first_tile_in_the_interpreter(monkeypatch, num_prefix, num_raw):
     check_triton(1, 1, num_prefix, num_raw, 10, 64, options(OPTION_SETS[0]), dtype=torch.float16)
 
 
-@pytest.mark.parametrize("num_prefix,num_raw,head_dim", [(1, 196, 64), (4, 193, 64), (2, 600, 64),
-                                                         (1, 196, 128)])
-@pytest.mark.parametrize("tensor,value", [(2, float("nan")), (2, float("inf")), (1, float("nan"))])
+@pytest.mark.parametrize("num_prefix,num_raw,head_dim,dtype", [
+    (1, 196, 64, torch.float16), (4, 193, 64, torch.float16), (2, 600, 64, torch.float16),
+    (1, 196, 128, torch.float16), (1, 196, 64, torch.bfloat16), (2, 193, 64, torch.float32)],
+    ids=["fp16-P1", "fp16-P4", "fp16-L612", "fp16-d128", "bf16", "fp32"])
+@pytest.mark.parametrize("tensor,value", [(2, float("nan")), (2, float("inf")), (1, float("nan"))],
+                         ids=["v-nan", "v-inf", "k-nan"])
 def test_first_tile_mixes_prefix_and_raw_columns_at_gpu_tiles(monkeypatch, num_prefix, num_raw, head_dim,
-                                                               tensor, value):
+                                                               dtype, tensor, value):
     # The forward's and dQ's first narrow tile takes a block's prefix columns, which its
     # query rows do not see, beside the raw columns left over after whole key steps, which
     # all rows see (ViT-S/16's 207 tokens: 4 of them at 128 x 32; ViT-S/8's: 16 at 64 x 64;
     # dQ at 64 x 32). A non-finite prefix value or key must reach every raw row's output
-    # and dq, and leave the query rows' bit for bit.
+    # and dq, and leave the query rows' bit for bit. (bf16 in the interpreter takes fp32
+    # products, and its bf16 arithmetic is on the bits.)
     if DEVICE != "cuda":
         monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
         monkeypatch.setattr(T, "device_capability", lambda device: 90)
     num_queries, opts = 10, options(OPTION_SETS[0])
-    qkv = make_qkv(1, 1, num_prefix, num_raw, num_queries, head_dim, opts, dtype=torch.float16)
+    qkv = make_qkv(1, 1, num_prefix, num_raw, num_queries, head_dim, opts, dtype=dtype)
     clean, (clean_dq, _, _) = check_triton(1, 1, num_prefix, num_raw, num_queries, head_dim, opts,
-                                           dtype=torch.float16, qkv=qkv)
+                                           dtype=dtype, qkv=qkv)
     dirty = [t.clone() for t in qkv]
     dirty[tensor][0, 0, num_prefix - 1, 5] = value
     leaves = [t.requires_grad_() for t in dirty]
     out = unidirectional_attention(*leaves, num_queries, num_prefix, backend="triton")
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
-                           dtype=torch.float64).to(DEVICE, torch.float16)
+                           dtype=torch.float64).to(DEVICE, dtype)
     (dq,) = torch.autograd.grad(out, leaves[:1], grad_out)
     visible = num_prefix + num_raw
     for name, got, want in (("out", out, clean), ("dq", dq, clean_dq)):

@@ -194,7 +194,7 @@ def test_a_value_reaches_only_what_depends_on_it(backend, opt_set, form, poisone
             if backend in ("triton", "reference"):
                 missed = ~reached.isnan().flatten(1).any(1)
                 assert not missed.any(), (f"a NaN at the {role} token did not reach row "
-                                          f"{rows.nonzero()[missed.nonzero()[0]].item()}, which sees it")
+                                          f"{rows.nonzero()[missed.nonzero()[0].item()].item()}, which sees it")
             else:
                 before = clean[seen_by][rows.to(DEVICE)]
                 assert (reached != before).any(), f"a NaN at the {role} token moved no row"
