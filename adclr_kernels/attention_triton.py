@@ -301,7 +301,8 @@ def _attend_prefix(q, rows, p_hi, lo1, n_left, k_base, v_base, stride_kl, stride
     raw_row = rows < visible
     slot = tl.arange(0, FIRST)
     in_prefix = slot < p_hi
-    first = tl.where(in_prefix, slot, lo1 - p_hi + slot)
+    # p_hi is 0 or lo1 (`_key_ranges`): the prefix columns [0, p_hi), then those from lo1.
+    first = lo1 - p_hi + slot
     col_ok = slot < p_hi + n_left
     # A query row's p of 0 times a non-finite prefix value would be NaN in its row of
     # P @ V. Such values go into the product as 0, and the rows that see them take a
@@ -669,7 +670,7 @@ def _dq_first(q, do, lse, delta, rows, start, p_hi, lo1, n_left, k_base, v_base,
     raw_row = rows < visible
     slot = start + tl.arange(0, PREFIX_BLOCK)
     in_prefix = slot < p_hi
-    cols = tl.where(in_prefix, slot, lo1 - p_hi + slot)
+    cols = lo1 - p_hi + slot  # as in `_attend_prefix`: p_hi is 0 or lo1
     col_ok = slot < p_hi + n_left
     t_mask = col_ok[None, :] & (offs_d < HEAD_DIM)[:, None]
     k_t = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd,

@@ -24,8 +24,6 @@ both geometries (batched, packed), alternating between the q, k, v and the packe
 forms, which differ only outside the kernels; the PyTorch backends take every form.
 """
 
-import itertools
-
 import pytest
 import torch
 
