@@ -17,7 +17,8 @@ ranges, each only over tiles it can see:
 Scores are kept in base 2 (the scale is folded with log2(e)) so the softmax uses exp2;
 the saved logsumexp is in the same units and is only read by this file's backward.
 
-The backward is FlashAttention-2's: a pre-pass computes delta = rowsum(dO * O), then
+The backward is FlashAttention-2's: a pre-pass computes delta = rowsum(dO * O) (stored
+beside each row's logsumexp, one 64-bit word a row, so the loops read both at once), then
 one kernel where program j owns key block j (accumulating dK, dV over the rows that
 see it) and row block j (accumulating dQ over the columns it sees). A sequence short
 enough for one program skips the pre-pass: its program computes delta. Every gradient
@@ -452,7 +453,7 @@ def _unidirectional_fwd_kernel(
 
 @triton.jit
 def _unidirectional_bwd_delta_kernel(
-    O, DO, DELTA, CU_SEQLENS, NUM_QUERIES, TILES,
+    O, DO, LSE, STATS, CU_SEQLENS, NUM_QUERIES, TILES,
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_dob, stride_doh, stride_dol, stride_dod,
     stride_lseb, stride_lseh,
@@ -472,8 +473,9 @@ def _unidirectional_bwd_delta_kernel(
                 mask=ok, other=0.0).to(tl.float32)
     do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                  mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + b * stride_lseb + h * stride_lseh + start + rows, tl.sum(o * do, 1),
-             mask=rows < seq_len)
+    row0 = b * stride_lseb + h * stride_lseh + start
+    lse = tl.load(LSE + row0 + rows, mask=rows < seq_len)
+    _store_row_stats(STATS + row0 * 2, rows, lse, tl.sum(o * do, 1), rows < seq_len)
 
 
 @triton.jit
@@ -555,7 +557,29 @@ def _tile_bounds(lo, hi, BLOCK_M: tl.constexpr, TILES: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base, lse_base, delta_base,
+def _store_row_stats(stats, rows, lse, delta, row_ok):
+    """(lse, delta) of rows side by side, written as one 64-bit word a row (lse in the low
+    half: the fp32 pair it is read back as)."""
+    word = (lse.to(tl.int32, bitcast=True).to(tl.uint32).to(tl.int64)
+            | (delta.to(tl.int32, bitcast=True).to(tl.int64) << 32))
+    tl.store(stats.to(tl.pointer_type(tl.int64)) + rows, word, mask=row_ok)
+
+
+@triton.jit
+def _row_stats(stats, rows, row_ok):
+    """lse and delta of rows (0 where row_ok is false), from `_store_row_stats`'s words:
+    one load a row, not two, from addresses formed as a row vector's are."""
+    words = stats.to(tl.pointer_type(tl.int64)) + rows
+    if row_ok is None:
+        word = tl.load(words)
+    else:
+        word = tl.load(words, mask=row_ok, other=0)
+    return (word.to(tl.int32).to(tl.float32, bitcast=True),
+            (word >> 32).to(tl.int32).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base, stats,
                stride_ql, stride_qd, stride_dol, stride_dod, qk_scale, DOT: tl.constexpr,
                ROW_MASK: tl.constexpr = True, ds_scale=1.0):
     """One transposed tile of rows against a key block: dK and dV added to, and dS^T (in
@@ -569,8 +593,10 @@ def _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base, lse_ba
     do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                  mask=row_ok[:, None] & d_ok[None, :] if ROW_MASK else d_ok[None, :],
                  other=0.0)
-    lse = tl.load(lse_base + rows, mask=row_ok if ROW_MASK else None)
-    delta = tl.load(delta_base + rows, mask=row_ok if ROW_MASK else None)
+    if ROW_MASK:
+        lse, delta = _row_stats(stats, rows, row_ok)
+    else:
+        lse, delta = _row_stats(stats, rows, None)
     p_t = tl.exp2(dot(k, q_t, DOT) * qk_scale - lse[None, :])
     dv += dot(p_t.to(do.dtype), do, DOT)
     ds_t = (p_t * (dot(v, tl.trans(do), DOT) * ds_scale - delta[None, :])).to(q_t.dtype)
@@ -579,8 +605,8 @@ def _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base, lse_ba
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, lo, hi, q_base, do_base, lse_base, delta_base,
-                stride_ql, stride_qd, stride_dol, stride_dod, qk_scale, HEAD_DIM: tl.constexpr,
+def _dkdv_tiles(dk, dv, k, v, lo, hi, q_base, do_base, stats, stride_ql, stride_qd,
+                stride_dol, stride_dod, qk_scale, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
                 TILES: tl.constexpr = ALL_TILES):
     """dK, dV of one key block accumulated over the row tiles of [lo, hi) that TILES
@@ -595,14 +621,14 @@ def _dkdv_tiles(dk, dv, k, v, lo, hi, q_base, do_base, lse_base, delta_base,
     for row_start in range(lo, hi, BLOCK_M):
         rows = row_start + tl.arange(0, BLOCK_M)
         dk, dv, _ = _dkdv_step(dk, dv, k, v, rows, rows < hi, offs_d, d_ok, q_base, do_base,
-                               lse_base, delta_base, stride_ql, stride_qd, stride_dol,
-                               stride_dod, qk_scale, DOT, TILES != WHOLE_TILES)
+                               stats, stride_ql, stride_qd, stride_dol, stride_dod, qk_scale,
+                               DOT, TILES != WHOLE_TILES)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_rows(dk, dv, k, v, seen, lo, hi, q_base, do_base, lse_base, delta_base, stride_ql,
-               stride_qd, stride_dol, stride_dod, qk_scale, HEAD_DIM: tl.constexpr,
+def _dkdv_rows(dk, dv, k, v, seen, lo, hi, q_base, do_base, stats, stride_ql, stride_qd,
+               stride_dol, stride_dod, qk_scale, HEAD_DIM: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
     """dK, dV of one key block over rows [lo, hi), added to the columns `seen` only: the
     probabilities by tiles, the sums over rows one row at a time (query rows where no
@@ -616,8 +642,7 @@ def _dkdv_rows(dk, dv, k, v, seen, lo, hi, q_base, do_base, lse_base, delta_base
                       mask=d_ok[:, None] & row_ok[None, :], other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                      mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        lse, delta = _row_stats(stats, rows, row_ok)
         p_t = tl.exp2(dot(k, q_t, DOT) * qk_scale - lse[None, :])
         ds_t = p_t * (dot(v, tl.trans(do), DOT) - delta[None, :])
         for r in range(row_start, tl.minimum(hi, row_start + BLOCK_M)):  # loop: bwd.dkdv_row
@@ -715,7 +740,7 @@ def _self_columns(dq, lse, delta, rows, q_base, do_base, k_base, v_base, stride_
 
 @triton.jit
 def _unidirectional_bwd_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, DK, DV, CU_SEQLENS, NUM_QUERIES, TILES,
+    Q, K, V, DO, LSE, STATS, DQ, DK, DV, CU_SEQLENS, NUM_QUERIES, TILES,
     stride_qb, stride_qh, stride_ql: tl.constexpr, stride_qd,
     stride_kb, stride_kh, stride_kl: tl.constexpr, stride_kd,
     stride_vb, stride_vh, stride_vl: tl.constexpr, stride_vd,
@@ -740,8 +765,7 @@ def _unidirectional_bwd_kernel(
     k_base = K + b * stride_kb + h * stride_kh + start * stride_kl
     v_base = V + b * stride_vb + h * stride_vh + start * stride_vl
     do_base = DO + b * stride_dob + h * stride_doh + start * stride_dol
-    lse_base = LSE + b * stride_lseb + h * stride_lseh + start
-    delta_base = DELTA + b * stride_lseb + h * stride_lseh + start
+    stats = STATS + (b * stride_lseb + h * stride_lseh + start) * 2
     dq_base = DQ + b * stride_dqb + h * stride_dqh + start * stride_dql
     dk_base = DK + b * stride_dkb + h * stride_dkh + start * stride_dkl
     dv_base = DV + b * stride_dvb + h * stride_dvh + start * stride_dvl
@@ -757,7 +781,9 @@ def _unidirectional_bwd_kernel(
                         + offs_d[None, :] * stride_od, mask=all_ok, other=0.0).to(tl.float32)
         do_all = tl.load(do_base + all_rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                          mask=all_ok, other=0.0).to(tl.float32)
-        tl.store(delta_base + all_rows, tl.sum(o_all * do_all, 1), mask=all_rows < seq_len)
+        lse = tl.load(LSE + b * stride_lseb + h * stride_lseh + start + all_rows,
+                      mask=all_rows < seq_len)
+        _store_row_stats(stats, all_rows, lse, tl.sum(o_all * do_all, 1), all_rows < seq_len)
         tl.debug_barrier()
 
     # Program j owns key block j (BLOCK_N1 columns) and row block j (BLOCK_M2 rows).
@@ -787,29 +813,29 @@ def _unidirectional_bwd_kernel(
             query_sees = query_sees | (cols >= visible)
         if SPLIT_ROWS:  # the first pass's whole row tiles without row masks, then the last
             dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_interior
-                dk, dv, k, v, a0, a1, q_base, do_base, lse_base, delta_base, stride_ql,
+                dk, dv, k, v, a0, a1, q_base, do_base, stats, stride_ql,
                 stride_qd, stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M1, BLOCK_D, DOT,
                 WHOLE_TILES)
             dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_interior_last
-                dk, dv, k, v, a0, a1, q_base, do_base, lse_base, delta_base, stride_ql,
+                dk, dv, k, v, a0, a1, q_base, do_base, stats, stride_ql,
                 stride_qd, stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M1, BLOCK_D, DOT,
                 PARTIAL_TILE)
         else:
             dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_interior
-                dk, dv, k, v, a0, a1, q_base, do_base, lse_base, delta_base, stride_ql,
+                dk, dv, k, v, a0, a1, q_base, do_base, stats, stride_ql,
                 stride_qd, stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M1, BLOCK_D, DOT)
         seen = tl.where(a0 < visible, raw_sees, query_sees)
         dk = tl.where(seen[:, None], dk, 0.0)
         dv = tl.where(seen[:, None], dv, 0.0)
         dk, dv = _dkdv_tiles(  # loop: bwd.dkdv_second
-            dk, dv, k, v, b0, b1, q_base, do_base, lse_base, delta_base, stride_ql, stride_qd,
+            dk, dv, k, v, b0, b1, q_base, do_base, stats, stride_ql, stride_qd,
             stride_dol, stride_dod, qk_scale, HEAD_DIM, BLOCK_M1, BLOCK_D, DOT)
         seen = tl.where(b0 < visible, raw_sees, query_sees) | (b0 == b1)
         dk = tl.where(seen[:, None], dk, 0.0)
         dv = tl.where(seen[:, None], dv, 0.0)
         if SEES_QUERIES and not SEES_PREFIX:
-            dk, dv = _dkdv_rows(dk, dv, k, v, query_sees, r0, hi, q_base, do_base, lse_base,
-                                delta_base, stride_ql, stride_qd, stride_dol, stride_dod, qk_scale,
+            dk, dv = _dkdv_rows(dk, dv, k, v, query_sees, r0, hi, q_base, do_base, stats,
+                                stride_ql, stride_qd, stride_dol, stride_dod, qk_scale,
                                 HEAD_DIM, BLOCK_M1, BLOCK_D, DOT)
         written = kv_mask
         if SEES_SELF and not SEES_QUERIES:
@@ -831,8 +857,7 @@ def _unidirectional_bwd_kernel(
                     mask=q_mask, other=0.0)
         do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                      mask=q_mask, other=0.0)
-        lse = tl.load(lse_base + rows, mask=row_ok, other=0.0)
-        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+        lse, delta = _row_stats(stats, rows, row_ok)
         lo1, hi1, lo2, hi2, p_hi = _key_ranges(m0, seq_len, key_len, visible, num_prefix,
                                                BLOCK_M2, SEES_PREFIX, SEES_QUERIES)
         # The first tile (`_first_columns`: the prefix columns of a block holding raw and
@@ -907,9 +932,9 @@ def _unidirectional_bwd_kernel(
 
 
 @triton.jit
-def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse_base,
-                  delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
-                  stride_dod, qk_scale, ds_scale,
+def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, stats, scratch,
+                  stride_kl, stride_kd, stride_ql, stride_qd, stride_dol, stride_dod, qk_scale,
+                  ds_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASKED: tl.constexpr, DOT: tl.constexpr, TILES: tl.constexpr = ALL_TILES):
     """dK, dV of one key block and dQ of rows [lo, hi) (into the scratch), in transposed
@@ -925,8 +950,8 @@ def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, lse
         rows = row_start + tl.arange(0, BLOCK_M)
         row_ok = rows < hi
         dk, dv, ds_t = _dkdv_step(dk, dv, k, v, rows, row_ok, offs_d, d_ok, q_base, do_base,
-                                  lse_base, delta_base, stride_ql, stride_qd, stride_dol,
-                                  stride_dod, qk_scale, DOT, TILES != WHOLE_TILES, ds_scale)
+                                  stats, stride_ql, stride_qd, stride_dol, stride_dod,
+                                  qk_scale, DOT, TILES != WHOLE_TILES, ds_scale)
         if MASKED:
             ds_t = tl.where(seen[:, None], ds_t, tl.zeros_like(ds_t))
         k_dq = tl.load(k_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
@@ -967,7 +992,7 @@ def _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd):
 
 @triton.jit
 def _onepass_bwd_kernel(
-    Q, K, V, O, DO, LSE, DELTA, SCRATCH, DQ, DK, DV,
+    Q, K, V, O, DO, LSE, STATS, SCRATCH, DQ, DK, DV,
     stride_qb, stride_qh, stride_ql, stride_qd,
     stride_kb, stride_kh, stride_kl, stride_kd,
     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -995,7 +1020,8 @@ def _onepass_bwd_kernel(
     (the launcher keeps every token offset under 2^31): the base pointers then hang on the
     program id alone, like the batched ones. Pointers moved by the loaded offset held more
     registers (16-row tiles spilled 16 bytes under the cap that way, none this way). The
-    scratch has lse's layout, BLOCK_D floats a row.
+    scratch has lse's layout, BLOCK_D floats a row; STATS too, a row's lse and delta side by
+    side (written here, then read in every row tile as one word).
     """
     _, b, h, start, seq_len, key_len, visible = _program(
         1, num_heads, num_seqs, seq_len, key_len, visible, total_tokens, CU_SEQLENS,
@@ -1012,7 +1038,7 @@ def _onepass_bwd_kernel(
     do_base = DO + b * stride_dob + h * stride_doh
     row0 = b * stride_lseb + h * stride_lseh
     lse_base = LSE + row0
-    delta_base = DELTA + row0
+    stats = STATS + row0 * 2
     scratch = SCRATCH + row0 * BLOCK_D
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -1029,7 +1055,8 @@ def _onepass_bwd_kernel(
                     other=0.0).to(tl.float32)
         do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                      mask=ok, other=0.0).to(tl.float32)
-        tl.store(delta_base + rows, tl.sum(o * do, 1) * sm_scale, mask=row_ok)
+        lse = tl.load(lse_base + rows, mask=row_ok)
+        _store_row_stats(stats, rows, lse, tl.sum(o * do, 1) * sm_scale, row_ok)
         tl.store(scratch + rows[:, None] * BLOCK_D + offs_d[None, :],
                  tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=row_ok[:, None])
     tl.debug_barrier()
@@ -1051,8 +1078,8 @@ def _onepass_bwd_kernel(
             # The query rows' scores at the prefix columns may overflow (their lse leaves
             # those out): they reach only those columns' dK and dV, set back after the pass.
             dk, dv = _onepass_rows(  # loop: bwd1.query_rows
-                dk, dv, k, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, lse_base,
-                delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd,
+                dk, dv, k, v, k_base, cols, query_sees, vis, q_hi, q_base, do_base, stats,
+                scratch, stride_kl, stride_kd, stride_ql, stride_qd,
                 stride_dol, stride_dod, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D, True,
                 DOT)
             if n0 < pre:  # branch: rare
@@ -1066,13 +1093,13 @@ def _onepass_bwd_kernel(
         # their dK and dV are cleared below.
         # The last, partial row tile, then the whole ones without row masks.
         dk, dv = _onepass_rows(  # loop: bwd1.rows_last
-            dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
-            delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
+            dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, stats,
+            scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
             stride_dod, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
             PARTIAL_TILE)
         dk, dv = _onepass_rows(  # loop: bwd1.rows
-            dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, lse_base,
-            delta_base, scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
+            dk, dv, k, v, k_base, cols, cols < vis, first, raw_hi, q_base, do_base, stats,
+            scratch, stride_kl, stride_kd, stride_ql, stride_qd, stride_dol,
             stride_dod, qk_scale, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D, False, DOT,
             WHOLE_TILES)
         written = (cols < key_end)[:, None] & d_ok[None, :]
@@ -1524,13 +1551,6 @@ def _row_strides(rows):
     return 0, rows.stride(0)
 
 
-def _empty_rows_like(lse):
-    """delta for this lse: its shape and its strides, lse being a view of a packed call's
-    statistics where the batched kernels take one run of it (the buffer then spans the
-    packed call's rows, as the packed kernels' does)."""
-    return lse.new_empty_strided(lse.shape, lse.stride())
-
-
 def batched_geometry(q, k, num_queries):
     batch, heads, seq, _ = q.shape
     return Geometry(batch, heads, seq, seq, k.shape[2], seq - num_queries)
@@ -1765,8 +1785,9 @@ def _onepass(q, geo, mask, tensors=()):
 
 
 def _empty_scratch(lse, width):
-    """The one-pass backward's fp32 dQ: `width` floats for every row of lse, laid out as
-    lse is (each program owns its sequence's rows of one head)."""
+    """`width` fp32 values for every row of lse, laid out as lse is (each program of the
+    one-pass backward owns its sequence's rows of one head): its dQ, and (lse, delta)
+    side by side."""
     return lse.new_empty_strided((*lse.shape, width), (*(s * width for s in lse.stride()), 1))
 
 
@@ -1774,10 +1795,10 @@ def onepass_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, constants, geo, num_pre
     """The one-pass backward into dq, dk, dv (batched views or packed tokens): one launch,
     one program per (sequence, head)."""
     programs = geo.num_seqs * geo.heads
-    delta = _empty_rows_like(lse)
+    stats = _empty_scratch(lse, 2)
     scratch = _empty_scratch(lse, constants["BLOCK_D"])
     _onepass_bwd_kernel.run(
-        q, k, v, out, grad_out, lse, delta, scratch, dq, dk, dv, *_bhld_strides(q),
+        q, k, v, out, grad_out, lse, stats, scratch, dq, dk, dv, *_bhld_strides(q),
         *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(out), *_bhld_strides(grad_out),
         *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *_row_strides(lse),
         geo.heads, geo.num_seqs, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens,
@@ -1809,7 +1830,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
     blocks, programs = geo.grid(block, geo.bwd_tiles)
     if programs == 0:
         return
-    delta = _empty_rows_like(lse)
+    stats = _empty_scratch(lse, 2)
     delta_rows = block if _delta_inside(q, geo, blocks) else 0
     if delta_rows and not triton_interpreter_enabled():
         # bench.static (bf16, sm_90, 37 tokens): the delta takes the kernel from 160 to 172
@@ -1818,11 +1839,11 @@ def attention_bwd(grad_out, q, k, v, out, lse, dq, dk, dv, geo, num_prefix, mask
         constants = dict(constants, maxnreg=168)
     if not delta_rows:
         _unidirectional_bwd_delta_kernel.run(
-            out, grad_out, delta, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
+            out, grad_out, lse, stats, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
             *_bhld_strides(out), *_bhld_strides(grad_out), *_row_strides(lse), blocks, geo.heads,
             geo.num_seqs, geo.seq_len, geo.total_tokens, grid=(programs,), warmup=False, **delta_constants)
     _unidirectional_bwd_kernel.run(
-        q, k, v, grad_out, lse, delta, dq, dk, dv, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
+        q, k, v, grad_out, lse, stats, dq, dk, dv, geo.cu_seqlens, geo.num_queries, geo.bwd_tiles,
         *_bhld_strides(q), *_bhld_strides(k), *_bhld_strides(v), *_bhld_strides(grad_out),
         *_bhld_strides(dq), *_bhld_strides(dk), *_bhld_strides(dv), *_row_strides(lse),
         blocks, geo.heads, geo.num_seqs, geo.seq_len, geo.key_len, geo.visible, geo.total_tokens,

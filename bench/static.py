@@ -776,8 +776,8 @@ def traffic(name, seqs, heads, head_dim, elem):
         row, key = L * head_dim * elem, V * head_dim * elem
         if name == "fwd":      # q, k, v in; o and the logsumexp out
             b, f = 2 * row + 2 * key + 4 * L, 4 * head_dim * pairs
-        elif name == "delta":  # o, dO in; delta out
-            b, f = 2 * row + 4 * L, 0
+        elif name == "delta":  # o, dO, lse in; (lse, delta) out
+            b, f = 2 * row + 12 * L, 0
         else:                  # q, k, v, dO, lse, delta in; dq, dk, dv (all L rows) out
             b, f = 2 * row + 2 * key + 8 * L + 3 * row, 10 * head_dim * pairs
         total_bytes += b * heads
