@@ -750,6 +750,9 @@ def schedule(costs, occ, gpu, mma_rate, num_warps):
     """
     import heapq
 
+    # A launch of fewer programs than the SMs hold spreads them out: an SM shares its issue
+    # slots among the programs it is given, not among as many as would fit.
+    occ = min(occ, max(1, -(-len(costs) // gpu.sms)))
     issue_rate = gpu.clock_hz * achieved_ipc(gpu, occ * num_warps) / occ
     mma_per_slot = mma_rate / gpu.sms / occ
     slots = [0.0] * (gpu.sms * occ)
