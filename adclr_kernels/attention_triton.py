@@ -367,12 +367,11 @@ def _attend_self(acc, m_i, l_i, rows, q_base, k_base, v_base, stride_ql, stride_
     return acc, m_new, l_i * alpha + p
 
 
-# The row strides of the tensors the tile loops read (K, V; Q and dO in the flash
-# backward) are constexprs: a thread's addresses in a tile are then one base plus
-# immediate offsets, not a multiply and a shift each (a 64 x 64 forward step: 308 -> 287
-# SASS). Each layout compiles its own kernels; a model has one or two (a packed qkv's row
-# is 3 x heads x head_dim). The one-pass backward keeps them as arguments: under Triton
-# 3.6 it spilled inside its loops with them.
+# The row strides of the tensors the tile loops read (K, V; Q and dO in the backwards)
+# are constexprs: a thread's addresses in a tile are then one base plus immediate
+# offsets, not a multiply and a shift each (a 64 x 64 forward step: 308 -> 287 SASS).
+# Each layout compiles its own kernels; a model has one or two (a packed qkv's row is
+# 3 x heads x head_dim).
 
 
 @triton.jit
@@ -993,11 +992,11 @@ def _onepass_keys(k_base, cols, first, vis, offs_d, d_ok, stride_kl, stride_kd):
 @triton.jit
 def _onepass_bwd_kernel(
     Q, K, V, O, DO, LSE, STATS, SCRATCH, DQ, DK, DV,
-    stride_qb, stride_qh, stride_ql, stride_qd,
-    stride_kb, stride_kh, stride_kl, stride_kd,
-    stride_vb, stride_vh, stride_vl, stride_vd,
+    stride_qb, stride_qh, stride_ql: tl.constexpr, stride_qd,
+    stride_kb, stride_kh, stride_kl: tl.constexpr, stride_kd,
+    stride_vb, stride_vh, stride_vl: tl.constexpr, stride_vd,
     stride_ob, stride_oh, stride_ol, stride_od,
-    stride_dob, stride_doh, stride_dol, stride_dod,
+    stride_dob, stride_doh, stride_dol: tl.constexpr, stride_dod,
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
     stride_dvb, stride_dvh, stride_dvl, stride_dvd,
@@ -1542,8 +1541,9 @@ def _run_geometries(runs, heads):
 
 
 def _row_strides(rows):
-    """(batch, head) strides of per-row statistics (lse, delta: the kernels index both with
-    these): (batch, heads, seq), or (heads, tokens) packed; unit stride along the rows."""
+    """(batch, head) strides of per-row statistics: lse's, which the backwards also index
+    their (lse, delta) words with: (batch, heads, seq), or (heads, tokens) packed; unit
+    stride along the rows."""
     # The forward makes lse so, and a run's view of it keeps that stride.
     assert rows.stride(-1) == 1, "per-row statistics need unit stride along the rows"
     if rows.dim() == 3:
@@ -1580,7 +1580,7 @@ def _empty_tokens(shape, like):
 
 
 def _empty_rows(batch, heads, seq, like):
-    """Per-row fp32 statistics (logsumexp, delta)."""
+    """Per-row fp32 statistics (the logsumexp)."""
     return torch.empty(batch, heads, seq, dtype=torch.float32, device=like.device)
 
 
@@ -1785,9 +1785,9 @@ def _onepass(q, geo, mask, tensors=()):
 
 
 def _empty_scratch(lse, width):
-    """`width` fp32 values for every row of lse, laid out as lse is (each program of the
-    one-pass backward owns its sequence's rows of one head): its dQ, and (lse, delta)
-    side by side."""
+    """`width` fp32 values for every row of lse, laid out as lse is: the backwards' (lse,
+    delta) words (width 2), the one-pass backward's dQ (each of its programs owns its
+    sequence's rows of one head)."""
     return lse.new_empty_strided((*lse.shape, width), (*(s * width for s in lse.stride()), 1))
 
 
