@@ -1787,7 +1787,8 @@ def _onepass(q, geo, mask, tensors=()):
 def _empty_scratch(lse, width):
     """`width` fp32 values for every row of lse, laid out as lse is: the backwards' (lse,
     delta) words (width 2), the one-pass backward's dQ (each of its programs owns its
-    sequence's rows of one head)."""
+    sequence's rows of one head). Where lse is a run's view of a packed call's statistics,
+    the buffer spans that call's rows, as the kernels index it with lse's strides."""
     return lse.new_empty_strided((*lse.shape, width), (*(s * width for s in lse.stride()), 1))
 
 
