@@ -995,7 +995,7 @@ def _onepass_bwd_kernel(
     stride_qb, stride_qh, stride_ql: tl.constexpr, stride_qd,
     stride_kb, stride_kh, stride_kl: tl.constexpr, stride_kd,
     stride_vb, stride_vh, stride_vl: tl.constexpr, stride_vd,
-    stride_ob, stride_oh, stride_ol, stride_od,
+    stride_ob, stride_oh, stride_ol: tl.constexpr, stride_od,
     stride_dob, stride_doh, stride_dol: tl.constexpr, stride_dod,
     stride_dqb, stride_dqh, stride_dql, stride_dqd,
     stride_dkb, stride_dkh, stride_dkl, stride_dkd,
