@@ -368,10 +368,10 @@ def _attend_self(acc, m_i, l_i, rows, q_base, k_base, v_base, stride_ql, stride_
 
 
 # The row strides of the tensors the tile loops read (K, V; Q and dO in the backwards, O
-# in the one-pass backward's delta loop) are constexprs: a thread's addresses in a tile are then one base plus immediate
-# offsets, not a multiply and a shift each (a 64 x 64 forward step: 308 -> 287 SASS).
-# Each layout compiles its own kernels; a model has one or two (a packed qkv's row is
-# 3 x heads x head_dim).
+# in the one-pass backward's delta loop) are constexprs: a thread's addresses in a tile
+# are then one base plus immediate offsets, not a multiply and a shift each (a 64 x 64
+# forward step: 308 -> 287 SASS). Each layout compiles its own kernels; a model has one or
+# two (a packed qkv's row is 3 x heads x head_dim).
 
 
 @triton.jit
