@@ -130,7 +130,7 @@ run_stage() {
       # no inlined call sites, so bench.static cannot find the loops in its code.
       stage calibrate 50 python -m bench.calibrate --out "$RES" ;;
     tune)
-      stage tune 110 python -m bench.tune --out "$RES" ;;
+      stage tune 150 python -m bench.tune --out "$RES" ;;  # beside bench/results/static/tune_predicted.json
     head)
       stage head 50 $BENCH bench/test_head_loss.py --benchmark-json="$RES/head.json" ;;
     compare)  # ADCLR against DINO and random init: one seed, vit_mini at 96 px (12 x 12 patches), 3000 steps of 64,
