@@ -1322,6 +1322,13 @@ def _bwd_config(head_dim, dtype, capability, packed=False, max_len=0):
     elif head_dim > 64:
         # On sm_80 (mma.sync) the 64-row blocks above spill; 32 x 32 tiles do not.
         cfg = dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=1)
+    elif capability == 80 and max_len > 64 and not packed:
+        # sm_80 (mma.sync): the 64-row blocks below take 255 registers, 2 programs per SM;
+        # 32 x 32 tiles take 166, 3 per SM, and are predicted faster for batched sequences
+        # past one block (bench.static: ViT-S/8 1505 -> 1304 µs), not for one block (64
+        # crops of 37 tokens: 22.0 -> 26.4) nor packed (4 multi-crop images by offsets:
+        # 40.7 -> 46.7).
+        cfg = dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=2)
     else:
         cfg = dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
         if packed and capability >= 90 and torch.version.hip is None:
@@ -1348,7 +1355,7 @@ def _table_blocks(q, max_len):
     q's head_dim, dtype and device): the blocks their tile tables count in."""
     head_dim, capability = q.shape[-1], device_capability(q.device)
     return (_fwd_config(head_dim, q.dtype, capability, max_len, packed=True)["BLOCK_M"],
-            _bwd_config(head_dim, q.dtype, capability, packed=True)["PROGRAM_BLOCK"])
+            _bwd_config(head_dim, q.dtype, capability, packed=True, max_len=max_len)["PROGRAM_BLOCK"])
 
 
 # The packed one-pass backward takes its sequences (one program each, `_onepass_bwd_kernel`)
@@ -1738,6 +1745,12 @@ ONEPASS_MAX_LEN = 1024
 ONEPASS_MIN_PACKED_PROGRAMS = 864
 ONEPASS_MIN_PROGRAMS_OVER_RUNS = 3072
 ONEPASS_MIN_BATCHED_PROGRAMS = 192
+# On sm_80 (108 SMs, 3 programs each): one program walking a whole sequence loses to the
+# flash backward below about one and a half waves, and past 512 tokens (bench.static,
+# 207 tokens: 288 programs 92.0 against 117.7 µs, 384 programs 183.9 against 151.4, 576
+# 183.9 against 220.3; ViT-S/8's 795 at 384 programs 1917 against 1304).
+ONEPASS_MAX_LEN_SM80 = 512
+ONEPASS_MIN_PROGRAMS_SM80 = 486
 
 
 def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=False, programs=0,
@@ -1747,7 +1760,8 @@ def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=Fal
     under the default mask rule or query_sees_prefix alone, or None (the flash backward,
     or the runs' own kernels): where bench.static predicted it (bf16/fp16, head_dim <= 64,
     sm_90, at least ONEPASS_MIN_BATCHED_PROGRAMS, ONEPASS_MIN_PACKED_PROGRAMS or
-    ONEPASS_MIN_PROGRAMS_OVER_RUNS), and always in the interpreter, where the tests run
+    ONEPASS_MIN_PROGRAMS_OVER_RUNS; sm_80 within ONEPASS_MAX_LEN_SM80 and from
+    ONEPASS_MIN_PROGRAMS_SM80 too), and always in the interpreter, where the tests run
     it."""
     if not varlen:
         fewest = ONEPASS_MIN_BATCHED_PROGRAMS
@@ -1755,6 +1769,12 @@ def onepass_config(seq_len, head_dim, dtype, capability, interpreted, varlen=Fal
         fewest = ONEPASS_MIN_PROGRAMS_OVER_RUNS if runs else ONEPASS_MIN_PACKED_PROGRAMS
     if interpreted:
         cfg = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
+    elif (dtype in (torch.float16, torch.bfloat16) and head_dim <= 64 and capability == 80
+          and torch.version.hip is None and seq_len <= ONEPASS_MAX_LEN_SM80
+          and programs >= max(fewest, ONEPASS_MIN_PROGRAMS_SM80)):
+        # sm_80 (mma.sync), bench.static: 32 x 64 tiles spill 392 bytes under the cap;
+        # 32 x 32 take 168 registers, 3 programs per SM, none spilled.
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1, maxnreg=168)
     elif (dtype in (torch.float16, torch.bfloat16) and head_dim <= 64 and capability >= 90
           and torch.version.hip is None and seq_len <= ONEPASS_MAX_LEN and programs >= fewest):
         # bench.static (bench/NOTES.md, "the one-pass backward" and "dQ by reductions"):

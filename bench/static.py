@@ -358,14 +358,14 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
     sequences of (prefix, raw, query) tokens): one row (kernel, registers, spill bytes,
     shared bytes, what the loops' spills cost as they run: `spills_run`) per kernel. For
     tests and CI."""
-    from adclr_kernels.attention_triton import ONEPASS_MIN_BATCHED_PROGRAMS
+    from adclr_kernels.attention_triton import ONEPASS_MIN_BATCHED_PROGRAMS, ONEPASS_MIN_PROGRAMS_SM80
     from bench.workloads import Workload
 
-    # Batched: enough (sequence, head) programs for the one-pass backward's rule. Packed:
+    # Batched: enough (sequence, head) programs for the one-pass backward's rules. Packed:
     # three images' crops image by image, more runs than go by runs: the packed kernels.
+    programs = max(ONEPASS_MIN_BATCHED_PROGRAMS, ONEPASS_MIN_PROGRAMS_SM80)
     workload = (PackedWorkload("check", "", 3, 2, head_dim, by_image=True) if packed
-                else Workload("check", "", ONEPASS_MIN_BATCHED_PROGRAMS // 2, 1, 2, head_dim,
-                              *layout))
+                else Workload("check", "", programs // 2, 1, 2, head_dim, *layout))
     forward, backward = capture(workload, DTYPES[dtype_name], capability, flags)
     rows = []
     for launch in forward + backward:

@@ -127,6 +127,31 @@ def test_packed_at_the_gpu_tiles(monkeypatch, launched, num_prefix, num_queries,
         assert_rel_close(name, got, want, 3e-3)  # fp16 inputs, fp32 accumulation
 
 
+@pytest.mark.parametrize("num_prefix,num_raw,num_queries,opt_set,tiles", [
+    (1, 46, 1, OPTION_SETS[0], ("onepass", 32, 32)), (4, 61, 10, OPTION_SETS[0], ("onepass", 32, 32)),
+    (4, 61, 10, OPTION_SETS[1], ("onepass", 32, 32)), (1, 54, 10, OPTION_SETS[2], ("flash", 32, 32)),
+    (4, 90, 6, OPTION_SETS[4], ("flash", 32, 32))])
+def test_sm80_tiles_in_the_interpreter(monkeypatch, num_prefix, num_raw, num_queries, opt_set,
+                                       tiles):
+    # sm_80's rules (fp16 as above): the one-pass backward on 32 x 32 tiles, and where a
+    # mask option keeps the flash backward, its 32 x 32 tiles; the forward without the
+    # tensor-core row sum. 48, 65, 75 and 100 tokens: tails after whole tiles, and the
+    # raw/query boundary inside a tile.
+    monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(T, "device_capability", lambda device: 80)
+    monkeypatch.setattr(T, "ONEPASS_MIN_PROGRAMS_SM80", 1)
+    monkeypatch.setattr(T, "ONEPASS_MIN_BATCHED_PROGRAMS", 1)
+    seen = []
+    for kernel, name, keys in ((T._onepass_bwd_kernel, "onepass", ("BLOCK_M", "BLOCK_N")),
+                               (T._unidirectional_bwd_kernel, "flash", ("BLOCK_M1", "BLOCK_N1"))):
+        def run(*args, _real=kernel.run, _name=name, _keys=keys, **kwargs):
+            seen.append((_name, *(kwargs[k] for k in _keys)))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(kernel, "run", run)
+    check_triton(2, 2, num_prefix, num_raw, num_queries, 64, options(opt_set), dtype=torch.float16)
+    assert seen == [tiles]
+
+
 @pytest.mark.parametrize("opt_set", OPTION_SETS[2:], ids=str)
 def test_mask_options_keep_the_flash_backward(launched, opt_set):
     check_triton(1, 1, 1, 40, 10, 16, options(opt_set))
@@ -224,6 +249,22 @@ def test_gpu_rule_keeps_the_flash_backward_where_not_predicted_to_win(
                                   T.ONEPASS_MIN_PACKED_PROGRAMS)
     assert packed_cfg["BLOCK_M"] == 32 and packed_cfg["VARLEN"]
     assert T.onepass_config(length, head_dim, dtype, capability, False, packed, programs) is None
+
+
+def test_gpu_rule_on_sm80():
+    # 32 x 32 tiles for 16-bit head_dim <= 64, from about one and a half waves of
+    # programs and up to 512 tokens (bench.static); not on sm_86, which it does not model.
+    most = T.ONEPASS_MIN_PROGRAMS_SM80
+    cfg = T.onepass_config(207, 64, torch.bfloat16, 80, False, False, most)
+    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["maxnreg"], cfg["VARLEN"]) == (32, 32, 168, False)
+    assert T.onepass_config(207, 64, torch.float16, 80, False, True, T.ONEPASS_MIN_PACKED_PROGRAMS)
+    for args in ((207, 64, torch.bfloat16, 80, False, False, most - 1),
+                 (T.ONEPASS_MAX_LEN_SM80 + 1, 64, torch.bfloat16, 80, False, False, 10**4),
+                 (207, 128, torch.bfloat16, 80, False, False, 10**4),
+                 (207, 64, torch.float32, 80, False, False, 10**4),
+                 (207, 64, torch.bfloat16, 86, False, False, 10**4),
+                 (207, 64, torch.bfloat16, 80, False, True, T.ONEPASS_MIN_PACKED_PROGRAMS - 1)):
+        assert T.onepass_config(*args) is None, args
 
 
 def _packed_meta(tokens, heads=6):

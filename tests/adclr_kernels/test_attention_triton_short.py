@@ -19,6 +19,7 @@ import adclr_kernels.attention_triton as T
 import adclr_kernels.attention_triton_short as S
 import test_visibility
 from adclr_kernels import unidirectional_attention, unidirectional_attention_qkvpacked
+from adclr_kernels._triton_common import SHARED_MEMORY_PER_PROGRAM
 from kernel_testing import ON_CUDA, OPTION_SETS, option_id, options
 from test_attention_triton import check_triton, needs_aot
 
@@ -152,13 +153,20 @@ def test_gpu_configs_in_the_interpreter(monkeypatch, launched, num_raw, num_quer
 
 
 @pytest.mark.parametrize("dtype,head_dim,capability,length", [
-    (torch.float32, 64, 90, 37), (torch.float16, 128, 90, 37), (torch.bfloat16, 64, 80, 37),
-    (torch.bfloat16, 64, 90, S.ONESHOT_MAX_LEN + 1)])
+    (torch.float32, 64, 90, 37), (torch.float16, 128, 90, 37), (torch.bfloat16, 64, 86, 37),
+    (torch.bfloat16, 64, 90, S.ONESHOT_MAX_LEN + 1), (torch.bfloat16, 64, 80, S.ONESHOT_MAX_LEN + 1)])
 def test_gpu_rule_keeps_the_flash_kernels_where_not_predicted_to_win(dtype, head_dim, capability,
                                                                      length):
-    assert S.oneshot_config("fwd", S.ONESHOT_MAX_LEN, 64, torch.bfloat16, 90, False)
     assert S.oneshot_config("fwd", length, head_dim, dtype, capability, False) is None
     assert S.oneshot_config("bwd", length, head_dim, dtype, capability, False) is None
+
+
+@pytest.mark.parametrize("capability, bwd_cap", [(90, None), (80, 168), (100, None)])
+def test_gpu_rule_takes_the_crops_on_sm80_and_sm90(capability, bwd_cap):
+    # (BLOCK_M, sequences per program, warps, register cap): sm_80's backward capped for
+    # 3 programs per SM (bench.static); later GPUs take sm_90's rule.
+    assert S.oneshot_config("fwd", 37, 64, torch.bfloat16, capability, False) == (128, 3, 8, None)
+    assert S.oneshot_config("bwd", 37, 64, torch.float16, capability, False) == (64, 1, 4, bwd_cap)
 
 
 COMPILE = """
@@ -166,8 +174,9 @@ import json, os, sys
 os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 from bench.static import compile_check
-print(json.dumps([compile_check(64, t, 90, flags=tuple(f), layout=tuple(l))
-                  for t, l, f in json.loads(sys.argv[1])]))
+capability, cases = json.loads(sys.argv[1])
+print(json.dumps([compile_check(64, t, capability, flags=tuple(f), layout=tuple(l))
+                  for t, l, f in cases]))
 """
 # (dtype, (P, N, Q), options): the ViT local crop, and query rows under two mask rules.
 COMPILE_CASES = [("bf16", (1, 36, 0), (False, False, False)),
@@ -176,15 +185,21 @@ COMPILE_CASES = [("bf16", (1, 36, 0), (False, False, False)),
 
 
 @needs_aot
-def test_gpu_kernels_compile_for_sm90_without_spills():
+@pytest.mark.parametrize("capability", [80, 90])
+def test_gpu_kernels_compile_without_spills_in_loops(capability):
     # The real Triton pipeline, which the interpreter does not run: the GPU rule's
-    # configs compile for sm_90 and keep every value in registers.
+    # configs compile and keep every value in registers, but for sm_80's backward under
+    # its register cap: 56 to 112 bytes, stored and loaded once per program (the kernels
+    # have no loops), which bench.static counts in its estimate and still finds faster
+    # than 2 programs per SM without the cap (bench/NOTES.md).
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(COMPILE_CASES)], cwd=root,
-                          env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", COMPILE, json.dumps([capability, COMPILE_CASES])],
+                          cwd=root, env={**os.environ, "TRITON_INTERPRET": "0"},
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = SHARED_MEMORY_PER_PROGRAM[capability]
     for case, rows in zip(COMPILE_CASES, json.loads(proc.stdout)):
         assert [row["kernel"] for row in rows] == ["_oneshot_fwd_kernel", "_oneshot_bwd_kernel"], case
         for row in rows:
-            assert row["spill_bytes"] == 0 and row["shared_bytes"] <= 227 * 1024, (case, row)
+            assert row["shared_bytes"] <= shared and row["loop_spill_instrs"] == 0, (case, row)
+            assert row["spill_bytes"] <= (128 if row["maxnreg"] else 0), (case, row)

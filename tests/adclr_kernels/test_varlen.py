@@ -668,9 +668,11 @@ def test_at_most_four_runs_go_to_the_launchers(lengths, runs):
     (10, torch.bfloat16, 90, {}, True, False, False),   # 720 programs: the flash backward
     (32, torch.bfloat16, 90, dict(query_sees_self=True), True, False, False),
     (32, torch.float32, 90, {}, False, False, False),
-    (32, torch.bfloat16, 80, {}, False, False, False),
+    (32, torch.bfloat16, 80, {}, True, False, True),    # the global run's 384 pairs: too few there
+    (32, torch.bfloat16, 86, {}, False, False, False),  # rules for sm_80 and sm_90 only
     (-32, torch.bfloat16, 90, {}, True, True, False),   # an empty run needs no kernel
-], ids=["128 images", "32 images", "16 images", "15 images", "10 images", "sees self", "fp32", "sm_80", "empty run"])
+], ids=["128 images", "32 images", "16 images", "15 images", "10 images", "sees self", "fp32", "sm_80",
+        "sm_86", "empty run"])
 def test_gpu_rule_for_runs(images, dtype, capability, opts, fwd, bwd, onepass, monkeypatch):
     """images < 0: as many, and three empty sequences after them."""
     # A ViT-S/16 multi-crop batch as the trainer packs it: two runs, the GPU's rules.
