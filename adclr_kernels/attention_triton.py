@@ -1325,9 +1325,10 @@ def _bwd_config(head_dim, dtype, capability, packed=False, max_len=0):
     elif capability == 80 and max_len > 64 and not packed:
         # sm_80 (mma.sync): the 64-row blocks below take 255 registers, 2 programs per SM;
         # 32 x 32 tiles take 166, 3 per SM, and are predicted faster for batched sequences
-        # past one block (bench.static: ViT-S/8 1505 -> 1304 µs), not for one block (64
-        # crops of 37 tokens: 22.0 -> 26.4) nor packed (4 multi-crop images by offsets:
-        # 40.7 -> 46.7).
+        # past one block (bench.static: ViT-S/8 1505 -> 1304 µs) but in calls of under
+        # about 100 (sequence, head) pairs (48 of 207 tokens: 24.3 -> 33.3, a few µs of a
+        # host-bound call), not for one block (64 crops of 37 tokens: 22.0 -> 26.4) nor
+        # packed (4 multi-crop images by offsets: 40.7 -> 46.7).
         cfg = dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=2)
     else:
         cfg = dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
@@ -1745,8 +1746,9 @@ ONEPASS_MAX_LEN = 1024
 ONEPASS_MIN_PACKED_PROGRAMS = 864
 ONEPASS_MIN_PROGRAMS_OVER_RUNS = 3072
 ONEPASS_MIN_BATCHED_PROGRAMS = 192
-# On sm_80 (108 SMs, 3 programs each): one program walking a whole sequence loses to the
-# flash backward below about one and a half waves, and past 512 tokens (bench.static,
+# On sm_80 (an A100's 108 SMs, 3 programs each; an A30 has 56): one program walking a
+# whole sequence loses to the flash backward below about one and a half waves, and past
+# 512 tokens (bench.static,
 # 207 tokens: 288 programs 92.0 against 117.7 µs, 384 programs 183.9 against 151.4, 576
 # 183.9 against 220.3; ViT-S/8's 795 at 384 programs 1917 against 1304).
 ONEPASS_MAX_LEN_SM80 = 512

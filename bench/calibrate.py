@@ -197,6 +197,7 @@ def fit(calibration, gpu_key=None):
     picks the parameters of FIT_GRID with the smallest worst-case |log(measured /
     estimate)|. Returns (best parameters, rows with the peak-rate and fitted estimates).
     """
+    import contextlib
     import dataclasses
     import itertools
     import math
@@ -205,6 +206,7 @@ def fit(calibration, gpu_key=None):
 
     from adclr_kernels import attention_triton as T
     from bench import static as S
+    from bench.tune import as_candidate, swapped
     from bench.workloads import STATIC_WORKLOADS
 
     if "configs" not in calibration:
@@ -224,12 +226,21 @@ def fit(calibration, gpu_key=None):
             cfg = calibration["configs"].get(w.id)
             if cfg is None:
                 continue
-            T._fwd_config = lambda *a, c=cfg["fwd"], **k: dict(c)
-            # SPLIT_ROWS came after the first calibration: a config without it takes the
-            # launcher's rule, as tune's candidates do.
-            T._bwd_config = lambda *a, c=cfg["bwd"], packed=False, max_len=0, **k: dict(
-                {"SPLIT_ROWS": T.split_rows(c["BLOCK_M1"], packed, max_len)}, **c)
-            forward, backward = S.capture(w, torch.bfloat16, gpu.capability)
+            with contextlib.ExitStack() as swaps:
+                # A one-shot or one-pass config takes its kernel's rule; a flash config the
+                # flash rule alone, as the first calibrations recorded them (where today's
+                # rules pick another kernel, the flash kernels measured are left out).
+                for kind, c in cfg.items():
+                    if c.get("kernel") in ("oneshot", "onepass"):
+                        swaps.enter_context(swapped(kind, as_candidate(c)))
+                    elif kind == "fwd":
+                        T._fwd_config = lambda *a, c=c, **k: dict(c)
+                    else:
+                        # SPLIT_ROWS came after the first calibration: a config without it
+                        # takes the launcher's rule, as tune's candidates do.
+                        T._bwd_config = lambda *a, c=c, packed=False, max_len=0, **k: dict(
+                            {"SPLIT_ROWS": T.split_rows(c["BLOCK_M1"], packed, max_len)}, **c)
+                forward, backward = S.capture(w, torch.bfloat16, gpu.capability)
             for launch in forward + backward:
                 if (w.id, launch.name) in measured:
                     kernels.append((w, launch, S.compile_launch(launch, gpu.capability)))

@@ -99,6 +99,12 @@ def own_config(kind, workload, capability):
         cfg = T._fwd_config(w.head_dim, dtype, capability, w.seq_len)
     else:
         cfg = T._bwd_config(w.head_dim, dtype, capability, max_len=w.seq_len)
+    return as_candidate(cfg)
+
+
+def as_candidate(cfg):
+    """A rule's config (or bench.calibrate's record of one: `kernel` names the one-shot
+    and one-pass kernels, none the flash ones) as a candidate: its path and tiles."""
     cfg = dict({"kernel": "flash"}, **{k: v for k, v in cfg.items() if k not in _DERIVED})
     cfg.setdefault("maxnreg", None)
     return cfg

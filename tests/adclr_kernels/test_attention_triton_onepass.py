@@ -100,14 +100,18 @@ def test_packed_matches_float64(launched, num_prefix, num_queries, offsets, dtyp
         assert_fa_close(name, got, want, low)
 
 
-@pytest.mark.parametrize("num_prefix,num_queries,opts", [
-    (1, 10, DEFAULT), (4, 1, DEFAULT), (4, 10, SEES_PREFIX)])
-def test_packed_at_the_gpu_tiles(monkeypatch, launched, num_prefix, num_queries, opts):
-    # The GPU's packed config (32 x 64 tiles; fp16 for bf16, which the interpreter cannot
-    # dot) on the pack above:
+@pytest.mark.parametrize("num_prefix,num_queries,opts,capability,block_n", [
+    (1, 10, DEFAULT, 90, 64), (4, 1, DEFAULT, 90, 64), (4, 10, SEES_PREFIX, 90, 64),
+    (1, 10, DEFAULT, 80, 32), (4, 10, SEES_PREFIX, 80, 32)])
+def test_packed_at_the_gpu_tiles(monkeypatch, launched, num_prefix, num_queries, opts, capability,
+                                 block_n):
+    # The GPU's packed config (32 x 64 tiles, 32 x 32 on sm_80; fp16 for bf16, which the
+    # interpreter cannot dot) on the pack above:
     # 63, 64 and 65 tokens around one 64-key block, 129 past two.
     monkeypatch.setattr(T, "triton_interpreter_enabled", lambda: False)
+    monkeypatch.setattr(T, "device_capability", lambda device: capability)
     monkeypatch.setattr(T, "ONEPASS_MIN_PACKED_PROGRAMS", 1)
+    monkeypatch.setattr(T, "ONEPASS_MIN_PROGRAMS_SM80", 1)
     tiles, run = [], T._onepass_bwd_kernel.run
 
     def tiled_run(*args, **kwargs):
@@ -121,7 +125,7 @@ def test_packed_at_the_gpu_tiles(monkeypatch, launched, num_prefix, num_queries,
     out = unidirectional_attention_varlen(*leaves, VarlenLayout(lengths, queries), None,
                                           num_prefix, backend="triton", **opts)
     grads = torch.autograd.grad(out, leaves, grad_out)
-    assert launched == ONEPASS and tiles == [(32, 64)]
+    assert launched == ONEPASS and tiles == [(32, block_n)]
     ref, ref_grads = dense_per_sequence(q, k, v, cu, queries, num_prefix, grad_out, opts)
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
         assert_rel_close(name, got, want, 3e-3)  # fp16 inputs, fp32 accumulation
@@ -255,10 +259,15 @@ def test_gpu_rule_on_sm80():
     # 32 x 32 tiles for 16-bit head_dim <= 64, from about one and a half waves of
     # programs and up to 512 tokens (bench.static); not on sm_86, which it does not model.
     most = T.ONEPASS_MIN_PROGRAMS_SM80
-    cfg = T.onepass_config(207, 64, torch.bfloat16, 80, False, False, most)
-    assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["maxnreg"], cfg["VARLEN"]) == (32, 32, 168, False)
-    assert T.onepass_config(207, 64, torch.float16, 80, False, True, T.ONEPASS_MIN_PACKED_PROGRAMS)
+    for args, varlen in (((207, 64, torch.bfloat16, 80, False, False, most), False),
+                         ((T.ONEPASS_MAX_LEN_SM80, 32, torch.float16, 80, False, False, most), False),
+                         ((207, 64, torch.float16, 80, False, True, T.ONEPASS_MIN_PACKED_PROGRAMS), True),
+                         ((207, 64, torch.bfloat16, 80, False, True, T.ONEPASS_MIN_PROGRAMS_OVER_RUNS,
+                           True), True)):
+        cfg = T.onepass_config(*args)
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["maxnreg"], cfg["VARLEN"]) == (32, 32, 168, varlen)
     for args in ((207, 64, torch.bfloat16, 80, False, False, most - 1),
+                 (207, 64, torch.bfloat16, 80, False, True, T.ONEPASS_MIN_PROGRAMS_OVER_RUNS - 1, True),
                  (T.ONEPASS_MAX_LEN_SM80 + 1, 64, torch.bfloat16, 80, False, False, 10**4),
                  (207, 128, torch.bfloat16, 80, False, False, 10**4),
                  (207, 64, torch.float32, 80, False, False, 10**4),

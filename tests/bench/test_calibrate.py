@@ -81,3 +81,41 @@ def test_a_measurement_cut_short_keeps_the_workloads_it_measured(tmp_path, monke
     assert [(r["workload"], r["kernel"], r["measured_us"]) for r in kept["rows"]] == [
         ("w-b1", "_unidirectional_fwd_kernel", 75.0)]
     assert "| w-b1 | unidirectional_fwd_kernel | 75.0 |" in (tmp_path / "calibration.md").read_text()
+
+
+FIT_ONEPASS = """
+import json, os
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+from bench.calibrate import fit, launch_configs
+from bench.workloads import STATIC_WORKLOADS
+w = next(w for w in STATIC_WORKLOADS if w.name == "vit_s16_packed_small")
+names = ["_unidirectional_fwd_kernel", "_oneshot_fwd_kernel", "_onepass_bwd_kernel"]
+cal = dict(meta=dict(device="NVIDIA A100-SXM4-80GB"), configs={w.id: launch_configs(w, 80)},
+           rows=[dict(workload=w.id, kernel=n, measured_us=50.0 + i) for i, n in enumerate(names)])
+best, rows = fit(cal)
+print(json.dumps(dict(configs=cal["configs"], rows=rows)))
+"""
+
+
+def test_fit_replays_one_shot_and_one_pass_configs():
+    # A calibration whose backward ran the packed one-pass kernel (an A100's, 32 images of
+    # multi-crops) recorded a config without the flash tiles: the fit stopped on a
+    # KeyError. Each recorded kernel must be compiled and fitted.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", FIT_ONEPASS], cwd=root, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "0",
+                                                       "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    (bwd_config,) = [c["bwd"] for c in out["configs"].values()]
+    assert bwd_config["kernel"] == "onepass" and bwd_config["BLOCK_N"] == 32
+    assert sorted(r["kernel"] for r in out["rows"]) == [
+        "_onepass_bwd_kernel", "_oneshot_fwd_kernel", "_unidirectional_fwd_kernel"]
+    assert all(r["fitted_estimate_us"] > 0 for r in out["rows"])
