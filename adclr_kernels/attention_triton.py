@@ -1325,9 +1325,9 @@ def _bwd_config(head_dim, dtype, capability, packed=False, max_len=0):
     elif capability == 80 and max_len > 64 and not packed:
         # sm_80 (mma.sync): the 64-row blocks below take 255 registers, 2 programs per SM;
         # 32 x 32 tiles take 166, 3 per SM, and are predicted faster for batched sequences
-        # past one block (bench.static: ViT-S/8 1505 -> 1304 µs) but in calls of under
+        # past one block (bench.static: ViT-S/8 1505 -> 1304 µs), except in calls of under
         # about 100 (sequence, head) pairs (48 of 207 tokens: 24.3 -> 33.3, a few µs of a
-        # host-bound call), not for one block (64 crops of 37 tokens: 22.0 -> 26.4) nor
+        # host-bound call); not for one block (64 crops of 37 tokens: 22.0 -> 26.4) nor
         # packed (4 multi-crop images by offsets: 40.7 -> 46.7).
         cfg = dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4, num_stages=2)
     else:

@@ -229,7 +229,8 @@ def oneshot_config(kind, seq_len, head_dim, dtype, capability, interpreted):
     # three sequences on 8 warps (4 warps hold 188 registers, 2 programs per SM); the
     # backward's four score-sized fp32 tiles want 64 rows on 4 warps (128 rows take 226
     # registers, one program per SM). On sm_80 (mma.sync) the backward takes 191
-    # registers, 2 programs per SM: capped at 168, 3, with 56 bytes spilled once.
+    # registers, 2 programs per SM; capped at 168, 3 programs fit, and 56 bytes spill,
+    # stored and loaded once per program (the kernel has no loop).
     if kind == "fwd":
         return (128, 128 // seq_len, 8, None)
     return (64, 64 // seq_len, 4, 168 if capability == 80 else None)

@@ -126,7 +126,9 @@ def launch_configs(workload, capability):
     passes = dict(fwd=whole, bwd=whole)
     if packed and not workload.offsets:
         passes.update(_by_runs(workload, capability))
-    return {kind: _pass_config(kind, workload.head_dim, workload.heads, capability, *how)
+    from bench.tune import op_config
+
+    return {kind: op_config(kind, workload.head_dim, workload.heads, capability, *how)
             for kind, how in passes.items()}
 
 
@@ -153,24 +155,6 @@ def _by_runs(workload, capability):
                                         T._onepass(q, geo, QueryMask(), (q,)) is not None))
     longest = max(geo.run_geometries(), key=lambda run: run.seq_len)
     return {kind: (longest.seq_len, longest.num_seqs, False) for kind, yes in taken.items() if yes}
-
-
-def _pass_config(kind, head_dim, heads, capability, max_len, seqs, packed):
-    import torch
-
-    from adclr_kernels import attention_triton as T
-
-    if not packed:  # short batched sequences run the one-shot kernels
-        oneshot = T.oneshot_config(kind, max_len, head_dim, torch.bfloat16, capability, False)
-        if oneshot is not None:
-            return dict(zip(("BLOCK_M", "GROUP", "num_warps", "maxnreg"), oneshot), kernel="oneshot")
-    if kind == "fwd":
-        return T._fwd_config(head_dim, torch.bfloat16, capability, max_len, packed)
-    onepass = T.onepass_config(max_len, head_dim, torch.bfloat16, capability, False, packed,
-                               seqs * heads)
-    if onepass is not None:  # the default rule
-        return dict(onepass, kernel="onepass")
-    return T._bwd_config(head_dim, torch.bfloat16, capability, packed, max_len=max_len)
 
 
 # The latency parameters of bench.static's Gpu tried by --fit: warp-instructions per

@@ -83,23 +83,30 @@ _DERIVED = ("HEAD_DIM", "BLOCK_D", "DOT", "VARLEN", "GROUP", "PROGRAM_BLOCK", "S
 def own_config(kind, workload, capability):
     """The config the op launches for this workload (batched, default mask), as a
     candidate."""
+    w = workload
+    return as_candidate(op_config(kind, w.head_dim, w.heads, capability, w.seq_len, w.batch, False))
+
+
+def op_config(kind, head_dim, heads, capability, max_len, seqs, packed):
+    """The config the op's rules pick for one pass (bf16, default mask) over `seqs`
+    sequences of at most max_len tokens, batched or packed: the one-shot kernels' (`kernel`
+    "oneshot"), the one-pass backward's ("onepass") or the flash kernels' (no `kernel`)."""
     import torch
 
     from adclr_kernels import attention_triton as T
 
-    w, dtype, interpreted = workload, torch.bfloat16, T.triton_interpreter_enabled()
-    shot = T.oneshot_config(kind, w.seq_len, w.head_dim, dtype, capability, interpreted)
-    onepass = kind == "bwd" and T.onepass_config(w.seq_len, w.head_dim, dtype, capability,
-                                                 interpreted, programs=w.batch * w.heads)
-    if shot:
-        cfg = dict(kernel="oneshot", BLOCK_M=shot[0], num_warps=shot[2], maxnreg=shot[3])
-    elif onepass:
-        cfg = dict(onepass, kernel="onepass")
-    elif kind == "fwd":
-        cfg = T._fwd_config(w.head_dim, dtype, capability, w.seq_len)
-    else:
-        cfg = T._bwd_config(w.head_dim, dtype, capability, max_len=w.seq_len)
-    return as_candidate(cfg)
+    dtype, interpreted = torch.bfloat16, T.triton_interpreter_enabled()
+    if not packed:  # short batched sequences run the one-shot kernels
+        oneshot = T.oneshot_config(kind, max_len, head_dim, dtype, capability, interpreted)
+        if oneshot is not None:
+            return dict(zip(("BLOCK_M", "GROUP", "num_warps", "maxnreg"), oneshot), kernel="oneshot")
+    if kind == "fwd":
+        return T._fwd_config(head_dim, dtype, capability, max_len, packed)
+    onepass = T.onepass_config(max_len, head_dim, dtype, capability, interpreted, packed,
+                               seqs * heads)
+    if onepass is not None:  # the default rule
+        return dict(onepass, kernel="onepass")
+    return T._bwd_config(head_dim, dtype, capability, packed, max_len=max_len)
 
 
 def as_candidate(cfg):
