@@ -1150,10 +1150,12 @@ class StepBatches:
 
 
 def default_num_workers(world_size=1):
-    """Every core this process may run on, shared by the processes of the run, less one
-    per process for the training loop itself."""
+    """Every core this process may run on, shared by the run's processes on this machine
+    (torchrun's LOCAL_WORLD_SIZE; `world_size` where that is not set), less one per
+    process for the training loop itself."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // world_size - 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) if world_size > 1 else 1
+    return max(1, cpus // max(1, local) - 1)
 
 
 def train_loader(cfg, rank=0, world_size=1, start_step=0, images=None, decode="pillow"):

@@ -270,9 +270,17 @@ def test_decode_modes_and_what_gpu_needs(monkeypatch):
         decode_mode("gpu", "cuda")
 
 
-@pytest.mark.parametrize("cores,world,workers", [(2, 1, 1), (16, 1, 15), (64, 1, 63), (64, 8, 7), (4, 8, 1)])
-def test_default_workers_use_every_core_but_one_per_process(cores, world, workers, monkeypatch):
+@pytest.mark.parametrize("cores,world,local,workers", [(2, 1, None, 1), (16, 1, None, 15), (64, 1, None, 63),
+                                                       (64, 8, None, 7), (4, 8, None, 1), (64, 16, 8, 7),
+                                                       (64, 16, 16, 3), (64, 1, 8, 63)])
+def test_default_workers_use_every_core_but_one_per_process(cores, world, local, workers, monkeypatch):
+    """Shared by the processes on this machine: two nodes of 8 (LOCAL_WORLD_SIZE 8, world 16)
+    give each process the workers of a one-node run of 8."""
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    if local is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
     assert default_num_workers(world) == workers
 
 
