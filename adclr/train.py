@@ -59,6 +59,14 @@ def epochs_to_steps(epochs, steps_per_epoch):
     return round(steps) if math.isfinite(steps) else sys.maxsize
 
 
+def run_length(cfg, steps_per_epoch):
+    """The run's steps: --epochs, or --max-steps where that is fewer (the schedules span it)."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps) if cfg.epochs else cfg.max_steps
+    return total
+
+
 class Trainer:
     """Everything one training step needs; made by `build`.
 
@@ -74,9 +82,7 @@ class Trainer:
         self.student_module = student.module if isinstance(student, DistributedDataParallel) else student
         self.teacher, self.loss, self.optimizer = teacher, loss, optimizer
         self.steps_per_epoch = steps_per_epoch
-        self.total_steps = cfg.epochs * steps_per_epoch
-        if cfg.max_steps:
-            self.total_steps = min(self.total_steps, cfg.max_steps) if cfg.epochs else cfg.max_steps
+        self.total_steps = run_length(cfg, steps_per_epoch)
         self.student_params = [p for p in self.student_module.parameters()]
         self.teacher_params = [p for p in teacher.parameters()]
         precision = cfg.precision if cfg.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
@@ -92,9 +98,11 @@ class Trainer:
         """Whether `step` is in the last-layer freeze (DINO's first epoch)."""
         return step < self.cfg.freeze_last_layer_epochs * self.steps_per_epoch
 
-    def schedule(self, step):
-        """lr, weight decay, teacher momentum and teacher temperature at `step` (Python floats)."""
-        cfg, total, spe = self.cfg, self.total_steps, self.steps_per_epoch
+    def schedule(self, step, total=None):
+        """lr, weight decay, teacher momentum and teacher temperature at `step` (Python floats),
+        for a run of `total` steps (default: this one's)."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        total = self.total_steps if total is None else total
         lr = cosine(step, total, cfg.base_lr * cfg.batch_size / 256, cfg.min_lr,
                     warmup=min(total, epochs_to_steps(cfg.warmup_epochs, spe)))
         temp_warmup = epochs_to_steps(cfg.warmup_teacher_temp_epochs, spe)
@@ -488,8 +496,9 @@ class Logger:
         if enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                # purge_step: a resumed run drops the events logged after its checkpoint.
-                self.tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start + 1 if start else None)
+                # purge_step: a resumed run drops the events logged after its checkpoint, a
+                # new one (start 0) an earlier run's in the same folder.
+                self.tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start + 1)
             except Exception:  # tensorboard not installed: JSON lines are enough
                 pass
 
@@ -700,6 +709,8 @@ def _train(cfg, rank, world, device):
         if main and saved is not None and saved != len(images):
             print(f"warning: --data holds {len(images)} image files, {saved} when {path} was saved: from step "
                   f"{start} the images come in another order than in a run that had not stopped", file=sys.stderr)
+        if main:
+            _note_a_new_length(trainer, checkpoint["config"], start)
         del checkpoint  # its tensors are copied into the trainer: free them before the loop
     if main and start:
         _write_a_missing_snapshot(cfg, path, start, steps_per_epoch)
@@ -779,15 +790,21 @@ def _open_checkpoint(cfg, path):
     """The checked checkpoint of the run in --out, or None for a new run; SystemExit when it
     is unusable or was written with other settings."""
     if not os.path.exists(path):
+        snapshot = _latest_snapshot(cfg.out)
+        if snapshot:  # every snapshot is a copy of checkpoint.pt: these are an earlier run's
+            raise SystemExit(f"error: {cfg.out} holds numbered snapshots of an earlier run but no checkpoint.pt; "
+                             f"copy one over it to resume from there (cp {shlex.quote(snapshot)} {shlex.quote(path)}), "
+                             f"or move them away to start over (a new run's snapshots would mix with them), "
+                             f"or choose another --out")
         return None
     try:
         checkpoint = load_checkpoint(path)
     except CheckpointError as error:
         snapshot = _latest_snapshot(cfg.out)
-        fallback = (f"copy the last numbered snapshot over it to resume from there "
-                    f"(cp {shlex.quote(snapshot)} {shlex.quote(path)}), "
-                    if snapshot else "")
-        raise SystemExit(f"error: {error}; {fallback}{START_OVER}") from None
+        advice = (f"copy the last numbered snapshot over it to resume from there "
+                  f"(cp {shlex.quote(snapshot)} {shlex.quote(path)}), remove it and the snapshots to start over, "
+                  f"or choose another --out" if snapshot else START_OVER)
+        raise SystemExit(f"error: {error}; {advice}") from None
     check_resumable(cfg, checkpoint["config"])
     return checkpoint
 
@@ -833,6 +850,21 @@ def _resume(trainer, checkpoint, path, rank, world):
         except (RuntimeError, TypeError) as error:  # a CUDA state this machine's generators do not take
             raise SystemExit(f"error: {path}: its RNG state does not fit this machine ({error}); "
                              f"{START_OVER}") from None
+
+
+def _note_a_new_length(trainer, saved, start):
+    """Say so when a resume with another --epochs or --max-steps moves the schedules: they
+    span the run's length, so a longer run's lr rises again where the saved one had decayed."""
+    was = run_length(dataclasses.replace(trainer.cfg, epochs=saved.get("epochs", trainer.cfg.epochs),
+                                         max_steps=saved.get("max_steps", trainer.cfg.max_steps)),
+                     trainer.steps_per_epoch)
+    total = trainer.total_steps
+    if was == total or start >= total:
+        return
+    before, after = trainer.schedule(start, was)["lr"], trainer.schedule(start)["lr"]
+    print(f"note: the run is now {total} steps long, {was} when its checkpoint was saved: the lr, weight decay "
+          f"and teacher momentum schedules span the new length, so at step {start} the lr goes from "
+          f"{before:.3g} to {after:.3g}", file=sys.stderr)
 
 
 COMPILED = {"off": "off", "on": "on (student and teacher)", "step": "step (the whole step, one graph)",
@@ -900,7 +932,10 @@ class Run:
         # warned: unreadable files already reported; skipped: counted since the run began
         self.images, self.warned, self.skipped = loader.dataset.base, set(), skipped
         self.skipped_here = 0  # under DDP: this process's since the count was last summed (sum_skipped)
-        self.bad = torch.zeros((), dtype=torch.bool, device=trainer.device)  # any loss not finite, on the device
+        # On the device: any loss not finite, any gradient not finite (without the fp16
+        # scaler, which skips such a step itself; clipping turns an inf gradient into NaN
+        # weights, which the next checkpoint would save with a finite loss).
+        self.bad = torch.zeros(2, dtype=torch.bool, device=trainer.device)
         self.completed = self.last_good = self.saved = start  # saved: the step of checkpoint.pt, 0 = none
         self.in_step = self.stop_asked = False  # stop_asked: Ctrl-C inside a step, which then ends it
         self.signalled = False  # under DDP: this process got a SIGTERM or SIGINT (stop_asked: all agreed)
@@ -1117,7 +1152,9 @@ class Run:
         # the two would otherwise save its update as the step before it. Its skipped
         # files too: counted before it, a save on an interrupt would count them, and the
         # resume that redoes the step would count them again.
-        self.bad |= ~torch.isfinite(metrics["loss"])
+        self.bad[0] |= ~torch.isfinite(metrics["loss"])
+        if self.trainer.scaler is None:
+            self.bad[1] |= ~torch.isfinite(metrics["grad_norm"])
         done = self.completed = step + 1
         if self.world == 1:
             self.skipped += skipped
@@ -1232,16 +1269,22 @@ class Run:
             self.in_save = False
 
     def check_finite(self, step):
-        """Stop, on every process together, when a loss since the last check was not finite."""
+        """Stop, on every process together, when a loss or gradient since the last check was
+        not finite."""
         flag = self.bad.clone()
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item():
+        loss_bad, grad_bad = flag.tolist()
+        if loss_bad or grad_bad:
+            what = "loss" if loss_bad else "gradient norm (the loss was finite)"
             raise FloatingPointError(
-                f"loss became non-finite between step {self.last_good} and step {step}; stopping. "
+                f"{what} became non-finite between step {self.last_good} and step {step}; stopping. "
                 + (f"The last good checkpoint (step {self.saved}) is kept in {self.path}. " if self.saved else
                    f"No checkpoint was written before (--checkpoint-every {self.cfg.checkpoint_every}). ")
-                + "Try a lower --base-lr, a lower --clip-grad or a longer --warmup-epochs.")
+                # The same command would replay the same steps into the same NaN, and these
+                # flags are not among those a resume may change.
+                + "Start a new run (another --out) with a lower --base-lr, a lower --clip-grad or a longer "
+                  "--warmup-epochs.")
         self.last_good = step
 
     def save_interrupted(self):
@@ -1255,7 +1298,7 @@ class Run:
             bad = self.bad.clone()
             if self.world > 1:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():
+            if bad.any().item():
                 return
             self.sum_skipped()
             rng = all_rng_states(self.world)

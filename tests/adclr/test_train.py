@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import time
 
@@ -76,6 +77,26 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monke
     assert [r["step"] for r in read_metrics(cfg.out)] == [1, 2]
 
 
+def test_non_finite_gradient_with_a_finite_loss_stops_before_its_weights_are_saved(tiny_config, monkeypatch):
+    """Per-parameter clipping turns an inf gradient into NaN weights while the loss stays
+    finite: the checkpoint due after that step must not replace the last good one."""
+    real_clip = adclr.train.clip_grad_per_parameter_
+    steps = []
+
+    def poisoned(params, max_norm):
+        steps.append(None)
+        if len(steps) == 4:  # the fourth step, a checkpoint step
+            params[0].grad.view(-1)[0] = float("inf")
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(adclr.train, "clip_grad_per_parameter_", poisoned)
+    cfg = tiny_config(max_steps=6, checkpoint_every=2, log_every=1)
+    with pytest.raises(FloatingPointError, match=r"^gradient norm \(the loss was finite\) became non-finite "
+                                                 r"between step 3 and step 4.*step 2\) is kept"):
+        train(cfg)
+    assert load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["step"] == 2  # checked: no NaN in it
+
+
 def test_non_finite_loss_before_any_checkpoint_claims_none(tmp_path, monkeypatch, capsys):
     real_step = adclr.train.train_step
 
@@ -90,7 +111,8 @@ def test_non_finite_loss_before_any_checkpoint_claims_none(tmp_path, monkeypatch
     assert status == 1
     assert err.splitlines()[-1] == (
         "error: loss became non-finite between step 0 and step 1; stopping. No checkpoint was written before "
-        "(--checkpoint-every 2). Try a lower --base-lr, a lower --clip-grad or a longer --warmup-epochs.")
+        "(--checkpoint-every 2). Start a new run (another --out) with a lower --base-lr, a lower --clip-grad or a "
+        "longer --warmup-epochs.")
     assert not os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
@@ -1120,6 +1142,23 @@ def test_a_corrupt_checkpoint_names_the_snapshot_to_resume_from(tmp_path, capsys
     assert f"copy the last numbered snapshot over it to resume from there (cp {snapshot} {path})" in err
 
 
+def test_a_new_run_beside_an_earlier_runs_snapshots_is_refused(tmp_path, capsys):
+    """checkpoint.pt removed to start over, the numbered snapshots left: a new run would
+    write its own among them, and name them as its fallback."""
+    out, argv = _run_with_snapshots(tmp_path, 2)
+    assert run(argv, capsys)[0] == 0
+    path, snapshot = os.path.join(out, "checkpoint.pt"), os.path.join(out, "checkpoint0001.pt")
+    os.remove(path)
+    status, err = run(argv, capsys)
+    assert status == 1 and err.splitlines()[-1].startswith(
+        f"error: {out} holds numbered snapshots of an earlier run but no checkpoint.pt; copy one over it to "
+        f"resume from there (cp {snapshot} {path}), or move them away")
+    assert not os.path.exists(path)
+    shutil.copy(snapshot, path)  # as the message says
+    status, err = run(argv[:-5] + ["4"] + argv[-4:], capsys)
+    assert status == 0 and "resuming at step 2" in err, err
+
+
 def test_a_resume_on_another_number_of_processes_says_so(tmp_path, capsys):
     out = str(tmp_path / "run")
     argv = ["train", *TINY, "--out", out, "--max-steps", "2"]
@@ -1130,3 +1169,18 @@ def test_a_resume_on_another_number_of_processes_says_so(tmp_path, capsys):
     status, err = run(argv[:-1] + ["3"], capsys)
     assert status == 0, err
     assert f"note: {path} was written by 2 processes, resumed by 1: the step (2)" in err
+
+
+def test_a_resume_with_another_length_says_how_the_schedules_move(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["train", *TINY, "--out", out, "--max-steps", "2", "--base-lr", "0.0512"]
+    assert run(argv, capsys)[0] == 0
+    status, err = run(argv[:-3] + ["4", "--base-lr", "0.0512"], capsys)  # the same run, twice as long
+    assert status == 0, err
+    peak, end = 0.0512 * 4 / 256, adclr.config.Config.min_lr  # batch 4, no warm-up
+    # Step 2 ended the 2-step cosine at its end value; it is half way down the 4-step one.
+    assert (f"note: the run is now 4 steps long, 2 when its checkpoint was saved: the lr, weight decay and "
+            f"teacher momentum schedules span the new length, so at step 2 the lr goes from {end:.3g} to "
+            f"{(peak + end) / 2:.3g}") in err
+    status, err = run(argv[:-3] + ["4", "--base-lr", "0.0512"], capsys)
+    assert status == 0 and "nothing to do" in err and "note: the run is now" not in err
