@@ -696,6 +696,8 @@ def _train(cfg, rank, world, device):
     path = os.path.join(cfg.out, "checkpoint.pt")
     checkpoint = _open_checkpoint(cfg, path)
     start = 0 if checkpoint is None else checkpoint["step"]
+    if world > 1:
+        _agree_on_the_checkpoint(checkpoint, path, world)
     images = _open_images(cfg, world)
     loader, steps_per_epoch = train_loader(cfg, rank, world, start, images, _decode_mode(cfg, device))
     data = iter(loader)  # draws from the global RNG: before seeding, so that a resume replays exactly
@@ -809,6 +811,21 @@ def _open_checkpoint(cfg, path):
     return checkpoint
 
 
+def _agree_on_the_checkpoint(checkpoint, path, world):
+    """Every process resumes from its own read of OUT/checkpoint.pt. Where --out is not one
+    folder they all see (a node's own disk, a stale network file system cache), they would
+    train on from different steps or weights, which DDP's gradient averaging never notices."""
+    mine = (0, 0.0) if checkpoint is None else (checkpoint["step"], math.fsum(
+        t.double().sum().item() for t in checkpoint["student"].values() if t.is_floating_point()))
+    read = [None] * world
+    dist.all_gather_object(read, mine)
+    if len(set(read)) > 1:
+        steps = ", ".join(f"rank {r}: {f'step {s}' if s else 'none'}" for r, (s, _) in enumerate(read))
+        raise SystemExit(f"error: the processes read different checkpoints as {path} ({steps}"
+                         f"{'; the same step with other weights' if len({s for s, _ in read}) == 1 else ''}); "
+                         f"--out must be one folder that every process sees")
+
+
 def _open_images(cfg, world):
     """The training images of --data, enough of them for one batch split over `world` processes."""
     try:
@@ -844,7 +861,11 @@ def _resume(trainer, checkpoint, path, rank, world):
               f"the step ({checkpoint['step']}), the data order and the schedules carry over (--batch-size is "
               "the total); the augmentations' random draws differ from a run that had not stopped",
               file=sys.stderr)
-    if len(checkpoint["rng"]) == world:
+    if len(checkpoint["rng"]) != world:
+        # Not the seed of step 0 again: the resumed steps would draw the augmentations and
+        # drop paths the run began with.
+        torch.manual_seed((trainer.cfg.seed * 1_000_003 + checkpoint["step"]) * 1009 + rank + 1)
+    else:
         try:
             set_rng_states(checkpoint["rng"][rank])
         except (RuntimeError, TypeError) as error:  # a CUDA state this machine's generators do not take

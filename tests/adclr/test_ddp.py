@@ -112,6 +112,27 @@ def test_a_run_in_use_is_refused_on_every_process(tiny_config, tmp_path):
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [expected, expected]
 
 
+def own_folder_worker(rank, world, cfg_fields, results):
+    """refused_worker with --out a folder of each process's own (a node-local disk)."""
+    refused_worker(rank, world, {**cfg_fields, "out": os.path.join(results, f"run{rank}")}, results)
+
+
+def test_processes_that_read_different_checkpoints_are_refused(tiny_config, tmp_path):
+    """Rank 0's --out holds a run at step 1, rank 1's nothing: DDP would average the
+    gradients of a resumed and a new model without a word."""
+    from adclr.train import train
+
+    cfg = tiny_config(out=str(tmp_path / "run0"), max_steps=1)
+    train(cfg)
+    mp.spawn(own_folder_worker, args=(2, dataclasses.asdict(dataclasses.replace(cfg, max_steps=2)), str(tmp_path)),
+             nprocs=2, join=True)
+    expected = (f"error: the processes read different checkpoints as {tmp_path / 'run0' / 'checkpoint.pt'} "
+                f"(rank 0: step 1, rank 1: none); --out must be one folder that every process sees")
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == expected
+    assert messages[1] == expected.replace("run0", "run1")  # each names the file it read
+
+
 def methods_worker(rank, world, cfg_fields, results):
     from adclr.config import Config
     from adclr.data import synthetic_batch

@@ -1159,16 +1159,22 @@ def test_a_new_run_beside_an_earlier_runs_snapshots_is_refused(tmp_path, capsys)
     assert status == 0 and "resuming at step 2" in err, err
 
 
-def test_a_resume_on_another_number_of_processes_says_so(tmp_path, capsys):
+def test_a_resume_on_another_number_of_processes_says_so(tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "run")
     argv = ["train", *TINY, "--out", out, "--max-steps", "2"]
+    seeds, real_seed = [], torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: seeds.append(seed) or real_seed(seed))
     assert run(argv, capsys)[0] == 0
+    new_run_seeds = seeds[:]
     path = os.path.join(out, "checkpoint.pt")
     state = torch.load(path, weights_only=True)
     torch.save({**state, "rng": state["rng"] * 2}, path)  # as two processes write it
+    seeds.clear()
     status, err = run(argv[:-1] + ["3"], capsys)
     assert status == 0, err
     assert f"note: {path} was written by 2 processes, resumed by 1: the step (2)" in err
+    # The saved states do not fit one process: its draws are seeded anew, not as a new run's.
+    assert set(seeds) - set(new_run_seeds), (seeds, new_run_seeds)
 
 
 def test_a_resume_with_another_length_says_how_the_schedules_move(tmp_path, capsys):
