@@ -46,19 +46,29 @@ def _signature(tensors, *arguments):
 
 
 def _remembered(cache, key, check):
-    """check()'s result, from cache when a call with this key passed before."""
+    """check()'s result, from cache when a call with this key passed before. Its last
+    item is the backend."""
     if key is None or torch.compiler.is_compiling():
-        return check()
+        return _traceable(check())
     try:
         found = cache.get(key)
     except TypeError:  # an unhashable argument: the checks name it
-        return check()
+        return _traceable(check())
     if found is None:
         found = check()  # raises for a bad call, which is never remembered
         if len(cache) >= 1024:
             cache.clear()
         cache[key] = found
-    return found
+    return _traceable(found)
+
+
+def _traceable(checked):
+    """TorchScript's tracer hands the launchers sizes as tensors and records no Triton
+    launch: refuse it by name rather than fail inside a launcher."""
+    if checked[-1] == "triton" and torch.jit.is_tracing():
+        raise RuntimeError("torch.jit.trace cannot record the triton backend's kernels; use torch.export or "
+                           "torch.compile, or trace with backend='sdpa'")
+    return checked
 
 
 # The argument types a call passes on as they are (checked, where wrong, by the checks).
@@ -194,6 +204,7 @@ def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_p
         with the forward's own logsumexp, and runs nothing more without the option.
     """
     q, k, v = _autocast(q, k, v)
+    _check_flag("return_prefix_probs", return_prefix_probs)
     num_queries, num_prefix, scale = _python_scalars(num_queries, num_prefix, scale)
 
     def check():
@@ -212,6 +223,11 @@ def unidirectional_attention(q, k, v, num_queries, num_prefix=1, *, query_sees_p
     if return_prefix_probs:
         return out, attention_torch.prefix_probs(q, k, num_queries, num_prefix, scale)
     return out
+
+
+def _check_flag(name, value):
+    if not isinstance(value, bool):  # a string such as "no" would be taken as True
+        raise TypeError(f"{name} must be a Python bool, got {type(value).__name__} {value!r}")
 
 
 def _autocast(*tensors):
@@ -257,6 +273,7 @@ def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_
         prefix_probs) as in `unidirectional_attention`.
     """
     qkv, = _autocast(qkv)
+    _check_flag("return_prefix_probs", return_prefix_probs)
     num_queries, num_prefix, scale = _python_scalars(num_queries, num_prefix, scale)
 
     def check():
@@ -281,12 +298,24 @@ def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_
     return out
 
 
+def _host_read_under_compile(why):
+    """A traced packed call on cu_seqlens that must read them on the host: a graph break
+    that says why and what to pass (under fullgraph=True, the error; otherwise Dynamo's
+    own break at the read, with this reason in its log)."""
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break(msg=f"adclr_kernels: a packed call on cu_seqlens reads them on the host ({why}); "
+                                      "pass a VarlenLayout instead (or max_seqlen, for the triton backend)")
+
+
 def _check_device_offsets(cu_seqlens, queries, total_tokens, num_prefix, mask):
     """The checks of `VarlenLayout`, on the device and without a sync: a bad value fails
     the next synchronising call (at once on CPU)."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    # A traced call's total_tokens is symbolic: a message holding its value would pin it,
+    # and every new token count would compile the caller again.
+    said = "" if torch.compiler.is_compiling() else f" = {total_tokens}"
     torch._assert_async((cu_seqlens[0] == 0) & (cu_seqlens[-1] == total_tokens),
-                        f"cu_seqlens must start at 0 and end at total_tokens = {total_tokens}")
+                        f"cu_seqlens must start at 0 and end at total_tokens{said}")
     torch._assert_async((lengths >= 0).all(), "cu_seqlens must be non-decreasing")
     torch._assert_async(((queries >= 0) & (queries <= lengths)).all(),
                         "num_queries[i] must be in [0, length of sequence i]")
@@ -327,6 +356,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens, num_queries, num_prefix, query_sees
             return scale, mask, None, (cu_seqlens, num_queries, max_seqlen, None, None, None, ())
         # Checking the offsets needs them on the host: one sync. Callers that cannot
         # afford it pass max_seqlen (checked on the device) or, better, a VarlenLayout.
+        _host_read_under_compile("the offsets are checked on the host without max_seqlen")
         queries = num_queries.tolist() if isinstance(num_queries, torch.Tensor) else num_queries
         offsets = cu_seqlens.tolist()
         if offsets[0] != 0 or offsets[-1] != q.shape[0]:
@@ -421,6 +451,7 @@ def _tables(layout, offsets, q, num_prefix, mask, backend):
 def _varlen_peer(backend, q, k, v, layout, tables, num_prefix, mask, scale, prefix_probs=False):
     """A PyTorch backend over packed sequences (host offsets needed: one sync if not known)."""
     if layout is None:
+        _host_read_under_compile(f"the {backend} backend attends sequence by sequence")
         cu_seqlens, queries = tables[:2]
         layout = VarlenLayout.from_offsets(cu_seqlens.tolist(), queries.tolist(), q.device)
     bounds, queries = layout.bounds(), layout.queries
@@ -462,6 +493,7 @@ def unidirectional_attention_varlen(q, k, v, cu_seqlens, num_queries=None, num_p
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
     q, k, v = _autocast(q, k, v)
+    _check_flag("return_prefix_probs", return_prefix_probs)
     num_queries, num_prefix, scale, max_seqlen = _python_scalars(num_queries, num_prefix, scale, max_seqlen)
 
     def check():
@@ -492,6 +524,7 @@ def unidirectional_attention_varlen_qkvpacked(qkv, cu_seqlens, num_queries=None,
     if num_queries is None and not isinstance(cu_seqlens, VarlenLayout):
         num_queries = 0
     qkv, = _autocast(qkv)
+    _check_flag("return_prefix_probs", return_prefix_probs)
     num_queries, num_prefix, scale, max_seqlen = _python_scalars(num_queries, num_prefix, scale, max_seqlen)
 
     def check():

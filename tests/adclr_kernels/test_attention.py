@@ -67,6 +67,8 @@ BAD_INPUTS = [
      "query_sees_queries"),
     ("self needs query keys", dict(query_sees_self=True), ValueError, "need the query keys"),
     ("option not bool", dict(query_sees_prefix=1), TypeError, "query_sees_prefix must be a Python bool, got int 1"),
+    ("prefix probs a string", dict(return_prefix_probs="no"), TypeError,
+     "return_prefix_probs must be a Python bool, got str 'no'"),
     ("scale a string", dict(scale="0.1"), TypeError, "scale must be a finite float"),
     ("scale nan", dict(scale=float("nan")), TypeError, "scale must be a finite float"),
     ("scale negative", dict(scale=-0.1), ValueError, "scale must be > 0"),
@@ -88,6 +90,21 @@ def test_bad_input_raises_clearly(case, over, exc, msg):
     args = _good(**on_device(over))
     with pytest.raises(exc, match=re.escape(msg)):
         unidirectional_attention(**args)
+
+
+@pytest.mark.parametrize("form", ["qkvpacked", "varlen", "varlen_qkvpacked"])
+def test_return_prefix_probs_must_be_a_bool_in_every_form(form):
+    from adclr_kernels import unidirectional_attention_varlen, unidirectional_attention_varlen_qkvpacked
+
+    qkv = torch.randn(24, 3, 2, 16, device=DEVICE)
+    cu = torch.tensor([0, 12, 24], dtype=torch.int32, device=DEVICE)
+    call = {"qkvpacked": lambda: unidirectional_attention_qkvpacked(qkv.view(2, 12, 3, 2, 16), 3,
+                                                                     return_prefix_probs="no"),
+            "varlen": lambda: unidirectional_attention_varlen(*qkv.unbind(1), cu, 3, return_prefix_probs=1),
+            "varlen_qkvpacked": lambda: unidirectional_attention_varlen_qkvpacked(qkv, cu, 3,
+                                                                                  return_prefix_probs=None)}[form]
+    with pytest.raises(TypeError, match="return_prefix_probs must be a Python bool, got "):
+        call()
 
 
 @pytest.mark.parametrize("form", ["batched", "qkvpacked", "varlen", "varlen_qkvpacked"])

@@ -153,3 +153,16 @@ def test_input_of_the_wrong_rank_names_x(shape, cu_seqlens, message):
     cu = None if cu_seqlens is None else torch.tensor(cu_seqlens, dtype=torch.int32)
     with pytest.raises(ValueError, match=message):
         UnidirectionalAttention(64, 4, backend="sdpa")(torch.randn(shape), cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("seq_len", [11, 50])  # the one-shot and the flash kernels
+def test_torch_jit_trace_refuses_the_triton_backend_by_name(seq_len):
+    """The tracer hands the launchers tensor sizes and records no Triton launch."""
+    x = torch.randn(2, seq_len, 64, device=DEVICE)
+    module = UnidirectionalAttention(64, 2, backend="triton").eval()
+    with pytest.raises(RuntimeError, match="torch.jit.trace cannot record the triton backend's kernels; use "
+                                           "torch.export or torch.compile, or trace with backend='sdpa'"):
+        torch.jit.trace(module, (x,))
+    module.backend = "sdpa"
+    traced = torch.jit.trace(module, (x,))
+    torch.testing.assert_close(traced(x * 2), module(x * 2))

@@ -709,6 +709,42 @@ def test_compiled_offsets_call_takes_a_new_max_seqlen():
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_offsets_call_does_not_recompile_per_token_count():
+    """Every multi-crop batch has its own total: after the first recompile makes it a
+    symbol, no check may pin it again (a message formatting it did, one compile per total)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(lambda x, cu, m: unidirectional_attention_varlen_qkvpacked(
+        x, cu, 2, max_seqlen=m, backend="triton"), backend=counter, fullgraph=True)
+    for lengths in ([9, 11], [12, 10], [8, 15], [14, 6], [7, 7]):
+        layout = VarlenLayout(lengths, 2, device=DEVICE)
+        qkv = torch.randn(layout.total_tokens, 3, 2, 32, device=DEVICE)
+        out = fn(qkv, layout.cu_seqlens, layout.max_seqlen)
+        torch.testing.assert_close(out, unidirectional_attention_varlen_qkvpacked(qkv, layout, backend="reference"),
+                                   rtol=1e-5, atol=1e-5)
+    assert counter.frame_count <= 2
+
+
+@pytest.mark.parametrize("backend,max_seqlen,why", [
+    ("triton", None, "the offsets are checked on the host without max_seqlen"),
+    ("sdpa", 8, "the sdpa backend attends sequence by sequence")])
+def test_a_fullgraph_call_that_must_read_offsets_on_the_host_says_what_to_pass(backend, max_seqlen, why):
+    def call(x, cu):
+        return unidirectional_attention_varlen_qkvpacked(x, cu, 2, max_seqlen=max_seqlen, backend=backend)
+
+    qkv = torch.randn(14, 3, 2, 32, device=DEVICE)
+    cu = torch.tensor([0, 6, 14], dtype=torch.int32, device=DEVICE)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=re.escape(f"reads them on the host ({why}); pass a VarlenLayout instead")):
+        torch.compile(call, backend="aot_eager", fullgraph=True)(qkv, cu)
+    torch._dynamo.reset()  # without fullgraph: the graph breaks there, and the call runs
+    out = torch.compile(call, backend="aot_eager")(qkv, cu)
+    torch.testing.assert_close(out, unidirectional_attention_varlen_qkvpacked(qkv, cu, 2, backend="reference"),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference", "sdpa"])
 @pytest.mark.parametrize("given", ["layout", "offsets"])
 def test_a_batch_of_no_sequences_has_a_backward(backend, given):
