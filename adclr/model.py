@@ -73,6 +73,23 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+_RESAMPLING = {}
+
+
+def bicubic_resampling(side, h, w, device):
+    """(h * w, side * side) float32: F.interpolate's bicubic resize (align_corners=False) of a
+    side x side grid to h x w, row-major, as the matrix it is (the resize is linear)."""
+    key = (side, h, w, str(device))
+    matrix = _RESAMPLING.get(key)
+    if matrix is None:
+        basis = torch.eye(side * side, device=device).reshape(side * side, 1, side, side)
+        matrix = F.interpolate(basis, size=(h, w), mode="bicubic", align_corners=False)
+        matrix = matrix.reshape(side * side, h * w).t().contiguous()
+        if not torch.compiler.is_compiling():
+            _RESAMPLING[key] = matrix
+    return matrix
+
+
 class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0, backend="auto", **query_options):
         super().__init__()
@@ -141,10 +158,11 @@ class VisionTransformer(nn.Module):
         side = int(math.sqrt(patch_pos.shape[1]))
         if (h, w) == (side, side):
             return self.pos_embed
-        grid = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
-        grid = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
-        return torch.cat([cls_pos, grid], 1)
+        # As a matrix product: F.interpolate's bicubic backward adds with atomics on CUDA
+        # (not deterministic, and refused under torch.use_deterministic_algorithms).
+        with torch.autocast(patch_pos.device.type, enabled=False):
+            grid = bicubic_resampling(side, h, w, patch_pos.device) @ patch_pos[0].float()
+        return torch.cat([cls_pos, grid.to(patch_pos.dtype)[None]], 1)
 
     def embed(self, x, query_crops=None):
         """Tokens [CLS | patches + pos embed | query crops] (B, 1 + N + Q, D), and Q."""

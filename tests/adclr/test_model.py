@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adclr.model import ADCLRModel, DINOHead, build_backbone, drop_path
+from adclr.model import ADCLRModel, DINOHead, VisionTransformer, build_backbone, drop_path
 
 
 def tiny_backbone(backend="sdpa", **options):
@@ -80,6 +80,35 @@ def test_other_crop_sizes_interpolate_the_positional_embedding():
     grid = model.pos_embed[:, 1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
     want = F.interpolate(grid, size=(2, 3), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
     torch.testing.assert_close(model.interpolate_pos_embed(2, 3), torch.cat([model.pos_embed[:, :1], want], 1))
+
+
+@pytest.mark.parametrize("side,h,w", [(4, 2, 3), (14, 6, 6), (14, 16, 16), (3, 1, 1)])
+def test_the_positional_embedding_is_resized_by_a_matrix_product(side, h, w):
+    """The same values and gradient as F.interpolate's bicubic resize, with no upsampling
+    op in forward or backward after the first call: its CUDA backward adds with atomics
+    (not deterministic)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = VisionTransformer(img_size=8 * side, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    weights = torch.randn(1, 1 + h * w, 32, dtype=torch.float64)
+    model.interpolate_pos_embed(h, w)  # makes the matrix once (an upsample with no gradient)
+    seen = []
+    with Ops():
+        out = model.interpolate_pos_embed(h, w)
+        (out.double() * weights).sum().backward()
+    assert not [op for op in seen if "upsample" in op or "interpolate" in op], seen
+    got_grad, model.pos_embed.grad = model.pos_embed.grad, None
+    grid = model.pos_embed[:, 1:].reshape(1, side, side, 32).permute(0, 3, 1, 2)
+    want = torch.cat([model.pos_embed[:, :1], F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+                      .flatten(2).transpose(1, 2)], 1)
+    (want.double() * weights).sum().backward()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=5e-6)  # float32 sums in another order
+    torch.testing.assert_close(got_grad, model.pos_embed.grad, rtol=1e-5, atol=5e-6)
 
 
 def test_keeping_every_patch_is_the_whole_image():
