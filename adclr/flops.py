@@ -21,8 +21,11 @@ layer inside the dense loss) and the patch matching's similarities; ccMIM's runs
 view through the teacher whole, then its visible and masked sets through teacher and
 student, and the student's decoder; both without query tokens.
 
+The positional embedding's resize for the local crops is a product too (a resampling
+matrix, once per view) and is counted; it is about 1e-5 of the step.
+
 What is not counted: LayerNorm, GELU, softmax inside the attention, residual adds,
-stochastic depth, the positional-embedding interpolation, the head's weight
+stochastic depth, the head's weight
 normalisation, gradient clipping, AdamW and the teacher's EMA: elementwise work that is
 small next to the products and runs at memory speed, not at the matmul peak. A backward
 counts twice its forward's products (input and weight gradients); a kernel that
@@ -76,11 +79,14 @@ def _backbone_forward(cfg, num_seqs, image_size, num_queries, kept=None):
     pairs = attention_pairs(kept, num_queries, query_sees_prefix=cfg.query_sees_prefix,
                             query_sees_self=cfg.query_sees_self,
                             query_sees_queries=cfg.query_sees_queries)
-    return {
+    terms = {
         "patch_embed": num_seqs * (patches + num_queries) * 2 * 3 * cfg.patch_size ** 2 * dim,
         "linear": num_seqs * tokens * _block_linear(dim) * depth,
         "attention": num_seqs * pairs * 2 * 2 * dim * depth,  # q k^T and p v, all heads
     }
+    if image_size != cfg.image_size:  # the positional embedding resized, once for the batch
+        terms["pos_embed"] = 2 * patches * (cfg.image_size // cfg.patch_size) ** 2 * dim
+    return terms
 
 
 def _block_linear(dim):
@@ -171,7 +177,7 @@ def step_flops(cfg, batch_size=None):
     batch_size: images per step, cfg.batch_size by default (the whole batch; under
     DistributedDataParallel pass the per-process share for a per-device count).
     breakdown: "student/..." and "teacher/..." terms (patch_embed, linear, attention,
-    head_mlp, head_last_layer; DenseCL adds dense_mlp, dense_last_layer and a
+    head_mlp, head_last_layer, and pos_embed for crops resized; DenseCL adds dense_mlp, dense_last_layer and a
     "dense_match"; ccMIM's student adds decoder_linear, decoder_attention) and "loss", in
     FLOPs (ints); they sum to the total. Queries take part when the step uses them
     (num_queries > 0 and lambda_query > 0), as `train_step` decides.
@@ -180,8 +186,9 @@ def step_flops(cfg, batch_size=None):
     teacher, student, loss, extra = METHOD_TERMS[cfg.method](cfg, B)
     breakdown = {f"teacher/{k}": v for k, v in teacher.items()}
     for k, v in student.items():
-        # The images take no gradient: the patch embedding's backward is its weight gradient only.
-        breakdown[f"student/{k}"] = v * (2 if k == "patch_embed" else 3)
+        # The images take no gradient: the patch embedding's backward is its weight gradient
+        # only; the resize matrix takes none, so the resize's is the embedding's gradient only.
+        breakdown[f"student/{k}"] = v * (2 if k in ("patch_embed", "pos_embed") else 3)
     breakdown.update(extra)
     breakdown["loss"] = loss
     return sum(breakdown.values()), breakdown
