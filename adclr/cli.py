@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib.metadata
 import inspect
 import json
@@ -153,10 +154,32 @@ def _version():
         return "(not installed)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Flags spelled in full only (and so every command's parser, which add_subparsers makes
+    of this class): argparse's prefix matching took --epoch for --epochs, and eval's
+    --checkpoint given to train for train's --checkpoint-every."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
+
+def _unrecognized(parser, unknown):
+    """argparse's message for flags a command does not take, with the flag each one looks
+    like (DINO's --batch_size is --batch-size here)."""
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    hints = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--"):
+            close = difflib.get_close_matches(name.replace("_", "-"), flags, n=1, cutoff=0.75)
+            hints += [f"{name}: did you mean {close[0]}?"] if close else []
+    return f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
+
+
 def build_parser():
     """The `adclr` parser. Each command's parser sets `handler`, the function that runs the
     command, and `parser`, itself (its errors start "adclr <command>: error:")."""
-    parser = argparse.ArgumentParser(prog="adclr", description="ADCLR self-supervised ViT pretraining")
+    parser = _Parser(prog="adclr", description="ADCLR self-supervised ViT pretraining")
     parser.add_argument("--version", action="version", version=f"adclr {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     # The one-line usage: the full one lists ~40 flags and would bury a one-line error.
@@ -328,12 +351,16 @@ def _add_show_parser(commands):
                                                 "from a run's metrics.jsonl, written beside it as metrics.png")
     curves.add_argument("run", help="a run folder (adclr train --out) or its metrics.jsonl")
     show_parser.set_defaults(handler=run_show, parser=show_parser)
+    for picture in (attention, dense, curves):  # errors name the picture's flags and usage
+        picture.set_defaults(parser=picture)
 
 
 def main(argv=None):
     """Run a command. What a user must fix ends in one "error:" line (exit 1), Ctrl-C, once
     a job has kept what it can, in the shell's 130; neither in a traceback."""
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the command's own parser, with its usage
+        args.parser.error(_unrecognized(args.parser, unknown))
     if args.command != "train" and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
         # Each process would run the whole job, on one device, and write the same files.
         args.parser.error(f"adclr {args.command} runs in one process: run it without torchrun, or unset "
@@ -392,7 +419,12 @@ def run_train(args):
         images = eval_knn.DEMO_IMAGES
         print(f"k-NN of the teacher and of the network at random init on {images} images per split ...",
               file=sys.stderr, flush=True)
-        trained, at_init = eval_knn.knn_trained_and_at_init(cfg, images)
+        try:
+            trained, at_init = eval_knn.knn_trained_and_at_init(cfg, images)
+        except KeyboardInterrupt:
+            print(f"interrupted: the k-NN check stopped; the run is complete in {cfg.out} "
+                  f"(adclr eval knn --checkpoint {os.path.join(cfg.out, 'checkpoint.pt')} evaluates it)", file=sys.stderr)
+            raise
         print(f"k-NN accuracy (k = 20, {images} train / {images} val images of "
               f"{cfg.data or 'builtin'}): teacher {100 * trained:.1f}%, the same network at random init "
               f"{100 * at_init:.1f}%", file=sys.stderr)

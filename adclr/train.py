@@ -1274,6 +1274,12 @@ class Run:
             if snapshot and self.main:  # a numbered copy that later checkpoints do not replace
                 copy_atomically(self.path, snapshot)
 
+    def kept_message(self, resume=True):
+        """What a rerun resumes from, after a stop that saved nothing."""
+        if not self.saved:
+            return "no checkpoint was written"
+        return f"{self.path} holds step {self.saved}" + ("; rerun the same command to resume from it" if resume else "")
+
     def kept(self):
         """What a rerun resumes from, for the message of a write that failed."""
         if self.saved:
@@ -1314,12 +1320,18 @@ class Run:
         not a second signal on one of them: the checkpoint gathers every process's RNG state,
         a collective they must all join."""
         if self.in_step or (self.world > 1 and not self.stopping):
+            if self.main:
+                print(f"\n{self.stopped_by} inside step {self.completed + 1}: stopped at once, that step not "
+                      f"saved; {self.kept_message()}", file=sys.stderr)
             return
         if self.completed > self.saved:
             bad = self.bad.clone()
             if self.world > 1:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             if bad.any().item():
+                if self.main:
+                    print(f"\n{self.stopped_by}: a loss or gradient after step {self.last_good} was not finite, so "
+                          f"the steps since are not saved; {self.kept_message(resume=False)}", file=sys.stderr)
                 return
             self.sum_skipped()
             rng = all_rng_states(self.world)

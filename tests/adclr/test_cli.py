@@ -97,6 +97,32 @@ def test_other_bad_train_flags(argv, message, accepted_config, capsys):
     assert err.splitlines()[-1] == f"adclr train: error: {message}"
 
 
+@pytest.mark.parametrize("argv,message", [
+    # A prefix of a flag is not that flag (argparse's default took --epoch for --epochs).
+    (["train", "--epoch", "1"], "adclr train: error: unrecognized arguments: --epoch 1 (--epoch: did you mean "
+                                "--epochs?)"),
+    (["train", "--no-norm"], "adclr train: error: unrecognized arguments: --no-norm"),
+    # eval's flag, given to train: once taken for --checkpoint-every, naming a flag never typed
+    (["train", "--checkpoint", "runs/demo/checkpoint.pt"], "adclr train: error: unrecognized arguments: "
+     "--checkpoint runs/demo/checkpoint.pt (--checkpoint: did you mean --checkpoint-every?)"),
+    # DINO's spelling (docs/training.md maps its flags): said by train's parser, not the top one
+    (["train", "--batch_size", "8", "--warmup_epochs=2"], "adclr train: error: unrecognized arguments: --batch_size "
+     "8 --warmup_epochs=2 (--batch_size: did you mean --batch-size?; --warmup_epochs: did you mean "
+     "--warmup-epochs?)"),
+    (["eval", "knn", "--checkpoint", "x", "--limt", "5"], "adclr eval: error: unrecognized arguments: --limt 5 "
+                                                          "(--limt: did you mean --limit?)"),
+    (["eval", "knn", "--check", "x"], "adclr eval: error: the following arguments are required: --checkpoint"),
+    (["show", "dense", "--checkpoint", "x", "--limt", "3"], "adclr show dense: error: unrecognized arguments: "
+                                                           "--limt 3 (--limt: did you mean --limit?)"),
+])
+def test_flags_are_spelled_in_full_and_unknown_ones_get_a_hint(argv, message, accepted_config, capsys):
+    status, err = run(argv, capsys)
+    assert status == 2 and not accepted_config
+    assert err.splitlines()[-1] == message
+    command = " ".join(argv[:2] if argv[0] == "show" else argv[:1])  # show's pictures are commands of their own
+    assert err.splitlines()[0].startswith(f"usage: adclr {command}")
+
+
 def test_local_size_is_free_without_local_crops(accepted_config, capsys):
     status, _ = run(["train", *TINY, "--local-size", "20", "--num-local-crops", "0"], capsys)
     assert status == 0 and accepted_config[0].local_size == 20
@@ -251,7 +277,7 @@ def numeric_flags(argv, monkeypatch):
         parsers.append(self)
         raise Caught
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
     with pytest.raises(Caught):
         main(argv)
     parser = parsers[0]
@@ -920,6 +946,20 @@ def test_the_demo_ends_with_its_knn_beside_random_init(tmp_path, capsys):
     status, err = run(["train", *TINY, "--data", image_folder(tmp_path / "photos"), "--batch-size", "2",
                        "--out", str(tmp_path / "own")], capsys)
     assert status == 0 and err.strip().splitlines()[-1].startswith("done: 1 step,")
+
+
+def test_ctrl_c_in_the_demos_knn_says_the_run_is_complete(tmp_path, monkeypatch, capsys):
+    import adclr.eval_knn
+
+    def interrupted(cfg, images):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(adclr.eval_knn, "knn_trained_and_at_init", interrupted)
+    out = tmp_path / "demo"
+    status, err = run(["train", *TINY, "--out", str(out)], capsys)
+    assert status == 130 and load_checkpoint(str(out / "checkpoint.pt"))["step"] == 1
+    assert err.strip().splitlines()[-1] == (f"interrupted: the k-NN check stopped; the run is complete in {out} "
+                                            f"(adclr eval knn --checkpoint {out / 'checkpoint.pt'} evaluates it)")
 
 
 @pytest.mark.parametrize("command,preset", [("compare", {}), ("sweep", {"out": "runs/sweep"})])

@@ -136,8 +136,12 @@ def test_an_interrupt_after_a_non_finite_loss_keeps_the_last_good_checkpoint(tin
     cfg = tiny_config(max_steps=6, checkpoint_every=2, log_every=10)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    assert load_checkpoint(os.path.join(cfg.out, "checkpoint.pt"))["step"] == 2
-    assert "saved step" not in capsys.readouterr().err
+    path = os.path.join(cfg.out, "checkpoint.pt")
+    assert load_checkpoint(path)["step"] == 2
+    err = capsys.readouterr().err
+    assert "saved step" not in err
+    assert (f"interrupted: a loss or gradient after step 2 was not finite, so the steps since are not saved; "
+            f"{path} holds step 2\n") in err
 
 
 @pytest.mark.parametrize("where", ["between steps", "inside a step"])
@@ -169,7 +173,9 @@ def test_an_interrupt_keeps_the_steps_done_unless_it_hits_inside_a_step(where, t
         assert load_checkpoint(path)["step"] == 3
         assert f"interrupted: saved step 3 to {path}; rerun the same command to resume" in err
     else:
-        assert not os.path.exists(path) and "interrupted" not in err
+        assert not os.path.exists(path)
+        assert err.rstrip().endswith("interrupted inside step 4: stopped at once, that step not saved; no "
+                                     "checkpoint was written")
 
 
 def train_until_interrupted(cfg):
@@ -212,6 +218,7 @@ def test_ctrl_c_inside_a_step_finishes_it_then_saves_a_second_stops_at_once(pres
     records = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
     if presses == 2 and apart:
         assert not os.path.exists(path) and "interrupted:" not in err and records[-1]["step"] == 3
+        assert "interrupted inside step 4: stopped at once, that step not saved; no checkpoint was written" in err
     else:
         assert load_checkpoint(path)["step"] == 4 and records[-1]["step"] == 4
         said = "saved step 4 to {}" if checkpoint_every == 5 else "step 4 is saved in {}"
