@@ -968,6 +968,7 @@ class Run:
         self.fetching = False  # in the loader's next(): where a dead worker may raise
         self.t0, self.images_since = time.perf_counter(), 0
         self.data_wait, self.intervals, self.wait_warned = 0.0, 0, False  # data_wait: seconds in next(data)
+        self.timed_seconds, self.timed_steps = 0.0, 0  # since the first log line, for the ETA
         self.flops = step_flops(self.cfg, self.cfg.batch_size // world)[0]  # one process's share
         self.peak, note = mfu_peak(trainer)
         if note and self.main:
@@ -1237,13 +1238,22 @@ class Run:
                   **({"mfu": tflops / self.peak} if self.peak else {}),
                   "skipped_images": self.skipped, "data_wait": self.data_wait / elapsed,
                   **({"loss_scale": t.scaler.get_scale()} if t.scaler else {}),
-                  "eta_s": (t.total_steps - done) * elapsed / steps}
+                  "eta_s": (t.total_steps - done) * self.seconds_per_step(elapsed, steps)}
         self.warn_data_wait(record["data_wait"], done)
         try:
             self.logger.log(record, t.total_steps)
         except WriteError as error:  # a full disk: say what the checkpoint still holds
             raise WriteError(f"{error}; {self.kept()}") from None
         self.t0, self.images_since, self.data_wait = time.perf_counter(), 0, 0.0
+
+    def seconds_per_step(self, elapsed, steps):
+        """For the ETA: the mean over the intervals since the first (which holds the workers'
+        start and compilation), not the last interval alone, which a busy machine swings."""
+        if self.intervals == 0:  # the first log line: all there is
+            return elapsed / steps
+        self.timed_seconds += elapsed
+        self.timed_steps += steps
+        return self.timed_seconds / self.timed_steps
 
     def warn_data_wait(self, share, done):
         """Say once when the step waited for data more than 10% of an interval. Not of the

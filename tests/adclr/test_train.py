@@ -1197,3 +1197,26 @@ def test_a_resume_with_another_length_says_how_the_schedules_move(tmp_path, caps
             f"{(peak + end) / 2:.3g}") in err
     status, err = run(argv[:-3] + ["4", "--base-lr", "0.0512"], capsys)
     assert status == 0 and "nothing to do" in err and "note: the run is now" not in err
+
+
+def test_the_eta_is_the_mean_step_time_after_the_first_interval(tiny_config, monkeypatch):
+    """Not the last interval's time alone, which a busy machine swings, and not the first
+    interval's, which holds the workers' start and compilation."""
+    import types
+
+    now = [0.0]
+    clock = types.SimpleNamespace(**{**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")},
+                                     "perf_counter": lambda: now[0]})
+    seconds = [50.0, 1.0, 3.0, 1.0, 3.0, 1.0]  # step 1 compiles
+    real_step = adclr.train.train_step
+
+    def timed_step(trainer, batch, step):
+        now[0] += seconds[step]
+        return real_step(trainer, batch, step)
+
+    monkeypatch.setattr(adclr.train, "time", clock)
+    monkeypatch.setattr(adclr.train, "train_step", timed_step)
+    cfg = tiny_config(max_steps=6, log_every=1)
+    train(cfg)
+    etas = [r["eta_s"] for r in read_metrics(cfg.out)]
+    assert etas == pytest.approx([5 * 50.0, 4 * 1.0, 3 * 2.0, 2 * 5 / 3, 1 * 2.0, 0.0])
