@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -168,11 +169,15 @@ def _unrecognized(parser, unknown):
     like (DINO's --batch_size is --batch-size here)."""
     flags = [flag for action in parser._actions for flag in action.option_strings]
     hints = []
-    for arg in unknown:
+    for arg in unknown[:unknown.index("--")] if "--" in unknown else unknown:  # past "--": values
         name = arg.split("=", 1)[0]
-        if name.startswith("--"):
-            close = difflib.get_close_matches(name.replace("_", "-"), flags, n=1, cutoff=0.75)
-            hints += [f"{name}: did you mean {close[0]}?"] if close else []
+        if not name.startswith("--") or name in flags:
+            continue
+        spelled = name.replace("_", "-")
+        # What the name begins (a prefix argparse once took), else what it is closest to.
+        close = [f for f in flags if f.startswith(spelled)][:3] or difflib.get_close_matches(
+            spelled, flags, n=1, cutoff=0.75)
+        hints += [f"{name}: did you mean {' or '.join(close)}?"] if close else []
     return f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
 
 
@@ -422,8 +427,9 @@ def run_train(args):
         try:
             trained, at_init = eval_knn.knn_trained_and_at_init(cfg, images)
         except KeyboardInterrupt:
+            checkpoint = shlex.quote(os.path.join(cfg.out, "checkpoint.pt"))
             print(f"interrupted: the k-NN check stopped; the run is complete in {cfg.out} "
-                  f"(adclr eval knn --checkpoint {os.path.join(cfg.out, 'checkpoint.pt')} evaluates it)", file=sys.stderr)
+                  f"(adclr eval knn --checkpoint {checkpoint} evaluates it)", file=sys.stderr)
             raise
         print(f"k-NN accuracy (k = 20, {images} train / {images} val images of "
               f"{cfg.data or 'builtin'}): teacher {100 * trained:.1f}%, the same network at random init "

@@ -22,12 +22,13 @@ view through the teacher whole, then its visible and masked sets through teacher
 student, and the student's decoder; both without query tokens.
 
 The positional embedding's resize for the local crops is a product too (a resampling
-matrix, once per view) and is counted; it is about 1e-5 of the step.
+matrix, once per backbone forward of the crops, whatever the batch) and is counted:
+3e-7 of the step at ViT-S/16 with 256 images.
 
 What is not counted: LayerNorm, GELU, softmax inside the attention, residual adds,
-stochastic depth, the head's weight
-normalisation, gradient clipping, AdamW and the teacher's EMA: elementwise work that is
-small next to the products and runs at memory speed, not at the matmul peak. A backward
+stochastic depth, the head's weight normalisation, gradient clipping, AdamW and the
+teacher's EMA: elementwise work that is small next to the products and runs at memory
+speed, not at the matmul peak. A backward
 counts twice its forward's products (input and weight gradients); a kernel that
 recomputes (FlashAttention's backward, the fused head loss's sweeps, which do about
 1.8x the last layer's products) does more hardware FLOPs than counted here, so MFU is
@@ -84,7 +85,7 @@ def _backbone_forward(cfg, num_seqs, image_size, num_queries, kept=None):
         "linear": num_seqs * tokens * _block_linear(dim) * depth,
         "attention": num_seqs * pairs * 2 * 2 * dim * depth,  # q k^T and p v, all heads
     }
-    if image_size != cfg.image_size:  # the positional embedding resized, once for the batch
+    if image_size != cfg.image_size:  # the positional embedding resized, once per forward
         terms["pos_embed"] = 2 * patches * (cfg.image_size // cfg.patch_size) ** 2 * dim
     return terms
 

@@ -82,9 +82,12 @@ def bicubic_resampling(side, h, w, device):
     key = (side, h, w, str(device))
     matrix = _RESAMPLING.get(key)
     if matrix is None:
-        basis = torch.eye(side * side, device=device).reshape(side * side, 1, side, side)
-        matrix = F.interpolate(basis, size=(h, w), mode="bicubic", align_corners=False)
-        matrix = matrix.reshape(side * side, h * w).t().contiguous()
+        # A plain tensor even when first made under inference_mode (training could not save
+        # an inference tensor for its backward). Traced, the graph makes it (not cached).
+        with torch.inference_mode(False), torch.no_grad():
+            basis = torch.eye(side * side, dtype=torch.float32, device=device).reshape(side * side, 1, side, side)
+            matrix = F.interpolate(basis, size=(h, w), mode="bicubic", align_corners=False)
+            matrix = matrix.reshape(side * side, h * w).t().contiguous()
         if not torch.compiler.is_compiling():
             _RESAMPLING[key] = matrix
     return matrix

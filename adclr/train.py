@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -694,10 +695,11 @@ def _train(cfg, rank, world, device):
     """`train` in its claimed run folder."""
     main = rank == 0
     path = os.path.join(cfg.out, "checkpoint.pt")
-    checkpoint = _open_checkpoint(cfg, path)
+    if world == 1:
+        checkpoint = _open_checkpoint(cfg, path)
+    else:
+        checkpoint = _agree_on_the_checkpoint(cfg, path, rank, world)
     start = 0 if checkpoint is None else checkpoint["step"]
-    if world > 1:
-        _agree_on_the_checkpoint(checkpoint, path, world)
     images = _open_images(cfg, world)
     loader, steps_per_epoch = train_loader(cfg, rank, world, start, images, _decode_mode(cfg, device))
     data = iter(loader)  # draws from the global RNG: before seeding, so that a resume replays exactly
@@ -712,7 +714,7 @@ def _train(cfg, rank, world, device):
             print(f"warning: --data holds {len(images)} image files, {saved} when {path} was saved: from step "
                   f"{start} the images come in another order than in a run that had not stopped", file=sys.stderr)
         if main:
-            _note_a_new_length(trainer, checkpoint["config"], start)
+            _note_a_new_length(trainer, checkpoint, start)
         del checkpoint  # its tensors are copied into the trainer: free them before the loop
     if main and start:
         _write_a_missing_snapshot(cfg, path, start, steps_per_epoch)
@@ -811,19 +813,38 @@ def _open_checkpoint(cfg, path):
     return checkpoint
 
 
-def _agree_on_the_checkpoint(checkpoint, path, world):
-    """Every process resumes from its own read of OUT/checkpoint.pt. Where --out is not one
-    folder they all see (a node's own disk, a stale network file system cache), they would
-    train on from different steps or weights, which DDP's gradient averaging never notices."""
-    mine = (0, 0.0) if checkpoint is None else (checkpoint["step"], math.fsum(
-        t.double().sum().item() for t in checkpoint["student"].values() if t.is_floating_point()))
+def _agree_on_the_checkpoint(cfg, path, rank, world):
+    """`_open_checkpoint` on every process, which must all read the same one. Each resumes
+    from its own read of OUT/checkpoint.pt: where --out is not one folder they all see (a
+    node's own disk, a stale network file system cache), they would train on from different
+    steps or weights, which DDP's gradient averaging never notices. A process that cannot
+    use its read stops every process (the others would wait in this collective)."""
+    try:
+        checkpoint, problem = _open_checkpoint(cfg, path), None
+    except SystemExit as error:
+        checkpoint, problem = None, str(error.code)
+    mine = (problem, 0, "") if checkpoint is None else (None, checkpoint["step"], _weights_digest(checkpoint))
     read = [None] * world
     dist.all_gather_object(read, mine)
-    if len(set(read)) > 1:
-        steps = ", ".join(f"rank {r}: {f'step {s}' if s else 'none'}" for r, (s, _) in enumerate(read))
+    failed = [(r, p) for r, (p, _, _) in enumerate(read) if p]
+    if failed:
+        raise SystemExit(problem or f"error: process {failed[0][0]} stopped: {failed[0][1].removeprefix('error: ')}")
+    if len({(s, d) for _, s, d in read}) > 1:
+        steps = ", ".join(f"rank {r}: {f'step {s}' if s else 'none'}" for r, (_, s, _) in enumerate(read))
         raise SystemExit(f"error: the processes read different checkpoints as {path} ({steps}"
-                         f"{'; the same step with other weights' if len({s for s, _ in read}) == 1 else ''}); "
+                         f"{'; the same step with other weights' if len({s for _, s, _ in read}) == 1 else ''}); "
                          f"--out must be one folder that every process sees")
+    return checkpoint
+
+
+def _weights_digest(checkpoint):
+    """A digest of the student's tensors' bytes (not a float sum, which could round apart
+    on machines whose vector units differ)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in checkpoint["student"].items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _open_images(cfg, world):
@@ -873,12 +894,15 @@ def _resume(trainer, checkpoint, path, rank, world):
                              f"{START_OVER}") from None
 
 
-def _note_a_new_length(trainer, saved, start):
-    """Say so when a resume with another --epochs or --max-steps moves the schedules: they
-    span the run's length, so a longer run's lr rises again where the saved one had decayed."""
-    was = run_length(dataclasses.replace(trainer.cfg, epochs=saved.get("epochs", trainer.cfg.epochs),
-                                         max_steps=saved.get("max_steps", trainer.cfg.max_steps)),
-                     trainer.steps_per_epoch)
+def _note_a_new_length(trainer, checkpoint, start):
+    """Say so when a resume with another --epochs, --max-steps or --data size moves the
+    schedules: they span the run's length, so a longer run's lr rises again where the saved
+    one had decayed."""
+    cfg, saved = trainer.cfg, checkpoint["config"]
+    images = checkpoint.get("images")  # the dataset's size when saved (steps per epoch then)
+    was = run_length(dataclasses.replace(cfg, epochs=saved.get("epochs", cfg.epochs),
+                                         max_steps=saved.get("max_steps", cfg.max_steps)),
+                     images // cfg.batch_size if images else trainer.steps_per_epoch)
     total = trainer.total_steps
     if was == total or start >= total:
         return
@@ -1174,9 +1198,9 @@ class Run:
         # the two would otherwise save its update as the step before it. Its skipped
         # files too: counted before it, a save on an interrupt would count them, and the
         # resume that redoes the step would count them again.
-        self.bad[0] |= ~torch.isfinite(metrics["loss"])
-        if self.trainer.scaler is None:
-            self.bad[1] |= ~torch.isfinite(metrics["grad_norm"])
+        loss = metrics["loss"]
+        self.bad |= ~torch.isfinite(torch.stack(
+            [loss, metrics["grad_norm"] if self.trainer.scaler is None else loss.new_zeros(())]))
         done = self.completed = step + 1
         if self.world == 1:
             self.skipped += skipped
@@ -1330,9 +1354,10 @@ class Run:
         not a second signal on one of them: the checkpoint gathers every process's RNG state,
         a collective they must all join."""
         if self.in_step or (self.world > 1 and not self.stopping):
-            if self.main:
-                print(f"\n{self.stopped_by} inside step {self.completed + 1}: stopped at once, that step not "
-                      f"saved; {self.kept_message()}", file=sys.stderr)
+            if self.main:  # under DDP: a second signal on one process, wherever it landed
+                where = f"inside step {self.completed + 1}" if self.in_step else f"after step {self.completed}"
+                print(f"\n{self.stopped_by} {where}: stopped at once, nothing more saved; {self.kept_message()}",
+                      file=sys.stderr)
             return
         if self.completed > self.saved:
             bad = self.bad.clone()
@@ -1340,8 +1365,9 @@ class Run:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             if bad.any().item():
                 if self.main:
-                    print(f"\n{self.stopped_by}: a loss or gradient after step {self.last_good} was not finite, so "
-                          f"the steps since are not saved; {self.kept_message(resume=False)}", file=sys.stderr)
+                    what = "loss" if bad[0] else "gradient norm"
+                    print(f"\n{self.stopped_by}: a {what} after step {self.last_good} was not finite, so the "
+                          f"steps since are not saved; {self.kept_message(resume=False)}", file=sys.stderr)
                 return
             self.sum_skipped()
             rng = all_rng_states(self.world)

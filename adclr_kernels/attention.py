@@ -300,8 +300,8 @@ def unidirectional_attention_qkvpacked(qkv, num_queries, num_prefix=1, *, query_
 
 def _host_read_under_compile(why):
     """A traced packed call on cu_seqlens that must read them on the host: a graph break
-    that says why and what to pass (under fullgraph=True, the error; otherwise Dynamo's
-    own break at the read, with this reason in its log)."""
+    that says why and what to pass (under fullgraph=True, the error; otherwise the graph
+    breaks here, with this reason in Dynamo's log)."""
     if torch.compiler.is_compiling():
         torch._dynamo.graph_break(msg=f"adclr_kernels: a packed call on cu_seqlens reads them on the host ({why}); "
                                       "pass a VarlenLayout instead (or max_seqlen, for the triton backend)")

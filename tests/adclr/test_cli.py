@@ -101,7 +101,12 @@ def test_other_bad_train_flags(argv, message, accepted_config, capsys):
     # A prefix of a flag is not that flag (argparse's default took --epoch for --epochs).
     (["train", "--epoch", "1"], "adclr train: error: unrecognized arguments: --epoch 1 (--epoch: did you mean "
                                 "--epochs?)"),
-    (["train", "--no-norm"], "adclr train: error: unrecognized arguments: --no-norm"),
+    (["train", "--no-norm"], "adclr train: error: unrecognized arguments: --no-norm (--no-norm: did you mean "
+                             "--no-norm-last-layer?)"),
+    (["train", "--momentum", "0.9"], "adclr train: error: unrecognized arguments: --momentum 0.9 (--momentum: did "
+                                     "you mean --momentum-teacher?)"),
+    (["train", "--max-steps=1", "--", "--max-steps", "2"], "adclr train: error: unrecognized arguments: -- "
+                                                           "--max-steps 2"),  # past "--": values, no hint
     # eval's flag, given to train: once taken for --checkpoint-every, naming a flag never typed
     (["train", "--checkpoint", "runs/demo/checkpoint.pt"], "adclr train: error: unrecognized arguments: "
      "--checkpoint runs/demo/checkpoint.pt (--checkpoint: did you mean --checkpoint-every?)"),

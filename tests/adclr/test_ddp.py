@@ -133,6 +133,19 @@ def test_processes_that_read_different_checkpoints_are_refused(tiny_config, tmp_
     assert messages[1] == expected.replace("run0", "run1")  # each names the file it read
 
 
+def test_a_process_that_cannot_use_its_checkpoint_stops_the_others(tiny_config, tmp_path):
+    """Rank 1's --out holds an earlier run's snapshot and no checkpoint.pt, which it refuses:
+    rank 0 must not wait for it in the collective that compares what they read."""
+    cfg = tiny_config(out=str(tmp_path / "run0"), max_steps=1)
+    os.makedirs(tmp_path / "run1")
+    (tmp_path / "run1" / "checkpoint0001.pt").write_bytes(b"an earlier run's")
+    mp.spawn(own_folder_worker, args=(2, dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
+    own = (f"error: {tmp_path / 'run1'} holds numbered snapshots of an earlier run but no checkpoint.pt; copy one")
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[1].startswith(own)
+    assert messages[0] == "error: process 1 stopped: " + messages[1].removeprefix("error: ")
+
+
 def methods_worker(rank, world, cfg_fields, results):
     from adclr.config import Config
     from adclr.data import synthetic_batch

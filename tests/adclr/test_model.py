@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import adclr.model
 from adclr.model import ADCLRModel, DINOHead, VisionTransformer, build_backbone, drop_path
 
 
@@ -109,6 +110,23 @@ def test_the_positional_embedding_is_resized_by_a_matrix_product(side, h, w):
     (want.double() * weights).sum().backward()
     torch.testing.assert_close(out, want, rtol=1e-5, atol=5e-6)  # float32 sums in another order
     torch.testing.assert_close(got_grad, model.pos_embed.grad, rtol=1e-5, atol=5e-6)
+
+
+def test_the_resize_matrix_made_under_inference_mode_or_another_default_dtype_still_trains(monkeypatch):
+    """The matrix is cached: the first caller's modes must not stick to it."""
+    monkeypatch.setattr(adclr.model, "_RESAMPLING", {})
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    with torch.inference_mode():
+        model.interpolate_pos_embed(2, 3)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model.interpolate_pos_embed(3, 2)
+    finally:
+        torch.set_default_dtype(previous)
+    for h, w in ((2, 3), (3, 2)):
+        model.interpolate_pos_embed(h, w).sum().backward()
+    assert model.pos_embed.grad is not None
 
 
 def test_keeping_every_patch_is_the_whole_image():

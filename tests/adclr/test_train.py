@@ -140,7 +140,7 @@ def test_an_interrupt_after_a_non_finite_loss_keeps_the_last_good_checkpoint(tin
     assert load_checkpoint(path)["step"] == 2
     err = capsys.readouterr().err
     assert "saved step" not in err
-    assert (f"interrupted: a loss or gradient after step 2 was not finite, so the steps since are not saved; "
+    assert (f"interrupted: a loss after step 2 was not finite, so the steps since are not saved; "
             f"{path} holds step 2\n") in err
 
 
@@ -174,7 +174,7 @@ def test_an_interrupt_keeps_the_steps_done_unless_it_hits_inside_a_step(where, t
         assert f"interrupted: saved step 3 to {path}; rerun the same command to resume" in err
     else:
         assert not os.path.exists(path)
-        assert err.rstrip().endswith("interrupted inside step 4: stopped at once, that step not saved; no "
+        assert err.rstrip().endswith("interrupted inside step 4: stopped at once, nothing more saved; no "
                                      "checkpoint was written")
 
 
@@ -218,7 +218,7 @@ def test_ctrl_c_inside_a_step_finishes_it_then_saves_a_second_stops_at_once(pres
     records = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
     if presses == 2 and apart:
         assert not os.path.exists(path) and "interrupted:" not in err and records[-1]["step"] == 3
-        assert "interrupted inside step 4: stopped at once, that step not saved; no checkpoint was written" in err
+        assert "interrupted inside step 4: stopped at once, nothing more saved; no checkpoint was written" in err
     else:
         assert load_checkpoint(path)["step"] == 4 and records[-1]["step"] == 4
         said = "saved step 4 to {}" if checkpoint_every == 5 else "step 4 is saved in {}"
@@ -1220,3 +1220,13 @@ def test_the_eta_is_the_mean_step_time_after_the_first_interval(tiny_config, mon
     train(cfg)
     etas = [r["eta_s"] for r in read_metrics(cfg.out)]
     assert etas == pytest.approx([5 * 50.0, 4 * 1.0, 3 * 2.0, 2 * 5 / 3, 1 * 2.0, 0.0])
+
+
+def test_a_resume_on_a_larger_dataset_says_how_the_schedules_move(tiny_config, tmp_path, monkeypatch, capsys):
+    """--data may change on resume; with epochs, its size changes the run's length too."""
+    small, large = image_folder(tmp_path / "small", per_class=4), image_folder(tmp_path / "large", per_class=6)
+    cfg = tiny_config(data=small, batch_size=4, epochs=2, max_steps=0)  # 8 images: 2 steps an epoch, 4 steps
+    crash_in_step(monkeypatch, 2, lambda: train(cfg))
+    capsys.readouterr()
+    assert train(dataclasses.replace(cfg, data=large)) == 6  # 12 images: 3 steps an epoch
+    assert "note: the run is now 6 steps long, 4 when its checkpoint was saved" in capsys.readouterr().err
