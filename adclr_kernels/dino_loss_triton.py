@@ -80,7 +80,7 @@ def _row_softmax_kernel(
 def _add_probs_t_values(acc, w, shift, X, LSE, VALUES, num_rows, dim,
                         stride_xm, stride_xd, stride_vm, stride_vd, scale, sign,
                         HAS_SHIFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                        DOT: tl.constexpr):
+                        DOT: tl.constexpr, SCORES_AS_FORWARD: tl.constexpr):
     """acc += sign * P^T @ VALUES over every row, P recomputed tile by tile from the lse."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < dim
@@ -89,7 +89,14 @@ def _add_probs_t_values(acc, w, shift, X, LSE, VALUES, num_rows, dim,
         row_ok = rows < num_rows
         x = tl.load(X + rows[:, None] * stride_xm + offs_d[None, :] * stride_xd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        s_t = dot(w, tl.trans(x), DOT) * scale  # (columns, rows)
+        if SCORES_AS_FORWARD:
+            # The interpreter's numpy BLAS may sum w x^T in another order than the forward's
+            # x w^T (seen on AVX2 CPUs): at scores of 1e5 an ulp apart is a percent in a
+            # probability. On the GPU w x^T keeps wgmma (the transposed form drops to
+            # mma.sync for the bf16 tiles).
+            s_t = tl.trans(dot(x, tl.trans(w), DOT)) * scale
+        else:
+            s_t = dot(w, tl.trans(x), DOT) * scale  # (columns, rows)
         if HAS_SHIFT:
             s_t = s_t - shift[:, None]
         lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
@@ -109,6 +116,7 @@ def _weight_grad_kernel(
     stride_wk, stride_wd, stride_wtk, stride_wtd, stride_dwk, stride_dwd,
     SCALES,
     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+    SCORES_AS_FORWARD: tl.constexpr,
 ):
     """dW for one tile of columns: GRAD_SCALE * (P_s^T VS - P_t^T VT); SCALES holds
     log2(e) / T for the student, then the teacher."""
@@ -125,10 +133,10 @@ def _weight_grad_kernel(
     acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
     acc = _add_probs_t_values(acc, w, shift, XS, LSE_S, VS, num_student, dim,
                               stride_xs_m, stride_xs_d, stride_vs_m, stride_vs_d, student_scale, 1.0,
-                              False, BLOCK_M, BLOCK_D, DOT)
+                              False, BLOCK_M, BLOCK_D, DOT, SCORES_AS_FORWARD)
     acc = _add_probs_t_values(acc, w_t, shift, XT, LSE_T, VT, num_teacher, dim,
                               stride_xt_m, stride_xt_d, stride_vt_m, stride_vt_d, teacher_scale, -1.0,
-                              True, BLOCK_M, BLOCK_D, DOT)
+                              True, BLOCK_M, BLOCK_D, DOT, SCORES_AS_FORWARD)
     acc = acc * tl.load(GRAD_SCALE).to(tl.float32)
     tl.store(DW + cols[:, None] * stride_dwk + offs_d[None, :] * stride_dwd,
              acc.to(DW.dtype.element_ty), mask=w_mask)
@@ -242,5 +250,5 @@ def weight_grad(student, student_lse, student_values, teacher, teacher_lse, teac
         *student.stride(), *student_values.stride(), *teacher.stride(), *teacher_values.stride(),
         *weight.stride(), *teacher_weight.stride(), *grad.stride(),
         _log2e_over([student_temp, teacher_temp], weight.device),
-        BLOCK_D=padded_dim, DOT=dot_mode(weight.dtype), **cfg)
+        BLOCK_D=padded_dim, DOT=dot_mode(weight.dtype), SCORES_AS_FORWARD=triton_interpreter_enabled(), **cfg)
     return grad

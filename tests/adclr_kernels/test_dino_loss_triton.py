@@ -96,7 +96,8 @@ def compile_for_hopper(dtype, dim):
     kernels = dino_loss_triton
     for kernel, cfg, constexprs in (
             (kernels._row_softmax_kernel, kernels._row_config(padded_dim, torch_dtype), dict(HAS_SHIFT=True)),
-            (kernels._weight_grad_kernel, kernels._grad_config(padded_dim, torch_dtype), {})):
+            (kernels._weight_grad_kernel, kernels._grad_config(padded_dim, torch_dtype),
+             dict(SCORES_AS_FORWARD=False))):
         constexprs = dict(constexprs, BLOCK_D=padded_dim, DOT=dot_mode(torch_dtype),
                           **{k: v for k, v in cfg.items() if k.startswith("BLOCK")})
         names = kernel.arg_names
