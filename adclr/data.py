@@ -1202,11 +1202,15 @@ class Augment(torch.nn.Module):
     crops are only normalised: they must be the same pixels for student and teacher.
     Blur sigma is uniform in DINO's (0.1, 2.0) px for every crop, locals included, as
     DINO's PIL blur radius is (a standard deviation in pixels, whatever the crop size).
+
+    plain_view_a: view A gets the flip alone, MAE's input (a random resized crop and a
+    flip): ccMIM reads that view only, and rebuilds its pixels, which DINO's blur and
+    colour changes would otherwise make the target.
     """
 
     BLUR_SIGMA = BLUR_SIGMA
 
-    def __init__(self):
+    def __init__(self, plain_view_a=False):
         super().__init__()
         import kornia.augmentation as K
 
@@ -1221,7 +1225,7 @@ class Augment(torch.nn.Module):
                 ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize))
             return torch.nn.Sequential(*ops)
 
-        self.view_a = pipeline(blur=1.0)
+        self.view_a = torch.nn.Sequential(K.RandomHorizontalFlip()) if plain_view_a else pipeline(blur=1.0)
         self.view_b = pipeline(blur=0.1, solarize=0.2)
         self.local = pipeline(blur=0.5)
 

@@ -970,7 +970,7 @@ class Run:
         self.trainer, self.cfg, self.path = trainer, trainer.cfg, path
         self.world, self.main = world, rank == 0
         self.crops, self.workers = DeviceCrops(loader.dataset, trainer.device), loader.num_workers
-        self.augment = Augment().to(trainer.device)
+        self.augment = Augment(plain_view_a=self.cfg.method == "ccmim").to(trainer.device)
         if self.main:
             drop_records_after(os.path.join(self.cfg.out, "metrics.jsonl"), start)
         self.logger = Logger(self.cfg.out, self.main, start)

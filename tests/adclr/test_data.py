@@ -185,6 +185,19 @@ def test_augment_is_dinos_with_absolute_blur_sigma_for_every_crop_kind():
         assert blur.flags["kernel_size"] >= 13  # +-3 sigma at sigma 2: no truncated blur
 
 
+def test_plain_view_a_is_the_crop_or_its_mirror_and_view_b_stays_dinos():
+    """ccMIM's view (plain_view_a): the normalised crop, mirrored or not, nothing else."""
+    ds = MultiCropDataset(SyntheticShapes("train", length=32), 32, 16, 8, 2, 1)
+    raw = torch.utils.data.default_collate([ds[(i, i)] for i in range(32)])
+    torch.manual_seed(0)
+    ready = Augment(plain_view_a=True)(raw)
+    crops, view_a = normalize(raw["globals"][:, 0]), ready["globals"][:32]
+    mirrored = [torch.equal(a, c.flip(-1)) for a, c in zip(view_a, crops)]
+    kept = [torch.equal(a, c) for a, c in zip(view_a, crops)]
+    assert all(m or k for m, k in zip(mirrored, kept)) and 0 < sum(mirrored) < 32
+    assert not torch.allclose(ready["globals"][32:], normalize(raw["globals"][:, 1]))
+
+
 def test_a_folder_without_class_folders_is_one_class(tmp_path):
     for i in range(3):
         Image.new("RGB", (20, 20), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from trainer_testing import crash_in_step, read_metrics
 
 import adclr.methods
+import adclr.train
 from adclr.checkpoint import load_checkpoint
 from adclr.data import synthetic_batch
 from adclr.loss import ADCLRLoss
@@ -161,6 +162,23 @@ def test_ccmim_masks_view_a_by_the_teachers_cls_attention_and_both_networks_see_
     assert len(calls) == 2  # the teacher's, then the student's
     for images, visible, masked in calls:
         assert torch.equal(images, view_a) and visible is drawn["masks"][0] and masked is drawn["masks"][1]
+
+
+def test_ccmim_trains_on_view_a_unaugmented_but_for_the_flip(tiny_config, tmp_path, monkeypatch):
+    """MAE's input, not DINO's blurred and colour-jittered view A: every pixel ccMIM reads
+    (and rebuilds) is a normalised 8-bit value of the loader's crop."""
+    cfg = tiny_config(method="ccmim", out=str(tmp_path / "run"), max_steps=2, batch_size=4, num_local_crops=1,
+                      mask_ratio=0.5)
+    seen = []
+    monkeypatch.setattr(adclr.train, "ccmim_losses",
+                        lambda trainer, batch, *a: seen.append(batch["globals"]) or ccmim_losses(trainer, batch, *a))
+    assert train(cfg) == 2 and len(seen) == 2
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    for views in seen:
+        levels = (views * std + mean) * 255  # view A, then view B (DINO's, unused)
+        assert (levels[:4] - levels[:4].round()).abs().max() < 1e-3
+        assert (levels[4:] - levels[4:].round()).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("method,terms", [("densecl", ("loss_global", "loss_dense")),
