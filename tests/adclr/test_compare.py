@@ -427,3 +427,12 @@ def test_score_takes_k_nn_on_the_last_blocks_cls_token(monkeypatch):
     monkeypatch.setattr(adclr.compare, "knn_accuracy", lambda bank, *args: banks.append(bank) or {20: 0.0})
     adclr.compare.score(build_backbone("vit_test", 32, 8), Config(**{**adclr.compare.PRESET, "out": "unused"}), 6)
     assert torch.equal(banks[0], features[:, 64:])
+
+
+@pytest.mark.parametrize("device,cuda,note", [("cpu", True, True), ("cpu", False, False), ("cuda", True, False)])
+def test_a_cpu_comparison_on_a_gpu_machine_says_how_to_take_the_gpu(device, cuda, note, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    adclr.compare._threads(Config(device=device), "compare")
+    said = capsys.readouterr().err
+    assert ("--device cuda" in said) == note and "thread" not in said
