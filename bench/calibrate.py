@@ -231,9 +231,13 @@ def fit(calibration, gpu_key=None):
     finally:
         T._fwd_config, T._bwd_config = real_fwd, real_bwd
 
+    # What each kernel's programs execute does not depend on the parameters fitted: worked
+    # out once, not at every point of the grid.
+    work = [S.kernel_work(launch, compiled, S.sequences(w), w.heads) for w, launch, compiled in kernels]
+
     def estimates(g):
-        return [S.model_kernel(launch, compiled, S.sequences(w), w.heads, w.head_dim, "bf16", g)
-                for w, launch, compiled in kernels]
+        return [S.model_kernel(launch, compiled, S.sequences(w), w.heads, w.head_dim, "bf16", g, done)
+                for (w, launch, compiled), done in zip(kernels, work)]
 
     def worst(rows):
         return max(abs(math.log(measured[(w.id, r["kernel"])] / r["estimate_us"]))
@@ -322,6 +326,7 @@ def main(argv=None):
         meta = dict(calibration["meta"], when=calibration["meta"]["when"], left_out=left_out,
                     command="python -m bench.calibrate " + " ".join(argv or sys.argv[1:]))
         out = Path(args.out or Path(args.fit).parent)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "fit.json").write_text(json.dumps(dict(meta=meta, best=best, rows=rows), indent=1))
         (out / "fit.md").write_text(fit_markdown(best, rows, meta))
         print(fit_markdown(best, rows, meta))

@@ -18,7 +18,8 @@
 # generous: together the limits pass a lent machine's lease (15 minutes, at most 10 a
 # call). So a call may have a budget, BUDGET seconds (570 there: a device call's 600 less
 # the archive; unset or 0, none), and a stage runs under the smaller of its limit and
-# what is left of it; a stage with under 30 s left is skipped and said so. Name the
+# what is left of it; a stage with under MIN_STAGE seconds left (30 unless set) is
+# skipped and said so. Name the
 # stages in order of value.
 #
 # Stages (default: all, in this order): tests ops train calibrate opsflex trainflex tune
@@ -52,9 +53,11 @@ done
 set +f
 BUDGET=${BUDGET:-0}
 LIMIT_SCALE=${LIMIT_SCALE:-1}
-case "$BUDGET $LIMIT_SCALE" in
-  *[!0-9\ ]* | *" 0"*) echo "BUDGET takes a whole number of seconds (0: none), LIMIT_SCALE one of at least 1" \
-                             "(BUDGET='$BUDGET', LIMIT_SCALE='$LIMIT_SCALE'): nothing run" >&2
+MIN_STAGE=${MIN_STAGE:-30}
+case "$BUDGET $LIMIT_SCALE $MIN_STAGE" in
+  *[!0-9\ ]* | *" 0"*) echo "BUDGET takes a whole number of seconds (0: none), LIMIT_SCALE and MIN_STAGE" \
+                             "whole numbers of at least 1 (BUDGET='$BUDGET', LIMIT_SCALE='$LIMIT_SCALE'," \
+                             "MIN_STAGE='$MIN_STAGE'): nothing run" >&2
                         exit 2 ;;
 esac
 OUT=${OUT:-/tmp/adclr-out}
@@ -82,7 +85,7 @@ stage() {  # stage NAME LIMIT_S COMMAND...
   local name=$1 limit=$(($2 * LIMIT_SCALE)); shift 2
   if [ "$BUDGET" -gt 0 ]; then
     local left=$((BUDGET - SECONDS))
-    if [ "$left" -lt 30 ]; then
+    if [ "$left" -lt "$MIN_STAGE" ]; then
       echo "$name: skipped, ${left} s of the call's ${BUDGET} s budget left" | tee -a "$OUT/summary.txt"
       return
     fi

@@ -794,8 +794,19 @@ KIND = {"_unidirectional_fwd_kernel": "fwd", "_unidirectional_bwd_delta_kernel":
 ONESHOT = ("_oneshot_fwd_kernel", "_oneshot_bwd_kernel")
 
 
-def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
-    """One row of the table: what the compiled kernel is, and how long it should take."""
+@dataclass(frozen=True)
+class KernelWork:
+    """What a launch's programs execute, whatever the GPU: the kernel's loops and
+    straight-line SASS, each program's (warp-instructions, tensor-core FLOPs), the programs
+    with nothing to do, and each loop's trips summed over the programs."""
+    loop_stats: dict
+    base_instrs: int
+    costs: list
+    empty: int
+    trip_totals: dict
+
+
+def kernel_work(launch, compiled, seqs, heads):
     loop_stats, base_instrs, base_flops = loops(compiled)
     warps = compiled.num_warps
     costs, empty, trip_totals = [], 0, {name: 0 for name in loop_stats}
@@ -811,16 +822,26 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
             flops += count * loop.mma_flops + loop.setup_mma_flops
             trip_totals[name] += count
         costs.append((instrs, flops))
+    return KernelWork(loop_stats, base_instrs, costs, empty, trip_totals)
+
+
+def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu, work=None):
+    """One row of the table: what the compiled kernel is, and how long it should take.
+    work: `kernel_work` of the same arguments, where one kernel is modelled on many GPUs
+    (bench.calibrate's fit)."""
+    work = work or kernel_work(launch, compiled, seqs, heads)
+    costs, loop_stats, trip_totals = work.costs, work.loop_stats, work.trip_totals
+    warps = compiled.num_warps
     occ = occupancy(compiled, gpu)
     mma_rate = gpu.mma_flops[dtype_name]
     seqs = launch_sequences(launch, seqs)
-    work = traffic(KIND[launch.name], seqs, heads, head_dim, DTYPES[dtype_name].itemsize)
+    need = traffic(KIND[launch.name], seqs, heads, head_dim, DTYPES[dtype_name].itemsize)
     if launch.name == "_onepass_bwd_kernel":  # reads o for delta (the one-shot: P dP)
         elem = DTYPES[dtype_name].itemsize
-        work = Traffic(work.bytes + sum(s.seq_len for s in seqs) * heads * (head_dim * elem - 4),
-                       work.flops)
-    floor_s = max(work.flops / mma_rate, work.bytes / gpu.dram_bytes_per_s)
-    memory_s = work.bytes / (gpu.dram_bytes_per_s * gpu.memory_efficiency)
+        need = Traffic(need.bytes + sum(s.seq_len for s in seqs) * heads * (head_dim * elem - 4),
+                       need.flops)
+    floor_s = max(need.flops / mma_rate, need.bytes / gpu.dram_bytes_per_s)
+    memory_s = need.bytes / (gpu.dram_bytes_per_s * gpu.memory_efficiency)
     if occ == 0:
         estimate_s, bound = float("inf"), "does not fit"
     else:
@@ -832,16 +853,16 @@ def model_kernel(launch, compiled, seqs, heads, head_dim, dtype_name, gpu):
     hot = max((l for l in loop_stats.values() if l.instrs),
               key=lambda l: trip_totals[l.name] * l.instrs, default=None)
     return dict(
-        kernel=launch.name, kind=KIND[launch.name], grid=launch.grid[0], empty_programs=empty,
+        kernel=launch.name, kind=KIND[launch.name], grid=launch.grid[0], empty_programs=work.empty,
         num_warps=warps, registers=compiled.registers, spill_bytes=compiled.spill_bytes,
         loop_spill_instrs=loop_spills(compiled),
         maxnreg=launch.kwargs.get("maxnreg"),
         shared_bytes=compiled.shared_bytes, programs_per_sm=occ,
         constexprs={k: v for k, v in launch.kwargs.items() if k.isupper()},
-        straight_line_sass=base_instrs,
+        straight_line_sass=work.base_instrs,
         loops=[dict(l.row(), trips=trip_totals[l.name]) for l in loop_stats.values()],
         hot_loop=hot.name if hot else None, hot_loop_sass=hot.instrs if hot else None,
-        bytes=work.bytes, useful_flops=work.flops,
+        bytes=need.bytes, useful_flops=need.flops,
         **({f"{k.replace(' ', '_')}_us": v * 1e6 for k, v in bounds.items()} if occ else {}),
         estimate_us=estimate_s * 1e6, floor_us=floor_s * 1e6, bound=bound,
         vs_floor=estimate_s / floor_s if floor_s else None)
