@@ -25,6 +25,13 @@ if not torch.cuda.is_available():
 MAX_CUDA_WORKERS = 8
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow (10 s to 3 min each on 2 cores) first, in their order: with
+    one worker per core, a long test handed out last keeps its core busy while the others
+    have nothing left to run."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.hookimpl(optionalhook=True)  # plain pytest, without pytest-xdist, knows no such hook
 def pytest_xdist_auto_num_workers(config):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -26,6 +26,7 @@ TINY = ["--arch", "vit_test", "--patch-size", "8", "--image-size", "32", "--loca
         "--warmup-epochs", "0", "--warmup-teacher-temp-epochs", "0", "--log-every", "1"]
 
 
+@pytest.mark.slow
 def test_compare_on_a_tiny_budget(tmp_path, monkeypatch, capsys):
     # Short probes: what is checked here is the plumbing, not the scores.
     monkeypatch.setattr(adclr.compare, "linear_accuracy", functools.partial(adclr.compare.linear_accuracy, epochs=5))

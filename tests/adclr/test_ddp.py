@@ -10,6 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# Every test starts two processes (10 to 25 s each on 2 cores).
+pytestmark = pytest.mark.slow
+
 
 def join_group(rank, world, results):
     """A file rendezvous in the test's own folder: no port to pick, so no race with the

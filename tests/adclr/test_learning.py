@@ -4,17 +4,20 @@ This runs the real pipeline end to end (loader, crops, batched augmentation, ADC
 loss, EMA teacher, checkpoint) and scores the teacher with the project's own k-NN
 protocol, so a bug anywhere on that path (crops not matching across views, a teacher
 that never moves, a loss that collapses, features read from the wrong place) shows up
-as no gain. It is the one slow test in tests/adclr: about two minutes on 2 cores.
+as no gain. About two minutes on 2 cores.
 """
 
 import os
 
+import pytest
 
 from adclr.config import Config
 from adclr.data import SyntheticShapes
 from adclr.eval_knn import knn_accuracy
 from adclr.features import CenterCrops, extract_features, load_backbone
 from adclr.train import build, train
+
+pytestmark = pytest.mark.slow
 
 # Large enough for the k-NN to resolve a 5-point gain (the standard error at 1000 val
 # images is about 1.3 points), small enough to extract in a few seconds.

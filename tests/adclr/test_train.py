@@ -20,7 +20,7 @@ from adclr.cli import main
 from adclr.train import train
 
 
-@pytest.mark.parametrize("compile", ["off", "step"])
+@pytest.mark.parametrize("compile", ["off", pytest.param("step", marks=pytest.mark.slow)])
 def test_tiny_run_logs_finite_losses_and_resumes_exactly(tiny_config, tmp_path, monkeypatch, compile_counter,
                                                          compile):
     # Uninterrupted reference run: 6 steps (--compile step: the whole step as one graph).
@@ -284,6 +284,7 @@ main(sys.argv[2:])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signals", [1, 2])
 def test_sigterm_inside_a_step_finishes_it_then_saves(signals, tmp_path):
     """SIGTERM (a scheduler's or container's stop) as Ctrl-C: the step finishes, is saved,
@@ -323,6 +324,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_sigterm_between_a_stop_and_its_save_lets_it_save_and_exits_143(tmp_path):
     """Ctrl-C in step 4, then SIGTERM after the step ends, before its save starts (a
     scheduler's stop after a user's): the save is made and the run exits 143, as for
@@ -396,6 +398,7 @@ def test_sigterm_handler_is_the_runs_only_while_it_steps(before, tiny_config, mo
         assert seen == [callers_handler, callers_handler]
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_whole_job_saves_and_leaves_no_worker(tmp_path):
     """SLURM's stop reaches every process of the job, the loader's workers too: one it
     killed made the loader raise inside the main process's save (a traceback, no
@@ -498,6 +501,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_loader_worker_killed_inside_a_step_stops_the_run_after_it_with_a_save(tmp_path):
     """The kernel's OOM killer ends a loader worker mostly while the process is inside a step:
     torch's SIGCHLD handler raised its error there, mid-step, and nothing was saved. The
@@ -908,6 +912,7 @@ def _changing_schedules(tiny_config, **overrides):
                        **overrides)
 
 
+@pytest.mark.slow
 def test_whole_step_compiles_once_per_freeze_state_and_equals_eager(tiny_config, compile_counter):
     """--compile step: one graph for the whole step, compiled at the first step and again
     only where the last-layer freeze ends, while lr, weight decay, momentum and the

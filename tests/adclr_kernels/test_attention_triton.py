@@ -654,6 +654,7 @@ def test_onepass_backward_on_a_hopper_gpu(monkeypatch, packed):
     check_onepass_at_gpu_tiles(monkeypatch, packed, torch.bfloat16, 6, -(-programs // 6))
 
 
+@pytest.mark.slow  # ptxas, for every launched kernel
 @needs_aot
 @pytest.mark.parametrize("capability", [80, 86, 90])
 def test_launched_kernels_compile_and_fit(capability, tmp_path):

@@ -185,6 +185,7 @@ COMPILE_CASES = [("bf16", (1, 36, 0), (False, False, False)),
                  ("bf16", (4, 20, 10), (False, False, True))]
 
 
+@pytest.mark.slow
 @needs_aot
 @pytest.mark.parametrize("capability", [80, 90])
 def test_gpu_kernels_compile_without_spills_in_loops(capability):

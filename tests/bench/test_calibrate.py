@@ -1,5 +1,7 @@
 """The calibration table's join of measured kernel times with the static estimates."""
 
+import pytest
+
 from bench.calibrate import join, markdown
 
 
@@ -25,6 +27,7 @@ def test_measured_times_meet_their_static_rows():
     assert "| w-b1 | unidirectional_bwd_kernel | 200.0 | - | - | - | - |" in text
 
 
+@pytest.mark.slow
 def test_fit_replays_a_calibration_recorded_before_newer_config_keys(tmp_path):
     # The H200's calibration.json records backward configs without SPLIT_ROWS, which the
     # kernels take since: `python -m bench.calibrate --fit` on it failed with a TypeError.
@@ -98,6 +101,7 @@ print(json.dumps(dict(configs=cal["configs"], rows=rows)))
 """
 
 
+@pytest.mark.slow
 def test_fit_replays_one_shot_and_one_pass_configs():
     # A calibration whose backward ran the packed one-pass kernel (an A100's, 32 images of
     # multi-crops) recorded a config without the flash tiles: the fit stopped on a
