@@ -25,6 +25,15 @@ if not torch.cuda.is_available():
 MAX_CUDA_WORKERS = 8
 
 
+def pytest_configure(config):
+    # pytest-xdist hands each worker a quarter of its share of the tests at once, in
+    # collection order: every slow test (first, below) would go to the first worker. One
+    # test at a time instead (each worker keeps two queued), so that the slow ones are
+    # shared out, longest first, as the workers free up.
+    if getattr(config.option, "maxschedchunk", 0) is None:
+        config.option.maxschedchunk = 1
+
+
 def pytest_collection_modifyitems(config, items):
     """The tests marked slow (10 s to 3 min each on 2 cores) first, in their order: with
     one worker per core, a long test handed out last keeps its core busy while the others

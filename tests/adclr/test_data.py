@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import adclr.data
 from adclr.data import (Augment, DecodeOnlyDataset, ImageFolder, MultiCropDataset, SegmentationFolder,
                         StepBatches, SyntheticFewShapeScenes, SyntheticGreyGroundScenes, SyntheticScenes,
                         SyntheticShapeScenes, SyntheticShapes, TorchStream, normalize, open_dataset,
@@ -108,11 +109,30 @@ def test_a_box_can_sit_anywhere_in_the_image(box, source):
 
 
 @pytest.mark.parametrize("decode", ["pillow", "cpu"])
-def test_train_loader_crops_at_the_configured_scales(decode, tiny_config):
+def test_train_loader_crops_at_the_configured_scales(decode, tiny_config, monkeypatch):
+    """Every box the loader's dataset draws covers a share of the image within its kind's
+    configured scale (to the rounding of its sides), none at DINO's defaults."""
     cfg = tiny_config(global_scale=(0.5, 0.9), local_scale=(0.1, 0.3), query_scale=(0.02, 0.04))
-    loader, _ = train_loader(cfg, decode=decode)
-    dataset = loader.dataset
-    assert (dataset.global_scale, dataset.local_scale, dataset.query_scale) == ((0.5, 0.9), (0.1, 0.3), (0.02, 0.04))
+    dataset = train_loader(cfg, decode=decode)[0].dataset
+    scales = {cfg.image_size: cfg.global_scale, cfg.local_size: cfg.local_scale, cfg.patch_size: cfg.query_scale}
+    drawn = []  # (box, output side, image size)
+    if decode == "pillow":
+        real = adclr.data.crop
+        monkeypatch.setattr(adclr.data, "crop", lambda image, box, size, *a: drawn.append(
+            (box, size, image.size)) or real(image, box, size, *a))
+        for i in range(12):
+            dataset[(i, i)]
+    else:
+        for i in range(12):
+            size = dataset.base.load(i)[0].size
+            global_, local, query, _, _ = dataset.boxes(*size, i)
+            drawn += [(box, side, size) for boxes, side in ((global_, cfg.image_size), (local, cfg.local_size),
+                                                            (query, cfg.patch_size)) for box in boxes]
+    assert sorted(collections.Counter(side for _, side, _ in drawn).values()) == [12 * 2, 12 * 2, 12 * 3]
+    for (left, top, right, bottom), side, (width, height) in drawn:
+        w, h, (low, high) = right - left, bottom - top, scales[side]
+        slack = (w + h) / 2 + 1  # w and h are rounded from the drawn area's sides
+        assert low * width * height - slack <= w * h <= high * width * height + slack, (side, w, h)
 
 
 def test_augment_output_matches_the_synthetic_batch_structure():

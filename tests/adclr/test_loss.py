@@ -30,15 +30,17 @@ def test_lambda_zero_is_dino(tiny_config, num_local_crops):
     step = 3
     temp = trainer.schedule(step)["teacher_temp"]
     assert 0.04 < temp <= 0.07
+    # A centre a few steps in: one that is subtracted, and moved by the step.
+    centre = torch.randn(1, cfg.out_dim, generator=torch.Generator().manual_seed(1))
+    trainer.loss.center.copy_(centre)
     with torch.no_grad():
         teacher_cls, _ = trainer.teacher(batch["globals"])
         student_cls, _ = trainer.student(batch["globals"], None, batch["locals"])
-        expected = dino_loss(student_cls, teacher_cls, torch.zeros(1, cfg.out_dim),
-                             2 + num_local_crops, 0.1, temp)
+        expected = dino_loss(student_cls, teacher_cls, centre, 2 + num_local_crops, 0.1, temp)
     metrics = train_step(trainer, batch, step)
     torch.testing.assert_close(metrics["loss"], expected, rtol=1e-5, atol=1e-6)
     assert metrics["loss_query"] == 0
-    torch.testing.assert_close(trainer.loss.center, 0.1 * teacher_cls.mean(0, keepdim=True))
+    torch.testing.assert_close(trainer.loss.center, 0.9 * centre + 0.1 * teacher_cls.mean(0, keepdim=True))
     assert torch.count_nonzero(trainer.loss.query_center) == 0  # the query centre is untouched
 
 

@@ -119,7 +119,8 @@ VIEWS = {"cls": 4, "query": 2}
 
 
 def make_loss_inputs(rows, views, dim, out_dim, *, gain=False, teacher_weight=True, seed=0):
-    """Normalised features, raw weights (not unit rows), a centre: float64 on DEVICE."""
+    """Normalised features, raw weights (not unit rows), a centre: float64 on DEVICE. With
+    gain and teacher_weight, the teacher's last layer has a gain of its own too."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -132,6 +133,7 @@ def make_loss_inputs(rows, views, dim, out_dim, *, gain=False, teacher_weight=Tr
         center=randn(out_dim) * 0.2,
         teacher_weight=randn(out_dim, dim) * 0.3 if teacher_weight else None,
         gain=torch.rand(out_dim, generator=g, dtype=torch.float64) + 0.5 if gain else None,
+        teacher_gain=torch.rand(out_dim, generator=g, dtype=torch.float64) + 0.5 if gain and teacher_weight else None,
     )
     return {k: v.to(DEVICE) if v is not None else None for k, v in inputs.items()}
 

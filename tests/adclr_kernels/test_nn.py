@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adclr_kernels.attention_torch import dense_masked_attention
 from adclr_kernels.nn import UnidirectionalAttention
-from kernel_testing import DEVICE
+from kernel_testing import DEVICE, OPTION_SETS, mask_of, option_id, options
 
 TIMM_RECORD = json.loads((pathlib.Path(__file__).parent / "data" / "timm_vit_small_patch16_224.json").read_text())
 
@@ -43,6 +44,26 @@ def test_no_queries_is_plain_attention():
     q, k, v = attn.qkv(x).view(2, 17, 3, 4, 16).permute(2, 0, 3, 1, 4)
     want = attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 17, 64))
     torch.testing.assert_close(attn(x), want)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["packed-qkv", "q-k-v"])  # the op's two forms
+@pytest.mark.parametrize("opt_set", OPTION_SETS, ids=option_id)
+def test_every_query_option_and_the_prefix_reach_the_op(opt_set, qk_norm):
+    """Two prefix tokens, three queries and each set of query options, with the prefix
+    rows' probabilities: the module's output is its projection of the float64 masked
+    attention of its own q, k, v."""
+    torch.manual_seed(0)
+    attn = UnidirectionalAttention(64, 4, qkv_bias=True, qk_norm=qk_norm, backend="reference").to(DEVICE).double()
+    opts, (B, L) = options(opt_set), (2, 2 + 9 + 3)
+    x = torch.randn(B, L, 64, device=DEVICE, dtype=torch.float64)
+    out, probs = attn(x, 3, 2, return_prefix_probs=True, **opts)
+    q, k, v = attn.qkv(x).view(B, L, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    want = dense_masked_attention(q, k, v, 3, 2, mask_of(opts))
+    torch.testing.assert_close(out, attn.proj(want.transpose(1, 2).reshape(B, L, 64)))
+    allowed = mask_of(opts).matrix(L, L, 3, 2, DEVICE)
+    scores = (q @ k.transpose(-2, -1) * 16 ** -0.5).masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(probs, scores.softmax(-1)[..., :2, :])
 
 
 def test_q_k_and_scale_norms_and_a_head_width_of_its_own_are_timms():

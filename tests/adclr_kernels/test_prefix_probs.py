@@ -27,10 +27,10 @@ def poisoned_probs(monkeypatch):
     monkeypatch.setattr(T, "_empty_prefix_probs", lambda *a: _EMPTY_PROBS(*a).fill_(float("nan")))
 
 
-def masked_softmax64(q, k, num_queries, num_prefix, opts):
+def masked_softmax64(q, k, num_queries, num_prefix, opts, scale=None):
     """The first num_prefix rows of the whole masked softmax, in float64: the ground truth."""
     seq, keys = q.shape[-2], k.shape[-2]
-    scores = (q.double() @ k.double().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    scores = (q.double() @ k.double().transpose(-2, -1)) * (scale or q.shape[-1] ** -0.5)
     allowed = mask_of(opts).matrix(seq, keys, num_queries, num_prefix, q.device)
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1)[..., :num_prefix, :]
 
@@ -41,12 +41,12 @@ def packed(lengths, queries, heads=2, head_dim=32, dtype=torch.float32, seed=0):
     return qkv.to(device=DEVICE, dtype=dtype), VarlenLayout(lengths, queries, DEVICE)
 
 
-def packed_truth(qkv, layout, num_prefix, opts):
+def packed_truth(qkv, layout, num_prefix, opts, scale=None):
     """(heads, P, tokens): each sequence's float64 masked softmax rows, side by side."""
     parts = []
     for (start, end), nq in zip(layout.bounds(), layout.queries):
         q, k, _ = qkv[start:end].permute(1, 2, 0, 3)
-        parts.append(masked_softmax64(q, k, nq, num_prefix, opts))
+        parts.append(masked_softmax64(q, k, nq, num_prefix, opts, scale))
     return torch.cat(parts, -1)
 
 
@@ -116,6 +116,22 @@ def test_pytorch_backends(backend):
     assert_rel_close("packed probs", packed_probs, packed_truth(qkv, layout, 2, options(OPTION_SETS[0])))
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference", "sdpa", backend_param("xformers")])
+def test_every_backend_takes_a_custom_scale(backend):
+    """The probabilities at the scale of the call, batched and packed (a backend that
+    recomputed them at 1 / sqrt(head_dim) matched float64 at the default all the same)."""
+    opts, scale = options(OPTION_SETS[3]), 0.3
+    q, k, v = make_qkv(2, 2, 2, 21, 4, 32, opts, dtype=torch.float32)
+    qkv, layout = packed([12, 30, 9], [2, 0, 1])
+    with torch.no_grad():
+        _, probs = unidirectional_attention(q, k, v, 4, 2, backend=backend, scale=scale, return_prefix_probs=True,
+                                            **opts)
+        _, packed_probs = unidirectional_attention_varlen_qkvpacked(qkv, layout, None, 2, backend=backend,
+                                                                    scale=scale, return_prefix_probs=True, **opts)
+    assert_rel_close("probs", probs, masked_softmax64(q, k, 4, 2, opts, scale))
+    assert_rel_close("packed probs", packed_probs, packed_truth(qkv, layout, 2, opts, scale))
+
+
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "triton"])
 def test_under_autocast_every_backend_gives_float32_probs(backend):
     # Autocast would run the PyTorch backends' product in bf16 again (their error against
@@ -164,32 +180,32 @@ class ReferenceForwardTritonBackward(torch.autograd.Function):
     gradcheck compares that backward with finite differences of the reference."""
 
     @staticmethod
-    def forward(ctx, q, k, num_queries, num_prefix, cu_seqlens, bounds, queries):
-        ctx.save_for_backward(q, k, cu_seqlens)
-        ctx.num_prefix = num_prefix
+    def forward(ctx, q, k, num_queries, num_prefix, cu_seqlens, bounds, queries, scale):
+        ctx.num_prefix, ctx.scale = num_prefix, scale
         if cu_seqlens is None:
-            probs = prefix_probs(q, k, num_queries, num_prefix)
+            probs = prefix_probs(q, k, num_queries, num_prefix, scale)
         else:
-            probs = varlen_prefix_probs(q, k, bounds, queries, num_prefix)
+            probs = varlen_prefix_probs(q, k, bounds, queries, num_prefix, scale)
         ctx.save_for_backward(q, k, cu_seqlens, probs)
         return probs
 
     @staticmethod
     def backward(ctx, grad):
         q, k, cu_seqlens, probs = ctx.saved_tensors
-        dq, dk = T.prefix_probs_bwd(grad, probs, q, k, cu_seqlens, ctx.num_prefix, q.shape[-1] ** -0.5)
-        return dq, dk, None, None, None, None, None
+        dq, dk = T.prefix_probs_bwd(grad, probs, q, k, cu_seqlens, ctx.num_prefix, ctx.scale)
+        return dq, dk, None, None, None, None, None, None
 
 
+@pytest.mark.parametrize("scale", [4 ** -0.5, 1.3], ids=["default", "custom"])
 @pytest.mark.parametrize("layout", ["batched", "packed"])
-def test_backward_gradcheck_float64(layout):
+def test_backward_gradcheck_float64(layout, scale):
     if layout == "batched":
         q, k, _ = make_qkv(2, 1, 2, 4, 1, 4, options(OPTION_SETS[0]), dtype=torch.float64)
-        args = (1, 2, None, None, None)
+        args = (1, 2, None, None, None, scale)
     else:
         qkv, lay = packed([4, 6, 3], [1, 0, 1], heads=1, head_dim=4, dtype=torch.float64)
         q, k, _ = qkv.unbind(1)
-        args = (0, 2, lay.cu_seqlens, lay.bounds(), lay.queries)
+        args = (0, 2, lay.cu_seqlens, lay.bounds(), lay.queries, scale)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k)]
     assert torch.autograd.gradcheck(lambda a, b: ReferenceForwardTritonBackward.apply(a, b, *args), leaves,
                                     fast_mode=True)

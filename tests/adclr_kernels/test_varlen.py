@@ -26,14 +26,14 @@ def make_packed(lengths, heads, head_dim, dtype=torch.float32, seed=0):
     return q, k, v, torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
 
 
-def dense_per_sequence(q, k, v, cu, num_queries, num_prefix, grad_out, opts):
+def dense_per_sequence(q, k, v, cu, num_queries, num_prefix, grad_out, opts, scale=None):
     """float64 output and grads, each sequence through the dense-matrix reference."""
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
     outs = []
     offsets = cu.tolist()
     for s, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
         seq = [t[a:b].transpose(0, 1).unsqueeze(0) for t in leaves]
-        out = dense_masked_attention(*seq, num_queries[s], num_prefix, mask_of(opts))
+        out = dense_masked_attention(*seq, num_queries[s], num_prefix, mask_of(opts), scale)
         outs.append(out[0].transpose(0, 1))
     out = torch.cat(outs, 0)
     return out.detach(), torch.autograd.grad(out, leaves, grad_out.double())
@@ -110,6 +110,31 @@ def test_pytorch_backends_varlen(backend):
     out = unidirectional_attention_varlen(*leaves, cu, nq, backend=backend, **opts)
     grads = torch.autograd.grad(out, leaves, grad_out)
     tol = 1e-4 if ON_CUDA else 1e-10
+    assert_rel_close("out", out, ref, tol)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert_rel_close(f"d{name}", got, want, tol)
+
+
+@pytest.mark.parametrize("layout", [False, True], ids=["offsets", "layout"])
+@pytest.mark.parametrize("backend", ["triton", "reference", "sdpa", "flex"])
+def test_every_backend_takes_a_custom_scale_in_packed_calls(backend, layout):
+    """Runs of alike sequences and one alone (the batched and the packed kernels), the
+    scores and the backward at a scale other than 1 / sqrt(head_dim)."""
+    opts, scale = options(OPTION_SETS[3]), 0.3
+    q, k, v, cu = make_packed(LENGTHS, 2, 16)
+    grad_out = torch.randn(q.shape, device=DEVICE)
+    ref, ref_grads = dense_per_sequence(q, k, v, cu, QUERIES, 1, grad_out, opts, scale)
+    offsets = VarlenLayout(LENGTHS, QUERIES, device=DEVICE) if layout else cu
+    queries = None if layout else torch.tensor(QUERIES, device=DEVICE)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    if backend == "flex" and not ON_CUDA:  # flex has no backward on CPU
+        with torch.no_grad():
+            out = unidirectional_attention_varlen(*leaves, offsets, queries, 1, backend=backend, scale=scale, **opts)
+        assert_rel_close("out", out, ref, 1e-4 if ON_CUDA else 1e-5)
+        return
+    out = unidirectional_attention_varlen(*leaves, offsets, queries, 1, backend=backend, scale=scale, **opts)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    tol = 1e-4 if ON_CUDA else 1e-5
     assert_rel_close("out", out, ref, tol)
     for name, got, want in zip("qkv", grads, ref_grads):
         assert_rel_close(f"d{name}", got, want, tol)
@@ -218,10 +243,10 @@ BAD = [
 ]
 
 
-@pytest.mark.skipif(not ON_CUDA, reason="needs a second device type")
 def test_counts_on_another_device_are_refused():
+    other = "cpu" if ON_CUDA else "meta"  # a second device type on a CPU-only machine
     with pytest.raises(RuntimeError, match="num_queries must be on"):
-        unidirectional_attention_varlen(**_args(num_queries=torch.tensor([3, 3])))
+        unidirectional_attention_varlen(**_args(num_queries=torch.tensor([3, 3], device=other)))
 
 
 @pytest.mark.parametrize("case,over,exc,msg", BAD, ids=[c[0] for c in BAD])
