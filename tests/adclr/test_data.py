@@ -525,7 +525,7 @@ def test_grey_ground_scenes_are_few_shape_scenes_on_a_grey_background():
     assert isinstance(grey, SyntheticGreyGroundScenes)
     levels = 255 * np.array(SyntheticGreyGroundScenes.BACKGROUND)
     for i in range(20):
-        (image, mask), (other, other_mask) = grey.load_segmentation(i), few.load_segmentation(i)
+        (image, mask), (_, other_mask) = grey.load_segmentation(i), few.load_segmentation(i)
         assert np.array_equal(mask, other_mask)
         pixels, palette = np.asarray(image).astype(float), 255 * np.array(SyntheticFewShapeScenes.PALETTE)
         assert np.abs(palette - pixels[mask > 0].mean(0)).max(1).min() < 3
