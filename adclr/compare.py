@@ -398,7 +398,7 @@ def _locked(out, job, *args):
         raise SystemExit(f"error: --out {error}; wait for it to end, or choose another --out") from None
 
 
-def _threads(cfg, command):
+def _cpu_settings(cfg, command):
     if cfg.device == "cpu" and torch.cuda.is_available():  # the preset's device, chosen for reproducible tables
         print(f"{command}: on the CPU (--device cuda for this machine's GPU)", file=sys.stderr)
     if cfg.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -427,7 +427,7 @@ def compare(cfg, seeds, eval_images=EVAL_IMAGES, dense_epochs=None, methods=METH
 
 def _compare(cfg, seeds, eval_images, dense_epochs, methods):
     """`compare` in its claimed folder."""
-    _threads(cfg, "compare")
+    _cpu_settings(cfg, "compare")
     _check_runs_in_out(cfg, seeds, methods)
     t0 = time.perf_counter()
     results = {seed: run_seed(cfg, seed, eval_images, dense_epochs, methods=methods) for seed in seeds}
@@ -527,7 +527,7 @@ def _at_point(point, check, *args):
 
 def _sweep(cfg, grid, seeds, eval_images, dense_epochs, one_at_a_time, points, runs):
     """`sweep` in its claimed folder."""
-    _threads(cfg, "sweep")
+    _cpu_settings(cfg, "sweep")
     for point, run in zip(points, runs):  # the runs --out holds, before anything is scored
         _at_point(point, _check_runs_in_out, run, seeds, METHODS)
     t0, rows = time.perf_counter(), []

@@ -19,8 +19,7 @@
 # call). So a call may have a budget, BUDGET seconds (570 there: a device call's 600 less
 # the archive; unset or 0, none), and a stage runs under the smaller of its limit and
 # what is left of it; a stage with under MIN_STAGE seconds left (30 unless set) is
-# skipped and said so. Name the
-# stages in order of value.
+# skipped and said so. Name the stages in order of value.
 #
 # Stages (default: all, in this order): tests ops train calibrate opsflex trainflex tune
 # head input profile wholestep traincompiled. Not in the default list, run on its own:
@@ -54,12 +53,15 @@ set +f
 BUDGET=${BUDGET:-0}
 LIMIT_SCALE=${LIMIT_SCALE:-1}
 MIN_STAGE=${MIN_STAGE:-30}
-case "$BUDGET $LIMIT_SCALE $MIN_STAGE" in
-  *[!0-9\ ]* | *" 0"*) echo "BUDGET takes a whole number of seconds (0: none), LIMIT_SCALE and MIN_STAGE" \
-                             "whole numbers of at least 1 (BUDGET='$BUDGET', LIMIT_SCALE='$LIMIT_SCALE'," \
-                             "MIN_STAGE='$MIN_STAGE'): nothing run" >&2
-                        exit 2 ;;
-esac
+whole() {  # whole VALUE LEAST: VALUE is a whole number, LEAST or more
+  case $1 in '' | *[!0-9]* | 0?*) return 1 ;; esac
+  [ "$1" -ge "$2" ]
+}
+if ! whole "$BUDGET" 0 || ! whole "$LIMIT_SCALE" 1 || ! whole "$MIN_STAGE" 1; then
+  echo "BUDGET takes a whole number of seconds (0: none), LIMIT_SCALE and MIN_STAGE whole numbers" \
+       "of at least 1 (BUDGET='$BUDGET', LIMIT_SCALE='$LIMIT_SCALE', MIN_STAGE='$MIN_STAGE'): nothing run" >&2
+  exit 2
+fi
 OUT=${OUT:-/tmp/adclr-out}
 mkdir -p "$OUT" && touch "$OUT/summary.txt"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1

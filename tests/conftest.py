@@ -29,7 +29,7 @@ def pytest_configure(config):
     # pytest-xdist hands each worker a quarter of its share of the tests at once, in
     # collection order: every slow test (first, below) would go to the first worker. One
     # test at a time instead (each worker keeps two queued), so that the slow ones are
-    # shared out, longest first, as the workers free up.
+    # shared out as the workers free up.
     if getattr(config.option, "maxschedchunk", 0) is None:
         config.option.maxschedchunk = 1
 

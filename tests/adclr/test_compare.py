@@ -434,6 +434,6 @@ def test_score_takes_k_nn_on_the_last_blocks_cls_token(monkeypatch):
 def test_a_cpu_comparison_on_a_gpu_machine_says_how_to_take_the_gpu(device, cuda, note, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    adclr.compare._threads(Config(device=device), "compare")
+    adclr.compare._cpu_settings(Config(device=device), "compare")
     said = capsys.readouterr().err
     assert ("--device cuda" in said) == note and "thread" not in said

@@ -64,7 +64,8 @@ def test_bf16_within_twice_the_unfused_error(backend):
         # F.linear under autocast: bf16 operands, bf16 logits, then the loss in float32.
         w = effective_weight(weight, kw.pop("gain")).bfloat16()
         logits = (student.bfloat16() @ w.T).float()
-        teacher_logits = (teacher.bfloat16() @ effective_weight(kw.pop("teacher_weight")).bfloat16().T).float()
+        w_t = effective_weight(kw.pop("teacher_weight"), kw.pop("teacher_gain")).bfloat16()
+        teacher_logits = (teacher.bfloat16() @ w_t.T).float()
         identity = torch.eye(logits.shape[1], dtype=torch.float32, device=logits.device)
         return naive_dino_head_loss(logits, teacher_logits, identity, center, pairing, student_temp,
                                     teacher_temp, teacher_weight=identity)

@@ -91,8 +91,9 @@ def test_triton_low_precision(dtype):
     assert probs.dtype == torch.float32
     # The same-dtype reference: the PyTorch rule on the same rounded inputs.
     assert_fa_close("probs", probs, masked_softmax64(q, k, 5, 1, opts), prefix_probs(q, k, 5, 1))
-    # Normalised by the forward's logsumexp: rows sum to 1 within its rounding, not float32's.
-    assert (probs.sum(-1) - 1).abs().max() < 1e-4
+    # Normalised by the forward's logsumexp: rows sum to 1 within its rounding, not float32's
+    # (fp16: up to 1.3e-4 over 60 seeds of these inputs).
+    assert (probs.sum(-1) - 1).abs().max() < 3e-4
     qkv, layout = packed([30, 17], [4, 0], dtype=dtype)
     _, probs = unidirectional_attention_varlen_qkvpacked(qkv, layout, None, 1, backend="triton",
                                                          return_prefix_probs=True)

@@ -123,3 +123,22 @@ def test_fit_replays_one_shot_and_one_pass_configs():
     assert sorted(r["kernel"] for r in out["rows"]) == [
         "_onepass_bwd_kernel", "_oneshot_fwd_kernel", "_unidirectional_fwd_kernel"]
     assert all(r["fitted_estimate_us"] > 0 for r in out["rows"])
+
+
+def test_fit_writes_into_an_out_folder_it_makes(tmp_path, monkeypatch):
+    """--fit --out into a folder that is not there yet: made, not a FileNotFoundError after
+    the whole fit (the fit itself stubbed: the other tests here run it)."""
+    import json
+
+    import bench.calibrate
+
+    row = dict(workload="w-b1", kernel="_unidirectional_fwd_kernel", num_warps=4, programs_per_sm=2,
+               measured_us=75.0, peak_estimate_us=50.0, fitted_estimate_us=70.0, fitted_bound="issue")
+    monkeypatch.setattr(bench.calibrate, "fit", lambda calibration: ({"ipc_per_warp": 0.5}, [row]))
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(json.dumps(dict(meta=dict(device="NVIDIA H200", when="2026-11-26"),
+                                           rows=[dict(row, measured_us=75.0)], configs={})))
+    out = tmp_path / "new" / "fit"
+    bench.calibrate.main(["--fit", str(calibration), "--out", str(out)])
+    assert json.loads((out / "fit.json").read_text())["rows"] == [row]
+    assert "| w-b1 | unidirectional_fwd_kernel | 4 x 2 |" in (out / "fit.md").read_text()
