@@ -353,11 +353,16 @@ def parse_sass(text):
 
 
 def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, False, False),
-                  layout=(1, 196, 10)):
+                  layout=(1, 196, 10), compile_for=None):
     """Compile what the op launches for a ViT-S/16-like layer of this head_dim (batched
     sequences of (prefix, raw, query) tokens): one row (kernel, registers, spill bytes,
     shared bytes, what the loops' spills cost as they run: `spills_run`) per kernel. For
-    tests and CI."""
+    tests and CI.
+
+    compile_for: the target to compile the launches for, where not `capability` (whose
+    launcher rules choose them). sm_86's launches compiled for sm_80 share the compiles of
+    launches sm_80 takes too: Triton lowers the two alike, so shared memory is the same
+    (registers and spills, ptxas's, are sm_80's then)."""
     from adclr_kernels.attention_triton import ONEPASS_MIN_BATCHED_PROGRAMS, ONEPASS_MIN_PROGRAMS_SM80
     from bench.workloads import Workload
 
@@ -369,7 +374,7 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
     forward, backward = capture(workload, DTYPES[dtype_name], capability, flags)
     rows = []
     for launch in forward + backward:
-        compiled = compile_launch(launch, capability)
+        compiled = compile_launch(launch, compile_for or capability)
         trips = loop_trips(launch, sequences(workload), workload.heads)
         loop_rows = [dict(l.row(), trips=trips.get(name, 0))
                      for name, l in loops(compiled)[0].items()]
@@ -378,7 +383,7 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
                          spill_bytes=compiled.spill_bytes, shared_bytes=compiled.shared_bytes,
                          loop_spill_instrs=loop_spills(compiled),
                          loop_spills_per_program=per_program, repeated_spill_stores=repeated,
-                         maxnreg=launch.kwargs.get("maxnreg")))
+                         maxnreg=launch.kwargs.get("maxnreg"), compiled_for=compile_for or capability))
     return rows
 
 
