@@ -20,6 +20,50 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _patch_the_language_once_per_kernel_run():
+    """Triton's interpreter patches triton.language for a kernel's run, and again at every
+    call of a @triton.jit helper inside it (inspect.getmembers over the language's modules:
+    about a fifth of an interpreted kernel's time in this suite, whose kernels call
+    helpers in their loops). Inside a run, a helper whose language modules the kernel has
+    patched already is called as it is; anything else takes Triton's own path."""
+    try:
+        import functools
+        import inspect
+
+        from triton.runtime import interpreter
+        run_kernel, call_helper = interpreter.GridExecutor.__call__, interpreter.InterpretedFunction.__call__
+        modules = (interpreter.tl, interpreter.tl.core)
+    except (ImportError, AttributeError):  # another Triton: its interpreter as it is
+        return
+    running = []  # the language modules each kernel being run patched, innermost last
+
+    @functools.cache  # a function's module imports what it imports once
+    def language_of(fn):
+        return frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in modules)
+
+    def run(self, *args, **kwargs):
+        running.append(language_of(self.fn))
+        try:
+            return run_kernel(self, *args, **kwargs)
+        finally:
+            running.pop()
+
+    def call(self, *args, **kwargs):
+        if not running or not language_of(self.fn) <= running[-1]:
+            return call_helper(self, *args, **kwargs)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:  # as Triton's own path reports it
+            raise interpreter.InterpreterError(repr(e)) from e
+
+    interpreter.GridExecutor.__call__ = run
+    interpreter.InterpretedFunction.__call__ = call
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _patch_the_language_once_per_kernel_run()
+
 # Every worker on a CUDA machine opens its own CUDA context, all on the one GPU: `-n auto`
 # stops at this many there, and is one per core on CPU.
 MAX_CUDA_WORKERS = 8
