@@ -34,6 +34,7 @@ def _patch_the_language_once_per_kernel_run():
         from triton.runtime import interpreter
         run_kernel, call_helper = interpreter.GridExecutor.__call__, interpreter.InterpretedFunction.__call__
         modules = (interpreter.tl, interpreter.tl.core)
+        interpreter.InterpretedFunction.rewrite, interpreter.InterpreterError  # noqa: B018: used below
     except (ImportError, AttributeError):  # another Triton: its interpreter as it is
         return
     running = []  # the language modules each kernel being run patched, innermost last
