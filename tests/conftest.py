@@ -34,7 +34,7 @@ def _patch_the_language_once_per_kernel_run():
         from triton.runtime import interpreter
         run_kernel, call_helper = interpreter.GridExecutor.__call__, interpreter.InterpretedFunction.__call__
         modules = (interpreter.tl, interpreter.tl.core)
-        interpreter.InterpretedFunction.rewrite, interpreter.InterpreterError  # noqa: B018: used below
+        rewrite, error = interpreter.InterpretedFunction.rewrite, interpreter.InterpreterError
     except (ImportError, AttributeError):  # another Triton: its interpreter as it is
         return
     running = []  # the language modules each kernel being run patched, innermost last
@@ -54,9 +54,9 @@ def _patch_the_language_once_per_kernel_run():
         if not running or not language_of(self.fn) <= running[-1]:
             return call_helper(self, *args, **kwargs)
         try:
-            return self.rewrite()(*args, **kwargs)
+            return rewrite(self)(*args, **kwargs)
         except Exception as e:  # as Triton's own path reports it
-            raise interpreter.InterpreterError(repr(e)) from e
+            raise error(repr(e)) from e
 
     interpreter.GridExecutor.__call__ = run
     interpreter.InterpretedFunction.__call__ = call
