@@ -235,8 +235,25 @@ class Compiled:
     registers: int
     spill_bytes: int     # local memory per thread (spills and stack)
     shared_bytes: int
-    instrs: list = field(repr=False)
-    branches: list = field(repr=False)  # (branch addr, target addr)
+    cubin: bytes = field(repr=False)
+
+    # Disassembled when first asked for: nvdisasm takes about a second a kernel, as long
+    # as ptxas, and a compile check of a kernel with no local memory needs no SASS.
+    @functools.cached_property
+    def _sass(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "kernel.cubin"
+            path.write_bytes(self.cubin)
+            return parse_sass(subprocess.run([_tool("nvdisasm"), "-c", "-gi", str(path)],
+                                             capture_output=True, text=True, check=True).stdout)
+
+    @property
+    def instrs(self):
+        return self._sass[0]
+
+    @property
+    def branches(self):  # (branch addr, target addr)
+        return self._sass[1]
 
 
 def specialization(launch, capability):
@@ -302,14 +319,11 @@ def _read_cubin(name, capability, compiled):
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("nvdisasm"), "-c", "-gi", str(cubin)],
-                              capture_output=True, text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     local = int(re.search(r"LOCAL:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
-    instrs, branches = parse_sass(sass)
     return Compiled(name, capability, compiled.metadata.num_warps, regs, local + stack,
-                    compiled.metadata.shared, instrs, branches)
+                    compiled.metadata.shared, compiled.asm["cubin"])
 
 
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
@@ -375,13 +389,16 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
     rows = []
     for launch in forward + backward:
         compiled = compile_launch(launch, compile_for or capability)
-        trips = loop_trips(launch, sequences(workload), workload.heads)
-        loop_rows = [dict(l.row(), trips=trips.get(name, 0))
-                     for name, l in loops(compiled)[0].items()]
-        per_program, repeated = spills_run(loop_rows, launch.grid[0])
+        per_program, repeated, in_loops = 0, [], 0
+        if compiled.spill_bytes:  # no local memory, nothing spilled: no SASS to read
+            trips = loop_trips(launch, sequences(workload), workload.heads)
+            loop_rows = [dict(l.row(), trips=trips.get(name, 0))
+                         for name, l in loops(compiled)[0].items()]
+            per_program, repeated = spills_run(loop_rows, launch.grid[0])
+            in_loops = loop_spills(compiled)
         rows.append(dict(kernel=launch.name, registers=compiled.registers,
                          spill_bytes=compiled.spill_bytes, shared_bytes=compiled.shared_bytes,
-                         loop_spill_instrs=loop_spills(compiled),
+                         loop_spill_instrs=in_loops,
                          loop_spills_per_program=per_program, repeated_spill_stores=repeated,
                          maxnreg=launch.kwargs.get("maxnreg"), compiled_for=compile_for or capability))
     return rows
