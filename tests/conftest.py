@@ -62,8 +62,42 @@ def _patch_the_language_once_per_kernel_run():
     interpreter.InterpretedFunction.__call__ = call
 
 
+def _keep_what_the_interpreter_recomputes():
+    """Two look-ups Triton's interpreter redoes with the same answer: the builtins of five
+    modules and classes, listed (inspect.getmembers) at every patch of the language, so at
+    every kernel run; and a triton -> numpy dtype table it builds at every call, many per
+    operation. Each is kept after its first answer; the builtins are listed from the
+    unpatched language, as Triton lists them."""
+    try:
+        import inspect
+
+        from triton.runtime import interpreter
+        is_builtin, patch_attr = interpreter.tl.core.is_builtin, interpreter._patch_attr
+        numpy_dtype_of, block_type = interpreter._get_np_dtype, interpreter.tl.block_type
+        assert callable(interpreter._patch_builtin)
+    except (ImportError, AttributeError, AssertionError):
+        return
+    builtins, numpy_dtypes = {}, {}
+
+    def patch_builtin(pkg, builder, scope):
+        if pkg not in builtins:
+            builtins[pkg] = [(name, m) for name, m in inspect.getmembers(pkg) if is_builtin(m)]
+        for name, member in builtins[pkg]:
+            patch_attr(pkg, name, member, builder, scope)
+
+    def get_np_dtype(tt_dtype):
+        # A block's is its element's; a type's name says all of it (fp32, pointer<bf16>).
+        element = tt_dtype.element_ty if isinstance(tt_dtype, block_type) else tt_dtype
+        if element.name not in numpy_dtypes:
+            numpy_dtypes[element.name] = numpy_dtype_of(element)
+        return numpy_dtypes[element.name]
+
+    interpreter._patch_builtin, interpreter._get_np_dtype = patch_builtin, get_np_dtype
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_the_language_once_per_kernel_run()
+    _keep_what_the_interpreter_recomputes()
 
 # Every worker on a CUDA machine opens its own CUDA context, all on the one GPU: `-n auto`
 # stops at this many there, and is one per core on CPU.
