@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import multiprocessing
 import os
 import socket
 
@@ -12,6 +13,16 @@ import torch.multiprocessing as mp
 
 # Every test starts two processes (10 to 25 s each on 2 cores).
 pytestmark = pytest.mark.slow
+
+# The processes are forked from a server that imported torch and the trainer once: each
+# begins as a spawned one does (none of this test process's state; its own imports of
+# the modules not listed), without seconds of imports every time.
+multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "adclr.cli"])
+
+
+def spawn(worker, args, nprocs=2, join=True):
+    """mp.spawn, from the fork server."""
+    return mp.start_processes(worker, args=args, nprocs=nprocs, join=join, start_method="forkserver")
 
 
 def join_group(rank, world, results):
@@ -64,7 +75,7 @@ def worker(rank, world, cfg_fields, results):
 def test_ddp_two_gloo_processes(tiny_config, tmp_path, fused_head_loss):
     cfg = tiny_config(batch_size=8, drop_path=0.1, head_hidden_dim=128, head_bottleneck_dim=32,
                       fused_head_loss=fused_head_loss)
-    mp.spawn(worker, args=(2, dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
+    spawn(worker, args=(2, dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 
     for a, b, start in zip(r0["student"], r1["student"], r0["initial"]):
@@ -109,7 +120,7 @@ def test_a_run_in_use_is_refused_on_every_process(tiny_config, tmp_path):
     cfg = tiny_config(out=str(tmp_path / "run"))
     os.makedirs(cfg.out)
     with folder_lock(cfg.out):
-        mp.spawn(refused_worker, args=(2, dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
+        spawn(refused_worker, args=(2, dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
     expected = (f"error: --out {cfg.out} is in use by another adclr run (process {os.getpid()} on "
                 f"{socket.gethostname()}); wait for it to end, or choose another --out")
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [expected, expected]
@@ -127,7 +138,7 @@ def test_processes_that_read_different_checkpoints_are_refused(tiny_config, tmp_
 
     cfg = tiny_config(out=str(tmp_path / "run0"), max_steps=1)
     train(cfg)
-    mp.spawn(own_folder_worker, args=(2, dataclasses.asdict(dataclasses.replace(cfg, max_steps=2)), str(tmp_path)),
+    spawn(own_folder_worker, args=(2, dataclasses.asdict(dataclasses.replace(cfg, max_steps=2)), str(tmp_path)),
              nprocs=2, join=True)
     expected = (f"error: the processes read different checkpoints as {tmp_path / 'run0' / 'checkpoint.pt'} "
                 f"(rank 0: step 1, rank 1: none); --out must be one folder that every process sees")
@@ -142,7 +153,7 @@ def test_a_process_that_cannot_use_its_checkpoint_stops_the_others(tiny_config, 
     cfg = tiny_config(out=str(tmp_path / "run0"), max_steps=1)
     os.makedirs(tmp_path / "run1")
     (tmp_path / "run1" / "checkpoint0001.pt").write_bytes(b"an earlier run's")
-    mp.spawn(own_folder_worker, args=(2, dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
+    spawn(own_folder_worker, args=(2, dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
     own = (f"error: {tmp_path / 'run1'} holds numbered snapshots of an earlier run but no checkpoint.pt; copy one")
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert messages[1].startswith(own)
@@ -175,7 +186,7 @@ def test_ddp_with_the_other_methods(tiny_config, tmp_path):
     """DenseCL's dense last layer and ccMIM's decoder take their gradients outside the
     CLS head's path: every one of them must be all-reduced, and the dense centre too."""
     cfg = tiny_config(batch_size=8, head_hidden_dim=64, head_bottleneck_dim=32, num_queries=0)
-    mp.spawn(methods_worker, args=(2, dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
+    spawn(methods_worker, args=(2, dataclasses.asdict(cfg), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for method in ("densecl", "ccmim"):
         a, b = r0[method], r1[method]
@@ -220,7 +231,7 @@ def test_the_command_line_under_torchrun_ends_with_the_demo_line(tmp_path):
             "--image-size", "32", "--local-size", "16", "--num-local-crops", "2", "--num-queries", "3",
             "--out-dim", "256", "--batch-size", "8", "--max-steps", "2", "--num-workers", "0",
             "--device", "cpu"]
-    mp.spawn(cli_worker, args=(2, argv, port, str(tmp_path)), nprocs=2, join=True)
+    spawn(cli_worker, args=(2, argv, port, str(tmp_path)), nprocs=2, join=True)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["0", "0"]
     assert "teacher" in (tmp_path / "rank0.err").read_text().splitlines()[-1]
     assert "k-NN" not in (tmp_path / "rank1.err").read_text()
@@ -232,7 +243,7 @@ def spawn_within(seconds, worker, world, *args):
     past `seconds` (a wait in a collective that will never complete) or dies."""
     import time
 
-    context = mp.spawn(worker, args=(world, *args), nprocs=world, join=False)
+    context = spawn(worker, args=(world, *args), nprocs=world, join=False)
     deadline = time.monotonic() + seconds
     try:
         while not context.join(timeout=1):
@@ -390,7 +401,7 @@ def test_unreadable_files_are_counted_over_every_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(cli_worker, args=(2, argv + ["--out", str(tmp_path / "two")], port, str(tmp_path)), nprocs=2, join=True)
+    spawn(cli_worker, args=(2, argv + ["--out", str(tmp_path / "two")], port, str(tmp_path)), nprocs=2, join=True)
     counts = {}
     for run in ("one", "two"):
         with open(tmp_path / run / "metrics.jsonl") as f:
