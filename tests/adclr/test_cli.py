@@ -389,21 +389,40 @@ def test_a_demo_run_started_with_a_flag_resumes_without_it(tmp_path, monkeypatch
     out = tmp_path / "run"
     os.makedirs(out)
     started, demo = make_config({"out": str(out), "checkpoint_every": 4, "arch": "vit_test"})
-    assert demo and started.out_dim == 4096
+    assert demo and started.out_dim == DEMO["out_dim"]
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(started)))
     (out / "checkpoint.pt").write_bytes(b"")
     resumed, demo = make_config({"out": str(out), "arch": "vit_test"})
     assert demo and resumed == dataclasses.replace(started, checkpoint_every=100)
-    # Given neither, the arch differs from the run's: a resume refuses that flag alone.
+    # Given neither, the run's own arch stays: a resumed demo run keeps what it ran with.
     resumed, demo = make_config({"out": str(out)})
-    assert demo and resumed == dataclasses.replace(started, checkpoint_every=100, arch="vit_mini")
+    assert demo and resumed == dataclasses.replace(started, checkpoint_every=100)
     # Every preset given again: nothing to tell them apart, so it is what a new run is.
     every = {k: v for k, v in started.__dict__.items() if k in DEMO}
     assert make_config({"out": str(out), **every})[1]
     # A paper run (Config's defaults) with one preset's value given stays a paper run.
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(Config(out=str(out), out_dim=4096))))
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(Config(out=str(out), out_dim=DEMO["out_dim"]))))
     resumed, demo = make_config({"out": str(out)})
     assert not demo and resumed.arch == "vit_small"
+
+
+def test_a_demo_run_resumes_with_the_presets_it_started_with(tmp_path, monkeypatch):
+    """The presets change between releases (the demo's head shrank): a demo run started
+    under the former ones resumes with them, not with settings its checkpoint cannot
+    take, except those a resume may change anyway (--checkpoint-every)."""
+    import dataclasses
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    os.makedirs(out)
+    started, _ = make_config({"out": str(out)})
+    former = dataclasses.replace(started, out_dim=4096, head_hidden_dim=2048, checkpoint_every=7)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(former)))
+    (out / "checkpoint.pt").write_bytes(b"")
+    resumed, demo = make_config({"out": str(out)})
+    assert demo and resumed == dataclasses.replace(former, checkpoint_every=DEMO["checkpoint_every"])
+    assert (DEMO["out_dim"], DEMO["head_hidden_dim"]) != (4096, 2048)  # or this shows nothing
+    assert make_config({"out": str(out), "out_dim": 512})[0].out_dim == 512  # a flag given wins
 
 
 @pytest.mark.parametrize("method,flags,said", [
