@@ -139,7 +139,7 @@ def test_processes_that_read_different_checkpoints_are_refused(tiny_config, tmp_
     cfg = tiny_config(out=str(tmp_path / "run0"), max_steps=1)
     train(cfg)
     spawn(own_folder_worker, args=(2, dataclasses.asdict(dataclasses.replace(cfg, max_steps=2)), str(tmp_path)),
-             nprocs=2, join=True)
+          nprocs=2, join=True)
     expected = (f"error: the processes read different checkpoints as {tmp_path / 'run0' / 'checkpoint.pt'} "
                 f"(rank 0: step 1, rank 1: none); --out must be one folder that every process sees")
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
