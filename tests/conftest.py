@@ -96,9 +96,28 @@ def _keep_what_the_interpreter_recomputes():
     interpreter._patch_builtin, interpreter._get_np_dtype = patch_builtin, get_np_dtype
 
 
+def _skip_the_overflow_checks_the_interpreter_drops():
+    """Triton's interpreter sanitizes every int32 add, sub and mul for overflow: both sides
+    cast to int64, the operation again, two compares and an and, all built as interpreted
+    tensors, then handed to device_assert, which drops them unless the options ask for
+    debug, and the interpreter's never do. About 30% of an interpreted kernel's time in
+    this suite; where debug is on, the checks stay."""
+    try:
+        import dataclasses
+
+        from triton.runtime import interpreter
+        options = interpreter.interpreter_builder.options
+        checked, debug = options.sanitize_overflow, options.debug
+    except (ImportError, AttributeError):
+        return
+    if checked and not debug:
+        interpreter.interpreter_builder.options = dataclasses.replace(options, sanitize_overflow=False)
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_the_language_once_per_kernel_run()
     _keep_what_the_interpreter_recomputes()
+    _skip_the_overflow_checks_the_interpreter_drops()
 
 # Every worker on a CUDA machine opens its own CUDA context, all on the one GPU: `-n auto`
 # stops at this many there, and is one per core on CPU.
