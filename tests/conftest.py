@@ -100,8 +100,8 @@ def _skip_the_overflow_checks_the_interpreter_drops():
     """Triton's interpreter sanitizes every int32 add, sub and mul for overflow: both sides
     cast to int64, the operation again, two compares and an and, all built as interpreted
     tensors, then handed to device_assert, which drops them unless the options ask for
-    debug, and the interpreter's never do. About 30% of an interpreted kernel's time in
-    this suite; where debug is on, the checks stay."""
+    debug, and the interpreter's never do. A quarter of the kernel tests' time in this
+    suite (bench/NOTES.md); where debug is on, the checks stay."""
     try:
         import dataclasses
 
