@@ -232,8 +232,8 @@ class Compiled:
     name: str
     capability: int
     num_warps: int
-    registers: int
-    spill_bytes: int     # local memory per thread (spills and stack)
+    registers: int | None     # None: compiled shared_only (no ptxas)
+    spill_bytes: int | None   # local memory per thread (spills and stack)
     shared_bytes: int
     cubin: bytes = field(repr=False)
 
@@ -276,12 +276,14 @@ _COMPILED = {}
 
 
 @functools.cache
-def _private_cache_dir():
+def _private_cache_dir(kind=""):
     """This process's own Triton cache. The shared one is keyed by a kernel's source text,
     not its file: a kernel compiled in another checkout (a worktree, an edited copy)
     would come back with that file's line numbers, and the loops, named by the markers on
-    those lines, would be misnamed or unnamed, with their trip counts wrong."""
-    path = tempfile.mkdtemp(prefix="adclr-static-triton-")
+    those lines, would be misnamed or unnamed, with their trip counts wrong. Compiles
+    stopped early (`_through_llir`) keep a cache of their own: Triton 3.6 does not key
+    its cache by the pipeline."""
+    path = tempfile.mkdtemp(prefix=f"adclr-static-triton{kind}-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
@@ -299,18 +301,51 @@ def _cache_dir(path):
             os.environ["TRITON_CACHE_DIR"] = previous
 
 
-def compile_launch(launch, capability):
+def compile_launch(launch, capability, shared_only=False):
+    """The launch compiled for a target: registers, spills and SASS from ptxas's cubin.
+    shared_only: stop where Triton has laid out shared memory (its LLVM IR), before PTX
+    and ptxas, which take most of a wide fp32 kernel's compile; registers and spill bytes
+    are then None."""
     target, signature, constexprs, attrs, options = specialization(launch, capability)
-    key = (launch.name, capability, repr(signature), repr(constexprs), repr(attrs),
-           repr(sorted(options.__dict__.items())))
+    key = (launch.name, capability, shared_only, repr(signature), repr(constexprs),
+           repr(attrs), repr(sorted(options.__dict__.items())))
     if key not in _COMPILED:
         from triton.compiler import ASTSource
 
         src = ASTSource(launch.kernel, signature, constexprs, attrs)
-        with _cache_dir(_private_cache_dir()):
+        with _cache_dir(_private_cache_dir("-llir" if shared_only else "")), (
+                _through_llir() if shared_only else contextlib.nullcontext()):
             compiled = triton.compile(src, target=target, options=options.__dict__)
-        _COMPILED[key] = _read_cubin(launch.name, capability, compiled)
+        _COMPILED[key] = (
+            Compiled(launch.name, capability, compiled.metadata.num_warps, None, None,
+                     compiled.metadata.shared, b"") if shared_only
+            else _read_cubin(launch.name, capability, compiled))
     return _COMPILED[key]
+
+
+@contextlib.contextmanager
+def _through_llir():
+    """Triton's pipeline with its PTX and cubin stages left empty (its stages hook)."""
+    from triton import knobs
+
+    def hook(*args):
+        if not args:  # Triton 3.9 asks first for a part of its cache key
+            return "adclr-through-llir", "adclr-through-llir"
+        stages = args[1]
+
+        def no_ptx(llir, metadata):
+            # make_ptx names the kernel, from the PTX; the LLVM IR's one definition names it
+            metadata["name"] = re.search(r"define[^@]*@([\w$.]+)\(", llir).group(1)
+            return ""
+        stages["ptx"] = no_ptx
+        stages["cubin"] = lambda ptx, metadata: b""
+
+    previous = knobs.runtime.add_stages_inspection_hook
+    knobs.runtime.add_stages_inspection_hook = hook
+    try:
+        yield
+    finally:
+        knobs.runtime.add_stages_inspection_hook = previous
 
 
 def _read_cubin(name, capability, compiled):
@@ -367,7 +402,7 @@ def parse_sass(text):
 
 
 def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, False, False),
-                  layout=(1, 196, 10), compile_for=None):
+                  layout=(1, 196, 10), compile_for=None, ptxas_for=None):
     """Compile what the op launches for a ViT-S/16-like layer of this head_dim (batched
     sequences of (prefix, raw, query) tokens): one row (kernel, registers, spill bytes,
     shared bytes, what the loops' spills cost as they run: `spills_run`) per kernel. For
@@ -376,7 +411,10 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
     compile_for: the target to compile the launches for, where not `capability` (whose
     launcher rules choose them). sm_86's launches compiled for sm_80 share the compiles of
     launches sm_80 takes too: Triton lowers the two alike, so shared memory is the same
-    (registers and spills, ptxas's, are sm_80's then)."""
+    (registers and spills, ptxas's, are sm_80's then).
+
+    ptxas_for: the kernels (by name) whose registers and spills are asked for; the others
+    are compiled only until their shared memory is known (None: every kernel)."""
     from adclr_kernels.attention_triton import ONEPASS_MIN_BATCHED_PROGRAMS, ONEPASS_MIN_PROGRAMS_SM80
     from bench.workloads import Workload
 
@@ -388,7 +426,8 @@ def compile_check(head_dim, dtype_name, capability, packed=False, flags=(False, 
     forward, backward = capture(workload, DTYPES[dtype_name], capability, flags)
     rows = []
     for launch in forward + backward:
-        compiled = compile_launch(launch, compile_for or capability)
+        compiled = compile_launch(launch, compile_for or capability,
+                                  shared_only=ptxas_for is not None and launch.name not in ptxas_for)
         per_program, repeated, in_loops = 0, [], 0
         if compiled.spill_bytes:  # no local memory, nothing spilled: no SASS to read
             trips = loop_trips(launch, sequences(workload), workload.heads)
