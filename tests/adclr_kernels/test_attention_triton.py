@@ -608,7 +608,8 @@ print(json.dumps([[compile_check(d, t, capability, packed, tuple(f), compile_for
 def with_ptxas_for(cases):
     """The cases with the kernels to take through PTX and ptxas (None: all). The fp32 cases'
     rows are read for shared memory alone, which Triton has laid out before its PTX:
-    compiled that far and no further (their PTX and ptxas took half of this test's time)."""
+    compiled that far and no further (their PTX, ptxas and SASS reading took a third of
+    this test's time)."""
     return [(*case, [] if case[0] == "fp32" else None) for case in cases]
 
 
