@@ -159,14 +159,14 @@ def extract_features(backbone, dataset, batch_size=128, device="cpu", num_worker
 
 
 def split_features(backbone, train_images, val_images, data, size, limit, batch_size, device, num_workers,
-                   what=None, flag="--data"):
+                   what=None, flag="--data", encode=None):
     """(train features, train labels, val features, val labels) of centre crops of both
     splits; one line naming --data when a split has no readable image. what: the
-    progress lines' prefix (None: quiet)."""
+    progress lines' prefix (None: quiet). encode: as `extract_features`'s."""
     loading = (batch_size, device, num_workers)
-    train_f, train_y = extract_features(backbone, CenterCrops(train_images, size, limit), *loading,
+    train_f, train_y = extract_features(backbone, CenterCrops(train_images, size, limit), *loading, encode=encode,
                                         what=what and f"{what}: train features")
-    val_f, val_y = extract_features(backbone, CenterCrops(val_images, size, limit), *loading,
+    val_f, val_y = extract_features(backbone, CenterCrops(val_images, size, limit), *loading, encode=encode,
                                     what=what and f"{what}: val features")
     if not len(train_y) or not len(val_y):
         raise SystemExit(f"error: {flag} {data}: no readable images in {'train' if not len(train_y) else 'val'}")

@@ -69,3 +69,27 @@ def test_a_k_past_the_train_set_is_said(tiny_checkpoint, capsys):
     assert "note: k = 10, 20 exceeds the 8 train images: each votes with all of them" in err
     # Progress: at least the end of each split's pass (a line every 10 s before it).
     assert "knn: train features 8/8 images | " in err and "knn: val features 8/8 images | " in err
+
+
+
+def test_the_demos_two_networks_score_as_each_alone(tiny_checkpoint, tmp_path, monkeypatch):
+    """The demo's last line reads each drawn batch once for both networks: the trained
+    network is scored on its own features and the network at init on its own."""
+    import shutil
+
+    import adclr.eval_knn
+    from adclr.config import Config
+    from adclr.features import load_backbone, open_labelled_splits, split_features
+    from adclr.train import build
+
+    shutil.copy(tiny_checkpoint, tmp_path / "checkpoint.pt")
+    trained, run = load_backbone(str(tmp_path / "checkpoint.pt"))
+    cfg = Config(**{**run, "out": str(tmp_path)})
+    scored = []
+    monkeypatch.setattr(adclr.eval_knn, "knn_accuracy", lambda *features_and_labels: scored.append(
+        features_and_labels[:4]) or {20: len(scored) / 10})
+    assert adclr.eval_knn.knn_trained_and_at_init(cfg, 40) == (0.1, 0.2)
+    for net, (train_f, train_y, val_f, val_y) in zip((trained, build(cfg, "cpu").teacher.backbone.eval()), scored):
+        alone = split_features(net, *open_labelled_splits(cfg.data), cfg.data, cfg.image_size, 40, 16, "cpu", 0)
+        for joint, own in zip((train_f, train_y, val_f, val_y), alone):
+            torch.testing.assert_close(joint, own, rtol=1e-5, atol=1e-5)
