@@ -931,6 +931,36 @@ def _unidirectional_bwd_kernel(
 
 
 @triton.jit
+def _onepass_delta(o_base, do_base, lse_base, stats, scratch, lo, hi, stride_ol, stride_od,
+                   stride_dol, stride_dod, sm_scale, HEAD_DIM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, TILES: tl.constexpr):
+    """delta = rowsum(dO * O) * sm_scale of rows [lo, hi), stored beside their lse, and
+    their dQ scratch cleared: the row tiles TILES names (the whole ones with no row mask,
+    as in `_onepass_rows`)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    lo, hi = _tile_bounds(lo, hi, BLOCK_M, TILES)
+    for r0 in range(lo, hi, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        if TILES == WHOLE_TILES:
+            row_ok = None
+            ok = d_ok[None, :]
+            store_ok = None
+        else:
+            row_ok = rows < hi
+            ok = row_ok[:, None] & d_ok[None, :]
+            store_ok = row_ok[:, None]
+        o = tl.load(o_base + rows[:, None] * stride_ol + offs_d[None, :] * stride_od, mask=ok,
+                    other=0.0).to(tl.float32)
+        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                     mask=ok, other=0.0).to(tl.float32)
+        lse = tl.load(lse_base + rows, mask=row_ok)
+        _store_row_stats(stats, rows, lse, tl.sum(o * do, 1) * sm_scale, row_ok)
+        tl.store(scratch + rows[:, None] * BLOCK_D + offs_d[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=store_ok)
+
+
+@triton.jit
 def _onepass_rows(dk, dv, k, v, k_base, cols, seen, lo, hi, q_base, do_base, stats, scratch,
                   stride_kl, stride_kd, stride_ql, stride_qd, stride_dol, stride_dod, qk_scale,
                   ds_scale,
@@ -1046,18 +1076,12 @@ def _onepass_bwd_kernel(
     # multiply of them per element.
     # delta = rowsum(dO * O) of every row, and an empty dQ.
     o_base = O + b * stride_ob + h * stride_oh
-    for r0 in range(first, end, BLOCK_M):  # loop: bwd1.delta
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
-        ok = row_ok[:, None] & d_ok[None, :]
-        o = tl.load(o_base + rows[:, None] * stride_ol + offs_d[None, :] * stride_od, mask=ok,
-                    other=0.0).to(tl.float32)
-        do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
-                     mask=ok, other=0.0).to(tl.float32)
-        lse = tl.load(lse_base + rows, mask=row_ok)
-        _store_row_stats(stats, rows, lse, tl.sum(o * do, 1) * sm_scale, row_ok)
-        tl.store(scratch + rows[:, None] * BLOCK_D + offs_d[None, :],
-                 tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=row_ok[:, None])
+    _onepass_delta(  # loop: bwd1.delta
+        o_base, do_base, lse_base, stats, scratch, first, end, stride_ol, stride_od, stride_dol,
+        stride_dod, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D, WHOLE_TILES)
+    _onepass_delta(  # loop: bwd1.delta_last
+        o_base, do_base, lse_base, stats, scratch, first, end, stride_ol, stride_od, stride_dol,
+        stride_dod, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D, PARTIAL_TILE)
     tl.debug_barrier()
 
     key_end = first + key_len

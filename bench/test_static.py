@@ -52,6 +52,13 @@ def test_static_model_compiles_and_reads_the_kernels(tmp_path):
     # The rescale is found behind its `# branch: rare` marker, and charged once.
     assert 0 < interior["rare"] < interior["instrs"] // 3
 
+    for row in (r for r in kernels if r["kernel"] == "_onepass_bwd_kernel"):
+        # delta walks every row tile once, as the dQ store does: the whole tiles, then the
+        # partial one (207 tokens in 32-row tiles: 6 and 1; 37: 1 and 1).
+        trips = {l["name"]: l["trips"] for l in row["loops"]}
+        assert trips["bwd1.delta"] + trips["bwd1.delta_last"] == trips["bwd1.dq"] > 0
+        assert 0 < trips["bwd1.delta_last"] <= row["grid"] < trips["bwd1.delta"]
+
     for op in result["ops"]:
         assert op["forward_kernels"] == (2 if op["workload"].startswith("vit_s16_packed") else 1)
         assert op["backward_kernels"] == 1
