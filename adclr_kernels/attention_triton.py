@@ -1079,9 +1079,12 @@ def _onepass_bwd_kernel(
     _onepass_delta(  # loop: bwd1.delta
         o_base, do_base, lse_base, stats, scratch, first, end, stride_ol, stride_od, stride_dol,
         stride_dod, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D, WHOLE_TILES)
+    # The rows after the whole tiles in half-height tiles: no accumulator is held yet, so
+    # the narrower tile costs no registers, and a few rows left do half a tile's work.
     _onepass_delta(  # loop: bwd1.delta_last
-        o_base, do_base, lse_base, stats, scratch, first, end, stride_ol, stride_od, stride_dol,
-        stride_dod, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_D, PARTIAL_TILE)
+        o_base, do_base, lse_base, stats, scratch, first + seq_len // BLOCK_M * BLOCK_M, end,
+        stride_ol, stride_od, stride_dol, stride_dod, sm_scale, HEAD_DIM, BLOCK_M // 2, BLOCK_D,
+        ALL_TILES)
     tl.debug_barrier()
 
     key_end = first + key_len

@@ -53,8 +53,8 @@ def test_static_model_compiles_and_reads_the_kernels(tmp_path):
     assert 0 < interior["rare"] < interior["instrs"] // 3
 
     for row in (r for r in kernels if r["kernel"] == "_onepass_bwd_kernel"):
-        # delta walks every row tile once, as the dQ store does: the whole tiles, then the
-        # partial one (207 tokens in 32-row tiles: 6 and 1; 37: 1 and 1).
+        # delta walks the whole 32-row tiles (207 tokens: 6; 37: 1), then the rows left in
+        # 16-row tiles (15 and 5 rows: one each); the dQ store walks 32-row tiles (7 and 2).
         trips = {l["name"]: l["trips"] for l in row["loops"]}
         assert trips["bwd1.delta"] + trips["bwd1.delta_last"] == trips["bwd1.dq"] > 0
         assert 0 < trips["bwd1.delta_last"] <= row["grid"] < trips["bwd1.delta"]
