@@ -699,7 +699,9 @@ def _onepass_trips(s, a):
     `_onepass_bwd_kernel`'s key-block walk (default mask rule, or SEES_PREFIX alone)."""
     block_m, block_n = a["BLOCK_M"], a["BLOCK_N"]
     key_len = s.seq_len if a["VARLEN"] else a["key_len"]  # packed: each sequence's own keys
-    trips = {"bwd1.delta": s.seq_len // block_m, "bwd1.delta_last": _trips(0, s.seq_len % block_m, block_m // 2),
+    # delta: the whole row tiles, then the rows left in half-height tiles.
+    trips = {"bwd1.delta": s.seq_len // block_m,
+             "bwd1.delta_last": _trips(0, s.seq_len % block_m, block_m // 2),
              "bwd1.dq": _trips(0, s.seq_len, block_m),
              "bwd1.keys": _trips(0, key_len, block_n), "bwd1.query_rows": 0, "bwd1.rows": 0,
              "bwd1.rows_last": 0}

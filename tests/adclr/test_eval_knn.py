@@ -71,7 +71,6 @@ def test_a_k_past_the_train_set_is_said(tiny_checkpoint, capsys):
     assert "knn: train features 8/8 images | " in err and "knn: val features 8/8 images | " in err
 
 
-
 def test_the_demos_two_networks_score_as_each_alone(tiny_checkpoint, tmp_path, monkeypatch):
     """The demo's last line reads each drawn batch once for both networks: the trained
     network is scored on its own features and the network at init on its own."""
